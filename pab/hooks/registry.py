@@ -1,0 +1,110 @@
+"""A small, removable hook registry for `nn.Module`s.
+
+Cross-cutting techniques (PAB, sequence parallelism) are attached to plain models from outside by
+wrapping the `forward` of chosen submodules. Each technique is a `ModelHook` with a unique name;
+hooks on one module form a chain, the one registered last being the outermost. Removing every hook
+restores the module's own `forward`, so a model can be handed back unchanged.
+
+Order matters and is deliberate: sequence parallelism registers its all-to-all around an attention
+first, PAB registers after it, so a broadcast attention skips the communication too.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch.nn as nn
+
+_REGISTRY_ATTR = "_pab_hook_registry"
+
+
+class ModelHook:
+    """One named behaviour wrapped around a module's forward.
+
+    Subclasses override `new_forward`; `forward` is the next callable in the chain (the module's
+    own forward, or the next inner hook).
+    """
+
+    name: str = "hook"
+
+    def new_forward(self, module: nn.Module, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return forward(*args, **kwargs)
+
+    def on_attach(self, module: nn.Module) -> None:
+        """Called once when the hook is registered on `module`."""
+
+    def on_detach(self, module: nn.Module) -> None:
+        """Called once when the hook is removed from `module`."""
+
+
+class HookRegistry:
+    """The ordered hooks of one module (innermost first)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        # The bound forward of the class, captured before any wrapping.
+        self._original_forward = module.forward
+        self.hooks: list[ModelHook] = []
+
+    def _rebuild(self) -> None:
+        forward: Callable[..., Any] = self._original_forward
+        for hook in self.hooks:
+            forward = functools.partial(hook.new_forward, self.module, forward)
+        if self.hooks:
+            # An instance attribute shadows the class method, so nn.Module.__call__ picks it up.
+            self.module.forward = forward
+        elif "forward" in self.module.__dict__:
+            del self.module.forward
+
+    def register(self, hook: ModelHook) -> None:
+        if any(h.name == hook.name for h in self.hooks):
+            raise ValueError(
+                f"a hook named {hook.name!r} is already registered on {type(self.module).__name__}; "
+                "remove it first (each technique may be applied once per module)"
+            )
+        self.hooks.append(hook)
+        hook.on_attach(self.module)
+        self._rebuild()
+
+    def remove(self, name: str) -> ModelHook | None:
+        for i, hook in enumerate(self.hooks):
+            if hook.name == name:
+                del self.hooks[i]
+                hook.on_detach(self.module)
+                self._rebuild()
+                return hook
+        return None
+
+    def get(self, name: str) -> ModelHook | None:
+        return next((h for h in self.hooks if h.name == name), None)
+
+
+def get_registry(module: nn.Module, create: bool = True) -> HookRegistry | None:
+    registry = module.__dict__.get(_REGISTRY_ATTR)
+    if registry is None and create:
+        registry = HookRegistry(module)
+        # Stored in __dict__ directly so nn.Module does not treat it as a submodule.
+        module.__dict__[_REGISTRY_ATTR] = registry
+    return registry
+
+
+def register_hook(module: nn.Module, hook: ModelHook) -> None:
+    """Wrap `module.forward` with `hook` (outermost so far)."""
+    get_registry(module).register(hook)
+
+
+def remove_hook(module: nn.Module, name: str) -> ModelHook | None:
+    """Remove the hook called `name` from `module`, if any; returns it."""
+    registry = get_registry(module, create=False)
+    return registry.remove(name) if registry is not None else None
+
+
+def get_hook(module: nn.Module, name: str) -> ModelHook | None:
+    registry = get_registry(module, create=False)
+    return registry.get(name) if registry is not None else None
+
+
+def remove_hooks_named(model: nn.Module, name: str) -> int:
+    """Remove every hook called `name` anywhere in `model`; returns how many were removed."""
+    return sum(remove_hook(m, name) is not None for m in model.modules())
