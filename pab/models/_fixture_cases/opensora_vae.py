@@ -1,0 +1,93 @@
+"""Runs the Open-Sora 1.2 VAE reference fixture (`VideoAutoencoderPipeline`) with `OpenSoraVAE`.
+
+Case semantics are those of tests/fixtures/official/vae/README.md, model 1: "posterior mean" cases use
+`encode(sample=False)`; `encode_sampled` reproduces the official global-RNG draws.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from pab.models.opensora_vae import OpenSoraVAE, OpenSoraVAEConfig
+
+
+class FixtureCheckpointError(RuntimeError):
+    """The fixture's weights do not fit the model built from its config."""
+
+
+def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load `state_dict` requiring the exact official names and shapes; the error names every offender."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and v.shape != own[k].shape
+    )
+    if missing or unexpected or mismatched:
+        raise FixtureCheckpointError(
+            "checkpoint does not match OpenSoraVAE; check that the config is the checkpoint's own. "
+            f"missing keys ({len(missing)}): {missing}; unexpected keys ({len(unexpected)}): {unexpected}; "
+            f"shape mismatches ({len(mismatched)}): {mismatched}"
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def build(fixture_dir: Path) -> OpenSoraVAE:
+    """The fixture's model with its weights, float32, eval mode."""
+    config = OpenSoraVAEConfig.from_dict(json.loads((fixture_dir / "config.json").read_text()))
+    model = OpenSoraVAE(config).float().eval()
+    load_strict(model, load_file(fixture_dir / "weights.safetensors"))
+    return model
+
+
+def run(fixture_dir: Path) -> dict[str, torch.Tensor]:
+    fixture_dir = Path(fixture_dir)
+    model = build(fixture_dir)
+    x = load_file(fixture_dir / "inputs.safetensors")
+    args = json.loads((fixture_dir / "inputs.json").read_text())
+    cases = json.loads((fixture_dir / "meta.json").read_text())["cases"]
+
+    def encode(prefix: str, video: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {f"{prefix}z": model.encode(video), f"{prefix}spatial_latent": model.spatial_vae.encode(video)}
+
+    def decode(prefix: str, latent: torch.Tensor, num_frames: int) -> dict[str, torch.Tensor]:
+        return {
+            f"{prefix}video": model.decode(latent, num_frames),
+            f"{prefix}temporal_latent": model.decode_temporal(latent, num_frames),
+        }
+
+    def encode_sampled() -> dict[str, torch.Tensor]:
+        # The official call is torch.manual_seed(seed); model.encode(video). fork_rng keeps the caller's
+        # global RNG state as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args["sample_seed"])
+            return {"encode_z_sampled": model.encode(x["video"], sample=True)}
+
+    runners = {
+        "encode": lambda: encode("encode_", x["video"]),
+        "encode_sampled": encode_sampled,
+        "decode": lambda: decode("decode_", x["latent"], args["decode_num_frames"]),
+        "encode_long": lambda: encode("encode_long_", x["video_long"]),
+        "decode_long": lambda: decode("decode_long_", x["latent_long"], args["decode_long_num_frames"]),
+        "encode_image": lambda: encode("encode_image_", x["video_image"]),
+        "decode_image": lambda: decode("decode_image_", x["latent_image"], args["decode_image_num_frames"]),
+    }
+    unknown = sorted(set(cases) - set(runners))
+    if unknown:
+        raise KeyError(f"{fixture_dir}: no runner for cases {unknown}; add them to {__name__}.run")
+
+    outputs: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, case in cases.items():
+            produced = runners[name]()
+            absent = sorted(set(case["outputs"]) - set(produced))
+            if absent:
+                raise KeyError(f"case {name!r} did not produce {absent}")
+            outputs.update({k: produced[k] for k in case["outputs"]})
+    return outputs
