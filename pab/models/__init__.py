@@ -1,0 +1,219 @@
+"""Model registry: every DiT and VAE by name, full size or `-tiny`.
+
+    model = pab.models.build("opensora-v1.2", device="meta")          # full size, no memory
+    model = pab.models.build("latte-1-tiny", dtype=torch.float32)     # small, same architecture
+
+`MODEL_SPECS` describes each text-to-video model: its transformer, VAE, text encoder, sampler and
+the defaults the official pipelines use. Modules are imported lazily so `pab models` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the model: missing, unexpected or mis-shaped entries."""
+
+
+def load_state_dict_strict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], ignore_prefixes: tuple[str, ...] = (), source: str = ""
+) -> None:
+    """Load `state_dict` into `model`; every key must match by name and shape (except `ignore_prefixes`)."""
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(ignore_prefixes)}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        where = f" ({source})" if source else ""
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_short(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_short(unexpected)}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es): {_short(shapes)}")
+        raise CheckpointError(
+            f"checkpoint does not fit {type(model).__name__}{where}: " + "; ".join(parts)
+            + ". Check that the file is the published checkpoint for this model and size."
+        )
+    model.load_state_dict(state_dict, strict=True, assign=any(p.is_meta for p in model.parameters()))
+
+
+def _short(items: list[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Specs
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """Where a module lives: `module:builder` called with a size name ("full" or "tiny")."""
+
+    module: str
+    cls: str
+    config_cls: str
+
+    def build(self, size: str, **overrides: Any) -> nn.Module:
+        mod = importlib.import_module(f"pab.models.{self.module}")
+        sizes = getattr(mod, "SIZES")
+        if size not in sizes:
+            raise ValueError(f"{self.cls} has no size {size!r}; known: {sorted(sizes)}")
+        config_cls = getattr(mod, self.config_cls)
+        config = config_cls(**{**sizes[size], **overrides})
+        return getattr(mod, self.cls)(config)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    num_frames: int
+    height: int
+    width: int
+    fps: int
+    steps: int
+    guidance_scale: float
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A text-to-video model: its parts and the settings of its official pipeline."""
+
+    name: str
+    description: str
+    transformer: ComponentSpec
+    vae: str  # a VAE name in VAE_SPECS
+    sampler: str
+    text_max_length: int
+    # Latte and Open-Sora-Plan cut the text embedding to the prompt's real tokens; Open-Sora keeps
+    # all max_length tokens and passes a mask.
+    text_truncate: bool
+    defaults: Defaults
+    tiny_defaults: Defaults
+    prompt_suffix: str = ""
+    paper_reference: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+VAE_SPECS: dict[str, ComponentSpec] = {
+    "opensora-vae-v1.2": ComponentSpec("opensora_vae", "OpenSoraVAE", "OpenSoraVAEConfig"),
+    "opensora-plan-vae-v1.1": ComponentSpec("opensora_plan_vae", "CausalVAE", "CausalVAEConfig"),
+}
+
+MODEL_SPECS: dict[str, ModelSpec] = {
+    "opensora-v1.2": ModelSpec(
+        name="opensora-v1.2",
+        description="Open-Sora 1.2 STDiT3-XL/2 (hpcai-tech/OpenSora-STDiT-v3), rectified flow",
+        transformer=ComponentSpec("stdit3", "STDiT3", "STDiT3Config"),
+        vae="opensora-vae-v1.2",
+        sampler="rflow",
+        text_max_length=300,
+        text_truncate=False,
+        defaults=Defaults(num_frames=51, height=480, width=854, fps=24, steps=30, guidance_scale=7.0),
+        tiny_defaults=Defaults(num_frames=17, height=64, width=96, fps=8, steps=8, guidance_scale=7.0),
+        prompt_suffix=" aesthetic score: 6.5.",
+        paper_reference="480p (480x854) 51 frames, 30 steps, CFG 7.0",
+    ),
+    "latte-1": ModelSpec(
+        name="latte-1",
+        description="Latte-1 (maxin-cn/Latte-1, diffusers layout), DDIM",
+        transformer=ComponentSpec("latte", "LatteTransformer3DModel", "LatteConfig"),
+        vae="sd-vae",
+        sampler="ddim",
+        text_max_length=120,
+        text_truncate=True,
+        defaults=Defaults(num_frames=16, height=512, width=512, fps=8, steps=50, guidance_scale=7.5),
+        tiny_defaults=Defaults(num_frames=8, height=64, width=64, fps=8, steps=8, guidance_scale=7.5),
+        paper_reference="16x512x512, DDIM 50 steps, CFG 7.5",
+    ),
+    "opensora-plan-v1.1": ModelSpec(
+        name="opensora-plan-v1.1",
+        description="Open-Sora-Plan v1.1.0 LatteT2V 65x512x512 (LanguageBind/Open-Sora-Plan-v1.1.0), PNDM",
+        transformer=ComponentSpec("opensora_plan", "LatteT2V", "LatteT2VConfig"),
+        vae="opensora-plan-vae-v1.1",
+        sampler="pndm",
+        text_max_length=300,
+        text_truncate=True,
+        defaults=Defaults(num_frames=65, height=512, width=512, fps=24, steps=150, guidance_scale=7.5),
+        tiny_defaults=Defaults(num_frames=17, height=64, width=64, fps=8, steps=8, guidance_scale=7.5),
+        paper_reference="65x512x512, PNDM 150 steps (159 model calls), CFG 7.5",
+    ),
+}
+
+MODEL_NAMES = sorted(MODEL_SPECS)
+ALL_NAMES = sorted([*MODEL_SPECS, *(f"{n}-tiny" for n in MODEL_SPECS), *VAE_SPECS, *(f"{n}-tiny" for n in VAE_SPECS)])
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """'latte-1-tiny' -> ('latte-1', 'tiny'); 'latte-1' -> ('latte-1', 'full')."""
+    base, size = (name[: -len("-tiny")], "tiny") if name.endswith("-tiny") else (name, "full")
+    if base not in MODEL_SPECS and base not in VAE_SPECS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(ALL_NAMES)}")
+    return base, size
+
+
+def get_spec(name: str) -> ModelSpec:
+    base, _ = split_name(name)
+    if base not in MODEL_SPECS:
+        raise ValueError(f"{name!r} is a VAE, not a text-to-video model; models: {', '.join(MODEL_NAMES)}")
+    return MODEL_SPECS[base]
+
+
+@contextlib.contextmanager
+def _default_device(device: str | torch.device | None) -> Iterator[None]:
+    if device is None:
+        yield
+    else:
+        with torch.device(device):
+            yield
+
+
+def build(
+    name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None, seed: int | None = 0
+) -> nn.Module:
+    """Build a DiT or VAE by name ("latte-1", "opensora-v1.2-tiny", "opensora-vae-v1.2", ...).
+
+    Weights are random. With `seed` set they are the same in every process (ranks of a
+    sequence-parallel group must hold identical weights). On the `meta` device nothing is allocated.
+    """
+    base, size = split_name(name)
+    component = MODEL_SPECS[base].transformer if base in MODEL_SPECS else VAE_SPECS[base]
+    with torch.random.fork_rng(devices=[]), _default_device(device):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = component.build(size)
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def randomize_weights(model: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:
+    """Draw every learned weight from N(0, std) (norm scales around 1), reproducibly.
+
+    The official initialisations zero the output layers (adaLN-Zero), so a freshly built DiT predicts
+    zero everywhere; tests and demos with random weights use this instead to get real signal through
+    every block. Fixed tables (RoPE frequencies) are left as computed.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "freqs" in name or p.is_meta:
+                continue
+            noise = torch.randn(p.shape, generator=gen) * std
+            if name.endswith("norm.weight") or name.endswith("_norm.weight"):
+                noise += 1.0
+            p.copy_(noise.to(p.dtype))
+    return model

@@ -1,0 +1,31 @@
+"""The one interface every video VAE offers the pipeline."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class VideoVAE(nn.Module):
+    """Maps videos (B, 3, F, H, W) in [-1, 1] to the DiT's latent space (B, C, T, H/f, W/f) and back.
+
+    `encode` returns latents already scaled/normalised the way the DiT was trained on them, and
+    `decode` undoes that scaling, so the pipeline never needs to know a VAE's constants.
+    """
+
+    latent_channels: int = 4
+    spatial_factor: int = 8
+
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent frame count for `num_frames` video frames; ValueError naming valid counts if impossible."""
+        raise NotImplementedError
+
+    def num_frames(self, latent_frames: int) -> int:
+        """Video frame count that `latent_frames` latents decode to."""
+        raise NotImplementedError
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor, num_frames: int) -> torch.Tensor:
+        raise NotImplementedError
