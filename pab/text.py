@@ -1,0 +1,163 @@
+"""T5 text encoder (transformers' `T5EncoderModel`) behind one small interface.
+
+All three models condition on T5-v1.1-XXL's last hidden state (D = 4096):
+
+* Open-Sora 1.2: max_length 300, the full padded sequence plus its mask (STDiT3 drops the padding
+  itself from the mask).
+* Latte-1: max_length 120; Open-Sora-Plan v1.1: max_length 300. Both keep only the real tokens of
+  the prompt (`mask_feature`): encode padded to max_length, then cut to the prompt's real token
+  count, and cut the negative prompt's PADDED encoding to that same length:
+
+      emb, mask = enc.encode([prompt], trim=True)          # (1, L, D), L = real tokens
+      neg, neg_mask = enc.encode([negative_prompt])         # (1, max_length, D)
+      neg, neg_mask = neg[:, : emb.shape[1]], neg_mask[:, : emb.shape[1]]
+
+  (encoding padded and then slicing is what the official pipelines do; the outputs at real tokens do
+  not depend on the padding, the outputs at pad positions are whatever T5 computes there).
+
+`TextEncoder.tiny()` is a 2-layer T5 with transformers' byte-level `ByT5Tokenizer` (no files), with
+weights drawn from a fixed seed, so every process (every rank of a DSP group, every test) builds the
+very same encoder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
+
+# A T5-v1.1-shaped config (gated-GELU FFN, untied head, relative position buckets), just small.
+TINY_T5_CONFIG = dict(
+    vocab_size=384,  # ByT5Tokenizer: 3 specials + 256 bytes + 125 extra ids
+    d_model=64,
+    d_kv=16,
+    d_ff=128,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+    dropout_rate=0.0,
+    layer_norm_epsilon=1e-6,
+    is_encoder_decoder=False,
+    use_cache=False,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+)
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "special_tokens_map.json")
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _TOKENIZER_FILES)
+
+
+class TextEncoder(nn.Module):
+    """Tokenizer + T5 encoder: prompts -> (embeddings (B, L, D), mask (B, L) int64)."""
+
+    def __init__(self, model: T5EncoderModel, tokenizer, max_length: int) -> None:
+        super().__init__()
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.d_model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        max_length: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        tokenizer_path: str | Path | None = None,
+    ) -> TextEncoder:
+        """Load a local T5 encoder folder (config.json + weights [+ tokenizer files]). Never downloads.
+
+        `path` is the T5 folder (e.g. `t5-v1_1-xxl/`, or a diffusers pipeline's `text_encoder/`).
+        The tokenizer is read from `tokenizer_path` if given, else from `path` if it has tokenizer
+        files, else from a sibling `tokenizer/` folder (the diffusers pipeline layout of Latte-1).
+        """
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a T5 checkpoint folder (no config.json)")
+        if tokenizer_path is None:
+            tokenizer_path = path if _has_tokenizer(path) else path.parent / "tokenizer"
+        tokenizer_path = Path(tokenizer_path)
+        if not _has_tokenizer(tokenizer_path):
+            raise FileNotFoundError(
+                f"no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {tokenizer_path}; pass tokenizer_path="
+            )
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True)
+        model = T5EncoderModel.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+        return cls(model.to(device), tokenizer, max_length)
+
+    @classmethod
+    def tiny(
+        cls,
+        max_length: int = 64,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> TextEncoder:
+        """A small random T5 (d_model 64) with a byte-level tokenizer; same weights for the same seed."""
+        with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
+            torch.manual_seed(seed)
+            model = T5EncoderModel(T5Config(**TINY_T5_CONFIG))
+        return cls(model.to(device=device, dtype=dtype), ByT5Tokenizer(), max_length)
+
+    # ------------------------------------------------------------------ encoding
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask, padded to max_length, truncated to max_length (EOS kept)."""
+        if isinstance(prompts, str):
+            raise TypeError("encode/tokenize take a list of prompts, not a single string")
+        tok = self.tokenizer(
+            list(prompts),
+            max_length=self.max_length,
+            padding="max_length",
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        return tok["input_ids"].long(), tok["attention_mask"].long()
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], trim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode `prompts`.
+
+        Returns:
+            emb: (B, L, D) last hidden state in the encoder's dtype, on its device.
+            mask: (B, L) int64, 1 for real tokens (incl. EOS), 0 for padding.
+            L = max_length, or with `trim=True` the largest real-token count in the batch (the
+            Latte / Open-Sora-Plan `mask_feature` cut; see the module docstring for negatives).
+        """
+        ids, mask = self.tokenize(prompts)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        emb = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        if trim:
+            keep = max(int(mask.sum(dim=1).max()), 1)
+            emb, mask = emb[:, :keep], mask[:, :keep]
+        return emb, mask
+
+
+__all__ = ["TextEncoder", "TINY_T5_CONFIG"]
