@@ -1,0 +1,139 @@
+"""MP4 (H.264) writing and reading with PyAV, and the [-1, 1] -> uint8 frame conversion.
+
+* `write_mp4(dest, frames, fps)`: libx264, yuv420p. yuv420p needs even sizes, so an odd height or
+  width is PADDED by one row/column that repeats the last one (edge padding): no generated pixel is
+  lost, and the file is (H + H % 2) x (W + W % 2). Paths are written atomically: the video goes to a
+  hidden temporary file in the destination folder, is fsynced, and is renamed over `dest` only when
+  complete, so a failure (or a crash) never leaves a partial or truncated mp4 under `dest`. File
+  objects get the finished bytes in one `write` after encoding succeeded (works for non-seekable
+  streams too; the mp4 muxer itself needs to seek).
+* `read_video(src)`: all frames as uint8 RGB (F, H, W, 3) plus the stream's frame rate.
+* `to_uint8_frames(video)`: the decoder's (B=1, 3, F, H, W) in [-1, 1] to (F, H, W, 3) uint8 with the
+  rounding the official pipelines use (clamp, (x + 1) / 2 * 255 + 0.5, truncate); computed in float32
+  (VideoSys does it in the pipeline dtype, which in bf16 can move a value by one level).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from fractions import Fraction
+from pathlib import Path
+from typing import BinaryIO
+
+import av
+import numpy as np
+import torch
+
+DEFAULT_CRF = 23  # libx264's own default quality
+
+
+def _as_frames(frames) -> np.ndarray:
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu().numpy()
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be (F, H, W, 3), got shape {frames.shape}")
+    if frames.dtype != np.uint8:
+        raise TypeError(f"frames must be uint8, got {frames.dtype}; convert [-1, 1] videos with to_uint8_frames")
+    if frames.shape[0] < 1 or frames.shape[1] < 1 or frames.shape[2] < 1:
+        raise ValueError(f"empty video: frames shape {frames.shape}")
+    return np.ascontiguousarray(frames)
+
+
+def _even(frames: np.ndarray) -> np.ndarray:
+    """Edge-pad H and W up to even sizes (yuv420p subsamples chroma 2x2)."""
+    _, h, w, _ = frames.shape
+    if h % 2 == 0 and w % 2 == 0:
+        return frames
+    return np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+
+
+def _rate(fps: int | float | Fraction) -> Fraction:
+    rate = Fraction(fps).limit_denominator(1001 * 1000) if not isinstance(fps, Fraction) else fps
+    if rate <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    return rate
+
+
+def _encode(out: BinaryIO, frames: np.ndarray, rate: Fraction, crf: int) -> None:
+    frames = _even(frames)
+    _, h, w, _ = frames.shape
+    with av.open(out, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width, stream.height = w, h
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = 1 / rate  # pts counts frames
+        stream.options = {"crf": str(crf)}
+        for i, arr in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())  # flush the encoder's delayed frames
+
+
+def write_mp4(
+    dest: str | os.PathLike | BinaryIO,
+    frames: np.ndarray | torch.Tensor,
+    fps: int | float,
+    *,
+    crf: int = DEFAULT_CRF,
+) -> None:
+    """Write uint8 RGB `frames` (F, H, W, 3) as an H.264 mp4 to a path (atomically) or a binary file object."""
+    frames = _as_frames(frames)
+    rate = _rate(fps)
+    if not isinstance(dest, (str, os.PathLike)):
+        buf = io.BytesIO()
+        _encode(buf, frames, rate, crf)
+        dest.write(buf.getvalue())
+        return
+
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+    # O_EXCL: never clobber someone else's temp file; mode 0o666 so the umask decides, as for `open`.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            _encode(fh, frames, rate, crf)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_video(src: str | os.PathLike | BinaryIO | bytes) -> tuple[np.ndarray, float]:
+    """Decode every frame of the first video stream: (frames uint8 (F, H, W, 3), fps)."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        src = io.BytesIO(bytes(src))
+    elif isinstance(src, os.PathLike):
+        src = os.fspath(src)
+    with av.open(src, mode="r") as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    if not frames:
+        raise ValueError("video stream has no frames")
+    return np.stack(frames), float(rate) if rate else 0.0
+
+
+def to_uint8_frames(video: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(1, 3, F, H, W) or (3, F, H, W) in [-1, 1] -> (F, H, W, 3) uint8 on the CPU."""
+    if isinstance(video, np.ndarray):
+        video = torch.from_numpy(video)
+    if video.ndim == 5:
+        if video.shape[0] != 1:
+            raise ValueError(f"batch of {video.shape[0]} videos: convert them one at a time (video[b])")
+        video = video[0]
+    if video.ndim != 4 or video.shape[0] != 3:
+        raise ValueError(f"video must be (3, F, H, W) or (1, 3, F, H, W), got shape {tuple(video.shape)}")
+    x = video.detach().to("cpu", torch.float32).clamp(-1, 1)
+    x = ((x + 1) / 2).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
+    return x.permute(1, 2, 3, 0).contiguous().numpy()
+
+
+__all__ = ["write_mp4", "read_video", "to_uint8_frames", "DEFAULT_CRF"]

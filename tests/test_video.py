@@ -1,0 +1,136 @@
+"""mp4 writing/reading with PyAV: round trips, odd sizes, atomic writes, file objects, uint8 conversion."""
+
+import io
+import os
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from pab import video as pv
+from pab.video import read_video, to_uint8_frames, write_mp4
+
+
+def _frames(f=6, h=32, w=48, seed=0):
+    """Smooth moving gradients: survive H.264 with small error, and every frame differs."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = np.empty((f, h, w, 3), np.uint8)
+    for i in range(f):
+        out[i, ..., 0] = (xx * 255 // max(w - 1, 1) + 20 * i) % 256
+        out[i, ..., 1] = yy * 255 // max(h - 1, 1)
+        out[i, ..., 2] = 40 * i + seed
+    return out
+
+
+def test_round_trip_count_size_fps(tmp_path):
+    frames = _frames()
+    path = tmp_path / "v.mp4"
+    write_mp4(path, frames, 24)
+    back, fps = read_video(path)
+    assert back.shape == frames.shape and back.dtype == np.uint8
+    assert fps == 24.0
+    assert np.abs(back.astype(int) - frames.astype(int)).mean() < 6
+    with av.open(str(path)) as c:  # H.264 in yuv420p, as promised
+        s = c.streams.video[0]
+        assert s.codec_context.name == "h264" and s.codec_context.pix_fmt == "yuv420p"
+    assert [p.name for p in tmp_path.iterdir()] == ["v.mp4"]  # no temp files left behind
+
+
+def test_fractional_fps_and_tensor_input(tmp_path):
+    write_mp4(str(tmp_path / "a.mp4"), torch.from_numpy(_frames(f=3)), 23.976)
+    back, fps = read_video(str(tmp_path / "a.mp4"))
+    assert len(back) == 3
+    assert fps == pytest.approx(23.976, abs=1e-3)
+
+
+@pytest.mark.parametrize("h,w", [(33, 17), (1, 1), (16, 9)])
+def test_odd_sizes_are_edge_padded_to_even(tmp_path, h, w):
+    frames = _frames(f=2, h=h, w=w)
+    write_mp4(tmp_path / "odd.mp4", frames, 8)
+    back, _ = read_video(tmp_path / "odd.mp4")
+    assert back.shape == (2, h + h % 2, w + w % 2, 3)
+    if h > 8 and w > 8:
+        assert np.abs(back[:, :h, :w].astype(int) - frames.astype(int)).mean() < 8
+
+
+def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    path = tmp_path / "out.mp4"
+    write_mp4(path, _frames(f=2), 8)
+    old = path.read_bytes()
+
+    real = av.VideoFrame.from_ndarray
+    calls = {"n": 0}
+
+    def flaky(arr, format):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("disk on fire")
+        return real(arr, format=format)
+
+    monkeypatch.setattr(pv.av.VideoFrame, "from_ndarray", flaky)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        write_mp4(path, _frames(f=6), 8)
+    assert path.read_bytes() == old  # the previous complete video is untouched
+    with pytest.raises(RuntimeError):
+        calls["n"] = 0
+        write_mp4(tmp_path / "new.mp4", _frames(f=6), 8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]  # no partial, no temp
+
+
+def test_write_to_file_objects():
+    buf = io.BytesIO()
+    write_mp4(buf, _frames(f=4), 12)
+    data = buf.getvalue()
+    assert data[4:8] == b"ftyp"
+    back, fps = read_video(data)
+    assert back.shape == (4, 32, 48, 3) and fps == 12.0
+
+    class NoSeek(io.RawIOBase):  # a pipe / socket / HTTP body: write-only, no seek
+        def __init__(self):
+            self.chunks = []
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.chunks.append(bytes(b))
+            return len(b)
+
+    sink = NoSeek()
+    write_mp4(sink, _frames(f=4), 12)
+    assert b"".join(sink.chunks) == data  # same encoder settings, same bytes
+    back, _ = read_video(io.BytesIO(data))
+    assert len(back) == 4
+
+
+def test_bad_inputs():
+    with pytest.raises(TypeError, match="uint8"):
+        write_mp4(io.BytesIO(), np.zeros((2, 4, 4, 3), np.float32), 8)
+    with pytest.raises(ValueError, match=r"\(F, H, W, 3\)"):
+        write_mp4(io.BytesIO(), np.zeros((4, 4, 3), np.uint8), 8)
+    with pytest.raises(ValueError, match="fps"):
+        write_mp4(io.BytesIO(), np.zeros((1, 4, 4, 3), np.uint8), 0)
+
+
+def test_to_uint8_frames():
+    v = torch.zeros(1, 3, 2, 4, 5)
+    v[0, 0] = -1.0
+    v[0, 1] = 1.0
+    v[0, 2, 1] = 3.0  # out of range: clamped
+    out = to_uint8_frames(v)
+    assert out.shape == (2, 4, 5, 3) and out.dtype == np.uint8
+    assert (out[..., 0] == 0).all() and (out[..., 1] == 255).all()
+    assert (out[0, ..., 2] == 128).all() and (out[1, ..., 2] == 255).all()  # 0 -> 127.5 + 0.5 -> 128
+    assert np.array_equal(to_uint8_frames(v[0].to(torch.bfloat16)), out)  # unbatched, any dtype
+    with pytest.raises(ValueError, match="one at a time"):
+        to_uint8_frames(torch.zeros(2, 3, 1, 2, 2))
+
+
+def test_uint8_round_trip_through_mp4(tmp_path):
+    torch.manual_seed(0)
+    v = torch.linspace(-1, 1, 8 * 16).reshape(1, 1, 1, 8, 16).expand(1, 3, 3, 8, 16)
+    frames = to_uint8_frames(v)
+    write_mp4(os.fspath(tmp_path / "g.mp4"), frames, 8)
+    back, _ = read_video(tmp_path / "g.mp4")
+    assert back.shape == frames.shape
