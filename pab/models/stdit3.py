@@ -348,9 +348,9 @@ class STDiT3Block(nn.Module):
         # cross-attention: no norm, no gate
         x = x + self.cross_attn(x.reshape(B, T * S, C), y, mask).view(B, T, S, C)
 
-        # MLP
+        # MLP, on (B, T·S, C) like the cross-attention
         x_m = self.norm2(x) * (1 + scale_mlp) + shift_mlp
-        x = x + gate_mlp * self.mlp(x_m)
+        x = x + gate_mlp * self.mlp(x_m.reshape(B, T * S, C)).view(B, T, S, C)
         return x
 
 
