@@ -1,0 +1,254 @@
+"""The `pab` command: generate a video, list models, serve over HTTP, submit bulk renders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit code 2, nothing written."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# pab generate
+# ----------------------------------------------------------------------------------------------------
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="render one video from a prompt", description="Render one video from a prompt.")
+    p.add_argument("--model", default="opensora-v1.2-tiny", help="model name (see `pab models`)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--num-frames", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--fps", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pab", default="off", help="off | paper | FILE.json with per-kind rules")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--checkpoint", help="directory with the published weights (README 'Checkpoints')")
+    p.add_argument("--sp", type=int, default=1, help="sequence-parallel processes for one video (one per GPU)")
+    p.add_argument("--cfg-parallel", action="store_true", help="split the CFG halves over two sub-groups")
+    p.add_argument("--output", default="out.mp4", help="mp4 path; a JSON sidecar is written next to it")
+    p.add_argument("--save-latents", help="also write the final latents (key 'latents') to this .safetensors")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".pab-write-test-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write to {path}: {e.strerror or e}") from e
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _run_generate(rank: int, world: int, args: argparse.Namespace, outputs: dict[str, str] | None) -> dict | None:
+    """Runs in each process of the group (or alone); rank 0 returns the sidecar."""
+    import torch
+
+    from pab.pipeline import GenerationRequest, Pipeline
+
+    parallel = None
+    if world > 1:
+        from pab.parallel import ParallelConfig, init_parallel
+
+        cfg = 2 if args.cfg_parallel else 1
+        parallel = init_parallel(ParallelConfig(sp=world // cfg, cfg=cfg))
+    device = args.device
+    if device == "cuda" and world > 1:
+        device = f"cuda:{torch.cuda.current_device()}"
+    pipe = Pipeline.from_name(args.model, device=device, dtype=args.dtype, checkpoint=args.checkpoint, parallel=parallel)
+    request = GenerationRequest(
+        model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, num_frames=args.num_frames,
+        height=args.height, width=args.width, fps=args.fps, steps=args.steps, guidance_scale=args.guidance,
+        seed=args.seed, pab=args.pab,
+    )
+    resolved = pipe.resolve(request)
+    bar = None
+    if rank == 0 and not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len_steps(pipe, resolved), desc="denoising", unit="step", file=sys.stderr)
+    result = pipe.generate(resolved, progress=(lambda i, n: bar.update(1)) if bar else None)
+    if bar:
+        bar.close()
+    if rank != 0:
+        return None
+    from pab.video import write_mp4
+
+    out = Path(args.output)
+    t0 = time.perf_counter()
+    write_mp4(out, result.frames, fps=resolved.fps)
+    result.timings["encode_s"] = time.perf_counter() - t0
+    sidecar = result.sidecar()
+    sidecar["checkpoint"] = args.checkpoint
+    sidecar["device"] = str(pipe.device)
+    sidecar["dtype"] = str(pipe.dtype).removeprefix("torch.")
+    if args.save_latents:
+        from safetensors.torch import save_file
+
+        lat = Path(args.save_latents)
+        tmp = lat.with_name(f".{lat.name}.tmp-{os.getpid()}")
+        save_file({"latents": result.latents.contiguous()}, str(tmp))
+        os.replace(tmp, lat)
+    _atomic_write_bytes(out.with_suffix(".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
+    return sidecar
+
+
+def len_steps(pipe, request) -> int:
+    from pab.samplers import build_sampler
+
+    return len(build_sampler(pipe.spec.sampler, request.steps, height=request.height, width=request.width,
+                             num_frames=request.num_frames).timesteps)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pab.models import get_spec
+
+    try:
+        get_spec(args.model)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if args.sp < 1:
+        raise UsageError(f"--sp must be >= 1, got {args.sp}")
+    if args.cfg_parallel and args.sp % 2:
+        raise UsageError("--cfg-parallel needs an even number of processes (--sp 2, 4, ...)")
+    out = Path(args.output)
+    if out.suffix.lower() != ".mp4":
+        raise UsageError(f"--output must end in .mp4, got {args.output}")
+    _check_writable(out)
+    if args.save_latents:
+        _check_writable(Path(args.save_latents))
+    # Validate the request before loading weights or starting processes, so bad input fails fast.
+    _validate_request_early(args)
+    t0 = time.perf_counter()
+    if args.sp == 1:
+        sidecar = _run_generate(0, 1, args, None)
+    else:
+        from pab.parallel import launch_local
+
+        results = launch_local(args.sp, _run_generate, args, None)
+        sidecar = results[0] if isinstance(results, list) else results
+    wall = time.perf_counter() - t0
+    weights = "RANDOM weights (no --checkpoint): the video is noise-like" if sidecar["random_weights"] else "published weights"
+    print(
+        f"wrote {args.output} ({sidecar['num_frames']} frames, {sidecar['width']}x{sidecar['height']}, "
+        f"{sidecar['fps']} fps) and {Path(args.output).with_suffix('.json')} in {wall:.1f}s; model {args.model} with {weights}"
+    )
+    stats = sidecar["pab_stats"]
+    print("pab: " + ", ".join(f"{k} {v['computed']} computed / {v['broadcast']} broadcast" for k, v in stats.items()))
+    return 0
+
+
+def _validate_request_early(args: argparse.Namespace) -> None:
+    """Cheap checks with the model's rules, without building the model."""
+    from pab.broadcast import PABConfig
+    from pab.models import get_spec
+
+    spec = get_spec(args.model)
+    try:
+        PABConfig.resolve(args.model, args.pab)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    for name in ("num_frames", "height", "width", "fps"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
+        raise UsageError(f"--checkpoint {args.checkpoint} is not a directory")
+    del spec
+
+
+# ----------------------------------------------------------------------------------------------------
+# pab models
+# ----------------------------------------------------------------------------------------------------
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from pab.broadcast import PABConfig
+    from pab.models import MODEL_SPECS
+
+    rows: list[dict[str, Any]] = []
+    for name, spec in MODEL_SPECS.items():
+        for size, d in (("full", spec.defaults), ("tiny", spec.tiny_defaults)):
+            rows.append({
+                "name": name if size == "full" else f"{name}-tiny",
+                "size": size,
+                "sampler": spec.sampler,
+                "defaults": f"{d.num_frames}f {d.width}x{d.height} {d.fps}fps {d.steps} steps cfg {d.guidance_scale}",
+                "presets": "off, paper",
+            })
+    if args.json:
+        out = {r["name"]: {**r, "paper_preset": PABConfig.preset(r["name"], "paper").to_dict()} for r in rows}
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{'model':<26} {'size':<5} {'sampler':<7} {'defaults':<40} pab presets")
+    for r in rows:
+        print(f"{r['name']:<26} {r['size']:<5} {r['sampler']:<7} {r['defaults']:<40} {r['presets']}")
+    print("\npaper presets (range, window):")
+    for name in MODEL_SPECS:
+        cfg = PABConfig.preset(name, "paper").to_dict()
+        print(f"  {name}: " + "; ".join(f"{k} {v['range']} {tuple(v['window'])}" for k, v in cfg.items() if v))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Subcommands owned by the serving and bulk packages parse their own arguments.
+    if argv and argv[0] == "serve":
+        from cluster.local import main as serve_main
+
+        return serve_main(argv[1:])
+    if argv and argv[0] == "bulk":
+        from jobs.cli import main as bulk_main
+
+        return bulk_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="pab", description="Video DiTs with Pyramid Attention Broadcast.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    m = sub.add_parser("models", help="list models, sizes and PAB presets")
+    m.add_argument("--json", action="store_true")
+    sub.add_parser("serve", help="start the HTTP service locally (see `pab serve --help`)")
+    sub.add_parser("bulk", help="bulk rendering from Parquet manifests (see `pab bulk --help`)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+        return cmd_models(args)
+    except UsageError as e:
+        print(f"pab: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValueError as e:  # request validation inside the pipeline (sizes, frame counts, checkpoints)
+        print(f"pab: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

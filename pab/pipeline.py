@@ -1,0 +1,451 @@
+"""Text-to-video: prompt -> T5 -> denoising loop (with PAB) -> VAE decode -> frames.
+
+One `Pipeline` holds one model's parts and serves any number of generations, one at a time; all
+per-generation state (PAB caches, sampler state, RNG) lives inside `generate`, so back-to-back or
+interleaved requests never see each other's state. Under dynamic sequence parallelism every rank of a
+group builds the same pipeline with a `ParallelContext` and calls `generate` with the same request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pab.broadcast import PABConfig, PABState, apply_pab, use_state
+from pab.models import CheckpointError, ModelSpec, build, get_spec, load_state_dict_strict, randomize_weights
+from pab.models.vae import VideoVAE
+
+log = logging.getLogger(__name__)
+
+MIN_SIDE, MAX_SIDE = 16, 4096
+ProgressFn = Callable[[int, int], None]
+
+
+class GenerationCancelled(RuntimeError):
+    """The caller asked to stop; raised at the next denoising step."""
+
+
+@dataclass
+class GenerationRequest:
+    """One video to make. Fields left None take the model's defaults (`pab models` lists them)."""
+
+    model: str
+    prompt: str
+    negative_prompt: str = ""
+    num_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    fps: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    pab: str | dict[str, Any] | None = "off"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    """What a generation produced. `frames` is None on ranks other than 0 of a parallel group."""
+
+    request: GenerationRequest
+    frames: np.ndarray | None  # (F, H, W, 3) uint8
+    latents: torch.Tensor  # (1, C, T, h, w) final denoised latents, float32, on CPU
+    timesteps: list[float]
+    pab: dict[str, Any]
+    pab_stats: dict[str, dict[str, int]]
+    timings: dict[str, float]
+    random_weights: bool
+    parallel: dict[str, Any] = field(default_factory=dict)
+
+    def sidecar(self) -> dict[str, Any]:
+        """The JSON written next to the video."""
+        return {
+            "request": self.request.to_dict(),
+            "model": self.request.model,
+            "seed": self.request.seed,
+            "num_frames": self.request.num_frames,
+            "height": self.request.height,
+            "width": self.request.width,
+            "fps": self.request.fps,
+            "timesteps": self.timesteps,
+            "pab": self.pab,
+            "pab_stats": self.pab_stats,
+            "timings": self.timings,
+            "random_weights": self.random_weights,
+            "parallel": self.parallel,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------
+
+
+def _read_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no .safetensors file in {folder}; see README 'Checkpoints' for the layout")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def load_transformer(spec: ModelSpec, size: str, checkpoint: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The transformer from `checkpoint/transformer/` (config.json optional: the size's config)."""
+    import importlib
+
+    folder = checkpoint / "transformer"
+    if not folder.is_dir():
+        raise CheckpointError(f"{checkpoint} has no transformer/ folder; see README 'Checkpoints'")
+    mod = importlib.import_module(f"pab.models.{spec.transformer.module}")
+    config_cls = getattr(mod, spec.transformer.config_cls)
+    cfg_file = folder / "config.json"
+    config = config_cls.from_dict(json.loads(cfg_file.read_text())) if cfg_file.is_file() else config_cls(**mod.SIZES[size])
+    # Built on the target device (not meta) so computed, non-persistent tables are real tensors.
+    with torch.device(device):
+        model = getattr(mod, spec.transformer.cls)(config)
+    state = _read_safetensors_dir(folder)
+    load_state_dict_strict(model, state, source=str(folder))
+    model = model.to(dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def load_vae(spec: ModelSpec, size: str, checkpoint: Path | None, device: torch.device, dtype: torch.dtype) -> VideoVAE:
+    if spec.vae == "sd-vae":
+        from pab.models.frame_vae import FrameVAE
+
+        if checkpoint is not None:
+            vae = FrameVAE.from_pretrained(checkpoint / "vae")
+        else:
+            vae = FrameVAE.tiny(seed=0) if size == "tiny" else FrameVAE.sd(seed=0)
+    elif checkpoint is not None:
+        import importlib
+
+        from pab.models import VAE_SPECS
+
+        c = VAE_SPECS[spec.vae]
+        mod = importlib.import_module(f"pab.models.{c.module}")
+        folder = checkpoint / "vae"
+        cfg_file = folder / "config.json"
+        config_cls = getattr(mod, c.config_cls)
+        config = config_cls.from_dict(json.loads(cfg_file.read_text())) if cfg_file.is_file() else config_cls(**mod.SIZES[size])
+        vae = getattr(mod, c.cls)(config)
+        loader = getattr(vae, "load_checkpoint", None)
+        state = _read_safetensors_dir(folder)
+        if loader is not None:
+            loader(state, source=str(folder))
+        else:
+            load_state_dict_strict(vae, state, source=str(folder))
+    else:
+        vae = build(f"{spec.vae}-tiny" if size == "tiny" else spec.vae, seed=0)
+    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_text_encoder(spec: ModelSpec, size: str, checkpoint: Path | None, device: torch.device, dtype: torch.dtype):
+    from pab.text import TextEncoder
+
+    max_length = spec.text_max_length if size == "full" else 64
+    if checkpoint is not None:
+        folder = checkpoint / "text_encoder"
+        if not folder.is_dir():
+            raise CheckpointError(f"{checkpoint} has no text_encoder/ folder; see README 'Checkpoints'")
+        return TextEncoder.from_pretrained(folder, max_length=max_length, device=device, dtype=dtype)
+    if size == "tiny":
+        return TextEncoder.tiny(max_length=max_length, seed=0, device=device)
+    return random_t5_xxl(max_length, device, dtype)
+
+
+def random_t5_xxl(max_length: int, device: torch.device, dtype: torch.dtype):
+    """T5-v1.1-XXL's encoder with random weights, for full-size runs without a checkpoint (benchmarks).
+
+    Same shapes and cost as the real one; the byte-level tokenizer needs no files (its ids fit the
+    32,128-entry vocabulary).
+    """
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    from pab.text import TextEncoder
+
+    config = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                      feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+                      tie_word_embeddings=False, dropout_rate=0.0)
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
+        model = T5EncoderModel(config).to(dtype)
+    return TextEncoder(model, ByT5Tokenizer(), max_length)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------------
+
+
+class Pipeline:
+    """A loaded text-to-video model. Not thread-safe: run one generation at a time per instance."""
+
+    def __init__(
+        self,
+        name: str,
+        transformer: nn.Module,
+        text_encoder: Any,
+        vae: VideoVAE,
+        device: torch.device,
+        dtype: torch.dtype,
+        random_weights: bool,
+        parallel: Any = None,
+    ) -> None:
+        self.name = name
+        self.spec = get_spec(name)
+        self.size = "tiny" if name.endswith("-tiny") else "full"
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.device = device
+        self.dtype = dtype
+        self.random_weights = random_weights
+        self.parallel = parallel
+        if parallel is not None:
+            from pab.parallel import parallelize_model
+
+            # Sequence parallelism first, PAB after: the PAB hook must wrap the all-to-all so a
+            # broadcast attention skips its communication too.
+            parallelize_model(transformer, parallel)
+        # Hooks are attached once; an empty config per request keeps them counting only.
+        self._pab_handles: dict[str, Any] = {}
+
+    @classmethod
+    def from_name(
+        cls,
+        name: str,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        checkpoint: str | Path | None = None,
+        parallel: Any = None,
+    ) -> "Pipeline":
+        """Build every part of model `name`; random weights unless `checkpoint` holds the published files."""
+        spec = get_spec(name)
+        size = "tiny" if name.endswith("-tiny") else "full"
+        dev = torch.device(device) if device is not None else default_device()
+        dt = resolve_dtype(dtype, dev)
+        ckpt = Path(checkpoint) if checkpoint is not None else None
+        if ckpt is not None:
+            # A `-tiny` name with a checkpoint loads tiny weights saved in the same layout (tests).
+            if not ckpt.is_dir():
+                raise CheckpointError(f"checkpoint directory {ckpt} does not exist")
+            transformer = load_transformer(spec, size, ckpt, dev, dt)
+        else:
+            transformer = build(name, device=dev, seed=0)
+            randomize_weights(transformer, seed=0)
+            transformer = transformer.to(dtype=dt)
+        text_encoder = load_text_encoder(spec, size, ckpt, dev, dt)
+        vae = load_vae(spec, size, ckpt, dev, dt)
+        return cls(name, transformer, text_encoder, vae, dev, dt, random_weights=ckpt is None, parallel=parallel)
+
+    # ------------------------------------------------------------------ validation
+
+    def resolve(self, request: GenerationRequest) -> GenerationRequest:
+        """Fill defaults and check that the model can take the request; ValueError says what it can."""
+        if request.model != self.name:
+            raise ValueError(f"this pipeline serves {self.name!r}, not {request.model!r}")
+        d = self.spec.tiny_defaults if self.size == "tiny" else self.spec.defaults
+        r = replace(
+            request,
+            num_frames=request.num_frames if request.num_frames is not None else d.num_frames,
+            height=request.height if request.height is not None else d.height,
+            width=request.width if request.width is not None else d.width,
+            fps=request.fps if request.fps is not None else d.fps,
+            steps=request.steps if request.steps is not None else d.steps,
+            guidance_scale=request.guidance_scale if request.guidance_scale is not None else d.guidance_scale,
+            seed=request.seed if request.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()),
+        )
+        if not r.prompt or not r.prompt.strip():
+            raise ValueError("prompt must not be empty")
+        if r.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {r.steps}")
+        if r.fps < 1:
+            raise ValueError(f"fps must be >= 1, got {r.fps}")
+        if r.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {r.guidance_scale}")
+        for side in ("height", "width"):
+            v = getattr(r, side)
+            if not MIN_SIDE <= v <= MAX_SIDE:
+                raise ValueError(f"{side} must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {v}")
+        if r.num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {r.num_frames}")
+        self.vae.latent_frames(r.num_frames)  # raises ValueError naming the frame counts it can take
+        PABConfig.resolve(self.name, r.pab)  # raises on unknown presets or malformed rules
+        return r
+
+    def latent_shape(self, r: GenerationRequest) -> tuple[int, int, int, int, int]:
+        """(1, C, T, h, w); h, w are the pixel size over 8, rounded down to even for the 2x2 patches."""
+        f = self.vae.spatial_factor * 2
+        return (1, self.vae.latent_channels, self.vae.latent_frames(r.num_frames), r.height // f * 2, r.width // f * 2)
+
+    # ------------------------------------------------------------------ generation
+
+    def _pab_handle(self, config: PABConfig):
+        key = json.dumps(config.to_dict(), sort_keys=True)
+        if key not in self._pab_handles:
+            from pab.broadcast import remove_pab
+
+            remove_pab(self.transformer)
+            self._pab_handles = {key: apply_pab(self.transformer, config)}
+        return self._pab_handles[key]
+
+    @torch.no_grad()
+    def encode_text(self, r: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Conditional and unconditional text for one forward of batch 2 ([cond, uncond])."""
+        spec = self.spec
+        prompt = r.prompt + spec.prompt_suffix
+        if spec.name == "opensora-v1.2" and not r.negative_prompt:
+            # Open-Sora's unconditional branch is its learned null caption, not an encoded "".
+            emb, mask = self.text_encoder.encode([prompt])
+            null = self.transformer.y_embedder.y_embedding[None].to(emb.dtype)  # (1, L, D)
+            y = torch.cat([emb, null[:, : emb.shape[1]]], 0)
+            return y.to(self.dtype), mask.repeat(2, 1)
+        if spec.text_truncate:
+            # Latte and Open-Sora-Plan cut both embeddings to the prompt's real token count.
+            emb, _ = self.text_encoder.encode([prompt], trim=True)
+            neg, _ = self.text_encoder.encode([r.negative_prompt])
+            return torch.cat([emb, neg[:, : emb.shape[1]]]).to(self.dtype), None
+        emb, mask = self.text_encoder.encode([prompt, r.negative_prompt])
+        return emb.to(self.dtype), mask
+
+    def _forward(self, z2: torch.Tensor, t: float, y: torch.Tensor, mask: torch.Tensor | None, r: GenerationRequest):
+        """One transformer call on the CFG batch; returns the model's prediction (first 4 channels)."""
+        n = z2.shape[0]
+        tt = torch.full((n,), t, device=z2.device, dtype=torch.float32)
+        family = self.spec.name
+        if family == "opensora-v1.2":
+            out = self.transformer(
+                z2, tt, y[:, None], mask=mask,
+                fps=torch.full((n,), float(r.fps), device=z2.device),
+                height=torch.full((n,), float(r.height), device=z2.device),
+                width=torch.full((n,), float(r.width), device=z2.device),
+            )
+        elif family == "latte-1":
+            out = self.transformer(z2, timestep=tt, encoder_hidden_states=y, return_dict=False)[0]
+        else:
+            out = self.transformer(
+                z2, timestep=tt, encoder_hidden_states=y,
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                encoder_attention_mask=mask, return_dict=False,
+            )[0]
+        return out[:, : z2.shape[1]]
+
+    def _cfg_step(self, z: torch.Tensor, t: float, y, mask, r: GenerationRequest) -> torch.Tensor:
+        ctx = self.parallel
+        if ctx is not None and getattr(ctx, "cfg_size", 1) > 1:
+            # CFG parallel: each sub-group computes one half; gather restores [cond, uncond].
+            local = self._forward(z.to(self.dtype), t, ctx.split_cfg(y), None if mask is None else ctx.split_cfg(mask), r)
+            pred = ctx.gather_cfg(local)
+        else:
+            pred = self._forward(torch.cat([z, z]).to(self.dtype), t, y, mask, r)
+        cond, uncond = pred.float().chunk(2)
+        return uncond + r.guidance_scale * (cond - uncond)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        request: GenerationRequest,
+        progress: ProgressFn | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> GenerationResult:
+        from pab.samplers import build_sampler
+        from pab.video import to_uint8_frames
+
+        r = self.resolve(request)
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
+        pab_config = PABConfig.resolve(self.name, r.pab)
+        self._pab_handle(pab_config)
+        state = PABState()  # this request's caches and counters only
+        if self.parallel is not None:
+            self.parallel.stats.reset()  # communication is counted per generation
+
+        y, mask = self.encode_text(r)
+        timings["text_s"] = time.perf_counter() - t_start
+
+        shape = self.latent_shape(r)
+        sampler = build_sampler(self.spec.sampler, r.steps, height=r.height, width=r.width, num_frames=r.num_frames)
+        gen = torch.Generator(device="cpu").manual_seed(int(r.seed))
+        z = sampler.init_noise(shape, generator=gen, dtype=torch.float32, device=self.device)
+        total = len(sampler.timesteps)
+        t0 = time.perf_counter()
+        with use_state(state):
+            for i, t in enumerate(sampler.timesteps):
+                if should_cancel is not None and should_cancel():
+                    raise GenerationCancelled(f"cancelled before step {i + 1} of {total}")
+                state.begin_step(i, float(t))
+                pred = self._cfg_step(z, float(t), y, mask, r)
+                z = sampler.step(pred, i, z)
+                if progress is not None:
+                    progress(i + 1, total)
+        self._sync()
+        timings["denoise_s"] = time.perf_counter() - t0
+
+        frames = None
+        rank = getattr(self.parallel, "rank", 0) if self.parallel is not None else 0
+        if rank == 0:
+            t1 = time.perf_counter()
+            video = self.vae.decode(z.to(self.dtype), num_frames=r.num_frames).float()  # (1, 3, F, H', W')
+            video = video[:, :, : r.num_frames]
+            if video.shape[-2:] != (r.height, r.width):
+                # Latents cover the largest multiple of 16 pixels; resize to exactly what was asked.
+                b, c, f, h, w = video.shape
+                flat = video.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+                flat = F.interpolate(flat, size=(r.height, r.width), mode="bilinear", align_corners=False, antialias=True)
+                video = flat.reshape(b, f, c, r.height, r.width).permute(0, 2, 1, 3, 4)
+            frames = to_uint8_frames(video[0])
+            self._sync()
+            timings["decode_s"] = time.perf_counter() - t1
+        timings["total_s"] = time.perf_counter() - t_start
+        parallel_info: dict[str, Any] = {}
+        if self.parallel is not None:
+            parallel_info = {"sp": getattr(self.parallel, "sp_size", 1), "cfg": getattr(self.parallel, "cfg_size", 1)}
+            parallel_info["comm"] = self.parallel.stats.as_dict()
+        return GenerationResult(
+            request=r,
+            frames=frames,
+            latents=z.float().cpu(),
+            timesteps=[float(t) for t in sampler.timesteps],
+            pab=pab_config.to_dict(),
+            pab_stats={k: dict(v) for k, v in state.stats.items()},
+            timings=timings,
+            random_weights=self.random_weights,
+            parallel=parallel_info,
+        )
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """bf16 on GPU, float32 on CPU unless asked otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
