@@ -1,0 +1,161 @@
+"""Per-frame image VAE (diffusers `AutoencoderKL`) behind the `VideoVAE` interface: Latte-1's VAE.
+
+Latte-1 diffuses in the latent space of the Stable-Diffusion VAE (`maxin-cn/Latte-1/vae/`: 4 latent
+channels, 8x spatial downsampling, scaling factor 0.18215) applied to every frame on its own, so
+there is no temporal compression: F video frames <-> F latent frames, for any F >= 1.
+
+Frames are pushed through the VAE `micro_batch_size` at a time (all videos of the batch flattened
+to one list of frames), which bounds activation memory: a 512x512 SD-VAE decode needs ~1-2 GB per
+frame in half precision, and a 16-frame video at once would need the lot.
+
+Note: VideoSys' Latte pipeline decodes with SVD's `AutoencoderKLTemporalDecoder`
+(`vae_temporal_decoder/`) by default; `enable_vae_temporal_decoder=False` there gives this per-frame
+decode. Encoding is the same in both (the temporal decoder shares the SD encoder).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from einops import rearrange
+
+from pab.models.vae import VideoVAE
+
+SD_SCALING_FACTOR = 0.18215
+
+# Same architecture family as the SD VAE (4 down/up blocks -> 8x), just 32 channels wide with one
+# resnet per block: ~0.37 M parameters, runs on a CPU in well under a second per small frame.
+TINY_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(32, 32, 32, 32),
+    layers_per_block=1,
+    norm_num_groups=32,
+    latent_channels=4,
+    sample_size=64,
+    scaling_factor=SD_SCALING_FACTOR,
+)
+
+
+class FrameVAE(VideoVAE):
+    """`AutoencoderKL` applied frame by frame; latents are scaled for the DiT ((z - shift) * scale)."""
+
+    def __init__(self, vae: AutoencoderKL, micro_batch_size: int = 8) -> None:
+        super().__init__()
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        self.vae = vae.eval().requires_grad_(False)
+        self.micro_batch_size = int(micro_batch_size)
+        cfg = vae.config
+        self.latent_channels = int(cfg.latent_channels)
+        # each down block but the last halves H and W
+        self.spatial_factor = 2 ** (len(cfg.block_out_channels) - 1)
+        self.scaling_factor = float(cfg.scaling_factor)
+        self.shift_factor = float(cfg.shift_factor) if cfg.shift_factor is not None else 0.0
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        micro_batch_size: int = 8,
+    ) -> FrameVAE:
+        """Load a local diffusers AutoencoderKL folder (config.json + weights). Never downloads.
+
+        `path` is the VAE folder itself, or a diffusers pipeline folder with a `vae/` subfolder
+        (e.g. a local copy of maxin-cn/Latte-1).
+        """
+        path = Path(path)
+        if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+            path = path / "vae"
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a diffusers AutoencoderKL folder (no config.json)")
+        # low_cpu_mem_usage=False: the meta-device path needs `accelerate`, which we don't ship.
+        vae = AutoencoderKL.from_pretrained(
+            str(path), local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False
+        )
+        return cls(vae.to(device), micro_batch_size=micro_batch_size)
+
+    @classmethod
+    def tiny(
+        cls,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        micro_batch_size: int = 8,
+    ) -> FrameVAE:
+        """A small random AutoencoderKL with the SD VAE's 8x factor; same weights for the same seed."""
+        with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
+            torch.manual_seed(seed)
+            vae = AutoencoderKL(**TINY_CONFIG)
+        if dtype != torch.float32:
+            vae = vae.to(dtype=dtype)
+        return cls(vae.to(device), micro_batch_size=micro_batch_size)
+
+    # ------------------------------------------------------------------ VideoVAE interface
+
+    def latent_frames(self, num_frames: int) -> int:
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1 (any count works: one latent per frame), got {num_frames}")
+        return int(num_frames)
+
+    def num_frames(self, latent_frames: int) -> int:
+        return self.latent_frames(latent_frames)
+
+    @property
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        p = next(self.vae.parameters())
+        return p.device, p.dtype
+
+    def _chunks(self, x: torch.Tensor):
+        return x.split(self.micro_batch_size, dim=0)
+
+    @torch.no_grad()
+    def encode(
+        self, video: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(B, 3, F, H, W) in [-1, 1] -> DiT latents (B, C, F, H/8, W/8).
+
+        Uses the posterior mean by default (deterministic); `sample=True` draws from it with
+        `generator` (what training does).
+        """
+        if video.ndim != 5 or video.shape[1] != 3:
+            raise ValueError(f"video must be (B, 3, F, H, W), got shape {tuple(video.shape)}")
+        b, _, f, h, w = video.shape
+        if h % self.spatial_factor or w % self.spatial_factor:
+            raise ValueError(f"height and width must be multiples of {self.spatial_factor}, got {h}x{w}")
+        self.latent_frames(f)
+        device, dtype = self._device_dtype
+        frames = rearrange(video, "b c f h w -> (b f) c h w").to(device=device, dtype=dtype)
+        out = []
+        for chunk in self._chunks(frames):
+            dist = self.vae.encode(chunk).latent_dist
+            out.append(dist.sample(generator) if sample else dist.mode())
+        z = (torch.cat(out) - self.shift_factor) * self.scaling_factor
+        return rearrange(z, "(b f) c h w -> b c f h w", b=b, f=f)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """DiT latents (B, C, F, h, w) -> video (B, 3, F, 8h, 8w), nominally in [-1, 1] (not clamped)."""
+        if latents.ndim != 5 or latents.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"latents must be (B, {self.latent_channels}, F, h, w), got shape {tuple(latents.shape)}"
+            )
+        b, _, f, _, _ = latents.shape
+        if self.latent_frames(num_frames) != f:
+            raise ValueError(f"{f} latent frames decode to {f} frames, not num_frames={num_frames}")
+        device, dtype = self._device_dtype
+        z = rearrange(latents, "b c f h w -> (b f) c h w").to(device=device, dtype=dtype)
+        z = z / self.scaling_factor + self.shift_factor
+        frames = torch.cat([self.vae.decode(chunk).sample for chunk in self._chunks(z)])
+        return rearrange(frames, "(b f) c h w -> b c f h w", b=b, f=f)
+
+
+__all__ = ["FrameVAE", "TINY_CONFIG", "SD_SCALING_FACTOR"]
