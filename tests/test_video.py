@@ -128,7 +128,6 @@ def test_to_uint8_frames():
 
 
 def test_uint8_round_trip_through_mp4(tmp_path):
-    torch.manual_seed(0)
     v = torch.linspace(-1, 1, 8 * 16).reshape(1, 1, 1, 8, 16).expand(1, 3, 3, 8, 16)
     frames = to_uint8_frames(v)
     write_mp4(os.fspath(tmp_path / "g.mp4"), frames, 8)
