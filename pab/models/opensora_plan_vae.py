@@ -219,6 +219,25 @@ class TilingConfig:
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be >= 2 (windows advance by size - 1), got {getattr(self, name)}")
 
+    def check(self, spatial_factor: int, temporal_factor: int) -> None:
+        """Raise unless tiles stitch back to the untiled size (the official code would silently not)."""
+        f, o = spatial_factor, self.tile_overlap_factor
+        sample, latent = self.tile_sample_min_size, self.tile_latent_min_size
+        encode_step, encode_keep = int(sample * (1 - o)), (latent - int(latent * o)) * f
+        decode_step, decode_keep = int(latent * (1 - o)) * f, sample - int(sample * o)
+        if encode_step != encode_keep or decode_step != decode_keep:
+            raise ValueError(
+                f"tile sizes do not stitch: pixel tiles advance {encode_step} px but keep {encode_keep} px of "
+                f"latents, latent tiles advance {decode_step} px but keep {decode_keep} px. Use "
+                f"tile_latent_min_size = tile_sample_min_size / {f} with a whole-number overlap at both sizes "
+                f"(e.g. 256 / 32 px or 32 / 4 px with overlap 0.25)"
+            )
+        if (self.tile_sample_min_size_t - 1) % temporal_factor:
+            raise ValueError(
+                f"tile_sample_min_size_t={self.tile_sample_min_size_t} must be {temporal_factor}k+1 so that "
+                "windows sharing one frame also share one latent"
+            )
+
     @classmethod
     def for_model(cls, config: CausalVAEConfig, tile_sample_min_size: int = 256, tile_sample_min_size_t: int = 65,
                   tile_overlap_factor: float = 0.25) -> TilingConfig:
@@ -388,7 +407,12 @@ class TimeDownsampleRes2x(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> (B, C, (T-1)//2 + 1, H, W)
         alpha = torch.sigmoid(self.mix_factor)
         x = _repeat_first_frame(x, 2)  # (B, C, T + 2, H, W)
-        return alpha * self.avg_pool(x) + (1 - alpha) * self.conv(x)
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+            # avg_pool3d has no CPU kernel for 16-bit floats; pool in float32 (an average of 3 values).
+            pooled = self.avg_pool(x.float()).to(x.dtype)
+        else:
+            pooled = self.avg_pool(x)
+        return alpha * pooled + (1 - alpha) * self.conv(x)
 
 
 class SpatialUpsample2x(nn.Module):
@@ -619,16 +643,22 @@ class CausalVAE(VideoVAE):
 
     # ---- tiling ----
 
-    def enable_tiling(self, **sizes) -> TilingConfig:
+    def enable_tiling(self, tiling: TilingConfig | None = None, **sizes) -> TilingConfig:
         """Turn on tiled encode/decode (memory bounded by the tile size, not the video size).
 
         Without arguments, uses the release tile sizes (256 px, 65 frames, overlap 0.25, latent sizes
-        derived as in `CausalVAEModel.__init__`); keyword arguments override single `TilingConfig` fields.
-        Tiled results differ from untiled ones (GroupNorm statistics are per tile), as in the official
-        model; the official sampling scripts always decode with tiling on.
+        derived as in `CausalVAEModel.__init__`). Keyword arguments override `TilingConfig` fields; the
+        latent sizes follow overridden pixel sizes unless given too. Tiled results differ from untiled
+        ones (GroupNorm statistics are per tile), as in the official model; the official sampling
+        scripts always encode and decode with tiling on.
         """
-        self.tiling = dataclasses.replace(TilingConfig.for_model(self.config), **sizes)
-        return self.tiling
+        if tiling is None:
+            pixel = ("tile_sample_min_size", "tile_sample_min_size_t", "tile_overlap_factor")
+            tiling = TilingConfig.for_model(self.config, **{k: sizes.pop(k) for k in pixel if k in sizes})
+        tiling = dataclasses.replace(tiling, **sizes)
+        tiling.check(self.spatial_factor, self.temporal_factor)
+        self.tiling = tiling
+        return tiling
 
     def disable_tiling(self) -> None:
         self.tiling = None
