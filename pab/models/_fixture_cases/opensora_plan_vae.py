@@ -23,7 +23,7 @@ def _encode(model: CausalVAE, video: torch.Tensor, prefix: str) -> dict[str, tor
 
 def _tiled(model: CausalVAE, sizes: dict, fn):
     """Run `fn` with the tile sizes of inputs.json set, as the fixture sets the five attributes."""
-    model.tiling = TilingConfig(**sizes)
+    model.enable_tiling(TilingConfig(**sizes))
     try:
         return fn()
     finally:
