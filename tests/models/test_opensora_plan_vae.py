@@ -202,8 +202,16 @@ def test_release_tiling_defaults():
         model = CausalVAE()
     assert not model.use_tiling
     assert model.enable_tiling() == TilingConfig(256, 65, 32, 17, 0.25)
-    assert model.enable_tiling(tile_sample_min_size=128).tile_sample_min_size == 128
+    assert model.enable_tiling(tile_sample_min_size=128, tile_sample_min_size_t=33) == TilingConfig(128, 33, 16, 9, 0.25)
     model.disable_tiling()
+    assert not model.use_tiling
+    # Sizes whose tiles would not stitch back to the untiled size are refused, not silently mis-sized.
+    with pytest.raises(ValueError, match="do not stitch"):
+        model.enable_tiling(tile_sample_min_size=16)  # latent tile 2 px: overlap 0.5 latents
+    with pytest.raises(ValueError, match="do not stitch"):
+        model.enable_tiling(tile_latent_min_size=16)
+    with pytest.raises(ValueError, match="4k\\+1"):
+        model.enable_tiling(tile_sample_min_size_t=64)
     assert not model.use_tiling
 
 
@@ -248,8 +256,7 @@ def test_tiny_round_trip_tiled(tiny):
             expected = torch.cat([tiny.encode(video[:, :, :9]), tiny.encode(video[:, :, 8:])[:, :, 1:]], dim=2)
             torch.testing.assert_close(windows, expected, rtol=0, atol=1e-6)
             # 2x2 spatial tiles and 2 temporal windows, encode and decode
-            tiny.enable_tiling(tile_sample_min_size=32, tile_sample_min_size_t=9,
-                               tile_latent_min_size=4, tile_latent_min_size_t=3)
+            tiny.enable_tiling(tile_sample_min_size=32, tile_sample_min_size_t=9)  # latent tiles 4 and 3
             latents = tiny.encode(video)
             out = tiny.decode(latents, num_frames=13)
         finally:
@@ -257,3 +264,18 @@ def test_tiny_round_trip_tiled(tiny):
     assert latents.shape == untiled.shape == (1, 4, 4, 5, 5)
     assert out.shape == video.shape and torch.isfinite(out).all()
     assert not torch.allclose(latents, untiled)  # GroupNorm statistics are per tile, as in the official model
+
+
+def test_bfloat16_runs_on_cpu_and_tracks_float32(tiny):
+    # The official TimeDownsampleRes2x avg-pool has no 16-bit CPU kernel; ours pools in float32 there.
+    video = torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    half = CausalVAE(tiny.config).eval()
+    half.load_state_dict(tiny.state_dict())
+    half.to(torch.bfloat16)
+    with torch.no_grad():
+        z32, z16 = tiny.encode(video), half.encode(video.bfloat16())
+        v32, v16 = tiny.decode(z32, 5), half.decode(z32.bfloat16(), 5)
+    assert z16.dtype == v16.dtype == torch.bfloat16
+    # bf16 has 8 mantissa bits; through ~20 layers a few percent of the output scale is expected.
+    assert (z16.float() - z32).abs().max() < 0.05 * z32.abs().max()
+    assert (v16.float() - v32).abs().max() < 0.1 * v32.abs().max()
