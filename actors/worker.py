@@ -1,0 +1,391 @@
+"""One rank of a GPU group: load a model once, join the group's process group, render videos. No Ray here.
+
+The split follows vLLM's executor/worker: `actors.group.GpuGroup` (the Ray side) creates one
+`GenerationWorker` per GPU inside a Ray actor and drives the lifecycle by calling, on every rank,
+
+    worker = GenerationWorker(rank, world_size, "opensora-v1.2", checkpoint="s3://ckpt/opensora-v1.2")
+    worker.init_distributed("tcp://127.0.0.1:29500")    # all ranks at once; NCCL on GPU, gloo on CPU
+    worker.load()                                        # once; the model stays loaded
+    result = worker.generate({"prompt": "a red fox", "seed": 7}, progress_cb, cancel_cb)
+    worker.health()
+
+The same calls work without Ray (a plain process per GPU, or one process with `world_size=1`).
+
+The only contact with the engine is the engine factory (default `actors.engine.pipeline_engine`):
+`factory(model=, device=, dtype=, checkpoint=, parallel=) -> engine` with
+`engine.generate(request: dict, progress, should_cancel) -> EngineOutput`. Tests may pass another
+factory (a callable or a "module:function" string).
+
+Invariants: one generation at a time per worker (the model holds per-generation PAB hooks), and every
+rank of a group receives the same request, so every rank takes the same steps and the same decision to
+stop (cancellation is agreed with an all-reduce each step, see `_agreed_cancel`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib
+import logging
+import os
+import random
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]
+CancelCallback = Callable[[], bool]
+
+
+class WorkerCancelled(RuntimeError):
+    """The generation stopped because cancellation was requested (on any rank)."""
+
+
+class WorkerError(RuntimeError):
+    """The worker is not in a state to do what was asked (not loaded, busy, ...)."""
+
+
+@dataclass
+class EngineOutput:
+    """What an engine returns for one video; `frames` is None on ranks other than 0."""
+
+    frames: Any  # numpy uint8 (F, H, W, 3) or None
+    request: dict[str, Any]  # the resolved request: every default filled in, seed included
+    pab: dict[str, Any] = field(default_factory=dict)  # resolved PAB settings
+    pab_stats: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. timesteps, parallel comm stats
+
+
+class Engine(Protocol):
+    def generate(
+        self, request: dict[str, Any], progress: ProgressCallback, should_cancel: CancelCallback
+    ) -> EngineOutput: ...
+
+
+@dataclass
+class VideoOutput:
+    """Ask rank 0 to store the video itself: `storage` is a `cluster.storage.StorageConfig` dict."""
+
+    storage: dict[str, Any]
+    video_id: str
+    sidecar: dict[str, Any] = field(default_factory=dict)  # extra sidecar fields (job id, timings, ...)
+
+
+def resolve_factory(factory: Callable[..., Engine] | str | None) -> Callable[..., Engine]:
+    """A callable engine factory from a callable, a "module:function" string, or None (the real pipeline)."""
+    if factory is None:
+        factory = "actors.engine:pipeline_engine"
+    if isinstance(factory, str):
+        module, _, name = factory.partition(":")
+        if not name:
+            raise ValueError(f"engine factory {factory!r} must look like 'package.module:function'")
+        return getattr(importlib.import_module(module), name)
+    return factory
+
+
+def resolve_device(device: str | None) -> str:
+    """'auto' (or None): the first visible CUDA device when torch sees one, else 'cpu'."""
+    if device in (None, "auto"):
+        import torch
+
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: a local folder, or an S3 prefix cached on local disk
+# ----------------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PAB_CACHE_DIR") or Path.home() / ".cache" / "pab")
+
+
+def resolve_checkpoint(
+    checkpoint: str | None, cache_dir: str | Path | None = None, s3: dict[str, Any] | None = None
+) -> Path | None:
+    """A local folder holding the checkpoint, downloading `s3://bucket/prefix` into the cache once.
+
+    Several ranks on one machine share the download: a file lock lets one rank fetch while the others
+    wait, and a `.<name>.complete` marker written last makes later calls (and restarted workers) skip it.
+    `s3` holds StorageConfig fields for the endpoint and credentials (default: the AWS environment).
+    """
+    if checkpoint is None:
+        return None
+    if not checkpoint.startswith("s3://"):
+        path = Path(checkpoint).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+        return path
+    bucket, _, prefix = checkpoint[len("s3://"):].partition("/")
+    prefix = prefix.strip("/")
+    if not bucket:
+        raise ValueError(f"bad checkpoint URI {checkpoint!r}: use s3://bucket/prefix")
+    dest = Path(cache_dir or default_cache_dir()) / "s3" / bucket / prefix
+    marker = dest.parent / f".{dest.name}.complete"  # beside the folder: the checkpoint stays as published
+    if marker.is_file():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if marker.is_file():
+            return dest
+        from cluster.storage import StorageConfig, S3Storage
+
+        store = S3Storage(StorageConfig(**{**(s3 or {}), "backend": "s3", "bucket": bucket, "prefix": prefix,
+                                           "create_bucket": False}))
+        keys = store.list("")
+        if not keys:
+            raise FileNotFoundError(f"no objects under {checkpoint}")
+        t0 = time.perf_counter()
+        for key in keys:
+            target = dest / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.part")
+            store.client.download_file(bucket, store._key(key), str(tmp))  # ranged, parallel for big files
+            os.replace(tmp, target)
+        marker.write_text(f"{len(keys)} files from {checkpoint}\n")
+        log.info("downloaded %d files from %s to %s in %.1fs", len(keys), checkpoint, dest, time.perf_counter() - t0)
+    return dest
+
+
+# ----------------------------------------------------------------------------------------------------
+# The worker
+# ----------------------------------------------------------------------------------------------------
+
+
+class GenerationWorker:
+    """One rank: owns one device, one loaded model and this rank's end of the group's process group.
+
+    Args:
+        rank, world_size: this rank and the group size; all ranks render the same video together.
+        model: a model name from `pab models` (e.g. "opensora-v1.2", "latte-1-tiny").
+        checkpoint: None (random weights), a local folder, or "s3://bucket/prefix" (cached on disk).
+        device: "auto" (cuda:0 of the GPUs this process sees, else cpu), "cpu", "cuda:1", ...
+        dtype: "bfloat16", "float32", ... or None for the engine's default (bf16 on GPU, fp32 on CPU).
+        cfg_parallel: split the two classifier-free-guidance halves over two halves of the group.
+        cache_dir: where S3 checkpoints are cached (default $PAB_CACHE_DIR or ~/.cache/pab).
+        s3: StorageConfig fields for reaching the checkpoint bucket (endpoint, credentials).
+        engine_factory: see the module docstring.
+        dist_timeout_s: timeout of every collective; a rank that never answers fails the others after it.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        model: str,
+        checkpoint: str | None = None,
+        device: str | None = "auto",
+        dtype: str | None = None,
+        *,
+        cfg_parallel: bool = False,
+        cache_dir: str | None = None,
+        s3: dict[str, Any] | None = None,
+        engine_factory: Callable[..., Engine] | str | None = None,
+        dist_timeout_s: float = 600.0,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a group of {world_size}")
+        if cfg_parallel and world_size % 2:
+            raise ValueError(f"cfg_parallel needs an even group size, got {world_size}")
+        self.rank, self.world_size, self.model = rank, world_size, model
+        self.checkpoint, self.dtype, self.cfg_parallel = checkpoint, dtype, cfg_parallel
+        self.device = resolve_device(device)
+        self.cache_dir, self.s3 = cache_dir, s3
+        self.engine_factory = engine_factory
+        self.dist_timeout_s = dist_timeout_s
+        self.engine: Engine | None = None
+        self.distributed = False
+        self.load_info: dict[str, Any] = {}
+        self._busy = threading.Lock()
+        self._cancel = threading.Event()
+        self._events: list[tuple[int, int]] = []  # (step, total) of the current generation
+        self._generations = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def init_distributed(self, init_method: str | None, backend: str | None = None) -> None:
+        """Join the group's process group (all ranks call this at once). A group of one needs none."""
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        if self.world_size == 1 or self.distributed:
+            return
+        if backend is None:
+            backend = "nccl" if self.device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            os.environ.setdefault("LOCAL_RANK", self.device.partition(":")[2] or "0")
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a dead peer fails, not hangs
+            torch.cuda.set_device(torch.device(self.device))
+        dist.init_process_group(
+            backend, init_method=init_method, rank=self.rank, world_size=self.world_size,
+            timeout=datetime.timedelta(seconds=self.dist_timeout_s),
+        )
+        self.distributed = True
+        log.info("rank %d/%d joined %s via %s", self.rank, self.world_size, backend, init_method)
+
+    def load(self) -> dict[str, Any]:
+        """Resolve the checkpoint (downloading it once) and build the engine; idempotent."""
+        if self.engine is not None:
+            return self.load_info
+        t0 = time.perf_counter()
+        ckpt = resolve_checkpoint(self.checkpoint, self.cache_dir, self.s3)
+        t1 = time.perf_counter()
+        parallel = None
+        if self.world_size > 1:
+            from pab.parallel import ParallelConfig, init_parallel
+
+            cfg = 2 if self.cfg_parallel else 1
+            parallel = init_parallel(ParallelConfig(sp=self.world_size // cfg, cfg=cfg), timeout_s=self.dist_timeout_s)
+        factory = resolve_factory(self.engine_factory)
+        self.engine = factory(model=self.model, device=self.device, dtype=self.dtype,
+                              checkpoint=str(ckpt) if ckpt else None, parallel=parallel)
+        self.load_info = {"checkpoint_dir": str(ckpt) if ckpt else None, "fetch_s": t1 - t0,
+                          "load_s": time.perf_counter() - t1}
+        return self.load_info
+
+    def shutdown(self) -> None:
+        """Leave the process group and drop the model."""
+        self.engine = None
+        if self.distributed:
+            import torch.distributed as dist
+
+            try:
+                dist.destroy_process_group()
+            finally:
+                self.distributed = False
+
+    # ------------------------------------------------------------------ generation
+
+    def request_cancel(self) -> None:
+        """Stop the running generation at its next step (thread-safe; any rank may be asked)."""
+        self._cancel.set()
+
+    def progress(self, since: int = 0) -> list[tuple[int, int]]:
+        """(step, total) events of the running (or last) generation, from index `since` on."""
+        return list(self._events[since:])
+
+    def _agreed_cancel(self, cancel_cb: CancelCallback | None) -> bool:
+        """True on every rank once any rank wants to stop: one tiny all-reduce (MAX) per step.
+
+        Ranks must leave the denoising loop at the same step, or the others would wait forever in the
+        next all-to-all for a rank that is gone.
+        """
+        local = self._cancel.is_set() or bool(cancel_cb and cancel_cb())
+        if not self.distributed:
+            return local
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def generate(
+        self,
+        request: dict[str, Any],
+        progress_cb: ProgressCallback | None = None,
+        cancel_cb: CancelCallback | None = None,
+        output: VideoOutput | dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Render one video with the whole group. Every rank gets the same request (seed included).
+
+        Rank 0 returns the video: with `output` it writes `videos/<id>.mp4` and its JSON sidecar to
+        storage and returns where; without, the result carries the mp4 bytes under "mp4". Other ranks
+        return their timings only. Raises WorkerCancelled if cancelled.
+        """
+        if self.engine is None:
+            raise WorkerError("generate() before load()")
+        if not self._busy.acquire(blocking=False):
+            raise WorkerError(f"rank {self.rank} is already rendering a video: one at a time per group")
+        try:
+            return self._generate(dict(request), progress_cb, cancel_cb, output)
+        finally:
+            self._busy.release()
+
+    def _generate(self, request, progress_cb, cancel_cb, output) -> dict[str, Any]:
+        if request.get("seed") is None:
+            if self.world_size > 1:
+                raise ValueError("a parallel group needs the seed set by the caller (every rank must draw the same noise)")
+            request["seed"] = random.randrange(2**31 - 1)
+        request.setdefault("model", self.model)
+        self._cancel.clear()
+        self._events = []
+        cancelled = False
+
+        def on_step(step: int, total: int) -> None:
+            self._events.append((step, total))
+            if progress_cb is not None:
+                progress_cb(step, total)
+
+        def should_cancel() -> bool:
+            nonlocal cancelled
+            cancelled = self._agreed_cancel(cancel_cb)
+            return cancelled
+
+        t0 = time.perf_counter()
+        try:
+            out = self.engine.generate(request, on_step, should_cancel)
+        except Exception as e:
+            if cancelled:
+                raise WorkerCancelled(f"cancelled after {len(self._events)} step(s)") from e
+            raise
+        self._generations += 1
+        timings = {**out.timings, "engine_s": time.perf_counter() - t0}
+        if self.rank != 0:
+            return {"rank": self.rank, "timings": timings}
+        return self._finish_rank0(out, timings, output)
+
+    def _finish_rank0(self, out: EngineOutput, timings: dict[str, float], output) -> dict[str, Any]:
+        from pab.video import write_mp4
+
+        fps = int(out.request.get("fps") or 8)
+        result: dict[str, Any] = {
+            "rank": 0, "request": out.request, "model": self.model, "seed": out.request.get("seed"),
+            "num_frames": int(out.frames.shape[0]), "height": int(out.frames.shape[1]),
+            "width": int(out.frames.shape[2]), "fps": fps,
+            "pab": {"settings": out.pab, "stats": out.pab_stats},
+            "group": {"world_size": self.world_size, "device": self.device, "dtype": self.dtype,
+                      "cfg_parallel": self.cfg_parallel},
+            **out.extra,
+        }
+        with tempfile.TemporaryDirectory(prefix="pab-video-") as tmp:
+            path = Path(tmp) / "video.mp4"
+            t = time.perf_counter()
+            write_mp4(path, out.frames, fps)
+            timings["encode_s"] = time.perf_counter() - t
+            result["timings"] = timings
+            if output is None:
+                result["mp4"] = path.read_bytes()
+                return result
+            if isinstance(output, dict):
+                output = VideoOutput(**output)
+            from cluster.storage import storage_from_config
+
+            t = time.perf_counter()
+            store = storage_from_config(output.storage)
+            sidecar = {**result, **output.sidecar}
+            ref = store.put_video(output.video_id, path, sidecar)
+            timings["store_s"] = time.perf_counter() - t
+            result["video"] = {"key": ref.key, "sidecar_key": ref.sidecar_key, "uri": ref.uri,
+                               "size_bytes": ref.size_bytes}
+        return result
+
+    # ------------------------------------------------------------------ health
+
+    def health(self) -> dict[str, Any]:
+        """Cheap liveness report; never blocks on a running generation."""
+        return {
+            "rank": self.rank, "world_size": self.world_size, "model": self.model, "device": self.device,
+            "pid": os.getpid(), "loaded": self.engine is not None, "distributed": self.distributed,
+            "busy": self._busy.locked(), "step": self._events[-1] if self._events else None,
+            "generations": self._generations,
+        }

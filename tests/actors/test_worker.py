@@ -1,0 +1,136 @@
+"""GenerationWorker without Ray: lifecycle, mp4 output, storage output, agreed cancellation, S3 checkpoints."""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import socket
+import uuid
+
+import av
+import numpy as np
+import pytest
+
+from actors.worker import GenerationWorker, WorkerCancelled, WorkerError, resolve_checkpoint
+from cluster.storage import storage_from_config
+
+FAKE = "fake_engine:make"  # the test double in tests/actors/fake_engine.py
+
+
+def decode(data: bytes) -> np.ndarray:
+    with av.open(io.BytesIO(data)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def test_single_rank_returns_decodable_mp4():
+    w = GenerationWorker(0, 1, "latte-1-tiny", device="auto", engine_factory=FAKE)
+    with pytest.raises(WorkerError):
+        w.generate({"prompt": "x"})
+    w.init_distributed(None)  # a group of one needs no process group
+    w.load()
+    steps = []
+    res = w.generate({"prompt": "a fox", "steps": 3, "num_frames": 5, "height": 32, "width": 48},
+                     lambda s, n: steps.append((s, n)))
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    frames = decode(res["mp4"])
+    assert frames.shape == (5, 32, 48, 3) and res["num_frames"] == 5
+    assert isinstance(res["seed"], int)  # drawn when the caller left it out
+    assert w.health()["generations"] == 1 and not w.health()["busy"]
+
+
+def test_rank0_writes_video_and_sidecar(tmp_path):
+    w = GenerationWorker(0, 1, "latte-1-tiny", engine_factory=FAKE)
+    w.load()
+    cfg = {"backend": "local", "path": str(tmp_path)}
+    res = w.generate({"prompt": "a fox", "seed": 5, "steps": 2}, output={"storage": cfg, "video_id": "v1",
+                                                                         "sidecar": {"job": "j1"}})
+    store = storage_from_config(cfg)
+    side = store.get_json(res["video"]["sidecar_key"])
+    assert side["seed"] == 5 and side["job"] == "j1" and side["pab"]["stats"] == {"spatial": {"computed": 2}}
+    assert "encode_s" in side["timings"] and decode(store.get_bytes("videos/v1.mp4")).shape[0] == 4
+    assert "mp4" not in res
+
+
+def _rank_main(rank, port, q):
+    w = GenerationWorker(rank, 2, "latte-1-tiny", device="cpu", engine_factory=FAKE)
+    w.init_distributed(f"tcp://127.0.0.1:{port}")
+    w.load()
+    seen = []
+    calls = {"n": 0}
+
+    def cancel_cb():  # only rank 1 wants to stop, and only from its third check on
+        calls["n"] += 1
+        return rank == 1 and calls["n"] >= 3
+
+    try:
+        w.generate({"prompt": "p", "seed": 1, "steps": 10}, lambda s, n: seen.append(s), cancel_cb)
+        q.put((rank, "finished", seen))
+    except WorkerCancelled:
+        q.put((rank, "cancelled", seen))
+    finally:
+        w.shutdown()
+
+
+def test_cancel_is_agreed_by_all_ranks():
+    """Rank 1 alone asks to stop; both ranks stop after the same step (no rank left in a collective)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    out = sorted(q.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert [o[1] for o in out] == ["cancelled", "cancelled"]
+    assert out[0][2] == out[1][2] == [1, 2]
+
+
+def test_parallel_group_needs_a_seed():
+    w = GenerationWorker(0, 2, "latte-1-tiny", engine_factory=FAKE)
+    w.engine = object()  # loaded enough to reach the check
+    with pytest.raises(ValueError, match="seed"):
+        w.generate({"prompt": "p"})
+
+
+def test_s3_checkpoint_is_downloaded_once(s3_server, tmp_path):
+    c = s3_server.client()
+    bucket = "ckpt-" + uuid.uuid4().hex[:6]
+    c.create_bucket(Bucket=bucket)
+    c.put_object(Bucket=bucket, Key="models/m1/transformer/config.json", Body=b"{}")
+    c.put_object(Bucket=bucket, Key="models/m1/transformer/w.safetensors", Body=b"\x01" * 1000)
+    s3 = {k: v for k, v in s3_server.storage_config(bucket).items() if k in ("endpoint_url", "access_key_id",
+                                                                             "secret_access_key")}
+    path = resolve_checkpoint(f"s3://{bucket}/models/m1", tmp_path / "cache", s3)
+    assert (path / "transformer" / "w.safetensors").read_bytes() == b"\x01" * 1000
+    c.delete_object(Bucket=bucket, Key="models/m1/transformer/w.safetensors")
+    # Cached: a second resolve (another rank, a restarted worker) does not go back to S3.
+    assert resolve_checkpoint(f"s3://{bucket}/models/m1", tmp_path / "cache", s3) == path
+    assert (path / "transformer" / "w.safetensors").exists()
+    w = GenerationWorker(0, 1, "latte-1-tiny", checkpoint=f"s3://{bucket}/models/m1", cache_dir=str(tmp_path / "cache"),
+                         s3=s3, engine_factory=FAKE)
+    w.load()
+    assert w.engine.checkpoint == str(path) and w.engine.checkpoint_files == ["transformer"]
+    with pytest.raises(FileNotFoundError):
+        resolve_checkpoint(str(tmp_path / "missing"))
+
+
+def test_real_engine_single_rank(tmp_path):
+    """The real pipeline (latte-1-tiny on CPU) behind the worker: mp4 + sidecar with PAB stats."""
+    w = GenerationWorker(0, 1, "latte-1-tiny", device="cpu")
+    w.load()
+    cfg = {"backend": "local", "path": str(tmp_path)}
+    steps = []
+    res = w.generate({"prompt": "a red fox", "seed": 3, "steps": 6, "num_frames": 8, "height": 32, "width": 32,
+                      "pab": "paper"}, lambda s, n: steps.append((s, n)), output={"storage": cfg, "video_id": "real"})
+    assert steps == [(i, 6) for i in range(1, 7)]
+    store = storage_from_config(cfg)
+    frames = decode(store.get_bytes(res["video"]["key"]))
+    assert frames.shape == (8, 32, 32, 3)
+    side = store.get_json("videos/real.json")
+    assert side["model"] == "latte-1-tiny" and side["seed"] == 3 and side["request"]["steps"] == 6
+    assert side["pab"]["settings"]["spatial"] is not None
+    assert sum(v.get("broadcast", 0) for v in side["pab"]["stats"].values()) > 0  # PAB really reused outputs
+    assert {"denoise_s", "decode_s", "encode_s"} <= set(side["timings"])

@@ -1,0 +1,27 @@
+"""One local Ray cluster per test session, shared by tests/actors and tests/cluster.
+
+2 real cores, but logical resources sized for the tests: 4 fake GPUs (two groups of two) and 8
+logical CPUs so fractional-CPU actors never wait on scheduling. The first fixture that asks starts
+it; it stops at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+
+NUM_GPUS = 4
+NUM_CPUS = 8
+
+
+def start_ray():
+    """Start (or reuse) the session's Ray; returns True if this call started it."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TMPDIR", "/tmp/raypabsv")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(num_cpus=NUM_CPUS, num_gpus=NUM_GPUS, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}})
+    return True
