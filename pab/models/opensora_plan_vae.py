@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -214,7 +214,9 @@ class TilingConfig:
         for name in ("tile_sample_min_size", "tile_latent_min_size"):
             size = getattr(self, name)
             if int(size * (1 - self.tile_overlap_factor)) < 1:
-                raise ValueError(f"{name}={size} is too small for overlap {self.tile_overlap_factor}: tiles would not advance")
+                raise ValueError(
+                    f"{name}={size} is too small for overlap {self.tile_overlap_factor}: tiles would not advance"
+                )
         for name in ("tile_sample_min_size_t", "tile_latent_min_size_t"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be >= 2 (windows advance by size - 1), got {getattr(self, name)}")
@@ -726,7 +728,9 @@ class CausalVAE(VideoVAE):
 
     # ---- VideoVAE interface (DiT-scaled) ----
 
-    def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(
+        self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Video (B, 3, F, H, W) in [-1, 1] -> DiT latents (B, 4, (F-1)/4 + 1, H/8, W/8).
 
         Returns the posterior mode times 0.18215; with `sample=True`, a posterior sample instead, as
@@ -791,7 +795,9 @@ class CausalVAE(VideoVAE):
 
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}/config.json not found; pass the VAE folder (the release's 'vae/' subfolder)")
+            raise FileNotFoundError(
+                f"{path}/config.json not found; pass the VAE folder (the release's 'vae/' subfolder)"
+            )
         weights = sorted(path.glob("*.safetensors"))
         if len(weights) != 1:
             raise FileNotFoundError(
