@@ -27,7 +27,8 @@ MANIFEST = REPO / "tests" / "fixtures" / "official" / "vae" / "manifests" / "osp
 
 needs_fixture = pytest.mark.skipif(
     not (FIXTURE / "config.json").is_file(),
-    reason=f"official CausalVAE fixture not found at {FIXTURE}; set PAB_SHARED_DIR to the folder holding fidelity/vae/",
+    reason=f"official CausalVAE fixture not found at {FIXTURE}; "
+    "set PAB_SHARED_DIR to the folder holding fidelity/vae/",
 )
 
 # From the fixture README: the official fp32-vs-fp64 error is at most 2.0e-5 (2e-6 relative to max|ref|).
@@ -202,7 +203,8 @@ def test_release_tiling_defaults():
         model = CausalVAE()
     assert not model.use_tiling
     assert model.enable_tiling() == TilingConfig(256, 65, 32, 17, 0.25)
-    assert model.enable_tiling(tile_sample_min_size=128, tile_sample_min_size_t=33) == TilingConfig(128, 33, 16, 9, 0.25)
+    halved = model.enable_tiling(tile_sample_min_size=128, tile_sample_min_size_t=33)
+    assert halved == TilingConfig(128, 33, 16, 9, 0.25)
     model.disable_tiling()
     assert not model.use_tiling
     # Sizes whose tiles would not stitch back to the untiled size are refused, not silently mis-sized.
