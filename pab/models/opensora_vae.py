@@ -188,11 +188,18 @@ class OpenSoraVAEConfig:
                     "put that folder's AutoencoderKL config.json contents under 'vae_2d_config'"
                 )
             self.vae_2d_config = dict(_PIXART_SDXL_VAE_CONFIG)
+        n = self.vae_temporal.embed_dim
+        if isinstance(self.shift, (int, float)) or isinstance(self.scale, (int, float)):
+            # The official class also takes scalars, but then stores 0-d buffers: a different checkpoint layout.
+            raise ValueError(
+                f"shift and scale must be lists of {n} per-channel values, got {self.shift} and {self.scale}"
+            )
         self.shift = tuple(float(v) for v in self.shift)
         self.scale = tuple(float(v) for v in self.scale)
-        n = self.vae_temporal.embed_dim
         if len(self.shift) != n or len(self.scale) != n:
-            raise ValueError(f"shift and scale need {n} values (vae_temporal.embed_dim), got {self.shift}, {self.scale}")
+            raise ValueError(
+                f"shift and scale need {n} values (vae_temporal.embed_dim), got {self.shift} and {self.scale}"
+            )
         if self.vae_2d_config.get("latent_channels", 4) != self.vae_temporal.in_out_channels:
             raise ValueError(
                 f"vae_2d_config.latent_channels ({self.vae_2d_config.get('latent_channels', 4)}) must equal "
@@ -594,6 +601,8 @@ SIZES: dict[str, dict[str, Any]] = {
             "norm_num_groups": 4,
             "sample_size": 32,
             "scaling_factor": 0.13025,
+            "latents_mean": None,
+            "latents_std": None,
             "force_upcast": False,
         },
         "vae_temporal": {
