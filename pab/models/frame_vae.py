@@ -41,6 +41,38 @@ TINY_CONFIG = dict(
 )
 
 
+# The Stable-Diffusion VAE architecture (SD 1.x `vae/config.json`, as in maxin-cn/Latte-1/vae):
+# 83,653,863 parameters. `FrameVAE.sd()` builds it with random weights for benchmarks.
+SD_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    norm_num_groups=32,
+    latent_channels=4,
+    sample_size=512,
+    scaling_factor=SD_SCALING_FACTOR,
+)
+
+
+def _seeded_autoencoder(config: dict, seed: int, device, dtype: torch.dtype) -> AutoencoderKL:
+    """Random AutoencoderKL drawn on the CPU from `seed` (same weights on every machine), then moved.
+
+    device "meta" builds it without memory (shape/parameter checks).
+    """
+    if torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return AutoencoderKL(**config)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(**config)
+    if dtype != torch.float32:
+        vae = vae.to(dtype=dtype)
+    return vae.to(device)
+
+
 class FrameVAE(VideoVAE):
     """`AutoencoderKL` applied frame by frame; latents are scaled for the DiT ((z - shift) * scale)."""
 
@@ -92,12 +124,18 @@ class FrameVAE(VideoVAE):
         micro_batch_size: int = 8,
     ) -> FrameVAE:
         """A small random AutoencoderKL with the SD VAE's 8x factor; same weights for the same seed."""
-        with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
-            torch.manual_seed(seed)
-            vae = AutoencoderKL(**TINY_CONFIG)
-        if dtype != torch.float32:
-            vae = vae.to(dtype=dtype)
-        return cls(vae.to(device), micro_batch_size=micro_batch_size)
+        return cls(_seeded_autoencoder(TINY_CONFIG, seed, device, dtype), micro_batch_size=micro_batch_size)
+
+    @classmethod
+    def sd(
+        cls,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        micro_batch_size: int = 8,
+    ) -> FrameVAE:
+        """The full SD VAE architecture with random weights (benchmarks without a checkpoint)."""
+        return cls(_seeded_autoencoder(SD_CONFIG, seed, device, dtype), micro_batch_size=micro_batch_size)
 
     # ------------------------------------------------------------------ VideoVAE interface
 
@@ -158,4 +196,4 @@ class FrameVAE(VideoVAE):
         return rearrange(frames, "(b f) c h w -> b c f h w", b=b, f=f)
 
 
-__all__ = ["FrameVAE", "TINY_CONFIG", "SD_SCALING_FACTOR"]
+__all__ = ["FrameVAE", "TINY_CONFIG", "SD_CONFIG", "SD_SCALING_FACTOR"]

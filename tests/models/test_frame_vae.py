@@ -75,3 +75,9 @@ def test_from_pretrained_local(vae, tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
     with pytest.raises(FileNotFoundError):
         FrameVAE.from_pretrained(tmp_path / "nope")
+
+
+def test_sd_architecture_random_weights():
+    sd = FrameVAE.sd(device="meta")  # shapes only, no memory
+    assert sum(p.numel() for p in sd.parameters()) == 83_653_863  # the SD 1.x VAE
+    assert sd.spatial_factor == 8 and sd.latent_channels == 4 and sd.scaling_factor == pytest.approx(0.18215)
