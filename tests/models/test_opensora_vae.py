@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pab.models import CheckpointError, build, load_state_dict_strict
 from pab.models._fixture_cases import opensora_vae as fixture_case
+from pab.models.fixtures import run_fixture
 from pab.models.opensora_vae import SIZES, OpenSoraVAE, OpenSoraVAEConfig
 
 
@@ -32,7 +34,7 @@ def one_thread():
 def run_result(one_thread) -> tuple[dict[str, torch.Tensor], bool]:
     """The fixture's outputs, and whether the run left the global RNG as it found it."""
     state = torch.random.get_rng_state()
-    produced = fixture_case.run(FIXTURE)
+    produced = run_fixture(FIXTURE)  # the shared entry point; dispatches to _fixture_cases/opensora_vae.py
     return produced, torch.equal(torch.random.get_rng_state(), state)
 
 
@@ -142,8 +144,8 @@ def test_strict_load_names_missing_unexpected_and_mismatched_keys():
     sd.pop("temporal_vae.decoder.conv_out.conv.bias")
     sd["temporal_vae.decoder.extra.weight"] = torch.zeros(1)
     sd["spatial_vae.module.quant_conv.weight"] = torch.zeros(8, 8, 3, 3)
-    with pytest.raises(fixture_case.FixtureCheckpointError) as info:
-        fixture_case.load_strict(model, sd)
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict_strict(model, sd)
     message = str(info.value)
     assert "temporal_vae.decoder.conv_out.conv.bias" in message
     assert "temporal_vae.decoder.extra.weight" in message
@@ -232,5 +234,10 @@ def test_sampled_encode_is_reproducible_with_a_generator(tiny):
     assert not torch.equal(a, mean)
 
 
-def test_sizes_registry():
+def test_sizes_registry_and_build_by_name():
     assert set(SIZES) == {"full", "tiny"}
+    full = build("opensora-vae-v1.2", device="meta")
+    tiny = build("opensora-vae-v1.2-tiny")
+    assert isinstance(full, OpenSoraVAE) and full.config == OpenSoraVAEConfig.from_size("full")
+    assert isinstance(tiny, OpenSoraVAE) and tiny.config == OpenSoraVAEConfig.from_size("tiny")
+    assert sum(p.numel() for p in tiny.parameters()) < 500_000  # CPU-demo size

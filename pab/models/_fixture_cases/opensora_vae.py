@@ -12,37 +12,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from pab.models import load_state_dict_strict
 from pab.models.opensora_vae import OpenSoraVAE, OpenSoraVAEConfig
-
-
-class FixtureCheckpointError(RuntimeError):
-    """The fixture's weights do not fit the model built from its config."""
-
-
-def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load `state_dict` requiring the exact official names and shapes; the error names every offender."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state_dict.items()
-        if k in own and v.shape != own[k].shape
-    )
-    if missing or unexpected or mismatched:
-        raise FixtureCheckpointError(
-            "checkpoint does not match OpenSoraVAE; check that the config is the checkpoint's own. "
-            f"missing keys ({len(missing)}): {missing}; unexpected keys ({len(unexpected)}): {unexpected}; "
-            f"shape mismatches ({len(mismatched)}): {mismatched}"
-        )
-    model.load_state_dict(state_dict, strict=True)
 
 
 def build(fixture_dir: Path) -> OpenSoraVAE:
     """The fixture's model with its weights, float32, eval mode."""
     config = OpenSoraVAEConfig.from_dict(json.loads((fixture_dir / "config.json").read_text()))
     model = OpenSoraVAE(config).float().eval()
-    load_strict(model, load_file(fixture_dir / "weights.safetensors"))
+    # Raises CheckpointError naming missing, unexpected and mis-shaped keys.
+    load_state_dict_strict(model, load_file(fixture_dir / "weights.safetensors"), source=str(fixture_dir))
     return model
 
 
