@@ -1,0 +1,206 @@
+"""Parquet render manifests: reading, checking, and turning rows into generation requests.
+
+A manifest is a Parquet file with one row per video: ``id`` and ``prompt`` are required, and any of
+``negative_prompt, num_frames, height, width, fps, steps, guidance_scale, seed, pab`` may override the
+job-wide defaults per row (a null cell takes the default).
+
+Two kinds of problems, handled differently:
+
+* a bad *manifest* (not Parquet, no ``id`` or ``prompt`` column, a column name that looks like a typo of
+  a known one) raises `ManifestError` before anything renders;
+* a bad *row* (missing id, empty prompt, duplicate id, a value of the wrong type) becomes a `RowPlan`
+  with ``error`` set; the job reports it in the results table and carries on. What a model can take
+  (frame counts, sizes) is checked by the engine itself (`Pipeline.resolve`) on the GPU group, so the
+  rule lives in one place; its ValueError lands in the same results row.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+REQUIRED_COLUMNS = ("id", "prompt")
+ROW_SETTINGS = ("negative_prompt", "num_frames", "height", "width", "fps", "steps", "guidance_scale", "seed", "pab")
+KNOWN_COLUMNS = REQUIRED_COLUMNS + ROW_SETTINGS
+PARQUET_MAGIC = b"PAR1"
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class ManifestError(ValueError):
+    """The manifest as a whole cannot be used; the message says what to fix."""
+
+
+class RenderSettings(BaseModel):
+    """Per-video settings. Job-wide defaults come from the command line; manifest columns override them per row.
+
+    ``None`` means "the model's own default" (see ``pab models``), except for ``seed``: a missing seed is
+    derived from the row id, so re-running a manifest reproduces the same videos.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    negative_prompt: str = Field("", description="What the video should not show (classifier-free guidance).")
+    num_frames: int | None = Field(None, ge=1, description="Frames in the video; the model's VAE decides which counts work.")
+    height: int | None = Field(None, ge=1, description="Pixel height.")
+    width: int | None = Field(None, ge=1, description="Pixel width.")
+    fps: int | None = Field(None, ge=1, description="Frames per second written into the mp4.")
+    steps: int | None = Field(None, ge=1, description="Denoising steps.")
+    guidance_scale: float | None = Field(None, ge=0, description="Classifier-free guidance scale.")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="RNG seed; None = derived from the row id.")
+    pab: str | dict[str, Any] | None = Field(
+        "off", description='Pyramid Attention Broadcast: "off", "paper", or a rule dict (JSON text in a manifest).'
+    )
+
+    @field_validator("pab", mode="before")
+    @classmethod
+    def _pab_json(cls, v: Any) -> Any:
+        # A manifest cell holds a preset name or a JSON object as text.
+        if isinstance(v, str) and v.strip().startswith("{"):
+            try:
+                return json.loads(v)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"pab is not valid JSON: {e}") from None
+        return v
+
+
+@dataclass
+class RowPlan:
+    """One manifest row: what to render (``request``) or why not (``error``)."""
+
+    row: int  # 0-based position in the manifest
+    id: str | None
+    key: str | None  # storage key stem derived from the id, see `key_for_id`
+    request: dict[str, Any] | None = None  # GenerationRequest fields
+    error: str | None = None
+    fingerprint: str | None = None  # hash of `request`; a sidecar is only trusted if it matches
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------
+
+
+def read_manifest(data: bytes, source: str = "manifest") -> pa.Table:
+    """Parse manifest bytes; `ManifestError` if they are not a usable Parquet manifest."""
+    if len(data) < 12 or data[:4] != PARQUET_MAGIC or data[-4:] != PARQUET_MAGIC:
+        hint = " (it looks like CSV/text)" if data[:1].isascii() and b"\n" in data[:4096] else ""
+        raise ManifestError(f"{source} is not a Parquet file{hint}; write it with pyarrow.parquet.write_table")
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, OSError) as e:
+        raise ManifestError(f"{source} is not a readable Parquet file: {e}") from None
+    check_columns(table.column_names, source)
+    return table
+
+
+def check_columns(columns: list[str], source: str = "manifest") -> None:
+    """Required columns present, and no column that looks like a misspelt known one."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ManifestError(
+            f"{source} has no {' or '.join(repr(c) for c in missing)} column (columns: {columns}); "
+            f"a manifest needs {list(REQUIRED_COLUMNS)} and may have {list(ROW_SETTINGS)}"
+        )
+    for c in columns:
+        if c in KNOWN_COLUMNS:
+            continue
+        close = difflib.get_close_matches(c, KNOWN_COLUMNS, n=1, cutoff=0.8)
+        if close:
+            raise ManifestError(
+                f"{source}: column {c!r} is not a known setting; did you mean {close[0]!r}? "
+                f"(known: {list(KNOWN_COLUMNS)}; other columns are ignored)"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Planning
+# ----------------------------------------------------------------------------------------------------
+
+
+def key_for_id(row_id: str) -> str:
+    """Storage key stem for a row id: the id itself when it is a safe file name, else a slug plus a hash.
+
+    Deterministic, so a re-run finds what an earlier run wrote. The hash keeps distinct ids distinct
+    after slugging ("a b" and "a_b" differ).
+    """
+    if _SAFE_KEY.match(row_id) and row_id not in (".", ".."):
+        return row_id
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", row_id).strip("._-")[:60] or "id"
+    return f"{slug}-{hashlib.sha256(row_id.encode()).hexdigest()[:12]}"
+
+
+def seed_for_id(row_id: str) -> int:
+    """A stable seed from the row id (31 bits, so every backend's RNG takes it)."""
+    return int.from_bytes(hashlib.sha256(row_id.encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def fingerprint(request: dict[str, Any]) -> str:
+    """Hash of everything that decides a video's pixels."""
+    return hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _clean_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return text or None
+
+
+def _reason(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'row'}: {err['msg']}" for err in e.errors())
+
+
+def plan_rows(table: pa.Table, model: str, defaults: RenderSettings) -> list[RowPlan]:
+    """One `RowPlan` per manifest row, in order. Never raises for a bad row."""
+    settings_cols = [c for c in ROW_SETTINGS if c in table.column_names]
+    base = defaults.model_dump()
+    plans: list[RowPlan] = []
+    first_row: dict[str, int] = {}
+    key_owner: dict[str, str] = {}
+    for i, row in enumerate(table.select(list(REQUIRED_COLUMNS) + settings_cols).to_pylist()):
+        row_id = _clean_id(row["id"])
+        if row_id is None:
+            plans.append(RowPlan(i, None, None, error="missing id"))
+            continue
+        key = key_for_id(row_id)
+        plan = RowPlan(i, row_id, key)
+        plans.append(plan)
+        if row_id in first_row:
+            plan.error = f"duplicate id {row_id!r} (first at row {first_row[row_id]}); this row is not rendered"
+            continue
+        first_row[row_id] = i
+        if key_owner.setdefault(key, row_id) != row_id:
+            plan.error = f"id {row_id!r} maps to the same storage key {key!r} as id {key_owner[key]!r}"
+            continue
+        prompt = row["prompt"]
+        if not isinstance(prompt, str) or not prompt.strip():
+            plan.error = "empty prompt" if prompt is None or isinstance(prompt, str) else "prompt is not text"
+            continue
+        overrides = {c: row[c] for c in settings_cols if row[c] is not None}
+        try:
+            settings = RenderSettings.model_validate({**base, **overrides})
+        except ValidationError as e:
+            plan.error = f"bad settings: {_reason(e)}"
+            continue
+        request = {"model": model, "prompt": prompt, **settings.model_dump()}
+        if request["seed"] is None:
+            request["seed"] = seed_for_id(row_id)
+        plan.request = request
+        plan.fingerprint = fingerprint(request)
+    return plans

@@ -1,0 +1,429 @@
+"""Bulk rendering: a Parquet manifest of prompts in, one mp4 + JSON sidecar per row and a results table out.
+
+One GPU, on a machine with Ray installed (a local Ray starts by itself)::
+
+    python -m jobs.render --manifest prompts.parquet --output outputs/batch1 --model opensora-v1.2 --pab paper
+
+A cluster (the code travels with the job; S3 credentials come from the cluster's environment)::
+
+    ray job submit --address http://head:8265 --working-dir . -- \\
+        python -m jobs.render --manifest s3://prompts/batch1.parquet --output s3://videos/batch1 \\
+        --model opensora-v1.2 --group-size 2 --groups 4 --steps 30 --pab paper
+    pab bulk submit --manifest s3://prompts/batch1.parquet --output s3://videos/batch1 --group-size 2 --groups 4
+
+On Kubernetes, k8s/ray-job.bulk.yaml runs the same command on a cluster that is deleted afterwards.
+
+What it does:
+
+* reads the manifest (a local path or ``s3://bucket/key``); a file that is not Parquet or lacks the
+  ``id``/``prompt`` columns stops the job at once (exit code 2) with a message saying what to fix;
+* plans every row (`jobs.manifest.plan_rows`): a bad row is reported, never fatal;
+* asks the output storage what earlier runs finished (`jobs.ledger.Ledger`) and renders only the rest,
+  so re-running after a crash is safe and renders nothing twice;
+* starts ``--groups`` GPU groups of ``--group-size`` GPUs (`actors.group.GpuGroup`, the same group and
+  worker code the Serve app uses) and keeps each busy with one row at a time; rank 0 of a group writes
+  ``<output>/videos/<key>.mp4`` and its sidecar ``<key>.json`` (key = the row id, or a slug + hash of
+  it when the id is not a safe file name);
+* logs progress (done, failed, remaining, rate, ETA) and one ``rendered``/``failed`` line per row;
+* writes ``<output>/results.parquet`` (`jobs.results.SCHEMA`), one row per manifest row.
+
+Exit code: 0 when every row was handled (failed rows included: see the results table), 1 when rows
+were left unrendered because no GPU group could run, 2 for bad arguments or a bad manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from cluster.storage import NotFound, Storage, StorageConfig, storage_from_config, video_keys
+from jobs.ledger import STATE_COMPLETED, Ledger
+from jobs.manifest import ManifestError, RenderSettings, RowPlan, plan_rows, read_manifest
+from jobs.results import RESULTS_KEY, ResultRow, to_parquet_bytes
+
+log = logging.getLogger("jobs.render")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m jobs.render`` (also used by ``pab bulk submit`` to check arguments)."""
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.render",
+        description="Render every row of a Parquet manifest on GPU groups; resumable.",
+        allow_abbrev=False,
+    )
+    io = p.add_argument_group("input and output")
+    io.add_argument("--manifest", required=True, help="Parquet manifest: a path or s3://bucket/key")
+    io.add_argument("--output", required=True, help="output folder or s3://bucket/prefix")
+    io.add_argument("--s3-endpoint", default=None,
+                    help="S3 endpoint URL (default: $PAB_S3_ENDPOINT, $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, AWS)")
+    io.add_argument("--dry-run", action="store_true", help="check the manifest and report what would render")
+
+    g = p.add_argument_group("model and GPU groups")
+    g.add_argument("--model", default="opensora-v1.2", help="model name (`pab models`), e.g. opensora-v1.2-tiny")
+    g.add_argument("--checkpoint", default=None, help="checkpoint folder or s3://bucket/prefix; none = random weights")
+    g.add_argument("--group-size", type=int, default=1, help="GPUs per group (sequence parallel degree)")
+    g.add_argument("--groups", type=int, default=1, help="groups rendering at once")
+    g.add_argument("--cfg-parallel", action="store_true", help="split the CFG halves over the group (even size)")
+    g.add_argument("--dtype", default=None, help="bfloat16, float16, float32 (default: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--device", default="auto", help="auto (GPU if the rank sees one), cpu or cuda")
+    g.add_argument("--gpus-per-rank", type=float, default=1.0, help="0 renders on CPU-only nodes")
+    g.add_argument("--cpus-per-rank", type=float, default=1.0)
+    g.add_argument("--max-attempts", type=int, default=3,
+                   help="tries per row when its group breaks (a row the model rejects is not retried)")
+    g.add_argument("--start-timeout", type=float, default=900.0,
+                   help="seconds a group may take to get GPUs and load (autoscaling included)")
+    g.add_argument("--row-timeout", type=float, default=None, help="seconds one video may take before its group is rebuilt")
+    g.add_argument("--progress-every", type=float, default=30.0, help="seconds between progress lines")
+    g.add_argument("--ray-address", default=None, help="Ray cluster (default: the job's, else a new local Ray)")
+
+    d = p.add_argument_group("defaults for per-row settings (a manifest column of the same name wins)")
+    d.add_argument("--negative-prompt", default="")
+    d.add_argument("--num-frames", type=int, default=None)
+    d.add_argument("--height", type=int, default=None)
+    d.add_argument("--width", type=int, default=None)
+    d.add_argument("--fps", type=int, default=None)
+    d.add_argument("--steps", type=int, default=None)
+    d.add_argument("--guidance-scale", type=float, default=None)
+    d.add_argument("--seed", type=int, default=None, help="seed for rows without one (default: derived from the id)")
+    d.add_argument("--pab", default="off", help='"off", "paper" or a JSON rule dict')
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("group_size", "groups", "max_attempts"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        args.defaults = RenderSettings.model_validate(
+            {k: getattr(args, k) for k in RenderSettings.model_fields if k != "pab"} | {"pab": args.pab}
+        )
+    except ValidationError as e:
+        parser.error("; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}" for err in e.errors()))
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Storage locations
+# ----------------------------------------------------------------------------------------------------
+
+
+def _endpoint(arg: str | None) -> str | None:
+    env = os.environ
+    return arg or env.get("PAB_S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+
+
+def storage_config_for(uri: str, endpoint: str | None = None) -> StorageConfig:
+    """A StorageConfig rooted at an output URI: ``s3://bucket/prefix``, ``file:///dir`` or a plain path."""
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        if not bucket:
+            raise ValueError(f"bad S3 URI {uri!r}: use s3://bucket/prefix")
+        return StorageConfig(
+            backend="s3", bucket=bucket, prefix=prefix.strip("/"), endpoint_url=_endpoint(endpoint),
+            region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        )
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if "://" in uri:
+        raise ValueError(f"unsupported URI {uri!r}: use a path or s3://bucket/prefix")
+    return StorageConfig(backend="local", path=uri)
+
+
+def read_uri(uri: str, endpoint: str | None = None) -> bytes:
+    """Bytes of a file given as a path or ``s3://bucket/key``."""
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        if not bucket or not key:
+            raise ManifestError(f"bad manifest URI {uri!r}: use s3://bucket/key.parquet")
+        store = storage_from_config(storage_config_for(f"s3://{bucket}", endpoint))
+        try:
+            return store.get_bytes(key)
+        except NotFound:
+            raise ManifestError(f"manifest {uri} does not exist") from None
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ManifestError(f"manifest {path} does not exist") from None
+    except IsADirectoryError:
+        raise ManifestError(f"manifest {path} is a folder; give the .parquet file") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Progress
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Counts for the job log; thread-safe."""
+
+    total: int
+    completed: int = 0
+    failed: int = 0
+    resumed: int = 0
+    rendered: int = 0  # videos rendered by this run (the rate and ETA are based on these)
+    started: float = field(default_factory=time.monotonic)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, status: str, rendered: bool = False, resumed: bool = False) -> None:
+        with self._lock:
+            if status == STATE_COMPLETED:
+                self.completed += 1
+            else:
+                self.failed += 1
+            self.rendered += rendered
+            self.resumed += resumed
+
+    def line(self) -> str:
+        with self._lock:
+            done = self.completed + self.failed
+            remaining = self.total - done
+            elapsed = time.monotonic() - self.started
+            rate = self.rendered / elapsed if self.rendered and elapsed > 0 else 0.0
+            eta = f"{remaining / rate:.0f}s" if rate > 0 else ("0s" if remaining == 0 else "unknown")
+            return (
+                f"progress: done {done}/{self.total} (completed {self.completed}, failed {self.failed}, "
+                f"resumed {self.resumed}), remaining {remaining}, {rate * 60:.1f} videos/min, ETA {eta}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The job
+# ----------------------------------------------------------------------------------------------------
+
+
+class BulkRender:
+    """One run of a bulk render: plan, resume, render on GPU groups, write results."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.run_id = os.environ.get("RAY_JOB_SUBMISSION_ID") or f"run-{uuid.uuid4().hex[:8]}"
+        self.out_config = storage_config_for(args.output, args.s3_endpoint)
+        self.store: Storage = storage_from_config(self.out_config)
+        self.ledger = Ledger(self.store)
+        self.results: dict[int, ResultRow] = {}
+        self._results_lock = threading.Lock()
+        self.progress: Progress | None = None
+        self.unrendered_reason: str | None = None
+
+    # ------------------------------------------------------------------ planning
+
+    def plan(self) -> tuple[list[RowPlan], list[RowPlan]]:
+        """(all plans, the ones to render now); fills results for bad, finished and adopted rows."""
+        a = self.args
+        table = read_manifest(read_uri(a.manifest, a.s3_endpoint), source=a.manifest)
+        plans = plan_rows(table, a.model, a.defaults)
+        ignored = [c for c in table.column_names if c not in ("id", "prompt") and c not in RenderSettings.model_fields]
+        if ignored:
+            log.info("manifest columns not used for rendering: %s", ignored)
+        self.progress = Progress(total=len(plans))
+        found = self.ledger.scan(plans)
+        todo: list[RowPlan] = []
+        for plan in plans:
+            if not plan.ok:
+                self._finish(ResultRow(plan.row, plan.id, "failed", seed=_seed(plan), error=plan.error))
+                log.info("failed row=%d id=%r: %s", plan.row, plan.id, plan.error)
+                continue
+            f = found[plan.row]
+            if f.action == "render":
+                if f.reason:
+                    log.info("row=%d id=%r renders again: %s", plan.row, plan.id, f.reason)
+                todo.append(plan)
+                continue
+            sidecar = f.sidecar
+            if f.action == "adopt" and not a.dry_run:
+                sidecar = self.ledger.adopt(plan, sidecar, self.run_id)
+                log.info("adopted row=%d id=%r: %s", plan.row, plan.id, f.reason)
+            self._finish(self._completed(plan, sidecar, resumed=True))
+        log.info(
+            "manifest %s: %d rows, %d bad, %d already rendered, %d to render with %s on %d group(s) of %d",
+            a.manifest, len(plans), sum(not p.ok for p in plans), self.progress.completed, len(todo),
+            a.model, a.groups, a.group_size,
+        )
+        return plans, todo
+
+    def _completed(self, plan: RowPlan, sidecar: dict[str, Any], resumed: bool, attempts: int = 0,
+                   render_s: float | None = None, timings: dict[str, float] | None = None) -> ResultRow:
+        mp4, side = video_keys(plan.key)
+        return ResultRow(
+            plan.row, plan.id, "completed", output_uri=self.store.uri(mp4), sidecar_uri=self.store.uri(side),
+            seed=plan.request["seed"], render_s=render_s,
+            timings=timings if timings is not None else sidecar.get("timings"),
+            attempts=attempts, resumed=resumed, fingerprint=plan.fingerprint,
+        )
+
+    def _finish(self, row: ResultRow, rendered: bool = False) -> None:
+        with self._results_lock:
+            self.results[row.row] = row
+        self.progress.add(row.status, rendered=rendered, resumed=row.resumed)
+
+    # ------------------------------------------------------------------ rendering
+
+    def _new_group(self, index: int):
+        from actors.group import GpuGroup
+
+        a = self.args
+        return GpuGroup(
+            a.model, a.group_size, checkpoint=a.checkpoint, device=a.device, dtype=a.dtype,
+            cfg_parallel=a.cfg_parallel, gpus_per_rank=a.gpus_per_rank, cpus_per_rank=a.cpus_per_rank,
+            s3=self.out_config.to_args() if a.checkpoint and a.checkpoint.startswith("s3://") else None,
+            name=f"bulk-{self.run_id[-8:]}-g{index}", start_timeout_s=a.start_timeout,
+        )
+
+    def render(self, todo: list[RowPlan]) -> None:
+        """Render `todo` on `--groups` groups, one thread per group pulling rows from a shared queue."""
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=self.args.ray_address, log_to_driver=True)
+        work: queue.Queue[tuple[RowPlan, int]] = queue.Queue()
+        for plan in todo:
+            work.put((plan, 1))
+        threads = [
+            threading.Thread(target=self._group_loop, args=(i, work), name=f"group-{i}", daemon=True)
+            for i in range(self.args.groups)
+        ]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(timeout=self.args.progress_every / max(1, len(threads)))
+            log.info(self.progress.line())
+        # Every group gave up: what is still queued cannot render in this run.
+        while not work.empty():
+            plan, attempt = work.get_nowait()
+            self._row_failed(plan, attempt - 1, f"not rendered: {self.unrendered_reason or 'no GPU group left'}")
+
+    def _group_loop(self, index: int, work: queue.Queue) -> None:
+        group = self._new_group(index)
+        try:
+            try:
+                group.start()
+                log.info("group %s ready in %.1fs", group.name, group.info.get("start_s", 0.0))
+            except Exception as e:  # noqa: BLE001 - reported, the other groups go on
+                self.unrendered_reason = f"group {index} could not start: {e}"
+                log.error("%s", self.unrendered_reason)
+                return
+            while True:
+                try:
+                    plan, attempt = work.get_nowait()
+                except queue.Empty:
+                    return
+                if not self._render_one(group, plan, attempt, work):
+                    return
+        finally:
+            group.shutdown()
+
+    def _render_one(self, group, plan: RowPlan, attempt: int, work: queue.Queue) -> bool:
+        """Render one row; False if the group is gone for good (the row is queued again or failed)."""
+        from actors.group import GenerationError, GroupError, GroupFailed, GroupUnavailable
+
+        mp4, side = video_keys(plan.key)
+        extra = {
+            "state": STATE_COMPLETED, "manifest_id": plan.id, "manifest_row": plan.row,
+            "fingerprint": plan.fingerprint, "run_id": self.run_id, "attempt": attempt,
+            "job": {"manifest": self.args.manifest, "output": self.args.output},
+        }
+        self.ledger.mark_rendering(plan, self.run_id)
+        t0 = time.monotonic()
+        try:
+            result = group.generate(
+                plan.request,
+                output={"storage": self.out_config.to_args(), "video_id": plan.key, "sidecar": extra},
+                timeout_s=self.args.row_timeout,
+            )
+        except GenerationError as e:
+            # The model rejected the request on every rank (or rank 0 could not store it): not retried.
+            self._row_failed(plan, attempt, str(e))
+            return True
+        except (GroupFailed, GroupUnavailable, GroupError) as e:
+            log.warning("row=%d id=%r attempt %d: group %s broke: %s", plan.row, plan.id, attempt, group.name, e)
+            if attempt < self.args.max_attempts:
+                work.put((plan, attempt + 1))
+            else:
+                self._row_failed(plan, attempt, f"gave up after {attempt} attempts: {e}")
+            try:
+                group.rebuild()
+                return True
+            except Exception as e2:  # noqa: BLE001
+                self.unrendered_reason = f"group could not be rebuilt: {e2}"
+                log.error("%s", self.unrendered_reason)
+                return False
+        render_s = time.monotonic() - t0
+        row = self._completed(plan, {}, resumed=False, attempts=attempt, render_s=render_s,
+                              timings=result.get("timings"))
+        row.output_uri = result["video"]["uri"]
+        self._finish(row, rendered=True)
+        log.info("rendered row=%d id=%r key=%s -> %s in %.2fs on %s (attempt %d, run %s)",
+                 plan.row, plan.id, plan.key, row.output_uri, render_s, group.name, attempt, self.run_id)
+        return True
+
+    def _row_failed(self, plan: RowPlan, attempts: int, error: str) -> None:
+        mp4, side = video_keys(plan.key)
+        try:
+            if not self.store.exists(mp4):
+                self.store.delete(side)  # drop the intent: nothing of this row is in storage
+        except Exception as e:  # noqa: BLE001 - the next run re-renders it either way
+            log.warning("could not clean up %s: %s", side, e)
+        self._finish(ResultRow(plan.row, plan.id, "failed", seed=_seed(plan), error=error, attempts=attempts,
+                               fingerprint=plan.fingerprint))
+        log.info("failed row=%d id=%r: %s", plan.row, plan.id, error)
+
+    # ------------------------------------------------------------------ results
+
+    def write_results(self) -> str:
+        rows = [self.results[i] for i in sorted(self.results)]
+        self.store.put_bytes(RESULTS_KEY, to_parquet_bytes(rows), "application/vnd.apache.parquet")
+        return self.store.uri(RESULTS_KEY)
+
+    def run(self) -> int:
+        t0 = time.monotonic()
+        plans, todo = self.plan()
+        if self.args.dry_run:
+            log.info("dry run: would render %d row(s): %s", len(todo), [p.id for p in todo][:20])
+            return 0
+        if todo:
+            self.render(todo)
+        uri = self.write_results()
+        log.info(self.progress.line())
+        log.info("results: %s (%d rows) in %.1fs", uri, len(self.results), time.monotonic() - t0)
+        unrendered = sum(1 for r in self.results.values() if r.error and r.error.startswith("not rendered:"))
+        return 1 if unrendered else 0
+
+
+def _seed(plan: RowPlan) -> int | None:
+    return plan.request["seed"] if plan.request else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    args = parse_args(argv)
+    try:
+        return BulkRender(args).run()
+    except ManifestError as e:
+        log.error("bad manifest: %s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

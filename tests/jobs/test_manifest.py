@@ -1,0 +1,189 @@
+"""Manifest reading and row planning, the results table, and the ledger's resume decisions (no Ray)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cluster.storage import storage_from_config, video_keys
+from jobs import render
+from jobs.ledger import Ledger
+from jobs.manifest import ManifestError, RenderSettings, key_for_id, plan_rows, read_manifest, seed_for_id
+from jobs.results import SCHEMA, ResultRow, read_results, to_parquet_bytes
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def parquet(**columns) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.table(columns), buf)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad manifests fail at once
+
+
+def test_not_parquet_is_a_clear_manifest_error():
+    with pytest.raises(ManifestError, match=r"prompts.csv is not a Parquet file \(it looks like CSV/text\)"):
+        read_manifest(b"id,prompt\n1,a cat\n", "prompts.csv")
+    with pytest.raises(ManifestError, match="not a Parquet file"):
+        read_manifest(b"", "empty.parquet")
+    # Right magic bytes, broken body.
+    with pytest.raises(ManifestError, match="not a readable Parquet file"):
+        read_manifest(b"PAR1" + b"\0" * 64 + b"PAR1", "broken.parquet")
+
+
+def test_missing_required_columns_and_misspelt_columns():
+    with pytest.raises(ManifestError, match=r"has no 'id' column .*columns: \['name', 'prompt'\]"):
+        read_manifest(parquet(name=["a"], prompt=["x"]))
+    with pytest.raises(ManifestError, match="has no 'prompt' column"):
+        read_manifest(parquet(id=["a"], text=["x"]))
+    with pytest.raises(ManifestError, match="has no 'id' or 'prompt' column"):
+        read_manifest(parquet(x=[1]))
+    with pytest.raises(ManifestError, match="column 'num_frame' is not a known setting; did you mean 'num_frames'"):
+        read_manifest(parquet(id=["a"], prompt=["x"], num_frame=[17]))
+    # A column unrelated to any setting is carried along and ignored.
+    assert read_manifest(parquet(id=["a"], prompt=["x"], category=["pets"])).num_rows == 1
+
+
+def test_bad_manifest_stops_the_job_before_ray(tmp_path, capsys):
+    bad = tmp_path / "prompts.csv"
+    bad.write_text("id,prompt\n1,a cat\n")
+    out = tmp_path / "out"
+    assert render.main(["--manifest", str(bad), "--output", str(out)]) == 2
+    assert "is not a Parquet file" in capsys.readouterr().err
+    assert not (out / "results.parquet").exists()
+    no_id = tmp_path / "no_id.parquet"
+    no_id.write_bytes(parquet(prompt=["a cat"]))
+    assert render.main(["--manifest", str(no_id), "--output", str(out)]) == 2
+    assert "has no 'id' column" in capsys.readouterr().err
+    assert render.main(["--manifest", str(tmp_path / "missing.parquet"), "--output", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_exit_code_and_message_from_a_real_process(tmp_path):
+    bad = tmp_path / "m.parquet"
+    bad.write_text("not parquet")
+    p = subprocess.run([sys.executable, "-m", "jobs.render", "--manifest", str(bad), "--output", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert "m.parquet is not a Parquet file" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "jobs.render", "--manifest", "x", "--output", "y", "--steps", "0"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--steps: Input should be greater than or equal to 1" in p.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rows
+
+
+def test_plan_rows_reports_bad_rows_and_applies_defaults_and_overrides():
+    table = read_manifest(parquet(
+        id=["a", "b", None, "a", "c", "d", "e", "odd id/€"],
+        prompt=["a cat", "  ", "no id", "dup", "a dog", "a fox", "a cow", "a bee"],
+        steps=[None, None, None, None, 3, None, -1, None],
+        seed=[None, None, None, None, 5, None, None, None],
+        pab=[None, None, None, None, None, '{"spatial": {"range": 2}}', None, "{broken"],
+    ))
+    defaults = RenderSettings(num_frames=17, steps=6, pab="paper")
+    plans = plan_rows(table, "opensora-v1.2-tiny", defaults)
+    assert [p.row for p in plans] == list(range(8))
+    errors = {p.row: p.error for p in plans}
+    assert errors[0] is None and errors[4] is None and errors[5] is None
+    assert errors[1] == "empty prompt"
+    assert errors[2] == "missing id"
+    assert errors[3] == "duplicate id 'a' (first at row 0); this row is not rendered"
+    assert errors[6].startswith("bad settings: steps: Input should be greater than or equal to 1")
+    assert "pab is not valid JSON" in errors[7]
+    a, c, d = plans[0].request, plans[4].request, plans[5].request
+    assert a == {"model": "opensora-v1.2-tiny", "prompt": "a cat", "negative_prompt": "", "num_frames": 17,
+                 "height": None, "width": None, "fps": None, "steps": 6, "guidance_scale": None,
+                 "seed": seed_for_id("a"), "pab": "paper"}
+    assert c["steps"] == 3 and c["seed"] == 5  # manifest cells win over the job defaults
+    assert d["pab"] == {"spatial": {"range": 2}}
+    assert plans[0].fingerprint != plans[4].fingerprint
+    # Same manifest, same plan: the seed and fingerprint are stable across runs.
+    again = plan_rows(table, "opensora-v1.2-tiny", defaults)
+    assert [p.fingerprint for p in again] == [p.fingerprint for p in plans]
+
+
+def test_keys_are_safe_stable_and_distinct():
+    assert key_for_id("vid-001") == "vid-001"
+    k1, k2 = key_for_id("a b"), key_for_id("a_b")
+    assert k2 == "a_b" and k1.startswith("a_b-") and k1 != k2
+    assert "/" not in key_for_id("../../etc/passwd") and key_for_id("..") != ".."
+    assert key_for_id("x" * 300) != "x" * 300 and len(key_for_id("x" * 300)) < 80
+    assert key_for_id("odd id/€") == key_for_id("odd id/€")
+    assert 0 <= seed_for_id("a") < 2**31
+
+
+def test_results_table_round_trip():
+    rows = [
+        ResultRow(1, "b", "failed", seed=3, error="empty prompt"),
+        ResultRow(0, "a", "completed", output_uri="s3://b/videos/a.mp4", sidecar_uri="s3://b/videos/a.json", seed=7,
+                  render_s=1.5, timings={"denoise_s": 1.0, "decode_s": 0.2}, attempts=1, fingerprint="f"),
+    ]
+    table = read_results(to_parquet_bytes(rows))
+    assert table.schema.equals(SCHEMA)
+    assert table.column("id").to_pylist() == ["a", "b"]  # manifest order
+    assert table.column("status").to_pylist() == ["completed", "failed"]
+    assert dict(table.column("timings").to_pylist()[0]) == {"denoise_s": 1.0, "decode_s": 0.2}
+    assert table.column("error").to_pylist() == [None, "empty prompt"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resume decisions
+
+
+def test_ledger_skips_adopts_and_rerenders(tmp_path):
+    store = storage_from_config({"backend": "local", "path": str(tmp_path)})
+    table = read_manifest(parquet(id=["done", "crashed", "intent", "changed", "truncated", "new"],
+                                  prompt=["p"] * 6))
+    plans = {p.id: p for p in plan_rows(table, "m", RenderSettings())}
+    ledger = Ledger(store)
+    # done: video + completed sidecar. crashed: the run died between the video and its sidecar.
+    # intent: died while rendering (no video). changed: completed, but the manifest's prompt changed.
+    for name in ("done", "crashed", "intent", "changed", "truncated"):
+        ledger.mark_rendering(plans[name], "run-1")
+    for name in ("done", "changed", "truncated"):
+        store.put_video(plans[name].key, b"mp4-bytes", {"state": "completed", "fingerprint": plans[name].fingerprint})
+    store.put_bytes(video_keys("crashed")[0], b"mp4-bytes")
+    store.put_bytes(video_keys("truncated")[0], b"mp4")  # shorter than the sidecar says
+    changed = plan_rows(read_manifest(parquet(id=["changed"], prompt=["another prompt"])), "m", RenderSettings())[0]
+    found = ledger.scan(list(plans.values()))
+    by_id = {p.id: found[p.row] for p in plans.values()}
+    assert by_id["done"].action == "skip"
+    assert by_id["crashed"].action == "adopt"
+    assert by_id["intent"].action == "render" and not by_id["intent"].reason
+    assert by_id["truncated"].action == "render" and "truncated" in by_id["truncated"].reason
+    assert by_id["new"].action == "render"
+    assert by_id["changed"].action == "skip"  # as long as the manifest row is the same
+    rescan = ledger.scan([changed])[changed.row]
+    assert rescan.action == "render" and "prompt or settings changed" in rescan.reason
+    record = ledger.adopt(plans["crashed"], by_id["crashed"].sidecar, "run-2")
+    assert record["state"] == "completed" and record["size_bytes"] == 9 and record["adopted_by_run"] == "run-2"
+    assert Ledger(store).scan([plans["crashed"]])[plans["crashed"].row].action == "skip"
+
+
+def test_dry_run_plans_against_storage_without_ray(tmp_path, caplog):
+    manifest = tmp_path / "m.parquet"
+    manifest.write_bytes(parquet(id=["a", "b", "b"], prompt=["x", "y", "z"]))
+    out = tmp_path / "out"
+    store = storage_from_config({"backend": "local", "path": str(out)})
+    plan_a = plan_rows(read_manifest(manifest.read_bytes()), "opensora-v1.2-tiny", RenderSettings())[0]
+    store.put_video("a", b"mp4", {"state": "completed", "fingerprint": plan_a.fingerprint})
+    args = render.parse_args(["--manifest", str(manifest), "--output", str(out), "--model", "opensora-v1.2-tiny",
+                              "--dry-run"])
+    caplog.set_level("INFO", logger="jobs.render")
+    job = render.BulkRender(args)
+    assert job.run() == 0
+    assert "3 rows, 1 bad, 1 already rendered, 1 to render" in caplog.text
+    assert "dry run: would render 1 row(s): ['b']" in caplog.text
+    assert not (out / "results.parquet").exists()
