@@ -1,0 +1,640 @@
+"""Latte-1 (Vchitect/Latte, diffusers `LatteTransformer3DModel` layout), all of it in this single file.
+
+A latent video (B, 4, F, H, W) is cut into 2x2 patches per frame and run through interleaved spatial and
+temporal transformer blocks: spatial block i attends over the S = H/2 * W/2 patches of each frame and
+cross-attends to the projected T5 tokens; temporal block i attends over the F frames at each patch position.
+Conditioning is PixArt's adaLN-single: one shared 6C modulation vector from the timestep plus a learned
+`scale_shift_table` per block.
+
+State-dict names and order are the diffusers ones, so `maxin-cn/Latte-1/transformer` loads as is.
+
+Seams for PAB and DSP (docs/design.md): every block's `attn1` (spatial: (B*F, S, C), temporal: (B*S, F, C)),
+`attn2` (cross) and `ff` are plain modules whose output depends only on their inputs; gates, norms and
+modulation stay in the blocks. `broadcast_targets()` lists them. The temporal position table is the submodule
+`temp_pos_embed`, so DSP can add the slice of a local frame range.
+
+References:
+- Latte paper: https://arxiv.org/abs/2401.03048
+- diffusers `models/transformers/latte_transformer_3d.py` (v0.30.3 produced tests/fixtures/official/latte)
+- PixArt-alpha adaLN-single: https://arxiv.org/abs/2310.00426
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+#################################################################################
+#                                    Config                                     #
+#################################################################################
+
+_SUPPORTED_ACTIVATIONS = {"gelu-approximate": "tanh", "gelu": "none"}
+
+# Constructor defaults of diffusers' LatteTransformer3DModel: `from_dict` fills keys missing from a config.json
+# with these, exactly as diffusers' `from_config` would (a missing key must not silently become Latte-1's value).
+_DIFFUSERS_DEFAULTS: dict[str, Any] = {
+    "num_attention_heads": 16,
+    "attention_head_dim": 88,
+    "in_channels": None,
+    "out_channels": None,
+    "num_layers": 1,
+    "dropout": 0.0,
+    "cross_attention_dim": None,
+    "attention_bias": False,
+    "sample_size": 64,
+    "patch_size": None,
+    "activation_fn": "geglu",
+    "num_embeds_ada_norm": None,
+    "norm_type": "layer_norm",
+    "norm_elementwise_affine": True,
+    "norm_eps": 1e-5,
+    "caption_channels": None,
+    "video_length": 16,
+}
+
+
+@dataclass
+class LatteConfig:
+    """Field names of diffusers' LatteTransformer3DModel config; defaults are the released Latte-1 values."""
+
+    num_attention_heads: int = 16
+    attention_head_dim: int = 72
+    in_channels: int = 4
+    out_channels: int | None = 8  # None -> in_channels; Latte-1 predicts noise + learned variance
+    num_layers: int = 28  # spatial blocks; there are as many temporal blocks, interleaved
+    dropout: float = 0.0
+    cross_attention_dim: int = 1152  # width of the projected text tokens; must equal heads * head_dim
+    attention_bias: bool = True  # bias on to_q/to_k/to_v (to_out always has one)
+    sample_size: int = 64  # training latent size: sets the spatial table's base_size and interpolation scale
+    patch_size: int = 2
+    activation_fn: str = "gelu-approximate"
+    num_embeds_ada_norm: int | None = 1000  # a flag in this architecture (number of training steps)
+    norm_type: str = "ada_norm_single"
+    norm_elementwise_affine: bool = False
+    norm_eps: float = 1e-6
+    caption_channels: int = 4096  # T5-XXL width before caption_projection
+    video_length: int = 16  # training frame count; the temporal table is computed for any F (see TemporalPosEmbed)
+
+    def __post_init__(self):
+        problems = []
+        if self.norm_type != "ada_norm_single":
+            problems.append(f"norm_type={self.norm_type!r}: only 'ada_norm_single' (Latte-1) is implemented")
+        if self.norm_elementwise_affine:
+            problems.append("norm_elementwise_affine=True: Latte-1 uses LayerNorms without weights; set it to false")
+        if self.activation_fn not in _SUPPORTED_ACTIVATIONS:
+            problems.append(f"activation_fn={self.activation_fn!r}: use one of {sorted(_SUPPORTED_ACTIVATIONS)}")
+        for name in ("in_channels", "patch_size", "caption_channels"):
+            if getattr(self, name) is None:
+                problems.append(f"{name} is None: a patched latent model needs it set")
+        if self.cross_attention_dim != self.inner_dim:
+            problems.append(
+                f"cross_attention_dim={self.cross_attention_dim} must equal num_attention_heads * attention_head_dim "
+                f"= {self.inner_dim}, because caption_projection maps the text to that width"
+            )
+        if not isinstance(self.sample_size, int):
+            problems.append(f"sample_size={self.sample_size!r} must be one int (a square training latent)")
+        if problems:
+            raise ValueError("Unsupported LatteConfig: " + "; ".join(problems))
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LatteConfig:
+        """Build from a diffusers config.json dict; `_`-prefixed bookkeeping keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in d if not k.startswith("_") and k not in known)
+        if unknown:
+            raise ValueError(
+                f"Unknown LatteTransformer3DModel config keys {unknown}; is this a Latte config.json? "
+                f"(Open-Sora-Plan's LatteT2V configs go to pab.models.opensora_plan.LatteT2VConfig.from_dict.)"
+            )
+        kwargs = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in d.items() if k in known}}
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SIZES: dict[str, dict[str, Any]] = {
+    # maxin-cn/Latte-1 transformer/config.json (video_length is absent there, so diffusers' default 16 applies).
+    "full": dict(
+        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, dropout=0.0,
+        cross_attention_dim=1152, attention_bias=True, sample_size=64, patch_size=2,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=4096, video_length=16,
+    ),
+    # Same architecture at test width; caption_channels 64 is the tiny T5's width (pab/text.py).
+    "tiny": dict(
+        num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2, dropout=0.0,
+        cross_attention_dim=64, attention_bias=True, sample_size=16, patch_size=2,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=64, video_length=16,
+    ),
+}
+
+
+#################################################################################
+#                   Sine/Cosine Positional Embedding Functions                  #
+#################################################################################
+# The official code builds these tables in float64 (numpy) from float32 positions and stores them as float32;
+# we do the same so the tables agree to the last float32 bit. They are cheap but not free at full size
+# (1024 x 1152 for a 64x64 latent), hence the small caches of these pure functions. They always build on the CPU
+# (never under an ambient `torch.device(...)` context) and callers move the result.
+
+
+def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """(M,) positions -> (M, embed_dim) float64 table: [sin(p * w_i), cos(p * w_i)], w_i = 10000^(-i / (D/2))."""
+    if embed_dim % 2:
+        raise ValueError(f"sin/cos embedding width must be even, got {embed_dim}")
+    omega = torch.arange(embed_dim // 2, dtype=torch.float64, device=positions.device) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega  # (D/2,)
+    out = positions.reshape(-1).to(torch.float64)[:, None] * omega[None, :]  # (M, D/2)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (M, D)
+
+
+@functools.lru_cache(maxsize=16)
+def spatial_pos_table(
+    embed_dim: int, grid_h: int, grid_w: int, base_size: int, interpolation_scale: float
+) -> torch.Tensor:
+    """PixArt 2-D table for a grid_h x grid_w patch grid: (1, grid_h * grid_w, D) float32 on CPU.
+
+    Channels [0, D/2) encode the column, [D/2, D) the row; positions are rescaled so every grid spans
+    `base_size` units (p = index / (grid / base_size) / interpolation_scale), as in diffusers' PatchEmbed.
+    Do not modify the returned tensor in place: it is cached.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"2-D sin/cos embedding width must be a multiple of 4, got {embed_dim}")
+    # float32 positions, divided in float32, exactly like the official numpy code.
+    pos_h = torch.arange(grid_h, dtype=torch.float32, device="cpu") / (grid_h / base_size) / interpolation_scale
+    pos_w = torch.arange(grid_w, dtype=torch.float32, device="cpu") / (grid_w / base_size) / interpolation_scale
+    col = pos_w[None, :].expand(grid_h, grid_w)  # (Hp, Wp), w fastest in token order
+    row = pos_h[:, None].expand(grid_h, grid_w)  # (Hp, Wp)
+    table = torch.cat([sincos_1d(embed_dim // 2, col), sincos_1d(embed_dim // 2, row)], dim=1)  # (Hp*Wp, D)
+    return table.float().unsqueeze(0)  # (1, Hp*Wp, D)
+
+
+@functools.lru_cache(maxsize=16)
+def temporal_pos_table(embed_dim: int, start: int, stop: int, interpolation_scale: float = 1) -> torch.Tensor:
+    """1-D table for frames [start, stop): (stop - start, D) float32 on CPU. Row f is the same for any start.
+
+    Positions are frame / interpolation_scale, computed in float32 as Open-Sora-Plan does (exact for Latte's 1).
+    Do not modify the returned tensor in place: it is cached.
+    """
+    positions = torch.arange(start, stop, dtype=torch.float32, device="cpu") / interpolation_scale  # (F,)
+    return sincos_1d(embed_dim, positions).float()  # (F, D)
+
+
+#################################################################################
+#                               Embedding Layers                                #
+#################################################################################
+
+
+class PatchEmbed(nn.Module):
+    """Per-frame 2-D patch embedding plus the fixed 2-D sin/cos table for the grid it sees."""
+
+    def __init__(self, patch_size: int, in_channels: int, embed_dim: int, base_size: int, interpolation_scale: float):
+        super().__init__()
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.base_size = base_size  # training grid side (sample_size // patch_size)
+        self.interpolation_scale = interpolation_scale
+        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        """(N, C_in, H, W) -> (N, H/p * W/p, D) with the spatial table added."""
+        grid_h, grid_w = latent.shape[-2] // self.patch_size, latent.shape[-1] // self.patch_size
+        x = self.proj(latent).flatten(2).transpose(1, 2)  # (N, S, D)
+        table = spatial_pos_table(self.embed_dim, grid_h, grid_w, self.base_size, self.interpolation_scale)
+        # The official code adds the float32 table and casts back, so low-precision runs round the sum once.
+        return (x + table.to(x.device)).to(x.dtype)  # (N, S, D)
+
+
+class TemporalPosEmbed(nn.Module):
+    """Adds the fixed 1-D sin/cos frame table to tokens in the (B*S, F, C) layout; no parameters.
+
+    The official models keep a table of exactly `video_length` rows and add it unsliced, so they only run with
+    F == video_length. Here the rows are computed for whatever frames are seen: frames beyond video_length use
+    the same formula (positions video_length, video_length + 1, ...), which is what the official table would
+    hold had it been built longer.
+
+    `forward(x, frame_offset=0, num_frames=None)`: `x` holds frames [frame_offset, frame_offset + F) of a clip of
+    `num_frames` frames (default: x is the whole clip). Sequence parallelism passes its local frame range so each
+    rank adds the rows of its own frames. With `skip_single_frame` (Latte), a one-frame clip gets no table, as in
+    diffusers; the decision uses the clip length, not the local F, so a rank holding one frame still adds its row.
+    """
+
+    def __init__(self, embed_dim: int, interpolation_scale: float = 1, skip_single_frame: bool = True):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.interpolation_scale = interpolation_scale
+        self.skip_single_frame = skip_single_frame
+
+    def table(self, start: int, stop: int) -> torch.Tensor:
+        """Rows for frames [start, stop): (stop - start, C) float32 on CPU."""
+        return temporal_pos_table(self.embed_dim, start, stop, self.interpolation_scale)
+
+    def forward(self, x: torch.Tensor, frame_offset: int = 0, num_frames: int | None = None) -> torch.Tensor:
+        frames = x.shape[1]
+        num_frames = frame_offset + frames if num_frames is None else num_frames
+        if frame_offset < 0 or frame_offset + frames > num_frames:
+            raise ValueError(
+                f"frames [{frame_offset}, {frame_offset + frames}) do not fit in a clip of {num_frames} frames"
+            )
+        if self.skip_single_frame and num_frames == 1:
+            return x
+        rows = self.table(frame_offset, frame_offset + frames)  # (F, C)
+        return x + rows.to(device=x.device, dtype=x.dtype)  # (B*S, F, C)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, interpolation_scale={self.interpolation_scale}"
+
+
+def timestep_features(timesteps: torch.Tensor, dim: int = 256, max_period: int = 10000) -> torch.Tensor:
+    """(N,) timesteps -> (N, dim) float32 [cos, sin] features (diffusers Timesteps, flip_sin_to_cos, shift 0)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    # The official code takes a float32 exp here. Float32 exp differs by an ulp between CPU builds and GPUs, and
+    # at t = 999 one ulp of a frequency near 1 moves the features by 1e-4 and the output by ~1e-5, so we round a
+    # float64 exp once: the same float32 quantity, identical on every platform. The product and sin/cos stay in
+    # float32 like the official code (computing them in float64 moves the output just as much).
+    freqs = torch.exp(exponent.double()).float()  # (dim/2,)
+    args = timesteps[:, None].float() * freqs[None, :]  # (N, dim/2)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim)
+
+
+class TimestepEmbedding(nn.Module):
+    """MLP on the sinusoidal timestep features (diffusers TimestepEmbedding)."""
+
+    def __init__(self, in_channels: int, embed_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, embed_dim)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class CombinedTimestepEmbedding(nn.Module):
+    """PixArt's timestep embedder without the resolution/aspect-ratio conditions (unused by Latte)."""
+
+    def __init__(self, embed_dim: int):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedding(256, embed_dim)
+
+    def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.timestep_embedder(timestep_features(timestep).to(dtype))  # (B, D)
+
+
+class AdaLayerNormSingle(nn.Module):
+    """adaLN-single: one 6D modulation vector per sample, shared by all blocks (each adds its own table)."""
+
+    def __init__(self, embed_dim: int):
+        super().__init__()
+        self.emb = CombinedTimestepEmbedding(embed_dim)
+        self.silu = nn.SiLU()
+        self.linear = nn.Linear(embed_dim, 6 * embed_dim)
+
+    def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) -> block modulation (B, 6D) and the embedded timestep (B, D) for the output head."""
+        embedded = self.emb(timestep, dtype)  # (B, D)
+        return self.linear(self.silu(embedded)), embedded
+
+
+class CaptionProjection(nn.Module):
+    """Two-layer MLP from text-encoder width to model width (PixArtAlphaTextProjection)."""
+
+    def __init__(self, in_features: int, hidden_size: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, hidden_size)
+        self.act_1 = nn.GELU(approximate="tanh")
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, caption: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act_1(self.linear_1(caption)))  # (B, L, D)
+
+
+#################################################################################
+#                          Attention, MLP and Blocks                            #
+#################################################################################
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q/k/v/out projections (diffusers `Attention` names), via SDPA.
+
+    Self-attention when `encoder_hidden_states` is None. `attention_bias` is additive and must broadcast to
+    (N, heads, L_q, L_kv). Stateless: the output depends only on the arguments (PAB relies on this).
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        heads: int,
+        dim_head: int,
+        cross_attention_dim: int | None = None,
+        bias: bool = False,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        inner_dim = heads * dim_head
+        self.heads = heads
+        self.is_cross_attention = cross_attention_dim is not None
+        kv_dim = query_dim if cross_attention_dim is None else cross_attention_dim
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
+        self.to_k = nn.Linear(kv_dim, inner_dim, bias=bias)
+        self.to_v = nn.Linear(kv_dim, inner_dim, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim, bias=True), nn.Dropout(dropout)])
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        n, length, _ = hidden_states.shape  # (N, L_q, C)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states  # (N, L_kv, C_kv)
+        q = self.to_q(hidden_states).view(n, length, self.heads, -1).transpose(1, 2)  # (N, h, L_q, d)
+        k = self.to_k(context).view(n, context.shape[1], self.heads, -1).transpose(1, 2)  # (N, h, L_kv, d)
+        v = self.to_v(context).view(n, context.shape[1], self.heads, -1).transpose(1, 2)  # (N, h, L_kv, d)
+        if attention_bias is not None:
+            attention_bias = attention_bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias)  # (N, h, L_q, d), scale 1/sqrt(d)
+        out = out.transpose(1, 2).reshape(n, length, -1)  # (N, L_q, h*d)
+        return self.to_out[1](self.to_out[0](out))  # (N, L_q, C)
+
+
+class GELUProjection(nn.Module):
+    """Linear then GELU (diffusers `GELU` activation module, hence the `proj` name)."""
+
+    def __init__(self, dim_in: int, dim_out: int, approximate: str = "none"):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate=self.approximate)
+
+
+class FeedForward(nn.Module):
+    """4x MLP; `net` = [GELU projection, dropout, linear] to keep diffusers' `ff.net.0.proj` / `ff.net.2` names."""
+
+    def __init__(self, dim: int, activation_fn: str, dropout: float = 0.0, mult: int = 4):
+        super().__init__()
+        hidden = dim * mult
+        self.net = nn.ModuleList(
+            [GELUProjection(dim, hidden, _SUPPORTED_ACTIVATIONS[activation_fn]), nn.Dropout(dropout), nn.Linear(hidden, dim)]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+def _modulation(table: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-block table (6, C) + shared (N, 6C) -> shift/scale/gate for attention then MLP, each (N, 1, C)."""
+    return (table[None] + temb.reshape(temb.shape[0], 6, -1)).chunk(6, dim=1)
+
+
+class SpatialBlock(nn.Module):
+    """Spatial block: modulated self-attention over a frame's patches, cross-attention to text, modulated MLP.
+
+    As in PixArt with adaLN-single, cross-attention has no norm and no gate.
+    """
+
+    def __init__(self, config: LatteConfig):
+        super().__init__()
+        dim = config.inner_dim
+        self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=config.norm_eps)
+        self.attn1 = Attention(
+            dim, config.num_attention_heads, config.attention_head_dim, bias=config.attention_bias,
+            dropout=config.dropout,
+        )
+        self.attn2 = Attention(
+            dim, config.num_attention_heads, config.attention_head_dim, config.cross_attention_dim,
+            bias=config.attention_bias, dropout=config.dropout,
+        )
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=config.norm_eps)
+        self.ff = FeedForward(dim, config.activation_fn, config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        temb: torch.Tensor,
+        context: torch.Tensor,
+        context_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B*F, S, C), temb (B*F, 6C), context (B*F, L, C), context_bias None or (B*F, 1, 1, L)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(self.scale_shift_table, temb)
+        h = self.norm1(x) * (1 + scale_msa) + shift_msa  # (B*F, S, C)
+        x = gate_msa * self.attn1(h) + x  # (B*F, S, C)
+        x = self.attn2(x, context, context_bias) + x  # (B*F, S, C)
+        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp  # (B*F, S, C)
+        return gate_mlp * self.ff(h) + x  # (B*F, S, C)
+
+
+class TemporalBlock(nn.Module):
+    """Temporal block: modulated self-attention over the frames at one patch position, then modulated MLP."""
+
+    def __init__(self, config: LatteConfig):
+        super().__init__()
+        dim = config.inner_dim
+        self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=config.norm_eps)
+        self.attn1 = Attention(
+            dim, config.num_attention_heads, config.attention_head_dim, bias=config.attention_bias,
+            dropout=config.dropout,
+        )
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=config.norm_eps)
+        self.ff = FeedForward(dim, config.activation_fn, config.dropout)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """x (B*S, F, C), temb (B*S, 6C)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(self.scale_shift_table, temb)
+        h = self.norm1(x) * (1 + scale_msa) + shift_msa  # (B*S, F, C)
+        x = gate_msa * self.attn1(h) + x  # (B*S, F, C)
+        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp  # (B*S, F, C)
+        return gate_mlp * self.ff(h) + x  # (B*S, F, C)
+
+
+#################################################################################
+#                          Shared input/output helpers                          #
+#################################################################################
+
+
+def check_latent_size(hidden_states: torch.Tensor, patch_size: int) -> None:
+    """Raise a ValueError that says what to change when the latent cannot be patched."""
+    if hidden_states.ndim != 5:
+        raise ValueError(f"hidden_states must be (B, C, F, H, W), got shape {tuple(hidden_states.shape)}")
+    h, w = hidden_states.shape[-2:]
+    if h % patch_size or w % patch_size:
+        raise ValueError(
+            f"latent height and width must be multiples of patch_size={patch_size}, got {h}x{w}; "
+            f"pick a pixel size that is a multiple of {8 * patch_size} for an 8x VAE"
+        )
+
+
+def batch_timesteps(timestep: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
+    """Accept (B,), (1,) or a scalar; return (B,) so every sample gets its own modulation."""
+    timestep = torch.as_tensor(timestep, device=device)
+    if timestep.ndim == 0 or timestep.shape == (1,):
+        return timestep.reshape(1).expand(batch)
+    if timestep.shape != (batch,):
+        raise ValueError(f"timestep must be a scalar, (1,) or (B,)=({batch},), got shape {tuple(timestep.shape)}")
+    return timestep
+
+
+def final_modulate_and_unpatchify(
+    x: torch.Tensor,
+    embedded_timestep: torch.Tensor,
+    scale_shift_table: torch.Tensor,
+    norm_out: nn.Module,
+    proj_out: nn.Module,
+    batch: int,
+    frames: int,
+    grid: tuple[int, int],
+    patch_size: int,
+) -> torch.Tensor:
+    """Output head: (B*F, S, C) tokens -> (B, C_out, F, H, W) latent."""
+    grid_h, grid_w = grid
+    emb = embedded_timestep.repeat_interleave(frames, dim=0)  # (B*F, C), sample-major like the tokens
+    shift, scale = (scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)  # (B*F, 1, C) each
+    x = proj_out(norm_out(x) * (1 + scale) + shift)  # (B*F, S, p*p*C_out)
+    x = x.reshape(batch * frames, grid_h, grid_w, patch_size, patch_size, -1)  # (B*F, Hp, Wp, p, p, C_out)
+    x = torch.einsum("nhwpqc->nchpwq", x)  # (B*F, C_out, Hp, p, Wp, p)
+    x = x.reshape(batch, frames, -1, grid_h * patch_size, grid_w * patch_size)  # (B, F, C_out, H, W)
+    return x.permute(0, 2, 1, 3, 4)  # (B, C_out, F, H, W)
+
+
+#################################################################################
+#                                Core Latte Model                               #
+#################################################################################
+
+
+class LatteTransformer3DModel(nn.Module):
+    """Latte-1 video DiT: interleaved spatial and temporal blocks with adaLN-single conditioning."""
+
+    def __init__(self, config: LatteConfig):
+        super().__init__()
+        self.config = config
+        dim = config.inner_dim
+        self.out_channels = config.in_channels if config.out_channels is None else config.out_channels
+
+        # Registration order fixes the state-dict order; it follows diffusers (own parameters come first).
+        self.pos_embed = PatchEmbed(
+            config.patch_size, config.in_channels, dim,
+            base_size=config.sample_size // config.patch_size,
+            interpolation_scale=max(config.sample_size // 64, 1),  # 64 latent = 512 px is PixArt's scale 1
+        )
+        self.transformer_blocks = nn.ModuleList([SpatialBlock(config) for _ in range(config.num_layers)])
+        self.temporal_transformer_blocks = nn.ModuleList([TemporalBlock(config) for _ in range(config.num_layers)])
+        self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
+        self.proj_out = nn.Linear(dim, config.patch_size * config.patch_size * self.out_channels)
+        self.adaln_single = AdaLayerNormSingle(dim)
+        self.caption_projection = CaptionProjection(config.caption_channels, dim)
+        self.temp_pos_embed = TemporalPosEmbed(dim, skip_single_frame=True)
+
+    def broadcast_targets(self) -> dict[str, list[nn.Module]]:
+        """Modules whose outputs PAB may reuse, by kind: "spatial", "temporal", "cross", "mlp".
+
+        "mlp" lists the spatial blocks' `ff` first, then the temporal blocks'.
+        """
+        return {
+            "spatial": [block.attn1 for block in self.transformer_blocks],
+            "temporal": [block.attn1 for block in self.temporal_transformer_blocks],
+            "cross": [block.attn2 for block in self.transformer_blocks],
+            "mlp": [block.ff for block in self.transformer_blocks]
+            + [block.ff for block in self.temporal_transformer_blocks],
+        }
+
+    def _cross_attention_bias(
+        self, mask: torch.Tensor | None, batch: int, frames: int, text_len: int, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """Text mask -> additive bias (B*F, 1, 1, L) for the cross-attention, or None.
+
+        Accepts what diffusers' Latte accepts, an additive bias (B*F, 1, L) with rows in b*F + f order (0 keep,
+        -10000 drop), plus two forms diffusers rejects: a (B, 1, L) bias shared by all frames and a (B, L)
+        keep-mask (1 keep, 0 drop), converted as (1 - m) * -10000 like Open-Sora-Plan does.
+        """
+        if mask is None:
+            return None
+        if mask.ndim == 2 and mask.shape == (batch, text_len):
+            bias = ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)  # (B, 1, L)
+            return bias.repeat_interleave(frames, dim=0).unsqueeze(1)  # (B*F, 1, 1, L)
+        if mask.ndim == 3 and mask.shape[1:] == (1, text_len):
+            if mask.shape[0] == batch * frames:
+                return mask.to(dtype).unsqueeze(1)  # (B*F, 1, 1, L)
+            if mask.shape[0] == batch:
+                return mask.to(dtype).repeat_interleave(frames, dim=0).unsqueeze(1)  # (B*F, 1, 1, L)
+        raise ValueError(
+            f"encoder_attention_mask must be a (B, L)=({batch}, {text_len}) keep-mask or an additive bias of shape "
+            f"(B*F, 1, L)=({batch * frames}, 1, {text_len}) or (B, 1, L); got {tuple(mask.shape)}"
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        enable_temporal_attentions: bool = True,
+        return_dict: bool = False,
+    ) -> tuple[torch.Tensor]:
+        """Predict noise and variance for a latent video.
+
+        hidden_states: (B, C_in, F, H, W) latents, any F >= 1, H and W multiples of patch_size.
+        timestep: (B,) diffusion steps (a scalar or (1,) is broadcast).
+        encoder_hidden_states: (B, L, caption_channels) text features.
+        encoder_attention_mask: see `_cross_attention_bias`; the Latte pipeline passes None.
+        Returns a 1-tuple with (B, out_channels, F, H, W); `return_dict=True` is not supported (no diffusers
+        output classes here).
+        """
+        if return_dict:
+            raise ValueError("return_dict=True is not supported; call with return_dict=False and take [0]")
+        check_latent_size(hidden_states, self.config.patch_size)
+        b, c_in, f, h, w = hidden_states.shape
+        p = self.config.patch_size
+        grid = (h // p, w // p)
+        s = grid[0] * grid[1]
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != b:
+            raise ValueError(
+                f"encoder_hidden_states must be (B, L, {self.config.caption_channels}) with B={b}, "
+                f"got {tuple(encoder_hidden_states.shape)}"
+            )
+
+        x = hidden_states.permute(0, 2, 1, 3, 4).reshape(b * f, c_in, h, w)  # (B*F, C_in, H, W)
+        x = self.pos_embed(x)  # (B*F, S, C), spatial table added
+        temb, embedded_timestep = self.adaln_single(batch_timesteps(timestep, b, x.device), x.dtype)  # (B, 6C), (B, C)
+
+        context = self.caption_projection(encoder_hidden_states)  # (B, L, C)
+        context = context.repeat_interleave(f, dim=0)  # (B*F, L, C), row b*F + f
+        context_bias = self._cross_attention_bias(encoder_attention_mask, b, f, context.shape[1], x.dtype)
+        temb_spatial = temb.repeat_interleave(f, dim=0)  # (B*F, 6C)
+        temb_temporal = temb.repeat_interleave(s, dim=0)  # (B*S, 6C)
+
+        for i, (spatial_block, temporal_block) in enumerate(
+            zip(self.transformer_blocks, self.temporal_transformer_blocks)
+        ):
+            x = spatial_block(x, temb_spatial, context, context_bias)  # (B*F, S, C)
+            if enable_temporal_attentions:
+                x = x.reshape(b, f, s, -1).transpose(1, 2).reshape(b * s, f, -1)  # (B*S, F, C)
+                if i == 0:
+                    x = self.temp_pos_embed(x)  # (B*S, F, C), frame table added once, before the first block
+                x = temporal_block(x, temb_temporal)  # (B*S, F, C)
+                x = x.reshape(b, s, f, -1).transpose(1, 2).reshape(b * f, s, -1)  # (B*F, S, C)
+
+        out = final_modulate_and_unpatchify(
+            x, embedded_timestep, self.scale_shift_table, self.norm_out, self.proj_out, b, f, grid, p
+        )  # (B, C_out, F, H, W)
+        return (out,)
