@@ -435,7 +435,9 @@ class OpenSoraVAE(VideoVAE):
 
     Differences from the official class, all deliberate:
       * `encode` returns the posterior mean unless `sample=True` (the official always samples).
-        `sample=True` with `generator=None` draws exactly as the official code does from the global RNG.
+        `sample=True` with `generator=None` draws exactly as the official code does from the global RNG:
+        the 2D eps on the model's device (so CUDA runs use the CUDA RNG, as officially), the temporal eps
+        on the CPU in float32.
       * `decode` checks that `num_frames` fits the latent count, and `encode` that H and W are multiples
         of 8; the official code silently returns a different number of frames or size.
     """
