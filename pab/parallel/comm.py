@@ -1,0 +1,197 @@
+"""DSP communication primitives: frame layouts, the uneven all-to-all switch, split and gather along T.
+
+Vocabulary: "dim" is a tensor dimension; T is the number of latent frames of the whole video; N is the
+sequence-parallel group size; rank r holds the frames `[start_r, start_r + count_r)`.
+
+Uneven splits, not padding to a multiple of N, carry the real frames: `count_r = T // N + (r < T % N)`,
+the same sizes as `torch.tensor_split`. Only a rank that would get no frame at all (T < N) carries one
+*pad* frame (a copy of frame T-1) so every module sees a non-empty input. Pad frames are never sent by
+the switch and never gathered, and every operation outside temporal attention is frame-local, so they
+cannot change the result.
+
+All functions are inference-only (no autograd through the collectives).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.distributed as dist
+
+from pab.parallel.context import CommStats
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """How `num_frames` frames are spread over `size` ranks (the frame bookkeeping of one forward)."""
+
+    num_frames: int
+    size: int
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 1:
+            raise ValueError(f"a video needs at least one frame, got num_frames={self.num_frames}")
+        if self.size < 1:
+            raise ValueError(f"group size must be >= 1, got {self.size}")
+
+    @cached_property
+    def counts(self) -> tuple[int, ...]:
+        """Real frames held by each rank."""
+        base, extra = divmod(self.num_frames, self.size)
+        return tuple(base + (r < extra) for r in range(self.size))
+
+    @cached_property
+    def starts(self) -> tuple[int, ...]:
+        """Global index of each rank's first frame."""
+        out, s = [], 0
+        for c in self.counts:
+            out.append(s)
+            s += c
+        return tuple(out)
+
+    def local_len(self, rank: int) -> int:
+        """Frames rank `rank` holds locally, including its pad frame if it has no real frame."""
+        return max(self.counts[rank], 1)
+
+    def local_index(self, rank: int) -> torch.Tensor | None:
+        """Global frame indices held by `rank` if it needs a pad frame, else `None` (a plain narrow)."""
+        if self.counts[rank] > 0:
+            return None
+        return torch.tensor([self.num_frames - 1])
+
+
+def even_sizes(total: int, parts: int) -> list[int]:
+    """`torch.tensor_split`-style chunk sizes of `total` over `parts` (the first `total % parts` get one more)."""
+    base, extra = divmod(total, parts)
+    return [base + (i < extra) for i in range(parts)]
+
+
+def split_frames(x: torch.Tensor, dim: int, layout: FrameLayout, rank: int) -> torch.Tensor:
+    """This rank's frames of `x` along `dim` (no communication)."""
+    if x.size(dim) != layout.num_frames:
+        raise ValueError(f"expected {layout.num_frames} frames along dim {dim}, got shape {tuple(x.shape)}")
+    index = layout.local_index(rank)
+    if index is None:
+        return x.narrow(dim, layout.starts[rank], layout.counts[rank])
+    return x.index_select(dim, index.to(x.device))
+
+
+def split_flat_frames(x: torch.Tensor, dim: int, batch: int, layout: FrameLayout, rank: int) -> torch.Tensor:
+    """Like `split_frames` for a dim that folds (batch, frames) sample-major, e.g. rows b*T + t."""
+    if x.size(dim) != batch * layout.num_frames:
+        raise ValueError(
+            f"expected dim {dim} of size batch*frames = {batch}*{layout.num_frames}, got shape {tuple(x.shape)}"
+        )
+    shape = list(x.shape)
+    unfolded = x.reshape(shape[:dim] + [batch, layout.num_frames] + shape[dim + 1:])
+    local = split_frames(unfolded, dim + 1, layout, rank)
+    return local.reshape(shape[:dim] + [-1] + shape[dim + 1:])
+
+
+def gather_frames(
+    local: torch.Tensor,
+    dim: int,
+    layout: FrameLayout,
+    rank: int,
+    group: dist.ProcessGroup | None,
+    stats: CommStats | None = None,
+) -> torch.Tensor:
+    """Concatenate every rank's real frames along `dim`; every rank receives the whole video.
+
+    `all_gather` needs equal shapes, so each rank pads its part to the longest local length; the pads
+    (and pad frames) are dropped after the gather.
+    """
+    if layout.size == 1:
+        return local
+    if local.size(dim) != layout.local_len(rank):
+        raise ValueError(
+            f"rank {rank} should hold {layout.local_len(rank)} frames along dim {dim}, got shape {tuple(local.shape)}"
+        )
+    longest = max(layout.local_len(r) for r in range(layout.size))
+    if local.size(dim) < longest:
+        pad_shape = list(local.shape)
+        pad_shape[dim] = longest - local.size(dim)
+        local = torch.cat([local, local.new_zeros(pad_shape)], dim=dim)
+    local = local.contiguous()
+    parts = [torch.empty_like(local) for _ in range(layout.size)]
+    dist.all_gather(parts, local, group=group)
+    if stats is not None:
+        stats.gather_bytes += local.numel() * local.element_size() * (layout.size - 1)
+    return torch.cat([p.narrow(dim, 0, c) for p, c in zip(parts, layout.counts)], dim=dim)
+
+
+def _all_to_all_pieces(
+    pieces: list[torch.Tensor],
+    recv_shapes: list[tuple[int, ...]],
+    rank: int,
+    group: dist.ProcessGroup | None,
+    stats: CommStats | None,
+) -> list[torch.Tensor]:
+    """Send `pieces[j]` to rank j, receive a tensor of `recv_shapes[j]` from rank j (one collective).
+
+    The pieces are flattened into one buffer so a single `all_to_all_single` with uneven split sizes
+    moves everything (NCCL and gloo both support it); empty pieces are allowed.
+    """
+    ref = pieces[rank]
+    send = torch.cat([p.reshape(-1) for p in pieces])
+    send_sizes = [p.numel() for p in pieces]
+    recv_sizes = [int(torch.Size(s).numel()) for s in recv_shapes]
+    recv = send.new_empty(sum(recv_sizes))
+    dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes, group=group)
+    if stats is not None:
+        stats.all_to_all_done += 1
+        stats.all_to_all_bytes += (send.numel() - send_sizes[rank]) * send.element_size()
+    out = [chunk.view(shape) for chunk, shape in zip(recv.split(recv_sizes), recv_shapes)]
+    assert out[rank].shape == ref.shape
+    return out
+
+
+def switch_to_full_frames(
+    x: torch.Tensor,
+    layout: FrameLayout,
+    rank: int,
+    group: dist.ProcessGroup | None,
+    stats: CommStats | None = None,
+) -> torch.Tensor:
+    """(R, T_local, *rest) split on frames -> (R_rank, T, *rest) split on rows (dim 0). One all-to-all.
+
+    Rows are spread with `even_sizes(R, N)`; only real frames are sent (pad frames stay behind).
+    """
+    rows = even_sizes(x.size(0), layout.size)
+    rest = tuple(x.shape[2:])
+    real = x.narrow(1, 0, layout.counts[rank])
+    pieces = list(real.split(rows, dim=0))
+    recv_shapes = [(rows[rank], layout.counts[j], *rest) for j in range(layout.size)]
+    received = _all_to_all_pieces(pieces, recv_shapes, rank, group, stats)
+    return torch.cat(received, dim=1)
+
+
+def switch_to_local_frames(
+    y: torch.Tensor,
+    num_rows: int,
+    layout: FrameLayout,
+    rank: int,
+    group: dist.ProcessGroup | None,
+    stats: CommStats | None = None,
+) -> torch.Tensor:
+    """Inverse of `switch_to_full_frames`: (R_rank, T, *rest) -> (R, T_local, *rest). One all-to-all.
+
+    `num_rows` is R, the row count before the forward switch. A rank without real frames gets zeros
+    in its pad frame.
+    """
+    rows = even_sizes(num_rows, layout.size)
+    if y.size(0) != rows[rank] or y.size(1) != layout.num_frames:
+        raise ValueError(
+            f"rank {rank} expected ({rows[rank]}, {layout.num_frames}, ...) after temporal attention, "
+            f"got {tuple(y.shape)}"
+        )
+    rest = tuple(y.shape[2:])
+    pieces = list(y.split(list(layout.counts), dim=1))
+    recv_shapes = [(rows[j], layout.counts[rank], *rest) for j in range(layout.size)]
+    received = _all_to_all_pieces(pieces, recv_shapes, rank, group, stats)
+    out = torch.cat(received, dim=0)
+    if layout.counts[rank] == 0:
+        out = y.new_zeros((num_rows, 1, *rest))
+    return out

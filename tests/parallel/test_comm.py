@@ -1,0 +1,179 @@
+"""DSP primitives: frame layouts, the uneven all-to-all switch, gathers, CFG split/gather, launch_local.
+
+Multi-process checks run on gloo with 2 and 3 processes; each launch runs many cases, because
+starting processes (importing torch) costs far more than the cases themselves on 2 shared cores.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pab.parallel import LaunchError, ParallelConfig, init_parallel, launch_local
+from pab.parallel.comm import (
+    FrameLayout,
+    even_sizes,
+    gather_frames,
+    split_flat_frames,
+    split_frames,
+    switch_to_full_frames,
+    switch_to_local_frames,
+)
+from pab.parallel.context import CommStats
+
+
+# ------------------------------------------------------------------------------------------------
+# Single-process bookkeeping
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "frames,size,counts",
+    [(5, 2, (3, 2)), (7, 3, (3, 2, 2)), (6, 3, (2, 2, 2)), (2, 3, (1, 1, 0)), (1, 2, (1, 0)), (4, 1, (4,))],
+)
+def test_frame_layout_counts_match_tensor_split(frames, size, counts):
+    layout = FrameLayout(frames, size)
+    assert layout.counts == counts
+    assert [len(c) for c in torch.arange(frames).tensor_split(size)] == list(counts)
+    assert layout.starts == tuple(sum(counts[:r]) for r in range(size))
+    assert all(layout.local_len(r) == max(c, 1) for r, c in enumerate(counts))
+
+
+def test_split_frames_covers_every_frame_once_and_pads_empty_ranks():
+    x = torch.arange(2 * 3 * 5).view(2, 3, 5)
+    for size in (1, 2, 3, 4, 7):
+        layout = FrameLayout(5, size)
+        parts = [split_frames(x, 2, layout, r) for r in range(size)]
+        real = torch.cat([p[..., : layout.counts[r]] for r, p in enumerate(parts)], dim=2)
+        assert torch.equal(real, x)
+        for r, p in enumerate(parts):
+            assert p.shape[2] == layout.local_len(r)
+            if layout.counts[r] == 0:  # pad frame = copy of the last frame
+                assert torch.equal(p[..., 0], x[..., -1])
+
+
+def test_split_flat_frames_is_split_frames_on_the_unfolded_dim():
+    B, T = 2, 5
+    bias = torch.randn(B * T, 1, 4)
+    layout = FrameLayout(T, 3)
+    for r in range(3):
+        flat = split_flat_frames(bias, 0, B, layout, r)
+        ref = split_frames(bias.view(B, T, 1, 4), 1, layout, r).reshape(-1, 1, 4)
+        assert torch.equal(flat, ref)
+
+
+def test_layout_and_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match="at least one frame"):
+        FrameLayout(0, 2)
+    with pytest.raises(ValueError, match=r"sp\(2\) \* cfg\(2\) = 4 != world_size\(3\)"):
+        ParallelConfig(sp=2, cfg=2).check_world_size(3)
+    with pytest.raises(ValueError, match="cfg must be 1"):
+        ParallelConfig(sp=1, cfg=3)
+    with pytest.raises(ValueError, match="sp must be a positive int"):
+        ParallelConfig(sp=0)
+
+
+def test_single_device_context_needs_no_process_group():
+    ctx = init_parallel(ParallelConfig())
+    assert not dist.is_initialized()
+    assert (ctx.rank, ctx.world_size, ctx.sp_size, ctx.cfg_size) == (0, 1, 1, 1)
+    x = torch.randn(4, 3)
+    assert ctx.split_cfg(x) is x and ctx.gather_cfg(x) is x
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-process
+# ------------------------------------------------------------------------------------------------
+
+# (rows R = B·S, frames T, channels): uneven rows and frames, fewer rows or frames than ranks, T = 1.
+SWITCH_CASES = [(7, 5, 4), (6, 6, 3), (2, 5, 4), (1, 2, 2), (6, 1, 3), (5, 7, 2), (0, 3, 2)]
+
+
+def _switch_and_gather_worker(rank: int, world: int) -> dict[str, int]:
+    ctx = init_parallel(ParallelConfig(sp=world))
+    assert (ctx.sp_rank, ctx.sp_size, ctx.cfg_size) == (rank, world, 1)
+    stats = CommStats()
+    expected_bytes = 0
+    for R, T, C in SWITCH_CASES:
+        full = torch.arange(R * T * C, dtype=torch.float32).view(R, T, C)
+        layout = FrameLayout(T, world)
+        local = split_frames(full, 1, layout, rank)
+        rows = even_sizes(R, world)
+        row0 = sum(rows[:rank])
+
+        switched = switch_to_full_frames(local, layout, rank, ctx.sp_group, stats)
+        assert torch.equal(switched, full[row0 : row0 + rows[rank]]), (R, T, C)
+
+        # a position-dependent function of the full sequence, then back to local frames
+        y = switched * 2 + torch.arange(T, dtype=torch.float32)[None, :, None]
+        back = switch_to_local_frames(y, R, layout, rank, ctx.sp_group, stats)
+        ref = full * 2 + torch.arange(T, dtype=torch.float32)[None, :, None]
+        assert back.shape == local.shape, (back.shape, local.shape)
+        n = layout.counts[rank]
+        assert torch.equal(back[:, :n], split_frames(ref, 1, layout, rank)[:, :n]), (R, T, C)
+
+        # bytes this rank sent off-rank: its real frames of the other ranks' rows, then the other ranks' frames
+        # of its rows
+        expected_bytes += 4 * C * (n * (R - rows[rank]) + rows[rank] * (T - n))
+
+    # Output gather along T of (B, C, T, H, W), uneven and padded.
+    for T in (1, 2, 5, 7):
+        video = torch.randn(2, 3, T, 3, 5, generator=torch.Generator().manual_seed(T))
+        layout = FrameLayout(T, world)
+        local = split_frames(video, 2, layout, rank)
+        assert torch.equal(gather_frames(local, 2, layout, rank, ctx.sp_group, stats), video)
+    assert stats.all_to_all_done == 2 * len(SWITCH_CASES)
+    assert stats.all_to_all_bytes == expected_bytes
+    return {"bytes": stats.all_to_all_bytes}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_switch_and_gather_are_exact(world):
+    out = launch_local(world, _switch_and_gather_worker)
+    assert len(out) == world and all(o["bytes"] > 0 for o in out)
+
+
+def _cfg_worker(rank: int, world: int) -> None:
+    ctx = init_parallel(ParallelConfig(sp=world // 2, cfg=2))
+    sp = world // 2
+    assert ctx.cfg_rank == rank // sp and ctx.sp_rank == rank % sp
+    batch = torch.arange(4 * 3, dtype=torch.float32).view(4, 3)  # [cond0, cond1, uncond0, uncond1]
+    half = ctx.split_cfg(batch)
+    assert torch.equal(half, batch[2 * ctx.cfg_rank : 2 * ctx.cfg_rank + 2])
+    assert torch.equal(ctx.gather_cfg(half * 10), batch * 10)
+    assert ctx.split_cfg(batch[:1]) is not None and ctx.split_cfg(batch[:1]).shape == (1, 3)
+    with pytest.raises(ValueError, match="not divisible by cfg=2"):
+        ctx.split_cfg(batch[:3])
+    if sp > 1:  # the sp group holds exactly the ranks of this CFG half
+        t = torch.tensor([float(rank)])
+        dist.all_reduce(t, group=ctx.sp_group)
+        assert t.item() == sum(range(ctx.cfg_rank * sp, ctx.cfg_rank * sp + sp))
+    assert ctx.stats.cfg_gather_bytes == 2 * 3 * 4
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_cfg_split_and_gather_restore_cond_uncond_order(world):
+    launch_local(world, _cfg_worker)
+
+
+def _failing_worker(rank: int, world: int) -> None:
+    if rank == 1:
+        raise ValueError("boom on purpose")
+    dist.barrier()  # rank 0 waits for rank 1 forever; the launcher must stop it
+
+
+def test_launch_local_reports_the_failing_rank_and_stops_the_others():
+    with pytest.raises(LaunchError, match="rank 1 failed") as info:
+        launch_local(2, _failing_worker, timeout_s=120)
+    assert info.value.rank == 1
+    assert "boom on purpose" in str(info.value)
+
+
+def _world_mismatch_worker(rank: int, world: int) -> None:
+    init_parallel(ParallelConfig(sp=world + 1))
+
+
+def test_init_parallel_rejects_a_config_that_does_not_fill_the_world():
+    with pytest.raises(LaunchError, match=r"sp\(3\) \* cfg\(1\) = 3 != world_size\(2\)"):
+        launch_local(2, _world_mismatch_worker, timeout_s=120)
