@@ -152,6 +152,9 @@ def load_vae(spec: ModelSpec, size: str, checkpoint: Path | None, device: torch.
             load_state_dict_strict(vae, state, source=str(folder))
     else:
         vae = build(f"{spec.vae}-tiny" if size == "tiny" else spec.vae, seed=0)
+    if spec.vae == "opensora-plan-vae-v1.1" and size == "full":
+        # The official Open-Sora-Plan sampling scripts always decode with tiling (--enable_tiling).
+        vae.enable_tiling()
     return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
