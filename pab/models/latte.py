@@ -35,7 +35,7 @@ import torch.nn.functional as F
 #                                    Config                                     #
 #################################################################################
 
-_SUPPORTED_ACTIVATIONS = {"gelu-approximate": "tanh", "gelu": "none"}
+SUPPORTED_ACTIVATIONS = {"gelu-approximate": "tanh", "gelu": "none"}
 
 # Constructor defaults of diffusers' LatteTransformer3DModel: `from_dict` fills keys missing from a config.json
 # with these, exactly as diffusers' `from_config` would (a missing key must not silently become Latte-1's value).
@@ -88,8 +88,8 @@ class LatteConfig:
             problems.append(f"norm_type={self.norm_type!r}: only 'ada_norm_single' (Latte-1) is implemented")
         if self.norm_elementwise_affine:
             problems.append("norm_elementwise_affine=True: Latte-1 uses LayerNorms without weights; set it to false")
-        if self.activation_fn not in _SUPPORTED_ACTIVATIONS:
-            problems.append(f"activation_fn={self.activation_fn!r}: use one of {sorted(_SUPPORTED_ACTIVATIONS)}")
+        if self.activation_fn not in SUPPORTED_ACTIVATIONS:
+            problems.append(f"activation_fn={self.activation_fn!r}: use one of {sorted(SUPPORTED_ACTIVATIONS)}")
         for name in ("in_channels", "patch_size", "caption_channels"):
             if getattr(self, name) is None:
                 problems.append(f"{name} is None: a patched latent model needs it set")
@@ -390,9 +390,8 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, activation_fn: str, dropout: float = 0.0, mult: int = 4):
         super().__init__()
         hidden = dim * mult
-        self.net = nn.ModuleList(
-            [GELUProjection(dim, hidden, _SUPPORTED_ACTIVATIONS[activation_fn]), nn.Dropout(dropout), nn.Linear(hidden, dim)]
-        )
+        act = GELUProjection(dim, hidden, SUPPORTED_ACTIVATIONS[activation_fn])
+        self.net = nn.ModuleList([act, nn.Dropout(dropout), nn.Linear(hidden, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.net:
@@ -411,21 +410,24 @@ class SpatialBlock(nn.Module):
     As in PixArt with adaLN-single, cross-attention has no norm and no gate.
     """
 
-    def __init__(self, config: LatteConfig):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        cross_attention_dim: int,
+        attention_bias: bool,
+        activation_fn: str,
+        norm_eps: float,
+        dropout: float = 0.0,
+    ):
         super().__init__()
-        dim = config.inner_dim
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=config.norm_eps)
-        self.attn1 = Attention(
-            dim, config.num_attention_heads, config.attention_head_dim, bias=config.attention_bias,
-            dropout=config.dropout,
-        )
-        self.attn2 = Attention(
-            dim, config.num_attention_heads, config.attention_head_dim, config.cross_attention_dim,
-            bias=config.attention_bias, dropout=config.dropout,
-        )
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=config.norm_eps)
-        self.ff = FeedForward(dim, config.activation_fn, config.dropout)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
+        self.attn1 = Attention(dim, heads, head_dim, bias=attention_bias, dropout=dropout)
+        self.attn2 = Attention(dim, heads, head_dim, cross_attention_dim, bias=attention_bias, dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
+        self.ff = FeedForward(dim, activation_fn, dropout)
 
     def forward(
         self,
@@ -446,17 +448,22 @@ class SpatialBlock(nn.Module):
 class TemporalBlock(nn.Module):
     """Temporal block: modulated self-attention over the frames at one patch position, then modulated MLP."""
 
-    def __init__(self, config: LatteConfig):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        attention_bias: bool,
+        activation_fn: str,
+        norm_eps: float,
+        dropout: float = 0.0,
+    ):
         super().__init__()
-        dim = config.inner_dim
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=config.norm_eps)
-        self.attn1 = Attention(
-            dim, config.num_attention_heads, config.attention_head_dim, bias=config.attention_bias,
-            dropout=config.dropout,
-        )
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=config.norm_eps)
-        self.ff = FeedForward(dim, config.activation_fn, config.dropout)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
+        self.attn1 = Attention(dim, heads, head_dim, bias=attention_bias, dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
+        self.ff = FeedForward(dim, activation_fn, dropout)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """x (B*S, F, C), temb (B*S, 6C)."""
@@ -536,8 +543,15 @@ class LatteTransformer3DModel(nn.Module):
             base_size=config.sample_size // config.patch_size,
             interpolation_scale=max(config.sample_size // 64, 1),  # 64 latent = 512 px is PixArt's scale 1
         )
-        self.transformer_blocks = nn.ModuleList([SpatialBlock(config) for _ in range(config.num_layers)])
-        self.temporal_transformer_blocks = nn.ModuleList([TemporalBlock(config) for _ in range(config.num_layers)])
+        block = dict(
+            dim=dim, heads=config.num_attention_heads, head_dim=config.attention_head_dim,
+            attention_bias=config.attention_bias, activation_fn=config.activation_fn, norm_eps=config.norm_eps,
+            dropout=config.dropout,
+        )
+        self.transformer_blocks = nn.ModuleList(
+            [SpatialBlock(cross_attention_dim=config.cross_attention_dim, **block) for _ in range(config.num_layers)]
+        )
+        self.temporal_transformer_blocks = nn.ModuleList([TemporalBlock(**block) for _ in range(config.num_layers)])
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
         self.proj_out = nn.Linear(dim, config.patch_size * config.patch_size * self.out_channels)
