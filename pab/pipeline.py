@@ -289,6 +289,10 @@ class Pipeline:
         if r.num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {r.num_frames}")
         self.vae.latent_frames(r.num_frames)  # raises ValueError naming the frame counts it can take
+        from pab.samplers import build_sampler
+
+        # Open-Sora's timestep shift is undefined for 2-16 frames; the sampler says so.
+        build_sampler(self.spec.sampler, r.steps, height=r.height, width=r.width, num_frames=r.num_frames)
         PABConfig.resolve(self.name, r.pab)  # raises on unknown presets or malformed rules
         return r
 

@@ -1,0 +1,229 @@
+"""Real-size benchmark of the three DiTs: one command, a table on stdout, records in JSON.
+
+    python -m bench.run                                  # every case, 1 GPU, PAB off and paper
+    python -m bench.run --cases opensora-480p --sp 1,2,4 # DSP on 1, 2 and 4 GPUs
+    python -m bench.run --peer                           # + diffusers' Latte with its own PAB hook
+
+Random weights (no downloads), bf16, real shapes. Per record: DiT time per generation and per step,
+end-to-end time (T5 text encoder, DiT, VAE decode), peak GPU memory, FLOPs actually executed (counted
+with torch's FlopCounterMode per module kind, minus what PAB skipped) and MFU against the H100's
+989 TFLOP/s dense bf16 peak. Under DSP the MFU is per GPU. Records are appended to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PEAK_TFLOPS = 989.4  # H100 SXM dense bf16 (vendor datasheet)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    model: str
+    resolution: str
+    frames: int
+    height: int
+    width: int
+    steps: int
+
+
+CASES = {
+    "opensora-480p": Case("opensora-480p", "opensora-v1.2", "480p-2s", 51, 480, 854, 30),
+    "opensora-720p": Case("opensora-720p", "opensora-v1.2", "720p-4s", 102, 720, 1280, 30),
+    "latte": Case("latte", "latte-1", "512x512-16f", 16, 512, 512, 50),
+    "opensora-plan": Case("opensora-plan", "opensora-plan-v1.1", "512x512-65f", 65, 512, 512, 150),
+}
+
+
+def gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def _flops_by_kind(pipe, request) -> tuple[float, dict[str, float]]:
+    """FLOPs of one transformer call on the CFG batch, and FLOPs per single module call by PAB kind."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shape = pipe.latent_shape(request)
+    y, mask = pipe.encode_text(request)
+    z = torch.randn(shape, device=pipe.device)
+    with FlopCounterMode(display=False) as fc:
+        pipe._forward(torch.cat([z, z]).to(pipe.dtype), 500.0, y, mask, request)
+    counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
+    root = type(pipe.transformer).__name__
+    names = {id(m): n for n, m in pipe.transformer.named_modules()}
+    per_call = {}
+    for kind, modules in pipe.transformer.broadcast_targets().items():
+        total = sum(counts.get(f"{root}.{names[id(m)]}", 0) for m in modules)
+        per_call[kind] = total / max(1, len(modules))
+    return float(fc.get_total_flops()), per_call
+
+
+def _run_case(rank: int, world: int, case: Case, pabs: list[str], cfg_parallel: bool, repeat: int) -> list[dict]:
+    from pab.pipeline import GenerationRequest, Pipeline
+
+    parallel = None
+    if world > 1:
+        from pab.parallel import ParallelConfig, init_parallel
+
+        cfg = 2 if cfg_parallel else 1
+        parallel = init_parallel(ParallelConfig(sp=world // cfg, cfg=cfg))
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_name(case.model, device=device, dtype=torch.bfloat16, parallel=parallel)
+    build_s = time.perf_counter() - t0
+    base = dict(model=case.model, prompt="a red panda eating bamboo in the snow, cinematic", num_frames=case.frames,
+                height=case.height, width=case.width, steps=case.steps, seed=0)
+    fwd_flops, per_call = _flops_by_kind(pipe, GenerationRequest(**base)) if world == 1 else (None, None)
+    # Warm-up: kernels, cuBLAS/cuDNN heuristics and the allocator at the real shapes.
+    pipe.generate(GenerationRequest(**{**base, "steps": 2}))
+    records = []
+    for pab in pabs:
+        best = None
+        for _ in range(repeat):
+            torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+            res = pipe.generate(GenerationRequest(**base, pab=pab))
+            if best is None or res.timings["denoise_s"] < best.timings["denoise_s"]:
+                best = res
+        res = best
+        calls = len(res.timesteps)
+        rec: dict[str, Any] = {
+            "impl": "pab", "model": case.model, "resolution": case.resolution, "frames": case.frames,
+            "height": case.height, "width": case.width, "steps": case.steps, "model_calls": calls,
+            "sp": parallel.sp_size if parallel else 1, "cfg_parallel": bool(cfg_parallel), "pab": pab,
+            "dit_s": round(res.timings["denoise_s"], 3), "step_s": round(res.timings["denoise_s"] / calls, 4),
+            "text_s": round(res.timings["text_s"], 3), "decode_s": round(res.timings.get("decode_s", 0.0), 3),
+            "e2e_s": round(res.timings["total_s"], 3),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+            "pab_stats": res.pab_stats, "gpu": gpu_name(), "gpus": world, "build_s": round(build_s, 1),
+            "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+        }
+        if res.parallel:
+            rec["comm"] = res.parallel.get("comm")
+            rec["comm_bytes_per_step"] = rec["comm"]["bytes_moved"] / calls if rec["comm"] else None
+        if fwd_flops is not None:
+            skipped = sum(res.pab_stats[k]["broadcast"] * per_call[k] for k in per_call)
+            flops = fwd_flops * calls - skipped
+            rec["tflop"] = round(flops / 1e12, 1)
+            rec["mfu"] = round(flops / res.timings["denoise_s"] / (PEAK_TFLOPS * 1e12 * world), 4)
+        records.append(rec)
+    return records if rank == 0 else []
+
+
+def run_peer_latte(pab: str, repeat: int = 1) -> dict:
+    """diffusers' LatteTransformer3DModel with diffusers' own PAB hook, same loop and settings."""
+    from diffusers import DDIMScheduler, LatteTransformer3DModel
+    from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+
+    from pab.models.latte import SIZES
+
+    cfg = {k: v for k, v in SIZES["full"].items() if k != "video_length"}
+    with torch.device("cuda"):
+        model = LatteTransformer3DModel(**cfg).to(torch.bfloat16).eval().requires_grad_(False)
+    current = {"t": 1000}
+    if pab == "paper":
+        apply_pyramid_attention_broadcast(model, PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, temporal_attention_block_skip_range=3,
+            cross_attention_block_skip_range=6, spatial_attention_timestep_skip_range=(100, 800),
+            temporal_attention_timestep_skip_range=(100, 800), cross_attention_timestep_skip_range=(100, 800),
+            current_timestep_callback=lambda: current["t"],
+        ))
+    case = CASES["latte"]
+    z = torch.randn(1, 4, case.frames, case.height // 8, case.width // 8, device="cuda")
+    text = torch.randn(2, 16, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def loop(steps: int) -> float:
+        sched = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", steps_offset=0,
+                              clip_sample=False, timestep_spacing="leading")
+        sched.set_timesteps(steps)
+        x = z.clone()
+        if hasattr(model, "_diffusers_hook"):
+            model._diffusers_hook.reset_stateful_hooks()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for t in sched.timesteps:
+                current["t"] = int(t)
+                out = model(torch.cat([x, x]).to(torch.bfloat16), encoder_hidden_states=text,
+                            timestep=t.expand(2).to("cuda"), return_dict=False)[0]
+                eps_c, eps_u = out[:, :4].float().chunk(2)
+                x = sched.step(eps_u + 7.5 * (eps_c - eps_u), t, x).prev_sample
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    loop(2)
+    torch.cuda.reset_peak_memory_stats()
+    dit = min(loop(case.steps) for _ in range(repeat))
+    return {
+        "impl": "diffusers", "model": "latte-1", "resolution": case.resolution, "frames": case.frames,
+        "height": case.height, "width": case.width, "steps": case.steps, "model_calls": case.steps, "sp": 1,
+        "pab": pab, "dit_s": round(dit, 3), "step_s": round(dit / case.steps, 4), "e2e_s": None,
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "mfu": None,
+        "gpu": gpu_name(), "gpus": 1, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+    }
+
+
+def print_table(records: list[dict]) -> None:
+    cols = ["impl", "model", "resolution", "sp", "pab", "dit_s", "step_s", "e2e_s", "peak_mem_gib", "mfu",
+            "comm_bytes_per_step"]
+    print(" | ".join(f"{c:>12}" for c in cols))
+    for r in records:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            if c == "comm_bytes_per_step" and v is not None:
+                v = f"{v / 2**20:.1f}MiB"
+            cells.append(f"{'-' if v is None else v!s:>12}")
+        print(" | ".join(cells))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {sorted(CASES)}")
+    p.add_argument("--sp", default="1", help="comma list of group sizes, e.g. 1,2,4")
+    p.add_argument("--pab", default="off,paper")
+    p.add_argument("--cfg-parallel", action="store_true", help="groups of 2k GPUs run CFG 2 x DSP k")
+    p.add_argument("--peer", action="store_true", help="also diffusers' Latte with its PAB hook")
+    p.add_argument("--repeat", type=int, default=1, help="timed generations per setting (best is kept)")
+    p.add_argument("--out", default="bench/results/h100.json")
+    args = p.parse_args(argv)
+    pabs = args.pab.split(",")
+    records: list[dict] = []
+    for name in args.cases.split(","):
+        case = CASES[name]
+        for sp in (int(s) for s in args.sp.split(",")):
+            if sp == 1:
+                recs = _run_case(0, 1, case, pabs, False, args.repeat)
+            else:
+                from pab.parallel import launch_local
+
+                recs = launch_local(sp, _run_case, case, pabs, args.cfg_parallel, args.repeat, threads=None,
+                                    timeout_s=1800)[0]
+            records += recs
+            print_table(recs)
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if args.peer:
+        for pab in pabs:
+            records.append(run_peer_latte(pab, args.repeat))
+            print_table(records[-1:])
+    print("\nall records:")
+    print_table(records)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(out.read_text()) if out.is_file() else []
+    out.write_text(json.dumps(existing + records, indent=1) + "\n")
+    print(f"\nwrote {len(records)} records to {out} ({gpu_name()}, {os.uname().nodename})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

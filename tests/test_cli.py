@@ -1,0 +1,91 @@
+"""`pab generate` and `pab models` as a user runs them: real mp4s, sidecars, clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pab.cli import main
+from pab.video import read_video
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pab.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def test_generate_writes_a_decodable_video_and_sidecar(tmp_path: Path):
+    out = tmp_path / "clip.mp4"
+    lat = tmp_path / "lat.safetensors"
+    p = run_cli("generate", "--model", "latte-1-tiny", "--prompt", "a cat surfing", "--num-frames", "6",
+                "--height", "40", "--width", "56", "--fps", "12", "--steps", "10", "--pab", "paper",
+                "--output", str(out), "--save-latents", str(lat))
+    assert p.returncode == 0, p.stderr
+    assert "RANDOM weights" in p.stdout
+    assert "denoising" in p.stderr  # the progress bar
+    frames, fps = read_video(out)
+    assert frames.shape == (6, 40, 56, 3) and round(fps) == 12
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["model"] == "latte-1-tiny" and side["seed"] == 0
+    assert side["request"]["prompt"] == "a cat surfing"
+    assert len(side["timesteps"]) == 10 and side["timesteps"][0] > side["timesteps"][-1]
+    assert side["pab"]["spatial"] == {"range": 2, "window": [100.0, 800.0]}
+    assert set(side["pab_stats"]) == {"spatial", "temporal", "cross", "mlp"}
+    assert side["pab_stats"]["spatial"]["broadcast"] > 0
+    assert {"text_s", "denoise_s", "decode_s", "total_s"} <= set(side["timings"])
+    from safetensors.torch import load_file
+
+    assert load_file(str(lat))["latents"].shape == (1, 4, 6, 4, 6)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "sora-2"], "unknown model 'sora-2'; known models: .*latte-1"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--model", "opensora-v1.2-tiny", "--num-frames", "10"], "frames"),
+        (["--model", "opensora-plan-v1.1-tiny", "--num-frames", "16"], "4k\\+1|frames"),
+        (["--height", "4"], "height must be between"),
+        (["--pab", "fastest"], "unknown PAB setting"),
+    ],
+)
+def test_bad_input_is_a_clear_error_with_no_output(tmp_path: Path, capsys, args, message):
+    out = tmp_path / "x.mp4"
+    base = {"--model": "latte-1-tiny", "--prompt": "p", "--steps": "2", "--output": str(out)}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    code = main(["generate", *[x for kv in base.items() for x in kv]])
+    err = capsys.readouterr().err
+    assert code == 2
+    import re
+
+    assert re.search(message, err), err
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_unwritable_output_and_missing_checkpoint(tmp_path: Path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["generate", "--prompt", "p", "--output", str(blocker / "sub" / "x.mp4")]) == 2
+    assert "cannot write to" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "p", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "y.mp4")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "y.mp4").exists()
+
+
+def test_models_lists_models_sizes_and_presets(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ("opensora-v1.2", "latte-1", "opensora-plan-v1.1", "latte-1-tiny"):
+        assert name in out
+    assert "spatial 2 (450.0, 930.0)" in out
+    assert main(["models", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["latte-1"]["paper_preset"]["temporal"]["range"] == 3
