@@ -33,11 +33,14 @@ def fixture_class(path: str | Path) -> str:
     return name
 
 
-def run_fixture(path: str | Path) -> dict[str, torch.Tensor]:
-    """Compute every output of the fixture at `path` with our implementation (float32, eval)."""
+def run_fixture(path: str | Path, **options) -> dict[str, torch.Tensor]:
+    """Compute every output of the fixture at `path` with our implementation (float32, eval, CPU).
+
+    The transformer runners also take `device=` and `dtype=` (e.g. to measure bf16 error on a GPU).
+    """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a fixture directory (no config.json)")
     runner = importlib.import_module(f"pab.models._fixture_cases.{_RUNNERS[fixture_class(path)]}")
     with torch.no_grad():
-        return runner.run(path)
+        return runner.run(path, **options)

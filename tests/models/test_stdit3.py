@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pab.models import CheckpointError, load_state_dict_strict
 from pab.models._fixture_cases import stdit3 as fixture_case
 from pab.models.stdit3 import SIZES, STDiT3, STDiT3Config, build_stdit3
 
@@ -86,12 +87,12 @@ def test_strict_load_names_missing_unexpected_and_mismatched_keys():
     del bad["temporal_blocks.1.attn.q_norm.weight"]
     bad["pos_embed.inv_freq"] = torch.zeros(16)
     bad["final_layer.linear.bias"] = torch.zeros(7)
-    with pytest.raises(RuntimeError) as err:
-        fixture_case.load_strict(model, bad)
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict_strict(model, bad)
     msg = str(err.value)
     assert "temporal_blocks.1.attn.q_norm.weight" in msg and "pos_embed.inv_freq" in msg
     assert "final_layer.linear.bias" in msg
-    fixture_case.load_strict(model, sd)  # the model's own state dict loads
+    load_state_dict_strict(model, sd)  # the model's own state dict loads
 
 
 # ---------------------------------------------------------------------------- config and sizes

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pab.models import load_state_dict_strict
+from pab.models._fixture_cases.stdit3 import to_device
 from pab.models.opensora_plan import LatteT2V, LatteT2VConfig
 
 
@@ -18,15 +19,15 @@ def output_keys(fixture_dir: Path) -> list[str]:
         return list(f.keys())
 
 
-def run(fixture_dir: Path) -> dict[str, torch.Tensor]:
+def run(fixture_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Build from config.json, load weights strictly, run every forward call of meta.json in float32 eval."""
     fixture_dir = Path(fixture_dir)
     config = LatteT2VConfig.from_dict(json.loads((fixture_dir / "config.json").read_text()))
     model = LatteT2V(config)
     load_state_dict_strict(model, load_file(fixture_dir / "weights.safetensors"), source=str(fixture_dir))
-    model = model.float().eval()
+    model = model.to(device=device, dtype=dtype).eval()
 
-    inputs = load_file(fixture_dir / "inputs.safetensors")
+    inputs = to_device(load_file(fixture_dir / "inputs.safetensors"), device, dtype)
     options = json.loads((fixture_dir / "inputs.json").read_text())
     calls = json.loads((fixture_dir / "meta.json").read_text())["forward_calls"]
     args = dict(

@@ -6,28 +6,15 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file
 
+from pab.models import load_state_dict_strict
 from pab.models.stdit3 import STDiT3, STDiT3Config
 
 
-def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load every key with matching names and shapes, or raise naming what is missing/unexpected/mismatched."""
-    own = model.state_dict()
-    missing = sorted(k for k in own if k not in state_dict)
-    unexpected = sorted(k for k in state_dict if k not in own)
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state_dict.items()
-        if k in own and v.shape != own[k].shape
-    )
-    if missing or unexpected or mismatched:
-        raise RuntimeError(
-            f"checkpoint does not match {type(model).__name__}: missing keys {missing}, unexpected keys "
-            f"{unexpected}, shape mismatches {mismatched}. Check that the config matches the checkpoint."
-        )
-    model.load_state_dict(state_dict, strict=True)
+def to_device(tensors: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating inputs in the run's dtype; integer and boolean ones (masks) keep theirs."""
+    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
 
 
 def build_from_fixture(fixture_dir: Path) -> STDiT3:
@@ -35,15 +22,15 @@ def build_from_fixture(fixture_dir: Path) -> STDiT3:
     fixture_dir = Path(fixture_dir)
     config = STDiT3Config.from_dict(json.loads((fixture_dir / "config.json").read_text()))
     model = STDiT3(config)
-    load_strict(model, load_file(str(fixture_dir / "weights.safetensors")))
+    load_state_dict_strict(model, load_file(str(fixture_dir / "weights.safetensors")), source=str(fixture_dir))
     return model.float().eval()
 
 
-def run(fixture_dir: Path) -> dict[str, torch.Tensor]:
+def run(fixture_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Every case of meta.json forward_calls -> {output key: tensor}, one per key of output.safetensors."""
     fixture_dir = Path(fixture_dir)
-    model = build_from_fixture(fixture_dir)
-    inputs = load_file(str(fixture_dir / "inputs.safetensors"))
+    model = build_from_fixture(fixture_dir).to(device=device, dtype=dtype)
+    inputs = to_device(load_file(str(fixture_dir / "inputs.safetensors")), device, dtype)
     kwargs = json.loads((fixture_dir / "inputs.json").read_text())
     meta = json.loads((fixture_dir / "meta.json").read_text())
     args = dict(

@@ -1,0 +1,36 @@
+"""On a GPU: the official fixtures in float32 (TF32 off), and the bf16 error against them.
+
+Run on the device machine: `python -m pytest -m gpu tests/gpu -s` (prints the error per output).
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pab.models.fixtures import run_fixture
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "official"
+
+
+@pytest.mark.parametrize("case", ["stdit3", "latte", "osp110"])
+def test_fixture_fp32_on_gpu_and_bf16_error(case):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ref = load_file(str(FIXTURES / case / "output.safetensors"))
+    fp32 = run_fixture(FIXTURES / case, device="cuda", dtype=torch.float32)
+    bf16 = run_fixture(FIXTURES / case, device="cuda", dtype=torch.bfloat16)
+    rows = {}
+    for key, r in ref.items():
+        torch.testing.assert_close(fp32[key].float().cpu(), r, atol=1e-5, rtol=1e-5)
+        b = bf16[key].float().cpu()
+        rows[key] = {"max_abs": (b - r).abs().max().item(), "ref_max_abs": r.abs().max().item(),
+                     "rel_l2": ((b - r).norm() / r.norm()).item()}
+        # bf16 keeps 8 significant bits (relative rounding 2^-9 = 2e-3 per op); compounded over two
+        # blocks of these small models that is a relative L2 error of about 1e-2; 5e-2 flags a real bug.
+        assert rows[key]["rel_l2"] < 5e-2, (key, rows[key])
+    print(f"\nbf16 vs official fp32, {case}: {json.dumps(rows)}")
