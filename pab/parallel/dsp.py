@@ -13,8 +13,8 @@ Three hooks do this, registered with `pab.hooks.registry` under the names below:
 
 * `DSPEntryHook` on the model: frame split, output gather, stats.
 * `DSPSwitchHook` on each temporal-attention module (from `model.broadcast_targets()["temporal"]`).
-* `DSPFramePositionHook` on each additive 1-D temporal position module (e.g. Latte's `temp_pos_embed`),
-  so that rank r adds the rows of its own frames `[start_r, start_r + count_r)` of the full-length table.
+* `DSPFramePositionHook` on each 1-D temporal position module (e.g. Latte's `temp_pos_embed`), so that
+  rank r adds the rows of its own frames `[start_r, start_r + count_r)` of the full clip's table.
 
 What is split and gathered is data in a per-model `DSPPlan` (see `pab.parallel.plans`).
 
@@ -67,12 +67,14 @@ class DSPPlan:
         frame_dim (`int`): the T dim of `video_input` (2 for (B, C, T, H, W)).
         frame_inputs (`Mapping[str, int]`): other per-frame arguments and their T dim, e.g. `{"x_mask": 1}`.
         flat_frame_inputs (`Mapping[str, int]`): arguments with one dim that folds (batch, frame)
-            sample-major (row b·T + t), e.g. an attention bias of shape (B·T, 1, L).
+            sample-major (row b·T + t), e.g. an attention bias of shape (B·T, 1, L). Split only when that
+            dim has size B·T; other forms of the argument (per sample) are passed on unchanged.
         output_index (`int`, *optional*): `None` if the forward returns the prediction tensor, else its
             index in the returned tuple.
         output_frame_dim (`int`): the T dim of the prediction.
         position_modules (`tuple[str, ...]`): names of submodules that add a 1-D temporal table to
-            (B·S, T, C) tokens, called as `x = module(x)`; each rank must add its own frames' rows.
+            (B·S, T, C) tokens, called by the model as `x = module(x)` and accepting
+            `module(x, frame_offset=, num_frames=)`; each rank adds its own frames' rows.
         temporal_flag (`str`, *optional*): boolean forward argument that switches temporal attention
             off (Latte's `enable_temporal_attentions`); used only for counting skipped all-to-alls.
         required (`Mapping[str, Any]`): arguments that must have this value under DSP, with the reason,
@@ -136,8 +138,9 @@ class DSPEntryHook(ModelHook):
             if _is_tensor_like(a.get(name)):
                 a[name] = split_frames(a[name], dim, layout, ctx.sp_rank)
         for name, dim in plan.flat_frame_inputs.items():
-            if _is_tensor_like(a.get(name)):
-                a[name] = split_flat_frames(a[name], dim, batch, layout, ctx.sp_rank)
+            value = a.get(name)
+            if _is_tensor_like(value) and value.ndim > dim and value.size(dim) == batch * layout.num_frames:
+                a[name] = split_flat_frames(value, dim, batch, layout, ctx.sp_rank)
         run.layout, run.switches = layout, 0
         try:
             out = forward(*bound.args[1:], **bound.kwargs)
@@ -195,10 +198,12 @@ class DSPSwitchHook(ModelHook):
 
 
 class DSPFramePositionHook(ModelHook):
-    """Make an additive temporal table add the rows of this rank's frames, not rows 0..T_local-1.
+    """Make a temporal position module add the rows of this rank's frames, not rows 0..T_local-1.
 
-    The wrapped module is only asked for its table: called on zeros of the full length T it returns
-    exactly its table (0 + p == p in floating point), so the result is bit-identical to slicing it.
+    The module's documented interface (e.g. Latte's `TemporalPosEmbed`) is
+    `forward(x, frame_offset=0, num_frames=None)`: `x` holds frames [frame_offset, frame_offset + F) of a
+    clip of `num_frames` frames. The hook passes this rank's range of the full clip, so decisions that
+    depend on the clip length (Latte adds no table to a one-frame clip) are taken on the full T.
     """
 
     name = DSP_POSITION_HOOK
@@ -208,16 +213,17 @@ class DSPFramePositionHook(ModelHook):
 
     def new_forward(self, module: nn.Module, forward: Callable[..., Any], x: torch.Tensor, *args: Any,
                     **kwargs: Any) -> Any:  # fmt: skip
-        run, ctx = self.run, self.run.ctx
-        layout = run.layout
+        layout = self.run.layout
         if layout is None:
             return forward(x, *args, **kwargs)
-        rank = ctx.sp_rank
-        table = forward(x.new_zeros((1, layout.num_frames, *x.shape[2:])), *args, **kwargs)  # (1, T, C)
-        count = layout.counts[rank]
-        if count == 0:  # a pad frame: its value never leaves this rank
+        if args or kwargs:
+            raise NotImplementedError(
+                f"{type(module).__name__} was called with a frame range already; DSP sets it itself"
+            )
+        rank = self.run.ctx.sp_rank
+        if layout.counts[rank] == 0:  # only a pad frame here: its value never leaves this rank
             return x
-        return x + table.narrow(1, layout.starts[rank], count)
+        return forward(x, frame_offset=layout.starts[rank], num_frames=layout.num_frames)
 
 
 @dataclass

@@ -38,8 +38,42 @@ def _stdit3_plan(model: nn.Module) -> DSPPlan:
     )
 
 
+def _latte_plan(model: nn.Module) -> DSPPlan:
+    # Latte-1 LatteTransformer3DModel.forward(hidden_states, timestep, encoder_hidden_states,
+    # encoder_attention_mask=None, enable_temporal_attentions=True, return_dict=False) -> (out,).
+    # The frame table `temp_pos_embed` is added before the first temporal block; each rank adds its own
+    # rows (and "no table for a one-frame clip" is decided on the full clip). The text mask may be an
+    # additive bias with one row per (sample, frame), b·F + f, which is split like the frames.
+    return DSPPlan(
+        video_input="hidden_states",
+        frame_dim=2,
+        flat_frame_inputs={"encoder_attention_mask": 0},
+        output_index=0,
+        output_frame_dim=2,
+        position_modules=("temp_pos_embed",),
+        temporal_flag="enable_temporal_attentions",
+    )
+
+
+def _opensora_plan_plan(model: nn.Module) -> DSPPlan:
+    # Open-Sora-Plan v1.1 LatteT2V.forward(hidden_states, timestep, encoder_hidden_states,
+    # added_cond_kwargs=None, encoder_attention_mask=None, use_image_num=0, enable_temporal_attentions=True,
+    # return_dict=False) -> (out,). Latte's layout; its text mask is per sample only (nothing per frame).
+    return DSPPlan(
+        video_input="hidden_states",
+        frame_dim=2,
+        output_index=0,
+        output_frame_dim=2,
+        position_modules=("temp_pos_embed",),
+        temporal_flag="enable_temporal_attentions",
+        required={"use_image_num": (0, "image frames appended after the video would be split as video frames")},
+    )
+
+
 _PLANS: dict[str, Callable[[nn.Module], DSPPlan]] = {
     "STDiT3": _stdit3_plan,
+    "LatteTransformer3DModel": _latte_plan,
+    "LatteT2V": _opensora_plan_plan,
 }
 
 

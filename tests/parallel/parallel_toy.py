@@ -45,14 +45,20 @@ class Attention(nn.Module):
 
 
 class TemporalTable(nn.Module):
-    """x + table[:T] on (B·S, T, C) tokens (the Latte-style `temp_pos_embed` seam)."""
+    """x + table[frame_offset : frame_offset + T] on (B·S, T, C) tokens (the Latte `temp_pos_embed` seam).
+
+    Like Latte, a one-frame clip gets no table; the decision uses the clip length `num_frames`.
+    """
 
     def __init__(self, max_frames: int, dim: int) -> None:
         super().__init__()
         self.register_buffer("table", sincos(max_frames, dim) * 0.5, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.table[: x.shape[1]]
+    def forward(self, x: torch.Tensor, frame_offset: int = 0, num_frames: int | None = None) -> torch.Tensor:
+        num_frames = frame_offset + x.shape[1] if num_frames is None else num_frames
+        if num_frames == 1:
+            return x
+        return x + self.table[frame_offset : frame_offset + x.shape[1]]
 
 
 class Block(nn.Module):
