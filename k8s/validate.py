@@ -1,0 +1,304 @@
+"""Offline validation of our KubeRay manifests against the KubeRay v1.7.0 CRD schemas.
+
+No API server is needed: each CRD's ``openAPIV3Schema`` (from ``k8s/crds/*.yaml.gz``, unmodified
+upstream copies, see ``k8s/crds/SOURCE.txt``) is used as a JSON schema. Two adjustments make jsonschema
+judge a manifest the way the API server does, and catch what the API server would silently drop:
+
+1. Schema ``default``s are applied and ``null``s dropped before validation (the API server defaults
+   first; otherwise e.g. ``minReplicas``, which the CRD marks both required and defaulted, falsely fails).
+2. ``additionalProperties: false`` is added to every object schema that lists ``properties`` and does not
+   carry ``x-kubernetes-preserve-unknown-fields``. The API server *prunes* unknown fields without an
+   error, so a misspelt ``shutdownAfterJobFinish`` would deploy and be ignored; here it is an error.
+
+On top of the schema: ``metadata`` (opaque in CRDs) is checked for known ObjectMeta keys and a valid
+name, ``serveConfigV2`` (an opaque string to Kubernetes) is validated with Ray's own
+``ray.serve.schema.ServeDeploySchema``, ``runtimeEnvYAML`` must parse, and a few controller-side rules
+(``ray-operator/controllers/ray/utils/validation.go``) that no schema expresses are checked.
+Not covered: CEL ``x-kubernetes-validations`` and ``format: int32`` ranges.
+
+Usage::
+
+    python k8s/validate.py k8s/*.yaml        # exit 1 and one line per problem if anything is wrong
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import gzip
+import re
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Iterator
+
+import jsonschema
+import yaml
+
+CRD_DIR = Path(__file__).resolve().parent / "crds"
+CRD_FILES = {
+    "RayCluster": "ray.io_rayclusters.yaml.gz",
+    "RayJob": "ray.io_rayjobs.yaml.gz",
+    "RayService": "ray.io_rayservices.yaml.gz",
+}
+# Longest names the operator accepts: it derives Service/Job names from them (KubeRay validation.go).
+MAX_NAME_LEN = {"RayCluster": 53, "RayJob": 47, "RayService": 47}
+OBJECT_META_KEYS = {"name", "namespace", "labels", "annotations", "generateName"}
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schema loading
+# ----------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def crd_schema(kind: str, version: str = "v1") -> dict:
+    """The strict ``openAPIV3Schema`` of ``kind`` at ``version`` (see the module docstring)."""
+    if kind not in CRD_FILES:
+        raise KeyError(f"no CRD for kind {kind!r}; known: {sorted(CRD_FILES)}")
+    with gzip.open(CRD_DIR / CRD_FILES[kind], "rt") as f:
+        crd = yaml.safe_load(f)
+    for v in crd["spec"]["versions"]:
+        if v["name"] == version:
+            return _close_objects(copy.deepcopy(v["schema"]["openAPIV3Schema"]))
+    raise KeyError(f"CRD {kind} has no version {version!r}")
+
+
+def _close_objects(schema: Any) -> Any:
+    """Add ``additionalProperties: false`` to every object schema that lists its properties."""
+    if isinstance(schema, dict):
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            schema["additionalProperties"] = False
+        for value in schema.values():
+            _close_objects(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            _close_objects(value)
+    return schema
+
+
+def apply_defaults(instance: Any, schema: dict) -> Any:
+    """Return ``instance`` with ``null``s dropped and the schema's ``default``s filled in, as the API server does."""
+    if isinstance(instance, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        out = {}
+        for key, value in instance.items():
+            if value is None:
+                continue
+            sub = props.get(key, extra if isinstance(extra, dict) else {})
+            out[key] = apply_defaults(value, sub)
+        for key, sub in props.items():
+            if key not in out and "default" in sub:
+                out[key] = apply_defaults(copy.deepcopy(sub["default"]), sub)
+        return out
+    if isinstance(instance, list):
+        items = schema.get("items", {})
+        return [apply_defaults(v, items if isinstance(items, dict) else {}) for v in instance]
+    return instance
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------------
+
+
+def _path(parts) -> str:
+    return ".".join(str(p) for p in parts) or "<root>"
+
+
+def schema_errors(doc: dict) -> list[str]:
+    """CRD-schema problems of one custom resource, as ``path: message`` lines."""
+    kind = doc.get("kind")
+    api = doc.get("apiVersion", "")
+    if not api.startswith("ray.io/"):
+        return [f"apiVersion: {api!r} is not a ray.io API (want ray.io/v1)"]
+    version = api.split("/", 1)[1]
+    try:
+        schema = crd_schema(kind, version)
+    except KeyError as e:
+        return [f"kind: {e.args[0]}"]
+    instance = apply_defaults(doc, schema)
+    validator = jsonschema.Draft7Validator(schema)
+    errors = sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))
+    return [f"{_path(e.absolute_path)}: {e.message}" for e in errors]
+
+
+def metadata_errors(doc: dict) -> list[str]:
+    """ObjectMeta checks the CRD schema leaves out (``metadata`` is an opaque object there)."""
+    meta = doc.get("metadata")
+    if not isinstance(meta, dict):
+        return ["metadata: missing"]
+    out = [f"metadata.{k}: unknown ObjectMeta field" for k in meta if k not in OBJECT_META_KEYS]
+    name = meta.get("name") or (meta.get("generateName") or "").rstrip("-") + "-x"
+    limit = MAX_NAME_LEN.get(doc.get("kind"), 63)
+    if not DNS1035.match(name):
+        out.append(f"metadata.name: {name!r} is not a DNS-1035 label (lower case, digits, '-')")
+    elif len(name) > limit:
+        out.append(f"metadata.name: {name!r} is longer than {limit} characters")
+    for key in ("labels", "annotations"):
+        value = meta.get(key, {})
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            out.append(f"metadata.{key}: values must be strings")
+    return out
+
+
+def serve_config_errors(text: str) -> list[str]:
+    """Validate a ``serveConfigV2`` string with Ray Serve's own config schema (what ``serve deploy`` uses).
+
+    Ray's schema ignores unknown keys (a misspelt ``route_prefx`` would deploy with the default), so
+    keys are also checked against the schema's fields, model by model.
+    """
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        return [f"spec.serveConfigV2: not YAML: {e}"]
+    errors = [f"spec.serveConfigV2.{p}: unknown field" for p in _unknown_keys(ServeDeploySchema, cfg, [])]
+    try:
+        ServeDeploySchema.model_validate(cfg)
+    except ValidationError as e:
+        errors += [f"spec.serveConfigV2.{_path(err['loc'])}: {err['msg']}" for err in e.errors()]
+    return errors
+
+
+def _models_in(annotation: Any) -> list[type]:
+    """The pydantic model classes an annotation allows (through Optional, Union, List)."""
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _unknown_keys(model: type, data: Any, path: list) -> list[str]:
+    """Dotted paths of keys in `data` that pydantic `model` has no field (or alias) for."""
+    if not isinstance(data, dict):
+        return []
+    fields = model.model_fields
+    names = {n: n for n in fields} | {f.alias: n for n, f in fields.items() if f.alias}
+    out = []
+    for key, value in data.items():
+        if key not in names:
+            out.append(_path(path + [key]))
+            continue
+        annotation = fields[names[key]].annotation
+        for sub in _models_in(annotation)[:1]:
+            items = value if isinstance(value, list) else [value]
+            for i, item in enumerate(items):
+                where = path + [key, i] if isinstance(value, list) else path + [key]
+                out += _unknown_keys(sub, item, where)
+    return out
+
+
+def runtime_env_errors(text: str) -> list[str]:
+    """``runtimeEnvYAML`` must be a YAML mapping that Ray's ``RuntimeEnv`` accepts."""
+    from ray.runtime_env import RuntimeEnv
+
+    try:
+        env = yaml.safe_load(text)
+        if not isinstance(env, dict):
+            return ["spec.runtimeEnvYAML: must be a YAML mapping"]
+        RuntimeEnv(**env)
+    except Exception as e:  # noqa: BLE001 - report whatever Ray rejects
+        return [f"spec.runtimeEnvYAML: {type(e).__name__}: {e}"]
+    return []
+
+
+def cluster_specs(doc: dict) -> Iterator[tuple[str, dict]]:
+    """(path, RayClusterSpec) pairs inside a RayCluster, RayService or RayJob."""
+    spec = doc.get("spec") or {}
+    if doc.get("kind") == "RayCluster":
+        yield "spec", spec
+    elif doc.get("kind") == "RayService" and "rayClusterConfig" in spec:
+        yield "spec.rayClusterConfig", spec["rayClusterConfig"]
+    elif doc.get("kind") == "RayJob" and "rayClusterSpec" in spec:
+        yield "spec.rayClusterSpec", spec["rayClusterSpec"]
+
+
+def controller_errors(doc: dict) -> list[str]:
+    """A subset of the operator's own validation (``validation.go``) that no schema expresses."""
+    out = []
+    spec = doc.get("spec") or {}
+    for where, cluster in cluster_specs(doc):
+        autoscaling = bool(cluster.get("enableInTreeAutoscaling"))
+        groups = [("headGroupSpec", cluster.get("headGroupSpec") or {})]
+        groups += [(f"workerGroupSpecs[{i}]", g) for i, g in enumerate(cluster.get("workerGroupSpecs") or [])]
+        for name, group in groups:
+            pod = (group.get("template") or {}).get("spec") or {}
+            if not pod.get("containers"):
+                out.append(f"{where}.{name}: needs at least one container")
+            params = group.get("rayStartParams") or {}
+            for key in ("num-cpus", "num-gpus", "memory"):
+                if key in params and key.replace("num-", "").upper() in (group.get("resources") or {}):
+                    out.append(f"{where}.{name}: {key} set in both rayStartParams and resources")
+            if autoscaling and pod.get("restartPolicy") not in (None, "Never"):
+                out.append(f"{where}.{name}: autoscaler v2 needs restartPolicy Never or unset")
+            if name != "headGroupSpec":
+                lo, hi = group.get("minReplicas", 0), group.get("maxReplicas", 2147483647)
+                if lo > hi:
+                    out.append(f"{where}.{name}: minReplicas {lo} > maxReplicas {hi}")
+    if doc.get("kind") == "RayJob":
+        mode = spec.get("submissionMode", "K8sJobMode")
+        if mode not in SUBMISSION_MODES:
+            out.append(f"spec.submissionMode: {mode!r} is not one of {sorted(SUBMISSION_MODES)}")
+        if "ttlSecondsAfterFinished" in spec and not spec.get("shutdownAfterJobFinishes"):
+            out.append("spec.ttlSecondsAfterFinished: needs shutdownAfterJobFinishes: true")
+        if "rayClusterSpec" in spec and "clusterSelector" in spec:
+            out.append("spec: rayClusterSpec and clusterSelector are mutually exclusive")
+        for key in ("activeDeadlineSeconds", "preRunningDeadlineSeconds"):
+            if key in spec and not (isinstance(spec[key], int) and spec[key] > 0):
+                out.append(f"spec.{key}: must be a positive integer")
+    return out
+
+
+def validate_document(doc: dict) -> list[str]:
+    """Every problem found in one KubeRay custom resource (empty list = valid)."""
+    if not isinstance(doc, dict):
+        return ["document: not a mapping"]
+    errors = schema_errors(doc) + metadata_errors(doc) + controller_errors(doc)
+    spec = doc.get("spec") or {}
+    if doc.get("kind") == "RayService" and "serveConfigV2" in spec:
+        errors += serve_config_errors(spec["serveConfigV2"])
+    if doc.get("kind") == "RayJob" and "runtimeEnvYAML" in spec:
+        errors += runtime_env_errors(spec["runtimeEnvYAML"])
+    return errors
+
+
+def load_documents(path: str | Path) -> list[dict]:
+    """All YAML documents in a file, empty ones skipped."""
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
+
+
+def validate_file(path: str | Path) -> list[str]:
+    """Problems in every document of a manifest file, prefixed with ``file[doc index] Kind/name``."""
+    out = []
+    for i, doc in enumerate(load_documents(path)):
+        label = f"{Path(path).name}[{i}] {doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}"
+        out += [f"{label}: {e}" for e in validate_document(doc)]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    paths = sys.argv[1:] if argv is None else argv
+    if not paths:
+        print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
+        return 2
+    problems = [p for path in paths for p in validate_file(path)]
+    for p in problems:
+        print(p)
+    print(f"{len(paths)} file(s), {len(problems)} problem(s)", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

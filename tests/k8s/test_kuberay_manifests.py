@@ -1,0 +1,277 @@
+"""Offline checks of k8s/*.yaml and the Dockerfile: KubeRay v1.7.0 CRD schemas, Ray's Serve schema, real code.
+
+No Kubernetes API server here, so `k8s/validate.py` validates each custom resource with jsonschema
+against the CRD's own openAPIV3Schema (k8s/crds/*.yaml.gz, unmodified v1.7.0 copies) with unknown
+fields rejected, and the embedded serveConfigV2 with `ray.serve.schema.ServeDeploySchema`. On top of
+that these tests make sure the manifests point at code that exists and fit together: the Serve
+import path builds the real app from the manifest's args, the RayJob entrypoint parses with the real
+`jobs.render` command line, GPU groups fit the GPU pods, versions match the Dockerfile, and every
+Secret the manifests reference is one docs/kubernetes.md tells you to create.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import re
+import shlex
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "k8s"
+sys.path.insert(0, str(K8S))
+
+import validate  # noqa: E402  (k8s/validate.py)
+
+MANIFESTS = {"ray-service.yaml": "RayService", "ray-job.bulk.yaml": "RayJob", "ray-cluster.yaml": "RayCluster"}
+
+
+def load(name: str) -> dict:
+    (doc,) = validate.load_documents(K8S / name)
+    return doc
+
+
+def cluster_spec(doc: dict) -> dict:
+    return dict(validate.cluster_specs(doc))[
+        {"RayCluster": "spec", "RayService": "spec.rayClusterConfig", "RayJob": "spec.rayClusterSpec"}[doc["kind"]]
+    ]
+
+
+def containers(doc: dict) -> list[dict]:
+    spec = cluster_spec(doc)
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def gpu_pods(doc: dict) -> list[tuple[int, int, float, int]]:
+    """(GPUs per pod, CPUs per pod, max pods) of every GPU worker group."""
+    out = []
+    for g in cluster_spec(doc).get("workerGroupSpecs", []):
+        limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+        if "nvidia.com/gpu" in limits:
+            out.append((int(limits["nvidia.com/gpu"]), float(limits["cpu"]), g.get("maxReplicas", g.get("replicas"))))
+    return out
+
+
+def serve_config(doc: dict) -> dict:
+    return yaml.safe_load(doc["spec"]["serveConfigV2"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schemas
+
+
+@pytest.mark.parametrize("name", sorted(MANIFESTS))
+def test_manifest_is_valid_for_the_kuberay_crd(name):
+    doc = load(name)
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == MANIFESTS[name]
+    assert validate.validate_document(doc) == []
+
+
+def test_every_yaml_in_k8s_is_covered_and_crds_stay_gzipped():
+    assert sorted(p.name for p in K8S.glob("*.yaml")) == sorted(MANIFESTS)
+    assert sorted(p.name for p in (K8S / "crds").iterdir() if p.suffix != ".txt") == [
+        "ray.io_rayclusters.yaml.gz", "ray.io_rayjobs.yaml.gz", "ray.io_rayservices.yaml.gz"]
+    assert validate.main([str(K8S / n) for n in MANIFESTS]) == 0  # the command-line form too
+
+
+def _set(doc: dict, path: str, value=None, rename: str | None = None) -> dict:
+    """A copy of `doc` with the field at dotted `path` (list indexes as numbers) renamed or set."""
+    doc = copy.deepcopy(doc)
+    *parents, last = path.split(".")
+    node = doc
+    for p in parents:
+        node = node[int(p)] if p.isdigit() else node[p]
+    if rename is not None:
+        node[rename] = node.pop(last)
+    else:
+        node[last] = value
+    return doc
+
+
+# A misspelt field is what the API server silently prunes; here each one must be an error naming it.
+TYPOS = [
+    ("ray-job.bulk.yaml", "spec.shutdownAfterJobFinishes", "shutdownAfterJobFinish",
+     "Additional properties are not allowed ('shutdownAfterJobFinish' was unexpected)"),
+    ("ray-service.yaml", "spec.rayClusterConfig.enableInTreeAutoscaling", "enableInTreeAutoScaling",
+     "'enableInTreeAutoScaling' was unexpected"),
+    ("ray-cluster.yaml", "spec.workerGroupSpecs.0.maxReplicas", "maxReplica", "'maxReplica' was unexpected"),
+    ("ray-service.yaml", "spec.rayClusterConfig.workerGroupSpecs.1.template.spec.containers.0.resources",
+     "resource", "'resource' was unexpected"),
+    ("ray-job.bulk.yaml", "spec.rayClusterSpec.headGroupSpec.template.spec.containers.0.env.2.valueFrom",
+     "valuefrom", "'valuefrom' was unexpected"),
+    ("ray-cluster.yaml", "metadata.labels", "label", "metadata.label: unknown ObjectMeta field"),
+]
+
+
+@pytest.mark.parametrize("name,path,typo,message", TYPOS, ids=[t[2] for t in TYPOS])
+def test_a_misspelt_field_fails_validation(name, path, typo, message):
+    errors = validate.validate_document(_set(load(name), path, rename=typo))
+    assert any(message in e for e in errors), errors
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("spec.rayClusterConfig.headGroupSpec.rayStartParams.num-cpus", 0, "0 is not of type 'string'"),
+    ("spec.rayClusterConfig.workerGroupSpecs.1.template.spec.containers.0.resources.limits.nvidia.com/gpu", "2x",
+     "does not match"),
+    ("spec.rayClusterConfig.rayVersion", 2.6, "2.6 is not of type 'string'"),
+    ("metadata.name", "pab_service", "not a DNS-1035 label"),
+])
+def test_wrong_values_fail_validation(path, value, message):
+    doc = copy.deepcopy(load("ray-service.yaml"))
+    node = doc
+    keys = re.split(r"\.(?!com/)", path)  # "nvidia.com/gpu" is one key
+    for k in keys[:-1]:
+        node = node[int(k)] if k.isdigit() else node[k]
+    node[keys[-1]] = value
+    errors = validate.validate_document(doc)
+    assert any(message in e for e in errors), errors
+
+
+def test_serve_config_is_validated_with_rays_own_schema():
+    doc = load("ray-service.yaml")
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(serve_config(doc))  # what `serve deploy` and KubeRay's Serve accept
+    bad = serve_config(doc)
+    bad["applications"][0]["import_pth"] = bad["applications"][0].pop("import_path")
+    bad_doc = _set(doc, "spec.serveConfigV2", yaml.safe_dump(bad))
+    assert any("serveConfigV2.applications.0.import_path: Field required" in e
+               for e in validate.validate_document(bad_doc))
+    # Ray's schema ignores unknown keys; validate.py reports them (they would deploy as defaults).
+    bad = serve_config(doc)
+    bad["http_options"]["request_timeout"] = 10
+    bad["applications"][0]["route_prefx"] = "/v2"
+    errors = validate.validate_document(_set(doc, "spec.serveConfigV2", yaml.safe_dump(bad)))
+    assert "spec.serveConfigV2.http_options.request_timeout: unknown field" in " ".join(errors)
+    assert "spec.serveConfigV2.applications.0.route_prefx: unknown field" in " ".join(errors)
+    bad = serve_config(doc)
+    bad["http_options"]["port"] = "eighty"
+    errors = validate.validate_document(_set(doc, "spec.serveConfigV2", yaml.safe_dump(bad)))
+    assert any("http_options.port: Input should be a valid integer" in e for e in errors), errors
+
+
+def test_controller_rules_the_schema_cannot_express():
+    job = load("ray-job.bulk.yaml")
+    assert any("ttlSecondsAfterFinished: needs shutdownAfterJobFinishes" in e
+               for e in validate.validate_document(_set(job, "spec.shutdownAfterJobFinishes", False)))
+    assert any("submissionMode" in e for e in validate.validate_document(_set(job, "spec.submissionMode", "K8sJob")))
+    cluster = load("ray-cluster.yaml")
+    assert any("minReplicas 5 > maxReplicas 4" in e
+               for e in validate.validate_document(_set(cluster, "spec.workerGroupSpecs.0.minReplicas", 5)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The manifests point at real code and fit together
+
+
+def test_serve_import_path_builds_the_real_app_from_the_manifest_args():
+    doc = load("ray-service.yaml")
+    (app_cfg,) = serve_config(doc)["applications"]
+    module, _, attr = app_cfg["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), attr)
+    from cluster.app import build_app, deployment_options
+    from cluster.config import load_config
+
+    assert builder is build_app
+    from ray.serve import Application
+
+    assert isinstance(builder(app_cfg["args"]), Application)  # AppConfig accepts every arg (extra="forbid")
+    with pytest.raises(Exception, match="max_group"):
+        builder({**app_cfg["args"], "models": [{**app_cfg["args"]["models"][0],
+                                                 "groups": [{"gpus": 1, "max_group": 2}]}]})
+    # Every pool's group fits one GPU pod (STRICT_PACK), and all pools at max_groups fit the GPU pods.
+    pods = gpu_pods(doc)
+    options = deployment_options(load_config(app_cfg["args"]))
+    assert options and pods
+    demand = 0
+    for name, opt in options.items():
+        bundles = opt["placement_group_bundles"]
+        gpus, cpus = sum(b.get("GPU", 0) for b in bundles), sum(b.get("CPU", 0) for b in bundles)
+        assert any(gpus <= g and cpus <= c for g, c, _ in pods), (name, bundles, pods)
+        assert opt["autoscaling_config"]["max_replicas"] >= opt["autoscaling_config"]["min_replicas"]
+        demand += gpus * opt["autoscaling_config"]["max_replicas"]
+    assert demand <= sum(g * n for g, _, n in pods)
+    spec = cluster_spec(doc)
+    assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["version"] == "v2"
+    # Storage in the args is the S3 the pods' credentials are for; the API requires keys.
+    assert app_cfg["args"]["storage"]["backend"] == "s3" and app_cfg["args"]["auth"] is True
+
+
+def test_rayjob_entrypoint_runs_the_real_bulk_renderer_and_fits_the_cluster():
+    doc = load("ray-job.bulk.yaml")
+    argv = shlex.split(doc["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "jobs.render"]
+    assert importlib.util.find_spec(argv[2]) is not None
+    from jobs.render import parse_args
+
+    args = parse_args(argv[3:])  # raises SystemExit on any unknown or bad option
+    assert args.manifest.startswith("s3://") and args.output.startswith("s3://")
+    from pab.models import get_spec
+
+    get_spec(args.model)  # a model the engine knows
+    pods = gpu_pods(doc)
+    assert any(args.group_size <= g for g, _, _ in pods)
+    assert args.groups * args.group_size <= sum(g * n for g, _, n in pods)
+    assert doc["spec"]["shutdownAfterJobFinishes"] is True
+    env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
+    assert validate.runtime_env_errors(doc["spec"]["runtimeEnvYAML"]) == [] and "env_vars" in env
+
+
+def test_versions_and_images_match_the_dockerfile_and_pyproject():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    ray_pin = next(d for d in pyproject["project"]["dependencies"] if d.startswith("ray["))
+    (docker_ray,) = re.findall(r"^ARG RAY_VERSION=(\S+)$", dockerfile, re.M)
+    assert ray_pin.endswith(f"=={docker_ray}") and docker_ray == ray.__version__
+    assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-py311-gpu$", dockerfile, re.M)
+    assert pyproject["project"]["requires-python"] == ">=3.11"
+    image_tags = set()
+    for name in MANIFESTS:
+        doc = load(name)
+        assert cluster_spec(doc)["rayVersion"] == docker_ray
+        for c in containers(doc):
+            image_tags.add(c["image"])
+    assert image_tags == {f"registry.example.com/pab/pab-cluster:{pyproject['project']['version']}"}
+
+
+def test_dockerfile_copies_what_exists_and_imports_real_modules():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    for line in re.findall(r"^COPY (.+)$", dockerfile, re.M):
+        sources = [s for s in line.split()[:-1] if not s.startswith("--")]
+        for src in sources:
+            if "[" in src:  # a glob that may match nothing (README.m[d])
+                continue
+            assert (REPO / src).exists(), src
+    packages = set(re.findall(r"^COPY --chown=\S+ (\w+) \./\1$", dockerfile, re.M))
+    assert packages == {"pab", "actors", "cluster", "jobs"}
+    (check,) = re.findall(r'python -c "import ([^"]+)"', dockerfile)
+    for module in (m.strip() for m in check.split(",")):
+        assert importlib.util.find_spec(module) is not None, module
+
+
+def test_secrets_are_referenced_never_inlined_and_documented():
+    docs = (REPO / "docs" / "kubernetes.md").read_text()
+    created = {}
+    for name, literals in re.findall(r"kubectl create secret generic (\S+)((?: \\\n\s*--from-literal=\S+| --from-literal=\S+)+)", docs):
+        created[name] = set(re.findall(r"--from-literal=([A-Za-z_][A-Za-z0-9_]*)=", literals))
+    refs = set()
+    for name in MANIFESTS:
+        for c in containers(load(name)):
+            for e in c.get("env", []):
+                assert not re.search(r"(SECRET|KEY)", e["name"]) or "valueFrom" in e, f"{name}: {e['name']} inlined"
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    refs.add((ref["name"], ref["key"]))
+    assert refs == {("pab-s3", "AWS_ACCESS_KEY_ID"), ("pab-s3", "AWS_SECRET_ACCESS_KEY"), ("pab-api-keys", "keys")}
+    for secret, key in refs:
+        assert key in created.get(secret, set()), f"docs/kubernetes.md does not create secret {secret} key {key}"
+    # The variable the API keys land in is the one the ingress reads.
+    assert "PAB_API_KEYS" in (REPO / "cluster" / "ingress.py").read_text()
