@@ -34,6 +34,7 @@ were left unrendered because no GPU group could run, 2 for bad arguments or a ba
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import queue
@@ -181,8 +182,12 @@ class Progress:
     failed: int = 0
     resumed: int = 0
     rendered: int = 0  # videos rendered by this run (the rate and ETA are based on these)
-    started: float = field(default_factory=time.monotonic)
+    first_render: float | None = None  # when the first group took its first row
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def rendering(self) -> None:
+        with self._lock:
+            self.first_render = self.first_render or time.monotonic()
 
     def add(self, status: str, rendered: bool = False, resumed: bool = False) -> None:
         with self._lock:
@@ -197,7 +202,8 @@ class Progress:
         with self._lock:
             done = self.completed + self.failed
             remaining = self.total - done
-            elapsed = time.monotonic() - self.started
+            # Rate over rendering time only: group start-up (GPUs, model load) is not a per-video cost.
+            elapsed = time.monotonic() - self.first_render if self.first_render else 0.0
             rate = self.rendered / elapsed if self.rendered and elapsed > 0 else 0.0
             eta = f"{remaining / rate:.0f}s" if rate > 0 else ("0s" if remaining == 0 else "unknown")
             return (
@@ -216,7 +222,7 @@ class BulkRender:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.run_id = os.environ.get("RAY_JOB_SUBMISSION_ID") or f"run-{uuid.uuid4().hex[:8]}"
+        self.run_id = submission_id() or f"run-{uuid.uuid4().hex[:8]}"
         self.out_config = storage_config_for(args.output, args.s3_endpoint)
         self.store: Storage = storage_from_config(self.out_config)
         self.ledger = Ledger(self.store)
@@ -285,7 +291,8 @@ class BulkRender:
         return GpuGroup(
             a.model, a.group_size, checkpoint=a.checkpoint, device=a.device, dtype=a.dtype,
             cfg_parallel=a.cfg_parallel, gpus_per_rank=a.gpus_per_rank, cpus_per_rank=a.cpus_per_rank,
-            s3=self.out_config.to_args() if a.checkpoint and a.checkpoint.startswith("s3://") else None,
+            # An S3 checkpoint is reached like the output: same endpoint, AWS-environment credentials.
+            s3={"endpoint_url": _endpoint(a.s3_endpoint), "region": self.out_config.region},
             name=f"bulk-{self.run_id[-8:]}-g{index}", start_timeout_s=a.start_timeout,
         )
 
@@ -344,6 +351,7 @@ class BulkRender:
             "job": {"manifest": self.args.manifest, "output": self.args.output},
         }
         self.ledger.mark_rendering(plan, self.run_id)
+        self.progress.rendering()
         t0 = time.monotonic()
         try:
             result = group.generate(
@@ -397,6 +405,8 @@ class BulkRender:
 
     def run(self) -> int:
         t0 = time.monotonic()
+        log.info("run %s: driver pid %d, manifest %s, output %s", self.run_id, os.getpid(), self.args.manifest,
+                 self.args.output)
         plans, todo = self.plan()
         if self.args.dry_run:
             log.info("dry run: would render %d row(s): %s", len(todo), [p.id for p in todo][:20])
@@ -408,6 +418,19 @@ class BulkRender:
         log.info("results: %s (%d rows) in %.1fs", uri, len(self.results), time.monotonic() - t0)
         unrendered = sum(1 for r in self.results.values() if r.error and r.error.startswith("not rendered:"))
         return 1 if unrendered else 0
+
+
+def submission_id() -> str | None:
+    """The Ray job's submission id when running as a Ray job, else None.
+
+    The job supervisor hands the driver its job config (with metadata ``job_submission_id``) in
+    ``RAY_JOB_CONFIG_JSON_ENV_VAR`` (ray/dashboard/modules/job/job_supervisor.py).
+    """
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except json.JSONDecodeError:
+        return None
+    return (config.get("metadata") or {}).get("job_submission_id")
 
 
 def _seed(plan: RowPlan) -> int | None:
