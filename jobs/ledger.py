@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -50,16 +51,21 @@ class Ledger:
 
     # ------------------------------------------------------------------ reading
 
-    def scan(self, plans: list[RowPlan]) -> dict[int, Found]:
-        """For each renderable plan (by row), what to do. One listing plus one GET per existing sidecar."""
+    def scan(self, plans: list[RowPlan], threads: int = 16) -> dict[int, Found]:
+        """For each renderable plan (by row), what to do.
+
+        One listing, then one GET (and one HEAD) per existing sidecar, in parallel: resuming a large
+        job is bound by request latency, not bandwidth.
+        """
         present = set(self.store.list(VIDEO_PREFIX))
-        out: dict[int, Found] = {}
-        for plan in plans:
-            if not plan.ok:
-                continue
+
+        def judge(plan: RowPlan) -> Found:
             mp4, side = video_keys(plan.key)
-            out[plan.row] = self._judge(plan, mp4 in present, self._sidecar(side) if side in present else None)
-        return out
+            return self._judge(plan, mp4 in present, self._sidecar(side) if side in present else None)
+
+        todo = [p for p in plans if p.ok]
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return {p.row: found for p, found in zip(todo, pool.map(judge, todo))}
 
     def _sidecar(self, key: str) -> dict[str, Any] | None:
         try:

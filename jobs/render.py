@@ -229,6 +229,7 @@ class BulkRender:
         self.results: dict[int, ResultRow] = {}
         self._results_lock = threading.Lock()
         self.progress: Progress | None = None
+        self._all_done = threading.Event()
         self.unrendered_reason: str | None = None
 
     # ------------------------------------------------------------------ planning
@@ -280,6 +281,8 @@ class BulkRender:
     def _finish(self, row: ResultRow, rendered: bool = False) -> None:
         with self._results_lock:
             self.results[row.row] = row
+            if len(self.results) == self.progress.total:
+                self._all_done.set()
         self.progress.add(row.status, rendered=rendered, resumed=row.resumed)
 
     # ------------------------------------------------------------------ rendering
@@ -296,12 +299,16 @@ class BulkRender:
             name=f"bulk-{self.run_id[-8:]}-g{index}", start_timeout_s=a.start_timeout,
         )
 
-    def render(self, todo: list[RowPlan]) -> None:
-        """Render `todo` on `--groups` groups, one thread per group pulling rows from a shared queue."""
+    def _connect(self) -> None:
+        """Join the Ray cluster: the job's own (RAY_ADDRESS), `--ray-address`, or a new local one."""
         import ray
 
         if not ray.is_initialized():
             ray.init(address=self.args.ray_address, log_to_driver=True)
+
+    def render(self, todo: list[RowPlan]) -> None:
+        """Render `todo` on `--groups` groups, one thread per group pulling rows from a shared queue."""
+        self._connect()
         work: queue.Queue[tuple[RowPlan, int]] = queue.Queue()
         for plan in todo:
             work.put((plan, 1))
@@ -311,10 +318,13 @@ class BulkRender:
         ]
         for t in threads:
             t.start()
-        while any(t.is_alive() for t in threads):
-            for t in threads:
-                t.join(timeout=self.args.progress_every / max(1, len(threads)))
-            log.info(self.progress.line())
+        # Wait until every row has a result, or every group gave up. A group still waiting for GPUs
+        # when the others have finished the work is not waited for (the job ends, Ray cleans it up).
+        next_line = time.monotonic() + self.args.progress_every
+        while not self._all_done.wait(timeout=0.5) and any(t.is_alive() for t in threads):
+            if time.monotonic() >= next_line:
+                log.info(self.progress.line())
+                next_line += self.args.progress_every
         # Every group gave up: what is still queued cannot render in this run.
         while not work.empty():
             plan, attempt = work.get_nowait()

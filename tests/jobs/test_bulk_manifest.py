@@ -187,3 +187,102 @@ def test_dry_run_plans_against_storage_without_ray(tmp_path, caplog):
     assert "3 rows, 1 bad, 1 already rendered, 1 to render" in caplog.text
     assert "dry run: would render 1 row(s): ['b']" in caplog.text
     assert not (out / "results.parquet").exists()
+
+
+def test_a_rerun_adopts_a_video_whose_sidecar_was_never_written(tmp_path, caplog):
+    """The crash window between the mp4 PUT and the sidecar PUT: the re-run completes the row without Ray."""
+    manifest = tmp_path / "m.parquet"
+    manifest.write_bytes(parquet(id=["done", "crashed", "bad"], prompt=["x", "y", " "]))
+    out = tmp_path / "out"
+    args = render.parse_args(["--manifest", str(manifest), "--output", str(out), "--model", "opensora-v1.2-tiny"])
+    store = storage_from_config({"backend": "local", "path": str(out)})
+    done, crashed, _ = plan_rows(read_manifest(manifest.read_bytes()), args.model, args.defaults)
+    ledger = Ledger(store)
+    store.put_video("done", b"video-1", {"state": "completed", "fingerprint": done.fingerprint,
+                                         "timings": {"denoise_s": 2.0}})
+    ledger.mark_rendering(crashed, "run-1")
+    store.put_bytes(video_keys("crashed")[0], b"video-22")
+    mtimes = {k: (out / "videos" / f"{k}.mp4").stat().st_mtime_ns for k in ("done", "crashed")}
+
+    caplog.set_level("INFO", logger="jobs.render")
+    job = render.BulkRender(args)
+    job._connect = lambda: pytest.fail("nothing to render, so Ray must not start")
+    assert job.run() == 0
+    assert "adopted row=1 id='crashed'" in caplog.text
+    rows = read_results((out / "results.parquet").read_bytes()).to_pylist()
+    assert [(r["id"], r["status"], r["resumed"]) for r in rows] == [
+        ("done", "completed", True), ("crashed", "completed", True), ("bad", "failed", False)]
+    assert dict(rows[0]["timings"]) == {"denoise_s": 2.0} and rows[2]["error"] == "empty prompt"
+    assert rows[1]["output_uri"] == (out / "videos" / "crashed.mp4").as_uri()
+    assert store.get_json("videos/crashed.json")["state"] == "completed"
+    # No video was written again.
+    assert {k: (out / "videos" / f"{k}.mp4").stat().st_mtime_ns for k in mtimes} == mtimes
+
+
+class FlakyGroup:
+    """TEST DOUBLE of actors.group.GpuGroup (the real one is exercised in test_bulk_job.py): it breaks on
+    chosen calls so the driver's retry/rebuild bookkeeping can be checked without killing Ray actors."""
+
+    def __init__(self, name, breaks, rebuild_ok=True):
+        self.name, self.breaks, self.rebuild_ok = name, breaks, rebuild_ok
+        self.calls, self.rebuilds, self.info = [], 0, {}
+
+    def start(self):
+        return {}
+
+    def generate(self, request, output=None, timeout_s=None):
+        from actors.group import GenerationError, GroupFailed
+
+        self.calls.append(request["prompt"])
+        if request["prompt"] == "reject":
+            raise GenerationError("ValueError: the model cannot take this")
+        if len(self.calls) in self.breaks:
+            raise GroupFailed(f"group {self.name}: rank 1 died")
+        from cluster.storage import storage_from_config
+
+        ref = storage_from_config(output["storage"]).put_video(output["video_id"], b"mp4", output["sidecar"])
+        return {"video": {"uri": ref.uri}, "timings": {"engine_s": 0.1}}
+
+    def rebuild(self):
+        self.rebuilds += 1
+        if not self.rebuild_ok:
+            raise RuntimeError("no GPUs left")
+
+    def shutdown(self):
+        pass
+
+
+@pytest.mark.parametrize("case", ["one-break", "always-breaks", "no-rebuild"])
+def test_broken_groups_are_rebuilt_and_rows_retried_up_to_max_attempts(tmp_path, case):
+    # Calls in order: a, b (rejected by the model), c, then retries at the end of the queue.
+    breaks, rebuild_ok, max_attempts = {"one-break": ({3}, True, 3), "always-breaks": (set(range(1, 20)), True, 2),
+                                        "no-rebuild": ({1}, False, 3)}[case]
+    manifest = tmp_path / "m.parquet"
+    manifest.write_bytes(parquet(id=["a", "b", "c"], prompt=["p-a", "reject", "p-c"]))
+    out = tmp_path / "out"
+    args = render.parse_args(["--manifest", str(manifest), "--output", str(out), "--groups", "1",
+                              "--max-attempts", str(max_attempts), "--progress-every", "0.2"])
+    job = render.BulkRender(args)
+    group = FlakyGroup("g0", breaks, rebuild_ok)
+    job._connect = lambda: None
+    job._new_group = lambda index: group
+    code = job.run()
+    rows = {r["id"]: r for r in read_results((out / "results.parquet").read_bytes()).to_pylist()}
+    if case == "one-break":  # c is retried on the rebuilt group and completes
+        assert code == 0 and group.rebuilds == 1
+        assert [(rows[i]["status"], rows[i]["attempts"]) for i in "ac"] == [("completed", 1), ("completed", 2)]
+    if case in ("one-break", "always-breaks"):  # a rejected request is reported, never retried
+        assert rows["b"]["status"] == "failed" and "cannot take" in rows["b"]["error"]
+        assert group.calls.count("reject") == 1
+    if case == "always-breaks":  # each row gives up after max_attempts; the job still ends normally
+        assert code == 0 and group.calls.count("p-a") == group.calls.count("p-c") == 2
+        assert [rows[i]["error"][:22] for i in "ac"] == ["gave up after 2 attemp"] * 2
+    if case == "no-rebuild":  # no group left: the rest is reported as not rendered and the exit code says so
+        assert code == 1 and group.calls == ["p-a"]
+        assert all(r["status"] == "failed" and r["error"] == "not rendered: group could not be rebuilt: no GPUs left"
+                   for r in rows.values())
+    # A failed row leaves nothing behind; a completed one has its video and completed sidecar.
+    store = storage_from_config({"backend": "local", "path": str(out)})
+    for r in rows.values():
+        mp4, side = video_keys(key_for_id(r["id"]))
+        assert store.exists(mp4) == store.exists(side) == (r["status"] == "completed")
