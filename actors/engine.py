@@ -61,3 +61,73 @@ def pipeline_engine(
     from pab.pipeline import Pipeline
 
     return PipelineEngine(Pipeline.from_name(model, device=device, dtype=dtype, checkpoint=checkpoint, parallel=parallel))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checking a request without loading weights (the HTTP ingress answers 422 before queueing)
+# ----------------------------------------------------------------------------------------------------
+
+_META_VAES: dict[str, Any] = {}
+
+
+class _ResolveOnly:
+    """Just enough of a Pipeline for `Pipeline.resolve`: name, spec, size and a meta-device VAE."""
+
+    def __init__(self, model: str) -> None:
+        from pab.models import MODEL_SPECS, build, get_spec
+
+        self.name = model
+        self.spec = get_spec(model)
+        self.size = "tiny" if model.endswith("-tiny") else "full"
+        if model not in _META_VAES:
+            vae = self.spec.vae
+            if vae == "sd-vae":  # per-frame VAE: any frame count
+                from types import SimpleNamespace
+
+                _META_VAES[model] = SimpleNamespace(latent_frames=lambda n: n)
+            else:
+                _META_VAES[model] = build(f"{vae}-tiny" if self.size == "tiny" else vae, device="meta")
+        self.vae = _META_VAES[model]
+        assert MODEL_SPECS  # imported for the registry side effects only
+
+
+def check_request(request: dict[str, Any]) -> dict[str, Any]:
+    """The resolved request (model defaults filled in) or ValueError saying what the model can take.
+
+    Runs the engine's own checks (`Pipeline.resolve`, the sampler's) without any weights: a VAE on
+    the meta device answers which frame counts it takes.
+    """
+    from pab.pipeline import Pipeline
+    from pab.samplers import build_sampler
+
+    stub = _ResolveOnly(request["model"])
+    r = Pipeline.resolve(stub, to_generation_request(request))  # type: ignore[arg-type]
+    build_sampler(stub.spec.sampler, r.steps, height=r.height, width=r.width, num_frames=r.num_frames)
+    return r.to_dict()
+
+
+def frames_for_seconds(model: str, seconds: float, fps: int | None) -> tuple[int, int]:
+    """(num_frames, fps) for a duration: the smallest frame count the model takes that lasts `seconds`."""
+    from pab.models import get_spec
+
+    spec = get_spec(model)
+    d = spec.tiny_defaults if model.endswith("-tiny") else spec.defaults
+    fps = fps or d.fps
+    want = max(1, round(seconds * fps))
+    for n in range(want, want + 256):
+        try:
+            check_request({"model": model, "prompt": "x", "num_frames": n, "fps": fps, "steps": 1, "seed": 0})
+            return n, fps
+        except ValueError:
+            continue
+    raise ValueError(f"no frame count near {want} works for {model}")
+
+
+def model_defaults(model: str) -> dict[str, Any]:
+    """The defaults the model's official pipeline uses (tiny models have their own)."""
+    import dataclasses as dc
+
+    from pab.models import get_spec
+
+    spec = get_spec(model)
+    return dc.asdict(spec.tiny_defaults if model.endswith("-tiny") else spec.defaults)

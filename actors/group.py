@@ -280,6 +280,7 @@ class GpuGroup:
             raise GroupFailed(f"group {self.name} failed to start: {e}") from e
         self.broken = None
         self.info = {"group_id": self.group_id, "name": self.name, "size": self.size, "model": self.model,
+                     "namespace": ray.get_runtime_context().namespace,  # of the named rank actors
                      "init_method": init_method, "nodes": nodes, "load": loads,
                      "start_s": time.perf_counter() - t0}
         log.info("group %s up: %d rank(s) of %s in %.1fs", self.name, self.size, self.model, self.info["start_s"])

@@ -1,0 +1,160 @@
+"""The HTTP API's request and response bodies (pydantic), in the shape of the OpenAI Videos API.
+
+`POST /v1/videos` takes `VideoCreate`; every job is returned as a `Video`. Fields beyond OpenAI's
+(`num_frames`, `height`, `width`, `fps`, `steps`, `guidance_scale`, `seed`, `pab`,
+`negative_prompt`) follow vLLM-Omni's extensions.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
+TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+PAB_KINDS = ("spatial", "temporal", "cross", "mlp")
+
+
+class BroadcastRuleIn(BaseModel):
+    """Reuse a kind of module's output: recompute every `range` steps while `window[0] < t < window[1]`."""
+
+    model_config = ConfigDict(extra="forbid")
+    range: int = Field(ge=1, le=1000)
+    window: tuple[float, float]
+    blocks: list[int] | None = None
+
+    @field_validator("window")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not v[0] < v[1]:
+            raise ValueError("window must be [lo, hi] with lo < hi (timesteps on the 0-1000 scale)")
+        return v
+
+
+class PABSettings(BaseModel):
+    """Per kind of module either null (always compute) or a broadcast rule."""
+
+    model_config = ConfigDict(extra="forbid")
+    spatial: BroadcastRuleIn | None = None
+    temporal: BroadcastRuleIn | None = None
+    cross: BroadcastRuleIn | None = None
+    mlp: BroadcastRuleIn | None = None
+
+
+class VideoCreate(BaseModel):
+    """A request to render one video. Fields left out take the model's defaults (`GET /v1/models`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="a model from GET /v1/models; default: the server's first model")
+    prompt: str = Field(min_length=1, max_length=4000)
+    negative_prompt: str = Field("", max_length=4000)
+    num_frames: int | None = Field(None, ge=1, le=1024, description="frames; or give `seconds`")
+    seconds: float | None = Field(None, gt=0, le=120, description="duration; frames = the model's nearest count")
+    height: int | None = Field(None, ge=16, le=4096)
+    width: int | None = Field(None, ge=16, le=4096)
+    size: str | None = Field(None, description="'WxH' (OpenAI style), instead of width and height")
+    fps: int | None = Field(None, ge=1, le=120)
+    steps: int | None = Field(None, ge=1, le=1000, description="denoising steps")
+    guidance_scale: float | None = Field(None, ge=0, le=50)
+    seed: int | None = Field(None, ge=0, le=2**31 - 2)
+    pab: Literal["off", "paper"] | PABSettings | None = Field(
+        None, description="'off', 'paper' (the paper's preset for this model) or per-kind rules"
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must not be blank")
+        return v
+
+    @field_validator("seconds", mode="before")
+    @classmethod
+    def _seconds_string(cls, v: Any) -> Any:
+        # OpenAI clients send seconds as a string ("4").
+        return float(v) if isinstance(v, str) and re.fullmatch(r"\d+(\.\d+)?", v.strip()) else v
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        m = re.fullmatch(r"(\d+)x(\d+)", v.strip())
+        if not m:
+            raise ValueError("size must look like '1280x720' (width x height)")
+        w, h = int(m.group(1)), int(m.group(2))
+        if not (16 <= w <= 4096 and 16 <= h <= 4096):
+            raise ValueError("size: width and height must each be between 16 and 4096")
+        return f"{w}x{h}"
+
+    @model_validator(mode="after")
+    def _one_way_each(self) -> "VideoCreate":
+        if self.num_frames is not None and self.seconds is not None:
+            raise ValueError("give num_frames or seconds, not both")
+        if self.size is not None and (self.width is not None or self.height is not None):
+            raise ValueError("give size or width/height, not both")
+        return self
+
+    def engine_request(self, model: str) -> dict[str, Any]:
+        """The engine's request fields (size split into width and height; seconds handled by the caller)."""
+        width, height = self.width, self.height
+        if self.size is not None:
+            width, height = (int(x) for x in self.size.split("x"))
+        pab: Any = self.pab.model_dump() if isinstance(self.pab, PABSettings) else self.pab
+        return {
+            "model": model, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
+            "num_frames": self.num_frames, "height": height, "width": width, "fps": self.fps, "steps": self.steps,
+            "guidance_scale": self.guidance_scale, "seed": self.seed, "pab": "off" if pab is None else pab,
+        }
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class Video(BaseModel):
+    """A video job as the API returns it."""
+
+    id: str
+    object: Literal["video"] = "video"
+    model: str
+    status: Status
+    progress: int = Field(0, ge=0, le=100, description="percent of denoising steps done; 100 when completed")
+    step: int = 0
+    total_steps: int = 0
+    created_at: float
+    started_at: float | None = None
+    completed_at: float | None = None
+    prompt: str
+    seconds: str
+    size: str
+    request: dict[str, Any]
+    seed: int
+    attempts: int = Field(0, description="tries that failed because a GPU group died")
+    cancel_requested: bool = False
+    error: ErrorInfo | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    pab: dict[str, Any] | None = None
+    media_type: str = "video/mp4"
+    size_bytes: int | None = None
+    group: dict[str, Any] | None = None
+
+
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Video]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class ModelInfo(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = "pab-cluster"
+    defaults: dict[str, Any]
+    groups: list[dict[str, Any]]

@@ -1,0 +1,168 @@
+"""The group deployment: one Serve replica = one GPU group, one video at a time.
+
+The replica owns a placement group (`placement_group_bundles`, STRICT_PACK) and runs inside bundle 0;
+its `GpuGroup` puts rank i in bundle i. The ingress calls `run(job_id, dispatch)`; the replica reads
+the job record, renders the video on its group, and writes the record as the job moves (in progress,
+progress per denoising step, completed / failed / cancelled). Rank 0 stores the mp4 and its sidecar
+directly in the object store.
+
+Errors the ingress sees from `run`:
+  * `GroupFailed`: a rank died mid-video. The group is broken; `check_health` now fails so Serve
+    replaces this replica. The ingress retries the job elsewhere (it counts as an attempt).
+  * `GroupUnavailable`: this replica's group was already broken; nothing ran, retry costs nothing.
+Everything else (cancelled, rejected request) is written to the record and `run` returns normally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+from actors.group import GenerationCancelled, GenerationError, GpuGroup, GroupUnavailable
+from actors.worker import VideoOutput
+from cluster.api import ErrorInfo
+from cluster.config import AppConfig, ModelConfig, PoolConfig
+from cluster.jobs import JobStore
+from cluster.storage import storage_from_config
+
+log = logging.getLogger("ray.serve")
+
+
+class VideoGroup:
+    """Serve deployment class (decorated by `cluster.app.build_app`, not here)."""
+
+    def __init__(self, config: dict[str, Any], model: str, gpus: int) -> None:
+        self.cfg = AppConfig(**config)
+        self.model_cfg: ModelConfig = self.cfg.model(model)
+        self.pool: PoolConfig = next(p for p in self.model_cfg.groups if p.gpus == gpus)
+        self.store = storage_from_config(self.cfg.storage)
+        self.jobs = JobStore(self.store)
+        self.replica = self._replica_id()
+        s3 = None
+        if self.cfg.storage.backend == "s3":  # checkpoints on the same S3 as the videos by default
+            s = self.cfg.storage.to_args()
+            s3 = {k: s[k] for k in ("endpoint_url", "region", "access_key_id", "secret_access_key")}
+        self.group = GpuGroup(
+            model, size=gpus, checkpoint=self.model_cfg.checkpoint, device=self.model_cfg.device,
+            dtype=self.model_cfg.dtype, cfg_parallel=self.pool.cfg_parallel,
+            gpus_per_rank=self.cfg.gpus_per_rank, cpus_per_rank=self.cfg.cpus_per_rank,
+            placement_group="current", s3=s3, cache_dir=self.cfg.cache_dir,
+            engine_factory=self.cfg.engine_factory, start_timeout_s=self.cfg.group_start_timeout_s,
+            name=f"pab-{self.replica}",
+        )
+        self.group.start()
+        log.info("group %s ready: %s x%d", self.group.name, model, gpus)
+
+    @staticmethod
+    def _replica_id() -> str:
+        try:
+            from ray import serve
+
+            ctx = serve.get_replica_context()
+            return f"{ctx.deployment}-{ctx.replica_id.unique_id}"
+        except Exception:  # noqa: BLE001 - outside Serve (tests of the class itself)
+            import uuid
+
+            return f"local-{uuid.uuid4().hex[:8]}"
+
+    # ------------------------------------------------------------------ Serve hooks
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically: every rank must answer, else the replica is replaced."""
+        await asyncio.to_thread(self.group.health, self.cfg.health_check_timeout_s / 2)
+
+    def __del__(self) -> None:
+        try:
+            self.group.shutdown()
+        except Exception:  # noqa: BLE001 - the rank actors die with this replica anyway
+            pass
+
+    async def info(self) -> dict[str, Any]:
+        return {"replica": self.replica, "group": self.group.info, "broken": self.group.broken}
+
+    # ------------------------------------------------------------------ running a job
+
+    async def run(self, job_id: str, dispatch: int) -> dict[str, Any]:
+        return await asyncio.to_thread(self._run, job_id, dispatch)
+
+    def _run(self, job_id: str, dispatch: int) -> dict[str, Any]:
+        rec = self.jobs.get(job_id)
+        if rec.terminal:
+            return {"skipped": f"job is {rec.status}"}
+        if rec.dispatch != dispatch:
+            return {"skipped": f"stale dispatch {dispatch} (job is at {rec.dispatch})"}
+        if self.group.broken:
+            raise GroupUnavailable(f"{self.group.name} is broken: {self.group.broken}")
+        if self.jobs.cancel_requested(job_id):
+            return self._finish(rec, "cancelled")
+        owner = f"group:{self.group.name}"
+        rec.status, rec.started_at = "in_progress", time.time()
+        rec.group = {"name": self.group.name, "replica": self.replica, "gpus": self.group.size,
+                     "namespace": self.group.info.get("namespace")}
+        self.jobs.save(rec)
+        self.jobs.touch(job_id, owner)
+
+        stop = threading.Event()
+        cancel = threading.Event()
+
+        def keep_alive() -> None:  # lease + cancel polling, off the generation thread
+            last_touch = time.monotonic()
+            while not stop.wait(self.cfg.cancel_poll_s):
+                try:
+                    if not cancel.is_set() and self.jobs.cancel_requested(job_id):
+                        cancel.set()
+                    if time.monotonic() - last_touch >= self.cfg.heartbeat_s:
+                        self.jobs.touch(job_id, owner)
+                        last_touch = time.monotonic()
+                except Exception as e:  # noqa: BLE001 - storage hiccup: try again next tick
+                    log.warning("job %s keep-alive: %s", job_id, e)
+
+        last_write = [0.0]
+
+        def on_progress(step: int, total: int) -> None:
+            rec.step, rec.total_steps = step, total
+            rec.progress = min(99, int(100 * step / total))  # 100 only once the video is stored
+            now = time.monotonic()
+            if now - last_write[0] >= self.cfg.progress_interval_s or step == total:
+                last_write[0] = now
+                try:
+                    self.jobs.save(rec)
+                except Exception as e:  # noqa: BLE001 - progress is best effort
+                    log.warning("job %s progress write: %s", job_id, e)
+
+        sidecar = {"job_id": job_id, "created_at": rec.created_at, "attempt": rec.attempts + 1, "prompt": rec.prompt}
+        output = VideoOutput(storage=self.cfg.storage.to_args(), video_id=job_id, sidecar=sidecar)
+        watcher = threading.Thread(target=keep_alive, daemon=True, name=f"lease-{job_id}")
+        watcher.start()
+        try:
+            result = self.group.generate(rec.request, on_progress=on_progress, should_cancel=cancel.is_set,
+                                         output=output)
+        except GenerationCancelled:
+            return self._finish(rec, "cancelled")
+        except GenerationError as e:
+            return self._finish(rec, "failed", ErrorInfo(code="generation_error", message=str(e)))
+        finally:
+            stop.set()
+            watcher.join(5)
+        # GroupFailed propagates: the ingress retries on another group, Serve replaces this one.
+        rec.status, rec.progress, rec.completed_at = "completed", 100, time.time()
+        rec.step = rec.total_steps = len(result.get("timesteps") or []) or rec.total_steps
+        rec.video_key, rec.size_bytes = result["video"]["key"], result["video"]["size_bytes"]
+        rec.pab = result.get("pab")
+        rec.timings = {
+            **{k: float(v) for k, v in result.get("timings", {}).items()},
+            "queue_s": rec.started_at - rec.created_at, "run_s": rec.completed_at - rec.started_at,
+            "total_s": rec.completed_at - rec.created_at,
+        }
+        self.jobs.save(rec)
+        return {"status": "completed", "video": result["video"]}
+
+    def _finish(self, rec, status: str, error: ErrorInfo | None = None) -> dict[str, Any]:
+        rec.status, rec.completed_at, rec.error = status, time.time(), error
+        if rec.started_at:
+            rec.timings = {**rec.timings, "run_s": rec.completed_at - rec.started_at}
+        self.jobs.save(rec)
+        return {"status": status}

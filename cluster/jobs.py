@@ -1,0 +1,119 @@
+"""Durable job records in the object store: nothing about a job lives only in a replica's memory.
+
+Layout under the storage root (each object has one writer at a time, so no read-modify-write races
+between the ingress and a group):
+
+    jobs/records/<id>.json   the job (`JobRecord`). The ingress writes it when it creates and
+                             (re)dispatches the job; the group running it writes it while it runs.
+    jobs/active/<id>         present while the job is not finished (cheap to list on restart).
+    jobs/cancel/<id>         a cancel request (written by DELETE; the group stops at the next step).
+    jobs/leases/<id>.json    {"owner", "at"}: refreshed by whoever holds the job (the ingress while it
+                             queues it, the group while it renders). A stale lease means nobody
+                             holds it any more, so a restarted ingress takes it over.
+    videos/<id>.mp4, .json   the result and its sidecar (`cluster.storage.Storage.put_video`).
+
+Ids are time-ordered (`video_<13 hex ms><12 hex random>`), so key order is creation order.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from typing import Any
+
+from cluster.api import TERMINAL, Video
+from cluster.storage import NotFound, Storage
+
+RECORDS, ACTIVE, CANCEL, LEASES = "jobs/records/", "jobs/active/", "jobs/cancel/", "jobs/leases/"
+ID_RE = re.compile(r"^video_[0-9a-f]{25}$")
+
+
+def new_job_id() -> str:
+    return f"video_{int(time.time() * 1000):013x}{secrets.token_hex(6)}"
+
+
+def valid_id(job_id: str) -> bool:
+    return bool(ID_RE.match(job_id))
+
+
+class JobRecord(Video):
+    """The stored job: the public `Video` plus what the system needs to run and retry it."""
+
+    pool: str  # deployment name of the group pool that runs it
+    dispatch: int = 0  # fencing token: bumped at every (re)dispatch; a group runs only the latest
+    max_attempts: int = 3
+    last_error: str | None = None
+    updated_at: float = 0.0
+    video_key: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def public(self) -> Video:
+        return Video(**self.model_dump(include=set(Video.model_fields)))
+
+
+class JobStore:
+    """Job records, cancel requests and leases on a `Storage` backend (blocking calls)."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    # ------------------------------------------------------------------ records
+
+    def create(self, rec: JobRecord) -> None:
+        rec.updated_at = time.time()
+        self.storage.put_json(f"{RECORDS}{rec.id}.json", rec.model_dump(mode="json"))
+        self.storage.put_bytes(f"{ACTIVE}{rec.id}", b"")
+
+    def get(self, job_id: str) -> JobRecord:
+        if not valid_id(job_id):
+            raise NotFound(job_id)
+        return JobRecord(**self.storage.get_json(f"{RECORDS}{job_id}.json"))
+
+    def save(self, rec: JobRecord) -> None:
+        """Write the record; a finished job leaves the active set and drops its lease."""
+        rec.updated_at = time.time()
+        self.storage.put_json(f"{RECORDS}{rec.id}.json", rec.model_dump(mode="json"))
+        if rec.terminal:
+            self.storage.delete(f"{ACTIVE}{rec.id}")
+            self.storage.delete(f"{LEASES}{rec.id}.json")
+
+    def list(self, limit: int = 20, after: str | None = None, order: str = "desc") -> tuple[list[JobRecord], bool]:
+        """A page of jobs, newest first (desc) or oldest first (asc), strictly after the id `after`."""
+        if order == "asc":
+            keys = self.storage.list(RECORDS, start_after=f"{RECORDS}{after}.json" if after else None, limit=limit + 1)
+        else:
+            keys = self.storage.list(RECORDS)[::-1]
+            if after:
+                keys = [k for k in keys if k < f"{RECORDS}{after}.json"]
+            keys = keys[: limit + 1]
+        records = []
+        for k in keys[:limit]:
+            try:
+                records.append(JobRecord(**self.storage.get_json(k)))
+            except NotFound:  # deleted between list and get
+                continue
+        return records, len(keys) > limit
+
+    def active_ids(self) -> list[str]:
+        return [k[len(ACTIVE):] for k in self.storage.list(ACTIVE)]
+
+    # ------------------------------------------------------------------ cancel and leases
+
+    def request_cancel(self, job_id: str) -> None:
+        self.storage.put_bytes(f"{CANCEL}{job_id}", b"")
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.storage.exists(f"{CANCEL}{job_id}")
+
+    def touch(self, job_id: str, owner: str) -> None:
+        self.storage.put_json(f"{LEASES}{job_id}.json", {"owner": owner, "at": time.time()})
+
+    def lease(self, job_id: str) -> dict[str, Any] | None:
+        try:
+            return self.storage.get_json(f"{LEASES}{job_id}.json")
+        except NotFound:
+            return None
