@@ -10,23 +10,26 @@
 ARG RAY_VERSION=2.60.0
 FROM rayproject/ray:${RAY_VERSION}-py311-gpu
 
-# torch wheels carry their own CUDA runtime; only the node's driver must be new enough.
-# pyproject pins torch==2.13.0, which the +cu128 build satisfies, so `pip install .` keeps it.
+# torch from PyPI: on Linux x86_64 that wheel is the CUDA build and brings its CUDA runtime as nvidia-*
+# wheels, so only the node's driver must be new enough for it (`nvidia-smi`). pyproject pins the same
+# torch==2.13.0, so `pip install .` below keeps it.
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}"
 
 WORKDIR /home/ray/pab-cluster
-# Dependencies first so code edits do not re-download them. README.m[d]: the glob lets the build go on
-# in a checkout without a README (pyproject names it, setuptools only warns when it is missing).
-COPY --chown=ray:users pyproject.toml README.m[d] ./
+# Dependencies first (from pyproject.toml alone), so a code change does not reinstall them.
+COPY --chown=ray:users pyproject.toml README.md ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt && rm /tmp/requirements.txt
 COPY --chown=ray:users pab ./pab
 COPY --chown=ray:users actors ./actors
 COPY --chown=ray:users cluster ./cluster
 COPY --chown=ray:users jobs ./jobs
 # A regular (not editable) install: `python -m jobs.render` and `cluster.app:build_app` import from
 # site-packages whatever the working directory of the Ray job or Serve replica is.
-RUN pip install --no-cache-dir . && python -c "import torch, ray, av, jobs.render, cluster.app, actors.group"
+RUN pip install --no-cache-dir --no-deps . \
+    && python -c "import torch, ray, av, jobs.render, cluster.app, actors.group"
 
 # Model checkpoints are not baked in: they are downloaded once per pod from S3 into $PAB_CACHE_DIR
 # (default ~/.cache/pab; k8s/*.yaml mount an emptyDir there).

@@ -10,6 +10,7 @@ processes it started.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,7 +46,8 @@ class RayJobCluster:
         # Ray's socket paths must stay short: a fresh short folder under /tmp, not pytest's tmp_path.
         self.tmpdir = tempfile.mkdtemp(prefix="rayj8-", dir="/tmp")
         self.env = {
-            **os.environ,
+            # Not the test process's own Ray (another fixture may have exported its address).
+            **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
             "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",  # the job's `python` is this venv's
             "RAY_TMPDIR": self.tmpdir, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
             "OMP_NUM_THREADS": "1", **env,
@@ -94,14 +96,14 @@ class RayJobCluster:
         raise RuntimeError(f"Ray job server not ready after {timeout_s}s: {last!r}\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # `ray start --block` stops the processes it started
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -247,12 +247,10 @@ def test_dockerfile_copies_what_exists_and_imports_real_modules():
     for line in re.findall(r"^COPY (.+)$", dockerfile, re.M):
         sources = [s for s in line.split()[:-1] if not s.startswith("--")]
         for src in sources:
-            if "[" in src:  # a glob that may match nothing (README.m[d])
-                continue
             assert (REPO / src).exists(), src
     packages = set(re.findall(r"^COPY --chown=\S+ (\w+) \./\1$", dockerfile, re.M))
     assert packages == {"pab", "actors", "cluster", "jobs"}
-    (check,) = re.findall(r'python -c "import ([^"]+)"', dockerfile)
+    (check,) = re.findall(r'python -c "import ([\w., ]+)"$', dockerfile, re.M)
     for module in (m.strip() for m in check.split(",")):
         assert importlib.util.find_spec(module) is not None, module
 
