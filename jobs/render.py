@@ -352,18 +352,17 @@ class BulkRender:
 
     def _render_one(self, group, plan: RowPlan, attempt: int, work: queue.Queue) -> bool:
         """Render one row; False if the group is gone for good (the row is queued again or failed)."""
-        from actors.group import GenerationError, GroupError, GroupFailed, GroupUnavailable
+        from actors.group import GenerationError, GroupError
 
-        mp4, side = video_keys(plan.key)
         extra = {
             "state": STATE_COMPLETED, "manifest_id": plan.id, "manifest_row": plan.row,
             "fingerprint": plan.fingerprint, "run_id": self.run_id, "attempt": attempt,
             "job": {"manifest": self.args.manifest, "output": self.args.output},
         }
-        self.ledger.mark_rendering(plan, self.run_id)
         self.progress.rendering()
         t0 = time.monotonic()
         try:
+            self.ledger.mark_rendering(plan, self.run_id)
             result = group.generate(
                 plan.request,
                 output={"storage": self.out_config.to_args(), "video_id": plan.key, "sidecar": extra},
@@ -373,7 +372,7 @@ class BulkRender:
             # The model rejected the request on every rank (or rank 0 could not store it): not retried.
             self._row_failed(plan, attempt, str(e))
             return True
-        except (GroupFailed, GroupUnavailable, GroupError) as e:
+        except GroupError as e:  # GroupFailed / GroupUnavailable: a rank died or hung, the group is gone
             log.warning("row=%d id=%r attempt %d: group %s broke: %s", plan.row, plan.id, attempt, group.name, e)
             if attempt < self.args.max_attempts:
                 work.put((plan, attempt + 1))
@@ -386,6 +385,10 @@ class BulkRender:
                 self.unrendered_reason = f"group could not be rebuilt: {e2}"
                 log.error("%s", self.unrendered_reason)
                 return False
+        except Exception as e:  # noqa: BLE001 - e.g. storage unreachable: report the row, keep the group
+            log.exception("row=%d id=%r failed outside the group", plan.row, plan.id)
+            self._row_failed(plan, attempt, f"{type(e).__name__}: {e}")
+            return True
         render_s = time.monotonic() - t0
         row = self._completed(plan, {}, resumed=False, attempts=attempt, render_s=render_s,
                               timings=result.get("timings"))
@@ -423,6 +426,10 @@ class BulkRender:
             return 0
         if todo:
             self.render(todo)
+        for plan in plans:  # every manifest row gets a results row, whatever happened above
+            if plan.row not in self.results:
+                self._finish(ResultRow(plan.row, plan.id, "failed", seed=_seed(plan),
+                                       error="not rendered: the job lost track of this row (see the log)"))
         uri = self.write_results()
         log.info(self.progress.line())
         log.info("results: %s (%d rows) in %.1fs", uri, len(self.results), time.monotonic() - t0)

@@ -286,3 +286,19 @@ def test_broken_groups_are_rebuilt_and_rows_retried_up_to_max_attempts(tmp_path,
     for r in rows.values():
         mp4, side = video_keys(key_for_id(r["id"]))
         assert store.exists(mp4) == store.exists(side) == (r["status"] == "completed")
+
+
+def test_a_storage_error_fails_only_its_row(tmp_path):
+    manifest = tmp_path / "m.parquet"
+    manifest.write_bytes(parquet(id=["a", "blocked", "c"], prompt=["p-a", "p-b", "p-c"]))
+    out = tmp_path / "out"
+    (out / "videos" / "blocked.json").mkdir(parents=True)  # the intent sidecar cannot be written
+    args = render.parse_args(["--manifest", str(manifest), "--output", str(out), "--progress-every", "0.2"])
+    job = render.BulkRender(args)
+    group = FlakyGroup("g0", set())
+    job._connect = lambda: None
+    job._new_group = lambda index: group
+    assert job.run() == 0
+    rows = {r["id"]: r for r in read_results((out / "results.parquet").read_bytes()).to_pylist()}
+    assert [rows[i]["status"] for i in ("a", "blocked", "c")] == ["completed", "failed", "completed"]
+    assert rows["blocked"]["error"].startswith("IsADirectoryError") and group.calls == ["p-a", "p-c"]
