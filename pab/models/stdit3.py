@@ -8,18 +8,50 @@ cross-attention is an SDPA key mask instead of xformers' packed block-diagonal m
 
 Seams for PAB and DSP (docs/design.md): spatial attention sees (B·T, S, C), temporal attention sees
 (B·S, T, C) and computes its RoPE from that T; see `STDiT3.broadcast_targets`.
+
+Performance (bf16 on CUDA; the float32 CPU path is the fixture path and keeps its exact op order):
+* the hidden state is kept contiguous (B, T, S, C); norm + modulate and gate + residual are one
+  elementwise pass each (`torch.addcmul`), and the temporal block writes its (B·S, T, C) input in that pass;
+* RoPE tables are cached per (T, device, dtype); q/k RMSNorm is `F.rms_norm` (one fused kernel on CUDA);
+* the text is cut to its last kept token and an all-kept mask becomes None, so cross-attention runs
+  flash attention on ~tens of keys instead of a masked kernel on 300;
+* the MLP's bias + tanh-GELU run in the fc1 GEMM epilogue on CUDA (`MLP_FUSED_GELU`);
+* the temporal attention core (3180 sequences of 15 tokens at 480p) runs as selected by
+  `TEMPORAL_ATTENTION` (see `temporal_attention_impl`): on CUDA by default one Triton kernel that reads
+  qkv, applies RMSNorm + RoPE, attends and writes the (N, T, C) input of `proj`;
+* `STDiT3Block.compile_regions` names the elementwise steps between the PAB targets that
+  `pab.compile.apply_compile` may compile.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:  # only for the CUDA temporal-attention kernel; everything else runs without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = tl = None
+
+
+# How the temporal attention core is computed (the module is still called once per block, on (B·S, T, C)):
+#   "auto"   - "triton" on CUDA when Triton imports and T <= 32, else "sdpa"
+#   "triton" - one fused kernel per forward: RMSNorm + RoPE + softmax(qk^T)v, many (sequence, head) pairs per SM
+#   "bmm"    - baddbmm / fp32 softmax / bmm: cuBLAS batched GEMMs instead of one flash CTA per tiny sequence
+#   "sdpa"   - F.scaled_dot_product_attention (flash: one CTA of 128 query rows per 15-token sequence)
+# bench/profile.py times them all at the real shapes.
+TEMPORAL_ATTENTION = "auto"
+TEMPORAL_ATTENTION_IMPLS = ("auto", "triton", "bmm", "sdpa")
+# Fold fc1's bias + tanh-GELU into the GEMM epilogue on CUDA (torch._addmm_activation -> cuBLASLt GELU_BIAS).
+MLP_FUSED_GELU = True
 
 
 #################################################################################
@@ -152,6 +184,12 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features or in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if MLP_FUSED_GELU and x.is_cuda:
+            # cuBLASLt applies bias + tanh-GELU in fc1's epilogue: the 4C-wide hidden is written once instead
+            # of written, read and written again by a separate GELU kernel (2 x 440 MB per MLP at 480p).
+            # CUDA only: the CPU kernel of this op uses the exact (erf) GELU.
+            h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), use_gelu=True)
+            return self.fc2(h.view(*x.shape[:-1], h.shape[-1]))
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -181,7 +219,9 @@ class PatchEmbed3D(nn.Module):
         pt, ph, pw = self.patch_size
         x = F.pad(x, (0, -W % pw, 0, -H % ph, 0, -T % pt))
         x = self.proj(x)  # (B, C, T_p, H_p, W_p)
-        return x.flatten(2).transpose(1, 2)  # (B, N, C), tokens in (t, h, w) order
+        # Contiguous (B, N, C): a transposed view here would make every later elementwise op keep the
+        # channel-major layout, and every norm and reshape copy it back, in every block.
+        return x.flatten(2).transpose(1, 2).contiguous()  # (B, N, C), tokens in (t, h, w) order
 
 
 def spatial_pos_embed(
@@ -211,18 +251,45 @@ class RotaryEmbedding(nn.Module):
         # A frozen Parameter, not a buffer: that is how the official checkpoint stores `rope.freqs`.
         freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
         self.freqs = nn.Parameter(freqs, requires_grad=False)  # (dim/2,)
+        self._tables: dict[tuple, tuple] = {}  # derived from freqs, not state (see `tables`)
+
+    def tables(self, L: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of shape (L, D) such that rope(x) = x * cos + swap_pairs(x) * sin.
+
+        cos is repeated over each pair, sin is (-s, +s) per pair. Cached per (L, device, dtype), so every
+        block of a forward reuses one table instead of recomputing it (a handful of tiny kernels per block).
+        An entry holds the `freqs` storage it was made from (so that address cannot be reused by another
+        tensor) and its version: casting the model or loading a checkpoint invalidates it.
+        """
+        f = self.freqs
+        key = (L, torch.device(device), dtype)
+        compiling = torch.compiler.is_compiling()
+        if not compiling and key in self._tables:
+            src, version, cos, sin = self._tables[key]
+            if src.data_ptr() == f.data_ptr() and src.dtype == f.dtype and version == f._version:
+                return cos, sin
+        pos = torch.arange(L, device=device, dtype=dtype)
+        angles = pos[:, None] * f.to(device=device, dtype=dtype)[None]  # (L, D/2)
+        cos = angles.cos().repeat_interleave(2, dim=-1)
+        sin = angles.sin()
+        sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
+        if not compiling:
+            if len(self._tables) >= 8:  # a few (T, device, dtype) at a time; never grows without bound
+                self._tables.clear()
+            self._tables[key] = (f.detach(), f._version, cos, sin)
+        return cos, sin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., L, D) -> same, pair (x[2i], x[2i+1]) at position p rotated by p * freqs[i]."""
-        L = x.shape[-2]
         # At least float32 even for bf16 models: bf16 angles of positions in the hundreds are off by ~1 rad.
         dtype = torch.promote_types(x.dtype, torch.float32)
-        pos = torch.arange(L, device=x.device, dtype=dtype)
-        angles = (pos[:, None] * self.freqs.to(dtype)[None]).repeat_interleave(2, dim=-1)  # (L, D)
-        xf = x.to(dtype)
-        x1, x2 = xf.unflatten(-1, (-1, 2)).unbind(-1)
-        rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)  # (..., L, D)
-        return (xf * angles.cos() + rotated * angles.sin()).to(x.dtype)
+        cos, sin = self.tables(x.shape[-2], x.device, dtype)
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
+        # Same products and sum as x*cos + (-x1, x0, ...)*sin (so float32 is bit-identical), computed in
+        # `dtype`; for bf16 the rounding back happens in the same kernel (out=) instead of another pass.
+        if x.dtype == dtype:
+            return torch.addcmul(x * cos, swapped, sin)
+        return torch.addcmul(x * cos, swapped, sin, out=torch.empty_like(x, memory_format=torch.contiguous_format))
 
 
 #################################################################################
@@ -239,9 +306,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # One fused kernel on CUDA (float32 inside, one rounding) instead of ~6 float32 passes; in float32
+        # it is the same x * rsqrt(mean(x^2) + eps) * weight as the official LlamaRMSNorm.
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class SelfAttention(nn.Module):
@@ -261,13 +328,161 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, L, C = x.shape
-        qkv = self.qkv(x).view(N, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (N, heads, L, head_dim)
-        q, k = self.q_norm(q), self.k_norm(k)
+        qkv = self.qkv(x)  # (N, L, 3C)
+        impl = temporal_attention_impl(qkv) if self.rope is not None else "sdpa"
+        if impl == "triton":
+            out = _temporal_attention_triton(self, qkv)  # norm + RoPE + attention in one kernel, (N, L, C)
+            if out is not None:
+                return self.proj(out)
+            impl = "bmm"  # the kernel could not be built here (warned once)
+        q, k, v = qkv.view(N, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)  # each (N, heads, L, head_dim)
         if self.rope is not None:  # after the norm, as the released model was trained
             q, k = self.rope(q), self.rope(k)
-        x = F.scaled_dot_product_attention(q, k, v)  # (N, heads, L, head_dim)
+        if impl == "bmm":
+            return self.proj(_bmm_attention(q, k, v))
+        x = F.scaled_dot_product_attention(q, k, v)  # (N, heads, L, head_dim); flash returns it (N, L, heads, hd)
         return self.proj(x.transpose(1, 2).reshape(N, L, C))
+
+
+def temporal_attention_impl(x: torch.Tensor) -> str:
+    """The implementation `TEMPORAL_ATTENTION` selects for the temporal (RoPE) attention on (N, L, 3C) `x`."""
+    impl = TEMPORAL_ATTENTION
+    if impl not in TEMPORAL_ATTENTION_IMPLS:
+        raise ValueError(f"TEMPORAL_ATTENTION={impl!r}; choose one of {TEMPORAL_ATTENTION_IMPLS}")
+    if impl != "auto":
+        return impl
+    if x.is_cuda and triton is not None and _TRITON_ERROR is None and x.shape[1] <= _TRITON_MAX_L:
+        return "triton"
+    return "sdpa"
+
+
+def _bmm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for many short sequences as batched GEMMs: (N, H, L, D) x3 -> (N, L, H·D).
+
+    Flash attention gives each (sequence, head) its own CTA of 128 query rows, ~12% used at L=15; cuBLAS
+    batched GEMMs pack many small matrices per CTA. Scores are rounded to the input dtype and the softmax
+    runs in float32, like the official model's non-flash path (the scale is applied inside the GEMM).
+    """
+    N, H, L, D = q.shape
+    qf, kf, vf = (t.reshape(N * H, L, D) for t in (q, k, v))  # v is a strided view of qkv: one copy
+    scores = torch.baddbmm(qf.new_empty(()), qf, kf.transpose(1, 2), beta=0.0, alpha=D**-0.5)  # (N·H, L, L)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    out = torch.bmm(probs, vf)  # (N·H, L, D)
+    return out.view(N, H, L, D).transpose(1, 2).reshape(N, L, H * D)
+
+
+# ------------------------------------------------------------------ fused temporal attention (Triton, CUDA)
+
+_TRITON_MAX_L = 32  # one (BLOCK_L x BLOCK_D) tile per sequence; longer sequences suit flash attention anyway
+_TRITON_ERROR: Exception | None = None  # set when "auto" found that the kernel cannot be built here
+
+if triton is not None:
+
+    @triton.jit
+    def _temporal_attention_kernel(
+        qkv_ptr, out_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
+        L, H, C, stride_qkv_n, stride_qkv_l, stride_out_n, stride_out_l, scale, eps,
+        D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_NORM: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """One program per (sequence n, head h): q, k, v rows of qkv (N, L, 3, H, D) -> out (N, L, H, D).
+
+        RoPE needs each channel's pair partner (d ^ 1): it is loaded a second time (from cache) rather than
+        shuffled in registers. Norm and RoPE run in float32; q, k, p are rounded to the input dtype for
+        the tensor-core dots, which accumulate in float32 (as flash attention does).
+        """
+        pid = tl.program_id(0)
+        n = pid // H
+        h = pid % H
+        rows = tl.arange(0, BLOCK_L)
+        cols = tl.arange(0, BLOCK_D)
+        row_ok = rows < L
+        col_ok = cols < D
+        mask = row_ok[:, None] & col_ok[None, :]
+        partner = cols ^ 1
+        base = qkv_ptr + n * stride_qkv_n + rows[:, None] * stride_qkv_l + h * D
+        tab = rows[:, None] * D + cols[None, :]
+        cos = tl.load(cos_ptr + tab, mask=mask, other=0.0)
+        sin = tl.load(sin_ptr + tab, mask=mask, other=0.0)
+
+        q = tl.load(base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        q_p = tl.load(base + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        k = tl.load(base + C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        k_p = tl.load(base + C + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_NORM:  # RMSNorm over the head dim; the partner shares the row's rms, not the weight
+            q_r = 1.0 / tl.sqrt(tl.sum(q * q, axis=1) / D + eps)
+            k_r = 1.0 / tl.sqrt(tl.sum(k * k, axis=1) / D + eps)
+            qw = tl.load(qw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            qw_p = tl.load(qw_ptr + partner, mask=col_ok, other=0.0).to(tl.float32)
+            kw = tl.load(kw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            kw_p = tl.load(kw_ptr + partner, mask=col_ok, other=0.0).to(tl.float32)
+            q, q_p = q * q_r[:, None] * qw[None, :], q_p * q_r[:, None] * qw_p[None, :]
+            k, k_p = k * k_r[:, None] * kw[None, :], k_p * k_r[:, None] * kw_p[None, :]
+        dt = qkv_ptr.dtype.element_ty
+        q = (q * cos + q_p * sin).to(dt)
+        k = (k * cos + k_p * sin).to(dt)
+        v = tl.load(base + 2 * C + cols[None, :], mask=mask, other=0.0)
+
+        if IEEE:  # float32 models: no tf32 rounding
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(row_ok[None, :], s * scale, float("-inf"))  # padded key columns get no weight
+        p = tl.exp(s - tl.max(s, axis=1)[:, None])
+        p = p / tl.sum(p, axis=1)[:, None]
+        if IEEE:
+            o = tl.dot(p.to(dt), v, input_precision="ieee")
+        else:
+            o = tl.dot(p.to(dt), v)
+        out = out_ptr + n * stride_out_n + rows[:, None] * stride_out_l + h * D + cols[None, :]
+        tl.store(out, o.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @torch.library.custom_op("pab::stdit3_temporal_attention", mutates_args=())
+    def _temporal_attention_op(
+        qkv: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+        cos: torch.Tensor, sin: torch.Tensor, num_heads: int, eps: float,
+    ) -> torch.Tensor:  # fmt: skip
+        """(N, L, 3C) qkv -> (N, L, C) attention output; an opaque op to torch.compile (no graph break)."""
+        N, L, C3 = qkv.shape
+        C = C3 // 3
+        D = C // num_heads
+        qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+        out = qkv.new_empty(N, L, C)
+        has_norm = q_weight is not None
+        _temporal_attention_kernel[(N * num_heads,)](
+            qkv, out, q_weight if has_norm else cos, k_weight if has_norm else cos, cos, sin,
+            L, num_heads, C, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), D**-0.5, eps,
+            D=D, BLOCK_L=max(16, triton.next_power_of_2(L)), BLOCK_D=max(16, triton.next_power_of_2(D)),
+            HAS_NORM=has_norm, IEEE=qkv.dtype == torch.float32, num_warps=4,
+        )  # fmt: skip
+        return out
+
+    @_temporal_attention_op.register_fake
+    def _(qkv, q_weight, k_weight, cos, sin, num_heads, eps):
+        N, L, C3 = qkv.shape
+        return qkv.new_empty(N, L, C3 // 3)
+
+
+def _temporal_attention_triton(attn: SelfAttention, qkv: torch.Tensor) -> torch.Tensor | None:
+    """Run the fused kernel; under "auto", None (and one warning) if it cannot be built on this machine."""
+    global _TRITON_ERROR
+    if triton is None:
+        raise RuntimeError("TEMPORAL_ATTENTION='triton' needs the triton package")
+    if qkv.shape[1] > _TRITON_MAX_L:
+        raise ValueError(f"the Triton temporal attention takes at most {_TRITON_MAX_L} frames, got {qkv.shape[1]}")
+    has_norm = isinstance(attn.q_norm, RMSNorm)
+    cos, sin = attn.rope.tables(qkv.shape[1], qkv.device, torch.float32)
+    args = (qkv, attn.q_norm.weight if has_norm else None, attn.k_norm.weight if has_norm else None, cos, sin,
+            attn.num_heads, attn.q_norm.eps if has_norm else 0.0)  # fmt: skip
+    if TEMPORAL_ATTENTION != "auto" or torch.compiler.is_compiling():
+        return _temporal_attention_op(*args)
+    try:
+        return _temporal_attention_op(*args)
+    except Exception as e:  # e.g. no C compiler for Triton's launcher: keep the model usable
+        _TRITON_ERROR = e
+        warnings.warn(f"Triton temporal attention unavailable ({type(e).__name__}: {e}); using 'bmm'", stacklevel=2)
+        return None
 
 
 class CrossAttention(nn.Module):
@@ -318,6 +533,10 @@ def _split6(t: torch.Tensor | None) -> torch.Tensor | None:
 class STDiT3Block(nn.Module):
     """One spatial or temporal block: adaLN-modulated self-attention, plain cross-attention, modulated MLP."""
 
+    # The elementwise steps between the PAB targets: pure functions of their arguments (no state, no
+    # hooks), which pab.compile.apply_compile may replace per instance with compiled versions.
+    compile_regions = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+
     def __init__(self, config: STDiT3Config, temporal: bool, rope: RotaryEmbedding | None = None):
         super().__init__()
         C = config.hidden_size
@@ -332,26 +551,41 @@ class STDiT3Block(nn.Module):
     def forward(self, x, y, mask, t_mod, t0_mod=None, x_mask=None):
         """x: (B, T, S, C); y: (B, L, C); mask: (B, L) bool | None; t_mod/t0_mod: (B, 6C); x_mask: (B, T) bool."""
         B, T, S, C = x.shape
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            modulation(self.scale_shift_table, _split6(t_mod), _split6(t0_mod), x_mask).unbind(1)
-        )  # each (B, T|1, 1, C), broadcasting over S
-
+        # (B, 6, T|1, 1, C): shift/scale/gate of the attention, then of the MLP, broadcasting over S
+        mod = modulation(self.scale_shift_table, _split6(t_mod), _split6(t0_mod), x_mask)
         # self-attention; the attention module sees sequence-major tokens (the PAB/DSP seam)
-        x_m = self.norm1(x) * (1 + scale_msa) + shift_msa  # (B, T, S, C)
-        if self.temporal:
-            x_m = x_m.transpose(1, 2).reshape(B * S, T, C)  # (B·S, T, C)
-            x_m = self.attn(x_m).view(B, S, T, C).transpose(1, 2)  # (B, T, S, C)
-        else:
-            x_m = self.attn(x_m.reshape(B * T, S, C)).view(B, T, S, C)  # attn on (B·T, S, C)
-        x = x + gate_msa * x_m
+        x = self.attn_out(x, self.attn(self.attn_in(x, mod)), mod)
+        # cross-attention (no norm, no gate) and the MLP, on (B, T·S, C)
+        x, x_m = self.mlp_in(x, self.cross_attn(x.view(B, T * S, C), y, mask), mod)
+        return self.mlp_out(x, self.mlp(x_m), mod)
 
-        # cross-attention: no norm, no gate
-        x = x + self.cross_attn(x.reshape(B, T * S, C), y, mask).view(B, T, S, C)
+    def attn_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        """norm1 + modulate -> (B·T, S, C) spatial or (B·S, T, C) temporal attention input."""
+        B, T, S, C = x.shape
+        x_n = self.norm1(x)
+        if not self.temporal:
+            return torch.addcmul(mod[:, 0], x_n, 1 + mod[:, 1]).view(B * T, S, C)
+        if torch.compiler.is_compiling():  # the compiler fuses the transpose into the same kernel itself
+            return (x_n * (1 + mod[:, 1]) + mod[:, 0]).transpose(1, 2).reshape(B * S, T, C)
+        # Write straight into the (B, S, T, C) layout: one pass instead of modulate + transpose copy.
+        out = x.new_empty(B, S, T, C)
+        torch.addcmul(mod[:, 0], x_n, 1 + mod[:, 1], out=out.transpose(1, 2))
+        return out.view(B * S, T, C)
 
-        # MLP, on (B, T·S, C) like the cross-attention
-        x_m = self.norm2(x) * (1 + scale_mlp) + shift_mlp
-        x = x + gate_mlp * self.mlp(x_m.reshape(B, T * S, C)).view(B, T, S, C)
-        return x
+    def attn_out(self, x: torch.Tensor, a: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        """x + gate * attention output, read back from its sequence-major layout in the same pass."""
+        B, T, S, C = x.shape
+        a = a.view(B, S, T, C).transpose(1, 2) if self.temporal else a.view(B, T, S, C)
+        return torch.addcmul(x, mod[:, 2], a)
+
+    def mlp_in(self, x: torch.Tensor, c: torch.Tensor, mod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention residual, then norm2 + modulate: (x, MLP input (B, T·S, C))."""
+        B, T, S, C = x.shape
+        x = x + c.view(B, T, S, C)
+        return x, torch.addcmul(mod[:, 3], self.norm2(x), 1 + mod[:, 4]).view(B, T * S, C)
+
+    def mlp_out(self, x: torch.Tensor, m: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(x, mod[:, 5], m.view(x.shape))
 
 
 class FinalLayer(nn.Module):
@@ -399,6 +633,7 @@ class STDiT3(nn.Module):
             [STDiT3Block(config, temporal=True, rope=self.rope) for _ in range(config.depth)]
         )
         self.final_layer = FinalLayer(C, math.prod(config.patch_size), self.out_channels)
+        self._pos_cache: dict[tuple, torch.Tensor] = {}  # spatial tables by size; derived, not state
         self.initialize_weights()
 
         if config.only_train_temporal:
@@ -473,9 +708,8 @@ class STDiT3(nn.Module):
 
         # === patches + spatial position table (no temporal table: time gets RoPE) ===
         resolution_sq = (_first(height) * _first(width)) ** 0.5
-        pos = spatial_pos_embed(self.config.hidden_size, H, W, resolution_sq / self.config.input_sq_size,
-                                round(S**0.5), x.device).to(dtype)  # (1, S, C)  # fmt: skip
-        x = self.x_embedder(x).view(B, T, S, -1) + pos[:, None]  # (B, T, S, C)
+        pos = self.spatial_pos(H, W, resolution_sq / self.config.input_sq_size, x.device, dtype)  # (1, S, C)
+        x = self.x_embedder(x).view(B, T, S, -1) + pos[:, None]  # (B, T, S, C), contiguous
 
         # === blocks: s0, t0, s1, t1, ... ===
         for spatial_block, temporal_block in zip(self.spatial_blocks, self.temporal_blocks):
@@ -485,22 +719,42 @@ class STDiT3(nn.Module):
         x = self.final_layer(x, t, t0, x_mask)  # (B, T, S, pt·ph·pw·out)
         return self.unpatchify(x, (T, H, W), (Tx, Hx, Wx)).float()
 
+    def spatial_pos(self, H: int, W: int, scale: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The (1, H·W, C) spatial sin/cos table, cached per size: computed once, not once per forward."""
+        key = (H, W, scale, torch.device(device), dtype)
+        if key not in self._pos_cache:
+            if len(self._pos_cache) >= 8:
+                self._pos_cache.clear()
+            pos = spatial_pos_embed(self.config.hidden_size, H, W, scale, round((H * W) ** 0.5), device)
+            self._pos_cache[key] = pos.to(dtype)
+        return self._pos_cache[key]
+
     def encode_text(self, y: torch.Tensor, mask: torch.Tensor | None, B: int):
-        """(B, 1, L, caption_channels) T5 features -> (B, L, C); mask -> (B, L) bool keep-mask (or None)."""
+        """(B, 1, L, caption_channels) T5 features -> (B, L', C) and a (B, L') bool keep-mask or None.
+
+        Text columns after the last token any sample keeps are dropped (masked keys add nothing to the
+        softmax), and a mask that then keeps everything becomes None, so the cross-attention runs flash
+        attention over the real prompt length (e.g. 32 of T5's 300) instead of a masked kernel over all 300.
+        """
         if y.ndim != 4 or y.shape[0] != B or y.shape[1] != 1:
             raise ValueError(f"y must be (B={B}, 1, L, {self.config.caption_channels}), got {tuple(y.shape)}")
-        y = self.y_embedder(y).squeeze(1)  # (B, L, C)
         if mask is None:
-            return y, None
+            return self.y_embedder(y).squeeze(1), None  # (B, L, C)
+        L = y.shape[2]
         mask = mask.reshape(mask.shape[0], -1)
         if mask.shape[0] != B:  # the official model tiles a mask given for one CFG half
             mask = mask.repeat(B // mask.shape[0], 1)
-        if mask.shape != (B, y.shape[1]):
-            raise ValueError(f"mask must be (B, L) = {(B, y.shape[1])}, got {tuple(mask.shape)}")
+        if mask.shape != (B, L):
+            raise ValueError(f"mask must be (B, L) = {(B, L)}, got {tuple(mask.shape)}")
         mask = mask.to(device=y.device) != 0
-        if not bool(mask.any(dim=1).all()):
+        # One host sync for three facts: every row keeps a token; keep = 1 + last kept column of any row;
+        # every row keeps all of the first `keep` columns (then no mask is needed at all).
+        keep = (mask.any(dim=0) * torch.arange(1, L + 1, device=mask.device)).max()
+        rows_ok, keep, dense = torch.stack([mask.any(dim=1).all(), keep, (mask.sum(dim=1) == keep).all()]).tolist()
+        if not rows_ok:
             raise ValueError("every sample's text mask must keep at least one token (T5 always emits EOS)")
-        return y, mask
+        y = self.y_embedder(y[:, :, :keep]).squeeze(1)  # (B, keep, C)
+        return y, None if dense else mask[:, :keep]
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int], size: tuple[int, int, int]) -> torch.Tensor:
         """(B, T, S, pt·ph·pw·out) patch tokens -> (B, out, T, H, W), cropping the patch padding."""
