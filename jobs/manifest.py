@@ -49,7 +49,7 @@ class RenderSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     negative_prompt: str = Field("", description="What the video should not show (classifier-free guidance).")
-    num_frames: int | None = Field(None, ge=1, description="Frames in the video; the model's VAE decides which counts work.")
+    num_frames: int | None = Field(None, ge=1, description="Frames in the video; the model decides which counts work.")
     height: int | None = Field(None, ge=1, description="Pixel height.")
     width: int | None = Field(None, ge=1, description="Pixel width.")
     fps: int | None = Field(None, ge=1, description="Frames per second written into the mp4.")

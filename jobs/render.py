@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tries per row when its group breaks (a row the model rejects is not retried)")
     g.add_argument("--start-timeout", type=float, default=900.0,
                    help="seconds a group may take to get GPUs and load (autoscaling included)")
-    g.add_argument("--row-timeout", type=float, default=None, help="seconds one video may take before its group is rebuilt")
+    g.add_argument("--row-timeout", type=float, default=None,
+                   help="seconds one video may take before its group is rebuilt")
     g.add_argument("--progress-every", type=float, default=30.0, help="seconds between progress lines")
     g.add_argument("--ray-address", default=None, help="Ray cluster (default: the job's, else a new local Ray)")
 
@@ -116,7 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             {k: getattr(args, k) for k in RenderSettings.model_fields if k != "pab"} | {"pab": args.pab}
         )
     except ValidationError as e:
-        parser.error("; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}" for err in e.errors()))
+        parser.error("; ".join(
+            f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}" for err in e.errors()))
     return args
 
 
@@ -455,7 +457,8 @@ def _seed(plan: RowPlan) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout)
     args = parse_args(argv)
     try:
         return BulkRender(args).run()

@@ -129,6 +129,12 @@ def test_bulk_render_killed_halfway_resumes_without_rendering_twice(s3_server, r
     print(f"---- run 1 log (killed):\n{log1}\n---- run 2 log:\n{log2}")  # pytest shows them on failure
     assert rc == 0, log2
     assert "SUCCEEDED" in streamed.err and "progress: done 20/20" in streamed.out
+    # The other `pab bulk` commands, against the same job server.
+    for argv, expected in ((["status", run1], "FAILED"), (["status", run2], "SUCCEEDED"),
+                           (["logs", run2], "results: s3://bulk/out/batch1/results.parquet (20 rows)"),
+                           (["list"], run1), (["stop", run2], "not running")):
+        assert cli.main([*argv, "--address", ray_jobs.address]) == 0
+        assert expected in capsys.readouterr().out, argv
 
     # ---- 17 videos, each written exactly once; the ones from run 1 untouched.
     after = video_versions(s3)

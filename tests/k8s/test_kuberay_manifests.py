@@ -258,7 +258,8 @@ def test_dockerfile_copies_what_exists_and_imports_real_modules():
 def test_secrets_are_referenced_never_inlined_and_documented():
     docs = (REPO / "docs" / "kubernetes.md").read_text()
     created = {}
-    for name, literals in re.findall(r"kubectl create secret generic (\S+)((?: \\\n\s*--from-literal=\S+| --from-literal=\S+)+)", docs):
+    command = r"kubectl create secret generic (\S+)((?: \\\n\s*--from-literal=\S+| --from-literal=\S+)+)"
+    for name, literals in re.findall(command, docs):
         created[name] = set(re.findall(r"--from-literal=([A-Za-z_][A-Za-z0-9_]*)=", literals))
     refs = set()
     for name in MANIFESTS:
