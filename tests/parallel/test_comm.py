@@ -130,7 +130,7 @@ def _switch_and_gather_worker(rank: int, world: int) -> dict[str, int]:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_switch_and_gather_are_exact(world):
-    out = launch_local(world, _switch_and_gather_worker)
+    out = launch_local(world, _switch_and_gather_worker, backend="gloo")
     assert len(out) == world and all(o["bytes"] > 0 for o in out)
 
 
@@ -154,7 +154,7 @@ def _cfg_worker(rank: int, world: int) -> None:
 
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_cfg_split_and_gather_restore_cond_uncond_order(world):
-    launch_local(world, _cfg_worker)
+    launch_local(world, _cfg_worker, backend="gloo")
 
 
 def _failing_worker(rank: int, world: int) -> None:
@@ -165,7 +165,7 @@ def _failing_worker(rank: int, world: int) -> None:
 
 def test_launch_local_reports_the_failing_rank_and_stops_the_others():
     with pytest.raises(LaunchError, match="rank 1 failed") as info:
-        launch_local(2, _failing_worker, timeout_s=120)
+        launch_local(2, _failing_worker, backend="gloo", timeout_s=120)
     assert info.value.rank == 1
     assert "boom on purpose" in str(info.value)
 
@@ -176,4 +176,4 @@ def _world_mismatch_worker(rank: int, world: int) -> None:
 
 def test_init_parallel_rejects_a_config_that_does_not_fill_the_world():
     with pytest.raises(LaunchError, match=r"sp\(3\) \* cfg\(1\) = 3 != world_size\(2\)"):
-        launch_local(2, _world_mismatch_worker, timeout_s=120)
+        launch_local(2, _world_mismatch_worker, backend="gloo", timeout_s=120)

@@ -190,7 +190,7 @@ def _worker(rank: int, world: int, sp: int, cfg: int) -> dict:
     ids=["sp2", "sp3", "cfg2", "cfg2xsp2"],
 )
 def test_models_under_dsp_match_single_device(sp, cfg):
-    results = launch_local(sp * cfg, _worker, sp, cfg)
+    results = launch_local(sp * cfg, _worker, sp, cfg, backend="gloo")  # CPU tensors, also on GPU hosts
     for name in MODELS:
         assert all(r[name]["cases"] == len(CASES[name]) for r in results)
         # every rank of the group made the same PAB decisions and so the same number of all-to-alls

@@ -127,7 +127,7 @@ def _worker(rank: int, world: int, sp: int, cfg: int) -> dict:
     ids=["sp2", "sp3", "cfg2", "cfg2xsp2"],
 )
 def test_toy_dsp_matches_single_device_with_and_without_pab(sp, cfg):
-    out = launch_local(sp * cfg, _worker, sp, cfg)
+    out = launch_local(sp * cfg, _worker, sp, cfg, backend="gloo")  # CPU tensors, also on GPU hosts
     assert all(o["plain"]["checked"] == len(CASES) for o in out)
     assert len({o["pab"]["all_to_all_done"] for o in out}) == 1  # same PAB decisions on every rank
 

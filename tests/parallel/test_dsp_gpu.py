@@ -1,0 +1,73 @@
+"""DSP over NCCL on 2 GPUs: the uneven all-to-all and gather on CUDA, and the three models vs one GPU.
+
+Runs only where 2 CUDA devices exist (`-m gpu`); CI has none. Tolerances: float32 1e-5 as on CPU
+(TF32 is switched off so matmuls are true fp32); bfloat16 2e-2, the rounding of a bf16 forward whose
+linear layers see a different number of rows per call (another cuBLAS kernel may be chosen).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_dsp_models import CASES, MODELS, build_tiny, make_inputs, predict
+
+from pab.parallel import ParallelConfig, init_parallel, launch_local, parallelize_model, unparallelize_model
+from pab.parallel.comm import FrameLayout, gather_frames, split_frames, switch_to_full_frames, switch_to_local_frames
+
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),
+]
+
+
+def _to(args: dict, device, dtype) -> dict:
+    out = {}
+    for k, v in args.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device)
+            if v.is_floating_point() and k in ("x", "hidden_states", "y", "encoder_hidden_states"):
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def _gpu_worker(rank: int, world: int) -> dict:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ctx = init_parallel(ParallelConfig(sp=world))
+    assert ctx.device == torch.device("cuda", rank)
+    dev = ctx.device
+
+    # primitives on CUDA, including empty pieces (fewer rows / frames than ranks)
+    for R, T, C in [(7, 5, 4), (1, 3, 2), (6, 1, 3)]:
+        full = torch.arange(R * T * C, dtype=torch.float32, device=dev).view(R, T, C)
+        layout = FrameLayout(T, world)
+        local = split_frames(full, 1, layout, rank)
+        switched = switch_to_full_frames(local, layout, rank, ctx.sp_group, ctx.stats)
+        back = switch_to_local_frames(switched, R, layout, rank, ctx.sp_group, ctx.stats)
+        n = layout.counts[rank]
+        assert torch.equal(back[:, :n], local[:, :n])
+        assert torch.equal(gather_frames(local, 1, layout, rank, ctx.sp_group, ctx.stats), full)
+
+    errors = {}
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for name in MODELS:
+            model = build_tiny(name).to(dev, dtype)
+            worst = 0.0
+            for i, case in enumerate(CASES[name]):
+                args = _to(make_inputs(name, *case, seed=i), dev, dtype)
+                with torch.no_grad():
+                    ref = predict(ctx.__class__(config=ParallelConfig()), model, **args)
+                    parallelize_model(model, ctx)
+                    out = predict(ctx, model, **args)
+                    unparallelize_model(model)
+                torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+                worst = max(worst, (out.float() - ref.float()).abs().max().item())
+            errors[f"{name}/{str(dtype).removeprefix('torch.')}"] = worst
+    return errors
+
+
+def test_models_under_nccl_dsp_match_one_gpu():
+    errors = launch_local(2, _gpu_worker, backend="nccl")
+    print("max abs error vs one GPU:", errors[0])
