@@ -77,6 +77,10 @@ class VideoAPI:
         self._active: dict[str, asyncio.Task] = {}  # jobs this replica drives
         self._loop_task: asyncio.Task | None = None
         _instance["svc"] = self  # the routes below are module functions; one VideoAPI per replica process
+        try:  # Serve runs the constructor on the replica's event loop: start adopting jobs right away
+            self._ensure_background()
+        except RuntimeError:  # no running loop (constructed outside Serve): started by the first request
+            pass
 
     def _ensure_background(self) -> None:
         if self._loop_task is None or self._loop_task.done():
@@ -291,9 +295,11 @@ def _reason(e: BaseException) -> str:
 
 def _svc(request: Request) -> VideoAPI:
     try:
-        return _instance["svc"]
+        svc = _instance["svc"]
     except KeyError:
         raise _error(503, "starting", "the ingress is starting") from None
+    svc._ensure_background()
+    return svc
 
 
 def _auth(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> VideoAPI:
