@@ -84,7 +84,17 @@ class VideoAPI:
 
     def _ensure_background(self) -> None:
         if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._background())
+            loop = asyncio.get_running_loop()
+            self._loop_task = loop.create_task(self._background())
+            loop.create_task(asyncio.to_thread(self._warm_up))
+
+    def _warm_up(self) -> None:
+        """Import the engine and build each model's meta-device VAE now, not on the first POST."""
+        for m in self.cfg.models:
+            try:
+                self._resolve({"model": m.name, "prompt": "warm-up", "seed": 0}, None)
+            except Exception as e:  # noqa: BLE001 - a broken model shows up on its first request
+                log.warning("warm-up of %s failed: %s", m.name, e)
 
     # ------------------------------------------------------------------ auth
 
@@ -163,11 +173,11 @@ class VideoAPI:
         v.cancel_requested = True
         return v
 
-    async def content(self, job_id: str):
+    async def content(self, job_id: str, redirect: bool = True):
         rec = await self.get(job_id)
         if rec.status != "completed" or not rec.video_key:
             raise _error(409, "not_ready", f"video {job_id} is {rec.status}, not completed")
-        url = self.store.presigned_url(rec.video_key)
+        url = self.store.presigned_url(rec.video_key) if redirect else None
         if url:
             return RedirectResponse(url, status_code=307)
         try:
@@ -329,8 +339,12 @@ async def get_video(video_id: str, svc: VideoAPI = Depends(_auth)) -> Video:
 
 @api.get("/v1/videos/{video_id}/content", tags=["videos"], response_class=StreamingResponse,
          responses={200: {"content": {"video/mp4": {}}}, 307: {"description": "redirect to a presigned S3 URL"}})
-async def video_content(video_id: str, svc: VideoAPI = Depends(_auth)):
-    return await svc.content(video_id)
+async def video_content(
+    video_id: str, redirect: bool = Query(True, description="S3: redirect to a presigned URL (false: stream here)"),
+    svc: VideoAPI = Depends(_auth),
+):
+    """The mp4: a 307 to an expiring presigned URL on S3, a stream from a local folder."""
+    return await svc.content(video_id, redirect)
 
 
 @api.delete("/v1/videos/{video_id}", response_model=Video, tags=["videos"])

@@ -36,7 +36,7 @@ def app(serve_port, s3_server):
             {"gpus": 2, "min_groups": 1, "max_groups": 1},
         ]}],
         "storage": storage,
-        "api_keys": [KEY],
+        "api_keys": [KEY], "max_attempts": 1,
         "heartbeat_s": 1.0, "stale_after_s": 5.0, "reconcile_interval_s": 1.0, "retry_backoff_s": 0.5,
         "cpus_per_rank": 0.5, "group_replica_cpus": 0.25, "ingress_cpus": 0.25,
         "health_check_period_s": 2.0, "health_check_timeout_s": 30.0,
@@ -61,6 +61,8 @@ def test_s3_submit_poll_presigned_download(app):
     side = store.get_json(f"videos/{job['id']}.json")
     assert side["seed"] == 7 and side["request"]["prompt"] == SMALL["prompt"] and side["pab"]["settings"]["spatial"]
     assert {"denoise_s", "encode_s"} <= set(side["timings"])
+    streamed = client.get(f"/v1/videos/{job['id']}/content", params={"redirect": "false"})  # through the API
+    assert streamed.status_code == 200 and streamed.content == video.content
     assert store.get_json(f"jobs/records/{job['id']}.json")["status"] == "completed"  # the record is in S3
     assert not store.exists(f"jobs/active/{job['id']}")
 
@@ -105,3 +107,16 @@ def _healthy(client: httpx.Client) -> bool:
         return client.get("/healthz", timeout=5).status_code == 200 and client.get("/v1/videos").status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_job_fails_with_reason_after_max_attempts(app, ray_session):
+    """max_attempts=1: the group dies mid-video, the job fails and says why (last: it breaks a group)."""
+    ray = ray_session
+    client, _ = app
+    job = client.post("/v1/videos", json={**SMALL, "size": "64x64", "steps": 400}).json()
+    rec = wait_for(lambda: (lambda r: r if r["step"] >= 1 else None)(client.get(f"/v1/videos/{job['id']}").json()),
+                   120, "rendering")
+    ray.kill(ray.get_actor(f"{rec['group']['name']}-rank0", namespace=rec["group"]["namespace"]))
+    final, _ = poll(client, job["id"], timeout_s=60)
+    assert final["status"] == "failed" and final["attempts"] == 1
+    assert final["error"]["code"] == "group_failed" and "rank 0 died" in final["error"]["message"], final["error"]

@@ -1,0 +1,130 @@
+"""`pab serve`: the whole service on this machine (local Ray, Serve, a model, a storage backend).
+
+    pab serve                                           # tiny model on CPU (no GPU) -> ./outputs
+    pab serve --port 8080 --model opensora-v1.2 --checkpoint /ckpt/opensora-v1.2 --gpus-per-group 2
+    pab serve --s3-endpoint http://127.0.0.1:8333 --bucket videos   # credentials: AWS_* environment
+    pab serve --config app.yaml                         # the full app config (see docs/serving.md)
+
+It starts (or joins, with --ray-address) a Ray cluster, starts Serve's HTTP proxy on --host/--port,
+deploys `cluster.app:build_app` and runs until Ctrl-C. API keys: PAB_API_KEYS (comma-separated) or
+--api-key; without any the API is open and a warning says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pab serve", description="Serve text-to-video over HTTP on this machine.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--config", help="YAML app config; the flags below override its fields")
+    p.add_argument("--model", help="model to serve (default: opensora-v1.2-tiny without a GPU, opensora-v1.2 with)")
+    p.add_argument("--checkpoint", help="local folder or s3://bucket/prefix of the published weights")
+    p.add_argument("--gpus-per-group", type=int, default=None, help="ranks per group (sequence parallel degree)")
+    p.add_argument("--min-groups", type=int, default=None)
+    p.add_argument("--max-groups", type=int, default=None)
+    p.add_argument("--output-dir", default=None, help="local folder for videos and job records (default ./outputs)")
+    p.add_argument("--s3-endpoint", help="S3 endpoint URL; with --bucket, store in S3 instead of a folder")
+    p.add_argument("--bucket", help="S3 bucket (created if missing)")
+    p.add_argument("--prefix", default="", help="S3 key prefix")
+    p.add_argument("--api-key", action="append", default=[], help="accepted bearer token (repeatable)")
+    p.add_argument("--max-pending", type=int, default=None, help="queue bound; beyond it POST gets 429")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+    p.add_argument("--num-gpus", type=int, default=None, help="GPUs for a local Ray (default: detected)")
+    p.add_argument("--app-name", default="pab")
+    return p
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def build_config(args: argparse.Namespace, gpus: int) -> dict[str, Any]:
+    """The app config dict for these flags on a machine with `gpus` GPUs."""
+    cfg: dict[str, Any] = {}
+    if args.config:
+        import yaml
+
+        with open(args.config) as f:
+            cfg = yaml.safe_load(f) or {}
+    if args.model or "models" not in cfg:
+        model = args.model or ("opensora-v1.2" if gpus else "opensora-v1.2-tiny")
+        cfg["models"] = [{"name": model}]
+    m = cfg["models"][0]
+    if args.checkpoint:
+        m["checkpoint"] = args.checkpoint
+    if any(v is not None for v in (args.gpus_per_group, args.min_groups, args.max_groups)) or "groups" not in m:
+        pool = (m.get("groups") or [{}])[0]
+        pool["gpus"] = args.gpus_per_group or pool.get("gpus", 1)
+        pool["min_groups"] = args.min_groups if args.min_groups is not None else pool.get("min_groups", 1)
+        pool["max_groups"] = args.max_groups if args.max_groups is not None else pool.get(
+            "max_groups", max(1, gpus // pool["gpus"]) if gpus else 1)
+        m["groups"] = [pool]
+    if args.bucket:
+        cfg["storage"] = {"backend": "s3", "bucket": args.bucket, "endpoint_url": args.s3_endpoint,
+                          "prefix": args.prefix, "create_bucket": True}
+    elif args.s3_endpoint:
+        raise SystemExit("pab serve: --s3-endpoint needs --bucket")
+    elif args.output_dir or "storage" not in cfg:
+        cfg["storage"] = {"backend": "local", "path": os.path.abspath(args.output_dir or "outputs")}
+    if not gpus:
+        # CPU only: groups hold CPUs instead of GPUs.
+        cfg.setdefault("gpus_per_rank", 0)
+    if args.api_key:
+        cfg["api_keys"] = list(cfg.get("api_keys", [])) + args.api_key
+    if args.max_pending is not None:
+        cfg["max_pending"] = args.max_pending
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app
+    from cluster.config import load_config
+
+    gpus = args.num_gpus if args.num_gpus is not None else _gpu_count()
+    try:
+        config = build_config(args, gpus)
+        load_config(config)  # fail here, with the reason, not inside a replica
+    except (ValueError, OSError) as e:
+        print(f"pab serve: {e}", file=sys.stderr)
+        return 2
+    if not ray.is_initialized():
+        if args.ray_address:
+            ray.init(address=args.ray_address)
+        else:
+            # Logical CPUs: the ingress and group drivers mostly wait; the ranks do the work.
+            ray.init(num_gpus=gpus, num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(config), name=args.app_name, route_prefix="/", blocking=False)
+    url = f"http://{args.host}:{args.port}"
+    print(f"pab serve: {url}/v1/videos  (docs: {url}/docs)  model {config['models'][0]['name']}", flush=True)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    print("pab serve: shutting down", flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

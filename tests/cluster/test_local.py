@@ -1,0 +1,74 @@
+"""`pab serve` (cluster.local:main): flags -> app config, and the whole thing in a subprocess (slow)."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import av
+import httpx
+import pytest
+
+from cluster.config import load_config
+from cluster.local import _parser, build_config
+
+
+def test_flags_to_config(tmp_path):
+    args = _parser().parse_args(["--output-dir", str(tmp_path), "--api-key", "k", "--max-pending", "3"])
+    cfg = load_config(build_config(args, gpus=0))
+    assert cfg.models[0].name == "opensora-v1.2-tiny" and cfg.gpus_per_rank == 0  # CPU: groups hold CPUs
+    assert cfg.storage.backend == "local" and cfg.storage.path == str(tmp_path) and cfg.max_pending == 3
+    assert [k.get_secret_value() for k in cfg.api_keys] == ["k"]
+    args = _parser().parse_args(["--s3-endpoint", "http://127.0.0.1:1", "--bucket", "vids", "--gpus-per-group", "2"])
+    cfg = load_config(build_config(args, gpus=8))
+    assert cfg.models[0].name == "opensora-v1.2" and cfg.models[0].groups[0].gpus == 2
+    assert cfg.models[0].groups[0].max_groups == 4 and cfg.gpus_per_rank == 1
+    assert cfg.storage.backend == "s3" and cfg.storage.bucket == "vids" and cfg.storage.create_bucket
+    with pytest.raises(SystemExit):
+        build_config(_parser().parse_args(["--s3-endpoint", "http://x"]), gpus=0)
+
+
+@pytest.mark.slow
+def test_pab_serve_end_to_end(tmp_path):
+    """`python -m cluster.local` starts its own Ray + Serve; submit, poll, download, then Ctrl-C."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_TMPDIR": "/tmp/raypabsv2", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PAB_API_KEYS": "envkey", "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.local", "--port", str(port), "--output-dir",
+                             str(tmp_path / "out"), "--num-gpus", "0"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        c = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": "Bearer envkey"}, timeout=30)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if c.get("/v1/models").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert c.get("/v1/models").json()["data"][0]["id"] == "opensora-v1.2-tiny"
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401  # PAB_API_KEYS reached the ingress
+        job = c.post("/v1/videos", json={"prompt": "a fox", "seconds": 2, "size": "32x32", "steps": 4}).json()
+        while (rec := c.get(f"/v1/videos/{job['id']}").json())["status"] not in ("completed", "failed"):
+            assert time.monotonic() < deadline + 120
+            time.sleep(0.5)
+        assert rec["status"] == "completed", rec
+        with av.open(io.BytesIO(c.get(f"/v1/videos/{job['id']}/content").content)) as v:
+            assert sum(1 for _ in v.decode(video=0)) == rec["request"]["num_frames"] == 17  # 2 s at 8 fps -> 17
+        assert (tmp_path / "out" / "videos" / f"{job['id']}.mp4").exists()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            assert proc.wait(90) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
