@@ -352,7 +352,9 @@ def temporal_attention_impl(x: torch.Tensor) -> str:
         raise ValueError(f"TEMPORAL_ATTENTION={impl!r}; choose one of {TEMPORAL_ATTENTION_IMPLS}")
     if impl != "auto":
         return impl
-    if x.is_cuda and triton is not None and _TRITON_ERROR is None and x.shape[1] <= _TRITON_MAX_L:
+    # (the kernel indexes with 32-bit offsets: 480p qkv has 1.6e8 elements, 720p 4 s about 7e8)
+    fits = x.shape[1] <= _TRITON_MAX_L and x.numel() < 2**31
+    if x.is_cuda and triton is not None and _TRITON_ERROR is None and fits:
         return "triton"
     return "sdpa"
 
@@ -469,8 +471,9 @@ def _temporal_attention_triton(attn: SelfAttention, qkv: torch.Tensor) -> torch.
     global _TRITON_ERROR
     if triton is None:
         raise RuntimeError("TEMPORAL_ATTENTION='triton' needs the triton package")
-    if qkv.shape[1] > _TRITON_MAX_L:
-        raise ValueError(f"the Triton temporal attention takes at most {_TRITON_MAX_L} frames, got {qkv.shape[1]}")
+    if qkv.shape[1] > _TRITON_MAX_L or qkv.numel() >= 2**31:
+        raise ValueError(f"the Triton temporal attention takes at most {_TRITON_MAX_L} frames and 2^31 qkv elements, "
+                         f"got {tuple(qkv.shape)}")
     has_norm = isinstance(attn.q_norm, RMSNorm)
     cos, sin = attn.rope.tables(qkv.shape[1], qkv.device, torch.float32)
     args = (qkv, attn.q_norm.weight if has_norm else None, attn.k_norm.weight if has_norm else None, cos, sin,
