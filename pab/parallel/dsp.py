@@ -103,7 +103,7 @@ class _DSPRun:
         self.switches = 0
 
 
-def _is_tensor_like(value: Any) -> bool:
+def _is_tensor(value: Any) -> bool:
     return isinstance(value, torch.Tensor)
 
 
@@ -126,7 +126,7 @@ class DSPEntryHook(ModelHook):
                 raise ValueError(f"{type(module).__name__} under sequence parallelism needs {name}={value!r} "
                                  f"({reason}); got {a[name]!r}")
         video = a[plan.video_input]
-        if not _is_tensor_like(video):
+        if not _is_tensor(video):
             raise TypeError(f"{plan.video_input} must be a tensor, got {type(video).__name__}")
 
         # Entry: this rank's frames of every per-frame input.
@@ -135,11 +135,11 @@ class DSPEntryHook(ModelHook):
         layout = FrameLayout(video.size(plan.frame_dim), ctx.sp_size)
         a[plan.video_input] = split_frames(video, plan.frame_dim, layout, ctx.sp_rank)
         for name, dim in plan.frame_inputs.items():
-            if _is_tensor_like(a.get(name)):
+            if _is_tensor(a.get(name)):
                 a[name] = split_frames(a[name], dim, layout, ctx.sp_rank)
         for name, dim in plan.flat_frame_inputs.items():
             value = a.get(name)
-            if _is_tensor_like(value) and value.ndim > dim and value.size(dim) == batch * layout.num_frames:
+            if _is_tensor(value) and value.ndim > dim and value.size(dim) == batch * layout.num_frames:
                 a[name] = split_flat_frames(value, dim, batch, layout, ctx.sp_rank)
         run.layout, run.switches = layout, 0
         try:
@@ -150,7 +150,7 @@ class DSPEntryHook(ModelHook):
         # Exit: the whole prediction on every rank.
         ctx.stats.forwards += 1
         pred = out if plan.output_index is None else out[plan.output_index]
-        if not _is_tensor_like(pred):
+        if not _is_tensor(pred):
             raise TypeError(
                 f"{type(module).__name__} returned {type(out).__name__}; sequence parallelism gathers a tensor "
                 f"(output_index={plan.output_index}); call it with return_dict=False"
@@ -179,7 +179,7 @@ class DSPSwitchHook(ModelHook):
         layout = run.layout
         if layout is None:  # called outside a parallel forward (e.g. a block used on its own)
             return forward(x, *args, **kwargs)
-        extra = [k for k, v in [*enumerate(args), *kwargs.items()] if _is_tensor_like(v)]
+        extra = [k for k, v in [*enumerate(args), *kwargs.items()] if _is_tensor(v)]
         if extra:
             raise NotImplementedError(
                 f"DSP switches only the token tensor of {type(module).__name__}; it was also given tensor "
