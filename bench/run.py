@@ -68,7 +68,8 @@ def _flops_by_kind(pipe, request) -> tuple[float, dict[str, float]]:
     return float(fc.get_total_flops()), per_call
 
 
-def _run_case(rank: int, world: int, case: Case, pabs: list[str], cfg_parallel: bool, repeat: int) -> list[dict]:
+def _run_case(rank: int, world: int, case: Case, pabs: list[str], cfg_parallel: bool, repeat: int,
+              compile: bool = False) -> list[dict]:
     from pab.pipeline import GenerationRequest, Pipeline
 
     parallel = None
@@ -79,7 +80,7 @@ def _run_case(rank: int, world: int, case: Case, pabs: list[str], cfg_parallel: 
         parallel = init_parallel(ParallelConfig(sp=world // cfg, cfg=cfg))
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     t0 = time.perf_counter()
-    pipe = Pipeline.from_name(case.model, device=device, dtype=torch.bfloat16, parallel=parallel)
+    pipe = Pipeline.from_name(case.model, device=device, dtype=torch.bfloat16, parallel=parallel, compile=compile)
     build_s = time.perf_counter() - t0
     base = dict(model=case.model, prompt="a red panda eating bamboo in the snow, cinematic", num_frames=case.frames,
                 height=case.height, width=case.width, steps=case.steps, seed=0)
@@ -100,6 +101,7 @@ def _run_case(rank: int, world: int, case: Case, pabs: list[str], cfg_parallel: 
             "impl": "pab", "model": case.model, "resolution": case.resolution, "frames": case.frames,
             "height": case.height, "width": case.width, "steps": case.steps, "model_calls": calls,
             "sp": parallel.sp_size if parallel else 1, "cfg_parallel": bool(cfg_parallel), "pab": pab,
+            "compile": compile,
             "dit_s": round(res.timings["denoise_s"], 3), "step_s": round(res.timings["denoise_s"] / calls, 4),
             "text_s": round(res.timings["text_s"], 3), "decode_s": round(res.timings.get("decode_s", 0.0), 3),
             "e2e_s": round(res.timings["total_s"], 3),
@@ -172,6 +174,47 @@ def run_peer_latte(pab: str, repeat: int = 1) -> dict:
     }
 
 
+VAE_CASES = [  # (vae, resolution, frames, height, width)
+    ("opensora-vae-v1.2", "480p-2s", 51, 480, 848),
+    ("opensora-vae-v1.2", "720p-4s", 102, 720, 1280),
+    ("opensora-plan-vae-v1.1", "480p-2s", 49, 480, 848),
+    ("opensora-plan-vae-v1.1", "720p-4s", 97, 720, 1280),
+]
+
+
+def run_vae_decode(repeat: int = 1) -> list[dict]:
+    """Decode time and peak memory of the two video VAEs (random weights, bf16), tiled as released."""
+    from pab.models import build
+
+    records = []
+    for name, res, frames, h, w in VAE_CASES:
+        vae = build(name, device="cuda", dtype=torch.bfloat16)
+        if hasattr(vae, "enable_tiling"):
+            vae.enable_tiling()
+        z = torch.randn(1, vae.latent_channels, vae.latent_frames(frames), h // 8, w // 8, device="cuda",
+                        dtype=torch.bfloat16)
+        with torch.no_grad():
+            vae.decode(z[:, :, : vae.latent_frames(1 if "plan" in name else 17)], num_frames=1 if "plan" in name else 17)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            best = float("inf")
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                video = vae.decode(z, num_frames=frames)
+                torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - t0)
+        assert video.shape[2] == frames
+        records.append({
+            "impl": "pab", "model": name, "resolution": res, "frames": frames, "height": h, "width": w,
+            "decode_s": round(best, 3), "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "gpu": gpu_name(), "gpus": 1, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+        })
+        print(f"{name:>24} {res:>8} {frames:>4} frames: decode {best:.2f}s, peak {records[-1]['peak_mem_gib']} GiB")
+        del vae, z, video
+        torch.cuda.empty_cache()
+    return records
+
+
 def print_table(records: list[dict]) -> None:
     cols = ["impl", "model", "resolution", "sp", "pab", "dit_s", "step_s", "e2e_s", "peak_mem_gib", "mfu",
             "comm_bytes_per_step"]
@@ -193,20 +236,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pab", default="off,paper")
     p.add_argument("--cfg-parallel", action="store_true", help="groups of 2k GPUs run CFG 2 x DSP k")
     p.add_argument("--peer", action="store_true", help="also diffusers' Latte with its PAB hook")
+    p.add_argument("--compile", action="store_true", help="torch.compile the attention modules (pab.compile)")
+    p.add_argument("--vae", action="store_true", help="also the VAE decode benchmark (480p 2s, 720p 4s)")
     p.add_argument("--repeat", type=int, default=1, help="timed generations per setting (best is kept)")
     p.add_argument("--out", default="bench/results/h100.json")
     args = p.parse_args(argv)
     pabs = args.pab.split(",")
     records: list[dict] = []
-    for name in args.cases.split(","):
+    for name in filter(None, args.cases.split(",")):
         case = CASES[name]
         for sp in (int(s) for s in args.sp.split(",")):
             if sp == 1:
-                recs = _run_case(0, 1, case, pabs, False, args.repeat)
+                recs = _run_case(0, 1, case, pabs, False, args.repeat, args.compile)
             else:
                 from pab.parallel import launch_local
 
-                recs = launch_local(sp, _run_case, case, pabs, args.cfg_parallel, args.repeat, threads=None,
+                recs = launch_local(sp, _run_case, case, pabs, args.cfg_parallel, args.repeat, args.compile, threads=None,
                                     timeout_s=1800)[0]
             records += recs
             print_table(recs)
@@ -215,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         for pab in pabs:
             records.append(run_peer_latte(pab, args.repeat))
             print_table(records[-1:])
+    if args.vae:
+        records += run_vae_decode(args.repeat)
     print("\nall records:")
     print_table(records)
     out = Path(args.out)

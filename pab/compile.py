@@ -70,22 +70,17 @@ class CompileHook(ModelHook):
 
 
 def _register_innermost(module: nn.Module, hook: ModelHook) -> None:
-    """Put `hook` first in the module's chain, under hooks (DSP, PAB) that may already be registered.
-
-    The registry only appends (newest = outermost), so this inserts directly and rebuilds the chain.
-    """
+    """Put `hook` first in the module's chain, under hooks (DSP, PAB) that may already be registered."""
     registry = get_registry(module)
     if any(h.name == hook.name for h in registry.hooks):
         raise ValueError(f"{type(module).__name__} is already compiled; call remove_compile(model) first")
-    registry.hooks.insert(0, hook)
-    hook.on_attach(module)
-    registry._rebuild()
+    registry.register(hook, innermost=True)
 
 
 def _own_forward(module: nn.Module) -> Callable[..., Any]:
     """The plain function behind the module's forward, called as f(module, *args)."""
     registry = get_registry(module)
-    original = registry._original_forward  # captured before any hook wrapped it
+    original = registry.original_forward  # captured before any hook wrapped it
     func = getattr(original, "__func__", None)
     if func is not None and getattr(original, "__self__", None) is module:
         return func

@@ -209,6 +209,7 @@ class Pipeline:
         dtype: torch.dtype,
         random_weights: bool,
         parallel: Any = None,
+        compile: bool = False,
     ) -> None:
         self.name = name
         self.spec = get_spec(name)
@@ -226,6 +227,11 @@ class Pipeline:
             # Sequence parallelism first, PAB after: the PAB hook must wrap the all-to-all so a
             # broadcast attention skips its communication too.
             parallelize_model(transformer, parallel)
+        if compile:
+            from pab.compile import apply_compile
+
+            # Innermost: compiles each attention's own math; DSP and PAB logic stays in eager Python.
+            apply_compile(transformer)
         # Hooks are attached once; an empty config per request keeps them counting only.
         self._pab_handles: dict[str, Any] = {}
 
@@ -237,6 +243,7 @@ class Pipeline:
         dtype: torch.dtype | str | None = None,
         checkpoint: str | Path | None = None,
         parallel: Any = None,
+        compile: bool = False,
     ) -> "Pipeline":
         """Build every part of model `name`; random weights unless `checkpoint` holds the published files."""
         spec = get_spec(name)
@@ -255,7 +262,8 @@ class Pipeline:
             transformer = transformer.to(dtype=dt)
         text_encoder = load_text_encoder(spec, size, ckpt, dev, dt)
         vae = load_vae(spec, size, ckpt, dev, dt)
-        return cls(name, transformer, text_encoder, vae, dev, dt, random_weights=ckpt is None, parallel=parallel)
+        return cls(name, transformer, text_encoder, vae, dev, dt, random_weights=ckpt is None, parallel=parallel,
+                   compile=compile)
 
     # ------------------------------------------------------------------ validation
 

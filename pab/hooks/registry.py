@@ -57,13 +57,16 @@ class HookRegistry:
         elif "forward" in self.module.__dict__:
             del self.module.forward
 
-    def register(self, hook: ModelHook) -> None:
+    def register(self, hook: ModelHook, innermost: bool = False) -> None:
         if any(h.name == hook.name for h in self.hooks):
             raise ValueError(
                 f"a hook named {hook.name!r} is already registered on {type(self.module).__name__}; "
                 "remove it first (each technique may be applied once per module)"
             )
-        self.hooks.append(hook)
+        if innermost:  # e.g. compilation: it must wrap the module's own math, under DSP and PAB
+            self.hooks.insert(0, hook)
+        else:
+            self.hooks.append(hook)
         hook.on_attach(self.module)
         self._rebuild()
 
@@ -75,6 +78,11 @@ class HookRegistry:
                 self._rebuild()
                 return hook
         return None
+
+    @property
+    def original_forward(self) -> Callable[..., Any]:
+        """The module's own forward, as it was before any hook wrapped it."""
+        return self._original_forward
 
     def get(self, name: str) -> ModelHook | None:
         return next((h for h in self.hooks if h.name == name), None)
@@ -89,9 +97,9 @@ def get_registry(module: nn.Module, create: bool = True) -> HookRegistry | None:
     return registry
 
 
-def register_hook(module: nn.Module, hook: ModelHook) -> None:
-    """Wrap `module.forward` with `hook` (outermost so far)."""
-    get_registry(module).register(hook)
+def register_hook(module: nn.Module, hook: ModelHook, innermost: bool = False) -> None:
+    """Wrap `module.forward` with `hook`: outermost so far, or innermost (next to the module's own forward)."""
+    get_registry(module).register(hook, innermost=innermost)
 
 
 def remove_hook(module: nn.Module, name: str) -> ModelHook | None:
