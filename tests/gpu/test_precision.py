@@ -30,7 +30,8 @@ def test_fixture_fp32_on_gpu_and_bf16_error(case):
         b = bf16[key].float().cpu()
         rows[key] = {"max_abs": (b - r).abs().max().item(), "ref_max_abs": r.abs().max().item(),
                      "rel_l2": ((b - r).norm() / r.norm()).item()}
-        # bf16 keeps 8 significant bits (relative rounding 2^-9 = 2e-3 per op); compounded over two
-        # blocks of these small models that is a relative L2 error of about 1e-2; 5e-2 flags a real bug.
-        assert rows[key]["rel_l2"] < 5e-2, (key, rows[key])
+        # The fixtures are built to be sensitive (weights of std 0.1, timestep 999): in bf16 the
+        # timestep itself rounds to 1000 and the sin/cos features move, so the relative L2 error is
+        # 0.11-0.17 on CPU for all three models. Above 0.3 means something beyond bf16 rounding.
+        assert rows[key]["rel_l2"] < 0.3, (key, rows[key])
     print(f"\nbf16 vs official fp32, {case}: {json.dumps(rows)}")
