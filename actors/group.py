@@ -169,7 +169,8 @@ class GpuGroup:
         s3: StorageConfig fields for reaching an S3 checkpoint (endpoint, credentials).
         cache_dir: local checkpoint cache on each node.
         engine_factory: the worker's engine factory ("module:function" or a picklable callable).
-        name: prefix of the rank actors' names (`<name>-rank<i>`); default "pab-group-<id>".
+        name: prefix of the group's name `<name>-<group id>` (default "pab-group"); its rank actors are
+            named `<group name>-rank<i>`. A rebuilt group gets a new id, so names never collide.
         start_timeout_s: limit for placement, model load and rendezvous.
         dist_timeout_s: collective timeout inside the group.
         hang_grace_s: after one rank fails with an error, how long the others may take to finish
@@ -202,7 +203,8 @@ class GpuGroup:
             raise ValueError(f"a group needs at least one rank, got size={size}")
         self.model, self.size = model, size
         self.group_id = uuid.uuid4().hex[:8]
-        self.name = name or f"pab-group-{self.group_id}"
+        self._prefix = name or "pab-group"
+        self.name = f"{self._prefix}-{self.group_id}"
         self._worker_kwargs = dict(
             world_size=size, model=model, checkpoint=checkpoint, device=device, dtype=dtype,
             cfg_parallel=cfg_parallel, cache_dir=cache_dir, s3=s3, engine_factory=engine_factory,
@@ -317,7 +319,7 @@ class GpuGroup:
         """Replace every rank actor (same placement group) after a failure."""
         self._kill_ranks()
         self.group_id = uuid.uuid4().hex[:8]
-        self.name = f"{self.name.rsplit('-', 1)[0]}-{self.group_id}" if self.name.startswith("pab-group-") else self.name
+        self.name = f"{self._prefix}-{self.group_id}"
         return self.start()
 
     # ------------------------------------------------------------------ health

@@ -169,6 +169,9 @@ class VideoAPI:
             # Not on a group yet: cancel now. A group that picks it up meanwhile sees the marker.
             rec.status, rec.completed_at = "cancelled", time.time()
             await asyncio.to_thread(self.jobs.save, rec)
+            task = self._active.get(job_id)
+            if task is not None:
+                task.cancel()  # drops the call still waiting in Serve's router for a free group
         v = rec.public()
         v.cancel_requested = True
         return v

@@ -110,14 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             # Logical CPUs: the ingress and group drivers mostly wait; the ranks do the work.
             ray.init(num_gpus=gpus, num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False)
+    # Ctrl-C / SIGTERM from here on (after ray.init, which installs its own handlers) means: shut
+    # down cleanly once the app is up, even if the signal lands while it is still deploying.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(config), name=args.app_name, route_prefix="/", blocking=False)
     url = f"http://{args.host}:{args.port}"
     print(f"pab serve: {url}/v1/videos  (docs: {url}/docs)  model {config['models'][0]['name']}", flush=True)
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(1.0):
         pass
     print("pab serve: shutting down", flush=True)

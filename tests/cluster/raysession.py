@@ -21,7 +21,12 @@ def start_ray():
     import ray
 
     if ray.is_initialized():
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus < NUM_GPUS:
+            raise RuntimeError(f"this test process already runs a Ray with {gpus} GPU(s); the serving tests need "
+                               f"{NUM_GPUS} fake GPUs (start_ray() in tests/cluster/raysession.py)")
         return False
-    ray.init(num_cpus=NUM_CPUS, num_gpus=NUM_GPUS, include_dashboard=False, log_to_driver=False,
+    # address="local": always a fresh cluster, even if RAY_ADDRESS points at another one.
+    ray.init(address="local", num_cpus=NUM_CPUS, num_gpus=NUM_GPUS, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}})
     return True

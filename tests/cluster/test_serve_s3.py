@@ -77,6 +77,20 @@ def test_routes_by_request_size(app):
     assert decode(client.get(f"/v1/videos/{big['id']}/content", follow_redirects=True).content).shape == (17, 48, 48, 3)
 
 
+def test_cancel_a_queued_and_a_rendering_job(app):
+    client, store = app
+    busy = client.post("/v1/videos", json={**SMALL, "size": "64x64", "steps": 400}).json()
+    wait_for(lambda: client.get(f"/v1/videos/{busy['id']}").json()["step"] >= 1, 120, "rendering")
+    waiting = client.post("/v1/videos", json=SMALL).json()  # the 1-GPU group is busy: it waits
+    r = client.delete(f"/v1/videos/{waiting['id']}")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"  # never starts
+    assert client.delete(f"/v1/videos/{busy['id']}").json()["cancel_requested"]
+    final, _ = poll(client, busy["id"], timeout_s=60)
+    assert final["status"] == "cancelled" and 1 <= final["step"] < 400
+    assert client.get(f"/v1/videos/{waiting['id']}").json()["status"] == "cancelled"
+    assert not store.exists(f"videos/{waiting['id']}.mp4") and not store.exists(f"videos/{busy['id']}.mp4")
+
+
 def test_ingress_restart_keeps_and_resumes_jobs(app, ray_session):
     ray = ray_session
     client, store = app
