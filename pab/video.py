@@ -22,7 +22,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
 
-import av
 import numpy as np
 import torch
 
@@ -60,6 +59,8 @@ def _rate(fps: int | float | Fraction) -> Fraction:
 def _encode(out: BinaryIO, frames: np.ndarray, rate: Fraction, crf: int) -> None:
     frames = _even(frames)
     _, h, w, _ = frames.shape
+    import av  # imported here: frames can be produced (and benchmarked) where PyAV is not installed
+
     with av.open(out, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height = w, h
@@ -110,6 +111,8 @@ def read_video(src: str | os.PathLike | BinaryIO | bytes) -> tuple[np.ndarray, f
         src = io.BytesIO(bytes(src))
     elif isinstance(src, os.PathLike):
         src = os.fspath(src)
+    import av
+
     with av.open(src, mode="r") as container:
         if not container.streams.video:
             raise ValueError("no video stream")
