@@ -68,7 +68,7 @@ def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch
             raise RuntimeError("disk on fire")
         return real(arr, format=format)
 
-    monkeypatch.setattr(pv.av.VideoFrame, "from_ndarray", flaky)
+    monkeypatch.setattr(av.VideoFrame, "from_ndarray", flaky)
     with pytest.raises(RuntimeError, match="disk on fire"):
         write_mp4(path, _frames(f=6), 8)
     assert path.read_bytes() == old  # the previous complete video is untouched
