@@ -60,7 +60,8 @@ def pipeline_engine(
     """Load model `model` once on `device` (with DSP when `parallel` is a ParallelContext)."""
     from pab.pipeline import Pipeline
 
-    return PipelineEngine(Pipeline.from_name(model, device=device, dtype=dtype, checkpoint=checkpoint, parallel=parallel))
+    pipe = Pipeline.from_name(model, device=device, dtype=dtype, checkpoint=checkpoint, parallel=parallel)
+    return PipelineEngine(pipe)
 
 
 # ----------------------------------------------------------------------------------------------------

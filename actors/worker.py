@@ -314,7 +314,8 @@ class GenerationWorker:
     def _generate(self, request, progress_cb, cancel_cb, output) -> dict[str, Any]:
         if request.get("seed") is None:
             if self.world_size > 1:
-                raise ValueError("a parallel group needs the seed set by the caller (every rank must draw the same noise)")
+                raise ValueError("a parallel group needs the seed set by the caller "
+                                 "(every rank must draw the same noise)")
             request["seed"] = random.randrange(2**31 - 1)
         request.setdefault("model", self.model)
         self._cancel.clear()

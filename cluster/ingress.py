@@ -141,11 +141,26 @@ class VideoAPI:
 
     @staticmethod
     def _resolve(request: dict[str, Any], seconds: float | None) -> dict[str, Any]:
-        from actors.engine import check_request, frames_for_seconds
+        """Defaults filled in and the model's own checks run (ValueError -> 422 naming the field).
 
-        if seconds is not None:
-            request["num_frames"], request["fps"] = frames_for_seconds(request["model"], seconds, request["fps"])
-        return check_request(request)
+        If the engine's weight-free check itself breaks (an engine change), fall back to the model's
+        defaults and let the group reject what the model cannot take: the API keeps working.
+        """
+        from actors.engine import check_request, frames_for_seconds, model_defaults
+
+        try:
+            if seconds is not None:
+                request["num_frames"], request["fps"] = frames_for_seconds(request["model"], seconds, request["fps"])
+            return check_request(request)
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            log.warning("request check unavailable (%s: %s); using the model's defaults", type(e).__name__, e)
+            d = model_defaults(request["model"])
+            if seconds is not None and request.get("num_frames") is None:
+                request["fps"] = request.get("fps") or d["fps"]
+                request["num_frames"] = max(1, round(seconds * request["fps"]))
+            return {**request, **{k: v for k, v in d.items() if request.get(k) is None}}
 
     async def get(self, job_id: str) -> JobRecord:
         try:
@@ -329,7 +344,9 @@ async def create_video(body: VideoCreate, svc: VideoAPI = Depends(_auth)) -> Vid
 
 @api.get("/v1/videos", response_model=VideoList, tags=["videos"])
 async def list_videos(
-    limit: int = Query(20, ge=1, le=100), after: str | None = Query(None), order: str = Query("desc", pattern="^(asc|desc)$"),
+    limit: int = Query(20, ge=1, le=100),
+    after: str | None = Query(None, description="id of the last video of the previous page"),
+    order: str = Query("desc", pattern="^(asc|desc)$"),
     svc: VideoAPI = Depends(_auth),
 ) -> VideoList:
     return await svc.list(limit, after, order)
@@ -369,5 +386,6 @@ async def healthz(request: Request) -> dict[str, Any]:
 
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    body = {"error": exc.detail} if isinstance(exc.detail, dict) else {"error": {"code": "error", "message": exc.detail}}
+    detail = exc.detail if isinstance(exc.detail, dict) else {"code": "error", "message": exc.detail}
+    body = {"error": detail}
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)

@@ -32,7 +32,8 @@ class FakeEngine:
         if not request.get("prompt"):
             raise ValueError("prompt must not be empty")
         steps = int(request.get("steps") or 4)
-        n, h, w = int(request.get("num_frames") or 4), int(request.get("height") or 32), int(request.get("width") or 32)
+        n = int(request.get("num_frames") or 4)
+        h, w = int(request.get("height") or 32), int(request.get("width") or 32)
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
         for i in range(steps):
@@ -48,10 +49,13 @@ class FakeEngine:
         if rank == 0:
             rng = np.random.default_rng(int(request["seed"]))
             frames = (rng.random((n, h, w, 3)) * 255).astype(np.uint8)
-        resolved = {**request, "steps": steps, "num_frames": n, "height": h, "width": w, "fps": request.get("fps") or 8}
-        return EngineOutput(frames=frames, request=resolved, pab={"spatial": None}, pab_stats={"spatial": {"computed": steps}},
-                            timings={"denoise_s": steps * self.step_s}, extra={"engine": "fake", "world": world,
-                                                                             "checkpoint_files": self.checkpoint_files})
+        resolved = {**request, "steps": steps, "num_frames": n, "height": h, "width": w,
+                    "fps": request.get("fps") or 8}
+        return EngineOutput(
+            frames=frames, request=resolved, pab={"spatial": None}, pab_stats={"spatial": {"computed": steps}},
+            timings={"denoise_s": steps * self.step_s},
+            extra={"engine": "fake", "world": world, "checkpoint_files": self.checkpoint_files},
+        )
 
 
 def make(model, device, dtype=None, checkpoint=None, parallel=None):

@@ -24,7 +24,8 @@ def decode(data: bytes) -> np.ndarray:
 
 
 def test_bundles():
-    assert group_bundles(2, 1, 0.5, first_bundle_extra_cpus=0.25) == [{"GPU": 1.0, "CPU": 0.75}, {"GPU": 1.0, "CPU": 0.5}]
+    assert group_bundles(2, 1, 0.5, first_bundle_extra_cpus=0.25) == [{"GPU": 1.0, "CPU": 0.75},
+                                                                      {"GPU": 1.0, "CPU": 0.5}]
     assert group_bundles(1, 0, 1) == [{"CPU": 1.0}]
 
 

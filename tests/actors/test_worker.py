@@ -109,8 +109,8 @@ def test_s3_checkpoint_is_downloaded_once(s3_server, tmp_path):
     # Cached: a second resolve (another rank, a restarted worker) does not go back to S3.
     assert resolve_checkpoint(f"s3://{bucket}/models/m1", tmp_path / "cache", s3) == path
     assert (path / "transformer" / "w.safetensors").exists()
-    w = GenerationWorker(0, 1, "latte-1-tiny", checkpoint=f"s3://{bucket}/models/m1", cache_dir=str(tmp_path / "cache"),
-                         s3=s3, engine_factory=FAKE)
+    w = GenerationWorker(0, 1, "latte-1-tiny", checkpoint=f"s3://{bucket}/models/m1",
+                         cache_dir=str(tmp_path / "cache"), s3=s3, engine_factory=FAKE)
     w.load()
     assert w.engine.checkpoint == str(path) and w.engine.checkpoint_files == ["transformer"]
     with pytest.raises(FileNotFoundError):

@@ -66,6 +66,9 @@ def test_serve_on_a_two_gpu_group(tmp_path=None):
     def job(i):
         return c.get(f"/v1/videos/{i}").json()
 
+    def done(i, statuses=("completed", "failed", "cancelled")):
+        return lambda: (lambda r: r if r["status"] in statuses else None)(job(i))
+
     try:
         wait(lambda: c.get("/v1/models").status_code == 200, 300, "the app")
         print(f"app up in {time.monotonic() - t0:.1f}s", flush=True)
@@ -96,8 +99,7 @@ def test_serve_on_a_two_gpu_group(tmp_path=None):
         v2 = c.post("/v1/videos", json=long).json()
         wait(lambda: job(v2["id"])["step"] >= 3, 300, "video 2 rendering")
         assert c.delete(f"/v1/videos/{v2['id']}").status_code == 200
-        f2 = wait(lambda: (lambda r: r if r["status"] in ("cancelled", "completed", "failed") else None)(job(v2["id"])),
-                  120, "cancel")
+        f2 = wait(done(v2["id"]), 120, "cancel")
         assert f2["status"] == "cancelled" and f2["step"] < 1000, f2
 
         # 3. Kill a rank mid-video: NCCL group poisoned, replica replaced, job retried and completed.
@@ -105,7 +107,7 @@ def test_serve_on_a_two_gpu_group(tmp_path=None):
         r3 = wait(lambda: (lambda r: r if r["step"] >= 2 else None)(job(v3["id"])), 300, "video 3 rendering")
         ray.kill(ray.get_actor(f"{r3['group']['name']}-rank1", namespace=r3["group"]["namespace"]))
         t_kill = time.monotonic()
-        f3 = wait(lambda: (lambda r: r if r["status"] in ("completed", "failed") else None)(job(v3["id"])), 400, "retry")
+        f3 = wait(done(v3["id"]), 400, "retry")
         assert f3["status"] == "completed" and f3["attempts"] == 1, f3
         assert f3["group"]["name"] != r3["group"]["name"]
         print(f"video 3 recovered on a new group {time.monotonic() - t_kill:.1f}s after the kill", flush=True)

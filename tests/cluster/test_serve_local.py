@@ -8,8 +8,6 @@ only through the app, not through shared state.
 from __future__ import annotations
 
 import io
-import threading
-import time
 
 import av
 import numpy as np

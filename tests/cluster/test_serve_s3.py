@@ -74,7 +74,8 @@ def test_routes_by_request_size(app):
     fb, fs = poll(client, big["id"])[0], poll(client, small["id"])[0]
     assert fb["status"] == fs["status"] == "completed"
     assert fb["group"]["gpus"] == 2 and fs["group"]["gpus"] == 1
-    assert decode(client.get(f"/v1/videos/{big['id']}/content", follow_redirects=True).content).shape == (17, 48, 48, 3)
+    content = client.get(f"/v1/videos/{big['id']}/content", follow_redirects=True).content
+    assert decode(content).shape == (17, 48, 48, 3)
 
 
 def test_cancel_a_queued_and_a_rendering_job(app):
@@ -101,7 +102,8 @@ def test_ingress_restart_keeps_and_resumes_jobs(app, ray_session):
     queued = client.post("/v1/videos", json={**SMALL, "size": "32x48"}).json()
     assert client.get(f"/v1/videos/{queued['id']}").json()["status"] == "queued"
 
-    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(f"SERVE_REPLICA::{APP}#VideoAPI")]
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(f"SERVE_REPLICA::{APP}#VideoAPI")]
     assert len(names) == 1
     ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
     wait_for(lambda: _healthy(client), 180, "a new ingress replica")

@@ -87,6 +87,7 @@ def test_config_validation_and_env(monkeypatch):
     monkeypatch.setenv("PAB_S3_BUCKET", "b1x")
     monkeypatch.setenv("PAB_S3_ENDPOINT", "http://127.0.0.1:1")
     cfg = StorageConfig.from_env(prefix="p")
-    assert cfg.backend == "s3" and cfg.bucket == "b1x" and cfg.endpoint_url == "http://127.0.0.1:1" and cfg.prefix == "p"
+    assert cfg.backend == "s3" and cfg.bucket == "b1x" and cfg.prefix == "p"
+    assert cfg.endpoint_url == "http://127.0.0.1:1"
     secret = StorageConfig(backend="s3", bucket="bkt", secret_access_key="hunter2")
     assert "hunter2" not in repr(secret) and secret.to_args()["secret_access_key"] == "hunter2"

@@ -85,7 +85,8 @@ class WeedS3:
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"weed mini exited ({self.proc.returncode}): {(self.root / 'weed.out').read_text()[-2000:]}")
+                log = (self.root / "weed.out").read_text()[-2000:]
+                raise RuntimeError(f"weed mini exited ({self.proc.returncode}): {log}")
             try:
                 c = self.client()
                 try:
