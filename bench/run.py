@@ -98,7 +98,7 @@ def _run_case(rank: int, world: int, case: Case, pabs: list[str], cfg_parallel: 
                 height=case.height, width=case.width, steps=case.steps, seed=0)
     fwd_flops, per_call = _flops_by_kind(pipe, GenerationRequest(**base)) if world == 1 else (None, None)
     # Warm-up: kernels, cuBLAS/cuDNN heuristics and the allocator at the real shapes.
-    pipe.generate(GenerationRequest(**{**base, "steps": 2}))
+    pipe.generate(GenerationRequest(**{**base, "steps": 4}))
     records = []
     for pab in pabs:
         best = None

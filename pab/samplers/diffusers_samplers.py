@@ -132,7 +132,12 @@ class PNDMSampler(DiffusersSampler):
     scheduler_cls = PNDMScheduler
     default_config = OPENSORA_PLAN_PNDM_CONFIG
 
+    # The PRK warm-up runs over the last `pndm_order` (4) timesteps; fewer steps break diffusers' schedule.
+    min_steps = 4
+
     def __init__(self, num_steps: int = 150, *, config: dict[str, Any] | None = None, **overrides: Any) -> None:
+        if num_steps < self.min_steps:
+            raise ValueError(f"PNDM needs at least {self.min_steps} steps (its Runge-Kutta warm-up), got {num_steps}")
         super().__init__(num_steps, config=config, **overrides)
 
 
