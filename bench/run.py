@@ -81,7 +81,7 @@ def _flops_by_kind(pipe, request) -> tuple[float, dict[str, float]]:
 
 
 def _run_case(rank: int, world: int, case: Case, pabs: list[str], cfg_parallel: bool, repeat: int,
-              compile: bool = False) -> list[dict]:
+              compile: bool = False, decode: bool = True) -> list[dict]:
     from pab.pipeline import GenerationRequest, Pipeline
 
     parallel = None
@@ -104,7 +104,7 @@ def _run_case(rank: int, world: int, case: Case, pabs: list[str], cfg_parallel: 
         best = None
         for _ in range(repeat):
             torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
-            res = pipe.generate(GenerationRequest(**base, pab=pab))
+            res = pipe.generate(GenerationRequest(**base, pab=pab), decode=decode)
             if best is None or res.timings["denoise_s"] < best.timings["denoise_s"]:
                 best = res
         res = best
@@ -116,7 +116,7 @@ def _run_case(rank: int, world: int, case: Case, pabs: list[str], cfg_parallel: 
             "compile": compile,
             "dit_s": round(res.timings["denoise_s"], 3), "step_s": round(res.timings["denoise_s"] / calls, 4),
             "text_s": round(res.timings["text_s"], 3), "decode_s": round(res.timings.get("decode_s", 0.0), 3),
-            "e2e_s": round(res.timings["total_s"], 3),
+            "e2e_s": round(res.timings["total_s"], 3) if decode else None,
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
             "pab_stats": res.pab_stats, "gpu": gpu_name(), "gpus": world, "build_s": round(build_s, 1),
             "date": datetime.date.today().isoformat(), "torch": torch.__version__,
@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg-parallel", action="store_true", help="groups of 2k GPUs run CFG 2 x DSP k")
     p.add_argument("--peer", action="store_true", help="also diffusers' Latte with its PAB hook")
     p.add_argument("--compile", action="store_true", help="torch.compile the attention modules (pab.compile)")
+    p.add_argument("--dit-only", action="store_true", help="skip the VAE decode (no e2e time)")
     p.add_argument("--vae", action="store_true", help="also the VAE decode benchmark (480p 2s, 720p 4s)")
     p.add_argument("--repeat", type=int, default=1, help="timed generations per setting (best is kept)")
     p.add_argument("--out", default="bench/results/h100.json")
@@ -266,11 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         case = CASES[name]
         for sp in (int(s) for s in args.sp.split(",")):
             if sp == 1:
-                recs = _run_case(0, 1, case, pabs, False, args.repeat, args.compile)
+                recs = _run_case(0, 1, case, pabs, False, args.repeat, args.compile, not args.dit_only)
             else:
                 from pab.parallel import launch_local
 
-                recs = launch_local(sp, _run_case, case, pabs, args.cfg_parallel, args.repeat, args.compile, threads=None,
+                recs = launch_local(sp, _run_case, case, pabs, args.cfg_parallel, args.repeat, args.compile,
+                                    not args.dit_only, threads=None,
                                     timeout_s=1800)[0]
             records += recs
             save()

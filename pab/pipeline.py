@@ -378,7 +378,10 @@ class Pipeline:
         request: GenerationRequest,
         progress: ProgressFn | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        decode: bool = True,
     ) -> GenerationResult:
+        """Make one video. `progress(done, total)` follows the model calls; `should_cancel()` is checked
+        before each; `decode=False` stops at the latents (benchmarks of the DiT alone)."""
         from pab.samplers import build_sampler
         from pab.video import to_uint8_frames
 
@@ -414,7 +417,7 @@ class Pipeline:
 
         frames = None
         rank = getattr(self.parallel, "rank", 0) if self.parallel is not None else 0
-        if rank == 0:
+        if rank == 0 and decode:
             t1 = time.perf_counter()
             video = self.vae.decode(z.to(self.dtype), num_frames=r.num_frames).float()  # (1, 3, F, H', W')
             video = video[:, :, : r.num_frames]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,7 @@ except ImportError:  # pragma: no cover - depends on the install
 #   "bmm"    - baddbmm / fp32 softmax / bmm: cuBLAS batched GEMMs instead of one flash CTA per tiny sequence
 #   "sdpa"   - F.scaled_dot_product_attention (flash: one CTA of 128 query rows per 15-token sequence)
 # bench/profile.py times them all at the real shapes.
-TEMPORAL_ATTENTION = "auto"
+TEMPORAL_ATTENTION = os.environ.get("PAB_TEMPORAL_ATTENTION", "auto")  # the env var picks one for a run
 TEMPORAL_ATTENTION_IMPLS = ("auto", "triton", "bmm", "sdpa")
 # Fold fc1's bias + tanh-GELU into the GEMM epilogue on CUDA (torch._addmm_activation -> cuBLASLt GELU_BIAS).
 MLP_FUSED_GELU = True
