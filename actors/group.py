@@ -36,8 +36,10 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import (
     PlacementGroup,
     get_current_placement_group,
-    placement_group as make_placement_group,
     remove_placement_group,
+)
+from ray.util.placement_group import (
+    placement_group as make_placement_group,
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

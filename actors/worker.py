@@ -135,7 +135,7 @@ def resolve_checkpoint(
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if marker.is_file():
             return dest
-        from cluster.storage import StorageConfig, S3Storage
+        from cluster.storage import S3Storage, StorageConfig
 
         store = S3Storage(StorageConfig(**{**(s3 or {}), "backend": "s3", "bucket": bucket, "prefix": prefix,
                                            "create_bucket": False}))

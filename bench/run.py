@@ -80,8 +80,16 @@ def _flops_by_kind(pipe, request) -> tuple[float, dict[str, float]]:
     return float(fc.get_total_flops()), per_call
 
 
-def _run_case(rank: int, world: int, case: Case, pabs: list[str], cfg_parallel: bool, repeat: int,
-              compile: bool = False, decode: bool = True) -> list[dict]:
+def _run_case(
+    rank: int,
+    world: int,
+    case: Case,
+    pabs: list[str],
+    cfg_parallel: bool,
+    repeat: int,
+    compile: bool = False,
+    decode: bool = True,
+) -> list[dict]:
     from pab.pipeline import GenerationRequest, Pipeline
 
     parallel = None
@@ -94,8 +102,15 @@ def _run_case(rank: int, world: int, case: Case, pabs: list[str], cfg_parallel: 
     t0 = time.perf_counter()
     pipe = Pipeline.from_name(case.model, device=device, dtype=torch.bfloat16, parallel=parallel, compile=compile)
     build_s = time.perf_counter() - t0
-    base = dict(model=case.model, prompt="a red panda eating bamboo in the snow, cinematic", num_frames=case.frames,
-                height=case.height, width=case.width, steps=case.steps, seed=0)
+    base = dict(
+        model=case.model,
+        prompt="a red panda eating bamboo in the snow, cinematic",
+        num_frames=case.frames,
+        height=case.height,
+        width=case.width,
+        steps=case.steps,
+        seed=0,
+    )
     fwd_flops, per_call = _flops_by_kind(pipe, GenerationRequest(**base)) if world == 1 else (None, None)
     # Warm-up: kernels, cuBLAS/cuDNN heuristics and the allocator at the real shapes.
     pipe.generate(GenerationRequest(**{**base, "steps": 4}))
@@ -110,16 +125,30 @@ def _run_case(rank: int, world: int, case: Case, pabs: list[str], cfg_parallel: 
         res = best
         calls = len(res.timesteps)
         rec: dict[str, Any] = {
-            "impl": "pab", "model": case.model, "resolution": case.resolution, "frames": case.frames,
-            "height": case.height, "width": case.width, "steps": case.steps, "model_calls": calls,
-            "sp": parallel.sp_size if parallel else 1, "cfg_parallel": bool(cfg_parallel), "pab": pab,
+            "impl": "pab",
+            "model": case.model,
+            "resolution": case.resolution,
+            "frames": case.frames,
+            "height": case.height,
+            "width": case.width,
+            "steps": case.steps,
+            "model_calls": calls,
+            "sp": parallel.sp_size if parallel else 1,
+            "cfg_parallel": bool(cfg_parallel),
+            "pab": pab,
             "compile": compile,
-            "dit_s": round(res.timings["denoise_s"], 3), "step_s": round(res.timings["denoise_s"] / calls, 4),
-            "text_s": round(res.timings["text_s"], 3), "decode_s": round(res.timings.get("decode_s", 0.0), 3),
+            "dit_s": round(res.timings["denoise_s"], 3),
+            "step_s": round(res.timings["denoise_s"] / calls, 4),
+            "text_s": round(res.timings["text_s"], 3),
+            "decode_s": round(res.timings.get("decode_s", 0.0), 3),
             "e2e_s": round(res.timings["total_s"], 3) if decode else None,
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
-            "pab_stats": res.pab_stats, "gpu": gpu_name(), "gpus": world, "build_s": round(build_s, 1),
-            "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "pab_stats": res.pab_stats,
+            "gpu": gpu_name(),
+            "gpus": world,
+            "build_s": round(build_s, 1),
+            "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__,
         }
         if res.parallel:
             rec["comm"] = res.parallel.get("comm")
@@ -145,19 +174,31 @@ def run_peer_latte(pab: str, repeat: int = 1) -> dict:
         model = LatteTransformer3DModel(**cfg).to(torch.bfloat16).eval().requires_grad_(False)
     current = {"t": 1000}
     if pab == "paper":
-        apply_pyramid_attention_broadcast(model, PyramidAttentionBroadcastConfig(
-            spatial_attention_block_skip_range=2, temporal_attention_block_skip_range=3,
-            cross_attention_block_skip_range=6, spatial_attention_timestep_skip_range=(100, 800),
-            temporal_attention_timestep_skip_range=(100, 800), cross_attention_timestep_skip_range=(100, 800),
-            current_timestep_callback=lambda: current["t"],
-        ))
+        apply_pyramid_attention_broadcast(
+            model,
+            PyramidAttentionBroadcastConfig(
+                spatial_attention_block_skip_range=2,
+                temporal_attention_block_skip_range=3,
+                cross_attention_block_skip_range=6,
+                spatial_attention_timestep_skip_range=(100, 800),
+                temporal_attention_timestep_skip_range=(100, 800),
+                cross_attention_timestep_skip_range=(100, 800),
+                current_timestep_callback=lambda: current["t"],
+            ),
+        )
     case = CASES["latte"]
     z = torch.randn(1, 4, case.frames, case.height // 8, case.width // 8, device="cuda")
     text = torch.randn(2, 16, 4096, device="cuda", dtype=torch.bfloat16)
 
     def loop(steps: int) -> float:
-        sched = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", steps_offset=0,
-                              clip_sample=False, timestep_spacing="leading")
+        sched = DDIMScheduler(
+            beta_start=0.0001,
+            beta_end=0.02,
+            beta_schedule="linear",
+            steps_offset=0,
+            clip_sample=False,
+            timestep_spacing="leading",
+        )
         sched.set_timesteps(steps)
         x = z.clone()
         if hasattr(model, "_diffusers_hook"):
@@ -167,8 +208,12 @@ def run_peer_latte(pab: str, repeat: int = 1) -> dict:
         with torch.no_grad():
             for t in sched.timesteps:
                 current["t"] = int(t)
-                out = model(torch.cat([x, x]).to(torch.bfloat16), encoder_hidden_states=text,
-                            timestep=t.expand(2).to("cuda"), return_dict=False)[0]
+                out = model(
+                    torch.cat([x, x]).to(torch.bfloat16),
+                    encoder_hidden_states=text,
+                    timestep=t.expand(2).to("cuda"),
+                    return_dict=False,
+                )[0]
                 eps_c, eps_u = out[:, :4].float().chunk(2)
                 x = sched.step(eps_u + 7.5 * (eps_c - eps_u), t, x).prev_sample
         torch.cuda.synchronize()
@@ -178,11 +223,25 @@ def run_peer_latte(pab: str, repeat: int = 1) -> dict:
     torch.cuda.reset_peak_memory_stats()
     dit = min(loop(case.steps) for _ in range(repeat))
     return {
-        "impl": "diffusers", "model": "latte-1", "resolution": case.resolution, "frames": case.frames,
-        "height": case.height, "width": case.width, "steps": case.steps, "model_calls": case.steps, "sp": 1,
-        "pab": pab, "dit_s": round(dit, 3), "step_s": round(dit / case.steps, 4), "e2e_s": None,
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "mfu": None,
-        "gpu": gpu_name(), "gpus": 1, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+        "impl": "diffusers",
+        "model": "latte-1",
+        "resolution": case.resolution,
+        "frames": case.frames,
+        "height": case.height,
+        "width": case.width,
+        "steps": case.steps,
+        "model_calls": case.steps,
+        "sp": 1,
+        "pab": pab,
+        "dit_s": round(dit, 3),
+        "step_s": round(dit / case.steps, 4),
+        "e2e_s": None,
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "mfu": None,
+        "gpu": gpu_name(),
+        "gpus": 1,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
     }
 
 
@@ -203,10 +262,13 @@ def run_vae_decode(repeat: int = 1) -> list[dict]:
         vae = build(name, device="cuda", dtype=torch.bfloat16)
         if hasattr(vae, "enable_tiling"):
             vae.enable_tiling()
-        z = torch.randn(1, vae.latent_channels, vae.latent_frames(frames), h // 8, w // 8, device="cuda",
-                        dtype=torch.bfloat16)
+        z = torch.randn(
+            1, vae.latent_channels, vae.latent_frames(frames), h // 8, w // 8, device="cuda", dtype=torch.bfloat16
+        )
         with torch.no_grad():
-            vae.decode(z[:, :, : vae.latent_frames(1 if "plan" in name else 17)], num_frames=1 if "plan" in name else 17)
+            vae.decode(
+                z[:, :, : vae.latent_frames(1 if "plan" in name else 17)], num_frames=1 if "plan" in name else 17
+            )
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             best = float("inf")
@@ -216,11 +278,22 @@ def run_vae_decode(repeat: int = 1) -> list[dict]:
                 torch.cuda.synchronize()
                 best = min(best, time.perf_counter() - t0)
         assert video.shape[2] == frames
-        records.append({
-            "impl": "pab", "model": name, "resolution": res, "frames": frames, "height": h, "width": w,
-            "decode_s": round(best, 3), "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "gpu": gpu_name(), "gpus": 1, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-        })
+        records.append(
+            {
+                "impl": "pab",
+                "model": name,
+                "resolution": res,
+                "frames": frames,
+                "height": h,
+                "width": w,
+                "decode_s": round(best, 3),
+                "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                "gpu": gpu_name(),
+                "gpus": 1,
+                "date": datetime.date.today().isoformat(),
+                "torch": torch.__version__,
+            }
+        )
         print(f"{name:>24} {res:>8} {frames:>4} frames: decode {best:.2f}s, peak {records[-1]['peak_mem_gib']} GiB")
         del vae, z, video
         torch.cuda.empty_cache()
@@ -228,8 +301,19 @@ def run_vae_decode(repeat: int = 1) -> list[dict]:
 
 
 def print_table(records: list[dict]) -> None:
-    cols = ["impl", "model", "resolution", "sp", "pab", "dit_s", "step_s", "e2e_s", "peak_mem_gib", "mfu",
-            "comm_bytes_per_step"]
+    cols = [
+        "impl",
+        "model",
+        "resolution",
+        "sp",
+        "pab",
+        "dit_s",
+        "step_s",
+        "e2e_s",
+        "peak_mem_gib",
+        "mfu",
+        "comm_bytes_per_step",
+    ]
     print(" | ".join(f"{c:>12}" for c in cols))
     for r in records:
         cells = []
@@ -271,9 +355,18 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 from pab.parallel import launch_local
 
-                recs = launch_local(sp, _run_case, case, pabs, args.cfg_parallel, args.repeat, args.compile,
-                                    not args.dit_only, threads=None,
-                                    timeout_s=1800)[0]
+                recs = launch_local(
+                    sp,
+                    _run_case,
+                    case,
+                    pabs,
+                    args.cfg_parallel,
+                    args.repeat,
+                    args.compile,
+                    not args.dit_only,
+                    threads=None,
+                    timeout_s=1800,
+                )[0]
             records += recs
             save()
             print_table(recs)

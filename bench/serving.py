@@ -89,9 +89,25 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="pab-bench-ray-"))
     out_dir = tempfile.mkdtemp(prefix="pab-bench-serve-")
     server = subprocess.Popen(
-        [sys.executable, "-m", "pab.cli", "serve", "--port", str(port), "--model", args.model,
-         "--output-dir", out_dir, "--min-groups", "1", "--max-groups", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "pab.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--model",
+            args.model,
+            "--output-dir",
+            out_dir,
+            "--min-groups",
+            "1",
+            "--max-groups",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -118,10 +134,17 @@ def main(argv: list[str] | None = None) -> int:
 
     b, s = statistics.median(bare), statistics.median(served)
     record = {
-        "model": args.model, "steps": args.steps, "pab": "paper", "repeat": args.repeat,
-        "bare_s": round(b, 3), "served_s": round(s, 3), "overhead_s": round(s - b, 3),
-        "overhead_pct": round(100 * (s - b) / b, 1), "target_s": round(0.02 * b + 0.5, 3),
-        "bare_all": [round(t, 3) for t in bare], "served_all": [round(t, 3) for t in served],
+        "model": args.model,
+        "steps": args.steps,
+        "pab": "paper",
+        "repeat": args.repeat,
+        "bare_s": round(b, 3),
+        "served_s": round(s, 3),
+        "overhead_s": round(s - b, 3),
+        "overhead_pct": round(100 * (s - b) / b, 1),
+        "target_s": round(0.02 * b + 0.5, 3),
+        "bare_all": [round(t, 3) for t in bare],
+        "served_all": [round(t, 3) for t in served],
         "device": torch.cuda.get_device_name() if gpu else f"cpu ({os.cpu_count()} cores, {platform.machine()})",
         "date": datetime.date.today().isoformat(),
     }

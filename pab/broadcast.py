@@ -193,7 +193,9 @@ class PABState:
     timestep: float | None = None
     branch: str = "batch"
     cache: dict[tuple[int, str], Any] = field(default_factory=dict)
-    stats: dict[str, dict[str, int]] = field(default_factory=lambda: {k: {"computed": 0, "broadcast": 0} for k in KINDS})
+    stats: dict[str, dict[str, int]] = field(
+        default_factory=lambda: {k: {"computed": 0, "broadcast": 0} for k in KINDS}
+    )
 
     def begin_step(self, step: int, timestep: float) -> None:
         """Called by the sampler loop before the model call(s) of denoising step `step`."""

@@ -24,7 +24,9 @@ class UsageError(Exception):
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="render one video from a prompt", description="Render one video from a prompt.")
+    p = sub.add_parser(
+        "generate", help="render one video from a prompt", description="Render one video from a prompt."
+    )
     p.add_argument("--model", default="opensora-v1.2-tiny", help="model name (see `pab models`)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
@@ -77,11 +79,21 @@ def _run_generate(rank: int, world: int, args: argparse.Namespace, outputs: dict
     device = args.device
     if device == "cuda" and world > 1:
         device = f"cuda:{torch.cuda.current_device()}"
-    pipe = Pipeline.from_name(args.model, device=device, dtype=args.dtype, checkpoint=args.checkpoint, parallel=parallel)
+    pipe = Pipeline.from_name(
+        args.model, device=device, dtype=args.dtype, checkpoint=args.checkpoint, parallel=parallel
+    )
     request = GenerationRequest(
-        model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, num_frames=args.num_frames,
-        height=args.height, width=args.width, fps=args.fps, steps=args.steps, guidance_scale=args.guidance,
-        seed=args.seed, pab=args.pab,
+        model=args.model,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_frames=args.num_frames,
+        height=args.height,
+        width=args.width,
+        fps=args.fps,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        pab=args.pab,
     )
     resolved = pipe.resolve(request)
     bar = None
@@ -118,8 +130,11 @@ def _run_generate(rank: int, world: int, args: argparse.Namespace, outputs: dict
 def len_steps(pipe, request) -> int:
     from pab.samplers import build_sampler
 
-    return len(build_sampler(pipe.spec.sampler, request.steps, height=request.height, width=request.width,
-                             num_frames=request.num_frames).timesteps)
+    return len(
+        build_sampler(
+            pipe.spec.sampler, request.steps, height=request.height, width=request.width, num_frames=request.num_frames
+        ).timesteps
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -152,10 +167,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         results = launch_local(args.sp, _run_generate, args, None)
         sidecar = results[0] if isinstance(results, list) else results
     wall = time.perf_counter() - t0
-    weights = "RANDOM weights (no --checkpoint): the video is noise-like" if sidecar["random_weights"] else "published weights"
+    weights = (
+        "RANDOM weights (no --checkpoint): the video is noise-like"
+        if sidecar["random_weights"]
+        else "published weights"
+    )
     print(
         f"wrote {args.output} ({sidecar['num_frames']} frames, {sidecar['width']}x{sidecar['height']}, "
-        f"{sidecar['fps']} fps) and {Path(args.output).with_suffix('.json')} in {wall:.1f}s; model {args.model} with {weights}"
+        f"{sidecar['fps']} fps) and {Path(args.output).with_suffix('.json')} in {wall:.1f}s; "
+        f"model {args.model} with {weights}"
     )
     stats = sidecar["pab_stats"]
     print("pab: " + ", ".join(f"{k} {v['computed']} computed / {v['broadcast']} broadcast" for k, v in stats.items()))
@@ -193,13 +213,17 @@ def cmd_models(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for name, spec in MODEL_SPECS.items():
         for size, d in (("full", spec.defaults), ("tiny", spec.tiny_defaults)):
-            rows.append({
-                "name": name if size == "full" else f"{name}-tiny",
-                "size": size,
-                "sampler": spec.sampler,
-                "defaults": f"{d.num_frames}f {d.width}x{d.height} {d.fps}fps {d.steps} steps cfg {d.guidance_scale}",
-                "presets": "off, paper",
-            })
+            rows.append(
+                {
+                    "name": name if size == "full" else f"{name}-tiny",
+                    "size": size,
+                    "sampler": spec.sampler,
+                    "defaults": (
+                        f"{d.num_frames}f {d.width}x{d.height} {d.fps}fps {d.steps} steps cfg {d.guidance_scale}"
+                    ),
+                    "presets": "off, paper",
+                }
+            )
     if args.json:
         out = {r["name"]: {**r, "paper_preset": PABConfig.preset(r["name"], "paper").to_dict()} for r in rows}
         print(json.dumps(out, indent=2))

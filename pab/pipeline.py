@@ -104,7 +104,9 @@ def _read_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_transformer(spec: ModelSpec, size: str, checkpoint: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def load_transformer(
+    spec: ModelSpec, size: str, checkpoint: Path, device: torch.device, dtype: torch.dtype
+) -> nn.Module:
     """The transformer from `checkpoint/transformer/` (config.json optional: the size's config)."""
     import importlib
 
@@ -114,7 +116,9 @@ def load_transformer(spec: ModelSpec, size: str, checkpoint: Path, device: torch
     mod = importlib.import_module(f"pab.models.{spec.transformer.module}")
     config_cls = getattr(mod, spec.transformer.config_cls)
     cfg_file = folder / "config.json"
-    config = config_cls.from_dict(json.loads(cfg_file.read_text())) if cfg_file.is_file() else config_cls(**mod.SIZES[size])
+    config = (
+        config_cls.from_dict(json.loads(cfg_file.read_text())) if cfg_file.is_file() else config_cls(**mod.SIZES[size])
+    )
     # Built on the target device (not meta) so computed, non-persistent tables are real tensors.
     with torch.device(device):
         model = getattr(mod, spec.transformer.cls)(config)
@@ -124,7 +128,9 @@ def load_transformer(spec: ModelSpec, size: str, checkpoint: Path, device: torch
     return model.eval().requires_grad_(False)
 
 
-def load_vae(spec: ModelSpec, size: str, checkpoint: Path | None, device: torch.device, dtype: torch.dtype) -> VideoVAE:
+def load_vae(
+    spec: ModelSpec, size: str, checkpoint: Path | None, device: torch.device, dtype: torch.dtype
+) -> VideoVAE:
     if spec.vae == "sd-vae":
         from pab.models.frame_vae import FrameVAE
 
@@ -142,7 +148,11 @@ def load_vae(spec: ModelSpec, size: str, checkpoint: Path | None, device: torch.
         folder = checkpoint / "vae"
         cfg_file = folder / "config.json"
         config_cls = getattr(mod, c.config_cls)
-        config = config_cls.from_dict(json.loads(cfg_file.read_text())) if cfg_file.is_file() else config_cls(**mod.SIZES[size])
+        config = (
+            config_cls.from_dict(json.loads(cfg_file.read_text()))
+            if cfg_file.is_file()
+            else config_cls(**mod.SIZES[size])
+        )
         vae = getattr(mod, c.cls)(config)
         loader = getattr(vae, "load_checkpoint", None)
         state = _read_safetensors_dir(folder)
@@ -182,9 +192,19 @@ def random_t5_xxl(max_length: int, device: torch.device, dtype: torch.dtype):
 
     from pab.text import TextEncoder
 
-    config = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                      feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
-                      tie_word_embeddings=False, dropout_rate=0.0)
+    config = T5Config(
+        vocab_size=32128,
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        tie_word_embeddings=False,
+        dropout_rate=0.0,
+    )
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(0)
         model = T5EncoderModel(config).to(dtype)
@@ -262,8 +282,17 @@ class Pipeline:
             transformer = transformer.to(dtype=dt)
         text_encoder = load_text_encoder(spec, size, ckpt, dev, dt)
         vae = load_vae(spec, size, ckpt, dev, dt)
-        return cls(name, transformer, text_encoder, vae, dev, dt, random_weights=ckpt is None, parallel=parallel,
-                   compile=compile)
+        return cls(
+            name,
+            transformer,
+            text_encoder,
+            vae,
+            dev,
+            dt,
+            random_weights=ckpt is None,
+            parallel=parallel,
+            compile=compile,
+        )
 
     # ------------------------------------------------------------------ validation
 
@@ -346,7 +375,10 @@ class Pipeline:
         family = self.spec.name
         if family == "opensora-v1.2":
             out = self.transformer(
-                z2, tt, y[:, None], mask=mask,
+                z2,
+                tt,
+                y[:, None],
+                mask=mask,
                 fps=torch.full((n,), float(r.fps), device=z2.device),
                 height=torch.full((n,), float(r.height), device=z2.device),
                 width=torch.full((n,), float(r.width), device=z2.device),
@@ -355,9 +387,12 @@ class Pipeline:
             out = self.transformer(z2, timestep=tt, encoder_hidden_states=y, return_dict=False)[0]
         else:
             out = self.transformer(
-                z2, timestep=tt, encoder_hidden_states=y,
+                z2,
+                timestep=tt,
+                encoder_hidden_states=y,
                 added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-                encoder_attention_mask=mask, return_dict=False,
+                encoder_attention_mask=mask,
+                return_dict=False,
             )[0]
         return out[:, : z2.shape[1]]
 
@@ -365,7 +400,9 @@ class Pipeline:
         ctx = self.parallel
         if ctx is not None and getattr(ctx, "cfg_size", 1) > 1:
             # CFG parallel: each sub-group computes one half; gather restores [cond, uncond].
-            local = self._forward(z.to(self.dtype), t, ctx.split_cfg(y), None if mask is None else ctx.split_cfg(mask), r)
+            local = self._forward(
+                z.to(self.dtype), t, ctx.split_cfg(y), None if mask is None else ctx.split_cfg(mask), r
+            )
             pred = ctx.gather_cfg(local)
         else:
             pred = self._forward(torch.cat([z, z]).to(self.dtype), t, y, mask, r)
@@ -425,7 +462,9 @@ class Pipeline:
                 # Latents cover the largest multiple of 16 pixels; resize to exactly what was asked.
                 b, c, f, h, w = video.shape
                 flat = video.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-                flat = F.interpolate(flat, size=(r.height, r.width), mode="bilinear", align_corners=False, antialias=True)
+                flat = F.interpolate(
+                    flat, size=(r.height, r.width), mode="bilinear", align_corners=False, antialias=True
+                )
                 video = flat.reshape(b, f, c, r.height, r.width).permute(0, 2, 1, 3, 4)
             frames = to_uint8_frames(video[0])
             self._sync()
@@ -462,8 +501,14 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
         return dtype
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
     return names[dtype]

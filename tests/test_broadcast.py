@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pab.hooks.registry import ModelHook, register_hook, remove_hook
 from pab.broadcast import KINDS, BroadcastRule, PABConfig, PABState, apply_pab, remove_pab, use_state
+from pab.hooks.registry import ModelHook, register_hook, remove_hook
 
 
 class ToyBlock(nn.Module):
@@ -82,7 +82,7 @@ def test_off_and_range_one_are_bit_identical(toy):
 def expected_counts(rule: BroadcastRule, n_modules: int, steps=TIMESTEPS, blocks=None) -> tuple[int, int]:
     """Independent statement of the rule: reuse iff lo < t < hi and i % r != 0 (and a cache exists)."""
     computed = broadcast = 0
-    for block in (blocks if blocks is not None else [None] * n_modules):
+    for block in blocks if blocks is not None else [None] * n_modules:
         has_cache = False
         for i, t in enumerate(steps):
             reuse = has_cache and rule.window[0] < t < rule.window[1] and i % rule.range != 0
@@ -104,10 +104,17 @@ def test_stats_follow_the_rule_for_the_latte_paper_preset(toy):
     assert state.stats["temporal"] == dict(zip(("computed", "broadcast"), expected_counts(config.temporal, 2)))
     assert state.stats["cross"] == dict(zip(("computed", "broadcast"), expected_counts(config.cross, 4)))
     # MLP broadcast is limited to blocks 0-4; the toy has blocks 0, 1 (spatial) and 0, 1 (temporal).
-    assert state.stats["mlp"] == dict(zip(("computed", "broadcast"), expected_counts(config.mlp, 4, blocks=[0, 1, 0, 1])))
+    assert state.stats["mlp"] == dict(
+        zip(("computed", "broadcast"), expected_counts(config.mlp, 4, blocks=[0, 1, 0, 1]))
+    )
     # Window (100, 800) at steps of 20: t = 780..120 inside; spatial range 2 reuses the odd steps there.
-    assert state.stats["spatial"]["broadcast"] == 2 * sum(1 for i, t in enumerate(TIMESTEPS) if 100 < t < 800 and i % 2)
-    assert state.stats["spatial"]["broadcast"] > 0 and state.stats["cross"]["broadcast"] > state.stats["spatial"]["broadcast"]
+    assert state.stats["spatial"]["broadcast"] == 2 * sum(
+        1 for i, t in enumerate(TIMESTEPS) if 100 < t < 800 and i % 2
+    )
+    assert (
+        state.stats["spatial"]["broadcast"] > 0
+        and state.stats["cross"]["broadcast"] > state.stats["spatial"]["broadcast"]
+    )
 
 
 def test_broadcast_reuses_the_last_computed_output(toy):

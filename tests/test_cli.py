@@ -16,7 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pab.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        [sys.executable, "-m", "pab.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
@@ -24,9 +28,29 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def test_generate_writes_a_decodable_video_and_sidecar(tmp_path: Path):
     out = tmp_path / "clip.mp4"
     lat = tmp_path / "lat.safetensors"
-    p = run_cli("generate", "--model", "latte-1-tiny", "--prompt", "a cat surfing", "--num-frames", "6",
-                "--height", "40", "--width", "56", "--fps", "12", "--steps", "10", "--pab", "paper",
-                "--output", str(out), "--save-latents", str(lat))
+    p = run_cli(
+        "generate",
+        "--model",
+        "latte-1-tiny",
+        "--prompt",
+        "a cat surfing",
+        "--num-frames",
+        "6",
+        "--height",
+        "40",
+        "--width",
+        "56",
+        "--fps",
+        "12",
+        "--steps",
+        "10",
+        "--pab",
+        "paper",
+        "--output",
+        str(out),
+        "--save-latents",
+        str(lat),
+    )
     assert p.returncode == 0, p.stderr
     assert "RANDOM weights" in p.stdout
     assert "denoising" in p.stderr  # the progress bar
@@ -75,7 +99,12 @@ def test_unwritable_output_and_missing_checkpoint(tmp_path: Path, capsys):
     blocker.write_text("")
     assert main(["generate", "--prompt", "p", "--output", str(blocker / "sub" / "x.mp4")]) == 2
     assert "cannot write to" in capsys.readouterr().err
-    assert main(["generate", "--prompt", "p", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "y.mp4")]) == 2
+    assert (
+        main(
+            ["generate", "--prompt", "p", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "y.mp4")]
+        )
+        == 2
+    )
     assert "is not a directory" in capsys.readouterr().err
     assert not (tmp_path / "y.mp4").exists()
 

@@ -112,7 +112,10 @@ def test_tiny_checkpoint_round_trip_and_missing_keys(tmp_path: Path):
     src = Pipeline.from_name("latte-1-tiny", device="cpu")
     ckpt = tmp_path / "ckpt"
     (ckpt / "transformer").mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in src.transformer.state_dict().items()}, str(ckpt / "transformer" / "w.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in src.transformer.state_dict().items()},
+        str(ckpt / "transformer" / "w.safetensors"),
+    )
     src.vae.vae.save_pretrained(ckpt / "vae")  # the diffusers AutoencoderKL inside FrameVAE
     src.text_encoder.model.save_pretrained(ckpt / "text_encoder")
     src.text_encoder.tokenizer.save_pretrained(ckpt / "tokenizer")

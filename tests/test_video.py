@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from pab import video as pv
 from pab.video import read_video, to_uint8_frames, write_mp4
 
 

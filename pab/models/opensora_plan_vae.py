@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from pab.models import load_state_dict_strict
 from pab.models.vae import VideoVAE
 
-
 logger = logging.getLogger(__name__)
 
 # The DiT (LatteT2V) was trained on posterior samples times this constant; there is no shift.

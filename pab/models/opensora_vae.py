@@ -18,7 +18,6 @@ differences are listed in `OpenSoraVAE`'s docstring.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -29,7 +28,6 @@ from diffusers import AutoencoderKL
 from einops import rearrange
 
 from pab.models.vae import VideoVAE
-
 
 #################################################################################
 #                                    Config                                     #

@@ -20,7 +20,6 @@ from pab.parallel.dsp import (
 from pab.parallel.launch import LaunchError, launch_local
 from pab.parallel.plans import parallelize_model, plan_for, unparallelize_model
 
-
 __all__ = [
     "CommStats",
     "DSPHandle",

@@ -51,7 +51,6 @@ from pab.parallel.comm import (
 )
 from pab.parallel.context import ParallelContext
 
-
 DSP_ENTRY_HOOK = "dsp_entry"
 DSP_SWITCH_HOOK = "dsp_temporal_switch"
 DSP_POSITION_HOOK = "dsp_frame_positions"

@@ -16,7 +16,6 @@ import torch.nn as nn
 from pab.parallel.context import ParallelContext
 from pab.parallel.dsp import DSPHandle, DSPPlan, apply_dsp, remove_dsp
 
-
 logger = logging.getLogger(__name__)
 
 

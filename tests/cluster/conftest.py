@@ -7,7 +7,6 @@ import time
 
 import httpx
 import pytest
-
 from raysession import start_ray
 from weed import WeedS3
 

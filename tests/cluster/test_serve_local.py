@@ -12,7 +12,6 @@ import io
 import av
 import numpy as np
 import pytest
-
 from conftest import deploy, poll, running_replicas, wait_for
 
 APP, KEY = "pabl", "local-test-key"

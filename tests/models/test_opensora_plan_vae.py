@@ -19,7 +19,6 @@ from pab.models import CheckpointError
 from pab.models._fixture_cases import opensora_plan_vae as cases
 from pab.models.opensora_plan_vae import SIZES, CausalVAE, CausalVAEConfig, TilingConfig
 
-
 REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("PAB_SHARED_DIR") or Path(__file__).resolve().parents[3] / "shared")
 FIXTURE = SHARED / "fidelity" / "vae" / "osp_causalvae_v1_1"

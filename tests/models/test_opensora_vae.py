@@ -14,7 +14,6 @@ from pab.models._fixture_cases import opensora_vae as fixture_case
 from pab.models.fixtures import run_fixture
 from pab.models.opensora_vae import SIZES, OpenSoraVAE, OpenSoraVAEConfig
 
-
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "official" / "vae"
 FIXTURE = FIXTURES / "opensora_vae_v1_2"
 MANIFEST = FIXTURES / "manifests" / "opensora_vae_v1_2.json"

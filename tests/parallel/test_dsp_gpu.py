@@ -14,7 +14,6 @@ from test_dsp_models import CASES, MODELS, build_tiny, make_inputs, predict
 from pab.parallel import ParallelConfig, init_parallel, launch_local, parallelize_model, unparallelize_model
 from pab.parallel.comm import FrameLayout, gather_frames, split_frames, switch_to_full_frames, switch_to_local_frames
 
-
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),

@@ -31,7 +31,6 @@ from pab.parallel import (
     unparallelize_model,
 )
 
-
 TOL = dict(atol=1e-5, rtol=1e-5)
 MODELS = ("opensora-v1.2", "latte-1", "opensora-plan-v1.1")
 TEXT_LEN = 6

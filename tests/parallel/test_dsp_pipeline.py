@@ -12,7 +12,6 @@ import torch
 from pab.parallel import ParallelConfig, init_parallel, launch_local
 from pab.pipeline import GenerationRequest, Pipeline
 
-
 # 17 frames -> 5 latent frames (Open-Sora, Open-Sora-Plan) or 17 (Latte); 48x80 px is non-square.
 # Steps are enough for each paper preset's window to broadcast temporal attention at least once.
 REQUESTS = {

@@ -27,7 +27,6 @@ from pab.parallel import (
 )
 from pab.parallel.dsp import apply_dsp
 
-
 TOL = dict(atol=1e-5, rtol=1e-5)
 # (batch, frames, height, width): odd and even frame counts, fewer frames than ranks, one frame,
 # non-square sizes, batch 1.
