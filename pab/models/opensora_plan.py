@@ -35,9 +35,7 @@ from pab.models.latte import (
     SpatialBlock,
     TemporalBlock,
     TemporalPosEmbed,
-    batch_timesteps,
-    check_latent_size,
-    final_modulate_and_unpatchify,
+    latte_forward,
 )
 
 #################################################################################
@@ -330,41 +328,6 @@ class LatteT2V(nn.Module):
                 f"use_image_num={use_image_num}: joint image-video batches are a training layout the official "
                 f"inference path cannot run; pass videos only (use_image_num=0)"
             )
-        check_latent_size(hidden_states, self.config.patch_size)
-        b, c_in, f, h, w = hidden_states.shape
-        p = self.config.patch_size
-        grid = (h // p, w // p)
-        s = grid[0] * grid[1]
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != b:
-            raise ValueError(
-                f"encoder_hidden_states must be (B, L, {self.config.caption_channels}) with B={b}, "
-                f"got {tuple(encoder_hidden_states.shape)}"
-            )
-
-        x = hidden_states.permute(0, 2, 1, 3, 4).reshape(b * f, c_in, h, w)  # (B*F, C_in, H, W)
-        x = self.pos_embed(x)  # (B*F, S, C), spatial table added
-        temb, embedded_timestep = self.adaln_single(batch_timesteps(timestep, b, x.device), x.dtype)  # (B, 6C), (B, C)
-
-        context = self.caption_projection(encoder_hidden_states)  # (B, L, C)
-        context = context.repeat_interleave(f, dim=0)  # (B*F, L, C), row b*F + f
-        context_bias = self._cross_attention_bias(encoder_attention_mask, b, f, context.shape[1], x.dtype)
-        temb_spatial = temb.repeat_interleave(f, dim=0)  # (B*F, 6C)
-        temb_temporal = temb.repeat_interleave(s, dim=0)  # (B*S, 6C)
-
-        for i, (spatial_block, temporal_block) in enumerate(
-            zip(self.transformer_blocks, self.temporal_transformer_blocks)
-        ):
-            # The official spatial attention also receives an all-zero bias for the (all-kept) video tokens;
-            # adding zeros changes nothing, so it is left out.
-            x = spatial_block(x, temb_spatial, context, context_bias)  # (B*F, S, C)
-            if enable_temporal_attentions:
-                x = x.reshape(b, f, s, -1).transpose(1, 2).reshape(b * s, f, -1)  # (B*S, F, C)
-                if i == 0:
-                    x = self.temp_pos_embed(x)  # (B*S, F, C), frame table added once, before the first block
-                x = temporal_block(x, temb_temporal)  # (B*S, F, C)
-                x = x.reshape(b, s, f, -1).transpose(1, 2).reshape(b * f, s, -1)  # (B*F, S, C)
-
-        out = final_modulate_and_unpatchify(
-            x, embedded_timestep, self.scale_shift_table, self.norm_out, self.proj_out, b, f, grid, p
-        )  # (B, C_out, F, H, W)
+        out = latte_forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+                            enable_temporal_attentions)  # (B, C_out, F, H, W)
         return (out,)
