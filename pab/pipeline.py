@@ -359,14 +359,14 @@ class Pipeline:
             emb, mask = self.text_encoder.encode([prompt])
             null = self.transformer.y_embedder.y_embedding[None].to(emb.dtype)  # (1, L, D)
             y = torch.cat([emb, null[:, : emb.shape[1]]], 0)
-            return y.to(self.dtype), mask.repeat(2, 1)
+            return _trim_text(y.to(self.dtype), mask.repeat(2, 1))
         if spec.text_truncate:
             # Latte and Open-Sora-Plan cut both embeddings to the prompt's real token count.
             emb, _ = self.text_encoder.encode([prompt], trim=True)
             neg, _ = self.text_encoder.encode([r.negative_prompt])
             return torch.cat([emb, neg[:, : emb.shape[1]]]).to(self.dtype), None
         emb, mask = self.text_encoder.encode([prompt, r.negative_prompt])
-        return emb.to(self.dtype), mask
+        return _trim_text(emb.to(self.dtype), mask)
 
     def _forward(self, z2: torch.Tensor, t: float, y: torch.Tensor, mask: torch.Tensor | None, r: GenerationRequest):
         """One transformer call on the CFG batch; returns the model's prediction (first 4 channels)."""
@@ -489,6 +489,19 @@ class Pipeline:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _trim_text(y: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Drop text columns no sample keeps, once per generation; an all-kept mask becomes None.
+
+    Open-Sora's STDiT3 does the same cut inside every forward, at the price of a host sync per step
+    (which lets the GPU run dry while the CPU queues the next step's kernels). Cut here, the model sees
+    no mask in the common case and the denoising loop has no host syncs. Masked keys add nothing to
+    the softmax, so the result is unchanged.
+    """
+    keep = int(mask.any(dim=0).nonzero().max()) + 1
+    y, mask = y[:, :keep], mask[:, :keep]
+    return y, (None if bool(mask.all()) else mask)
 
 
 def default_device() -> torch.device:
