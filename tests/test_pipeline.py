@@ -105,27 +105,42 @@ def test_cancel_and_bad_requests(pipe):
         pipe.generate(req(pipe, prompt="  "))
 
 
-def test_tiny_checkpoint_round_trip_and_missing_keys(tmp_path: Path):
+def save_checkpoint(pipe: Pipeline, ckpt: Path) -> None:
+    """Write a pipeline's weights in the published layout (README 'Checkpoints')."""
+    from safetensors.torch import save_file
+
+    def save(module, folder: str, name: str) -> None:
+        (ckpt / folder).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(ckpt / folder / name))
+
+    save(pipe.transformer, "transformer", "diffusion_pytorch_model.safetensors")
+    if hasattr(pipe.vae, "vae"):  # FrameVAE: a diffusers AutoencoderKL folder, as Latte-1 ships it
+        pipe.vae.vae.save_pretrained(ckpt / "vae")
+    else:  # the video VAEs: their own state dict (the release adds a config.json)
+        save(pipe.vae, "vae", "model.safetensors")
+    pipe.text_encoder.model.save_pretrained(ckpt / "text_encoder")
+    pipe.text_encoder.tokenizer.save_pretrained(ckpt / "tokenizer")
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_checkpoint_round_trip_and_missing_keys(tmp_path: Path, name: str):
     """`--checkpoint` loads strictly: saved weights reproduce the video; a missing key is named."""
     from safetensors.torch import load_file, save_file
 
-    src = Pipeline.from_name("latte-1-tiny", device="cpu")
-    ckpt = tmp_path / "ckpt"
-    (ckpt / "transformer").mkdir(parents=True)
-    save_file(
-        {k: v.contiguous() for k, v in src.transformer.state_dict().items()},
-        str(ckpt / "transformer" / "w.safetensors"),
-    )
-    src.vae.vae.save_pretrained(ckpt / "vae")  # the diffusers AutoencoderKL inside FrameVAE
-    src.text_encoder.model.save_pretrained(ckpt / "text_encoder")
-    src.text_encoder.tokenizer.save_pretrained(ckpt / "tokenizer")
-    loaded = Pipeline.from_name("latte-1-tiny", device="cpu", checkpoint=ckpt)
-    r = GenerationRequest(model="latte-1-tiny", prompt="x", steps=3, seed=1)
-    assert torch.equal(loaded.generate(r).latents, src.generate(r).latents)
-    sd = load_file(str(ckpt / "transformer" / "w.safetensors"))
-    sd.pop("proj_out.weight")
-    save_file(sd, str(ckpt / "transformer" / "w.safetensors"))
     from pab.models import CheckpointError
 
-    with pytest.raises(CheckpointError, match="missing key.*proj_out.weight"):
-        Pipeline.from_name("latte-1-tiny", device="cpu", checkpoint=ckpt)
+    src = Pipeline.from_name(name, device="cpu")
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(src, ckpt)
+    loaded = Pipeline.from_name(name, device="cpu", checkpoint=ckpt)
+    assert not loaded.random_weights
+    r = GenerationRequest(model=name, prompt="x", steps=4, seed=1)
+    a, b = loaded.generate(r), src.generate(r)
+    assert torch.equal(a.latents, b.latents) and (a.frames == b.frames).all()
+    weights = ckpt / "transformer" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(weights))
+    victim = sorted(sd)[-1]
+    sd.pop(victim)
+    save_file(sd, str(weights))
+    with pytest.raises(CheckpointError, match=f"missing key.*{victim}"):
+        Pipeline.from_name(name, device="cpu", checkpoint=ckpt)
