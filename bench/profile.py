@@ -12,7 +12,8 @@ timed calls after warm-up. It measures, each part on its own so one failure does
 2. FLOPs of one forward (torch's FlopCounterMode) -> MFU against 989.4 TFLOP/s dense bf16;
 3. the top kernels by CUDA time of one eager forward (torch.profiler; top 25 printed);
 4. components at the real shapes: temporal attention (module and core: Triton / bmm / SDPA backends,
-   eager and compiled, with the error against a float32 reference), spatial SDPA per backend,
+   eager and compiled, with the error against a float32 reference; "triton" vs "triton_heads" at 480p
+   and at 720p 4 s, L = 30, module and kernel, the latter over a few launch configurations), spatial SDPA per backend,
    cross-attention (300 masked keys vs 32 unmasked), MLP (GELU in the GEMM epilogue or not);
 5. one forward with pab.compile.apply_compile (first call = compile time), and its top kernels;
 6. 30 denoising steps (rflow) eager and compiled, PAB off and "paper": the DiT time the issue targets
@@ -55,6 +56,17 @@ PREDICTED = {
     "eager MLP_FUSED_GELU=False": "287 ms",  # +0.3 ms per MLP: the 440 MB hidden written+read once more
     "compiled forward (apply_compile)": "255 ms",  # glue 17 -> 12 passes per block, fused q/k norm
     "temporal attn module eager triton": "1.05 ms",  # qkv 0.58 + kernel 0.25 + proj 0.22
+    # "triton_heads" (stdit3.py explains the static analysis), predicted before it ran: the GEMMs of the
+    # measured triton module (2.87 - 2.10 = 0.77 ms at 480p, x4.5 tokens at 720p) + the kernel
+    "eager temporal=triton_heads": "295 ms",  # 347 - 28 x (2.10 - 0.25)
+    "temporal attn module eager triton_heads": "1.0 ms",
+    "temporal kernel triton 480p": "2.1 ms",  # measured: the profile table's 2.100 ms per call
+    "temporal kernel triton_heads 4x4 480p": "0.25 ms",  # 440 MB at ~1.8 TB/s effective
+    "temporal attn module eager triton 720p": "55 ms",  # spills: ~240 GB of local-memory traffic per call
+    "temporal attn module eager triton_heads 720p": "4.4 ms",
+    "temporal attn module eager sdpa 720p": "17 ms",
+    "temporal kernel triton 720p": "50 ms",
+    "temporal kernel triton_heads 2x4 720p": "0.9 ms",  # 2.0 GB moved, ~0.43 ms of instruction issue
     "temporal attn module eager bmm": "2.2 ms",
     "temporal attn module eager sdpa": "2.85 ms",  # norm 0.3 + RoPE 0.65 + flash 1.1 + GEMMs 0.8
     "temporal attn module compiled sdpa": "2.15 ms",
@@ -295,6 +307,14 @@ def run(args) -> Report:
         impl = stdit3.temporal_attention_impl(torch.empty(1, T, 3 * C, device=device))
         rep.data["default_temporal_impl"] = impl
         rep.add("default temporal attention (TEMPORAL_ATTENTION=auto)", impl)
+    with rep.section("eager forward, temporal=triton_heads"):  # the opt-in kernel; its own section if it fails
+        with setting(stdit3, TEMPORAL_ATTENTION="triton_heads"):
+            ms = median_ms(fwd, device, w, n)
+            with torch.no_grad():
+                err = rel_err(model(**inputs), ref)
+        rep.data["forward_ms"]["eager temporal=triton_heads"] = ms
+        rep.add("eager temporal=triton_heads", f"{ms:.1f} ms",
+                f"{mfu(ms)}  x30 = {ms * 0.03:.2f} s  err vs defaults {err:.1e}")
 
     if args.baseline:
         with rep.section("baseline forward (--baseline)"):
@@ -330,7 +350,7 @@ def run(args) -> Report:
         with setting(stdit3, TEMPORAL_ATTENTION="sdpa"), torch.no_grad():
             ref = attn32(x.float())
         core_flop = 4 * N * heads * T * T * hd
-        for impl in ("triton", "bmm", "sdpa"):
+        for impl in ("triton", "triton_heads", "bmm", "sdpa"):
             try:
                 with setting(stdit3, TEMPORAL_ATTENTION=impl), torch.no_grad():
                     ms = median_ms(lambda: attn(x), device, w, 5 * n)
@@ -370,6 +390,9 @@ def run(args) -> Report:
             ms = median_ms(lambda: stdit3._bmm_attention(q, k, v), device, w, 5 * n)
         comps["temporal core bmm"] = dict(ms=ms)
         rep.add("temporal core bmm", f"{ms:.3f} ms", f"{core_flop / ms / 1e9:.1f} TFLOP/s")
+
+    with rep.section("temporal attention kernels, 480p and 720p"):
+        temporal_kernels(rep, stdit3, model, args, device, dtype, S, T, w, n)
 
     with rep.section("spatial attention"):
         q, k, v = (torch.randn(2 * T, heads, S, hd, device=device, dtype=dtype) for _ in range(3))
@@ -499,6 +522,68 @@ def run(args) -> Report:
     rep.data["summary"] = [dict(what=a, measured=b, predicted=rep.predictions.get(a), note=c)
                            for a, b, c in rep.summary]  # fmt: skip
     return rep
+
+
+# (heads per program, warps) tried for stdit3's "triton_heads" kernel besides its default, by BLOCK_L
+TRITON_HEADS_SWEEP = {16: [(4, 4), (2, 4), (2, 2), (1, 1)], 32: [(2, 4), (1, 2), (1, 4), (2, 2)]}
+
+
+def temporal_kernels(rep, stdit3, model, args, device, dtype, S, T, w, n) -> None:
+    """The temporal attention at 480p (L = T) and 720p 4 s (N = 2 x 45 x 80, L = 30): the module with the
+    "triton" and "triton_heads" kernels (and sdpa at 720p), and the kernels alone: "triton" and
+    "triton_heads" over a few (heads per program, warps), with GB/s and the error against float32 sdpa."""
+    comps = rep.data["components"]
+    attn = model.temporal_blocks[0].attn
+    C, heads = attn.num_heads * attn.head_dim, attn.num_heads
+    attn32 = copy.deepcopy(attn).float()
+    object.__setattr__(attn32, "rope", copy.deepcopy(model.rope).float())
+
+    def core32(qkv: torch.Tensor) -> torch.Tensor:  # float32 sdpa path of SelfAttention, (N, L, 3C) -> (N, L, C)
+        q, k, v = qkv.float().unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn32.rope(attn32.q_norm(q)), attn32.rope(attn32.k_norm(k))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+    has_norm = isinstance(attn.q_norm, stdit3.RMSNorm)
+    wq, wk = (attn.q_norm.weight, attn.k_norm.weight) if has_norm else (None, None)
+    eps = attn.q_norm.eps if has_norm else 0.0
+    if args.size == "full":
+        shapes = [("480p", 2 * S, T), ("720p", 2 * 45 * 80, 30)]
+    else:
+        shapes = [("480p", 2 * S, T), ("720p", 2 * S, 30)]  # tiny: the same code paths at small N
+    for tag, N, L in shapes:
+        x = torch.randn(N, L, C, device=device, dtype=dtype)
+        if tag != "480p":  # the 480p module times are in the "temporal attention" section
+            for impl in ("triton", "triton_heads", "sdpa"):
+                try:
+                    with setting(stdit3, TEMPORAL_ATTENTION=impl), torch.no_grad():
+                        ms = median_ms(lambda: attn(x), device, w, 5 * n)
+                    comps[f"temporal module eager {impl} {tag}"] = dict(ms=ms)
+                    rep.add(f"temporal attn module eager {impl} {tag}", f"{ms:.3f} ms", f"N={N} L={L}")
+                except Exception as e:  # noqa: BLE001 - e.g. no Triton on this machine
+                    comps[f"temporal module eager {impl} {tag}"] = dict(error=str(e)[:300])
+                    rep.add(f"temporal attn module eager {impl} {tag}", "n/a", f"{type(e).__name__}: {str(e)[:60]}")
+        with torch.no_grad():
+            qkv = attn.qkv(x)
+            cos, sin = attn.rope.tables(L, device, torch.float32)
+            ref = core32(qkv[:256])
+        runs = [("triton", lambda: stdit3._temporal_attention_op(qkv, wq, wk, cos, sin, heads, eps))]
+        block_l = max(16, 1 << (L - 1).bit_length())
+        for hb, nw in dict.fromkeys([stdit3.triton_heads_config(L, heads)] + TRITON_HEADS_SWEEP.get(block_l, [])):
+            if heads % hb == 0:
+                runs.append((f"triton_heads {hb}x{nw}", lambda hb=hb, nw=nw: stdit3._temporal_attention_heads_op(
+                    qkv, wq, wk, cos, sin, heads, eps, hb, nw)))  # fmt: skip
+        moved = (qkv.numel() + N * L * C) * qkv.element_size()
+        for label, fn in runs:
+            key = f"temporal kernel {label} {tag}"
+            try:
+                with torch.no_grad():
+                    ms = median_ms(fn, device, w, 5 * n)
+                    err = rel_err(fn()[:256], ref)
+                comps[key] = dict(ms=ms, rel_err=err, gbps=moved / ms / 1e6)
+                rep.add(key, f"{ms:.3f} ms", f"{moved / ms / 1e6:.0f} GB/s, err vs fp32 {err:.1e}")
+            except Exception as e:  # noqa: BLE001 - e.g. no Triton on this machine
+                comps[key] = dict(error=str(e)[:300])
+                rep.add(key, "n/a", f"{type(e).__name__}: {str(e)[:60]}")
 
 
 def ref_forward(model, inputs, remove_compile, apply_compile, handle):

@@ -1,0 +1,224 @@
+"""STDiT3's opt-in "triton_heads" temporal-attention kernel against the sdpa path (and the "triton" kernel).
+
+Runs where Triton can: on CUDA, or on the CPU through Triton's interpreter, e.g.
+
+    PYTHONPATH=/path/to/triton TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/models/test_stdit3_triton.py
+
+(the interpreter's bf16 dot is broken, so there float32 and float16 are checked). Without Triton, or without
+CUDA and TRITON_INTERPRET, the kernel tests skip; the launch-configuration helpers are tested everywhere.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pab.models import stdit3
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_stdit3 import tiny_inputs, tiny_model  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+CUDA = torch.cuda.is_available() and not INTERPRET
+needs_triton = pytest.mark.skipif(
+    stdit3.triton is None or not (INTERPRET or CUDA),
+    reason="needs triton and CUDA, or triton with TRITON_INTERPRET=1 (CPU interpreter)",
+)
+needs_cuda = pytest.mark.skipif(stdit3.triton is None or not CUDA, reason="compares compiled kernels on CUDA")
+DEVICE = "cuda" if CUDA else "cpu"
+
+# float16: the kernel rounds q, k (after norm + RoPE), p and the output to fp16, fp16 sdpa rounds after the norm,
+# after RoPE, inside flash and at the output; on these outputs (up to ~2 in magnitude) both land <= ~1.2e-3
+# (max abs, ~5e-4 relative) from the float32 sdpa result. Tolerance: 4e-3 absolute, and at most twice fp16
+# sdpa's own max error + 5e-4.
+FP16_ATOL = 4e-3
+
+
+@pytest.fixture(autouse=True)
+def _restore():
+    saved = stdit3.TEMPORAL_ATTENTION
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CPU is shared
+    yield
+    stdit3.TEMPORAL_ATTENTION = saved
+    torch.set_num_threads(n)
+
+
+def attention(heads: int, head_dim: int, qk_norm: bool, seed: int = 0) -> stdit3.SelfAttention:
+    """A temporal SelfAttention without its output projection (so the kernel's output is compared directly),
+    with norm weights away from 1 (a mix-up of even/odd channels would show)."""
+    torch.manual_seed(seed)
+    attn = stdit3.SelfAttention(heads * head_dim, heads, qk_norm, rope=stdit3.RotaryEmbedding(head_dim))
+    with torch.no_grad():
+        for name, p in attn.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+    attn.proj = torch.nn.Identity()
+    return attn.to(DEVICE)
+
+
+def run(attn: stdit3.SelfAttention, x: torch.Tensor, impl: str) -> torch.Tensor:
+    stdit3.TEMPORAL_ATTENTION = impl
+    with torch.no_grad():
+        return attn(x)
+
+
+def reference32(attn: stdit3.SelfAttention, x: torch.Tensor) -> torch.Tensor:
+    """The sdpa path in float32 on the same (possibly fp16-rounded) weights and input."""
+    attn32 = attention(attn.num_heads, attn.head_dim, isinstance(attn.q_norm, stdit3.RMSNorm))
+    attn32.load_state_dict({k: v.float() for k, v in attn.state_dict().items()})
+    return run(attn32, x.float(), "sdpa")
+
+
+# ---------------------------------------------------------------------------------------------- everywhere
+
+
+def test_head_dim_split_and_config():
+    assert stdit3._heads_split(72) == (64, 8)
+    assert stdit3._heads_split(16) == (0, 16)
+    assert stdit3._heads_split(64) == (64, 0)
+    assert stdit3._heads_split(48) == (32, 16)
+    assert stdit3._heads_split(8) == (0, 8)
+    for bad in (24, 36, 68, 4):
+        with pytest.raises(ValueError, match="head_dim"):
+            stdit3._heads_split(bad)
+    assert stdit3.triton_heads_config(15, 16) == stdit3.TRITON_HEADS_CONFIG[16]
+    assert stdit3.triton_heads_config(30, 16) == stdit3.TRITON_HEADS_CONFIG[32]
+    hb, _ = stdit3.triton_heads_config(15, 2)  # never more heads per program than divide the model's
+    assert 2 % hb == 0
+    assert "triton_heads" in stdit3.TEMPORAL_ATTENTION_IMPLS
+
+
+def test_auto_does_not_pick_the_variant():
+    stdit3.TEMPORAL_ATTENTION = "auto"
+    for dtype in (torch.float32, torch.bfloat16):
+        assert stdit3.temporal_attention_impl(torch.empty(2, 15, 3 * 1152, dtype=dtype)) != "triton_heads"
+
+
+# ---------------------------------------------------------------------------------------------- interpreter / CUDA
+
+
+@needs_triton
+@pytest.mark.parametrize("qk_norm", [True, False])
+@pytest.mark.parametrize("L", [1, 5, 15, 30, 32])
+@pytest.mark.parametrize("N", [1, 4])
+def test_matches_sdpa_float32(N, L, qk_norm):
+    attn = attention(16, 72, qk_norm)  # Open-Sora 1.2: 16 heads of 72
+    x = torch.randn(N, L, 16 * 72, device=DEVICE)
+    out = run(attn, x, "triton_heads")
+    torch.testing.assert_close(out, run(attn, x, "sdpa"), atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("qk_norm", [True, False])
+@pytest.mark.parametrize("L", [1, 5, 15, 30, 32])
+@pytest.mark.parametrize("N", [1, 3])
+def test_matches_sdpa_float16(N, L, qk_norm):
+    attn = attention(16, 72, qk_norm).half()
+    x = torch.randn(N, L, 16 * 72, device=DEVICE).half()
+    ref = reference32(attn, x)
+    out = run(attn, x, "triton_heads").float()
+    sdpa_err = (run(attn, x, "sdpa").float() - ref).abs().max().item()
+    err = (out - ref).abs().max().item()
+    assert err <= FP16_ATOL, (err, sdpa_err)
+    assert err <= 2 * sdpa_err + 5e-4, (err, sdpa_err)
+
+
+@needs_triton
+@pytest.mark.parametrize("heads,head_dim", [(4, 16), (2, 48), (2, 64), (2, 8), (3, 72)])
+@pytest.mark.parametrize("L", [5, 30])
+def test_other_head_dims(heads, head_dim, L):
+    """The split 72 = 64 + 8 is one case: only a tail (16, 8), a tail of 16 (48), no tail (64), odd head count."""
+    attn = attention(heads, head_dim, True)
+    x = torch.randn(3, L, heads * head_dim, device=DEVICE)
+    torch.testing.assert_close(run(attn, x, "triton_heads"), run(attn, x, "sdpa"), atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("L", [15, 30])
+@pytest.mark.parametrize("heads_per_program,num_warps", [(1, 1), (1, 2), (1, 4), (2, 2), (2, 4), (4, 4), (16, 4)])
+def test_launch_configurations(L, heads_per_program, num_warps):
+    """Every (heads per program, warps) gives the same result: 2D dots for one head, 3D for several."""
+    attn = attention(16, 72, True)
+    x = torch.randn(2, L, 16 * 72, device=DEVICE)
+    with torch.no_grad():
+        qkv = attn.qkv(x)
+        cos, sin = attn.rope.tables(L, qkv.device, torch.float32)
+        out = stdit3._temporal_attention_heads_op(qkv, attn.q_norm.weight, attn.k_norm.weight, cos, sin, 16,
+                                                  attn.q_norm.eps, heads_per_program, num_warps)  # fmt: skip
+    torch.testing.assert_close(out, run(attn, x, "sdpa"), atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+def test_strided_qkv():
+    """qkv rows further apart than 3C (a view into a wider buffer) are read through the strides."""
+    attn = attention(16, 72, True)
+    L, C = 15, 16 * 72
+    wide = torch.randn(3, L, 3 * C + 40, device=DEVICE)
+    qkv = wide[..., : 3 * C]
+    cos, sin = attn.rope.tables(L, qkv.device, torch.float32)
+    args = (attn.q_norm.weight, attn.k_norm.weight, cos, sin, 16, attn.q_norm.eps, 4, 4)
+    with torch.no_grad():
+        out = stdit3._temporal_attention_heads_op(qkv, *args)
+        ref = stdit3._temporal_attention_heads_op(qkv.contiguous(), *args)
+    assert torch.equal(out, ref)
+
+
+@needs_triton
+def test_tiny_model_forward():
+    """The whole tiny STDiT3 (4 heads of 16) with the variant selected, as `PAB_TEMPORAL_ATTENTION` would."""
+    model = tiny_model().to(DEVICE)
+    kw = {k: v.to(DEVICE) for k, v in tiny_inputs(T=5).items()}
+    stdit3.TEMPORAL_ATTENTION = "sdpa"
+    with torch.no_grad():
+        ref = model(**kw)
+        stdit3.TEMPORAL_ATTENTION = "triton_heads"
+        out = model(**kw)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_head_dim_is_refused():
+    if stdit3.triton is None:
+        pytest.skip("needs triton")
+    attn = attention(2, 36, True)  # 36 = 32 + 4: a 4-wide tail is not handled
+    with pytest.raises(ValueError, match="head_dim"):
+        run(attn, torch.randn(1, 5, 72, device=DEVICE), "triton_heads")
+
+
+# ---------------------------------------------------------------------------------------------- CUDA only
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("L", [15, 30])
+def test_matches_triton_kernel_on_cuda(dtype, L):
+    """Open-Sora's shapes in half precision: the variant, the "triton" kernel and sdpa agree."""
+    attn = attention(16, 72, True).to(dtype)
+    x = torch.randn(257, L, 16 * 72, device="cuda", dtype=dtype)
+    ref = reference32(attn, x)
+    heads = run(attn, x, "triton_heads").float()
+    old = run(attn, x, "triton").float()
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert rel(heads, old) < 5e-3, rel(heads, old)
+    assert rel(heads, ref) < 1e-2 and rel(heads, ref) < 1.5 * rel(old, ref) + 1e-3, (rel(heads, ref), rel(old, ref))
+    for hb, nw in [(4, 4), (2, 4), (2, 2), (1, 1), (1, 2), (1, 4)]:  # bench/profile.py times these
+        with torch.no_grad():
+            qkv = attn.qkv(x)
+            cos, sin = attn.rope.tables(L, qkv.device, torch.float32)
+            out = stdit3._temporal_attention_heads_op(qkv, attn.q_norm.weight, attn.k_norm.weight, cos, sin, 16,
+                                                      attn.q_norm.eps, hb, nw).float()  # fmt: skip
+        assert rel(out, heads) < 1e-3, (hb, nw, rel(out, heads))
+
+
+@needs_cuda
+@pytest.mark.parametrize("L", [15, 30])
+def test_float32_on_cuda(L):
+    attn = attention(16, 72, True)
+    x = torch.randn(64, L, 16 * 72, device="cuda")
+    out, ref = run(attn, x, "triton_heads"), run(attn, x, "sdpa")
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
