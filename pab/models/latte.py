@@ -537,39 +537,15 @@ class LatteTransformer3DModel(nn.Module):
         self.out_channels = config.in_channels if config.out_channels is None else config.out_channels
 
         # Registration order fixes the state-dict order; it follows diffusers (own parameters come first).
-        self.pos_embed = PatchEmbed(
-            config.patch_size, config.in_channels, dim,
-            base_size=config.sample_size // config.patch_size,
-            interpolation_scale=max(config.sample_size // 64, 1),  # 64 latent = 512 px is PixArt's scale 1
-        )
-        block = dict(
-            dim=dim, heads=config.num_attention_heads, head_dim=config.attention_head_dim,
-            attention_bias=config.attention_bias, activation_fn=config.activation_fn, norm_eps=config.norm_eps,
-            dropout=config.dropout,
-        )
-        self.transformer_blocks = nn.ModuleList(
-            [SpatialBlock(cross_attention_dim=config.cross_attention_dim, **block) for _ in range(config.num_layers)]
-        )
-        self.temporal_transformer_blocks = nn.ModuleList([TemporalBlock(**block) for _ in range(config.num_layers)])
-        self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
-        self.proj_out = nn.Linear(dim, config.patch_size * config.patch_size * self.out_channels)
-        self.adaln_single = AdaLayerNormSingle(dim)
-        self.caption_projection = CaptionProjection(config.caption_channels, dim)
-        self.temp_pos_embed = TemporalPosEmbed(dim, skip_single_frame=True)
+        add_latte_layers(
+            self, config, config.sample_size,
+            CaptionProjection(config.caption_channels, dim),
+            TemporalPosEmbed(dim, skip_single_frame=True),
+        )  # fmt: skip
 
     def broadcast_targets(self) -> dict[str, list[nn.Module]]:
-        """Modules whose outputs PAB may reuse, by kind: "spatial", "temporal", "cross", "mlp".
-
-        "mlp" lists the spatial blocks' `ff` first, then the temporal blocks'.
-        """
-        return {
-            "spatial": [block.attn1 for block in self.transformer_blocks],
-            "temporal": [block.attn1 for block in self.temporal_transformer_blocks],
-            "cross": [block.attn2 for block in self.transformer_blocks],
-            "mlp": [block.ff for block in self.transformer_blocks]
-            + [block.ff for block in self.temporal_transformer_blocks],
-        }
+        """Modules whose outputs PAB may reuse, by kind: "spatial", "temporal", "cross", "mlp"."""
+        return latte_broadcast_targets(self)
 
     def _cross_attention_bias(
         self, mask: torch.Tensor | None, batch: int, frames: int, text_len: int, dtype: torch.dtype
@@ -667,3 +643,45 @@ def latte_forward(
         x, embedded_timestep, model.scale_shift_table, model.norm_out, model.proj_out, b, f, grid, p
     )  # (B, C_out, F, H, W)
     return out
+
+
+def add_latte_layers(
+    model: nn.Module, config: Any, sample_size: int, caption_projection: nn.Module, temp_pos_embed: nn.Module
+) -> None:
+    """Register the layers Latte-1 and Open-Sora-Plan's LatteT2V share on `model`, in checkpoint order.
+
+    The two differ only in their caption projection and temporal table, which the caller passes in;
+    `sample_size` is the (square) latent size the spatial table was trained at.
+    """
+    dim = config.inner_dim
+    model.pos_embed = PatchEmbed(
+        config.patch_size, config.in_channels, dim,
+        base_size=sample_size // config.patch_size,
+        interpolation_scale=max(sample_size // 64, 1),  # 64 latent = 512 px is PixArt's scale 1
+    )  # fmt: skip
+    block = dict(
+        dim=dim, heads=config.num_attention_heads, head_dim=config.attention_head_dim,
+        attention_bias=config.attention_bias, activation_fn=config.activation_fn, norm_eps=config.norm_eps,
+        dropout=config.dropout,
+    )  # fmt: skip
+    model.transformer_blocks = nn.ModuleList(
+        [SpatialBlock(cross_attention_dim=config.cross_attention_dim, **block) for _ in range(config.num_layers)]
+    )
+    model.temporal_transformer_blocks = nn.ModuleList([TemporalBlock(**block) for _ in range(config.num_layers)])
+    model.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+    model.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
+    model.proj_out = nn.Linear(dim, config.patch_size * config.patch_size * model.out_channels)
+    model.adaln_single = AdaLayerNormSingle(dim)
+    model.caption_projection = caption_projection
+    model.temp_pos_embed = temp_pos_embed
+
+
+def latte_broadcast_targets(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """PAB targets of a Latte-layout model; "mlp" lists the spatial blocks' `ff` first, then the temporal."""
+    return {
+        "spatial": [block.attn1 for block in model.transformer_blocks],
+        "temporal": [block.attn1 for block in model.temporal_transformer_blocks],
+        "cross": [block.attn2 for block in model.transformer_blocks],
+        "mlp": [block.ff for block in model.transformer_blocks]
+        + [block.ff for block in model.temporal_transformer_blocks],
+    }

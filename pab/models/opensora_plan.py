@@ -29,14 +29,7 @@ import torch
 import torch.nn as nn
 
 from pab.models import latte
-from pab.models.latte import (
-    AdaLayerNormSingle,
-    PatchEmbed,
-    SpatialBlock,
-    TemporalBlock,
-    TemporalPosEmbed,
-    latte_forward,
-)
+from pab.models.latte import TemporalPosEmbed, add_latte_layers, latte_broadcast_targets, latte_forward
 
 #################################################################################
 #                                    Config                                     #
@@ -242,42 +235,16 @@ class LatteT2V(nn.Module):
         self.out_channels = config.in_channels if config.out_channels is None else config.out_channels
 
         # Registration order fixes the state-dict order; it follows the official module (own parameters first).
-        self.pos_embed = PatchEmbed(
-            config.patch_size, config.in_channels, dim,
-            base_size=config.sample_size[0] // config.patch_size,
-            interpolation_scale=max(config.sample_size[0] // 64, 1),  # 64 latent = 512 px is PixArt's scale 1
-        )
-        block = dict(
-            dim=dim, heads=config.num_attention_heads, head_dim=config.attention_head_dim,
-            attention_bias=config.attention_bias, activation_fn=config.activation_fn, norm_eps=config.norm_eps,
-            dropout=config.dropout,
-        )
-        self.transformer_blocks = nn.ModuleList(
-            [SpatialBlock(cross_attention_dim=config.cross_attention_dim, **block) for _ in range(config.num_layers)]
-        )
-        self.temporal_transformer_blocks = nn.ModuleList([TemporalBlock(**block) for _ in range(config.num_layers)])
-        self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
-        self.proj_out = nn.Linear(dim, config.patch_size * config.patch_size * self.out_channels)
-        self.adaln_single = AdaLayerNormSingle(dim)
-        self.caption_projection = CaptionProjection(config.caption_channels, dim)
-        # The official code adds the table at i == 0 whatever F is, so no single-frame skip here.
-        self.temp_pos_embed = TemporalPosEmbed(
-            dim, interpolation_scale=config.temporal_interpolation_scale, skip_single_frame=False
-        )
+        # The official code adds the frame table at i == 0 whatever F is, so no single-frame skip here.
+        add_latte_layers(
+            self, config, config.sample_size[0],
+            CaptionProjection(config.caption_channels, dim),
+            TemporalPosEmbed(dim, interpolation_scale=config.temporal_interpolation_scale, skip_single_frame=False),
+        )  # fmt: skip
 
     def broadcast_targets(self) -> dict[str, list[nn.Module]]:
-        """Modules whose outputs PAB may reuse, by kind: "spatial", "temporal", "cross", "mlp".
-
-        "mlp" lists the spatial blocks' `ff` first, then the temporal blocks'.
-        """
-        return {
-            "spatial": [block.attn1 for block in self.transformer_blocks],
-            "temporal": [block.attn1 for block in self.temporal_transformer_blocks],
-            "cross": [block.attn2 for block in self.transformer_blocks],
-            "mlp": [block.ff for block in self.transformer_blocks]
-            + [block.ff for block in self.temporal_transformer_blocks],
-        }
+        """Modules whose outputs PAB may reuse, by kind: "spatial", "temporal", "cross", "mlp"."""
+        return latte_broadcast_targets(self)
 
     @staticmethod
     def _cross_attention_bias(
