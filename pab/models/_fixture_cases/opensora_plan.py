@@ -2,55 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
-from pab.models import load_state_dict_strict
-from pab.models._fixture_cases.stdit3 import to_device
+from pab.models._fixture_cases.latte import run_latte_layout
 from pab.models.opensora_plan import LatteT2V, LatteT2VConfig
 
 
-def output_keys(fixture_dir: Path) -> list[str]:
-    with safe_open(fixture_dir / "output.safetensors", framework="pt") as f:
-        return list(f.keys())
-
-
 def run(fixture_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Build from config.json, load weights strictly, run every forward call of meta.json in float32 eval."""
-    fixture_dir = Path(fixture_dir)
-    config = LatteT2VConfig.from_dict(json.loads((fixture_dir / "config.json").read_text()))
-    model = LatteT2V(config)
-    load_state_dict_strict(model, load_file(fixture_dir / "weights.safetensors"), source=str(fixture_dir))
-    model = model.to(device=device, dtype=dtype).eval()
+    """Open-Sora-Plan v1.1: `output` with the (B, L) keep-mask, `output_no_mask` as its pipeline calls it."""
 
-    inputs = to_device(load_file(fixture_dir / "inputs.safetensors"), device, dtype)
-    options = json.loads((fixture_dir / "inputs.json").read_text())
-    calls = json.loads((fixture_dir / "meta.json").read_text())["forward_calls"]
-    args = dict(
-        hidden_states=inputs["hidden_states"],
-        timestep=inputs["timestep"],
-        encoder_hidden_states=inputs["encoder_hidden_states"],
-        added_cond_kwargs=options.get("added_cond_kwargs"),
-        use_image_num=options.get("use_image_num", 0),
-        enable_temporal_attentions=options.get("enable_temporal_attentions", True),
-        return_dict=options.get("return_dict", False),
-    )
-    # The fixture's forward_calls, as keyword arguments (see meta.json for the exact official calls).
-    cases = {
-        "output": {"encoder_attention_mask": inputs.get("encoder_attention_mask")},
-        "output_no_mask": {},
-    }
-    wanted = output_keys(fixture_dir)
-    unknown = sorted((set(calls) | set(wanted)) - set(cases))
-    if unknown:
-        raise ValueError(f"Open-Sora-Plan fixture has cases {unknown} this runner does not know; add them to `cases`")
+    def calls(inputs: dict, options: dict) -> tuple[dict, dict[str, dict]]:
+        extra = dict(added_cond_kwargs=options.get("added_cond_kwargs"), use_image_num=options.get("use_image_num", 0))
+        masked = {"encoder_attention_mask": inputs.get("encoder_attention_mask")}
+        return extra, {"output": masked, "output_no_mask": {}}
 
-    outputs = {}
-    with torch.no_grad():
-        for name in wanted:
-            outputs[name] = model(**args, **cases[name])[0]
-    return outputs
+    return run_latte_layout(fixture_dir, LatteT2VConfig, LatteT2V, device, dtype, calls)
