@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pab.broadcast import PABConfig, PABState, apply_pab, use_state
-from pab.models import CheckpointError, ModelSpec, build, get_spec, load_state_dict_strict, randomize_weights
+from pab.models import VAE_SPECS, CheckpointError, ModelSpec, build, get_spec, randomize_weights
 from pab.models.vae import VideoVAE
 
 log = logging.getLogger(__name__)
@@ -92,40 +92,12 @@ class GenerationResult:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _read_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no .safetensors file in {folder}; see README 'Checkpoints' for the layout")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state
-
-
 def load_transformer(
     spec: ModelSpec, size: str, checkpoint: Path, device: torch.device, dtype: torch.dtype
 ) -> nn.Module:
     """The transformer from `checkpoint/transformer/` (config.json optional: the size's config)."""
-    import importlib
-
-    folder = checkpoint / "transformer"
-    if not folder.is_dir():
-        raise CheckpointError(f"{checkpoint} has no transformer/ folder; see README 'Checkpoints'")
-    mod = importlib.import_module(f"pab.models.{spec.transformer.module}")
-    config_cls = getattr(mod, spec.transformer.config_cls)
-    cfg_file = folder / "config.json"
-    config = (
-        config_cls.from_dict(json.loads(cfg_file.read_text())) if cfg_file.is_file() else config_cls(**mod.SIZES[size])
-    )
-    # Built on the target device (not meta) so computed, non-persistent tables are real tensors.
-    with torch.device(device):
-        model = getattr(mod, spec.transformer.cls)(config)
-    state = _read_safetensors_dir(folder)
-    load_state_dict_strict(model, state, source=str(folder))
-    model = model.to(dtype=dtype)
-    return model.eval().requires_grad_(False)
+    model = spec.transformer.load(size, checkpoint / "transformer", device)
+    return model.to(dtype=dtype).eval().requires_grad_(False)
 
 
 def load_vae(
@@ -139,27 +111,7 @@ def load_vae(
         else:
             vae = FrameVAE.tiny(seed=0) if size == "tiny" else FrameVAE.sd(seed=0)
     elif checkpoint is not None:
-        import importlib
-
-        from pab.models import VAE_SPECS
-
-        c = VAE_SPECS[spec.vae]
-        mod = importlib.import_module(f"pab.models.{c.module}")
-        folder = checkpoint / "vae"
-        cfg_file = folder / "config.json"
-        config_cls = getattr(mod, c.config_cls)
-        config = (
-            config_cls.from_dict(json.loads(cfg_file.read_text()))
-            if cfg_file.is_file()
-            else config_cls(**mod.SIZES[size])
-        )
-        vae = getattr(mod, c.cls)(config)
-        loader = getattr(vae, "load_checkpoint", None)
-        state = _read_safetensors_dir(folder)
-        if loader is not None:
-            loader(state, source=str(folder))
-        else:
-            load_state_dict_strict(vae, state, source=str(folder))
+        vae = VAE_SPECS[spec.vae].load(size, checkpoint / "vae", device)
     else:
         vae = build(f"{spec.vae}-tiny" if size == "tiny" else spec.vae, seed=0)
     if spec.vae == "opensora-plan-vae-v1.1" and size == "full":

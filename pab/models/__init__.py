@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -68,14 +70,46 @@ class ComponentSpec:
     cls: str
     config_cls: str
 
-    def build(self, size: str, **overrides: Any) -> nn.Module:
-        mod = importlib.import_module(f"pab.models.{self.module}")
-        sizes = getattr(mod, "SIZES")
-        if size not in sizes:
-            raise ValueError(f"{self.cls} has no size {size!r}; known: {sorted(sizes)}")
+    def _module(self):
+        return importlib.import_module(f"pab.models.{self.module}")
+
+    def config(self, size: str, config_file: Path | None = None, **overrides: Any) -> Any:
+        """The official config.json when given and present, else this size's config."""
+        mod = self._module()
         config_cls = getattr(mod, self.config_cls)
-        config = config_cls(**{**sizes[size], **overrides})
-        return getattr(mod, self.cls)(config)
+        if config_file is not None and config_file.is_file():
+            return config_cls.from_dict(json.loads(config_file.read_text()))
+        if size not in mod.SIZES:
+            raise ValueError(f"{self.cls} has no size {size!r}; known: {sorted(mod.SIZES)}")
+        return config_cls(**{**mod.SIZES[size], **overrides})
+
+    def build(self, size: str, **overrides: Any) -> nn.Module:
+        return getattr(self._module(), self.cls)(self.config(size, **overrides))
+
+    def load(self, size: str, folder: Path, device: torch.device | str) -> nn.Module:
+        """Build from `folder/config.json` (or the size's config) and load `folder/*.safetensors` strictly.
+
+        Built on the target device, not meta, so computed non-persistent tables are real tensors. A
+        module with its own `load_checkpoint` (e.g. one that must skip training-only entries) uses it.
+        """
+        from safetensors.torch import load_file
+
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder.parent} has no {folder.name}/ folder; see README 'Checkpoints'")
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"no .safetensors file in {folder}; see README 'Checkpoints' for the layout")
+        with torch.device(device):
+            model = getattr(self._module(), self.cls)(self.config(size, folder / "config.json"))
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        loader = getattr(model, "load_checkpoint", None)
+        if loader is not None:
+            loader(state, source=str(folder))
+        else:
+            load_state_dict_strict(model, state, source=str(folder))
+        return model
 
 
 @dataclass(frozen=True)
