@@ -9,7 +9,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 EXIT_BAD_INPUT = 2
 
@@ -58,13 +58,17 @@ def _check_writable(path: Path) -> None:
         raise UsageError(f"cannot write to {path}: {e.strerror or e}") from e
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` next to `path`, then rename: a failure never leaves a partial file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def _run_generate(rank: int, world: int, args: argparse.Namespace, outputs: dict[str, str] | None) -> dict | None:
+def _run_generate(rank: int, world: int, args: argparse.Namespace) -> dict | None:
     """Runs in each process of the group (or alone); rank 0 returns the sidecar."""
     import torch
 
@@ -97,12 +101,17 @@ def _run_generate(rank: int, world: int, args: argparse.Namespace, outputs: dict
     )
     resolved = pipe.resolve(request)
     bar = None
-    if rank == 0 and not args.quiet:
-        from tqdm import tqdm
 
-        bar = tqdm(total=len_steps(pipe, resolved), desc="denoising", unit="step", file=sys.stderr)
-    result = pipe.generate(resolved, progress=(lambda i, n: bar.update(1)) if bar else None)
-    if bar:
+    def progress(done: int, total: int) -> None:  # the total is the sampler's number of model calls
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr)
+        bar.update(1)
+
+    result = pipe.generate(resolved, progress=progress if rank == 0 and not args.quiet else None)
+    if bar is not None:
         bar.close()
     if rank != 0:
         return None
@@ -119,22 +128,11 @@ def _run_generate(rank: int, world: int, args: argparse.Namespace, outputs: dict
     if args.save_latents:
         from safetensors.torch import save_file
 
-        lat = Path(args.save_latents)
-        tmp = lat.with_name(f".{lat.name}.tmp-{os.getpid()}")
-        save_file({"latents": result.latents.contiguous()}, str(tmp))
-        os.replace(tmp, lat)
-    _atomic_write_bytes(out.with_suffix(".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
+        latents = {"latents": result.latents.contiguous()}
+        _atomic_write(Path(args.save_latents), lambda tmp: save_file(latents, str(tmp)))
+    text = json.dumps(sidecar, indent=2) + "\n"
+    _atomic_write(out.with_suffix(".json"), lambda tmp: tmp.write_text(text))
     return sidecar
-
-
-def len_steps(pipe, request) -> int:
-    from pab.samplers import build_sampler
-
-    return len(
-        build_sampler(
-            pipe.spec.sampler, request.steps, height=request.height, width=request.width, num_frames=request.num_frames
-        ).timesteps
-    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -160,12 +158,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _validate_request_early(args)
     t0 = time.perf_counter()
     if args.sp == 1:
-        sidecar = _run_generate(0, 1, args, None)
+        sidecar = _run_generate(0, 1, args)
     else:
         from pab.parallel import launch_local
 
-        results = launch_local(args.sp, _run_generate, args, None)
-        sidecar = results[0] if isinstance(results, list) else results
+        sidecar = launch_local(args.sp, _run_generate, args)[0]
     wall = time.perf_counter() - t0
     weights = (
         "RANDOM weights (no --checkpoint): the video is noise-like"
@@ -185,9 +182,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _validate_request_early(args: argparse.Namespace) -> None:
     """Cheap checks with the model's rules, without building the model."""
     from pab.broadcast import PABConfig
-    from pab.models import get_spec
 
-    spec = get_spec(args.model)
     try:
         PABConfig.resolve(args.model, args.pab)
     except ValueError as e:
@@ -198,7 +193,6 @@ def _validate_request_early(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
         raise UsageError(f"--checkpoint {args.checkpoint} is not a directory")
-    del spec
 
 
 # ----------------------------------------------------------------------------------------------------
