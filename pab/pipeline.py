@@ -131,36 +131,7 @@ def load_text_encoder(spec: ModelSpec, size: str, checkpoint: Path | None, devic
         return TextEncoder.from_pretrained(folder, max_length=max_length, device=device, dtype=dtype)
     if size == "tiny":
         return TextEncoder.tiny(max_length=max_length, seed=0, device=device)
-    return random_t5_xxl(max_length, device, dtype)
-
-
-def random_t5_xxl(max_length: int, device: torch.device, dtype: torch.dtype):
-    """T5-v1.1-XXL's encoder with random weights, for full-size runs without a checkpoint (benchmarks).
-
-    Same shapes and cost as the real one; the byte-level tokenizer needs no files (its ids fit the
-    32,128-entry vocabulary).
-    """
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
-
-    from pab.text import TextEncoder
-
-    config = T5Config(
-        vocab_size=32128,
-        d_model=4096,
-        d_kv=64,
-        d_ff=10240,
-        num_layers=24,
-        num_heads=64,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-        use_cache=False,
-        tie_word_embeddings=False,
-        dropout_rate=0.0,
-    )
-    with torch.random.fork_rng(devices=[]), torch.device(device):
-        torch.manual_seed(0)
-        model = T5EncoderModel(config).to(dtype)
-    return TextEncoder(model, ByT5Tokenizer(), max_length)
+    return TextEncoder.xxl_random(max_length=max_length, seed=0, device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -49,6 +49,12 @@ TINY_T5_CONFIG = dict(
     decoder_start_token_id=0,
 )
 
+# T5-v1.1-XXL's encoder (DeepFloyd/t5-v1_1-xxl): the shapes and cost of the real one, for full-size
+# runs without a checkpoint (benchmarks).
+XXL_T5_CONFIG = dict(
+    TINY_T5_CONFIG, vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64
+)  # fmt: skip
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "special_tokens_map.json")
 
 
@@ -119,10 +125,29 @@ class TextEncoder(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> TextEncoder:
         """A small random T5 (d_model 64) with a byte-level tokenizer; same weights for the same seed."""
-        with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
+        # Drawn on the CPU, so every device gets the very same weights.
+        return cls._random(TINY_T5_CONFIG, max_length, seed, "cpu", dtype).to(device)
+
+    @classmethod
+    def xxl_random(
+        cls,
+        max_length: int = 300,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> TextEncoder:
+        """T5-v1.1-XXL's encoder with random weights (4.7B parameters); the byte-level tokenizer's ids
+        fit its 32,128-entry vocabulary, so it needs no files either. Initialised on `device`: 19 GB of
+        float32 would be slow to draw on a CPU."""
+        return cls._random(XXL_T5_CONFIG, max_length, seed, device, dtype)
+
+    @classmethod
+    def _random(cls, config: dict, max_length: int, seed: int, device, dtype: torch.dtype) -> TextEncoder:
+        devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.device(device):  # the caller's RNG stays untouched
             torch.manual_seed(seed)
-            model = T5EncoderModel(T5Config(**TINY_T5_CONFIG))
-        return cls(model.to(device=device, dtype=dtype), ByT5Tokenizer(), max_length)
+            model = T5EncoderModel(T5Config(**config))
+        return cls(model.to(dtype=dtype), ByT5Tokenizer(), max_length)
 
     # ------------------------------------------------------------------ encoding
 

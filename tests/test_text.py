@@ -77,3 +77,10 @@ def test_from_pretrained_local_folder(enc, tmp_path):
     assert half.encode(["hello"])[0].dtype == torch.bfloat16
     with pytest.raises(FileNotFoundError):
         TextEncoder.from_pretrained(tmp_path / "missing", 32)
+
+
+def test_xxl_random_has_t5_xxl_shapes():
+    """The checkpoint-free full-size encoder is T5-v1.1-XXL's encoder (built on meta: no memory)."""
+    enc = TextEncoder.xxl_random(device="meta", dtype=torch.bfloat16)
+    assert enc.hidden_size == 4096 and enc.max_length == 300 and enc.dtype == torch.bfloat16
+    assert sum(p.numel() for p in enc.model.parameters()) == 4_762_310_656
