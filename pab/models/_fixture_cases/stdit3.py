@@ -9,12 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from pab.models import load_state_dict_strict
+from pab.models._fixture_cases import to_device
 from pab.models.stdit3 import STDiT3, STDiT3Config
-
-
-def to_device(tensors: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Floating inputs in the run's dtype; integer and boolean ones (masks) keep theirs."""
-    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
 
 
 def build_from_fixture(fixture_dir: Path) -> STDiT3:
