@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import pab.models.stdit3 as stdit3
+from pab.kernels import short_attention as short_attn
 from pab.broadcast import PABConfig, PABState, apply_pab, remove_pab, use_state
 from pab.compile import COMPILE_HOOK, apply_compile, is_compiled, remove_compile
 from pab.hooks.registry import get_registry
@@ -156,7 +157,7 @@ def test_bmm_temporal_attention_equals_sdpa(temporal_impl):
             model(**kw)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or stdit3.triton is None, reason="the Triton kernel needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available() or short_attn.triton is None, reason="the Triton kernel needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_temporal_attention_matches_sdpa_on_cuda(temporal_impl, dtype):
     torch.manual_seed(0)

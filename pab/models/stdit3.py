@@ -17,8 +17,9 @@ Performance (bf16 on CUDA; the float32 CPU path is the fixture path and keeps it
   flash attention on ~tens of keys instead of a masked kernel on 300;
 * the MLP's bias + tanh-GELU run in the fc1 GEMM epilogue on CUDA (`MLP_FUSED_GELU`);
 * the temporal attention core (3180 sequences of 15 tokens at 480p) runs as selected by
-  `TEMPORAL_ATTENTION` (see `temporal_attention_impl`): on CUDA by default one Triton kernel that reads
-  qkv, applies RMSNorm + RoPE, attends and writes the (N, T, C) input of `proj`;
+  `TEMPORAL_ATTENTION` (see `temporal_attention_impl`): on CUDA by default one Triton kernel
+  (`pab.kernels.short_attention`) that reads qkv, applies RMSNorm + RoPE, attends and writes the (N, T, C)
+  input of `proj`;
 * `STDiT3Block.compile_regions` names the elementwise steps between the PAB targets that
   `pab.compile.apply_compile` may compile.
 """
@@ -28,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,24 +36,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # only for the CUDA temporal-attention kernel; everything else runs without it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = tl = None
+from pab.kernels import short_attention as short_attn
 
 
 # How the temporal attention core is computed (the module is still called once per block, on (B·S, T, C)):
-#   "auto"   - "triton" on CUDA when Triton imports and T <= 32, else "sdpa"
-#   "triton" - one fused kernel per forward: RMSNorm + RoPE + softmax(qk^T)v, many (sequence, head) pairs per SM
+#   "auto"   - "triton" on CUDA in half precision when the kernel applies (T <= 32), else "sdpa"
+#   "triton" - pab.kernels.short_attention: one kernel reads qkv, applies RMSNorm + RoPE and attends
 #   "bmm"    - baddbmm / fp32 softmax / bmm: cuBLAS batched GEMMs instead of one flash CTA per tiny sequence
 #   "sdpa"   - F.scaled_dot_product_attention (flash: one CTA of 128 query rows per 15-token sequence)
-#   "triton_heads" - opt-in variant of "triton" (not yet measured on a GPU; see `_temporal_attention_heads_kernel`):
-#              one warp per (sequence, head), several heads of one sequence per program, no 72 -> 128 padding,
-#              no register spills; "auto" never picks it until a GPU run shows it faster
 # bench/profile.py times them all at the real shapes.
 TEMPORAL_ATTENTION = os.environ.get("PAB_TEMPORAL_ATTENTION", "auto")  # the env var picks one for a run
-TEMPORAL_ATTENTION_IMPLS = ("auto", "triton", "triton_heads", "bmm", "sdpa")
+TEMPORAL_ATTENTION_IMPLS = ("auto", "triton", "bmm", "sdpa")
 # Fold fc1's bias + tanh-GELU into the GEMM epilogue on CUDA (torch._addmm_activation -> cuBLASLt GELU_BIAS).
 MLP_FUSED_GELU = True
 
@@ -333,9 +326,9 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, L, C = x.shape
         qkv = self.qkv(x)  # (N, L, 3C)
-        impl = temporal_attention_impl(qkv) if self.rope is not None else "sdpa"
-        if impl in ("triton", "triton_heads"):
-            out = _temporal_attention_triton(self, qkv, impl)  # norm + RoPE + attention in one kernel, (N, L, C)
+        impl = temporal_attention_impl(qkv, self.num_heads) if self.rope is not None else "sdpa"
+        if impl == "triton":
+            out = self._fused(qkv)  # norm + RoPE + attention in one kernel, (N, L, C)
             if out is not None:
                 return self.proj(out)
             impl = "bmm"  # the kernel could not be built here (warned once)
@@ -349,21 +342,27 @@ class SelfAttention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(N, L, C))
 
 
-def temporal_attention_impl(x: torch.Tensor) -> str:
+    def _fused(self, qkv: torch.Tensor) -> torch.Tensor | None:
+        """The short-sequence kernel on (N, L, 3C) qkv; None under "auto" when it cannot be built here."""
+        has_norm = isinstance(self.q_norm, RMSNorm)
+        kwargs = dict(
+            q_weight=self.q_norm.weight if has_norm else None, k_weight=self.k_norm.weight if has_norm else None,
+            eps=self.q_norm.eps if has_norm else 0.0, rope=self.rope.tables(qkv.shape[1], qkv.device, torch.float32),
+        )  # fmt: skip
+        if TEMPORAL_ATTENTION == "auto":
+            return short_attn.try_short_attention(qkv, self.num_heads, **kwargs)
+        return short_attn.short_attention(qkv, self.num_heads, **kwargs)  # asked for by name: errors surface
+
+
+def temporal_attention_impl(x: torch.Tensor, num_heads: int) -> str:
     """The implementation `TEMPORAL_ATTENTION` selects for the temporal (RoPE) attention on (N, L, 3C) `x`."""
     impl = TEMPORAL_ATTENTION
     if impl not in TEMPORAL_ATTENTION_IMPLS:
         raise ValueError(f"TEMPORAL_ATTENTION={impl!r}; choose one of {TEMPORAL_ATTENTION_IMPLS}")
     if impl != "auto":
         return impl
-    # (the kernel indexes with 32-bit offsets: 480p qkv has 1.6e8 elements, 720p 4 s about 7e8)
-    fits = x.shape[1] <= _TRITON_MAX_L and x.numel() < 2**31
-    # Half precision only: its dots run on tensor cores (TF32 for float32 inputs would miss the 1e-5
-    # fidelity of float32 runs, measured on an H100).
-    half = x.dtype in (torch.bfloat16, torch.float16)
-    if x.is_cuda and triton is not None and _TRITON_ERROR is None and fits and half:
-        return "triton"
-    return "sdpa"
+    # Half precision only (see short_attn.supported): TF32 dots would miss the 1e-5 fidelity of float32 runs.
+    return "triton" if short_attn.supported(x, num_heads) else "sdpa"
 
 
 def _bmm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -379,378 +378,6 @@ def _bmm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     out = torch.bmm(probs, vf)  # (N·H, L, D)
     return out.view(N, H, L, D).transpose(1, 2).reshape(N, L, H * D)
-
-
-# ------------------------------------------------------------------ fused temporal attention (Triton, CUDA)
-
-_TRITON_MAX_L = 32  # one (BLOCK_L x BLOCK_D) tile per sequence; longer sequences suit flash attention anyway
-_TRITON_ERROR: Exception | None = None  # set when "auto" found that the kernel cannot be built here
-
-if triton is not None:
-
-    @triton.jit
-    def _temporal_attention_kernel(
-        qkv_ptr, out_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
-        L, H, C, stride_qkv_n, stride_qkv_l, stride_out_n, stride_out_l, scale, eps,
-        D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_NORM: tl.constexpr, IEEE: tl.constexpr,
-    ):  # fmt: skip
-        """One program per (sequence n, head h): q, k, v rows of qkv (N, L, 3, H, D) -> out (N, L, H, D).
-
-        RoPE needs each channel's pair partner (d ^ 1): it is loaded a second time (from cache) rather than
-        shuffled in registers. Norm and RoPE run in float32; q, k, p are rounded to the input dtype for
-        the tensor-core dots, which accumulate in float32 (as flash attention does).
-        """
-        pid = tl.program_id(0)
-        n = pid // H
-        h = pid % H
-        rows = tl.arange(0, BLOCK_L)
-        cols = tl.arange(0, BLOCK_D)
-        row_ok = rows < L
-        col_ok = cols < D
-        mask = row_ok[:, None] & col_ok[None, :]
-        partner = cols ^ 1
-        base = qkv_ptr + n * stride_qkv_n + rows[:, None] * stride_qkv_l + h * D
-        tab = rows[:, None] * D + cols[None, :]
-        cos = tl.load(cos_ptr + tab, mask=mask, other=0.0)
-        sin = tl.load(sin_ptr + tab, mask=mask, other=0.0)
-
-        q = tl.load(base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        q_p = tl.load(base + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-        k = tl.load(base + C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        k_p = tl.load(base + C + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_NORM:  # RMSNorm over the head dim; the partner shares the row's rms, not the weight
-            q_r = 1.0 / tl.sqrt(tl.sum(q * q, axis=1) / D + eps)
-            k_r = 1.0 / tl.sqrt(tl.sum(k * k, axis=1) / D + eps)
-            qw = tl.load(qw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            qw_p = tl.load(qw_ptr + partner, mask=col_ok, other=0.0).to(tl.float32)
-            kw = tl.load(kw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            kw_p = tl.load(kw_ptr + partner, mask=col_ok, other=0.0).to(tl.float32)
-            q, q_p = q * q_r[:, None] * qw[None, :], q_p * q_r[:, None] * qw_p[None, :]
-            k, k_p = k * k_r[:, None] * kw[None, :], k_p * k_r[:, None] * kw_p[None, :]
-        dt = qkv_ptr.dtype.element_ty
-        q = (q * cos + q_p * sin).to(dt)
-        k = (k * cos + k_p * sin).to(dt)
-        v = tl.load(base + 2 * C + cols[None, :], mask=mask, other=0.0)
-
-        if IEEE:  # float32 models: no tf32 rounding
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(row_ok[None, :], s * scale, float("-inf"))  # padded key columns get no weight
-        p = tl.exp(s - tl.max(s, axis=1)[:, None])
-        p = p / tl.sum(p, axis=1)[:, None]
-        if IEEE:
-            o = tl.dot(p.to(dt), v, input_precision="ieee")
-        else:
-            o = tl.dot(p.to(dt), v)
-        out = out_ptr + n * stride_out_n + rows[:, None] * stride_out_l + h * D + cols[None, :]
-        tl.store(out, o.to(out_ptr.dtype.element_ty), mask=mask)
-
-    @torch.library.custom_op("pab::stdit3_temporal_attention", mutates_args=())
-    def _temporal_attention_op(
-        qkv: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
-        cos: torch.Tensor, sin: torch.Tensor, num_heads: int, eps: float,
-    ) -> torch.Tensor:  # fmt: skip
-        """(N, L, 3C) qkv -> (N, L, C) attention output; an opaque op to torch.compile (no graph break)."""
-        N, L, C3 = qkv.shape
-        C = C3 // 3
-        D = C // num_heads
-        qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
-        out = qkv.new_empty(N, L, C)
-        has_norm = q_weight is not None
-        _temporal_attention_kernel[(N * num_heads,)](
-            qkv, out, q_weight if has_norm else cos, k_weight if has_norm else cos, cos, sin,
-            L, num_heads, C, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), D**-0.5, eps,
-            D=D, BLOCK_L=max(16, triton.next_power_of_2(L)), BLOCK_D=max(16, triton.next_power_of_2(D)),
-            HAS_NORM=has_norm, IEEE=qkv.dtype == torch.float32, num_warps=4,
-        )  # fmt: skip
-        return out
-
-    @_temporal_attention_op.register_fake
-    def _(qkv, q_weight, k_weight, cos, sin, num_heads, eps):
-        N, L, C3 = qkv.shape
-        return qkv.new_empty(N, L, C3 // 3)
-
-
-def _temporal_attention_triton(attn: SelfAttention, qkv: torch.Tensor, impl: str = "triton") -> torch.Tensor | None:
-    """Run a fused kernel ("triton" or "triton_heads"); under "auto", None (and one warning) if it cannot be
-    built on this machine."""
-    global _TRITON_ERROR
-    if triton is None:
-        raise RuntimeError(f"TEMPORAL_ATTENTION={impl!r} needs the triton package")
-    if qkv.shape[1] > _TRITON_MAX_L or qkv.numel() >= 2**31:
-        raise ValueError(f"the Triton temporal attention takes at most {_TRITON_MAX_L} frames and 2^31 qkv elements, "
-                         f"got {tuple(qkv.shape)}")
-    has_norm = isinstance(attn.q_norm, RMSNorm)
-    cos, sin = attn.rope.tables(qkv.shape[1], qkv.device, torch.float32)
-    args = (qkv, attn.q_norm.weight if has_norm else None, attn.k_norm.weight if has_norm else None, cos, sin,
-            attn.num_heads, attn.q_norm.eps if has_norm else 0.0)  # fmt: skip
-    if impl == "triton_heads":  # opt-in only ("auto" never gets here with it): errors surface
-        return _temporal_attention_heads_op(*args, *triton_heads_config(qkv.shape[1], attn.num_heads))
-    if TEMPORAL_ATTENTION != "auto" or torch.compiler.is_compiling():
-        return _temporal_attention_op(*args)
-    try:
-        return _temporal_attention_op(*args)
-    except Exception as e:  # e.g. no C compiler for Triton's launcher: keep the model usable
-        _TRITON_ERROR = e
-        warnings.warn(f"Triton temporal attention unavailable ({type(e).__name__}: {e}); using 'bmm'", stacklevel=2)
-        return None
-
-
-# ------------------------------------------------- fused temporal attention, "triton_heads" variant (Triton)
-#
-# Same math and rounding points as `_temporal_attention_kernel`. Written without a GPU, so every number
-# below is static: both kernels compiled for sm_90 by Triton 3.5.1 (the GPU machine has 3.6.0) and read back
-# with `cuobjdump --dump-resource-usage` / `-sass` (bf16, H = 16, D = 72, with the q/k norm).
-#
-# What holds the "triton" kernel back: one program of 4 warps per (sequence, head) on 16 x 128 tiles (L
-# padded to 16, D = 72 to 128). At L = 15 it takes 255 registers and still spills ~550 bytes per thread, so
-# 2 programs (8 warps) fit on an SM; ~10 us of serial load -> norm -> dot -> softmax -> dot -> store per
-# program x 50,880 programs / (132 SMs x 2) is about the measured 2.1 ms. At L = 30 ptxas gives it 32
-# registers and a 4,720-byte stack: 3,200 of its 4,100 SASS instructions are local-memory spills (~16 KB per
-# thread per program, ~240 GB per call at 720p), which fits 720p's forward running ~2x slower than its
-# FLOPs. And its 4 warps repeat one another: a 16-row tile is a single mma row block, so all 4 compute the
-# same dots and softmax.
-#
-# Choices, each against the alternatives weighed:
-# * A warp per (sequence, head), not 4. A program takes HB heads of one sequence as the batch dim of 3D
-#   tl.dot (Triton gives each batch entry its own warps); with num_warps = HB no warp repeats another. The
-#   HB heads of a token are adjacent in qkv (HB x 144 bytes), so loads coalesce across heads too, and the
-#   cos/sin/weight loads are shared by the program's heads.
-#   - One program per sequence looping over its 16 heads: each iteration would serialise load -> compute ->
-#     store (Triton's pipeliner prefetches loads that feed dots through shared memory; ours go through the
-#     norm in registers first), and 3,180 programs at 480p is ~1.5 waves: a poor tail. The batch dim has the
-#     same contiguity and reuse with all of the program's heads in flight at once.
-#   - One program per block of sequences for one head, packed into 64/128-row tiles: needs a block-diagonal
-#     mask and does 4-8x the mma, exp and reduction work of the useful 15 x 15 blocks.
-# * D = 72 as 64 + 8, not 128. The 8-channel tail is zero-interleaved to 16 for the score dot (tl.dot needs
-#   K >= 16; q and k get the same zeros) and used as is (N = 8) for p @ v: dots over 80 channels, and float32
-#   tiles of 72 channels instead of 128. q.k as elementwise products and sums instead of tl.dot: a head's
-#   (L, L, D) products are 18k values at L = 15 (74k at L = 30), far more than a warp's registers, and a
-#   loop over channel chunks would reload q and k.
-# * RoPE without loading each channel twice (the "triton" kernel loads every q and k channel again for its
-#   pair partner, as another 16 x 128 float32 tile): the 64 channels are reshaped to (32, 2) and split into
-#   even and odd halves in registers (a thread holds both of a pair). Rotated q.k = even-half dot + odd-half
-#   dot, so the halves are never rejoined: e' = e cos - o sin, o' = o cos + e sin, the same products and sums
-#   as torch's x * cos + swap(x) * sin.
-#   cos and sin are read at each pair's even / odd entry of the (L, D) tables RotaryEmbedding caches.
-# * Fewer live float32 tiles: q and k as halves, one cos and one sin half-table, v kept in the input dtype.
-#   Softmax: exp2 with the scale folded in, one reciprocal per row.
-#
-# Static result ("instr/head": SASS instructions issued per (sequence, head), straight-line code; "heads/SM":
-# heads resident per SM, limited by registers, or shared memory for "triton" at L = 30):
-#   kernel          L   heads/prog  warps  registers  spills/thread       instr/head  heads/SM
-#   "triton"        15      1         4       255     ~550 B                 ~8,900        2
-#   "triton"        30      1         4        32     4.7 KB stack, ~16 KB  ~16,400        8
-#   "triton_heads"  15      4         4       130     none                   ~1,320       12
-#   "triton_heads"  30      2         4       168     none                   ~3,420        6
-# At L = 30 one warp per head would need > 255 registers (its q and k alone are 144 float32 per thread), so
-# 2 heads get 4 warps: the norm and RoPE split over all 4, the dots and softmax are repeated by a head's 2
-# warps. Other (heads, warps) pairs compiled: 1 head / 2 warps (2D dot, 217 registers, 4 heads/SM, ~3,230),
-# 1 / 4 (128, 4 heads/SM, ~4,220); at L = 15, 2 / 2 (158, 12 heads/SM, ~1,380), 1 / 1 (200, 10, ~1,490),
-# 2 / 4 (79, 12, ~1,860). bench/profile.py times a few of them; `TRITON_HEADS_CONFIG` holds the choice.
-#
-# Predicted time per call on an H100 (bf16 qkv (N, L, 3C), before anyone measured it):
-#   480p, N = 3,180, L = 15: 440 MB moved = 0.15 ms at ~3 TB/s; 50,880 heads x ~1,320 instructions = 0.07 ms
-#   of issue (132 SMs x 4 schedulers x 1.75 GHz); 12 heads per SM keep up to ~80 KB of loads in flight
-#   (~23 KB covers DRAM latency at 3 TB/s). Predicted ~0.25 ms (0.2-0.35), from 2.1 ms.
-#   720p, N = 7,200, L = 30: 2.0 GB moved = 0.66 ms; 115,200 heads x ~3,420 = 0.43 ms of issue; 6 heads per SM
-#   (~80 KB in flight). Predicted ~0.9 ms (0.8-1.1). The "triton" kernel there is spill-bound: ~30-80 ms by
-#   its ~240 GB of local-memory traffic; 720p's forward (3.7 s, about twice its FLOPs' share) has ~1.8 s
-#   unexplained, ~65 ms for each of its 28 calls.
-
-# BLOCK_L -> (heads per program, num_warps); BLOCK_L = max(16, next power of two >= L).
-TRITON_HEADS_CONFIG: dict[int, tuple[int, int]] = {16: (4, 4), 32: (2, 4)}
-
-
-def _heads_split(head_dim: int) -> tuple[int, int]:
-    """head_dim = D0 + D1 for the "triton_heads" kernel: D0 = 0 or a power of two >= 32 (pair halves of >= 16
-    for the dots), D1 = 0, 8 or a power of two >= 16 (the tail). 72 = 64 + 8, 16 = 0 + 16, 128 = 128 + 0."""
-    d0 = 1 << (head_dim.bit_length() - 1) if head_dim >= 32 else 0
-    d1 = head_dim - d0
-    if not (d1 == 0 or d1 == 8 or (d1 >= 16 and d1 & (d1 - 1) == 0)):
-        raise ValueError(f"TEMPORAL_ATTENTION='triton_heads' needs head_dim = 8, 16, 32, ... or a power of two "
-                         f">= 32 plus 8 or a power of two >= 16 (e.g. 72 = 64 + 8); got {head_dim}")
-    return d0, d1
-
-
-def triton_heads_config(L: int, num_heads: int) -> tuple[int, int]:
-    """(heads per program, num_warps) for `_temporal_attention_heads_op` at sequence length L."""
-    block_l = max(16, 1 << (L - 1).bit_length())
-    hb, warps = TRITON_HEADS_CONFIG.get(block_l, (1, 4))
-    while num_heads % hb:  # a program's heads must not run past the last head
-        hb //= 2
-    return hb, warps
-
-
-if triton is not None:
-
-    @triton.jit
-    def _pair_halves(x):
-        """(even, odd) channels of the last dim of a 3D tile: (x0, x2, ...), (x1, x3, ...), in registers."""
-        A: tl.constexpr = x.shape[0]
-        B: tl.constexpr = x.shape[1]
-        K: tl.constexpr = x.shape[2]
-        return tl.split(tl.reshape(x, (A, B, K // 2, 2)))
-
-    @triton.jit
-    def _zero_interleave(x):
-        """[A, B, K] -> [A, B, 2K] with a zero after each element (pads a dot's K; both operands get it)."""
-        A: tl.constexpr = x.shape[0]
-        B: tl.constexpr = x.shape[1]
-        K: tl.constexpr = x.shape[2]
-        return tl.reshape(tl.join(x, tl.zeros_like(x)), (A, B, 2 * K))
-
-    @triton.jit
-    def _batched_dot(a, b, acc, IEEE: tl.constexpr):
-        """a @ b + acc over [B, M, K] x [B, K, N]. Triton gives 3D dots one warp per batch entry; with B = 1
-        it is a 2D dot, so that several warps split the M rows of one head instead of repeating them."""
-        B: tl.constexpr = a.shape[0]
-        M: tl.constexpr = a.shape[1]
-        K: tl.constexpr = a.shape[2]
-        N: tl.constexpr = b.shape[2]
-        if B == 1:
-            a2 = tl.reshape(a, (M, K))
-            b2 = tl.reshape(b, (K, N))
-            c2 = tl.reshape(acc, (M, N))
-            if IEEE:  # float32 models: no tf32 rounding
-                c2 = tl.dot(a2, b2, c2, input_precision="ieee")
-            else:
-                c2 = tl.dot(a2, b2, c2)
-            return tl.reshape(c2, (1, M, N))
-        else:
-            if IEEE:
-                return tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                return tl.dot(a, b, acc)
-
-    @triton.jit
-    def _temporal_attention_heads_kernel(
-        qkv_ptr, out_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
-        L, stride_qkv_n, stride_qkv_l, stride_out_n, stride_out_l, scale, eps,
-        H: tl.constexpr, D: tl.constexpr, HB: tl.constexpr, BLOCK_L: tl.constexpr,
-        D0: tl.constexpr, D1: tl.constexpr, HAS_NORM: tl.constexpr, IEEE: tl.constexpr,
-    ):  # fmt: skip
-        """One program per (sequence n, HB consecutive heads): qkv (N, L, 3, H, D) -> out (N, L, H, D).
-
-        Tiles are [HB, BLOCK_L, channels]. Channels [0, D0) go as even/odd pair halves, [D0, D) (D1 of them)
-        as one interleaved tile. RMSNorm and RoPE in float32; q, k, p rounded to the input dtype for the
-        dots, which accumulate in float32; padded keys get -inf, padded rows are not stored.
-        """
-        pid = tl.program_id(0)
-        n = pid // (H // HB)
-        h0 = (pid % (H // HB)) * HB
-        C: tl.constexpr = H * D
-        LOG2E: tl.constexpr = 1.4426950408889634
-        dt = qkv_ptr.dtype.element_ty
-        hh = tl.arange(0, HB)[:, None, None]
-        rows = tl.arange(0, BLOCK_L)
-        ll = rows[None, :, None]
-        row_ok = ll < L
-        src = qkv_ptr + n * stride_qkv_n + ll * stride_qkv_l + (h0 + hh) * D
-        dst = out_ptr + n * stride_out_n + ll * stride_out_l + (h0 + hh) * D
-
-        # loads first (all independent): q, k as float32 pair halves, v in its dtype, half-tables of cos/sin
-        if D0 > 0:
-            d0 = tl.arange(0, D0)[None, None, :]
-            j0 = tl.arange(0, D0 // 2)[None, None, :]
-            qe, qo = _pair_halves(tl.load(src + d0, mask=row_ok, other=0.0).to(tl.float32))
-            ke, ko = _pair_halves(tl.load(src + C + d0, mask=row_ok, other=0.0).to(tl.float32))
-            v0 = tl.load(src + 2 * C + d0, mask=row_ok, other=0.0)
-            c0 = tl.load(cos_ptr + ll * D + 2 * j0, mask=row_ok, other=0.0)  # cos, repeated over the pair
-            s0 = tl.load(sin_ptr + ll * D + 2 * j0 + 1, mask=row_ok, other=0.0)  # sin is (-s, +s) per pair
-        if D1 > 0:
-            d1 = D0 + tl.arange(0, D1)[None, None, :]
-            j1 = D0 // 2 + tl.arange(0, D1 // 2)[None, None, :]
-            q1e, q1o = _pair_halves(tl.load(src + d1, mask=row_ok, other=0.0).to(tl.float32))
-            k1e, k1o = _pair_halves(tl.load(src + C + d1, mask=row_ok, other=0.0).to(tl.float32))
-            v1 = tl.load(src + 2 * C + d1, mask=row_ok, other=0.0)
-            c1 = tl.load(cos_ptr + ll * D + 2 * j1, mask=row_ok, other=0.0)
-            s1 = tl.load(sin_ptr + ll * D + 2 * j1 + 1, mask=row_ok, other=0.0)
-
-        if HAS_NORM:  # RMSNorm over the head dim: one rms per (head, row), then the weight per channel
-            q_ss = tl.zeros((HB, BLOCK_L), tl.float32)
-            k_ss = tl.zeros((HB, BLOCK_L), tl.float32)
-            if D0 > 0:
-                q_ss += tl.sum(qe * qe + qo * qo, axis=2)
-                k_ss += tl.sum(ke * ke + ko * ko, axis=2)
-            if D1 > 0:
-                q_ss += tl.sum(q1e * q1e + q1o * q1o, axis=2)
-                k_ss += tl.sum(k1e * k1e + k1o * k1o, axis=2)
-            q_r = (1.0 / tl.sqrt(q_ss / D + eps))[:, :, None]
-            k_r = (1.0 / tl.sqrt(k_ss / D + eps))[:, :, None]
-            if D0 > 0:
-                we, wo = _pair_halves(tl.load(qw_ptr + d0).to(tl.float32))
-                qe, qo = qe * q_r * we, qo * q_r * wo
-                we, wo = _pair_halves(tl.load(kw_ptr + d0).to(tl.float32))
-                ke, ko = ke * k_r * we, ko * k_r * wo
-            if D1 > 0:
-                we, wo = _pair_halves(tl.load(qw_ptr + d1).to(tl.float32))
-                q1e, q1o = q1e * q_r * we, q1o * q_r * wo
-                we, wo = _pair_halves(tl.load(kw_ptr + d1).to(tl.float32))
-                k1e, k1o = k1e * k_r * we, k1o * k_r * wo
-
-        # scores: RoPE'd q.k = even-half dot + odd-half dot (+ the tail's dot)
-        s = tl.zeros((HB, BLOCK_L, BLOCK_L), tl.float32)
-        if D0 > 0:
-            qr = (qe * c0 - qo * s0).to(dt)
-            kr = (ke * c0 - ko * s0).to(dt)
-            s = _batched_dot(qr, tl.permute(kr, (0, 2, 1)), s, IEEE)
-            qr = (qo * c0 + qe * s0).to(dt)
-            kr = (ko * c0 + ke * s0).to(dt)
-            s = _batched_dot(qr, tl.permute(kr, (0, 2, 1)), s, IEEE)
-        if D1 > 0:
-            q1 = tl.reshape(tl.join(q1e * c1 - q1o * s1, q1o * c1 + q1e * s1), (HB, BLOCK_L, D1)).to(dt)
-            k1 = tl.reshape(tl.join(k1e * c1 - k1o * s1, k1o * c1 + k1e * s1), (HB, BLOCK_L, D1)).to(dt)
-            if D1 < 16:  # tl.dot needs K >= 16
-                q1 = _zero_interleave(q1)
-                k1 = _zero_interleave(k1)
-            s = _batched_dot(q1, tl.permute(k1, (0, 2, 1)), s, IEEE)
-
-        # softmax over keys in float32 (exp2 with the scale folded in), p rounded to the input dtype
-        s = tl.where(rows[None, None, :] < L, s, float("-inf"))  # padded keys get no weight
-        p = tl.exp2((s - tl.max(s, axis=2)[:, :, None]) * (scale * LOG2E))
-        p = (p * (1.0 / tl.sum(p, axis=2))[:, :, None]).to(dt)
-
-        if D0 > 0:
-            o0 = _batched_dot(p, v0, tl.zeros((HB, BLOCK_L, D0), tl.float32), IEEE)
-            tl.store(dst + d0, o0.to(out_ptr.dtype.element_ty), mask=row_ok)
-        if D1 > 0:
-            o1 = _batched_dot(p, v1, tl.zeros((HB, BLOCK_L, D1), tl.float32), IEEE)
-            tl.store(dst + d1, o1.to(out_ptr.dtype.element_ty), mask=row_ok)
-
-    @torch.library.custom_op("pab::stdit3_temporal_attention_heads", mutates_args=())
-    def _temporal_attention_heads_op(
-        qkv: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
-        cos: torch.Tensor, sin: torch.Tensor, num_heads: int, eps: float, heads_per_program: int, num_warps: int,
-    ) -> torch.Tensor:  # fmt: skip
-        """(N, L, 3C) qkv -> (N, L, C), like `_temporal_attention_op`; (heads_per_program, num_warps) from
-        `triton_heads_config` unless a benchmark sweeps them."""
-        N, L, C3 = qkv.shape
-        C = C3 // 3
-        D = C // num_heads
-        d0, d1 = _heads_split(D)
-        if num_heads % heads_per_program or heads_per_program & (heads_per_program - 1):
-            raise ValueError(f"heads_per_program={heads_per_program} must be a power of two dividing {num_heads}")
-        qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
-        if L > _TRITON_MAX_L or (N - 1) * qkv.stride(0) + (L - 1) * qkv.stride(1) + C3 >= 2**31:  # 32-bit offsets
-            raise ValueError(f"the Triton temporal attention takes at most {_TRITON_MAX_L} frames and 2^31 qkv "
-                             f"elements, got {tuple(qkv.shape)} with strides {qkv.stride()}")
-        out = qkv.new_empty(N, L, C)
-        has_norm = q_weight is not None
-        _temporal_attention_heads_kernel[(N * (num_heads // heads_per_program),)](
-            qkv, out, q_weight if has_norm else cos, k_weight if has_norm else cos, cos, sin,
-            L, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), D**-0.5, eps,
-            H=num_heads, D=D, HB=heads_per_program, BLOCK_L=max(16, triton.next_power_of_2(L)), D0=d0, D1=d1,
-            HAS_NORM=has_norm, IEEE=qkv.dtype == torch.float32, num_warps=num_warps,
-        )  # fmt: skip
-        return out
-
-    @_temporal_attention_heads_op.register_fake
-    def _(qkv, q_weight, k_weight, cos, sin, num_heads, eps, heads_per_program, num_warps):
-        N, L, C3 = qkv.shape
-        return qkv.new_empty(N, L, C3 // 3)
 
 
 class CrossAttention(nn.Module):
@@ -942,7 +569,8 @@ class STDiT3(nn.Module):
         """
         x: (B, in_channels, T, H, W) latents; timestep: (B,) in [0, 1000]; y: (B, 1, L, caption_channels);
         mask: (B, L) text keep-mask; x_mask: (B, T) bool, False = conditioning frame (modulated with t=0);
-        fps: (B,) or scalar; height, width: pixel size (only element [0] is used).
+        fps: (B,) or scalar; height, width: pixel size, only element [0] used and read on the host (pass
+            numbers or CPU tensors: reading a GPU tensor is a host sync).
         Returns (B, out_channels, T, H, W) float32.
         """
         if fps is None or height is None or width is None:
