@@ -13,6 +13,16 @@ Seams for PAB and DSP (docs/design.md): every block's `attn1` (spatial: (B*F, S,
 modulation stay in the blocks. `broadcast_targets()` lists them. The temporal position table is the submodule
 `temp_pos_embed`, so DSP can add the slice of a local frame range.
 
+Performance (as in pab.models.stdit3; the float32 CPU path is the fixture path):
+* the hidden state stays one contiguous (B, F, S, C) tensor; the temporal block writes its (B*S, F, C) attention
+  and MLP inputs and reads their outputs back in its elementwise passes, so there are no transpose copies;
+* norm + modulate and gate + residual are one elementwise pass each (`torch.addcmul`); the blocks'
+  `compile_regions` name these passes for `pab.compile.apply_compile`;
+* self-attention computes q, k, v in one GEMM (cross-attention: k, v in one), from the concatenated weights of
+  the diffusers-named to_q/to_k/to_v, so checkpoints load unchanged and the modules keep no derived state;
+* the MLP's bias + tanh-GELU run in the fc1 GEMM epilogue on CUDA (`MLP_FUSED_GELU`);
+* temporal self-attention runs as one Triton kernel on CUDA in half precision (`SHORT_ATTENTION`).
+
 References:
 - Latte paper: https://arxiv.org/abs/2401.03048
 - diffusers `models/transformers/latte_transformer_3d.py` (v0.30.3 produced tests/fixtures/official/latte)
@@ -30,11 +40,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pab.kernels import short_attention as short_attn
+
 #################################################################################
 #                                    Config                                     #
 #################################################################################
 
 SUPPORTED_ACTIVATIONS = {"gelu-approximate": "tanh", "gelu": "none"}
+# Fold fc1's bias + GELU into the GEMM epilogue on CUDA (torch._addmm_activation -> cuBLASLt GELU_BIAS). The
+# epilogue is the tanh GELU, so only "gelu-approximate" (Latte-1, Open-Sora-Plan) takes it; "gelu" stays exact.
+MLP_FUSED_GELU = True
+# Temporal attention (sequences of <= 32 frames) on CUDA in half precision through one Triton kernel
+# (pab.kernels.short_attention) instead of flash attention's one mostly-empty CTA per (sequence, head).
+SHORT_ATTENTION = True
 
 # Constructor defaults of diffusers' LatteTransformer3DModel: `from_dict` fills keys missing from a config.json
 # with these, exactly as diffusers' `from_config` would (a missing key must not silently become Latte-1's value).
@@ -192,6 +210,17 @@ def temporal_pos_table(embed_dim: int, start: int, stop: int, interpolation_scal
     return sincos_1d(embed_dim, positions).float()  # (F, D)
 
 
+def _on_device(cache: dict, key: tuple, device: torch.device, build) -> torch.Tensor:
+    """A CPU table copied to `device` once per key and kept in the module's `cache` (a few entries): copying a
+    pageable CPU tensor to a GPU waits for the GPU's queue to drain, which must not happen once per forward."""
+    key = (*key, torch.device(device))
+    if key not in cache:
+        if len(cache) >= 8:
+            cache.clear()
+        cache[key] = build().to(device)
+    return cache[key]
+
+
 #################################################################################
 #                               Embedding Layers                                #
 #################################################################################
@@ -207,14 +236,17 @@ class PatchEmbed(nn.Module):
         self.base_size = base_size  # training grid side (sample_size // patch_size)
         self.interpolation_scale = interpolation_scale
         self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
+        self._tables: dict[tuple, torch.Tensor] = {}  # derived, not state (see _on_device)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         """(N, C_in, H, W) -> (N, H/p * W/p, D) with the spatial table added."""
         grid_h, grid_w = latent.shape[-2] // self.patch_size, latent.shape[-1] // self.patch_size
         x = self.proj(latent).flatten(2).transpose(1, 2)  # (N, S, D)
-        table = spatial_pos_table(self.embed_dim, grid_h, grid_w, self.base_size, self.interpolation_scale)
+        table = _on_device(self._tables, (grid_h, grid_w), x.device, lambda: spatial_pos_table(
+            self.embed_dim, grid_h, grid_w, self.base_size, self.interpolation_scale))  # fmt: skip
         # The official code adds the float32 table and casts back, so low-precision runs round the sum once.
-        return (x + table.to(x.device)).to(x.dtype)  # (N, S, D)
+        # Table first: the sum then takes the table's contiguous (S, D) layout instead of the conv's (D, S).
+        return (table + x).to(x.dtype)  # (N, S, D)
 
 
 class TemporalPosEmbed(nn.Module):
@@ -236,6 +268,7 @@ class TemporalPosEmbed(nn.Module):
         self.embed_dim = embed_dim
         self.interpolation_scale = interpolation_scale
         self.skip_single_frame = skip_single_frame
+        self._tables: dict[tuple, torch.Tensor] = {}  # derived, not state (see _on_device)
 
     def table(self, start: int, stop: int) -> torch.Tensor:
         """Rows for frames [start, stop): (stop - start, C) float32 on CPU."""
@@ -250,8 +283,9 @@ class TemporalPosEmbed(nn.Module):
             )
         if self.skip_single_frame and num_frames == 1:
             return x
-        rows = self.table(frame_offset, frame_offset + frames)  # (F, C)
-        return x + rows.to(device=x.device, dtype=x.dtype)  # (B*S, F, C)
+        rows = _on_device(self._tables, (frame_offset, frames), x.device,
+                          lambda: self.table(frame_offset, frame_offset + frames))  # (F, C) float32
+        return x + rows.to(x.dtype)  # (B*S, F, C)
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, interpolation_scale={self.interpolation_scale}"
@@ -327,11 +361,22 @@ class CaptionProjection(nn.Module):
 #################################################################################
 
 
+def _linear_cat(x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
+    """Several Linears on the same input as one GEMM; outputs concatenated along the last dim.
+
+    The weights are concatenated per call (~8 MB at full size) rather than cached, so the module stays plain.
+    """
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
+    return F.linear(x, weight, bias)
+
+
 class Attention(nn.Module):
     """Multi-head attention with separate q/k/v/out projections (diffusers `Attention` names), via SDPA.
 
     Self-attention when `encoder_hidden_states` is None. `attention_bias` is additive and must broadcast to
     (N, heads, L_q, L_kv). Stateless: the output depends only on the arguments (PAB relies on this).
+    The projections that share an input run as one GEMM (q, k, v; or k, v of the context), see `_linear_cat`.
     """
 
     def __init__(
@@ -360,10 +405,18 @@ class Attention(nn.Module):
         attention_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         n, length, _ = hidden_states.shape  # (N, L_q, C)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states  # (N, L_kv, C_kv)
-        q = self.to_q(hidden_states).view(n, length, self.heads, -1).transpose(1, 2)  # (N, h, L_q, d)
-        k = self.to_k(context).view(n, context.shape[1], self.heads, -1).transpose(1, 2)  # (N, h, L_kv, d)
-        v = self.to_v(context).view(n, context.shape[1], self.heads, -1).transpose(1, 2)  # (N, h, L_kv, d)
+        if encoder_hidden_states is None:
+            qkv = _linear_cat(hidden_states, self.to_q, self.to_k, self.to_v)  # (N, L, 3*h*d)
+            if SHORT_ATTENTION and attention_bias is None and short_attn.supported(qkv, self.heads):
+                out = short_attn.try_short_attention(qkv, self.heads)  # temporal: (N, F<=32, h*d)
+                if out is not None:
+                    return self.to_out[1](self.to_out[0](out))
+            q, k, v = qkv.view(n, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (N, h, L, d) each
+        else:
+            q = self.to_q(hidden_states).view(n, length, self.heads, -1).transpose(1, 2)  # (N, h, L_q, d)
+            kv = _linear_cat(encoder_hidden_states, self.to_k, self.to_v)  # (N, L_kv, 2*h*d)
+            kv = kv.view(n, encoder_hidden_states.shape[1], 2, self.heads, -1)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (N, h, L_kv, d) each
         if attention_bias is not None:
             attention_bias = attention_bias.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias)  # (N, h, L_q, d), scale 1/sqrt(d)
@@ -393,14 +446,32 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([act, nn.Dropout(dropout), nn.Linear(hidden, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
+        act, drop, proj_out = self.net
+        if MLP_FUSED_GELU and x.is_cuda and act.approximate == "tanh":
+            # cuBLASLt applies bias + tanh-GELU in fc1's epilogue: the 4C-wide hidden is written once instead of
+            # written, read and written again. CUDA only: the CPU kernel of this op uses the exact (erf) GELU.
+            h = torch._addmm_activation(act.proj.bias, x.reshape(-1, x.shape[-1]), act.proj.weight.t(), use_gelu=True)
+            h = h.view(*x.shape[:-1], h.shape[-1])
+        else:
+            h = act(x)
+        return proj_out(drop(h))
 
 
-def _modulation(table: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per-block table (6, C) + shared (N, 6C) -> shift/scale/gate for attention then MLP, each (N, 1, C)."""
-    return (table[None] + temb.reshape(temb.shape[0], 6, -1)).chunk(6, dim=1)
+def _modulation(table: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    """Per-block table (6, C) + shared (B, 6C) -> (B, 6, 1, 1, C): shift/scale/gate of the attention, then of the
+    MLP, each broadcasting over the (B, F, S, C) hidden state."""
+    return (table[None] + temb.reshape(temb.shape[0], 6, -1))[:, :, None, None]
+
+
+def _modulate_frame_major(x_n: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """shift + x_n * (1 + scale) for (B, F, S, C) x_n, returned in temporal attention's (B*S, F, C) layout."""
+    B, F_, S, C = x_n.shape
+    if torch.compiler.is_compiling():  # the compiler fuses the transpose into the same kernel itself
+        return torch.addcmul(shift, x_n, 1 + scale).transpose(1, 2).reshape(B * S, F_, C)
+    # Write straight into the (B, S, F, C) layout: one pass instead of modulate + transpose copy.
+    out = x_n.new_empty(B, S, F_, C)
+    torch.addcmul(shift, x_n, 1 + scale, out=out.transpose(1, 2))
+    return out.view(B * S, F_, C)
 
 
 class SpatialBlock(nn.Module):
@@ -408,6 +479,10 @@ class SpatialBlock(nn.Module):
 
     As in PixArt with adaLN-single, cross-attention has no norm and no gate.
     """
+
+    # The elementwise steps between the PAB targets: pure functions of their arguments (no state, no hooks),
+    # which pab.compile.apply_compile may replace per instance with compiled versions.
+    compile_regions = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 
     def __init__(
         self,
@@ -435,17 +510,39 @@ class SpatialBlock(nn.Module):
         context: torch.Tensor,
         context_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B*F, S, C), temb (B*F, 6C), context (B*F, L, C), context_bias None or (B*F, 1, 1, L)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(self.scale_shift_table, temb)
-        h = self.norm1(x) * (1 + scale_msa) + shift_msa  # (B*F, S, C)
-        x = gate_msa * self.attn1(h) + x  # (B*F, S, C)
-        x = self.attn2(x, context, context_bias) + x  # (B*F, S, C)
-        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp  # (B*F, S, C)
-        return gate_mlp * self.ff(h) + x  # (B*F, S, C)
+        """x (B, F, S, C), temb (B, 6C), context (B*F, L, C), context_bias None or (B*F, 1, 1, L) -> (B, F, S, C).
+
+        attn1, attn2 and ff see (B*F, S, C).
+        """
+        B, F_, S, C = x.shape
+        mod = _modulation(self.scale_shift_table, temb)  # (B, 6, 1, 1, C)
+        x = self.attn_out(x, self.attn1(self.attn_in(x, mod)), mod)
+        x, h = self.mlp_in(x, self.attn2(x.view(B * F_, S, C), context, context_bias), mod)
+        return self.mlp_out(x, self.ff(h), mod)
+
+    def attn_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        """norm1 + modulate -> (B*F, S, C) self-attention input."""
+        B, F_, S, C = x.shape
+        return torch.addcmul(mod[:, 0], self.norm1(x), 1 + mod[:, 1]).view(B * F_, S, C)
+
+    def attn_out(self, x: torch.Tensor, a: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        """x + gate * self-attention output."""
+        return torch.addcmul(x, mod[:, 2], a.view(x.shape))
+
+    def mlp_in(self, x: torch.Tensor, c: torch.Tensor, mod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention residual (no gate), then norm2 + modulate: (x, MLP input (B*F, S, C))."""
+        B, F_, S, C = x.shape
+        x = x + c.view(x.shape)
+        return x, torch.addcmul(mod[:, 3], self.norm2(x), 1 + mod[:, 4]).view(B * F_, S, C)
+
+    def mlp_out(self, x: torch.Tensor, m: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(x, mod[:, 5], m.view(x.shape))
 
 
 class TemporalBlock(nn.Module):
     """Temporal block: modulated self-attention over the frames at one patch position, then modulated MLP."""
+
+    compile_regions = ("attn_in", "attn_out", "mlp_in", "mlp_out")  # see SpatialBlock
 
     def __init__(
         self,
@@ -465,12 +562,27 @@ class TemporalBlock(nn.Module):
         self.ff = FeedForward(dim, activation_fn, dropout)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """x (B*S, F, C), temb (B*S, 6C)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(self.scale_shift_table, temb)
-        h = self.norm1(x) * (1 + scale_msa) + shift_msa  # (B*S, F, C)
-        x = gate_msa * self.attn1(h) + x  # (B*S, F, C)
-        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp  # (B*S, F, C)
-        return gate_mlp * self.ff(h) + x  # (B*S, F, C)
+        """x (B, F, S, C), temb (B, 6C) -> (B, F, S, C). attn1 and ff see the frame-major (B*S, F, C)."""
+        mod = _modulation(self.scale_shift_table, temb)  # (B, 6, 1, 1, C)
+        x = self.attn_out(x, self.attn1(self.attn_in(x, mod)), mod)
+        return self.mlp_out(x, self.ff(self.mlp_in(x, mod)), mod)
+
+    def attn_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        """norm1 + modulate, written as the (B*S, F, C) attention input."""
+        return _modulate_frame_major(self.norm1(x), mod[:, 0], mod[:, 1])
+
+    def attn_out(self, x: torch.Tensor, a: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        """x + gate * attention output, read back from its (B*S, F, C) layout in the same pass."""
+        B, F_, S, C = x.shape
+        return torch.addcmul(x, mod[:, 2], a.view(B, S, F_, C).transpose(1, 2))
+
+    def mlp_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        """norm2 + modulate, written as the (B*S, F, C) MLP input."""
+        return _modulate_frame_major(self.norm2(x), mod[:, 3], mod[:, 4])
+
+    def mlp_out(self, x: torch.Tensor, m: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        B, F_, S, C = x.shape
+        return torch.addcmul(x, mod[:, 5], m.view(B, S, F_, C).transpose(1, 2))
 
 
 #################################################################################
@@ -619,28 +731,30 @@ def latte_forward(
         )
 
     x = hidden_states.permute(0, 2, 1, 3, 4).reshape(b * f, c_in, h, w)  # (B*F, C_in, H, W)
-    x = model.pos_embed(x)  # (B*F, S, C), spatial table added
+    # The hidden state stays (B, F, S, C), contiguous; the temporal blocks read and write it in that layout.
+    x = model.pos_embed(x).reshape(b, f, s, -1).contiguous()  # (B, F, S, C); contiguous already (a guard)
     temb, embedded_timestep = model.adaln_single(batch_timesteps(timestep, b, x.device), x.dtype)  # (B, 6C), (B, C)
 
     context = model.caption_projection(encoder_hidden_states)  # (B, L, C)
     context = context.repeat_interleave(f, dim=0)  # (B*F, L, C), row b*F + f
     context_bias = model._cross_attention_bias(encoder_attention_mask, b, f, context.shape[1], x.dtype)
-    temb_spatial = temb.repeat_interleave(f, dim=0)  # (B*F, 6C)
-    temb_temporal = temb.repeat_interleave(s, dim=0)  # (B*S, 6C)
 
     for i, (spatial_block, temporal_block) in enumerate(
         zip(model.transformer_blocks, model.temporal_transformer_blocks)
     ):
-        x = spatial_block(x, temb_spatial, context, context_bias)  # (B*F, S, C)
+        x = spatial_block(x, temb, context, context_bias)  # (B, F, S, C)
         if enable_temporal_attentions:
-            x = x.reshape(b, f, s, -1).transpose(1, 2).reshape(b * s, f, -1)  # (B*S, F, C)
             if i == 0:
-                x = model.temp_pos_embed(x)  # (B*S, F, C), frame table added once, before the first block
-            x = temporal_block(x, temb_temporal)  # (B*S, F, C)
-            x = x.reshape(b, s, f, -1).transpose(1, 2).reshape(b * f, s, -1)  # (B*F, S, C)
+                # Frame table, added once before the first block. The module (which DSP hooks to pick this rank's
+                # rows) adds its rows to what it is given: given zeros it returns the rows alone (exactly), which
+                # are then added in the (B, F, S, C) layout without transposing the hidden state.
+                rows = model.temp_pos_embed(x.new_zeros(1, f, x.shape[-1]))  # (1, F, C)
+                x = x + rows[:, :, None]  # (B, F, S, C)
+            x = temporal_block(x, temb)  # (B, F, S, C)
 
     out = final_modulate_and_unpatchify(
-        x, embedded_timestep, model.scale_shift_table, model.norm_out, model.proj_out, b, f, grid, p
+        x.view(b * f, s, -1), embedded_timestep, model.scale_shift_table, model.norm_out, model.proj_out,
+        b, f, grid, p,
     )  # (B, C_out, F, H, W)
     return out
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pab.models import CheckpointError
+from pab.compile import apply_compile, remove_compile
+from pab.models import CheckpointError, latte
 from pab.models._fixture_cases import latte as fixture_case
 from pab.models.latte import (
     SIZES,
@@ -197,6 +198,81 @@ def test_replaying_cached_outputs_reproduces_the_forward():
     changed = run(model, **kw)
     h.remove()
     assert (changed - ref).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------- fast paths
+
+
+@pytest.fixture(scope="module")
+def inductor():
+    """Skip (with the reason) where torch.compile cannot build CPU kernels, e.g. no C++ compiler."""
+    torch._dynamo.reset()
+    try:
+        torch.compile(lambda x: torch.sin(x) + 1)(torch.randn(4))
+    except Exception as e:  # noqa: BLE001 - any failure means "cannot compile here"
+        pytest.skip(f"torch.compile (inductor) unavailable on this machine: {type(e).__name__}: {e}")
+
+
+def test_compiled_targets_and_regions_match_eager(inductor):
+    """pab.compile: compiled targets plus the blocks' regions (the temporal ones write and read the (B·S, F, C)
+    layout in their own pass) equal eager within 1e-5 in float32, without graph breaks."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model()
+    kw = tiny_inputs(F=3, H=4, W=6)
+    cases = [kw, {**kw, "enable_temporal_attentions": False}]
+    refs = [run(model, **c) for c in cases]
+    counters.clear()
+    handle = apply_compile(model, kinds=("spatial", "temporal", "cross", "mlp"))
+    try:
+        n = SIZES["tiny"]["num_layers"]
+        assert handle.regions == {name: 2 * n for name in latte.SpatialBlock.compile_regions}
+        assert latte.TemporalBlock.compile_regions == latte.SpatialBlock.compile_regions
+        for c, ref in zip(cases, refs):
+            torch.testing.assert_close(run(model, **c), ref, atol=1e-5, rtol=1e-5)
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        remove_compile(model)
+    assert torch.equal(run(model, **kw), refs[0])  # the eager model again, bit for bit
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused GELU epilogue is CUDA-only")
+@pytest.mark.parametrize("activation_fn", ["gelu-approximate", "gelu"])
+def test_fused_gelu_mlp_equals_the_plain_mlp_on_cuda(activation_fn, monkeypatch):
+    """MLP_FUSED_GELU (tanh GELU only) computes the plain fc1 -> GELU -> fc2; "gelu" keeps the exact erf GELU."""
+    ff = latte.FeedForward(C, activation_fn).cuda()
+    x = torch.randn(3, 10, C, device="cuda")
+    act, _, out = ff.net
+    monkeypatch.setattr(latte, "MLP_FUSED_GELU", True)
+    with torch.no_grad():
+        ref = out(torch.nn.functional.gelu(act.proj(x), approximate=latte.SUPPORTED_ACTIVATIONS[activation_fn]))
+        torch.testing.assert_close(ff(x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the short-sequence attention kernel is CUDA-only")
+@pytest.mark.parametrize("F", [5, 16])
+def test_short_attention_kernel_in_bf16_on_cuda(F, monkeypatch):
+    """In bf16 on CUDA the temporal attentions (and only they) run the Triton kernel, and the forward is as close
+    to float32 as with SDPA."""
+    from pab.kernels import short_attention as short_attn
+
+    model32 = tiny_model().cuda()
+    kw = {k: v.cuda() for k, v in tiny_inputs(F=F).items()}
+    ref = run(model32, **kw)
+    model = tiny_model().cuda().to(torch.bfloat16)
+    kw16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in kw.items()}
+    calls = []
+    real = short_attn.try_short_attention
+    monkeypatch.setattr(short_attn, "try_short_attention", lambda qkv, h: calls.append(qkv.shape) or real(qkv, h))
+    out = run(model, **kw16).float()
+    assert len(calls) == 2 and all(shape[1] == F for shape in calls), calls  # the 2 temporal blocks
+    monkeypatch.setattr(latte, "SHORT_ATTENTION", False)
+    sdpa = run(model, **kw16).float()
+
+    def rel(a):
+        return ((a - ref).norm() / ref.norm()).item()
+
+    assert rel(out) < 1.5 * rel(sdpa) + 2e-3, (rel(out), rel(sdpa))
 
 
 # ---------------------------------------------------------------------------- behaviour
