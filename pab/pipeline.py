@@ -303,8 +303,8 @@ class Pipeline:
                 y[:, None],
                 mask=mask,
                 fps=torch.full((n,), float(r.fps), device=z2.device),
-                height=torch.full((n,), float(r.height), device=z2.device),
-                width=torch.full((n,), float(r.width), device=z2.device),
+                height=float(r.height),  # numbers, not GPU tensors: the model reads them on the host (no sync)
+                width=float(r.width),
             )
         elif family == "latte-1":
             out = self.transformer(z2, timestep=tt, encoder_hidden_states=y, return_dict=False)[0]
