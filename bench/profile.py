@@ -12,13 +12,13 @@ timed calls after warm-up. It measures, each part on its own so one failure does
 2. FLOPs of one forward (torch's FlopCounterMode) -> MFU against 989.4 TFLOP/s dense bf16;
 3. the top kernels by CUDA time of one eager forward (torch.profiler; top 25 printed);
 4. components at the real shapes: temporal attention (module and core: Triton / bmm / SDPA backends,
-   eager and compiled, with the error against a float32 reference; "triton" vs "triton_heads" at 480p
-   and at 720p 4 s, L = 30, module and kernel, the latter over a few launch configurations), spatial SDPA per backend,
+   eager and compiled, with the error against a float32 reference; at 480p and at 720p 4 s, L = 30, the
+   module and the Triton kernel alone over a few launch configurations), spatial SDPA per backend,
    cross-attention (300 masked keys vs 32 unmasked), MLP (GELU in the GEMM epilogue or not);
 5. one forward with pab.compile.apply_compile (first call = compile time), and its top kernels;
 6. 30 denoising steps (rflow) eager and compiled, PAB off and "paper": the DiT time the issue targets
    (<= 8 s off, <= 6 s paper);
-7. one Latte-1 forward at 512x512x16 if pab/models/latte.py exists.
+7. one Latte-1 forward at 512x512x16, eager and (--latte-compile) compiled, with profiler tables.
 
 Prints a summary table last and writes everything to --out (JSON) and the profiler tables beside it.
 """
@@ -50,23 +50,18 @@ TARGETS_S = {"off": 8.0, "paper": 6.0}  # DiT time for 30 steps on one H100 (the
 # 110 MB (B, T·S, C) bf16 hidden state, flash attention at ~300 TFLOP/s, 28 block pairs.
 PREDICTED = {
     "baseline eager (older stdit3.py)": "670 ms",  # a colleague's measurement of the pre-change model
-    "eager (defaults)": "270 ms",  # ~5.0 ms spatial + ~3.8 ms temporal block, x28, + embed/final
+    # second session: the short-sequence kernel (pab.kernels.short_attention) replaced the first Triton kernel
+    # in "auto"; measured before as opt-in "triton_heads": 300.1 ms eager, 0.270 ms (480p) / 1.205 ms (720p).
+    "eager (defaults)": "300 ms",
     "eager temporal=bmm": "300 ms",  # +1.15 ms per temporal block (no fused norm/rope, v/out copies)
     "eager temporal=sdpa": "320 ms",  # +1.8 ms per temporal block (flash: one 128-row CTA per 15 tokens)
     "eager MLP_FUSED_GELU=False": "287 ms",  # +0.3 ms per MLP: the 440 MB hidden written+read once more
-    "compiled forward (apply_compile)": "255 ms",  # glue 17 -> 12 passes per block, fused q/k norm
-    "temporal attn module eager triton": "1.05 ms",  # qkv 0.58 + kernel 0.25 + proj 0.22
-    # "triton_heads" (stdit3.py explains the static analysis), predicted before it ran: the GEMMs of the
-    # measured triton module (2.87 - 2.10 = 0.77 ms at 480p, x4.5 tokens at 720p) + the kernel
-    "eager temporal=triton_heads": "295 ms",  # 347 - 28 x (2.10 - 0.25)
-    "temporal attn module eager triton_heads": "1.0 ms",
-    "temporal kernel triton 480p": "2.1 ms",  # measured: the profile table's 2.100 ms per call
-    "temporal kernel triton_heads 4x4 480p": "0.25 ms",  # 440 MB at ~1.8 TB/s effective
-    "temporal attn module eager triton 720p": "55 ms",  # spills: ~240 GB of local-memory traffic per call
-    "temporal attn module eager triton_heads 720p": "4.4 ms",
-    "temporal attn module eager sdpa 720p": "17 ms",
-    "temporal kernel triton 720p": "50 ms",
-    "temporal kernel triton_heads 2x4 720p": "0.9 ms",  # 2.0 GB moved, ~0.43 ms of instruction issue
+    "compiled forward (apply_compile)": "258 ms",  # measured 298.9 with the old kernel, 28 x 1.5 ms faster
+    "temporal attn module eager triton": "1.0 ms",  # measured 0.989 ms as "triton_heads"
+    "temporal kernel 2x4 480p": "0.27 ms",  # measured as "triton_heads 2x4"
+    "temporal attn module eager triton 720p": "4.5 ms",  # measured 4.523 ms as "triton_heads"
+    "temporal attn module eager sdpa 720p": "17.9 ms",
+    "temporal kernel 2x4 720p": "1.2 ms",  # measured 1.205 ms as "triton_heads 2x4"
     "temporal attn module eager bmm": "2.2 ms",
     "temporal attn module eager sdpa": "2.85 ms",  # norm 0.3 + RoPE 0.65 + flash 1.1 + GEMMs 0.8
     "temporal attn module compiled sdpa": "2.15 ms",
@@ -89,7 +84,11 @@ PREDICTED = {
     "30 steps eager, PAB paper": "6.6 s",  # 3.29 -> 2.62 PFLOP executed (models.md), + cache bookkeeping
     "30 steps compiled, PAB off": "7.7 s",
     "30 steps compiled, PAB paper": "6.2 s",
-    "latte-1 forward eager (512x512x16, L=16)": "160 ms",  # 67.9 TFLOP at ~45% MFU (its code is not ours)
+    # Latte-1 measured at 207 ms eager and compiled (GEMMs 88, attention 36, elementwise/norm/GELU/copies ~80).
+    # After fused GELU (-9), fused qkv (-2), one-pass modulate/residual (-25), no transposes (-7) and the
+    # short-sequence kernel for its temporal attention (28 x ~0.3 ms saved, -8):
+    "latte-1 forward eager (512x512x16, L=16)": "156 ms",
+    "latte-1 forward compiled": "140 ms",  # layer norms fused into the modulate passes
 }
 
 
@@ -250,7 +249,9 @@ def run(args) -> Report:
     from pab.compile import apply_compile, remove_compile
     from pab.models import build, randomize_weights
 
-    triton_version = getattr(stdit3.triton, "__version__", None) if stdit3.triton is not None else None
+    from pab.kernels import short_attention as short_attn
+
+    triton_version = getattr(short_attn.triton, "__version__", None) if short_attn.triton is not None else None
     rep.data["env"] = dict(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__,
         triton=triton_version, python=sys.version.split()[0], size=args.size, dtype=args.dtype,
@@ -283,6 +284,10 @@ def run(args) -> Report:
     with rep.section("flops"):
         from torch.utils.flop_counter import FlopCounterMode
 
+        from bench.run import register_fused_gelu_flops
+
+        register_fused_gelu_flops()  # else the MLP's first GEMM (~28 of 110 TFLOP at 480p) goes uncounted
+
         with setting(stdit3, TEMPORAL_ATTENTION="sdpa"), FlopCounterMode(display=False) as fc, torch.no_grad():
             model(**inputs)  # sdpa, so the counter sees the temporal attention too
         flop = float(fc.get_total_flops())
@@ -304,18 +309,9 @@ def run(args) -> Report:
                     err = rel_err(model(**inputs), ref)
             rep.data["forward_ms"][label] = ms
             rep.add(label, f"{ms:.1f} ms", f"{mfu(ms)}  x30 = {ms * 0.03:.2f} s  err vs defaults {err:.1e}")
-        impl = stdit3.temporal_attention_impl(torch.empty(1, T, 3 * C, device=device))
+        impl = stdit3.temporal_attention_impl(torch.empty(1, T, 3 * C, device=device, dtype=dtype), heads)
         rep.data["default_temporal_impl"] = impl
         rep.add("default temporal attention (TEMPORAL_ATTENTION=auto)", impl)
-    with rep.section("eager forward, temporal=triton_heads"):  # the opt-in kernel; its own section if it fails
-        with setting(stdit3, TEMPORAL_ATTENTION="triton_heads"):
-            ms = median_ms(fwd, device, w, n)
-            with torch.no_grad():
-                err = rel_err(model(**inputs), ref)
-        rep.data["forward_ms"]["eager temporal=triton_heads"] = ms
-        rep.add("eager temporal=triton_heads", f"{ms:.1f} ms",
-                f"{mfu(ms)}  x30 = {ms * 0.03:.2f} s  err vs defaults {err:.1e}")
-
     if args.baseline:
         with rep.section("baseline forward (--baseline)"):
             spec = importlib.util.spec_from_file_location("stdit3_baseline", args.baseline)
@@ -350,7 +346,7 @@ def run(args) -> Report:
         with setting(stdit3, TEMPORAL_ATTENTION="sdpa"), torch.no_grad():
             ref = attn32(x.float())
         core_flop = 4 * N * heads * T * T * hd
-        for impl in ("triton", "triton_heads", "bmm", "sdpa"):
+        for impl in ("triton", "bmm", "sdpa"):
             try:
                 with setting(stdit3, TEMPORAL_ATTENTION=impl), torch.no_grad():
                     ms = median_ms(lambda: attn(x), device, w, 5 * n)
@@ -511,6 +507,8 @@ def run(args) -> Report:
                 rep.data["forward_ms"]["latte-1 eager"] = ms
                 note = f"MFU {67.9e12 / (ms * 1e-3) / (PEAK_TFLOPS * 1e12):.1%}  " if args.size == "full" else ""
                 rep.add("latte-1 forward eager (512x512x16, L=16)", f"{ms:.1f} ms", f"{note}x50 = {ms * 0.05:.2f} s")
+                table, rep.data["latte_kernels_eager"] = profile_table(lfwd, device, out_dir / "profile-latte-eager.txt", 25)
+                print(table)
                 if args.latte_compile:
                     torch._dynamo.reset()
                     apply_compile(latte)
@@ -518,20 +516,23 @@ def run(args) -> Report:
                     ms = median_ms(lfwd, device, w, n)
                     rep.data["forward_ms"]["latte-1 compiled"] = ms
                     rep.add("latte-1 forward compiled", f"{ms:.1f} ms", f"x50 = {ms * 0.05:.2f} s")
+                    table, rep.data["latte_kernels_compiled"] = profile_table(
+                        lfwd, device, out_dir / "profile-latte-compiled.txt", 25)
+                    print(table)
 
     rep.data["summary"] = [dict(what=a, measured=b, predicted=rep.predictions.get(a), note=c)
                            for a, b, c in rep.summary]  # fmt: skip
     return rep
 
 
-# (heads per program, warps) tried for stdit3's "triton_heads" kernel besides its default, by BLOCK_L
-TRITON_HEADS_SWEEP = {16: [(4, 4), (2, 4), (2, 2), (1, 1)], 32: [(2, 4), (1, 2), (1, 4), (2, 2)]}
+# (heads per program, warps) tried for the short-sequence kernel besides its default, by BLOCK_L
+KERNEL_SWEEP = {16: [(4, 4), (2, 4), (2, 2), (1, 1)], 32: [(2, 4), (1, 2), (1, 4), (2, 2)]}
 
 
 def temporal_kernels(rep, stdit3, model, args, device, dtype, S, T, w, n) -> None:
     """The temporal attention at 480p (L = T) and 720p 4 s (N = 2 x 45 x 80, L = 30): the module with the
-    "triton" and "triton_heads" kernels (and sdpa at 720p), and the kernels alone: "triton" and
-    "triton_heads" over a few (heads per program, warps), with GB/s and the error against float32 sdpa."""
+    Triton kernel and sdpa at 720p, and the kernel alone over a few (heads per program, warps), with GB/s
+    and the error against float32 sdpa."""
     comps = rep.data["components"]
     attn = model.temporal_blocks[0].attn
     C, heads = attn.num_heads * attn.head_dim, attn.num_heads
@@ -553,7 +554,7 @@ def temporal_kernels(rep, stdit3, model, args, device, dtype, S, T, w, n) -> Non
     for tag, N, L in shapes:
         x = torch.randn(N, L, C, device=device, dtype=dtype)
         if tag != "480p":  # the 480p module times are in the "temporal attention" section
-            for impl in ("triton", "triton_heads", "sdpa"):
+            for impl in ("triton", "sdpa"):
                 try:
                     with setting(stdit3, TEMPORAL_ATTENTION=impl), torch.no_grad():
                         ms = median_ms(lambda: attn(x), device, w, 5 * n)
@@ -566,11 +567,13 @@ def temporal_kernels(rep, stdit3, model, args, device, dtype, S, T, w, n) -> Non
             qkv = attn.qkv(x)
             cos, sin = attn.rope.tables(L, device, torch.float32)
             ref = core32(qkv[:256])
-        runs = [("triton", lambda: stdit3._temporal_attention_op(qkv, wq, wk, cos, sin, heads, eps))]
+        from pab.kernels import short_attention as short_attn
+
+        runs = []
         block_l = max(16, 1 << (L - 1).bit_length())
-        for hb, nw in dict.fromkeys([stdit3.triton_heads_config(L, heads)] + TRITON_HEADS_SWEEP.get(block_l, [])):
+        for hb, nw in dict.fromkeys([short_attn.launch_config(L, heads)] + KERNEL_SWEEP.get(block_l, [])):
             if heads % hb == 0:
-                runs.append((f"triton_heads {hb}x{nw}", lambda hb=hb, nw=nw: stdit3._temporal_attention_heads_op(
+                runs.append((f"{hb}x{nw}", lambda hb=hb, nw=nw: torch.ops.pab.short_attention(
                     qkv, wq, wk, cos, sin, heads, eps, hb, nw)))  # fmt: skip
         moved = (qkv.numel() + N * L * C) * qkv.element_size()
         for label, fn in runs:

@@ -49,14 +49,12 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def _flops_by_kind(pipe, request) -> tuple[float, dict[str, float]]:
-    """FLOPs of one transformer call on the CFG batch, and FLOPs per single module call by PAB kind."""
+def register_fused_gelu_flops() -> None:
+    """Teach torch's FLOP counter aten._addmm_activation (the MLP's first GEMM with its GELU fused), which it
+    does not know: it is an addmm as far as FLOPs go. (The custom Triton short-sequence attention, ~0.1% of
+    the FLOPs, stays uncounted.)"""
     from torch.utils import flop_counter
-    from torch.utils.flop_counter import FlopCounterMode
 
-    # The MLP's first GEMM runs with its GELU fused (aten._addmm_activation), which torch's counter
-    # does not know; it is an addmm as far as FLOPs go. (The custom Triton temporal-attention core,
-    # ~0.1% of the FLOPs, stays uncounted.)
     if torch.ops.aten._addmm_activation not in flop_counter.flop_registry:
 
         def addmm_activation_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
@@ -64,11 +62,19 @@ def _flops_by_kind(pipe, request) -> tuple[float, dict[str, float]]:
 
         flop_counter.register_flop_formula(torch.ops.aten._addmm_activation)(addmm_activation_flop)
 
+
+def _flops_by_kind(pipe, request) -> tuple[float, dict[str, float]]:
+    """FLOPs of one transformer call on the CFG batch, and FLOPs per single module call by PAB kind."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    register_fused_gelu_flops()
     request = pipe.resolve(request)
     shape = pipe.latent_shape(request)
     y, mask = pipe.encode_text(request)
     z = torch.randn(shape, device=pipe.device)
-    with FlopCounterMode(display=False) as fc:
+    # force_eager: a compiled function first called under a dispatch mode such as FlopCounterMode is never
+    # compiled afterwards (Dynamo skips its code for good), which silently left "--compile" runs eager.
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as fc:
         pipe._forward(torch.cat([z, z]).to(pipe.dtype), 500.0, y, mask, request)
     counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
     root = type(pipe.transformer).__name__
@@ -337,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae", action="store_true", help="also the VAE decode benchmark (480p 2s, 720p 4s)")
     p.add_argument("--repeat", type=int, default=1, help="timed generations per setting (best is kept)")
     p.add_argument("--out", default="bench/results/h100.json")
+    p.add_argument("--machine", default=os.environ.get("PAB_BENCH_MACHINE", os.uname().nodename),
+                   help="recorded with each result, e.g. the device kind (nvidia-h100-x1)")
     args = p.parse_args(argv)
     pabs = args.pab.split(",")
     records: list[dict] = []
@@ -345,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     existing = json.loads(out.read_text()) if out.is_file() else []
 
     def save() -> None:  # after every case, so a later failure loses nothing measured
+        for rec in records:
+            rec.setdefault("machine", args.machine)
         out.write_text(json.dumps(existing + records, indent=1) + "\n")
 
     for name in filter(None, args.cases.split(",")):
