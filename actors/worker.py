@@ -197,6 +197,7 @@ class GenerationWorker:
         self.rank, self.world_size, self.model = rank, world_size, model
         self.checkpoint, self.dtype, self.cfg_parallel = checkpoint, dtype, cfg_parallel
         self.device = resolve_device(device)
+        self._pending_cancel: tuple | None = None
         self.cache_dir, self.s3 = cache_dir, s3
         self.engine_factory = engine_factory
         self.dist_timeout_s = dist_timeout_s
@@ -285,9 +286,24 @@ class GenerationWorker:
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=self.device)
+        flag = torch.full((1,), int(local), dtype=torch.int32, device=self.device)  # a fill: no host copy
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        if not self.device.startswith("cuda"):
+            return bool(flag.item())  # gloo: the all-reduce has already finished
+        # On GPUs, reading the flag now would wait for the stream to drain (a host sync per step, which lets
+        # the GPU run dry while the CPU queues the next step). Instead the flag goes to pinned memory behind
+        # an event, and each step reads the previous step's agreement: that event completed long ago, so
+        # nothing waits. Every rank reads the same lagged value at the same step, so they still stop together,
+        # one step later than they would with a blocking read.
+        host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        previous, self._pending_cancel = self._pending_cancel, (host, done)
+        if previous is None:
+            return False
+        previous[1].synchronize()
+        return bool(previous[0][0])
 
     def generate(
         self,
@@ -320,6 +336,7 @@ class GenerationWorker:
         request.setdefault("model", self.model)
         self._cancel.clear()
         self._events = []
+        self._pending_cancel = None  # GPU groups: the previous step's cancel agreement (see _agreed_cancel)
         cancelled = False
 
         def on_step(step: int, total: int) -> None:
