@@ -34,25 +34,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _bare(model: str, body: dict, repeat: int) -> list[float]:
+def _bare(model: str, body: dict, repeat: int) -> tuple[list[float], dict]:
     from pab.pipeline import GenerationRequest, Pipeline
     from pab.video import write_mp4
 
     pipe = Pipeline.from_name(model)
     req = GenerationRequest(model=model, **{k: v for k, v in body.items() if k != "model"})
-    times = []
+    times, stages = [], {}
     for i in range(repeat + 1):
         t0 = time.perf_counter()
         res = pipe.generate(req)
+        t1 = time.perf_counter()
         with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
             write_mp4(f.name, res.frames, fps=res.request.fps)
         if i:  # the first run warms kernels and caches, as the server's warm-up video does
             times.append(time.perf_counter() - t0)
-    return times
+            stages = {**res.timings, "encode_s": time.perf_counter() - t1}
+    return times, _rounded(stages)
 
 
-def _served(base: str, body: dict, repeat: int, timeout_s: float) -> list[float]:
-    times = []
+def _rounded(timings: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in (timings or {}).items()}
+
+
+def _served(base: str, body: dict, repeat: int, timeout_s: float) -> tuple[list[float], dict]:
+    """Submit-to-completed times, and the last job's stage timings as the server recorded them."""
+    times, stages = [], {}
     with httpx.Client(base_url=base, timeout=30) as client:
         for i in range(repeat + 1):
             t0 = time.perf_counter()
@@ -70,7 +77,8 @@ def _served(base: str, body: dict, repeat: int, timeout_s: float) -> list[float]
                 raise RuntimeError(f"video {vid} {s['status']}: {s.get('error')}")
             if i:
                 times.append(time.perf_counter() - t0)
-    return times
+                stages = _rounded(s.get("timings"))
+    return times, stages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1)
         else:
             raise TimeoutError("pab serve did not answer /healthz within 300 s")
-        served = _served(base, body, args.repeat, args.timeout)
-        bare = _bare(args.model, body, args.repeat)
+        served, served_stages = _served(base, body, args.repeat, args.timeout)
+        bare, bare_stages = _bare(args.model, body, args.repeat)
     finally:
         server.terminate()
         try:
@@ -145,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         "target_s": round(0.02 * b + 0.5, 3),
         "bare_all": [round(t, 3) for t in bare],
         "served_all": [round(t, 3) for t in served],
+        # where each side's time went (last timed run): the server's job record and the bare pipeline's
+        "served_stages": served_stages,
+        "bare_stages": bare_stages,
         "device": torch.cuda.get_device_name() if gpu else f"cpu ({os.cpu_count()} cores, {platform.machine()})",
         "date": datetime.date.today().isoformat(),
     }
