@@ -51,17 +51,17 @@ TARGETS_S = {"off": 8.0, "paper": 6.0}  # DiT time for 30 steps on one H100 (the
 PREDICTED = {
     "baseline eager (older stdit3.py)": "670 ms",  # a colleague's measurement of the pre-change model
     # second session: the short-sequence kernel (pab.kernels.short_attention) replaced the first Triton kernel
-    # in "auto"; measured before as opt-in "triton_heads": 300.1 ms eager, 0.270 ms (480p) / 1.205 ms (720p).
+    # in "auto"; measured before under its working name: 300.1 ms eager, 0.270 ms (480p) / 1.205 ms (720p).
     "eager (defaults)": "300 ms",
     "eager temporal=bmm": "300 ms",  # +1.15 ms per temporal block (no fused norm/rope, v/out copies)
     "eager temporal=sdpa": "320 ms",  # +1.8 ms per temporal block (flash: one 128-row CTA per 15 tokens)
     "eager MLP_FUSED_GELU=False": "287 ms",  # +0.3 ms per MLP: the 440 MB hidden written+read once more
     "compiled forward (apply_compile)": "258 ms",  # measured 298.9 with the old kernel, 28 x 1.5 ms faster
-    "temporal attn module eager triton": "1.0 ms",  # measured 0.989 ms as "triton_heads"
-    "temporal kernel 2x4 480p": "0.27 ms",  # measured as "triton_heads 2x4"
-    "temporal attn module eager triton 720p": "4.5 ms",  # measured 4.523 ms as "triton_heads"
+    "temporal attn module eager triton": "1.0 ms",  # measured before it was the default
+    "temporal kernel 2x4 480p": "0.27 ms",  # measured before it was the default
+    "temporal attn module eager triton 720p": "4.5 ms",  # measured before it was the default
     "temporal attn module eager sdpa 720p": "17.9 ms",
-    "temporal kernel 2x4 720p": "1.2 ms",  # measured 1.205 ms as "triton_heads 2x4"
+    "temporal kernel 2x4 720p": "1.2 ms",  # measured before it was the default
     "temporal attn module eager bmm": "2.2 ms",
     "temporal attn module eager sdpa": "2.85 ms",  # norm 0.3 + RoPE 0.65 + flash 1.1 + GEMMs 0.8
     "temporal attn module compiled sdpa": "2.15 ms",
