@@ -40,7 +40,7 @@ class FakeEngine:
             if should_cancel():
                 raise RuntimeError(f"stopped before step {i + 1}")
             if world > 1:
-                t = torch.tensor([rank + 1.0])
+                t = torch.tensor([rank + 1.0], device=self.device if str(self.device).startswith("cuda") else "cpu")
                 dist.all_reduce(t)
                 assert t.item() == world * (world + 1) / 2
             time.sleep(self.step_s)

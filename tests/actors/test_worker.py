@@ -51,8 +51,8 @@ def test_rank0_writes_video_and_sidecar(tmp_path):
     assert "mp4" not in res
 
 
-def _rank_main(rank, port, q):
-    w = GenerationWorker(rank, 2, "latte-1-tiny", device="cpu", engine_factory=FAKE)
+def _rank_main(rank, port, q, device="cpu"):
+    w = GenerationWorker(rank, 2, "latte-1-tiny", device=device.format(rank=rank), engine_factory=FAKE)
     w.init_distributed(f"tcp://127.0.0.1:{port}")
     w.load()
     seen = []
@@ -71,21 +71,36 @@ def _rank_main(rank, port, q):
         w.shutdown()
 
 
-def test_cancel_is_agreed_by_all_ranks():
-    """Rank 1 alone asks to stop; both ranks stop after the same step (no rank left in a collective)."""
+def _cancel_run(device: str) -> list:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, q)) for r in range(2)]
+    procs = [ctx.Process(target=_rank_main, args=(r, port, q, device)) for r in range(2)]
     for p in procs:
         p.start()
     out = sorted(q.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(30)
+    return out
+
+
+def test_cancel_is_agreed_by_all_ranks():
+    """Rank 1 alone asks to stop; both ranks stop after the same step (no rank left in a collective)."""
+    out = _cancel_run("cpu")
     assert [o[1] for o in out] == ["cancelled", "cancelled"]
     assert out[0][2] == out[1][2] == [1, 2]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.device_count() >= 2, reason="needs 2 CUDA GPUs")
+def test_cancel_is_agreed_on_gpus_one_step_later():
+    """NCCL: each step reads the previous step's agreement (no host sync), so both ranks stop together, one
+    step after the step where rank 1 asked."""
+    out = _cancel_run("cuda:{rank}")
+    assert [o[1] for o in out] == ["cancelled", "cancelled"]
+    assert out[0][2] == out[1][2] == [1, 2, 3]
 
 
 def test_parallel_group_needs_a_seed():
