@@ -20,7 +20,8 @@ Layout of the work, and why:
 * Norm and RoPE in float32; q, k and p are rounded to the input dtype for the tensor-core dots, which
   accumulate in float32 (as flash attention does). Softmax uses exp2 with the scale folded in.
 Launch shape per BLOCK_L (`CONFIG`): measured (heads per program, warps) at 480p / 720p: 2x4 0.270 / 1.205 ms,
-4x4 0.347 / -, 2x2 0.299 / 1.353, 1x1 0.368 / -, 1x2 - / 1.601, 1x4 - / 1.621.
+4x4 0.347 / -, 2x2 0.299 / 1.353, 1x1 0.368 / -, 1x2 - / 1.601, 1x4 - / 1.621. A second run on another H100
+gave 2x4 0.326 / 1.196 and 2x2 0.281 / 1.319 ms: at 480p the two are within run-to-run spread.
 """
 
 from __future__ import annotations
