@@ -52,11 +52,15 @@ PREDICTED = {
     "baseline eager (older stdit3.py)": "670 ms",  # a colleague's measurement of the pre-change model
     # second session: the short-sequence kernel (pab.kernels.short_attention) replaced the first Triton kernel
     # in "auto"; measured before under its working name: 300.1 ms eager, 0.270 ms (480p) / 1.205 ms (720p).
-    "eager (defaults)": "300 ms",
+    # third session: pab.kernels.norms (one kernel per norm/modulate/residual pass, and the spatial q/k RMSNorm).
+    # Eager had ~106 ms of these passes (addcmul 41.8, rms_norm 37.7, layer_norm 13.4, add 5.8, copies ~7);
+    # the kernels at ~2.9 TB/s over the 110 MB hidden state take ~31 ms: -75 ms. Compiled had 53 ms: -22 ms.
+    "eager (defaults)": "222 ms",  # measured 296.0 ms before the norm kernels
+    "eager norm kernels off": "296 ms",
     "eager temporal=bmm": "300 ms",  # +1.15 ms per temporal block (no fused norm/rope, v/out copies)
     "eager temporal=sdpa": "320 ms",  # +1.8 ms per temporal block (flash: one 128-row CTA per 15 tokens)
     "eager MLP_FUSED_GELU=False": "287 ms",  # +0.3 ms per MLP: the 440 MB hidden written+read once more
-    "compiled forward (apply_compile)": "258 ms",  # measured 298.9 with the old kernel, 28 x 1.5 ms faster
+    "compiled forward (apply_compile)": "228 ms",  # measured 251.9 ms before the norm kernels
     "temporal attn module eager triton": "1.0 ms",  # measured before it was the default
     "temporal kernel 2x4 480p": "0.27 ms",  # measured before it was the default
     "temporal attn module eager triton 720p": "4.5 ms",  # measured before it was the default
@@ -76,19 +80,34 @@ PREDICTED = {
     "spatial sdpa FLASH_ATTENTION": "1.17 ms",
     "spatial sdpa EFFICIENT_ATTENTION": "1.6 ms",
     "spatial sdpa CUDNN_ATTENTION": "0.85 ms",  # cuDNN's Hopper kernels, if torch offers them for hd=72
+    "spatial sdpa strided views": "1.17 ms",  # cuDNN takes strides; no copy expected
+    "spatial sdpa head_dim 64": "0.75 ms",
+    "spatial sdpa head_dim 80": "1.2 ms",
+    "spatial sdpa head_dim 96": "1.2 ms",
+    "spatial sdpa head_dim 128": "1.25 ms",
+    # 110 MB per pass over the hidden state at ~2.9 TB/s
+    "norm kernel ln_modulate": "0.08 ms",
+    "norm kernel ln_modulate frame-major": "0.09 ms",
+    "norm kernel add_ln_modulate": "0.16 ms",
+    "norm kernel gated_residual": "0.12 ms",
+    "norm kernel gated_residual frame-major": "0.13 ms",
+    "norm kernel qk_rmsnorm": "0.16 ms",  # q and k: 2 x (110 MB read + 110 MB written)
+    # measured in the forward's profile (third session, 1 row x 8 warps): gated_residual 111 us, qk_rmsnorm
+    # 147 us (both ~3 TB/s), ln_modulate 180 us average over plain and residual (~2 TB/s): the reductions.
     "cross-attn module, 300 keys masked": "0.9 ms",
     "cross-attn module, 32 keys no mask": "0.5 ms",
     "MLP fused GELU=True": "1.6 ms",
     "MLP fused GELU=False": "1.9 ms",
-    "30 steps eager, PAB off": "8.2 s",
-    "30 steps eager, PAB paper": "6.6 s",  # 3.29 -> 2.62 PFLOP executed (models.md), + cache bookkeeping
-    "30 steps compiled, PAB off": "7.7 s",
-    "30 steps compiled, PAB paper": "6.2 s",
+    "30 steps eager, PAB off": "6.8 s",
+    "30 steps eager, PAB paper": "5.6 s",  # 3.29 -> 2.62 PFLOP executed (models.md), + cache bookkeeping
+    "30 steps compiled, PAB off": "6.9 s",  # measured 7.53 s (bench.run) before the norm kernels
+    "30 steps compiled, PAB paper": "5.5 s",  # measured 6.00 s (bench.run) before the norm kernels
     # Latte-1 measured at 207 ms eager and compiled (GEMMs 88, attention 36, elementwise/norm/GELU/copies ~80).
     # After fused GELU (-9), fused qkv (-2), one-pass modulate/residual (-25), no transposes (-7) and the
     # short-sequence kernel for its temporal attention (28 x ~0.3 ms saved, -8):
-    "latte-1 forward eager (512x512x16, L=16)": "156 ms",
-    "latte-1 forward compiled": "140 ms",  # layer norms fused into the modulate passes
+    # Measured 159.7 / 148.6 ms; with the norm kernels (third session) the eager passes lose ~15 ms.
+    "latte-1 forward eager (512x512x16, L=16)": "145 ms",
+    "latte-1 forward compiled": "142 ms",
 }
 
 
@@ -297,13 +316,16 @@ def run(args) -> Report:
     # 1. eager forwards
     rep.data["forward_ms"] = {}
     with rep.section("eager forward"):
-        configs = [("eager (defaults)", {}), ("eager temporal=bmm", dict(TEMPORAL_ATTENTION="bmm")),
-                   ("eager temporal=sdpa", dict(TEMPORAL_ATTENTION="sdpa")),
-                   ("eager MLP_FUSED_GELU=False", dict(MLP_FUSED_GELU=False))]  # fmt: skip
+        from pab.kernels import norms
+
+        configs = [("eager (defaults)", stdit3, {}), ("eager temporal=bmm", stdit3, dict(TEMPORAL_ATTENTION="bmm")),
+                   ("eager temporal=sdpa", stdit3, dict(TEMPORAL_ATTENTION="sdpa")),
+                   ("eager MLP_FUSED_GELU=False", stdit3, dict(MLP_FUSED_GELU=False)),
+                   ("eager norm kernels off", norms, dict(ENABLED=False))]  # fmt: skip
         with torch.no_grad():
             ref = model(**inputs)
-        for label, values in configs:
-            with setting(stdit3, **values):
+        for label, module, values in configs:
+            with setting(module, **values):
                 ms = median_ms(fwd, device, w, n)
                 with torch.no_grad():
                     err = rel_err(model(**inputs), ref)
@@ -405,6 +427,25 @@ def run(args) -> Report:
             except Exception as e:  # noqa: BLE001
                 comps[f"spatial sdpa {backend}"] = dict(error=str(e)[:200])
                 rep.add(f"spatial sdpa {backend}", "n/a", str(e).splitlines()[0][:60])
+        # The layout the q/k norm kernel leaves: q, k as (N, H, L, D) views of (2, N, L, H, D), v inside qkv.
+        qkv = torch.randn(2 * T, S, 3 * C, device=device, dtype=dtype)
+        qk = torch.randn(2, 2 * T, S, heads, hd, device=device, dtype=dtype)
+        vv = qkv.view(2 * T, S, 3, heads, hd)[:, :, 2].transpose(1, 2)
+        with torch.no_grad():
+            ms = median_ms(lambda: F.scaled_dot_product_attention(qk[0].transpose(1, 2), qk[1].transpose(1, 2), vv),
+                           device, w, n)  # fmt: skip
+        comps["spatial sdpa strided views"] = dict(ms=ms, tflops=flop_s / ms / 1e9)
+        rep.add("spatial sdpa strided views", f"{ms:.3f} ms", f"{flop_s / ms / 1e9:.0f} TFLOP/s")
+        # Would a padded head dim run faster? (zero-padded q/k/v give the same result; FLOPs counted at hd)
+        for pad in (64, 80, 96, 128):
+            qp, kp, vp = (torch.randn(2 * T, heads, S, pad, device=device, dtype=dtype) for _ in range(3))
+            with torch.no_grad():
+                ms = median_ms(lambda: F.scaled_dot_product_attention(qp, kp, vp), device, w, n)
+            comps[f"spatial sdpa head_dim {pad}"] = dict(ms=ms, tflops_at_own_dim=flop_s * pad / hd / ms / 1e9)
+            rep.add(f"spatial sdpa head_dim {pad}", f"{ms:.3f} ms", f"{flop_s * pad / hd / ms / 1e9:.0f} TFLOP/s at {pad}")
+
+    with rep.section("norm kernels (pab.kernels.norms)"):
+        norm_kernels(rep, model, device, dtype, T, S, C, heads, w, n)
 
     with rep.section("cross attention and MLP"):
         block = model.spatial_blocks[0]
@@ -587,6 +628,101 @@ def temporal_kernels(rep, stdit3, model, args, device, dtype, S, T, w, n) -> Non
             except Exception as e:  # noqa: BLE001 - e.g. no Triton on this machine
                 comps[key] = dict(error=str(e)[:300])
                 rep.add(key, "n/a", f"{type(e).__name__}: {str(e)[:60]}")
+
+
+def graph_ms(fn: Callable[[], Any], reps: int = 10, iters: int = 5) -> float:
+    """GPU time of one `fn()` call: `reps` calls captured in a CUDA graph and replayed (no CPU launch cost)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g), torch.no_grad():
+        for _ in range(reps):
+            fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
+def cpu_us(fn: Callable[[], Any], calls: int = 300) -> float:
+    """CPU cost of one call: wall time of many back-to-back calls on tensors too small to keep the GPU busy."""
+    with torch.no_grad():
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+def norm_kernels(rep, model, device, dtype, T, S, C, heads, w, n) -> None:
+    """Each pass alone at the real shapes: GPU time (CUDA graph) and GB/s against the bytes it must move, the
+    PyTorch eager equivalent, the layer-norm kernel's launch shapes, and the CPU cost of a call."""
+    from pab.kernels import norms
+
+    if not norms.available(torch.empty(1, 1, 1, C, device=device, dtype=dtype)):
+        rep.add("norm kernels", "n/a", "not available here (CUDA half precision only)")
+        return
+    comps = rep.data.setdefault("components", {})
+
+    def cases(x, res, mod, qkv, w_):
+        return {
+            "ln_modulate": (lambda: norms.ln_modulate(x, mod[:, 0], mod[:, 1], 1e-6), 2),
+            "ln_modulate frame-major": (lambda: norms.ln_modulate(x, mod[:, 0], mod[:, 1], 1e-6, frame_major=True), 2),
+            "add_ln_modulate": (lambda: norms.add_ln_modulate(x, res, mod[:, 3], mod[:, 4], 1e-6), 4),
+            "gated_residual": (lambda: norms.gated_residual(x, mod[:, 2], res), 3),
+            "gated_residual frame-major": (lambda: norms.gated_residual(x, mod[:, 2], res, frame_major=True), 3),
+            "qk_rmsnorm": (lambda: norms.qk_rmsnorm(qkv, heads, w_, w_, 1e-6), 4),
+        }
+
+    def tensors(T_, S_):
+        x = torch.randn(2, T_, S_, C, device=device, dtype=dtype)
+        return (x, torch.randn_like(x), torch.randn(2, 6, 1, 1, C, device=device, dtype=dtype),
+                torch.randn(2 * T_, S_, 3 * C, device=device, dtype=dtype),
+                torch.ones(C // heads, device=device, dtype=dtype))  # fmt: skip
+
+    x, res, mod, qkv, w_ = tensors(T, S)
+    nbytes = x.numel() * x.element_size()
+    block = model.spatial_blocks[0]
+    plain = {  # the same passes in PyTorch, for comparison
+        "ln_modulate": lambda: torch.addcmul(mod[:, 0], block.norm1(x), 1 + mod[:, 1]),
+        "add_ln_modulate": lambda: torch.addcmul(mod[:, 3], block.norm2(x + res), 1 + mod[:, 4]),
+        "gated_residual": lambda: torch.addcmul(x, mod[:, 2], res),
+        "qk_rmsnorm": lambda: [block.attn.q_norm(t) for t in qkv.view(2 * T, S, 3, heads, -1).permute(2, 0, 3, 1, 4)[:2]],
+    }
+    small = cases(*tensors(1, 16))
+    for name, (fn, passes) in cases(x, res, mod, qkv, w_).items():
+        ms = graph_ms(fn)
+        ms_plain = graph_ms(plain[name]) if name in plain else None
+        us = cpu_us(small[name][0])
+        gbps = passes * nbytes / ms / 1e6
+        comps[f"norms {name}"] = dict(ms=ms, gbps=gbps, pytorch_ms=ms_plain, cpu_us=us)
+        note = f"{gbps:.0f} GB/s, CPU {us:.0f} us/call" + (f", PyTorch {ms_plain:.3f} ms" if ms_plain else "")
+        rep.add(f"norm kernel {name}", f"{ms:.3f} ms", note)
+    # the custom op's dispatch (what torch.compile calls) against the direct launch (eager)
+    xs, _, ms_, _, _ = tensors(1, 16)
+    us = cpu_us(lambda: torch.ops.pab.ln_modulate(xs, ms_[:, 0], ms_[:, 1], 1e-6, None, False))
+    comps["norms ln_modulate via torch.ops"] = dict(cpu_us=us)
+    rep.add("norm kernel ln_modulate via torch.ops", f"{us:.0f} us", "CPU per call")
+    # layer-norm launch shapes: (rows per program, warps)
+    for cfg in [(1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8), (1, 2)]:
+        ms1 = graph_ms(lambda: norms._ln_modulate(x, mod[:, 0], mod[:, 1], 1e-6, None, False, config=cfg))
+        ms2 = graph_ms(lambda: norms._ln_modulate(x, mod[:, 0], mod[:, 1], 1e-6, res, False, config=cfg))
+        comps[f"norms ln config {cfg[0]}x{cfg[1]}"] = dict(ms=ms1, ms_residual=ms2)
+        rep.add(f"norm kernel ln config {cfg[0]}x{cfg[1]}", f"{ms1:.3f} ms",
+                f"{2 * nbytes / ms1 / 1e6:.0f} GB/s; with residual {ms2:.3f} ms {4 * nbytes / ms2 / 1e6:.0f} GB/s")
 
 
 def ref_forward(model, inputs, remove_compile, apply_compile, handle):

@@ -16,8 +16,9 @@ modulation stay in the blocks. `broadcast_targets()` lists them. The temporal po
 Performance (as in pab.models.stdit3; the float32 CPU path is the fixture path):
 * the hidden state stays one contiguous (B, F, S, C) tensor; the temporal block writes its (B*S, F, C) attention
   and MLP inputs and reads their outputs back in its elementwise passes, so there are no transpose copies;
-* norm + modulate and gate + residual are one elementwise pass each (`torch.addcmul`); the blocks'
-  `compile_regions` name these passes for `pab.compile.apply_compile`;
+* norm + modulate, residual + norm + modulate and gate + residual are one pass each (`pab.kernels.norms` in
+  half precision on CUDA, `torch.addcmul` elsewhere); the blocks' `compile_regions` name these passes for
+  `pab.compile.apply_compile`;
 * self-attention computes q, k, v in one GEMM (cross-attention: k, v in one), from the concatenated weights of
   the diffusers-named to_q/to_k/to_v, so checkpoints load unchanged and the modules keep no derived state;
 * the MLP's bias + tanh-GELU run in the fc1 GEMM epilogue on CUDA (`MLP_FUSED_GELU`);
@@ -41,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pab.kernels import short_attention as short_attn
+from pab.kernels import norms
 
 #################################################################################
 #                                    Config                                     #
@@ -463,9 +465,12 @@ def _modulation(table: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
     return (table[None] + temb.reshape(temb.shape[0], 6, -1))[:, :, None, None]
 
 
-def _modulate_frame_major(x_n: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """shift + x_n * (1 + scale) for (B, F, S, C) x_n, returned in temporal attention's (B*S, F, C) layout."""
-    B, F_, S, C = x_n.shape
+def _norm_modulate_frame_major(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
+    """shift + norm(x) * (1 + scale) for (B, F, S, C) x, returned in temporal attention's (B*S, F, C) layout."""
+    B, F_, S, C = x.shape
+    if norms.available(x):  # one kernel: norm, modulate and the frame-major write
+        return norms.ln_modulate(x, shift, scale, norm.eps, frame_major=True).view(B * S, F_, C)
+    x_n = norm(x)
     if torch.compiler.is_compiling():  # the compiler fuses the transpose into the same kernel itself
         return torch.addcmul(shift, x_n, 1 + scale).transpose(1, 2).reshape(B * S, F_, C)
     # Write straight into the (B, S, F, C) layout: one pass instead of modulate + transpose copy.
@@ -523,19 +528,28 @@ class SpatialBlock(nn.Module):
     def attn_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """norm1 + modulate -> (B*F, S, C) self-attention input."""
         B, F_, S, C = x.shape
+        if norms.available(x):
+            return norms.ln_modulate(x, mod[:, 0], mod[:, 1], self.norm1.eps).view(B * F_, S, C)
         return torch.addcmul(mod[:, 0], self.norm1(x), 1 + mod[:, 1]).view(B * F_, S, C)
 
     def attn_out(self, x: torch.Tensor, a: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """x + gate * self-attention output."""
+        if norms.available(x):
+            return norms.gated_residual(x, mod[:, 2], a)
         return torch.addcmul(x, mod[:, 2], a.view(x.shape))
 
     def mlp_in(self, x: torch.Tensor, c: torch.Tensor, mod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention residual (no gate), then norm2 + modulate: (x, MLP input (B*F, S, C))."""
         B, F_, S, C = x.shape
+        if norms.available(x):
+            x, out = norms.add_ln_modulate(x, c.view(x.shape), mod[:, 3], mod[:, 4], self.norm2.eps)
+            return x, out.view(B * F_, S, C)
         x = x + c.view(x.shape)
         return x, torch.addcmul(mod[:, 3], self.norm2(x), 1 + mod[:, 4]).view(B * F_, S, C)
 
     def mlp_out(self, x: torch.Tensor, m: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        if norms.available(x):
+            return norms.gated_residual(x, mod[:, 5], m)
         return torch.addcmul(x, mod[:, 5], m.view(x.shape))
 
 
@@ -569,19 +583,23 @@ class TemporalBlock(nn.Module):
 
     def attn_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """norm1 + modulate, written as the (B*S, F, C) attention input."""
-        return _modulate_frame_major(self.norm1(x), mod[:, 0], mod[:, 1])
+        return _norm_modulate_frame_major(self.norm1, x, mod[:, 0], mod[:, 1])
 
     def attn_out(self, x: torch.Tensor, a: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """x + gate * attention output, read back from its (B*S, F, C) layout in the same pass."""
         B, F_, S, C = x.shape
+        if norms.available(x):
+            return norms.gated_residual(x, mod[:, 2], a, frame_major=True)
         return torch.addcmul(x, mod[:, 2], a.view(B, S, F_, C).transpose(1, 2))
 
     def mlp_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """norm2 + modulate, written as the (B*S, F, C) MLP input."""
-        return _modulate_frame_major(self.norm2(x), mod[:, 3], mod[:, 4])
+        return _norm_modulate_frame_major(self.norm2, x, mod[:, 3], mod[:, 4])
 
     def mlp_out(self, x: torch.Tensor, m: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         B, F_, S, C = x.shape
+        if norms.available(x):
+            return norms.gated_residual(x, mod[:, 5], m, frame_major=True)
         return torch.addcmul(x, mod[:, 5], m.view(B, S, F_, C).transpose(1, 2))
 
 

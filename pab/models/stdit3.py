@@ -10,9 +10,11 @@ Seams for PAB and DSP (docs/design.md): spatial attention sees (B·T, S, C), tem
 (B·S, T, C) and computes its RoPE from that T; see `STDiT3.broadcast_targets`.
 
 Performance (bf16 on CUDA; the float32 CPU path is the fixture path and keeps its exact op order):
-* the hidden state is kept contiguous (B, T, S, C); norm + modulate and gate + residual are one
-  elementwise pass each (`torch.addcmul`), and the temporal block writes its (B·S, T, C) input in that pass;
-* RoPE tables are cached per (T, device, dtype); q/k RMSNorm is `F.rms_norm` (one fused kernel on CUDA);
+* the hidden state is kept contiguous (B, T, S, C); norm + modulate, residual + norm + modulate and
+  gate + residual are one pass each (`pab.kernels.norms` in half precision on CUDA, `torch.addcmul`
+  elsewhere), and the temporal block writes its (B·S, T, C) input in that pass;
+* RoPE tables are cached per (T, device, dtype); the spatial q/k RMSNorm is one kernel over qkv on CUDA
+  (`norms.qk_rmsnorm`, `F.rms_norm` elsewhere);
 * the text is cut to its last kept token and an all-kept mask becomes None, so cross-attention runs
   flash attention on ~tens of keys instead of a masked kernel on 300;
 * the MLP's bias + tanh-GELU run in the fc1 GEMM epilogue on CUDA (`MLP_FUSED_GELU`);
@@ -37,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pab.kernels import short_attention as short_attn
+from pab.kernels import norms
 
 
 # How the temporal attention core is computed (the module is still called once per block, on (B·S, T, C)):
@@ -332,6 +335,13 @@ class SelfAttention(nn.Module):
             if out is not None:
                 return self.proj(out)
             impl = "bmm"  # the kernel could not be built here (warned once)
+        if impl == "sdpa" and self.rope is None and isinstance(self.q_norm, RMSNorm) and norms.available(qkv):
+            # One pass normalises q and k into (2, N, L, heads, hd); attention reads them, and v inside qkv,
+            # as (N, heads, L, hd) views: no permute copies.
+            qk = norms.qk_rmsnorm(qkv, self.num_heads, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+            v = qkv.view(N, L, 3, self.num_heads, self.head_dim)[:, :, 2].transpose(1, 2)
+            x = F.scaled_dot_product_attention(qk[0].transpose(1, 2), qk[1].transpose(1, 2), v)
+            return self.proj(x.transpose(1, 2).reshape(N, L, C))
         q, k, v = qkv.view(N, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)  # each (N, heads, L, head_dim)
         if self.rope is not None:  # after the norm, as the released model was trained
@@ -454,9 +464,14 @@ class STDiT3Block(nn.Module):
         x, x_m = self.mlp_in(x, self.cross_attn(x.view(B, T * S, C), y, mask), mod)
         return self.mlp_out(x, self.mlp(x_m), mod)
 
+    # Each region has a one-kernel path (pab.kernels.norms: CUDA, half precision) and a PyTorch path.
+
     def attn_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """norm1 + modulate -> (B·T, S, C) spatial or (B·S, T, C) temporal attention input."""
         B, T, S, C = x.shape
+        if norms.available(x):  # written frame-major for temporal attention in the same pass
+            out = norms.ln_modulate(x, mod[:, 0], mod[:, 1], self.norm1.eps, frame_major=self.temporal)
+            return out.view(B * S, T, C) if self.temporal else out.view(B * T, S, C)
         x_n = self.norm1(x)
         if not self.temporal:
             return torch.addcmul(mod[:, 0], x_n, 1 + mod[:, 1]).view(B * T, S, C)
@@ -470,16 +485,23 @@ class STDiT3Block(nn.Module):
     def attn_out(self, x: torch.Tensor, a: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """x + gate * attention output, read back from its sequence-major layout in the same pass."""
         B, T, S, C = x.shape
+        if norms.available(x):
+            return norms.gated_residual(x, mod[:, 2], a, frame_major=self.temporal)
         a = a.view(B, S, T, C).transpose(1, 2) if self.temporal else a.view(B, T, S, C)
         return torch.addcmul(x, mod[:, 2], a)
 
     def mlp_in(self, x: torch.Tensor, c: torch.Tensor, mod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention residual, then norm2 + modulate: (x, MLP input (B, T·S, C))."""
         B, T, S, C = x.shape
+        if norms.available(x):
+            x, out = norms.add_ln_modulate(x, c.view(B, T, S, C), mod[:, 3], mod[:, 4], self.norm2.eps)
+            return x, out.view(B, T * S, C)
         x = x + c.view(B, T, S, C)
         return x, torch.addcmul(mod[:, 3], self.norm2(x), 1 + mod[:, 4]).view(B, T * S, C)
 
     def mlp_out(self, x: torch.Tensor, m: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        if norms.available(x):
+            return norms.gated_residual(x, mod[:, 5], m)
         return torch.addcmul(x, mod[:, 5], m.view(x.shape))
 
 

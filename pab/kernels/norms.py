@@ -1,0 +1,300 @@
+"""The memory-bound passes around a DiT block's GEMMs and attentions, one Triton kernel each.
+
+A block of Open-Sora 1.2 or Latte-1 reads and writes its whole hidden state (B, T, S, C) several times
+between the GEMMs: layer norm + adaLN modulate before the attention and the MLP, the gated residual after
+them, and (Open-Sora) the per-head RMSNorm of q and k. At 480p that state is 110 MB in bf16, so each pass
+should take ~70-150 us at the H100's ~3 TB/s. Measured on an H100 (bench/profile.py, session 2), they did
+not: torch.compile's fused layer-norm kernels took ~230 us for 220 MB (a looped two-pass reduction over
+C = 1,152), its q/k RMSNorm ~230 us (a 72-wide reduction written through a permute), and eager PyTorch
+spent 110 ms of a 296 ms forward on these passes (broadcast addcmul at ~1.2 TB/s, F.rms_norm on permuted
+views with a copy). Here each pass is one kernel that holds a row of C channels in registers; at 480p they
+run at 2.3-3.0 TB/s (0.09-0.15 ms), and the eager forward went from 306 to 245 ms (bench/profile.py):
+
+* `ln_modulate(x, shift, scale)`: LayerNorm(x) * (1 + scale) + shift, optionally written frame-major
+  (B, S, T, C) for temporal attention; `add_ln_modulate` adds a residual first and writes the sum too;
+* `gated_residual(x, gate, a)`: x + gate * a, where `a` may come frame-major;
+* `qk_rmsnorm(qkv, q_w, k_w)`: per-head RMSNorm of the q and k thirds of a fused (N, L, 3C) projection,
+  written (2, N, L, H, D) so attention reads them as (N, H, L, D) views without a copy.
+
+shift / scale / gate are the adaLN parameters (B, T', 1, C) with T' = 1 (one per sample) or T (per frame).
+Everything is computed in float32 and rounded once to the input dtype. Each kernel is a torch custom op,
+opaque to torch.compile. Half precision on CUDA only (`supported`): float32 and CPU keep the PyTorch path,
+which is what the float32 fidelity tests check.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = tl = None
+
+_BUILD_ERROR: Exception | None = None  # set once when a kernel cannot be built on this machine
+
+
+def supported(x: torch.Tensor) -> bool:
+    """Whether the kernels should take `x` by default: CUDA, half precision, contiguous, < 2^31 elements, and
+    no failed build in this process."""
+    return (
+        triton is not None and _BUILD_ERROR is None and x.is_cuda
+        and x.dtype in (torch.bfloat16, torch.float16) and x.numel() < 2**31 and x.is_contiguous()
+    )  # fmt: skip
+
+
+ENABLED = True  # False: the models take their PyTorch path (for A/B measurements, bench/profile.py)
+_CHECKED = False  # the kernels were built and launched once in this process
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether a model should use the kernels for `x`: `ENABLED`, `supported`, and (outside torch.compile,
+    once per process) a tiny launch of each kernel worked. A failed build (e.g. no C compiler for Triton's
+    launcher) warns once and leaves the models on their PyTorch path; inside torch.compile it raises."""
+    global _CHECKED
+    if not (ENABLED and supported(x)):
+        return False
+    if _CHECKED or torch.compiler.is_compiling():
+        return True
+    try:
+        t = torch.zeros(1, 1, 1, 16, device=x.device, dtype=x.dtype)
+        p = torch.zeros(1, 1, 16, device=x.device, dtype=x.dtype)
+        add_ln_modulate(t, t, p, p, 1e-6)
+        ln_modulate(t, p, p, 1e-6, frame_major=True)
+        gated_residual(t, p, t)
+        qk_rmsnorm(torch.zeros(1, 1, 48, device=x.device, dtype=x.dtype), 1, p[0, 0], p[0, 0], 1e-6)
+        _CHECKED = True
+    except (RuntimeError, ImportError, OSError) as e:
+        disable(e)
+    return _BUILD_ERROR is None
+
+
+def disable(e: Exception) -> None:
+    """Stop using the kernels in this process (warned once): a model's PyTorch path takes over."""
+    global _BUILD_ERROR
+    if _BUILD_ERROR is None:
+        warnings.warn(f"Triton norm kernels unavailable ({type(e).__name__}: {e}); using PyTorch", stacklevel=3)
+    _BUILD_ERROR = e
+
+
+def _mod_strides(p: torch.Tensor, B: int, T: int, C: int, name: str) -> tuple[int, int]:
+    """(batch, frame) element strides of an adaLN parameter (B, T' , 1, C) or (B, T', C), T' in {1, T}."""
+    if p.shape[0] != B or p.shape[-1] != C or p.stride(-1) != 1 or p.shape[1] not in (1, T):
+        raise ValueError(f"{name} must be (B={B}, 1 or T={T}, [1,] C={C}) with unit channel stride; "
+                         f"got {tuple(p.shape)} with strides {p.stride()}")
+    return p.stride(0), (p.stride(1) if p.shape[1] == T and T > 1 else 0)
+
+
+def _check_hidden(x: torch.Tensor, name: str = "x") -> None:
+    if x.ndim != 4 or not x.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous (B, T, S, C) tensor; got {tuple(x.shape)}, "
+                         f"strides {x.stride()}")
+
+
+def ln_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, frame_major: bool = False
+) -> torch.Tensor:
+    """LayerNorm(x) * (1 + scale) + shift for x (B, T, S, C) -> (B, T, S, C), or (B, S, T, C) with `frame_major`.
+
+    The LayerNorm has no affine parameters (the adaLN blocks' norm1 / norm2).
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.pab.ln_modulate(x, shift, scale, eps, None, frame_major)[1]
+    return _ln_modulate(x, shift, scale, eps, None, frame_major)[1]
+
+
+def add_ln_modulate(
+    x: torch.Tensor, residual: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, `ln_modulate` of it): a residual add and the next norm in one pass."""
+    if torch.compiler.is_compiling():
+        return torch.ops.pab.ln_modulate(x, shift, scale, eps, residual, False)
+    return _ln_modulate(x, shift, scale, eps, residual, False)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, a: torch.Tensor, frame_major: bool = False) -> torch.Tensor:
+    """x + gate * a for x (B, T, S, C); `a` holds the same values as (B, S, T, C) when `frame_major`."""
+    if torch.compiler.is_compiling():
+        return torch.ops.pab.gated_residual(x, gate, a, frame_major)
+    return _gated_residual(x, gate, a, frame_major)
+
+
+def qk_rmsnorm(qkv: torch.Tensor, num_heads: int, q_weight: torch.Tensor, k_weight: torch.Tensor,
+               eps: float) -> torch.Tensor:  # fmt: skip
+    """Per-head RMSNorm of q and k in a fused (N, L, 3C) projection -> (2, N, L, H, D) (q, then k)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.pab.qk_rmsnorm(qkv, q_weight, k_weight, num_heads, eps)
+    return _qk_rmsnorm(qkv, q_weight, k_weight, num_heads, eps)
+
+
+# Eager calls go straight to the launchers below: the custom-op dispatch (used under torch.compile, where
+# the ops must be opaque) costs tens of microseconds a call on the CPU, and an eager DiT step is close to
+# being bound by the CPU's launch rate.
+
+# BLOCK_C -> (rows per program, num_warps) of the layer-norm kernel, overriding the default below. Measured on
+# an H100 at C = 1152 (bench/profile.py, 480p hidden state, GPU time in a CUDA graph), plain / with residual:
+# 1x2 0.086 / 0.150 ms, 1x4 0.099 / 0.150, 2x4 0.109 / 0.152, 1x8 0.140 / 0.164, 4x8 0.193 / 0.210 ms. Fewer
+# warps per row means fewer block-wide reductions to wait on and more rows in flight per SM.
+LN_CONFIG: dict[int, tuple[int, int]] = {}
+
+
+def _ln_config(block_c: int) -> tuple[int, int]:
+    return LN_CONFIG.get(block_c, (1, 2 if block_c <= 2048 else 4))
+
+
+def _ln_modulate(x, shift, scale, eps, residual, frame_major, config=None):
+    _check_hidden(x)
+    B, T, S, C = x.shape
+    if residual is not None:
+        _check_hidden(residual, "residual")
+        if residual.shape != x.shape:
+            raise ValueError(f"residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
+    sh_b, sh_t = _mod_strides(shift, B, T, C, "shift")
+    sc_b, sc_t = _mod_strides(scale, B, T, C, "scale")
+    out = x.new_empty(B, S, T, C) if frame_major else torch.empty_like(x)
+    o_b, o_t, o_s = (S * T * C, C, T * C) if frame_major else (T * S * C, S * C, C)
+    xo = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    block_c = triton.next_power_of_2(C)
+    rows, warps = config or _ln_config(block_c)
+    n = B * T * S
+    _ln_modulate_kernel[(triton.cdiv(n, rows),)](
+        x, residual if residual is not None else x, xo, out, shift, scale,
+        n, T, S, C, sh_b, sh_t, sc_b, sc_t, o_b, o_t, o_s, eps,
+        HAS_RES=residual is not None, ROWS=rows, BLOCK_C=block_c, num_warps=warps,
+    )  # fmt: skip
+    # A custom op may not return an input: without a residual the first output is an empty placeholder.
+    return xo, out
+
+
+def _gated_residual(x, gate, a, frame_major):
+    _check_hidden(x)
+    B, T, S, C = x.shape
+    g_b, g_t = _mod_strides(gate, B, T, C, "gate")
+    a = a.reshape(B, S, T, C) if frame_major else a.reshape(B, T, S, C)
+    if not a.is_contiguous():
+        a = a.contiguous()
+    a_b, a_t, a_s = (S * T * C, C, T * C) if frame_major else (T * S * C, S * C, C)
+    out = torch.empty_like(x)
+    block_c = triton.next_power_of_2(C)
+    _gated_residual_kernel[(B * T * S,)](
+        x, a, out, gate, T, S, C, g_b, g_t, a_b, a_t, a_s, BLOCK_C=block_c, num_warps=4 if block_c <= 1024 else 8
+    )
+    return out
+
+
+def _qk_rmsnorm(qkv, q_weight, k_weight, num_heads, eps):
+    if qkv.ndim != 3 or qkv.stride(-1) != 1 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"qkv must be (N, L, 3 * heads * head_dim) with unit last stride; got "
+                         f"{tuple(qkv.shape)}, strides {qkv.stride()}, heads {num_heads}")
+    N, L, C3 = qkv.shape
+    C = C3 // 3
+    D = C // num_heads
+    if q_weight.shape != (D,) or k_weight.shape != (D,):
+        raise ValueError(f"q/k norm weights must be ({D},); got {tuple(q_weight.shape)}, {tuple(k_weight.shape)}")
+    if qkv.stride(0) != L * qkv.stride(1):
+        qkv = qkv.contiguous()
+    out = qkv.new_empty(2, N, L, num_heads, D)
+    _qk_rmsnorm_kernel[(N * L, 2)](
+        qkv, out, q_weight, k_weight, qkv.stride(1), N * L * C, C, eps,
+        H=num_heads, D=D, BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_D=triton.next_power_of_2(D),
+        num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _ln_modulate_kernel(
+        x_ptr, res_ptr, xo_ptr, out_ptr, shift_ptr, scale_ptr,
+        n_rows, T, S, C, sh_b, sh_t, sc_b, sc_t, o_b, o_t, o_s, eps,
+        HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        # ROWS rows of the contiguous (B, T, S, C) input; row = (b * T + t) * S + s
+        row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]  # (ROWS, 1)
+        s = row % S
+        t = (row // S) % T
+        b = row // (S * T)
+        cols = tl.arange(0, BLOCK_C)[None, :]
+        m = (cols < C) & (row < n_rows)
+        # the adaLN parameters first: their loads overlap the row's instead of waiting for the reductions
+        shift = tl.load(shift_ptr + b * sh_b + t * sh_t + cols, mask=m, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + b * sc_b + t * sc_t + cols, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * C + cols, mask=m, other=0.0).to(tl.float32)
+        if HAS_RES:
+            x = x + tl.load(res_ptr + row * C + cols, mask=m, other=0.0).to(tl.float32)
+            xr = x.to(xo_ptr.dtype.element_ty)
+            tl.store(xo_ptr + row * C + cols, xr, mask=m)
+            x = xr.to(tl.float32)  # normalise the residual stream as stored, as the unfused code does
+        mean = tl.sum(x, axis=1) / C
+        d = tl.where(m, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
+        y = d * rstd[:, None] * (1.0 + scale) + shift
+        tl.store(out_ptr + b * o_b + t * o_t + s * o_s + cols, y.to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _gated_residual_kernel(
+        x_ptr, a_ptr, out_ptr, gate_ptr, T, S, C, g_b, g_t, a_b, a_t, a_s, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        s = row % S
+        t = (row // S) % T
+        b = row // (S * T)
+        cols = tl.arange(0, BLOCK_C)
+        m = cols < C
+        g = tl.load(gate_ptr + b * g_b + t * g_t + cols, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * C + cols, mask=m, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + b * a_b + t * a_t + s * a_s + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * C + cols, (x + g * a).to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _qk_rmsnorm_kernel(
+        qkv_ptr, out_ptr, qw_ptr, kw_ptr, row_stride, part_stride, C, eps,
+        H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)  # one token
+        part = tl.program_id(1)  # 0: q, 1: k
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
+        m = (h < H) & (d < D)
+        w_ptr = qw_ptr if part == 0 else kw_ptr
+        w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+        x = tl.load(qkv_ptr + row * row_stride + part * C + h * D + d, mask=m, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # (BLOCK_H,)
+        y = x * rstd[:, None] * w
+        tl.store(out_ptr + part * part_stride + row * C + h * D + d, y.to(out_ptr.dtype.element_ty), mask=m)
+
+    @torch.library.custom_op("pab::ln_modulate", mutates_args=())
+    def _ln_modulate_op(
+        x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, residual: torch.Tensor | None,
+        frame_major: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        return _ln_modulate(x, shift, scale, eps, residual, frame_major)
+
+    @_ln_modulate_op.register_fake
+    def _(x, shift, scale, eps, residual, frame_major):
+        B, T, S, C = x.shape
+        out = x.new_empty(B, S, T, C) if frame_major else torch.empty_like(x)
+        return (torch.empty_like(x) if residual is not None else x.new_empty(0)), out
+
+    @torch.library.custom_op("pab::gated_residual", mutates_args=())
+    def _gated_residual_op(x: torch.Tensor, gate: torch.Tensor, a: torch.Tensor, frame_major: bool) -> torch.Tensor:
+        return _gated_residual(x, gate, a, frame_major)
+
+    @_gated_residual_op.register_fake
+    def _(x, gate, a, frame_major):
+        return torch.empty_like(x)
+
+    @torch.library.custom_op("pab::qk_rmsnorm", mutates_args=())
+    def _qk_rmsnorm_op(
+        qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, num_heads: int, eps: float
+    ) -> torch.Tensor:
+        return _qk_rmsnorm(qkv, q_weight, k_weight, num_heads, eps)
+
+    @_qk_rmsnorm_op.register_fake
+    def _(qkv, q_weight, k_weight, num_heads, eps):
+        N, L, C3 = qkv.shape
+        return qkv.new_empty(2, N, L, num_heads, C3 // 3 // num_heads)

@@ -1,0 +1,258 @@
+"""The norm / modulate / gated-residual kernels (pab/kernels/norms.py) against plain PyTorch.
+
+Runs where Triton can: on CUDA, or on the CPU through Triton's interpreter, e.g.
+
+    PYTHONPATH=/path/to/triton TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/kernels
+
+Without Triton, or without CUDA and TRITON_INTERPRET, the kernel tests skip; `supported` is tested everywhere.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pab.kernels import norms
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+CUDA = torch.cuda.is_available() and not INTERPRET
+needs_triton = pytest.mark.skipif(
+    norms.triton is None or not (INTERPRET or CUDA),
+    reason="needs triton and CUDA, or triton with TRITON_INTERPRET=1 (CPU interpreter)",
+)
+DEVICE = "cuda" if CUDA else "cpu"
+# (B, T, S, C): a C that is not a power of two (masked tail), T = 1, per-frame parameters
+SHAPES = [(2, 3, 5, 96), (1, 1, 7, 64), (2, 4, 3, 40)]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CPU is shared
+    yield
+    torch.set_num_threads(n)
+
+
+def params(B, T, C, per_frame, k=3, dtype=torch.float32):
+    """k adaLN parameters as views of one (B, 6, T', 1, C) table, the layout the blocks pass."""
+    table = torch.randn(B, 6, T if per_frame else 1, 1, C, device=DEVICE, dtype=dtype)
+    return [table[:, i] for i in range(k)]
+
+
+def ref_ln_modulate(x, shift, scale, eps):
+    x64 = x.double()
+    y = F.layer_norm(x64, (x.shape[-1],), eps=eps) * (1 + scale.double()) + shift.double()
+    return y
+
+
+def test_supported_only_on_cuda_half():
+    assert not norms.supported(torch.empty(2, 3, 4, 8))
+    assert not norms.supported(torch.empty(2, 3, 4, 8, dtype=torch.bfloat16))  # CPU
+    if CUDA:
+        assert norms.supported(torch.empty(2, 3, 4, 8, device="cuda", dtype=torch.bfloat16))
+        assert not norms.supported(torch.empty(2, 3, 4, 8, device="cuda"))  # float32: the PyTorch path
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("per_frame", [False, True])
+@pytest.mark.parametrize("frame_major", [False, True])
+def test_ln_modulate(shape, per_frame, frame_major):
+    B, T, S, C = shape
+    torch.manual_seed(0)
+    x = 3 * torch.randn(shape, device=DEVICE) + 1
+    shift, scale = params(B, T, C, per_frame, 2)
+    out = norms.ln_modulate(x, shift, scale, 1e-6, frame_major=frame_major)
+    ref = ref_ln_modulate(x, shift, scale, 1e-6)
+    if frame_major:
+        assert out.shape == (B, S, T, C)
+        ref = ref.transpose(1, 2)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_add_ln_modulate(shape, per_frame):
+    B, T, S, C = shape
+    torch.manual_seed(1)
+    x, res = torch.randn(shape, device=DEVICE), torch.randn(shape, device=DEVICE)
+    shift, scale = params(B, T, C, per_frame, 2)
+    x_new, out = norms.add_ln_modulate(x, res, shift, scale, 1e-6)
+    torch.testing.assert_close(x_new, x + res, atol=0, rtol=0)
+    torch.testing.assert_close(out.double(), ref_ln_modulate(x + res, shift, scale, 1e-6), atol=1e-5, rtol=1e-5)
+    assert x_new.data_ptr() not in (x.data_ptr(), res.data_ptr())  # inputs untouched
+
+
+@needs_triton
+@pytest.mark.parametrize("config", [(2, 4), (4, 2), (1, 1)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_ln_launch_shapes(config, residual):
+    """Several rows per program, including a last program that runs past the final row (3*5*7 = 105 rows)."""
+    B, T, S, C = 3, 5, 7, 96
+    torch.manual_seed(6)
+    x, res = torch.randn(B, T, S, C, device=DEVICE), torch.randn(B, T, S, C, device=DEVICE)
+    shift, scale = params(B, T, C, True, 2)
+    xo, out = norms._ln_modulate(x, shift, scale, 1e-6, res if residual else None, True, config=config)
+    x_in = x + res if residual else x
+    ref = ref_ln_modulate(x_in, shift, scale, 1e-6).transpose(1, 2)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    if residual:
+        torch.testing.assert_close(xo, x_in, atol=0, rtol=0)
+
+
+@needs_triton
+def test_add_ln_modulate_normalises_the_rounded_sum():
+    """In half precision the norm sees x + res as stored (rounded), like the unfused x = x + c; norm(x)."""
+    torch.manual_seed(2)
+    shape = (1, 2, 3, 64)
+    x, res = torch.randn(shape, device=DEVICE).half(), torch.randn(shape, device=DEVICE).half()
+    shift, scale = params(1, 2, 64, True, 2, dtype=torch.float16)
+    x_new, out = norms.add_ln_modulate(x, res, shift, scale, 1e-6)
+    assert torch.equal(x_new, x + res)
+    ref = ref_ln_modulate(x + res, shift, scale, 1e-6)
+    torch.testing.assert_close(out.double(), ref, atol=4e-3, rtol=2e-3)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("per_frame", [False, True])
+@pytest.mark.parametrize("frame_major", [False, True])
+def test_gated_residual(shape, per_frame, frame_major):
+    B, T, S, C = shape
+    torch.manual_seed(3)
+    x = torch.randn(shape, device=DEVICE)
+    (gate,) = params(B, T, C, per_frame, 1)
+    a = torch.randn(shape, device=DEVICE)
+    a_in = a.transpose(1, 2).contiguous().view(B * S, T, C) if frame_major else a.view(B, T * S, C)
+    out = norms.gated_residual(x, gate, a_in, frame_major=frame_major)
+    torch.testing.assert_close(out, torch.addcmul(x, gate, a), atol=1e-6, rtol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("heads,head_dim", [(4, 16), (3, 24), (2, 72)])
+@pytest.mark.parametrize("N,L", [(2, 5), (1, 9)])
+def test_qk_rmsnorm(N, L, heads, head_dim):
+    torch.manual_seed(4)
+    C = heads * head_dim
+    qkv = torch.randn(N, L, 3 * C, device=DEVICE)
+    qw, kw = 1 + 0.3 * torch.randn(head_dim, device=DEVICE), 1 + 0.3 * torch.randn(head_dim, device=DEVICE)
+    out = norms.qk_rmsnorm(qkv, heads, qw, kw, 1e-6)
+    assert out.shape == (2, N, L, heads, head_dim)
+    q, k, _ = qkv.view(N, L, 3, heads, head_dim).unbind(2)
+    torch.testing.assert_close(out[0], F.rms_norm(q, (head_dim,), qw, 1e-6), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1], F.rms_norm(k, (head_dim,), kw, 1e-6), atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+def test_qk_rmsnorm_strided_rows():
+    """qkv as a row slice of a larger buffer (rows not packed by sequence) is made contiguous first."""
+    torch.manual_seed(5)
+    big = torch.randn(4, 6, 3 * 32, device=DEVICE)
+    qkv = big[:, 1:5]  # (4, 4, 96), stride(0) != L * stride(1)
+    w = torch.ones(16, device=DEVICE)
+    out = norms.qk_rmsnorm(qkv, 2, w, w, 1e-6)
+    q = qkv.reshape(4, 4, 3, 2, 16)[:, :, 0]
+    torch.testing.assert_close(out[0], F.rms_norm(q, (16,), w, 1e-6), atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+def test_bad_shapes_are_refused():
+    x = torch.randn(2, 3, 4, 8, device=DEVICE)
+    good = torch.randn(2, 1, 1, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="shift must be"):
+        norms.ln_modulate(x, torch.randn(2, 2, 1, 8, device=DEVICE), good, 1e-6)  # T' neither 1 nor T
+    with pytest.raises(ValueError, match="contiguous"):
+        norms.ln_modulate(x.transpose(1, 2), good, good, 1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        norms.add_ln_modulate(x, torch.randn(2, 3, 4, 8, device=DEVICE)[:, :2], good, good, 1e-6)
+    with pytest.raises(ValueError, match="norm weights"):
+        norms.qk_rmsnorm(torch.randn(1, 2, 48, device=DEVICE), 2, torch.ones(4, device=DEVICE),
+                         torch.ones(8, device=DEVICE), 1e-6)  # fmt: skip
+
+
+@needs_triton
+def test_ops_trace_under_torch_compile():
+    """The ops are opaque to Dynamo: a compiled function calling them gives the eager result, no graph break."""
+    x = torch.randn(1, 2, 3, 32, device=DEVICE)
+    shift, scale = params(1, 2, 32, True, 2)
+
+    def f(x, shift, scale):
+        return norms.ln_modulate(x, shift, scale, 1e-6) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, shift, scale), f(x, shift, scale))
+
+
+# ---------------------------------------------------------------------------------------------- CUDA: whole models
+
+
+def _models():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+    import test_latte
+    import test_stdit3
+
+    def stdit3_case():
+        kw = test_stdit3.tiny_inputs(T=5)
+        return test_stdit3.tiny_model(), kw, lambda out: out
+
+    def latte_case():
+        return test_latte.tiny_model(), test_latte.tiny_inputs(), lambda out: out[0]
+
+    return {"stdit3": stdit3_case, "latte": latte_case}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(norms.triton is None or not CUDA, reason="compares the models' two paths on CUDA")
+@pytest.mark.parametrize("name", ["stdit3", "latte"])
+def test_models_in_bf16_are_as_close_to_float32_with_the_kernels(name):
+    """Each tiny model in bf16, kernels on and off, against its float32 forward: the kernels (float32 inside,
+    one rounding) are no further from float32 than the PyTorch path (bf16 rounding after each op)."""
+    model, kw, first = _models()[name]()
+    model = model.cuda()
+    kw = {k: v.cuda() if torch.is_tensor(v) else v for k, v in kw.items()}
+    with torch.no_grad():
+        ref = first(model(**kw)).double()
+        model16 = model.to(torch.bfloat16)
+        kw16 = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
+        saved = norms.ENABLED
+        try:
+            norms.ENABLED = True
+            fused = first(model16(**kw16)).double()
+            norms.ENABLED = False
+            plain = first(model16(**kw16)).double()
+        finally:
+            norms.ENABLED = saved
+
+    def rel(a):
+        return ((a - ref).norm() / ref.norm()).item()
+
+    assert norms._CHECKED  # the kernels really ran
+    assert rel(fused) < 2e-2 and rel(fused) < 1.2 * rel(plain) + 2e-3, (rel(fused), rel(plain))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(norms.triton is None or not CUDA, reason="compares the models' two paths on CUDA")
+@pytest.mark.parametrize("impl", ["sdpa", "bmm", "triton"])
+def test_stdit3_kernels_keep_every_temporal_implementation(impl):
+    """The q/k-norm shortcut is for spatial attention only: temporal attention keeps its RoPE on every path."""
+    from pab.models import stdit3
+
+    model, kw, _ = _models()["stdit3"]()
+    model = model.cuda().to(torch.bfloat16)
+    kw = {k: (v.cuda().to(torch.bfloat16) if v.is_floating_point() else v.cuda()) for k, v in kw.items()}
+    saved = (norms.ENABLED, stdit3.TEMPORAL_ATTENTION)
+    try:
+        stdit3.TEMPORAL_ATTENTION = impl
+        with torch.no_grad():
+            norms.ENABLED = True
+            fused = model(**kw).double()
+            norms.ENABLED = False
+            plain = model(**kw).double()
+    finally:
+        norms.ENABLED, stdit3.TEMPORAL_ATTENTION = saved
+    assert ((fused - plain).norm() / plain.norm()).item() < 2e-2
