@@ -132,3 +132,14 @@ def test_uint8_round_trip_through_mp4(tmp_path):
     write_mp4(os.fspath(tmp_path / "g.mp4"), frames, 8)
     back, _ = read_video(tmp_path / "g.mp4")
     assert back.shape == frames.shape
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="converts on the GPU")
+def test_to_uint8_frames_on_the_gpu_gives_the_same_bytes():
+    """The conversion runs on the video's device (a CPU thread is slow at 480p); the bytes do not depend on it."""
+    torch.manual_seed(0)
+    v = torch.randn(1, 3, 9, 48, 64) * 0.7
+    v[0, 0, 0, 0, :4] = torch.tensor([-1.0, 1.0, 0.0, 2.0])  # the clamp ends and an exact midpoint
+    assert np.array_equal(to_uint8_frames(v.cuda()), to_uint8_frames(v))
+    assert np.array_equal(to_uint8_frames(v.cuda().to(torch.bfloat16)), to_uint8_frames(v.to(torch.bfloat16)))
