@@ -103,8 +103,11 @@ def test_serve_on_a_two_gpu_group(tmp_path=None):
         assert f2["status"] == "cancelled" and f2["step"] < 1000, f2
 
         # 3. Kill a rank mid-video: NCCL group poisoned, replica replaced, job retried and completed.
-        v3 = c.post("/v1/videos", json={**long, "steps": 60, "seed": 3}).json()
+        # 400 steps (~10 s on an H100): with 60, the video could finish between the progress write the test saw
+        # (at most one per 0.5 s) and the kill, and complete on its first group (seen in session 3).
+        v3 = c.post("/v1/videos", json={**long, "steps": 400, "seed": 3}).json()
         r3 = wait(lambda: (lambda r: r if r["step"] >= 2 else None)(job(v3["id"])), 300, "video 3 rendering")
+        assert r3["status"] == "in_progress" and r3["step"] < 300, r3
         ray.kill(ray.get_actor(f"{r3['group']['name']}-rank1", namespace=r3["group"]["namespace"]))
         t_kill = time.monotonic()
         f3 = wait(done(v3["id"]), 400, "retry")
