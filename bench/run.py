@@ -95,6 +95,7 @@ def _run_case(
     repeat: int,
     compile: bool = False,
     decode: bool = True,
+    overlap_chunks: int = 1,
 ) -> list[dict]:
     from pab.pipeline import GenerationRequest, Pipeline
 
@@ -103,7 +104,7 @@ def _run_case(
         from pab.parallel import ParallelConfig, init_parallel
 
         cfg = 2 if cfg_parallel else 1
-        parallel = init_parallel(ParallelConfig(sp=world // cfg, cfg=cfg))
+        parallel = init_parallel(ParallelConfig(sp=world // cfg, cfg=cfg, overlap_chunks=overlap_chunks))
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     t0 = time.perf_counter()
     pipe = Pipeline.from_name(case.model, device=device, dtype=torch.bfloat16, parallel=parallel, compile=compile)
@@ -141,6 +142,7 @@ def _run_case(
             "model_calls": calls,
             "sp": parallel.sp_size if parallel else 1,
             "cfg_parallel": bool(cfg_parallel),
+            "overlap_chunks": overlap_chunks if parallel else 1,
             "pab": pab,
             "compile": compile,
             "dit_s": round(res.timings["denoise_s"], 3),
@@ -337,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sp", default="1", help="comma list of group sizes, e.g. 1,2,4")
     p.add_argument("--pab", default="off,paper")
     p.add_argument("--cfg-parallel", action="store_true", help="groups of 2k GPUs run CFG 2 x DSP k")
+    p.add_argument("--dsp-chunks", type=int, default=1,
+                   help="switch temporal attention in this many row chunks, overlapping all-to-all and compute")
     p.add_argument("--peer", action="store_true", help="also diffusers' Latte with its PAB hook")
     p.add_argument("--compile", action="store_true", help="torch.compile the attention modules (pab.compile)")
     p.add_argument("--dit-only", action="store_true", help="skip the VAE decode (no e2e time)")
@@ -374,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.repeat,
                     args.compile,
                     not args.dit_only,
+                    args.dsp_chunks,
                     threads=None,
                     timeout_s=1800,
                 )[0]

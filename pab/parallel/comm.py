@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -122,29 +123,67 @@ def gather_frames(
     return torch.cat([p.narrow(dim, 0, c) for p, c in zip(parts, layout.counts)], dim=dim)
 
 
-def _all_to_all_flat(
+def _start_all_to_all(
     send: torch.Tensor,
     send_sizes: list[int],
     recv_sizes: list[int],
     rank: int,
     group: dist.ProcessGroup | None,
     stats: CommStats | None,
-) -> torch.Tensor:
-    """Send `send`'s consecutive pieces of `send_sizes` elements to ranks 0..N-1; returns the flat receive
-    buffer, holding what rank j sent in its j-th piece of `recv_sizes` (one collective; NCCL and gloo both
-    take uneven sizes, and empty pieces)."""
-    recv = send.new_empty(sum(recv_sizes))
-    dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes, group=group)
+    recv: torch.Tensor | None = None,
+    count: bool = True,
+) -> tuple[torch.Tensor, Any]:
+    """Start sending `send`'s consecutive pieces of `send_sizes` elements to ranks 0..N-1.
+
+    Returns the flat receive buffer (`recv`, or a new one), which will hold what rank j sent in its j-th
+    piece of `recv_sizes`, and the collective's work handle: wait on it before reading the buffer. NCCL and
+    gloo both take uneven sizes and empty pieces. `count`: add one to `stats.all_to_all_done` (a switch
+    run in chunks counts once); bytes are always added.
+    """
+    recv = send.new_empty(sum(recv_sizes)) if recv is None else recv.view(-1)
+    work = dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes,
+                                  group=group, async_op=True)  # fmt: skip
     if stats is not None:
-        stats.all_to_all_done += 1
+        stats.all_to_all_done += int(count)
         stats.all_to_all_bytes += (send.numel() - send_sizes[rank]) * send.element_size()
-    return recv
+    return recv, work
 
 
 # Each switch touches the local tensor as few times as the layouts allow (at 720p on 2 GPUs it is ~250 MB,
-# 56 switches a step): the forward switch sends straight from the input (no copy unless a pad frame must
+# 56 switches a step): the forward switch sends straight from its input (no copy unless a pad frame must
 # be left out) and interleaves the frames it receives in one copy; the backward switch packs its send
 # buffer in one copy and returns the receive buffer itself, which is already in the local layout.
+#
+# Each switch comes in two halves: `start_*` launches the all-to-all and returns a function that waits for
+# it (on GPUs the wait is the compute stream waiting for NCCL's, not the host) and assembles the result.
+# Between the two, the caller can run other work: `pab.parallel.dsp` overlaps one chunk's all-to-all
+# with the previous chunk's attention.
+
+
+def start_switch_to_full_frames(
+    x: torch.Tensor,
+    layout: FrameLayout,
+    rank: int,
+    group: dist.ProcessGroup | None,
+    stats: CommStats | None = None,
+    count: bool = True,
+) -> Callable[[], torch.Tensor]:
+    """`switch_to_full_frames`, started: returns the function that finishes it."""
+    rows = even_sizes(x.size(0), layout.size)
+    rest = tuple(x.shape[2:])
+    inner = int(torch.Size(rest).numel())
+    # (R, count_r, *rest) split on dim 0 is consecutive ranges of the flat tensor: a view when x is contiguous
+    send = x.narrow(1, 0, layout.counts[rank]).reshape(-1)
+    send_sizes = [r * layout.counts[rank] * inner for r in rows]
+    recv_sizes = [rows[rank] * c * inner for c in layout.counts]
+    recv, work = _start_all_to_all(send, send_sizes, recv_sizes, rank, group, stats, count=count)
+
+    def finish() -> torch.Tensor:
+        work.wait()
+        received = [chunk.view(rows[rank], c, *rest) for chunk, c in zip(recv.split(recv_sizes), layout.counts)]
+        return torch.cat(received, dim=1)
+
+    return finish
 
 
 def switch_to_full_frames(
@@ -158,16 +197,46 @@ def switch_to_full_frames(
 
     Rows are spread with `even_sizes(R, N)`; only real frames are sent (pad frames stay behind).
     """
-    rows = even_sizes(x.size(0), layout.size)
-    rest = tuple(x.shape[2:])
+    return start_switch_to_full_frames(x, layout, rank, group, stats)()
+
+
+def start_switch_to_local_frames(
+    y: torch.Tensor,
+    num_rows: int,
+    layout: FrameLayout,
+    rank: int,
+    group: dist.ProcessGroup | None,
+    stats: CommStats | None = None,
+    out: torch.Tensor | None = None,
+    count: bool = True,
+) -> Callable[[], torch.Tensor]:
+    """`switch_to_local_frames`, started: returns the function that finishes it. `out`, a contiguous
+    (num_rows, T_local, *rest) tensor, receives the result in place (when this rank has real frames)."""
+    rows = even_sizes(num_rows, layout.size)
+    if y.size(0) != rows[rank] or y.size(1) != layout.num_frames:
+        raise ValueError(
+            f"rank {rank} expected ({rows[rank]}, {layout.num_frames}, ...) after temporal attention, "
+            f"got {tuple(y.shape)}"
+        )
+    rest = tuple(y.shape[2:])
     inner = int(torch.Size(rest).numel())
-    # (R, count_r, *rest) split on dim 0 is consecutive ranges of the flat tensor: a view when x is contiguous
-    send = x.narrow(1, 0, layout.counts[rank]).reshape(-1)
-    send_sizes = [r * layout.counts[rank] * inner for r in rows]
-    recv_sizes = [rows[rank] * c * inner for c in layout.counts]
-    recv = _all_to_all_flat(send, send_sizes, recv_sizes, rank, group, stats)
-    received = [chunk.view(rows[rank], c, *rest) for chunk, c in zip(recv.split(recv_sizes), layout.counts)]
-    return torch.cat(received, dim=1)
+    send = y.new_empty(y.numel())
+    send_sizes = [rows[rank] * c * inner for c in layout.counts]
+    for piece, slot in zip(y.split(list(layout.counts), dim=1), send.split(send_sizes)):
+        slot.view(piece.shape).copy_(piece)  # frames of rank j, all rows: one strided copy each
+    recv_sizes = [r * layout.counts[rank] * inner for r in rows]
+    if layout.counts[rank] == 0:
+        out = None  # nothing arrives; the result is a zero pad frame
+    recv, work = _start_all_to_all(send, send_sizes, recv_sizes, rank, group, stats, recv=out, count=count)
+
+    def finish() -> torch.Tensor:
+        work.wait()
+        if layout.counts[rank] == 0:
+            return y.new_zeros((num_rows, 1, *rest))
+        # rank j sent rows [sum(rows[:j]), +rows[j]) of our frames, in order: the buffer is (R, count_r, *rest)
+        return recv.view(num_rows, layout.counts[rank], *rest)
+
+    return finish
 
 
 def switch_to_local_frames(
@@ -183,21 +252,4 @@ def switch_to_local_frames(
     `num_rows` is R, the row count before the forward switch. A rank without real frames gets zeros
     in its pad frame.
     """
-    rows = even_sizes(num_rows, layout.size)
-    if y.size(0) != rows[rank] or y.size(1) != layout.num_frames:
-        raise ValueError(
-            f"rank {rank} expected ({rows[rank]}, {layout.num_frames}, ...) after temporal attention, "
-            f"got {tuple(y.shape)}"
-        )
-    rest = tuple(y.shape[2:])
-    inner = int(torch.Size(rest).numel())
-    send = y.new_empty(y.numel())
-    send_sizes = [rows[rank] * c * inner for c in layout.counts]
-    for piece, slot in zip(y.split(list(layout.counts), dim=1), send.split(send_sizes)):
-        slot.view(piece.shape).copy_(piece)  # frames of rank j, all rows: one strided copy each
-    recv_sizes = [r * layout.counts[rank] * inner for r in rows]
-    recv = _all_to_all_flat(send, send_sizes, recv_sizes, rank, group, stats)
-    if layout.counts[rank] == 0:
-        return y.new_zeros((num_rows, 1, *rest))
-    # rank j sent rows [sum(rows[:j]), +rows[j]) of our frames, in order: the buffer is (R, count_r, *rest)
-    return recv.view(num_rows, layout.counts[rank], *rest)
+    return start_switch_to_local_frames(y, num_rows, layout, rank, group, stats)()

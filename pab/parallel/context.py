@@ -29,14 +29,20 @@ class ParallelConfig:
         cfg (`int`, defaults to 1):
             CFG-parallel degree, 1 or 2: with 2, the conditional and unconditional halves of the
             classifier-free-guidance batch run on two sub-groups of `sp` processes each.
+        overlap_chunks (`int`, defaults to 1):
+            Each temporal attention is switched and computed in this many chunks of rows, so that one
+            chunk's all-to-all runs while the previous chunk attends (same result; more, smaller kernels).
     """
 
     sp: int = 1
     cfg: int = 1
+    overlap_chunks: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.sp, int) or self.sp < 1:
             raise ValueError(f"sp must be a positive int, got {self.sp!r}")
+        if not isinstance(self.overlap_chunks, int) or self.overlap_chunks < 1:
+            raise ValueError(f"overlap_chunks must be a positive int, got {self.overlap_chunks!r}")
         if self.cfg not in (1, 2):
             raise ValueError(
                 f"cfg must be 1 (no CFG parallelism) or 2 (conditional and unconditional halves on two "

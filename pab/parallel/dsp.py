@@ -43,9 +43,12 @@ import torch.nn as nn
 from pab.hooks.registry import ModelHook, get_registry, register_hook, remove_hooks_named
 from pab.parallel.comm import (
     FrameLayout,
+    even_sizes,
     gather_frames,
     split_flat_frames,
     split_frames,
+    start_switch_to_full_frames,
+    start_switch_to_local_frames,
     switch_to_full_frames,
     switch_to_local_frames,
 )
@@ -190,10 +193,33 @@ class DSPSwitchHook(ModelHook):
                 f"{ctx.sp_rank}, got {tuple(x.shape)}"
             )
         rows = x.size(0)
-        full = switch_to_full_frames(x, layout, ctx.sp_rank, ctx.sp_group, ctx.stats)  # (rows_r, T, C)
-        y = forward(full, *args, **kwargs)
         run.switches += 1
-        return switch_to_local_frames(y, rows, layout, ctx.sp_rank, ctx.sp_group, ctx.stats)
+        chunks = [c for c in even_sizes(rows, min(ctx.config.overlap_chunks, rows)) if c]
+        if len(chunks) == 1:
+            full = switch_to_full_frames(x, layout, ctx.sp_rank, ctx.sp_group, ctx.stats)  # (rows_r, T, C)
+            y = forward(full, *args, **kwargs)
+            return switch_to_local_frames(y, rows, layout, ctx.sp_rank, ctx.sp_group, ctx.stats)
+        # Rows are independent sequences: switch and attend them in chunks, starting chunk k+1's all-to-all
+        # before chunk k's attention so the two overlap; each chunk's result lands in its rows of `out`.
+        has_frames = layout.counts[ctx.sp_rank] > 0
+        out = x.new_empty(rows, layout.counts[ctx.sp_rank], *x.shape[2:]) if has_frames else None
+        pieces = x.split(chunks, dim=0)
+
+        def start_in(k: int):
+            return start_switch_to_full_frames(pieces[k], layout, ctx.sp_rank, ctx.sp_group, ctx.stats,
+                                               count=k == 0)  # fmt: skip
+
+        pending_in, pending_out, first = [start_in(0)], [], 0
+        for k, n in enumerate(chunks):
+            if k + 1 < len(chunks):
+                pending_in.append(start_in(k + 1))
+            y = forward(pending_in[k](), *args, **kwargs)
+            dst = out.narrow(0, first, n) if out is not None else None
+            pending_out.append(start_switch_to_local_frames(y, n, layout, ctx.sp_rank, ctx.sp_group, ctx.stats,
+                                                            out=dst, count=k == 0))  # fmt: skip
+            first += n
+        results = [finish() for finish in pending_out]
+        return out if has_frames else torch.cat(results, dim=0)  # no frames: zero pad frames
 
 
 class DSPFramePositionHook(ModelHook):

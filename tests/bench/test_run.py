@@ -1,9 +1,10 @@
-"""bench/run.py: counting FLOPs must not leave a "--compile" benchmark running eager code."""
+"""bench/run.py: counting FLOPs must not leave a "--compile" benchmark running eager code; the group path."""
 
 import torch
 from torch._dynamo.utils import counters
 
-from bench.run import _flops_by_kind
+from bench.run import Case, _flops_by_kind, _run_case
+from pab.parallel import launch_local
 from pab.pipeline import GenerationRequest, Pipeline
 
 
@@ -21,3 +22,14 @@ def test_flop_count_keeps_the_pipeline_compiled():
     assert counters["stats"]["unique_graphs"] == 0
     pipe.generate(request, decode=False)
     assert counters["stats"]["unique_graphs"] > 0, dict(counters["frames"])
+
+
+def test_group_records_with_overlapped_switches():
+    """One case on 2 gloo processes, DSP with the switches in 3 chunks: the record says so and counts the same
+    switches (once per switch) as unchunked. Equivalence of the results: tests/parallel/test_dsp_models.py."""
+    case = Case("tiny", "opensora-v1.2-tiny", "tiny", 17, 64, 64, 3)
+    plain = launch_local(2, _run_case, case, ["off"], False, 1, False, False, 1, backend="gloo")[0]
+    chunked = launch_local(2, _run_case, case, ["off"], False, 1, False, False, 3, backend="gloo")[0]
+    assert [r["overlap_chunks"] for r in plain + chunked] == [1, 3]
+    assert plain[0]["sp"] == chunked[0]["sp"] == 2
+    assert chunked[0]["comm"]["all_to_all_done"] == plain[0]["comm"]["all_to_all_done"] > 0

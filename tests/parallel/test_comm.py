@@ -17,6 +17,8 @@ from pab.parallel.comm import (
     gather_frames,
     split_flat_frames,
     split_frames,
+    start_switch_to_full_frames,
+    start_switch_to_local_frames,
     switch_to_full_frames,
     switch_to_local_frames,
 )
@@ -71,6 +73,8 @@ def test_layout_and_config_errors_name_the_problem():
         ParallelConfig(sp=1, cfg=3)
     with pytest.raises(ValueError, match="sp must be a positive int"):
         ParallelConfig(sp=0)
+    with pytest.raises(ValueError, match="overlap_chunks must be a positive int"):
+        ParallelConfig(sp=2, overlap_chunks=0)
 
 
 def test_single_device_context_needs_no_process_group():
@@ -115,6 +119,15 @@ def _switch_and_gather_worker(rank: int, world: int) -> dict[str, int]:
         # bytes this rank sent off-rank: its real frames of the other ranks' rows, then the other ranks' frames
         # of its rows
         expected_bytes += 4 * C * (n * (R - rows[rank]) + rows[rank] * (T - n))
+
+        # The started halves, with other collectives in between and the result written into `out`.
+        finish_in = start_switch_to_full_frames(local, layout, rank, ctx.sp_group)
+        finish_other = start_switch_to_full_frames(local * 3, layout, rank, ctx.sp_group)
+        assert torch.equal(finish_in(), switched) and torch.equal(finish_other(), switched * 3)
+        out = torch.full((R, max(n, 1), C), float("nan"))  # ignored by a rank without frames
+        got = start_switch_to_local_frames(y, R, layout, rank, ctx.sp_group, out=out)()  # every rank joins
+        assert torch.equal(got, back), (R, T, C)
+        assert n == 0 or (got.data_ptr() == out.data_ptr() and torch.equal(out, back)), (R, T, C)
 
     # Output gather along T of (B, C, T, H, W), uneven and padded.
     for T in (1, 2, 5, 7):

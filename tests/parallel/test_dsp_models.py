@@ -175,8 +175,8 @@ def _pab(name: str, ctx: ParallelContext) -> dict:
     return comm
 
 
-def _worker(rank: int, world: int, sp: int, cfg: int) -> dict:
-    ctx = init_parallel(ParallelConfig(sp=sp, cfg=cfg))
+def _worker(rank: int, world: int, sp: int, cfg: int, chunks: int = 1) -> dict:
+    ctx = init_parallel(ParallelConfig(sp=sp, cfg=cfg, overlap_chunks=chunks))
     result = {}
     for name in MODELS:
         result[name] = {"cases": _equivalence(name, ctx), "comm": _pab(name, ctx)}
@@ -184,13 +184,14 @@ def _worker(rank: int, world: int, sp: int, cfg: int) -> dict:
 
 
 @pytest.mark.parametrize(
-    "sp,cfg",
+    "sp,cfg,chunks",
     # sp8: the 8-GPU paper setting, on 8 gloo processes: more ranks than some inputs have frames.
-    [(2, 1), (3, 1), (1, 2), pytest.param(2, 2, marks=pytest.mark.slow), (8, 1)],
-    ids=["sp2", "sp3", "cfg2", "cfg2xsp2", "sp8"],
+    # chunks: temporal attention switched in 3 row chunks whose all-to-alls overlap (uneven chunks).
+    [(2, 1, 1), (3, 1, 1), (1, 2, 1), pytest.param(2, 2, 1, marks=pytest.mark.slow), (8, 1, 1), (3, 1, 3)],
+    ids=["sp2", "sp3", "cfg2", "cfg2xsp2", "sp8", "sp3-chunks3"],
 )
-def test_models_under_dsp_match_single_device(sp, cfg):
-    results = launch_local(sp * cfg, _worker, sp, cfg, backend="gloo")  # CPU tensors, also on GPU hosts
+def test_models_under_dsp_match_single_device(sp, cfg, chunks):
+    results = launch_local(sp * cfg, _worker, sp, cfg, chunks, backend="gloo")  # CPU tensors, also on GPU hosts
     for name in MODELS:
         assert all(r[name]["cases"] == len(CASES[name]) for r in results)
         # every rank of the group made the same PAB decisions and so the same number of all-to-alls
