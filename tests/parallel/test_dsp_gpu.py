@@ -1,6 +1,7 @@
-"""DSP over NCCL on 2 GPUs: the uneven all-to-all and gather on CUDA, and the three models vs one GPU.
+"""DSP over NCCL on 2 and 4 GPUs: the uneven all-to-all and gather on CUDA, and the three models vs one GPU,
+with plain and with chunked (overlapped) switches.
 
-Runs only where 2 CUDA devices exist (`-m gpu`); CI has none. Tolerances: float32 1e-5 as on CPU
+Runs only where the CUDA devices exist (`-m gpu`); CI has none. Tolerances: float32 1e-5 as on CPU
 (TF32 is switched off so matmuls are true fp32); bfloat16 2e-2, the rounding of a bf16 forward whose
 linear layers see a different number of rows per call (another cuBLAS kernel may be chosen).
 """
@@ -31,10 +32,10 @@ def _to(args: dict, device, dtype) -> dict:
     return out
 
 
-def _gpu_worker(rank: int, world: int) -> dict:
+def _gpu_worker(rank: int, world: int, chunks: int = 1) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    ctx = init_parallel(ParallelConfig(sp=world))
+    ctx = init_parallel(ParallelConfig(sp=world, overlap_chunks=chunks))
     assert ctx.device == torch.device("cuda", rank)
     dev = ctx.device
 
@@ -67,6 +68,9 @@ def _gpu_worker(rank: int, world: int) -> dict:
     return errors
 
 
-def test_models_under_nccl_dsp_match_one_gpu():
-    errors = launch_local(2, _gpu_worker, backend="nccl")
+@pytest.mark.parametrize("world,chunks", [(2, 1), (4, 1), (4, 3)], ids=["sp2", "sp4", "sp4-chunks3"])
+def test_models_under_nccl_dsp_match_one_gpu(world, chunks):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} CUDA GPUs")
+    errors = launch_local(world, _gpu_worker, chunks, backend="nccl")
     print("max abs error vs one GPU:", errors[0])
