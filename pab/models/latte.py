@@ -479,6 +479,14 @@ def _norm_modulate_frame_major(norm: nn.LayerNorm, x: torch.Tensor, shift: torch
     return out.view(B * S, F_, C)
 
 
+def _gated_residual_frame_major(x: torch.Tensor, gate: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """x + gate * a for (B, F, S, C) x, with `a` read back from temporal attention's (B*S, F, C) layout."""
+    B, F_, S, C = x.shape
+    if norms.available(x):
+        return norms.gated_residual(x, gate, a, frame_major=True)
+    return torch.addcmul(x, gate, a.view(B, S, F_, C).transpose(1, 2))
+
+
 class SpatialBlock(nn.Module):
     """Spatial block: modulated self-attention over a frame's patches, cross-attention to text, modulated MLP.
 
@@ -587,20 +595,14 @@ class TemporalBlock(nn.Module):
 
     def attn_out(self, x: torch.Tensor, a: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """x + gate * attention output, read back from its (B*S, F, C) layout in the same pass."""
-        B, F_, S, C = x.shape
-        if norms.available(x):
-            return norms.gated_residual(x, mod[:, 2], a, frame_major=True)
-        return torch.addcmul(x, mod[:, 2], a.view(B, S, F_, C).transpose(1, 2))
+        return _gated_residual_frame_major(x, mod[:, 2], a)
 
     def mlp_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """norm2 + modulate, written as the (B*S, F, C) MLP input."""
         return _norm_modulate_frame_major(self.norm2, x, mod[:, 3], mod[:, 4])
 
     def mlp_out(self, x: torch.Tensor, m: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        B, F_, S, C = x.shape
-        if norms.available(x):
-            return norms.gated_residual(x, mod[:, 5], m, frame_major=True)
-        return torch.addcmul(x, mod[:, 5], m.view(B, S, F_, C).transpose(1, 2))
+        return _gated_residual_frame_major(x, mod[:, 5], m)
 
 
 #################################################################################

@@ -203,16 +203,6 @@ def test_replaying_cached_outputs_reproduces_the_forward():
 # ---------------------------------------------------------------------------- fast paths
 
 
-@pytest.fixture(scope="module")
-def inductor():
-    """Skip (with the reason) where torch.compile cannot build CPU kernels, e.g. no C++ compiler."""
-    torch._dynamo.reset()
-    try:
-        torch.compile(lambda x: torch.sin(x) + 1)(torch.randn(4))
-    except Exception as e:  # noqa: BLE001 - any failure means "cannot compile here"
-        pytest.skip(f"torch.compile (inductor) unavailable on this machine: {type(e).__name__}: {e}")
-
-
 def test_compiled_targets_and_regions_match_eager(inductor):
     """pab.compile: compiled targets plus the blocks' regions (the temporal ones write and read the (B·S, F, C)
     layout in their own pass) equal eager within 1e-5 in float32, without graph breaks."""
