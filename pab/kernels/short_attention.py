@@ -68,7 +68,7 @@ def supported(qkv: torch.Tensor, num_heads: int) -> bool:
     kernel that built here."""
     if triton is None or _BUILD_ERROR is not None or not qkv.is_cuda:
         return False
-    if qkv.dtype not in (torch.bfloat16, torch.float16) or qkv.ndim != 3 or qkv.shape[1] > MAX_LEN:
+    if qkv.dtype not in (torch.bfloat16, torch.float16) or qkv.ndim not in (3, 4) or seq_len(qkv) > MAX_LEN:
         return False
     if qkv.numel() >= 2**31:
         return False
@@ -77,6 +77,11 @@ def supported(qkv: torch.Tensor, num_heads: int) -> bool:
     except ValueError:
         return False
     return True
+
+
+def seq_len(qkv: torch.Tensor) -> int:
+    """Tokens per sequence: L of (N, L, 3C), nb·lb of frame blocks (nb, N, lb, 3C)."""
+    return qkv.shape[1] if qkv.ndim == 3 else qkv.shape[0] * qkv.shape[2]
 
 
 def short_attention(
@@ -89,6 +94,10 @@ def short_attention(
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v per (sequence, head) of qkv (N, L, 3, H, D) flattened to (N, L, 3C) -> (N, L, C).
 
+    qkv may also come in frame blocks, (nb, N, lb, 3C) -> (nb, N, lb, C): token t = b·lb + i of sequence n is
+    qkv[b, n, i]. That is the layout in which sequence parallelism receives the frames of its rows from nb
+    ranks (`pab.parallel.comm`), so attention reads it, and writes the reply, with no reordering copy.
+
     q_weight, k_weight: per-head RMSNorm weights (D,) applied to q and k first (both or neither), with `eps`.
     rope: (cos, sin) float32 tables (L, D) with rope(x) = x * cos + (x1, x0, x3, x2, ...) * sin for interleaved
     pairs: cos repeated over each pair, sin (-s, +s) per pair (stdit3's `RotaryEmbedding.tables`).
@@ -97,7 +106,7 @@ def short_attention(
         raise RuntimeError("short_attention needs the triton package (pip install triton; it ships with CUDA torch)")
     cos, sin = rope if rope is not None else (None, None)
     return torch.ops.pab.short_attention(qkv, q_weight, k_weight, cos, sin, num_heads, eps,
-                                         *launch_config(qkv.shape[1], num_heads))  # fmt: skip
+                                         *launch_config(seq_len(qkv), num_heads))  # fmt: skip
 
 
 def try_short_attention(qkv: torch.Tensor, num_heads: int, **kwargs) -> torch.Tensor | None:
@@ -167,11 +176,13 @@ if triton is not None:
     @triton.jit
     def _short_attention_kernel(
         qkv_ptr, out_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
-        L, stride_qkv_n, stride_qkv_l, stride_out_n, stride_out_l, scale, eps,
+        L, LB, stride_qkv_b, stride_qkv_n, stride_qkv_l, stride_out_b, stride_out_n, stride_out_l, scale, eps,
         H: tl.constexpr, D: tl.constexpr, HB: tl.constexpr, BLOCK_L: tl.constexpr,
         D0: tl.constexpr, D1: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         """One program per (sequence n, HB consecutive heads): qkv (N, L, 3, H, D) -> out (N, L, H, D).
+
+        Token l of sequence n sits in block l // LB at row l % LB (frame blocks; LB = L for one block).
 
         Tiles are [HB, BLOCK_L, channels]. Channels [0, D0) go as even/odd pair halves, [D0, D) (D1 of them)
         as one interleaved tile. Padded keys get -inf, padded rows are not stored.
@@ -186,8 +197,10 @@ if triton is not None:
         rows = tl.arange(0, BLOCK_L)
         ll = rows[None, :, None]
         row_ok = ll < L
-        src = qkv_ptr + n * stride_qkv_n + ll * stride_qkv_l + (h0 + hh) * D
-        dst = out_ptr + n * stride_out_n + ll * stride_out_l + (h0 + hh) * D
+        blk = ll // LB
+        li = ll - blk * LB
+        src = qkv_ptr + blk * stride_qkv_b + n * stride_qkv_n + li * stride_qkv_l + (h0 + hh) * D
+        dst = out_ptr + blk * stride_out_b + n * stride_out_n + li * stride_out_l + (h0 + hh) * D
 
         # loads first (all independent): q, k as float32 pair halves, v in its dtype, half-tables of cos/sin
         if D0 > 0:
@@ -270,8 +283,13 @@ if triton is not None:
         cos: torch.Tensor | None, sin: torch.Tensor | None, num_heads: int, eps: float,
         heads_per_program: int, num_warps: int,
     ) -> torch.Tensor:  # fmt: skip
-        """(N, L, 3C) qkv -> (N, L, C); an opaque op to torch.compile (no graph break)."""
-        N, L, C3 = qkv.shape
+        """(N, L, 3C) qkv -> (N, L, C), or frame blocks (nb, N, lb, 3C) -> (nb, N, lb, C); an opaque op to
+        torch.compile (no graph break)."""
+        if qkv.ndim not in (3, 4):
+            raise ValueError(f"qkv must be (N, L, 3C) or frame blocks (nb, N, lb, 3C), got {tuple(qkv.shape)}")
+        blocks = qkv if qkv.ndim == 4 else qkv.unsqueeze(0)  # (nb, N, lb, 3C); one block of L
+        nb, N, LB, C3 = blocks.shape
+        L = nb * LB
         C = C3 // 3
         D = C // num_heads
         d0, d1 = head_split(D)
@@ -279,23 +297,23 @@ if triton is not None:
             raise ValueError(f"heads_per_program={heads_per_program} must be a power of two dividing {num_heads}")
         if (q_weight is None) != (k_weight is None) or (cos is None) != (sin is None):
             raise ValueError("pass both q_weight and k_weight (or neither), and both cos and sin (or neither)")
-        qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
-        if L > MAX_LEN or (N - 1) * qkv.stride(0) + (L - 1) * qkv.stride(1) + C3 >= 2**31:  # 32-bit offsets
+        blocks = blocks if blocks.stride(-1) == 1 else blocks.contiguous()
+        sb, sn, sl, _ = blocks.stride()
+        if L > MAX_LEN or (nb - 1) * sb + (N - 1) * sn + (LB - 1) * sl + C3 >= 2**31:  # 32-bit offsets
             raise ValueError(f"the short-sequence attention takes at most {MAX_LEN} tokens and 2^31 qkv elements, "
                              f"got {tuple(qkv.shape)} with strides {qkv.stride()}")
-        out = qkv.new_empty(N, L, C)
+        out = blocks.new_empty(nb, N, LB, C)
         has_norm, has_rope = q_weight is not None, cos is not None
         dummy = out  # never read: the HAS_NORM / HAS_ROPE branches that would read it are compiled out
         _short_attention_kernel[(N * (num_heads // heads_per_program),)](
-            qkv, out, q_weight if has_norm else dummy, k_weight if has_norm else dummy,
+            blocks, out, q_weight if has_norm else dummy, k_weight if has_norm else dummy,
             cos if has_rope else dummy, sin if has_rope else dummy,
-            L, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), D**-0.5, eps,
+            L, LB, sb, sn, sl, *out.stride()[:3], D**-0.5, eps,
             H=num_heads, D=D, HB=heads_per_program, BLOCK_L=max(16, triton.next_power_of_2(L)), D0=d0, D1=d1,
             HAS_NORM=has_norm, HAS_ROPE=has_rope, IEEE=qkv.dtype == torch.float32, num_warps=num_warps,
         )  # fmt: skip
-        return out
+        return out if qkv.ndim == 4 else out[0]
 
     @_short_attention_op.register_fake
     def _(qkv, q_weight, k_weight, cos, sin, num_heads, eps, heads_per_program, num_warps):
-        N, L, C3 = qkv.shape
-        return qkv.new_empty(N, L, C3 // 3)
+        return qkv.new_empty(*qkv.shape[:-1], qkv.shape[-1] // 3)

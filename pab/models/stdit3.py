@@ -327,8 +327,32 @@ class SelfAttention(nn.Module):
         object.__setattr__(self, "rope", rope)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N, L, C = x.shape
-        qkv = self.qkv(x)  # (N, L, 3C)
+        """(N, L, C) -> (N, L, C); or frame blocks (N, nb, lb, C) -> (N, nb, lb, C), see `accepts_frame_blocks`."""
+        if x.ndim == 4:
+            return self._attend_blocks(self.qkv(x.transpose(0, 1))).transpose(0, 1)
+        return self._attend(self.qkv(x))
+
+    # Sequence parallelism (pab.parallel.dsp) may pass the temporal attention its sequences in frame blocks:
+    # x (N, nb, lb, C) with token t = b·lb + i of sequence n at x[n, b, i], a transposed view of the
+    # (nb, N, lb, C) buffer in which the frames of its rows arrived from nb ranks. The GEMMs are token-wise and
+    # the short-sequence kernel reads and writes that layout, so neither the received frames nor the reply
+    # (which goes back to the ranks in the same blocks) need a reordering copy.
+    accepts_frame_blocks = True
+
+    def _attend_blocks(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(nb, N, lb, 3C) frame blocks -> (nb, N, lb, C)."""
+        if self.rope is not None and temporal_attention_impl(qkv, self.num_heads) == "triton":
+            out = self._fused(qkv)
+            if out is not None:
+                return self.proj(out)
+        nb, N, lb, C3 = qkv.shape  # any other path: reorder into (N, L, 3C) sequences first
+        out = self._attend(qkv.transpose(0, 1).reshape(N, nb * lb, C3))
+        return out.view(N, nb, lb, C3 // 3).transpose(0, 1)
+
+    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(N, L, 3C) -> (N, L, C): attention over dim 1 and the output projection."""
+        N, L, C3 = qkv.shape
+        C = C3 // 3
         impl = temporal_attention_impl(qkv, self.num_heads) if self.rope is not None else "sdpa"
         if impl == "triton":
             out = self._fused(qkv)  # norm + RoPE + attention in one kernel, (N, L, C)
@@ -351,13 +375,14 @@ class SelfAttention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v)  # (N, heads, L, head_dim); flash returns it (N, L, heads, hd)
         return self.proj(x.transpose(1, 2).reshape(N, L, C))
 
-
     def _fused(self, qkv: torch.Tensor) -> torch.Tensor | None:
-        """The short-sequence kernel on (N, L, 3C) qkv; None under "auto" when it cannot be built here."""
+        """The short-sequence kernel on (N, L, 3C) qkv or its frame blocks; None under "auto" when it cannot be
+        built here."""
         has_norm = isinstance(self.q_norm, RMSNorm)
         kwargs = dict(
             q_weight=self.q_norm.weight if has_norm else None, k_weight=self.k_norm.weight if has_norm else None,
-            eps=self.q_norm.eps if has_norm else 0.0, rope=self.rope.tables(qkv.shape[1], qkv.device, torch.float32),
+            eps=self.q_norm.eps if has_norm else 0.0,
+            rope=self.rope.tables(short_attn.seq_len(qkv), qkv.device, torch.float32),
         )  # fmt: skip
         if TEMPORAL_ATTENTION == "auto":
             return short_attn.try_short_attention(qkv, self.num_heads, **kwargs)

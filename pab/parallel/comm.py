@@ -63,6 +63,11 @@ class FrameLayout:
         return torch.tensor([self.num_frames - 1])
 
 
+def even_frames(layout: FrameLayout) -> bool:
+    """Whether every rank holds the same (non-zero) number of frames: frame blocks apply."""
+    return layout.num_frames % layout.size == 0
+
+
 def even_sizes(total: int, parts: int) -> list[int]:
     """`torch.tensor_split`-style chunk sizes of `total` over `parts` (the first `total % parts` get one more)."""
     base, extra = divmod(total, parts)
@@ -154,6 +159,12 @@ def _start_all_to_all(
 # be left out) and interleaves the frames it receives in one copy; the backward switch packs its send
 # buffer in one copy and returns the receive buffer itself, which is already in the local layout.
 #
+# With `blocks=True` (every rank holding the same number of frames), the forward switch skips its copy too:
+# it returns the receive buffer as frame blocks, (R_rank, N, T/N, *rest) = a transposed view of the
+# (N, R_rank, T/N, *rest) buffer, block j holding rank j's frames. An attention that reads that layout
+# (STDiT3's temporal attention, `accepts_frame_blocks`) answers in it, and the backward switch sends the
+# answer as it lies: a switch pair then copies nothing.
+#
 # Each switch comes in two halves: `start_*` launches the all-to-all and returns a function that waits for
 # it (on GPUs the wait is the compute stream waiting for NCCL's, not the host) and assembles the result.
 # Between the two, the caller can run other work: `pab.parallel.dsp` overlaps one chunk's all-to-all
@@ -167,8 +178,10 @@ def start_switch_to_full_frames(
     group: dist.ProcessGroup | None,
     stats: CommStats | None = None,
     count: bool = True,
+    blocks: bool = False,
 ) -> Callable[[], torch.Tensor]:
-    """`switch_to_full_frames`, started: returns the function that finishes it."""
+    """`switch_to_full_frames`, started: returns the function that finishes it. `blocks`: finish with frame
+    blocks (R_rank, N, T/N, *rest) instead of (R_rank, T, *rest) when every rank holds T/N frames."""
     rows = even_sizes(x.size(0), layout.size)
     rest = tuple(x.shape[2:])
     inner = int(torch.Size(rest).numel())
@@ -180,6 +193,8 @@ def start_switch_to_full_frames(
 
     def finish() -> torch.Tensor:
         work.wait()
+        if blocks and even_frames(layout):
+            return recv.view(layout.size, rows[rank], layout.counts[0], *rest).transpose(0, 1)
         received = [chunk.view(rows[rank], c, *rest) for chunk, c in zip(recv.split(recv_sizes), layout.counts)]
         return torch.cat(received, dim=1)
 
@@ -209,21 +224,35 @@ def start_switch_to_local_frames(
     stats: CommStats | None = None,
     out: torch.Tensor | None = None,
     count: bool = True,
+    blocks: bool = False,
 ) -> Callable[[], torch.Tensor]:
     """`switch_to_local_frames`, started: returns the function that finishes it. `out`, a contiguous
-    (num_rows, T_local, *rest) tensor, receives the result in place (when this rank has real frames)."""
+    (num_rows, T_local, *rest) tensor, receives the result in place (when this rank has real frames).
+    `blocks`: `y` is frame blocks (R_rank, N, T/N, *rest), as `start_switch_to_full_frames(blocks=True)`
+    returned them; if it is a transposed view of a contiguous (N, R_rank, T/N, *rest), it is sent as it lies."""
     rows = even_sizes(num_rows, layout.size)
-    if y.size(0) != rows[rank] or y.size(1) != layout.num_frames:
+    blocked = blocks and even_frames(layout)
+    if blocked and (y.ndim < 3 or y.size(1) != layout.size):
+        raise ValueError(f"rank {rank} expected frame blocks ({rows[rank]}, {layout.size}, "
+                         f"{layout.num_frames // layout.size}, ...) after temporal attention, got {tuple(y.shape)}")
+    frames = layout.size * y.size(2) if blocked else y.size(1)
+    if y.size(0) != rows[rank] or frames != layout.num_frames:
         raise ValueError(
-            f"rank {rank} expected ({rows[rank]}, {layout.num_frames}, ...) after temporal attention, "
-            f"got {tuple(y.shape)}"
+            f"rank {rank} expected ({rows[rank]}, {layout.num_frames}, ...) or frame blocks ({rows[rank]}, "
+            f"{layout.size}, {layout.num_frames // layout.size}, ...) after temporal attention, got {tuple(y.shape)}"
         )
-    rest = tuple(y.shape[2:])
+    rest = tuple(y.shape[3:] if blocked else y.shape[2:])
     inner = int(torch.Size(rest).numel())
-    send = y.new_empty(y.numel())
     send_sizes = [rows[rank] * c * inner for c in layout.counts]
-    for piece, slot in zip(y.split(list(layout.counts), dim=1), send.split(send_sizes)):
-        slot.view(piece.shape).copy_(piece)  # frames of rank j, all rows: one strided copy each
+    if blocked and y.transpose(0, 1).is_contiguous():
+        send = y.transpose(0, 1).reshape(-1)  # a view: block j is rank j's frames of all our rows
+    elif blocked:
+        send = y.new_empty(y.numel())
+        send.view(layout.size, rows[rank], layout.counts[0], *rest).copy_(y.transpose(0, 1))
+    else:
+        send = y.new_empty(y.numel())
+        for piece, slot in zip(y.split(list(layout.counts), dim=1), send.split(send_sizes)):
+            slot.view(piece.shape).copy_(piece)  # frames of rank j, all rows: one strided copy each
     recv_sizes = [r * layout.counts[rank] * inner for r in rows]
     if layout.counts[rank] == 0:
         out = None  # nothing arrives; the result is a zero pad frame

@@ -12,7 +12,9 @@ arXiv:2403.10266) therefore splits the video along T and only re-shards around t
 Three hooks do this, registered with `pab.hooks.registry` under the names below:
 
 * `DSPEntryHook` on the model: frame split, output gather, stats.
-* `DSPSwitchHook` on each temporal-attention module (from `model.broadcast_targets()["temporal"]`).
+* `DSPSwitchHook` on each temporal-attention module (from `model.broadcast_targets()["temporal"]`). A module
+  with `accepts_frame_blocks = True` gets its sequences in the layout they arrive in when T divides evenly,
+  (B·S/N, N, T/N, C), and answers in it, which saves both switches their reordering copy.
 * `DSPFramePositionHook` on each 1-D temporal position module (e.g. Latte's `temp_pos_embed`), so that
   rank r adds the rows of its own frames `[start_r, start_r + count_r)` of the full clip's table.
 
@@ -43,14 +45,13 @@ import torch.nn as nn
 from pab.hooks.registry import ModelHook, get_registry, register_hook, remove_hooks_named
 from pab.parallel.comm import (
     FrameLayout,
+    even_frames,
     even_sizes,
     gather_frames,
     split_flat_frames,
     split_frames,
     start_switch_to_full_frames,
     start_switch_to_local_frames,
-    switch_to_full_frames,
-    switch_to_local_frames,
 )
 from pab.parallel.context import ParallelContext
 
@@ -196,9 +197,12 @@ class DSPSwitchHook(ModelHook):
         run.switches += 1
         chunks = [c for c in even_sizes(rows, min(ctx.config.overlap_chunks, rows)) if c]
         if len(chunks) == 1:
-            full = switch_to_full_frames(x, layout, ctx.sp_rank, ctx.sp_group, ctx.stats)  # (rows_r, T, C)
-            y = forward(full, *args, **kwargs)
-            return switch_to_local_frames(y, rows, layout, ctx.sp_rank, ctx.sp_group, ctx.stats)
+            # Frame blocks where the module reads them: (rows_r, N, T/N, C) as received, no reordering copies.
+            blocks = bool(getattr(module, "accepts_frame_blocks", False)) and even_frames(layout)
+            full = start_switch_to_full_frames(x, layout, ctx.sp_rank, ctx.sp_group, ctx.stats, blocks=blocks)()
+            y = forward(full, *args, **kwargs)  # (rows_r, T, C), or frame blocks like `full`
+            return start_switch_to_local_frames(y, rows, layout, ctx.sp_rank, ctx.sp_group, ctx.stats,
+                                                blocks=blocks)()  # fmt: skip
         # Rows are independent sequences: switch and attend them in chunks, starting chunk k+1's all-to-all
         # before chunk k's attention so the two overlap; each chunk's result lands in its rows of `out`.
         has_frames = layout.counts[ctx.sp_rank] > 0

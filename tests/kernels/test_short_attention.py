@@ -106,6 +106,21 @@ def test_auto_takes_the_kernel_only_where_it_applies():
         assert stdit3.temporal_attention_impl(torch.empty(2, 15, 3 * 72, device="cuda", dtype=torch.bfloat16), 2) == "sdpa"
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "bmm"])
+@pytest.mark.parametrize("nb,lb", [(1, 5), (2, 4), (3, 5)])
+def test_frame_blocks_match_sequences(impl, nb, lb):
+    """(N, nb, lb, C) frame blocks, as DSP hands them over (a transposed view of (nb, N, lb, C)), give the
+    (N, L, C) result in the same layout, on every path."""
+    attn = attention(4, 16, True)
+    N, L, C = 3, nb * lb, 64
+    x = torch.randn(N, L, C, device=DEVICE)
+    blocks = x.view(N, nb, lb, C).transpose(0, 1).contiguous().transpose(0, 1)  # (N, nb, lb, C), strided
+    ref = run(attn, x, impl)
+    out = run(attn, blocks, impl)
+    assert out.shape == (N, nb, lb, C)
+    torch.testing.assert_close(out.reshape(N, L, C), ref, atol=1e-6, rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- interpreter / CUDA
 
 
@@ -173,6 +188,31 @@ def test_strided_qkv():
         out = torch.ops.pab.short_attention(qkv, *args)
         ref = torch.ops.pab.short_attention(qkv.contiguous(), *args)
     assert torch.equal(out, ref)
+
+
+@needs_triton
+@pytest.mark.parametrize("nb,lb", [(2, 8), (3, 5), (4, 1)])
+def test_frame_blocks_kernel(nb, lb):
+    """The kernel on frame blocks (nb, N, lb, 3C) reads token b·lb + i at [b, n, i] and writes the same layout:
+    bit for bit the kernel on the reordered (N, L, 3C) sequences (RoPE positions are the global ones)."""
+    attn = attention(4, 72, True)
+    N, L, C = 3, nb * lb, 4 * 72
+    qkv = torch.randn(N, L, 3 * C, device=DEVICE)
+    blocks = qkv.view(N, nb, lb, 3 * C).transpose(0, 1).contiguous()
+    cos, sin = attn.rope.tables(L, qkv.device, torch.float32)
+    args = (attn.q_norm.weight, attn.k_norm.weight, cos, sin, 4, attn.q_norm.eps, 2, 4)
+    with torch.no_grad():
+        ref = torch.ops.pab.short_attention(qkv, *args)
+        out = torch.ops.pab.short_attention(blocks, *args)
+        # the module path: qkv GEMM on the blocks as they lie, the kernel, the projection, same layout back
+        stdit3.TEMPORAL_ATTENTION = "triton"
+        x = torch.randn(N, L, C, device=DEVICE)
+        mod_ref = attn(x)
+        mod_out = attn(x.view(N, nb, lb, C).transpose(0, 1).contiguous().transpose(0, 1))
+    assert out.shape == (nb, N, lb, C)
+    assert torch.equal(out.transpose(0, 1).reshape(N, L, C), ref)
+    assert mod_out.transpose(0, 1).is_contiguous()  # the layout DSP sends back without a copy
+    torch.testing.assert_close(mod_out.reshape(N, L, C), mod_ref, atol=1e-6, rtol=1e-6)
 
 
 @needs_triton

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from pab.parallel import LaunchError, ParallelConfig, init_parallel, launch_local
 from pab.parallel.comm import (
     FrameLayout,
+    even_frames,
     even_sizes,
     gather_frames,
     split_flat_frames,
@@ -128,6 +129,21 @@ def _switch_and_gather_worker(rank: int, world: int) -> dict[str, int]:
         got = start_switch_to_local_frames(y, R, layout, rank, ctx.sp_group, out=out)()  # every rank joins
         assert torch.equal(got, back), (R, T, C)
         assert n == 0 or (got.data_ptr() == out.data_ptr() and torch.equal(out, back)), (R, T, C)
+
+        # Frame blocks (T divisible by the group): (rows_r, N, T/N, C) views of the receive buffer, answered
+        # either in place of the buffer's layout (sent as it lies) or as a plain tensor (packed by a copy).
+        blocks = start_switch_to_full_frames(local, layout, rank, ctx.sp_group, blocks=True)()
+        if even_frames(layout):
+            assert blocks.shape == (rows[rank], world, T // world, C) and blocks.transpose(0, 1).is_contiguous()
+            assert torch.equal(blocks.reshape(rows[rank], T, C), switched), (R, T, C)
+            y_blocks = blocks * 2 + torch.arange(T, dtype=torch.float32).view(1, world, T // world, 1)
+            for answer in (y_blocks, y_blocks.contiguous()):
+                got = start_switch_to_local_frames(answer, R, layout, rank, ctx.sp_group, blocks=True)()
+                assert torch.equal(got, back), (R, T, C)
+        else:  # uneven frames: the plain layout, and blocks=True on the way back changes nothing
+            assert torch.equal(blocks, switched), (R, T, C)
+            got = start_switch_to_local_frames(y, R, layout, rank, ctx.sp_group, blocks=True)()
+            assert torch.equal(got, back), (R, T, C)
 
     # Output gather along T of (B, C, T, H, W), uneven and padded.
     for T in (1, 2, 5, 7):

@@ -37,7 +37,8 @@ TEXT_LEN = 6
 # (frames, latent height, latent width, variant): odd counts, fewer frames than 3 ranks, one frame,
 # non-square sizes. Latte/OSP patch 2x2 needs even sizes; STDiT3 pads its patch grid, so odd sizes too.
 CASES = {
-    "opensora-v1.2": [(5, 6, 10, "x_mask"), (7, 4, 6, "plain"), (2, 6, 4, "x_mask"), (1, 5, 7, "plain")],
+    "opensora-v1.2": [(5, 6, 10, "x_mask"), (7, 4, 6, "plain"), (2, 6, 4, "x_mask"), (1, 5, 7, "plain"),
+                      (6, 3, 4, "plain")],  # 6 frames: even blocks on 2 and 3 ranks (frame-block switches)
     "latte-1": [(5, 6, 10, "plain"), (7, 4, 6, "frame_bias"), (2, 6, 4, "keep_mask"), (1, 4, 6, "plain")],
     "opensora-plan-v1.1": [(5, 6, 10, "keep_mask"), (7, 4, 6, "plain"), (2, 6, 4, "plain"), (1, 4, 6, "keep_mask")],
 }
