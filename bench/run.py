@@ -161,6 +161,7 @@ def _run_case(
         if res.parallel:
             rec["comm"] = res.parallel.get("comm")
             rec["comm_bytes_per_step"] = rec["comm"]["bytes_moved"] / calls if rec["comm"] else None
+            rec["head_parallel_bytes_per_step"] = head_parallel_bytes(rec["comm"]) / calls if rec["comm"] else None
         if fwd_flops is not None:
             skipped = sum(res.pab_stats[k]["broadcast"] * per_call[k] for k in per_call)
             flops = fwd_flops * calls - skipped
@@ -320,17 +321,37 @@ def print_table(records: list[dict]) -> None:
         "e2e_s",
         "peak_mem_gib",
         "mfu",
+        "speedup",
         "comm_bytes_per_step",
+        "head_parallel_bytes_per_step",
     ]
     print(" | ".join(f"{c:>12}" for c in cols))
     for r in records:
         cells = []
         for c in cols:
             v = r.get(c)
-            if c == "comm_bytes_per_step" and v is not None:
+            if c == "speedup":
+                v = speedup(r, records)
+            if c.endswith("bytes_per_step") and v is not None:
                 v = f"{v / 2**20:.1f}MiB"
             cells.append(f"{'-' if v is None else v!s:>12}")
         print(" | ".join(cells))
+
+
+def head_parallel_bytes(comm: dict) -> float:
+    """Bytes a rank would send with Ulysses-style head parallelism for the same attentions: an all-to-all of
+    q, k, v and of the output around each temporal attention where DSP switches the activation in and out
+    (twice DSP's all-to-all bytes, docs/parallel.md), plus the same output gathers."""
+    return 2 * comm["all_to_all_bytes"] + comm["gather_bytes"] + comm.get("cfg_gather_bytes", 0)
+
+
+def speedup(rec: dict, records: list[dict]) -> str | None:
+    """DiT time of the one-GPU record of the same case among `records` (same run) over this record's."""
+    key = ("impl", "model", "resolution", "pab", "compile")
+    base = [r for r in records if r.get("gpus") == 1 and all(r.get(k) == rec.get(k) for k in key)]
+    if not base or rec.get("gpus", 1) == 1:
+        return None
+    return f"{base[-1]['dit_s'] / rec['dit_s']:.2f}x"
 
 
 def main(argv: list[str] | None = None) -> int:

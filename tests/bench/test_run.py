@@ -3,7 +3,7 @@
 import torch
 from torch._dynamo.utils import counters
 
-from bench.run import Case, _flops_by_kind, _run_case
+from bench.run import Case, _flops_by_kind, _run_case, speedup
 from pab.parallel import launch_local
 from pab.pipeline import GenerationRequest, Pipeline
 
@@ -33,3 +33,19 @@ def test_group_records_with_overlapped_switches():
     assert [r["overlap_chunks"] for r in plain + chunked] == [1, 3]
     assert plain[0]["sp"] == chunked[0]["sp"] == 2
     assert chunked[0]["comm"]["all_to_all_done"] == plain[0]["comm"]["all_to_all_done"] > 0
+    # head parallelism would re-shard q, k, v and the output where DSP switches the activation twice
+    comm = plain[0]["comm"]
+    assert plain[0]["head_parallel_bytes_per_step"] * 3 == 2 * comm["all_to_all_bytes"] + comm["gather_bytes"]
+
+
+def test_speedup_is_taken_against_the_one_gpu_record_of_the_same_case():
+    def rec(gpus, pab, dit_s, model="m"):
+        return {"impl": "pab", "model": model, "resolution": "r", "pab": pab, "compile": False, "gpus": gpus,
+                "dit_s": dit_s}  # fmt: skip
+
+    records = [rec(1, "off", 30.0), rec(1, "paper", 24.0), rec(2, "off", 16.0), rec(2, "paper", 12.0),
+               rec(4, "off", 10.0, model="other")]  # fmt: skip
+    assert speedup(records[2], records) == "1.88x"
+    assert speedup(records[3], records) == "2.00x"
+    assert speedup(records[0], records) is None  # the baseline itself
+    assert speedup(records[4], records) is None  # no one-GPU record of that model in this run
