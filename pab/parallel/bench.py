@@ -6,7 +6,8 @@
 Weights are random (timing does not depend on them). Each `--sp N` value starts N local processes
 (one GPU each with NCCL, or gloo on CPU) and reports rank 0's median forward time. `--profile DIR` also
 traces one more forward on rank 0 and writes the trace and a summary of where its GPU time went (compute
-kernels by kind, NCCL kernels, how much of NCCL overlapped compute, idle GPU time).
+kernels by kind, NCCL kernels, how much of NCCL overlapped compute, idle GPU time), and reports the bytes
+rank 0 sent per second of NCCL kernel time (`nccl_gb_per_s`).
 """
 
 from __future__ import annotations
@@ -181,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
         shape = (args.frames, args.height, args.width)
         result = launch_local(sp, _worker, args.model, *shape, args.dtype, args.iters, args.chunks, args.profile)[0]
         trace = result.pop("trace", None)
+        if trace and trace.get("nccl_ms"):
+            # what the collectives achieved while NCCL kernels ran (their time includes waiting for peers)
+            result["nccl_gb_per_s"] = round(result["per_forward"]["bytes_moved"] / trace["nccl_ms"] / 1e6, 1)
         print(json.dumps({"model": args.model, "latent": list(shape), **result}), flush=True)
         if trace:
             print(_format_summary(trace), flush=True)
