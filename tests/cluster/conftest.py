@@ -33,10 +33,22 @@ def serve_port(ray_session):
     """Serve's HTTP proxy on a free loopback port."""
     from ray import serve
 
+    from ray.exceptions import RayActorError
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    for attempt in range(3):
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            break
+        except RayActorError:
+            # On a starved CPU Serve's controller may kill the HTTP proxy before it starts (seen with both
+            # cores busy: "killed by ray.kill ... cancelled before it started running"); start Serve again.
+            if attempt == 2:
+                raise
+            serve.shutdown()
+            time.sleep(2)
     yield port
     serve.shutdown()
 
