@@ -108,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.ray_address:
             ray.init(address=args.ray_address)
         else:
+            # A local Ray on a small machine: Serve kills an HTTP proxy that is not up within 5 s, which a
+            # loaded 2-core host can miss (the proxy's Python start alone takes seconds); allow 60 s.
+            # Set before ray.init so the Serve controller, started from this process's cluster, sees it.
+            os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
             # Logical CPUs: the ingress and group drivers mostly wait; the ranks do the work.
             ray.init(num_gpus=gpus, num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False)
     # Ctrl-C / SIGTERM from here on (after ray.init, which installs its own handlers) means: shut

@@ -18,6 +18,9 @@ def start_ray():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TMPDIR", "/tmp/raypabsv")
+    # Serve's default 5 s for its HTTP proxy to come up is missed on a loaded 2-core CI host; `pab serve`
+    # (cluster/local.py) allows the same 60 s on a local Ray.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     import ray
 
     if ray.is_initialized():
