@@ -303,6 +303,8 @@ if triton is not None:
             raise ValueError(f"the short-sequence attention takes at most {MAX_LEN} tokens and 2^31 qkv elements, "
                              f"got {tuple(qkv.shape)} with strides {qkv.stride()}")
         out = blocks.new_empty(nb, N, LB, C)
+        if out.numel() == 0:  # no sequences (a DSP rank's empty chunk): nothing to launch
+            return out if qkv.ndim == 4 else out[0]
         has_norm, has_rope = q_weight is not None, cos is not None
         dummy = out  # never read: the HAS_NORM / HAS_ROPE branches that would read it are compiled out
         _short_attention_kernel[(N * (num_heads // heads_per_program),)](

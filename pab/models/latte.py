@@ -393,6 +393,7 @@ class Attention(nn.Module):
         super().__init__()
         inner_dim = heads * dim_head
         self.heads = heads
+        self.dim_head = dim_head
         self.is_cross_attention = cross_attention_dim is not None
         kv_dim = query_dim if cross_attention_dim is None else cross_attention_dim
         self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
@@ -400,29 +401,52 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(kv_dim, inner_dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim, bias=True), nn.Dropout(dropout)])
 
+    # Sequence parallelism (pab.parallel.dsp) may pass the temporal self-attention its sequences in frame
+    # blocks, (N, nb, lb, C) with token t = b·lb + i of sequence n at [n, b, i]: a transposed view of the buffer
+    # the frames arrived in from nb ranks. The projections are token-wise and the short-sequence kernel reads
+    # and writes that layout, so the switches need no reordering copies (as STDiT3's SelfAttention).
+    accepts_frame_blocks = True
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        n, length, _ = hidden_states.shape  # (N, L_q, C)
+        if hidden_states.ndim == 4 and encoder_hidden_states is None:  # frame blocks -> the same layout
+            qkv = _linear_cat(hidden_states.transpose(0, 1), self.to_q, self.to_k, self.to_v)  # (nb, N, lb, 3hd)
+            return self._self_attention(qkv, attention_bias).transpose(0, 1)
         if encoder_hidden_states is None:
-            qkv = _linear_cat(hidden_states, self.to_q, self.to_k, self.to_v)  # (N, L, 3*h*d)
-            if SHORT_ATTENTION and attention_bias is None and short_attn.supported(qkv, self.heads):
-                out = short_attn.try_short_attention(qkv, self.heads)  # temporal: (N, F<=32, h*d)
-                if out is not None:
-                    return self.to_out[1](self.to_out[0](out))
-            q, k, v = qkv.view(n, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (N, h, L, d) each
-        else:
-            q = self.to_q(hidden_states).view(n, length, self.heads, -1).transpose(1, 2)  # (N, h, L_q, d)
-            kv = _linear_cat(encoder_hidden_states, self.to_k, self.to_v)  # (N, L_kv, 2*h*d)
-            kv = kv.view(n, encoder_hidden_states.shape[1], 2, self.heads, -1)
-            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (N, h, L_kv, d) each
-        if attention_bias is not None:
-            attention_bias = attention_bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias)  # (N, h, L_q, d), scale 1/sqrt(d)
-        out = out.transpose(1, 2).reshape(n, length, -1)  # (N, L_q, h*d)
+            return self._self_attention(_linear_cat(hidden_states, self.to_q, self.to_k, self.to_v), attention_bias)
+        n, length, _ = hidden_states.shape  # (N, L_q, C)
+        q = self.to_q(hidden_states).view(n, length, self.heads, self.dim_head).transpose(1, 2)  # (N, h, L_q, d)
+        kv = _linear_cat(encoder_hidden_states, self.to_k, self.to_v)  # (N, L_kv, 2*h*d)
+        kv = kv.view(n, encoder_hidden_states.shape[1], 2, self.heads, self.dim_head)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (N, h, L_kv, d) each
+        return self._sdpa_out(q, k, v, attention_bias)
+
+    def _self_attention(self, qkv: torch.Tensor, attention_bias: torch.Tensor | None) -> torch.Tensor:
+        """(N, L, 3·h·d) -> (N, L, C), or frame blocks (nb, N, lb, 3·h·d) -> (nb, N, lb, C)."""
+        if SHORT_ATTENTION and attention_bias is None and short_attn.supported(qkv, self.heads):
+            out = short_attn.try_short_attention(qkv, self.heads)  # temporal: F <= 32 tokens a sequence
+            if out is not None:
+                return self.to_out[1](self.to_out[0](out))
+        if qkv.ndim == 4:  # any other path: reorder the blocks into (N, L, 3hd) sequences first
+            nb, n, lb, c3 = qkv.shape
+            out = self._self_attention(qkv.transpose(0, 1).reshape(n, nb * lb, c3), attention_bias)
+            return out.view(n, nb, lb, out.shape[-1]).transpose(0, 1)
+        n, length, _ = qkv.shape
+        # explicit sizes, no -1: a DSP rank can get no sequences of a chunk (n = 0)
+        q, k, v = qkv.view(n, length, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)  # (N, h, L, d)
+        return self._sdpa_out(q, k, v, attention_bias)
+
+    def _sdpa_out(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """SDPA over (N, h, L, d) q and (N, h, L_kv, d) k, v, then the output projection: (N, L, C)."""
+        n, _, length, _ = q.shape
+        if bias is not None:
+            bias = bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (N, h, L_q, d), scale 1/sqrt(d)
+        out = out.transpose(1, 2).reshape(n, length, self.heads * self.dim_head)  # (N, L_q, h*d)
         return self.to_out[1](self.to_out[0](out))  # (N, L_q, C)
 
 

@@ -265,6 +265,21 @@ def test_short_attention_kernel_in_bf16_on_cuda(F, monkeypatch):
     assert rel(out) < 1.5 * rel(sdpa) + 2e-3, (rel(out), rel(sdpa))
 
 
+@pytest.mark.parametrize("nb,lb", [(1, 5), (2, 4), (3, 2)])
+def test_self_attention_on_frame_blocks_matches_sequences(nb, lb):
+    """(N, nb, lb, C) frame blocks, as DSP hands them over (a transposed view of (nb, N, lb, C)), give the
+    (N, L, C) result in the same layout; a strided 4D input never reaches the cross-attention path."""
+    torch.manual_seed(0)
+    attn = latte.Attention(32, heads=2, dim_head=16, bias=True).eval()
+    n, L = 3, nb * lb
+    x = torch.randn(n, L, 32)
+    blocks = x.view(n, nb, lb, 32).transpose(0, 1).contiguous().transpose(0, 1)
+    with torch.no_grad():
+        ref, out = attn(x), attn(blocks)
+    assert out.shape == (n, nb, lb, 32)
+    torch.testing.assert_close(out.reshape(n, L, 32), ref, atol=1e-6, rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------- behaviour
 
 

@@ -39,7 +39,8 @@ TEXT_LEN = 6
 CASES = {
     "opensora-v1.2": [(5, 6, 10, "x_mask"), (7, 4, 6, "plain"), (2, 6, 4, "x_mask"), (1, 5, 7, "plain"),
                       (6, 3, 4, "plain")],  # 6 frames: even blocks on 2 and 3 ranks (frame-block switches)
-    "latte-1": [(5, 6, 10, "plain"), (7, 4, 6, "frame_bias"), (2, 6, 4, "keep_mask"), (1, 4, 6, "plain")],
+    "latte-1": [(5, 6, 10, "plain"), (7, 4, 6, "frame_bias"), (2, 6, 4, "keep_mask"), (1, 4, 6, "plain"),
+                (6, 4, 4, "plain")],
     "opensora-plan-v1.1": [(5, 6, 10, "keep_mask"), (7, 4, 6, "plain"), (2, 6, 4, "plain"), (1, 4, 6, "keep_mask")],
 }
 # Denoising loop for PAB: timesteps that enter and leave each preset's window, so every kind both
