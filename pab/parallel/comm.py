@@ -162,7 +162,7 @@ def _start_all_to_all(
 # With `blocks=True` (every rank holding the same number of frames), the forward switch skips its copy too:
 # it returns the receive buffer as frame blocks, (R_rank, N, T/N, *rest) = a transposed view of the
 # (N, R_rank, T/N, *rest) buffer, block j holding rank j's frames. An attention that reads that layout
-# (STDiT3's temporal attention, `accepts_frame_blocks`) answers in it, and the backward switch sends the
+# (STDiT3's and Latte's attention, `accepts_frame_blocks`) answers in it, and the backward switch sends the
 # answer as it lies: a switch pair then copies nothing.
 #
 # Each switch comes in two halves: `start_*` launches the all-to-all and returns a function that waits for
