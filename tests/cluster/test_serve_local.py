@@ -159,7 +159,8 @@ def test_two_groups_autoscale_backpressure_and_rank_death(app, ray_session):
     assert redone["attempts"] == 1 and redone["group"]["name"] != victim["group"]["name"]
     for f in finals:
         assert decode(client.get(f"/v1/videos/{f['id']}/content").content).shape == (17, 128, 128, 3)
-    # Intervals overlap: two groups really rendered at the same time.
-    spans = sorted((f["started_at"], f["completed_at"]) for f in finals)
-    assert any(a[1] > b[0] for a, b in zip(spans, spans[1:]))
+    # That two groups rendered at the same time is what `both` saw. The final records cannot show it: the
+    # victim's record carries its retry's start, and if the replacement group comes up late the retry and the
+    # queued videos all run one after another on the surviving group (a check of overlapping final spans
+    # failed that way in CI).
     wait_for(lambda: running_replicas(APP, POOL) == 1, 120, "scale back to one group")
