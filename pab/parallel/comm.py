@@ -232,16 +232,11 @@ def start_switch_to_local_frames(
     returned them; if it is a transposed view of a contiguous (N, R_rank, T/N, *rest), it is sent as it lies."""
     rows = even_sizes(num_rows, layout.size)
     blocked = blocks and even_frames(layout)
-    if blocked and (y.ndim < 3 or y.size(1) != layout.size):
-        raise ValueError(f"rank {rank} expected frame blocks ({rows[rank]}, {layout.size}, "
-                         f"{layout.num_frames // layout.size}, ...) after temporal attention, got {tuple(y.shape)}")
-    frames = layout.size * y.size(2) if blocked else y.size(1)
-    if y.size(0) != rows[rank] or frames != layout.num_frames:
-        raise ValueError(
-            f"rank {rank} expected ({rows[rank]}, {layout.num_frames}, ...) or frame blocks ({rows[rank]}, "
-            f"{layout.size}, {layout.num_frames // layout.size}, ...) after temporal attention, got {tuple(y.shape)}"
-        )
-    rest = tuple(y.shape[3:] if blocked else y.shape[2:])
+    lead = (rows[rank], layout.size, layout.counts[0]) if blocked else (rows[rank], layout.num_frames)
+    if tuple(y.shape[: len(lead)]) != lead:
+        raise ValueError(f"rank {rank} expected {'frame blocks ' if blocked else ''}({', '.join(map(str, lead))}, "
+                         f"...) after temporal attention, got {tuple(y.shape)}")
+    rest = tuple(y.shape[len(lead):])
     inner = int(torch.Size(rest).numel())
     send_sizes = [rows[rank] * c * inner for c in layout.counts]
     if blocked and y.transpose(0, 1).is_contiguous():
