@@ -28,6 +28,8 @@ import warnings
 
 import torch
 
+from pab.kernels import no_grad_needed
+
 try:
     import triton
     import triton.language as tl
@@ -41,7 +43,7 @@ def supported(x: torch.Tensor) -> bool:
     """Whether the kernels should take `x` by default: CUDA, half precision, contiguous, < 2^31 elements, and
     no failed build in this process."""
     return (
-        triton is not None and _BUILD_ERROR is None and x.is_cuda
+        triton is not None and _BUILD_ERROR is None and x.is_cuda and no_grad_needed(x)
         and x.dtype in (torch.bfloat16, torch.float16) and x.numel() < 2**31 and x.is_contiguous()
     )  # fmt: skip
 

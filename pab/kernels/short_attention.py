@@ -30,6 +30,8 @@ import warnings
 
 import torch
 
+from pab.kernels import no_grad_needed
+
 try:
     import triton
     import triton.language as tl
@@ -66,7 +68,7 @@ def supported(qkv: torch.Tensor, num_heads: int) -> bool:
     """Whether `short_attention` should take (N, L, 3C) `qkv` by default: CUDA, half precision (float32 would
     round through TF32 and miss float32 fidelity), L <= MAX_LEN, 32-bit offsets, a head_dim it splits, and a
     kernel that built here."""
-    if triton is None or _BUILD_ERROR is not None or not qkv.is_cuda:
+    if triton is None or _BUILD_ERROR is not None or not qkv.is_cuda or not no_grad_needed(qkv):
         return False
     if qkv.dtype not in (torch.bfloat16, torch.float16) or qkv.ndim not in (3, 4) or seq_len(qkv) > MAX_LEN:
         return False

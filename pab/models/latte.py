@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pab.kernels import short_attention as short_attn
-from pab.kernels import norms
+from pab.kernels import no_grad_needed, norms
 
 #################################################################################
 #                                    Config                                     #
@@ -473,7 +473,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act, drop, proj_out = self.net
-        if MLP_FUSED_GELU and x.is_cuda and act.approximate == "tanh":
+        if MLP_FUSED_GELU and x.is_cuda and no_grad_needed(x) and act.approximate == "tanh":
             # cuBLASLt applies bias + tanh-GELU in fc1's epilogue: the 4C-wide hidden is written once instead of
             # written, read and written again. CUDA only: the CPU kernel of this op uses the exact (erf) GELU.
             h = torch._addmm_activation(act.proj.bias, x.reshape(-1, x.shape[-1]), act.proj.weight.t(), use_gelu=True)

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pab.kernels import short_attention as short_attn
-from pab.kernels import norms
+from pab.kernels import no_grad_needed, norms
 
 
 # How the temporal attention core is computed (the module is still called once per block, on (B·S, T, C)):
@@ -137,6 +137,10 @@ SIZES: dict[str, dict[str, Any]] = {
 # Same architecture, small enough for CPU tests; caption_channels is our tiny T5's width.
 SIZES["tiny"] = {**SIZES["full"], "depth": 2, "hidden_size": 64, "num_heads": 4, "caption_channels": 64,
                  "model_max_length": 64}  # fmt: skip
+# Trained here on synthetic clips (`python -m pab.train`, weights in pab/weights/): 4+4 blocks of width 192,
+# 64x64 px (16x16 latents), the small T5's width, its 32 text tokens; the caption projection trains too.
+SIZES["small"] = {**SIZES["full"], "depth": 4, "hidden_size": 192, "num_heads": 3, "caption_channels": 128,
+                  "model_max_length": 32, "input_sq_size": 64, "freeze_y_embedder": False}  # fmt: skip
 
 
 #################################################################################
@@ -184,7 +188,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features or in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if MLP_FUSED_GELU and x.is_cuda:
+        if MLP_FUSED_GELU and x.is_cuda and no_grad_needed(x):
             # cuBLASLt applies bias + tanh-GELU in fc1's epilogue: the 4C-wide hidden is written once instead
             # of written, read and written again by a separate GELU kernel (2 x 440 MB per MLP at 480p).
             # CUDA only: the CPU kernel of this op uses the exact (erf) GELU.
@@ -289,6 +293,8 @@ class RotaryEmbedding(nn.Module):
         # `dtype`; for bf16 the rounding back happens in the same kernel (out=) instead of another pass.
         if x.dtype == dtype:
             return torch.addcmul(x * cos, swapped, sin)
+        if not no_grad_needed(x):  # training: autograd cannot record an out= op
+            return torch.addcmul(x * cos, swapped, sin).to(x.dtype)
         return torch.addcmul(x * cos, swapped, sin, out=torch.empty_like(x, memory_format=torch.contiguous_format))
 
 
@@ -500,7 +506,8 @@ class STDiT3Block(nn.Module):
         x_n = self.norm1(x)
         if not self.temporal:
             return torch.addcmul(mod[:, 0], x_n, 1 + mod[:, 1]).view(B * T, S, C)
-        if torch.compiler.is_compiling():  # the compiler fuses the transpose into the same kernel itself
+        if torch.compiler.is_compiling() or not no_grad_needed(x_n):
+            # The compiler fuses the transpose into the same kernel itself; autograd cannot record an out= op.
             return (x_n * (1 + mod[:, 1]) + mod[:, 0]).transpose(1, 2).reshape(B * S, T, C)
         # Write straight into the (B, S, T, C) layout: one pass instead of modulate + transpose copy.
         out = x.new_empty(B, S, T, C)
