@@ -1,0 +1,1 @@
+"""Data made by code for training and evaluating the small models."""
