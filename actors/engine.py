@@ -75,11 +75,11 @@ class _ResolveOnly:
     """Just enough of a Pipeline for `Pipeline.resolve`: name, spec, size and a meta-device VAE."""
 
     def __init__(self, model: str) -> None:
-        from pab.models import MODEL_SPECS, build, get_spec
+        from pab.models import MODEL_SPECS, build, get_spec, split_name
 
         self.name = model
         self.spec = get_spec(model)
-        self.size = "tiny" if model.endswith("-tiny") else "full"
+        self.size = split_name(model)[1]
         if model not in _META_VAES:
             vae = self.spec.vae
             if vae == "sd-vae":  # per-frame VAE: any frame count
@@ -87,7 +87,7 @@ class _ResolveOnly:
 
                 _META_VAES[model] = SimpleNamespace(latent_frames=lambda n: n)
             else:
-                _META_VAES[model] = build(f"{vae}-tiny" if self.size == "tiny" else vae, device="meta")
+                _META_VAES[model] = build(vae if self.size == "full" else f"{vae}-{self.size}", device="meta")
         self.vae = _META_VAES[model]
         assert MODEL_SPECS  # imported for the registry side effects only
 
@@ -109,10 +109,9 @@ def check_request(request: dict[str, Any]) -> dict[str, Any]:
 
 def frames_for_seconds(model: str, seconds: float, fps: int | None) -> tuple[int, int]:
     """(num_frames, fps) for a duration: the smallest frame count the model takes that lasts `seconds`."""
-    from pab.models import get_spec
+    from pab.models import get_spec, split_name
 
-    spec = get_spec(model)
-    d = spec.tiny_defaults if model.endswith("-tiny") else spec.defaults
+    d = get_spec(model).defaults_for(split_name(model)[1])
     fps = fps or d.fps
     want = max(1, round(seconds * fps))
     for n in range(want, want + 256):
@@ -128,7 +127,6 @@ def model_defaults(model: str) -> dict[str, Any]:
     """The defaults the model's official pipeline uses (tiny models have their own)."""
     import dataclasses as dc
 
-    from pab.models import get_spec
+    from pab.models import get_spec, split_name
 
-    spec = get_spec(model)
-    return dc.asdict(spec.tiny_defaults if model.endswith("-tiny") else spec.defaults)
+    return dc.asdict(get_spec(model).defaults_for(split_name(model)[1]))

@@ -145,7 +145,9 @@ class PABConfig:
     @classmethod
     def preset(cls, model: str, name: str) -> "PABConfig":
         """A named preset for a model family: "off" or "paper"."""
-        family = model.removesuffix("-tiny")
+        from pab.models import split_name
+
+        family = split_name(model)[0]
         if name == "off":
             return cls()
         if name != "paper":

@@ -21,7 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pab.broadcast import PABConfig, PABState, apply_pab, use_state
-from pab.models import VAE_SPECS, CheckpointError, ModelSpec, build, get_spec, randomize_weights
+from pab.models import (
+    VAE_SPECS, CheckpointError, ModelSpec, build, get_spec, randomize_weights, shipped_checkpoint, split_name,
+)  # fmt: skip
 from pab.models.vae import VideoVAE
 
 log = logging.getLogger(__name__)
@@ -123,7 +125,7 @@ def load_vae(
 def load_text_encoder(spec: ModelSpec, size: str, checkpoint: Path | None, device: torch.device, dtype: torch.dtype):
     from pab.text import TextEncoder
 
-    max_length = spec.text_max_length if size == "full" else 64
+    max_length = spec.text_max_length_for(size)
     if checkpoint is not None:
         folder = checkpoint / "text_encoder"
         if not folder.is_dir():
@@ -156,7 +158,7 @@ class Pipeline:
     ) -> None:
         self.name = name
         self.spec = get_spec(name)
-        self.size = "tiny" if name.endswith("-tiny") else "full"
+        self.size = split_name(name)[1]
         self.transformer = transformer
         self.text_encoder = text_encoder
         self.vae = vae
@@ -188,12 +190,15 @@ class Pipeline:
         parallel: Any = None,
         compile: bool = False,
     ) -> "Pipeline":
-        """Build every part of model `name`; random weights unless `checkpoint` holds the published files."""
+        """Build every part of model `name`: random weights unless `checkpoint` holds the published files;
+        a `-small` model loads its shipped weights (pab/weights/NAME) when no checkpoint is given."""
         spec = get_spec(name)
-        size = "tiny" if name.endswith("-tiny") else "full"
+        size = split_name(name)[1]
         dev = torch.device(device) if device is not None else default_device()
         dt = resolve_dtype(dtype, dev)
         ckpt = Path(checkpoint) if checkpoint is not None else None
+        if ckpt is None and size == "small":
+            ckpt = shipped_checkpoint(name)
         if ckpt is not None:
             # A `-tiny` name with a checkpoint loads tiny weights saved in the same layout (tests).
             if not ckpt.is_dir():
@@ -223,7 +228,7 @@ class Pipeline:
         """Fill defaults and check that the model can take the request; ValueError says what it can."""
         if request.model != self.name:
             raise ValueError(f"this pipeline serves {self.name!r}, not {request.model!r}")
-        d = self.spec.tiny_defaults if self.size == "tiny" else self.spec.defaults
+        d = self.spec.defaults_for(self.size)
         r = replace(
             request,
             num_frames=request.num_frames if request.num_frames is not None else d.num_frames,

@@ -49,6 +49,9 @@ TINY_T5_CONFIG = dict(
     decoder_start_token_id=0,
 )
 
+# The `-small` models' T5, trained with them (`python -m pab.train`) on a word-level vocabulary.
+SMALL_T5_CONFIG = dict(TINY_T5_CONFIG, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4)
+
 # T5-v1.1-XXL's encoder (DeepFloyd/t5-v1_1-xxl): the shapes and cost of the real one, for full-size
 # runs without a checkpoint (benchmarks).
 XXL_T5_CONFIG = dict(
@@ -185,4 +188,22 @@ class TextEncoder(nn.Module):
         return emb, mask
 
 
-__all__ = ["TextEncoder", "TINY_T5_CONFIG"]
+def word_tokenizer(words: list[str]):
+    """A T5-style word-level tokenizer over `words` (lower-cased, split on spaces and punctuation), built
+    without any download: ids 0, 1, 2 are <pad>, </s>, <unk>; every text ends with </s>. `save_pretrained`
+    writes files that `AutoTokenizer.from_pretrained` (and so `TextEncoder.from_pretrained`) reads back."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in words:
+        vocab.setdefault(w.lower(), len(vocab))
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # "score: 6.5." -> score : 6 . 5 .
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+__all__ = ["TextEncoder", "TINY_T5_CONFIG", "SMALL_T5_CONFIG", "word_tokenizer"]

@@ -1,4 +1,4 @@
-"""Model registry: every DiT and VAE by name, full size or `-tiny`.
+"""Model registry: every DiT and VAE by name, full size, `-small` (trained here, shipped) or `-tiny`.
 
     model = pab.models.build("opensora-v1.2", device="meta")          # full size, no memory
     model = pab.models.build("latte-1-tiny", dtype=torch.float32)     # small, same architecture
@@ -64,7 +64,7 @@ def _short(items: list[str], n: int = 8) -> str:
 
 @dataclass(frozen=True)
 class ComponentSpec:
-    """Where a module lives: `module:builder` called with a size name ("full" or "tiny")."""
+    """Where a module lives: `module:builder` called with a size name ("full", "small" or "tiny")."""
 
     module: str
     cls: str
@@ -140,6 +140,24 @@ class ModelSpec:
     prompt_suffix: str = ""
     paper_reference: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # The `-small` size, trained here on synthetic clips (`python -m pab.train`); None until it exists.
+    small_defaults: Defaults | None = None
+    small_text_max_length: int = 32
+
+    @property
+    def sizes(self) -> tuple[str, ...]:
+        return ("full", "small", "tiny") if self.small_defaults is not None else ("full", "tiny")
+
+    def defaults_for(self, size: str) -> Defaults:
+        """The request defaults of one size ("full" = the official pipeline's)."""
+        d = {"full": self.defaults, "tiny": self.tiny_defaults, "small": self.small_defaults}.get(size)
+        if d is None:
+            raise ValueError(f"{self.name} has no {size!r} size; sizes: {', '.join(self.sizes)}")
+        return d
+
+    def text_max_length_for(self, size: str) -> int:
+        """Text tokens the encoder keeps: the official length, the small T5's, or 64 for the byte-level tiny one."""
+        return {"full": self.text_max_length, "small": self.small_text_max_length}.get(size, 64)
 
 
 VAE_SPECS: dict[str, ComponentSpec] = {
@@ -160,6 +178,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         tiny_defaults=Defaults(num_frames=17, height=64, width=96, fps=8, steps=8, guidance_scale=7.0),
         prompt_suffix=" aesthetic score: 6.5.",
         paper_reference="480p (480x854) 51 frames, 30 steps, CFG 7.0",
+        small_defaults=Defaults(num_frames=17, height=64, width=64, fps=8, steps=30, guidance_scale=4.0),
     ),
     "latte-1": ModelSpec(
         name="latte-1",
@@ -188,15 +207,49 @@ MODEL_SPECS: dict[str, ModelSpec] = {
 }
 
 MODEL_NAMES = sorted(MODEL_SPECS)
-ALL_NAMES = sorted([*MODEL_SPECS, *(f"{n}-tiny" for n in MODEL_SPECS), *VAE_SPECS, *(f"{n}-tiny" for n in VAE_SPECS)])
+# A VAE has a `-small` size where a model that uses it has one.
+_VAE_SIZES = {v: sorted({s for m in MODEL_SPECS.values() if m.vae == v for s in m.sizes}) for v in VAE_SPECS}
+ALL_NAMES = sorted(
+    [n if s == "full" else f"{n}-{s}" for n, m in MODEL_SPECS.items() for s in m.sizes]
+    + [n if s == "full" else f"{n}-{s}" for n, sizes in _VAE_SIZES.items() for s in sizes]
+)
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+"""Shipped checkpoints of the `-small` models, one folder each in the `--checkpoint` layout."""
 
 
 def split_name(name: str) -> tuple[str, str]:
-    """'latte-1-tiny' -> ('latte-1', 'tiny'); 'latte-1' -> ('latte-1', 'full')."""
-    base, size = (name[: -len("-tiny")], "tiny") if name.endswith("-tiny") else (name, "full")
-    if base not in MODEL_SPECS and base not in VAE_SPECS:
+    """'latte-1-tiny' -> ('latte-1', 'tiny'); 'opensora-v1.2-small' -> (.., 'small'); 'latte-1' -> ('latte-1', 'full')."""
+    base, size = name, "full"
+    for s in ("tiny", "small"):
+        if name.endswith(f"-{s}"):
+            base, size = name[: -len(s) - 1], s
+    known = MODEL_SPECS[base].sizes if base in MODEL_SPECS else _VAE_SIZES.get(base, ())
+    if size not in known:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(ALL_NAMES)}")
     return base, size
+
+
+def shipped_checkpoint(name: str) -> Path:
+    """The shipped weights of a `-small` model (pab/weights/NAME); CheckpointError when they are not there."""
+    base, size = split_name(name)
+    folder = WEIGHTS_DIR / f"{base}-{size}"
+    if size != "small" or not (folder / "transformer").is_dir():
+        raise CheckpointError(
+            f"{name} has no shipped weights in {folder}; train them with "
+            f"`python -m pab.train --model {base}-small` or pass --checkpoint DIR"
+        )
+    return folder
+
+
+def training_summary(folder: Path) -> str:
+    """One line on what a checkpoint trained here learned from (its training.json), or why it cannot say."""
+    try:
+        doc = json.loads((Path(folder) / "training.json").read_text())
+    except (OSError, ValueError):
+        return "no training.json beside the weights"
+    dit = doc.get("stages", {}).get("dit", {})
+    how = f"; {dit['steps']} steps on {dit.get('device', '?')}" if "steps" in dit else ""
+    return f"trained on {doc.get('data', '?')}{how}"
 
 
 def get_spec(name: str) -> ModelSpec:

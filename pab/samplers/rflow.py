@@ -55,6 +55,17 @@ def _num_frames_ratio_input(num_frames: int) -> int:
     return 1 if num_frames == 1 else num_frames // 17 * 5
 
 
+def shift_ratio(height: int, width: int, num_frames: int, scale: float = 1.0) -> float:
+    """The transform's r for a video size, in float64: sqrt(H W / 512^2) * sqrt(F // 17 * 5) * scale."""
+    frames = 1 if num_frames == 1 else num_frames // 17 * 5
+    return (height * width / BASE_RESOLUTION) ** 0.5 * frames**0.5 * scale
+
+
+def shift_timesteps(s: torch.Tensor, ratio: float) -> torch.Tensor:
+    """t' = r s / (1 + (r - 1) s) elementwise on s in [0, 1]: what training applies to its sampled times."""
+    return ratio * s / (1 + (ratio - 1) * s)
+
+
 def timestep_transform(
     t: float,
     *,
@@ -184,4 +195,4 @@ def rflow_timesteps(num_steps: int, **kw) -> list[float]:
     return RFlowSampler(num_steps, **kw).timesteps
 
 
-__all__ = ["RFlowSampler", "timestep_transform", "rflow_timesteps", "NUM_TIMESTEPS"]
+__all__ = ["RFlowSampler", "timestep_transform", "rflow_timesteps", "shift_ratio", "shift_timesteps", "NUM_TIMESTEPS"]

@@ -234,8 +234,10 @@ def test_sampled_encode_is_reproducible_with_a_generator(tiny):
 
 
 def test_sizes_registry_and_build_by_name():
-    assert set(SIZES) == {"full", "tiny"}
+    assert set(SIZES) == {"full", "small", "tiny"}
     full = build("opensora-vae-v1.2", device="meta")
+    small = build("opensora-vae-v1.2-small")
+    assert small.spatial_factor == 4 and small.latent_frames(17) == 5  # 64x64x17 px -> 16x16x5 latents
     tiny = build("opensora-vae-v1.2-tiny")
     assert isinstance(full, OpenSoraVAE) and full.config == OpenSoraVAEConfig.from_size("full")
     assert isinstance(tiny, OpenSoraVAE) and tiny.config == OpenSoraVAEConfig.from_size("tiny")
