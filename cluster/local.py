@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--config", help="YAML app config; the flags below override its fields")
-    p.add_argument("--model", help="model to serve (default: opensora-v1.2-tiny without a GPU, opensora-v1.2 with)")
+    p.add_argument("--model", help="model to serve (default: opensora-v1.2-small, trained here and shipped)")
     p.add_argument("--checkpoint", help="local folder or s3://bucket/prefix of the published weights")
     p.add_argument("--gpus-per-group", type=int, default=None, help="ranks per group (sequence parallel degree)")
     p.add_argument("--min-groups", type=int, default=None)
@@ -60,7 +60,8 @@ def build_config(args: argparse.Namespace, gpus: int) -> dict[str, Any]:
         with open(args.config) as f:
             cfg = yaml.safe_load(f) or {}
     if args.model or "models" not in cfg:
-        model = args.model or ("opensora-v1.2" if gpus else "opensora-v1.2-tiny")
+        # The small model trained here: real videos without any download, on a CPU or a GPU.
+        model = args.model or "opensora-v1.2-small"
         cfg["models"] = [{"name": model}]
     m = cfg["models"][0]
     if args.checkpoint:

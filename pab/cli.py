@@ -45,6 +45,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cfg-parallel", action="store_true", help="split the CFG halves over two sub-groups")
     p.add_argument("--output", default="out.mp4", help="mp4 path; a JSON sidecar is written next to it")
     p.add_argument("--save-latents", help="also write the final latents (key 'latents') to this .safetensors")
+    p.add_argument("--strip", help="also write a PNG of every 4th frame side by side (a look without a player)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -125,6 +126,10 @@ def _run_generate(rank: int, world: int, args: argparse.Namespace) -> dict | Non
     sidecar["checkpoint"] = args.checkpoint
     sidecar["device"] = str(pipe.device)
     sidecar["dtype"] = str(pipe.dtype).removeprefix("torch.")
+    if args.strip:
+        from pab.video import write_strip
+
+        _atomic_write(Path(args.strip), lambda tmp: write_strip(tmp, result.frames))
     if args.save_latents:
         from safetensors.torch import save_file
 
@@ -154,6 +159,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_writable(out)
     if args.save_latents:
         _check_writable(Path(args.save_latents))
+    if args.strip:
+        if Path(args.strip).suffix.lower() != ".png":
+            raise UsageError(f"--strip must end in .png, got {args.strip}")
+        _check_writable(Path(args.strip))
     # Validate the request before loading weights or starting processes, so bad input fails fast.
     _validate_request_early(args)
     t0 = time.perf_counter()
@@ -164,11 +173,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         sidecar = launch_local(args.sp, _run_generate, args)[0]
     wall = time.perf_counter() - t0
-    weights = (
-        "RANDOM weights (no --checkpoint): the video is noise-like"
-        if sidecar["random_weights"]
-        else "published weights"
-    )
+    if sidecar["random_weights"]:
+        weights = "RANDOM weights (no --checkpoint): the video is noise-like"
+    elif args.checkpoint is None:  # a -small model's shipped weights
+        from pab.models import shipped_checkpoint, training_summary
+
+        folder = shipped_checkpoint(args.model)
+        weights = f"the weights trained here ({folder}): {training_summary(folder)}"
+    else:
+        weights = f"the weights in {args.checkpoint}"
     print(
         f"wrote {args.output} ({sidecar['num_frames']} frames, {sidecar['width']}x{sidecar['height']}, "
         f"{sidecar['fps']} fps) and {Path(args.output).with_suffix('.json')} in {wall:.1f}s; "
@@ -206,10 +219,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     rows: list[dict[str, Any]] = []
     for name, spec in MODEL_SPECS.items():
-        for size, d in (("full", spec.defaults), ("tiny", spec.tiny_defaults)):
+        for size in spec.sizes:
+            d = spec.defaults_for(size)
             rows.append(
                 {
-                    "name": name if size == "full" else f"{name}-tiny",
+                    "name": name if size == "full" else f"{name}-{size}",
                     "size": size,
                     "sampler": spec.sampler,
                     "defaults": (

@@ -143,3 +143,13 @@ def to_uint8_frames(video: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 __all__ = ["write_mp4", "read_video", "to_uint8_frames", "DEFAULT_CRF"]
+
+
+def write_strip(path: str | Path, frames: np.ndarray, every: int = 4, scale: int = 2) -> None:
+    """Every `every`-th frame of (F, H, W, 3) uint8 side by side, enlarged `scale` times, as a PNG."""
+    from PIL import Image
+
+    strip = np.concatenate(list(frames[::every]), axis=1)  # (H, W * n, 3)
+    img = Image.fromarray(strip)
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path, format="PNG")
+

@@ -21,12 +21,12 @@ from cluster.local import _parser, build_config
 def test_flags_to_config(tmp_path):
     args = _parser().parse_args(["--output-dir", str(tmp_path), "--api-key", "k", "--max-pending", "3"])
     cfg = load_config(build_config(args, gpus=0))
-    assert cfg.models[0].name == "opensora-v1.2-tiny" and cfg.gpus_per_rank == 0  # CPU: groups hold CPUs
+    assert cfg.models[0].name == "opensora-v1.2-small" and cfg.gpus_per_rank == 0  # CPU: groups hold CPUs
     assert cfg.storage.backend == "local" and cfg.storage.path == str(tmp_path) and cfg.max_pending == 3
     assert [k.get_secret_value() for k in cfg.api_keys] == ["k"]
     args = _parser().parse_args(["--s3-endpoint", "http://127.0.0.1:1", "--bucket", "vids", "--gpus-per-group", "2"])
     cfg = load_config(build_config(args, gpus=8))
-    assert cfg.models[0].name == "opensora-v1.2" and cfg.models[0].groups[0].gpus == 2
+    assert cfg.models[0].name == "opensora-v1.2-small" and cfg.models[0].groups[0].gpus == 2
     assert cfg.models[0].groups[0].max_groups == 4 and cfg.gpus_per_rank == 1
     assert cfg.storage.backend == "s3" and cfg.storage.bucket == "vids" and cfg.storage.create_bucket
     with pytest.raises(SystemExit):
@@ -55,7 +55,7 @@ def test_pab_serve_end_to_end(tmp_path):
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        assert c.get("/v1/models").json()["data"][0]["id"] == "opensora-v1.2-tiny"
+        assert c.get("/v1/models").json()["data"][0]["id"] == "opensora-v1.2-small"  # the trained, shipped one
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401  # PAB_API_KEYS reached the ingress
         job = c.post("/v1/videos", json={"prompt": "a fox", "seconds": 2, "size": "32x32", "steps": 4}).json()
         while (rec := c.get(f"/v1/videos/{job['id']}").json())["status"] not in ("completed", "failed"):
