@@ -618,41 +618,17 @@ SIZES: dict[str, dict[str, Any]] = {
             "activation_fn": "swish",
         },
     },
-    # Trained here on synthetic clips (`python -m pab.train --stage vae`, weights in pab/weights/): three 2D levels
-    # (4x space: 64x64 px -> 16x16 latents), the same 4x causal temporal VAE at 8 filters; 1.3 M parameters.
-    # shift / scale are placeholders: training measures the latents' statistics and saves them.
-    "small": {
-        "micro_frame_size": 17,
-        "scale": [1.0, 1.0, 1.0, 1.0],
-        "shift": [0.0, 0.0, 0.0, 0.0],
-        "vae_2d": {"type": "VideoAutoencoderKL", "from_pretrained": None, "subfolder": None, "micro_batch_size": None},
-        "vae_2d_config": {
-            "in_channels": 3,
-            "out_channels": 3,
-            "down_block_types": ["DownEncoderBlock2D"] * 3,
-            "up_block_types": ["UpDecoderBlock2D"] * 3,
-            "block_out_channels": [32, 64, 64],
-            "layers_per_block": 1,
-            "act_fn": "silu",
-            "latent_channels": 4,
-            "norm_num_groups": 8,
-            "sample_size": 64,
-            "scaling_factor": 0.18215,
-            "latents_mean": None,
-            "latents_std": None,
-            "force_upcast": False,
-        },
-        "vae_temporal": {
-            "type": "VAE_Temporal",
-            "in_out_channels": 4,
-            "latent_embed_dim": 4,
-            "embed_dim": 4,
-            "filters": 8,
-            "num_res_blocks": 1,
-            "channel_multipliers": [1, 2, 2, 4],
-            "temporal_downsample": [False, True, True],
-            "num_groups": 4,
-            "activation_fn": "swish",
-        },
-    },
 }
+# Trained here on synthetic clips (`python -m pab.train --stage vae`, weights in pab/weights/): three 2D levels
+# (4x space: 64x64 px -> 16x16 latents), the same 4x causal temporal VAE at 8 filters; 1.3 M parameters.
+# shift / scale are placeholders: training measures the latents' statistics and saves them.
+SIZES["small"] = {
+    **SIZES["tiny"],
+    "scale": [1.0, 1.0, 1.0, 1.0],
+    "shift": [0.0, 0.0, 0.0, 0.0],
+    "vae_2d": {**SIZES["tiny"]["vae_2d"], "micro_batch_size": None},
+    "vae_2d_config": {**SIZES["tiny"]["vae_2d_config"], "down_block_types": ["DownEncoderBlock2D"] * 3,
+                      "up_block_types": ["UpDecoderBlock2D"] * 3, "block_out_channels": [32, 64, 64],
+                      "norm_num_groups": 8, "sample_size": 64, "scaling_factor": 0.18215},
+    "vae_temporal": {**SIZES["tiny"]["vae_temporal"], "filters": 8, "num_groups": 4},
+}  # fmt: skip
