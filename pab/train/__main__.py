@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dit-minutes", type=float, help="time budget of the DiT stage")
     p.add_argument("--batch", type=int, default=128, help="DiT clips per step")
     p.add_argument("--lr", type=float, default=4e-4, help="DiT and T5 learning rate")
+    p.add_argument("--dit-init", type=Path, help="a checkpoint folder whose transformer/ and text_encoder/ "
+                   "the DiT stage starts from (to continue in another session; pass another --seed for new batches)")
     p.add_argument("--ema", type=float, default=0.995, help="decay of the exported weights' moving average")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=1000)
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                                    **common)
         opensora.train_vae(cfg, args.work, out, device)
     if args.stage in ("dit", "all"):
-        cfg = opensora.StageConfig(args.dit_steps, args.batch, args.lr, args.dit_minutes, ema=args.ema, **common)
+        cfg = opensora.StageConfig(args.dit_steps, args.batch, args.lr, args.dit_minutes, ema=args.ema,
+                                   init=args.dit_init, **common)
         opensora.train_dit(cfg, args.work, out, device)
     print(f"pab.train: done; generate with: pab generate --model {args.model} --checkpoint {out} --prompt ...")
     return 0

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -146,7 +147,7 @@ def train_vae(cfg: StageConfig, work: Path, out: Path, device: torch.device) -> 
     print(f"[vae] latents: shift {vae.config.shift}, scale {vae.config.scale}; round-trip PSNR {psnr:.2f} dB")
     _export(vae.state_dict(), vae.config.to_dict(), out / "vae")
     info = {"steps": last, "seconds": time.perf_counter() - t0, "loss": history[-1][1] if history else None,
-            "psnr_db": psnr, "batch": cfg.batch, "lr": cfg.lr}  # fmt: skip
+            "psnr_db": psnr, "batch": cfg.batch, "lr": cfg.lr, "init": str(cfg.init) if cfg.init else None}  # fmt: skip
     _write_training_info(out, "vae", info)
     return info
 
@@ -199,13 +200,22 @@ def flow_loss(
 
 def train_dit(cfg: StageConfig, work: Path, out: Path, device: torch.device, cfg_dropout: float = 0.1) -> dict:
     F_, H, W, fps = _geometry()
+    if not (out / "vae" / "config.json").is_file() and cfg.init is not None and (cfg.init / "vae").is_dir():
+        shutil.copytree(cfg.init / "vae", out / "vae")  # the checkpoint being continued brings its VAE
     if not (out / "vae" / "config.json").is_file():
         raise FileNotFoundError(f"{out / 'vae'} holds no trained VAE; run the vae stage first (--stage vae)")
     vae = VAE_SPECS["opensora-vae-v1.2"].load("small", out / "vae", device).eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
     dit = build_stdit3("small").to(device).train()
     t5, tokenizer = build_text_parts(cfg.seed)
-    t5 = t5.to(device).train()
+    if cfg.init is not None:  # continue from exported weights (a fresh optimizer; the warm-up restarts)
+        from pab.text import TextEncoder
+
+        # Into the fresh model, so that its requires_grad flags (RoPE's frequencies stay fixed) are kept.
+        dit.load_state_dict(get_spec(NAME).transformer.load("small", cfg.init / "transformer", device).state_dict())
+        t5 = TextEncoder.from_pretrained(cfg.init / "text_encoder", max_length=1).model
+        print(f"[dit] starting from the weights in {cfg.init}", flush=True)
+    t5 = t5.to(device=device, dtype=torch.float32).train().requires_grad_(True)
     max_length = get_spec(NAME).text_max_length_for("small")
     params = [p for m in (dit, t5) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -243,7 +253,8 @@ def train_dit(cfg: StageConfig, work: Path, out: Path, device: torch.device, cfg
     last, history = run(step, start, loop, "dit", lambda i: save_state(state_file, i, objects))
     export_text_and_dit(ema, dit, t5, tokenizer, out)
     info = {"steps": last, "seconds": time.perf_counter() - t0, "loss": history[-1][1] if history else None,
-            "loss_history": history, "batch": cfg.batch, "lr": cfg.lr, "cfg_dropout": cfg_dropout}  # fmt: skip
+            "loss_history": history, "batch": cfg.batch, "lr": cfg.lr, "cfg_dropout": cfg_dropout,
+            "init": str(cfg.init) if cfg.init else None}  # fmt: skip
     _write_training_info(out, "dit", info)
     return info
 
