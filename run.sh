@@ -19,7 +19,7 @@ setup() {
         # when there is one; an unpinned torch would pull a multi-GB CUDA build.
         "$VENV/bin/pip" install --quiet --upgrade pip 2>&1 | grep -v "is ignored" || true
         "$VENV/bin/pip" install --quiet -e ".[test]" 2>&1 | grep -v "is ignored" || true
-        "$VENV/bin/python" -c "import torch, ray, av, diffusers, transformers" \
+        "$VENV/bin/python" -c "import torch, ray, av, diffusers, transformers, triton, matplotlib" \
             || { echo "run.sh: installing dependencies failed (see pip output above)" >&2; exit 1; }
         touch "$STAMP"
     fi
@@ -42,7 +42,9 @@ case "$cmd" in
         ;;
     test)
         setup
-        exec python -m pytest -q -m "not gpu" "$@"
+        ruff check .
+        # Triton's CPU interpreter runs the kernel tests without a GPU (set before anything imports triton).
+        TRITON_INTERPRET=1 exec python -m pytest -q -m "not gpu" "$@"
         ;;
     serve)
         setup

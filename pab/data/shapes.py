@@ -130,7 +130,7 @@ _OBJECT_RE = (
 
 def parse_caption(text: str) -> Scene:
     """The scene a caption describes; ValueError when the text is outside the vocabulary."""
-    m = re.fullmatch(rf"(?P<objs>.+) on a (?P<bg>[a-z ]+) background\.?", text.strip().lower())
+    m = re.fullmatch(r"(?P<objs>.+) on a (?P<bg>[a-z ]+) background\.?", text.strip().lower())
     if m is None:
         raise ValueError(f"not a caption of the synthetic data: {text!r} (expected '... on a COLOUR background')")
     objects = []

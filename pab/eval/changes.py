@@ -40,7 +40,7 @@ def measure_changes(pipeline, requests: list) -> ChangeCurves:
         calls: dict[int, int] = {}
         handles = []
 
-        def hook(kind: str, key: int):
+        def hook(kind: str, key: int, prev: dict = prev, calls: dict = calls):  # this request's dicts
             def record(_module, _args, out):
                 out = out[0] if isinstance(out, tuple) else out
                 step = calls.get(key, 0)  # one call per module per step (the CFG halves are one batch)

@@ -218,7 +218,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
 
 def split_name(name: str) -> tuple[str, str]:
-    """'latte-1-tiny' -> ('latte-1', 'tiny'); 'opensora-v1.2-small' -> (.., 'small'); 'latte-1' -> ('latte-1', 'full')."""
+    """'latte-1-tiny' -> ('latte-1', 'tiny'), 'opensora-v1.2-small' -> (.., 'small'), 'latte-1' -> (.., 'full')."""
     base, size = name, "full"
     for s in ("tiny", "small"):
         if name.endswith(f"-{s}"):

@@ -162,10 +162,12 @@ def launch_local(
             except queue.Empty:
                 for rank, p in enumerate(procs):
                     if rank not in values and not p.is_alive() and p.exitcode not in (0, None):
-                        raise LaunchError(rank, f"process exited with code {p.exitcode} without a result")
+                        raise LaunchError(rank, f"process exited with code {p.exitcode} without a result") from None
                 if datetime.datetime.now() > deadline:
                     missing = sorted(set(range(nprocs)) - set(values))
-                    raise LaunchError(missing[0], f"no result after {timeout_s:.0f} s (ranks {missing} still running)")
+                    raise LaunchError(
+                        missing[0], f"no result after {timeout_s:.0f} s (ranks {missing} still running)"
+                    ) from None
                 continue
             if not ok:
                 raise _first_failure(rank, value, results)

@@ -147,7 +147,8 @@ def train_vae(cfg: StageConfig, work: Path, out: Path, device: torch.device) -> 
     print(f"[vae] latents: shift {vae.config.shift}, scale {vae.config.scale}; round-trip PSNR {psnr:.2f} dB")
     _export(vae.state_dict(), vae.config.to_dict(), out / "vae")
     info = {"steps": last, "seconds": time.perf_counter() - t0, "loss": history[-1][1] if history else None,
-            "psnr_db": psnr, "batch": cfg.batch, "lr": cfg.lr, "init": str(cfg.init) if cfg.init else None}  # fmt: skip
+            "psnr_db": psnr, "batch": cfg.batch, "lr": cfg.lr,
+            "init": str(cfg.init) if cfg.init else None}  # fmt: skip
     _write_training_info(out, "vae", info)
     return info
 

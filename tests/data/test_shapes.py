@@ -53,7 +53,7 @@ def test_motion_is_drawn_as_captioned():
     red = (video[0, 0] > 0.5) & (video[0, 1] < 0)  # (F, H, W) red pixels
     cols = [float(torch.nonzero(f)[:, 1].float().mean()) for f in red]
     assert cols[-1] - cols[0] == pytest.approx(32.0, abs=1.0)
-    for b, t in enumerate(tracks):  # every object stays inside the frame
+    for t in tracks:  # every object stays inside the frame
         for tr in t:
             assert float(tr.x.min() - tr.size.max()) > 0 and float(tr.x.max() + tr.size.max()) < 64
 

@@ -2,7 +2,7 @@
 
 Runs where Triton can: on CUDA, or on the CPU through Triton's interpreter, e.g.
 
-    PYTHONPATH=/path/to/triton TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/kernels
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/kernels    # what ./run.sh test does
 
 Without Triton, or without CUDA and TRITON_INTERPRET, the kernel tests skip; `supported` is tested everywhere.
 """

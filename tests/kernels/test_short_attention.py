@@ -3,7 +3,7 @@ and RoPE (as its temporal attention runs it) and plain (as Latte's does).
 
 Runs where Triton can: on CUDA, or on the CPU through Triton's interpreter, e.g.
 
-    PYTHONPATH=/path/to/triton TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/kernels
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/kernels    # what ./run.sh test does
 
 (the interpreter's bf16 dot is broken, so there float32 and float16 are checked). Without Triton, or without
 CUDA and TRITON_INTERPRET, the kernel tests skip; the launch-configuration helpers are tested everywhere.

@@ -87,8 +87,8 @@ def test_train_command_writes_a_loadable_checkpoint_and_resumes(tmp_path):
     assert "[dit] step 3/3" in run.stdout and "[dit] step 1/" not in run.stdout, run.stdout
     # continue from exported weights alone (another session, another machine): starts there, not from scratch
     before = load_file(str(out / "transformer" / "model.safetensors"))
-    run = subprocess.run([*cmd[:5], "--work", str(tmp_path / "work2"), "--out", str(tmp_path / "ckpt2"), "--stage", "dit",
-                          "--dit-init", str(out), "--dit-steps", "1", "--batch", "1", "--lr", "1e-9", "--ema", "0",
+    run = subprocess.run([*cmd[:5], "--work", str(tmp_path / "work2"), "--out", str(tmp_path / "ckpt2"),
+                          "--stage", "dit", "--dit-init", str(out), "--dit-steps", "1", "--batch", "1", "--lr", "1e-9", "--ema", "0",
                           "--seed", "1"], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0 and "starting from the weights" in run.stdout, run.stderr[-3000:]
     after = load_file(str(tmp_path / "ckpt2" / "transformer" / "model.safetensors"))
