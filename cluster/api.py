@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -17,13 +17,22 @@ TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 PAB_KINDS = ("spatial", "temporal", "cross", "mlp")
 
 
+def _no_bool(v: Any) -> Any:
+    """JSON true/false is not a number here (pydantic would read true as 1 frame)."""
+    if isinstance(v, bool):
+        raise ValueError("must be a number, not true/false")
+    return v
+
+
 class BroadcastRuleIn(BaseModel):
     """Reuse a kind of module's output: recompute every `range` steps while `window[0] < t < window[1]`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     range: int = Field(ge=1, le=1000)
     window: tuple[float, float]
-    blocks: list[int] | None = None
+    blocks: list[Annotated[int, Field(ge=0, le=1000)]] | None = None
+
+    _ints = field_validator("range", mode="before")(_no_bool)
 
     @field_validator("window")
     @classmethod
@@ -46,7 +55,8 @@ class PABSettings(BaseModel):
 class VideoCreate(BaseModel):
     """A request to render one video. Fields left out take the model's defaults (`GET /v1/models`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN and Infinity are refused by name (JSON parsers here accept them; no field means them).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str | None = Field(None, description="a model from GET /v1/models; default: the server's first model")
     prompt: str = Field(min_length=1, max_length=4000)
@@ -63,6 +73,8 @@ class VideoCreate(BaseModel):
     pab: Literal["off", "paper"] | PABSettings | None = Field(
         None, description="'off', 'paper' (the paper's preset for this model) or per-kind rules"
     )
+
+    _ints = field_validator("num_frames", "height", "width", "fps", "steps", "seed", mode="before")(_no_bool)
 
     @field_validator("prompt")
     @classmethod

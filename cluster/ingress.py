@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import os
 import random
 import time
@@ -21,6 +22,7 @@ import uuid
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -382,6 +384,25 @@ async def list_models(svc: VideoAPI = Depends(_auth)) -> dict[str, Any]:
 async def healthz(request: Request) -> dict[str, Any]:
     svc = _svc(request)
     return {"status": "ok", "pending": len(svc._active), "max_pending": svc.cfg.max_pending}
+
+
+def _json_safe(v: Any) -> Any:
+    """What a 422 echoes of the input, made encodable: NaN/Infinity as text, unpaired surrogates escaped."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return repr(v)
+    if isinstance(v, str):
+        return v.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(v, dict):
+        return {_json_safe(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's own handler echoes the input as it came; NaN or a lone surrogate there made the 422 a 500.
+    return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
 
 @api.exception_handler(HTTPException)

@@ -81,7 +81,7 @@ def _batch(cfg: StageConfig, step: int, device: torch.device) -> tuple[torch.Ten
 
 
 def vae_loss(vae: OpenSoraVAE, video: torch.Tensor, kl_weight: float = 1e-6) -> torch.Tensor:
-    """The round trip with sampled posteriors; video (B, 3, F, H, W) in [-1, 1], one temporal chunk."""
+    """The round trip (2D posterior mean, temporal posterior sampled); video (B, 3, F, H, W) in [-1, 1], one chunk."""
     B, _, T, _, _ = video.shape
     frames = video.transpose(1, 2).flatten(0, 1)  # (B·F, 3, H, W)
     post2d = vae.spatial_vae.module.encode(frames).latent_dist
