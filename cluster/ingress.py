@@ -77,6 +77,7 @@ class VideoAPI:
             log.warning("pab ingress: no API keys configured, the API is open (set PAB_API_KEYS)")
         self.owner = f"ingress:{uuid.uuid4().hex[:8]}"
         self._active: dict[str, asyncio.Task] = {}  # jobs this replica drives
+        self._reserved = 0  # accepted requests whose job is being written, not yet in _active
         self._loop_task: asyncio.Task | None = None
         _instance["svc"] = self  # the routes below are module functions; one VideoAPI per replica process
         try:  # Serve runs the constructor on the replica's event loop: start adopting jobs right away
@@ -125,19 +126,25 @@ class VideoAPI:
             request = await asyncio.to_thread(self._resolve, request, body.seconds)
         except ValueError as e:
             raise _field_error(_guess_field(str(e), [*request, "seconds", "size"]), str(e)) from None
-        if len(self._active) >= self.cfg.max_pending:
+        # Check and reserve with no await in between: concurrent requests all passed the check before any
+        # of them was registered, so 32 simultaneous POSTs got past a bound of 8.
+        if len(self._active) + self._reserved >= self.cfg.max_pending:
             raise _error(429, "queue_full", f"{len(self._active)} videos are queued or rendering; retry later",
                          {"Retry-After": str(self.cfg.retry_after_s)})
-        pool = route(model_cfg, request["num_frames"] * request["height"] * request["width"])
-        now = time.time()
-        rec = JobRecord(
-            id=new_job_id(), model=model, status="queued", created_at=now, prompt=request["prompt"],
-            seconds=f"{request['num_frames'] / request['fps']:g}", size=f"{request['width']}x{request['height']}",
-            request=request, seed=request["seed"], total_steps=request["steps"], pool=pool_name(model, pool.gpus),
-            max_attempts=self.cfg.max_attempts,
-        )
-        await asyncio.to_thread(self.jobs.create, rec)
-        self._start(rec.id)
+        self._reserved += 1
+        try:
+            pool = route(model_cfg, request["num_frames"] * request["height"] * request["width"])
+            now = time.time()
+            rec = JobRecord(
+                id=new_job_id(), model=model, status="queued", created_at=now, prompt=request["prompt"],
+                seconds=f"{request['num_frames'] / request['fps']:g}", size=f"{request['width']}x{request['height']}",
+                request=request, seed=request["seed"], total_steps=request["steps"], pool=pool_name(model, pool.gpus),
+                max_attempts=self.cfg.max_attempts,
+            )
+            await asyncio.to_thread(self.jobs.create, rec)
+            self._start(rec.id)
+        finally:
+            self._reserved -= 1
         log.info("job %s queued on %s", rec.id, rec.pool)
         return rec.public()
 
@@ -383,7 +390,7 @@ async def list_models(svc: VideoAPI = Depends(_auth)) -> dict[str, Any]:
 @api.get("/healthz", tags=["health"])
 async def healthz(request: Request) -> dict[str, Any]:
     svc = _svc(request)
-    return {"status": "ok", "pending": len(svc._active), "max_pending": svc.cfg.max_pending}
+    return {"status": "ok", "pending": len(svc._active) + svc._reserved, "max_pending": svc.cfg.max_pending}
 
 
 def _json_safe(v: Any) -> Any:

@@ -1,7 +1,8 @@
-"""Malformed numbers and text get a 422 naming the field, never a 500 (#19 items 1 and 6).
+"""What the ingress admits, in process (no Ray): malformed numbers and text get a 422 naming the field,
+never a 500 (#19 items 1 and 6); the queue bound holds under a burst (#19 item 2).
 
-The ingress app alone, in process (no Ray): validation happens before the service is asked for anything,
-so a stand-in service that refuses every call is enough."""
+Validation happens before the service is asked for anything, so a stand-in service is enough there; the
+burst drives the real VideoAPI.create with a slow job store and jobs that never finish."""
 
 import json
 from types import SimpleNamespace
@@ -62,3 +63,35 @@ def test_a_good_body_reaches_the_service(client):
     r = client.post("/v1/videos", json=body)
     assert r.status_code == 409 and r.json()["error"]["code"] == "stand_in", r.text
     assert RECEIVED[0].num_frames == 17 and RECEIVED[0].prompt == body["prompt"]
+
+
+def test_the_queue_bound_holds_under_a_burst(tmp_path):
+    """32 POSTs at once against max_pending 8 while the job store is slow: exactly 8 accepted (#19 item 2)."""
+    import asyncio
+    import time
+
+    from fastapi import HTTPException
+
+    from cluster.api import VideoCreate
+
+    svc = ingress.VideoAPI({"models": [{"name": "opensora-v1.2-tiny"}], "max_pending": 8,
+                            "storage": {"backend": "local", "path": str(tmp_path)}}, pools={})  # fmt: skip
+    svc._ensure_background = lambda: None  # no leases or recovery loop: only the admission path is under test
+    write = svc.jobs.create
+    svc.jobs.create = lambda rec: (time.sleep(0.05), write(rec))[1]  # a store with some latency
+
+    async def burst():
+        never = asyncio.Event()
+        svc._start = lambda job_id: svc._active.setdefault(job_id, asyncio.ensure_future(never.wait()))
+        body = VideoCreate(prompt="a fox", num_frames=17, steps=2)
+        results = await asyncio.gather(*(svc.create(body) for _ in range(32)), return_exceptions=True)
+        for task in svc._active.values():
+            task.cancel()
+        return results
+
+    results = asyncio.run(burst())
+    accepted = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, HTTPException)]
+    assert len(accepted) == 8 and len(refused) == 24, [r for r in results if isinstance(r, BaseException)][:3]
+    assert all(r.status_code == 429 and r.headers["Retry-After"] for r in refused)
+    assert len(svc._active) == 8 and svc._reserved == 0
