@@ -60,6 +60,10 @@ log = logging.getLogger("jobs.render")
 # ----------------------------------------------------------------------------------------------------
 
 
+class ResourceError(RuntimeError):
+    """The cluster can never hold one group as asked."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m jobs.render`` (also used by ``pab bulk submit`` to check arguments)."""
     p = argparse.ArgumentParser(
@@ -306,7 +310,25 @@ class BulkRender:
         import ray
 
         if not ray.is_initialized():
+            local = not self.args.ray_address and not os.environ.get("RAY_ADDRESS")
             ray.init(address=self.args.ray_address, log_to_driver=True)
+            if local:
+                self._fit_local(ray.cluster_resources())
+
+    def _fit_local(self, resources: dict[str, float]) -> None:
+        """A Ray started here has no autoscaler: a group it cannot hold would wait for ever. Without any GPU,
+        render on the CPU (as `pab serve` does); too few GPUs or CPUs for one group is an error saying so."""
+        a = self.args
+        gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+        if a.gpus_per_rank > 0 and gpus == 0 and a.device in ("auto", "cpu"):
+            log.warning("no GPU on this machine: rendering on the CPU (pass --gpus-per-rank 0 to say so)")
+            a.gpus_per_rank = 0.0
+        if a.gpus_per_rank * a.group_size > gpus or a.cpus_per_rank * a.group_size > cpus:
+            raise ResourceError(
+                f"a group of {a.group_size} needs {a.gpus_per_rank * a.group_size:g} GPU and "
+                f"{a.cpus_per_rank * a.group_size:g} CPU, but the local Ray has {gpus:g} GPU and {cpus:g} CPU; "
+                "use a smaller --group-size, --gpus-per-rank/--cpus-per-rank, or --ray-address of a larger cluster"
+            )
 
     def render(self, todo: list[RowPlan]) -> None:
         """Render `todo` on `--groups` groups, one thread per group pulling rows from a shared queue."""
@@ -464,6 +486,10 @@ def main(argv: list[str] | None = None) -> int:
         return BulkRender(args).run()
     except ManifestError as e:
         log.error("bad manifest: %s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ResourceError as e:
+        log.error("cannot render here: %s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2
 
