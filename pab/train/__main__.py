@@ -1,6 +1,6 @@
 """`python -m pab.train`: train a `-small` model on the synthetic shapes, resumable, one command.
 
-    python -m pab.train --model opensora-v1.2-small --out pab/weights/opensora-v1.2-small     # GPU, ~9 min
+    python -m pab.train --out pab/weights/opensora-v1.2-small --vae-minutes 5 --dit-minutes 15   # one H200, ~20 min
     python -m pab.train --device cpu --vae-steps 3 --dit-steps 3 --batch 2 --out /tmp/ckpt  # a smoke run
 
 `--work` keeps the resumable states (weights, optimizer, EMA, step); `--resume` continues from them up to
