@@ -128,8 +128,9 @@ class VideoAPI:
             raise _field_error(_guess_field(str(e), [*request, "seconds", "size"]), str(e)) from None
         # Check and reserve with no await in between: concurrent requests all passed the check before any
         # of them was registered, so 32 simultaneous POSTs got past a bound of 8.
-        if len(self._active) + self._reserved >= self.cfg.max_pending:
-            raise _error(429, "queue_full", f"{len(self._active)} videos are queued or rendering; retry later",
+        pending = len(self._active) + self._reserved
+        if pending >= self.cfg.max_pending:
+            raise _error(429, "queue_full", f"{pending} videos are queued or rendering; retry later",
                          {"Retry-After": str(self.cfg.retry_after_s)})
         self._reserved += 1
         try:

@@ -484,12 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return BulkRender(args).run()
-    except ManifestError as e:
-        log.error("bad manifest: %s", e)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ResourceError as e:
-        log.error("cannot render here: %s", e)
+    except (ManifestError, ResourceError) as e:
+        log.error("%s: %s", "bad manifest" if isinstance(e, ManifestError) else "cannot render here", e)
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -12,6 +12,7 @@ PAB off (a broadcast output would read as "no change"). Nothing stays attached a
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -32,8 +33,7 @@ class ChangeCurves:
 def measure_changes(pipeline, requests: list) -> ChangeCurves:
     """Run `requests` (PAB forced off) and average each kind's step-to-step relative output change."""
     targets = pipeline.transformer.broadcast_targets()
-    sums: dict[str, list[float]] = {}
-    counts: dict[str, list[int]] = {}
+    changes: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))  # kind -> step -> values
     timesteps: list[float] = []
     for request in requests:
         prev: dict[int, torch.Tensor] = {}
@@ -47,11 +47,7 @@ def measure_changes(pipeline, requests: list) -> ChangeCurves:
                 calls[key] = step + 1
                 o = out.detach().float()
                 if key in prev:
-                    rel = float((o - prev[key]).norm() / prev[key].norm().clamp_min(1e-12))
-                    sums.setdefault(kind, []).extend([0.0] * (step + 1 - len(sums.get(kind, []))))
-                    counts.setdefault(kind, []).extend([0] * (step + 1 - len(counts.get(kind, []))))
-                    sums[kind][step] += rel
-                    counts[kind][step] += 1
+                    changes[kind][step].append(float((o - prev[key]).norm() / prev[key].norm().clamp_min(1e-12)))
                 prev[key] = o
 
             return record
@@ -66,6 +62,6 @@ def measure_changes(pipeline, requests: list) -> ChangeCurves:
                 h.remove()
         timesteps = result.timesteps
     curves = ChangeCurves(timesteps=timesteps, requests=len(requests))
-    for kind in sums:
-        curves.mean[kind] = [float("nan")] + [s / max(c, 1) for s, c in zip(sums[kind][1:], counts[kind][1:])]
+    for kind, by_step in changes.items():
+        curves.mean[kind] = [float("nan")] + [sum(v) / len(v) for _, v in sorted(by_step.items())]
     return curves

@@ -67,11 +67,11 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def _batch(cfg: StageConfig, step: int, device: torch.device) -> tuple[torch.Tensor, list[str]]:
-    """Clips (B, 3, F, H, W) in [-1, 1] and captions of batch `step`: a function of (seed, step) only."""
+def _batch(size: int, seed: int, step: int, device: torch.device) -> tuple[torch.Tensor, list[str]]:
+    """`size` clips (B, 3, F, H, W) in [-1, 1] and captions of batch `step`: a function of (seed, step) only."""
     F_, H, W, _ = _geometry()
-    gen = step_generator(cfg.seed, step)
-    scenes = shapes.sample_scenes(cfg.batch, gen)
+    gen = step_generator(seed, step)
+    scenes = shapes.sample_scenes(size, gen)
     return shapes.render(scenes, F_, H, W, gen, device), [s.caption() for s in scenes]
 
 
@@ -107,7 +107,7 @@ def calibrate_latents(vae: OpenSoraVAE, device: torch.device, clips: int = 256, 
     vae.shift.fill_(0.0)
     zs = []
     for i in range(0, clips, 64):
-        video, _ = _batch(StageConfig(steps=0, batch=min(64, clips - i), lr=0, seed=seed), i, device)
+        video, _ = _batch(min(64, clips - i), seed, i, device)
         with _autocast(device):
             zs.append(vae.encode(video).float())  # (b, 4, t, h, w) with scale 1, shift 0
     z = torch.cat(zs).transpose(0, 1).flatten(1)  # (4, N)
@@ -128,7 +128,7 @@ def train_vae(cfg: StageConfig, work: Path, out: Path, device: torch.device) -> 
     start = load_state(state_file, {"vae": vae, "opt": opt}, device) if cfg.resume and state_file.is_file() else 0
 
     def step(i: int) -> torch.Tensor:
-        video, _ = _batch(cfg, i, device)
+        video, _ = _batch(cfg.batch, cfg.seed, i, device)
         _warmup(opt, cfg.lr, i)
         with _autocast(device):
             loss = vae_loss(vae, video)
@@ -157,7 +157,7 @@ def train_vae(cfg: StageConfig, work: Path, out: Path, device: torch.device) -> 
 def reconstruction_psnr(vae: OpenSoraVAE, device: torch.device, clips: int = 64, seed: int = 20_000) -> float:
     """Mean PSNR (dB, on [0, 1] pixels) of encode -> decode on fresh clips."""
     F_ = _geometry()[0]
-    video, _ = _batch(StageConfig(steps=0, batch=clips, lr=0, seed=seed), 0, device)
+    video, _ = _batch(clips, seed, 0, device)
     with _autocast(device):
         rec = vae.decode(vae.encode(video), F_).float().clamp(-1, 1)
     mse = ((rec - video) / 2).pow(2).flatten(1).mean(1)
@@ -228,7 +228,7 @@ def train_dit(cfg: StageConfig, work: Path, out: Path, device: torch.device, cfg
     null = dit.y_embedder.y_embedding  # (L_max, D): Open-Sora's learned-null caption, the CFG negative
 
     def step(i: int) -> torch.Tensor:
-        video, captions = _batch(cfg, i, device)
+        video, captions = _batch(cfg.batch, cfg.seed, i, device)
         gen = step_generator(cfg.seed + 1, i)
         with torch.no_grad(), _autocast(device):
             z = vae.encode(video).float()  # (B, 4, 5, 16, 16), unit variance per channel
