@@ -95,15 +95,13 @@ class _ResolveOnly:
 def check_request(request: dict[str, Any]) -> dict[str, Any]:
     """The resolved request (model defaults filled in) or ValueError saying what the model can take.
 
-    Runs the engine's own checks (`Pipeline.resolve`, the sampler's) without any weights: a VAE on
-    the meta device answers which frame counts it takes.
+    Runs the engine's own checks (`Pipeline.resolve`, the sampler's among them) without any weights: a VAE
+    on the meta device answers which frame counts it takes.
     """
     from pab.pipeline import Pipeline
-    from pab.samplers import build_sampler
 
     stub = _ResolveOnly(request["model"])
     r = Pipeline.resolve(stub, to_generation_request(request))  # type: ignore[arg-type]
-    build_sampler(stub.spec.sampler, r.steps, height=r.height, width=r.width, num_frames=r.num_frames)
     return r.to_dict()
 
 

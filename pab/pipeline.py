@@ -254,10 +254,8 @@ class Pipeline:
         if r.num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {r.num_frames}")
         self.vae.latent_frames(r.num_frames)  # raises ValueError naming the frame counts it can take
-        from pab.samplers import build_sampler
-
         # Open-Sora's timestep shift is undefined for 2-16 frames; the sampler says so.
-        build_sampler(self.spec.sampler, r.steps, height=r.height, width=r.width, num_frames=r.num_frames)
+        self.spec.new_sampler(self.size, r.steps, height=r.height, width=r.width, num_frames=r.num_frames)
         PABConfig.resolve(self.name, r.pab)  # raises on unknown presets or malformed rules
         return r
 
@@ -347,7 +345,6 @@ class Pipeline:
     ) -> GenerationResult:
         """Make one video. `progress(done, total)` follows the model calls; `should_cancel()` is checked
         before each; `decode=False` stops at the latents (benchmarks of the DiT alone)."""
-        from pab.samplers import build_sampler
         from pab.video import to_uint8_frames
 
         r = self.resolve(request)
@@ -363,7 +360,7 @@ class Pipeline:
         timings["text_s"] = time.perf_counter() - t_start
 
         shape = self.latent_shape(r)
-        sampler = build_sampler(self.spec.sampler, r.steps, height=r.height, width=r.width, num_frames=r.num_frames)
+        sampler = self.spec.new_sampler(self.size, r.steps, height=r.height, width=r.width, num_frames=r.num_frames)
         gen = torch.Generator(device="cpu").manual_seed(int(r.seed))
         z = sampler.init_noise(shape, generator=gen, dtype=torch.float32, device=self.device)
         total = len(sampler.timesteps)

@@ -7,7 +7,8 @@ Two stages, each resumable, each writing its part of the `--checkpoint` layout i
    stage on the spatial latents, and a small KL on both posteriors. Then the latents' per-channel mean and
    std become the VAE's `shift` / `scale`, so the DiT sees unit-variance latents as in the release.
 2. `dit`: STDiT3 and the small T5 together, the VAE frozen. Rectified flow as Open-Sora trains it: s from a
-   logit-normal, shifted by the same resolution/length transform the sampler applies, x_s = (1 - s) x0 + s n,
+   logit-normal, shifted by the same resolution/length transform the sampler applies (with the small size's
+   transform scale that is r = 1 at 64x64 px: no shift, see `small_sampler_options`), x_s = (1 - s) x0 + s n,
    target x0 - n; 10% of captions replaced by the model's null caption (`y_embedding`) for CFG; the
    pipeline's prompt suffix appended, as at inference. The EMA of the weights is what gets exported.
 
@@ -184,13 +185,15 @@ def build_text_parts(seed: int = 0):
 
 
 def flow_loss(
-    dit: STDiT3, z: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, gen: torch.Generator, fps: int, size: tuple
+    dit: STDiT3, z: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, gen: torch.Generator, fps: int, size: tuple,
+    ratio: float,
 ) -> torch.Tensor:
-    """Rectified-flow loss of one batch of normalised latents z (B, C, t, h, w); y (B, L, D) text, mask (B, L)."""
+    """Rectified-flow loss of one batch of normalised latents z (B, C, t, h, w); y (B, L, D) text, mask (B, L);
+    training times shifted by `ratio` as the sampler shifts its timesteps."""
     B = z.shape[0]
     F_, H, W = size
     s = torch.sigmoid(torch.randn(B, generator=gen)).to(z.device)  # logit-normal in (0, 1)
-    s = shift_timesteps(s.double(), shift_ratio(H, W, F_)).float()  # as the sampler shifts its timesteps
+    s = shift_timesteps(s.double(), ratio).float()
     noise = torch.randn(z.shape, generator=gen).to(z.device)
     s_ = s.view(B, 1, 1, 1, 1)
     x_t = (1 - s_) * z + s_ * noise
@@ -203,6 +206,9 @@ def train_dit(cfg: StageConfig, work: Path, out: Path, device: torch.device, cfg
     F_, H, W, fps = _geometry()
     if not (out / "vae" / "config.json").is_file() and cfg.init is not None and (cfg.init / "vae").is_dir():
         shutil.copytree(cfg.init / "vae", out / "vae")  # the checkpoint being continued brings its VAE
+        before = json.loads((cfg.init / "training.json").read_text()) if (cfg.init / "training.json").is_file() else {}
+        if "vae" in before.get("stages", {}):  # and the record of how that VAE was trained
+            _write_training_info(out, "vae", before["stages"]["vae"], stamp=False)
     if not (out / "vae" / "config.json").is_file():
         raise FileNotFoundError(f"{out / 'vae'} holds no trained VAE; run the vae stage first (--stage vae)")
     vae = VAE_SPECS["opensora-vae-v1.2"].load("small", out / "vae", device).eval().requires_grad_(False)
@@ -226,6 +232,7 @@ def train_dit(cfg: StageConfig, work: Path, out: Path, device: torch.device, cfg
     start = load_state(state_file, objects, device) if cfg.resume and state_file.is_file() else 0
     suffix = get_spec(NAME).prompt_suffix
     null = dit.y_embedder.y_embedding  # (L_max, D): Open-Sora's learned-null caption, the CFG negative
+    ratio = shift_ratio(H, W, F_, get_spec(NAME).small_sampler_options.get("transform_scale", 1.0))
 
     def step(i: int) -> torch.Tensor:
         video, captions = _batch(cfg.batch, cfg.seed, i, device)
@@ -240,7 +247,7 @@ def train_dit(cfg: StageConfig, work: Path, out: Path, device: torch.device, cfg
             y = t5(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, D)
             drop = (torch.rand(len(captions), generator=gen) < cfg_dropout).to(device)
             y = torch.where(drop[:, None, None], null[None, : y.shape[1]].to(y.dtype), y)
-            loss = flow_loss(dit, z, y, mask, gen, fps, (F_, H, W))
+            loss = flow_loss(dit, z, y, mask, gen, fps, (F_, H, W), ratio)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -255,9 +262,19 @@ def train_dit(cfg: StageConfig, work: Path, out: Path, device: torch.device, cfg
     export_text_and_dit(ema, dit, t5, tokenizer, out)
     info = {"steps": last, "seconds": time.perf_counter() - t0, "loss": history[-1][1] if history else None,
             "loss_history": history, "batch": cfg.batch, "lr": cfg.lr, "cfg_dropout": cfg_dropout,
-            "init": str(cfg.init) if cfg.init else None}  # fmt: skip
+            "time_shift_ratio": ratio,
+            "init": _init_record(cfg.init)}  # fmt: skip
     _write_training_info(out, "dit", info)
     return info
+
+
+def _init_record(init: Path | None) -> dict | None:
+    """Where a continued DiT started: the folder and its own DiT training (so a chain of runs stays on record)."""
+    if init is None:
+        return None
+    doc = json.loads((init / "training.json").read_text()) if (init / "training.json").is_file() else {}
+    before = {k: v for k, v in doc.get("stages", {}).get("dit", {}).items() if k != "loss_history"}
+    return {"path": str(init), "dit": before or None}
 
 
 def export_text_and_dit(ema: dict[str, EMA], dit: STDiT3, t5, tokenizer, out: Path) -> None:
@@ -310,7 +327,7 @@ def _write_manifest(out: Path) -> None:
     (out / "manifest.json").write_text(json.dumps({"model": NAME, "files": files}, indent=1) + "\n")
 
 
-def _write_training_info(out: Path, stage: str, info: dict) -> None:
+def _write_training_info(out: Path, stage: str, info: dict, stamp: bool = True) -> None:
     """training.json: what the model was trained on, how long, where; the demo prints its summary."""
     path = out / "training.json"
     doc = json.loads(path.read_text()) if path.is_file() else {}
@@ -324,7 +341,7 @@ def _write_training_info(out: Path, stage: str, info: dict) -> None:
     )
     doc["vocabulary"] = shapes.VOCABULARY
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    doc.setdefault("stages", {})[stage] = {**info, "device": dev, "torch": torch.__version__,
-                                           "finished": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    here = {"device": dev, "torch": torch.__version__, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    doc.setdefault("stages", {})[stage] = {**info, **here} if stamp else info  # stamp=False: a copied record
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from pab.pipeline import GenerationRequest, Pipeline
-from pab.samplers import build_sampler
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -18,7 +17,7 @@ def test_denoising_step_has_no_host_sync(model):
     pipe = Pipeline.from_name(model, device="cuda", dtype=torch.bfloat16)
     r = pipe.resolve(GenerationRequest(model=model, prompt="a cat", steps=8, seed=0))
     y, mask = pipe.encode_text(r)  # text is prepared once per generation, outside the loop
-    sampler = build_sampler(pipe.spec.sampler, r.steps, height=r.height, width=r.width, num_frames=r.num_frames)
+    sampler = pipe.spec.new_sampler(pipe.size, r.steps, height=r.height, width=r.width, num_frames=r.num_frames)
     z = sampler.init_noise(pipe.latent_shape(r), dtype=torch.float32, device="cuda")
     z = sampler.step(pipe._cfg_step(z, sampler.timesteps[0], y, mask, r), 0, z)  # warm-up
     torch.cuda.synchronize()

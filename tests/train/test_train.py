@@ -47,7 +47,7 @@ def test_dit_and_text_encoder_loss_goes_down():
     losses = []
     for i in range(12):
         y = t5(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
-        loss = flow_loss(dit, z, y, tok["attention_mask"], torch.Generator().manual_seed(i % 2), 8, (17, 32, 32))
+        loss = flow_loss(dit, z, y, tok["attention_mask"], torch.Generator().manual_seed(i % 2), 8, (17, 32, 32), 1.0)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -93,6 +93,9 @@ def test_train_command_writes_a_loadable_checkpoint_and_resumes(tmp_path):
     assert run.returncode == 0 and "starting from the weights" in run.stdout, run.stderr[-3000:]
     after = load_file(str(tmp_path / "ckpt2" / "transformer" / "model.safetensors"))
     assert all(torch.allclose(before[k].float(), after[k].float(), atol=1e-2) for k in before)  # lr ~0: unchanged
+    chain = json.loads((tmp_path / "ckpt2" / "training.json").read_text())["stages"]
+    assert chain["vae"] == json.loads((out / "training.json").read_text())["stages"]["vae"]  # the VAE's record came along
+    assert chain["dit"]["steps"] == 1 and chain["dit"]["init"]["dit"]["steps"] == 3  # and the run it continued
     from pab.pipeline import GenerationRequest, Pipeline
 
     pipe = Pipeline.from_name("opensora-v1.2-small", checkpoint=out, device="cpu")  # the strict loader
