@@ -26,7 +26,13 @@ def test_fixture_fp32_on_gpu_and_bf16_error(case):
     bf16 = run_fixture(FIXTURES / case, device="cuda", dtype=torch.bfloat16)
     rows = {}
     for key, r in ref.items():
-        torch.testing.assert_close(fp32[key].float().cpu(), r, atol=1e-5, rtol=1e-5)
+        # float32 rounding grows with the largest values summed, not with each element: on an H200 the stdit3
+        # output (up to 4.26) is 1.45e-5 away at most with the fused norm and temporal-attention kernels,
+        # 9.3e-6 with them off, and 9.8e-6 on the CPU (2026-12-03). So the absolute tolerance is 1e-5 of the
+        # output's largest magnitude rather than a flat 1e-5, which a 0.1-sized element next to a 4.26 one
+        # cannot honour in another summation order.
+        atol = 1e-5 * max(1.0, r.abs().max().item())
+        torch.testing.assert_close(fp32[key].float().cpu(), r, atol=atol, rtol=1e-5)
         b = bf16[key].float().cpu()
         rows[key] = {"max_abs": (b - r).abs().max().item(), "ref_max_abs": r.abs().max().item(),
                      "rel_l2": ((b - r).norm() / r.norm()).item()}
