@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from cluster.api import ModelInfo, Video, VideoCreate, VideoList
@@ -201,20 +201,39 @@ class VideoAPI:
         v.cancel_requested = True
         return v
 
-    async def content(self, job_id: str, redirect: bool = True):
+    async def content(self, job_id: str, redirect: bool = True, head: bool = False) -> Response:
+        """The finished mp4: a 307 to a presigned URL (S3), else the bytes, with Range on a local folder.
+
+        A local file goes out as Starlette's `FileResponse`, which streams it in chunks and answers
+        `Range` the way players seek: one range is a 206 with `Content-Range`, a start at or past the
+        end is a 416 with `Content-Range: bytes */SIZE`, several ranges are one multipart/byteranges
+        206, and a header it cannot parse (or a unit other than bytes) is a 400 (RFC 9110 14.2 lets a
+        server reject an invalid range). HEAD answers the same headers without the body.
+        """
         rec = await self.get(job_id)
         if rec.status != "completed" or not rec.video_key:
             raise _error(409, "not_ready", f"video {job_id} is {rec.status}, not completed")
         url = self.store.presigned_url(rec.video_key) if redirect else None
         if url:
-            return RedirectResponse(url, status_code=307)
+            return RedirectResponse(url, status_code=307)  # S3 serves Range and HEAD on the URL itself
+        gone = _error(404, "not_found", f"the file of video {job_id} is gone")
+        path = self.store.local_path(rec.video_key)
+        if path is not None:
+            try:  # stat here so a missing file is our 404, not FileResponse's RuntimeError (a 500)
+                stat = await asyncio.to_thread(os.stat, path)
+            except FileNotFoundError:
+                raise gone from None
+            return FileResponse(path, media_type="video/mp4", filename=f"{job_id}.mp4",
+                                content_disposition_type="inline", stat_result=stat)
         try:
             size = await asyncio.to_thread(self.store.size, rec.video_key)
+            headers = {"Content-Length": str(size), "Content-Disposition": f'inline; filename="{job_id}.mp4"'}
+            if head:  # the headers only: opening the object would fetch all of it from S3 for nothing
+                return Response(media_type="video/mp4", headers=headers)
             chunks = await asyncio.to_thread(self.store.iter_bytes, rec.video_key)
         except NotFound:
-            raise _error(404, "not_found", f"the file of video {job_id} is gone") from None
-        return StreamingResponse(chunks, media_type="video/mp4", headers={
-            "Content-Length": str(size), "Content-Disposition": f'inline; filename="{job_id}.mp4"'})
+            raise gone from None
+        return StreamingResponse(chunks, media_type="video/mp4", headers=headers)
 
     async def list(self, limit: int, after: str | None, order: str) -> VideoList:
         records, more = await asyncio.to_thread(self.jobs.list, limit, after, order)
@@ -367,14 +386,19 @@ async def get_video(video_id: str, svc: VideoAPI = Depends(_auth)) -> Video:
     return await svc.view(video_id)
 
 
+# HEAD too (FastAPI adds it to no GET route): players ask it for the size before they seek.
+@api.head("/v1/videos/{video_id}/content", include_in_schema=False)
 @api.get("/v1/videos/{video_id}/content", tags=["videos"], response_class=StreamingResponse,
-         responses={200: {"content": {"video/mp4": {}}}, 307: {"description": "redirect to a presigned S3 URL"}})
+         responses={200: {"content": {"video/mp4": {}}}, 206: {"description": "the bytes a `Range` header asked for"},
+                    307: {"description": "redirect to a presigned S3 URL"},
+                    416: {"description": "the range starts past the end; `Content-Range: bytes */SIZE`"}})
 async def video_content(
-    video_id: str, redirect: bool = Query(True, description="S3: redirect to a presigned URL (false: stream here)"),
+    request: Request, video_id: str,
+    redirect: bool = Query(True, description="S3: redirect to a presigned URL (false: stream here)"),
     svc: VideoAPI = Depends(_auth),
-):
-    """The mp4: a 307 to an expiring presigned URL on S3, a stream from a local folder."""
-    return await svc.content(video_id, redirect)
+) -> Response:
+    """The mp4: a 307 to an expiring presigned URL on S3, a stream from a local folder that honours `Range`."""
+    return await svc.content(video_id, redirect, head=request.method == "HEAD")
 
 
 @api.delete("/v1/videos/{video_id}", response_model=Video, tags=["videos"])

@@ -107,6 +107,16 @@ def test_submit_poll_download(app):
     r = client.get(f"/v1/videos/{job['id']}/content")
     assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
     assert decode(r.content).shape == (17, 32, 32, 3)
+    # Seeking through Serve's proxy (#19 item 5): Range, HEAD and 416 reach the player intact.
+    url, n = f"/v1/videos/{job['id']}/content", len(r.content)
+    assert r.headers["accept-ranges"] == "bytes"
+    part = client.get(url, headers={"Range": "bytes=10-19"})
+    assert part.status_code == 206 and part.content == r.content[10:20]
+    assert part.headers["content-range"] == f"bytes 10-19/{n}"
+    head = client.head(url)
+    assert head.status_code == 200 and head.content == b"" and head.headers["content-length"] == str(n)
+    past = client.get(url, headers={"Range": f"bytes={n}-"})
+    assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{n}"
     import json
 
     side = json.loads((out / "videos" / f"{job['id']}.json").read_text())

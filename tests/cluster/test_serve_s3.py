@@ -63,6 +63,10 @@ def test_s3_submit_poll_presigned_download(app):
     assert {"denoise_s", "encode_s"} <= set(side["timings"])
     streamed = client.get(f"/v1/videos/{job['id']}/content", params={"redirect": "false"})  # through the API
     assert streamed.status_code == 200 and streamed.content == video.content
+    # HEAD (#19 item 5): the same redirect, or the size without the bytes when streamed here.
+    assert client.head(f"/v1/videos/{job['id']}/content", follow_redirects=False).status_code == 307
+    head = client.head(f"/v1/videos/{job['id']}/content", params={"redirect": "false"})
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(video.content))
     assert store.get_json(f"jobs/records/{job['id']}.json")["status"] == "completed"  # the record is in S3
     assert not store.exists(f"jobs/active/{job['id']}")
 
