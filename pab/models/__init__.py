@@ -263,7 +263,11 @@ def training_summary(folder: Path) -> str:
     except (OSError, ValueError):
         return "no training.json beside the weights"
     dit = doc.get("stages", {}).get("dit", {})
-    how = f"; {dit['steps']} steps on {dit.get('device', '?')}" if "steps" in dit else ""
+    steps, run = 0, dit
+    while isinstance(run, dict) and "steps" in run:  # a run continued from another records it under init.dit
+        steps += run["steps"]
+        run = (run.get("init") or {}).get("dit") if isinstance(run.get("init"), dict) else None
+    how = f"; {steps} DiT steps on {dit.get('device', '?')}" if steps else ""
     return f"trained on {doc.get('data', '?')}{how}"
 
 

@@ -41,6 +41,16 @@ def test_training_record_says_what_the_model_learned_from():
     assert {"vae", "dit"} <= set(doc["stages"]) and doc["stages"]["dit"]["steps"] > 1000
 
 
+def test_training_summary_counts_every_run_of_a_continued_model(tmp_path):
+    from pab.models import training_summary
+
+    first = {"steps": 100, "device": "H200", "init": None}
+    doc = {"data": "shapes", "stages": {"dit": {"steps": 30, "device": "H200", "init": {"path": "x", "dit": first}}}}
+    (tmp_path / "training.json").write_text(json.dumps(doc))
+    assert training_summary(tmp_path) == "trained on shapes; 130 DiT steps on H200"
+    assert "steps" in training_summary(FOLDER) and training_summary(tmp_path / "none").startswith("no training.json")
+
+
 @pytest.fixture(scope="module")
 def pipeline():
     from pab.pipeline import Pipeline
@@ -52,15 +62,18 @@ def test_loads_by_name_alone(pipeline):
     assert not pipeline.random_weights and pipeline.size == "small"
 
 
-# Held-out prompts (index = seed, as bench.quality renders them) that the shipped weights render as asked.
-# The weights are young (2,306 DiT steps): over all 64 prompts the judge accepts few (bench.quality has the
-# figures), so this pins the ones they get right; any break of the weights, the sampler or the VAE loses them.
-RENDERED_RIGHT = [4, 10, 11]
+# Held-out prompts (index = seed, as bench.quality renders them): each shape, directions, still and growing. The
+# shipped weights render 60 of the 64 as asked (docs/quality.md); these six, and their steered variants below,
+# are among them, so a break of the weights, the text encoder, the sampler or the VAE fails here.
+RENDERED_RIGHT = [0, 5, 6, 10, 11, 15]
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 
 @pytest.mark.parametrize("index", RENDERED_RIGHT)
 def test_a_held_out_prompt_renders_as_asked(pipeline, index):
-    from pab.data.shapes import held_out_scenes
+    import dataclasses
+
+    from pab.data.shapes import COLOURS, Scene, held_out_scenes
     from pab.eval.judge import judge
     from pab.pipeline import GenerationRequest
 
@@ -69,6 +82,10 @@ def test_a_held_out_prompt_renders_as_asked(pipeline, index):
     assert r.frames.shape == (17, 64, 64, 3)
     verdict = judge(r.frames, scene.caption())
     assert verdict.match, verdict.to_dict()
-    # and the prompt is what steers it: another background for the same seed gives that background
-    other = scene.caption().replace(scene.background, "black" if scene.background != "black" else "white")
-    assert judge(pipeline.generate(GenerationRequest(model=NAME, prompt=other, seed=index)).frames, other).background
+    # and the words steer it: another colour and the opposite direction, same seed, are rendered as asked
+    obj, colours = scene.objects[0], list(COLOURS)
+    steered = dataclasses.replace(obj, colour=colours[(colours.index(obj.colour) + 3) % len(colours)],
+                                  motion=OPPOSITE.get(obj.motion, obj.motion))  # fmt: skip
+    other = Scene((steered,), scene.background).caption()
+    verdict = judge(pipeline.generate(GenerationRequest(model=NAME, prompt=other, seed=index)).frames, other)
+    assert verdict.match, verdict.to_dict()
