@@ -50,7 +50,12 @@ class PipelineEngine:
             pab=res.pab,
             pab_stats=res.pab_stats,
             timings=dict(res.timings),
-            extra={"timesteps": res.timesteps, "random_weights": res.random_weights, "parallel": res.parallel},
+            extra={
+                "timesteps": res.timesteps,
+                "random_weights": res.random_weights,
+                "parallel": res.parallel,
+                "notices": res.notices,
+            },
         )
 
 
@@ -85,7 +90,7 @@ class _ResolveOnly:
             if vae == "sd-vae":  # per-frame VAE: any frame count
                 from types import SimpleNamespace
 
-                _META_VAES[model] = SimpleNamespace(latent_frames=lambda n: n)
+                _META_VAES[model] = SimpleNamespace(latent_frames=lambda n: n, spatial_factor=8)
             else:
                 _META_VAES[model] = build(vae if self.size == "full" else f"{vae}-{self.size}", device="meta")
         self.vae = _META_VAES[model]
@@ -98,11 +103,17 @@ def check_request(request: dict[str, Any]) -> dict[str, Any]:
     Runs the engine's own checks (`Pipeline.resolve`, the sampler's among them) without any weights: a VAE
     on the meta device answers which frame counts it takes.
     """
-    from pab.pipeline import Pipeline
+    return plan_request(request)[0]
+
+
+def plan_request(request: dict[str, Any]) -> tuple[dict[str, Any], str, list[str]]:
+    """`check_request`, plus the size of the video the model will render ("WxH") and the notices on it."""
+    from pab.pipeline import Pipeline, rendered_size, size_notices
 
     stub = _ResolveOnly(request["model"])
     r = Pipeline.resolve(stub, to_generation_request(request))  # type: ignore[arg-type]
-    return r.to_dict()
+    height, width = rendered_size(stub.vae, r.height, r.width)
+    return r.to_dict(), f"{width}x{height}", size_notices(stub.name, stub.vae, r)
 
 
 def frames_for_seconds(model: str, seconds: float, fps: int | None) -> tuple[int, int]:

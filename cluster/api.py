@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
@@ -30,7 +30,8 @@ class BroadcastRuleIn(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     range: int = Field(ge=1, le=1000)
     window: tuple[float, float]
-    blocks: list[Annotated[int, Field(ge=0, le=1000)]] | None = None
+    # Which blocks exist depends on the model: the engine's check answers with its range (422 naming the field).
+    blocks: list[Annotated[int, BeforeValidator(_no_bool)]] | None = None
 
     _ints = field_validator("range", mode="before")(_no_bool)
 
@@ -143,7 +144,8 @@ class Video(BaseModel):
     completed_at: float | None = None
     prompt: str
     seconds: str
-    size: str
+    size: str = Field(description="'WxH' of the video as rendered: each side a whole number of the model's patches")
+    notices: list[str] = Field(default_factory=list, description="where the video differs from the request, and why")
     request: dict[str, Any]
     seed: int
     attempts: int = Field(0, description="tries that failed because a GPU group died")

@@ -49,12 +49,16 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
 
 
 def _field_error(field: str, message: str, value: Any = None) -> RequestValidationError:
-    """A 422 shaped like FastAPI's own, naming the field."""
-    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}])
+    """A 422 shaped like FastAPI's own, naming the field ("pab.spatial.blocks" names a nested one)."""
+    loc = ("body", *field.split("."))
+    return RequestValidationError([{"type": "value_error", "loc": loc, "msg": message, "input": value}])
 
 
 def _guess_field(message: str, fields: list[str]) -> str:
     """The request field an engine error message is about (it starts with or names it)."""
+    path = message.split(":", 1)[0]
+    if path.split(".")[0] in fields and all(part.isidentifier() for part in path.split(".")):
+        return path  # "pab.spatial.blocks: ..." names the nested field itself
     hits = [(message.find(f), f) for f in fields if f in message]
     return min(hits)[1] if hits else "body"
 
@@ -123,7 +127,7 @@ class VideoAPI:
         request = body.engine_request(model)
         request["seed"] = request["seed"] if request["seed"] is not None else random.randrange(2**31 - 1)
         try:
-            request = await asyncio.to_thread(self._resolve, request, body.seconds)
+            request, size, notices = await asyncio.to_thread(self._resolve, request, body.seconds)
         except ValueError as e:
             raise _field_error(_guess_field(str(e), [*request, "seconds", "size"]), str(e)) from None
         # Check and reserve with no await in between: concurrent requests all passed the check before any
@@ -138,8 +142,8 @@ class VideoAPI:
             now = time.time()
             rec = JobRecord(
                 id=new_job_id(), model=model, status="queued", created_at=now, prompt=request["prompt"],
-                seconds=f"{request['num_frames'] / request['fps']:g}", size=f"{request['width']}x{request['height']}",
-                request=request, seed=request["seed"], total_steps=request["steps"], pool=pool_name(model, pool.gpus),
+                seconds=f"{request['num_frames'] / request['fps']:g}", size=size, notices=notices, request=request,
+                seed=request["seed"], total_steps=request["steps"], pool=pool_name(model, pool.gpus),
                 max_attempts=self.cfg.max_attempts,
             )
             await asyncio.to_thread(self.jobs.create, rec)
@@ -150,18 +154,19 @@ class VideoAPI:
         return rec.public()
 
     @staticmethod
-    def _resolve(request: dict[str, Any], seconds: float | None) -> dict[str, Any]:
-        """Defaults filled in and the model's own checks run (ValueError -> 422 naming the field).
+    def _resolve(request: dict[str, Any], seconds: float | None) -> tuple[dict[str, Any], str, list[str]]:
+        """Defaults filled in and the model's own checks run (ValueError -> 422 naming the field), with the
+        size the video will have and the notices on it.
 
         If the engine's weight-free check itself breaks (an engine change), fall back to the model's
         defaults and let the group reject what the model cannot take: the API keeps working.
         """
-        from actors.engine import check_request, frames_for_seconds, model_defaults
+        from actors.engine import frames_for_seconds, model_defaults, plan_request
 
         try:
             if seconds is not None:
                 request["num_frames"], request["fps"] = frames_for_seconds(request["model"], seconds, request["fps"])
-            return check_request(request)
+            return plan_request(request)
         except ValueError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -170,7 +175,8 @@ class VideoAPI:
             if seconds is not None and request.get("num_frames") is None:
                 request["fps"] = request.get("fps") or d["fps"]
                 request["num_frames"] = max(1, round(seconds * request["fps"]))
-            return {**request, **{k: v for k, v in d.items() if request.get(k) is None}}
+            request = {**request, **{k: v for k, v in d.items() if request.get(k) is None}}
+            return request, f"{request['width']}x{request['height']}", []
 
     async def get(self, job_id: str) -> JobRecord:
         try:

@@ -162,24 +162,57 @@ class PABConfig:
 
     @classmethod
     def resolve(cls, model: str, spec: "PABConfig | str | Mapping[str, Any] | None") -> "PABConfig":
-        """Turn a user's choice (None, "off", "paper", a path to a JSON file, a dict) into a config."""
+        """Turn a user's choice (None, "off", "paper", a path to a JSON file, a dict) into a config.
+
+        Rules given as a dict or a file are checked against `model`'s blocks (`check_blocks`).
+        """
         if spec is None:
             return cls()
         if isinstance(spec, PABConfig):
             return spec
         if isinstance(spec, Mapping):
-            return cls.from_dict(spec)
+            return cls.from_dict(spec).check_blocks(model)
         if spec in ("off", "paper"):
+            # Presets are written for the full-size models; blocks a smaller size lacks simply never match.
             return cls.preset(model, spec)
         path = Path(spec)
         if path.suffix == ".json":
             if not path.is_file():
                 raise ValueError(f"PAB settings file {spec!r} does not exist")
             try:
-                return cls.from_dict(json.loads(path.read_text()))
+                rules = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"PAB settings file {spec!r} is not valid JSON: {e}") from e
+            return cls.from_dict(rules).check_blocks(model)
         raise ValueError(f"unknown PAB setting {spec!r}; use 'off', 'paper' or a path to a .json file of rules")
+
+    def check_blocks(self, model: str) -> "PABConfig":
+        """This config, or ValueError naming the first block index `model` does not have.
+
+        A hook only matches blocks that exist, so an index outside the model would be ignored without a
+        word; a negative one is not read from the end either.
+        """
+        depth = transformer_depth(model)
+        for kind in KINDS:
+            rule = self.rule(kind)
+            for b in rule.blocks if rule is not None and rule.blocks is not None else ():
+                if not 0 <= b < depth:
+                    hint = " (blocks count from 0, not from the end)" if b < 0 else ""
+                    raise ValueError(
+                        f"pab.{kind}.blocks: block {b} does not exist{hint}; {model} has blocks 0-{depth - 1}"
+                    )
+        return self
+
+
+def transformer_depth(model: str) -> int:
+    """Blocks in each stack (spatial and temporal alike) of `model`'s transformer, read from its size's config.
+
+    Builds no weights. A checkpoint whose config.json has another depth than the registry's is not seen here.
+    """
+    from pab.models import get_spec, split_name
+
+    config = get_spec(model).transformer.config(split_name(model)[1])
+    return config.depth if hasattr(config, "depth") else config.num_layers
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,6 +362,7 @@ __all__ = [
     "apply_pab",
     "remove_pab",
     "use_state",
+    "transformer_depth",
     "KINDS",
     "PAB_HOOK",
 ]

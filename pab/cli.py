@@ -101,6 +101,9 @@ def _run_generate(rank: int, world: int, args: argparse.Namespace) -> dict | Non
         pab=args.pab,
     )
     resolved = pipe.resolve(request)
+    if rank == 0:
+        for notice in pipe.notices(resolved):  # before the render, so a wrong size can be stopped early
+            print(f"note: {notice}", file=sys.stderr)
     bar = None
 
     def progress(done: int, total: int) -> None:  # the total is the sampler's number of model calls

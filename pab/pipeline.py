@@ -18,7 +18,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from pab.broadcast import PABConfig, PABState, apply_pab, use_state
 from pab.models import (
@@ -29,6 +28,7 @@ from pab.models.vae import VideoVAE
 log = logging.getLogger(__name__)
 
 MIN_SIDE, MAX_SIDE = 16, 4096
+PATCH = 2  # every transformer here cuts the latents into 2x2 patches
 ProgressFn = Callable[[int, int], None]
 
 
@@ -69,17 +69,21 @@ class GenerationResult:
     timings: dict[str, float]
     random_weights: bool
     parallel: dict[str, Any] = field(default_factory=dict)
+    size: tuple[int, int] | None = None  # (height, width) of the frames; None = the request's
+    notices: list[str] = field(default_factory=list)  # where the video differs from the request, and why
 
     def sidecar(self) -> dict[str, Any]:
-        """The JSON written next to the video."""
+        """The JSON written next to the video: `height` and `width` are the video's, `request` what was asked."""
+        height, width = self.size or (self.request.height, self.request.width)
         return {
             "request": self.request.to_dict(),
             "model": self.request.model,
             "seed": self.request.seed,
             "num_frames": self.request.num_frames,
-            "height": self.request.height,
-            "width": self.request.width,
+            "height": height,
+            "width": width,
             "fps": self.request.fps,
+            "notices": self.notices,
             "timesteps": self.timesteps,
             "pab": self.pab,
             "pab_stats": self.pab_stats,
@@ -87,6 +91,32 @@ class GenerationResult:
             "random_weights": self.random_weights,
             "parallel": self.parallel,
         }
+
+
+def rendered_size(vae: Any, height: int, width: int) -> tuple[int, int]:
+    """(height, width) of the frames a model renders for a request: each side rounded down to whole patches.
+
+    The latents are the pixels over the VAE's factor, cut into 2x2 patches, so a side covers a multiple of
+    factor x 2 pixels (16 for most models here). Rounding down as the official pipelines do keeps their
+    latents, and never renders more pixels than the request was admitted for.
+    """
+    m = vae.spatial_factor * PATCH
+    return height // m * m, width // m * m
+
+
+def size_notices(model: str, vae: Any, r: GenerationRequest) -> list[str]:
+    """What a user must be told about the size of a resolved request: [] when it renders exactly as asked."""
+    height, width = rendered_size(vae, r.height, r.width)
+    off = [f"width {r.width}"] if width != r.width else []
+    off += [f"height {r.height}"] if height != r.height else []
+    if not off:
+        return []
+    m = vae.spatial_factor * PATCH
+    return [
+        f"{' and '.join(off)} {'is' if len(off) == 1 else 'are'} not a multiple of {m}: {model} renders whole "
+        f"{m}-pixel patches ({vae.spatial_factor}x VAE, {PATCH}x{PATCH} latent patches), so the video is "
+        f"{width}x{height} (width x height, rounded down); sizes in multiples of {m} render exactly"
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,7 +255,11 @@ class Pipeline:
     # ------------------------------------------------------------------ validation
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
-        """Fill defaults and check that the model can take the request; ValueError says what it can."""
+        """Fill defaults and check that the model can take the request; ValueError says what it can.
+
+        `height` and `width` stay as asked: the model and the sampler are conditioned on them, as in the
+        official pipelines. The video itself is `output_size` (whole patches), and `notices` says so.
+        """
         if request.model != self.name:
             raise ValueError(f"this pipeline serves {self.name!r}, not {request.model!r}")
         d = self.spec.defaults_for(self.size)
@@ -259,10 +293,19 @@ class Pipeline:
         PABConfig.resolve(self.name, r.pab)  # raises on unknown presets or malformed rules
         return r
 
+    def output_size(self, r: GenerationRequest) -> tuple[int, int]:
+        """(height, width) of the video this pipeline renders for a resolved request (`rendered_size`)."""
+        return rendered_size(self.vae, r.height, r.width)
+
+    def notices(self, r: GenerationRequest) -> list[str]:
+        """Where the video of a resolved request differs from it, and why ([] if nowhere)."""
+        return size_notices(self.name, self.vae, r)
+
     def latent_shape(self, r: GenerationRequest) -> tuple[int, int, int, int, int]:
-        """(1, C, T, h, w); h, w are the pixel size over 8, rounded down to even for the 2x2 patches."""
-        f = self.vae.spatial_factor * 2
-        return (1, self.vae.latent_channels, self.vae.latent_frames(r.num_frames), r.height // f * 2, r.width // f * 2)
+        """(1, C, T, h, w): the output size over the VAE's spatial factor."""
+        f = self.vae.spatial_factor
+        height, width = self.output_size(r)
+        return (1, self.vae.latent_channels, self.vae.latent_frames(r.num_frames), height // f, width // f)
 
     # ------------------------------------------------------------------ generation
 
@@ -382,15 +425,9 @@ class Pipeline:
         if rank == 0 and decode:
             t1 = time.perf_counter()
             video = self.vae.decode(z.to(self.dtype), num_frames=r.num_frames).float()  # (1, 3, F, H', W')
+            # The frames stay at the size the latents cover (`output_size`); scaling them to the size asked
+            # would only blur every frame, and hid the rounding (the notices report it instead).
             video = video[:, :, : r.num_frames]
-            if video.shape[-2:] != (r.height, r.width):
-                # Latents cover the largest multiple of 16 pixels; resize to exactly what was asked.
-                b, c, f, h, w = video.shape
-                flat = video.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-                flat = F.interpolate(
-                    flat, size=(r.height, r.width), mode="bilinear", align_corners=False, antialias=True
-                )
-                video = flat.reshape(b, f, c, r.height, r.width).permute(0, 2, 1, 3, 4)
             frames = to_uint8_frames(video[0])
             self._sync()
             timings["decode_s"] = time.perf_counter() - t1
@@ -409,6 +446,8 @@ class Pipeline:
             timings=timings,
             random_weights=self.random_weights,
             parallel=parallel_info,
+            size=self.output_size(r),
+            notices=self.notices(r),
         )
 
     def _sync(self) -> None:

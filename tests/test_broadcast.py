@@ -1,5 +1,7 @@
 """PAB hooks on a toy spatial-temporal model: the rule, the counters, isolation, removal."""
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -198,3 +200,37 @@ def test_config_parsing_and_errors(tmp_path):
         PABConfig.from_dict({"spacial": {"range": 2, "window": [1, 2]}})
     with pytest.raises(ValueError, match="lo < hi"):
         BroadcastRule(2, (800, 100))
+
+
+TINY_RANGE = "opensora-v1.2-tiny has blocks 0-1$"
+
+
+@pytest.mark.parametrize(
+    "model, block, message",
+    [
+        ("opensora-v1.2-tiny", 999999, r"^pab\.spatial\.blocks: block 999999 does not exist; " + TINY_RANGE),
+        ("opensora-v1.2-tiny", -1, r"^pab\.spatial\.blocks: block -1 does not exist \(blocks count from 0, not from"),
+        ("opensora-v1.2-tiny", -1, TINY_RANGE),
+        ("opensora-v1.2-tiny", 2, "block 2 does not exist; " + TINY_RANGE),
+        ("opensora-v1.2-small", 4, "block 4 does not exist; opensora-v1.2-small has blocks 0-3$"),
+        ("latte-1", 28, "block 28 does not exist; latte-1 has blocks 0-27$"),
+    ],
+)
+def test_blocks_outside_the_model_are_an_error_naming_the_field_and_the_range(tmp_path, model, block, message):
+    """#19 item 6: an index the model lacks matched no hook, so the rule was ignored without a word."""
+    rules = {"spatial": {"range": 2, "window": [450, 930], "blocks": [0, block]}}
+    with pytest.raises(ValueError, match=message):
+        PABConfig.resolve(model, rules)
+    f = tmp_path / "rules.json"  # `pab generate --pab FILE.json` goes the same way
+    f.write_text(json.dumps(rules))
+    with pytest.raises(ValueError, match=message):
+        PABConfig.resolve(model, str(f))
+
+
+def test_blocks_inside_the_model_and_presets_still_resolve():
+    rules = {"mlp": {"range": 3, "window": [590, 870], "blocks": [0, 1]}}
+    assert PABConfig.resolve("opensora-v1.2-tiny", rules).mlp.blocks == (0, 1)
+    last = {"cross": {"range": 6, "window": [100, 800], "blocks": [27]}}
+    assert PABConfig.resolve("latte-1", last).cross.blocks == (27,)
+    # The paper preset names MLP blocks 0-4 for the full-size models; a 2-block tiny model keeps it as is.
+    assert PABConfig.resolve("opensora-v1.2-tiny", "paper").mlp.blocks == (0, 1, 2, 3, 4)

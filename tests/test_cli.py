@@ -54,10 +54,15 @@ def test_generate_writes_a_decodable_video_and_sidecar(tmp_path: Path):
     assert p.returncode == 0, p.stderr
     assert "RANDOM weights" in p.stdout
     assert "denoising" in p.stderr  # the progress bar
+    # 40x56 is not whole 16-pixel patches: the video is 32x48 (rounded down) and the CLI says so (#19 item 6).
+    assert "note: width 56 and height 40 are not a multiple of 16" in p.stderr and "the video is 48x32" in p.stderr
+    assert "48x32" in p.stdout
     frames, fps = read_video(out)
-    assert frames.shape == (6, 40, 56, 3) and round(fps) == 12
+    assert frames.shape == (6, 32, 48, 3) and round(fps) == 12
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["model"] == "latte-1-tiny" and side["seed"] == 0
+    assert (side["height"], side["width"], side["request"]["height"], side["request"]["width"]) == (32, 48, 40, 56)
+    assert len(side["notices"]) == 1
     assert side["request"]["prompt"] == "a cat surfing"
     assert len(side["timesteps"]) == 10 and side["timesteps"][0] > side["timesteps"][-1]
     assert side["pab"]["spatial"] == {"range": 2, "window": [100.0, 800.0]}

@@ -1,5 +1,6 @@
 """The text-to-video pipeline on the tiny models: end to end, PAB equivalence and isolation."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,20 @@ def test_generates_the_requested_video(pipe):
     assert len(res.timesteps) >= res.request.steps
     assert res.random_weights and set(res.timings) >= {"text_s", "denoise_s", "decode_s", "total_s"}
     assert res.latents.shape[:3] == (1, 4, pipe.vae.latent_frames(res.request.num_frames))
+
+
+def test_a_size_off_the_patch_grid_renders_rounded_down_and_says_so(pipe):
+    """#19 item 6: height 100 rendered 96 rows and was scaled back to 100 without a word."""
+    r = pipe.resolve(req(pipe, height=100, width=64, num_frames=1 if pipe.name == "latte-1-tiny" else None))
+    assert (r.height, r.width) == (100, 64)  # as asked: the model and sampler are conditioned on it
+    assert pipe.output_size(r) == (96, 64)
+    [notice] = pipe.notices(r)
+    assert "height 100 is not a multiple of 16" in notice and "the video is 64x96" in notice
+    res = pipe.generate(replace(r, steps=4))
+    assert res.frames.shape[1:] == (96, 64, 3)
+    assert res.notices == [notice] and (res.sidecar()["height"], res.sidecar()["width"]) == (96, 64)
+    assert res.sidecar()["request"]["height"] == 100
+    assert pipe.notices(pipe.resolve(req(pipe, height=48, width=80))) == []  # whole patches: nothing to say
 
 
 def test_pab_off_and_range_one_are_bit_identical_to_the_plain_model(pipe):
@@ -103,6 +118,8 @@ def test_cancel_and_bad_requests(pipe):
         pipe.generate(req(pipe, height=8))
     with pytest.raises(ValueError, match="prompt must not be empty"):
         pipe.generate(req(pipe, prompt="  "))
+    with pytest.raises(ValueError, match=f"pab.spatial.blocks: block 2 does not exist; {pipe.name} has blocks 0-1"):
+        pipe.generate(req(pipe, pab={"spatial": {"range": 2, "window": [450, 930], "blocks": [2]}}))
 
 
 def save_checkpoint(pipe: Pipeline, ckpt: Path) -> None:

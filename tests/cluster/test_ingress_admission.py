@@ -1,8 +1,9 @@
 """What the ingress admits, in process (no Ray): malformed numbers and text get a 422 naming the field,
-never a 500 (#19 items 1 and 6); the queue bound holds under a burst (#19 item 2).
+never a 500 (#19 items 1 and 6); the queue bound holds under a burst (#19 item 2); what the model cannot
+take (PAB blocks it lacks) is a 422 with its range, and a size off its patch grid is reported (#19 item 6).
 
-Validation happens before the service is asked for anything, so a stand-in service is enough there; the
-burst drives the real VideoAPI.create with a slow job store and jobs that never finish."""
+Schema validation happens before the service is asked for anything, so a stand-in service is enough there;
+the model's own checks and the burst drive the real VideoAPI.create with jobs that never start."""
 
 import json
 from types import SimpleNamespace
@@ -42,8 +43,7 @@ BAD = [
     ('{"prompt": "a", "num_frames": true}', "num_frames"),
     ('{"prompt": "a", "steps": false}', "steps"),
     ('{"prompt": "a", "pab": {"spatial": {"range": true, "window": [450, 930]}}}', "range"),
-    ('{"prompt": "a", "pab": {"spatial": {"range": 2, "window": [450, 930], "blocks": [-1]}}}', "blocks"),
-    ('{"prompt": "a", "pab": {"spatial": {"range": 2, "window": [450, 930], "blocks": [999999]}}}', "blocks"),
+    ('{"prompt": "a", "pab": {"spatial": {"range": 2, "window": [450, 930], "blocks": [true]}}}', "blocks"),
 ]
 
 
@@ -95,3 +95,54 @@ def test_the_queue_bound_holds_under_a_burst(tmp_path):
     assert len(accepted) == 8 and len(refused) == 24, [r for r in results if isinstance(r, BaseException)][:3]
     assert all(r.status_code == 429 and r.headers["Retry-After"] for r in refused)
     assert len(svc._active) == 8 and svc._reserved == 0
+
+
+@pytest.fixture
+def served(tmp_path):
+    """The real VideoAPI on a local folder, serving opensora-v1.2-tiny; accepted jobs are never started."""
+    svc = ingress.VideoAPI({"models": [{"name": "opensora-v1.2-tiny"}],
+                            "storage": {"backend": "local", "path": str(tmp_path)}}, pools={})  # fmt: skip
+    svc._ensure_background = lambda: None
+    svc._start = lambda job_id: None
+    ingress._instance["svc"] = svc
+    try:
+        yield TestClient(ingress.api, raise_server_exceptions=False)
+    finally:
+        ingress._instance.pop("svc", None)
+
+
+@pytest.mark.parametrize("block", [999999, -1, 2])
+def test_pab_blocks_the_model_lacks_are_a_422_with_its_range(served, block):
+    rule = {"range": 2, "window": [450, 930], "blocks": [0, block]}
+    r = served.post("/v1/videos", json={"prompt": "a fox", "pab": {"spatial": rule}})
+    assert r.status_code == 422, r.text
+    [error] = r.json()["detail"]
+    assert error["loc"] == ["body", "pab", "spatial", "blocks"], error
+    assert f"block {block} does not exist" in error["msg"] and "opensora-v1.2-tiny has blocks 0-1" in error["msg"]
+
+
+def test_a_block_the_model_has_is_accepted(served):
+    rule = {"range": 2, "window": [450, 930], "blocks": [1]}
+    r = served.post("/v1/videos", json={"prompt": "a fox", "pab": {"spatial": rule}})
+    assert r.status_code == 200, r.text
+    assert r.json()["request"]["pab"]["spatial"]["blocks"] == [1] and r.json()["notices"] == []
+
+
+@pytest.mark.parametrize(
+    "body, size, said",
+    [
+        ({"height": 100}, "96x96", "height 100 is not a multiple of 16"),  # the tiny model's default width is 96
+        ({"size": "65x64"}, "64x64", "width 65 is not a multiple of 16"),
+        ({"size": "96x64"}, "96x64", None),
+    ],
+)
+def test_the_video_reports_the_size_it_renders_and_why(served, body, size, said):
+    created = served.post("/v1/videos", json={"prompt": "a fox", **body})
+    assert created.status_code == 200, created.text
+    video = served.get(f"/v1/videos/{created.json()['id']}").json()
+    assert video["size"] == size
+    if said is None:
+        assert video["notices"] == []
+    else:
+        [notice] = video["notices"]
+        assert said in notice and f"the video is {size}" in notice
