@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from pab.compile import apply_compile, remove_compile
 from pab.models import CheckpointError, latte
-from pab.models._fixture_cases import latte as fixture_case
+from support.fidelity_cases import latte as fixture_case
 from pab.models.latte import (
     SIZES,
     LatteConfig,

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pab.models import CheckpointError
-from pab.models._fixture_cases import opensora_plan as fixture_case
+from support.fidelity_cases import opensora_plan as fixture_case
 from pab.models.latte import SIZES as LATTE_SIZES
 from pab.models.latte import LatteConfig, LatteTransformer3DModel
 from pab.models.opensora_plan import SIZES, LatteT2V, LatteT2VConfig

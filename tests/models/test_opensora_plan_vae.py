@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pab.models import CheckpointError
-from pab.models._fixture_cases import opensora_plan_vae as cases
+from support.fidelity_cases import opensora_plan_vae as cases
 from pab.models.opensora_plan_vae import SIZES, CausalVAE, CausalVAEConfig, TilingConfig
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from pab.models import CheckpointError, build, load_state_dict_strict
-from pab.models._fixture_cases import opensora_vae as fixture_case
-from pab.models.fixtures import run_fixture
+from support.fidelity_cases import opensora_vae as fixture_case
+from support.fidelity import run_fixture
 from pab.models.opensora_vae import SIZES, OpenSoraVAE, OpenSoraVAEConfig
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "official" / "vae"
@@ -33,7 +33,7 @@ def one_thread():
 def run_result(one_thread) -> tuple[dict[str, torch.Tensor], bool]:
     """The fixture's outputs, and whether the run left the global RNG as it found it."""
     state = torch.random.get_rng_state()
-    produced = run_fixture(FIXTURE)  # the shared entry point; dispatches to _fixture_cases/opensora_vae.py
+    produced = run_fixture(FIXTURE)  # the shared entry point; dispatches to support/fidelity_cases/opensora_vae.py
     return produced, torch.equal(torch.random.get_rng_state(), state)
 
 

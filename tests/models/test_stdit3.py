@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from pab.models import CheckpointError, load_state_dict_strict
-from pab.models._fixture_cases import stdit3 as fixture_case
+from support.fidelity_cases import stdit3 as fixture_case
 from pab.models.stdit3 import SIZES, STDiT3, STDiT3Config, build_stdit3
 
 OFFICIAL = Path(__file__).resolve().parents[1] / "fixtures" / "official"

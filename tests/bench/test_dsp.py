@@ -2,7 +2,7 @@
 
 import pytest
 
-from pab.parallel.bench import kernel_kind, summarize_trace
+from bench.dsp import kernel_kind, summarize_trace
 
 
 def _k(name, ts, dur, cat="kernel"):

@@ -1,7 +1,7 @@
 """Time one transformer forward (a CFG batch of 2) on 1 device and under DSP, with bytes moved per forward.
 
-    python -m pab.parallel.bench --model opensora-v1.2 --frames 15 --height 60 --width 106 --sp 1 2
-    python -m pab.parallel.bench --frames 30 --height 90 --width 160 --sp 2 --chunks 2 --profile $OUT/dsp
+    python -m bench.dsp --model opensora-v1.2 --frames 15 --height 60 --width 106 --sp 1 2
+    python -m bench.dsp --frames 30 --height 90 --width 160 --sp 2 --chunks 2 --profile $OUT/dsp
 
 Weights are random (timing does not depend on them). Each `--sp N` value starts N local processes
 (one GPU each with NCCL, or gloo on CPU) and reports rank 0's median forward time. `--profile DIR` also

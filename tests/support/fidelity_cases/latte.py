@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pab.models import load_state_dict_strict
-from pab.models._fixture_cases import to_device
+from support.fidelity_cases import to_device
 from pab.models.latte import LatteConfig, LatteTransformer3DModel
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from pab.models._fixture_cases.latte import run_latte_layout
+from support.fidelity_cases.latte import run_latte_layout
 from pab.models.opensora_plan import LatteT2V, LatteT2VConfig
 
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from pab.models import load_state_dict_strict
-from pab.models._fixture_cases import to_device
+from support.fidelity_cases import to_device
 from pab.models.stdit3 import STDiT3, STDiT3Config
 
 

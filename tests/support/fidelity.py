@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-# config.json class name -> module under pab.models._fixture_cases with a `run(dir)` function.
+# config.json class name -> module under support.fidelity_cases with a `run(dir)` function.
 _RUNNERS = {
     "STDiT3": "stdit3",
     "LatteTransformer3DModel": "latte",
@@ -41,6 +41,6 @@ def run_fixture(path: str | Path, **options) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a fixture directory (no config.json)")
-    runner = importlib.import_module(f"pab.models._fixture_cases.{_RUNNERS[fixture_class(path)]}")
+    runner = importlib.import_module(f"support.fidelity_cases.{_RUNNERS[fixture_class(path)]}")
     with torch.no_grad():
         return runner.run(path, **options)

@@ -1,4 +1,4 @@
-"""Per-model runners for the official reference fixtures; `pab.models.fixtures.run_fixture` dispatches here."""
+"""Per-model runners for the official reference fixtures; `support.fidelity.run_fixture` dispatches here."""
 
 from __future__ import annotations
 
