@@ -41,6 +41,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from pab.kernels import kernel_options
+
 PEAK_TFLOPS = 989.4  # H100 SXM dense bf16
 FORWARD_TFLOP_480P = 109.5  # ../shared/reference/models.md section 4, L = 32 (for the record)
 TARGETS_S = {"off": 8.0, "paper": 6.0}  # DiT time for 30 steps on one H100 (the issue)
@@ -59,7 +61,7 @@ PREDICTED = {
     "eager norm kernels off": "296 ms",
     "eager temporal=bmm": "300 ms",  # +1.15 ms per temporal block (no fused norm/rope, v/out copies)
     "eager temporal=sdpa": "320 ms",  # +1.8 ms per temporal block (flash: one 128-row CTA per 15 tokens)
-    "eager MLP_FUSED_GELU=False": "287 ms",  # +0.3 ms per MLP: the 440 MB hidden written+read once more
+    "eager fused_gelu=False": "287 ms",  # +0.3 ms per MLP: the 440 MB hidden written+read once more
     "compiled forward (apply_compile)": "228 ms",  # measured 251.9 ms before the norm kernels
     "temporal attn module eager triton": "1.0 ms",  # measured before it was the default
     "temporal kernel 2x4 480p": "0.27 ms",  # measured before it was the default
@@ -165,19 +167,6 @@ class Report:
         pred = self.predictions.get(what, "")
         print(f"{what:<52} {value:>14} {pred:>9}  {note}", flush=True)
         self.summary.append((what, value, note))
-
-
-@contextlib.contextmanager
-def setting(module, **values):
-    """Temporarily set module-level switches (e.g. stdit3.TEMPORAL_ATTENTION)."""
-    saved = {k: getattr(module, k) for k in values}
-    for k, v in values.items():
-        setattr(module, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(module, k, v)
 
 
 def sdpa_backend(name: str):
@@ -307,7 +296,7 @@ def run(args) -> Report:
 
         register_fused_gelu_flops()  # else the MLP's first GEMM (~28 of 110 TFLOP at 480p) goes uncounted
 
-        with setting(stdit3, TEMPORAL_ATTENTION="sdpa"), FlopCounterMode(display=False) as fc, torch.no_grad():
+        with kernel_options(model, temporal_attention="sdpa"), FlopCounterMode(display=False) as fc, torch.no_grad():
             model(**inputs)  # sdpa, so the counter sees the temporal attention too
         flop = float(fc.get_total_flops())
         rep.data["forward_tflop"] = flop / 1e12
@@ -316,16 +305,14 @@ def run(args) -> Report:
     # 1. eager forwards
     rep.data["forward_ms"] = {}
     with rep.section("eager forward"):
-        from pab.kernels import norms
-
-        configs = [("eager (defaults)", stdit3, {}), ("eager temporal=bmm", stdit3, dict(TEMPORAL_ATTENTION="bmm")),
-                   ("eager temporal=sdpa", stdit3, dict(TEMPORAL_ATTENTION="sdpa")),
-                   ("eager MLP_FUSED_GELU=False", stdit3, dict(MLP_FUSED_GELU=False)),
-                   ("eager norm kernels off", norms, dict(ENABLED=False))]  # fmt: skip
+        configs = [("eager (defaults)", {}), ("eager temporal=bmm", dict(temporal_attention="bmm")),
+                   ("eager temporal=sdpa", dict(temporal_attention="sdpa")),
+                   ("eager fused_gelu=False", dict(fused_gelu=False)),
+                   ("eager norm kernels off", dict(norms=False))]  # fmt: skip
         with torch.no_grad():
             ref = model(**inputs)
-        for label, module, values in configs:
-            with setting(module, **values):
+        for label, values in configs:
+            with kernel_options(model, **values):
                 ms = median_ms(fwd, device, w, n)
                 with torch.no_grad():
                     err = rel_err(model(**inputs), ref)
@@ -365,12 +352,12 @@ def run(args) -> Report:
         x = torch.randn(N, T, C, device=device, dtype=dtype)
         attn32 = copy.deepcopy(attn).float()
         object.__setattr__(attn32, "rope", copy.deepcopy(model.rope).float())
-        with setting(stdit3, TEMPORAL_ATTENTION="sdpa"), torch.no_grad():
+        with kernel_options(attn32, temporal_attention="sdpa"), torch.no_grad():
             ref = attn32(x.float())
         core_flop = 4 * N * heads * T * T * hd
         for impl in ("triton", "bmm", "sdpa"):
             try:
-                with setting(stdit3, TEMPORAL_ATTENTION=impl), torch.no_grad():
+                with kernel_options(attn, temporal_attention=impl), torch.no_grad():
                     ms = median_ms(lambda: attn(x), device, w, 5 * n)
                     err = rel_err(attn(x), ref)
                 comps[f"temporal module eager {impl}"] = dict(ms=ms, rel_err=err)
@@ -382,7 +369,7 @@ def run(args) -> Report:
             for impl in ("sdpa", "bmm"):
                 torch._dynamo.reset()
                 compiled = torch.compile(type(attn).forward)
-                with setting(stdit3, TEMPORAL_ATTENTION=impl), torch.no_grad():
+                with kernel_options(attn, temporal_attention=impl), torch.no_grad():
                     t0 = time.perf_counter()
                     compiled(attn, x)
                     sync(device)
@@ -463,7 +450,7 @@ def run(args) -> Report:
         rep.add(f"cross-attn module, {kept} keys no mask", f"{ms_cut:.3f} ms", f"rel diff {err:.1e}")
         mlp_flop = 2 * 2 * (2 * T * S) * C * int(C * cfg.mlp_ratio)
         for fused in (True, False):
-            with setting(stdit3, MLP_FUSED_GELU=fused), torch.no_grad():
+            with kernel_options(block.mlp, fused_gelu=fused), torch.no_grad():
                 ms = median_ms(lambda: block.mlp(xs), device, w, n)
                 o = block.mlp(xs)
             if fused:
@@ -597,7 +584,7 @@ def temporal_kernels(rep, stdit3, model, args, device, dtype, S, T, w, n) -> Non
         if tag != "480p":  # the 480p module times are in the "temporal attention" section
             for impl in ("triton", "sdpa"):
                 try:
-                    with setting(stdit3, TEMPORAL_ATTENTION=impl), torch.no_grad():
+                    with kernel_options(attn, temporal_attention=impl), torch.no_grad():
                         ms = median_ms(lambda: attn(x), device, w, 5 * n)
                     comps[f"temporal module eager {impl} {tag}"] = dict(ms=ms)
                     rep.add(f"temporal attn module eager {impl} {tag}", f"{ms:.3f} ms", f"N={N} L={L}")

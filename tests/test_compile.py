@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import pab.models.stdit3 as stdit3
+from pab.kernels import KernelOptions, set_kernel_options
 from pab.kernels import short_attention as short_attn
 from pab.broadcast import PABConfig, PABState, apply_pab, remove_pab, use_state
 from pab.compile import COMPILE_HOOK, apply_compile, is_compiled, remove_compile
@@ -130,38 +131,34 @@ def test_compile_twice_is_an_error(inductor):
 # ---------------------------------------------------------------------------- STDiT3 fast paths
 
 
-@pytest.fixture
-def temporal_impl():
-    saved = stdit3.TEMPORAL_ATTENTION
-    yield lambda impl: setattr(stdit3, "TEMPORAL_ATTENTION", impl)
-    stdit3.TEMPORAL_ATTENTION = saved
+def temporal_impl(module: torch.nn.Module, impl: str) -> None:
+    set_kernel_options(module, KernelOptions(temporal_attention=impl))
 
 
-def test_bmm_temporal_attention_equals_sdpa(temporal_impl):
+def test_bmm_temporal_attention_equals_sdpa():
     model = tiny_model()
     kw = tiny_inputs(T=5)
     with torch.no_grad():
-        temporal_impl("sdpa")
+        temporal_impl(model, "sdpa")
         ref = model(**kw)
-        temporal_impl("bmm")
+        temporal_impl(model, "bmm")
         out = model(**kw)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="TEMPORAL_ATTENTION"):
-        temporal_impl("nope")
-        with torch.no_grad():
-            model(**kw)
+    with pytest.raises(ValueError, match="temporal_attention='nope'; choose one of auto"):
+        temporal_impl(model, "nope")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or short_attn.triton is None, reason="the Triton kernel needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_temporal_attention_matches_sdpa_on_cuda(temporal_impl, dtype):
+def test_triton_temporal_attention_matches_sdpa_on_cuda(dtype):
     torch.manual_seed(0)
     attn = stdit3.SelfAttention(1152, 16, True, rope=stdit3.RotaryEmbedding(72)).cuda().to(dtype)
     x = torch.randn(64, 15, 1152, device="cuda", dtype=dtype)
     with torch.no_grad():
-        temporal_impl("sdpa")
+        temporal_impl(attn, "sdpa")
         ref = attn(x).float()
-        temporal_impl("triton")
+        temporal_impl(attn, "triton")
         out = attn(x).float()
     err = ((out - ref).norm() / ref.norm()).item()
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), err

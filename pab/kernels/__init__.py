@@ -1,6 +1,70 @@
-"""Custom GPU kernels shared by the models (Triton; every one has a plain PyTorch path beside it)."""
+"""Custom GPU kernels shared by the models (Triton; every one has a plain PyTorch path beside it).
+
+Which of them a model uses is an option of that model, attached from outside like every other cross-cutting
+behaviour, not a module-level switch:
+
+    set_kernel_options(model, KernelOptions(temporal_attention="sdpa"))   # for the model's lifetime
+    with kernel_options(model, norms=False): ...                          # for an A/B measurement
+
+Each model module that can take a kernel path reads `self.kernels`; a class attribute holds the defaults
+(every kernel where it applies), so a model nobody configured behaves as it always did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
+
+TEMPORAL_ATTENTION_IMPLS = ("auto", "triton", "bmm", "sdpa")
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """Which kernels a model may use; each only where it applies (CUDA, half precision, no autograd)."""
+
+    temporal_attention: str = "auto"
+    """STDiT3's temporal (RoPE) attention core: "auto" ("triton" where the short-sequence kernel applies, else
+    "sdpa"), "triton" (pab.kernels.short_attention; errors surface), "bmm" (batched GEMMs) or "sdpa"."""
+    short_attention: bool = True
+    """Latte's and Open-Sora-Plan's temporal attention through the short-sequence kernel."""
+    fused_gelu: bool = True
+    """fc1's bias + tanh-GELU in the GEMM epilogue (cuBLASLt) instead of a separate GELU pass."""
+    norms: bool = True
+    """The fused layer-norm + modulate, gate + residual and q/k RMSNorm kernels (pab.kernels.norms)."""
+
+    def __post_init__(self) -> None:
+        if self.temporal_attention not in TEMPORAL_ATTENTION_IMPLS:
+            raise ValueError(
+                f"temporal_attention={self.temporal_attention!r}; choose one of {', '.join(TEMPORAL_ATTENTION_IMPLS)}"
+            )
+
+
+DEFAULT_KERNELS = KernelOptions()
+
+
+def set_kernel_options(model: torch.nn.Module, options: KernelOptions) -> KernelOptions:
+    """Give every submodule of `model` that reads kernel options these; returns the options it had before."""
+    before = getattr(model, "kernels", DEFAULT_KERNELS)
+    for m in model.modules():
+        if isinstance(getattr(type(m), "kernels", None), KernelOptions):
+            m.kernels = options
+    return before
+
+
+@contextlib.contextmanager
+def kernel_options(model: torch.nn.Module, **changes) -> Iterator[KernelOptions]:
+    """Within the block, `model` runs with these options changed (e.g. `norms=False`); restored after."""
+    before = getattr(model, "kernels", DEFAULT_KERNELS)
+    options = dataclasses.replace(before, **changes)
+    set_kernel_options(model, options)
+    try:
+        yield options
+    finally:
+        set_kernel_options(model, before)
 
 
 def no_grad_needed(x: torch.Tensor) -> bool:

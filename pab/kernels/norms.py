@@ -48,16 +48,16 @@ def supported(x: torch.Tensor) -> bool:
     )  # fmt: skip
 
 
-ENABLED = True  # False: the models take their PyTorch path (for A/B measurements, bench/profile.py)
 _CHECKED = False  # the kernels were built and launched once in this process
 
 
 def available(x: torch.Tensor) -> bool:
-    """Whether a model should use the kernels for `x`: `ENABLED`, `supported`, and (outside torch.compile,
-    once per process) a tiny launch of each kernel worked. A failed build (e.g. no C compiler for Triton's
-    launcher) warns once and leaves the models on their PyTorch path; inside torch.compile it raises."""
+    """Whether a model may use the kernels for `x` (one whose KernelOptions.norms is off never asks):
+    `supported`, and (outside torch.compile, once per process) a tiny launch of each kernel worked. A failed
+    build (e.g. no C compiler for Triton's launcher) warns once and leaves the models on their PyTorch path;
+    inside torch.compile it raises."""
     global _CHECKED
-    if not (ENABLED and supported(x)):
+    if not supported(x):
         return False
     if _CHECKED or torch.compiler.is_compiling():
         return True

@@ -21,8 +21,9 @@ Performance (as in pab.models.stdit3; the float32 CPU path is the fixture path):
   `pab.compile.apply_compile`;
 * self-attention computes q, k, v in one GEMM (cross-attention: k, v in one), from the concatenated weights of
   the diffusers-named to_q/to_k/to_v, so checkpoints load unchanged and the modules keep no derived state;
-* the MLP's bias + tanh-GELU run in the fc1 GEMM epilogue on CUDA (`MLP_FUSED_GELU`);
-* temporal self-attention runs as one Triton kernel on CUDA in half precision (`SHORT_ATTENTION`).
+* the MLP's bias + tanh-GELU run in the fc1 GEMM epilogue on CUDA (`KernelOptions.fused_gelu`);
+* temporal self-attention runs as one Triton kernel on CUDA in half precision (`KernelOptions.short_attention`);
+* which kernels run is the model's `KernelOptions` (`pab.kernels.set_kernel_options`), defaults: all.
 
 References:
 - Latte paper: https://arxiv.org/abs/2401.03048
@@ -42,19 +43,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pab.kernels import short_attention as short_attn
-from pab.kernels import no_grad_needed, norms
+from pab.kernels import DEFAULT_KERNELS, KernelOptions, no_grad_needed, norms
 
 #################################################################################
 #                                    Config                                     #
 #################################################################################
 
 SUPPORTED_ACTIVATIONS = {"gelu-approximate": "tanh", "gelu": "none"}
-# Fold fc1's bias + GELU into the GEMM epilogue on CUDA (torch._addmm_activation -> cuBLASLt GELU_BIAS). The
-# epilogue is the tanh GELU, so only "gelu-approximate" (Latte-1, Open-Sora-Plan) takes it; "gelu" stays exact.
-MLP_FUSED_GELU = True
-# Temporal attention (sequences of <= 32 frames) on CUDA in half precision through one Triton kernel
-# (pab.kernels.short_attention) instead of flash attention's one mostly-empty CTA per (sequence, head).
-SHORT_ATTENTION = True
 
 # Constructor defaults of diffusers' LatteTransformer3DModel: `from_dict` fills keys missing from a config.json
 # with these, exactly as diffusers' `from_config` would (a missing key must not silently become Latte-1's value).
@@ -381,6 +376,8 @@ class Attention(nn.Module):
     The projections that share an input run as one GEMM (q, k, v; or k, v of the context), see `_linear_cat`.
     """
 
+    kernels: KernelOptions = DEFAULT_KERNELS
+
     def __init__(
         self,
         query_dim: int,
@@ -427,7 +424,9 @@ class Attention(nn.Module):
 
     def _self_attention(self, qkv: torch.Tensor, attention_bias: torch.Tensor | None) -> torch.Tensor:
         """(N, L, 3·h·d) -> (N, L, C), or frame blocks (nb, N, lb, 3·h·d) -> (nb, N, lb, C)."""
-        if SHORT_ATTENTION and attention_bias is None and short_attn.supported(qkv, self.heads):
+        # Temporal attention (sequences of <= 32 frames) on CUDA in half precision through one Triton kernel
+        # instead of flash attention's one mostly-empty CTA per (sequence, head).
+        if self.kernels.short_attention and attention_bias is None and short_attn.supported(qkv, self.heads):
             out = short_attn.try_short_attention(qkv, self.heads)  # temporal: F <= 32 tokens a sequence
             if out is not None:
                 return self.to_out[1](self.to_out[0](out))
@@ -465,6 +464,8 @@ class GELUProjection(nn.Module):
 class FeedForward(nn.Module):
     """4x MLP; `net` = [GELU projection, dropout, linear] to keep diffusers' `ff.net.0.proj` / `ff.net.2` names."""
 
+    kernels: KernelOptions = DEFAULT_KERNELS
+
     def __init__(self, dim: int, activation_fn: str, dropout: float = 0.0, mult: int = 4):
         super().__init__()
         hidden = dim * mult
@@ -473,9 +474,10 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act, drop, proj_out = self.net
-        if MLP_FUSED_GELU and x.is_cuda and no_grad_needed(x) and act.approximate == "tanh":
+        if self.kernels.fused_gelu and x.is_cuda and no_grad_needed(x) and act.approximate == "tanh":
             # cuBLASLt applies bias + tanh-GELU in fc1's epilogue: the 4C-wide hidden is written once instead of
             # written, read and written again. CUDA only: the CPU kernel of this op uses the exact (erf) GELU.
+            # The epilogue is the tanh GELU, so "gelu" (erf) stays on the plain path.
             h = torch._addmm_activation(act.proj.bias, x.reshape(-1, x.shape[-1]), act.proj.weight.t(), use_gelu=True)
             h = h.view(*x.shape[:-1], h.shape[-1])
         else:
@@ -489,10 +491,13 @@ def _modulation(table: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
     return (table[None] + temb.reshape(temb.shape[0], 6, -1))[:, :, None, None]
 
 
-def _norm_modulate_frame_major(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
-    """shift + norm(x) * (1 + scale) for (B, F, S, C) x, returned in temporal attention's (B*S, F, C) layout."""
+def _norm_modulate_frame_major(
+    norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, kernel: bool
+) -> torch.Tensor:
+    """shift + norm(x) * (1 + scale) for (B, F, S, C) x, returned in temporal attention's (B*S, F, C) layout;
+    `kernel`: the norm kernels may run (KernelOptions.norms)."""
     B, F_, S, C = x.shape
-    if norms.available(x):  # one kernel: norm, modulate and the frame-major write
+    if kernel and norms.available(x):  # one kernel: norm, modulate and the frame-major write
         return norms.ln_modulate(x, shift, scale, norm.eps, frame_major=True).view(B * S, F_, C)
     x_n = norm(x)
     if torch.compiler.is_compiling():  # the compiler fuses the transpose into the same kernel itself
@@ -503,10 +508,10 @@ def _norm_modulate_frame_major(norm: nn.LayerNorm, x: torch.Tensor, shift: torch
     return out.view(B * S, F_, C)
 
 
-def _gated_residual_frame_major(x: torch.Tensor, gate: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def _gated_residual_frame_major(x: torch.Tensor, gate: torch.Tensor, a: torch.Tensor, kernel: bool) -> torch.Tensor:
     """x + gate * a for (B, F, S, C) x, with `a` read back from temporal attention's (B*S, F, C) layout."""
     B, F_, S, C = x.shape
-    if norms.available(x):
+    if kernel and norms.available(x):
         return norms.gated_residual(x, gate, a, frame_major=True)
     return torch.addcmul(x, gate, a.view(B, S, F_, C).transpose(1, 2))
 
@@ -520,6 +525,7 @@ class SpatialBlock(nn.Module):
     # The elementwise steps between the PAB targets: pure functions of their arguments (no state, no hooks),
     # which pab.compile.apply_compile may replace per instance with compiled versions.
     compile_regions = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+    kernels: KernelOptions = DEFAULT_KERNELS
 
     def __init__(
         self,
@@ -560,27 +566,27 @@ class SpatialBlock(nn.Module):
     def attn_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """norm1 + modulate -> (B*F, S, C) self-attention input."""
         B, F_, S, C = x.shape
-        if norms.available(x):
+        if self.kernels.norms and norms.available(x):
             return norms.ln_modulate(x, mod[:, 0], mod[:, 1], self.norm1.eps).view(B * F_, S, C)
         return torch.addcmul(mod[:, 0], self.norm1(x), 1 + mod[:, 1]).view(B * F_, S, C)
 
     def attn_out(self, x: torch.Tensor, a: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """x + gate * self-attention output."""
-        if norms.available(x):
+        if self.kernels.norms and norms.available(x):
             return norms.gated_residual(x, mod[:, 2], a)
         return torch.addcmul(x, mod[:, 2], a.view(x.shape))
 
     def mlp_in(self, x: torch.Tensor, c: torch.Tensor, mod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention residual (no gate), then norm2 + modulate: (x, MLP input (B*F, S, C))."""
         B, F_, S, C = x.shape
-        if norms.available(x):
+        if self.kernels.norms and norms.available(x):
             x, out = norms.add_ln_modulate(x, c.view(x.shape), mod[:, 3], mod[:, 4], self.norm2.eps)
             return x, out.view(B * F_, S, C)
         x = x + c.view(x.shape)
         return x, torch.addcmul(mod[:, 3], self.norm2(x), 1 + mod[:, 4]).view(B * F_, S, C)
 
     def mlp_out(self, x: torch.Tensor, m: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        if norms.available(x):
+        if self.kernels.norms and norms.available(x):
             return norms.gated_residual(x, mod[:, 5], m)
         return torch.addcmul(x, mod[:, 5], m.view(x.shape))
 
@@ -589,6 +595,7 @@ class TemporalBlock(nn.Module):
     """Temporal block: modulated self-attention over the frames at one patch position, then modulated MLP."""
 
     compile_regions = ("attn_in", "attn_out", "mlp_in", "mlp_out")  # see SpatialBlock
+    kernels: KernelOptions = DEFAULT_KERNELS
 
     def __init__(
         self,
@@ -615,18 +622,18 @@ class TemporalBlock(nn.Module):
 
     def attn_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """norm1 + modulate, written as the (B*S, F, C) attention input."""
-        return _norm_modulate_frame_major(self.norm1, x, mod[:, 0], mod[:, 1])
+        return _norm_modulate_frame_major(self.norm1, x, mod[:, 0], mod[:, 1], self.kernels.norms)
 
     def attn_out(self, x: torch.Tensor, a: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """x + gate * attention output, read back from its (B*S, F, C) layout in the same pass."""
-        return _gated_residual_frame_major(x, mod[:, 2], a)
+        return _gated_residual_frame_major(x, mod[:, 2], a, self.kernels.norms)
 
     def mlp_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """norm2 + modulate, written as the (B*S, F, C) MLP input."""
-        return _norm_modulate_frame_major(self.norm2, x, mod[:, 3], mod[:, 4])
+        return _norm_modulate_frame_major(self.norm2, x, mod[:, 3], mod[:, 4], self.kernels.norms)
 
     def mlp_out(self, x: torch.Tensor, m: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        return _gated_residual_frame_major(x, mod[:, 5], m)
+        return _gated_residual_frame_major(x, mod[:, 5], m, self.kernels.norms)
 
 
 #################################################################################
@@ -685,6 +692,8 @@ def final_modulate_and_unpatchify(
 
 class LatteTransformer3DModel(nn.Module):
     """Latte-1 video DiT: interleaved spatial and temporal blocks with adaLN-single conditioning."""
+
+    kernels: KernelOptions = DEFAULT_KERNELS  # what pab.kernels.set_kernel_options last gave its modules
 
     def __init__(self, config: LatteConfig):
         super().__init__()

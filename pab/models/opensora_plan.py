@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from pab.models import latte
+from pab.kernels import DEFAULT_KERNELS, KernelOptions
 from pab.models.latte import TemporalPosEmbed, add_latte_layers, latte_broadcast_targets, latte_forward
 
 #################################################################################
@@ -227,6 +228,8 @@ class CaptionProjection(latte.CaptionProjection):
 
 class LatteT2V(nn.Module):
     """Open-Sora-Plan v1.1.0 video DiT: Latte's interleaved spatial/temporal blocks, adaLN-single."""
+
+    kernels: KernelOptions = DEFAULT_KERNELS  # what pab.kernels.set_kernel_options last gave its modules
 
     def __init__(self, config: LatteT2VConfig):
         super().__init__()

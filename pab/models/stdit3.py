@@ -17,11 +17,12 @@ Performance (bf16 on CUDA; the float32 CPU path is the fixture path and keeps it
   (`norms.qk_rmsnorm`, `F.rms_norm` elsewhere);
 * the text is cut to its last kept token and an all-kept mask becomes None, so cross-attention runs
   flash attention on ~tens of keys instead of a masked kernel on 300;
-* the MLP's bias + tanh-GELU run in the fc1 GEMM epilogue on CUDA (`MLP_FUSED_GELU`);
+* the MLP's bias + tanh-GELU run in the fc1 GEMM epilogue on CUDA (`KernelOptions.fused_gelu`);
 * the temporal attention core (3180 sequences of 15 tokens at 480p) runs as selected by
-  `TEMPORAL_ATTENTION` (see `temporal_attention_impl`): on CUDA by default one Triton kernel
+  `KernelOptions.temporal_attention` (see `temporal_attention_impl`): on CUDA by default one Triton kernel
   (`pab.kernels.short_attention`) that reads qkv, applies RMSNorm + RoPE, attends and writes the (N, T, C)
   input of `proj`;
+* which kernels run is the model's `KernelOptions` (`pab.kernels.set_kernel_options`), defaults: all;
 * `STDiT3Block.compile_regions` names the elementwise steps between the PAB targets that
   `pab.compile.apply_compile` may compile.
 """
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,19 +39,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pab.kernels import short_attention as short_attn
-from pab.kernels import no_grad_needed, norms
+from pab.kernels import DEFAULT_KERNELS, TEMPORAL_ATTENTION_IMPLS, KernelOptions, no_grad_needed, norms
 
-
-# How the temporal attention core is computed (the module is still called once per block, on (B·S, T, C)):
+# How the temporal attention core is computed (KernelOptions.temporal_attention; the module is still called
+# once per block, on (B·S, T, C)):
 #   "auto"   - "triton" on CUDA in half precision when the kernel applies (T <= 32), else "sdpa"
 #   "triton" - pab.kernels.short_attention: one kernel reads qkv, applies RMSNorm + RoPE and attends
 #   "bmm"    - baddbmm / fp32 softmax / bmm: cuBLAS batched GEMMs instead of one flash CTA per tiny sequence
 #   "sdpa"   - F.scaled_dot_product_attention (flash: one CTA of 128 query rows per 15-token sequence)
 # bench/profile.py times them all at the real shapes.
-TEMPORAL_ATTENTION = os.environ.get("PAB_TEMPORAL_ATTENTION", "auto")  # the env var picks one for a run
-TEMPORAL_ATTENTION_IMPLS = ("auto", "triton", "bmm", "sdpa")
-# Fold fc1's bias + tanh-GELU into the GEMM epilogue on CUDA (torch._addmm_activation -> cuBLASLt GELU_BIAS).
-MLP_FUSED_GELU = True
 
 
 #################################################################################
@@ -181,6 +177,8 @@ class TimestepEmbedder(nn.Module):
 class Mlp(nn.Module):
     """timm-style Mlp (fc1, tanh-GELU, fc2) so the checkpoint's `fc1`/`fc2` names match."""
 
+    kernels: KernelOptions = DEFAULT_KERNELS
+
     def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
@@ -188,7 +186,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features or in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if MLP_FUSED_GELU and x.is_cuda and no_grad_needed(x):
+        if self.kernels.fused_gelu and x.is_cuda and no_grad_needed(x):
             # cuBLASLt applies bias + tanh-GELU in fc1's epilogue: the 4C-wide hidden is written once instead
             # of written, read and written again by a separate GELU kernel (2 x 440 MB per MLP at 480p).
             # CUDA only: the CPU kernel of this op uses the exact (erf) GELU.
@@ -320,6 +318,8 @@ class RMSNorm(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head self-attention over dim 1 of (N, L, C); q/k RMSNorm, then RoPE if given (temporal)."""
 
+    kernels: KernelOptions = DEFAULT_KERNELS
+
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, rope: RotaryEmbedding | None = None):
         super().__init__()
         self.num_heads = num_heads
@@ -345,9 +345,15 @@ class SelfAttention(nn.Module):
     # (which goes back to the ranks in the same blocks) need a reordering copy.
     accepts_frame_blocks = True
 
+    def _impl(self, qkv: torch.Tensor) -> str:
+        """The attention core for this qkv: the selected temporal one with RoPE, SDPA for spatial attention."""
+        if self.rope is None:
+            return "sdpa"
+        return temporal_attention_impl(qkv, self.num_heads, self.kernels.temporal_attention)
+
     def _attend_blocks(self, qkv: torch.Tensor) -> torch.Tensor:
         """(nb, N, lb, 3C) frame blocks -> (nb, N, lb, C)."""
-        if self.rope is not None and temporal_attention_impl(qkv, self.num_heads) == "triton":
+        if self._impl(qkv) == "triton":
             out = self._fused(qkv)
             if out is not None:
                 return self.proj(out)
@@ -359,13 +365,14 @@ class SelfAttention(nn.Module):
         """(N, L, 3C) -> (N, L, C): attention over dim 1 and the output projection."""
         N, L, C3 = qkv.shape
         C = C3 // 3
-        impl = temporal_attention_impl(qkv, self.num_heads) if self.rope is not None else "sdpa"
+        impl = self._impl(qkv)
         if impl == "triton":
             out = self._fused(qkv)  # norm + RoPE + attention in one kernel, (N, L, C)
             if out is not None:
                 return self.proj(out)
             impl = "bmm"  # the kernel could not be built here (warned once)
-        if impl == "sdpa" and self.rope is None and isinstance(self.q_norm, RMSNorm) and norms.available(qkv):
+        qk_kernel = self.kernels.norms and isinstance(self.q_norm, RMSNorm) and norms.available(qkv)
+        if impl == "sdpa" and self.rope is None and qk_kernel:
             # One pass normalises q and k into (2, N, L, heads, hd); attention reads them, and v inside qkv,
             # as (N, heads, L, hd) views: no permute copies.
             qk = norms.qk_rmsnorm(qkv, self.num_heads, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
@@ -390,16 +397,15 @@ class SelfAttention(nn.Module):
             eps=self.q_norm.eps if has_norm else 0.0,
             rope=self.rope.tables(short_attn.seq_len(qkv), qkv.device, torch.float32),
         )  # fmt: skip
-        if TEMPORAL_ATTENTION == "auto":
+        if self.kernels.temporal_attention == "auto":
             return short_attn.try_short_attention(qkv, self.num_heads, **kwargs)
         return short_attn.short_attention(qkv, self.num_heads, **kwargs)  # asked for by name: errors surface
 
 
-def temporal_attention_impl(x: torch.Tensor, num_heads: int) -> str:
-    """The implementation `TEMPORAL_ATTENTION` selects for the temporal (RoPE) attention on (N, L, 3C) `x`."""
-    impl = TEMPORAL_ATTENTION
+def temporal_attention_impl(x: torch.Tensor, num_heads: int, impl: str = "auto") -> str:
+    """What `impl` (KernelOptions.temporal_attention) means for the temporal (RoPE) attention on (N, L, 3C) `x`."""
     if impl not in TEMPORAL_ATTENTION_IMPLS:
-        raise ValueError(f"TEMPORAL_ATTENTION={impl!r}; choose one of {TEMPORAL_ATTENTION_IMPLS}")
+        raise ValueError(f"temporal_attention={impl!r}; choose one of {TEMPORAL_ATTENTION_IMPLS}")
     if impl != "auto":
         return impl
     # Half precision only (see short_attn.supported): TF32 dots would miss the 1e-5 fidelity of float32 runs.
@@ -472,6 +478,7 @@ class STDiT3Block(nn.Module):
     # The elementwise steps between the PAB targets: pure functions of their arguments (no state, no
     # hooks), which pab.compile.apply_compile may replace per instance with compiled versions.
     compile_regions = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+    kernels: KernelOptions = DEFAULT_KERNELS
 
     def __init__(self, config: STDiT3Config, temporal: bool, rope: RotaryEmbedding | None = None):
         super().__init__()
@@ -497,10 +504,13 @@ class STDiT3Block(nn.Module):
 
     # Each region has a one-kernel path (pab.kernels.norms: CUDA, half precision) and a PyTorch path.
 
+    def _norms(self, x: torch.Tensor) -> bool:
+        return self.kernels.norms and norms.available(x)
+
     def attn_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """norm1 + modulate -> (B·T, S, C) spatial or (B·S, T, C) temporal attention input."""
         B, T, S, C = x.shape
-        if norms.available(x):  # written frame-major for temporal attention in the same pass
+        if self._norms(x):  # written frame-major for temporal attention in the same pass
             out = norms.ln_modulate(x, mod[:, 0], mod[:, 1], self.norm1.eps, frame_major=self.temporal)
             return out.view(B * S, T, C) if self.temporal else out.view(B * T, S, C)
         x_n = self.norm1(x)
@@ -517,7 +527,7 @@ class STDiT3Block(nn.Module):
     def attn_out(self, x: torch.Tensor, a: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """x + gate * attention output, read back from its sequence-major layout in the same pass."""
         B, T, S, C = x.shape
-        if norms.available(x):
+        if self._norms(x):
             return norms.gated_residual(x, mod[:, 2], a, frame_major=self.temporal)
         a = a.view(B, S, T, C).transpose(1, 2) if self.temporal else a.view(B, T, S, C)
         return torch.addcmul(x, mod[:, 2], a)
@@ -525,14 +535,14 @@ class STDiT3Block(nn.Module):
     def mlp_in(self, x: torch.Tensor, c: torch.Tensor, mod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention residual, then norm2 + modulate: (x, MLP input (B, T·S, C))."""
         B, T, S, C = x.shape
-        if norms.available(x):
+        if self._norms(x):
             x, out = norms.add_ln_modulate(x, c.view(B, T, S, C), mod[:, 3], mod[:, 4], self.norm2.eps)
             return x, out.view(B, T * S, C)
         x = x + c.view(B, T, S, C)
         return x, torch.addcmul(mod[:, 3], self.norm2(x), 1 + mod[:, 4]).view(B, T * S, C)
 
     def mlp_out(self, x: torch.Tensor, m: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        if norms.available(x):
+        if self._norms(x):
             return norms.gated_residual(x, mod[:, 5], m)
         return torch.addcmul(x, mod[:, 5], m.view(x.shape))
 
@@ -561,6 +571,8 @@ class FinalLayer(nn.Module):
 
 class STDiT3(nn.Module):
     """Open-Sora 1.2 spatial-temporal DiT: interleaved spatial/temporal blocks, adaLN-single, T5 cross-attention."""
+
+    kernels: KernelOptions = DEFAULT_KERNELS  # what pab.kernels.set_kernel_options last gave its modules
 
     def __init__(self, config: STDiT3Config):
         super().__init__()

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pab.kernels import norms
+from pab.kernels import KernelOptions, kernel_options, norms, set_kernel_options
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 CUDA = torch.cuda.is_available() and not INTERPRET
@@ -219,14 +219,9 @@ def test_models_in_bf16_are_as_close_to_float32_with_the_kernels(name):
         ref = first(model(**kw)).double()
         model16 = model.to(torch.bfloat16)
         kw16 = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
-        saved = norms.ENABLED
-        try:
-            norms.ENABLED = True
-            fused = first(model16(**kw16)).double()
-            norms.ENABLED = False
+        fused = first(model16(**kw16)).double()
+        with kernel_options(model16, norms=False):
             plain = first(model16(**kw16)).double()
-        finally:
-            norms.ENABLED = saved
 
     def rel(a):
         return ((a - ref).norm() / ref.norm()).item()
@@ -240,19 +235,12 @@ def test_models_in_bf16_are_as_close_to_float32_with_the_kernels(name):
 @pytest.mark.parametrize("impl", ["sdpa", "bmm", "triton"])
 def test_stdit3_kernels_keep_every_temporal_implementation(impl):
     """The q/k-norm shortcut is for spatial attention only: temporal attention keeps its RoPE on every path."""
-    from pab.models import stdit3
-
     model, kw, _ = _models()["stdit3"]()
     model = model.cuda().to(torch.bfloat16)
     kw = {k: (v.cuda().to(torch.bfloat16) if v.is_floating_point() else v.cuda()) for k, v in kw.items()}
-    saved = (norms.ENABLED, stdit3.TEMPORAL_ATTENTION)
-    try:
-        stdit3.TEMPORAL_ATTENTION = impl
-        with torch.no_grad():
-            norms.ENABLED = True
-            fused = model(**kw).double()
-            norms.ENABLED = False
+    set_kernel_options(model, KernelOptions(temporal_attention=impl))
+    with torch.no_grad():
+        fused = model(**kw).double()
+        with kernel_options(model, norms=False):
             plain = model(**kw).double()
-    finally:
-        norms.ENABLED, stdit3.TEMPORAL_ATTENTION = saved
     assert ((fused - plain).norm() / plain.norm()).item() < 2e-2

@@ -18,6 +18,7 @@ import torch
 
 import torch.nn.functional as F
 
+from pab.kernels import KernelOptions, kernel_options, set_kernel_options
 from pab.kernels import short_attention as short_attn
 from pab.models import stdit3
 
@@ -42,11 +43,9 @@ FP16_ATOL = 4e-3
 
 @pytest.fixture(autouse=True)
 def _restore():
-    saved = stdit3.TEMPORAL_ATTENTION
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # the CPU is shared
     yield
-    stdit3.TEMPORAL_ATTENTION = saved
     torch.set_num_threads(n)
 
 
@@ -64,7 +63,7 @@ def attention(heads: int, head_dim: int, qk_norm: bool, seed: int = 0) -> stdit3
 
 
 def run(attn: stdit3.SelfAttention, x: torch.Tensor, impl: str) -> torch.Tensor:
-    stdit3.TEMPORAL_ATTENTION = impl
+    set_kernel_options(attn, KernelOptions(temporal_attention=impl))
     with torch.no_grad():
         return attn(x)
 
@@ -96,7 +95,6 @@ def test_head_dim_split_and_config():
 
 def test_auto_takes_the_kernel_only_where_it_applies():
     """CPU tensors, float32 (TF32 dots would miss float32 fidelity), long sequences and odd head dims: sdpa."""
-    stdit3.TEMPORAL_ATTENTION = "auto"
     for dtype in (torch.float32, torch.bfloat16):
         assert stdit3.temporal_attention_impl(torch.empty(2, 15, 3 * 1152, dtype=dtype), 16) == "sdpa"
     if CUDA:
@@ -229,7 +227,7 @@ def test_frame_blocks_kernel(nb, lb):
         ref = torch.ops.pab.short_attention(qkv, *args)
         out = torch.ops.pab.short_attention(blocks, *args)
         # the module path: qkv GEMM on the blocks as they lie, the kernel, the projection, same layout back
-        stdit3.TEMPORAL_ATTENTION = "triton"
+        set_kernel_options(attn, KernelOptions(temporal_attention="triton"))
         x = torch.randn(N, L, C, device=DEVICE)
         mod_ref = attn(x)
         mod_out = attn(x.view(N, nb, lb, C).transpose(0, 1).contiguous().transpose(0, 1))
@@ -270,14 +268,15 @@ def test_no_sequences():
 
 @needs_triton
 def test_tiny_model_forward():
-    """The whole tiny STDiT3 (4 heads of 16) with the variant selected, as `PAB_TEMPORAL_ATTENTION` would."""
+    """The whole tiny STDiT3 (4 heads of 16) with the variant selected through its KernelOptions."""
     model = tiny_model().to(DEVICE)
     kw = {k: v.to(DEVICE) for k, v in tiny_inputs(T=5).items()}
-    stdit3.TEMPORAL_ATTENTION = "sdpa"
     with torch.no_grad():
-        ref = model(**kw)
-        stdit3.TEMPORAL_ATTENTION = "triton"
-        out = model(**kw)
+        with kernel_options(model, temporal_attention="sdpa"):
+            ref = model(**kw)
+        with kernel_options(model, temporal_attention="triton"):
+            out = model(**kw)
+        assert model.kernels.temporal_attention == "auto"  # restored after the block
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -292,6 +291,7 @@ def test_unsupported_head_dim_is_refused():
 # ---------------------------------------------------------------------------------------------- CUDA only
 
 
+@pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("L", [15, 30])
@@ -317,6 +317,7 @@ def test_half_precision_on_cuda(dtype, L):
         assert rel(alt, out) < 1e-3, (hb, nw, rel(alt, out))
 
 
+@pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("L", [15, 30])
 def test_float32_on_cuda(L):

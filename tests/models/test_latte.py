@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pab.compile import apply_compile, remove_compile
+from pab.kernels import kernel_options
 from pab.models import CheckpointError, latte
 from support.fidelity_cases import latte as fixture_case
 from pab.models.latte import (
@@ -226,19 +227,21 @@ def test_compiled_targets_and_regions_match_eager(inductor):
     assert torch.equal(run(model, **kw), refs[0])  # the eager model again, bit for bit
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused GELU epilogue is CUDA-only")
 @pytest.mark.parametrize("activation_fn", ["gelu-approximate", "gelu"])
-def test_fused_gelu_mlp_equals_the_plain_mlp_on_cuda(activation_fn, monkeypatch):
-    """MLP_FUSED_GELU (tanh GELU only) computes the plain fc1 -> GELU -> fc2; "gelu" keeps the exact erf GELU."""
+def test_fused_gelu_mlp_equals_the_plain_mlp_on_cuda(activation_fn):
+    """The fused GELU epilogue (tanh GELU only) computes fc1 -> GELU -> fc2; "gelu" keeps the exact erf GELU."""
     ff = latte.FeedForward(C, activation_fn).cuda()
     x = torch.randn(3, 10, C, device="cuda")
     act, _, out = ff.net
-    monkeypatch.setattr(latte, "MLP_FUSED_GELU", True)
+    assert ff.kernels.fused_gelu  # the default
     with torch.no_grad():
         ref = out(torch.nn.functional.gelu(act.proj(x), approximate=latte.SUPPORTED_ACTIVATIONS[activation_fn]))
         torch.testing.assert_close(ff(x), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the short-sequence attention kernel is CUDA-only")
 @pytest.mark.parametrize("F", [5, 16])
 def test_short_attention_kernel_in_bf16_on_cuda(F, monkeypatch):
@@ -256,8 +259,8 @@ def test_short_attention_kernel_in_bf16_on_cuda(F, monkeypatch):
     monkeypatch.setattr(short_attn, "try_short_attention", lambda qkv, h: calls.append(qkv.shape) or real(qkv, h))
     out = run(model, **kw16).float()
     assert len(calls) == 2 and all(shape[1] == F for shape in calls), calls  # the 2 temporal blocks
-    monkeypatch.setattr(latte, "SHORT_ATTENTION", False)
-    sdpa = run(model, **kw16).float()
+    with kernel_options(model, short_attention=False):
+        sdpa = run(model, **kw16).float()
 
     def rel(a):
         return ((a - ref).norm() / ref.norm()).item()
