@@ -20,8 +20,9 @@ import torch
 import torch.nn as nn
 
 from pab.broadcast import PABConfig, PABState, apply_pab, use_state
+from pab.families import get_family
 from pab.models import (
-    VAE_SPECS, CheckpointError, ModelSpec, build, get_spec, randomize_weights, shipped_checkpoint, split_name,
+    CheckpointError, ModelSpec, build, get_spec, randomize_weights, shipped_checkpoint, split_name,
 )  # fmt: skip
 from pab.models.vae import VideoVAE
 
@@ -132,26 +133,6 @@ def load_transformer(
     return model.to(dtype=dtype).eval().requires_grad_(False)
 
 
-def load_vae(
-    spec: ModelSpec, size: str, checkpoint: Path | None, device: torch.device, dtype: torch.dtype
-) -> VideoVAE:
-    if spec.vae == "sd-vae":
-        from pab.models.frame_vae import FrameVAE
-
-        if checkpoint is not None:
-            vae = FrameVAE.from_pretrained(checkpoint / "vae")
-        else:
-            vae = FrameVAE.tiny(seed=0) if size == "tiny" else FrameVAE.sd(seed=0)
-    elif checkpoint is not None:
-        vae = VAE_SPECS[spec.vae].load(size, checkpoint / "vae", device)
-    else:
-        vae = build(f"{spec.vae}-tiny" if size == "tiny" else spec.vae, seed=0)
-    if spec.vae == "opensora-plan-vae-v1.1" and size == "full":
-        # The official Open-Sora-Plan sampling scripts always decode with tiling (--enable_tiling).
-        vae.enable_tiling()
-    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
 def load_text_encoder(spec: ModelSpec, size: str, checkpoint: Path | None, device: torch.device, dtype: torch.dtype):
     from pab.text import TextEncoder
 
@@ -187,7 +168,8 @@ class Pipeline:
         compile: bool = False,
     ) -> None:
         self.name = name
-        self.spec = get_spec(name)
+        self.family = get_family(name)
+        self.spec = self.family.spec
         self.size = split_name(name)[1]
         self.transformer = transformer
         self.text_encoder = text_encoder
@@ -239,7 +221,7 @@ class Pipeline:
             randomize_weights(transformer, seed=0)
             transformer = transformer.to(dtype=dt)
         text_encoder = load_text_encoder(spec, size, ckpt, dev, dt)
-        vae = load_vae(spec, size, ckpt, dev, dt)
+        vae = get_family(name).load_vae(size, ckpt, dev, dt)
         return cls(
             name,
             transformer,
@@ -321,49 +303,13 @@ class Pipeline:
     @torch.no_grad()
     def encode_text(self, r: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Conditional and unconditional text for one forward of batch 2 ([cond, uncond])."""
-        spec = self.spec
-        prompt = r.prompt + spec.prompt_suffix
-        if spec.name == "opensora-v1.2" and not r.negative_prompt:
-            # Open-Sora's unconditional branch is its learned null caption, not an encoded "".
-            emb, mask = self.text_encoder.encode([prompt])
-            null = self.transformer.y_embedder.y_embedding[None].to(emb.dtype)  # (1, L, D)
-            y = torch.cat([emb, null[:, : emb.shape[1]]], 0)
-            return _trim_text(y.to(self.dtype), mask.repeat(2, 1))
-        if spec.text_truncate:
-            # Latte and Open-Sora-Plan cut both embeddings to the prompt's real token count.
-            emb, _ = self.text_encoder.encode([prompt], trim=True)
-            neg, _ = self.text_encoder.encode([r.negative_prompt])
-            return torch.cat([emb, neg[:, : emb.shape[1]]]).to(self.dtype), None
-        emb, mask = self.text_encoder.encode([prompt, r.negative_prompt])
-        return _trim_text(emb.to(self.dtype), mask)
+        prompt = r.prompt + self.spec.prompt_suffix
+        return self.family.text(self.text_encoder, self.transformer, prompt, r.negative_prompt, self.dtype)
 
     def _forward(self, z2: torch.Tensor, t: float, y: torch.Tensor, mask: torch.Tensor | None, r: GenerationRequest):
         """One transformer call on the CFG batch; returns the model's prediction (first 4 channels)."""
-        n = z2.shape[0]
-        tt = torch.full((n,), t, device=z2.device, dtype=torch.float32)
-        family = self.spec.name
-        if family == "opensora-v1.2":
-            out = self.transformer(
-                z2,
-                tt,
-                y[:, None],
-                mask=mask,
-                fps=torch.full((n,), float(r.fps), device=z2.device),
-                height=float(r.height),  # numbers, not GPU tensors: the model reads them on the host (no sync)
-                width=float(r.width),
-            )
-        elif family == "latte-1":
-            out = self.transformer(z2, timestep=tt, encoder_hidden_states=y, return_dict=False)[0]
-        else:
-            out = self.transformer(
-                z2,
-                timestep=tt,
-                encoder_hidden_states=y,
-                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-                encoder_attention_mask=mask,
-                return_dict=False,
-            )[0]
-        return out[:, : z2.shape[1]]
+        tt = torch.full((z2.shape[0],), t, device=z2.device, dtype=torch.float32)
+        return self.family.forward(self.transformer, z2, tt, y, mask, r)[:, : z2.shape[1]]
 
     def _cfg_step(self, z: torch.Tensor, t: float, y, mask, r: GenerationRequest) -> torch.Tensor:
         ctx = self.parallel
@@ -453,19 +399,6 @@ class Pipeline:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-def _trim_text(y: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Drop text columns no sample keeps, once per generation; an all-kept mask becomes None.
-
-    Open-Sora's STDiT3 does the same cut inside every forward, at the price of a host sync per step
-    (which lets the GPU run dry while the CPU queues the next step's kernels). Cut here, the model sees
-    no mask in the common case and the denoising loop has no host syncs. Masked keys add nothing to
-    the softmax, so the result is unchanged.
-    """
-    keep = int(mask.any(dim=0).nonzero().max()) + 1
-    y, mask = y[:, :keep], mask[:, :keep]
-    return y, (None if bool(mask.all()) else mask)
 
 
 def default_device() -> torch.device:

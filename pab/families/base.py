@@ -1,0 +1,66 @@
+"""What every model family answers for the pipeline; each family's file says how it does it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from pab.models import MODEL_SPECS, VAE_SPECS, ModelSpec, build
+from pab.models.vae import VideoVAE
+
+Text = tuple[torch.Tensor, "torch.Tensor | None"]  # (2, L, D) text of [cond, uncond], (2, L) keep-mask or None
+
+
+class Family:
+    """One model family: how its VAE loads, how its text becomes the CFG batch's conditioning, and how its
+    transformer is called. Stateless; the pipeline holds the loaded parts and passes them in."""
+
+    name: str = ""
+
+    @property
+    def spec(self) -> ModelSpec:
+        return MODEL_SPECS[self.name]
+
+    def load_vae(self, size: str, checkpoint: Path | None, device: torch.device, dtype: torch.dtype) -> VideoVAE:
+        """The VAE from `checkpoint/vae/`, or with random weights (a size's own config) without a checkpoint."""
+        vae_name = self.spec.vae
+        if checkpoint is not None:
+            vae = VAE_SPECS[vae_name].load(size, checkpoint / "vae", device)
+        else:
+            vae = build(f"{vae_name}-tiny" if size == "tiny" else vae_name, seed=0)
+        return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    def text(self, encoder: Any, transformer: nn.Module, prompt: str, negative: str, dtype: torch.dtype) -> Text:
+        """Conditional and unconditional text for one forward of batch 2: the encoder's full masked output."""
+        emb, mask = encoder.encode([prompt, negative])
+        return trim_text(emb.to(dtype), mask)
+
+    def forward(
+        self, transformer: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None,
+        request: Any,
+    ) -> torch.Tensor:  # fmt: skip
+        """The transformer's raw output (B, C_out, T, h, w) on latents z (B, C, T, h, w) at timesteps t (B,)."""
+        raise NotImplementedError
+
+
+def trim_text(y: torch.Tensor, mask: torch.Tensor) -> Text:
+    """Drop text columns no sample keeps, once per generation; an all-kept mask becomes None.
+
+    Open-Sora's STDiT3 does the same cut inside every forward, at the price of a host sync per step
+    (which lets the GPU run dry while the CPU queues the next step's kernels). Cut here, the model sees
+    no mask in the common case and the denoising loop has no host syncs. Masked keys add nothing to
+    the softmax, so the result is unchanged.
+    """
+    keep = int(mask.any(dim=0).nonzero().max()) + 1
+    y, mask = y[:, :keep], mask[:, :keep]
+    return y, (None if bool(mask.all()) else mask)
+
+
+def truncated_text(encoder: Any, prompt: str, negative: str, dtype: torch.dtype) -> Text:
+    """Latte's and Open-Sora-Plan's text: both embeddings cut to the prompt's real token count, no mask."""
+    emb, _ = encoder.encode([prompt], trim=True)
+    neg, _ = encoder.encode([negative])
+    return torch.cat([emb, neg[:, : emb.shape[1]]]).to(dtype), None

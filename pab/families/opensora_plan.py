@@ -1,0 +1,31 @@
+"""Open-Sora-Plan v1.1: LatteT2V, its CausalVAE (tiled at full size), PNDM; text cut to the prompt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from pab.families.base import Family, Text, truncated_text
+from pab.models.vae import VideoVAE
+
+
+class OpenSoraPlan11(Family):
+    name = "opensora-plan-v1.1"
+
+    def load_vae(self, size: str, checkpoint: Path | None, device: torch.device, dtype: torch.dtype) -> VideoVAE:
+        vae = super().load_vae(size, checkpoint, device, dtype)
+        if size == "full":
+            vae.enable_tiling()  # the official sampling scripts always decode with --enable_tiling
+        return vae
+
+    def text(self, encoder: Any, transformer: nn.Module, prompt: str, negative: str, dtype: torch.dtype) -> Text:
+        return truncated_text(encoder, prompt, negative, dtype)
+
+    def forward(self, transformer, z, t, y, mask, request) -> torch.Tensor:
+        return transformer(
+            z, timestep=t, encoder_hidden_states=y, added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            encoder_attention_mask=mask, return_dict=False,
+        )[0]  # fmt: skip
