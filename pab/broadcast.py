@@ -99,18 +99,6 @@ class BroadcastRule:
         return cls(range=d["range"], window=tuple(d["window"]), blocks=tuple(blocks) if blocks is not None else None)
 
 
-# The paper's settings (PAB paper / VideoSys defaults; ../shared/reference/pab.md section 2.6).
-# MLP broadcast: the reference code triggers on exact timesteps (Open-Sora 676/788/864, Latte
-# 720..400, Open-Sora-Plan 738..426, each reused for 2 more steps, first 5 or 7 blocks), which rarely
-# fire outside the one resolution they were tuned for. We express it with the same window-and-range
-# rule as attention: range 3 (compute, reuse, reuse) over the span those triggers cover.
-_PAPER = {
-    "opensora-v1.2": dict(ranges=(2, 4, 6), window=(450, 930), mlp=(3, (590, 870), tuple(range(5)))),
-    "latte-1": dict(ranges=(2, 3, 6), window=(100, 800), mlp=(3, (350, 730), tuple(range(5)))),
-    "opensora-plan-v1.1": dict(ranges=(2, 4, 6), window=(100, 850), mlp=(3, (400, 745), tuple(range(7)))),
-}
-
-
 @dataclass(frozen=True)
 class PABConfig:
     """Which module kinds broadcast, each with its own rule (None = always recompute)."""
@@ -145,16 +133,16 @@ class PABConfig:
     @classmethod
     def preset(cls, model: str, name: str) -> "PABConfig":
         """A named preset for a model family: "off" or "paper"."""
-        from pab.models import split_name
+        from pab.families import get_family
 
-        family = split_name(model)[0]
+        family = get_family(model)  # the presets are the family's (pab/families/)
         if name == "off":
             return cls()
         if name != "paper":
             raise ValueError(f"unknown PAB preset {name!r}; use 'off', 'paper' or a JSON file of rules")
-        if family not in _PAPER:
-            raise ValueError(f"no 'paper' PAB preset for model {model!r}; known: {sorted(_PAPER)}")
-        p = _PAPER[family]
+        if family.paper_pab is None:
+            raise ValueError(f"no 'paper' PAB preset for model {model!r}")
+        p = family.paper_pab
         window = p["window"]
         s, t, c = (BroadcastRule(r, window) for r in p["ranges"])
         mlp_range, mlp_window, mlp_blocks = p["mlp"]

@@ -19,10 +19,19 @@ class Family:
     transformer is called. Stateless; the pipeline holds the loaded parts and passes them in."""
 
     name: str = ""
+    # PAB's `paper` preset: attention ranges (spatial, temporal, cross) in one timestep window, and the MLP's
+    # (range, window, blocks). The PAB paper's / VideoSys' settings (../shared/reference/pab.md 2.6); the
+    # reference code triggers MLP reuse on exact timesteps, which rarely fire outside the one resolution they
+    # were tuned for, so it is written with the same window-and-range rule as attention over their span.
+    paper_pab: dict[str, Any] | None = None
 
     @property
     def spec(self) -> ModelSpec:
         return MODEL_SPECS[self.name]
+
+    def dsp_plan(self, transformer: nn.Module) -> Any:
+        """The DSP plan (pab.parallel.dsp.DSPPlan) of this family's transformer: which inputs carry frames."""
+        raise NotImplementedError(f"no sequence-parallel plan for {self.name}")
 
     def load_vae(self, size: str, checkpoint: Path | None, device: torch.device, dtype: torch.dtype) -> VideoVAE:
         """The VAE from `checkpoint/vae/`, or with random weights (a size's own config) without a checkpoint."""

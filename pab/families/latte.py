@@ -9,11 +9,13 @@ import torch
 import torch.nn as nn
 
 from pab.families.base import Family, Text, truncated_text
+from pab.parallel.dsp import DSPPlan
 from pab.models.vae import VideoVAE
 
 
 class Latte1(Family):
     name = "latte-1"
+    paper_pab = dict(ranges=(2, 3, 6), window=(100, 800), mlp=(3, (350, 730), tuple(range(5))))
 
     def load_vae(self, size: str, checkpoint: Path | None, device: torch.device, dtype: torch.dtype) -> VideoVAE:
         from pab.models.frame_vae import FrameVAE
@@ -29,3 +31,15 @@ class Latte1(Family):
 
     def forward(self, transformer, z, t, y, mask, request) -> torch.Tensor:
         return transformer(z, timestep=t, encoder_hidden_states=y, return_dict=False)[0]
+
+    def dsp_plan(self, transformer: nn.Module) -> DSPPlan:
+        # LatteTransformer3DModel.forward(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask=None,
+        # enable_temporal_attentions=True, return_dict=False) -> (out,). The frame table `temp_pos_embed` is added
+        # before the first temporal block; each rank adds its own rows (and "no table for a one-frame clip" is
+        # decided on the full clip). The text mask may be an additive bias with one row per (sample, frame),
+        # b·F + f, which is split like the frames.
+        return DSPPlan(
+            video_input="hidden_states", frame_dim=2, flat_frame_inputs={"encoder_attention_mask": 0},
+            output_index=0, output_frame_dim=2, position_modules=("temp_pos_embed",),
+            temporal_flag="enable_temporal_attentions",
+        )  # fmt: skip

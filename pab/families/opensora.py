@@ -8,10 +8,12 @@ import torch
 import torch.nn as nn
 
 from pab.families.base import Family, Text, trim_text
+from pab.parallel.dsp import DSPPlan
 
 
 class OpenSora12(Family):
     name = "opensora-v1.2"
+    paper_pab = dict(ranges=(2, 4, 6), window=(450, 930), mlp=(3, (590, 870), tuple(range(5))))
 
     def text(self, encoder: Any, transformer: nn.Module, prompt: str, negative: str, dtype: torch.dtype) -> Text:
         if negative:
@@ -29,3 +31,14 @@ class OpenSora12(Family):
             height=float(request.height),  # numbers, not GPU tensors: the model reads them on the host (no sync)
             width=float(request.width),
         )  # fmt: skip
+
+    def dsp_plan(self, transformer: nn.Module) -> DSPPlan:
+        # STDiT3.forward(x, timestep, y, mask, x_mask, fps, height, width). Temporal attention gets its RoPE
+        # positions from the full T it sees after the switch, so no position module is needed. x_mask (B, T)
+        # selects t or t0 modulation per frame: split with x.
+        if transformer.patch_size[0] != 1:
+            raise NotImplementedError(
+                f"DSP splits STDiT3 frames one latent frame at a time; temporal patch size "
+                f"{transformer.patch_size[0]} would need splits on patch boundaries"
+            )
+        return DSPPlan(video_input="x", frame_dim=2, frame_inputs={"x_mask": 1}, output_index=None, output_frame_dim=2)
