@@ -77,13 +77,15 @@ _META_VAES: dict[str, Any] = {}
 
 
 class _ResolveOnly:
-    """Just enough of a Pipeline for `Pipeline.resolve`: name, spec, size and a meta-device VAE."""
+    """Just enough of a Pipeline for `Pipeline.resolve`: name, spec, family, size and a meta-device VAE."""
 
     def __init__(self, model: str) -> None:
+        from pab.families import get_family
         from pab.models import MODEL_SPECS, build, get_spec, split_name
 
         self.name = model
         self.spec = get_spec(model)
+        self.family = get_family(model)
         self.size = split_name(model)[1]
         if model not in _META_VAES:
             vae = self.spec.vae

@@ -271,7 +271,7 @@ class Pipeline:
             raise ValueError(f"num_frames must be >= 1, got {r.num_frames}")
         self.vae.latent_frames(r.num_frames)  # raises ValueError naming the frame counts it can take
         # Open-Sora's timestep shift is undefined for 2-16 frames; the sampler says so.
-        self.spec.new_sampler(self.size, r.steps, height=r.height, width=r.width, num_frames=r.num_frames)
+        self.family.new_sampler(self.size, r.steps, height=r.height, width=r.width, num_frames=r.num_frames)
         PABConfig.resolve(self.name, r.pab)  # raises on unknown presets or malformed rules
         return r
 
@@ -349,7 +349,7 @@ class Pipeline:
         timings["text_s"] = time.perf_counter() - t_start
 
         shape = self.latent_shape(r)
-        sampler = self.spec.new_sampler(self.size, r.steps, height=r.height, width=r.width, num_frames=r.num_frames)
+        sampler = self.family.new_sampler(self.size, r.steps, height=r.height, width=r.width, num_frames=r.num_frames)
         gen = torch.Generator(device="cpu").manual_seed(int(r.seed))
         z = sampler.init_noise(shape, generator=gen, dtype=torch.float32, device=self.device)
         total = len(sampler.timesteps)

@@ -33,6 +33,17 @@ class Family:
         """The DSP plan (pab.parallel.dsp.DSPPlan) of this family's transformer: which inputs carry frames."""
         raise NotImplementedError(f"no sequence-parallel plan for {self.name}")
 
+    def sampler_options(self, size: str) -> dict[str, Any]:
+        """Options of a size's sampler beyond the official ones (none by default)."""
+        return {}
+
+    def new_sampler(self, size: str, steps: int | None, *, height: int, width: int, num_frames: int) -> Any:
+        """A fresh sampler for one request of this size (ValueError for a geometry the sampler cannot take)."""
+        from pab.samplers import build_sampler
+
+        return build_sampler(self.spec.sampler, steps, height=height, width=width, num_frames=num_frames,
+                             **self.sampler_options(size))  # fmt: skip
+
     def load_vae(self, size: str, checkpoint: Path | None, device: torch.device, dtype: torch.dtype) -> VideoVAE:
         """The VAE from `checkpoint/vae/`, or with random weights (a size's own config) without a checkpoint."""
         vae_name = self.spec.vae

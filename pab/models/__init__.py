@@ -143,8 +143,6 @@ class ModelSpec:
     # The `-small` size, trained here on synthetic clips (`python -m pab.train`); None until it exists.
     small_defaults: Defaults | None = None
     small_text_max_length: int = 32
-    # Options of the `-small` size's sampler beyond the official ones (see opensora-v1.2's).
-    small_sampler_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def sizes(self) -> tuple[str, ...]:
@@ -156,13 +154,6 @@ class ModelSpec:
         if d is None:
             raise ValueError(f"{self.name} has no {size!r} size; sizes: {', '.join(self.sizes)}")
         return d
-
-    def new_sampler(self, size: str, steps: int | None, *, height: int, width: int, num_frames: int):
-        """A fresh sampler for one request of this size (ValueError for a geometry the sampler cannot take)."""
-        from pab.samplers import build_sampler
-
-        options = self.small_sampler_options if size == "small" else {}
-        return build_sampler(self.sampler, steps, height=height, width=width, num_frames=num_frames, **options)
 
     def text_max_length_for(self, size: str) -> int:
         """Text tokens the encoder keeps: the official length, the small T5's, or 64 for the byte-level tiny one."""
@@ -188,12 +179,6 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         prompt_suffix=" aesthetic score: 6.5.",
         paper_reference="480p (480x854) 51 frames, 30 steps, CFG 7.0",
         small_defaults=Defaults(num_frames=17, height=64, width=64, fps=8, steps=30, guidance_scale=4.0),
-        # The official timestep shift is relative to 512x512 px x 51 frames: at the small model's 64x64 x 17 it
-        # gives r = 0.28, which puts 23 of 30 steps below t = 450 and leaves the 4-5 steps that decide colour,
-        # shape and motion to a model that rarely trains there. This scale makes r = 1 at 64x64 x 17 (and 2 at
-        # 128x128), as if the small model's own size were the base; training shifts by the same rule
-        # (docs/quality.md has the judge's accuracy under both). The scale is 1 / shift_ratio(64, 64, 17).
-        small_sampler_options={"transform_scale": 1 / ((64 * 64 / 512**2) ** 0.5 * 5**0.5)},
     ),
     "latte-1": ModelSpec(
         name="latte-1",

@@ -8,7 +8,7 @@ Two stages, each resumable, each writing its part of the `--checkpoint` layout i
    std become the VAE's `shift` / `scale`, so the DiT sees unit-variance latents as in the release.
 2. `dit`: STDiT3 and the small T5 together, the VAE frozen. Rectified flow as Open-Sora trains it: s from a
    logit-normal, shifted by the same resolution/length transform the sampler applies (with the small size's
-   transform scale that is r = 1 at 64x64 px: no shift, see `small_sampler_options`), x_s = (1 - s) x0 + s n,
+   transform scale that is r = 1 at 64x64 px: no shift, see `OpenSora12.sampler_options`), x_s = (1 - s) x0 + s n,
    target x0 - n; 10% of captions replaced by the model's null caption (`y_embedding`) for CFG; the
    pipeline's prompt suffix appended, as at inference. The EMA of the weights is what gets exported.
 
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from pab.data import shapes
+from pab.families import get_family
 from pab.models import VAE_SPECS, get_spec
 from pab.models.opensora_vae import SPATIAL_LATENT_SCALE, OpenSoraVAE, OpenSoraVAEConfig
 from pab.models.stdit3 import STDiT3, build_stdit3
@@ -232,7 +233,7 @@ def train_dit(cfg: StageConfig, work: Path, out: Path, device: torch.device, cfg
     start = load_state(state_file, objects, device) if cfg.resume and state_file.is_file() else 0
     suffix = get_spec(NAME).prompt_suffix
     null = dit.y_embedder.y_embedding  # (L_max, D): Open-Sora's learned-null caption, the CFG negative
-    ratio = shift_ratio(H, W, F_, get_spec(NAME).small_sampler_options.get("transform_scale", 1.0))
+    ratio = shift_ratio(H, W, F_, get_family(NAME).sampler_options("small").get("transform_scale", 1.0))
 
     def step(i: int) -> torch.Tensor:
         video, captions = _batch(cfg.batch, cfg.seed, i, device)

@@ -66,3 +66,12 @@ def test_the_adapter_calls_the_model_as_its_official_pipeline_does(pipes, name):
     out = pipe._forward(z, 500.0, y, mask, r)
     ref = OFFICIAL_CALLS[name](pipe.transformer, z, torch.full((2,), 500.0), y, mask, r)
     assert out.shape == z.shape and torch.equal(out, ref[:, : z.shape[1]])
+
+
+def test_the_small_open_sora_samples_unshifted_at_its_own_size_and_the_others_as_released():
+    fam = get_family("opensora-v1.2-small")
+    small = fam.new_sampler("small", 30, height=64, width=64, num_frames=17).timesteps
+    assert small == pytest.approx([1000 * (1 - i / 30) for i in range(30)])  # r = 1: no shift at 64x64 x 17
+    official = fam.new_sampler("tiny", 30, height=64, width=64, num_frames=17).timesteps
+    assert official[1] < small[1] - 50  # r = 0.28 there: the release's shift towards the data end
+    assert get_family("latte-1").sampler_options("small") == {}

@@ -17,7 +17,7 @@ def test_denoising_step_has_no_host_sync(model):
     pipe = Pipeline.from_name(model, device="cuda", dtype=torch.bfloat16)
     r = pipe.resolve(GenerationRequest(model=model, prompt="a cat", steps=8, seed=0))
     y, mask = pipe.encode_text(r)  # text is prepared once per generation, outside the loop
-    sampler = pipe.spec.new_sampler(pipe.size, r.steps, height=r.height, width=r.width, num_frames=r.num_frames)
+    sampler = pipe.family.new_sampler(pipe.size, r.steps, height=r.height, width=r.width, num_frames=r.num_frames)
     z = sampler.init_noise(pipe.latent_shape(r), dtype=torch.float32, device="cuda")
     z = sampler.step(pipe._cfg_step(z, sampler.timesteps[0], y, mask, r), 0, z)  # warm-up
     torch.cuda.synchronize()
