@@ -14,7 +14,8 @@ Failure model: a group renders one video at a time. If any rank dies or hangs, t
 `generate` raises `GroupFailed` at once (the surviving ranks would wait in a collective forever), the
 actors are killed, and `health()` keeps raising until `rebuild()` (or, under Serve, until the replica
 is replaced: its `check_health` calls `health()`). A request the model rejects raises
-`GenerationError` on every rank and leaves the group healthy.
+`GenerationError` on every rank and leaves the group healthy. Storage refusing rank 0's video raises
+`cluster.storage.StorageUnavailable` and leaves the group healthy too: a new group would not help.
 
 Placement: outside Serve the group makes its own placement group (`placement_group="new"`, removed by
 `shutdown`). Inside a Serve replica that owns a placement group (`placement_group_bundles`), pass
@@ -44,6 +45,7 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.worker import GenerationWorker, VideoOutput, WorkerCancelled
+from cluster.storage import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +361,7 @@ class GpuGroup:
         `should_cancel()` is polled; when it returns True every rank stops at the same next step and
         GenerationCancelled is raised. Raises GroupFailed if a rank dies or the group hangs (past
         `timeout_s`), GroupUnavailable if the group is broken already, GenerationError if the request
-        fails on every rank.
+        fails on every rank, StorageUnavailable if the video was rendered but storage did not take it.
         """
         if self.broken:
             raise GroupUnavailable(f"group {self.name} is broken: {self.broken}")
@@ -413,19 +415,29 @@ class GpuGroup:
             if pending and timeout_s is not None and time.monotonic() - t0 > timeout_s:
                 raise self._fail(f"generation did not finish within {timeout_s}s")
         if errors:
-            if all(isinstance(e, WorkerCancelled) for e in errors.values()) and len(errors) == self.size:
-                raise GenerationCancelled(str(errors[0]))
-            if len(errors) == self.size:
-                raise GenerationError(_first_line(errors[0]))
-            # Some ranks finished and some raised: their states have diverged, trust none of them.
-            i, e = next(iter(errors.items()))
-            raise self._fail(f"rank {i} failed alone ({_first_line(e)})")
+            outcome = self._judge(errors, self.size)
+            if isinstance(outcome, str):
+                raise self._fail(outcome)
+            raise outcome
         seen = self._forward_progress(progress_ref, seen, on_progress)
         self._forward_progress(self.ranks[0].progress.remote(token, seen), seen, on_progress)
         result = results[0]
         result.setdefault("timings", {})["group_s"] = time.monotonic() - t0
         result["group"] = {**result.get("group", {}), "name": self.name, "size": self.size}
         return result
+
+    @staticmethod
+    def _judge(errors: dict[int, BaseException], size: int) -> BaseException | str:
+        """What a generation whose ranks all returned, some with `errors`, raises; a str: the group broke, why."""
+        if all(isinstance(e, WorkerCancelled) for e in errors.values()) and len(errors) == size:
+            return GenerationCancelled(str(errors[0]))
+        if list(errors) == [0] and isinstance(errors[0], StorageUnavailable):
+            return errors[0]  # every rank rendered in step; only rank 0's upload failed
+        if len(errors) == size:
+            return GenerationError(_first_line(errors[0]))
+        # Some ranks finished and some raised: their states have diverged, trust none of them.
+        i, e = next(iter(errors.items()))
+        return f"rank {i} failed alone ({_first_line(e)})"
 
     def _forward_progress(self, ref, seen: int, on_progress) -> int:
         try:

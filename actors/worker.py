@@ -316,7 +316,8 @@ class GenerationWorker:
 
         Rank 0 returns the video: with `output` it writes `videos/<id>.mp4` and its JSON sidecar to
         storage and returns where; without, the result carries the mp4 bytes under "mp4". Other ranks
-        return their timings only. Raises WorkerCancelled if cancelled.
+        return their timings only. Raises WorkerCancelled if cancelled, `cluster.storage.StorageUnavailable`
+        if storage does not take the video.
         """
         if self.engine is None:
             raise WorkerError("generate() before load()")
@@ -386,12 +387,17 @@ class GenerationWorker:
                 return result
             if isinstance(output, dict):
                 output = VideoOutput(**output)
-            from cluster.storage import storage_from_config
+            from cluster.storage import storage_failure, storage_from_config, unavailable
 
             t = time.perf_counter()
-            store = storage_from_config(output.storage)
             sidecar = {**result, **output.sidecar}
-            ref = store.put_video(output.video_id, path, sidecar)
+            try:
+                ref = storage_from_config(output.storage).put_video(output.video_id, path, sidecar)
+            except Exception as e:
+                if not storage_failure(e):
+                    raise
+                # Typed, so the group stays up (only the upload failed) and the caller retries once storage is back.
+                raise unavailable(output.storage, f"store video {output.video_id}", e) from e
             timings["store_s"] = time.perf_counter() - t
             result["video"] = {"key": ref.key, "sidecar_key": ref.sidecar_key, "uri": ref.uri,
                                "size_bytes": ref.size_bytes}

@@ -79,8 +79,11 @@ class AppConfig(BaseModel):
 
     # Queue, retries, leases.
     max_pending: int = Field(64, ge=1, description="jobs accepted but not finished, per ingress replica")
-    retry_after_s: int = Field(10, ge=1, description="Retry-After of a 429")
+    retry_after_s: int = Field(10, ge=1, description="Retry-After of a 429, and of a 503 while storage fails")
     max_attempts: int = Field(3, ge=1, description="tries on different groups before a job fails")
+    max_storage_failures: int = Field(
+        5, ge=1, description="renders lost because storage refused the result before a job fails (each waits "
+        "until storage takes writes again)")
     retry_backoff_s: float = Field(1.0, ge=0)
     heartbeat_s: float = Field(5.0, gt=0, description="lease refresh period")
     stale_after_s: float = Field(60.0, gt=0, description="a lease this old means nobody holds the job")

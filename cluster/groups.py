@@ -10,7 +10,10 @@ Errors the ingress sees from `run`:
   * `GroupFailed`: a rank died mid-video. The group is broken; `check_health` now fails so Serve
     replaces this replica. The ingress retries the job elsewhere (it counts as an attempt).
   * `GroupUnavailable`: this replica's group was already broken; nothing ran, retry costs nothing.
+  * `StorageUnavailable`: the video or the record could not be stored. The group is fine; the ingress
+    says so on the job and renders it again once storage takes writes.
 Everything else (cancelled, rejected request) is written to the record and `run` returns normally.
+A cancelled call (the ingress cancels it when it could not save a DELETE) stops the render too.
 """
 
 from __future__ import annotations
@@ -86,9 +89,16 @@ class VideoGroup:
     # ------------------------------------------------------------------ running a job
 
     async def run(self, job_id: str, dispatch: int) -> dict[str, Any]:
-        return await asyncio.to_thread(self._run, job_id, dispatch)
+        stop = threading.Event()
+        try:
+            return await asyncio.to_thread(self._run, job_id, dispatch, stop)
+        except asyncio.CancelledError:
+            # The ingress cancelled the call: a DELETE it could not save, so the cancel marker the render
+            # polls may never appear. Stop at the next step all the same.
+            stop.set()
+            raise
 
-    def _run(self, job_id: str, dispatch: int) -> dict[str, Any]:
+    def _run(self, job_id: str, dispatch: int, cancel: threading.Event | None = None) -> dict[str, Any]:
         rec = self.jobs.get(job_id)
         if rec.terminal:
             return {"skipped": f"job is {rec.status}"}
@@ -106,7 +116,7 @@ class VideoGroup:
         self.jobs.touch(job_id, owner)
 
         stop = threading.Event()
-        cancel = threading.Event()
+        cancel = cancel if cancel is not None else threading.Event()
 
         def keep_alive() -> None:  # lease + cancel polling, off the generation thread
             last_touch = time.monotonic()
@@ -147,7 +157,10 @@ class VideoGroup:
         finally:
             stop.set()
             watcher.join(5)
-        # GroupFailed propagates: the ingress retries on another group, Serve replaces this one.
+        # GroupFailed and StorageUnavailable propagate: the ingress retries (elsewhere, or once storage is back).
+        if cancel.is_set() or self.jobs.cancel_requested(job_id):
+            # Cancelled after the last step (e.g. a DELETE saved late, once storage came back): it still wins.
+            return self._finish(rec, "cancelled")
         rec.status, rec.progress, rec.completed_at = "completed", 100, time.time()
         rec.step = rec.total_steps = len(result.get("timesteps") or []) or rec.total_steps
         rec.video_key, rec.size_bytes = result["video"]["key"], result["video"]["size_bytes"]

@@ -7,6 +7,15 @@ For each accepted job a background task (`_drive`) sends it to the group pool ch
 waits. If the group dies mid-video the job is retried on another group (up to `max_attempts`), then
 failed with the reason. Serve's router queues the calls when every group is busy; that queue is
 what Serve's autoscaler scales the pool on.
+
+Storage outages (the folder read-only, the S3 endpoint down): what cannot be read or saved answers
+503 `storage_unavailable` with Retry-After, and /healthz says "degraded" until a write succeeds.
+Nothing accepted is dropped. A job whose video (or record) could not be stored shows `queued` with
+`error.code` "storage_unavailable" and why; it renders again once storage takes writes, and fails
+after `max_storage_failures` such losses. A DELETE that cannot be saved still cancels: the driver
+and the group call are cancelled here (the render stops), GET shows `cancelled`, the answer is a 503
+saying it is not saved yet, and the background loop saves it once storage is back (until then only
+this replica knows it).
 """
 
 from __future__ import annotations
@@ -27,13 +36,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from cluster.api import ModelInfo, Video, VideoCreate, VideoList
+from cluster.api import ErrorInfo, ModelInfo, Video, VideoCreate, VideoList
 from cluster.config import AppConfig, pool_name, route
 from cluster.jobs import JobRecord, JobStore, new_job_id, valid_id
-from cluster.storage import NotFound, storage_from_config
+from cluster.storage import NotFound, StorageUnavailable, storage_failure, storage_from_config, unavailable
 
 log = logging.getLogger("ray.serve")
 _instance: dict[str, "VideoAPI"] = {}
+_PROBE_EVERY_S = 1.0  # /healthz probes a failing storage at most this often (it needs no key)
+_STORAGE_WAIT_MAX_S = 30.0  # longest pause between probes of a job waiting for storage
 
 api = FastAPI(
     title="pab-cluster video API",
@@ -46,6 +57,11 @@ _bearer = HTTPBearer(auto_error=False)
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> HTTPException:
     return HTTPException(status_code=status, detail={"code": code, "message": message}, headers=headers)
+
+
+def _error_body(code: str, message: str) -> dict[str, Any]:
+    """OpenAI's error shape."""
+    return {"error": {"message": message, "type": code, "param": None, "code": code}}
 
 
 def _field_error(field: str, message: str, value: Any = None) -> RequestValidationError:
@@ -83,6 +99,13 @@ class VideoAPI:
         self._active: dict[str, asyncio.Task] = {}  # jobs this replica drives
         self._reserved = 0  # accepted requests whose job is being written, not yet in _active
         self._loop_task: asyncio.Task | None = None
+        # What this replica decided that storage does not have yet (a cancellation, a failure, a job
+        # waiting for storage with the reason); GET shows it first. The finished ones are saved by the
+        # background loop once storage takes writes, the others by the job's driver.
+        self._held: dict[str, JobRecord] = {}
+        self._seen: dict[str, JobRecord] = {}  # last record read of each job driven here: GET's fallback
+        self._calls: dict[str, Any] = {}  # job id -> its group call in flight (a DeploymentResponse)
+        self._probed_at = 0.0
         _instance["svc"] = self  # the routes below are module functions; one VideoAPI per replica process
         try:  # Serve runs the constructor on the replica's event loop: start adopting jobs right away
             self._ensure_background()
@@ -179,33 +202,75 @@ class VideoAPI:
             return request, f"{request['width']}x{request['height']}", []
 
     async def get(self, job_id: str) -> JobRecord:
+        """The job: what this replica decided and storage lacks, else the stored record, else (storage
+        unreadable) the state last read here, with the reason; StorageUnavailable if there is none."""
+        held = self._held.get(job_id)
+        if held is not None:
+            return held.model_copy(deep=True)
         try:
-            return await asyncio.to_thread(self.jobs.get, job_id)
+            rec = await asyncio.to_thread(self.jobs.get, job_id)
         except NotFound:
             raise _error(404, "not_found", f"no video {job_id!r}") from None
+        except StorageUnavailable as e:
+            seen = self._seen.get(job_id)
+            if seen is None:
+                raise
+            rec = seen.model_copy(deep=True)
+            if not rec.terminal:
+                rec.error = ErrorInfo(code="storage_unavailable", message=f"{e} Shown: the state last read.")
+            return rec
+        task = self._active.get(job_id)
+        if task is not None and not task.done():
+            self._seen[job_id] = rec.model_copy(deep=True)
+        return rec
 
     async def view(self, job_id: str) -> Video:
         rec = await self.get(job_id)
         v = rec.public()
         if not rec.terminal:
-            v.cancel_requested = await asyncio.to_thread(self.jobs.cancel_requested, job_id)
+            try:
+                v.cancel_requested = await asyncio.to_thread(self.jobs.cancel_requested, job_id)
+            except StorageUnavailable:
+                pass  # the record (or the state last read, with the reason) is still worth answering
         return v
 
     async def cancel(self, job_id: str) -> Video:
         rec = await self.get(job_id)
         if rec.terminal:
+            held = self._held.get(job_id)
+            if held is not None and held.status == "cancelled":  # cancelled here; storage did not take it yet
+                if not await self._save_held(job_id):
+                    raise StorageUnavailable(_unsaved_cancel(job_id, self.jobs.failure))
+                v = held.public()
+                v.cancel_requested = True
+                return v
             raise _error(409, "not_cancellable", f"video {job_id} is already {rec.status}")
-        await asyncio.to_thread(self.jobs.request_cancel, job_id)
+        try:
+            await asyncio.to_thread(self.jobs.request_cancel, job_id)
+        except StorageUnavailable as e:
+            # Not saved, but not lost: stop the render from here and keep the cancellation (GET shows it,
+            # the background loop saves it once storage takes writes). The client is told: 503.
+            rec.status, rec.completed_at, rec.error = "cancelled", time.time(), None
+            self._held[job_id] = rec
+            self._stop(job_id)
+            raise StorageUnavailable(_unsaved_cancel(job_id, e)) from None
         if rec.status == "queued":
             # Not on a group yet: cancel now. A group that picks it up meanwhile sees the marker.
-            rec.status, rec.completed_at = "cancelled", time.time()
-            await asyncio.to_thread(self.jobs.save, rec)
-            task = self._active.get(job_id)
-            if task is not None:
-                task.cancel()  # drops the call still waiting in Serve's router for a free group
+            rec.status, rec.completed_at, rec.error = "cancelled", time.time(), None
+            self._stop(job_id)  # drops the call still waiting in Serve's router for a free group
+            await self._save_final(rec)  # the marker is saved, so the cancellation holds even if this is late
         v = rec.public()
         v.cancel_requested = True
         return v
+
+    def _stop(self, job_id: str) -> None:
+        """Cancel the job's group call (Serve cancels the group's `run`, which stops the render) and driver."""
+        call = self._calls.pop(job_id, None)
+        if call is not None:
+            call.cancel()
+        task = self._active.get(job_id)
+        if task is not None:
+            task.cancel()
 
     async def content(self, job_id: str, redirect: bool = True, head: bool = False) -> Response:
         """The finished mp4: a 307 to a presigned URL (S3), else the bytes, with Range on a local folder.
@@ -239,11 +304,15 @@ class VideoAPI:
             chunks = await asyncio.to_thread(self.store.iter_bytes, rec.video_key)
         except NotFound:
             raise gone from None
+        except Exception as e:
+            if not storage_failure(e):
+                raise
+            raise unavailable(self.cfg.storage, f"read video {job_id}", e) from e
         return StreamingResponse(chunks, media_type="video/mp4", headers=headers)
 
     async def list(self, limit: int, after: str | None, order: str) -> VideoList:
         records, more = await asyncio.to_thread(self.jobs.list, limit, after, order)
-        data = [r.public() for r in records]
+        data = [self._held.get(r.id, r).public() for r in records]
         return VideoList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
                          has_more=more)
 
@@ -265,66 +334,201 @@ class VideoAPI:
         task.add_done_callback(lambda _t, j=job_id: self._active.pop(j, None))
 
     async def _drive(self, job_id: str) -> None:
-        """Dispatch until the job is finished; retry on another group when a group dies."""
+        """Dispatch until the job is finished; retry on another group when a group dies, and after storage
+        failed once it takes writes again."""
         try:
-            while True:
-                rec = await asyncio.to_thread(self.jobs.get, job_id)
-                if rec.terminal:
-                    return
-                if await asyncio.to_thread(self.jobs.cancel_requested, job_id):
-                    rec.status, rec.completed_at = "cancelled", time.time()
-                    await asyncio.to_thread(self.jobs.save, rec)
-                    return
-                rec.dispatch += 1
-                rec.status, rec.progress, rec.step = "queued", 0, 0
-                await asyncio.to_thread(self.jobs.save, rec)
-                await asyncio.to_thread(self.jobs.touch, job_id, self.owner)
-                handle = self.pools[rec.pool]
-                try:
-                    await handle.run.remote(job_id, rec.dispatch)
-                    return  # the group wrote the outcome (or skipped a stale dispatch)
-                except Exception as e:  # noqa: BLE001 - classified below
-                    reason = _reason(e)
-                    unavailable = "GroupUnavailable" in reason
-                rec = await asyncio.to_thread(self.jobs.get, job_id)
-                if rec.terminal:
-                    return
-                if unavailable:  # a broken group refused before starting: costs no attempt
-                    await asyncio.sleep(self.cfg.retry_backoff_s)
-                    continue
-                rec.attempts += 1
-                rec.last_error = reason
-                log.warning("job %s attempt %d/%d failed: %s", job_id, rec.attempts, rec.max_attempts, reason)
-                if rec.attempts >= rec.max_attempts:
-                    from cluster.api import ErrorInfo
-
-                    rec.status, rec.completed_at = "failed", time.time()
-                    rec.error = ErrorInfo(code="group_failed",
-                                          message=f"failed on {rec.attempts} GPU group(s); last error: {reason}")
-                    await asyncio.to_thread(self.jobs.save, rec)
-                    return
-                await asyncio.to_thread(self.jobs.save, rec)
-                await asyncio.sleep(self.cfg.retry_backoff_s)
-        except Exception:  # noqa: BLE001 - storage down: leave the job to the reconciler
+            while not await self._attempt(job_id):
+                pass
+        except Exception:  # noqa: BLE001 - a bug: leave the job to the reconciler
             log.exception("job %s: driver stopped; the reconciler will pick it up", job_id)
+        finally:
+            self._seen.pop(job_id, None)
+            if job_id in self._held and not self._held[job_id].terminal:
+                del self._held[job_id]  # a reason only this driver kept up to date
+
+    async def _attempt(self, job_id: str) -> bool:
+        """One dispatch. True when nothing is left to do here (finished, or a group wrote the outcome);
+        False to go round again: a group died, or storage failed (the job shows why while it waits)."""
+        rec = self._seen.get(job_id)
+        try:
+            rec = await asyncio.to_thread(self.jobs.get, job_id)
+            held = self._held.get(job_id)
+            if held is not None and held.terminal:
+                return True  # cancelled or failed here while storage was down; the background loop saves it
+            if held is not None:  # counts made while storage could not take them
+                rec.attempts = max(rec.attempts, held.attempts)
+                rec.storage_failures = max(rec.storage_failures, held.storage_failures)
+            if rec.terminal:
+                return True
+            if await asyncio.to_thread(self.jobs.cancel_requested, job_id):
+                rec.status, rec.completed_at = "cancelled", time.time()
+                await self._save_final(rec)
+                return True
+            rec.dispatch += 1
+            rec.status, rec.progress, rec.step, rec.error = "queued", 0, 0, None
+            await asyncio.to_thread(self.jobs.save, rec)
+            self._held.pop(job_id, None)  # storage has the job again: GET reads it there
+            self._seen[job_id] = rec.model_copy(deep=True)
+            await asyncio.to_thread(self.jobs.touch, job_id, self.owner)
+            failure = await self._call_group(rec)
+            if failure is None:
+                return True  # the group wrote the outcome (or skipped a stale dispatch)
+            lost = _storage_cause(failure)
+            if lost is not None:
+                return await self._store_failed(rec, lost)
+            reason = _reason(failure)
+            rec = await asyncio.to_thread(self.jobs.get, job_id)
+            if rec.terminal:
+                return True
+            if "GroupUnavailable" in reason:  # a broken group refused before starting: costs no attempt
+                await asyncio.sleep(self.cfg.retry_backoff_s)
+                return False
+            rec.attempts += 1
+            rec.last_error = reason
+            log.warning("job %s attempt %d/%d failed: %s", job_id, rec.attempts, rec.max_attempts, reason)
+            if rec.attempts >= rec.max_attempts:
+                rec.status, rec.completed_at = "failed", time.time()
+                rec.error = ErrorInfo(code="group_failed",
+                                      message=f"failed on {rec.attempts} GPU group(s); last error: {reason}")
+                await self._save_final(rec)
+                return True
+            await asyncio.to_thread(self.jobs.save, rec)
+            await asyncio.sleep(self.cfg.retry_backoff_s)
+            return False
+        except StorageUnavailable as e:
+            # One of this replica's own reads or writes failed. Nothing ran that is lost: wait for storage.
+            if rec is not None:
+                self._hold(rec, f"{e} The video goes on once storage takes writes again.")
+            await self._wait_for_storage()
+            return False
+
+    async def _call_group(self, rec: JobRecord) -> Exception | None:
+        """Run the job on its pool: None once a group wrote the outcome, else what the call raised."""
+        call = self.pools[rec.pool].run.remote(rec.id, rec.dispatch)
+        self._calls[rec.id] = call
+        try:
+            await call
+        except Exception as e:  # noqa: BLE001 - the caller classifies it
+            if self._calls.get(rec.id) is not call:  # `_stop` cancelled it (Serve raises RequestCancelledError)
+                raise asyncio.CancelledError from e
+            return e
+        finally:
+            if self._calls.get(rec.id) is call:
+                del self._calls[rec.id]
+        return None
+
+    async def _store_failed(self, rec: JobRecord, err: StorageUnavailable) -> bool:
+        """The group could not store this attempt's video (or its record), so the render is lost. Show why,
+        wait until storage takes writes, then render again; the `max_storage_failures`-th loss fails the job."""
+        self.jobs.failed(err)
+        rec.storage_failures += 1
+        rec.last_error = str(err)
+        n, limit = rec.storage_failures, self.cfg.max_storage_failures
+        log.warning("job %s: attempt lost to storage (%d of at most %d): %s", rec.id, n, limit, err)
+        if n >= limit:
+            rec.status, rec.completed_at = "failed", time.time()
+            rec.error = ErrorInfo(code="storage_unavailable", message=f"storage did not take the video {n} times; the "
+                                  f"last time: {err} Create the video again once storage works.")
+            await self._save_final(rec)
+            return True
+        self._hold(rec, f"{err} This attempt's video is lost; it renders again once storage takes writes "
+                        f"(loss {n}; the video fails at {limit}).")
+        await self._wait_for_storage()
+        return False
+
+    def _hold(self, rec: JobRecord, message: str) -> None:
+        """Show the job queued again with `message` (GET serves held records first) until its driver saves it."""
+        current = self._held.get(rec.id)
+        if current is not None and current.terminal:
+            return
+        held = rec.model_copy(deep=True)
+        held.status, held.progress, held.step = "queued", 0, 0
+        held.error = ErrorInfo(code="storage_unavailable", message=message)
+        self._held[rec.id] = held
+
+    async def _save_final(self, rec: JobRecord) -> None:
+        """Save a finished job; if storage fails, hold it (GET shows it) for the background loop to save."""
+        try:
+            await asyncio.to_thread(self.jobs.save, rec)
+        except StorageUnavailable:
+            self._held[rec.id] = rec
+        else:
+            self._held.pop(rec.id, None)
+
+    async def _save_held(self, job_id: str) -> bool:
+        """Save a cancellation or failure decided here while storage was down; False while storage still fails."""
+        rec = self._held.get(job_id)
+        if rec is None or not rec.terminal:
+            return True
+        try:
+            if rec.status == "cancelled":
+                await asyncio.to_thread(self.jobs.request_cancel, job_id)  # a render still going stops on it
+            stored = await asyncio.to_thread(self.jobs.get, job_id)
+            if not stored.terminal or _cancel_wins(rec, stored):
+                await asyncio.to_thread(self.jobs.save, rec)
+            elif stored.status != rec.status:
+                log.warning("job %s ended %s before it could be saved %s; it stays %s",
+                            job_id, stored.status, rec.status, stored.status)
+        except NotFound:
+            pass  # the record is gone: nothing to save it over
+        except StorageUnavailable:
+            return False
+        if self._held.get(job_id) is rec:
+            del self._held[job_id]
+        return True
+
+    async def _probe(self) -> bool:
+        """Whether storage takes a write now (this also sets /healthz back to ok)."""
+        self._probed_at = time.monotonic()
+        try:
+            await asyncio.to_thread(self.jobs.probe, self.owner)
+        except StorageUnavailable:
+            return False
+        return True
+
+    async def _wait_for_storage(self) -> None:
+        """Return once storage takes a write: probes with backoff, at most `_STORAGE_WAIT_MAX_S` apart."""
+        delay = max(self.cfg.retry_backoff_s, 0.05)
+        while True:
+            await asyncio.sleep(delay)
+            if await self._probe():
+                return
+            delay = min(2 * delay, _STORAGE_WAIT_MAX_S)
+
+    async def health(self) -> dict[str, Any]:
+        """/healthz: "degraded" while the last storage operation failed, with why; a write success ends it."""
+        if self.jobs.failure is not None and time.monotonic() - self._probed_at >= _PROBE_EVERY_S:
+            await self._probe()  # so recovery shows without waiting for traffic or the background loop
+        failure, since = self.jobs.failure, self.jobs.failing_since
+        return {"status": "ok" if failure is None else "degraded",
+                "storage": {"ok": failure is None, "error": None if failure is None else str(failure), "since": since},
+                "unsaved": sum(r.terminal for r in self._held.values()),
+                "pending": len(self._active) + self._reserved, "max_pending": self.cfg.max_pending}
 
     async def _background(self) -> None:
-        """Keep leases of our jobs fresh; adopt unfinished jobs whose holder is gone."""
+        """Keep leases of our jobs fresh; save what storage missed; adopt unfinished jobs whose holder is gone.
+        While storage fails it only probes (the failure is logged once, when it starts)."""
         last_reconcile = 0.0
         while True:
             try:
-                for job_id in list(self._active):
-                    await asyncio.to_thread(self.jobs.touch, job_id, self.owner)
-                if time.monotonic() - last_reconcile >= self.cfg.reconcile_interval_s:
-                    last_reconcile = time.monotonic()
-                    await self._reconcile()
+                if self.jobs.failure is None or await self._probe():
+                    for job_id in [j for j, r in self._held.items() if r.terminal]:
+                        if not await self._save_held(job_id):
+                            break
+                    for job_id in list(self._active):
+                        await asyncio.to_thread(self.jobs.touch, job_id, self.owner)
+                    if time.monotonic() - last_reconcile >= self.cfg.reconcile_interval_s:
+                        last_reconcile = time.monotonic()
+                        await self._reconcile()
+            except StorageUnavailable:
+                pass  # /healthz says degraded; the next round probes
             except Exception:  # noqa: BLE001
                 log.exception("pab ingress background loop")
             await asyncio.sleep(min(self.cfg.heartbeat_s, self.cfg.reconcile_interval_s))
 
     async def _reconcile(self) -> None:
         for job_id in await asyncio.to_thread(self.jobs.active_ids):
-            if job_id in self._active or not valid_id(job_id):
+            if job_id in self._active or job_id in self._held or not valid_id(job_id):
                 continue
             lease = await asyncio.to_thread(self.jobs.lease, job_id)
             if lease is None:
@@ -339,6 +543,31 @@ class VideoAPI:
             if age > self.cfg.stale_after_s:
                 log.warning("adopting job %s (lease %.0fs old)", job_id, age)
                 self._start(job_id)
+
+
+def _unsaved_cancel(job_id: str, e: BaseException | None) -> str:
+    return (f"video {job_id} is cancelled on this server and its render told to stop, but the cancellation could "
+            f"not be saved: {e or 'storage still fails.'} It is saved once storage takes writes again; GET shows "
+            "the video as cancelled meanwhile.")
+
+
+def _cancel_wins(held: JobRecord, stored: JobRecord) -> bool:
+    """A render that completed after a cancellation this replica accepted (and could not save) does not count."""
+    return held.status == "cancelled" and stored.status == "completed" and (
+        (stored.completed_at or 0) > (held.completed_at or 0))
+
+
+def _storage_cause(e: BaseException) -> StorageUnavailable | None:
+    """The StorageUnavailable a group raised, through Ray's wrapping (its cause, or the last line naming it)."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, StorageUnavailable):
+        return cause
+    if isinstance(e, StorageUnavailable) and cause is None:
+        return e
+    for line in reversed(str(e).splitlines()):
+        if "StorageUnavailable: " in line:
+            return StorageUnavailable(line.split("StorageUnavailable: ", 1)[1].strip())
+    return None
 
 
 def _reason(e: BaseException) -> str:
@@ -365,7 +594,9 @@ def _svc(request: Request) -> VideoAPI:
     return svc
 
 
-def _auth(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> VideoAPI:
+# async, so it runs on the event loop: a sync dependency runs in a worker thread, where starting the
+# background loop (no running loop there) failed every request of a VideoAPI made outside Serve.
+async def _auth(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> VideoAPI:
     svc = _svc(request)
     svc.check_key(creds)
     return svc
@@ -420,8 +651,9 @@ async def list_models(svc: VideoAPI = Depends(_auth)) -> dict[str, Any]:
 
 @api.get("/healthz", tags=["health"])
 async def healthz(request: Request) -> dict[str, Any]:
-    svc = _svc(request)
-    return {"status": "ok", "pending": len(svc._active) + svc._reserved, "max_pending": svc.cfg.max_pending}
+    """Always 200: no probe restarts or drains a pod on it, and neither would bring storage back. `status`
+    is "degraded" while storage fails, with why under `storage`; `unsaved`: decisions waiting for it."""
+    return await _svc(request).health()
 
 
 def _json_safe(v: Any) -> Any:
@@ -446,5 +678,14 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     detail = exc.detail if isinstance(exc.detail, dict) else {"code": "error", "message": exc.detail}
-    body = {"error": detail}
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(_error_body(detail["code"], detail["message"]), status_code=exc.status_code,
+                        headers=exc.headers)
+
+
+@api.exception_handler(StorageUnavailable)
+async def _storage_error(request: Request, exc: StorageUnavailable) -> JSONResponse:
+    # The request was fine and the same one works once storage does: 503 with Retry-After, not a 500.
+    cfg = getattr(_instance.get("svc"), "cfg", None)
+    retry = getattr(cfg, "retry_after_s", 10)
+    return JSONResponse(_error_body("storage_unavailable", str(exc)), status_code=503,
+                        headers={"Retry-After": str(retry)})

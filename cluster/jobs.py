@@ -10,6 +10,7 @@ between the ingress and a group):
     jobs/leases/<id>.json    {"owner", "at"}: refreshed by whoever holds the job (the ingress while it
                              queues it, the group while it renders). A stale lease means nobody
                              holds it any more, so a restarted ingress takes it over.
+    jobs/probes/<owner>      written and removed to learn whether storage takes writes again.
     videos/<id>.mp4, .json   the result and its sidecar (`cluster.storage.Storage.put_video`).
 
 Ids are time-ordered (`video_<13 hex ms><12 hex random>`), so key order is creation order.
@@ -17,16 +18,20 @@ Ids are time-ordered (`video_<13 hex ms><12 hex random>`), so key order is creat
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import time
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from cluster.api import TERMINAL, Video
-from cluster.storage import NotFound, Storage
+from cluster.storage import NotFound, Storage, StorageUnavailable, storage_failure, unavailable
 
 RECORDS, ACTIVE, CANCEL, LEASES = "jobs/records/", "jobs/active/", "jobs/cancel/", "jobs/leases/"
+PROBES = "jobs/probes/"
 ID_RE = re.compile(r"^video_[0-9a-f]{25}$")
+T = TypeVar("T")
+log = logging.getLogger("ray.serve")
 
 
 def new_job_id() -> str:
@@ -44,6 +49,7 @@ class JobRecord(Video):
     dispatch: int = 0  # fencing token: bumped at every (re)dispatch; a group runs only the latest
     max_attempts: int = 3
     last_error: str | None = None
+    storage_failures: int = 0  # attempts lost because the result (or the record) could not be stored
     updated_at: float = 0.0
     video_key: str | None = None
 
@@ -56,33 +62,98 @@ class JobRecord(Video):
 
 
 class JobStore:
-    """Job records, cancel requests and leases on a `Storage` backend (blocking calls)."""
+    """Job records, cancel requests and leases on a `Storage` backend (blocking calls).
+
+    A backend failure (unreachable, read-only, full, refused) comes out as `StorageUnavailable` naming the
+    operation and what to check. `failure` keeps the latest one until a write succeeds: /healthz shows it.
+    """
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
+        self.failure: StorageUnavailable | None = None
+        self.failing_since: float | None = None
+
+    def _io(self, what: str, fn: Callable[..., T], *args: Any, write: bool = False) -> T:
+        try:
+            out = fn(*args)
+        except NotFound:
+            raise
+        except StorageUnavailable as e:
+            self.failed(e)
+            raise
+        except Exception as e:
+            if not storage_failure(e):
+                raise
+            err = unavailable(self.storage.config, what, e)
+            self.failed(err)
+            raise err from e
+        if write:  # a read alone proves little: a read-only folder still reads
+            self.recovered()
+        return out
+
+    def failed(self, err: StorageUnavailable) -> None:
+        """Note a storage failure (also one a group reported)."""
+        if self.failure is None:
+            self.failing_since = time.time()
+            log.warning("%s", err)
+        self.failure = err
+
+    def recovered(self) -> None:
+        if self.failure is not None:
+            log.info("storage takes writes again, after %.0f s", time.time() - (self.failing_since or time.time()))
+        self.failure = self.failing_since = None
+
+    def probe(self, owner: str) -> None:
+        """Write and remove one small object: StorageUnavailable unless storage takes writes now."""
+        key = f"{PROBES}{owner.replace(':', '-')}"
+
+        def write() -> None:
+            self.storage.put_bytes(key, b"")
+            self.storage.delete(key)
+
+        self._io("write a probe object", write, write=True)
 
     # ------------------------------------------------------------------ records
 
     def create(self, rec: JobRecord) -> None:
+        """Write a new job, its active marker first: a failure in between leaves no record that nobody drives."""
         rec.updated_at = time.time()
-        self.storage.put_json(f"{RECORDS}{rec.id}.json", rec.model_dump(mode="json"))
-        self.storage.put_bytes(f"{ACTIVE}{rec.id}", b"")
+
+        def write() -> None:
+            self.storage.put_bytes(f"{ACTIVE}{rec.id}", b"")
+            try:
+                self.storage.put_json(f"{RECORDS}{rec.id}.json", rec.model_dump(mode="json"))
+            except BaseException:
+                try:
+                    self.storage.delete(f"{ACTIVE}{rec.id}")
+                except Exception:  # noqa: BLE001 - a marker without a record is skipped by the reconciler
+                    pass
+                raise
+
+        self._io(f"save the new record of {rec.id}", write, write=True)
 
     def get(self, job_id: str) -> JobRecord:
         if not valid_id(job_id):
             raise NotFound(job_id)
-        return JobRecord(**self.storage.get_json(f"{RECORDS}{job_id}.json"))
+        return JobRecord(**self._io(f"read the record of {job_id}", self.storage.get_json, f"{RECORDS}{job_id}.json"))
 
     def save(self, rec: JobRecord) -> None:
         """Write the record; a finished job leaves the active set and drops its lease."""
         rec.updated_at = time.time()
-        self.storage.put_json(f"{RECORDS}{rec.id}.json", rec.model_dump(mode="json"))
-        if rec.terminal:
-            self.storage.delete(f"{ACTIVE}{rec.id}")
-            self.storage.delete(f"{LEASES}{rec.id}.json")
+
+        def write() -> None:
+            self.storage.put_json(f"{RECORDS}{rec.id}.json", rec.model_dump(mode="json"))
+            if rec.terminal:
+                self.storage.delete(f"{ACTIVE}{rec.id}")
+                self.storage.delete(f"{LEASES}{rec.id}.json")
+
+        self._io(f"save the record of {rec.id}", write, write=True)
 
     def list(self, limit: int = 20, after: str | None = None, order: str = "desc") -> tuple[list[JobRecord], bool]:
         """A page of jobs, newest first (desc) or oldest first (asc), strictly after the id `after`."""
+        return self._io("list the videos", self._list, limit, after, order)
+
+    def _list(self, limit: int, after: str | None, order: str) -> tuple[list[JobRecord], bool]:
         if order == "asc":
             keys = self.storage.list(RECORDS, start_after=f"{RECORDS}{after}.json" if after else None, limit=limit + 1)
         else:
@@ -99,21 +170,22 @@ class JobStore:
         return records, len(keys) > limit
 
     def active_ids(self) -> list[str]:
-        return [k[len(ACTIVE):] for k in self.storage.list(ACTIVE)]
+        return [k[len(ACTIVE):] for k in self._io("list the unfinished videos", self.storage.list, ACTIVE)]
 
     # ------------------------------------------------------------------ cancel and leases
 
     def request_cancel(self, job_id: str) -> None:
-        self.storage.put_bytes(f"{CANCEL}{job_id}", b"")
+        self._io(f"save the cancellation of {job_id}", self.storage.put_bytes, f"{CANCEL}{job_id}", b"", write=True)
 
     def cancel_requested(self, job_id: str) -> bool:
-        return self.storage.exists(f"{CANCEL}{job_id}")
+        return self._io(f"read whether {job_id} is cancelled", self.storage.exists, f"{CANCEL}{job_id}")
 
     def touch(self, job_id: str, owner: str) -> None:
-        self.storage.put_json(f"{LEASES}{job_id}.json", {"owner": owner, "at": time.time()})
+        lease = {"owner": owner, "at": time.time()}
+        self._io(f"refresh the lease of {job_id}", self.storage.put_json, f"{LEASES}{job_id}.json", lease, write=True)
 
     def lease(self, job_id: str) -> dict[str, Any] | None:
         try:
-            return self.storage.get_json(f"{LEASES}{job_id}.json")
+            return self._io(f"read the lease of {job_id}", self.storage.get_json, f"{LEASES}{job_id}.json")
         except NotFound:
             return None

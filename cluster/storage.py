@@ -36,6 +36,43 @@ class NotFound(KeyError):
     """No object under this key."""
 
 
+class StorageUnavailable(RuntimeError):
+    """The object store failed (unreachable, read-only, full, refusing the credentials): not a missing key.
+
+    The message says which store and what to check. Callers keep the work and retry once it takes writes.
+    """
+
+
+def storage_failure(e: BaseException) -> bool:
+    """Whether `e` is the object store failing, as either backend raises it (a missing key is not)."""
+    if isinstance(e, NotFound):
+        return False
+    if isinstance(e, (StorageUnavailable, OSError)):  # a local folder; also sockets, timeouts
+        return True
+    try:
+        from boto3.exceptions import Boto3Error  # upload_file wraps a ClientError in S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return False
+    return isinstance(e, (BotoCoreError, ClientError, Boto3Error))
+
+
+def unavailable(config: StorageConfig | dict[str, Any], what: str, e: BaseException) -> StorageUnavailable:
+    """`e`, a backend error while trying to `what`, as a StorageUnavailable naming the store and what to check."""
+    if isinstance(e, StorageUnavailable):
+        return e
+    c = config if isinstance(config, StorageConfig) else StorageConfig(**config)
+    detail = " ".join(str(e).split())[:300] or "no detail"
+    if c.backend == "s3":
+        where = f"S3 bucket {c.bucket!r} at {c.endpoint_url or 'AWS'}"
+        check = "the endpoint is up and reachable, the bucket exists and the credentials may read and write it"
+    else:
+        where = f"the local folder {Path(c.path).expanduser().resolve()}"
+        check = "the folder is mounted and writable by the service's user and its disk has space"
+    return StorageUnavailable(f"storage unavailable: could not {what} in {where} ({type(e).__name__}: {detail}). "
+                              f"Check that {check}.")
+
+
 class StorageConfig(BaseModel):
     """Where objects live. `backend="local"` needs `path`; `backend="s3"` needs `bucket`."""
 

@@ -393,7 +393,7 @@ class BulkRender:
                 timeout_s=self.args.row_timeout,
             )
         except GenerationError as e:
-            # The model rejected the request on every rank (or rank 0 could not store it): not retried.
+            # The model rejected the request on every rank: not retried.
             self._row_failed(plan, attempt, str(e))
             return True
         except GroupError as e:  # GroupFailed / GroupUnavailable: a rank died or hung, the group is gone
