@@ -3,11 +3,16 @@
 `POST /v1/videos` takes `VideoCreate`; every job is returned as a `Video`. Fields beyond OpenAI's
 (`num_frames`, `height`, `width`, `fps`, `steps`, `guidance_scale`, `seed`, `pab`,
 `negative_prompt`) follow vLLM-Omni's extensions.
+
+The body is JSON or a form: the official `openai` SDK always sends `multipart/form-data`, every field as
+text. `form_fields` turns a form into the dict that `VideoCreate` validates, so both take one path.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -122,6 +127,59 @@ class VideoCreate(BaseModel):
             "num_frames": self.num_frames, "height": height, "width": width, "fps": self.fps, "steps": self.steps,
             "guidance_scale": self.guidance_scale, "seed": self.seed, "pab": "off" if pab is None else pab,
         }
+
+
+# Form values that stay text; any other field's value is read as JSON ("17", "4.5", "true", "NaN", a rules
+# object) when it is JSON, else kept as text ("paper", "many") for the schema to judge.
+_TEXT_FIELDS = frozenset(n for n, f in VideoCreate.model_fields.items() if f.annotation in (str, str | None))
+_BRACKETS = re.compile(r"([A-Za-z_]\w*)((?:\[\w*\])+)")  # pab[spatial][window][]
+
+
+def _from_text(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError):  # not JSON (or nested past the parser's depth): the text itself
+        return value
+
+
+def form_fields(items: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """A form's (name, text) pairs as the dict `VideoCreate.model_validate` takes.
+
+    The openai SDK sends a nested `extra_body` in bracket notation (`pab[spatial][range]=2`,
+    `pab[spatial][window][]=450` once per item); that nests again here. A name repeated without `[]`
+    keeps its last value, as Starlette's form does. A key of another shape stays as it came and is
+    refused by name as an unknown field.
+    """
+    data: dict[str, Any] = {}
+    for key, value in items:
+        m = _BRACKETS.fullmatch(key)
+        if m is None:
+            data[key] = value if key in _TEXT_FIELDS else _from_text(value)
+            continue
+        parts = [m[1], *re.findall(r"\[(\w*)\]", m[2])]
+        append = parts[-1] == ""
+        if append:
+            parts.pop()
+        if "" in parts or not _put(data, parts, _from_text(value), append):
+            data[key] = value
+    return data
+
+
+def _put(data: dict[str, Any], path: list[str], value: Any, append: bool) -> bool:
+    """Set (or append to) `data[path[0]][path[1]]...`; False when the path runs into a value of another kind."""
+    node: Any = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            return False
+    if not append:
+        node[path[-1]] = value
+        return True
+    items = node.setdefault(path[-1], [])
+    if not isinstance(items, list):
+        return False
+    items.append(value)
+    return True
 
 
 class ErrorInfo(BaseModel):

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import math
 import os
 import random
 import time
 import uuid
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -35,8 +37,11 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import ValidationError
+from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.api import ErrorInfo, ModelInfo, Video, VideoCreate, VideoList
+from cluster.api import ErrorInfo, ModelInfo, Video, VideoCreate, VideoList, form_fields
 from cluster.config import AppConfig, pool_name, route
 from cluster.jobs import JobRecord, JobStore, new_job_id, valid_id
 from cluster.storage import NotFound, StorageUnavailable, storage_failure, storage_from_config, unavailable
@@ -50,7 +55,7 @@ api = FastAPI(
     title="pab-cluster video API",
     version="1.0",
     description="Text-to-video with Pyramid Attention Broadcast on GPU groups. Create a job, poll it, "
-    "download the mp4. Send `Authorization: Bearer <key>`.",
+    "download the mp4. Send `Authorization: Bearer <key>`. The official `openai` SDK's `client.videos` works.",
 )
 _bearer = HTTPBearer(auto_error=False)
 
@@ -59,9 +64,9 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
     return HTTPException(status_code=status, detail={"code": code, "message": message}, headers=headers)
 
 
-def _error_body(code: str, message: str) -> dict[str, Any]:
-    """OpenAI's error shape."""
-    return {"error": {"message": message, "type": code, "param": None, "code": code}}
+def _error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape (the openai SDK's exceptions take their message from it)."""
+    return {"error": {"message": message, "type": code, "param": param, "code": code}}
 
 
 def _field_error(field: str, message: str, value: Any = None) -> RequestValidationError:
@@ -602,10 +607,59 @@ async def _auth(request: Request, creds: HTTPAuthorizationCredentials | None = D
     return svc
 
 
-@api.post("/v1/videos", response_model=Video, tags=["videos"])
-async def create_video(body: VideoCreate, svc: VideoAPI = Depends(_auth)) -> Video:
+_FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
+_VIDEO_CREATE = {"$ref": "#/components/schemas/VideoCreate"}
+
+
+async def _video_create(request: Request) -> VideoCreate:
+    """The body as a VideoCreate, from JSON or from a form (the openai SDK always sends multipart). One schema
+    judges both, so a bad field is the same 422 either way."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type in _FORMS:
+        form = await request.form()
+        try:
+            # A file (the SDK's input_reference) is named, not read: no field takes one, so it is refused by name.
+            data: Any = form_fields((k, v if isinstance(v, str) else f"<file {v.filename}>")
+                                    for k, v in form.multi_items())
+        finally:
+            await form.close()
+    else:
+        raw = await request.body()
+        try:
+            data = json.loads(raw) if raw else None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and bad UTF-8 are ValueErrors
+            error = {"type": "json_invalid", "loc": ("body", getattr(e, "pos", 0)), "msg": "JSON decode error",
+                     "input": {}, "ctx": {"error": str(e)}}
+            raise RequestValidationError([error]) from None
+    try:
+        return VideoCreate.model_validate(data)
+    except ValidationError as e:
+        errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]
+        raise RequestValidationError(errors, body=data) from None
+
+
+@api.post("/v1/videos", response_model=Video, tags=["videos"], openapi_extra={"requestBody": {
+    "required": True,
+    "content": {"application/json": {"schema": _VIDEO_CREATE}, "multipart/form-data": {"schema": _VIDEO_CREATE}},
+    "description": "`VideoCreate` as JSON or as form fields (what the openai SDK sends): numbers as text, `pab` a "
+                   "preset name, a JSON object or bracketed fields (`pab[spatial][range]`)."}})
+async def create_video(request: Request, svc: VideoAPI = Depends(_auth)) -> Video:
     """Queue a video. Poll `GET /v1/videos/{id}` until `completed`, then download its content."""
+    body = await _video_create(request)
     return await svc.create(body)
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's schema plus `VideoCreate`, which the create route reads itself (JSON or form) and so does not
+    declare as a parameter."""
+    if api.openapi_schema is None:
+        schema = FastAPI.openapi(api)
+        _, defs = models_json_schema([(VideoCreate, "validation")], ref_template="#/components/schemas/{model}")
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+    return api.openapi_schema
+
+
+api.openapi = _openapi  # type: ignore[method-assign]
 
 
 @api.get("/v1/videos", response_model=VideoList, tags=["videos"])
@@ -669,17 +723,51 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
+def _param(loc: Any) -> str | None:
+    """The field an error is about, dotted ("pab.spatial.range"): without FastAPI's "body"/"query" and
+    pydantic's union-member tags ("literal['off','paper']", "PABSettings"; field names are lower case)."""
+    parts = [str(p) for p in loc[1:] if isinstance(p, int) or (p.isidentifier() and not p[:1].isupper())]
+    return ".".join(parts) or None
+
+
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     # FastAPI's own handler echoes the input as it came; NaN or a lone surrogate there made the 422 a 500.
-    return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+    errors = _json_safe(jsonable_encoder(exc.errors()))
+    # The deepest first: of a union's branches ("off"/"paper" or rules), the one that got furthest says most.
+    ranked = sorted(errors, key=lambda e: -len((_param(e["loc"]) or "").split(".")))
+    said = [f"body: not JSON ({e.get('ctx', {}).get('error', e['msg'])})" if e["type"] == "json_invalid"
+            else f"{_param(e['loc']) or 'body'}: {e['msg']}" for e in ranked[:3]]
+    message = "; ".join(said) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "")
+    param = _param(ranked[0]["loc"]) if ranked and ranked[0]["type"] != "json_invalid" else None
+    # OpenAI's shape for its clients, plus FastAPI's `detail` list (every error, with its `loc`) for the others.
+    return JSONResponse({**_error_body("invalid_request", message or "invalid request", param), "detail": errors},
+                        status_code=422)
 
 
-@api.exception_handler(HTTPException)
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    detail = exc.detail if isinstance(exc.detail, dict) else {"code": "error", "message": exc.detail}
+def _status_code(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "error"
+
+
+# Starlette's HTTPException, so the router's own 404 and 405 (and the multipart parser's 400) are shaped too.
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    if exc.status_code in (204, 304):  # no body allowed
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    detail = exc.detail if isinstance(exc.detail, dict) else {"code": _status_code(exc.status_code),
+                                                             "message": str(exc.detail)}
     return JSONResponse(_error_body(detail["code"], detail["message"]), status_code=exc.status_code,
                         headers=exc.headers)
+
+
+@api.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # A bug. Starlette logs the traceback after this answer; the client gets its type, not its text.
+    return JSONResponse(_error_body("internal_error", f"internal error ({type(exc).__name__}); the server's log "
+                                    "has the details"), status_code=500)
 
 
 @api.exception_handler(StorageUnavailable)

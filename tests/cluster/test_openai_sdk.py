@@ -1,0 +1,264 @@
+"""The official `openai` SDK as the client (#16 item 1): create, retrieve, list and download through
+`client.videos`, and its exceptions carrying the server's message.
+
+No Ray: the real ingress app (`VideoAPI` over a local folder) runs under uvicorn in a thread on a loopback
+port, so the SDK speaks real HTTP to it (its `create` always sends multipart/form-data). The pool is the
+real `VideoGroup.run` on a one-rank group of the real `GenerationWorker` with an engine that returns
+black frames at once; the worker encodes and stores a real mp4.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+import cluster.ingress as ingress
+from actors.worker import EngineOutput, GenerationWorker
+from cluster.config import AppConfig, pool_name
+from cluster.groups import VideoGroup
+from cluster.jobs import JobStore
+from cluster.storage import storage_from_config
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+# The SDK marks client.videos deprecated (OpenAI's Sora API shuts down in 2026); servers like this one stay.
+pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
+
+MODEL = "opensora-v1.2-tiny"
+KEY = "sdk-test-key"
+FRAMES = 4
+
+
+class BlackFrames:
+    """Test double of the engine: reports every step, returns FRAMES black 32x32 frames."""
+
+    def generate(self, request, progress, should_cancel) -> EngineOutput:
+        steps = int(request["steps"])
+        for i in range(steps):
+            progress(i + 1, steps)
+        return EngineOutput(frames=np.zeros((FRAMES, 32, 32, 3), np.uint8), request={**request, "fps": 8})
+
+
+class OneRankGroup:
+    """`actors.group.GpuGroup` for a group of one, without Ray."""
+
+    name, size, broken, info = "sdk-group", 1, None, {"namespace": "test"}
+
+    def __init__(self) -> None:
+        self.worker = GenerationWorker(0, 1, MODEL, device="cpu", engine_factory=lambda **kw: BlackFrames())
+        self.worker.load()
+
+    def generate(self, request, on_progress=None, should_cancel=None, output=None, timeout_s=None):
+        return self.worker.generate(request, on_progress, should_cancel, output)
+
+
+class Pool:
+    """A pool deployment handle (`handle.run.remote(...)`) whose one replica is a real VideoGroup."""
+
+    def __init__(self, group: VideoGroup) -> None:
+        self.group, self.run = group, self
+
+    def remote(self, job_id: str, dispatch: int) -> asyncio.Future:
+        return asyncio.ensure_future(self.group.run(job_id, dispatch))  # awaitable and cancellable, as Serve's
+
+
+def _group(config: dict[str, Any]) -> VideoGroup:
+    g = VideoGroup.__new__(VideoGroup)  # the Serve replica class, holding a one-rank group instead of Ray actors
+    g.cfg = AppConfig(**config)
+    g.model_cfg = g.cfg.model(MODEL)
+    g.store = storage_from_config(g.cfg.storage)
+    g.jobs = JobStore(g.store)
+    g.replica = "sdk-replica"
+    g.group = OneRankGroup()
+    return g
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(base URL, svc): the ingress app served by uvicorn on a free loopback port, API key KEY."""
+    config = {"models": [{"name": MODEL}], "api_keys": [KEY], "retry_backoff_s": 0.05, "heartbeat_s": 0.1,
+              "progress_interval_s": 0, "cancel_poll_s": 0.02,
+              "storage": {"backend": "local", "path": str(tmp_path_factory.mktemp("store"))}}  # fmt: skip
+    cfg = AppConfig(**config)
+    group = _group(config)
+    svc = ingress.VideoAPI(config, pools={pool_name(m.name, p.gpus): Pool(group) for m in cfg.models
+                                          for p in m.groups})  # fmt: skip
+    svc._warm_up = lambda: None  # the model check runs on each POST anyway
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(ingress.api, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True, name="sdk-uvicorn")
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", svc
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        sock.close()
+        ingress._instance.pop("svc", None)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, max_retries=0, timeout=30)
+
+
+def completed(client, video_id: str, timeout_s: float = 60):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        video = client.videos.retrieve(video_id)
+        if video.status in ("completed", "failed", "cancelled"):
+            return video
+        time.sleep(0.05)
+    raise AssertionError(f"{video_id} still {video.status} after {timeout_s}s")
+
+
+def test_create_retrieve_list_download(client):
+    video = client.videos.create(model=MODEL, prompt="a red fox", seconds="4", size="1280x720",
+                                 extra_body={"seed": 3, "steps": 2, "pab": "paper"})  # fmt: skip
+    assert video.id.startswith("video_") and video.status == "queued" and video.object == "video"
+    assert video.model == MODEL and video.size == "1280x720" and video.prompt == "a red fox"
+    assert video.request["seed"] == 3 and video.request["steps"] == 2 and video.request["pab"] == "paper"
+    assert video.seconds == "4" and video.request["num_frames"] == 32  # "4" over the form: 32 frames at 8 fps
+
+    assert client.videos.retrieve(video.id).id == video.id
+    assert video.id in [v.id for v in client.videos.list().data]
+
+    done = completed(client, video.id)
+    assert done.status == "completed" and done.progress == 100, done
+    content = client.videos.download_content(video.id).content
+    assert content[4:8] == b"ftyp" and len(content) == done.size_bytes  # an mp4, whole
+
+
+def test_create_and_poll(client):
+    video = client.videos.create_and_poll(prompt="a blue fox", extra_body={"num_frames": 17, "steps": 1},
+                                          poll_interval_ms=50)  # fmt: skip
+    assert video.status == "completed" and video.model == MODEL  # the server's default model
+
+
+def test_pab_rules_as_json_text_or_as_a_nested_extra_body(client):
+    rules = {"spatial": {"range": 2, "window": [450.0, 930.0], "blocks": [0, 1]}}
+    for pab in (json.dumps(rules), rules):  # a dict goes out as pab[spatial][window][]=450 ... fields
+        video = client.videos.create(prompt="a fox", extra_body={"steps": 1, "pab": pab})
+        assert video.request["pab"] == {"spatial": rules["spatial"], "temporal": None, "cross": None, "mlp": None}
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"steps": "many"}, "steps"),
+    ({"num_frames": True}, "num_frames"),  # "true": not a frame count
+    ({"guidance_scale": float("nan")}, "guidance_scale"),  # the SDK sends "nan"
+    ({"guidance_scale": "NaN"}, "guidance_scale"),
+    ({"seed": "Infinity"}, "seed"),
+    ({"pab": "papr"}, "pab"),
+    ({"pab": {"spatial": {"range": 0, "window": [450, 930]}}}, "pab.spatial.range"),
+    ({"colour": "red"}, "colour"),
+])  # fmt: skip
+def test_a_bad_field_is_a_422_naming_it(client, extra, field):
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        client.videos.create(prompt="a fox", extra_body=extra)
+    assert e.value.body["param"] == field and field in e.value.message, e.value.body
+
+
+def test_the_sdk_exceptions_carry_the_message(server, client):
+    with pytest.raises(openai.NotFoundError, match="no video 'video_0000000000000000000000000000'"):
+        client.videos.retrieve("video_0000000000000000000000000000")
+    with pytest.raises(openai.AuthenticationError, match="missing or invalid API key"):
+        openai.OpenAI(base_url=f"{server[0]}/v1", api_key="wrong", max_retries=0).videos.list()
+    with pytest.raises(openai.UnprocessableEntityError, match="model: unknown model 'sora-2'") as e:
+        client.videos.create(prompt="a fox", model="sora-2")
+    assert e.value.body["param"] == "model"
+    with pytest.raises(openai.UnprocessableEntityError, match="not both"):
+        client.videos.create(prompt="a fox", seconds="4", extra_body={"num_frames": 17})
+
+
+def test_a_conflict_and_a_bug_have_the_error_shape(server, client, monkeypatch):
+    video = completed(client, client.videos.create(prompt="a fox", extra_body={"steps": 1}).id)
+    with pytest.raises(openai.ConflictError, match="already completed") as e:
+        client.videos.delete(video.id)  # DELETE still means cancel here: a finished video cannot be
+    assert e.value.body["code"] == "not_cancellable"
+
+    async def broken(job_id):
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setattr(server[1], "view", broken)
+    with pytest.raises(openai.InternalServerError, match=r"internal error \(RuntimeError\)") as e:
+        client.videos.retrieve(video.id)
+    assert "secret detail" not in e.value.message and e.value.body["code"] == "internal_error"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Other clients: JSON bodies keep working, and raw forms are judged like JSON
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server[0], headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        yield c
+
+
+def test_a_json_body_still_works(http):
+    r = http.post("/v1/videos", json={"prompt": "a fox", "num_frames": 17, "steps": 1, "pab": "off", "seed": 5})
+    assert r.status_code == 200, r.text
+    assert r.json()["request"]["num_frames"] == 17 and r.json()["seed"] == 5
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"num_frames": "true"}, "num_frames"),
+    ({"guidance_scale": "NaN"}, "guidance_scale"),
+    ({"seconds": "-Infinity"}, "seconds"),
+    ({"steps": "2.5"}, "steps"),
+])  # fmt: skip
+@pytest.mark.parametrize("encoding", ["json", "multipart", "urlencoded"])
+def test_a_form_is_judged_like_json(http, fields, field, encoding):
+    if encoding == "json":  # the same values as JSON literals (Python's parser takes NaN and Infinity)
+        body = "{" + ", ".join(f'"{k}": {v}' for k, v in {"prompt": '"a fox"', **fields}.items()) + "}"
+        r = http.post("/v1/videos", content=body, headers={"content-type": "application/json"})
+    elif encoding == "multipart":
+        r = http.post("/v1/videos", content=_multipart({"prompt": "a fox", **fields}, "b"),
+                      headers={"content-type": "multipart/form-data; boundary=b"})
+    else:
+        r = http.post("/v1/videos", data={"prompt": "a fox", **fields})
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["error"]["param"] == field and field in body["error"]["message"], body
+    assert any(field in e["loc"] for e in body["detail"])  # FastAPI's list too, for the existing clients
+
+
+def _multipart(fields: dict[str, str], boundary: str) -> bytes:
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n' for k, v in fields.items()]
+    return ("".join(parts) + f"--{boundary}--\r\n").encode()
+
+
+def test_a_file_is_refused_by_name(http):
+    r = http.post("/v1/videos", data={"prompt": "a fox"}, files={"input_reference": ("ref.png", b"\x89PNG", "image/png")})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "input_reference", r.text
+
+
+def test_unknown_routes_and_bad_json_have_the_error_shape(http):
+    r = http.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"] == {"message": "Not Found", "type": "not_found",
+                                                          "param": None, "code": "not_found"}  # fmt: skip
+    r = http.post("/v1/videos", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["param"] is None and "JSON" in r.json()["error"]["message"]
+
+
+def test_the_schema_shows_both_bodies(http):
+    spec = http.get("/openapi.json").json()
+    body = spec["paths"]["/v1/videos"]["post"]["requestBody"]["content"]
+    assert set(body) == {"application/json", "multipart/form-data"}
+    assert {"VideoCreate", "PABSettings", "BroadcastRuleIn"} <= set(spec["components"]["schemas"])
