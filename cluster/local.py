@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
             # Logical CPUs: the ingress and group drivers mostly wait; the ranks do the work.
             ray.init(num_gpus=gpus, num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False)
+            # This process owns that Ray: if it is SIGKILLed, the watchdog ends what it started.
+            from cluster.watchdog import start_watchdog
+
+            start_watchdog()
     # Ctrl-C / SIGTERM from here on (after ray.init, which installs its own handlers) means: shut
     # down cleanly once the app is up, even if the signal lands while it is still deploying.
     stop = threading.Event()

@@ -1,0 +1,96 @@
+"""End a process's whole tree when it dies, even by SIGKILL, which runs no cleanup of its own.
+
+`pab serve` starts its own Ray; killed with SIGKILL it leaves Ray's processes behind (the agents notice
+their raylet died but linger for minutes, measured in #19). `start_watchdog()` starts a small separate process
+that notes the server's descendants every second and, once the server is gone, kills those still running.
+
+    python -m cluster.watchdog PID [INTERVAL_S]
+
+Linux only (it reads /proc); elsewhere `start_watchdog` starts nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROC = Path("/proc")
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, start time in clock ticks) of a process, or None when it is gone."""
+    try:
+        raw = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) ", which may hold spaces
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def running(pid: int, start: int | None = None) -> bool:
+    """Whether `pid` is a live process (not a zombie), and the same one if its start time is given."""
+    s = _stat(pid)
+    return s is not None and s[0] not in ("Z", "X") and (start is None or s[2] == start)
+
+
+def descendants(pid: int) -> dict[int, int]:
+    """Every live descendant of `pid`: pid -> start time."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for entry in PROC.iterdir():
+        if entry.name.isdigit() and (s := _stat(int(entry.name))) is not None and s[0] not in ("Z", "X"):
+            children.setdefault(s[1], []).append((int(entry.name), s[2]))
+    found, todo = {}, [pid]
+    while todo:
+        for child, start in children.get(todo.pop(), []):
+            if child not in found:
+                found[child] = start
+                todo.append(child)
+    return found
+
+
+def watch(pid: int, interval: float = 1.0, grace: float = 2.0) -> int:
+    """Note `pid`'s descendants until it is gone, then SIGTERM the survivors, SIGKILL them after `grace`.
+    Returns how many were still running when `pid` went."""
+    target = _stat(pid)
+    if target is None:
+        return 0
+    known: dict[int, int] = {}
+    while running(pid, target[2]):
+        known.update(descendants(pid))  # reparented ones stay known: a dead raylet's agents go to PID 1
+        known = {p: s for p, s in known.items() if p != os.getpid() and running(p, s)}
+        time.sleep(interval)
+    left = {p: s for p, s in known.items() if running(p, s)}
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.0)):
+        for p, s in left.items():
+            if running(p, s):
+                try:
+                    os.kill(p, sig)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + wait
+        while wait and time.monotonic() < deadline and any(running(p, s) for p, s in left.items()):
+            time.sleep(0.1)
+    return len(left)
+
+
+def start_watchdog(pid: int | None = None, interval: float = 1.0) -> subprocess.Popen | None:
+    """Watch `pid` (default: this process) from a separate process in its own session; None off Linux."""
+    if not PROC.is_dir() or not sys.platform.startswith("linux"):
+        return None
+    return subprocess.Popen(
+        [sys.executable, "-m", "cluster.watchdog", str(pid or os.getpid()), str(interval)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,  # not in the server's process group: a Ctrl-C there does not stop it
+        cwd=str(Path(__file__).resolve().parents[1]),
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if not args:
+        sys.exit(f"usage: python -m cluster.watchdog PID [INTERVAL_S]\n{__doc__}")
+    watch(int(args[0]), float(args[1]) if len(args) > 1 else 1.0)
