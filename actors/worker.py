@@ -389,10 +389,11 @@ class GenerationWorker:
                 output = VideoOutput(**output)
             from cluster.storage import storage_failure, storage_from_config, unavailable
 
+            images = _still_images(out.frames, timings)
             t = time.perf_counter()
             sidecar = {**result, **output.sidecar}
             try:
-                ref = storage_from_config(output.storage).put_video(output.video_id, path, sidecar)
+                ref = storage_from_config(output.storage).put_video(output.video_id, path, sidecar, images)
             except Exception as e:
                 if not storage_failure(e):
                     raise
@@ -413,3 +414,21 @@ class GenerationWorker:
             "busy": self._busy.locked(), "step": self._events[-1] if self._events else None,
             "generations": self._generations,
         }
+
+
+def _still_images(frames: Any, timings: dict[str, float]) -> dict[str, bytes]:
+    """The thumbnail and spritesheet JPEGs stored beside the mp4 (`GET .../content?variant=`).
+
+    Made here from the frames already in memory (a few ms), so every backend serves them as plain objects
+    (S3: a presigned URL). A failure costs only the images: the ingress derives them from the mp4 instead.
+    """
+    from pab.video import spritesheet_jpeg, thumbnail_jpeg
+
+    t = time.perf_counter()
+    try:
+        images = {"thumbnail": thumbnail_jpeg(frames), "spritesheet": spritesheet_jpeg(frames)}
+    except Exception:  # noqa: BLE001
+        log.exception("could not make the thumbnail and spritesheet; the ingress will derive them from the mp4")
+        return {}
+    timings["images_s"] = time.perf_counter() - t
+    return images

@@ -30,7 +30,7 @@ import random
 import time
 import uuid
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
@@ -44,7 +44,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster.api import ErrorInfo, ModelInfo, Video, VideoCreate, VideoList, form_fields
 from cluster.config import AppConfig, pool_name, route
 from cluster.jobs import JobRecord, JobStore, new_job_id, valid_id
-from cluster.storage import NotFound, StorageUnavailable, storage_failure, storage_from_config, unavailable
+from cluster.storage import (
+    NotFound,
+    StorageUnavailable,
+    image_key,
+    storage_failure,
+    storage_from_config,
+    unavailable,
+)
 
 log = logging.getLogger("ray.serve")
 _instance: dict[str, "VideoAPI"] = {}
@@ -277,43 +284,94 @@ class VideoAPI:
         if task is not None:
             task.cancel()
 
-    async def content(self, job_id: str, redirect: bool = True, head: bool = False) -> Response:
-        """The finished mp4: a 307 to a presigned URL (S3), else the bytes, with Range on a local folder.
+    async def content(self, job_id: str, redirect: bool = True, head: bool = False,
+                      variant: str = "video") -> Response:
+        """The finished mp4 (or, by `variant`, its JPEG thumbnail or spritesheet): a 307 to a presigned URL
+        (S3), else the bytes, with Range on a local folder.
 
         A local file goes out as Starlette's `FileResponse`, which streams it in chunks and answers
         `Range` the way players seek: one range is a 206 with `Content-Range`, a start at or past the
         end is a 416 with `Content-Range: bytes */SIZE`, several ranges are one multipart/byteranges
         206, and a header it cannot parse (or a unit other than bytes) is a 400 (RFC 9110 14.2 lets a
         server reject an invalid range). HEAD answers the same headers without the body.
+
+        The images are stored beside the mp4 when it is rendered; a video made before they were (or whose
+        images could not be made) gets them derived from its mp4 on the first request, and stored.
         """
         rec = await self.get(job_id)
         if rec.status != "completed" or not rec.video_key:
             raise _error(409, "not_ready", f"video {job_id} is {rec.status}, not completed")
-        url = self.store.presigned_url(rec.video_key) if redirect else None
+        if variant == "video":
+            return await self._serve(rec.video_key, "video/mp4", f"{job_id}.mp4", redirect, head,
+                                     f"the file of video {job_id}")
+        key = image_key(job_id, variant)
+        try:
+            stored = await asyncio.to_thread(self.store.exists, key)
+        except Exception as e:
+            if not storage_failure(e):
+                raise
+            raise unavailable(self.cfg.storage, f"read the {variant} of video {job_id}", e) from e
+        if stored:
+            return await self._serve(key, "image/jpeg", f"{job_id}.{variant}.jpg", redirect, head,
+                                     f"the {variant} of video {job_id}")
+        data = await asyncio.to_thread(self._derive_image, rec, variant)
+        return Response(data, media_type="image/jpeg",
+                        headers={"Content-Disposition": f'inline; filename="{job_id}.{variant}.jpg"'})
+
+    def _derive_image(self, rec: JobRecord, variant: str) -> bytes:
+        """The JPEG `variant` of a video without one, from its stored mp4; stored for the next request."""
+        from pab.video import SPRITE_FRAMES, sample_frames, spritesheet_jpeg, thumbnail_jpeg
+
+        path = self.store.local_path(rec.video_key)
+        try:
+            src = path if path is not None and path.is_file() else self.store.get_bytes(rec.video_key)
+        except NotFound:
+            raise _error(404, "not_found", f"the file of video {rec.id} is gone") from None
+        except Exception as e:
+            if not storage_failure(e):
+                raise
+            raise unavailable(self.cfg.storage, f"read video {rec.id}", e) from e
+        try:
+            frames = sample_frames(src, 1 if variant == "thumbnail" else SPRITE_FRAMES)
+            data = thumbnail_jpeg(frames) if variant == "thumbnail" else spritesheet_jpeg(frames)
+        except Exception as e:  # noqa: BLE001  (a corrupt or truncated file: PyAV's errors vary)
+            log.warning("video %s: no %s from its mp4 (%s: %s)", rec.id, variant, type(e).__name__, e)
+            raise _error(404, "not_found", f"video {rec.id} has no {variant} and its mp4 could not be "
+                         f"decoded to make one ({type(e).__name__})") from None
+        try:  # best effort: the next request (and S3's presigned URL) then finds it
+            self.store.put_bytes(image_key(rec.id, variant), data, "image/jpeg")
+        except Exception as e:  # noqa: BLE001
+            log.warning("video %s: could not store its derived %s (%s: %s)", rec.id, variant, type(e).__name__, e)
+        return data
+
+    async def _serve(self, key: str, media_type: str, filename: str, redirect: bool, head: bool,
+                     what: str) -> Response:
+        """One stored object: a 307 to a presigned URL (S3 with `redirect`), a local file, or a stream."""
+        url = self.store.presigned_url(key) if redirect else None
         if url:
             return RedirectResponse(url, status_code=307)  # S3 serves Range and HEAD on the URL itself
-        gone = _error(404, "not_found", f"the file of video {job_id} is gone")
-        path = self.store.local_path(rec.video_key)
+        gone = _error(404, "not_found", f"{what} is gone")
+        path = self.store.local_path(key)
         if path is not None:
             try:  # stat here so a missing file is our 404, not FileResponse's RuntimeError (a 500)
                 stat = await asyncio.to_thread(os.stat, path)
             except FileNotFoundError:
                 raise gone from None
-            return FileResponse(path, media_type="video/mp4", filename=f"{job_id}.mp4",
+            return FileResponse(path, media_type=media_type, filename=filename,
                                 content_disposition_type="inline", stat_result=stat)
         try:
-            size = await asyncio.to_thread(self.store.size, rec.video_key)
-            headers = {"Content-Length": str(size), "Content-Disposition": f'inline; filename="{job_id}.mp4"'}
+            size = await asyncio.to_thread(self.store.size, key)
+            headers = {"Content-Length": str(size), "Content-Disposition": f'inline; filename="{filename}"'}
             if head:  # the headers only: opening the object would fetch all of it from S3 for nothing
-                return Response(media_type="video/mp4", headers=headers)
-            chunks = await asyncio.to_thread(self.store.iter_bytes, rec.video_key)
+                return Response(media_type=media_type, headers=headers)
+            chunks = await asyncio.to_thread(self.store.iter_bytes, key)
         except NotFound:
             raise gone from None
         except Exception as e:
             if not storage_failure(e):
                 raise
-            raise unavailable(self.cfg.storage, f"read video {job_id}", e) from e
-        return StreamingResponse(chunks, media_type="video/mp4", headers=headers)
+            raise unavailable(self.cfg.storage, f"read {what}", e) from e
+        return StreamingResponse(chunks, media_type=media_type, headers=headers)
 
     async def list(self, limit: int, after: str | None, order: str) -> VideoList:
         records, more = await asyncio.to_thread(self.jobs.list, limit, after, order)
@@ -680,16 +738,21 @@ async def get_video(video_id: str, svc: VideoAPI = Depends(_auth)) -> Video:
 # HEAD too (FastAPI adds it to no GET route): players ask it for the size before they seek.
 @api.head("/v1/videos/{video_id}/content", include_in_schema=False)
 @api.get("/v1/videos/{video_id}/content", tags=["videos"], response_class=StreamingResponse,
-         responses={200: {"content": {"video/mp4": {}}}, 206: {"description": "the bytes a `Range` header asked for"},
+         responses={200: {"content": {"video/mp4": {}, "image/jpeg": {}}},
+                    206: {"description": "the bytes a `Range` header asked for"},
                     307: {"description": "redirect to a presigned S3 URL"},
                     416: {"description": "the range starts past the end; `Content-Range: bytes */SIZE`"}})
 async def video_content(
     request: Request, video_id: str,
     redirect: bool = Query(True, description="S3: redirect to a presigned URL (false: stream here)"),
+    variant: Literal["video", "thumbnail", "spritesheet"] = Query(  # cluster.storage.IMAGE_VARIANTS, and the mp4
+        "video", description="video: the mp4; thumbnail: a JPEG of the middle frame; spritesheet: a JPEG of up to "
+        "8 evenly spaced frames in one row"),
     svc: VideoAPI = Depends(_auth),
 ) -> Response:
-    """The mp4: a 307 to an expiring presigned URL on S3, a stream from a local folder that honours `Range`."""
-    return await svc.content(video_id, redirect, head=request.method == "HEAD")
+    """The mp4 (or its JPEG thumbnail or spritesheet): a 307 to an expiring presigned URL on S3, a stream from
+    a local folder that honours `Range`."""
+    return await svc.content(video_id, redirect, head=request.method == "HEAD", variant=variant)
 
 
 @api.delete("/v1/videos/{video_id}", response_model=Video, tags=["videos"])

@@ -12,6 +12,7 @@ between the ingress and a group):
                              holds it any more, so a restarted ingress takes it over.
     jobs/probes/<owner>      written and removed to learn whether storage takes writes again.
     videos/<id>.mp4, .json   the result and its sidecar (`cluster.storage.Storage.put_video`).
+    videos/<id>.thumbnail.jpg, .spritesheet.jpg   its still images (`GET .../content?variant=`).
 
 Ids are time-ordered (`video_<13 hex ms><12 hex random>`), so key order is creation order.
 """

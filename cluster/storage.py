@@ -3,6 +3,7 @@
     store = storage_from_config({"backend": "local", "path": "outputs"})
     store = storage_from_config({"backend": "s3", "endpoint_url": "http://127.0.0.1:8333", "bucket": "videos"})
     ref = store.put_video("video_123", "/tmp/x.mp4", sidecar={...})   # videos/video_123.mp4 + .json
+    store.put_video(..., images={"thumbnail": jpeg})                   # + videos/video_123.thumbnail.jpg
     store.presigned_url(ref.key)                                        # S3 only; None for a local folder
 
 Keys are relative POSIX paths ("videos/abc.mp4"); the backend adds its root folder or bucket prefix.
@@ -141,6 +142,16 @@ def video_keys(video_id: str) -> tuple[str, str]:
     return f"{VIDEO_PREFIX}{video_id}.mp4", f"{VIDEO_PREFIX}{video_id}.json"
 
 
+IMAGE_VARIANTS = ("thumbnail", "spritesheet")  # the still images stored beside a video, as JPEGs
+
+
+def image_key(video_id: str, variant: str) -> str:
+    """Key of a video's still image: `videos/<id>.thumbnail.jpg` or `videos/<id>.spritesheet.jpg`."""
+    if variant not in IMAGE_VARIANTS:
+        raise ValueError(f"unknown image variant {variant!r}; one of {IMAGE_VARIANTS}")
+    return f"{VIDEO_PREFIX}{video_id}.{variant}.jpg"
+
+
 def _check_key(key: str) -> str:
     p = PurePosixPath(key)
     if not key or p.is_absolute() or ".." in p.parts or key.endswith("/"):
@@ -204,19 +215,25 @@ class Storage(ABC):
     def get_json(self, key: str) -> Any:
         return json.loads(self.get_bytes(key))
 
-    def put_video(self, video_id: str, video: bytes | str | Path, sidecar: dict[str, Any]) -> VideoRef:
-        """Store `videos/<id>.mp4` (bytes or a file) and its `videos/<id>.json` sidecar, sidecar last.
+    def put_video(self, video_id: str, video: bytes | str | Path, sidecar: dict[str, Any],
+                  images: dict[str, bytes] | None = None) -> VideoRef:
+        """Store `videos/<id>.mp4` (bytes or a file), its JPEG `images` by variant
+        (`videos/<id>.thumbnail.jpg`, ...) and its `videos/<id>.json` sidecar, sidecar last.
 
-        The sidecar is written after the video so a reader that finds the sidecar finds the video too.
+        The sidecar is written after the video and images so a reader that finds the sidecar finds them too.
         """
         key, side = video_keys(video_id)
+        image_keys = {v: image_key(video_id, v) for v in (images or {})}
         if isinstance(video, (bytes, bytearray)):
             self.put_bytes(key, bytes(video), "video/mp4")
             n = len(video)
         else:
             self.put_file(key, video, "video/mp4")
             n = Path(video).stat().st_size
-        self.put_json(side, {**sidecar, "id": video_id, "video_key": key, "size_bytes": n})
+        for variant, data in (images or {}).items():
+            self.put_bytes(image_keys[variant], data, "image/jpeg")
+        extra = {"image_keys": image_keys} if image_keys else {}
+        self.put_json(side, {**sidecar, "id": video_id, "video_key": key, "size_bytes": n, **extra})
         return VideoRef(key=key, sidecar_key=side, uri=self.uri(key), size_bytes=n)
 
 

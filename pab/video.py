@@ -142,7 +142,73 @@ def to_uint8_frames(video: torch.Tensor | np.ndarray) -> np.ndarray:
     return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
 
-__all__ = ["write_mp4", "read_video", "to_uint8_frames", "DEFAULT_CRF"]
+def frame_indices(num_frames: int, n: int) -> list[int]:
+    """`n` (at most `num_frames`) evenly spaced frame indices, each the middle of its equal share of the video."""
+    n = max(1, min(n, num_frames))
+    return [min(num_frames - 1, (2 * i + 1) * num_frames // (2 * n)) for i in range(n)]
+
+
+def _jpeg(arr: np.ndarray, quality: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def thumbnail_jpeg(frames: np.ndarray | torch.Tensor, *, quality: int = 90) -> bytes:
+    """The middle frame of uint8 RGB (F, H, W, 3) as a JPEG of the frames' size."""
+    frames = _as_frames(frames)
+    return _jpeg(frames[frames.shape[0] // 2], quality)
+
+
+SPRITE_FRAMES = 8  # tiles of a spritesheet, at most: one row
+SPRITE_TILE_WIDTH = 256  # tiles wider than this are scaled down (aspect kept), so a sheet is at most 2048 wide
+
+
+def spritesheet_jpeg(frames: np.ndarray | torch.Tensor, *, n: int = SPRITE_FRAMES,
+                     tile_width: int = SPRITE_TILE_WIDTH, quality: int = 85) -> bytes:
+    """Up to `n` evenly spaced frames of (F, H, W, 3) uint8 side by side in one row, as a JPEG.
+
+    Each tile keeps the frame's aspect; frames wider than `tile_width` are scaled down to it.
+    """
+    from PIL import Image
+
+    frames = _as_frames(frames)
+    f, h, w, _ = frames.shape
+    tw = min(w, tile_width)
+    th = max(1, round(h * tw / w))
+    tiles = [frames[i] for i in frame_indices(f, n)]
+    if (tw, th) != (w, h):
+        tiles = [np.asarray(Image.fromarray(t).resize((tw, th), Image.BILINEAR)) for t in tiles]
+    return _jpeg(np.concatenate(tiles, axis=1), quality)
+
+
+def sample_frames(src: str | os.PathLike | BinaryIO | bytes, n: int) -> np.ndarray:
+    """`n` evenly spaced frames of a video (as `frame_indices` picks them), keeping only those in memory."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        src = io.BytesIO(bytes(src))
+    elif isinstance(src, os.PathLike):
+        src = os.fspath(src)
+    import av
+
+    with av.open(src, mode="r") as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        total = int(stream.frames or 0)
+        if total <= 0:  # the container does not say: count by decoding (cheap next to a render)
+            total = sum(1 for _ in container.decode(stream))
+            container.seek(0)
+        want = set(frame_indices(total, n)) if total > 0 else set()
+        frames = [f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(stream)) if i in want]
+    if not frames:
+        raise ValueError("video stream has no frames")
+    return np.stack(frames)
+
+
+__all__ = ["write_mp4", "read_video", "to_uint8_frames", "DEFAULT_CRF", "thumbnail_jpeg", "spritesheet_jpeg",
+           "sample_frames", "frame_indices"]
 
 
 def write_strip(path: str | Path, frames: np.ndarray, every: int = 4, scale: int = 2) -> None:

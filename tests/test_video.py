@@ -144,3 +144,26 @@ def test_to_uint8_frames_on_the_gpu_gives_the_same_bytes():
     v[0, 0, 0, 0, :4] = torch.tensor([-1.0, 1.0, 0.0, 2.0])  # the clamp ends and an exact midpoint
     assert np.array_equal(to_uint8_frames(v.cuda()), to_uint8_frames(v))
     assert np.array_equal(to_uint8_frames(v.cuda().to(torch.bfloat16)), to_uint8_frames(v.to(torch.bfloat16)))
+
+
+def test_thumbnail_spritesheet_and_sampled_frames(tmp_path):
+    """The still images of `GET .../content?variant=` (#16 item 1): middle frame; up to 8 frames in one row."""
+    from PIL import Image
+
+    from pab.video import frame_indices, sample_frames, spritesheet_jpeg, thumbnail_jpeg
+
+    assert frame_indices(32, 8) == [2, 6, 10, 14, 18, 22, 26, 30] and frame_indices(3, 8) == [0, 1, 2]
+    assert frame_indices(17, 1) == [8]
+    frames = np.stack([np.full((36, 64, 3), 7 * i, np.uint8) for i in range(20)])  # frame i is grey 7*i
+    thumb = Image.open(io.BytesIO(thumbnail_jpeg(frames)))
+    assert thumb.size == (64, 36) and abs(int(np.asarray(thumb)[18, 32, 0]) - 70) <= 2  # frame 10
+    sheet = Image.open(io.BytesIO(spritesheet_jpeg(frames)))
+    assert sheet.size == (8 * 64, 36)
+    wide = Image.open(io.BytesIO(spritesheet_jpeg(np.zeros((2, 100, 1000, 3), np.uint8))))
+    assert wide.size == (2 * 256, 26)  # tiles scaled to 256 wide, aspect kept
+
+    path = tmp_path / "v.mp4"
+    write_mp4(path, frames, 8)
+    picked = sample_frames(path, 8)
+    assert picked.shape == (8, 36, 64, 3)
+    assert [round(float(f.mean()) / 7) for f in picked] == frame_indices(20, 8)

@@ -10,6 +10,7 @@ black frames at once; the worker encodes and stores a real mp4.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import socket
 import threading
@@ -262,3 +263,59 @@ def test_the_schema_shows_both_bodies(http):
     body = spec["paths"]["/v1/videos"]["post"]["requestBody"]["content"]
     assert set(body) == {"application/json", "multipart/form-data"}
     assert {"VideoCreate", "PABSettings", "BroadcastRuleIn"} <= set(spec["components"]["schemas"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# download_content(variant=...): the thumbnail and spritesheet JPEGs (#16 item 1, variants)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _image(data: bytes):
+    from PIL import Image
+
+    assert data[:3] == b"\xff\xd8\xff", data[:16]  # JPEG
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def test_thumbnail_and_spritesheet_variants(server, client, http):
+    video = completed(client, client.videos.create(prompt="a fox", extra_body={"num_frames": 17, "steps": 1}).id)
+    assert video.status == "completed", video
+    thumb = _image(client.videos.download_content(video.id, variant="thumbnail").content)
+    assert thumb.format == "JPEG" and thumb.size == (32, 32)  # the frames' size (BlackFrames)
+    sheet = _image(client.videos.download_content(video.id, variant="spritesheet").content)
+    assert sheet.format == "JPEG" and sheet.size == (32 * FRAMES, 32)  # every one of the 4 frames, in a row
+    assert client.videos.download_content(video.id, variant="video").content[4:8] == b"ftyp"  # unchanged
+
+    # Stored beside the mp4 at render time, served with the right type (HEAD too).
+    store = server[1].store
+    assert store.exists(f"videos/{video.id}.thumbnail.jpg") and store.exists(f"videos/{video.id}.spritesheet.jpg")
+    r = http.get(f"/v1/videos/{video.id}/content", params={"variant": "thumbnail"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert r.headers["content-disposition"] == f'inline; filename="{video.id}.thumbnail.jpg"'
+    r = http.head(f"/v1/videos/{video.id}/content", params={"variant": "spritesheet"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg" and int(r.headers["content-length"]) > 0
+
+
+def test_a_video_without_stored_images_gets_them_from_its_mp4(server, client):
+    video = completed(client, client.videos.create(prompt="a fox", extra_body={"num_frames": 17, "steps": 1}).id)
+    store = server[1].store
+    for variant in ("thumbnail", "spritesheet"):  # as a video rendered before the images existed
+        store.delete(f"videos/{video.id}.{variant}.jpg")
+    assert _image(client.videos.download_content(video.id, variant="thumbnail").content).size == (32, 32)
+    assert _image(client.videos.download_content(video.id, variant="spritesheet").content).size == (32 * FRAMES, 32)
+    # ... and stored for the next request.
+    assert store.exists(f"videos/{video.id}.thumbnail.jpg") and store.exists(f"videos/{video.id}.spritesheet.jpg")
+
+    store.delete(f"videos/{video.id}.thumbnail.jpg")
+    store.put_bytes(f"videos/{video.id}.mp4", b"not an mp4")  # damaged: a clear 404, not a 500
+    with pytest.raises(openai.NotFoundError, match="could not be decoded"):
+        client.videos.download_content(video.id, variant="thumbnail")
+
+
+def test_an_unknown_variant_is_a_422_naming_it(client):
+    video = completed(client, client.videos.create(prompt="a fox", extra_body={"num_frames": 17, "steps": 1}).id)
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        client.videos.download_content(video.id, variant="poster")  # type: ignore[arg-type]
+    assert e.value.body["param"] == "variant" and "variant" in e.value.message, e.value.body

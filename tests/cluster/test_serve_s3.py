@@ -67,6 +67,8 @@ def test_s3_submit_poll_presigned_download(app):
     assert client.head(f"/v1/videos/{job['id']}/content", follow_redirects=False).status_code == 307
     head = client.head(f"/v1/videos/{job['id']}/content", params={"redirect": "false"})
     assert head.status_code == 200 and head.headers["content-length"] == str(len(video.content))
+    thumb = client.get(f"/v1/videos/{job['id']}/content", params={"variant": "thumbnail"}, follow_redirects=True)
+    assert thumb.headers["content-type"] == "image/jpeg" and thumb.content[:3] == b"\xff\xd8\xff"  # #16 item 1
     assert store.get_json(f"jobs/records/{job['id']}.json")["status"] == "completed"  # the record is in S3
     assert not store.exists(f"jobs/active/{job['id']}")
 

@@ -7,9 +7,10 @@ import time
 import uuid
 
 import httpx
+import numpy as np
 import pytest
 
-from cluster.storage import LocalStorage, NotFound, S3Storage, StorageConfig, storage_from_config
+from cluster.storage import LocalStorage, NotFound, S3Storage, StorageConfig, image_key, storage_from_config
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -57,6 +58,25 @@ def test_put_video_with_sidecar(store, tmp_path):
         assert store.presigned_url(ref.key) is None
     else:
         assert ref.uri.startswith(f"s3://{store.bucket}/pab/test/videos/")
+
+
+def test_put_video_with_images(store, tmp_path):
+    """The thumbnail and spritesheet go beside the mp4 as image/jpeg objects (#16 item 1, variants)."""
+    from pab.video import spritesheet_jpeg, thumbnail_jpeg
+
+    frames = np.zeros((5, 24, 40, 3), np.uint8)
+    images = {"thumbnail": thumbnail_jpeg(frames), "spritesheet": spritesheet_jpeg(frames)}
+    ref = store.put_video("video_2", b"\x00" * 10, {}, images)
+    keys = {v: image_key("video_2", v) for v in images}
+    assert keys == {"thumbnail": "videos/video_2.thumbnail.jpg", "spritesheet": "videos/video_2.spritesheet.jpg"}
+    assert store.get_json(ref.sidecar_key)["image_keys"] == keys
+    for variant, key in keys.items():
+        assert store.get_bytes(key) == images[variant]
+    if isinstance(store, S3Storage):  # what the ingress's 307 points at: the JPEG, typed as one
+        r = httpx.get(store.presigned_url(keys["thumbnail"], expires_s=60))
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg" and r.content == images["thumbnail"]
+    with pytest.raises(ValueError, match="variant"):
+        image_key("video_2", "poster")
 
 
 def test_s3_multipart_and_presigned_urls(s3_server, tmp_path):
