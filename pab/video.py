@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import uuid
@@ -105,8 +106,10 @@ def write_mp4(
         raise
 
 
-def read_video(src: str | os.PathLike | BinaryIO | bytes) -> tuple[np.ndarray, float]:
-    """Decode every frame of the first video stream: (frames uint8 (F, H, W, 3), fps)."""
+
+@contextlib.contextmanager
+def _open_video(src: str | os.PathLike | BinaryIO | bytes):
+    """(container, first video stream) of a file, a path, a binary stream or bytes; ValueError without video."""
     if isinstance(src, (bytes, bytearray, memoryview)):
         src = io.BytesIO(bytes(src))
     elif isinstance(src, os.PathLike):
@@ -116,7 +119,11 @@ def read_video(src: str | os.PathLike | BinaryIO | bytes) -> tuple[np.ndarray, f
     with av.open(src, mode="r") as container:
         if not container.streams.video:
             raise ValueError("no video stream")
-        stream = container.streams.video[0]
+        yield container, container.streams.video[0]
+
+def read_video(src: str | os.PathLike | BinaryIO | bytes) -> tuple[np.ndarray, float]:
+    """Decode every frame of the first video stream: (frames uint8 (F, H, W, 3), fps)."""
+    with _open_video(src) as (container, stream):
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
     if not frames:
@@ -186,16 +193,7 @@ def spritesheet_jpeg(frames: np.ndarray | torch.Tensor, *, n: int = SPRITE_FRAME
 
 def sample_frames(src: str | os.PathLike | BinaryIO | bytes, n: int) -> np.ndarray:
     """`n` evenly spaced frames of a video (as `frame_indices` picks them), keeping only those in memory."""
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        src = io.BytesIO(bytes(src))
-    elif isinstance(src, os.PathLike):
-        src = os.fspath(src)
-    import av
-
-    with av.open(src, mode="r") as container:
-        if not container.streams.video:
-            raise ValueError("no video stream")
-        stream = container.streams.video[0]
+    with _open_video(src) as (container, stream):
         total = int(stream.frames or 0)
         if total <= 0:  # the container does not say: count by decoding (cheap next to a render)
             total = sum(1 for _ in container.decode(stream))
