@@ -175,7 +175,9 @@ def test_bulk_render_killed_halfway_resumes_without_rendering_twice(s3_server, r
         assert reason in failed[ident]["error"], failed[ident]
     assert failed["clip-07"]["row"] == 19  # the later duplicate fails; the first clip-07 rendered
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{OUT}/videos/")["Contents"]}
-    assert len(keys) == 34 and f"{OUT}/videos/five-frames.json" not in keys  # no leftover intent of a failure
+    # per completed clip: the mp4, its sidecar and the two still images the API serves (thumbnail, spritesheet)
+    parts = (".mp4", ".json", ".thumbnail.jpg", ".spritesheet.jpg")
+    assert keys == {f"{OUT}/videos/{r['id']}{ext}" for r in done for ext in parts}  # no leftover intent of a failure
     assert {r["output_uri"] for r in done} == {f"s3://{BUCKET}/{k}" for k in after}
     resumed = {r["id"] for r in done if r["resumed"]}
     assert resumed == {i for i, r in sidecar_runs.items() if r == run1}
