@@ -132,9 +132,6 @@ class ModelSpec:
     vae: str  # a VAE name in VAE_SPECS
     sampler: str
     text_max_length: int
-    # Latte and Open-Sora-Plan cut the text embedding to the prompt's real tokens; Open-Sora keeps
-    # all max_length tokens and passes a mask.
-    text_truncate: bool
     defaults: Defaults
     tiny_defaults: Defaults
     prompt_suffix: str = ""
@@ -173,7 +170,6 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         vae="opensora-vae-v1.2",
         sampler="rflow",
         text_max_length=300,
-        text_truncate=False,
         defaults=Defaults(num_frames=51, height=480, width=854, fps=24, steps=30, guidance_scale=7.0),
         tiny_defaults=Defaults(num_frames=17, height=64, width=96, fps=8, steps=8, guidance_scale=7.0),
         prompt_suffix=" aesthetic score: 6.5.",
@@ -187,7 +183,6 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         vae="sd-vae",
         sampler="ddim",
         text_max_length=120,
-        text_truncate=True,
         defaults=Defaults(num_frames=16, height=512, width=512, fps=8, steps=50, guidance_scale=7.5),
         tiny_defaults=Defaults(num_frames=8, height=64, width=64, fps=8, steps=8, guidance_scale=7.5),
         paper_reference="16x512x512, DDIM 50 steps, CFG 7.5",
@@ -199,7 +194,6 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         vae="opensora-plan-vae-v1.1",
         sampler="pndm",
         text_max_length=300,
-        text_truncate=True,
         defaults=Defaults(num_frames=65, height=512, width=512, fps=24, steps=150, guidance_scale=7.5),
         tiny_defaults=Defaults(num_frames=17, height=64, width=64, fps=8, steps=8, guidance_scale=7.5),
         paper_reference="65x512x512, PNDM 150 steps (159 model calls), CFG 7.5",
