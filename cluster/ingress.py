@@ -48,9 +48,8 @@ from cluster.storage import (
     NotFound,
     StorageUnavailable,
     image_key,
-    storage_failure,
+    storage_errors,
     storage_from_config,
-    unavailable,
 )
 
 log = logging.getLogger("ray.serve")
@@ -305,12 +304,8 @@ class VideoAPI:
             return await self._serve(rec.video_key, "video/mp4", f"{job_id}.mp4", redirect, head,
                                      f"the file of video {job_id}")
         key = image_key(job_id, variant)
-        try:
+        with storage_errors(self.cfg.storage, f"read the {variant} of video {job_id}"):
             stored = await asyncio.to_thread(self.store.exists, key)
-        except Exception as e:
-            if not storage_failure(e):
-                raise
-            raise unavailable(self.cfg.storage, f"read the {variant} of video {job_id}", e) from e
         if stored:
             return await self._serve(key, "image/jpeg", f"{job_id}.{variant}.jpg", redirect, head,
                                      f"the {variant} of video {job_id}")
@@ -324,13 +319,10 @@ class VideoAPI:
 
         path = self.store.local_path(rec.video_key)
         try:
-            src = path if path is not None and path.is_file() else self.store.get_bytes(rec.video_key)
+            with storage_errors(self.cfg.storage, f"read video {rec.id}"):
+                src = path if path is not None and path.is_file() else self.store.get_bytes(rec.video_key)
         except NotFound:
             raise _error(404, "not_found", f"the file of video {rec.id} is gone") from None
-        except Exception as e:
-            if not storage_failure(e):
-                raise
-            raise unavailable(self.cfg.storage, f"read video {rec.id}", e) from e
         try:
             frames = sample_frames(src, 1 if variant == "thumbnail" else SPRITE_FRAMES)
             data = thumbnail_jpeg(frames) if variant == "thumbnail" else spritesheet_jpeg(frames)
@@ -360,17 +352,14 @@ class VideoAPI:
             return FileResponse(path, media_type=media_type, filename=filename,
                                 content_disposition_type="inline", stat_result=stat)
         try:
-            size = await asyncio.to_thread(self.store.size, key)
-            headers = {"Content-Length": str(size), "Content-Disposition": f'inline; filename="{filename}"'}
-            if head:  # the headers only: opening the object would fetch all of it from S3 for nothing
-                return Response(media_type=media_type, headers=headers)
-            chunks = await asyncio.to_thread(self.store.iter_bytes, key)
+            with storage_errors(self.cfg.storage, f"read {what}"):
+                size = await asyncio.to_thread(self.store.size, key)
+                headers = {"Content-Length": str(size), "Content-Disposition": f'inline; filename="{filename}"'}
+                if head:  # the headers only: opening the object would fetch all of it from S3 for nothing
+                    return Response(media_type=media_type, headers=headers)
+                chunks = await asyncio.to_thread(self.store.iter_bytes, key)
         except NotFound:
             raise gone from None
-        except Exception as e:
-            if not storage_failure(e):
-                raise
-            raise unavailable(self.cfg.storage, f"read {what}", e) from e
         return StreamingResponse(chunks, media_type=media_type, headers=headers)
 
     async def list(self, limit: int, after: str | None, order: str) -> VideoList:

@@ -26,7 +26,7 @@ import time
 from typing import Any, Callable, TypeVar
 
 from cluster.api import TERMINAL, Video
-from cluster.storage import NotFound, Storage, StorageUnavailable, storage_failure, unavailable
+from cluster.storage import NotFound, Storage, StorageUnavailable, storage_errors
 
 RECORDS, ACTIVE, CANCEL, LEASES = "jobs/records/", "jobs/active/", "jobs/cancel/", "jobs/leases/"
 PROBES = "jobs/probes/"
@@ -76,18 +76,11 @@ class JobStore:
 
     def _io(self, what: str, fn: Callable[..., T], *args: Any, write: bool = False) -> T:
         try:
-            out = fn(*args)
-        except NotFound:
-            raise
+            with storage_errors(self.storage.config, what):
+                out = fn(*args)
         except StorageUnavailable as e:
             self.failed(e)
             raise
-        except Exception as e:
-            if not storage_failure(e):
-                raise
-            err = unavailable(self.storage.config, what, e)
-            self.failed(err)
-            raise err from e
         if write:  # a read alone proves little: a read-only folder still reads
             self.recovered()
         return out

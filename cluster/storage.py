@@ -17,6 +17,7 @@ sent to Ray actors, which rebuild the backend on their side (`storage_from_confi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -72,6 +73,20 @@ def unavailable(config: StorageConfig | dict[str, Any], what: str, e: BaseExcept
         check = "the folder is mounted and writable by the service's user and its disk has space"
     return StorageUnavailable(f"storage unavailable: could not {what} in {where} ({type(e).__name__}: {detail}). "
                               f"Check that {check}.")
+
+
+@contextlib.contextmanager
+def storage_errors(config: StorageConfig | dict[str, Any], what: str) -> Iterator[None]:
+    """Inside the block, a backend's own failure becomes a StorageUnavailable naming `what` (`unavailable`);
+    NotFound and every other error pass unchanged."""
+    try:
+        yield
+    except StorageUnavailable:
+        raise
+    except Exception as e:
+        if not storage_failure(e):
+            raise
+        raise unavailable(config, what, e) from e
 
 
 class StorageConfig(BaseModel):
