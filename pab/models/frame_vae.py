@@ -41,6 +41,23 @@ TINY_CONFIG = dict(
 )
 
 
+# Latte-1-small's VAE (trained here, `python -m pab.train --model latte-1-small`): 4x instead of 8x, so a
+# 64x64 frame keeps a 16x16 latent; ~0.29 M parameters. Its latents are normalised per channel
+# (`latents_mean` / `latents_std`, written by training) rather than by one scaling factor.
+SMALL_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(32, 32, 32),
+    layers_per_block=1,
+    norm_num_groups=8,
+    latent_channels=4,
+    sample_size=64,
+    scaling_factor=1.0,
+)
+
+
 # The Stable-Diffusion VAE architecture (SD 1.x `vae/config.json`, as in maxin-cn/Latte-1/vae):
 # 83,653,863 parameters. `FrameVAE.sd()` builds it with random weights for benchmarks.
 SD_CONFIG = dict(
@@ -88,6 +105,15 @@ class FrameVAE(VideoVAE):
         self.spatial_factor = 2 ** (len(cfg.block_out_channels) - 1)
         self.scaling_factor = float(cfg.scaling_factor)
         self.shift_factor = float(cfg.shift_factor) if cfg.shift_factor is not None else 0.0
+        # Per-channel statistics (diffusers' `latents_mean` / `latents_std`): DiT latents are then
+        # (z - mean) * scaling_factor / std, as diffusers' pipelines read them.
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if (mean is None) != (std is None):
+            raise ValueError("the VAE config has only one of latents_mean / latents_std; give both or neither")
+        if mean is not None:
+            self.register_buffer("latents_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), False)
+            self.register_buffer("latents_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), False)
+            self.shift_factor = 0.0
 
     # ------------------------------------------------------------------ constructors
 
@@ -137,6 +163,19 @@ class FrameVAE(VideoVAE):
         """The full SD VAE architecture with random weights (benchmarks without a checkpoint)."""
         return cls(_seeded_autoencoder(SD_CONFIG, seed, device, dtype), micro_batch_size=micro_batch_size)
 
+    @classmethod
+    def small(cls, seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> FrameVAE:
+        """Latte-1-small's VAE architecture (`SMALL_CONFIG`) with random weights; training starts here."""
+        return cls(_seeded_autoencoder(SMALL_CONFIG, seed, device, dtype))
+
+    def set_latent_stats(self, mean: list[float], std: list[float]) -> None:
+        """Normalise latents per channel from now on, and record it in the config `save_pretrained` writes."""
+        self.vae.register_to_config(latents_mean=list(mean), latents_std=list(std), shift_factor=None)
+        device = next(self.vae.parameters()).device
+        self.register_buffer("latents_mean", torch.tensor(mean, device=device).view(1, -1, 1, 1), False)
+        self.register_buffer("latents_std", torch.tensor(std, device=device).view(1, -1, 1, 1), False)
+        self.shift_factor = 0.0
+
     # ------------------------------------------------------------------ VideoVAE interface
 
     def latent_frames(self, num_frames: int) -> int:
@@ -176,7 +215,10 @@ class FrameVAE(VideoVAE):
         for chunk in self._chunks(frames):
             dist = self.vae.encode(chunk).latent_dist
             out.append(dist.sample(generator) if sample else dist.mode())
-        z = (torch.cat(out) - self.shift_factor) * self.scaling_factor
+        z = torch.cat(out)
+        if hasattr(self, "latents_mean"):
+            z = (z - self.latents_mean.to(z)) / self.latents_std.to(z)
+        z = (z - self.shift_factor) * self.scaling_factor
         return rearrange(z, "(b f) c h w -> b c f h w", b=b, f=f)
 
     @torch.no_grad()
@@ -192,8 +234,10 @@ class FrameVAE(VideoVAE):
         device, dtype = self._device_dtype
         z = rearrange(latents, "b c f h w -> (b f) c h w").to(device=device, dtype=dtype)
         z = z / self.scaling_factor + self.shift_factor
+        if hasattr(self, "latents_mean"):
+            z = z * self.latents_std.to(z) + self.latents_mean.to(z)
         frames = torch.cat([self.vae.decode(chunk).sample for chunk in self._chunks(z)])
         return rearrange(frames, "(b f) c h w -> b c f h w", b=b, f=f)
 
 
-__all__ = ["FrameVAE", "TINY_CONFIG", "SD_CONFIG", "SD_SCALING_FACTOR"]
+__all__ = ["FrameVAE", "TINY_CONFIG", "SMALL_CONFIG", "SD_CONFIG", "SD_SCALING_FACTOR"]

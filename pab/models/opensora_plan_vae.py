@@ -71,7 +71,7 @@ _SUPPORTED = {
     "decoder_temporal_upsample": ("TimeUpsampleRes2x", ""),
     "decoder_mid_resnet": ("ResnetBlock3D",),
 }
-_GROUPS = 32  # hard-coded in the official modules/normalize.py
+_GROUPS = 32  # hard-coded in the official modules/normalize.py; CausalVAEConfig.norm_num_groups
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,13 @@ class CausalVAEConfig:
     decoder_spatial_upsample: tuple[str, ...] = ("", "SpatialUpsample2x", "SpatialUpsample2x", "SpatialUpsample2x")
     decoder_temporal_upsample: tuple[str, ...] = ("", "", "TimeUpsampleRes2x", "TimeUpsampleRes2x")
     decoder_mid_resnet: str = "ResnetBlock3D"
+    # Not in the release's config.json (the defaults are what it does); the `-small` size trained here sets them.
+    norm_num_groups: int = 32
+    """Groups of every GroupNorm (hard-coded 32 in the official modules/normalize.py)."""
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    """Per-channel statistics of the posterior: when set, DiT latents are (z - mean) / std instead of
+    z * 0.18215 (diffusers' convention; a small VAE's channels differ in scale too much for one constant)."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -130,11 +137,15 @@ class CausalVAEConfig:
                     "(the Open-Sora-Plan v1.1.0 CausalVAE; older v1.0.0 configs use other modules)"
                 )
         widths = [self.hidden_size] + [self.hidden_size * m for m in self.hidden_size_mult]
-        if any(w <= 0 or w % _GROUPS for w in widths):
+        g = self.norm_num_groups
+        if g < 1 or any(w <= 0 or w % g for w in widths):
             raise ValueError(
                 f"channel widths {widths} (hidden_size * hidden_size_mult) must be positive multiples of "
-                f"{_GROUPS}: every GroupNorm uses {_GROUPS} groups"
+                f"{g} (norm_num_groups): every GroupNorm uses {g} groups"
             )
+        stats = [v for v in (self.latents_mean, self.latents_std) if v is not None]
+        if len(stats) == 1 or any(len(v) != self.embed_dim for v in stats):
+            raise ValueError(f"latents_mean and latents_std go together, {self.embed_dim} values each")
         if self.attn_resolutions:
             raise ValueError(
                 f"attn_resolutions={self.attn_resolutions!r}: attention inside the levels is not implemented "
@@ -265,6 +276,22 @@ SIZES = {
         "hidden_size_mult": (1, 2, 1, 1),
         "num_res_blocks": 1,
     },
+    # Open-Sora-Plan-v1.1-small's VAE, trained here (`python -m pab.train --model opensora-plan-v1.1-small`):
+    # three levels of width 16 (GroupNorm in 8 groups), 4x in time as released but 4x in space, so a
+    # 17 x 64 x 64 clip is 5 x 16 x 16 latents; 0.22 M parameters. Latents normalised per channel (set by training).
+    "small": {
+        **{f.name: getattr(_RELEASE, f.name) for f in dataclasses.fields(CausalVAEConfig)},
+        "hidden_size": 16,
+        "hidden_size_mult": (1, 1, 1),
+        "num_res_blocks": 1,
+        "norm_num_groups": 8,
+        "encoder_resnet_blocks": ("ResnetBlock2D", "ResnetBlock3D", "ResnetBlock3D"),
+        "encoder_spatial_downsample": ("Downsample", "Downsample", ""),
+        "encoder_temporal_downsample": ("TimeDownsampleRes2x", "TimeDownsampleRes2x", ""),
+        "decoder_resnet_blocks": ("ResnetBlock3D",) * 3,
+        "decoder_spatial_upsample": ("", "SpatialUpsample2x", "SpatialUpsample2x"),
+        "decoder_temporal_upsample": ("", "TimeUpsampleRes2x", "TimeUpsampleRes2x"),
+    },
 }
 
 #################################################################################
@@ -276,8 +303,8 @@ def _swish(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(_GROUPS, channels, eps=1e-6, affine=True)
+def _norm(channels: int, groups: int = _GROUPS) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
 
 
 def _per_frame(fn, x: torch.Tensor) -> torch.Tensor:
@@ -318,11 +345,11 @@ class FrameConv2d(nn.Conv2d):
 class ResnetBlock2D(nn.Module):
     """Per-frame res-block: GroupNorm statistics are per frame here (unlike ResnetBlock3D)."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, groups: int = _GROUPS):
         super().__init__()
-        self.norm1 = _norm(in_channels)
+        self.norm1 = _norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels)
+        self.norm2 = _norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -342,11 +369,11 @@ class ResnetBlock2D(nn.Module):
 class ResnetBlock3D(nn.Module):
     """Res-block with causal 3x3x3 convs; GroupNorm pools all frames."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, groups: int = _GROUPS):
         super().__init__()
-        self.norm1 = _norm(in_channels)
+        self.norm1 = _norm(in_channels, groups)
         self.conv1 = CausalConv3d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels)
+        self.norm2 = _norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = CausalConv3d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -363,9 +390,9 @@ class ResnetBlock3D(nn.Module):
 class AttnBlock3DFix(nn.Module):
     """Single-head self-attention over the H*W positions of each frame separately, plus the input."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = _GROUPS):
         super().__init__()
-        self.norm = _norm(channels)
+        self.norm = _norm(channels, groups)
         self.q = CausalConv3d(channels, channels, 1)
         self.k = CausalConv3d(channels, channels, 1)
         self.v = CausalConv3d(channels, channels, 1)
@@ -446,11 +473,11 @@ class TimeUpsampleRes2x(nn.Module):
 class MidBlock(nn.Module):
     """Res-block, per-frame attention, res-block (names block_1, attn_1, block_2)."""
 
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, dropout: float, groups: int = _GROUPS):
         super().__init__()
-        self.block_1 = ResnetBlock3D(channels, channels, dropout)
-        self.attn_1 = AttnBlock3DFix(channels)
-        self.block_2 = ResnetBlock3D(channels, channels, dropout)
+        self.block_1 = ResnetBlock3D(channels, channels, dropout, groups)
+        self.attn_1 = AttnBlock3DFix(channels, groups)
+        self.block_2 = ResnetBlock3D(channels, channels, dropout, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -476,8 +503,9 @@ class Level(nn.Module):
         return x
 
 
-def _resnet(kind: str, in_channels: int, out_channels: int, dropout: float) -> nn.Module:
-    return {"ResnetBlock2D": ResnetBlock2D, "ResnetBlock3D": ResnetBlock3D}[kind](in_channels, out_channels, dropout)
+def _resnet(kind: str, in_channels: int, out_channels: int, cfg: CausalVAEConfig) -> nn.Module:
+    block = {"ResnetBlock2D": ResnetBlock2D, "ResnetBlock3D": ResnetBlock3D}[kind]
+    return block(in_channels, out_channels, cfg.dropout, cfg.norm_num_groups)
 
 
 #################################################################################
@@ -499,7 +527,7 @@ class Encoder(nn.Module):
         for i, mult in enumerate(cfg.hidden_size_mult):
             out = cfg.hidden_size * mult
             level = Level([
-                _resnet(cfg.encoder_resnet_blocks[i], width if j == 0 else out, out, cfg.dropout)
+                _resnet(cfg.encoder_resnet_blocks[i], width if j == 0 else out, out, cfg)
                 for j in range(cfg.num_res_blocks)
             ])
             width = out
@@ -508,8 +536,8 @@ class Encoder(nn.Module):
             if cfg.encoder_temporal_downsample[i]:
                 level.time_downsample = TimeDownsampleRes2x(width)
             self.down.append(level)
-        self.mid = MidBlock(width, cfg.dropout)
-        self.norm_out = _norm(width)
+        self.mid = MidBlock(width, cfg.dropout, cfg.norm_num_groups)
+        self.norm_out = _norm(width, cfg.norm_num_groups)
         self.conv_out = CausalConv3d(width, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -527,12 +555,12 @@ class Decoder(nn.Module):
         super().__init__()
         width = cfg.hidden_size * cfg.hidden_size_mult[-1]
         self.conv_in = CausalConv3d(cfg.z_channels, width, 3, padding=1)
-        self.mid = MidBlock(width, cfg.dropout)
+        self.mid = MidBlock(width, cfg.dropout, cfg.norm_num_groups)
         levels: list[Level] = []
         for i in reversed(range(len(cfg.hidden_size_mult))):
             out = cfg.hidden_size * cfg.hidden_size_mult[i]
             level = Level([
-                _resnet(cfg.decoder_resnet_blocks[i], width if j == 0 else out, out, cfg.dropout)
+                _resnet(cfg.decoder_resnet_blocks[i], width if j == 0 else out, out, cfg)
                 for j in range(cfg.num_res_blocks + 1)
             ])
             width = out
@@ -542,7 +570,7 @@ class Decoder(nn.Module):
                 level.time_upsample = TimeUpsampleRes2x(width)
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)  # up[i] is level i; they run from the last level to level 0
-        self.norm_out = _norm(width)
+        self.norm_out = _norm(width, cfg.norm_num_groups)
         self.conv_out = CausalConv3d(width, 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -750,7 +778,23 @@ class CausalVAE(VideoVAE):
             device = generator.device if generator is not None else torch.device("cpu")
             eps = torch.randn(mean.shape, generator=generator, device=device, dtype=torch.float32)
             mean = mean + std * eps.to(mean)
-        return mean * SCALING_FACTOR
+        return self._to_dit(mean)
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        c = self.config
+        if c.latents_std is None:
+            return None
+        shape = (1, -1, 1, 1, 1)
+        return (torch.tensor(c.latents_mean, device=like.device, dtype=like.dtype).view(shape),
+                torch.tensor(c.latents_std, device=like.device, dtype=like.dtype).view(shape))  # fmt: skip
+
+    def _to_dit(self, z: torch.Tensor) -> torch.Tensor:
+        stats = self._stats(z)
+        return z * SCALING_FACTOR if stats is None else (z - stats[0]) / stats[1]
+
+    def _from_dit(self, z: torch.Tensor) -> torch.Tensor:
+        stats = self._stats(z)
+        return z / SCALING_FACTOR if stats is None else z * stats[1] + stats[0]
 
     def decode(self, latents: torch.Tensor, num_frames: int) -> torch.Tensor:
         """DiT latents (B, 4, t, h, w) -> video (B, 3, num_frames, 8h, 8w), nominally in [-1, 1] (not clamped)."""
@@ -764,7 +808,7 @@ class CausalVAE(VideoVAE):
                 f"{latents.shape[2]} latent frames decode to {expected} frames, not {num_frames}; pass "
                 f"num_frames={expected}, or latents with latent_frames({num_frames}) frames"
             )
-        return self.decode_latents(latents / SCALING_FACTOR)
+        return self.decode_latents(self._from_dit(latents))
 
     # ---- checkpoints ----
 

@@ -81,3 +81,20 @@ def test_sd_architecture_random_weights():
     sd = FrameVAE.sd(device="meta")  # shapes only, no memory
     assert sum(p.numel() for p in sd.parameters()) == 83_653_863  # the SD 1.x VAE
     assert sd.spatial_factor == 8 and sd.latent_channels == 4 and sd.scaling_factor == pytest.approx(0.18215)
+
+
+def test_small_size_normalises_latents_per_channel_and_keeps_it_through_save_and_load(tmp_path):
+    """Latte-1-small's VAE: 4x, per-channel latents_mean / latents_std (written by training) survive save/load."""
+    vae = FrameVAE.small(seed=0)
+    assert vae.spatial_factor == 4
+    video = torch.rand(1, 3, 2, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    raw = vae.encode(video)  # no statistics yet: the scaling factor alone (1.0)
+    mean, std = [0.5, -0.25, 0.0, 1.0], [2.0, 0.5, 1.0, 4.0]
+    vae.set_latent_stats(mean, std)
+    z = vae.encode(video)
+    expected = (raw - torch.tensor(mean).view(1, 4, 1, 1, 1)) / torch.tensor(std).view(1, 4, 1, 1, 1)
+    torch.testing.assert_close(z, expected)
+    torch.testing.assert_close(vae.decode(z, 2), vae.vae.decode(raw[0].transpose(0, 1)).sample.transpose(0, 1)[None])
+    vae.vae.save_pretrained(tmp_path / "vae")
+    again = FrameVAE.from_pretrained(tmp_path / "vae")
+    torch.testing.assert_close(again.encode(video), z)

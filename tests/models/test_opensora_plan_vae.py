@@ -280,3 +280,30 @@ def test_bfloat16_runs_on_cpu_and_tracks_float32(tiny):
     # bf16 has 8 mantissa bits; through ~20 layers a few percent of the output scale is expected.
     assert (z16.float() - z32).abs().max() < 0.05 * z32.abs().max()
     assert (v16.float() - v32).abs().max() < 0.1 * v32.abs().max()
+
+
+def test_small_size_groups_and_per_channel_latents():
+    """The `-small` size: width 16 in 8 GroupNorm groups, 4x in time and space; latents_mean / latents_std replace
+    the 0.18215 constant and travel through the config (asdict -> from_dict, as the checkpoint's config.json)."""
+    import dataclasses
+
+    cfg = CausalVAEConfig.from_dict(SIZES["small"])
+    vae = CausalVAE(cfg).eval()
+    assert {m.num_groups for m in vae.modules() if isinstance(m, torch.nn.GroupNorm)} == {8}
+    video = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(video)
+        assert z.shape == (1, 4, 3, 8, 8)
+        raw = vae.encode_moments(video).chunk(2, dim=1)[0]
+        torch.testing.assert_close(z, raw * 0.18215)
+        stats = dataclasses.replace(cfg, latents_mean=(0.1, 0.2, 0.3, 0.4), latents_std=(1.0, 2.0, 3.0, 4.0))
+        vae.config = CausalVAEConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(stats))))
+        zn = vae.encode(video)
+        shape = (1, 4, 1, 1, 1)
+        torch.testing.assert_close(zn, (raw - torch.tensor(stats.latents_mean).view(shape)) /
+                                   torch.tensor(stats.latents_std).view(shape))  # fmt: skip
+        torch.testing.assert_close(vae.decode(zn, 9), vae.decode_latents(raw), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="go together"):
+        dataclasses.replace(cfg, latents_mean=(0.0,) * 4)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        dataclasses.replace(cfg, hidden_size=12)
