@@ -23,14 +23,14 @@ class Latte1(Family):
         if checkpoint is not None:
             vae = FrameVAE.from_pretrained(checkpoint / "vae")
         else:
-            vae = FrameVAE.tiny(seed=0) if size == "tiny" else FrameVAE.sd(seed=0)
+            vae = {"tiny": FrameVAE.tiny, "small": FrameVAE.small}.get(size, FrameVAE.sd)(seed=0)
         return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     def text(self, encoder: Any, transformer: nn.Module, prompt: str, negative: str, dtype: torch.dtype) -> Text:
         return truncated_text(encoder, prompt, negative, dtype)
 
     def forward(self, transformer, z, t, y, mask, request) -> torch.Tensor:
-        return transformer(z, timestep=t, encoder_hidden_states=y, return_dict=False)[0]
+        return transformer(z, timestep=t, encoder_hidden_states=y, encoder_attention_mask=mask, return_dict=False)[0]
 
     def dsp_plan(self, transformer: nn.Module) -> DSPPlan:
         # LatteTransformer3DModel.forward(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask=None,

@@ -186,6 +186,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         defaults=Defaults(num_frames=16, height=512, width=512, fps=8, steps=50, guidance_scale=7.5),
         tiny_defaults=Defaults(num_frames=8, height=64, width=64, fps=8, steps=8, guidance_scale=7.5),
         paper_reference="16x512x512, DDIM 50 steps, CFG 7.5",
+        small_defaults=Defaults(num_frames=16, height=64, width=64, fps=8, steps=50, guidance_scale=4.0),
     ),
     "opensora-plan-v1.1": ModelSpec(
         name="opensora-plan-v1.1",
@@ -197,6 +198,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         defaults=Defaults(num_frames=65, height=512, width=512, fps=24, steps=150, guidance_scale=7.5),
         tiny_defaults=Defaults(num_frames=17, height=64, width=64, fps=8, steps=8, guidance_scale=7.5),
         paper_reference="65x512x512, PNDM 150 steps (159 model calls), CFG 7.5",
+        small_defaults=Defaults(num_frames=17, height=64, width=64, fps=8, steps=150, guidance_scale=4.0),
     ),
 }
 

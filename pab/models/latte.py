@@ -153,6 +153,14 @@ SIZES: dict[str, dict[str, Any]] = {
         activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
         norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=64, video_length=16,
     ),
+    # Latte-1-small, trained here on the synthetic shapes (`python -m pab.train --model latte-1-small`): 16 frames
+    # of 64x64 px through a 4x VAE (16x16 latents, 64 tokens a frame); caption_channels 128 is the small T5's width.
+    "small": dict(
+        num_attention_heads=4, attention_head_dim=28, in_channels=4, out_channels=8, num_layers=2, dropout=0.0,
+        cross_attention_dim=112, attention_bias=True, sample_size=16, patch_size=2,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=128, video_length=16,
+    ),
 }
 
 
@@ -500,7 +508,8 @@ def _norm_modulate_frame_major(
     if kernel and norms.available(x):  # one kernel: norm, modulate and the frame-major write
         return norms.ln_modulate(x, shift, scale, norm.eps, frame_major=True).view(B * S, F_, C)
     x_n = norm(x)
-    if torch.compiler.is_compiling():  # the compiler fuses the transpose into the same kernel itself
+    # The compiler fuses the transpose into the same kernel itself; autograd (training) cannot take out=.
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
         return torch.addcmul(shift, x_n, 1 + scale).transpose(1, 2).reshape(B * S, F_, C)
     # Write straight into the (B, S, F, C) layout: one pass instead of modulate + transpose copy.
     out = x_n.new_empty(B, S, F_, C)

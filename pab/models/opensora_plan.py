@@ -201,6 +201,12 @@ SIZES: dict[str, dict[str, Any]] = {
         _RELEASE, num_attention_heads=4, attention_head_dim=16, num_layers=2, cross_attention_dim=64,
         sample_size=(16, 16), caption_channels=64, video_length=17, attention_mode="math",
     ),
+    # Open-Sora-Plan-v1.1-small, trained here on the synthetic shapes: 17 frames of 64x64 px through the small
+    # CausalVAE (5 x 16 x 16 latents); caption_channels 128 is the small T5's width.
+    "small": dict(
+        _RELEASE, num_attention_heads=4, attention_head_dim=28, num_layers=2, cross_attention_dim=112,
+        sample_size=(16, 16), caption_channels=128, video_length=5, attention_mode="math", model_max_length=32,
+    ),
 }
 
 

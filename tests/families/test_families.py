@@ -15,7 +15,7 @@ def test_every_model_has_one_adapter_found_from_any_size():
         assert family.spec.name == name
         for size in family.spec.sizes:
             assert get_family(name if size == "full" else f"{name}-{size}") is family
-    with pytest.raises(ValueError, match="unknown model 'sora-2'; known models: latte-1, latte-1-tiny"):
+    with pytest.raises(ValueError, match="unknown model 'sora-2'; known models: latte-1, latte-1-small, latte-1-tiny"):
         get_family("sora-2")
     with pytest.raises(ValueError, match="is a VAE, not a text-to-video model"):
         get_family("opensora-vae-v1.2")
