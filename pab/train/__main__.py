@@ -1,6 +1,7 @@
 """`python -m pab.train`: train a `-small` model on the synthetic shapes, resumable, one command.
 
     python -m pab.train --out pab/weights/opensora-v1.2-small --vae-minutes 5 --dit-minutes 15   # one H200, ~20 min
+    python -m pab.train --model latte-1-small --out pab/weights/latte-1-small --vae-minutes 2 --dit-minutes 6
     python -m pab.train --device cpu --vae-steps 3 --dit-steps 3 --batch 2 --out /tmp/ckpt  # a smoke run
 
 `--work` keeps the resumable states (weights, optimizer, EMA, step); `--resume` continues from them up to
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="opensora-v1.2-small", help="the -small model to train")
     p.add_argument("--stage", choices=["vae", "dit", "all"], default="all")
     p.add_argument("--out", type=Path, help="checkpoint folder to write (default: WORK/checkpoint)")
-    p.add_argument("--work", type=Path, default=Path("runs/opensora-v1.2-small"), help="resumable training state")
+    p.add_argument("--work", type=Path, help="resumable training state (default: runs/MODEL)")
     p.add_argument("--resume", action="store_true", help="continue from the states in --work")
     p.add_argument("--device", help="cuda | cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-minutes", type=float, help="time budget of the VAE stage")
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=1e-3)
-    p.add_argument("--vae-init", type=Path, help="a vae/ folder to start the VAE stage from")
+    p.add_argument("--vae-init", type=Path, help="a vae/ folder (or a checkpoint with one) to start the VAE from")
     p.add_argument("--dit-steps", type=int, default=100_000)
     p.add_argument("--dit-minutes", type=float, help="time budget of the DiT stage")
     p.add_argument("--batch", type=int, default=128, help="DiT clips per step")
@@ -43,30 +44,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-every", type=int, default=1000)
     args = p.parse_args(argv)
 
-    from pab.train import opensora
+    from pab.train import get_recipe, stages
+    from pab.train.common import StageConfig
 
-    if args.model != opensora.NAME:
-        print(f"pab.train: error: {args.model!r} has no training recipe yet; available: {opensora.NAME}",
-              file=sys.stderr)  # fmt: skip
+    try:
+        recipe = get_recipe(args.model)
+    except ValueError as e:
+        print(f"pab.train: error: {e}", file=sys.stderr)
         return 2
     for name in ("vae_steps", "dit_steps", "vae_batch", "batch", "log_every", "save_every"):
         if getattr(args, name) < 1:
             print(f"pab.train: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.work = args.work or Path("runs") / args.model
     out = args.out or args.work / "checkpoint"
     args.work.mkdir(parents=True, exist_ok=True)
     common = dict(seed=args.seed, log_every=args.log_every, save_every=args.save_every, resume=args.resume)
     print(f"pab.train: {args.model} stage {args.stage} on {device}, state in {args.work}, checkpoint to {out}",
           flush=True)  # fmt: skip
     if args.stage in ("vae", "all"):
-        cfg = opensora.StageConfig(args.vae_steps, args.vae_batch, args.vae_lr, args.vae_minutes, init=args.vae_init,
+        cfg = StageConfig(args.vae_steps, args.vae_batch, args.vae_lr, args.vae_minutes, init=args.vae_init,
                                    **common)
-        opensora.train_vae(cfg, args.work, out, device)
+        stages.train_vae(recipe, cfg, args.work, out, device)
     if args.stage in ("dit", "all"):
-        cfg = opensora.StageConfig(args.dit_steps, args.batch, args.lr, args.dit_minutes, ema=args.ema,
+        cfg = StageConfig(args.dit_steps, args.batch, args.lr, args.dit_minutes, ema=args.ema,
                                    init=args.dit_init, **common)
-        opensora.train_dit(cfg, args.work, out, device)
+        stages.train_dit(recipe, cfg, args.work, out, device)
     print(f"pab.train: done; generate with: pab generate --model {args.model} --checkpoint {out} --prompt ...")
     return 0
 

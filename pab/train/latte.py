@@ -1,0 +1,48 @@
+"""Latte-1 at the `-small` size: its per-frame AutoencoderKL (4x, `FrameVAE.small`) and DDPM noise prediction.
+
+VAE loss, per frame: L1 + MSE of the round trip through a posterior sample, and a small KL. Calibration
+sets the AutoencoderKL's `latents_mean` / `latents_std` (per channel) so the DiT sees unit-variance latents.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pab.models.frame_vae import FrameVAE
+from pab.train.common import autocast, clip_batch
+from pab.train.diffusion import DDPMRecipe
+from pab.train.stages import raw_latent_stats
+
+NAME = "latte-1-small"
+
+
+class LatteRecipe(DDPMRecipe):
+    name = NAME
+
+    def new_vae(self) -> FrameVAE:
+        return FrameVAE.small(seed=0)
+
+    def vae_loss(self, vae: FrameVAE, video: torch.Tensor, kl_weight: float = 1e-6) -> torch.Tensor:
+        frames = video.transpose(1, 2).flatten(0, 1)  # (B·F, 3, H, W)
+        post = vae.vae.encode(frames).latent_dist
+        rec = vae.vae.decode(post.sample()).sample.float()
+        return F.l1_loss(rec, frames) + F.mse_loss(rec, frames) + kl_weight * post.kl().mean()
+
+    @torch.no_grad()
+    def calibrate(self, vae: FrameVAE, device: torch.device, clips: int = 256, seed: int = 10_000) -> dict:
+        zs = []
+        for i in range(0, clips, 32):
+            video, _ = clip_batch(NAME, min(32, clips - i), seed, i, device)
+            with autocast(device):
+                zs.append(vae.vae.encode(video.transpose(1, 2).flatten(0, 1)).latent_dist.mode().float())
+        mean, std = raw_latent_stats(zs)
+        vae.set_latent_stats(mean, std)
+        return {"latents_mean": mean, "latents_std": std}
+
+    def export_vae(self, vae: FrameVAE, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        vae.vae.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+        vae.vae.float()
