@@ -218,20 +218,27 @@ def _validate_request_early(args: argparse.Namespace) -> None:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from pab.broadcast import PABConfig
-    from pab.models import MODEL_SPECS
+    from pab.models import MODEL_SPECS, WEIGHTS_DIR
+
+    def weights(name: str, size: str) -> str:
+        if size == "small":  # trained here: shipped, or not trained yet
+            return "shipped" if (WEIGHTS_DIR / name / "transformer").is_dir() else "train first"
+        return "random" if size == "tiny" else "--checkpoint"
 
     rows: list[dict[str, Any]] = []
     for name, spec in MODEL_SPECS.items():
         for size in spec.sizes:
             d = spec.defaults_for(size)
+            full_name = name if size == "full" else f"{name}-{size}"
             rows.append(
                 {
-                    "name": name if size == "full" else f"{name}-{size}",
+                    "name": full_name,
                     "size": size,
                     "sampler": spec.sampler,
                     "defaults": (
                         f"{d.num_frames}f {d.width}x{d.height} {d.fps}fps {d.steps} steps cfg {d.guidance_scale}"
                     ),
+                    "weights": weights(full_name, size),
                     "presets": "off, paper",
                 }
             )
@@ -239,9 +246,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         out = {r["name"]: {**r, "paper_preset": PABConfig.preset(r["name"], "paper").to_dict()} for r in rows}
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{'model':<26} {'size':<5} {'sampler':<7} {'defaults':<40} pab presets")
+    print(f"{'model':<26} {'size':<5} {'sampler':<7} {'defaults':<40} {'weights':<12} pab presets")
     for r in rows:
-        print(f"{r['name']:<26} {r['size']:<5} {r['sampler']:<7} {r['defaults']:<40} {r['presets']}")
+        print(f"{r['name']:<26} {r['size']:<5} {r['sampler']:<7} {r['defaults']:<40} {r['weights']:<12} "
+              f"{r['presets']}")
+    print("\nweights: shipped = trained here, in pab/weights; train first = `python -m pab.train --model NAME` (or "
+          "--checkpoint); --checkpoint = the published files (random without); random = test size")
     print("\npaper presets (range, window):")
     for name in MODEL_SPECS:
         cfg = PABConfig.preset(name, "paper").to_dict()

@@ -123,6 +123,8 @@ def test_models_lists_models_sizes_and_presets(capsys):
     assert main(["models", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["latte-1"]["paper_preset"]["temporal"]["range"] == 3
+    assert data["opensora-v1.2-small"]["weights"] == "shipped" and data["latte-1-tiny"]["weights"] == "random"
+    assert data["latte-1"]["weights"] == "--checkpoint"
 
 
 def test_generate_with_sp2_makes_the_same_video_as_one_process(tmp_path: Path):
