@@ -245,8 +245,8 @@ def test_fused_gelu_mlp_equals_the_plain_mlp_on_cuda(activation_fn):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the short-sequence attention kernel is CUDA-only")
 @pytest.mark.parametrize("F", [5, 16])
 def test_short_attention_kernel_in_bf16_on_cuda(F, monkeypatch):
-    """In bf16 on CUDA the temporal attentions (and only they) run the Triton kernel, and the forward is as close
-    to float32 as with SDPA."""
+    """In bf16 on CUDA self-attention over at most 32 tokens runs the Triton kernel (the temporal attentions; in
+    this tiny model the 16-token frames too), and the forward is as close to float32 as with SDPA."""
     from pab.kernels import short_attention as short_attn
 
     model32 = tiny_model().cuda()
@@ -258,7 +258,8 @@ def test_short_attention_kernel_in_bf16_on_cuda(F, monkeypatch):
     real = short_attn.try_short_attention
     monkeypatch.setattr(short_attn, "try_short_attention", lambda qkv, h: calls.append(qkv.shape) or real(qkv, h))
     out = run(model, **kw16).float()
-    assert len(calls) == 2 and all(shape[1] == F for shape in calls), calls  # the 2 temporal blocks
+    # (sequences, tokens) of each call: spatial over a frame's 16 patches, temporal over F frames, two blocks each
+    assert [tuple(shape[:2]) for shape in calls] == [(2 * F, 16), (2 * 16, F)] * 2, calls
     with kernel_options(model, short_attention=False):
         sdpa = run(model, **kw16).float()
 
