@@ -216,6 +216,14 @@ class Video(BaseModel):
     group: dict[str, Any] | None = None
 
 
+class VideoDeleted(BaseModel):
+    """What DELETE answers (OpenAI's shape): the video and its files are gone."""
+
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True
+
+
 class VideoList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Video]

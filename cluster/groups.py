@@ -13,7 +13,7 @@ Errors the ingress sees from `run`:
   * `StorageUnavailable`: the video or the record could not be stored. The group is fine; the ingress
     says so on the job and renders it again once storage takes writes.
 Everything else (cancelled, rejected request) is written to the record and `run` returns normally.
-A cancelled call (the ingress cancels it when it could not save a DELETE) stops the render too.
+A cancelled call (the ingress cancels it on a DELETE, and on a cancel it could not save) stops the render too.
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ class VideoGroup:
         try:
             return await asyncio.to_thread(self._run, job_id, dispatch, stop)
         except asyncio.CancelledError:
-            # The ingress cancelled the call: a DELETE it could not save, so the cancel marker the render
-            # polls may never appear. Stop at the next step all the same.
+            # The ingress cancelled the call (a delete, or a cancel it could not save: the marker the render
+            # polls may never appear). Stop at the next step all the same.
             stop.set()
             raise
 
@@ -159,7 +159,7 @@ class VideoGroup:
             watcher.join(5)
         # GroupFailed and StorageUnavailable propagate: the ingress retries (elsewhere, or once storage is back).
         if cancel.is_set() or self.jobs.cancel_requested(job_id):
-            # Cancelled after the last step (e.g. a DELETE saved late, once storage came back): it still wins.
+            # Cancelled after the last step (e.g. a cancel saved late, once storage came back): it still wins.
             return self._finish(rec, "cancelled")
         rec.status, rec.progress, rec.completed_at = "completed", 100, time.time()
         rec.step = rec.total_steps = len(result.get("timesteps") or []) or rec.total_steps

@@ -12,7 +12,7 @@ Storage outages (the folder read-only, the S3 endpoint down): what cannot be rea
 503 `storage_unavailable` with Retry-After, and /healthz says "degraded" until a write succeeds.
 Nothing accepted is dropped. A job whose video (or record) could not be stored shows `queued` with
 `error.code` "storage_unavailable" and why; it renders again once storage takes writes, and fails
-after `max_storage_failures` such losses. A DELETE that cannot be saved still cancels: the driver
+after `max_storage_failures` such losses. A cancel that cannot be saved still cancels: the driver
 and the group call are cancelled here (the render stops), GET shows `cancelled`, the answer is a 503
 saying it is not saved yet, and the background loop saves it once storage is back (until then only
 this replica knows it).
@@ -21,6 +21,7 @@ this replica knows it).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -41,7 +42,7 @@ from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.api import ErrorInfo, ModelInfo, Video, VideoCreate, VideoList, form_fields
+from cluster.api import ErrorInfo, ModelInfo, Video, VideoCreate, VideoDeleted, VideoList, form_fields
 from cluster.config import AppConfig, pool_name, route
 from cluster.jobs import JobRecord, JobStore, new_job_id, valid_id
 from cluster.storage import (
@@ -70,9 +71,15 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
     return HTTPException(status_code=status, detail={"code": code, "message": message}, headers=headers)
 
 
-def _error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
+def _error_type(status: int) -> str:
+    """OpenAI's error `type` for a status (its `code` names the case: "queue_full", "not_found", ...)."""
+    return {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
+        status, "server_error" if status >= 500 else "invalid_request_error")  # fmt: skip
+
+
+def _error_body(status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
     """OpenAI's error shape (the openai SDK's exceptions take their message from it)."""
-    return {"error": {"message": message, "type": code, "param": param, "code": code}}
+    return {"error": {"message": message, "type": _error_type(status), "param": param, "code": code}}
 
 
 def _field_error(field: str, message: str, value: Any = None) -> RequestValidationError:
@@ -116,6 +123,8 @@ class VideoAPI:
         self._held: dict[str, JobRecord] = {}
         self._seen: dict[str, JobRecord] = {}  # last record read of each job driven here: GET's fallback
         self._calls: dict[str, Any] = {}  # job id -> its group call in flight (a DeploymentResponse)
+        self._deleted: set[str] = set()  # deleted through this replica: 404 at once, whatever a late render writes
+        self._idempotency: dict[str, asyncio.Lock] = {}  # one POST at a time per idempotency key
         self._probed_at = 0.0
         _instance["svc"] = self  # the routes below are module functions; one VideoAPI per replica process
         try:  # Serve runs the constructor on the replica's event loop: start adopting jobs right away
@@ -150,7 +159,31 @@ class VideoAPI:
 
     # ------------------------------------------------------------------ requests
 
-    async def create(self, body: VideoCreate) -> Video:
+    async def create(self, body: VideoCreate, idempotency: tuple[str, str] | None = None) -> Video:
+        """Queue a video. `idempotency` = (digest of the key and its sender, hash of the request): a key seen
+        before answers its job (409 if the request differs), in this replica or after a restart."""
+        if idempotency is None:
+            return await self._create(body, None)
+        digest, request_hash = idempotency
+        lock = self._idempotency.setdefault(digest, asyncio.Lock())
+        try:
+            async with lock:
+                found = await asyncio.to_thread(self.jobs.idempotent_job, digest)
+                if found is not None:
+                    if found.get("request") != request_hash:
+                        raise _error(409, "idempotency_key_reused", "this Idempotency-Key was sent before with a "
+                                     "different request; use a new key for a new video")  # fmt: skip
+                    try:
+                        return await self.view(found["job_id"])
+                    except HTTPException as e:
+                        if e.status_code != 404:
+                            raise  # else the video was deleted: the key is free again
+                return await self._create(body, idempotency)
+        finally:
+            if not lock.locked():
+                self._idempotency.pop(digest, None)
+
+    async def _create(self, body: VideoCreate, idempotency: tuple[str, str] | None) -> Video:
         self._ensure_background()
         model = body.model or self.cfg.default_model
         try:
@@ -173,9 +206,11 @@ class VideoAPI:
         self._reserved += 1
         try:
             pool = route(model_cfg, request["num_frames"] * request["height"] * request["width"])
-            now = time.time()
+            now, job_id = time.time(), new_job_id()
+            if idempotency is not None:  # the key first: a crash before the record frees it again (no record)
+                await asyncio.to_thread(self.jobs.remember_idempotent, idempotency[0], job_id, idempotency[1])
             rec = JobRecord(
-                id=new_job_id(), model=model, status="queued", created_at=now, prompt=request["prompt"],
+                id=job_id, model=model, status="queued", created_at=now, prompt=request["prompt"],
                 seconds=f"{request['num_frames'] / request['fps']:g}", size=size, notices=notices, request=request,
                 seed=request["seed"], total_steps=request["steps"], pool=pool_name(model, pool.gpus),
                 max_attempts=self.cfg.max_attempts,
@@ -215,6 +250,8 @@ class VideoAPI:
     async def get(self, job_id: str) -> JobRecord:
         """The job: what this replica decided and storage lacks, else the stored record, else (storage
         unreadable) the state last read here, with the reason; StorageUnavailable if there is none."""
+        if job_id in self._deleted:
+            raise _error(404, "not_found", f"no video {job_id!r} (deleted)")
         held = self._held.get(job_id)
         if held is not None:
             return held.model_copy(deep=True)
@@ -273,6 +310,18 @@ class VideoAPI:
         v = rec.public()
         v.cancel_requested = True
         return v
+
+    async def delete(self, job_id: str) -> dict[str, Any]:
+        """Remove the video, its sidecar, images and record; a queued or rendering one is aborted first.
+        Storage failing: 503 and nothing changed (the render goes on)."""
+        await self.get(job_id)  # 404 for an unknown (or already deleted) id
+        await asyncio.to_thread(self.jobs.delete, job_id)  # the cancel marker stays: a group's render stops on it
+        self._deleted.add(job_id)
+        self._stop(job_id)
+        self._held.pop(job_id, None)
+        self._seen.pop(job_id, None)
+        log.info("job %s deleted", job_id)
+        return {"id": job_id, "object": "video.deleted", "deleted": True}
 
     def _stop(self, job_id: str) -> None:
         """Cancel the job's group call (Serve cancels the group's `run`, which stops the render) and driver."""
@@ -364,7 +413,7 @@ class VideoAPI:
 
     async def list(self, limit: int, after: str | None, order: str) -> VideoList:
         records, more = await asyncio.to_thread(self.jobs.list, limit, after, order)
-        data = [self._held.get(r.id, r).public() for r in records]
+        data = [self._held.get(r.id, r).public() for r in records if r.id not in self._deleted]
         return VideoList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
                          has_more=more)
 
@@ -572,6 +621,8 @@ class VideoAPI:
                     if time.monotonic() - last_reconcile >= self.cfg.reconcile_interval_s:
                         last_reconcile = time.monotonic()
                         await self._reconcile()
+                        # What renders that were finishing as their video was deleted wrote since.
+                        await asyncio.to_thread(self.jobs.sweep_deleted, 2 * self.cfg.stale_after_s)
             except StorageUnavailable:
                 pass  # /healthz says degraded; the next round probes
             except Exception:  # noqa: BLE001
@@ -691,9 +742,23 @@ async def _video_create(request: Request) -> VideoCreate:
     "description": "`VideoCreate` as JSON or as form fields (what the openai SDK sends): numbers as text, `pab` a "
                    "preset name, a JSON object or bracketed fields (`pab[spatial][range]`)."}})
 async def create_video(request: Request, svc: VideoAPI = Depends(_auth)) -> Video:
-    """Queue a video. Poll `GET /v1/videos/{id}` until `completed`, then download its content."""
+    """Queue a video. Poll `GET /v1/videos/{id}` until `completed`, then download its content. With an
+    `Idempotency-Key` header, a repeated request answers the video the first one created (no second render)."""
     body = await _video_create(request)
-    return await svc.create(body)
+    return await svc.create(body, _idempotency(request, body))
+
+
+def _idempotency(request: Request, body: VideoCreate) -> tuple[str, str] | None:
+    """(digest of the key and the API key that sent it, hash of the request), or None without the header."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not key.isprintable():
+        raise _error(400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 printable characters")
+    sender = request.headers.get("authorization", "")  # keys of different API keys never collide; never stored
+    digest = hashlib.sha256(f"{sender}\0{key}".encode()).hexdigest()
+    request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    return digest, request_hash
 
 
 def _openapi() -> dict[str, Any]:
@@ -720,8 +785,11 @@ async def list_videos(
 
 
 @api.get("/v1/videos/{video_id}", response_model=Video, tags=["videos"])
-async def get_video(video_id: str, svc: VideoAPI = Depends(_auth)) -> Video:
-    return await svc.view(video_id)
+async def get_video(video_id: str, response: Response, svc: VideoAPI = Depends(_auth)) -> Video:
+    video = await svc.view(video_id)
+    if video.status in ("queued", "in_progress"):
+        response.headers["openai-poll-after-ms"] = "1000"  # the openai SDK's create_and_poll waits this long
+    return video
 
 
 # HEAD too (FastAPI adds it to no GET route): players ask it for the size before they seek.
@@ -744,10 +812,18 @@ async def video_content(
     return await svc.content(video_id, redirect, head=request.method == "HEAD", variant=variant)
 
 
-@api.delete("/v1/videos/{video_id}", response_model=Video, tags=["videos"])
+@api.post("/v1/videos/{video_id}/cancel", response_model=Video, tags=["videos"])
 async def cancel_video(video_id: str, svc: VideoAPI = Depends(_auth)) -> Video:
-    """Cancel: a queued video never starts; a rendering one stops at its next denoising step."""
+    """Cancel: a queued video never starts; a rendering one stops at its next denoising step. The video stays
+    (status `cancelled`); `409` if it already finished."""
     return await svc.cancel(video_id)
+
+
+@api.delete("/v1/videos/{video_id}", response_model=VideoDeleted, tags=["videos"])
+async def delete_video(video_id: str, svc: VideoAPI = Depends(_auth)) -> dict[str, Any]:
+    """Delete: a queued or rendering video is aborted, then the video, its sidecar, images and record are
+    removed; a later GET is 404."""
+    return await svc.delete(video_id)
 
 
 @api.get("/v1/models", tags=["models"])
@@ -793,8 +869,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     message = "; ".join(said) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "")
     param = _param(ranked[0]["loc"]) if ranked and ranked[0]["type"] != "json_invalid" else None
     # OpenAI's shape for its clients, plus FastAPI's `detail` list (every error, with its `loc`) for the others.
-    return JSONResponse({**_error_body("invalid_request", message or "invalid request", param), "detail": errors},
-                        status_code=422)
+    return JSONResponse({**_error_body(422, "invalid_request", message or "invalid request", param),
+                         "detail": errors}, status_code=422)  # fmt: skip
 
 
 def _status_code(status: int) -> str:
@@ -811,14 +887,14 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
         return Response(status_code=exc.status_code, headers=exc.headers)
     detail = exc.detail if isinstance(exc.detail, dict) else {"code": _status_code(exc.status_code),
                                                              "message": str(exc.detail)}
-    return JSONResponse(_error_body(detail["code"], detail["message"]), status_code=exc.status_code,
-                        headers=exc.headers)
+    return JSONResponse(_error_body(exc.status_code, detail["code"], detail["message"]),
+                        status_code=exc.status_code, headers=exc.headers)
 
 
 @api.exception_handler(Exception)
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     # A bug. Starlette logs the traceback after this answer; the client gets its type, not its text.
-    return JSONResponse(_error_body("internal_error", f"internal error ({type(exc).__name__}); the server's log "
+    return JSONResponse(_error_body(500, "internal_error", f"internal error ({type(exc).__name__}); the server's log "
                                     "has the details"), status_code=500)
 
 
@@ -827,5 +903,5 @@ async def _storage_error(request: Request, exc: StorageUnavailable) -> JSONRespo
     # The request was fine and the same one works once storage does: 503 with Retry-After, not a 500.
     cfg = getattr(_instance.get("svc"), "cfg", None)
     retry = getattr(cfg, "retry_after_s", 10)
-    return JSONResponse(_error_body("storage_unavailable", str(exc)), status_code=503,
+    return JSONResponse(_error_body(503, "storage_unavailable", str(exc)), status_code=503,
                         headers={"Retry-After": str(retry)})

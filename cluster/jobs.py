@@ -6,7 +6,13 @@ between the ingress and a group):
     jobs/records/<id>.json   the job (`JobRecord`). The ingress writes it when it creates and
                              (re)dispatches the job; the group running it writes it while it runs.
     jobs/active/<id>         present while the job is not finished (cheap to list on restart).
-    jobs/cancel/<id>         a cancel request (written by DELETE; the group stops at the next step).
+    jobs/cancel/<id>         a cancel request (written by POST .../cancel and DELETE; the group stops at
+                             the next step).
+    jobs/deleted/<id>.json   a deleted job's tombstone {"at"}: a render that was finishing as the job was
+                             deleted may write its record or video after; the ingress sweeps them away
+                             while the tombstone lasts (`JobStore.sweep_deleted`).
+    jobs/idempotency/<h>.json  {"job_id", "request"}: the job a POST with an `Idempotency-Key` created; h is a
+                             hash of the key and the API key that sent it.
     jobs/leases/<id>.json    {"owner", "at"}: refreshed by whoever holds the job (the ingress while it
                              queues it, the group while it renders). A stale lease means nobody
                              holds it any more, so a restarted ingress takes it over.
@@ -26,10 +32,12 @@ import time
 from typing import Any, Callable, TypeVar
 
 from cluster.api import TERMINAL, Video
-from cluster.storage import NotFound, Storage, StorageUnavailable, storage_errors
+from cluster.storage import (
+    IMAGE_VARIANTS, NotFound, Storage, StorageUnavailable, image_key, storage_errors, video_keys,
+)  # fmt: skip
 
 RECORDS, ACTIVE, CANCEL, LEASES = "jobs/records/", "jobs/active/", "jobs/cancel/", "jobs/leases/"
-PROBES = "jobs/probes/"
+PROBES, DELETED, IDEMPOTENCY = "jobs/probes/", "jobs/deleted/", "jobs/idempotency/"
 ID_RE = re.compile(r"^video_[0-9a-f]{25}$")
 T = TypeVar("T")
 log = logging.getLogger("ray.serve")
@@ -177,6 +185,58 @@ class JobStore:
     def touch(self, job_id: str, owner: str) -> None:
         lease = {"owner": owner, "at": time.time()}
         self._io(f"refresh the lease of {job_id}", self.storage.put_json, f"{LEASES}{job_id}.json", lease, write=True)
+
+    # ------------------------------------------------------------------ deletion and idempotency keys
+
+    def _outputs(self, job_id: str) -> list[str]:
+        return [f"{RECORDS}{job_id}.json", f"{ACTIVE}{job_id}", f"{LEASES}{job_id}.json", *video_keys(job_id),
+                *(image_key(job_id, v) for v in IMAGE_VARIANTS)]  # fmt: skip
+
+    def delete(self, job_id: str) -> None:
+        """Remove the job, its video, sidecar and images. The tombstone goes first (a sweep finishes a delete
+        that failed halfway) and the cancel marker stays, so a render still going stops at its next step."""
+
+        def write() -> None:
+            self.storage.put_json(f"{DELETED}{job_id}.json", {"at": time.time()})
+            self.storage.put_bytes(f"{CANCEL}{job_id}", b"")
+            for key in self._outputs(job_id):
+                self.storage.delete(key)
+
+        self._io(f"delete {job_id}", write, write=True)
+
+    def sweep_deleted(self, keep_s: float) -> int:
+        """Remove what renders finishing after their job's deletion wrote; tombstones older than `keep_s` go
+        (with their cancel marker). Returns how many objects were removed."""
+
+        def sweep() -> int:
+            removed = 0
+            for key in self.storage.list(DELETED):
+                job_id = key[len(DELETED):].removesuffix(".json")
+                try:
+                    at = float(self.storage.get_json(key).get("at", 0))
+                except (NotFound, ValueError, AttributeError):
+                    at = 0.0
+                for k in self._outputs(job_id):
+                    if self.storage.exists(k):
+                        self.storage.delete(k)
+                        removed += 1
+                if time.time() - at > keep_s:
+                    self.storage.delete(f"{CANCEL}{job_id}")
+                    self.storage.delete(key)
+            return removed
+
+        return self._io("sweep deleted videos", sweep, write=True)
+
+    def idempotent_job(self, digest: str) -> dict[str, Any] | None:
+        """What an idempotency key (its digest) created: {"job_id", "request"}, or None."""
+        try:
+            return self._io("read an idempotency key", self.storage.get_json, f"{IDEMPOTENCY}{digest}.json")
+        except NotFound:
+            return None
+
+    def remember_idempotent(self, digest: str, job_id: str, request_hash: str) -> None:
+        self._io("save an idempotency key", self.storage.put_json, f"{IDEMPOTENCY}{digest}.json",
+                 {"job_id": job_id, "request": request_hash, "at": time.time()}, write=True)  # fmt: skip
 
     def lease(self, job_id: str) -> dict[str, Any] | None:
         try:

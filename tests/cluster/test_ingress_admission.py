@@ -19,7 +19,7 @@ RECEIVED = []
 
 @pytest.fixture
 def client():
-    async def create(body):  # what the service would render; answers a recognisable status instead
+    async def create(body, idempotency=None):  # what the service would render; answers a recognisable status
         RECEIVED.append(body)
         raise ingress._error(409, "stand_in", "received")
 

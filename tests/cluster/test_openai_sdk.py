@@ -39,11 +39,23 @@ KEY = "sdk-test-key"
 FRAMES = 4
 
 
+SLOW_STOPPED = threading.Event()  # set when a "slow" render stopped because it was cancelled
+
+
 class BlackFrames:
-    """Test double of the engine: reports every step, returns FRAMES black 32x32 frames."""
+    """Test double of the engine: reports every step, returns FRAMES black 32x32 frames. A prompt with "slow"
+    in it stays at step 1 until cancelled (30 s at most)."""
 
     def generate(self, request, progress, should_cancel) -> EngineOutput:
         steps = int(request["steps"])
+        if "slow" in request["prompt"]:
+            progress(1, steps)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if should_cancel():
+                    SLOW_STOPPED.set()
+                    raise RuntimeError("stopped: cancelled")
+                time.sleep(0.01)
         for i in range(steps):
             progress(i + 1, steps)
         return EngineOutput(frames=np.zeros((FRAMES, 32, 32, 3), np.uint8), request={**request, "fps": 8})
@@ -189,8 +201,8 @@ def test_the_sdk_exceptions_carry_the_message(server, client):
 def test_a_conflict_and_a_bug_have_the_error_shape(server, client, monkeypatch):
     video = completed(client, client.videos.create(prompt="a fox", extra_body={"steps": 1}).id)
     with pytest.raises(openai.ConflictError, match="already completed") as e:
-        client.videos.delete(video.id)  # DELETE still means cancel here: a finished video cannot be
-    assert e.value.body["code"] == "not_cancellable"
+        client.post(f"/videos/{video.id}/cancel", cast_to=object)  # a finished video cannot be cancelled
+    assert e.value.body["code"] == "not_cancellable" and e.value.body["type"] == "invalid_request_error"
 
     async def broken(job_id):
         raise RuntimeError("secret detail")
@@ -252,7 +264,7 @@ def test_a_file_is_refused_by_name(http):
 
 def test_unknown_routes_and_bad_json_have_the_error_shape(http):
     r = http.get("/v1/nothing")
-    assert r.status_code == 404 and r.json()["error"] == {"message": "Not Found", "type": "not_found",
+    assert r.status_code == 404 and r.json()["error"] == {"message": "Not Found", "type": "invalid_request_error",
                                                           "param": None, "code": "not_found"}  # fmt: skip
     r = http.post("/v1/videos", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error"]["param"] is None and "JSON" in r.json()["error"]["message"]
@@ -319,3 +331,101 @@ def test_an_unknown_variant_is_a_422_naming_it(client):
     with pytest.raises(openai.UnprocessableEntityError) as e:
         client.videos.download_content(video.id, variant="poster")  # type: ignore[arg-type]
     assert e.value.body["param"] == "variant" and "variant" in e.value.message, e.value.body
+
+
+# ---------------------------------------------------------------------------- delete, cancel, idempotency
+
+
+def _objects(svc, video_id: str) -> list[str]:
+    """Every stored object of a video: its record, markers, mp4, sidecar and images."""
+    return [k for prefix in ("jobs/records/", "jobs/active/", "jobs/leases/", "videos/")
+            for k in svc.store.list(prefix) if video_id in k]  # fmt: skip
+
+
+def _in_progress(client, video_id: str, timeout_s: float = 30):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        video = client.videos.retrieve(video_id)
+        if video.status == "in_progress" and video.progress > 0:
+            return video
+        time.sleep(0.02)
+    raise AssertionError(f"{video_id} never started rendering")
+
+
+def test_delete_removes_a_finished_video_and_every_file_of_it(server, client):
+    svc = server[1]
+    video = completed(client, client.videos.create(prompt="a fox", extra_body={"steps": 1}).id)
+    assert any(k.endswith(".mp4") for k in _objects(svc, video.id)) and any(k.endswith(".thumbnail.jpg")
+                                                                          for k in _objects(svc, video.id))
+    deleted = client.videos.delete(video.id)
+    assert (deleted.id, deleted.object, deleted.deleted) == (video.id, "video.deleted", True)
+    assert _objects(svc, video.id) == []
+    with pytest.raises(openai.NotFoundError, match="deleted"):
+        client.videos.retrieve(video.id)
+    with pytest.raises(openai.NotFoundError):
+        client.videos.download_content(video.id)
+    with pytest.raises(openai.NotFoundError):
+        client.videos.delete(video.id)
+    assert video.id not in [v.id for v in client.videos.list(limit=100)]
+
+
+def test_delete_aborts_a_render_and_a_late_write_is_swept(server, client):
+    svc = server[1]
+    SLOW_STOPPED.clear()
+    video = client.videos.create(prompt="a slow fox", extra_body={"steps": 4})
+    _in_progress(client, video.id)
+    assert client.videos.delete(video.id).deleted
+    assert SLOW_STOPPED.wait(10), "the render went on after the delete"
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(video.id)
+    # A render that was finishing as the video was deleted may write its record after; the sweep removes it.
+    svc.store.put_json(f"jobs/records/{video.id}.json", {"late": True})
+    svc.store.put_bytes(f"videos/{video.id}.mp4", b"late")
+    assert svc.jobs.sweep_deleted(keep_s=3600) == 2 and _objects(svc, video.id) == []
+    assert svc.store.exists(f"jobs/deleted/{video.id}.json")  # kept while a late write may still come
+    svc.jobs.sweep_deleted(keep_s=0)
+    assert not svc.store.exists(f"jobs/deleted/{video.id}.json") and not svc.store.exists(f"jobs/cancel/{video.id}")
+
+
+def test_cancel_is_its_own_route_and_keeps_the_video(server, client, http):
+    SLOW_STOPPED.clear()
+    video = client.videos.create(prompt="a slow owl", extra_body={"steps": 4})
+    r = http.get(f"/v1/videos/{video.id}")
+    assert r.headers["openai-poll-after-ms"] == "1000"  # create_and_poll's pace while it is not finished
+    _in_progress(client, video.id)
+    r = http.post(f"/v1/videos/{video.id}/cancel")
+    assert r.status_code == 200 and r.json()["cancel_requested"], r.text
+    assert SLOW_STOPPED.wait(10)
+    final = completed(client, video.id)
+    assert final.status == "cancelled" and client.videos.retrieve(video.id).id == video.id
+    assert "openai-poll-after-ms" not in http.get(f"/v1/videos/{video.id}").headers
+    assert http.post("/v1/videos/video_0000000000000000000000000/cancel").status_code == 404
+
+
+def test_an_idempotency_key_answers_the_same_video_also_after_a_restart(server, client):
+    svc = server[1]
+    before = len(svc.store.list("jobs/records/"))
+    first = client.videos.create(prompt="a heron", extra_body={"steps": 1}, extra_headers={"Idempotency-Key": "k-1"})
+    again = client.videos.create(prompt="a heron", extra_body={"steps": 1}, extra_headers={"Idempotency-Key": "k-1"})
+    assert again.id == first.id and len(svc.store.list("jobs/records/")) == before + 1  # no second render
+    with pytest.raises(openai.ConflictError, match="different request") as e:
+        client.videos.create(prompt="a crane", extra_body={"steps": 1}, extra_headers={"Idempotency-Key": "k-1"})
+    assert e.value.body["code"] == "idempotency_key_reused"
+    other = client.videos.create(prompt="a heron", extra_body={"steps": 1}, extra_headers={"Idempotency-Key": "k-2"})
+    assert other.id != first.id
+    # Another ingress over the same storage (a restart) knows the key: it is stored, not remembered.
+    body = ingress.VideoCreate(prompt="a heron", steps=1)
+    http_request = type("R", (), {"headers": {"idempotency-key": "k-1", "authorization": f"Bearer {KEY}"}})()
+    restarted = ingress.VideoAPI({"models": [{"name": MODEL}], "api_keys": [KEY], "storage": svc.cfg.storage},
+                                 pools=svc.pools)  # fmt: skip
+    try:
+        video = asyncio.run(restarted.create(body, ingress._idempotency(http_request, body)))
+    finally:
+        ingress._instance["svc"] = svc  # the restarted one took the routes; give them back
+    assert video.id == first.id
+    # A deleted video frees its key.
+    completed(client, first.id)
+    client.videos.delete(first.id)
+    fresh = client.videos.create(prompt="a heron", extra_body={"steps": 1}, extra_headers={"Idempotency-Key": "k-1"})
+    assert fresh.id != first.id
+

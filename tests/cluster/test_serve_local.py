@@ -130,12 +130,12 @@ def test_cancel_stops_at_next_step(app):
     client, _ = app
     job = client.post("/v1/videos", json=LONG).json()
     wait_for(lambda: client.get(f"/v1/videos/{job['id']}").json()["step"] >= 2, 120, "rendering")
-    r = client.delete(f"/v1/videos/{job['id']}")
+    r = client.post(f"/v1/videos/{job['id']}/cancel")
     assert r.status_code == 200 and r.json()["cancel_requested"]
     final, _ = poll(client, job["id"], timeout_s=60)
     assert final["status"] == "cancelled" and final["step"] < LONG["steps"]
     assert client.get(f"/v1/videos/{job['id']}/content").status_code == 409
-    assert client.delete(f"/v1/videos/{job['id']}").status_code == 409
+    assert client.post(f"/v1/videos/{job['id']}/cancel").status_code == 409
 
 
 def test_two_groups_autoscale_backpressure_and_rank_death(app, ray_session):

@@ -89,9 +89,9 @@ def test_cancel_a_queued_and_a_rendering_job(app):
     busy = client.post("/v1/videos", json={**SMALL, "size": "64x64", "steps": 400}).json()
     wait_for(lambda: client.get(f"/v1/videos/{busy['id']}").json()["step"] >= 1, 120, "rendering")
     waiting = client.post("/v1/videos", json=SMALL).json()  # the 1-GPU group is busy: it waits
-    r = client.delete(f"/v1/videos/{waiting['id']}")
+    r = client.post(f"/v1/videos/{waiting['id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"  # never starts
-    assert client.delete(f"/v1/videos/{busy['id']}").json()["cancel_requested"]
+    assert client.post(f"/v1/videos/{busy['id']}/cancel").json()["cancel_requested"]
     final, _ = poll(client, busy["id"], timeout_s=60)
     assert final["status"] == "cancelled" and 1 <= final["step"] < 400
     assert client.get(f"/v1/videos/{waiting['id']}").json()["status"] == "cancelled"

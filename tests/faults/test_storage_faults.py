@@ -80,7 +80,7 @@ def assert_storage_503(r, *names: str) -> dict[str, Any]:
     assert r.headers["retry-after"] == "7"
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
-    assert error["type"] == error["code"] == "storage_unavailable" and error["param"] is None
+    assert error["type"] == "server_error" and error["code"] == "storage_unavailable" and error["param"] is None
     assert "Check that" in error["message"] and all(n in error["message"] for n in names), error["message"]
     return error
 
@@ -295,7 +295,7 @@ def test_a_delete_storage_refuses_still_cancels_and_is_saved_once_storage_is_bac
     job = client.post("/v1/videos", json=BODY).json()
     wait_for(lambda: get(client, job["id"])["step"] >= 1, what="the first step")
     with read_only(folder):
-        error = assert_storage_503(client.delete(f"/v1/videos/{job['id']}"), "cancelled on this server",
+        error = assert_storage_503(client.post(f"/v1/videos/{job['id']}/cancel"), "cancelled on this server",
                                    str(folder))
         assert "could not be saved" in error["message"]
         assert engine.stopped.wait(10), "the render went on after the cancel"
@@ -303,7 +303,7 @@ def test_a_delete_storage_refuses_still_cancels_and_is_saved_once_storage_is_bac
         health = client.get("/healthz").json()
         assert health["status"] == "degraded" and health["unsaved"] == 1
         assert health["pending"] == 0 and not svc._active  # its driver stopped too: no longer counts as queued
-        assert_storage_503(client.delete(f"/v1/videos/{job['id']}"), "cancelled on this server")  # still not saved
+        assert_storage_503(client.post(f"/v1/videos/{job['id']}/cancel"), "cancelled on this server")  # still not saved
         assert svc.jobs.get(job["id"]).status == "in_progress"  # what storage still says
     wait_for(lambda: client.get("/healthz").json()["unsaved"] == 0, what="the cancellation saved")
     stored = svc.jobs.get(job["id"])
@@ -313,7 +313,7 @@ def test_a_delete_storage_refuses_still_cancels_and_is_saved_once_storage_is_bac
     time.sleep(0.3)
     assert engine.finished == 0 and not (folder / video_keys(job["id"])[0]).exists()
     assert get(client, job["id"])["status"] == "cancelled" and svc.jobs.get(job["id"]).status == "cancelled"
-    assert client.delete(f"/v1/videos/{job['id']}").status_code == 409  # already cancelled, for good
+    assert client.post(f"/v1/videos/{job['id']}/cancel").status_code == 409  # already cancelled, for good
 
 
 def test_storage_that_keeps_refusing_the_video_fails_the_job_with_the_reason(service, monkeypatch):
