@@ -105,35 +105,65 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"pab serve: {e}", file=sys.stderr)
         return 2
-    if not ray.is_initialized():
-        if args.ray_address:
-            ray.init(address=args.ray_address)
-        else:
-            # A local Ray on a small machine: Serve kills an HTTP proxy that is not up within 5 s, which a
-            # loaded 2-core host can miss (the proxy's Python start alone takes seconds); allow 60 s.
-            # Set before ray.init so the Serve controller, started from this process's cluster, sees it.
-            os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
-            # Logical CPUs: the ingress and group drivers mostly wait; the ranks do the work.
-            ray.init(num_gpus=gpus, num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False)
-            # This process owns that Ray: if it is SIGKILLed, the watchdog ends what it started.
-            from cluster.watchdog import start_watchdog
-
-            start_watchdog()
-    # Ctrl-C / SIGTERM from here on (after ray.init, which installs its own handlers) means: shut
-    # down cleanly once the app is up, even if the signal lands while it is still deploying.
+    # SIGINT / SIGTERM (Ctrl-C; what Kubernetes and `docker stop` send) mean: stop, also while Ray and the app
+    # are still starting (tens of seconds on a small machine). The handler only records the signal: raising
+    # from it inside Ray's calls can abort the process; the deploy is awaited here, a second at a time. Only
+    # during ray.init itself (a few seconds) do Ray's own handlers answer a signal.
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(config), name=args.app_name, route_prefix="/", blocking=False)
-    url = f"http://{args.host}:{args.port}"
-    print(f"pab serve: {url}/v1/videos  (docs: {url}/docs)  model {config['models'][0]['name']}", flush=True)
+    received: list[str] = []
 
-    while not stop.wait(1.0):
-        pass
-    print("pab serve: shutting down", flush=True)
-    serve.shutdown()
-    ray.shutdown()
+    def on_signal(signum: int, frame: Any) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    def install() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+
+    install()
+    try:
+        if not ray.is_initialized():
+            if args.ray_address:
+                ray.init(address=args.ray_address)
+            else:
+                # A local Ray on a small machine: Serve kills an HTTP proxy that is not up within 5 s, which a
+                # loaded 2-core host can miss (the proxy's Python start alone takes seconds); allow 60 s.
+                # Set before ray.init so the Serve controller, started from this process's cluster, sees it.
+                os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+                # Logical CPUs: the ingress and group drivers mostly wait; the ranks do the work.
+                ray.init(num_gpus=gpus, num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False)
+                # This process owns that Ray: if it is SIGKILLed, the watchdog ends what it started.
+                from cluster.watchdog import start_watchdog
+
+                start_watchdog()
+        install()  # again: ray.init installed Ray's (Python) and its core worker's (C++, which aborts) handlers
+        serve.start(http_options={"host": args.host, "port": args.port})
+        # Deploy without waiting inside Serve, then wait here, where a stop signal is seen within a second.
+        target = serve.RunTarget(build_app(config), name=args.app_name, route_prefix="/")
+        serve.run_many([target], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+        while not stop.wait(1.0):
+            app = serve.status().applications.get(args.app_name)
+            state = str(getattr(app, "status", ""))
+            if state.endswith("RUNNING"):
+                break
+            if state.endswith("DEPLOY_FAILED") or state.endswith("UNHEALTHY"):
+                print(f"pab serve: the app failed to deploy: {getattr(app, 'message', '')}", file=sys.stderr)
+                return 1
+        if stop.is_set():
+            print(f"pab serve: {received[0] if received else 'stopped'} while starting; shutting down", flush=True)
+            return 0
+        url = f"http://{args.host}:{args.port}"
+        print(f"pab serve: {url}/v1/videos  (docs: {url}/docs)  model {config['models'][0]['name']}", flush=True)
+        while not stop.wait(1.0):
+            pass
+        print("pab serve: shutting down", flush=True)
+    finally:
+        # Queued and unfinished jobs stay in storage; the next `pab serve` on it adopts and renders them.
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+        finally:
+            ray.shutdown()  # also what a half-done ray.init started
     return 0
 
 

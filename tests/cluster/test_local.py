@@ -72,3 +72,67 @@ def test_pab_serve_end_to_end(tmp_path):
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def _ray_processes(tmpdir: str) -> list[str]:
+    """Command lines of the Ray processes whose session lives under `tmpdir` (this test's Ray only)."""
+    out = subprocess.run(["pgrep", "-af", tmpdir], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["direct", "background-shell"])
+def test_pab_serve_stops_promptly_on_sigterm(tmp_path, how):
+    """SIGTERM (Kubernetes, `docker stop`) stops `pab serve` as Ctrl-C does, whether it runs or is still starting,
+    started directly or in the background from a shell (where SIGINT is ignored), and leaves no Ray behind."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmpdir = f"/tmp/raypabterm-{how}"
+    env = {**os.environ, "RAY_TMPDIR": tmpdir, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    cmd = [sys.executable, "-m", "cluster.local", "--port", str(port), "--output-dir", str(tmp_path / "out"),
+           "--num-gpus", "0"]  # fmt: skip
+    log_path = tmp_path / "serve.log"
+    for phase in ("running", "starting"):
+        with open(log_path, "wb") as log:
+            if how == "direct":
+                proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+                pid = proc.pid
+            else:  # `pab serve &` in a non-interactive shell: the child starts with SIGINT ignored
+                pid_file = tmp_path / f"pid-{phase}"
+                shell = " ".join(cmd) + f" & echo $! > {pid_file}; wait"
+                proc = subprocess.Popen(["bash", "-c", shell], env=env, stdout=log, stderr=subprocess.STDOUT)
+                deadline = time.monotonic() + 10
+                while not pid_file.exists() or not pid_file.read_text().strip():
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                pid = int(pid_file.read_text())
+            try:
+                deadline = time.monotonic() + 240
+                if phase == "running":  # every deployment up (/healthz answers once the ingress alone is)
+                    while "pab serve: http://" not in log_path.read_text():
+                        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                        time.sleep(0.5)
+                    assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+                else:  # Ray is up (Serve's controller logs), the app is still deploying
+                    while "ServeController pid=" not in log_path.read_text():
+                        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                        time.sleep(0.2)
+                    assert "pab serve: http://" not in log_path.read_text()
+                t0 = time.monotonic()
+                os.kill(pid, signal.SIGTERM)
+                assert proc.wait(60) == 0, log_path.read_text()[-3000:]
+                took = time.monotonic() - t0
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        text = log_path.read_text()
+        assert took < 30, f"{phase}: stopped {took:.0f} s after SIGTERM"
+        assert "shutting down" in text, text[-3000:]
+        if phase == "running":  # (stopped mid-deploy, Serve's controller logs the replicas it could not finish)
+            assert "Traceback" not in text, text[-3000:]
+        deadline = time.monotonic() + 20
+        while _ray_processes(tmpdir) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _ray_processes(tmpdir), _ray_processes(tmpdir)
