@@ -382,6 +382,8 @@ class GenerationWorker:
             write_mp4(path, out.frames, fps)
             timings["encode_s"] = time.perf_counter() - t
             result["timings"] = timings
+            result["cost"] = request_cost(timings, out.pab_stats, result.get("parallel"), self.world_size,
+                                          self.device)  # fmt: skip
             if output is None:
                 result["mp4"] = path.read_bytes()
                 return result
@@ -414,6 +416,22 @@ class GenerationWorker:
             "busy": self._busy.locked(), "step": self._events[-1] if self._events else None,
             "generations": self._generations,
         }
+
+
+def request_cost(timings: dict[str, float], pab_stats: dict[str, Any], parallel: dict[str, Any] | None,
+                 world_size: int, device: str) -> dict[str, float]:  # fmt: skip
+    """What one video cost the group: GPU-seconds (the engine's time on every rank, 0 on CPU), rank-seconds, DSP
+    bytes sent (rank 0's count times the ranks: the splits are even up to one frame) and module calls."""
+    engine_s = float(timings.get("engine_s", 0.0))
+    rank_s = engine_s * world_size
+    moved = int(((parallel or {}).get("comm") or {}).get("bytes_moved", 0)) * world_size
+    return {
+        "gpu_seconds": rank_s if str(device).startswith("cuda") else 0.0,
+        "rank_seconds": rank_s,
+        "bytes_sent": float(moved),
+        "modules_computed": float(sum(int(c.get("computed", 0)) for c in pab_stats.values())),
+        "modules_reused": float(sum(int(c.get("broadcast", 0)) for c in pab_stats.values())),
+    }
 
 
 def _still_images(frames: Any, timings: dict[str, float]) -> dict[str, bytes]:

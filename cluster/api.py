@@ -210,6 +210,8 @@ class Video(BaseModel):
     cancel_requested: bool = False
     error: ErrorInfo | None = None
     timings: dict[str, float] = Field(default_factory=dict)
+    cost: dict[str, float] | None = Field(None, description="gpu_seconds, rank_seconds, bytes_sent (DSP), "
+                                          "modules_computed and modules_reused (PAB) of the render")
     pab: dict[str, Any] | None = None
     media_type: str = "video/mp4"
     size_bytes: int | None = None

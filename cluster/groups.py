@@ -165,6 +165,7 @@ class VideoGroup:
         rec.step = rec.total_steps = len(result.get("timesteps") or []) or rec.total_steps
         rec.video_key, rec.size_bytes = result["video"]["key"], result["video"]["size_bytes"]
         rec.pab = result.get("pab")
+        rec.cost = result.get("cost")
         rec.timings = {
             **{k: float(v) for k, v in result.get("timings", {}).items()},
             "queue_s": rec.started_at - rec.created_at, "run_s": rec.completed_at - rec.started_at,

@@ -45,6 +45,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster.api import ErrorInfo, ModelInfo, Video, VideoCreate, VideoDeleted, VideoList, form_fields
 from cluster.config import AppConfig, pool_name, route
 from cluster.jobs import JobRecord, JobStore, new_job_id, valid_id
+from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from cluster.metrics import IngressMetrics
 from cluster.storage import (
     NotFound,
     StorageUnavailable,
@@ -123,6 +125,7 @@ class VideoAPI:
         self._held: dict[str, JobRecord] = {}
         self._seen: dict[str, JobRecord] = {}  # last record read of each job driven here: GET's fallback
         self._calls: dict[str, Any] = {}  # job id -> its group call in flight (a DeploymentResponse)
+        self.metrics = IngressMetrics(lambda: len(self._active) + self._reserved, self._states)
         self._deleted: set[str] = set()  # deleted through this replica: 404 at once, whatever a late render writes
         self._idempotency: dict[str, asyncio.Lock] = {}  # one POST at a time per idempotency key
         self._probed_at = 0.0
@@ -131,6 +134,15 @@ class VideoAPI:
             self._ensure_background()
         except RuntimeError:  # no running loop (constructed outside Serve): started by the first request
             pass
+
+    def _states(self) -> dict[str, int]:
+        """Unfinished videos this replica drives, by the state last read (the pab_jobs gauge)."""
+        states = {"queued": 0, "in_progress": 0}
+        for job_id in self._active:
+            rec = self._held.get(job_id) or self._seen.get(job_id)
+            state = rec.status if rec is not None and not rec.terminal else "queued"
+            states[state] = states.get(state, 0) + 1
+        return states
 
     def _ensure_background(self) -> None:
         if self._loop_task is None or self._loop_task.done():
@@ -307,6 +319,7 @@ class VideoAPI:
             rec.status, rec.completed_at, rec.error = "cancelled", time.time(), None
             self._stop(job_id)  # drops the call still waiting in Serve's router for a free group
             await self._save_final(rec)  # the marker is saved, so the cancellation holds even if this is late
+            self.metrics.video_finished(rec)  # its driver, stopped, does not count it
         v = rec.public()
         v.cancel_requested = True
         return v
@@ -440,12 +453,22 @@ class VideoAPI:
         try:
             while not await self._attempt(job_id):
                 pass
+            await self._count_finished(job_id)
         except Exception:  # noqa: BLE001 - a bug: leave the job to the reconciler
             log.exception("job %s: driver stopped; the reconciler will pick it up", job_id)
         finally:
             self._seen.pop(job_id, None)
             if job_id in self._held and not self._held[job_id].terminal:
                 del self._held[job_id]  # a reason only this driver kept up to date
+
+    async def _count_finished(self, job_id: str) -> None:
+        """Metrics of a video its driver saw finish (the record the group wrote, or one held here)."""
+        try:
+            rec = await self.get(job_id)
+        except (HTTPException, StorageUnavailable):
+            return  # deleted meanwhile, or unreadable now: not counted rather than counted wrong
+        if rec.terminal:
+            self.metrics.video_finished(rec)
 
     async def _attempt(self, job_id: str) -> bool:
         """One dispatch. True when nothing is left to do here (finished, or a group wrote the outcome);
@@ -829,6 +852,29 @@ async def delete_video(video_id: str, svc: VideoAPI = Depends(_auth)) -> dict[st
 @api.get("/v1/models", tags=["models"])
 async def list_models(svc: VideoAPI = Depends(_auth)) -> dict[str, Any]:
     return await asyncio.to_thread(svc.models)
+
+
+@api.get("/metrics", tags=["health"], response_class=Response,
+         responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics of this ingress replica (no key): requests, queue depth, videos by state, render and
+    end-to-end latency, steps per second, module calls computed and reused, GPU-seconds, DSP bytes."""
+    return Response(_svc(request).metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+@api.middleware("http")
+async def _count_requests(request: Request, call_next):
+    t0 = time.perf_counter()
+    status = 500
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        svc = _instance.get("svc")
+        if svc is not None and hasattr(svc, "metrics"):
+            route = request.scope.get("route")
+            svc.metrics.request(getattr(route, "path", "unmatched"), request.method, status, time.perf_counter() - t0)
 
 
 @api.get("/healthz", tags=["health"])

@@ -58,7 +58,8 @@ class BlackFrames:
                 time.sleep(0.01)
         for i in range(steps):
             progress(i + 1, steps)
-        return EngineOutput(frames=np.zeros((FRAMES, 32, 32, 3), np.uint8), request={**request, "fps": 8})
+        return EngineOutput(frames=np.zeros((FRAMES, 32, 32, 3), np.uint8), request={**request, "fps": 8},
+                            pab_stats={"spatial": {"computed": 3, "broadcast": 2}})
 
 
 class OneRankGroup:
@@ -428,4 +429,55 @@ def test_an_idempotency_key_answers_the_same_video_also_after_a_restart(server, 
     client.videos.delete(first.id)
     fresh = client.videos.create(prompt="a heron", extra_body={"steps": 1}, extra_headers={"Idempotency-Key": "k-1"})
     assert fresh.id != first.id
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def _scrape(http) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = http.get("/metrics", headers={"Authorization": ""})  # no key needed
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}  # fmt: skip
+
+
+def test_metrics_count_a_render_as_its_record_says(server, client, http):
+    svc = server[1]
+    deadline = time.monotonic() + 30
+    while svc._active:  # earlier tests' videos finish first: they would count in this window
+        assert time.monotonic() < deadline, list(svc._active)
+        time.sleep(0.05)
+    before = _scrape(http)
+
+    def delta(after, name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    video = completed(client, client.videos.create(prompt="a lark", extra_body={"steps": 3}).id)
+    deadline = time.monotonic() + 10
+    while delta(after := _scrape(http), "pab_videos_finished_total", status="completed") < 1:
+        assert time.monotonic() < deadline, "the finished video was never counted"
+        time.sleep(0.05)
+    rec = svc.jobs.get(video.id)
+    assert delta(after, "pab_videos_finished_total", status="completed") == 1
+    assert delta(after, "pab_render_seconds_count") == 1
+    assert delta(after, "pab_render_seconds_sum") == pytest.approx(rec.timings["run_s"])
+    assert delta(after, "pab_end_to_end_seconds_sum") == pytest.approx(rec.timings["total_s"])
+    assert delta(after, "pab_denoise_steps_per_second_count") == 1
+    # Module calls and cost: the same numbers as the record's (and the sidecar's) `cost`.
+    assert delta(after, "pab_module_calls_total", kind="spatial", outcome="computed") == rec.cost["modules_computed"] == 3
+    assert delta(after, "pab_module_calls_total", kind="spatial", outcome="reused") == rec.cost["modules_reused"] == 2
+    assert rec.cost["rank_seconds"] > 0 and delta(after, "pab_rank_seconds_total") == pytest.approx(rec.cost["rank_seconds"])
+    assert rec.cost["gpu_seconds"] == 0 and delta(after, "pab_gpu_seconds_total") == 0  # a CPU group
+    assert json.loads(svc.store.get_bytes(f"videos/{video.id}.json"))["cost"] == rec.cost
+    assert client.videos.retrieve(video.id).model_extra["cost"] == rec.cost  # the API shows it too
+    # Requests by route template and status.
+    assert delta(after, "pab_http_requests_total", route="/v1/videos", method="POST", status="200") == 1
+    assert delta(after, "pab_http_requests_total", route="/v1/videos/{video_id}", method="GET", status="200") >= 1
+    http.get("/v1/videos/video_0000000000000000000000000")
+    assert delta(_scrape(http), "pab_http_requests_total", route="/v1/videos/{video_id}", method="GET",
+                 status="404") == 1  # fmt: skip
+    assert after[("pab_queue_depth", ())] >= 0 and ("pab_jobs", (("state", "queued"),)) in after
 
