@@ -29,6 +29,20 @@ setup() {
     mkdir -p "$RAY_TMPDIR" outputs
 }
 
+browser() {
+    # The playground test drives a real headless browser: Debian's chromium and chromium-driver.
+    if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+        return
+    fi
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo -n"
+    if command -v apt-get >/dev/null; then
+        $sudo apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+            || { $sudo apt-get update -q >/dev/null 2>&1 && $sudo apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } \
+            || echo "run.sh: could not install chromium with apt-get; the playground test will be skipped" >&2
+    fi
+}
+
 cmd=${1:-demo}
 shift || true
 case "$cmd" in
@@ -42,6 +56,7 @@ case "$cmd" in
         ;;
     test)
         setup
+        browser
         ruff check .
         # Triton's CPU interpreter runs the kernel tests without a GPU (set before anything imports triton).
         TRITON_INTERPRET=1 exec python -m pytest -q -m "not gpu" "$@"

@@ -31,12 +31,15 @@ import random
 import time
 import uuid
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import (
+    FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse,
+)  # fmt: skip
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
@@ -852,6 +855,16 @@ async def delete_video(video_id: str, svc: VideoAPI = Depends(_auth)) -> dict[st
 @api.get("/v1/models", tags=["models"])
 async def list_models(svc: VideoAPI = Depends(_auth)) -> dict[str, Any]:
     return await asyncio.to_thread(svc.models)
+
+
+_PLAYGROUND = Path(__file__).with_name("playground.html")
+
+
+@api.get("/", include_in_schema=False, response_class=HTMLResponse)
+async def playground() -> HTMLResponse:
+    """The playground page: a prompt form and the videos with their progress, played when done (no key: the
+    page asks for one and sends it with each API call)."""
+    return HTMLResponse(await asyncio.to_thread(_PLAYGROUND.read_text))
 
 
 @api.get("/metrics", tags=["health"], response_class=Response,

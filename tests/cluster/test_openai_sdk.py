@@ -44,10 +44,14 @@ SLOW_STOPPED = threading.Event()  # set when a "slow" render stopped because it 
 
 class BlackFrames:
     """Test double of the engine: reports every step, returns FRAMES black 32x32 frames. A prompt with "slow"
-    in it stays at step 1 until cancelled (30 s at most)."""
+    in it stays at step 1 until cancelled (30 s at most); one with "paced" takes 0.15 s a step."""
 
     def generate(self, request, progress, should_cancel) -> EngineOutput:
         steps = int(request["steps"])
+        if "paced" in request["prompt"]:  # a render one can watch: a step every 0.15 s
+            for i in range(steps):
+                time.sleep(0.15)
+                progress(i + 1, steps)
         if "slow" in request["prompt"]:
             progress(1, steps)
             deadline = time.monotonic() + 30
