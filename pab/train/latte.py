@@ -12,9 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pab.models.frame_vae import FrameVAE
-from pab.train.common import autocast, clip_batch
 from pab.train.diffusion import DDPMRecipe
-from pab.train.stages import raw_latent_stats
 
 NAME = "latte-1-small"
 
@@ -31,16 +29,11 @@ class LatteRecipe(DDPMRecipe):
         rec = vae.vae.decode(post.sample()).sample.float()
         return F.l1_loss(rec, frames) + F.mse_loss(rec, frames) + kl_weight * post.kl().mean()
 
-    @torch.no_grad()
-    def calibrate(self, vae: FrameVAE, device: torch.device, clips: int = 256, seed: int = 10_000) -> dict:
-        zs = []
-        for i in range(0, clips, 32):
-            video, _ = clip_batch(NAME, min(32, clips - i), seed, i, device)
-            with autocast(device):
-                zs.append(vae.vae.encode(video.transpose(1, 2).flatten(0, 1)).latent_dist.mode().float())
-        mean, std = raw_latent_stats(zs)
+    def raw_latents(self, vae: FrameVAE, video: torch.Tensor) -> torch.Tensor:
+        return vae.vae.encode(video.transpose(1, 2).flatten(0, 1)).latent_dist.mode()  # (B·F, 4, h, w)
+
+    def set_latent_stats(self, vae: FrameVAE, mean: list[float], std: list[float]) -> None:
         vae.set_latent_stats(mean, std)
-        return {"latents_mean": mean, "latents_std": std}
 
     def export_vae(self, vae: FrameVAE, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 
 from pab.models import VAE_SPECS
 from pab.models.opensora_plan_vae import CausalVAE
-from pab.train.common import autocast, clip_batch, export_weights
+from pab.train.common import export_weights
 from pab.train.diffusion import DDPMRecipe
-from pab.train.stages import raw_latent_stats
 
 NAME = "opensora-plan-v1.1-small"
 
@@ -35,16 +34,11 @@ class OpenSoraPlanRecipe(DDPMRecipe):
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3, 4)).mean()
         return F.l1_loss(rec, video) + F.mse_loss(rec, video) + kl_weight * kl
 
-    @torch.no_grad()
-    def calibrate(self, vae: CausalVAE, device: torch.device, clips: int = 256, seed: int = 10_000) -> dict:
-        zs = []
-        for i in range(0, clips, 32):
-            video, _ = clip_batch(NAME, min(32, clips - i), seed, i, device)
-            with autocast(device):
-                zs.append(vae.encode_moments(video).float().chunk(2, dim=1)[0])
-        mean, std = raw_latent_stats(zs)
+    def raw_latents(self, vae: CausalVAE, video: torch.Tensor) -> torch.Tensor:
+        return vae.encode_moments(video).chunk(2, dim=1)[0]  # (B, 4, t, h, w)
+
+    def set_latent_stats(self, vae: CausalVAE, mean: list[float], std: list[float]) -> None:
         vae.config = dataclasses.replace(vae.config, latents_mean=tuple(mean), latents_std=tuple(std))
-        return {"latents_mean": mean, "latents_std": std}
 
     def export_vae(self, vae: CausalVAE, folder: Path) -> None:
         export_weights(vae.state_dict(), dataclasses.asdict(vae.config), folder, NAME)

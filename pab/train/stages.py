@@ -52,9 +52,25 @@ class Recipe:
     def vae_loss(self, vae: nn.Module, video: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def raw_latents(self, vae: nn.Module, video: torch.Tensor) -> torch.Tensor:
+        """The posterior means of a batch of clips, before any normalisation: (B or B·F, C, ...)."""
+        raise NotImplementedError
+
+    def set_latent_stats(self, vae: nn.Module, mean: list[float], std: list[float]) -> None:
+        """Make the VAE normalise its latents per channel with these statistics (and save them with it)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
     def calibrate(self, vae: nn.Module, device: torch.device, clips: int = 256, seed: int = 10_000) -> dict:
         """Set the latent normalisation from fresh clips; returns what was set (for training.json)."""
-        raise NotImplementedError
+        zs = []
+        for i in range(0, clips, 32):
+            video, _ = clip_batch(self.name, min(32, clips - i), seed, i, device)
+            with autocast(device):
+                zs.append(self.raw_latents(vae, video).float())
+        mean, std = raw_latent_stats(zs)
+        self.set_latent_stats(vae, mean, std)
+        return {"latents_mean": mean, "latents_std": std}
 
     def export_vae(self, vae: nn.Module, folder: Path) -> None:
         raise NotImplementedError

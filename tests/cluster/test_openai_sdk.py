@@ -485,3 +485,17 @@ def test_metrics_count_a_render_as_its_record_says(server, client, http):
                  status="404") == 1  # fmt: skip
     assert after[("pab_queue_depth", ())] >= 0 and ("pab_jobs", (("state", "queued"),)) in after
 
+
+
+def test_list_pages_through_every_video_once_both_ways(server, client):
+    """`list` with limit/after/order, iterated as the SDK pages (its `auto_paging_iter`, in this SDK iterating the
+    page itself fetches the next ones with `after`): no duplicates, none missing, in order."""
+    svc = server[1]
+    made = [client.videos.create(prompt=f"a page {i}", extra_body={"steps": 1}).id for i in range(5)]
+    stored = sorted(k.removeprefix("jobs/records/").removesuffix(".json") for k in svc.store.list("jobs/records/"))
+    asc = [v.id for v in client.videos.list(limit=2, order="asc")]
+    desc = [v.id for v in client.videos.list(limit=3, order="desc")]
+    assert asc == stored and desc == stored[::-1]  # every video once, in id (= creation) order
+    assert set(made) <= set(asc)
+    page = client.videos.list(limit=2, after=made[1], order="asc")
+    assert [v.id for v in page.data] == [made[2], made[3]] and page.has_more
