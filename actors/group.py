@@ -15,7 +15,7 @@ Failure model: a group renders one video at a time. If any rank dies or hangs, t
 actors are killed, and `health()` keeps raising until `rebuild()` (or, under Serve, until the replica
 is replaced: its `check_health` calls `health()`). A request the model rejects raises
 `GenerationError` on every rank and leaves the group healthy. Storage refusing rank 0's video raises
-`cluster.storage.StorageUnavailable` and leaves the group healthy too: a new group would not help.
+`pab.storage.StorageUnavailable` and leaves the group healthy too: a new group would not help.
 
 Placement: outside Serve the group makes its own placement group (`placement_group="new"`, removed by
 `shutdown`). Inside a Serve replica that owns a placement group (`placement_group_bundles`), pass
@@ -45,7 +45,7 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.worker import GenerationWorker, VideoOutput, WorkerCancelled
-from cluster.storage import StorageUnavailable
+from pab.storage import StorageUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -69,7 +69,7 @@ class Engine(Protocol):
 
 @dataclass
 class VideoOutput:
-    """Ask rank 0 to store the video itself: `storage` is a `cluster.storage.StorageConfig` dict."""
+    """Ask rank 0 to store the video itself: `storage` is a `pab.storage.StorageConfig` dict."""
 
     storage: dict[str, Any]
     video_id: str
@@ -135,7 +135,7 @@ def resolve_checkpoint(
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if marker.is_file():
             return dest
-        from cluster.storage import S3Storage, StorageConfig
+        from pab.storage import S3Storage, StorageConfig
 
         store = S3Storage(StorageConfig(**{**(s3 or {}), "backend": "s3", "bucket": bucket, "prefix": prefix,
                                            "create_bucket": False}))
@@ -316,7 +316,7 @@ class GenerationWorker:
 
         Rank 0 returns the video: with `output` it writes `videos/<id>.mp4` and its JSON sidecar to
         storage and returns where; without, the result carries the mp4 bytes under "mp4". Other ranks
-        return their timings only. Raises WorkerCancelled if cancelled, `cluster.storage.StorageUnavailable`
+        return their timings only. Raises WorkerCancelled if cancelled, `pab.storage.StorageUnavailable`
         if storage does not take the video.
         """
         if self.engine is None:
@@ -389,7 +389,7 @@ class GenerationWorker:
                 return result
             if isinstance(output, dict):
                 output = VideoOutput(**output)
-            from cluster.storage import storage_failure, storage_from_config, unavailable
+            from pab.storage import storage_failure, storage_from_config, unavailable
 
             images = _still_images(out.frames, timings)
             t = time.perf_counter()

@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from cluster.storage import StorageConfig
+from pab.storage import StorageConfig
 
 
 class PoolConfig(BaseModel):

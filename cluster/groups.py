@@ -29,7 +29,7 @@ from actors.worker import VideoOutput
 from cluster.api import ErrorInfo
 from cluster.config import AppConfig, ModelConfig, PoolConfig
 from cluster.jobs import JobStore
-from cluster.storage import storage_from_config
+from pab.storage import storage_from_config
 
 log = logging.getLogger("ray.serve")
 

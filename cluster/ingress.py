@@ -50,7 +50,7 @@ from cluster.config import AppConfig, pool_name, route
 from cluster.jobs import JobRecord, JobStore, new_job_id, valid_id
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import IngressMetrics
-from cluster.storage import (
+from pab.storage import (
     NotFound,
     StorageUnavailable,
     image_key,
@@ -828,7 +828,7 @@ async def get_video(video_id: str, response: Response, svc: VideoAPI = Depends(_
 async def video_content(
     request: Request, video_id: str,
     redirect: bool = Query(True, description="S3: redirect to a presigned URL (false: stream here)"),
-    variant: Literal["video", "thumbnail", "spritesheet"] = Query(  # cluster.storage.IMAGE_VARIANTS, and the mp4
+    variant: Literal["video", "thumbnail", "spritesheet"] = Query(  # pab.storage.IMAGE_VARIANTS, and the mp4
         "video", description="video: the mp4; thumbnail: a JPEG of the middle frame; spritesheet: a JPEG of up to "
         "8 evenly spaced frames in one row"),
     svc: VideoAPI = Depends(_auth),

@@ -17,7 +17,7 @@ between the ingress and a group):
                              queues it, the group while it renders). A stale lease means nobody
                              holds it any more, so a restarted ingress takes it over.
     jobs/probes/<owner>      written and removed to learn whether storage takes writes again.
-    videos/<id>.mp4, .json   the result and its sidecar (`cluster.storage.Storage.put_video`).
+    videos/<id>.mp4, .json   the result and its sidecar (`pab.storage.Storage.put_video`).
     videos/<id>.thumbnail.jpg, .spritesheet.jpg   its still images (`GET .../content?variant=`).
 
 Ids are time-ordered (`video_<13 hex ms><12 hex random>`), so key order is creation order.
@@ -32,7 +32,7 @@ import time
 from typing import Any, Callable, TypeVar
 
 from cluster.api import TERMINAL, Video
-from cluster.storage import (
+from pab.storage import (
     IMAGE_VARIANTS, NotFound, Storage, StorageUnavailable, image_key, storage_errors, video_keys,
 )  # fmt: skip
 

@@ -7,7 +7,7 @@ the row's state:
 1. just before a row is dispatched, its sidecar is written with ``"state": "rendering"`` and the
    request's fingerprint (the *intent*);
 2. the worker writes the mp4, then replaces the sidecar with the full ``"state": "completed"`` record
-   (`cluster.storage.Storage.put_video` writes the sidecar last).
+   (`pab.storage.Storage.put_video` writes the sidecar last).
 
 Each write is a single object PUT (S3) or an atomic rename (local folder), so after a crash at any
 moment a re-run sees one of: no sidecar or an intent without a video (render it), an intent *with* a
@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from cluster.storage import VIDEO_PREFIX, NotFound, Storage, video_keys
+from pab.storage import VIDEO_PREFIX, NotFound, Storage, video_keys
 from jobs.manifest import RowPlan
 
 log = logging.getLogger(__name__)

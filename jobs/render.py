@@ -47,7 +47,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cluster.storage import NotFound, Storage, StorageConfig, storage_from_config, video_keys
+from pab.storage import NotFound, Storage, StorageConfig, storage_from_config, video_keys
 from jobs.ledger import STATE_COMPLETED, Ledger
 from jobs.manifest import ManifestError, RenderSettings, RowPlan, plan_rows, read_manifest
 from jobs.results import RESULTS_KEY, ResultRow, to_parquet_bytes

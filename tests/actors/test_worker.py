@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from actors.worker import GenerationWorker, WorkerCancelled, WorkerError, resolve_checkpoint
-from cluster.storage import storage_from_config
+from pab.storage import storage_from_config
 
 FAKE = "fake_engine:make"  # the test double in tests/actors/fake_engine.py
 

@@ -12,7 +12,7 @@ from cluster.api import VideoCreate
 from cluster.app import deployment_options
 from cluster.config import AppConfig, load_config, pool_name, route
 from cluster.jobs import JobRecord, JobStore, new_job_id
-from cluster.storage import storage_from_config
+from pab.storage import storage_from_config
 
 APP_YAML = """
 models:

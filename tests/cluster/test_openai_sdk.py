@@ -26,7 +26,7 @@ from actors.worker import EngineOutput, GenerationWorker
 from cluster.config import AppConfig, pool_name
 from cluster.groups import VideoGroup
 from cluster.jobs import JobStore
-from cluster.storage import storage_from_config
+from pab.storage import storage_from_config
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")

@@ -13,7 +13,7 @@ import pytest
 from conftest import deploy, poll, wait_for
 
 from cluster.jobs import JobStore
-from cluster.storage import storage_from_config
+from pab.storage import storage_from_config
 
 APP, KEY = "pabs", "s3-test-key"
 SMALL = {"prompt": "a small fox", "num_frames": 17, "size": "32x32", "steps": 5}  # 17*32*32 = 17408

@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from cluster.storage import LocalStorage, NotFound, S3Storage, StorageConfig, image_key, storage_from_config
+from pab.storage import LocalStorage, NotFound, S3Storage, StorageConfig, image_key, storage_from_config
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -31,7 +31,7 @@ from actors.worker import EngineOutput, GenerationWorker, WorkerCancelled
 from cluster.config import AppConfig, pool_name
 from cluster.groups import VideoGroup
 from cluster.jobs import JobStore
-from cluster.storage import LocalStorage, StorageUnavailable, storage_from_config, video_keys
+from pab.storage import LocalStorage, StorageUnavailable, storage_from_config, video_keys
 
 MODEL = "opensora-v1.2-tiny"
 BODY = {"model": MODEL, "prompt": "a red fox", "num_frames": 17, "steps": 3, "seed": 1}
@@ -368,10 +368,10 @@ def test_the_ingress_recognises_storage_unavailable_through_rays_wrapping():
     from ray.exceptions import RayTaskError
 
     cause = StorageUnavailable("storage unavailable: could not store video v1 in the local folder /x")
-    wrapped = RayTaskError("VideoGroup.run", "Traceback ...\ncluster.storage.StorageUnavailable: " + str(cause),
+    wrapped = RayTaskError("VideoGroup.run", "Traceback ...\npab.storage.StorageUnavailable: " + str(cause),
                            cause).as_instanceof_cause()
     assert str(ingress._storage_cause(wrapped)) == str(cause)
-    text_only = RuntimeError("ray::run()\n  File x\ncluster.storage.StorageUnavailable: could not store video v1")
+    text_only = RuntimeError("ray::run()\n  File x\npab.storage.StorageUnavailable: could not store video v1")
     assert str(ingress._storage_cause(text_only)) == "could not store video v1"
     assert ingress._storage_cause(RuntimeError("GroupFailed: rank 0 died")) is None
 

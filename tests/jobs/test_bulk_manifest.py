@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.storage import storage_from_config, video_keys
+from pab.storage import storage_from_config, video_keys
 from jobs import render
 from jobs.ledger import Ledger
 from jobs.manifest import ManifestError, RenderSettings, key_for_id, plan_rows, read_manifest, seed_for_id
@@ -238,7 +238,7 @@ class FlakyGroup:
             raise GenerationError("ValueError: the model cannot take this")
         if len(self.calls) in self.breaks:
             raise GroupFailed(f"group {self.name}: rank 1 died")
-        from cluster.storage import storage_from_config
+        from pab.storage import storage_from_config
 
         ref = storage_from_config(output["storage"]).put_video(output["video_id"], b"mp4", output["sidecar"])
         return {"video": {"uri": ref.uri}, "timings": {"engine_s": 0.1}}

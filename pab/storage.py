@@ -13,6 +13,9 @@ temporary file and an atomic rename, S3 writes are single PUTs (or one multipart
 S3 credentials come from the usual AWS environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, an
 instance role, ...) unless the config names them. The config is a plain pydantic model so it can be
 sent to Ray actors, which rebuild the backend on their side (`storage_from_config`).
+
+It lives in `pab` because `actors`, `cluster` and `jobs` all store through it and layers import downward only;
+it knows nothing of Ray.
 """
 
 from __future__ import annotations
