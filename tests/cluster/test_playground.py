@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 from test_openai_sdk import KEY, MODEL, server  # noqa: F401 - `server` is the fixture
 
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -39,16 +39,6 @@ def browser():
         driver.quit()
 
 
-def _until(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
 def test_a_prompt_renders_and_plays_in_the_page(server, browser):  # noqa: F811
     from selenium.webdriver.common.by import By
 
@@ -58,7 +48,7 @@ def test_a_prompt_renders_and_plays_in_the_page(server, browser):  # noqa: F811
     key = browser.find_element(By.ID, "key")
     key.send_keys(KEY)
     browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
-    _until(lambda: browser.execute_script("return [...document.querySelectorAll('#model option')].map(o => o.value)")
+    wait_for(lambda: browser.execute_script("return [...document.querySelectorAll('#model option')].map(o => o.value)")
            == [MODEL], 20, "the model list (the key works)")  # fmt: skip
     prompt = browser.find_element(By.ID, "prompt")
     prompt.clear()
@@ -67,7 +57,7 @@ def test_a_prompt_renders_and_plays_in_the_page(server, browser):  # noqa: F811
     browser.find_element(By.ID, "submit").click()
 
     card = "[...document.querySelectorAll('.job')].find(c => c.querySelector('.prompt').textContent.includes('playground'))"
-    _until(lambda: browser.execute_script(f"return !!({card})"), 20, "the new video's card")
+    wait_for(lambda: browser.execute_script(f"return !!({card})"), 20, "the new video's card")
     seen = []
 
     def finished() -> bool:
@@ -77,10 +67,10 @@ def test_a_prompt_renders_and_plays_in_the_page(server, browser):  # noqa: F811
         assert "failed" not in status and "cancelled" not in status, status
         return status.startswith("completed")
 
-    _until(finished, 60, "the render to complete")
+    wait_for(finished, 60, "the render to complete", interval_s=0.05)
     assert any(0 < v < 100 for v in seen) and seen[-1] == 100, seen  # progress rose step by step
     assert seen == sorted(seen), seen
-    duration = _until(lambda: browser.execute_script(
+    duration = wait_for(lambda: browser.execute_script(
         f"const v = {card}.querySelector('video'); return v && v.readyState >= 1 ? v.duration : 0"), 30,
         "the video to load")  # fmt: skip
     assert duration > 0
