@@ -60,15 +60,14 @@ def warmup(opt: torch.optim.Optimizer, lr: float, step: int, steps: int = 200) -
         g["lr"] = lr * min(1.0, (step + 1) / steps)
 
 
-def export_weights(state: dict[str, torch.Tensor], config: dict, folder: Path, name: str,
-                   filename: str = "model.safetensors") -> None:  # fmt: skip
-    """bf16 safetensors + config.json; the strict loader casts back to the model's dtype."""
+def export_weights(state: dict[str, torch.Tensor], config: dict, folder: Path) -> None:
+    """bf16 safetensors + config.json; the strict loader casts back to the model's dtype. (The stage that
+    exports writes the checkpoint's manifest once it has written all its parts.)"""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in state.items()}  # fmt: skip
-    save_file(tensors, str(folder / filename))
+    save_file(tensors, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")
-    write_manifest(folder.parent, name)
 
 
 def write_manifest(out: Path, name: str) -> None:

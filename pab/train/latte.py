@@ -32,8 +32,9 @@ class LatteRecipe(DDPMRecipe):
     def raw_latents(self, vae: FrameVAE, video: torch.Tensor) -> torch.Tensor:
         return vae.vae.encode(video.transpose(1, 2).flatten(0, 1)).latent_dist.mode()  # (B·F, 4, h, w)
 
-    def set_latent_stats(self, vae: FrameVAE, mean: list[float], std: list[float]) -> None:
+    def set_latent_stats(self, vae: FrameVAE, mean: list[float], std: list[float]) -> dict:
         vae.set_latent_stats(mean, std)
+        return {"latents_mean": mean, "latents_std": std}
 
     def export_vae(self, vae: FrameVAE, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)

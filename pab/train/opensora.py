@@ -21,7 +21,7 @@ from pab.families import get_family
 from pab.models.opensora_vae import SPATIAL_LATENT_SCALE, OpenSoraVAE, OpenSoraVAEConfig
 from pab.models.stdit3 import STDiT3
 from pab.samplers.rflow import NUM_TIMESTEPS, shift_ratio, shift_timesteps
-from pab.train.common import autocast, clip_batch, export_weights, geometry
+from pab.train.common import export_weights, geometry
 from pab.train.stages import Recipe, build_text_parts as _build_text_parts
 
 NAME = "opensora-v1.2-small"
@@ -41,25 +41,22 @@ class OpenSoraRecipe(Recipe):
     def vae_loss(self, vae, video):
         return vae_loss(vae, video)
 
-    @torch.no_grad()
-    def calibrate(self, vae: OpenSoraVAE, device: torch.device, clips: int = 256, seed: int = 10_000) -> dict:
-        """Set `shift` / `scale` to the per-channel mean and std of the latents of `clips` fresh clips."""
-        vae.scale.fill_(1.0)
+    calibration_batch = 64
+
+    def raw_latents(self, vae: OpenSoraVAE, video: torch.Tensor) -> torch.Tensor:
+        vae.scale.fill_(1.0)  # the VAE's own normalisation off: (b, 4, t, h, w) as encoded
         vae.shift.fill_(0.0)
-        zs = []
-        for i in range(0, clips, 64):
-            video, _ = clip_batch(NAME, min(64, clips - i), seed, i, device)
-            with autocast(device):
-                zs.append(vae.encode(video).float())  # (b, 4, t, h, w) with scale 1, shift 0
-        z = torch.cat(zs).transpose(0, 1).flatten(1)  # (4, N)
-        mean, std = z.mean(dim=1), z.std(dim=1)
-        vae.shift.copy_(mean.view_as(vae.shift))
-        vae.scale.copy_(std.view_as(vae.scale))
-        vae.config.shift, vae.config.scale = tuple(mean.tolist()), tuple(std.tolist())
-        return {"shift": list(vae.config.shift), "scale": list(vae.config.scale)}
+        return vae.encode(video)
+
+    def set_latent_stats(self, vae: OpenSoraVAE, mean: list[float], std: list[float]) -> dict:
+        """The VAE's `shift` / `scale` (its config's too), as Open-Sora's VAE normalises."""
+        vae.shift.copy_(torch.tensor(mean).view_as(vae.shift))
+        vae.scale.copy_(torch.tensor(std).view_as(vae.scale))
+        vae.config.shift, vae.config.scale = tuple(mean), tuple(std)
+        return {"shift": list(mean), "scale": list(std)}
 
     def export_vae(self, vae: OpenSoraVAE, folder: Path) -> None:
-        export_weights(vae.state_dict(), vae.config.to_dict(), folder, NAME)
+        export_weights(vae.state_dict(), vae.config.to_dict(), folder)
 
     def dit_loss(self, dit, z, y, mask, gen):
         F_, H, W, fps = geometry(NAME)

@@ -37,8 +37,9 @@ class OpenSoraPlanRecipe(DDPMRecipe):
     def raw_latents(self, vae: CausalVAE, video: torch.Tensor) -> torch.Tensor:
         return vae.encode_moments(video).chunk(2, dim=1)[0]  # (B, 4, t, h, w)
 
-    def set_latent_stats(self, vae: CausalVAE, mean: list[float], std: list[float]) -> None:
+    def set_latent_stats(self, vae: CausalVAE, mean: list[float], std: list[float]) -> dict:
         vae.config = dataclasses.replace(vae.config, latents_mean=tuple(mean), latents_std=tuple(std))
+        return {"latents_mean": mean, "latents_std": std}
 
     def export_vae(self, vae: CausalVAE, folder: Path) -> None:
-        export_weights(vae.state_dict(), dataclasses.asdict(vae.config), folder, NAME)
+        export_weights(vae.state_dict(), dataclasses.asdict(vae.config), folder)

@@ -38,6 +38,10 @@ class Recipe:
 
     name: str = ""
     """The `-small` model this recipe trains, e.g. "latte-1-small"."""
+    dit_record: dict = {}
+    """What training.json records of the DiT stage's objective beyond the common fields."""
+    calibration_batch = 32
+    """Clips per batch when the latent statistics are measured (the batches are drawn from the seed)."""
 
     # ---- the VAE stage
     def new_vae(self) -> nn.Module:
@@ -56,21 +60,21 @@ class Recipe:
         """The posterior means of a batch of clips, before any normalisation: (B or B·F, C, ...)."""
         raise NotImplementedError
 
-    def set_latent_stats(self, vae: nn.Module, mean: list[float], std: list[float]) -> None:
-        """Make the VAE normalise its latents per channel with these statistics (and save them with it)."""
+    def set_latent_stats(self, vae: nn.Module, mean: list[float], std: list[float]) -> dict:
+        """Make the VAE normalise its latents per channel with these statistics (and save them with it); returns
+        what training.json records of them."""
         raise NotImplementedError
 
     @torch.no_grad()
     def calibrate(self, vae: nn.Module, device: torch.device, clips: int = 256, seed: int = 10_000) -> dict:
         """Set the latent normalisation from fresh clips; returns what was set (for training.json)."""
         zs = []
-        for i in range(0, clips, 32):
-            video, _ = clip_batch(self.name, min(32, clips - i), seed, i, device)
+        n = self.calibration_batch
+        for i in range(0, clips, n):
+            video, _ = clip_batch(self.name, min(n, clips - i), seed, i, device)
             with autocast(device):
                 zs.append(self.raw_latents(vae, video).float())
-        mean, std = raw_latent_stats(zs)
-        self.set_latent_stats(vae, mean, std)
-        return {"latents_mean": mean, "latents_std": std}
+        return self.set_latent_stats(vae, *raw_latent_stats(zs))
 
     def export_vae(self, vae: nn.Module, folder: Path) -> None:
         raise NotImplementedError
@@ -107,7 +111,7 @@ def raw_latent_stats(latents: list[torch.Tensor]) -> tuple[list[float], list[flo
 def train_vae(recipe: Recipe, cfg: StageConfig, work: Path, out: Path, device: torch.device) -> dict:
     torch.manual_seed(cfg.seed)
     vae = recipe.new_vae().to(device)
-    folder = None
+    folder = None  # where a continued VAE came from
     if cfg.init is not None:
         folder = cfg.init if (cfg.init / "config.json").is_file() else cfg.init / "vae"
         recipe.load_vae_weights(vae, folder, device)
@@ -225,7 +229,7 @@ def train_dit(recipe: Recipe, cfg: StageConfig, work: Path, out: Path, device: t
     export_text_and_dit(name, ema, dit, t5, tokenizer, out)
     info = {"steps": last, "seconds": time.perf_counter() - t0, "loss": history[-1][1] if history else None,
             "loss_history": history, "batch": cfg.batch, "lr": cfg.lr, "cfg_dropout": cfg_dropout,
-            **getattr(recipe, "dit_record", {}), "init": init_record(cfg.init)}  # fmt: skip
+            **recipe.dit_record, "init": init_record(cfg.init)}  # fmt: skip
     write_training_info(out, name, "dit", info)
     return info
 
@@ -247,7 +251,7 @@ def _config_dict(config) -> dict:
 
 def export_text_and_dit(name: str, ema: dict[str, EMA], dit: nn.Module, t5, tokenizer, out: Path) -> None:
     """The EMA weights in the checkpoint layout: transformer/, text_encoder/ (transformers' format), tokenizer/."""
-    export_weights(ema["dit"].state_dict(), _config_dict(dit.config), out / "transformer", name)
+    export_weights(ema["dit"].state_dict(), _config_dict(dit.config), out / "transformer")
     ema["t5"].copy_to(t5)
     folder = out / "text_encoder"
     folder.mkdir(parents=True, exist_ok=True)
