@@ -124,7 +124,7 @@ class VideoGroup:
                 try:
                     if not cancel.is_set() and self.jobs.cancel_requested(job_id):
                         cancel.set()
-                    if time.monotonic() - last_touch >= self.cfg.heartbeat_s:
+                    if not cancel.is_set() and time.monotonic() - last_touch >= self.cfg.heartbeat_s:
                         self.jobs.touch(job_id, owner)
                         last_touch = time.monotonic()
                 except Exception as e:  # noqa: BLE001 - storage hiccup: try again next tick
@@ -175,6 +175,8 @@ class VideoGroup:
         return {"status": "completed", "video": result["video"]}
 
     def _finish(self, rec, status: str, error: ErrorInfo | None = None) -> dict[str, Any]:
+        if status == "cancelled" and self.jobs.deleted(rec.id):
+            return {"status": "deleted"}  # no record to bring back; a write racing the delete is swept
         rec.status, rec.completed_at, rec.error = status, time.time(), error
         if rec.started_at:
             rec.timings = {**rec.timings, "run_s": rec.completed_at - rec.started_at}

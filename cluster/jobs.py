@@ -204,6 +204,10 @@ class JobStore:
 
         self._io(f"delete {job_id}", write, write=True)
 
+    def deleted(self, job_id: str) -> bool:
+        """Whether the job was deleted (its tombstone is kept a while after; see `sweep_deleted`)."""
+        return self._io(f"check whether {job_id} was deleted", self.storage.exists, f"{DELETED}{job_id}.json")
+
     def sweep_deleted(self, keep_s: float) -> int:
         """Remove what renders finishing after their job's deletion wrote; tombstones older than `keep_s` go
         (with their cancel marker). Returns how many objects were removed."""
