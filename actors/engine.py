@@ -60,12 +60,14 @@ class PipelineEngine:
 
 
 def pipeline_engine(
-    model: str, device: str, dtype: str | None = None, checkpoint: str | None = None, parallel: Any = None
-) -> PipelineEngine:
+    model: str, device: str, dtype: str | None = None, checkpoint: str | None = None, parallel: Any = None,
+    vae: str | None = None, text_encoder: str | None = None,
+) -> PipelineEngine:  # fmt: skip
     """Load model `model` once on `device` (with DSP when `parallel` is a ParallelContext)."""
     from pab.pipeline import Pipeline
 
-    pipe = Pipeline.from_name(model, device=device, dtype=dtype, checkpoint=checkpoint, parallel=parallel)
+    pipe = Pipeline.from_name(model, device=device, dtype=dtype, checkpoint=checkpoint, parallel=parallel, vae=vae,
+                              text_encoder=text_encoder)  # fmt: skip
     return PipelineEngine(pipe)
 
 

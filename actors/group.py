@@ -162,7 +162,8 @@ class GpuGroup:
     Args:
         model: model name, e.g. "opensora-v1.2" or "latte-1-tiny".
         size: ranks (GPUs) in the group.
-        checkpoint: None (random weights), a local folder, or "s3://bucket/prefix".
+        checkpoint: None (random weights), a local folder, "s3://bucket/prefix" or a Hugging Face repo id.
+        vae, text_encoder: a part's own source (same forms); None = the checkpoint's.
         device: "auto" (a GPU when the rank actor sees one, else CPU), "cpu" or "cuda".
         dtype: engine dtype name, or None for its default.
         cfg_parallel: split the CFG halves over two halves of the group (even sizes only).
@@ -187,6 +188,8 @@ class GpuGroup:
         size: int = 1,
         *,
         checkpoint: str | None = None,
+        vae: str | None = None,
+        text_encoder: str | None = None,
         device: str = "auto",
         dtype: str | None = None,
         cfg_parallel: bool = False,
@@ -210,7 +213,8 @@ class GpuGroup:
         self._prefix = name or "pab-group"
         self.name = f"{self._prefix}-{self.group_id}"
         self._worker_kwargs = dict(
-            world_size=size, model=model, checkpoint=checkpoint, device=device, dtype=dtype,
+            world_size=size, model=model, checkpoint=checkpoint, vae=vae, text_encoder=text_encoder, device=device,
+            dtype=dtype,
             cfg_parallel=cfg_parallel, cache_dir=cache_dir, s3=s3, engine_factory=engine_factory,
             dist_timeout_s=dist_timeout_s,
         )

@@ -12,7 +12,7 @@ The split follows vLLM's executor/worker: `actors.group.GpuGroup` (the Ray side)
 The same calls work without Ray (a plain process per GPU, or one process with `world_size=1`).
 
 The only contact with the engine is the engine factory (default `actors.engine.pipeline_engine`):
-`factory(model=, device=, dtype=, checkpoint=, parallel=) -> engine` with
+`factory(model=, device=, dtype=, checkpoint=, vae=, text_encoder=, parallel=) -> engine` with
 `engine.generate(request: dict, progress, should_cancel) -> EngineOutput`. Tests may pass another
 factory (a callable or a "module:function" string).
 
@@ -23,7 +23,6 @@ stop (cancellation is agreed with an all-reduce each step, see `_agreed_cancel`)
 
 from __future__ import annotations
 
-import fcntl
 import importlib
 import logging
 import os
@@ -98,63 +97,6 @@ def resolve_device(device: str | None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints: a local folder, or an S3 prefix cached on local disk
-# ----------------------------------------------------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("PAB_CACHE_DIR") or Path.home() / ".cache" / "pab")
-
-
-def resolve_checkpoint(
-    checkpoint: str | None, cache_dir: str | Path | None = None, s3: dict[str, Any] | None = None
-) -> Path | None:
-    """A local folder holding the checkpoint, downloading `s3://bucket/prefix` into the cache once.
-
-    Several ranks on one machine share the download: a file lock lets one rank fetch while the others
-    wait, and a `.<name>.complete` marker written last makes later calls (and restarted workers) skip it.
-    `s3` holds StorageConfig fields for the endpoint and credentials (default: the AWS environment).
-    """
-    if checkpoint is None:
-        return None
-    if not checkpoint.startswith("s3://"):
-        path = Path(checkpoint).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"checkpoint folder {path} does not exist")
-        return path
-    bucket, _, prefix = checkpoint[len("s3://"):].partition("/")
-    prefix = prefix.strip("/")
-    if not bucket:
-        raise ValueError(f"bad checkpoint URI {checkpoint!r}: use s3://bucket/prefix")
-    dest = Path(cache_dir or default_cache_dir()) / "s3" / bucket / prefix
-    marker = dest.parent / f".{dest.name}.complete"  # beside the folder: the checkpoint stays as published
-    if marker.is_file():
-        return dest
-    dest.mkdir(parents=True, exist_ok=True)
-    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if marker.is_file():
-            return dest
-        from pab.storage import S3Storage, StorageConfig
-
-        store = S3Storage(StorageConfig(**{**(s3 or {}), "backend": "s3", "bucket": bucket, "prefix": prefix,
-                                           "create_bucket": False}))
-        keys = store.list("")
-        if not keys:
-            raise FileNotFoundError(f"no objects under {checkpoint}")
-        t0 = time.perf_counter()
-        for key in keys:
-            target = dest / key
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.part")
-            store.client.download_file(bucket, store._key(key), str(tmp))  # ranged, parallel for big files
-            os.replace(tmp, target)
-        marker.write_text(f"{len(keys)} files from {checkpoint}\n")
-        log.info("downloaded %d files from %s to %s in %.1fs", len(keys), checkpoint, dest, time.perf_counter() - t0)
-    return dest
-
-
-# ----------------------------------------------------------------------------------------------------
 # The worker
 # ----------------------------------------------------------------------------------------------------
 
@@ -165,7 +107,9 @@ class GenerationWorker:
     Args:
         rank, world_size: this rank and the group size; all ranks render the same video together.
         model: a model name from `pab models` (e.g. "opensora-v1.2", "latte-1-tiny").
-        checkpoint: None (random weights), a local folder, or "s3://bucket/prefix" (cached on disk).
+        checkpoint: None (random weights), a local folder, "s3://bucket/prefix" (cached on disk) or a Hugging
+            Face repo id in the local cache (pab/checkpoint.py).
+        vae, text_encoder: a part's own source, in the same forms; None = the checkpoint's.
         device: "auto" (cuda:0 of the GPUs this process sees, else cpu), "cpu", "cuda:1", ...
         dtype: "bfloat16", "float32", ... or None for the engine's default (bf16 on GPU, fp32 on CPU).
         cfg_parallel: split the two classifier-free-guidance halves over two halves of the group.
@@ -184,6 +128,8 @@ class GenerationWorker:
         device: str | None = "auto",
         dtype: str | None = None,
         *,
+        vae: str | None = None,
+        text_encoder: str | None = None,
         cfg_parallel: bool = False,
         cache_dir: str | None = None,
         s3: dict[str, Any] | None = None,
@@ -196,6 +142,7 @@ class GenerationWorker:
             raise ValueError(f"cfg_parallel needs an even group size, got {world_size}")
         self.rank, self.world_size, self.model = rank, world_size, model
         self.checkpoint, self.dtype, self.cfg_parallel = checkpoint, dtype, cfg_parallel
+        self.sources = {"checkpoint": checkpoint, "vae": vae, "text_encoder": text_encoder}
         self.device = resolve_device(device)
         self._pending_cancel: tuple | None = None
         self.cache_dir, self.s3 = cache_dir, s3
@@ -238,7 +185,11 @@ class GenerationWorker:
         if self.engine is not None:
             return self.load_info
         t0 = time.perf_counter()
-        ckpt = resolve_checkpoint(self.checkpoint, self.cache_dir, self.s3)
+        from pab.checkpoint import fetch_s3  # here: importing the worker must not import torch
+
+        # S3 sources are downloaded here, once per machine; folders and Hugging Face ids go to the pipeline.
+        sources = {k: str(fetch_s3(v, self.cache_dir, self.s3)) if v and v.startswith("s3://") else v
+                   for k, v in self.sources.items()}  # fmt: skip
         t1 = time.perf_counter()
         parallel = None
         if self.world_size > 1:
@@ -247,9 +198,8 @@ class GenerationWorker:
             cfg = 2 if self.cfg_parallel else 1
             parallel = init_parallel(ParallelConfig(sp=self.world_size // cfg, cfg=cfg), timeout_s=self.dist_timeout_s)
         factory = resolve_factory(self.engine_factory)
-        self.engine = factory(model=self.model, device=self.device, dtype=self.dtype,
-                              checkpoint=str(ckpt) if ckpt else None, parallel=parallel)
-        self.load_info = {"checkpoint_dir": str(ckpt) if ckpt else None, "fetch_s": t1 - t0,
+        self.engine = factory(model=self.model, device=self.device, dtype=self.dtype, parallel=parallel, **sources)
+        self.load_info = {"checkpoint_dir": sources["checkpoint"], "fetch_s": t1 - t0,
                           "load_s": time.perf_counter() - t1}
         return self.load_info
 

@@ -53,7 +53,10 @@ class PoolConfig(BaseModel):
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="a model from `pab models`, e.g. opensora-v1.2 or latte-1-tiny")
-    checkpoint: str | None = Field(None, description="local folder or s3://bucket/prefix; None = random weights")
+    checkpoint: str | None = Field(None, description="local folder, s3://bucket/prefix or Hugging Face repo id (in "
+                                   "the local cache); None = random weights (a -small model: its shipped ones)")
+    vae: str | None = Field(None, description="the VAE's own source, in the same forms; None = the checkpoint's")
+    text_encoder: str | None = Field(None, description="the text encoder's own source; None = the checkpoint's")
     dtype: str | None = None
     device: str = "auto"
     groups: list[PoolConfig] = Field(default_factory=lambda: [PoolConfig()])

@@ -49,7 +49,8 @@ class VideoGroup:
             s = self.cfg.storage.to_args()
             s3 = {k: s[k] for k in ("endpoint_url", "region", "access_key_id", "secret_access_key")}
         self.group = GpuGroup(
-            model, size=gpus, checkpoint=self.model_cfg.checkpoint, device=self.model_cfg.device,
+            model, size=gpus, checkpoint=self.model_cfg.checkpoint, vae=self.model_cfg.vae,
+            text_encoder=self.model_cfg.text_encoder, device=self.model_cfg.device,
             dtype=self.model_cfg.dtype, cfg_parallel=self.pool.cfg_parallel,
             gpus_per_rank=self.cfg.gpus_per_rank, cpus_per_rank=self.cfg.cpus_per_rank,
             placement_group="current", s3=s3, cache_dir=self.cfg.cache_dir,

@@ -26,7 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--config", help="YAML app config; the flags below override its fields")
     p.add_argument("--model", help="model to serve (default: opensora-v1.2-small, trained here and shipped)")
-    p.add_argument("--checkpoint", help="local folder or s3://bucket/prefix of the published weights")
+    p.add_argument("--checkpoint", help="the weights: local folder, s3://bucket/prefix or Hugging Face repo id "
+                                        "(read from the local cache; README 'Checkpoints')")
+    p.add_argument("--vae", help="the VAE's own source (same forms), e.g. hpcai-tech/OpenSora-VAE-v1.2")
+    p.add_argument("--text-encoder", help="the text encoder's own source, e.g. DeepFloyd/t5-v1_1-xxl")
     p.add_argument("--gpus-per-group", type=int, default=None, help="ranks per group (sequence parallel degree)")
     p.add_argument("--min-groups", type=int, default=None)
     p.add_argument("--max-groups", type=int, default=None)
@@ -64,8 +67,9 @@ def build_config(args: argparse.Namespace, gpus: int) -> dict[str, Any]:
         model = args.model or "opensora-v1.2-small"
         cfg["models"] = [{"name": model}]
     m = cfg["models"][0]
-    if args.checkpoint:
-        m["checkpoint"] = args.checkpoint
+    for key in ("checkpoint", "vae", "text_encoder"):
+        if getattr(args, key, None):
+            m[key] = getattr(args, key)
     if any(v is not None for v in (args.gpus_per_group, args.min_groups, args.max_groups)) or "groups" not in m:
         pool = (m.get("groups") or [{}])[0]
         pool["gpus"] = args.gpus_per_group or pool.get("gpus", 1)

@@ -80,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model and GPU groups")
     g.add_argument("--model", default="opensora-v1.2", help="model name (`pab models`), e.g. opensora-v1.2-tiny")
-    g.add_argument("--checkpoint", default=None, help="checkpoint folder or s3://bucket/prefix; none = random weights")
+    g.add_argument("--checkpoint", default=None, help="checkpoint folder, s3://bucket/prefix or Hugging Face repo id "
+                                                      "(local cache); none = random weights")
+    g.add_argument("--vae", default=None, help="the VAE's own source (same forms); none = the checkpoint's")
+    g.add_argument("--text-encoder", default=None, help="the text encoder's own source; none = the checkpoint's")
     g.add_argument("--group-size", type=int, default=1, help="GPUs per group (sequence parallel degree)")
     g.add_argument("--groups", type=int, default=1, help="groups rendering at once")
     g.add_argument("--cfg-parallel", action="store_true", help="split the CFG halves over the group (even size)")
@@ -298,7 +301,8 @@ class BulkRender:
 
         a = self.args
         return GpuGroup(
-            a.model, a.group_size, checkpoint=a.checkpoint, device=a.device, dtype=a.dtype,
+            a.model, a.group_size, checkpoint=a.checkpoint, vae=a.vae, text_encoder=a.text_encoder, device=a.device,
+            dtype=a.dtype,
             cfg_parallel=a.cfg_parallel, gpus_per_rank=a.gpus_per_rank, cpus_per_rank=a.cpus_per_rank,
             # An S3 checkpoint is reached like the output: same endpoint, AWS-environment credentials.
             s3={"endpoint_url": _endpoint(a.s3_endpoint), "region": self.out_config.region},

@@ -40,7 +40,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pab", default="off", help="off | paper | FILE.json with per-kind rules")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--checkpoint", help="directory with the published weights (README 'Checkpoints')")
+    p.add_argument("--checkpoint", help="the published weights: a folder or a Hugging Face repo id read from the "
+                                        "local cache (README 'Checkpoints')")
+    p.add_argument("--vae", help="the VAE's own source, e.g. hpcai-tech/OpenSora-VAE-v1.2 (default: the checkpoint's)")
+    p.add_argument("--text-encoder", help="the text encoder's own source, e.g. DeepFloyd/t5-v1_1-xxl")
     p.add_argument("--sp", type=int, default=1, help="sequence-parallel processes for one video (one per GPU)")
     p.add_argument("--cfg-parallel", action="store_true", help="split the CFG halves over two sub-groups")
     p.add_argument("--output", default="out.mp4", help="mp4 path; a JSON sidecar is written next to it")
@@ -85,7 +88,8 @@ def _run_generate(rank: int, world: int, args: argparse.Namespace) -> dict | Non
     if device == "cuda" and world > 1:
         device = f"cuda:{torch.cuda.current_device()}"
     pipe = Pipeline.from_name(
-        args.model, device=device, dtype=args.dtype, checkpoint=args.checkpoint, parallel=parallel
+        args.model, device=device, dtype=args.dtype, checkpoint=args.checkpoint, parallel=parallel, vae=args.vae,
+        text_encoder=args.text_encoder,
     )
     request = GenerationRequest(
         model=args.model,
@@ -127,6 +131,8 @@ def _run_generate(rank: int, world: int, args: argparse.Namespace) -> dict | Non
     result.timings["encode_s"] = time.perf_counter() - t0
     sidecar = result.sidecar()
     sidecar["checkpoint"] = args.checkpoint
+    if args.vae or args.text_encoder:
+        sidecar["weights"] = {"vae": args.vae, "text_encoder": args.text_encoder}
     sidecar["device"] = str(pipe.device)
     sidecar["dtype"] = str(pipe.dtype).removeprefix("torch.")
     if args.strip:
@@ -184,7 +190,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         folder = shipped_checkpoint(args.model)
         weights = f"the weights trained here ({folder}): {training_summary(folder)}"
     else:
-        weights = f"the weights in {args.checkpoint}"
+        weights = f"the weights in {args.checkpoint}" + "".join(
+            f", {part} from {src}" for part, src in (("VAE", args.vae), ("text encoder", args.text_encoder)) if src)
     print(
         f"wrote {args.output} ({sidecar['num_frames']} frames, {sidecar['width']}x{sidecar['height']}, "
         f"{sidecar['fps']} fps) and {Path(args.output).with_suffix('.json')} in {wall:.1f}s; "
@@ -207,8 +214,13 @@ def _validate_request_early(args: argparse.Namespace) -> None:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
-        raise UsageError(f"--checkpoint {args.checkpoint} is not a directory")
+    if args.checkpoint is not None or args.vae is not None or args.text_encoder is not None:
+        from pab.checkpoint import resolve_sources
+
+        try:  # finds every part's folder (locally or in the Hugging Face cache) without loading anything
+            resolve_sources(args.model, args.checkpoint, vae=args.vae, text_encoder=args.text_encoder)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
 
 
 # ----------------------------------------------------------------------------------------------------

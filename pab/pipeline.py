@@ -20,10 +20,9 @@ import torch
 import torch.nn as nn
 
 from pab.broadcast import PABConfig, PABState, apply_pab, use_state
+from pab.checkpoint import WeightSources, resolve_sources
 from pab.families import get_family
-from pab.models import (
-    CheckpointError, ModelSpec, build, get_spec, randomize_weights, shipped_checkpoint, split_name,
-)  # fmt: skip
+from pab.models import ModelSpec, build, get_spec, randomize_weights, split_name
 from pab.models.vae import VideoVAE
 
 log = logging.getLogger(__name__)
@@ -125,23 +124,21 @@ def size_notices(model: str, vae: Any, r: GenerationRequest) -> list[str]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_transformer(
-    spec: ModelSpec, size: str, checkpoint: Path, device: torch.device, dtype: torch.dtype
-) -> nn.Module:
-    """The transformer from `checkpoint/transformer/` (config.json optional: the size's config)."""
-    model = spec.transformer.load(size, checkpoint / "transformer", device)
+def load_transformer(spec: ModelSpec, size: str, folder: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The transformer from `folder` (config.json optional: the size's config)."""
+    model = spec.transformer.load(size, folder, device)
     return model.to(dtype=dtype).eval().requires_grad_(False)
 
 
-def load_text_encoder(spec: ModelSpec, size: str, checkpoint: Path | None, device: torch.device, dtype: torch.dtype):
+def load_text_encoder(
+    spec: ModelSpec, size: str, sources: WeightSources | None, device: torch.device, dtype: torch.dtype
+):  # fmt: skip
     from pab.text import TextEncoder
 
     max_length = spec.text_max_length_for(size)
-    if checkpoint is not None:
-        folder = checkpoint / "text_encoder"
-        if not folder.is_dir():
-            raise CheckpointError(f"{checkpoint} has no text_encoder/ folder; see README 'Checkpoints'")
-        return TextEncoder.from_pretrained(folder, max_length=max_length, device=device, dtype=dtype)
+    if sources is not None:
+        return TextEncoder.from_pretrained(sources.text_encoder, max_length=max_length, device=device, dtype=dtype,
+                                           tokenizer_path=sources.tokenizer)  # fmt: skip
     if size == "tiny":
         return TextEncoder.tiny(max_length=max_length, seed=0, device=device)
     return TextEncoder.xxl_random(max_length=max_length, seed=0, device=device, dtype=dtype)
@@ -201,35 +198,37 @@ class Pipeline:
         checkpoint: str | Path | None = None,
         parallel: Any = None,
         compile: bool = False,
+        vae: str | Path | None = None,
+        text_encoder: str | Path | None = None,
     ) -> "Pipeline":
         """Build every part of model `name`: random weights unless `checkpoint` holds the published files;
-        a `-small` model loads its shipped weights (pab/weights/NAME) when no checkpoint is given."""
+        a `-small` model loads its shipped weights (pab/weights/NAME) when no checkpoint is given.
+
+        `checkpoint`, `vae` and `text_encoder` are sources as `pab.checkpoint` reads them: a folder, or a
+        Hugging Face repository id in the local cache; `vae` and `text_encoder` replace those parts.
+        """
         spec = get_spec(name)
         size = split_name(name)[1]
         dev = torch.device(device) if device is not None else default_device()
         dt = resolve_dtype(dtype, dev)
-        ckpt = Path(checkpoint) if checkpoint is not None else None
-        if ckpt is None and size == "small":
-            ckpt = shipped_checkpoint(name)
-        if ckpt is not None:
-            # A `-tiny` name with a checkpoint loads tiny weights saved in the same layout (tests).
-            if not ckpt.is_dir():
-                raise CheckpointError(f"checkpoint directory {ckpt} does not exist")
-            transformer = load_transformer(spec, size, ckpt, dev, dt)
+        # A `-tiny` name with a checkpoint loads tiny weights saved in the same layout (tests).
+        sources = resolve_sources(name, checkpoint, vae=vae, text_encoder=text_encoder)
+        if sources is not None:
+            transformer = load_transformer(spec, size, sources.transformer, dev, dt)
         else:
             transformer = build(name, device=dev, seed=0)
             randomize_weights(transformer, seed=0)
             transformer = transformer.to(dtype=dt)
-        text_encoder = load_text_encoder(spec, size, ckpt, dev, dt)
-        vae = get_family(name).load_vae(size, ckpt, dev, dt)
+        text_encoder_ = load_text_encoder(spec, size, sources, dev, dt)
+        vae_ = get_family(name).load_vae(size, sources.vae if sources else None, dev, dt)
         return cls(
             name,
             transformer,
-            text_encoder,
-            vae,
+            text_encoder_,
+            vae_,
             dev,
             dt,
-            random_weights=ckpt is None,
+            random_weights=sources is None,
             parallel=parallel,
             compile=compile,
         )

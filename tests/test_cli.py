@@ -110,7 +110,7 @@ def test_unwritable_output_and_missing_checkpoint(tmp_path: Path, capsys):
         )
         == 2
     )
-    assert "is not a directory" in capsys.readouterr().err
+    assert "checkpoint folder " + str(tmp_path / "nope") + " does not exist" in capsys.readouterr().err
     assert not (tmp_path / "y.mp4").exists()
 
 

@@ -44,11 +44,11 @@ class Family:
         return build_sampler(self.spec.sampler, steps, height=height, width=width, num_frames=num_frames,
                              **self.sampler_options(size))  # fmt: skip
 
-    def load_vae(self, size: str, checkpoint: Path | None, device: torch.device, dtype: torch.dtype) -> VideoVAE:
-        """The VAE from `checkpoint/vae/`, or with random weights (a size's own config) without a checkpoint."""
+    def load_vae(self, size: str, folder: Path | None, device: torch.device, dtype: torch.dtype) -> VideoVAE:
+        """The VAE from `folder` (config.json + *.safetensors), or with random weights (the size's config)."""
         vae_name = self.spec.vae
-        if checkpoint is not None:
-            vae = VAE_SPECS[vae_name].load(size, checkpoint / "vae", device)
+        if folder is not None:
+            vae = VAE_SPECS[vae_name].load(size, folder, device)
         else:
             vae = build(f"{vae_name}-tiny" if size == "tiny" else vae_name, seed=0)
         return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -17,11 +17,11 @@ class Latte1(Family):
     name = "latte-1"
     paper_pab = dict(ranges=(2, 3, 6), window=(100, 800), mlp=(3, (350, 730), tuple(range(5))))
 
-    def load_vae(self, size: str, checkpoint: Path | None, device: torch.device, dtype: torch.dtype) -> VideoVAE:
+    def load_vae(self, size: str, folder: Path | None, device: torch.device, dtype: torch.dtype) -> VideoVAE:
         from pab.models.frame_vae import FrameVAE
 
-        if checkpoint is not None:
-            vae = FrameVAE.from_pretrained(checkpoint / "vae")
+        if folder is not None:
+            vae = FrameVAE.from_pretrained(folder)
         else:
             vae = {"tiny": FrameVAE.tiny, "small": FrameVAE.small}.get(size, FrameVAE.sd)(seed=0)
         return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)

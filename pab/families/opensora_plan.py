@@ -17,8 +17,8 @@ class OpenSoraPlan11(Family):
     name = "opensora-plan-v1.1"
     paper_pab = dict(ranges=(2, 4, 6), window=(100, 850), mlp=(3, (400, 745), tuple(range(7))))
 
-    def load_vae(self, size: str, checkpoint: Path | None, device: torch.device, dtype: torch.dtype) -> VideoVAE:
-        vae = super().load_vae(size, checkpoint, device, dtype)
+    def load_vae(self, size: str, folder: Path | None, device: torch.device, dtype: torch.dtype) -> VideoVAE:
+        vae = super().load_vae(size, folder, device, dtype)
         if size == "full":
             vae.enable_tiling()  # the official sampling scripts always decode with --enable_tiling
         return vae

@@ -140,6 +140,9 @@ class ModelSpec:
     # The `-small` size, trained here on synthetic clips (`python -m pab.train`); None until it exists.
     small_defaults: Defaults | None = None
     small_text_max_length: int = 32
+    # Where each part of the full size is published on the Hugging Face Hub ("owner/name[/subfolder]"): a part
+    # a checkpoint lacks loads from there when it is in the local cache (pab/checkpoint.py).
+    hub: dict[str, str] = field(default_factory=dict)
 
     @property
     def sizes(self) -> tuple[str, ...]:
@@ -175,6 +178,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         prompt_suffix=" aesthetic score: 6.5.",
         paper_reference="480p (480x854) 51 frames, 30 steps, CFG 7.0",
         small_defaults=Defaults(num_frames=17, height=64, width=64, fps=8, steps=30, guidance_scale=4.0),
+        hub={"transformer": "hpcai-tech/OpenSora-STDiT-v3", "vae": "hpcai-tech/OpenSora-VAE-v1.2",
+             "text_encoder": "DeepFloyd/t5-v1_1-xxl"},
     ),
     "latte-1": ModelSpec(
         name="latte-1",
@@ -187,6 +192,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         tiny_defaults=Defaults(num_frames=8, height=64, width=64, fps=8, steps=8, guidance_scale=7.5),
         paper_reference="16x512x512, DDIM 50 steps, CFG 7.5",
         small_defaults=Defaults(num_frames=16, height=64, width=64, fps=8, steps=50, guidance_scale=4.0),
+        hub={"transformer": "maxin-cn/Latte-1/transformer", "vae": "maxin-cn/Latte-1/vae",
+             "text_encoder": "maxin-cn/Latte-1/text_encoder"},
     ),
     "opensora-plan-v1.1": ModelSpec(
         name="opensora-plan-v1.1",
@@ -199,6 +206,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         tiny_defaults=Defaults(num_frames=17, height=64, width=64, fps=8, steps=8, guidance_scale=7.5),
         paper_reference="65x512x512, PNDM 150 steps (159 model calls), CFG 7.5",
         small_defaults=Defaults(num_frames=17, height=64, width=64, fps=8, steps=150, guidance_scale=4.0),
+        hub={"transformer": "LanguageBind/Open-Sora-Plan-v1.1.0/65x512x512",
+             "vae": "LanguageBind/Open-Sora-Plan-v1.1.0/vae", "text_encoder": "DeepFloyd/t5-v1_1-xxl"},
     ),
 }
 

@@ -51,7 +51,7 @@ class Recipe:
         """Copy the weights of a `vae/` folder (as exported) into `vae`, to continue training it."""
         if folder.name != "vae":
             raise ValueError(f"{folder}: pass a checkpoint's vae/ folder or the checkpoint that holds it")
-        vae.load_state_dict(get_family(self.name).load_vae("small", folder.parent, device, torch.float32).state_dict())
+        vae.load_state_dict(get_family(self.name).load_vae("small", folder, device, torch.float32).state_dict())
 
     def vae_loss(self, vae: nn.Module, video: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -175,7 +175,7 @@ def train_dit(recipe: Recipe, cfg: StageConfig, work: Path, out: Path, device: t
     _take_vae_from(cfg.init, out, name)
     if not (out / "vae" / "config.json").is_file():
         raise FileNotFoundError(f"{out / 'vae'} holds no trained VAE; run the vae stage first (--stage vae)")
-    vae = family.load_vae("small", out, device, torch.float32)
+    vae = family.load_vae("small", out / "vae", device, torch.float32)
     if hasattr(vae, "micro_batch_size"):  # a per-frame VAE: 64 px frames all at once (8 at a time is for 512 px)
         vae.micro_batch_size = 1 << 20
     torch.manual_seed(cfg.seed)

@@ -58,5 +58,7 @@ class FakeEngine:
         )
 
 
-def make(model, device, dtype=None, checkpoint=None, parallel=None):
-    return FakeEngine(model, device, dtype, checkpoint, parallel)
+def make(model, device, dtype=None, checkpoint=None, parallel=None, vae=None, text_encoder=None):
+    engine = FakeEngine(model, device, dtype, checkpoint, parallel)
+    engine.parts = {"vae": vae, "text_encoder": text_encoder}  # as the worker passed them on
+    return engine

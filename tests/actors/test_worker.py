@@ -11,7 +11,8 @@ import av
 import numpy as np
 import pytest
 
-from actors.worker import GenerationWorker, WorkerCancelled, WorkerError, resolve_checkpoint
+from actors.worker import GenerationWorker, WorkerCancelled, WorkerError
+from pab.checkpoint import fetch_s3
 from pab.storage import storage_from_config
 
 FAKE = "fake_engine:make"  # the test double in tests/actors/fake_engine.py
@@ -118,18 +119,18 @@ def test_s3_checkpoint_is_downloaded_once(s3_server, tmp_path):
     c.put_object(Bucket=bucket, Key="models/m1/transformer/w.safetensors", Body=b"\x01" * 1000)
     s3 = {k: v for k, v in s3_server.storage_config(bucket).items() if k in ("endpoint_url", "access_key_id",
                                                                              "secret_access_key")}
-    path = resolve_checkpoint(f"s3://{bucket}/models/m1", tmp_path / "cache", s3)
+    path = fetch_s3(f"s3://{bucket}/models/m1", tmp_path / "cache", s3)
     assert (path / "transformer" / "w.safetensors").read_bytes() == b"\x01" * 1000
     c.delete_object(Bucket=bucket, Key="models/m1/transformer/w.safetensors")
     # Cached: a second resolve (another rank, a restarted worker) does not go back to S3.
-    assert resolve_checkpoint(f"s3://{bucket}/models/m1", tmp_path / "cache", s3) == path
+    assert fetch_s3(f"s3://{bucket}/models/m1", tmp_path / "cache", s3) == path
     assert (path / "transformer" / "w.safetensors").exists()
-    w = GenerationWorker(0, 1, "latte-1-tiny", checkpoint=f"s3://{bucket}/models/m1",
-                         cache_dir=str(tmp_path / "cache"), s3=s3, engine_factory=FAKE)
+    w = GenerationWorker(0, 1, "latte-1-tiny", checkpoint=f"s3://{bucket}/models/m1", vae=f"s3://{bucket}/models/m1",
+                         text_encoder="owner/t5", cache_dir=str(tmp_path / "cache"), s3=s3, engine_factory=FAKE)
     w.load()
     assert w.engine.checkpoint == str(path) and w.engine.checkpoint_files == ["transformer"]
-    with pytest.raises(FileNotFoundError):
-        resolve_checkpoint(str(tmp_path / "missing"))
+    # Each part's source: S3 fetched into the cache; a Hugging Face id goes on to the pipeline, which reads it.
+    assert w.engine.parts == {"vae": str(path), "text_encoder": "owner/t5"}
 
 
 def test_real_engine_single_rank(tmp_path):

@@ -31,6 +31,11 @@ def test_flags_to_config(tmp_path):
     assert cfg.storage.backend == "s3" and cfg.storage.bucket == "vids" and cfg.storage.create_bucket
     with pytest.raises(SystemExit):
         build_config(_parser().parse_args(["--s3-endpoint", "http://x"]), gpus=0)
+    args = _parser().parse_args(["--model", "opensora-v1.2", "--checkpoint", "hpcai-tech/OpenSora-STDiT-v3",
+                                 "--vae", "hpcai-tech/OpenSora-VAE-v1.2", "--text-encoder", "DeepFloyd/t5-v1_1-xxl"])
+    m = load_config(build_config(args, gpus=1)).models[0]  # each part's source reaches the GPU groups' config
+    assert (m.checkpoint, m.vae, m.text_encoder) == ("hpcai-tech/OpenSora-STDiT-v3", "hpcai-tech/OpenSora-VAE-v1.2",
+                                                     "DeepFloyd/t5-v1_1-xxl")
 
 
 @pytest.mark.slow
