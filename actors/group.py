@@ -37,6 +37,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import (
     PlacementGroup,
     get_current_placement_group,
+    placement_group_table,
     remove_placement_group,
 )
 from ray.util.placement_group import (
@@ -156,6 +157,27 @@ class RankWorker:
 _RankActor = ray.remote(RankWorker)
 
 
+def pending_reason(pg: PlacementGroup) -> str:
+    """Why Ray has not placed `pg` yet, in the operator's terms: what it needs against the largest node."""
+    try:
+        table = placement_group_table(pg)
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    except Exception as e:  # noqa: BLE001 - a reason is a courtesy; the wait goes on without one
+        return f"placement group pending ({e})"
+    state = (table.get("stats") or {}).get("scheduling_state") or table.get("state", "PENDING")
+    need: dict[str, float] = {}
+    for bundle in (table.get("bundles") or {}).values():
+        for k, v in bundle.items():
+            need[k] = need.get(k, 0.0) + v
+    want = " and ".join(f"{v:g} {k}" for k, v in sorted(need.items()))
+    largest = " and ".join(f"{max((n.get(k, 0.0) for n in nodes), default=0.0):g} {k}" for k in sorted(need))
+    where = "on one node" if table.get("strategy") == "STRICT_PACK" else "in all"
+    if state == "INFEASIBLE":
+        return (f"no node of the cluster can hold the group: it needs {want} {where}, the largest node has "
+                f"{largest} (Ray: INFEASIBLE until a larger node joins, e.g. from the autoscaler)")  # fmt: skip
+    return f"the group needs {want} {where}, and the nodes that could hold it are busy (Ray: {state})"
+
+
 class GpuGroup:
     """N rank actors that render one video at a time together (DSP + PAB inside the engine).
 
@@ -244,12 +266,16 @@ class GpuGroup:
             raise ValueError(f"placement_group must be 'new', 'current' or a PlacementGroup, got {self._pg_arg!r}")
         bundles = group_bundles(self.size, self.gpus_per_rank, self.cpus_per_rank)
         pg = make_placement_group(bundles, strategy="STRICT_PACK", name=f"{self.name}-pg")
-        if not pg.wait(timeout_seconds=self.start_timeout_s):
-            remove_placement_group(pg)
-            raise GroupError(
-                f"placement group {bundles} (STRICT_PACK) not ready after {self.start_timeout_s}s: no node has "
-                f"{self.size} free GPU(s); check `ray status`"
-            )
+        deadline, said = time.monotonic() + self.start_timeout_s, ""
+        while not pg.wait(timeout_seconds=max(0.0, min(5.0, deadline - time.monotonic()))):
+            why = pending_reason(pg)
+            if why != said:  # in the log at once (and when it changes), not only after the whole wait
+                log.warning("group %s waits for resources: %s", self.name, why)
+                said = why
+            if time.monotonic() >= deadline:
+                remove_placement_group(pg)
+                raise GroupError(f"group {self.name} got no resources in {self.start_timeout_s:g}s: {why}; "
+                                 "see `ray status`")  # fmt: skip
         self._own_pg = True
         return pg
 

@@ -57,6 +57,17 @@ def test_bad_numbers_and_text_are_a_422_naming_the_field(client, body, field):
     assert not RECEIVED
 
 
+@pytest.mark.parametrize("depth", [100, 200_000])
+@pytest.mark.parametrize("open_,close", [("[", "]"), ('{"a": ', "}")])
+def test_deeply_nested_bodies_are_a_422(client, depth, open_, close):
+    """Nesting past the JSON parser's recursion limit is "not JSON", and nesting inside it fails the schema:
+    a 422 in OpenAI's error shape either way, never a 500."""
+    body = '{"prompt": "a", "pab": ' + open_ * depth + ("1" if open_ != "[" else "") + close * depth + "}"
+    r = client.post("/v1/videos", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text[:500]
+    assert r.json()["error"]["type"] == "invalid_request_error" and not RECEIVED
+
+
 def test_a_good_body_reaches_the_service(client):
     body = {"prompt": "a red circle \u00e9\U0001f600", "num_frames": 17, "guidance_scale": 4.5,
             "pab": {"spatial": {"range": 2, "window": [450, 930], "blocks": [0, 3]}}}  # fmt: skip

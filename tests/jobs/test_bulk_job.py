@@ -189,3 +189,31 @@ def test_bulk_render_killed_halfway_resumes_without_rendering_twice(s3_server, r
     for r in done:
         frames, fps = read_video(s3.get_object(Bucket=BUCKET, Key=r["output_uri"].split("/", 3)[3])["Body"].read())
         assert frames.shape == ((1 if r["id"] == "clip-03" else 17), 48, 64, 3) and fps == 8
+
+
+@pytest.mark.slow
+def test_a_group_no_node_can_hold_fails_every_row_with_the_reason(s3_server, ray_jobs):
+    """On a running cluster (so no local check applies) a group of 4 GPUs, where no node has more than 2: the
+    job ends once --start-timeout passes, non-zero, and results.parquet says why for every row (#19)."""
+    s3 = s3_server.client()
+    bucket = "never-" + uuid.uuid4().hex[:6]
+    s3.create_bucket(Bucket=bucket)
+    data, _ = manifest()
+    s3.put_object(Bucket=bucket, Key="m.parquet", Body=data)
+    run = f"bulk-never-{uuid.uuid4().hex[:6]}"
+    args = ["--manifest", f"s3://{bucket}/m.parquet", "--output", f"s3://{bucket}/out", "--s3-endpoint",
+            s3_server.endpoint, *RENDER[:-2], "--start-timeout", "15", "--group-size", "4"]  # fmt: skip
+    t0 = time.monotonic()
+    assert cli.main(["submit", "--address", ray_jobs.address, "--submission-id", run, "--", *args]) != 0
+    assert time.monotonic() - t0 < 120
+    client = ray_jobs.client()
+    assert client.get_job_status(run).value == "FAILED"
+    log = client.get_job_logs(run)
+    why = "no node of the cluster can hold the group: it needs 4 CPU and 4 GPU on one node, the largest node has"
+    assert why in log, log  # said while waiting, not only at the end
+    rows = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key="out/results.parquet")["Body"].read())).to_pylist()
+    assert len(rows) == 20 and all(r["status"] == "failed" for r in rows)
+    unrendered = [r for r in rows if r["error"].startswith("not rendered:")]
+    assert len(unrendered) == 18 and all(why in r["error"] and "got no resources in 15s" in r["error"]
+                                         for r in unrendered)  # fmt: skip
+    assert not s3.list_objects_v2(Bucket=bucket, Prefix="out/videos/").get("KeyCount")
