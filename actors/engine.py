@@ -55,6 +55,8 @@ class PipelineEngine:
                 "random_weights": res.random_weights,
                 "parallel": res.parallel,
                 "notices": res.notices,
+                # Which cache ran, and for step reuse which steps it computed and reused.
+                "cache": {"policy": res.cache, "stats": res.cache_stats},
             },
         )
 
@@ -81,11 +83,12 @@ _META_VAES: dict[str, Any] = {}
 class _ResolveOnly:
     """Just enough of a Pipeline for `Pipeline.resolve`: name, spec, family, size and a meta-device VAE."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, calibration: dict[str, Any] | None = None) -> None:
         from pab.families import get_family
         from pab.models import MODEL_SPECS, build, get_spec, split_name
 
         self.name = model
+        self.calibration = calibration
         self.spec = get_spec(model)
         self.family = get_family(model)
         self.size = split_name(model)[1]
@@ -110,12 +113,38 @@ def check_request(request: dict[str, Any]) -> dict[str, Any]:
     return plan_request(request)[0]
 
 
-def plan_request(request: dict[str, Any]) -> tuple[dict[str, Any], str, list[str]]:
-    """`check_request`, plus the size of the video the model will render ("WxH") and the notices on it."""
+def model_calibration(model: str, checkpoint: str | None = None) -> dict[str, Any] | None:
+    """The step-reuse calibration beside `model`'s weights when they are on this machine (a folder, the shipped
+    `-small` weights, a Hugging Face cache), else None: S3 weights are only read by the GPU groups."""
+    from pab.caching import load_calibration
+    from pab.checkpoint import resolve_sources
+
+    if checkpoint is not None and checkpoint.startswith("s3://"):
+        return None
+    try:
+        sources = resolve_sources(model, checkpoint)
+    except ValueError:
+        return None
+    return load_calibration(sources.calibration if sources else None)
+
+
+def plan_request(
+    request: dict[str, Any], calibration: dict[str, Any] | None = None, names_unchecked: bool = False
+) -> tuple[dict[str, Any], str, list[str]]:
+    """`check_request`, plus the size of the video the model will render ("WxH") and the notices on it.
+
+    A cache preset is checked against `calibration`; with `names_unchecked` (the weights, and so their
+    calibration, are not on this machine) a preset name is left to the group that loads them.
+    """
     from pab.pipeline import Pipeline, rendered_size, size_notices
 
-    stub = _ResolveOnly(request["model"])
-    r = Pipeline.resolve(stub, to_generation_request(request))  # type: ignore[arg-type]
+    stub = _ResolveOnly(request["model"], calibration)
+    asked = to_generation_request(request)
+    spec = asked.cache_spec()  # ValueError when cache and pab disagree
+    unchecked = names_unchecked and isinstance(spec, str) and spec not in ("off", "paper")
+    r = Pipeline.resolve(stub, dataclasses.replace(asked, cache=None, pab="off") if unchecked else asked)  # type: ignore[arg-type]
+    if unchecked:
+        r = dataclasses.replace(r, cache=asked.cache, pab=asked.pab)
     height, width = rendered_size(stub.vae, r.height, r.width)
     return r.to_dict(), f"{width}x{height}", size_notices(stub.name, stub.vae, r)
 

@@ -1,14 +1,16 @@
-"""What PAB costs in quality, on a trained model: one command, a table on stdout, a JSON record.
+"""What caching costs in quality, on a trained model: one command, a table on stdout, a JSON record.
 
     python -m bench.quality                                     # opensora-v1.2-small, 64 held-out prompts
     python -m bench.quality --prompts 16 --settings off,paper   # fewer, faster (CPU)
 
 For every held-out prompt of the synthetic data (`pab.data.shapes.held_out_scenes`, never seen in training)
-and every PAB setting, the same request (seed = the prompt's index) is rendered at the model's default
-steps. Per setting:
+and every cache setting (PAB rules, or a step-reuse preset from the model's `pab calibrate` file), the same
+request (seed = the prompt's index) is rendered at the model's default steps. Per setting:
 * the judge's accuracy (`pab.eval.judge`): colour, shape, motion, background and all of them together;
-* PSNR and SSIM of each video against the PAB-off video of the same request (the paper's fidelity measure);
-* the DiT time per video and the module calls computed / broadcast (what PAB saved).
+* PSNR and SSIM of each video against the cache-off video of the same request (the paper's fidelity measure);
+* the DiT time per video, its speed-up over off, and the share of the module calls (attention, MLP) off
+  computes that this setting did not compute (what PAB broadcast and what a reused step skipped: the FLOPs
+  saved, to within the cheap embedding and output layers).
 Records are appended to --out with the machine they ran on.
 """
 
@@ -38,7 +40,13 @@ SETTINGS: dict[str, Any] = {
     "paper-low": {"spatial": {"range": 2, "window": [90, 420]}, "temporal": {"range": 4, "window": [90, 420]},
                   "cross": {"range": 6, "window": [90, 420]}},
     "all-r2-low": {k: {"range": 2, "window": [90, 420]} for k in ("spatial", "temporal", "cross")},
+    # Step reuse, at the presets `pab calibrate` wrote beside the model's weights (cache.json).
+    "teacache-slow": "teacache-slow",
+    "teacache-fast": "teacache-fast",
+    "magcache-slow": "magcache-slow",
+    "magcache-fast": "magcache-fast",
 }  # fmt: skip
+DEFAULT = ("off", "paper", "all-r2-wide", "teacache-slow", "teacache-fast", "magcache-slow", "magcache-fast")
 FLAGS = ("colour", "shape", "motion", "background", "match")
 
 
@@ -52,13 +60,15 @@ def evaluate(pipeline, settings: dict[str, Any], prompts: int, steps: int | None
     scenes = held_out_scenes()[:prompts]
     reference: dict[int, np.ndarray] = {}
     results: dict[str, dict] = {}
-    for name, pab in settings.items():
+    for name, cache in settings.items():
         verdicts, psnrs, ssims, dit_s = [], [], [], []
         calls = {"computed": 0, "broadcast": 0}
+        steps_reused = 0
         for i, scene in enumerate(scenes):
             r = pipeline.generate(
-                GenerationRequest(model=pipeline.name, prompt=scene.caption(), seed=i, steps=steps, pab=pab)
+                GenerationRequest(model=pipeline.name, prompt=scene.caption(), seed=i, steps=steps, cache=cache)
             )
+            steps_reused += r.cache_stats.get("reused", 0)
             verdicts.append(judge(r.frames, scene.caption()))
             dit_s.append(r.timings["denoise_s"])
             for counts in r.pab_stats.values():
@@ -70,15 +80,21 @@ def evaluate(pipeline, settings: dict[str, Any], prompts: int, steps: int | None
                 psnrs.append(psnr(r.frames, reference[i]))
                 ssims.append(ssim(r.frames, reference[i]))
         results[name] = {
-            "pab": pab,
+            "cache": cache,
+            "policy": r.cache,
             "prompts": len(scenes),
             **{f: float(np.mean([getattr(v, f) for v in verdicts])) for f in FLAGS},
             "psnr_db": float(np.mean(psnrs)) if psnrs else None,
             "ssim": float(np.mean(ssims)) if ssims else None,
             "dit_s": float(np.median(dit_s)),
             "calls": calls,
+            "steps_reused_per_video": steps_reused / len(scenes),
             "misses": [v.prompt for v in verdicts if not v.match][:10],
         }
+        off = results.get("off")
+        if off is not None:
+            results[name]["speedup"] = off["dit_s"] / results[name]["dit_s"]
+            results[name]["calls_saved"] = 1 - calls["computed"] / max(1, off["calls"]["computed"])
         print(_row(name, results[name]), flush=True)
     return results
 
@@ -86,9 +102,9 @@ def evaluate(pipeline, settings: dict[str, Any], prompts: int, steps: int | None
 def _row(name: str, r: dict) -> str:
     acc = "  ".join(f"{100 * r[f]:5.1f}" for f in FLAGS)
     fid = f"{r['psnr_db']:6.2f}  {r['ssim']:.4f}" if r["psnr_db"] is not None else f"{'-':>6}  {'-':>6}"
-    total = r["calls"]["computed"] + r["calls"]["broadcast"]
-    saved = r["calls"]["broadcast"] / total if total else 0.0
-    return f"{name:<12} {acc}  {fid}  {r['dit_s']:7.3f}  {100 * saved:5.1f}%"
+    speed = f"{r['speedup']:5.2f}x" if "speedup" in r else f"{'-':>6}"
+    saved = f"{100 * r['calls_saved']:5.1f}%" if "calls_saved" in r else f"{'-':>6}"
+    return f"{name:<14} {acc}  {fid}  {r['dit_s']:7.3f}  {speed}  {saved}  {r['steps_reused_per_video']:5.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="opensora-v1.2-small")
     p.add_argument("--checkpoint", help="default: the model's shipped weights")
     p.add_argument("--prompts", type=int, default=64, help="held-out prompts to use (at most 64)")
-    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from {list(SETTINGS)}")
+    p.add_argument("--settings", default=",".join(DEFAULT), help=f"comma-separated, from {list(SETTINGS)}")
     p.add_argument("--steps", type=int, help="default: the model's (30 rectified-flow steps for Open-Sora)")
     p.add_argument("--device", help="cuda | cpu (default: cuda when available)")
     p.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
@@ -114,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     device = str(pipeline.device)
     machine = torch.cuda.get_device_name() if pipeline.device.type == "cuda" else f"cpu ({platform.machine()})"
     print(f"{args.model} on {machine}, {min(args.prompts, 64)} held-out prompts, {pipeline.dtype}")
-    print(f"{'setting':<12} {'  '.join(f'{f[:5]:>5}' for f in FLAGS)}    psnr    ssim    dit s  calls saved")
+    print(f"{'setting':<14} {'  '.join(f'{f[:5]:>5}' for f in FLAGS)}    psnr    ssim    dit s  speed  calls"
+          "  steps reused")  # fmt: skip
     t0 = time.perf_counter()
     results = evaluate(pipeline, {n: SETTINGS[n] for n in names}, args.prompts, args.steps)
     record = {

@@ -1,7 +1,7 @@
 """The HTTP API's request and response bodies (pydantic), in the shape of the OpenAI Videos API.
 
 `POST /v1/videos` takes `VideoCreate`; every job is returned as a `Video`. Fields beyond OpenAI's
-(`num_frames`, `height`, `width`, `fps`, `steps`, `guidance_scale`, `seed`, `pab`,
+(`num_frames`, `height`, `width`, `fps`, `steps`, `guidance_scale`, `seed`, `cache` and its older name `pab`,
 `negative_prompt`) follow vLLM-Omni's extensions.
 
 The body is JSON or a form: the official `openai` SDK always sends `multipart/form-data`, every field as
@@ -58,6 +58,25 @@ class PABSettings(BaseModel):
     mlp: BroadcastRuleIn | None = None
 
 
+class StepPolicyIn(BaseModel):
+    """A step-reuse policy with its numbers (`pab.stepcache.StepReuseConfig`; `pab calibrate` writes them)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    policy: Literal["teacache", "magcache"]
+    threshold: float = Field(ge=0, le=1e6)
+    coefficients: list[float] = Field(default_factory=list, max_length=16)
+    ratios: list[float] = Field(default_factory=list, max_length=10_000)
+    max_skips: int = Field(2, ge=0, le=10_000)
+    warmup: int = Field(1, ge=0, le=10_000)
+    cooldown: int = Field(1, ge=0, le=10_000)
+
+    _ints = field_validator("max_skips", "warmup", "cooldown", mode="before")(_no_bool)
+
+
+# A preset by name (off, paper, teacache-slow, ...): never a path, so a request cannot make the server read a file.
+CacheName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
+
+
 class VideoCreate(BaseModel):
     """A request to render one video. Fields left out take the model's defaults (`GET /v1/models`)."""
 
@@ -78,6 +97,11 @@ class VideoCreate(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**31 - 2)
     pab: Literal["off", "paper"] | PABSettings | None = Field(
         None, description="'off', 'paper' (the paper's preset for this model) or per-kind rules"
+    )
+    cache: CacheName | StepPolicyIn | PABSettings | None = Field(
+        None, description="'off', 'paper', a step-reuse preset the model is calibrated for (teacache-slow, "
+        "teacache-fast, magcache-slow, magcache-fast), per-kind PAB rules, or a step-reuse policy; `pab` is its "
+        "older name",
     )
 
     _ints = field_validator("num_frames", "height", "width", "fps", "steps", "seed", mode="before")(_no_bool)
@@ -122,10 +146,12 @@ class VideoCreate(BaseModel):
         if self.size is not None:
             width, height = (int(x) for x in self.size.split("x"))
         pab: Any = self.pab.model_dump() if isinstance(self.pab, PABSettings) else self.pab
+        cache: Any = self.cache.model_dump() if isinstance(self.cache, BaseModel) else self.cache
         return {
             "model": model, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
             "num_frames": self.num_frames, "height": height, "width": width, "fps": self.fps, "steps": self.steps,
             "guidance_scale": self.guidance_scale, "seed": self.seed, "pab": "off" if pab is None else pab,
+            "cache": cache,
         }
 
 
@@ -213,6 +239,8 @@ class Video(BaseModel):
     cost: dict[str, float] | None = Field(None, description="gpu_seconds, rank_seconds, bytes_sent (DSP), "
                                           "modules_computed and modules_reused (PAB) of the render")
     pab: dict[str, Any] | None = None
+    cache: dict[str, Any] | None = Field(None, description="the cache policy that ran and, for step reuse, the "
+                                         "steps it computed and reused")
     media_type: str = "video/mp4"
     size_bytes: int | None = None
     group: dict[str, Any] | None = None

@@ -166,6 +166,7 @@ class VideoGroup:
         rec.step = rec.total_steps = len(result.get("timesteps") or []) or rec.total_steps
         rec.video_key, rec.size_bytes = result["video"]["key"], result["video"]["size_bytes"]
         rec.pab = result.get("pab")
+        rec.cache = result.get("cache")
         rec.cost = result.get("cost")
         rec.timings = {
             **{k: float(v) for k, v in result.get("timings", {}).items()},

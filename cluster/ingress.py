@@ -129,6 +129,7 @@ class VideoAPI:
         self._seen: dict[str, JobRecord] = {}  # last record read of each job driven here: GET's fallback
         self._calls: dict[str, Any] = {}  # job id -> its group call in flight (a DeploymentResponse)
         self.metrics = IngressMetrics(lambda: len(self._active) + self._reserved, self._states)
+        self._calibrations: dict[str, tuple[dict[str, Any] | None, bool]] = {}
         self._deleted: set[str] = set()  # deleted through this replica: 404 at once, whatever a late render writes
         self._idempotency: dict[str, asyncio.Lock] = {}  # one POST at a time per idempotency key
         self._probed_at = 0.0
@@ -237,8 +238,18 @@ class VideoAPI:
         log.info("job %s queued on %s", rec.id, rec.pool)
         return rec.public()
 
-    @staticmethod
-    def _resolve(request: dict[str, Any], seconds: float | None) -> tuple[dict[str, Any], str, list[str]]:
+    def _calibration(self, model: str) -> tuple[dict[str, Any] | None, bool]:
+        """The model's step-reuse calibration (its presets) and whether preset names go unchecked here (weights
+        on S3, read only by the groups); once per model."""
+        if model not in self._calibrations:
+            from actors.engine import model_calibration
+
+            checkpoint = self.cfg.model(model).checkpoint
+            remote = bool(checkpoint and checkpoint.startswith("s3://"))
+            self._calibrations[model] = (None if remote else model_calibration(model, checkpoint), remote)
+        return self._calibrations[model]
+
+    def _resolve(self, request: dict[str, Any], seconds: float | None) -> tuple[dict[str, Any], str, list[str]]:
         """Defaults filled in and the model's own checks run (ValueError -> 422 naming the field), with the
         size the video will have and the notices on it.
 
@@ -250,7 +261,8 @@ class VideoAPI:
         try:
             if seconds is not None:
                 request["num_frames"], request["fps"] = frames_for_seconds(request["model"], seconds, request["fps"])
-            return plan_request(request)
+            calibration, unchecked = self._calibration(request["model"])
+            return plan_request(request, calibration, names_unchecked=unchecked)
         except ValueError:
             raise
         except Exception as e:  # noqa: BLE001

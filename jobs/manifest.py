@@ -1,7 +1,7 @@
 """Parquet render manifests: reading, checking, and turning rows into generation requests.
 
 A manifest is a Parquet file with one row per video: ``id`` and ``prompt`` are required, and any of
-``negative_prompt, num_frames, height, width, fps, steps, guidance_scale, seed, pab`` may override the
+``negative_prompt, num_frames, height, width, fps, steps, guidance_scale, seed, cache`` (or ``pab``) may override the
 job-wide defaults per row (a null cell takes the default).
 
 Two kinds of problems, handled differently:
@@ -26,10 +26,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 REQUIRED_COLUMNS = ("id", "prompt")
-ROW_SETTINGS = ("negative_prompt", "num_frames", "height", "width", "fps", "steps", "guidance_scale", "seed", "pab")
+ROW_SETTINGS = ("negative_prompt", "num_frames", "height", "width", "fps", "steps", "guidance_scale", "seed", "pab",
+                "cache")
 KNOWN_COLUMNS = REQUIRED_COLUMNS + ROW_SETTINGS
 PARQUET_MAGIC = b"PAR1"
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -60,15 +61,20 @@ class RenderSettings(BaseModel):
         "off", description='Pyramid Attention Broadcast: "off", "paper", or a rule dict (JSON text in a manifest).'
     )
 
-    @field_validator("pab", mode="before")
+    cache: str | dict[str, Any] | None = Field(
+        None, description='"off", "paper", a calibrated step-reuse preset (e.g. "teacache-slow"), PAB rules or a '
+        "step-reuse policy (JSON text in a manifest); `pab` is its older name.",
+    )
+
+    @field_validator("pab", "cache", mode="before")
     @classmethod
-    def _pab_json(cls, v: Any) -> Any:
+    def _pab_json(cls, v: Any, info: ValidationInfo) -> Any:
         # A manifest cell holds a preset name or a JSON object as text.
         if isinstance(v, str) and v.strip().startswith("{"):
             try:
                 return json.loads(v)
             except json.JSONDecodeError as e:
-                raise ValueError(f"pab is not valid JSON: {e}") from None
+                raise ValueError(f"{info.field_name} is not valid JSON: {e}") from None
         return v
 
 
@@ -198,7 +204,10 @@ def plan_rows(table: pa.Table, model: str, defaults: RenderSettings) -> list[Row
         except ValidationError as e:
             plan.error = f"bad settings: {_reason(e)}"
             continue
+        # Unset newer fields stay out, so a video rendered before they existed keeps its fingerprint.
         request = {"model": model, "prompt": prompt, **settings.model_dump()}
+        if request.get("cache") is None:
+            request.pop("cache", None)
         if request["seed"] is None:
             request["seed"] = seed_for_id(row_id)
         plan.request = request

@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None)
     d.add_argument("--guidance-scale", type=float, default=None)
     d.add_argument("--seed", type=int, default=None, help="seed for rows without one (default: derived from the id)")
-    d.add_argument("--pab", default="off", help='"off", "paper" or a JSON rule dict')
+    d.add_argument("--cache", default=None,
+                   help='"off", "paper", a calibrated step-reuse preset (teacache-slow, ...), JSON rules or a policy')
+    d.add_argument("--pab", default="off", help='the older name of --cache: "off", "paper" or a JSON rule dict')
     return p
 
 

@@ -42,6 +42,13 @@ class WeightSources:
     vae: Path
     text_encoder: Path  # a transformers T5 folder
     tokenizer: Path | None = None  # None: in `text_encoder` or beside it (TextEncoder.from_pretrained looks)
+    root: Path | None = None  # the checkpoint's folder
+
+    @property
+    def calibration(self) -> Path | None:
+        """`pab calibrate`'s cache.json in the checkpoint's folder, when there is one."""
+        path = self.root / "cache.json" if self.root is not None else None
+        return path if path is not None and path.is_file() else None
 
     def describe(self) -> dict[str, str]:
         return {k: str(v) for k, v in vars(self).items() if v is not None}
@@ -103,7 +110,8 @@ def resolve_sources(
     vae_folder = part("vae", vae)
     text_folder = part("text_encoder", text_encoder)
     tokenizer = text_folder.parent / "tokenizer" if text_folder.name == "text_encoder" else None
-    return WeightSources(transformer, vae_folder, text_folder, tokenizer if tokenizer and tokenizer.is_dir() else None)
+    return WeightSources(transformer, vae_folder, text_folder, tokenizer if tokenizer and tokenizer.is_dir() else None,
+                         root)  # fmt: skip
 
 
 def _part(folder: Path, what: str, *, at_root: bool) -> Path | None:

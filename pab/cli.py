@@ -37,7 +37,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pab", default="off", help="off | paper | FILE.json with per-kind rules")
+    p.add_argument("--cache", help="off | paper (PAB) | a calibrated step-reuse preset (teacache-slow, teacache-fast, "
+                                   "magcache-slow, magcache-fast) | FILE.json of PAB rules or one policy")
+    p.add_argument("--pab", default="off", help="the older name of --cache: off | paper | FILE.json of PAB rules")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--checkpoint", help="the published weights: a folder or a Hugging Face repo id read from the "
@@ -103,6 +105,7 @@ def _run_generate(rank: int, world: int, args: argparse.Namespace) -> dict | Non
         guidance_scale=args.guidance,
         seed=args.seed,
         pab=args.pab,
+        cache=args.cache,
     )
     resolved = pipe.resolve(request)
     if rank == 0:
@@ -199,28 +202,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     stats = sidecar["pab_stats"]
     print("pab: " + ", ".join(f"{k} {v['computed']} computed / {v['broadcast']} broadcast" for k, v in stats.items()))
+    if sidecar["cache_stats"]:
+        steps = sidecar["cache_stats"]
+        print(f"cache {sidecar['cache']['name']}: {steps['computed']} steps computed, {steps['reused']} reused "
+              f"{steps['reused_steps']}")
     return 0
 
 
 def _validate_request_early(args: argparse.Namespace) -> None:
     """Cheap checks with the model's rules, without building the model."""
-    from pab.broadcast import PABConfig
+    from pab.caching import load_calibration, resolve_cache
+    from pab.checkpoint import resolve_sources
+    from pab.pipeline import GenerationRequest
 
-    try:
-        PABConfig.resolve(args.model, args.pab)
+    try:  # finds every part's folder (locally or in the Hugging Face cache) without loading anything
+        sources = resolve_sources(args.model, args.checkpoint, vae=args.vae, text_encoder=args.text_encoder)
+        spec = GenerationRequest(model=args.model, prompt=args.prompt, pab=args.pab, cache=args.cache).cache_spec()
+        resolve_cache(args.model, spec, load_calibration(sources.calibration if sources else None))
     except ValueError as e:
         raise UsageError(str(e)) from e
     for name in ("num_frames", "height", "width", "fps"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    if args.checkpoint is not None or args.vae is not None or args.text_encoder is not None:
-        from pab.checkpoint import resolve_sources
-
-        try:  # finds every part's folder (locally or in the Hugging Face cache) without loading anything
-            resolve_sources(args.model, args.checkpoint, vae=args.vae, text_encoder=args.text_encoder)
-        except ValueError as e:
-            raise UsageError(str(e)) from e
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -287,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.cli import main as bulk_main
 
         return bulk_main(argv[1:])
+    if argv and argv[0] == "calibrate":
+        from pab.calibrate import main as calibrate_main
+
+        return calibrate_main(argv[1:])
     parser = argparse.ArgumentParser(prog="pab", description="Video DiTs with Pyramid Attention Broadcast.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
@@ -294,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--json", action="store_true")
     sub.add_parser("serve", help="start the HTTP service locally (see `pab serve --help`)")
     sub.add_parser("bulk", help="bulk rendering from Parquet manifests (see `pab bulk --help`)")
+    sub.add_parser("calibrate", help="measure and write step-reuse presets (see `pab calibrate --help`)")
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":

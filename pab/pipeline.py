@@ -20,10 +20,12 @@ import torch
 import torch.nn as nn
 
 from pab.broadcast import PABConfig, PABState, apply_pab, use_state
+from pab.caching import CachePolicy, load_calibration, resolve_cache
 from pab.checkpoint import WeightSources, resolve_sources
 from pab.families import get_family
 from pab.models import ModelSpec, build, get_spec, randomize_weights, split_name
 from pab.models.vae import VideoVAE
+from pab.stepcache import StepCacheState, apply_step_cache, use_step_state
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,15 @@ class GenerationRequest:
     guidance_scale: float | None = None
     seed: int | None = None
     pab: str | dict[str, Any] | None = "off"
+    cache: str | dict[str, Any] | None = None  # off | paper | a calibrated preset | rules or a policy (pab.caching)
+
+    def cache_spec(self) -> str | dict[str, Any] | None:
+        """The cache asked for: `cache`, or `pab` (its older name); ValueError when both ask for different ones."""
+        if self.cache is None:
+            return self.pab
+        if self.pab not in (None, "off") and self.pab != self.cache:
+            raise ValueError(f"cache {self.cache!r} and pab {self.pab!r} disagree; give one (pab is cache's old name)")
+        return self.cache
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +80,8 @@ class GenerationResult:
     timings: dict[str, float]
     random_weights: bool
     parallel: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)  # the resolved policy (CachePolicy.to_dict)
+    cache_stats: dict[str, Any] = field(default_factory=dict)  # steps computed / reused (step reuse)
     size: tuple[int, int] | None = None  # (height, width) of the frames; None = the request's
     notices: list[str] = field(default_factory=list)  # where the video differs from the request, and why
 
@@ -87,6 +100,8 @@ class GenerationResult:
             "timesteps": self.timesteps,
             "pab": self.pab,
             "pab_stats": self.pab_stats,
+            "cache": self.cache,
+            "cache_stats": self.cache_stats,
             "timings": self.timings,
             "random_weights": self.random_weights,
             "parallel": self.parallel,
@@ -163,8 +178,10 @@ class Pipeline:
         random_weights: bool,
         parallel: Any = None,
         compile: bool = False,
+        calibration: dict[str, Any] | None = None,
     ) -> None:
         self.name = name
+        self.calibration = calibration  # `pab calibrate`'s numbers for step reuse (None: none beside the weights)
         self.family = get_family(name)
         self.spec = self.family.spec
         self.size = split_name(name)[1]
@@ -188,6 +205,7 @@ class Pipeline:
             apply_compile(transformer)
         # Hooks are attached once; an empty config per request keeps them counting only.
         self._pab_handles: dict[str, Any] = {}
+        self._step_handle: Any = None
 
     @classmethod
     def from_name(
@@ -231,6 +249,7 @@ class Pipeline:
             random_weights=sources is None,
             parallel=parallel,
             compile=compile,
+            calibration=load_calibration(sources.calibration if sources else None),
         )
 
     # ------------------------------------------------------------------ validation
@@ -271,7 +290,7 @@ class Pipeline:
         self.vae.latent_frames(r.num_frames)  # raises ValueError naming the frame counts it can take
         # Open-Sora's timestep shift is undefined for 2-16 frames; the sampler says so.
         self.family.new_sampler(self.size, r.steps, height=r.height, width=r.width, num_frames=r.num_frames)
-        PABConfig.resolve(self.name, r.pab)  # raises on unknown presets or malformed rules
+        resolve_cache(self.name, r.cache_spec(), self.calibration)  # raises on unknown names or malformed rules
         return r
 
     def output_size(self, r: GenerationRequest) -> tuple[int, int]:
@@ -330,17 +349,27 @@ class Pipeline:
         progress: ProgressFn | None = None,
         should_cancel: Callable[[], bool] | None = None,
         decode: bool = True,
+        step_state: StepCacheState | None = None,
     ) -> GenerationResult:
         """Make one video. `progress(done, total)` follows the model calls; `should_cancel()` is checked
-        before each; `decode=False` stops at the latents (benchmarks of the DiT alone)."""
+        before each; `decode=False` stops at the latents (benchmarks of the DiT alone). `step_state` replaces
+        the request's own step-reuse state and config, for a caller that measures the steps (`pab calibrate`)."""
         from pab.video import to_uint8_frames
 
         r = self.resolve(request)
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
-        pab_config = PABConfig.resolve(self.name, r.pab)
+        policy = resolve_cache(self.name, r.cache_spec(), self.calibration)
+        pab_config = policy.pab
         self._pab_handle(pab_config)
         state = PABState()  # this request's caches and counters only
+        if step_state is not None:
+            policy = CachePolicy(f"{policy.name}+{step_state.config.policy}", policy.pab, step_state.config)
+            step_state.agree = self._agree()
+        else:
+            step_state = StepCacheState(config=policy.step, agree=self._agree())
+        if policy.step is not None and self._step_handle is None:
+            self._step_handle = apply_step_cache(self.transformer)  # inert for requests without step reuse
         if self.parallel is not None:
             self.parallel.stats.reset()  # communication is counted per generation
 
@@ -353,12 +382,20 @@ class Pipeline:
         z = sampler.init_noise(shape, generator=gen, dtype=torch.float32, device=self.device)
         total = len(sampler.timesteps)
         t0 = time.perf_counter()
-        with use_state(state):
+        a2a_skipped = a2a_last = 0
+        with use_state(state), use_step_state(step_state):
             for i, t in enumerate(sampler.timesteps):
                 if should_cancel is not None and should_cancel():
                     raise GenerationCancelled(f"cancelled before step {i + 1} of {total}")
                 state.begin_step(i, float(t))
+                step_state.begin_step(i, total)
+                done = self.parallel.stats.all_to_all_done if self.parallel is not None else 0
                 pred = self._cfg_step(z, float(t), y, mask, r)
+                if self.parallel is not None:  # a reused step skips the all-to-alls of the last computed one
+                    if step_state.reused and step_state.reused[-1] == i:
+                        a2a_skipped += a2a_last
+                    else:
+                        a2a_last = self.parallel.stats.all_to_all_done - done
                 z = sampler.step(pred, i, z)
                 if progress is not None:
                     progress(i + 1, total)
@@ -381,6 +418,7 @@ class Pipeline:
         if self.parallel is not None:
             parallel_info = {"sp": getattr(self.parallel, "sp_size", 1), "cfg": getattr(self.parallel, "cfg_size", 1)}
             parallel_info["comm"] = self.parallel.stats.as_dict()
+            parallel_info["comm"]["all_to_all_skipped_by_step_reuse"] = a2a_skipped
         return GenerationResult(
             request=r,
             frames=frames,
@@ -388,12 +426,26 @@ class Pipeline:
             timesteps=[float(t) for t in sampler.timesteps],
             pab=pab_config.to_dict(),
             pab_stats={k: dict(v) for k, v in state.stats.items()},
+            cache=policy.to_dict(),
+            cache_stats=step_state.stats if policy.step is not None else {},
             timings=timings,
             random_weights=self.random_weights,
             parallel=parallel_info,
             size=self.output_size(r),
             notices=self.notices(r),
         )
+
+    def _agree(self) -> Any:
+        """Sum a tensor over this generation's group, so every rank takes the same step-reuse decision."""
+        if self.parallel is None or getattr(self.parallel, "world_size", 1) == 1:
+            return None
+        import torch.distributed as dist
+
+        def agree(t: torch.Tensor) -> torch.Tensor:
+            dist.all_reduce(t)  # the default group: the ranks of this generation group
+            return t
+
+        return agree
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

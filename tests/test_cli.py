@@ -82,7 +82,11 @@ def test_generate_writes_a_decodable_video_and_sidecar(tmp_path: Path):
         (["--model", "opensora-v1.2-tiny", "--num-frames", "10"], "frames"),
         (["--model", "opensora-plan-v1.1-tiny", "--num-frames", "16"], "4k\\+1|frames"),
         (["--height", "4"], "height must be between"),
-        (["--pab", "fastest"], "unknown PAB setting"),
+        (["--pab", "fastest"], r"unknown cache 'fastest'; use one of \['off', 'paper'\].*pab calibrate"),
+        (["--model", "opensora-v1.2-small", "--cache", "teacache-fastest"],
+         r"unknown cache 'teacache-fastest'; use one of \['off', 'paper', 'magcache-fast', 'magcache-slow', "
+         r"'teacache-fast', 'teacache-slow'\]"),
+        (["--cache", "paper", "--pab", "x.json"], "cache 'paper' and pab 'x.json' disagree"),
     ],
 )
 def test_bad_input_is_a_clear_error_with_no_output(tmp_path: Path, capsys, args, message):

@@ -572,6 +572,11 @@ class SpatialBlock(nn.Module):
         x, h = self.mlp_in(x, self.attn2(x.view(B * F_, S, C), context, context_bias), mod)
         return self.mlp_out(x, self.ff(h), mod)
 
+    def modulated_input(self, x, temb, context=None, context_bias=None) -> torch.Tensor:
+        """norm1(x) shifted and scaled by the timestep modulation, (B, F, S, C): step reuse's indicator."""
+        mod = _modulation(self.scale_shift_table, temb)
+        return torch.addcmul(mod[:, 0], self.norm1(x), 1 + mod[:, 1])
+
     def attn_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """norm1 + modulate -> (B*F, S, C) self-attention input."""
         B, F_, S, C = x.shape
@@ -721,6 +726,9 @@ class LatteTransformer3DModel(nn.Module):
         """Modules whose outputs PAB may reuse, by kind: "spatial", "temporal", "cross", "mlp"."""
         return latte_broadcast_targets(self)
 
+    def step_cache_targets(self) -> dict[str, Any]:
+        return latte_step_cache_targets(self)
+
     def _cross_attention_bias(
         self, mask: torch.Tensor | None, batch: int, frames: int, text_len: int, dtype: torch.dtype
     ) -> torch.Tensor | None:
@@ -850,6 +858,13 @@ def add_latte_layers(
     model.adaln_single = AdaLayerNormSingle(dim)
     model.caption_projection = caption_projection
     model.temp_pos_embed = temp_pos_embed
+
+
+def latte_step_cache_targets(model: nn.Module) -> dict[str, Any]:
+    """The block stack in forward order (all keep x as (B, F, S, C)) and the module that reads its output (the
+    output head's norm, on the (B*F, S, C) view)."""
+    blocks = [b for pair in zip(model.transformer_blocks, model.temporal_transformer_blocks) for b in pair]
+    return {"blocks": blocks, "head": model.norm_out}
 
 
 def latte_broadcast_targets(model: nn.Module) -> dict[str, list[nn.Module]]:

@@ -30,7 +30,9 @@ import torch.nn as nn
 
 from pab.models import latte
 from pab.kernels import DEFAULT_KERNELS, KernelOptions
-from pab.models.latte import TemporalPosEmbed, add_latte_layers, latte_broadcast_targets, latte_forward
+from pab.models.latte import (
+    TemporalPosEmbed, add_latte_layers, latte_broadcast_targets, latte_forward, latte_step_cache_targets,
+)  # fmt: skip
 
 #################################################################################
 #                                    Config                                     #
@@ -254,6 +256,9 @@ class LatteT2V(nn.Module):
     def broadcast_targets(self) -> dict[str, list[nn.Module]]:
         """Modules whose outputs PAB may reuse, by kind: "spatial", "temporal", "cross", "mlp"."""
         return latte_broadcast_targets(self)
+
+    def step_cache_targets(self) -> dict[str, Any]:
+        return latte_step_cache_targets(self)
 
     @staticmethod
     def _cross_attention_bias(

@@ -502,6 +502,12 @@ class STDiT3Block(nn.Module):
         x, x_m = self.mlp_in(x, self.cross_attn(x.view(B, T * S, C), y, mask), mod)
         return self.mlp_out(x, self.mlp(x_m), mod)
 
+    def modulated_input(self, x, y, mask, t_mod, t0_mod=None, x_mask=None) -> torch.Tensor:
+        """norm1(x) shifted and scaled by this block's timestep modulation, (B, T, S, C): what changes between
+        steps as both the latents and the timestep do (step reuse's indicator). Same arguments as forward."""
+        mod = modulation(self.scale_shift_table, _split6(t_mod), _split6(t0_mod), x_mask)
+        return torch.addcmul(mod[:, 0], self.norm1(x), 1 + mod[:, 1])
+
     # Each region has a one-kernel path (pab.kernels.norms: CUDA, half precision) and a PyTorch path.
 
     def _norms(self, x: torch.Tensor) -> bool:
@@ -630,6 +636,11 @@ class STDiT3(nn.Module):
             "cross": [b.cross_attn for b in blocks],
             "mlp": [b.mlp for b in blocks],
         }
+
+    def step_cache_targets(self) -> dict[str, Any]:
+        """The block stack in forward order (all keep x as (B, T, S, C)) and the module that reads its output."""
+        blocks = [b for pair in zip(self.spatial_blocks, self.temporal_blocks) for b in pair]
+        return {"blocks": blocks, "head": self.final_layer}
 
     def forward(self, x, timestep, y, mask=None, x_mask=None, fps=None, height=None, width=None):
         """

@@ -150,3 +150,9 @@ def test_real_engine_single_rank(tmp_path):
     assert side["pab"]["settings"]["spatial"] is not None
     assert sum(v.get("broadcast", 0) for v in side["pab"]["stats"].values()) > 0  # PAB really reused outputs
     assert {"denoise_s", "decode_s", "encode_s"} <= set(side["timings"])
+    # A step-reuse policy: the sidecar names it and the steps it reused.
+    policy = {"policy": "magcache", "threshold": 10.0, "ratios": [1.0], "max_skips": 1}
+    w.generate({"prompt": "a red fox", "seed": 3, "steps": 6, "num_frames": 8, "height": 32, "width": 32,
+                "cache": policy}, output={"storage": cfg, "video_id": "reused"})
+    cache = store.get_json("videos/reused.json")["cache"]
+    assert cache["policy"]["step"]["policy"] == "magcache" and cache["stats"]["reused_steps"] == [1, 3]

@@ -44,6 +44,10 @@ BAD = [
     ('{"prompt": "a", "steps": false}', "steps"),
     ('{"prompt": "a", "pab": {"spatial": {"range": true, "window": [450, 930]}}}', "range"),
     ('{"prompt": "a", "pab": {"spatial": {"range": 2, "window": [450, 930], "blocks": [true]}}}', "blocks"),
+    ('{"prompt": "a", "cache": "../../etc/rules.json"}', "cache"),  # a name, never a path on the server
+    ('{"prompt": "a", "cache": {"policy": "teacache", "threshold": NaN}}', "threshold"),
+    ('{"prompt": "a", "cache": {"policy": "fastcache", "threshold": 0.1}}', "policy"),
+    ('{"prompt": "a", "cache": {"policy": "magcache", "threshold": 0.1, "max_skips": true}}', "max_skips"),
 ]
 
 
@@ -157,3 +161,35 @@ def test_the_video_reports_the_size_it_renders_and_why(served, body, size, said)
     else:
         [notice] = video["notices"]
         assert said in notice and f"the video is {size}" in notice
+
+
+def test_cache_presets_policies_and_the_old_name(served):
+    """A preset the model is not calibrated for is a 422 saying how to calibrate; a policy given in full and
+    PAB rules under `cache` are accepted as asked; `pab` and `cache` must not disagree."""
+    r = served.post("/v1/videos", json={"prompt": "a fox", "cache": "teacache-slow"})
+    assert r.status_code == 422 and "pab calibrate --model opensora-v1.2-tiny" in r.text, r.text
+    policy = {"policy": "magcache", "threshold": 0.2, "ratios": [1.0, 0.95], "max_skips": 2}
+    r = served.post("/v1/videos", json={"prompt": "a fox", "cache": policy})
+    assert r.status_code == 200, r.text
+    assert r.json()["request"]["cache"] == {**policy, "coefficients": [], "warmup": 1, "cooldown": 1}
+    r = served.post("/v1/videos", json={"prompt": "a fox", "cache": {"spatial": {"range": 2, "window": [1, 900]}}})
+    assert r.status_code == 200 and r.json()["request"]["cache"]["spatial"]["range"] == 2, r.text
+    r = served.post("/v1/videos", json={"prompt": "a fox", "cache": "paper", "pab": {"spatial": {"range": 3,
+                                                                                                 "window": [1, 9]}}})
+    assert r.status_code == 422 and "disagree" in r.text, r.text
+
+
+def test_a_calibrated_model_takes_its_presets_by_name(tmp_path):
+    svc = ingress.VideoAPI({"models": [{"name": "opensora-v1.2-small"}],
+                            "storage": {"backend": "local", "path": str(tmp_path)}}, pools={})  # fmt: skip
+    svc._ensure_background = lambda: None
+    svc._start = lambda job_id: None
+    ingress._instance["svc"] = svc
+    try:
+        client = TestClient(ingress.api, raise_server_exceptions=False)
+        r = client.post("/v1/videos", json={"prompt": "a fox", "cache": "magcache-fast"})
+        assert r.status_code == 200 and r.json()["request"]["cache"] == "magcache-fast", r.text
+        r = client.post("/v1/videos", json={"prompt": "a fox", "cache": "magcache-fastest"})
+        assert r.status_code == 422 and "'magcache-fast', 'magcache-slow', 'teacache-fast'" in r.text, r.text
+    finally:
+        ingress._instance.pop("svc", None)

@@ -302,3 +302,14 @@ def test_a_storage_error_fails_only_its_row(tmp_path):
     rows = {r["id"]: r for r in read_results((out / "results.parquet").read_bytes()).to_pylist()}
     assert [rows[i]["status"] for i in ("a", "blocked", "c")] == ["completed", "failed", "completed"]
     assert rows["blocked"]["error"].startswith("IsADirectoryError") and group.calls == ["p-a", "p-c"]
+
+
+def test_a_cache_column_names_a_preset_or_holds_a_policy():
+    table = read_manifest(parquet(id=["a", "b", "c"], prompt=["a cat", "a dog", "a cow"],
+                                  cache=["teacache-slow", '{"policy": "magcache", "threshold": 0.1}', "{oops"]))
+    plans = plan_rows(table, "opensora-v1.2-tiny", RenderSettings())
+    assert plans[0].request["cache"] == "teacache-slow"
+    assert plans[1].request["cache"] == {"policy": "magcache", "threshold": 0.1}
+    assert "cache is not valid JSON" in plans[2].error
+    plain = plan_rows(read_manifest(parquet(id=["a"], prompt=["a cat"])), "opensora-v1.2-tiny", RenderSettings())
+    assert "cache" not in plain[0].request  # rows without one keep the fingerprint they had before the field

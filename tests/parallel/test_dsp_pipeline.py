@@ -60,3 +60,32 @@ def test_pipeline_under_dsp_matches_single_device(sp, cfg):
     results = launch_local(sp * cfg, _worker, sp, cfg, backend="gloo")
     for name in REQUESTS:  # the same communication on every rank (same PAB decisions, same splits)
         assert len({r[name]["all_to_all_done"] for r in results}) == 1
+
+
+TEACACHE = {"policy": "teacache", "threshold": 0.6, "coefficients": [3.0, -1.0, 0.5]}
+
+
+def _step_reuse_worker(rank: int, world: int, sp: int, cfg: int) -> dict:
+    ctx = init_parallel(ParallelConfig(sp=sp, cfg=cfg))
+    summary = {}
+    for name in ("opensora-v1.2-tiny", "latte-1-tiny"):
+        request = GenerationRequest(model=name, prompt="a red fox in snow", seed=3, cache=TEACACHE, **REQUESTS[name])
+        ref = Pipeline.from_name(name, device="cpu", dtype=torch.float32).generate(request)
+        out = Pipeline.from_name(name, device="cpu", dtype=torch.float32, parallel=ctx).generate(request)
+        # The decision sums its norms over the group: every rank reuses the steps one device reuses.
+        assert out.cache_stats == ref.cache_stats and ref.cache_stats["reused"] > 0, (name, ref.cache_stats)
+        scale = max(1.0, ref.latents.abs().max().item())
+        torch.testing.assert_close(out.latents, ref.latents, atol=1e-5 * scale, rtol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")  # fmt: skip
+        comm = out.parallel["comm"]
+        if sp > 1:  # a reused step runs no block, so none of its all-to-alls
+            per_step = comm["all_to_all_done"] // out.cache_stats["computed"]
+            assert comm["all_to_all_skipped_by_step_reuse"] == per_step * out.cache_stats["reused"] > 0
+        summary[name] = out.cache_stats["reused_steps"]
+    return summary
+
+
+@pytest.mark.parametrize("sp,cfg", [(2, 1), (1, 2)], ids=["sp2", "cfg2"])
+def test_step_reuse_under_dsp_matches_single_device(sp, cfg):
+    results = launch_local(sp * cfg, _step_reuse_worker, sp, cfg, backend="gloo")
+    assert all(r == results[0] for r in results)

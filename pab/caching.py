@@ -1,0 +1,83 @@
+"""Which cache a request runs with: PAB (`pab.broadcast`), step reuse (`pab.stepcache`), or neither.
+
+A request names it once, in its `cache` field (`pab` is the older name of the same field):
+
+* ``"off"``, ``"paper"`` (the paper's PAB preset for the model), or PAB rules (a dict, or a .json file of them);
+* the name of a step-reuse preset calibrated for the model (``teacache-slow``, ``teacache-fast``,
+  ``magcache-slow``, ``magcache-fast``), read from the `cache.json` beside its weights that `pab calibrate`
+  writes (the shipped `-small` models have one);
+* a step-reuse policy: a dict or .json file with a ``"policy"`` key (`StepReuseConfig`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from pab.broadcast import PABConfig
+from pab.stepcache import StepReuseConfig
+
+CALIBRATION_FILE = "cache.json"
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """What one request reuses: PAB's attention outputs, whole steps, or nothing."""
+
+    name: str
+    pab: PABConfig
+    step: StepReuseConfig | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "pab": self.pab.to_dict(), "step": self.step.to_dict() if self.step else None}
+
+
+def load_calibration(path: str | Path | None) -> dict[str, Any] | None:
+    """A `pab calibrate` file, or None when there is none."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"calibration file {path} is not valid JSON: {e}; run `pab calibrate` again") from e
+
+
+def presets(calibration: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    return dict((calibration or {}).get("presets") or {})
+
+
+def resolve_cache(
+    model: str, spec: str | Mapping[str, Any] | PABConfig | None, calibration: Mapping[str, Any] | None = None
+) -> CachePolicy:
+    """A user's choice, resolved against `model` and its calibration; ValueError says what is accepted."""
+    if spec is None or spec == "off":
+        return CachePolicy("off", PABConfig())
+    if isinstance(spec, PABConfig):
+        return CachePolicy("pab", spec)
+    if isinstance(spec, Mapping):
+        if "policy" in spec:
+            return CachePolicy(str(spec["policy"]), PABConfig(), StepReuseConfig.from_dict(spec))
+        return CachePolicy("pab", PABConfig.resolve(model, spec))
+    if spec == "paper":
+        return CachePolicy("paper", PABConfig.preset(model, "paper"))
+    named = presets(calibration)
+    if spec in named:
+        return CachePolicy(spec, PABConfig(), StepReuseConfig.from_dict(named[spec]))
+    if str(spec).endswith(".json"):
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(f"cache settings file {spec!r} does not exist")
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"cache settings file {spec!r} is not valid JSON: {e}") from e
+        if isinstance(doc, Mapping) and "presets" in doc:
+            raise ValueError(f"{spec} is a calibration file; pass one of its presets by name with the model's "
+                             f"weights beside it, or a file of one policy: {sorted(doc['presets'])}")  # fmt: skip
+        policy = resolve_cache(model, doc, calibration)
+        return CachePolicy(path.stem, policy.pab, policy.step)
+    names = ["off", "paper", *sorted(named)]
+    hint = "" if named else f" ({model} has no step-reuse calibration: `pab calibrate --model {model}` makes one)"
+    raise ValueError(f"unknown cache {spec!r}; use one of {names}, or a .json file of PAB rules or a policy{hint}")

@@ -1,0 +1,44 @@
+"""`pab calibrate` on a checkpoint: it measures, fits, writes presets beside the weights, and they work."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from test_pipeline import save_checkpoint
+
+from pab.calibrate import Recorder, main, replay
+from pab.pipeline import GenerationRequest, Pipeline
+from pab.stepcache import StepReuseConfig
+
+
+def test_calibrate_writes_presets_that_the_pipeline_reads(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(Pipeline.from_name("opensora-v1.2-tiny", device="cpu"), ckpt)
+    assert main(["--model", "opensora-v1.2-tiny", "--checkpoint", str(ckpt), "--count", "3", "--steps", "10",
+                 "--device", "cpu", "--plot", str(tmp_path / "cal.png")]) == 0  # fmt: skip
+    doc = json.loads((ckpt / "cache.json").read_text())
+    assert (tmp_path / "cal.png").stat().st_size > 10_000 and "teacache-slow" in capsys.readouterr().out
+    assert doc["steps"] == 10 and len(doc["magcache"]["ratios"]) == 10 and len(doc["teacache"]["coefficients"]) == 5
+    assert [len(c) for c in doc["measured"]["indicator_change"]] == [9, 9, 9]
+    for name, target in (("slow", 0.4), ("fast", 0.6)):
+        for policy in ("teacache", "magcache"):
+            assert doc["reuse_on_calibration"][f"{policy}-{name}"] >= target
+    pipe = Pipeline.from_name("opensora-v1.2-tiny", device="cpu", checkpoint=ckpt)
+    r = pipe.generate(GenerationRequest(model=pipe.name, prompt=doc["prompts"][0], seed=0, steps=10,
+                                        cache="teacache-fast"))  # fmt: skip
+    # On the run it was measured on, the first reuse decisions are the replayed ones: the trajectory is the
+    # full model's until the first reused step.
+    replayed = replay(StepReuseConfig.from_dict(doc["presets"]["teacache-fast"]), doc["measured"]["indicator_change"][0], 10)
+    assert r.cache_stats["reused_steps"][0] == replayed[0]
+
+
+def test_the_recorder_measures_the_residual_the_model_computes():
+    pipe = Pipeline.from_name("latte-1-tiny", device="cpu")
+    rec = Recorder()
+    r = pipe.generate(GenerationRequest(model=pipe.name, prompt="a cat", seed=0, steps=6), step_state=rec)
+    assert r.cache_stats["reused"] == 0 and len(rec.residual_norm) == 6 and len(rec.residual_change) == 5
+    assert len(rec.changes) == 5 and all(np.isfinite(rec.changes)) and all(c > 0 for c in rec.residual_change)
+    off = pipe.generate(GenerationRequest(model=pipe.name, prompt="a cat", seed=0, steps=6))
+    assert torch.equal(r.latents, off.latents)  # measuring changes nothing
