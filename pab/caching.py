@@ -5,7 +5,8 @@ A request names it once, in its `cache` field (`pab` is the older name of the sa
 * ``"off"``, ``"paper"`` (the paper's PAB preset for the model), or PAB rules (a dict, or a .json file of them);
 * the name of a step-reuse preset calibrated for the model (``teacache-slow``, ``teacache-fast``,
   ``magcache-slow``, ``magcache-fast``), read from the `cache.json` beside its weights that `pab calibrate`
-  writes (the shipped `-small` models have one);
+  writes (the shipped `-small` models have one); a full-size model without one has TeaCache's published
+  ``teacache-slow`` / ``teacache-fast`` (its authors' polynomial, thresholds 0.1 / 0.2);
 * a step-reuse policy: a dict or .json file with a ``"policy"`` key (`StepReuseConfig`).
 """
 
@@ -44,8 +45,21 @@ def load_calibration(path: str | Path | None) -> dict[str, Any] | None:
         raise ValueError(f"calibration file {path} is not valid JSON: {e}; run `pab calibrate` again") from e
 
 
-def presets(calibration: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
-    return dict((calibration or {}).get("presets") or {})
+PUBLISHED_THRESHOLDS = {"teacache-slow": 0.1, "teacache-fast": 0.2}  # what TeaCache evaluated its numbers at
+
+
+def presets(model: str, calibration: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The step-reuse presets of `model`: TeaCache's published ones for a full-size model, then (winning) those
+    of the calibration file beside its weights."""
+    from pab.families import get_family
+    from pab.models import split_name
+
+    named: dict[str, dict[str, Any]] = {}
+    published = get_family(model).published_teacache
+    if published is not None and split_name(model)[1] == "full":
+        named = {n: {"policy": "teacache", "threshold": t, "coefficients": list(published)}
+                 for n, t in PUBLISHED_THRESHOLDS.items()}  # fmt: skip
+    return {**named, **((calibration or {}).get("presets") or {})}
 
 
 def resolve_cache(
@@ -62,7 +76,7 @@ def resolve_cache(
         return CachePolicy("pab", PABConfig.resolve(model, spec))
     if spec == "paper":
         return CachePolicy("paper", PABConfig.preset(model, "paper"))
-    named = presets(calibration)
+    named = presets(model, calibration)
     if spec in named:
         return CachePolicy(spec, PABConfig(), StepReuseConfig.from_dict(named[spec]))
     if str(spec).endswith(".json"):

@@ -31,6 +31,18 @@ def test_names_dicts_and_files_resolve(tmp_path):
     assert resolve_cache("latte-1-tiny", str(tmp_path / "rules.json")).pab.spatial.window == (100.0, 900.0)
 
 
+def test_full_size_models_have_teacaches_published_presets():
+    for model, first in (("opensora-v1.2", 2.17546007e02), ("latte-1", -2.46434137e03),
+                         ("opensora-plan-v1.1", 2.05943668e05)):  # fmt: skip
+        slow, fast = resolve_cache(model, "teacache-slow"), resolve_cache(model, "teacache-fast")
+        assert (slow.step.threshold, fast.step.threshold) == (0.1, 0.2) and slow.step.coefficients[0] == first
+    # A calibration beside the weights wins over the published numbers.
+    assert resolve_cache("opensora-v1.2", "teacache-slow", CALIBRATION).step.threshold == 0.1
+    assert resolve_cache("opensora-v1.2", "teacache-slow", CALIBRATION).step.coefficients == (1.0, 0.0)
+    with pytest.raises(ValueError, match="magcache-slow"):  # magcache needs a measurement: no published preset
+        resolve_cache("opensora-v1.2", "magcache-slow")
+
+
 def test_what_is_not_accepted_says_what_is(tmp_path):
     with pytest.raises(ValueError, match=r"unknown cache 'teacache-slow'.*`pab calibrate --model latte-1-tiny`"):
         resolve_cache("latte-1-tiny", "teacache-slow")

@@ -24,6 +24,10 @@ class Family:
     # reference code triggers MLP reuse on exact timesteps, which rarely fire outside the one resolution they
     # were tuned for, so it is written with the same window-and-range rule as attention over their span.
     paper_pab: dict[str, Any] | None = None
+    # TeaCache's published rescaling polynomial for the full-size official model (its authors' evaluation code,
+    # the fit of the official output's change to the first block's modulated input), with the slow/fast
+    # thresholds it was evaluated at. A calibration file beside the weights (`pab calibrate`) takes precedence.
+    published_teacache: tuple[float, ...] | None = None
 
     @property
     def spec(self) -> ModelSpec:

@@ -16,6 +16,7 @@ from pab.models.vae import VideoVAE
 class Latte1(Family):
     name = "latte-1"
     paper_pab = dict(ranges=(2, 3, 6), window=(100, 800), mlp=(3, (350, 730), tuple(range(5))))
+    published_teacache = (-2.46434137e03, 3.08044764e02, 8.07447667e01, -4.11385132e00, 1.11001402e-01)
 
     def load_vae(self, size: str, folder: Path | None, device: torch.device, dtype: torch.dtype) -> VideoVAE:
         from pab.models.frame_vae import FrameVAE

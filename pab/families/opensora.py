@@ -15,6 +15,7 @@ from pab.samplers.rflow import shift_ratio
 class OpenSora12(Family):
     name = "opensora-v1.2"
     paper_pab = dict(ranges=(2, 4, 6), window=(450, 930), mlp=(3, (590, 870), tuple(range(5))))
+    published_teacache = (2.17546007e02, -1.18329252e02, 2.68662585e01, -4.59364272e-02, 4.84426240e-02)
 
     def sampler_options(self, size: str) -> dict[str, Any]:
         if size != "small":

@@ -16,6 +16,7 @@ from pab.models.vae import VideoVAE
 class OpenSoraPlan11(Family):
     name = "opensora-plan-v1.1"
     paper_pab = dict(ranges=(2, 4, 6), window=(100, 850), mlp=(3, (400, 745), tuple(range(7))))
+    published_teacache = (2.05943668e05, -1.48759286e04, 3.06085986e02, 1.31418080e00, 2.39658469e-03)
 
     def load_vae(self, size: str, folder: Path | None, device: torch.device, dtype: torch.dtype) -> VideoVAE:
         vae = super().load_vae(size, folder, device, dtype)
