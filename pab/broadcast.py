@@ -31,15 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import torch.nn as nn
 
-from pab.hooks.registry import ModelHook, register_hook, remove_hooks_named
+from pab.hooks.registry import ModelHook, active, register_hook, remove_hooks_named
 
 PAB_HOOK = "pyramid_attention_broadcast"
 KINDS = ("spatial", "temporal", "cross", "mlp")
@@ -150,10 +148,9 @@ class PABConfig:
 
     @classmethod
     def resolve(cls, model: str, spec: "PABConfig | str | Mapping[str, Any] | None") -> "PABConfig":
-        """Turn a user's choice (None, "off", "paper", a path to a JSON file, a dict) into a config.
-
-        Rules given as a dict or a file are checked against `model`'s blocks (`check_blocks`).
-        """
+        """Turn a choice (None, "off", "paper", a dict of rules) into a config; rules are checked against
+        `model`'s blocks (`check_blocks`). A request's `cache` field (files included) goes through
+        `pab.caching.resolve_cache`, which calls this for PAB."""
         if spec is None:
             return cls()
         if isinstance(spec, PABConfig):
@@ -163,16 +160,7 @@ class PABConfig:
         if spec in ("off", "paper"):
             # Presets are written for the full-size models; blocks a smaller size lacks simply never match.
             return cls.preset(model, spec)
-        path = Path(spec)
-        if path.suffix == ".json":
-            if not path.is_file():
-                raise ValueError(f"PAB settings file {spec!r} does not exist")
-            try:
-                rules = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"PAB settings file {spec!r} is not valid JSON: {e}") from e
-            return cls.from_dict(rules).check_blocks(model)
-        raise ValueError(f"unknown PAB setting {spec!r}; use 'off', 'paper' or a path to a .json file of rules")
+        raise ValueError(f"unknown PAB setting {spec!r}; use 'off', 'paper' or a dict of rules")
 
     def check_blocks(self, model: str) -> "PABConfig":
         """This config, or ValueError naming the first block index `model` does not have.
@@ -244,14 +232,9 @@ class PABState:
 _ACTIVE_STATE: contextvars.ContextVar[PABState | None] = contextvars.ContextVar("pab_state", default=None)
 
 
-@contextlib.contextmanager
-def use_state(state: PABState) -> Iterator[PABState]:
+def use_state(state: PABState) -> contextlib.AbstractContextManager[PABState]:
     """Make `state` the one PAB hooks read and write while the block runs (this thread/task only)."""
-    token = _ACTIVE_STATE.set(state)
-    try:
-        yield state
-    finally:
-        _ACTIVE_STATE.reset(token)
+    return active(_ACTIVE_STATE, state)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -35,14 +35,14 @@ class CachePolicy:
         return {"name": self.name, "pab": self.pab.to_dict(), "step": self.step.to_dict() if self.step else None}
 
 
-def load_calibration(path: str | Path | None) -> dict[str, Any] | None:
-    """A `pab calibrate` file, or None when there is none."""
+def load_calibration(path: str | Path | None) -> Any:
+    """A JSON settings file (a `pab calibrate` file, rules or a policy), or None when there is none."""
     if path is None or not Path(path).is_file():
         return None
     try:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"calibration file {path} is not valid JSON: {e}; run `pab calibrate` again") from e
+        raise ValueError(f"settings file {str(path)!r} is not valid JSON: {e}") from e
 
 
 PUBLISHED_THRESHOLDS = {"teacache-slow": 0.1, "teacache-fast": 0.2}  # what TeaCache evaluated its numbers at
@@ -81,12 +81,9 @@ def resolve_cache(
         return CachePolicy(spec, PABConfig(), StepReuseConfig.from_dict(named[spec]))
     if str(spec).endswith(".json"):
         path = Path(spec)
-        if not path.is_file():
+        doc = load_calibration(path) if path.is_file() else None
+        if doc is None:
             raise ValueError(f"cache settings file {spec!r} does not exist")
-        try:
-            doc = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"cache settings file {spec!r} is not valid JSON: {e}") from e
         if isinstance(doc, Mapping) and "presets" in doc:
             raise ValueError(f"{spec} is a calibration file; pass one of its presets by name with the model's "
                              f"weights beside it, or a file of one policy: {sorted(doc['presets'])}")  # fmt: skip

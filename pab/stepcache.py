@@ -29,12 +29,12 @@ import contextlib
 import contextvars
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 import torch.nn as nn
 
-from pab.hooks.registry import ModelHook, register_hook, remove_hooks_named
+from pab.hooks.registry import ModelHook, active, register_hook, remove_hooks_named
 
 STEP_HOOK = "step_cache"
 POLICIES = ("teacache", "magcache")
@@ -182,14 +182,9 @@ class StepCacheState:
 _ACTIVE: contextvars.ContextVar[StepCacheState | None] = contextvars.ContextVar("step_cache_state", default=None)
 
 
-@contextlib.contextmanager
-def use_step_state(state: StepCacheState) -> Iterator[StepCacheState]:
+def use_step_state(state: StepCacheState) -> contextlib.AbstractContextManager[StepCacheState]:
     """Make `state` the one the step-cache hooks use while the block runs (this thread/task only)."""
-    token = _ACTIVE.set(state)
-    try:
-        yield state
-    finally:
-        _ACTIVE.reset(token)
+    return active(_ACTIVE, state)
 
 
 def _active() -> StepCacheState | None:

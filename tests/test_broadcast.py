@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from pab.broadcast import KINDS, BroadcastRule, PABConfig, PABState, apply_pab, remove_pab, use_state
+from pab.caching import resolve_cache
 from pab.hooks.registry import ModelHook, register_hook, remove_hook
 
 
@@ -191,7 +192,7 @@ def test_config_parsing_and_errors(tmp_path):
     assert PABConfig.resolve("opensora-plan-v1.1", "paper").spatial.window == (100.0, 850.0)
     f = tmp_path / "rules.json"
     f.write_text('{"spatial": {"range": 3, "window": [200, 700]}, "cross": null}')
-    assert PABConfig.resolve("latte-1", str(f)).spatial == BroadcastRule(3, (200, 700))
+    assert resolve_cache("latte-1", str(f)).pab.spatial == BroadcastRule(3, (200, 700))
     with pytest.raises(ValueError, match="unknown PAB preset|unknown PAB setting"):
         PABConfig.resolve("latte-1", "fast")
     with pytest.raises(ValueError, match="range must be an integer >= 1"):
@@ -224,7 +225,7 @@ def test_blocks_outside_the_model_are_an_error_naming_the_field_and_the_range(tm
     f = tmp_path / "rules.json"  # `pab generate --pab FILE.json` goes the same way
     f.write_text(json.dumps(rules))
     with pytest.raises(ValueError, match=message):
-        PABConfig.resolve(model, str(f))
+        resolve_cache(model, str(f))
 
 
 def test_blocks_inside_the_model_and_presets_still_resolve():

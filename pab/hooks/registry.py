@@ -11,12 +11,15 @@ first, PAB registers after it, so a broadcast attention skips the communication 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch.nn as nn
 
 _REGISTRY_ATTR = "_pab_hook_registry"
+T = TypeVar("T")
 
 
 class ModelHook:
@@ -111,6 +114,17 @@ def remove_hook(module: nn.Module, name: str) -> ModelHook | None:
 def get_hook(module: nn.Module, name: str) -> ModelHook | None:
     registry = get_registry(module, create=False)
     return registry.get(name) if registry is not None else None
+
+
+@contextlib.contextmanager
+def active(var: contextvars.ContextVar[T | None], state: T) -> Iterator[T]:
+    """Make `state` the one a technique's hooks read from `var` while the block runs (this thread/task only):
+    hooks hold no per-request data, so concurrent requests on other threads never see each other's."""
+    token = var.set(state)
+    try:
+        yield state
+    finally:
+        var.reset(token)
 
 
 def remove_hooks_named(model: nn.Module, name: str) -> int:

@@ -5,6 +5,7 @@ take (PAB blocks it lacks) is a 422 with its range, and a size off its patch gri
 Schema validation happens before the service is asked for anything, so a stand-in service is enough there;
 the model's own checks and the burst drive the real VideoAPI.create with jobs that never start."""
 
+import contextlib
 import json
 from types import SimpleNamespace
 
@@ -112,11 +113,11 @@ def test_the_queue_bound_holds_under_a_burst(tmp_path):
     assert len(svc._active) == 8 and svc._reserved == 0
 
 
-@pytest.fixture
-def served(tmp_path):
-    """The real VideoAPI on a local folder, serving opensora-v1.2-tiny; accepted jobs are never started."""
-    svc = ingress.VideoAPI({"models": [{"name": "opensora-v1.2-tiny"}],
-                            "storage": {"backend": "local", "path": str(tmp_path)}}, pools={})  # fmt: skip
+@contextlib.contextmanager
+def serving(tmp_path, model: str):
+    """The real VideoAPI on a local folder, serving `model`; accepted jobs are never started."""
+    svc = ingress.VideoAPI({"models": [{"name": model}], "storage": {"backend": "local", "path": str(tmp_path)}},
+                           pools={})  # fmt: skip
     svc._ensure_background = lambda: None
     svc._start = lambda job_id: None
     ingress._instance["svc"] = svc
@@ -124,6 +125,12 @@ def served(tmp_path):
         yield TestClient(ingress.api, raise_server_exceptions=False)
     finally:
         ingress._instance.pop("svc", None)
+
+
+@pytest.fixture
+def served(tmp_path):
+    with serving(tmp_path, "opensora-v1.2-tiny") as client:
+        yield client
 
 
 @pytest.mark.parametrize("block", [999999, -1, 2])
@@ -180,16 +187,8 @@ def test_cache_presets_policies_and_the_old_name(served):
 
 
 def test_a_calibrated_model_takes_its_presets_by_name(tmp_path):
-    svc = ingress.VideoAPI({"models": [{"name": "opensora-v1.2-small"}],
-                            "storage": {"backend": "local", "path": str(tmp_path)}}, pools={})  # fmt: skip
-    svc._ensure_background = lambda: None
-    svc._start = lambda job_id: None
-    ingress._instance["svc"] = svc
-    try:
-        client = TestClient(ingress.api, raise_server_exceptions=False)
+    with serving(tmp_path, "opensora-v1.2-small") as client:  # its cache.json ships beside its weights
         r = client.post("/v1/videos", json={"prompt": "a fox", "cache": "magcache-fast"})
         assert r.status_code == 200 and r.json()["request"]["cache"] == "magcache-fast", r.text
         r = client.post("/v1/videos", json={"prompt": "a fox", "cache": "magcache-fastest"})
         assert r.status_code == 422 and "'magcache-fast', 'magcache-slow', 'teacache-fast'" in r.text, r.text
-    finally:
-        ingress._instance.pop("svc", None)
