@@ -25,7 +25,6 @@ Placement: outside Serve the group makes its own placement group (`placement_gro
 from __future__ import annotations
 
 import logging
-import random
 import socket
 import threading
 import time
@@ -45,7 +44,9 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.worker import GenerationWorker, VideoOutput, WorkerCancelled
+from actors.worker import GenerationWorker, VideoOutput
+from pab.errors import GenerationCancelled  # raised as is when every rank stopped at the same step
+from pab.seeds import draw_seed
 from pab.storage import StorageUnavailable
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,6 @@ class GroupUnavailable(GroupError):
 
 class GenerationError(GroupError):
     """The request failed the same way on every rank (e.g. the model cannot take it); the group is fine."""
-
-
-class GenerationCancelled(GroupError):
-    """The request was cancelled and every rank stopped at the same step."""
 
 
 def group_bundles(
@@ -406,7 +403,7 @@ class GpuGroup:
         self._cancel.clear()
         self._generation += 1
         if request.get("seed") is None:
-            request["seed"] = random.randrange(2**31 - 1)  # every rank must draw the same noise
+            request["seed"] = draw_seed()  # before any rank sees it: every rank must draw the same noise
         if isinstance(output, VideoOutput):
             output = {"storage": output.storage, "video_id": output.video_id, "sidecar": output.sidecar}
         token = f"{self.group_id}:{self._generation}"
@@ -459,8 +456,8 @@ class GpuGroup:
     @staticmethod
     def _judge(errors: dict[int, BaseException], size: int) -> BaseException | str:
         """What a generation whose ranks all returned, some with `errors`, raises; a str: the group broke, why."""
-        if all(isinstance(e, WorkerCancelled) for e in errors.values()) and len(errors) == size:
-            return GenerationCancelled(str(errors[0]))
+        if all(isinstance(e, GenerationCancelled) for e in errors.values()) and len(errors) == size:
+            return GenerationCancelled(str(errors[0]))  # unwrapped from Ray's RayTaskError
         if list(errors) == [0] and isinstance(errors[0], StorageUnavailable):
             return errors[0]  # every rank rendered in step; only rank 0's upload failed
         if len(errors) == size:

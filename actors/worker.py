@@ -26,7 +26,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import random
 import tempfile
 import threading
 import time
@@ -34,14 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from pab.errors import GenerationCancelled
+from pab.seeds import draw_seed
+
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
 CancelCallback = Callable[[], bool]
-
-
-class WorkerCancelled(RuntimeError):
-    """The generation stopped because cancellation was requested (on any rank)."""
 
 
 class WorkerError(RuntimeError):
@@ -266,7 +264,7 @@ class GenerationWorker:
 
         Rank 0 returns the video: with `output` it writes `videos/<id>.mp4` and its JSON sidecar to
         storage and returns where; without, the result carries the mp4 bytes under "mp4". Other ranks
-        return their timings only. Raises WorkerCancelled if cancelled, `pab.storage.StorageUnavailable`
+        return their timings only. Raises pab.errors.GenerationCancelled if cancelled, `pab.storage.StorageUnavailable`
         if storage does not take the video.
         """
         if self.engine is None:
@@ -283,7 +281,7 @@ class GenerationWorker:
             if self.world_size > 1:
                 raise ValueError("a parallel group needs the seed set by the caller "
                                  "(every rank must draw the same noise)")
-            request["seed"] = random.randrange(2**31 - 1)
+            request["seed"] = draw_seed()
         request.setdefault("model", self.model)
         self._cancel.clear()
         self._events = []
@@ -305,7 +303,7 @@ class GenerationWorker:
             out = self.engine.generate(request, on_step, should_cancel)
         except Exception as e:
             if cancelled:
-                raise WorkerCancelled(f"cancelled after {len(self._events)} step(s)") from e
+                raise GenerationCancelled(f"cancelled after {len(self._events)} step(s)") from e
             raise
         self._generations += 1
         timings = {**out.timings, "engine_s": time.perf_counter() - t0}

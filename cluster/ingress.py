@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import random
 import time
 import uuid
 from http import HTTPStatus
@@ -50,6 +49,7 @@ from cluster.config import AppConfig, pool_name, route
 from cluster.jobs import JobRecord, JobStore, new_job_id, valid_id
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import IngressMetrics
+from pab.seeds import draw_seed
 from pab.storage import (
     NotFound,
     StorageUnavailable,
@@ -208,7 +208,7 @@ class VideoAPI:
             raise _field_error("model", f"unknown model {model!r}; served: {[m.name for m in self.cfg.models]}",
                                model) from None
         request = body.engine_request(model)
-        request["seed"] = request["seed"] if request["seed"] is not None else random.randrange(2**31 - 1)
+        request["seed"] = request["seed"] if request["seed"] is not None else draw_seed()
         try:
             request, size, notices = await asyncio.to_thread(self._resolve, request, body.seconds)
         except ValueError as e:

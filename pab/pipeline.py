@@ -22,6 +22,8 @@ import torch.nn as nn
 from pab.broadcast import PABConfig, PABState, apply_pab, use_state
 from pab.caching import CachePolicy, load_calibration, resolve_cache
 from pab.checkpoint import WeightSources, resolve_sources
+from pab.errors import GenerationCancelled
+from pab.seeds import draw_seed
 from pab.families import get_family
 from pab.models import ModelSpec, build, get_spec, randomize_weights, split_name
 from pab.models.vae import VideoVAE
@@ -32,10 +34,6 @@ log = logging.getLogger(__name__)
 MIN_SIDE, MAX_SIDE = 16, 4096
 PATCH = 2  # every transformer here cuts the latents into 2x2 patches
 ProgressFn = Callable[[int, int], None]
-
-
-class GenerationCancelled(RuntimeError):
-    """The caller asked to stop; raised at the next denoising step."""
 
 
 @dataclass
@@ -271,7 +269,7 @@ class Pipeline:
             fps=request.fps if request.fps is not None else d.fps,
             steps=request.steps if request.steps is not None else d.steps,
             guidance_scale=request.guidance_scale if request.guidance_scale is not None else d.guidance_scale,
-            seed=request.seed if request.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()),
+            seed=request.seed if request.seed is not None else draw_seed(),
         )
         if not r.prompt or not r.prompt.strip():
             raise ValueError("prompt must not be empty")

@@ -11,7 +11,8 @@ import av
 import numpy as np
 import pytest
 
-from actors.worker import GenerationWorker, WorkerCancelled, WorkerError
+from actors.worker import GenerationWorker, WorkerError
+from pab.errors import GenerationCancelled
 from pab.checkpoint import fetch_s3
 from pab.storage import storage_from_config
 
@@ -66,7 +67,7 @@ def _rank_main(rank, port, q, device="cpu"):
     try:
         w.generate({"prompt": "p", "seed": 1, "steps": 10}, lambda s, n: seen.append(s), cancel_cb)
         q.put((rank, "finished", seen))
-    except WorkerCancelled:
+    except GenerationCancelled:
         q.put((rank, "cancelled", seen))
     finally:
         w.shutdown()

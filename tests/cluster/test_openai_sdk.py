@@ -22,8 +22,7 @@ import numpy as np
 import pytest
 
 import cluster.ingress as ingress
-from actors.group import GenerationCancelled
-from actors.worker import EngineOutput, GenerationWorker, WorkerCancelled
+from actors.worker import EngineOutput, GenerationWorker
 from cluster.config import AppConfig, pool_name
 from cluster.groups import VideoGroup
 from cluster.jobs import JobStore
@@ -78,10 +77,7 @@ class OneRankGroup:
         self.worker.load()
 
     def generate(self, request, on_progress=None, should_cancel=None, output=None, timeout_s=None):
-        try:
-            return self.worker.generate(request, on_progress, should_cancel, output)
-        except WorkerCancelled as e:  # as GpuGroup reports it when every rank stopped
-            raise GenerationCancelled(str(e)) from e
+        return self.worker.generate(request, on_progress, should_cancel, output)  # a cancel: GenerationCancelled
 
 
 class Pool:

@@ -27,7 +27,7 @@ from fastapi.testclient import TestClient
 
 import cluster.ingress as ingress
 from actors.group import GenerationCancelled, GenerationError, GpuGroup, GroupFailed
-from actors.worker import EngineOutput, GenerationWorker, WorkerCancelled
+from actors.worker import EngineOutput, GenerationWorker
 from cluster.config import AppConfig, pool_name
 from cluster.groups import VideoGroup
 from cluster.jobs import JobStore
@@ -360,7 +360,7 @@ def test_the_group_survives_a_refused_upload_but_not_a_rank_failing_alone():
     assert GpuGroup._judge({0: lost}, 1) is lost
     assert isinstance(GpuGroup._judge({0: ValueError("x"), 1: ValueError("x")}, 2), GenerationError)
     assert "rank 1 failed alone" in GpuGroup._judge({1: ValueError("x")}, 2)
-    cancelled = {0: WorkerCancelled("c"), 1: WorkerCancelled("c")}
+    cancelled = {0: GenerationCancelled("c"), 1: GenerationCancelled("c")}
     assert isinstance(GpuGroup._judge(cancelled, 2), GenerationCancelled)
 
 
