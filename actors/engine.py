@@ -55,8 +55,8 @@ class PipelineEngine:
                 "random_weights": res.random_weights,
                 "parallel": res.parallel,
                 "notices": res.notices,
-                # Which cache ran, and for step reuse which steps it computed and reused.
-                "cache": {"policy": res.cache, "stats": res.cache_stats},
+                # Which cache ran, and for step reuse which steps it computed and reused (the sidecar's shape).
+                "cache": res.sidecar()["cache"],
             },
         )
 

@@ -200,12 +200,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"{sidecar['fps']} fps) and {Path(args.output).with_suffix('.json')} in {wall:.1f}s; "
         f"model {args.model} with {weights}"
     )
-    stats = sidecar["pab_stats"]
+    stats = sidecar["pab"]["stats"]
     print("pab: " + ", ".join(f"{k} {v['computed']} computed / {v['broadcast']} broadcast" for k, v in stats.items()))
-    if sidecar["cache_stats"]:
-        steps = sidecar["cache_stats"]
-        print(f"cache {sidecar['cache']['name']}: {steps['computed']} steps computed, {steps['reused']} reused "
-              f"{steps['reused_steps']}")
+    if sidecar["cache"]["stats"]:
+        steps = sidecar["cache"]["stats"]
+        print(f"cache {sidecar['cache']['policy']['name']}: {steps['computed']} steps computed, {steps['reused']} "
+              f"reused {steps['reused_steps']}")
     return 0
 
 

@@ -96,10 +96,9 @@ class GenerationResult:
             "fps": self.request.fps,
             "notices": self.notices,
             "timesteps": self.timesteps,
-            "pab": self.pab,
-            "pab_stats": self.pab_stats,
-            "cache": self.cache,
-            "cache_stats": self.cache_stats,
+            # The shape GPU groups write too (actors.worker): the settings that ran, and what they did.
+            "pab": {"settings": self.pab, "stats": self.pab_stats},
+            "cache": {"policy": self.cache, "stats": self.cache_stats},
             "timings": self.timings,
             "random_weights": self.random_weights,
             "parallel": self.parallel,

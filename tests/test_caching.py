@@ -66,7 +66,7 @@ def test_the_shipped_model_has_its_presets_and_pab_is_cache():
     base = dict(model=pipe.name, prompt="a red circle moving right on a black background", seed=1)  # 30 steps
     fast = pipe.generate(GenerationRequest(**base, cache="teacache-fast"))
     assert fast.cache["name"] == "teacache-fast" and fast.cache_stats["reused"] > 0
-    assert fast.sidecar()["cache_stats"] == fast.cache_stats
+    assert fast.sidecar()["cache"] == {"policy": fast.cache, "stats": fast.cache_stats}
     # `pab` is the older name of the same field: one policy, the same video.
     a = pipe.generate(GenerationRequest(**base, pab="paper"))
     b = pipe.generate(GenerationRequest(**base, cache="paper"))

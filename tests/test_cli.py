@@ -65,9 +65,9 @@ def test_generate_writes_a_decodable_video_and_sidecar(tmp_path: Path):
     assert len(side["notices"]) == 1
     assert side["request"]["prompt"] == "a cat surfing"
     assert len(side["timesteps"]) == 10 and side["timesteps"][0] > side["timesteps"][-1]
-    assert side["pab"]["spatial"] == {"range": 2, "window": [100.0, 800.0]}
-    assert set(side["pab_stats"]) == {"spatial", "temporal", "cross", "mlp"}
-    assert side["pab_stats"]["spatial"]["broadcast"] > 0
+    assert side["pab"]["settings"]["spatial"] == {"range": 2, "window": [100.0, 800.0]}
+    assert set(side["pab"]["stats"]) == {"spatial", "temporal", "cross", "mlp"}
+    assert side["pab"]["stats"]["spatial"]["broadcast"] > 0
     assert {"text_s", "denoise_s", "decode_s", "total_s"} <= set(side["timings"])
     from safetensors.torch import load_file
 
