@@ -80,35 +80,26 @@ def pipeline_engine(
 _META_VAES: dict[str, Any] = {}
 
 
-class _ResolveOnly:
-    """Just enough of a Pipeline for `Pipeline.resolve`: name, spec, family, size and a meta-device VAE."""
+def meta_vae(model: str) -> Any:
+    """The model's VAE on the meta device (no weights, no memory): what answers which frame counts it takes."""
+    if model not in _META_VAES:
+        from types import SimpleNamespace
 
-    def __init__(self, model: str, calibration: dict[str, Any] | None = None) -> None:
-        from pab.families import get_family
-        from pab.models import MODEL_SPECS, build, get_spec, split_name
+        from pab.models import build, get_spec, split_name
 
-        self.name = model
-        self.calibration = calibration
-        self.spec = get_spec(model)
-        self.family = get_family(model)
-        self.size = split_name(model)[1]
-        if model not in _META_VAES:
-            vae = self.spec.vae
-            if vae == "sd-vae":  # per-frame VAE: any frame count
-                from types import SimpleNamespace
-
-                _META_VAES[model] = SimpleNamespace(latent_frames=lambda n: n, spatial_factor=8)
-            else:
-                _META_VAES[model] = build(vae if self.size == "full" else f"{vae}-{self.size}", device="meta")
-        self.vae = _META_VAES[model]
-        assert MODEL_SPECS  # imported for the registry side effects only
+        vae, size = get_spec(model).vae, split_name(model)[1]
+        if vae == "sd-vae":  # per-frame VAE: any frame count
+            _META_VAES[model] = SimpleNamespace(latent_frames=lambda n: n, spatial_factor=8)
+        else:
+            _META_VAES[model] = build(vae if size == "full" else f"{vae}-{size}", device="meta")
+    return _META_VAES[model]
 
 
 def check_request(request: dict[str, Any]) -> dict[str, Any]:
     """The resolved request (model defaults filled in) or ValueError saying what the model can take.
 
-    Runs the engine's own checks (`Pipeline.resolve`, the sampler's among them) without any weights: a VAE
-    on the meta device answers which frame counts it takes.
+    Runs the engine's own checks (`pab.pipeline.resolve_request`, the sampler's among them) without any
+    weights: a VAE on the meta device answers which frame counts it takes.
     """
     return plan_request(request)[0]
 
@@ -136,17 +127,17 @@ def plan_request(
     A cache preset is checked against `calibration`; with `names_unchecked` (the weights, and so their
     calibration, are not on this machine) a preset name is left to the group that loads them.
     """
-    from pab.pipeline import Pipeline, rendered_size, size_notices
+    from pab.pipeline import rendered_size, resolve_request, size_notices
 
-    stub = _ResolveOnly(request["model"], calibration)
+    vae = meta_vae(request["model"])
     asked = to_generation_request(request)
     spec = asked.cache_spec()  # ValueError when cache and pab disagree
     unchecked = names_unchecked and isinstance(spec, str) and spec not in ("off", "paper")
-    r = Pipeline.resolve(stub, dataclasses.replace(asked, cache=None, pab="off") if unchecked else asked)  # type: ignore[arg-type]
+    r = resolve_request(dataclasses.replace(asked, cache=None, pab="off") if unchecked else asked, vae, calibration)
     if unchecked:
         r = dataclasses.replace(r, cache=asked.cache, pab=asked.pab)
-    height, width = rendered_size(stub.vae, r.height, r.width)
-    return r.to_dict(), f"{width}x{height}", size_notices(stub.name, stub.vae, r)
+    height, width = rendered_size(vae, r.height, r.width)
+    return r.to_dict(), f"{width}x{height}", size_notices(r.model, vae, r)
 
 
 def frames_for_seconds(model: str, seconds: float, fps: int | None) -> tuple[int, int]:

@@ -161,6 +161,50 @@ def load_text_encoder(
 # ----------------------------------------------------------------------------------------------------
 
 
+def resolve_request(
+    request: GenerationRequest, vae: Any, calibration: dict[str, Any] | None = None
+) -> GenerationRequest:
+    """The request with the model's defaults filled in, or ValueError saying what the model can take.
+
+    Needs no weights: `vae` only answers which frame counts it takes (`latent_frames`), so the HTTP ingress
+    runs the same checks with a VAE on the meta device. `height` and `width` stay as asked: the model and the
+    sampler are conditioned on them, as in the official pipelines; the video itself is `rendered_size` (whole
+    patches), and `size_notices` says so.
+    """
+    name = request.model
+    spec, family, size = get_spec(name), get_family(name), split_name(name)[1]
+    d = spec.defaults_for(size)
+    r = replace(
+        request,
+        num_frames=request.num_frames if request.num_frames is not None else d.num_frames,
+        height=request.height if request.height is not None else d.height,
+        width=request.width if request.width is not None else d.width,
+        fps=request.fps if request.fps is not None else d.fps,
+        steps=request.steps if request.steps is not None else d.steps,
+        guidance_scale=request.guidance_scale if request.guidance_scale is not None else d.guidance_scale,
+        seed=request.seed if request.seed is not None else draw_seed(),
+    )
+    if not r.prompt or not r.prompt.strip():
+        raise ValueError("prompt must not be empty")
+    if r.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {r.steps}")
+    if r.fps < 1:
+        raise ValueError(f"fps must be >= 1, got {r.fps}")
+    if r.guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {r.guidance_scale}")
+    for side in ("height", "width"):
+        v = getattr(r, side)
+        if not MIN_SIDE <= v <= MAX_SIDE:
+            raise ValueError(f"{side} must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {v}")
+    if r.num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {r.num_frames}")
+    vae.latent_frames(r.num_frames)  # raises ValueError naming the frame counts it can take
+    # Open-Sora's timestep shift is undefined for 2-16 frames; the sampler says so.
+    family.new_sampler(size, r.steps, height=r.height, width=r.width, num_frames=r.num_frames)
+    resolve_cache(name, r.cache_spec(), calibration)  # raises on unknown names or malformed rules
+    return r
+
+
 class Pipeline:
     """A loaded text-to-video model. Not thread-safe: run one generation at a time per instance."""
 
@@ -252,43 +296,10 @@ class Pipeline:
     # ------------------------------------------------------------------ validation
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
-        """Fill defaults and check that the model can take the request; ValueError says what it can.
-
-        `height` and `width` stay as asked: the model and the sampler are conditioned on them, as in the
-        official pipelines. The video itself is `output_size` (whole patches), and `notices` says so.
-        """
+        """Fill defaults and check that the model can take the request (`resolve_request`)."""
         if request.model != self.name:
             raise ValueError(f"this pipeline serves {self.name!r}, not {request.model!r}")
-        d = self.spec.defaults_for(self.size)
-        r = replace(
-            request,
-            num_frames=request.num_frames if request.num_frames is not None else d.num_frames,
-            height=request.height if request.height is not None else d.height,
-            width=request.width if request.width is not None else d.width,
-            fps=request.fps if request.fps is not None else d.fps,
-            steps=request.steps if request.steps is not None else d.steps,
-            guidance_scale=request.guidance_scale if request.guidance_scale is not None else d.guidance_scale,
-            seed=request.seed if request.seed is not None else draw_seed(),
-        )
-        if not r.prompt or not r.prompt.strip():
-            raise ValueError("prompt must not be empty")
-        if r.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {r.steps}")
-        if r.fps < 1:
-            raise ValueError(f"fps must be >= 1, got {r.fps}")
-        if r.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {r.guidance_scale}")
-        for side in ("height", "width"):
-            v = getattr(r, side)
-            if not MIN_SIDE <= v <= MAX_SIDE:
-                raise ValueError(f"{side} must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {v}")
-        if r.num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {r.num_frames}")
-        self.vae.latent_frames(r.num_frames)  # raises ValueError naming the frame counts it can take
-        # Open-Sora's timestep shift is undefined for 2-16 frames; the sampler says so.
-        self.family.new_sampler(self.size, r.steps, height=r.height, width=r.width, num_frames=r.num_frames)
-        resolve_cache(self.name, r.cache_spec(), self.calibration)  # raises on unknown names or malformed rules
-        return r
+        return resolve_request(request, self.vae, self.calibration)
 
     def output_size(self, r: GenerationRequest) -> tuple[int, int]:
         """(height, width) of the video this pipeline renders for a resolved request (`rendered_size`)."""
