@@ -86,6 +86,17 @@ def _flops_by_kind(pipe, request) -> tuple[float, dict[str, float]]:
     return float(fc.get_total_flops()), per_call
 
 
+def fixed_schedule(name: str, calibration: str) -> tuple[str, str | dict[str, Any]]:
+    """A --pab entry as (its name, the request's `cache`): a fixed-* name becomes that preset of `calibration`, a
+    step-reuse schedule fixed in advance, so the time measured does not depend on the random weights."""
+    if not name.startswith("fixed-"):
+        return name, name
+    presets = json.loads(Path(calibration).read_text()).get("presets", {})
+    if name not in presets:
+        raise SystemExit(f"{calibration} has no preset {name!r}; it has {sorted(presets)} (run `pab calibrate`)")
+    return name, presets[name]
+
+
 def _run_case(
     rank: int,
     world: int,
@@ -122,11 +133,11 @@ def _run_case(
     # Warm-up: kernels, cuBLAS/cuDNN heuristics and the allocator at the real shapes.
     pipe.generate(GenerationRequest(**{**base, "steps": 4}))
     records = []
-    for pab in pabs:
+    for label, pab in pabs:
         best = None
         for _ in range(repeat):
             torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
-            res = pipe.generate(GenerationRequest(**base, pab=pab), decode=decode)
+            res = pipe.generate(GenerationRequest(**base, cache=pab), decode=decode)
             if best is None or res.timings["denoise_s"] < best.timings["denoise_s"]:
                 best = res
         res = best
@@ -143,7 +154,9 @@ def _run_case(
             "sp": parallel.sp_size if parallel else 1,
             "cfg_parallel": bool(cfg_parallel),
             "overlap_chunks": overlap_chunks if parallel else 1,
-            "pab": pab,
+            "pab": label,
+            "cache": res.cache,
+            "cache_stats": res.cache_stats,
             "compile": compile,
             "dit_s": round(res.timings["denoise_s"], 3),
             "step_s": round(res.timings["denoise_s"] / calls, 4),
@@ -164,7 +177,7 @@ def _run_case(
             rec["head_parallel_bytes_per_step"] = head_parallel_bytes(rec["comm"]) / calls if rec["comm"] else None
         if fwd_flops is not None:
             skipped = sum(res.pab_stats[k]["broadcast"] * per_call[k] for k in per_call)
-            flops = fwd_flops * calls - skipped
+            flops = fwd_flops * (calls - res.cache_stats.get("reused", 0)) - skipped  # a reused step: no block ran
             rec["tflop"] = round(flops / 1e12, 1)
             rec["mfu"] = round(flops / res.timings["denoise_s"] / (PEAK_TFLOPS * 1e12 * world), 4)
         records.append(rec)
@@ -358,7 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {sorted(CASES)}")
     p.add_argument("--sp", default="1", help="comma list of group sizes, e.g. 1,2,4")
-    p.add_argument("--pab", default="off,paper")
+    p.add_argument("--pab", default="off,paper",
+                   help="comma list of caches: off, paper, PAB rule files, or fixed-slow / fixed-fast (the step-reuse "
+                        "schedules of --schedules, at each case's step count)")
+    p.add_argument("--schedules", default=str(Path(__file__).resolve().parent.parent / "pab" / "weights"
+                                              / "opensora-v1.2-small" / "cache.json"),
+                   help="the `pab calibrate` file whose fixed-* presets --pab may name (default: the shipped "
+                        "small Open-Sora's, calibrated on trained weights)")
     p.add_argument("--cfg-parallel", action="store_true", help="groups of 2k GPUs run CFG 2 x DSP k")
     p.add_argument("--dsp-chunks", type=int, default=1,
                    help="switch temporal attention in this many row chunks, overlapping all-to-all and compute")
@@ -371,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--machine", default=os.environ.get("PAB_BENCH_MACHINE", os.uname().nodename),
                    help="recorded with each result, e.g. the device kind (nvidia-h100-x1)")
     args = p.parse_args(argv)
-    pabs = args.pab.split(",")
+    pabs = [fixed_schedule(name, args.schedules) for name in args.pab.split(",")]
     records: list[dict] = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -408,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
             print_table(recs)
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
     if args.peer:
-        for pab in pabs:
+        for pab, _ in pabs:  # the peer runs diffusers' PAB presets (off, paper) only
+            if pab not in ("off", "paper"):
+                continue
             try:
                 records.append(run_peer_latte(pab, args.repeat))
             except Exception as e:  # the peer is optional; say why it is missing

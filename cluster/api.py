@@ -62,15 +62,17 @@ class StepPolicyIn(BaseModel):
     """A step-reuse policy with its numbers (`pab.stepcache.StepReuseConfig`; `pab calibrate` writes them)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    policy: Literal["teacache", "magcache"]
-    threshold: float = Field(ge=0, le=1e6)
+    policy: Literal["teacache", "magcache", "fixed"]
+    threshold: float = Field(0.0, ge=0, le=1e6)
     coefficients: list[float] = Field(default_factory=list, max_length=16)
     ratios: list[float] = Field(default_factory=list, max_length=10_000)
     max_skips: int = Field(2, ge=0, le=10_000)
     warmup: int = Field(1, ge=0, le=10_000)
     cooldown: int = Field(1, ge=0, le=10_000)
+    reuse: list[Annotated[int, BeforeValidator(_no_bool)]] = Field(default_factory=list, max_length=10_000)
+    reuse_of: int = Field(0, ge=0, le=10_000)
 
-    _ints = field_validator("max_skips", "warmup", "cooldown", mode="before")(_no_bool)
+    _ints = field_validator("max_skips", "warmup", "cooldown", "reuse_of", mode="before")(_no_bool)
 
 
 # A preset by name (off, paper, teacache-slow, ...): never a path, so a request cannot make the server read a file.

@@ -10,7 +10,10 @@ change of the first block's modulated input (teacache's indicator), the relative
 * teacache: a degree-4 polynomial from the indicator's change to the residual's (the rescaling);
 * magcache: the residual magnitude ratio of each step to the step before, averaged over the prompts;
 * presets ``teacache-slow/fast`` and ``magcache-slow/fast``: the smallest threshold at which the policy,
-  replayed on the measured runs, reuses at least 40% (slow) or 70% (fast) of the steps.
+  replayed on the measured runs, reuses at least 40% (slow) or 70% (fast) of the steps;
+* ``fixed-slow/fast``: as many steps as teacache's preset reuses on average, those it reuses most often, as a
+  schedule fixed in advance
+  (real-size benchmarks on random weights run it; `python -m bench.run --pab fixed-slow`).
 
 The file goes beside the weights by default (`cache.json` of the checkpoint), where the pipeline reads it,
 so `--cache teacache-slow` then works for that model; a PNG shows what was measured.
@@ -125,6 +128,14 @@ def calibrate(pipeline, prompts: list[str], steps: int | None = None, seed: int 
             threshold, got = threshold_for(make, changes, total, target)
             presets[f"{policy}-{speed}"] = make(threshold).to_dict()
             reached[f"{policy}-{speed}"] = got
+        # As a schedule fixed in advance, what a benchmark of the full-size model with random weights runs (its
+        # own decisions would follow the random weights): as many steps as teacache reuses on average, the ones
+        # it reuses most often on the calibration runs (earlier steps first among equals).
+        runs = [replay(StepReuseConfig.from_dict(presets[f"teacache-{speed}"]), run, total) for run in changes]
+        often = sorted(range(total), key=lambda i: (-sum(i in r for r in runs), i))
+        common = sorted(often[: round(float(np.mean([len(r) for r in runs])))])
+        presets[f"fixed-{speed}"] = StepReuseConfig("fixed", reuse=tuple(common), reuse_of=total).to_dict()
+        reached[f"fixed-{speed}"] = len(common) / total
     return {
         "model": pipeline.name,
         "steps": total,

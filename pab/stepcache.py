@@ -37,7 +37,7 @@ import torch.nn as nn
 from pab.hooks.registry import ModelHook, active, register_hook, remove_hooks_named
 
 STEP_HOOK = "step_cache"
-POLICIES = ("teacache", "magcache")
+POLICIES = ("teacache", "magcache", "fixed")
 
 
 @dataclass(frozen=True)
@@ -53,27 +53,37 @@ class StepReuseConfig:
             steps (read at this request's relative position in the schedule, so another step count works).
         max_skips: magcache: reused steps in a row at most.
         warmup, cooldown: first and last steps that always compute.
+        reuse: fixed: the steps reused, out of a schedule of `reuse_of` steps (a calibrated policy's typical
+            choice, `pab calibrate`): the same every request, so its time does not depend on the weights
+            (benchmarks at real size) and the steps it runs are known in advance.
+        reuse_of: fixed: the number of steps `reuse` was chosen for; another step count takes the same
+            relative positions.
     """
 
-    policy: Literal["teacache", "magcache"]
-    threshold: float
+    policy: Literal["teacache", "magcache", "fixed"]
+    threshold: float = 0.0
     coefficients: tuple[float, ...] = ()
     ratios: tuple[float, ...] = ()
     max_skips: int = 2
     warmup: int = 1
     cooldown: int = 1
+    reuse: tuple[int, ...] = ()
+    reuse_of: int = 0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown step-reuse policy {self.policy!r}; use one of {list(POLICIES)}")
         if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
             raise ValueError(f"threshold must be a finite number >= 0, got {self.threshold!r}")
-        for name in ("max_skips", "warmup", "cooldown"):
+        for name in ("max_skips", "warmup", "cooldown", "reuse_of"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
         object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
+        object.__setattr__(self, "reuse", tuple(int(s) for s in self.reuse))
+        if self.policy == "fixed" and not (self.reuse_of > 0 and all(0 <= s < self.reuse_of for s in self.reuse)):
+            raise ValueError("a fixed policy needs reuse_of > 0 steps and reuse positions in [0, reuse_of)")
         if self.policy == "magcache" and not self.ratios:
             raise ValueError("a magcache policy needs the calibrated ratios; `pab calibrate` writes them")
         if not all(math.isfinite(c) for c in (*self.coefficients, *self.ratios)):
@@ -81,19 +91,26 @@ class StepReuseConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["coefficients"], d["ratios"] = list(self.coefficients), list(self.ratios)
+        d["coefficients"], d["ratios"], d["reuse"] = list(self.coefficients), list(self.ratios), list(self.reuse)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "StepReuseConfig":
-        known = {"policy", "threshold", "coefficients", "ratios", "max_skips", "warmup", "cooldown"}
+        known = {"policy", "threshold", "coefficients", "ratios", "max_skips", "warmup", "cooldown", "reuse",
+                 "reuse_of"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown step-reuse field(s) {sorted(unknown)}; use {sorted(known)}")
-        if "policy" not in d or "threshold" not in d:
+        if "policy" not in d or ("threshold" not in d and d["policy"] != "fixed"):
             raise ValueError('a step-reuse policy needs "policy" and "threshold", e.g. '
                              '{"policy": "teacache", "threshold": 0.1, "coefficients": [...]}')  # fmt: skip
-        return cls(**{k: tuple(v) if k in ("coefficients", "ratios") else v for k, v in d.items()})
+        return cls(**{k: tuple(v) if k in ("coefficients", "ratios", "reuse") else v for k, v in d.items()})
+
+    def reused_at(self, total: int) -> frozenset[int]:
+        """fixed: the steps of a `total`-step schedule at the relative positions of `reuse`."""
+        if total == self.reuse_of or self.reuse_of <= 1:
+            return frozenset(self.reuse)
+        return frozenset(round(s * (total - 1) / (self.reuse_of - 1)) for s in self.reuse)
 
     def ratio_at(self, step: int, total: int) -> float:
         """The calibrated magnitude ratio at `step` of `total`, linearly interpolated across schedules."""
@@ -154,6 +171,8 @@ class StepCacheState:
         """True to compute this step. `indicator()` is only evaluated by a policy that reads it."""
         cfg, i = self.config, self.step
         edge = i < cfg.warmup or i >= self.total - cfg.cooldown or self.residual is None
+        if cfg.policy == "fixed":
+            return edge or i not in cfg.reused_at(self.total)
         if cfg.policy == "teacache":
             ind = indicator().float()
             previous, self.previous = self.previous, ind

@@ -84,8 +84,8 @@ def test_generate_writes_a_decodable_video_and_sidecar(tmp_path: Path):
         (["--height", "4"], "height must be between"),
         (["--pab", "fastest"], r"unknown cache 'fastest'; use one of \['off', 'paper'\].*pab calibrate"),
         (["--model", "opensora-v1.2-small", "--cache", "teacache-fastest"],
-         r"unknown cache 'teacache-fastest'; use one of \['off', 'paper', 'magcache-fast', 'magcache-slow', "
-         r"'teacache-fast', 'teacache-slow'\]"),
+         r"unknown cache 'teacache-fastest'; use one of \['off', 'paper', 'fixed-fast', 'fixed-slow', "
+         r"'magcache-fast', 'magcache-slow', 'teacache-fast', 'teacache-slow'\]"),
         (["--cache", "paper", "--pab", "x.json"], "cache 'paper' and pab 'x.json' disagree"),
     ],
 )

@@ -85,6 +85,16 @@ def test_magcache_reuses_where_its_rule_says(pipe):
     assert r.cache_stats["reused_steps"] == expected and expected, (expected, r.cache_stats)
 
 
+def test_a_fixed_schedule_reuses_its_steps_at_their_relative_positions(pipe):
+    cfg = StepReuseConfig("fixed", reuse=(2, 3, 5, 9, 10), reuse_of=12)
+    r = pipe.generate(req(pipe, cache=cfg.to_dict()))
+    total = len(r.timesteps)
+    expected = sorted({round(s * (total - 1) / 11) for s in (2, 3, 5, 9, 10)} - {0, total - 1})
+    assert r.cache_stats["reused_steps"] == expected
+    with pytest.raises(ValueError, match="reuse positions in"):
+        StepReuseConfig("fixed", reuse=(12,), reuse_of=12)
+
+
 def test_a_reused_step_runs_no_block_and_moves_the_output_boundedly(pipe):
     mlps = pipe.transformer.broadcast_targets()["mlp"]  # one per block: what a block computes last
     calls = []

@@ -1,9 +1,10 @@
 """bench/run.py: counting FLOPs must not leave a "--compile" benchmark running eager code; the group path."""
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from bench.run import Case, _flops_by_kind, _run_case, speedup
+from bench.run import Case, _flops_by_kind, _run_case, fixed_schedule, speedup
 from pab.parallel import launch_local
 from pab.pipeline import GenerationRequest, Pipeline
 
@@ -28,8 +29,8 @@ def test_group_records_with_overlapped_switches():
     """One case on 2 gloo processes, DSP with the switches in 3 chunks: the record says so and counts the same
     switches (once per switch) as unchunked. Equivalence of the results: tests/parallel/test_dsp_models.py."""
     case = Case("tiny", "opensora-v1.2-tiny", "tiny", 17, 64, 64, 3)
-    plain = launch_local(2, _run_case, case, ["off"], False, 1, False, False, 1, backend="gloo")[0]
-    chunked = launch_local(2, _run_case, case, ["off"], False, 1, False, False, 3, backend="gloo")[0]
+    plain = launch_local(2, _run_case, case, [("off", "off")], False, 1, False, False, 1, backend="gloo")[0]
+    chunked = launch_local(2, _run_case, case, [("off", "off")], False, 1, False, False, 3, backend="gloo")[0]
     assert [r["overlap_chunks"] for r in plain + chunked] == [1, 3]
     assert plain[0]["sp"] == chunked[0]["sp"] == 2
     assert chunked[0]["comm"]["all_to_all_done"] == plain[0]["comm"]["all_to_all_done"] > 0
@@ -49,3 +50,17 @@ def test_speedup_is_taken_against_the_one_gpu_record_of_the_same_case():
     assert speedup(records[3], records) == "2.00x"
     assert speedup(records[0], records) is None  # the baseline itself
     assert speedup(records[4], records) is None  # no one-GPU record of that model in this run
+
+
+def test_a_fixed_step_schedule_runs_at_any_step_count_and_counts_only_computed_flops():
+    """bench.run --pab fixed-slow: the shipped calibration's schedule, at this case's 10 steps; the FLOPs are
+    those of the steps that ran."""
+    from pab.models import WEIGHTS_DIR
+
+    name, spec = fixed_schedule("fixed-slow", str(WEIGHTS_DIR / "opensora-v1.2-small" / "cache.json"))
+    assert name == "fixed-slow" and spec["policy"] == "fixed" and spec["reuse_of"] == 30 and spec["reuse"]
+    case = Case("tiny", "opensora-v1.2-tiny", "tiny", 17, 64, 64, 10)
+    off, fixed = _run_case(0, 1, case, [("off", "off"), (name, spec)], False, 1, False, False)
+    reused = fixed["cache_stats"]["reused"]
+    assert fixed["pab"] == "fixed-slow" and reused > 0 and off["cache_stats"] == {}
+    assert fixed["tflop"] * 10 == pytest.approx(off["tflop"] * (10 - reused), rel=0.02, abs=0.1)
