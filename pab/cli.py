@@ -280,29 +280,40 @@ def cmd_models(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 
+# Subcommands other packages provide, found through the "pab.commands" entry points (pyproject.toml), so this
+# package never imports the layers above it by name: `pab serve` is cluster's, `pab bulk` is jobs'.
+COMMANDS = "pab.commands"
+COMMAND_HELP = {
+    "serve": "start the HTTP service locally (see `pab serve --help`)",
+    "bulk": "bulk rendering from Parquet manifests (see `pab bulk --help`)",
+    "calibrate": "measure and write step-reuse presets (see `pab calibrate --help`)",
+}
+
+
+def plugin_commands() -> dict[str, Any]:
+    """name -> entry point of every subcommand registered under "pab.commands" by an installed package."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=COMMANDS)}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Subcommands owned by the serving and bulk packages parse their own arguments.
-    if argv and argv[0] == "serve":
-        from cluster.local import main as serve_main
-
-        return serve_main(argv[1:])
-    if argv and argv[0] == "bulk":
-        from jobs.cli import main as bulk_main
-
-        return bulk_main(argv[1:])
-    if argv and argv[0] == "calibrate":
-        from pab.calibrate import main as calibrate_main
-
-        return calibrate_main(argv[1:])
+    plugins = plugin_commands()
+    if argv and argv[0] in plugins:  # they parse their own arguments
+        return plugins[argv[0]].load()(argv[1:])
+    if argv and argv[0] in COMMAND_HELP:
+        print(f"pab: error: `pab {argv[0]}` is provided by an installed package, and none registered it; install "
+              "the project (`pip install -e .`, or ./run.sh) so its pab.commands entry points exist",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_BAD_INPUT
     parser = argparse.ArgumentParser(prog="pab", description="Video DiTs with Pyramid Attention Broadcast.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     m = sub.add_parser("models", help="list models, sizes and PAB presets")
     m.add_argument("--json", action="store_true")
-    sub.add_parser("serve", help="start the HTTP service locally (see `pab serve --help`)")
-    sub.add_parser("bulk", help="bulk rendering from Parquet manifests (see `pab bulk --help`)")
-    sub.add_parser("calibrate", help="measure and write step-reuse presets (see `pab calibrate --help`)")
+    for name in sorted(plugins):
+        sub.add_parser(name, help=COMMAND_HELP.get(name, f"see `pab {name} --help`"))
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":

@@ -150,3 +150,24 @@ def test_generate_with_sp2_makes_the_same_video_as_one_process(tmp_path: Path):
     f1, _ = read_video(tmp_path / "sp1.mp4")
     f2, _ = read_video(tmp_path / "sp2.mp4")
     assert f1.shape == f2.shape
+
+
+def test_serve_and_bulk_come_from_their_packages_and_pab_imports_neither(capsys, monkeypatch):
+    """`pab serve` and `pab bulk` are found through the pab.commands entry points; nothing in pab imports the
+    layers above it (cluster, jobs) by name."""
+    import ast
+
+    for path in (Path(__file__).resolve().parent.parent / "pab").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])  # fmt: skip
+            assert not any(n.split(".")[0] in ("cluster", "jobs", "actors") for n in names), (path, names)
+    for command, usage in (("serve", "usage: pab serve"), ("bulk", "usage: pab bulk"),
+                           ("calibrate", "usage: pab calibrate")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0 and usage in capsys.readouterr().out
+    import pab.cli
+
+    monkeypatch.setattr(pab.cli, "plugin_commands", lambda: {})  # a tree used without installing it
+    assert main(["serve"]) == 2 and "pip install -e ." in capsys.readouterr().err
