@@ -368,14 +368,16 @@ def speedup(rec: dict, records: list[dict]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pab.checkpoint import CALIBRATION_FILE
+    from pab.models import WEIGHTS_DIR
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {sorted(CASES)}")
     p.add_argument("--sp", default="1", help="comma list of group sizes, e.g. 1,2,4")
     p.add_argument("--pab", default="off,paper",
                    help="comma list of caches: off, paper, PAB rule files, or fixed-slow / fixed-fast (the step-reuse "
                         "schedules of --schedules, at each case's step count)")
-    p.add_argument("--schedules", default=str(Path(__file__).resolve().parent.parent / "pab" / "weights"
-                                              / "opensora-v1.2-small" / "cache.json"),
+    p.add_argument("--schedules", default=str(WEIGHTS_DIR / "opensora-v1.2-small" / CALIBRATION_FILE),
                    help="the `pab calibrate` file whose fixed-* presets --pab may name (default: the shipped "
                         "small Open-Sora's, calibrated on trained weights)")
     p.add_argument("--cfg-parallel", action="store_true", help="groups of 2k GPUs run CFG 2 x DSP k")

@@ -20,9 +20,6 @@ from typing import Any, Mapping
 from pab.broadcast import PABConfig
 from pab.stepcache import StepReuseConfig
 
-CALIBRATION_FILE = "cache.json"
-
-
 @dataclass(frozen=True)
 class CachePolicy:
     """What one request reuses: PAB's attention outputs, whole steps, or nothing."""

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="the calibration file (default: cache.json beside the weights)")
     p.add_argument("--plot", help="PNG of what was measured (default: next to --out)")
     args = p.parse_args(argv)
-    from pab.checkpoint import resolve_sources
+    from pab.checkpoint import CALIBRATION_FILE, resolve_sources
     from pab.pipeline import Pipeline
 
     try:
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"no prompts in {args.prompts}")
         if args.out is None and sources is None:
             raise ValueError(f"{args.model} has random weights: there is nothing to calibrate; pass --checkpoint")
-        out = Path(args.out) if args.out else sources.root / "cache.json"
+        out = Path(args.out) if args.out else sources.root / CALIBRATION_FILE
         pipeline = Pipeline.from_name(args.model, device=args.device, checkpoint=args.checkpoint)
     except (OSError, ValueError) as e:
         print(f"pab calibrate: error: {e}", file=sys.stderr)

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # owner/name, then optional /sub/folder parts and an @revision (a branch, tag or commit).
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?P<sub>(?:/[\w.-]+)*)(?:@(?P<rev>[\w./-]+))?$")
-PARTS = ("transformer", "vae", "text_encoder")
+CALIBRATION_FILE = "cache.json"  # `pab calibrate`'s step-reuse presets, in a checkpoint's folder
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,8 @@ class WeightSources:
     @property
     def calibration(self) -> Path | None:
         """`pab calibrate`'s cache.json in the checkpoint's folder, when there is one."""
-        path = self.root / "cache.json" if self.root is not None else None
+        path = self.root / CALIBRATION_FILE if self.root is not None else None
         return path if path is not None and path.is_file() else None
-
-    def describe(self) -> dict[str, str]:
-        return {k: str(v) for k, v in vars(self).items() if v is not None}
 
 
 def default_cache_dir() -> Path:
