@@ -4,7 +4,8 @@
 (`num_frames`, `height`, `width`, `fps`, `steps`, `guidance_scale`, `seed`, `cache` and its older name `pab`,
 `negative_prompt`) follow vLLM-Omni's extensions.
 
-The body is JSON or a form: the official `openai` SDK always sends `multipart/form-data`, every field as
+The per-video fields and their limits are `pab.request.VideoSettings`, shared with the command line and bulk
+manifests. The body is JSON or a form: the official `openai` SDK always sends `multipart/form-data`, every field as
 text. `form_fields` turns a form into the dict that `VideoCreate` validates, so both take one path.
 """
 
@@ -13,100 +14,24 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from pab.request import VideoSettings
 
 Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
-PAB_KINDS = ("spatial", "temporal", "cross", "mlp")
 
 
-def _no_bool(v: Any) -> Any:
-    """JSON true/false is not a number here (pydantic would read true as 1 frame)."""
-    if isinstance(v, bool):
-        raise ValueError("must be a number, not true/false")
-    return v
-
-
-class BroadcastRuleIn(BaseModel):
-    """Reuse a kind of module's output: recompute every `range` steps while `window[0] < t < window[1]`."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    range: int = Field(ge=1, le=1000)
-    window: tuple[float, float]
-    # Which blocks exist depends on the model: the engine's check answers with its range (422 naming the field).
-    blocks: list[Annotated[int, BeforeValidator(_no_bool)]] | None = None
-
-    _ints = field_validator("range", mode="before")(_no_bool)
-
-    @field_validator("window")
-    @classmethod
-    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not v[0] < v[1]:
-            raise ValueError("window must be [lo, hi] with lo < hi (timesteps on the 0-1000 scale)")
-        return v
-
-
-class PABSettings(BaseModel):
-    """Per kind of module either null (always compute) or a broadcast rule."""
-
-    model_config = ConfigDict(extra="forbid")
-    spatial: BroadcastRuleIn | None = None
-    temporal: BroadcastRuleIn | None = None
-    cross: BroadcastRuleIn | None = None
-    mlp: BroadcastRuleIn | None = None
-
-
-class StepPolicyIn(BaseModel):
-    """A step-reuse policy with its numbers (`pab.stepcache.StepReuseConfig`; `pab calibrate` writes them)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    policy: Literal["teacache", "magcache", "fixed"]
-    threshold: float = Field(0.0, ge=0, le=1e6)
-    coefficients: list[float] = Field(default_factory=list, max_length=16)
-    ratios: list[float] = Field(default_factory=list, max_length=10_000)
-    max_skips: int = Field(2, ge=0, le=10_000)
-    warmup: int = Field(1, ge=0, le=10_000)
-    cooldown: int = Field(1, ge=0, le=10_000)
-    reuse: list[Annotated[int, BeforeValidator(_no_bool)]] = Field(default_factory=list, max_length=10_000)
-    reuse_of: int = Field(0, ge=0, le=10_000)
-
-    _ints = field_validator("max_skips", "warmup", "cooldown", "reuse_of", mode="before")(_no_bool)
-
-
-# A preset by name (off, paper, teacache-slow, ...): never a path, so a request cannot make the server read a file.
-CacheName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
-
-
-class VideoCreate(BaseModel):
-    """A request to render one video. Fields left out take the model's defaults (`GET /v1/models`)."""
-
-    # NaN and Infinity are refused by name (JSON parsers here accept them; no field means them).
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class VideoCreate(VideoSettings):
+    """A request to render one video: `VideoSettings` plus the model, the prompt and OpenAI's `seconds` and
+    `size`. Fields left out take the model's defaults (`GET /v1/models`)."""
 
     model: str | None = Field(None, description="a model from GET /v1/models; default: the server's first model")
     prompt: str = Field(min_length=1, max_length=4000)
-    negative_prompt: str = Field("", max_length=4000)
-    num_frames: int | None = Field(None, ge=1, le=1024, description="frames; or give `seconds`")
     seconds: float | None = Field(None, gt=0, le=120, description="duration; frames = the model's nearest count")
-    height: int | None = Field(None, ge=16, le=4096)
-    width: int | None = Field(None, ge=16, le=4096)
     size: str | None = Field(None, description="'WxH' (OpenAI style), instead of width and height")
-    fps: int | None = Field(None, ge=1, le=120)
-    steps: int | None = Field(None, ge=1, le=1000, description="denoising steps")
-    guidance_scale: float | None = Field(None, ge=0, le=50)
-    seed: int | None = Field(None, ge=0, le=2**31 - 2)
-    pab: Literal["off", "paper"] | PABSettings | None = Field(
-        None, description="'off', 'paper' (the paper's preset for this model) or per-kind rules"
-    )
-    cache: CacheName | StepPolicyIn | PABSettings | None = Field(
-        None, description="'off', 'paper', a step-reuse preset the model is calibrated for (teacache-slow, "
-        "teacache-fast, magcache-slow, magcache-fast), per-kind PAB rules, or a step-reuse policy; `pab` is its "
-        "older name",
-    )
-
-    _ints = field_validator("num_frames", "height", "width", "fps", "steps", "seed", mode="before")(_no_bool)
 
     @field_validator("prompt")
     @classmethod
@@ -144,17 +69,10 @@ class VideoCreate(BaseModel):
 
     def engine_request(self, model: str) -> dict[str, Any]:
         """The engine's request fields (size split into width and height; seconds handled by the caller)."""
-        width, height = self.width, self.height
+        fields = {"model": model, "prompt": self.prompt, **self.engine_fields()}
         if self.size is not None:
-            width, height = (int(x) for x in self.size.split("x"))
-        pab: Any = self.pab.model_dump() if isinstance(self.pab, PABSettings) else self.pab
-        cache: Any = self.cache.model_dump() if isinstance(self.cache, BaseModel) else self.cache
-        return {
-            "model": model, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
-            "num_frames": self.num_frames, "height": height, "width": width, "fps": self.fps, "steps": self.steps,
-            "guidance_scale": self.guidance_scale, "seed": self.seed, "pab": "off" if pab is None else pab,
-            "cache": cache,
-        }
+            fields["width"], fields["height"] = (int(x) for x in self.size.split("x"))
+        return fields
 
 
 # Form values that stay text; any other field's value is read as JSON ("17", "4.5", "true", "NaN", a rules

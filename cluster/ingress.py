@@ -49,6 +49,7 @@ from cluster.config import AppConfig, pool_name, route
 from cluster.jobs import JobRecord, JobStore, new_job_id, valid_id
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import IngressMetrics
+from pab.request import field_path
 from pab.seeds import draw_seed
 from pab.storage import (
     NotFound,
@@ -212,7 +213,10 @@ class VideoAPI:
         try:
             request, size, notices = await asyncio.to_thread(self._resolve, request, body.seconds)
         except ValueError as e:
-            raise _field_error(_guess_field(str(e), [*request, "seconds", "size"]), str(e)) from None
+            # cache and pab are one setting: an error about it names the one the body used
+            unused = {"cache"} if body.cache is None and body.pab is not None else {"pab"}
+            fields = [f for f in (*request, "seconds", "size") if f not in unused]
+            raise _field_error(_guess_field(str(e), fields), str(e)) from None
         # Check and reserve with no await in between: concurrent requests all passed the check before any
         # of them was registered, so 32 simultaneous POSTs got past a bound of 8.
         pending = len(self._active) + self._reserved
@@ -923,10 +927,8 @@ def _json_safe(v: Any) -> Any:
 
 
 def _param(loc: Any) -> str | None:
-    """The field an error is about, dotted ("pab.spatial.range"): without FastAPI's "body"/"query" and
-    pydantic's union-member tags ("literal['off','paper']", "PABSettings"; field names are lower case)."""
-    parts = [str(p) for p in loc[1:] if isinstance(p, int) or (p.isidentifier() and not p[:1].isupper())]
-    return ".".join(parts) or None
+    """The field an error is about, dotted ("pab.spatial.range"), without FastAPI's "body"/"query"."""
+    return field_path(loc[1:]) or None
 
 
 @api.exception_handler(RequestValidationError)

@@ -26,11 +26,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import ValidationError, ValidationInfo, field_validator
+
+from pab.request import VideoSettings, describe
 
 REQUIRED_COLUMNS = ("id", "prompt")
-ROW_SETTINGS = ("negative_prompt", "num_frames", "height", "width", "fps", "steps", "guidance_scale", "seed", "pab",
-                "cache")
+ROW_SETTINGS = tuple(VideoSettings.model_fields)
 KNOWN_COLUMNS = REQUIRED_COLUMNS + ROW_SETTINGS
 PARQUET_MAGIC = b"PAR1"
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -40,31 +41,13 @@ class ManifestError(ValueError):
     """The manifest as a whole cannot be used; the message says what to fix."""
 
 
-class RenderSettings(BaseModel):
-    """Per-video settings. Job-wide defaults come from the command line; manifest columns override them per row.
+class RenderSettings(VideoSettings):
+    """Per-video settings (`pab.request.VideoSettings`). Job-wide defaults come from the command line; manifest
+    columns of the same names override them per row.
 
     ``None`` means "the model's own default" (see ``pab models``), except for ``seed``: a missing seed is
     derived from the row id, so re-running a manifest reproduces the same videos.
     """
-
-    model_config = ConfigDict(extra="forbid")
-
-    negative_prompt: str = Field("", description="What the video should not show (classifier-free guidance).")
-    num_frames: int | None = Field(None, ge=1, description="Frames in the video; the model decides which counts work.")
-    height: int | None = Field(None, ge=1, description="Pixel height.")
-    width: int | None = Field(None, ge=1, description="Pixel width.")
-    fps: int | None = Field(None, ge=1, description="Frames per second written into the mp4.")
-    steps: int | None = Field(None, ge=1, description="Denoising steps.")
-    guidance_scale: float | None = Field(None, ge=0, description="Classifier-free guidance scale.")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="RNG seed; None = derived from the row id.")
-    pab: str | dict[str, Any] | None = Field(
-        "off", description='Pyramid Attention Broadcast: "off", "paper", or a rule dict (JSON text in a manifest).'
-    )
-
-    cache: str | dict[str, Any] | None = Field(
-        None, description='"off", "paper", a calibrated step-reuse preset (e.g. "teacache-slow"), PAB rules or a '
-        "step-reuse policy (JSON text in a manifest); `pab` is its older name.",
-    )
 
     @field_validator("pab", "cache", mode="before")
     @classmethod
@@ -168,14 +151,10 @@ def _clean_id(value: Any) -> str | None:
     return text or None
 
 
-def _reason(e: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'row'}: {err['msg']}" for err in e.errors())
-
-
 def plan_rows(table: pa.Table, model: str, defaults: RenderSettings) -> list[RowPlan]:
     """One `RowPlan` per manifest row, in order. Never raises for a bad row."""
     settings_cols = [c for c in ROW_SETTINGS if c in table.column_names]
-    base = defaults.model_dump()
+    base = defaults.model_dump(exclude_unset=True)
     plans: list[RowPlan] = []
     first_row: dict[str, int] = {}
     key_owner: dict[str, str] = {}
@@ -202,10 +181,10 @@ def plan_rows(table: pa.Table, model: str, defaults: RenderSettings) -> list[Row
         try:
             settings = RenderSettings.model_validate({**base, **overrides})
         except ValidationError as e:
-            plan.error = f"bad settings: {_reason(e)}"
+            plan.error = f"bad settings: {describe(e)}"
             continue
         # Unset newer fields stay out, so a video rendered before they existed keeps its fingerprint.
-        request = {"model": model, "prompt": prompt, **settings.model_dump()}
+        request = {"model": model, "prompt": prompt, **settings.engine_fields()}
         if request.get("cache") is None:
             request.pop("cache", None)
         if request["seed"] is None:

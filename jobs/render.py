@@ -45,8 +45,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import ValidationError
-
+from pab.request import add_options, from_options
 from pab.storage import NotFound, Storage, StorageConfig, storage_from_config, video_keys
 from jobs.ledger import STATE_COMPLETED, Ledger
 from jobs.manifest import ManifestError, RenderSettings, RowPlan, plan_rows, read_manifest
@@ -101,17 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ray-address", default=None, help="Ray cluster (default: the job's, else a new local Ray)")
 
     d = p.add_argument_group("defaults for per-row settings (a manifest column of the same name wins)")
-    d.add_argument("--negative-prompt", default="")
-    d.add_argument("--num-frames", type=int, default=None)
-    d.add_argument("--height", type=int, default=None)
-    d.add_argument("--width", type=int, default=None)
-    d.add_argument("--fps", type=int, default=None)
-    d.add_argument("--steps", type=int, default=None)
-    d.add_argument("--guidance-scale", type=float, default=None)
-    d.add_argument("--seed", type=int, default=None, help="seed for rows without one (default: derived from the id)")
-    d.add_argument("--cache", default=None,
-                   help='"off", "paper", a calibrated step-reuse preset (teacache-slow, ...), JSON rules or a policy')
-    d.add_argument("--pab", default="off", help='the older name of --cache: "off", "paper" or a JSON rule dict')
+    add_options(d, seed=None)
     return p
 
 
@@ -122,12 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
-        args.defaults = RenderSettings.model_validate(
-            {k: getattr(args, k) for k in RenderSettings.model_fields if k != "pab"} | {"pab": args.pab}
-        )
-    except ValidationError as e:
-        parser.error("; ".join(
-            f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}" for err in e.errors()))
+        args.defaults = from_options(args, RenderSettings)
+    except ValueError as e:
+        parser.error(str(e))
     return args
 
 

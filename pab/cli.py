@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from pab.request import add_options, from_options
+
 EXIT_BAD_INPUT = 2
 
 
@@ -29,17 +31,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default="opensora-v1.2-tiny", help="model name (see `pab models`)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--num-frames", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--fps", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache", help="off | paper (PAB) | a calibrated step-reuse preset (teacache-slow, teacache-fast, "
-                                   "magcache-slow, magcache-fast) | FILE.json of PAB rules or one policy")
-    p.add_argument("--pab", default="off", help="the older name of --cache: off | paper | FILE.json of PAB rules")
+    add_options(p, seed=0)  # the per-video settings (pab.request); seed 0: the same command, the same video
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--checkpoint", help="the published weights: a folder or a Hugging Face repo id read from the "
@@ -93,20 +85,7 @@ def _run_generate(rank: int, world: int, args: argparse.Namespace) -> dict | Non
         args.model, device=device, dtype=args.dtype, checkpoint=args.checkpoint, parallel=parallel, vae=args.vae,
         text_encoder=args.text_encoder,
     )
-    request = GenerationRequest(
-        model=args.model,
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        num_frames=args.num_frames,
-        height=args.height,
-        width=args.width,
-        fps=args.fps,
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        seed=args.seed,
-        pab=args.pab,
-        cache=args.cache,
-    )
+    request = GenerationRequest(model=args.model, prompt=args.prompt, **args.settings.engine_fields())
     resolved = pipe.resolve(request)
     if rank == 0:
         for notice in pipe.notices(resolved):  # before the render, so a wrong size can be stopped early
@@ -159,8 +138,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         get_spec(args.model)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    try:
+        args.settings = from_options(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     if args.sp < 1:
         raise UsageError(f"--sp must be >= 1, got {args.sp}")
     if args.cfg_parallel and args.sp % 2:
@@ -217,14 +198,11 @@ def _validate_request_early(args: argparse.Namespace) -> None:
 
     try:  # finds every part's folder (locally or in the Hugging Face cache) without loading anything
         sources = resolve_sources(args.model, args.checkpoint, vae=args.vae, text_encoder=args.text_encoder)
-        spec = GenerationRequest(model=args.model, prompt=args.prompt, pab=args.pab, cache=args.cache).cache_spec()
+        fields = args.settings.engine_fields()
+        spec = GenerationRequest(model=args.model, prompt=args.prompt, **fields).cache_spec()
         resolve_cache(args.model, spec, load_calibration(sources.calibration if sources else None))
     except ValueError as e:
         raise UsageError(str(e)) from e
-    for name in ("num_frames", "height", "width", "fps"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
 
 
 # ----------------------------------------------------------------------------------------------------

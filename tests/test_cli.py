@@ -78,15 +78,16 @@ def test_generate_writes_a_decodable_video_and_sidecar(tmp_path: Path):
     "args, message",
     [
         (["--model", "sora-2"], "unknown model 'sora-2'; known models: .*latte-1"),
-        (["--steps", "0"], "--steps must be >= 1"),
+        (["--steps", "0"], r"--steps: Input should be greater than or equal to 1 \(got 0\)"),
         (["--model", "opensora-v1.2-tiny", "--num-frames", "10"], "frames"),
         (["--model", "opensora-plan-v1.1-tiny", "--num-frames", "16"], "4k\\+1|frames"),
-        (["--height", "4"], "height must be between"),
+        (["--height", "4"], r"--height: Input should be greater than or equal to 16 \(got 4\)"),
+        (["--cache", "nope.json"], "--cache: settings file 'nope.json' does not exist"),
         (["--pab", "fastest"], r"unknown cache 'fastest'; use one of \['off', 'paper'\].*pab calibrate"),
         (["--model", "opensora-v1.2-small", "--cache", "teacache-fastest"],
          r"unknown cache 'teacache-fastest'; use one of \['off', 'paper', 'fixed-fast', 'fixed-slow', "
          r"'magcache-fast', 'magcache-slow', 'teacache-fast', 'teacache-slow'\]"),
-        (["--cache", "paper", "--pab", "x.json"], "cache 'paper' and pab 'x.json' disagree"),
+        (["--cache", "off", "--pab", "paper"], "cache 'off' and pab 'paper' disagree"),
     ],
 )
 def test_bad_input_is_a_clear_error_with_no_output(tmp_path: Path, capsys, args, message):

@@ -86,15 +86,16 @@ def test_cli_exit_code_and_message_from_a_real_process(tmp_path):
 
 def test_plan_rows_reports_bad_rows_and_applies_defaults_and_overrides():
     table = read_manifest(parquet(
-        id=["a", "b", None, "a", "c", "d", "e", "odd id/€"],
-        prompt=["a cat", "  ", "no id", "dup", "a dog", "a fox", "a cow", "a bee"],
-        steps=[None, None, None, None, 3, None, -1, None],
-        seed=[None, None, None, None, 5, None, None, None],
-        pab=[None, None, None, None, None, '{"spatial": {"range": 2}}', None, "{broken"],
+        id=["a", "b", None, "a", "c", "d", "e", "odd id/€", "f"],
+        prompt=["a cat", "  ", "no id", "dup", "a dog", "a fox", "a cow", "a bee", "a hen"],
+        steps=[None, None, None, None, 3, None, -1, None, None],
+        seed=[None, None, None, None, 5, None, None, None, None],
+        pab=[None, None, None, None, None, '{"spatial": {"range": 2, "window": [450, 930]}}', None, "{broken",
+             '{"spatial": {"range": 2}}'],
     ))
     defaults = RenderSettings(num_frames=17, steps=6, pab="paper")
     plans = plan_rows(table, "opensora-v1.2-tiny", defaults)
-    assert [p.row for p in plans] == list(range(8))
+    assert [p.row for p in plans] == list(range(9))
     errors = {p.row: p.error for p in plans}
     assert errors[0] is None and errors[4] is None and errors[5] is None
     assert errors[1] == "empty prompt"
@@ -102,12 +103,13 @@ def test_plan_rows_reports_bad_rows_and_applies_defaults_and_overrides():
     assert errors[3] == "duplicate id 'a' (first at row 0); this row is not rendered"
     assert errors[6].startswith("bad settings: steps: Input should be greater than or equal to 1")
     assert "pab is not valid JSON" in errors[7]
+    assert errors[8] == "bad settings: pab.spatial.window: Field required"  # the rule schema, before any render
     a, c, d = plans[0].request, plans[4].request, plans[5].request
     assert a == {"model": "opensora-v1.2-tiny", "prompt": "a cat", "negative_prompt": "", "num_frames": 17,
                  "height": None, "width": None, "fps": None, "steps": 6, "guidance_scale": None,
                  "seed": seed_for_id("a"), "pab": "paper"}
     assert c["steps"] == 3 and c["seed"] == 5  # manifest cells win over the job defaults
-    assert d["pab"] == {"spatial": {"range": 2}}
+    assert d["pab"] == {"spatial": {"range": 2, "window": (450.0, 930.0)}}
     assert plans[0].fingerprint != plans[4].fingerprint
     # Same manifest, same plan: the seed and fingerprint are stable across runs.
     again = plan_rows(table, "opensora-v1.2-tiny", defaults)
