@@ -97,6 +97,16 @@ def fixed_schedule(name: str, calibration: str) -> tuple[str, str | dict[str, An
     return name, presets[name]
 
 
+def schedules_for(case: Case) -> str:
+    """The calibration whose fixed-* presets a case runs: its family's trained -small model's, at that model's
+    step count (a schedule calibrated at another count is stretched, and reuses a different share)."""
+    from pab.checkpoint import CALIBRATION_FILE
+    from pab.models import WEIGHTS_DIR
+
+    own = WEIGHTS_DIR / f"{case.model}-small" / CALIBRATION_FILE
+    return str(own if own.is_file() else WEIGHTS_DIR / "opensora-v1.2-small" / CALIBRATION_FILE)
+
+
 def _run_case(
     rank: int,
     world: int,
@@ -368,8 +378,6 @@ def speedup(rec: dict, records: list[dict]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pab.checkpoint import CALIBRATION_FILE
-    from pab.models import WEIGHTS_DIR
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {sorted(CASES)}")
@@ -377,9 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pab", default="off,paper",
                    help="comma list of caches: off, paper, PAB rule files, or fixed-slow / fixed-fast (the step-reuse "
                         "schedules of --schedules, at each case's step count)")
-    p.add_argument("--schedules", default=str(WEIGHTS_DIR / "opensora-v1.2-small" / CALIBRATION_FILE),
-                   help="the `pab calibrate` file whose fixed-* presets --pab may name (default: the shipped "
-                        "small Open-Sora's, calibrated on trained weights)")
+    p.add_argument("--schedules", help="the `pab calibrate` file whose fixed-* presets --pab may name (default: "
+                        "the shipped -small model's of each case's family, calibrated on its trained weights)")
     p.add_argument("--cfg-parallel", action="store_true", help="groups of 2k GPUs run CFG 2 x DSP k")
     p.add_argument("--dsp-chunks", type=int, default=1,
                    help="switch temporal attention in this many row chunks, overlapping all-to-all and compute")
@@ -392,7 +399,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--machine", default=os.environ.get("PAB_BENCH_MACHINE", os.uname().nodename),
                    help="recorded with each result, e.g. the device kind (nvidia-h100-x1)")
     args = p.parse_args(argv)
-    pabs = [fixed_schedule(name, args.schedules) for name in args.pab.split(",")]
     records: list[dict] = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -405,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in filter(None, args.cases.split(",")):
         case = CASES[name]
+        pabs = [fixed_schedule(pab, args.schedules or schedules_for(case)) for pab in args.pab.split(",")]
         for sp in (int(s) for s in args.sp.split(",")):
             if sp == 1:
                 recs = _run_case(0, 1, case, pabs, False, args.repeat, args.compile, not args.dit_only)
@@ -429,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             print_table(recs)
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
     if args.peer:
-        for pab, _ in pabs:  # the peer runs diffusers' PAB presets (off, paper) only
+        for pab in args.pab.split(","):  # the peer runs diffusers' PAB presets (off, paper) only
             if pab not in ("off", "paper"):
                 continue
             try:

@@ -1,10 +1,13 @@
 """bench/run.py: counting FLOPs must not leave a "--compile" benchmark running eager code; the group path."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from bench.run import Case, _flops_by_kind, _run_case, fixed_schedule, speedup
+from bench.run import CASES, Case, _flops_by_kind, _run_case, fixed_schedule, schedules_for, speedup
 from pab.parallel import launch_local
 from pab.pipeline import GenerationRequest, Pipeline
 
@@ -64,3 +67,10 @@ def test_a_fixed_step_schedule_runs_at_any_step_count_and_counts_only_computed_f
     reused = fixed["cache_stats"]["reused"]
     assert fixed["pab"] == "fixed-slow" and reused > 0 and off["cache_stats"] == {}
     assert fixed["tflop"] * 10 == pytest.approx(off["tflop"] * (10 - reused), rel=0.02, abs=0.1)
+
+
+def test_each_case_runs_its_own_familys_calibrated_schedule():
+    """Latte's 50 steps run latte-1-small's schedule (calibrated at 50), not Open-Sora's stretched from 30."""
+    latte = json.loads(Path(schedules_for(CASES["latte"])).read_text())
+    assert latte["model"] == "latte-1-small" and latte["steps"] == 50
+    assert json.loads(Path(schedules_for(CASES["opensora-480p"])).read_text())["model"] == "opensora-v1.2-small"
