@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -145,8 +146,24 @@ def calibrate(pipeline, prompts: list[str], steps: int | None = None, seed: int 
         "magcache": {"ratios": ratios},
         "presets": presets,
         "reuse_on_calibration": reached,
-        "measured": {"indicator_change": changes, "residual_change": residual_changes, "residual_norm": norms},
+        # Kept for the plot and for refitting; 4 significant digits keep a 150-step model's file small (it ships).
+        "measured": {
+            "indicator_change": _rounded(changes),
+            "residual_change": _rounded(residual_changes),
+            "residual_norm": _rounded(norms),
+        },
     }
+
+
+def dumps(doc: dict[str, Any]) -> str:
+    """The calibration file's text: indented, but each list of numbers on one line (the file ships)."""
+    text = json.dumps(doc, indent=1)
+    numbers = re.compile(r"\[([-+0-9.eE,\s]+)\]")
+    return numbers.sub(lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text) + "\n"
+
+
+def _rounded(runs: list[list[float]], digits: int = 4) -> list[list[float]]:
+    return [[float(f"{v:.{digits}g}") for v in run] for run in runs]
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
@@ -218,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pab calibrate: error: {e}", file=sys.stderr)
         return 2
     doc = calibrate(pipeline, prompts, args.steps)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
+    out.write_text(dumps(doc))
     png = Path(args.plot) if args.plot else out.with_suffix(".png")
     plot(doc, png)
     print(f"{'preset':<16} {'threshold':>10} {'reused (replayed)':>18}")
