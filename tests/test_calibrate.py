@@ -22,6 +22,11 @@ def test_calibrate_writes_presets_that_the_pipeline_reads(tmp_path, capsys):
     assert (tmp_path / "cal.png").stat().st_size > 10_000 and "teacache-slow" in capsys.readouterr().out
     assert doc["steps"] == 10 and len(doc["magcache"]["ratios"]) == 10 and len(doc["teacache"]["coefficients"]) == 5
     assert [len(c) for c in doc["measured"]["indicator_change"]] == [9, 9, 9]
+    # the file ships beside the weights: each run's measurements on one line, at 4 significant digits
+    text = (ckpt / "cache.json").read_text()
+    assert all(float(f"{v:.4g}") == v for run in doc["measured"]["residual_norm"] for v in run)
+    ratios = [line.strip() for line in text.splitlines() if '"ratios":' in line and "[]" not in line]
+    assert ratios and all(r.rstrip(",").endswith("]") and r.count(",") >= 9 for r in ratios)  # 10 on one line
     for name, target in (("slow", 0.4), ("fast", 0.7)):
         for policy in ("teacache", "magcache"):
             assert doc["reuse_on_calibration"][f"{policy}-{name}"] >= target
