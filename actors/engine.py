@@ -44,21 +44,9 @@ class PipelineEngine:
         self, request: dict[str, Any], progress: ProgressCallback, should_cancel: CancelCallback
     ) -> EngineOutput:
         res = self.pipe.generate(to_generation_request(request), progress=progress, should_cancel=should_cancel)
-        return EngineOutput(
-            frames=res.frames,
-            request=res.request.to_dict(),
-            pab=res.pab,
-            pab_stats=res.pab_stats,
-            timings=dict(res.timings),
-            extra={
-                "timesteps": res.timesteps,
-                "random_weights": res.random_weights,
-                "parallel": res.parallel,
-                "notices": res.notices,
-                # Which cache ran, and for step reuse which steps it computed and reused (the sidecar's shape).
-                "cache": res.sidecar()["cache"],
-            },
-        )
+        sidecar = res.sidecar()  # the one sidecar shape; the worker adds the file's and the group's fields
+        return EngineOutput(frames=res.frames, request=sidecar.pop("request"), sidecar=sidecar,
+                            timings=sidecar.pop("timings"))  # fmt: skip
 
 
 def pipeline_engine(

@@ -52,10 +52,10 @@ class EngineOutput:
 
     frames: Any  # numpy uint8 (F, H, W, 3) or None
     request: dict[str, Any]  # the resolved request: every default filled in, seed included
-    pab: dict[str, Any] = field(default_factory=dict)  # resolved PAB settings
-    pab_stats: dict[str, Any] = field(default_factory=dict)
+    # What the engine records of the render, in the sidecar's shape (`pab.pipeline.GenerationResult.sidecar`):
+    # pab {settings, stats}, cache {policy, stats}, timesteps, notices, parallel, ... The worker adds the group.
+    sidecar: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. timesteps, parallel comm stats
 
 
 class Engine(Protocol):
@@ -316,21 +316,22 @@ class GenerationWorker:
 
         fps = int(out.request.get("fps") or 8)
         result: dict[str, Any] = {
+            **out.sidecar,
+            # what the video file is, read off the frames and the resolved request
             "rank": 0, "request": out.request, "model": self.model, "seed": out.request.get("seed"),
             "num_frames": int(out.frames.shape[0]), "height": int(out.frames.shape[1]),
             "width": int(out.frames.shape[2]), "fps": fps,
-            "pab": {"settings": out.pab, "stats": out.pab_stats},
             "group": {"world_size": self.world_size, "device": self.device, "dtype": self.dtype,
                       "cfg_parallel": self.cfg_parallel},
-            **out.extra,
-        }
+        }  # fmt: skip
+        pab_stats = (result.get("pab") or {}).get("stats") or {}
         with tempfile.TemporaryDirectory(prefix="pab-video-") as tmp:
             path = Path(tmp) / "video.mp4"
             t = time.perf_counter()
             write_mp4(path, out.frames, fps)
             timings["encode_s"] = time.perf_counter() - t
             result["timings"] = timings
-            result["cost"] = request_cost(timings, out.pab_stats, result.get("parallel"), self.world_size,
+            result["cost"] = request_cost(timings, pab_stats, result.get("parallel"), self.world_size,
                                           self.device)  # fmt: skip
             if output is None:
                 result["mp4"] = path.read_bytes()

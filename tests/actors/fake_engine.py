@@ -52,9 +52,9 @@ class FakeEngine:
         resolved = {**request, "steps": steps, "num_frames": n, "height": h, "width": w,
                     "fps": request.get("fps") or 8}
         return EngineOutput(
-            frames=frames, request=resolved, pab={"spatial": None}, pab_stats={"spatial": {"computed": steps}},
-            timings={"denoise_s": steps * self.step_s},
-            extra={"engine": "fake", "world": world, "checkpoint_files": self.checkpoint_files},
+            frames=frames, request=resolved, timings={"denoise_s": steps * self.step_s},
+            sidecar={"pab": {"settings": {"spatial": None}, "stats": {"spatial": {"computed": steps}}},
+                     "engine": "fake", "world": world, "checkpoint_files": self.checkpoint_files},
         )
 
 

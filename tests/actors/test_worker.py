@@ -151,6 +151,13 @@ def test_real_engine_single_rank(tmp_path):
     assert side["pab"]["settings"]["spatial"] is not None
     assert sum(v.get("broadcast", 0) for v in side["pab"]["stats"].values()) > 0  # PAB really reused outputs
     assert {"denoise_s", "decode_s", "encode_s"} <= set(side["timings"])
+    # One sidecar shape: what `pab generate` writes (the pipeline's), plus the group's fields.
+    from pab.pipeline import GenerationRequest, Pipeline
+
+    alone = Pipeline.from_name("latte-1-tiny", device="cpu").generate(
+        GenerationRequest(model="latte-1-tiny", prompt="a red fox", seed=3, steps=2, num_frames=8, height=32, width=32))
+    assert set(alone.sidecar()) | {"rank", "group", "cost"} <= set(side), set(alone.sidecar()) - set(side)
+    assert all(side[k].keys() == alone.sidecar()[k].keys() for k in ("pab", "cache", "parallel"))
     # A step-reuse policy: the sidecar names it and the steps it reused.
     policy = {"policy": "magcache", "threshold": 10.0, "ratios": [1.0], "max_skips": 1}
     w.generate({"prompt": "a red fox", "seed": 3, "steps": 6, "num_frames": 8, "height": 32, "width": 32,

@@ -64,7 +64,7 @@ class BlackFrames:
         for i in range(steps):
             progress(i + 1, steps)
         return EngineOutput(frames=np.zeros((FRAMES, 32, 32, 3), np.uint8), request={**request, "fps": 8},
-                            pab_stats={"spatial": {"computed": 3, "broadcast": 2}})
+                            sidecar={"pab": {"settings": {}, "stats": {"spatial": {"computed": 3, "broadcast": 2}}}})
 
 
 class OneRankGroup:
