@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ray-address", default=None, help="Ray cluster (default: the job's, else a new local Ray)")
 
     d = p.add_argument_group("defaults for per-row settings (a manifest column of the same name wins)")
-    add_options(d, seed=None)
+    add_options(d, helps={"seed": "seed for rows without one (default: derived from the row's id)"}, seed=None)
     return p
 
 

@@ -31,7 +31,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default="opensora-v1.2-tiny", help="model name (see `pab models`)")
     p.add_argument("--prompt", required=True)
-    add_options(p, seed=0)  # the per-video settings (pab.request); seed 0: the same command, the same video
+    # The per-video settings (pab.request); seed 0 unless given: the same command makes the same video.
+    add_options(p, helps={"seed": "the noise's seed (default: 0)"}, seed=0)
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--checkpoint", help="the published weights: a folder or a Hugging Face repo id read from the "

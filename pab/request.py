@@ -130,13 +130,14 @@ def _flatten(annotation: Any) -> set[Any]:
     return set().union(*(_flatten(a) for a in args)) if args else {annotation}
 
 
-def add_options(group: argparse._ActionsContainer, **defaults: Any) -> None:
-    """`--negative-prompt`, `--num-frames`, ... `--cache`, `--pab`: one option per field, its help the field's.
-    `--guidance` stays as another spelling of `--guidance-scale`."""
+def add_options(group: argparse._ActionsContainer, helps: dict[str, str] | None = None, **defaults: Any) -> None:
+    """`--negative-prompt`, `--num-frames`, ... `--cache`, `--pab`: one option per field, its help the field's
+    (or `helps[field]` where an edge means something else by it, e.g. its own default seed). `--guidance`
+    stays as another spelling of `--guidance-scale`."""
     for name, info in VideoSettings.model_fields.items():
         flags = [f"--{name.replace('_', '-')}"] + (["--guidance"] if name == "guidance_scale" else [])
         kind = _scalar(info.annotation) if name not in ("cache", "pab") else str
-        help = info.description or ""
+        help = (helps or {}).get(name) or info.description or ""
         if name in ("cache", "pab"):
             help += "; or FILE.json of PAB rules or one policy"
         group.add_argument(*flags, dest=name, type=kind, default=defaults.get(name, info.default), help=help)
