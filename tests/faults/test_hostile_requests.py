@@ -1,0 +1,111 @@
+"""Hostile requests to the ingress, in process (no Ray): malformed numbers and text get a 422 naming the
+field, never a 500 (#19 items 1 and 6), nesting past the parser's limit too, and the queue bound holds under
+a burst of concurrent POSTs (#19 item 2).
+
+Schema validation happens before the service is asked for anything, so a stand-in service is enough there;
+the burst drives the real VideoAPI.create with jobs that never start."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from fastapi.testclient import TestClient
+
+import cluster.ingress as ingress
+
+RECEIVED = []
+
+
+@pytest.fixture
+def client():
+    async def create(body, idempotency=None):  # what the service would render; answers a recognisable status
+        RECEIVED.append(body)
+        raise ingress._error(409, "stand_in", "received")
+
+    ingress._instance["svc"] = SimpleNamespace(_ensure_background=lambda: None, check_key=lambda creds: None,
+                                               create=create)  # fmt: skip
+    RECEIVED.clear()
+    try:
+        yield TestClient(ingress.api, raise_server_exceptions=False)
+    finally:
+        ingress._instance.pop("svc", None)
+
+
+BAD = [
+    ('{"prompt": "a", "guidance_scale": NaN}', "guidance_scale"),
+    ('{"prompt": "a", "guidance_scale": Infinity}', "guidance_scale"),
+    ('{"prompt": "a", "seconds": NaN}', "seconds"),
+    ('{"prompt": "a", "seconds": -Infinity}', "seconds"),
+    ('{"prompt": "a", "pab": {"spatial": {"range": 2, "window": [NaN, 930]}}}', "window"),
+    ('{"prompt": "a \\ud800 fox"}', "prompt"),
+    ('{"prompt": "a", "negative_prompt": "\\udfff"}', "negative_prompt"),
+    ('{"prompt": "a", "num_frames": true}', "num_frames"),
+    ('{"prompt": "a", "steps": false}', "steps"),
+    ('{"prompt": "a", "pab": {"spatial": {"range": true, "window": [450, 930]}}}', "range"),
+    ('{"prompt": "a", "pab": {"spatial": {"range": 2, "window": [450, 930], "blocks": [true]}}}', "blocks"),
+    ('{"prompt": "a", "cache": "../../etc/rules.json"}', "cache"),  # a name, never a path on the server
+    ('{"prompt": "a", "cache": {"policy": "teacache", "threshold": NaN}}', "threshold"),
+    ('{"prompt": "a", "cache": {"policy": "fastcache", "threshold": 0.1}}', "policy"),
+    ('{"prompt": "a", "cache": {"policy": "magcache", "threshold": 0.1, "max_skips": true}}', "max_skips"),
+]
+
+
+@pytest.mark.parametrize("body,field", BAD)
+def test_bad_numbers_and_text_are_a_422_naming_the_field(client, body, field):
+    r = client.post("/v1/videos", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    errors = r.json()["detail"]  # valid JSON, whatever the input held
+    assert any(field in [str(x) for x in e["loc"]] for e in errors), errors
+    json.dumps(errors, allow_nan=False)  # strictly encodable: no NaN came back
+    assert not RECEIVED
+
+
+@pytest.mark.parametrize("depth", [100, 200_000])
+@pytest.mark.parametrize("open_,close", [("[", "]"), ('{"a": ', "}")])
+def test_deeply_nested_bodies_are_a_422(client, depth, open_, close):
+    """Nesting past the JSON parser's recursion limit is "not JSON", and nesting inside it fails the schema:
+    a 422 in OpenAI's error shape either way, never a 500."""
+    body = '{"prompt": "a", "pab": ' + open_ * depth + ("1" if open_ != "[" else "") + close * depth + "}"
+    r = client.post("/v1/videos", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text[:500]
+    assert r.json()["error"]["type"] == "invalid_request_error" and not RECEIVED
+
+
+def test_a_good_body_reaches_the_service(client):
+    body = {"prompt": "a red circle \u00e9\U0001f600", "num_frames": 17, "guidance_scale": 4.5,
+            "pab": {"spatial": {"range": 2, "window": [450, 930], "blocks": [0, 3]}}}  # fmt: skip
+    r = client.post("/v1/videos", json=body)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "stand_in", r.text
+    assert RECEIVED[0].num_frames == 17 and RECEIVED[0].prompt == body["prompt"]
+
+
+def test_the_queue_bound_holds_under_a_burst(tmp_path):
+    """32 POSTs at once against max_pending 8 while the job store is slow: exactly 8 accepted (#19 item 2)."""
+    import asyncio
+    import time
+
+    from fastapi import HTTPException
+
+    from cluster.api import VideoCreate
+
+    svc = ingress.VideoAPI({"models": [{"name": "opensora-v1.2-tiny"}], "max_pending": 8,
+                            "storage": {"backend": "local", "path": str(tmp_path)}}, pools={})  # fmt: skip
+    svc._ensure_background = lambda: None  # no leases or recovery loop: only the admission path is under test
+    write = svc.jobs.create
+    svc.jobs.create = lambda rec: (time.sleep(0.05), write(rec))[1]  # a store with some latency
+
+    async def burst():
+        never = asyncio.Event()
+        svc._start = lambda job_id: svc._active.setdefault(job_id, asyncio.ensure_future(never.wait()))
+        body = VideoCreate(prompt="a fox", num_frames=17, steps=2)
+        results = await asyncio.gather(*(svc.create(body) for _ in range(32)), return_exceptions=True)
+        for task in svc._active.values():
+            task.cancel()
+        return results
+
+    results = asyncio.run(burst())
+    accepted = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, HTTPException)]
+    assert len(accepted) == 8 and len(refused) == 24, [r for r in results if isinstance(r, BaseException)][:3]
+    assert all(r.status_code == 429 and r.headers["Retry-After"] for r in refused)
+    assert len(svc._active) == 8 and svc._reserved == 0
