@@ -274,3 +274,48 @@ def test_secrets_are_referenced_never_inlined_and_documented():
         assert key in created.get(secret, set()), f"docs/kubernetes.md does not create secret {secret} key {key}"
     # The variable the API keys land in is the one the ingress reads.
     assert "PAB_API_KEYS" in (REPO / "cluster" / "ingress.py").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a review against KubeRay v1.7.0's samples and controller asked for (#17 item 7)
+
+
+def test_the_default_request_lands_on_a_warm_group():
+    """The shipped routing sends a request at the model's defaults to a pool that keeps groups running, so
+    the common case never waits for the autoscaler to add a GPU pod; bigger videos go to the larger groups."""
+    from cluster.config import load_config, route
+    from pab.models import get_spec
+
+    (app_cfg,) = serve_config(load("ray-service.yaml"))["applications"]
+    for model in load_config(app_cfg["args"]).models:
+        d = get_spec(model.name).defaults
+        pool = route(model, d.num_frames * d.height * d.width)
+        assert pool.min_groups >= 1, (model.name, pool)
+        assert route(model, 102 * 720 * 1280).gpus > pool.gpus  # 720p 4 s: DSP on a larger group
+
+
+@pytest.mark.parametrize("name", sorted(MANIFESTS))
+def test_shared_memory_is_kuberays_sized_to_the_pod(name):
+    """KubeRay mounts /dev/shm sized to the container's memory limit unless one is mounted already; our own
+    16Gi volume capped Ray's object store (30% of memory) at ~15 GiB on 128Gi pods."""
+    for c in containers(load(name)):
+        assert all(m["mountPath"] != "/dev/shm" for m in c.get("volumeMounts", [])), c["name"]
+
+
+@pytest.mark.parametrize("name", sorted(MANIFESTS))
+def test_gpu_pods_ask_for_their_gpu_product(name):
+    for g in cluster_spec(load(name)).get("workerGroupSpecs", []):
+        spec = g["template"]["spec"]
+        if "nvidia.com/gpu" in spec["containers"][0]["resources"]["limits"]:
+            assert spec.get("nodeSelector", {}).get("nvidia.com/gpu.product"), g["groupName"]
+
+
+def test_gpu_pods_outlive_serves_graceful_shutdown():
+    """Serve waits graceful_shutdown_timeout_s for a group to finish its video; the pod must not be killed
+    before that (Kubernetes' default grace period is 30 s)."""
+    doc = load("ray-service.yaml")
+    (app_cfg,) = serve_config(doc)["applications"]
+    for g in cluster_spec(doc)["workerGroupSpecs"]:
+        spec = g["template"]["spec"]
+        if "nvidia.com/gpu" in spec["containers"][0]["resources"]["limits"]:
+            assert spec["terminationGracePeriodSeconds"] > app_cfg["args"]["graceful_shutdown_timeout_s"]
