@@ -319,3 +319,15 @@ def test_gpu_pods_outlive_serves_graceful_shutdown():
         spec = g["template"]["spec"]
         if "nvidia.com/gpu" in spec["containers"][0]["resources"]["limits"]:
             assert spec["terminationGracePeriodSeconds"] > app_cfg["args"]["graceful_shutdown_timeout_s"]
+
+
+def test_the_rayjob_frees_its_gpus_and_never_waits_days_for_a_pod():
+    spec = load("ray-job.bulk.yaml")["spec"]
+    assert spec["shutdownAfterJobFinishes"] and spec["ttlSecondsAfterFinished"] <= 120
+    assert spec["preRunningDeadlineSeconds"] <= 3600 < spec["activeDeadlineSeconds"]
+    (submitter,) = spec["submitterPodTemplate"]["spec"]["containers"]
+    assert "command" not in submitter  # KubeRay supplies `ray job submit ... -- <entrypoint>`
+    limits = submitter["resources"]["limits"]
+    cpu = limits["cpu"]
+    assert "nvidia.com/gpu" not in limits and (float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)) <= 1
+    assert submitter["image"] == containers(load("ray-job.bulk.yaml"))[0]["image"]
