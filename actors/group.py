@@ -69,9 +69,14 @@ class GenerationError(GroupError):
 
 
 def group_bundles(
-    size: int, gpus_per_rank: float = 1.0, cpus_per_rank: float = 1.0, first_bundle_extra_cpus: float = 0.0
+    size: int,
+    gpus_per_rank: float = 1.0,
+    cpus_per_rank: float = 1.0,
+    first_bundle_extra_cpus: float = 0.0,
+    resources: dict[str, float] | None = None,
 ) -> list[dict[str, float]]:
-    """Placement-group bundles for one group: one per rank, the driver's CPUs added to bundle 0.
+    """Placement-group bundles for one group: one per rank, the driver's CPUs and any custom `resources`
+    added to bundle 0 (a STRICT_PACK group is on one node, so bundle 0 choosing the node places it all).
 
     Under Serve the replica actor runs in bundle 0 (with `ray_actor_options={"num_cpus":
     first_bundle_extra_cpus, "num_gpus": 0}`), rank i runs in bundle i.
@@ -87,6 +92,8 @@ def group_bundles(
         cpus = cpus_per_rank + (first_bundle_extra_cpus if i == 0 else 0.0)
         if cpus:
             b["CPU"] = float(cpus)
+        if i == 0:
+            b.update({k: float(v) for k, v in (resources or {}).items()})
         bundles.append(b)
     return bundles
 

@@ -41,7 +41,8 @@ def deployment_options(cfg: AppConfig) -> dict[str, dict[str, Any]]:
                 max_ongoing_requests=1,
                 autoscaling_config=autoscaling,
                 placement_group_bundles=group_bundles(p.gpus, cfg.gpus_per_rank, cfg.cpus_per_rank,
-                                                      first_bundle_extra_cpus=cfg.group_replica_cpus),
+                                                      first_bundle_extra_cpus=cfg.group_replica_cpus,
+                                                      resources=p.resources),
                 placement_group_strategy="STRICT_PACK",
                 ray_actor_options={"num_cpus": cfg.group_replica_cpus, "num_gpus": 0},
                 health_check_period_s=cfg.health_check_period_s,
@@ -66,6 +67,6 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         name="VideoAPI",
         num_replicas=cfg.ingress_replicas,
         max_ongoing_requests=cfg.ingress_max_ongoing_requests,
-        ray_actor_options={"num_cpus": cfg.ingress_cpus},
+        ray_actor_options={"num_cpus": cfg.ingress_cpus, "resources": cfg.ingress_resources},
     )
     return ingress.bind(cfg_args, pools)

@@ -40,6 +40,11 @@ class PoolConfig(BaseModel):
     )
     cfg_parallel: bool = Field(False, description="split the CFG halves over two halves of the group")
     autoscaling: dict[str, Any] = Field(default_factory=dict, description="Serve autoscaling_config overrides")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources a group asks for (in its first bundle; STRICT_PACK "
+        "keeps the group on that node), so it lands only on nodes that advertise them, e.g. the pods of one "
+        "KubeRay worker group (rayStartParams.resources)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "PoolConfig":
@@ -108,6 +113,9 @@ class AppConfig(BaseModel):
     # Ingress.
     ingress_replicas: int = Field(1, ge=1)
     ingress_cpus: float = Field(0.5, ge=0)
+    ingress_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources of an ingress replica, to pin it to CPU nodes"
+    )
     ingress_max_ongoing_requests: int = Field(200, ge=1)
 
     @model_validator(mode="after")

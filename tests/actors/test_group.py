@@ -27,6 +27,9 @@ def test_bundles():
     assert group_bundles(2, 1, 0.5, first_bundle_extra_cpus=0.25) == [{"GPU": 1.0, "CPU": 0.75},
                                                                       {"GPU": 1.0, "CPU": 0.5}]
     assert group_bundles(1, 0, 1) == [{"CPU": 1.0}]
+    # custom resources choose the node: bundle 0 asks, STRICT_PACK keeps the rest of the group beside it
+    assert group_bundles(2, 1, 1, resources={"pab-gpu-2": 1}) == [{"GPU": 1.0, "CPU": 1.0, "pab-gpu-2": 1.0},
+                                                                    {"GPU": 1.0, "CPU": 1.0}]
 
 
 @pytest.fixture(scope="module")

@@ -331,3 +331,36 @@ def test_the_rayjob_frees_its_gpus_and_never_waits_days_for_a_pod():
     cpu = limits["cpu"]
     assert "nvidia.com/gpu" not in limits and (float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)) <= 1
     assert submitter["image"] == containers(load("ray-job.bulk.yaml"))[0]["image"]
+
+
+def advertised(group: dict) -> dict[str, float]:
+    """The custom Ray resources a worker group's pods start with (rayStartParams.resources, KubeRay's quoting)."""
+    import json
+
+    text = group.get("rayStartParams", {}).get("resources")
+    return json.loads(text.strip().strip('"').replace('\\"', '"')) if text else {}
+
+
+def test_each_pool_has_its_own_worker_group_and_the_ingress_stays_on_cpu_pods():
+    """A 2-GPU group needs both GPUs of one pod; 1-GPU groups spread over 2-GPU pods would strand it. Each pool
+    asks (in its first bundle) for a resource only its own worker group advertises, one unit per pod."""
+    from cluster.app import deployment_options
+    from cluster.config import load_config, pool_name
+
+    doc = load("ray-service.yaml")
+    (app_cfg,) = serve_config(doc)["applications"]
+    cfg = load_config(app_cfg["args"])
+    groups = cluster_spec(doc)["workerGroupSpecs"]
+    options = deployment_options(cfg)
+    for model in cfg.models:
+        for pool in model.groups:
+            assert pool.resources, pool
+            (first, *_) = options[pool_name(model.name, pool.gpus)]["placement_group_bundles"]
+            assert all(first[k] == v for k, v in pool.resources.items())
+            (owner,) = [g for g in groups if set(pool.resources) & set(advertised(g))]
+            limits = owner["template"]["spec"]["containers"][0]["resources"]["limits"]
+            assert int(limits["nvidia.com/gpu"]) == pool.gpus  # the pod is exactly one group
+            assert all(advertised(owner)[k] == v for k, v in pool.resources.items())
+            assert owner["maxReplicas"] >= pool.max_groups and owner["minReplicas"] <= pool.min_groups
+    (home,) = [g for g in groups if set(cfg.ingress_resources) & set(advertised(g))]
+    assert "nvidia.com/gpu" not in home["template"]["spec"]["containers"][0]["resources"]["limits"]
