@@ -269,7 +269,13 @@ def test_secrets_are_referenced_never_inlined_and_documented():
                 ref = e.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
                     refs.add((ref["name"], ref["key"]))
-    assert refs == {("pab-s3", "AWS_ACCESS_KEY_ID"), ("pab-s3", "AWS_SECRET_ACCESS_KEY"), ("pab-api-keys", "keys")}
+    for name in MANIFESTS:  # GCS fault tolerance's Redis password
+        ref = cluster_spec(load(name)).get("gcsFaultToleranceOptions", {}).get("redisPassword", {})
+        assert "value" not in ref, f"{name}: the Redis password is inlined"
+        if "valueFrom" in ref:
+            refs.add((ref["valueFrom"]["secretKeyRef"]["name"], ref["valueFrom"]["secretKeyRef"]["key"]))
+    assert refs == {("pab-s3", "AWS_ACCESS_KEY_ID"), ("pab-s3", "AWS_SECRET_ACCESS_KEY"), ("pab-api-keys", "keys"),
+                    ("pab-redis", "password")}
     for secret, key in refs:
         assert key in created.get(secret, set()), f"docs/kubernetes.md does not create secret {secret} key {key}"
     # The variable the API keys land in is the one the ingress reads.
@@ -364,3 +370,12 @@ def test_each_pool_has_its_own_worker_group_and_the_ingress_stays_on_cpu_pods():
             assert owner["maxReplicas"] >= pool.max_groups and owner["minReplicas"] <= pool.min_groups
     (home,) = [g for g in groups if set(cfg.ingress_resources) & set(advertised(g))]
     assert "nvidia.com/gpu" not in home["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+
+def test_the_service_survives_a_head_restart_and_says_what_an_upgrade_needs():
+    doc = load("ray-service.yaml")
+    ft = cluster_spec(doc)["gcsFaultToleranceOptions"]
+    assert ft["redisAddress"] and ft["redisPassword"]["valueFrom"]["secretKeyRef"]
+    assert doc["spec"]["upgradeStrategy"]["type"] == "NewCluster"
+    text = (K8S / "ray-service.yaml").read_text()
+    assert "room for a second cluster" in text  # what NewCluster needs is said where it is chosen
