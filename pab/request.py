@@ -189,7 +189,7 @@ def describe(error: ValidationError, prefix: str = "") -> str:
         path = field_path(err["loc"])
         top = path.split(".")[0]
         if top not in said:
-            name = prefix + top.replace("_", "-") + path[len(top):]
+            name = prefix + top.replace("_", "-") + path[len(top):] if prefix else path  # --num-frames, num_frames
             got = err.get("input")
             shown = f" (got {got!r})" if isinstance(got, (int, float, str)) and len(repr(got)) < 40 else ""
             said[top] = (f"{name}: {err['msg']}" if path else err["msg"]) + shown

@@ -78,4 +78,8 @@ def test_describe_reports_the_branch_a_value_was_meant_for():
         VideoSettings(cache={"policy": "teacache", "threshold": -1}, steps=0)
     text = describe(e.value)
     assert text.startswith("cache.threshold: Input should be greater than or equal to 0")
+    with pytest.raises(ValidationError) as e:
+        VideoSettings(num_frames=0)
+    assert describe(e.value).startswith("num_frames: ")  # a manifest's column name, as written
+    assert describe(e.value, prefix="--").startswith("--num-frames: ")  # an option, as typed
     assert "steps: Input should be greater than or equal to 1 (got 0)" in text and "PABSettings" not in text
