@@ -213,10 +213,11 @@ class VideoAPI:
         try:
             request, size, notices = await asyncio.to_thread(self._resolve, request, body.seconds)
         except ValueError as e:
-            # cache and pab are one setting: an error about it names the one the body used
-            unused = {"cache"} if body.cache is None and body.pab is not None else {"pab"}
-            fields = [f for f in (*request, "seconds", "size") if f not in unused]
-            raise _field_error(_guess_field(str(e), fields), str(e)) from None
+            field = _guess_field(str(e), [*request, "seconds", "size"])
+            top = field.split(".")[0]
+            if top in ("cache", "pab"):  # one setting under two names: name the one the body used
+                field = ("pab" if body.cache is None and body.pab is not None else "cache") + field[len(top):]
+            raise _field_error(field, str(e)) from None
         # Check and reserve with no await in between: concurrent requests all passed the check before any
         # of them was registered, so 32 simultaneous POSTs got past a bound of 8.
         pending = len(self._active) + self._reserved

@@ -89,3 +89,7 @@ def test_a_calibrated_model_takes_its_presets_by_name(tmp_path):
         assert r.status_code == 200 and r.json()["request"]["cache"] == "magcache-fast", r.text
         r = client.post("/v1/videos", json={"prompt": "a fox", "cache": "magcache-fastest"})
         assert r.status_code == 422 and "'magcache-fast', 'magcache-slow', 'teacache-fast'" in r.text, r.text
+        assert r.json()["error"]["param"] == "cache"
+        # the same unknown name under the older field: the 422 names the field the body used
+        r = client.post("/v1/videos", json={"prompt": "a fox", "pab": "magcache-fastest"})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "pab", r.text
