@@ -18,8 +18,6 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from pab.seeds import SEED_LIMIT
 
-PAB_KINDS = ("spatial", "temporal", "cross", "mlp")
-
 
 def _no_bool(v: Any) -> Any:
     """JSON true/false is not a number here (pydantic would read true as 1 frame)."""
