@@ -17,6 +17,7 @@ is published in when that is in the cache (`ModelSpec.hub`).
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import re
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 # owner/name, then optional /sub/folder parts and an @revision (a branch, tag or commit).
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?P<sub>(?:/[\w.-]+)*)(?:@(?P<rev>[\w./-]+))?$")
 CALIBRATION_FILE = "cache.json"  # `pab calibrate`'s step-reuse presets, in a checkpoint's folder
+DOWNLOAD_LOG = "downloads.jsonl"  # in a cache's s3/ folder: one line per checkpoint `fetch_s3` downloaded into it
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,16 @@ def hub_folder(repo: str, subfolder: str = "", revision: str | None = None) -> P
     return folder
 
 
+def s3_downloads(cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """The S3 downloads made into a cache (a machine's, by default), oldest first: one {"uri", "files", "bytes",
+    "seconds", "pid", "at"} per `fetch_s3` that went to S3. A cache shared by a machine's ranks shows one per
+    checkpoint."""
+    path = Path(cache_dir or default_cache_dir()) / "s3" / DOWNLOAD_LOG
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def fetch_s3(uri: str, cache_dir: str | Path | None = None, s3: dict[str, Any] | None = None) -> Path:
     """`s3://bucket/prefix` downloaded into the cache once; the local folder.
 
@@ -185,12 +197,19 @@ def fetch_s3(uri: str, cache_dir: str | Path | None = None, s3: dict[str, Any] |
         if not keys:
             raise CheckpointError(f"no objects under {uri}")
         t0 = time.perf_counter()
+        size = 0
         for key in keys:
             target = dest / key
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.part")
             store.client.download_file(bucket, store._key(key), str(tmp))  # ranged, parallel for big files
+            size += tmp.stat().st_size
             os.replace(tmp, target)
         marker.write_text(f"{len(keys)} files from {uri}\n")
-        log.info("downloaded %d files from %s to %s in %.1fs", len(keys), uri, dest, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        # Counted only here, after the files landed, under the lock: what `s3_downloads` reads.
+        with open(Path(cache_dir or default_cache_dir()) / "s3" / DOWNLOAD_LOG, "a") as f:
+            f.write(json.dumps({"uri": uri, "files": len(keys), "bytes": size, "seconds": round(seconds, 3),
+                                "pid": os.getpid(), "at": time.time()}) + "\n")
+        log.info("downloaded %d files from %s to %s in %.1fs", len(keys), uri, dest, seconds)
     return dest

@@ -13,7 +13,7 @@ import pytest
 
 from actors.worker import GenerationWorker, WorkerError
 from pab.errors import GenerationCancelled
-from pab.checkpoint import fetch_s3
+from pab.checkpoint import fetch_s3, s3_downloads
 from pab.storage import storage_from_config
 
 FAKE = "fake_engine:make"  # the test double in tests/actors/fake_engine.py
@@ -126,6 +126,10 @@ def test_s3_checkpoint_is_downloaded_once(s3_server, tmp_path):
     # Cached: a second resolve (another rank, a restarted worker) does not go back to S3.
     assert fetch_s3(f"s3://{bucket}/models/m1", tmp_path / "cache", s3) == path
     assert (path / "transformer" / "w.safetensors").exists()
+    # The cache's count of downloads: one, with what it fetched (what tests/multinode counts per node).
+    (d,) = s3_downloads(tmp_path / "cache")
+    assert d["uri"] == f"s3://{bucket}/models/m1" and d["files"] == 2 and d["bytes"] == 1002
+    assert s3_downloads(tmp_path / "elsewhere") == []
     w = GenerationWorker(0, 1, "latte-1-tiny", checkpoint=f"s3://{bucket}/models/m1", vae=f"s3://{bucket}/models/m1",
                          text_encoder="owner/t5", cache_dir=str(tmp_path / "cache"), s3=s3, engine_factory=FAKE)
     w.load()
