@@ -12,7 +12,9 @@ judge a manifest the way the API server does, and catch what the API server woul
 
 On top of the schema: ``metadata`` (opaque in CRDs) is checked for known ObjectMeta keys and a valid
 name, ``serveConfigV2`` (an opaque string to Kubernetes) is validated with Ray's own
-``ray.serve.schema.ServeDeploySchema``, ``runtimeEnvYAML`` must parse, and a few controller-side rules
+``ray.serve.schema.ServeDeploySchema``, its ``deployments[]`` overrides are checked against the deployments
+the application really builds (its builder run on its ``args`` and the overrides applied by Serve's own code,
+see ``serve_override_errors``), ``runtimeEnvYAML`` must parse, and a few controller-side rules
 (``ray-operator/controllers/ray/utils/validation.go``) that no schema expresses are checked.
 Not covered: CEL ``x-kubernetes-validations`` and ``format: int32`` ranges.
 
@@ -170,6 +172,107 @@ def serve_config_errors(text: str) -> list[str]:
     return errors
 
 
+def built_deployments(app: dict, code_version: str = "") -> tuple[dict, dict]:
+    """What Serve's controller builds for one ``serveConfigV2`` application, before its ``deployments[]``.
+
+    Returns ``(infos, code_options)``: ``DeploymentInfo`` per deployment name, made the way the controller
+    makes them (``ray.serve._private``: the builder called with ``args``, ``build_app``,
+    ``deploy_args_to_deployment_info``), and per name the option values the code set explicitly. Needs the
+    application's code importable (it is, where the image's packages are installed). No Ray is started.
+    """
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve._private.build_app import build_app
+    from ray.serve._private.deploy_utils import deploy_args_to_deployment_info
+    from ray.serve._private.utils import import_attr
+
+    application = call_user_app_builder_with_args_if_necessary(import_attr(app["import_path"]), app.get("args"))
+    built = build_app(application, name=app.get("name", "default"))
+    infos, code_options = {}, {}
+    for d in built.deployments:
+        config = d._deployment_config
+        fields = type(config).model_fields
+        set_by_code = {k: getattr(config, k) for k in config.user_configured_option_names if k in fields}
+        if config.autoscaling_config is not None:
+            set_by_code["autoscaling_config"] = config.autoscaling_config.model_dump(
+                include=config.autoscaling_config.model_fields_set)
+        code_options[d.name] = set_by_code
+        config = config.model_copy()
+        config.version = code_version
+        infos[d.name] = deploy_args_to_deployment_info(
+            deployment_name=d.name,
+            deployment_config_proto_bytes=config.to_proto_bytes(),
+            replica_config_proto_bytes=d._replica_config.to_proto_bytes(),
+            deployer_job_id="",
+            app_name=built.name,
+            ingress=d.name == built.ingress_deployment_name,
+            route_prefix=app.get("route_prefix", "/") if d.name == built.ingress_deployment_name else None,
+        )
+    return infos, code_options
+
+
+def effective_deployments(app: dict, code_version: str = "") -> dict:
+    """``DeploymentInfo`` per deployment as Serve runs it: the code's, with the ``deployments[]`` overrides
+    applied by Serve's own ``override_deployment_info`` (whatever an override names replaces the code's value
+    whole: an ``autoscaling_config`` here is a complete one)."""
+    from ray.serve._private.application_state import override_deployment_info
+    from ray.serve.schema import ServeApplicationSchema
+
+    infos, _ = built_deployments(app, code_version)
+    return override_deployment_info(infos, ServeApplicationSchema.model_validate(app))
+
+
+def serve_override_errors(text: str) -> list[str]:
+    """``deployments[]`` overrides that Serve would reject or that silently undo the code's settings.
+
+    * a ``name`` the application does not build: Serve fails the whole app (``Deployment ... does not exist``);
+    * an ``autoscaling_config`` that leaves out a key the code sets: the override replaces the code's config
+      whole, so that key falls to Serve's default;
+    * autoscaling that can never add a replica (``target_ongoing_requests`` above ``max_ongoing_requests``).
+    """
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return []  # reported by serve_config_errors
+    out = []
+    for i, app in enumerate((cfg or {}).get("applications") or []):
+        where = f"spec.serveConfigV2.applications.{i}"
+        overrides = app.get("deployments") or []
+        if not overrides or not isinstance(app, dict) or "import_path" not in app:
+            continue
+        try:
+            infos, code_options = built_deployments(app)
+        except Exception as e:  # noqa: BLE001 - whatever stops Serve from building the app
+            out.append(f"{where}: cannot build {app['import_path']} with its args to check deployments[]: "
+                       f"{type(e).__name__}: {e}")
+            continue
+        for j, o in enumerate(overrides):
+            name = o.get("name")
+            if name not in infos:
+                out.append(f"{where}.deployments.{j}.name: {name!r} is not a deployment the app builds "
+                           f"({sorted(infos)}); Serve fails the app")
+                continue
+            code_autoscaling = code_options[name].get("autoscaling_config") or {}
+            if isinstance(o.get("autoscaling_config"), dict):
+                missing = sorted(set(code_autoscaling) - set(o["autoscaling_config"]))
+                if missing:
+                    out.append(f"{where}.deployments.{j}.autoscaling_config: replaces the code's whole config; "
+                               f"add {missing} (the code sets {({k: code_autoscaling[k] for k in missing})}, "
+                               f"left out they become Serve's defaults)")
+        if out:
+            continue
+        try:
+            effective = effective_deployments(app)
+        except Exception as e:  # noqa: BLE001 - what Serve's controller would reject
+            out.append(f"{where}.deployments: Serve rejects the overrides: {type(e).__name__}: {e}")
+            continue
+        for name, info in effective.items():
+            auto, dc = info.deployment_config.autoscaling_config, info.deployment_config
+            if auto is not None and auto.target_ongoing_requests > dc.max_ongoing_requests:
+                out.append(f"{where}: deployment {name}: target_ongoing_requests {auto.target_ongoing_requests} > "
+                           f"max_ongoing_requests {dc.max_ongoing_requests}, so autoscaling never adds a replica")
+    return out
+
+
 def _models_in(annotation: Any) -> list[type]:
     """The pydantic model classes an annotation allows (through Optional, Union, List)."""
     from pydantic import BaseModel
@@ -268,6 +371,7 @@ def validate_document(doc: dict) -> list[str]:
     spec = doc.get("spec") or {}
     if doc.get("kind") == "RayService" and "serveConfigV2" in spec:
         errors += serve_config_errors(spec["serveConfigV2"])
+        errors += serve_override_errors(spec["serveConfigV2"])
     if doc.get("kind") == "RayJob" and "runtimeEnvYAML" in spec:
         errors += runtime_env_errors(spec["runtimeEnvYAML"])
     return errors

@@ -187,17 +187,20 @@ def test_serve_import_path_builds_the_real_app_from_the_manifest_args():
     with pytest.raises(Exception, match="max_group"):
         builder({**app_cfg["args"], "models": [{**app_cfg["args"]["models"][0],
                                                  "groups": [{"gpus": 1, "max_group": 2}]}]})
-    # Every pool's group fits one GPU pod (STRICT_PACK), and all pools at max_groups fit the GPU pods.
+    # Every pool's group fits one GPU pod (STRICT_PACK), and all pools at their live max_replicas (the code's
+    # options with the manifest's deployments[] overrides, as Serve applies them) fit the GPU pods.
     pods = gpu_pods(doc)
     options = deployment_options(load_config(app_cfg["args"]))
-    assert options and pods
+    effective = validate.effective_deployments(app_cfg)
+    assert options and pods and set(options) < set(effective)
     demand = 0
-    for name, opt in options.items():
-        bundles = opt["placement_group_bundles"]
+    for name in options:
+        bundles = effective[name].replica_config.placement_group_bundles
+        auto = effective[name].deployment_config.autoscaling_config
         gpus, cpus = sum(b.get("GPU", 0) for b in bundles), sum(b.get("CPU", 0) for b in bundles)
         assert any(gpus <= g and cpus <= c for g, c, _ in pods), (name, bundles, pods)
-        assert opt["autoscaling_config"]["max_replicas"] >= opt["autoscaling_config"]["min_replicas"]
-        demand += gpus * opt["autoscaling_config"]["max_replicas"]
+        assert auto.max_replicas >= auto.min_replicas
+        demand += gpus * auto.max_replicas
     assert demand <= sum(g * n for g, _, n in pods)
     spec = cluster_spec(doc)
     assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["version"] == "v2"
@@ -289,14 +292,15 @@ def test_secrets_are_referenced_never_inlined_and_documented():
 def test_the_default_request_lands_on_a_warm_group():
     """The shipped routing sends a request at the model's defaults to a pool that keeps groups running, so
     the common case never waits for the autoscaler to add a GPU pod; bigger videos go to the larger groups."""
-    from cluster.config import load_config, route
+    from cluster.config import load_config, pool_name, route
     from pab.models import get_spec
 
     (app_cfg,) = serve_config(load("ray-service.yaml"))["applications"]
+    live = validate.effective_deployments(app_cfg)  # min_replicas as Serve runs it (deployments[] overrides)
     for model in load_config(app_cfg["args"]).models:
         d = get_spec(model.name).defaults
         pool = route(model, d.num_frames * d.height * d.width)
-        assert pool.min_groups >= 1, (model.name, pool)
+        assert live[pool_name(model.name, pool.gpus)].deployment_config.autoscaling_config.min_replicas >= 1
         assert route(model, 102 * 720 * 1280).gpus > pool.gpus  # 720p 4 s: DSP on a larger group
 
 
@@ -379,3 +383,92 @@ def test_the_service_survives_a_head_restart_and_says_what_an_upgrade_needs():
     assert doc["spec"]["upgradeStrategy"]["type"] == "NewCluster"
     text = (K8S / "ray-service.yaml").read_text()
     assert "room for a second cluster" in text  # what NewCluster needs is said where it is chosen
+
+
+# Serve settings that change often: deployments[] overrides, not args
+
+
+def service_app() -> dict:
+    (app_cfg,) = serve_config(load("ray-service.yaml"))["applications"]
+    return app_cfg
+
+
+def test_deployment_overrides_name_what_the_app_deploys():
+    """Serve fails the whole app on an override for a deployment it does not build: the names must be the
+    ones build_app gives (VideoAPI, and cluster.config.pool_name per pool), and each pool's bounds are there."""
+    from cluster.config import load_config, pool_name
+
+    app_cfg = service_app()
+    cfg = load_config(app_cfg["args"])
+    from_code = {"VideoAPI"} | {pool_name(m.name, p.gpus) for m in cfg.models for p in m.groups}
+    built, _ = validate.built_deployments(app_cfg)  # Ray's own build of the real app from the manifest's args
+    assert set(built) == from_code
+    names = [o["name"] for o in app_cfg["deployments"]]
+    assert len(names) == len(set(names)) and set(names) <= from_code
+    overrides = {o["name"]: o for o in app_cfg["deployments"]}
+    for m in cfg.models:
+        for p in m.groups:
+            auto = overrides[pool_name(m.name, p.gpus)]["autoscaling_config"]
+            # /v1/models reports the args' bounds: the shipped manifest says the same in both places
+            assert (auto["min_replicas"], auto["max_replicas"]) == (p.min_groups, p.max_groups)
+    assert "ingress_replicas" not in app_cfg["args"] and "num_replicas" in overrides["VideoAPI"]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda ds: ds[1].update(name="group-opensora-v1.2-1gpu"),
+     "'group-opensora-v1.2-1gpu' is not a deployment the app builds"),
+    (lambda ds: ds[1]["autoscaling_config"].pop("target_ongoing_requests"),
+     "replaces the code's whole config; add ['target_ongoing_requests']"),
+    (lambda ds: ds[2]["autoscaling_config"].update(target_ongoing_requests=2),
+     "target_ongoing_requests 2.0 > max_ongoing_requests 1, so autoscaling never adds a replica"),
+])
+def test_a_bad_deployment_override_fails_validation(edit, message):
+    doc = load("ray-service.yaml")
+    cfg = serve_config(doc)
+    edit(cfg["applications"][0]["deployments"])
+    errors = validate.validate_document(_set(doc, "spec.serveConfigV2", yaml.safe_dump(cfg)))
+    assert any(message in e for e in errors), errors
+
+
+def _versions(app_cfg: dict) -> dict:
+    """Serve's DeploymentVersion per deployment, as its controller computes it for this application config."""
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve._private.version import DeploymentVersion
+    from ray.serve.schema import ServeApplicationSchema
+
+    code_version = get_app_code_version(ServeApplicationSchema.model_validate(app_cfg))
+    out = {}
+    for name, info in validate.effective_deployments(app_cfg, code_version).items():
+        rc = info.replica_config
+        out[name] = DeploymentVersion(info.version, deployment_config=info.deployment_config,
+                                      ray_actor_options=rc.ray_actor_options,
+                                      placement_group_bundles=rc.placement_group_bundles,
+                                      placement_group_strategy=rc.placement_group_strategy,
+                                      max_replicas_per_node=rc.max_replicas_per_node, route_prefix=info.route_prefix)
+    return out
+
+
+def test_override_edits_reach_running_groups_and_args_edits_restart_them():
+    """Why the knobs are in deployments[]: Serve updates running replicas for an override edit, while the same
+    change made through `args` changes the app's code version and restarts (reloads) every GPU group."""
+    app_cfg = service_app()
+    before = _versions(app_cfg)
+    tuned = copy.deepcopy(app_cfg)
+    for o in tuned["deployments"]:
+        if "autoscaling_config" in o:
+            o["autoscaling_config"].update(max_replicas=o["autoscaling_config"]["max_replicas"] + 1,
+                                           downscale_delay_s=120, upscale_delay_s=10, look_back_period_s=60)
+        else:
+            o.update(num_replicas=o["num_replicas"] + 1, max_ongoing_requests=o["max_ongoing_requests"] * 2)
+    after = _versions(tuned)
+    groups = [n for n in before if n != "VideoAPI"]
+    assert groups
+    for name in before:
+        assert before[name] != after[name], name  # the edit took effect...
+        assert not before[name].requires_actor_restart(after[name]), name  # ...without a restart
+    assert after[groups[0]].deployment_config.autoscaling_config.downscale_delay_s == 120
+    assert after["VideoAPI"].deployment_config.max_ongoing_requests == 400
+    through_args = copy.deepcopy(app_cfg)
+    through_args["args"]["max_pending"] += 1
+    restarted = _versions(through_args)
+    assert all(before[n].requires_actor_restart(restarted[n]) for n in groups)
