@@ -16,6 +16,7 @@ name, ``serveConfigV2`` (an opaque string to Kubernetes) is validated with Ray's
 the application really builds (its builder run on its ``args`` and the overrides applied by Serve's own code,
 see ``serve_override_errors``), ``runtimeEnvYAML`` must parse, and a few controller-side rules
 (``ray-operator/controllers/ray/utils/validation.go``) that no schema expresses are checked.
+The PodDisruptionBudget next to them is checked against a closed policy/v1 schema (``core_schema``).
 Not covered: CEL ``x-kubernetes-validations`` and ``format: int32`` ranges.
 
 Usage::
@@ -66,6 +67,43 @@ def crd_schema(kind: str, version: str = "v1") -> dict:
         if v["name"] == version:
             return _close_objects(copy.deepcopy(v["schema"]["openAPIV3Schema"]))
     raise KeyError(f"CRD {kind} has no version {version!r}")
+
+
+def _label_selector_schema() -> dict:
+    """``metav1.LabelSelector`` as the KubeRay CRDs embed it (in pod affinity terms)."""
+    spec = crd_schema("RayCluster")["properties"]["spec"]["properties"]
+    affinity = spec["headGroupSpec"]["properties"]["template"]["properties"]["spec"]["properties"]["affinity"]
+    term = affinity["properties"]["podAffinity"]["properties"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    return copy.deepcopy(term["items"]["properties"]["podAffinityTerm"]["properties"]["labelSelector"])
+
+
+# Built-in kinds that go with the custom resources. No CRD describes them; these schemas are written from the
+# Kubernetes API reference (policy/v1, all fields), closed like the CRD schemas so a misspelt field is an error.
+_INT_OR_PERCENT = {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": r"^[0-9]+%$"}]}
+
+
+@functools.cache
+def core_schema(api: str, kind: str) -> dict:
+    if (api, kind) == ("policy/v1", "PodDisruptionBudget"):
+        spec = {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "minAvailable": _INT_OR_PERCENT,
+                "maxUnavailable": _INT_OR_PERCENT,
+                "selector": _label_selector_schema(),
+                "unhealthyPodEvictionPolicy": {"enum": ["IfHealthyBudget", "AlwaysAllow"]},
+            },
+        }
+    else:
+        raise KeyError(f"no schema for {api} {kind}; known: policy/v1 PodDisruptionBudget and the ray.io kinds")
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
+                       "spec": spec},
+    }
 
 
 def _close_objects(schema: Any) -> Any:
@@ -119,11 +157,8 @@ def schema_errors(doc: dict) -> list[str]:
     """CRD-schema problems of one custom resource, as ``path: message`` lines."""
     kind = doc.get("kind")
     api = doc.get("apiVersion", "")
-    if not api.startswith("ray.io/"):
-        return [f"apiVersion: {api!r} is not a ray.io API (want ray.io/v1)"]
-    version = api.split("/", 1)[1]
     try:
-        schema = crd_schema(kind, version)
+        schema = crd_schema(kind, api.split("/", 1)[1]) if api.startswith("ray.io/") else core_schema(api, kind)
     except KeyError as e:
         return [f"kind: {e.args[0]}"]
     instance = apply_defaults(doc, schema)
@@ -349,6 +384,18 @@ def controller_errors(doc: dict) -> list[str]:
                 lo, hi = group.get("minReplicas", 0), group.get("maxReplicas", 2147483647)
                 if lo > hi:
                     out.append(f"{where}.{name}: minReplicas {lo} > maxReplicas {hi}")
+    if doc.get("kind") == "PodDisruptionBudget":  # what the API server's validation adds to the schema
+        if "minAvailable" in spec and "maxUnavailable" in spec:
+            out.append("spec: minAvailable and maxUnavailable are mutually exclusive")
+        selector = spec.get("selector") or {}
+        if not (selector.get("matchLabels") or selector.get("matchExpressions")):
+            out.append("spec.selector: empty, so the budget covers every pod in the namespace")
+        # Our budgets cover Ray pods, owned by a RayCluster, which has no scale subresource. The disruption
+        # controller then cannot count the expected pods for maxUnavailable or a percentage, and the budget
+        # allows no eviction at all ("Arbitrary workload resources" in the Kubernetes PDB docs).
+        if "maxUnavailable" in spec or not isinstance(spec.get("minAvailable"), int):
+            out.append("spec: Ray pods' owner (RayCluster) has no scale subresource: use an integer minAvailable "
+                       "(maxUnavailable or a percentage blocks every eviction)")
     if doc.get("kind") == "RayJob":
         mode = spec.get("submissionMode", "K8sJobMode")
         if mode not in SUBMISSION_MODES:
@@ -364,7 +411,7 @@ def controller_errors(doc: dict) -> list[str]:
 
 
 def validate_document(doc: dict) -> list[str]:
-    """Every problem found in one KubeRay custom resource (empty list = valid)."""
+    """Every problem found in one KubeRay custom resource or PodDisruptionBudget (empty list = valid)."""
     if not isinstance(doc, dict):
         return ["document: not a mapping"]
     errors = schema_errors(doc) + metadata_errors(doc) + controller_errors(doc)

@@ -31,6 +31,7 @@ sys.path.insert(0, str(K8S))
 import validate  # noqa: E402  (k8s/validate.py)
 
 MANIFESTS = {"ray-service.yaml": "RayService", "ray-job.bulk.yaml": "RayJob", "ray-cluster.yaml": "RayCluster"}
+OTHERS = {"gpu-pdb.yaml": "PodDisruptionBudget"}  # built-in kinds that go with the RayService
 
 
 def load(name: str) -> dict:
@@ -76,10 +77,10 @@ def test_manifest_is_valid_for_the_kuberay_crd(name):
 
 
 def test_every_yaml_in_k8s_is_covered_and_crds_stay_gzipped():
-    assert sorted(p.name for p in K8S.glob("*.yaml")) == sorted(MANIFESTS)
+    assert sorted(p.name for p in K8S.glob("*.yaml")) == sorted([*MANIFESTS, *OTHERS])
     assert sorted(p.name for p in (K8S / "crds").iterdir() if p.suffix != ".txt") == [
         "ray.io_rayclusters.yaml.gz", "ray.io_rayjobs.yaml.gz", "ray.io_rayservices.yaml.gz"]
-    assert validate.main([str(K8S / n) for n in MANIFESTS]) == 0  # the command-line form too
+    assert validate.main([str(K8S / n) for n in [*MANIFESTS, *OTHERS]]) == 0  # the command-line form too
 
 
 def _set(doc: dict, path: str, value=None, rename: str | None = None) -> dict:
@@ -472,3 +473,55 @@ def test_override_edits_reach_running_groups_and_args_edits_restart_them():
     through_args["args"]["max_pending"] += 1
     restarted = _versions(through_args)
     assert all(before[n].requires_actor_restart(restarted[n]) for n in groups)
+
+
+# The PodDisruptionBudget of the service's GPU pods
+
+
+def kuberay_pod_labels(group: dict, cluster: str, node_type: str) -> dict[str, str]:
+    """A Ray pod's labels as KubeRay v1.7.0 sets them (common/pod.go labelPod): its own, then the template's,
+    which win except for ray.io/node-type, ray.io/group and ray.io/cluster."""
+    labels = {"ray.io/is-ray-node": "yes", "ray.io/cluster": cluster, "ray.io/node-type": node_type,
+              "ray.io/group": group.get("groupName", "headgroup"), "ray.io/identifier": f"{cluster}-{node_type}",
+              "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
+    fixed = {"ray.io/node-type", "ray.io/group", "ray.io/cluster"}
+    mine = (group["template"].get("metadata") or {}).get("labels") or {}
+    return labels | {k: v for k, v in mine.items() if k not in fixed}
+
+
+def test_the_gpu_pdb_is_valid_and_a_budget_that_would_block_every_eviction_is_not():
+    pdb = load("gpu-pdb.yaml")
+    assert pdb["apiVersion"] == "policy/v1" and pdb["kind"] == "PodDisruptionBudget"
+    assert validate.validate_document(pdb) == []
+    def errors(doc):
+        return " ".join(validate.validate_document(doc))
+    assert "'minAvailble' was unexpected" in errors(_set(pdb, "spec.minAvailable", rename="minAvailble"))
+    spec = {k: v for k, v in pdb["spec"].items() if k != "minAvailable"}
+    for bad in ({"maxUnavailable": 1}, {"minAvailable": "50%"}):  # RayCluster has no scale subresource
+        assert "use an integer minAvailable" in errors(_set(pdb, "spec", {**spec, **bad}))
+    assert "mutually exclusive" in errors(_set(pdb, "spec", {**pdb["spec"], "maxUnavailable": 1}))
+    assert "covers every pod" in errors(_set(pdb, "spec.selector", {}))
+    assert "is not one of" in errors(_set(pdb, "spec.unhealthyPodEvictionPolicy", "Always"))
+
+
+def test_the_gpu_pdb_covers_the_services_gpu_pods_and_nothing_else():
+    """Selected: every GPU pod of the RayService, whatever its RayCluster is called (an upgrade makes a new one);
+    not its head or CPU pods, nor the RayJob's or the dev cluster's. At least one GPU pod stays Ready, and a drain
+    can go on as soon as one more is (minAvailable within the warm minimum)."""
+    selector = load("gpu-pdb.yaml")["spec"]["selector"]["matchLabels"]
+    assert selector and not any(k.startswith("ray.io/") for k in selector)
+    covered = []
+    for name in MANIFESTS:
+        spec = cluster_spec(load(name))
+        groups = [("head", spec["headGroupSpec"])] + [("worker", g) for g in spec.get("workerGroupSpecs", [])]
+        for node_type, group in groups:
+            for cluster in (f"{name.split('.')[0]}-abcde", f"{name.split('.')[0]}-fghij"):
+                labels = kuberay_pod_labels(group, cluster, node_type)
+                gpu = "nvidia.com/gpu" in group["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+                selected = all(labels.get(k) == v for k, v in selector.items())
+                assert selected == (name == "ray-service.yaml" and gpu), (name, group.get("groupName"))
+                covered += [group.get("groupName")] if selected else []
+    assert sorted(set(covered)) == ["gpu-1", "gpu-2"]
+    warm = sum(g["minReplicas"] for g in cluster_spec(load("ray-service.yaml"))["workerGroupSpecs"]
+               if g.get("groupName") in covered)
+    assert 1 <= load("gpu-pdb.yaml")["spec"]["minAvailable"] <= warm
