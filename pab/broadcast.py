@@ -204,6 +204,9 @@ class PABState:
     timestep: float | None = None
     branch: str = "batch"
     cache: dict[tuple[int, str], Any] = field(default_factory=dict)
+    # Where computed outputs are kept instead of `cache` holding them: buffers at fixed addresses that CUDA
+    # graphs read and write (pab.cudagraph sets it around a forward). None: `cache` holds each output itself.
+    arena: Any = None
     stats: dict[str, dict[str, int]] = field(
         default_factory=lambda: {k: {"computed": 0, "broadcast": 0} for k in KINDS}
     )
@@ -230,6 +233,11 @@ class PABState:
 
 
 _ACTIVE_STATE: contextvars.ContextVar[PABState | None] = contextvars.ContextVar("pab_state", default=None)
+
+
+def current_state() -> PABState | None:
+    """The PABState of the generation running in this thread/task (None outside one)."""
+    return _ACTIVE_STATE.get()
 
 
 def use_state(state: PABState) -> contextlib.AbstractContextManager[PABState]:
@@ -272,7 +280,7 @@ class PABHook(ModelHook):
         out = forward(*args, **kwargs)
         state.stats[self.kind]["computed"] += 1
         if self.caches:
-            state.cache[key] = out
+            state.cache[key] = out if state.arena is None else state.arena.keep(key, out)
         return out
 
 
@@ -333,6 +341,7 @@ __all__ = [
     "apply_pab",
     "remove_pab",
     "use_state",
+    "current_state",
     "transformer_depth",
     "KINDS",
     "PAB_HOOK",
