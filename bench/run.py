@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -117,6 +117,8 @@ def _run_case(
     compile: bool = False,
     decode: bool = True,
     overlap_chunks: int = 1,
+    cuda_graphs: bool = False,
+    idle: bool = False,
 ) -> list[dict]:
     from pab.pipeline import GenerationRequest, Pipeline
 
@@ -128,7 +130,8 @@ def _run_case(
         parallel = init_parallel(ParallelConfig(sp=world // cfg, cfg=cfg, overlap_chunks=overlap_chunks))
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     t0 = time.perf_counter()
-    pipe = Pipeline.from_name(case.model, device=device, dtype=torch.bfloat16, parallel=parallel, compile=compile)
+    pipe = Pipeline.from_name(case.model, device=device, dtype=torch.bfloat16, parallel=parallel, compile=compile,
+                              cuda_graphs=cuda_graphs)  # fmt: skip
     build_s = time.perf_counter() - t0
     base = dict(
         model=case.model,
@@ -144,6 +147,10 @@ def _run_case(
     pipe.generate(GenerationRequest(**{**base, "steps": 4}))
     records = []
     for label, pab in pabs:
+        first_s = None
+        if cuda_graphs:  # the first request of a shape captures its patterns' graphs; a server's later ones replay
+            first = pipe.generate(GenerationRequest(**base, cache=pab), decode=False)
+            first_s = round(first.timings["denoise_s"], 3)
         best = None
         for _ in range(repeat):
             torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
@@ -151,6 +158,8 @@ def _run_case(
             if best is None or res.timings["denoise_s"] < best.timings["denoise_s"]:
                 best = res
         res = best
+        idle_pct = gpu_idle_pct(lambda: pipe.generate(GenerationRequest(**base, cache=pab), decode=False)) \
+            if idle and torch.cuda.is_available() else None  # fmt: skip
         calls = len(res.timesteps)
         rec: dict[str, Any] = {
             "impl": "pab",
@@ -168,7 +177,11 @@ def _run_case(
             "cache": res.cache,
             "cache_stats": res.cache_stats,
             "compile": compile,
+            "cuda_graphs": cuda_graphs,
+            "first_dit_s": first_s,  # with graphs: the capturing request's DiT time
+            "graphs": pipe.graphs.stats if pipe.graphs is not None else None,
             "dit_s": round(res.timings["denoise_s"], 3),
+            "gpu_idle_pct": idle_pct,  # under the profiler, which slows every launch a little
             "step_s": round(res.timings["denoise_s"] / calls, 4),
             "text_s": round(res.timings["text_s"], 3),
             "decode_s": round(res.timings.get("decode_s", 0.0), 3),
@@ -192,6 +205,36 @@ def _run_case(
             rec["mfu"] = round(flops / res.timings["denoise_s"] / (PEAK_TFLOPS * 1e12 * world), 4)
         records.append(rec)
     return records if rank == 0 else []
+
+
+def gpu_idle_pct(generate: Callable[[], Any]) -> float | None:
+    """Share of the denoising loop ("pab.denoise") in which no kernel ran on the GPU, from torch.profiler's
+    kernel trace of one `generate()` call (None where the trace has no kernels, e.g. on a CPU)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        generate()
+    events = prof.events()
+    loop = next((e for e in events if e.name == "pab.denoise" and e.device_type == DeviceType.CPU), None)
+    # GPU-side events, less the annotations (record_function ranges are mirrored on the GPU timeline too).
+    kernels = [(e.time_range.start, e.time_range.end) for e in events
+               if e.device_type == DeviceType.CUDA and not e.is_user_annotation]  # fmt: skip
+    return None if loop is None else idle_pct(loop.time_range.start, loop.time_range.end, kernels)
+
+
+def idle_pct(lo: float, hi: float, kernels: list[tuple[float, float]]) -> float | None:
+    """Percent of [lo, last kernel end] covered by no kernel interval (start, end) (None without kernels)."""
+    kernels = sorted((max(a, lo), min(b, hi)) for a, b in kernels if b > lo and a < hi)
+    if not kernels:
+        return None
+    busy, end = 0.0, lo
+    for a, b in kernels:  # the union of the kernels' intervals
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    window = max(b for _, b in kernels) - lo  # to the last kernel: the loop's closing sync is not GPU time
+    return round(100 * (1 - busy / window), 2)
 
 
 def run_peer_latte(pab: str, repeat: int = 1) -> dict:
@@ -339,7 +382,9 @@ def print_table(records: list[dict]) -> None:
         "resolution",
         "sp",
         "pab",
+        "cuda_graphs",
         "dit_s",
+        "gpu_idle_pct",
         "step_s",
         "e2e_s",
         "peak_mem_gib",
@@ -370,7 +415,7 @@ def head_parallel_bytes(comm: dict) -> float:
 
 def speedup(rec: dict, records: list[dict]) -> str | None:
     """DiT time of the one-GPU record of the same case among `records` (same run) over this record's."""
-    key = ("impl", "model", "resolution", "pab", "compile")
+    key = ("impl", "model", "resolution", "pab", "compile", "cuda_graphs")
     base = [r for r in records if r.get("gpus") == 1 and all(r.get(k) == rec.get(k) for k in key)]
     if not base or rec.get("gpus", 1) == 1:
         return None
@@ -392,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="switch temporal attention in this many row chunks, overlapping all-to-all and compute")
     p.add_argument("--peer", action="store_true", help="also diffusers' Latte with its PAB hook")
     p.add_argument("--compile", action="store_true", help="torch.compile the attention modules (pab.compile)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each step's forward as a CUDA graph (pab.cudagraph; one GPU per group only)")
+    p.add_argument("--idle", action="store_true",
+                   help="one more generation per setting under torch.profiler: the GPU's idle share of the loop")
     p.add_argument("--dit-only", action="store_true", help="skip the VAE decode (no e2e time)")
     p.add_argument("--vae", action="store_true", help="also the VAE decode benchmark (480p 2s, 720p 4s)")
     p.add_argument("--repeat", type=int, default=1, help="timed generations per setting (best is kept)")
@@ -414,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         pabs = [fixed_schedule(pab, args.schedules or schedules_for(case)) for pab in args.pab.split(",")]
         for sp in (int(s) for s in args.sp.split(",")):
             if sp == 1:
-                recs = _run_case(0, 1, case, pabs, False, args.repeat, args.compile, not args.dit_only)
+                recs = _run_case(0, 1, case, pabs, False, args.repeat, args.compile, not args.dit_only,
+                                 cuda_graphs=args.cuda_graphs, idle=args.idle)
             else:
                 from pab.parallel import launch_local
 

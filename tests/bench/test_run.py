@@ -74,3 +74,11 @@ def test_each_case_runs_its_own_familys_calibrated_schedule():
     latte = json.loads(Path(schedules_for(CASES["latte"])).read_text())
     assert latte["model"] == "latte-1-small" and latte["steps"] == 50
     assert json.loads(Path(schedules_for(CASES["opensora-480p"])).read_text())["model"] == "opensora-v1.2-small"
+
+
+def test_idle_share_is_the_part_of_the_loop_no_kernel_covers():
+    from bench.run import idle_pct
+
+    # Loop 0-100; kernels overlap (10-30, 20-40), leave 40-60 idle, run 60-90; one starts before the loop.
+    assert idle_pct(0, 100, [(20, 40), (10, 30), (60, 90), (-5, 5)]) == round(100 * (1 - 65 / 90), 2)
+    assert idle_pct(0, 100, [(200, 300)]) is None
