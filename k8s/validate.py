@@ -430,12 +430,136 @@ def load_documents(path: str | Path) -> list[dict]:
         return [d for d in yaml.safe_load_all(f) if d is not None]
 
 
+# ----------------------------------------------------------------------------------------------------
+# Images and the kustomization that sets them
+# ----------------------------------------------------------------------------------------------------
+
+KUSTOMIZATION = "kustomization.yaml"
+# What this renderer understands; any other key would change the output in ways it does not reproduce.
+KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "images"}
+DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+# A release tag: 1.2, 1.2.3, v1.2.3, 1.2.3-rc.1, 1.2.3+build (a tag you push once; "latest", "main" etc. move).
+VERSION_TAG = re.compile(r"^v?[0-9]+(\.[0-9]+){1,2}([-+][0-9A-Za-z.-]+)?$")
+
+
+def split_image(image: str) -> tuple[str, str | None, str | None]:
+    """``(name, tag, digest)`` of an image reference (``registry:5000/a/b:tag@sha256:...``)."""
+    rest, _, digest = image.partition("@")
+    slash = rest.rfind("/")
+    colon = rest.rfind(":")
+    if colon > slash:
+        return rest[:colon], rest[colon + 1:], digest or None
+    return rest, None, digest or None
+
+
+def image_errors(image: str) -> list[str]:
+    """An image must be pinned: by digest, or by a release tag (never ``latest`` or none, which move)."""
+    name, tag, digest = split_image(image)
+    if digest is not None:
+        return [] if DIGEST.match(digest) else [f"image {image!r}: digest is not sha256:<64 hex digits>"]
+    if tag is None or not VERSION_TAG.match(tag):
+        return [f"image {image!r}: not pinned (want a release tag like 1.2.3 or a sha256 digest, not "
+                f"{tag or 'no tag'!r}, which can point to another image tomorrow)"]
+    return []
+
+
+def pod_containers(node: Any) -> Iterator[dict]:
+    """Every container of a resource: any item of a ``containers`` or ``initContainers`` list, at any depth.
+
+    The same rule kustomize's image transformer uses for kinds it does not know (its ``LegacyFilter``), which
+    is how ``images:`` reaches the pods inside a RayService, RayJob or RayCluster.
+    """
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("containers", "initContainers") and isinstance(value, list):
+                yield from (c for c in value if isinstance(c, dict))
+            yield from pod_containers(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from pod_containers(value)
+
+
+def apply_image(image: str, rule: dict) -> str:
+    """``image`` after one kustomize ``images:`` entry that matched its name."""
+    name, tag, digest = split_image(image)
+    name = rule.get("newName", name)
+    tag = str(rule["newTag"]) if "newTag" in rule else tag
+    digest = rule.get("digest", digest)
+    return name + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")
+
+
+def load_kustomization(directory: str | Path) -> dict:
+    with open(Path(directory) / KUSTOMIZATION) as f:
+        return yaml.safe_load(f) or {}
+
+
+def render_kustomization(directory: str | Path) -> list[dict]:
+    """``kubectl kustomize DIR`` for what our kustomization uses: its resources with ``images:`` applied."""
+    directory = Path(directory)
+    k = load_kustomization(directory)
+    docs = [d for r in k.get("resources") or [] for d in load_documents(directory / r)]
+    for doc in docs:
+        for c in pod_containers(doc):
+            for rule in k.get("images") or []:
+                if "image" in c and split_image(c["image"])[0] == rule.get("name"):
+                    c["image"] = apply_image(c["image"], rule)
+                    break
+    return docs
+
+
+def kustomization_errors(directory: str | Path) -> list[str]:
+    """A kustomization that this module can render, whose resources exist in its folder and are valid, and
+    whose ``images:`` reach every container and pin each image."""
+    directory = Path(directory)
+    k = load_kustomization(directory)
+    out = [f"{key}: not rendered by validate.py (only {sorted(KUSTOMIZATION_KEYS)})" for key in k
+           if key not in KUSTOMIZATION_KEYS]
+    if k.get("kind", "Kustomization") != "Kustomization":
+        out.append(f"kind: {k.get('kind')!r} (want Kustomization)")
+    resources = k.get("resources") or []
+    for r in resources:
+        if not (directory / r).is_file() or "/" in r:
+            out.append(f"resources: {r!r} is not a file in {directory.name}/ (kustomize loads no file outside it)")
+    rules = k.get("images") or []
+    for i, rule in enumerate(rules):
+        unknown = set(rule) - {"name", "newName", "newTag", "digest"}
+        if unknown or "name" not in rule:
+            out.append(f"images.{i}: needs name, may have newName/newTag/digest; unknown {sorted(unknown)}")
+    if out:
+        return out
+    names = {rule["name"] for rule in rules}
+    for r in resources:
+        for doc in load_documents(directory / r):
+            out += [f"{r}: {e}" for e in validate_document(doc)]
+            for c in pod_containers(doc):
+                if split_image(c.get("image", ""))[0] not in names:
+                    out.append(f"{r}: container {c.get('name')} image {c.get('image')!r} is not set by images:")
+    for doc in render_kustomization(directory):
+        for c in pod_containers(doc):
+            out += [f"rendered {doc.get('kind')}/{doc['metadata'].get('name')}: {e}" for e in image_errors(c["image"])]
+    return sorted(set(out), key=out.index)
+
+
 def validate_file(path: str | Path) -> list[str]:
-    """Problems in every document of a manifest file, prefixed with ``file[doc index] Kind/name``."""
+    """Problems in every document of a manifest file, prefixed with ``file[doc index] Kind/name``.
+
+    A ``kustomization.yaml`` is checked as a whole (``kustomization_errors``). In any other file, an image that
+    the kustomization next to it does not set must be pinned itself.
+    """
+    path = Path(path)
+    if path.name == KUSTOMIZATION:
+        return [f"{path.name}: {e}" for e in kustomization_errors(path.parent)]
+    sibling = path.parent / KUSTOMIZATION
+    mapped = {rule.get("name") for rule in load_kustomization(path.parent).get("images") or []} \
+        if sibling.is_file() else set()
     out = []
     for i, doc in enumerate(load_documents(path)):
-        label = f"{Path(path).name}[{i}] {doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}"
-        out += [f"{label}: {e}" for e in validate_document(doc)]
+        label = f"{path.name}[{i}] {doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}"
+        errors = validate_document(doc)
+        for c in pod_containers(doc):
+            if split_image(c.get("image", ""))[0] not in mapped:
+                errors += image_errors(c.get("image", ""))
+        out += [f"{label}: {e}" for e in errors]
     return out
 
 

@@ -16,6 +16,8 @@ import importlib
 import importlib.util
 import re
 import shlex
+import shutil
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -32,6 +34,7 @@ import validate  # noqa: E402  (k8s/validate.py)
 
 MANIFESTS = {"ray-service.yaml": "RayService", "ray-job.bulk.yaml": "RayJob", "ray-cluster.yaml": "RayCluster"}
 OTHERS = {"gpu-pdb.yaml": "PodDisruptionBudget"}  # built-in kinds that go with the RayService
+KUSTOMIZATION = "kustomization.yaml"  # sets the image of the RayService (`kubectl apply -k k8s/`)
 
 
 def load(name: str) -> dict:
@@ -77,10 +80,11 @@ def test_manifest_is_valid_for_the_kuberay_crd(name):
 
 
 def test_every_yaml_in_k8s_is_covered_and_crds_stay_gzipped():
-    assert sorted(p.name for p in K8S.glob("*.yaml")) == sorted([*MANIFESTS, *OTHERS])
+    assert sorted(p.name for p in K8S.glob("*.yaml")) == sorted([*MANIFESTS, *OTHERS, KUSTOMIZATION])
     assert sorted(p.name for p in (K8S / "crds").iterdir() if p.suffix != ".txt") == [
         "ray.io_rayclusters.yaml.gz", "ray.io_rayjobs.yaml.gz", "ray.io_rayservices.yaml.gz"]
-    assert validate.main([str(K8S / n) for n in [*MANIFESTS, *OTHERS]]) == 0  # the command-line form too
+    # the command-line form too, as the docs run it (k8s/*.yaml, the kustomization included)
+    assert validate.main([str(p) for p in sorted(K8S.glob("*.yaml"))]) == 0
 
 
 def _set(doc: dict, path: str, value=None, rename: str | None = None) -> dict:
@@ -229,7 +233,7 @@ def test_rayjob_entrypoint_runs_the_real_bulk_renderer_and_fits_the_cluster():
     assert validate.runtime_env_errors(doc["spec"]["runtimeEnvYAML"]) == [] and "env_vars" in env
 
 
-def test_versions_and_images_match_the_dockerfile_and_pyproject():
+def test_versions_match_the_dockerfile_and_pyproject():
     dockerfile = (REPO / "Dockerfile").read_text()
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     ray_pin = next(d for d in pyproject["project"]["dependencies"] if d.startswith("ray["))
@@ -237,13 +241,8 @@ def test_versions_and_images_match_the_dockerfile_and_pyproject():
     assert ray_pin.endswith(f"=={docker_ray}") and docker_ray == ray.__version__
     assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-py311-gpu$", dockerfile, re.M)
     assert pyproject["project"]["requires-python"] == ">=3.11"
-    image_tags = set()
     for name in MANIFESTS:
-        doc = load(name)
-        assert cluster_spec(doc)["rayVersion"] == docker_ray
-        for c in containers(doc):
-            image_tags.add(c["image"])
-    assert image_tags == {f"registry.example.com/pab/pab-cluster:{pyproject['project']['version']}"}
+        assert cluster_spec(load(name))["rayVersion"] == docker_ray
 
 
 def test_dockerfile_copies_what_exists_and_imports_real_modules():
@@ -525,3 +524,80 @@ def test_the_gpu_pdb_covers_the_services_gpu_pods_and_nothing_else():
     warm = sum(g["minReplicas"] for g in cluster_spec(load("ray-service.yaml"))["workerGroupSpecs"]
                if g.get("groupName") in covered)
     assert 1 <= load("gpu-pdb.yaml")["spec"]["minAvailable"] <= warm
+
+
+# The image: a kustomize images: override, pinned
+
+
+def rendered_images(directory: Path) -> set[str]:
+    return {c["image"] for d in validate.render_kustomization(directory) for c in validate.pod_containers(d)}
+
+
+def test_the_service_image_comes_from_the_kustomization_pinned_and_the_others_match_it():
+    """`kubectl apply -k k8s/` gives every container of the RayService the kustomization's image, pinned by a
+    release tag or a digest; the RayJob and the dev cluster (applied on their own) name the same image."""
+    k = validate.load_kustomization(K8S)
+    assert set(k["resources"]) == {"ray-service.yaml", *OTHERS}
+    assert validate.kustomization_errors(K8S) == []
+    (rule,) = k["images"]
+    raw = {c["image"] for c in containers(load("ray-service.yaml"))}
+    assert raw == {rule["name"]}  # a name for kustomize to replace, not an image anyone could pull
+    (image,) = rendered_images(K8S)
+    assert validate.image_errors(image) == [] and validate.split_image(image)[0] != rule["name"]
+    for name in ("ray-job.bulk.yaml", "ray-cluster.yaml"):
+        assert {c["image"] for c in validate.pod_containers(load(name))} == {image}, name
+    # the RayJob's submitter pod (a container list of its own) is covered by the same rule
+    assert load("ray-job.bulk.yaml")["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["image"] == image
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) not installed")
+def test_validate_renders_the_kustomization_as_kubectl_does(tmp_path):
+    for p in K8S.glob("*.yaml"):
+        shutil.copy(p, tmp_path / p.name)
+    k = validate.load_kustomization(tmp_path)
+    k["images"][0].update(newName="reg.internal:5000/team/pab", digest="sha256:" + "ab" * 32)
+    (tmp_path / KUSTOMIZATION).write_text(yaml.safe_dump(k))
+    for directory in (K8S, tmp_path):
+        out = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True, check=True)
+        def key(d):
+            return d["kind"], d["metadata"]["name"]
+        assert sorted(validate.render_kustomization(directory), key=key) == sorted(
+            (d for d in yaml.safe_load_all(out.stdout) if d), key=key)
+    assert rendered_images(tmp_path) == {"reg.internal:5000/team/pab:0.1.0@sha256:" + "ab" * 32}
+
+
+@pytest.mark.parametrize("image,ok", [
+    ("registry.example.com/pab/pab-cluster:0.1.0", True),
+    ("reg:5000/pab/pab-cluster:v1.2.3-rc.1", True),
+    ("pab@sha256:" + "0" * 64, True),
+    ("pab:latest", False),
+    ("reg:5000/pab", False),  # no tag at all means latest; the port is not a tag
+    ("pab:main", False),
+    ("pab@sha256:abc", False),
+])
+def test_an_image_must_be_pinned(image, ok):
+    assert (validate.image_errors(image) == []) is ok
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda k: k["images"][0].update(newTag="latest"), "not pinned"),
+    (lambda k: k["images"][0].update(name="pab"), "image 'pab-cluster' is not set by images:"),
+    (lambda k: k.update(namePrefix="x-"), "namePrefix: not rendered by validate.py"),
+    (lambda k: k["resources"].append("../ray-job.bulk.yaml"), "is not a file in"),
+])
+def test_a_bad_kustomization_fails_validation(tmp_path, edit, message):
+    for p in K8S.glob("*.yaml"):
+        shutil.copy(p, tmp_path / p.name)
+    k = validate.load_kustomization(tmp_path)
+    edit(k)
+    (tmp_path / KUSTOMIZATION).write_text(yaml.safe_dump(k))
+    errors = validate.validate_file(tmp_path / KUSTOMIZATION)
+    assert any(message in e for e in errors), errors
+
+
+def test_an_unpinned_image_in_a_manifest_applied_on_its_own_fails_validation(tmp_path):
+    doc = load("ray-job.bulk.yaml")
+    node = doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    node["image"] = validate.split_image(node["image"])[0] + ":latest"
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    assert any("not pinned" in e for e in validate.validate_file(tmp_path / "job.yaml"))
