@@ -362,6 +362,27 @@ def cluster_specs(doc: dict) -> Iterator[tuple[str, dict]]:
         yield "spec.rayClusterSpec", spec["rayClusterSpec"]
 
 
+def _version(text: Any) -> tuple[int, ...]:
+    """``"2.60.0"`` -> ``(2, 60, 0)``; anything unparsable -> ``()`` (sorts below every version)."""
+    m = re.match(r"^(\d+)\.(\d+)(?:\.(\d+))?", str(text or ""))
+    return tuple(int(g or 0) for g in m.groups()) if m else ()
+
+
+def _optional_secret_refs(node: Any, path: list) -> list[str]:
+    """Paths of Secret references marked ``optional: true`` (env ``secretKeyRef``, ``envFrom`` ``secretRef``,
+    ``secret`` volumes and projections)."""
+    out = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("secretKeyRef", "secretRef", "secret") and isinstance(value, dict) and value.get("optional"):
+                out.append(_path(path + [key]))
+            out += _optional_secret_refs(value, path + [key])
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            out += _optional_secret_refs(value, path + [i])
+    return out
+
+
 def controller_errors(doc: dict) -> list[str]:
     """A subset of the operator's own validation (``validation.go``) that no schema expresses."""
     out = []
@@ -384,6 +405,22 @@ def controller_errors(doc: dict) -> list[str]:
                 lo, hi = group.get("minReplicas", 0), group.get("maxReplicas", 2147483647)
                 if lo > hi:
                     out.append(f"{where}.{name}: minReplicas {lo} > maxReplicas {hi}")
+    for where, cluster in cluster_specs(doc):  # validation.go: ValidateRayClusterSpec, auth options
+        auth = cluster.get("authOptions")
+        if auth is None:
+            continue
+        if "mode" not in auth:
+            out.append(f"{where}.authOptions.mode: unset, so no authentication (KubeRay v1.7.0 turns it on only "
+                       "for mode: token, whatever its docs say about a default)")
+        if auth.get("mode") == "token" and _version(cluster.get("rayVersion")) < (2, 52, 0):
+            out.append(f"{where}.authOptions: mode token needs rayVersion 2.52.0 or later")
+        if auth.get("enableK8sTokenAuth"):
+            if doc.get("kind") != "RayCluster":
+                out.append(f"{where}.authOptions.enableK8sTokenAuth: not supported for a {doc.get('kind')}")
+            if auth.get("secretName"):
+                out.append(f"{where}.authOptions: enableK8sTokenAuth and secretName are mutually exclusive")
+    out += [f"{p}: optional Secret reference: a missing Secret would start the pod without it, silently, "
+            "instead of failing with an event that names it" for p in _optional_secret_refs(doc, [])]
     if doc.get("kind") == "PodDisruptionBudget":  # what the API server's validation adds to the schema
         if "minAvailable" in spec and "maxUnavailable" in spec:
             out.append("spec: minAvailable and maxUnavailable are mutually exclusive")

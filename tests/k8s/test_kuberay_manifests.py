@@ -277,8 +277,13 @@ def test_secrets_are_referenced_never_inlined_and_documented():
         assert "value" not in ref, f"{name}: the Redis password is inlined"
         if "valueFrom" in ref:
             refs.add((ref["valueFrom"]["secretKeyRef"]["name"], ref["valueFrom"]["secretKeyRef"]["key"]))
+        auth = cluster_spec(load(name)).get("authOptions", {})
+        if auth.get("secretName"):  # KubeRay reads the token from this key (utils.RAY_AUTH_TOKEN_SECRET_KEY)
+            refs.add((auth["secretName"], "auth_token"))
+        # A missing Secret must stop the pod with an event naming it, not start it without the value.
+        assert validate._optional_secret_refs(load(name), []) == [], name
     assert refs == {("pab-s3", "AWS_ACCESS_KEY_ID"), ("pab-s3", "AWS_SECRET_ACCESS_KEY"), ("pab-api-keys", "keys"),
-                    ("pab-redis", "password")}
+                    ("pab-redis", "password"), ("pab-ray-token", "auth_token")}
     for secret, key in refs:
         assert key in created.get(secret, set()), f"docs/kubernetes.md does not create secret {secret} key {key}"
     # The variable the API keys land in is the one the ingress reads.
@@ -601,3 +606,53 @@ def test_an_unpinned_image_in_a_manifest_applied_on_its_own_fails_validation(tmp
     node["image"] = validate.split_image(node["image"])[0] + ":latest"
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
     assert any("not pinned" in e for e in validate.validate_file(tmp_path / "job.yaml"))
+
+
+# Secrets and the dashboard / job API
+
+
+def test_an_optional_secret_reference_fails_validation():
+    doc = load("ray-service.yaml")
+    path = "spec.rayClusterConfig.headGroupSpec.template.spec.containers.0.env"
+    env = copy.deepcopy(_get(doc, path))
+    for e in env:
+        if "valueFrom" in e:
+            e["valueFrom"]["secretKeyRef"]["optional"] = True
+            break
+    errors = validate.validate_document(_set(doc, path, env))
+    assert any("optional Secret reference" in e and ".env." in e for e in errors), errors
+
+
+def _get(doc: dict, path: str):
+    node = doc
+    for p in path.split("."):
+        node = node[int(p)] if p.isdigit() else node[p]
+    return node
+
+
+@pytest.mark.parametrize("name", sorted(MANIFESTS))
+def test_the_dashboard_job_api_and_gcs_need_ray_s_token(name):
+    """KubeRay's authOptions token mode: RAY_AUTH_MODE=token and the token on every Ray container (and the
+    RayJob's submitter), checked by the dashboard, the job API and GCS. Only an explicit mode turns it on."""
+    doc = load(name)
+    spec = cluster_spec(doc)
+    assert spec["authOptions"]["mode"] == "token" and not spec["authOptions"].get("enableK8sTokenAuth")
+    base = {"RayService": "spec.rayClusterConfig", "RayJob": "spec.rayClusterSpec", "RayCluster": "spec"}[doc["kind"]]
+    def errors(d):
+        return " ".join(validate.validate_document(d))
+    no_mode = {k: v for k, v in spec["authOptions"].items() if k != "mode"} or {"secretName": "x"}
+    assert "authOptions.mode: unset, so no authentication" in errors(_set(doc, f"{base}.authOptions", no_mode))
+    assert "needs rayVersion 2.52.0 or later" in errors(_set(doc, f"{base}.rayVersion", "2.51.0"))
+    k8s_auth = _set(doc, f"{base}.authOptions.enableK8sTokenAuth", True)
+    assert ("not supported for a" in errors(k8s_auth)) is (doc["kind"] != "RayCluster")
+    assert "is not one of ['disabled', 'token']" in errors(_set(doc, f"{base}.authOptions.mode", "Token"))
+
+
+def test_the_service_token_is_a_secret_of_ours_and_kuberay_makes_the_others():
+    """The service's token survives upgrades (a Secret we create, docs/kubernetes.md); the RayJob's short-lived
+    cluster and the dev cluster get one made by KubeRay (a Secret named after the RayCluster)."""
+    assert cluster_spec(load("ray-service.yaml"))["authOptions"]["secretName"] == "pab-ray-token"
+    assert "secretName" not in cluster_spec(load("ray-job.bulk.yaml"))["authOptions"]
+    assert "secretName" not in cluster_spec(load("ray-cluster.yaml"))["authOptions"]
+    docs = (REPO / "docs" / "kubernetes.md").read_text()
+    assert "kubectl get secret pab-dev -o jsonpath='{.data.auth_token}'" in docs  # how a client gets it
