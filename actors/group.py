@@ -175,10 +175,12 @@ def pending_reason(pg: PlacementGroup) -> str:
             need[k] = need.get(k, 0.0) + v
     want = " and ".join(f"{v:g} {k}" for k, v in sorted(need.items()))
     largest = " and ".join(f"{max((n.get(k, 0.0) for n in nodes), default=0.0):g} {k}" for k in sorted(need))
-    where = "on one node" if table.get("strategy") == "STRICT_PACK" else "in all"
+    packed = table.get("strategy") == "STRICT_PACK"
+    where = "on one node" if packed else "in all"
+    rule = "STRICT_PACK keeps a group's ranks on one node; " if packed else ""
     if state == "INFEASIBLE":
         return (f"no node of the cluster can hold the group: it needs {want} {where}, the largest node has "
-                f"{largest} (Ray: INFEASIBLE until a larger node joins, e.g. from the autoscaler)")  # fmt: skip
+                f"{largest} ({rule}Ray: INFEASIBLE until a larger node joins, e.g. from the autoscaler)")  # fmt: skip
     return f"the group needs {want} {where}, and the nodes that could hold it are busy (Ray: {state})"
 
 
