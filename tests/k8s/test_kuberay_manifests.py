@@ -656,3 +656,78 @@ def test_the_service_token_is_a_secret_of_ours_and_kuberay_makes_the_others():
     assert "secretName" not in cluster_spec(load("ray-cluster.yaml"))["authOptions"]
     docs = (REPO / "docs" / "kubernetes.md").read_text()
     assert "kubectl get secret pab-dev -o jsonpath='{.data.auth_token}'" in docs  # how a client gets it
+
+
+# The docs: waiting for Ready, and the autoscaling knobs next to the manifests
+
+# Condition types of KubeRay v1.7.0 (apis/ray/v1: rayservice_types.go, raycluster_types.go); the RayJob has
+# none to wait on, only status fields.
+CONDITIONS = {"RayService": {"Ready", "UpgradeInProgress", "RollbackInProgress", "Suspending", "Suspended"},
+              "RayCluster": {"RayClusterProvisioned", "HeadPodReady", "ReplicaFailure", "RayClusterSuspending",
+                             "RayClusterSuspended"},
+              "RayJob": set()}
+DOCS = [REPO / "docs" / "kubernetes.md", K8S / "README.md"]
+
+
+def test_the_docs_wait_for_ready_on_what_the_manifests_create():
+    """Every `kubectl wait` in the docs names a resource the manifests create and a condition KubeRay sets
+    (or a status field its CRD has): a typo there waits out its whole timeout and then fails."""
+    names = {(load(n)["kind"].lower(), load(n)["metadata"]["name"]): load(n)["kind"] for n in MANIFESTS}
+    waits = [w for d in DOCS for w in re.findall(r"kubectl wait (--for=\S+) (\w+)/([\w-]+)", d.read_text())]
+    assert ("--for=condition=Ready", "rayservice", "pab") in waits
+    for for_, kind, name in waits:
+        assert (kind, name) in names, (kind, name)
+        if for_.startswith("--for=condition="):
+            condition = for_.removeprefix("--for=condition=").split("=")[0]
+            assert condition in CONDITIONS[names[kind, name]], for_
+        else:
+            (field,) = re.findall(r"--for=jsonpath='\{\.status\.(\w+)\}'=\w+", for_)
+            status = validate.crd_schema(names[kind, name])["properties"]["status"]["properties"]
+            assert field in status, for_
+    assert sum(1 for d in DOCS for _ in re.finditer("kubectl wait --for=condition=Ready rayservice/pab",
+                                                     d.read_text())) == 2  # the guide and k8s/README.md
+
+
+def knob_rows(text: str) -> dict[str, str]:
+    """`| `knob` | value | ... |` table rows of k8s/README.md."""
+    return dict(re.findall(r"^\| `(\w+)`(?: / `\w+`)? \| ([^|]+) \|", text, re.M))
+
+
+def test_the_autoscaling_knobs_are_documented_next_to_the_manifests_with_their_values():
+    """k8s/README.md's tables say what the manifests set, read back the way Ray reads them: Serve's options via
+    its own override code, the Ray autoscaler's via the config it derives from the RayCluster spec."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    from cluster.config import load_config, pool_name
+
+    text = (K8S / "README.md").read_text()
+    rows = knob_rows(text)
+    app_cfg = service_app()
+    live = validate.effective_deployments(app_cfg)
+    set_in_manifest = {k for o in app_cfg["deployments"] for k in o.get("autoscaling_config", {})}
+    assert set_in_manifest - {"max_replicas"} <= set(rows)  # every knob the manifest sets is there
+    bounds = {int(g): (int(lo), int(hi)) for lo, hi, g in re.findall(r"(\d+) / (\d+) \((\d+)-GPU\)",
+                                                                     rows["min_replicas"])}
+    cfg = load_config(app_cfg["args"])
+    pools = [(m.name, p.gpus) for m in cfg.models for p in m.groups]
+    assert sorted(bounds) == sorted(g for _, g in pools)
+    for model, gpus in pools:
+        auto = live[pool_name(model, gpus)].deployment_config.autoscaling_config
+        for knob in ("target_ongoing_requests", "metrics_interval_s", "look_back_period_s", "upscale_delay_s",
+                     "downscale_delay_s"):
+            assert float(rows[knob]) == getattr(auto, knob), knob
+        assert (auto.min_replicas, auto.max_replicas) == bounds[gpus]
+        assert auto.downscale_to_zero_delay_s is None  # "unset", as the table says
+    spec = cluster_spec(load("ray-service.yaml"))
+    ray_cfg = _derive_autoscaling_config_from_ray_cr({"metadata": {"name": "pab-abcde", "namespace": "default"},
+                                                      "spec": spec})
+    assert float(rows["upscaling_speed"]) == ray_cfg["upscaling_speed"]
+    assert float(rows["idle_timeout_s"]) == ray_cfg["idle_timeout_minutes"] * 60
+    assert all("idle_timeout_s" not in t for t in ray_cfg["available_node_types"].values())  # no per-group one
+    documented = {g: int(n) for n, g in re.findall(r"(\d+) \(`([\w-]+)`\)", rows["max_workers"])}
+    assert documented == {g: t["max_workers"] for g, t in ray_cfg["available_node_types"].items() if t["max_workers"]}
+    (grace,) = re.findall(r"`graceful_shutdown_timeout_s` (\d+)", text)
+    (term,) = re.findall(r"`terminationGracePeriodSeconds` (\d+)", text)
+    assert int(grace) == app_cfg["args"]["graceful_shutdown_timeout_s"]
+    assert {int(term)} == {g["template"]["spec"].get("terminationGracePeriodSeconds")
+                           for g in spec["workerGroupSpecs"] if g["groupName"].startswith("gpu")}
