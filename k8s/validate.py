@@ -17,6 +17,9 @@ the application really builds (its builder run on its ``args`` and the overrides
 see ``serve_override_errors``), ``runtimeEnvYAML`` must parse, and a few controller-side rules
 (``ray-operator/controllers/ray/utils/validation.go``) that no schema expresses are checked.
 The PodDisruptionBudget next to them is checked against a closed policy/v1 schema (``core_schema``).
+``kustomization.yaml`` is rendered as ``kubectl kustomize`` renders it (``render_kustomization``): its
+``images:`` must reach every container of its resources and pin each image (a release tag or a digest), as
+must every image a manifest applied on its own names. Secret references must not be ``optional``.
 Not covered: CEL ``x-kubernetes-validations`` and ``format: int32`` ranges.
 
 Usage::
