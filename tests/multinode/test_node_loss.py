@@ -1,0 +1,189 @@
+"""The Serve app on several nodes losing a node, its controller and its ingress mid-queue (#17 item 3).
+
+Everything but the engine is real: Ray placement groups over one raylet per node, Serve (controller and
+proxy on the head, the ingress pinned there by a custom resource), job records and videos in a versioned
+SeaweedFS bucket, the checkpoint on S3. The engine is the fake one (tests/actors/fake_engine.py: a real
+all-reduce per step between the ranks, 50 ms a step), so a video takes as long as its steps say.
+
+"Rendered once" is proven from the bucket, which the app cannot fake: versioning is on, so every PUT of a video
+leaves a version, and each video must have exactly one.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import httpx
+import pytest
+from localcluster import HEAD_RESOURCE, wait_for
+
+from cluster.config import pool_name
+from pab.storage import storage_from_config
+
+APP, KEY = "pabmn", "mn-key"
+MODEL = "opensora-v1.2-tiny"
+POOL = pool_name(MODEL, 2)
+PREFIX = "pab/mn"
+VIDEO = {"prompt": "a fox crossing nodes", "num_frames": 17, "size": "32x32"}
+
+
+@pytest.fixture(scope="module")
+def app(mn, serve_port):
+    from ray import serve
+
+    from cluster.app import build_app
+
+    mn.ensure_workers(3)
+    bucket = "mn-" + uuid.uuid4().hex[:6]
+    s3 = mn.s3.client()
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    s3.put_object(Bucket=bucket, Key="ckpt/transformer/config.json", Body=b"{}")
+    storage = mn.storage_config(bucket, prefix=PREFIX)
+    config = {
+        "models": [{"name": MODEL, "checkpoint": f"s3://{bucket}/ckpt",
+                    "groups": [{"gpus": 2, "min_groups": 2, "max_groups": 2}]}],
+        "storage": storage, "api_keys": [KEY], "max_attempts": 3, "engine_factory": "fake_engine:make",
+        "heartbeat_s": 1.0, "stale_after_s": 5.0, "reconcile_interval_s": 1.0, "retry_backoff_s": 0.5,
+        "cpus_per_rank": 0.5, "group_replica_cpus": 0.25, "ingress_cpus": 0.25,
+        "ingress_resources": {HEAD_RESOURCE: 1},  # the ingress on the head: a GPU node's loss never takes it
+        "health_check_period_s": 1.0, "health_check_timeout_s": 10.0, "graceful_shutdown_timeout_s": 5.0,
+        "group_start_timeout_s": 120.0,
+    }  # fmt: skip
+    serve.run(build_app(config), name=APP, route_prefix="/", blocking=False)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{serve_port}", headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=30)  # fmt: skip
+    wait_for(lambda: serve.status().applications[APP].status == "RUNNING", 240, "app RUNNING")
+    wait_for(lambda: _healthy(client), 60, "healthz")
+    yield client, storage_from_config(storage), s3, bucket, f"s3://{bucket}/ckpt"
+    client.close()
+    serve.delete(APP)
+
+
+def _healthy(client: httpx.Client) -> bool:
+    try:
+        return client.get("/healthz", timeout=5).status_code == 200 and client.get("/v1/videos").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def poll(client: httpx.Client, job_id: str, timeout_s: float = 120) -> dict:
+    def done():
+        try:
+            r = client.get(f"/v1/videos/{job_id}")
+        except httpx.HTTPError:
+            return None  # an ingress being replaced: ask again
+        return r.json() if r.status_code == 200 and r.json()["status"] in ("completed", "failed", "cancelled") else None
+
+    return wait_for(done, timeout_s, f"job {job_id} to finish")
+
+
+def versions(s3, bucket: str, job_id: str) -> list[dict]:
+    resp = s3.list_object_versions(Bucket=bucket, Prefix=f"{PREFIX}/videos/{job_id}.mp4")
+    return [v for v in resp.get("Versions", []) if v["Key"] == f"{PREFIX}/videos/{job_id}.mp4"]
+
+
+def group_nodes() -> dict[str, str]:
+    """Live groups of the pool: group name -> the node of its rank 0 (asked of the rank actor itself)."""
+    import ray
+
+    out = {}
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["name"].startswith(f"pab-{POOL}-") and a["name"].endswith("-rank0"):
+            try:
+                info = ray.get(ray.get_actor(a["name"], namespace=a["namespace"]).node_info.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 - a rank on a lost node: not live
+                continue
+            out[a["name"][: -len("-rank0")]] = info["node_id"]
+    return out
+
+
+def pool_running() -> int:
+    from ray import serve
+    from ray.serve._private.common import ReplicaState
+
+    d = serve.status().applications[APP].deployments[POOL]
+    return d.replica_states.get(ReplicaState.RUNNING, 0)
+
+
+@pytest.mark.slow
+def test_a_node_lost_mid_video_renders_it_once_elsewhere_and_the_pool_is_replaced(app, mn):
+    client, store, s3, bucket, ckpt = app
+    before = wait_for(lambda: (lambda g: g if len(g) == 2 else None)(group_nodes()), 60, "two groups")
+    assert len(set(before.values())) == 2  # one group a node
+    (spare,) = set(mn.alive_workers()) - set(before.values())
+
+    job = client.post("/v1/videos", json={**VIDEO, "steps": 120, "seed": 3}).json()
+    rec = wait_for(lambda: (lambda r: r if r["status"] == "in_progress" and r["step"] >= 3 else None)(
+        client.get(f"/v1/videos/{job['id']}").json()), 60, "rendering")  # fmt: skip
+    first = rec["group"]["name"]
+    lost = before[first]
+    lost_name = mn.remove(lost)  # the raylet and every process on it, at once: a lost pod
+
+    final = poll(client, job["id"])
+    assert final["status"] == "completed", final
+    assert final["attempts"] == 1 and final["progress"] == 100 and final["step"] == final["total_steps"] == 120
+    second = final["group"]["name"]
+    assert second != first
+    assert wait_for(group_nodes, 10, "groups").get(second) not in (None, lost)  # rendered on another node
+
+    # Exactly one video object (one PUT), the sidecar and the record agree with it.
+    (v,) = versions(s3, bucket, job["id"])
+    side = store.get_json(f"videos/{job['id']}.json")
+    assert side["job_id"] == job["id"] and side["attempt"] == 2 and side["seed"] == 3 and side["world"] == 2
+    stored = store.get_json(f"jobs/records/{job['id']}.json")
+    assert stored["status"] == "completed" and stored["attempts"] == 1 and stored["group"]["name"] == second
+    assert stored["video_key"] == f"videos/{job['id']}.mp4" and stored["size_bytes"] == v["Size"]
+    assert "died" in stored["last_error"] or "Actor" in stored["last_error"], stored["last_error"]
+    assert not store.exists(f"jobs/active/{job['id']}")
+    content = client.get(f"/v1/videos/{job['id']}/content", params={"redirect": "false"})
+    assert content.status_code == 200 and len(content.content) == v["Size"]
+
+    # Serve replaced the lost replica: two groups again, the new one on the spare node, which fetched the
+    # checkpoint once; the node that was lost took no part in it.
+    wait_for(lambda: pool_running() == 2 and len(group_nodes()) == 2, 120, "the pool back at 2 groups")
+    after = group_nodes()
+    assert lost not in after.values() and spare in after.values() and len(set(after.values())) == 2
+    downloads = {name: [d for d in ds if d["uri"] == ckpt] for name, ds in mn.downloads().items()}
+    assert len(downloads[mn.names[spare]]) == 1 and len(downloads[lost_name]) == 1
+    assert all(len(ds) <= 1 for ds in downloads.values())  # never twice on a node
+
+
+@pytest.mark.slow
+def test_controller_and_ingress_killed_mid_queue_every_accepted_job_completes_once(app, mn):
+    import ray
+
+    client, store, s3, bucket, _ = app
+    wait_for(lambda: pool_running() == 2 and _healthy(client), 120, "two groups and the ingress")
+    jobs = [client.post("/v1/videos", json={**VIDEO, "steps": 30, "seed": i}).json() for i in range(6)]
+    assert all(j["status"] == "queued" for j in jobs)
+    wait_for(lambda: any(client.get(f"/v1/videos/{j['id']}").json()["status"] == "in_progress" for j in jobs), 60,
+             "a job rendering")  # fmt: skip
+    states = [client.get(f"/v1/videos/{j['id']}").json()["status"] for j in jobs]
+    assert states.count("queued") >= 2, states  # 2 groups, 6 jobs: some wait in the ingress's queue
+
+    ingress = [a for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["name"].startswith(f"SERVE_REPLICA::{APP}#VideoAPI")]
+    assert len(ingress) == 1
+    ray.kill(ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve"), no_restart=False)  # Ray restarts it
+    ray.kill(ray.get_actor(ingress[0]["name"], namespace=ingress[0]["namespace"]), no_restart=True)
+    t_kill = time.monotonic()
+
+    finals = [poll(client, j["id"], timeout_s=180) for j in jobs]
+    took = time.monotonic() - t_kill
+    assert [f["status"] for f in finals] == ["completed"] * 6, finals
+    assert all(f["attempts"] == 0 for f in finals)  # no group died: nothing counted as a failed attempt
+    for j in jobs:
+        assert len(versions(s3, bucket, j["id"])) == 1, j["id"]  # rendered once, whoever drove it
+        assert store.get_json(f"videos/{j['id']}.json")["job_id"] == j["id"]
+        assert not store.exists(f"jobs/active/{j['id']}")
+    # A new ingress replica took over; jobs queued in the old one's router were dispatched again by it.
+    now = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+           if a["name"].startswith(f"SERVE_REPLICA::{APP}#VideoAPI")]
+    assert len(now) == 1 and now[0] != ingress[0]["name"]
+    assert any(store.get_json(f"jobs/records/{j['id']}.json")["dispatch"] >= 2 for j in jobs)
+    from ray import serve
+
+    assert serve.status().applications[APP].status == "RUNNING"  # the restarted controller runs the app
+    print(f"all 6 jobs completed {took:.1f}s after the kills")
