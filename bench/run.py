@@ -237,35 +237,73 @@ def idle_pct(lo: float, hi: float, kernels: list[tuple[float, float]]) -> float 
     return round(100 * (1 - busy / window), 2)
 
 
-def run_peer_latte(pab: str, repeat: int = 1) -> dict:
-    """diffusers' LatteTransformer3DModel with diffusers' own PAB hook, same loop and settings."""
+PEER_CACHES = ("off", "paper", "fastercache", "firstblockcache", "magcache")
+
+
+def _peer_cache(model: Any, cache: str, steps: int, current: dict, ratios: Any) -> None:
+    """Attach one of diffusers' own cache hooks to its Latte, at the settings its docs and the PAB paper give."""
+    from diffusers import hooks
+
+    timestep = lambda: current["t"]  # noqa: E731 - the hooks read the loop's timestep through a callback
+    if cache == "paper":
+        hooks.apply_pyramid_attention_broadcast(model, hooks.PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, temporal_attention_block_skip_range=3,
+            cross_attention_block_skip_range=6, spatial_attention_timestep_skip_range=(100, 800),
+            temporal_attention_timestep_skip_range=(100, 800), cross_attention_timestep_skip_range=(100, 800),
+            current_timestep_callback=timestep))  # fmt: skip
+    elif cache == "fastercache":  # diffusers' documented settings; Latte's latents are (B, C, F, H, W)
+        hooks.apply_faster_cache(model, hooks.FasterCacheConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 681),
+            unconditional_batch_skip_range=5, unconditional_batch_timestep_skip_range=(-1, 781),
+            attention_weight_callback=lambda _: 0.3, current_timestep_callback=timestep, tensor_format="BCFHW",
+            is_guidance_distilled=False))  # fmt: skip
+    elif cache == "firstblockcache":
+        hooks.apply_first_block_cache(model, hooks.FirstBlockCacheConfig(threshold=0.05))
+    elif cache == "magcache":  # without ratios: calibration mode, which computes every step and prints them
+        config = hooks.MagCacheConfig(num_inference_steps=steps, threshold=0.06, mag_ratios=ratios,
+                                      calibrate=ratios is None)  # fmt: skip
+        hooks.apply_mag_cache(model, config)
+    elif cache != "off":
+        raise ValueError(f"unknown peer cache {cache!r}; use one of {PEER_CACHES}")
+
+
+def run_peer_latte(pab: str, repeat: int = 1, device: str = "cuda", size: str = "full", steps: int | None = None) -> dict:
+    """diffusers' LatteTransformer3DModel with one of diffusers' own cache hooks (`PEER_CACHES`), same loop and
+    settings as ours; the record counts the steps it reused. `size="tiny"` runs on the CPU.
+
+    diffusers 0.42's first-block and mag caches do not run on Latte: they subtract the first block's input
+    (frames-major) from the stack's output (tokens-major) and fail wherever frames != tokens per frame (at
+    real size, 16 != 1024); the record then says so (bench/results/h200.json)."""
+    import contextlib
+    import io
+    import re
+
     from diffusers import DDIMScheduler, LatteTransformer3DModel
-    from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
 
     from pab.models.latte import SIZES
 
-    cfg = {k: v for k, v in SIZES["full"].items() if k != "video_length"}
-    with torch.device("cuda"):
-        model = LatteTransformer3DModel(**cfg).to(torch.bfloat16).eval().requires_grad_(False)
-    current = {"t": 1000}
-    if pab == "paper":
-        apply_pyramid_attention_broadcast(
-            model,
-            PyramidAttentionBroadcastConfig(
-                spatial_attention_block_skip_range=2,
-                temporal_attention_block_skip_range=3,
-                cross_attention_block_skip_range=6,
-                spatial_attention_timestep_skip_range=(100, 800),
-                temporal_attention_timestep_skip_range=(100, 800),
-                cross_attention_timestep_skip_range=(100, 800),
-                current_timestep_callback=lambda: current["t"],
-            ),
-        )
     case = CASES["latte"]
-    z = torch.randn(1, 4, case.frames, case.height // 8, case.width // 8, device="cuda")
-    text = torch.randn(2, 16, 4096, device="cuda", dtype=torch.bfloat16)
+    steps = steps or case.steps
+    cfg = {k: v for k, v in SIZES[size].items() if k != "video_length"}
+    current = {"t": 1000}
+    frames, height, width = (case.frames, case.height, case.width) if size == "full" else (SIZES[size]["video_length"], 96, 96)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    z = torch.randn(1, 4, frames, height // 8, width // 8, generator=gen).to(device)
+    text = torch.randn(2, 16, cfg["caption_channels"], generator=gen).to(device, torch.bfloat16)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    computed = {"n": 0}
 
-    def loop(steps: int) -> float:
+    def build(ratios: Any = None) -> Any:
+        torch.manual_seed(0)  # the same random weights for every setting
+        with torch.device(device):
+            model = LatteTransformer3DModel(**cfg).to(torch.bfloat16).eval().requires_grad_(False)
+        _peer_cache(model, pab, steps, current, ratios)
+        # The last spatial block's norm runs only when its block computes (a skipped step replaces the block's
+        # forward; PAB and FasterCache skip attention inside it): counts the computed steps.
+        model.transformer_blocks[-1].norm1.register_forward_hook(lambda *_: computed.__setitem__("n", computed["n"] + 1))
+        return model
+
+    def loop(model: Any, n: int) -> float:
         sched = DDIMScheduler(
             beta_start=0.0001,
             beta_end=0.02,
@@ -274,44 +312,57 @@ def run_peer_latte(pab: str, repeat: int = 1) -> dict:
             clip_sample=False,
             timestep_spacing="leading",
         )
-        sched.set_timesteps(steps)
+        sched.set_timesteps(n)
         x = z.clone()
         if hasattr(model, "_diffusers_hook"):
             model._diffusers_hook.reset_stateful_hooks()
-        torch.cuda.synchronize()
+        computed["n"] = 0
+        sync()
         t0 = time.perf_counter()
         with torch.no_grad():
             for t in sched.timesteps:
                 current["t"] = int(t)
-                out = model(
-                    torch.cat([x, x]).to(torch.bfloat16),
-                    encoder_hidden_states=text,
-                    timestep=t.expand(2).to("cuda"),
-                    return_dict=False,
-                )[0]
+                with model.cache_context("cfg"):  # first-block and mag caches keep their state per context
+                    out = model(
+                        torch.cat([x, x]).to(torch.bfloat16),
+                        encoder_hidden_states=text,
+                        timestep=t.expand(2).to(device),
+                        return_dict=False,
+                    )[0]
                 eps_c, eps_u = out[:, :4].float().chunk(2)
                 x = sched.step(eps_u + 7.5 * (eps_c - eps_u), t, x).prev_sample
-        torch.cuda.synchronize()
+        sync()
         return time.perf_counter() - t0
 
-    loop(2)
-    torch.cuda.reset_peak_memory_stats()
-    dit = min(loop(case.steps) for _ in range(repeat))
+    ratios = None
+    if pab == "magcache":  # the model's magnitude ratios, from diffusers' own calibration run
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            loop(build(), steps)
+        ratios = [float(v) for v in re.findall(r"[-+]?[0-9.]+(?:e[-+]?[0-9]+)?", printed.getvalue().split("mag_ratios=...):")[-1])]
+
+    model = build(ratios)
+    loop(model, steps)  # warm-up; a step cache's state is only right after a full run
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    dit = min(loop(model, steps) for _ in range(repeat))
+    reuse = steps - computed["n"]
     return {
         "impl": "diffusers",
         "model": "latte-1",
-        "resolution": case.resolution,
-        "frames": case.frames,
-        "height": case.height,
-        "width": case.width,
-        "steps": case.steps,
-        "model_calls": case.steps,
+        "resolution": case.resolution if size == "full" else f"{size} {width}x{height}-{frames}f",
+        "frames": frames,
+        "height": height,
+        "width": width,
+        "steps": steps,
+        "model_calls": steps,
         "sp": 1,
         "pab": pab,
+        "reused_steps": reuse,
         "dit_s": round(dit, 3),
-        "step_s": round(dit / case.steps, 4),
+        "step_s": round(dit / steps, 4),
         "e2e_s": None,
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
         "mfu": None,
         "gpu": gpu_name(),
         "gpus": 1,
@@ -435,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg-parallel", action="store_true", help="groups of 2k GPUs run CFG 2 x DSP k")
     p.add_argument("--dsp-chunks", type=int, default=1,
                    help="switch temporal attention in this many row chunks, overlapping all-to-all and compute")
-    p.add_argument("--peer", action="store_true", help="also diffusers' Latte with its PAB hook")
+    p.add_argument("--peer", action="store_true", help="also diffusers' Latte with its own cache hooks")
+    p.add_argument("--peer-caches", default=",".join(PEER_CACHES),
+                   help=f"diffusers' caches the peer runs (comma list of {list(PEER_CACHES)})")
     p.add_argument("--compile", action="store_true", help="torch.compile the attention modules (pab.compile)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay each step's forward as a CUDA graph (pab.cudagraph; one GPU per group only)")
@@ -486,14 +539,13 @@ def main(argv: list[str] | None = None) -> int:
             print_table(recs)
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
     if args.peer:
-        for pab in args.pab.split(","):  # the peer runs diffusers' PAB presets (off, paper) only
-            if pab not in ("off", "paper"):
-                continue
+        for pab in filter(None, args.peer_caches.split(",")):
             try:
                 records.append(run_peer_latte(pab, args.repeat))
-            except Exception as e:  # the peer is optional; say why it is missing
-                print(f"peer (diffusers Latte, pab={pab}) failed: {type(e).__name__}: {e}")
-                continue
+            except Exception as e:  # the peer is optional: record why a cache of its is missing
+                print(f"peer (diffusers Latte, cache={pab}) failed: {type(e).__name__}: {e}")
+                records.append({"impl": "diffusers", "model": "latte-1", "pab": pab, "gpus": 1,
+                                "error": f"{type(e).__name__}: {e}"[:500], "date": datetime.date.today().isoformat()})
             save()
             print_table(records[-1:])
     if args.vae:
