@@ -18,8 +18,10 @@ is replaced: its `check_health` calls `health()`). A request the model rejects r
 `pab.storage.StorageUnavailable` and leaves the group healthy too: a new group would not help.
 
 Placement: outside Serve the group makes its own placement group (`placement_group="new"`, removed by
-`shutdown`). Inside a Serve replica that owns a placement group (`placement_group_bundles`), pass
-`placement_group="current"`; `group_bundles()` computes the bundles for the deployment.
+`shutdown`), STRICT_PACK unless `placement_strategy` says otherwise ("PACK" lets a group larger than any node
+span several, its all-to-alls then crossing the network). Inside a Serve replica that owns a placement group
+(`placement_group_bundles`), pass `placement_group="current"`; `group_bundles()` computes the bundles for the
+deployment.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ from pab.seeds import draw_seed
 from pab.storage import StorageUnavailable
 
 log = logging.getLogger(__name__)
+
+
+PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD")  # Ray's, for the bundles of one group
 
 
 class GroupError(RuntimeError):
@@ -196,8 +201,11 @@ class GpuGroup:
         dtype: engine dtype name, or None for its default.
         cfg_parallel: split the CFG halves over two halves of the group (even sizes only).
         gpus_per_rank, cpus_per_rank: resources of each rank actor (they fit its bundle).
-        placement_group: "new" (make one, STRICT_PACK), "current" (the caller's, e.g. a Serve
+        placement_group: "new" (make one, of `placement_strategy`), "current" (the caller's, e.g. a Serve
             replica's) or a `PlacementGroup`.
+        placement_strategy: of a "new" placement group: "STRICT_PACK" (every rank on one node: DSP's
+            all-to-alls stay on the node's links), "PACK" (one node when one can hold the group, else several)
+            or "SPREAD". A group that must not cross nodes keeps STRICT_PACK and fails naming it.
         bundle_offset: index of rank 0's bundle in that placement group.
         s3: StorageConfig fields for reaching an S3 checkpoint (endpoint, credentials).
         cache_dir: local checkpoint cache on each node.
@@ -224,6 +232,7 @@ class GpuGroup:
         gpus_per_rank: float = 1.0,
         cpus_per_rank: float = 1.0,
         placement_group: str | PlacementGroup = "new",
+        placement_strategy: str = "STRICT_PACK",
         bundle_offset: int = 0,
         s3: dict[str, Any] | None = None,
         cache_dir: str | None = None,
@@ -236,6 +245,8 @@ class GpuGroup:
     ) -> None:
         if size < 1:
             raise ValueError(f"a group needs at least one rank, got size={size}")
+        if placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement_strategy must be one of {PLACEMENT_STRATEGIES}, got {placement_strategy!r}")
         self.model, self.size = model, size
         self.group_id = uuid.uuid4().hex[:8]
         self._prefix = name or "pab-group"
@@ -248,6 +259,7 @@ class GpuGroup:
         )
         self.gpus_per_rank, self.cpus_per_rank = gpus_per_rank, cpus_per_rank
         self._pg_arg, self.bundle_offset = placement_group, bundle_offset
+        self.placement_strategy = placement_strategy
         self.start_timeout_s, self.hang_grace_s, self.poll_s = start_timeout_s, hang_grace_s, poll_s
         self.pg: PlacementGroup | None = None
         self._own_pg = False
@@ -271,7 +283,7 @@ class GpuGroup:
         if self._pg_arg != "new":
             raise ValueError(f"placement_group must be 'new', 'current' or a PlacementGroup, got {self._pg_arg!r}")
         bundles = group_bundles(self.size, self.gpus_per_rank, self.cpus_per_rank)
-        pg = make_placement_group(bundles, strategy="STRICT_PACK", name=f"{self.name}-pg")
+        pg = make_placement_group(bundles, strategy=self.placement_strategy, name=f"{self.name}-pg")
         deadline, said = time.monotonic() + self.start_timeout_s, ""
         while not pg.wait(timeout_seconds=max(0.0, min(5.0, deadline - time.monotonic()))):
             why = pending_reason(pg)

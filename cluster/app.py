@@ -43,7 +43,7 @@ def deployment_options(cfg: AppConfig) -> dict[str, dict[str, Any]]:
                 placement_group_bundles=group_bundles(p.gpus, cfg.gpus_per_rank, cfg.cpus_per_rank,
                                                       first_bundle_extra_cpus=cfg.group_replica_cpus,
                                                       resources=p.resources),
-                placement_group_strategy="STRICT_PACK",
+                placement_group_strategy=p.placement_strategy,
                 ray_actor_options={"num_cpus": cfg.group_replica_cpus, "num_gpus": 0},
                 health_check_period_s=cfg.health_check_period_s,
                 health_check_timeout_s=cfg.health_check_timeout_s,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -40,6 +40,11 @@ class PoolConfig(BaseModel):
     )
     cfg_parallel: bool = Field(False, description="split the CFG halves over two halves of the group")
     autoscaling: dict[str, Any] = Field(default_factory=dict, description="Serve autoscaling_config overrides")
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD"] = Field(
+        "STRICT_PACK", description="Ray placement of a group's bundles: STRICT_PACK keeps a group on one node (a "
+        "group larger than every node waits, and says so); PACK lets it span nodes when none can hold it, DSP's "
+        "all-to-alls then crossing the network",
+    )
     resources: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources a group asks for (in its first bundle; STRICT_PACK "
         "keeps the group on that node), so it lands only on nodes that advertise them, e.g. the pods of one "

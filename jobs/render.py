@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-encoder", default=None, help="the text encoder's own source; none = the checkpoint's")
     g.add_argument("--group-size", type=int, default=1, help="GPUs per group (sequence parallel degree)")
     g.add_argument("--groups", type=int, default=1, help="groups rendering at once")
+    g.add_argument("--placement-strategy", default="STRICT_PACK", choices=["STRICT_PACK", "PACK", "SPREAD"],
+                   help="Ray placement of a group: STRICT_PACK keeps it on one node; PACK lets a group larger than "
+                        "any node span several")
     g.add_argument("--cfg-parallel", action="store_true", help="split the CFG halves over the group (even size)")
     g.add_argument("--dtype", default=None, help="bfloat16, float16, float32 (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--device", default="auto", help="auto (GPU if the rank sees one), cpu or cuda")
@@ -292,6 +295,7 @@ class BulkRender:
             a.model, a.group_size, checkpoint=a.checkpoint, vae=a.vae, text_encoder=a.text_encoder, device=a.device,
             dtype=a.dtype,
             cfg_parallel=a.cfg_parallel, gpus_per_rank=a.gpus_per_rank, cpus_per_rank=a.cpus_per_rank,
+            placement_strategy=a.placement_strategy,
             # An S3 checkpoint is reached like the output: same endpoint, AWS-environment credentials.
             s3={"endpoint_url": _endpoint(a.s3_endpoint), "region": self.out_config.region},
             name=f"bulk-{self.run_id[-8:]}-g{index}", start_timeout_s=a.start_timeout,

@@ -44,6 +44,11 @@ def test_config_file_routing_and_deployment_options(tmp_path):
         AppConfig(models=[{"name": "x", "groups": [{"gpus": 1, "min_groups": 3, "max_groups": 2}]}])
     with pytest.raises(ValidationError):
         AppConfig(models=[{"name": "x", "groups": [{"gpus": 1, "typo": 1}]}])
+    # A pool that may span nodes says so (#17): its replicas' placement groups are PACK, not STRICT_PACK.
+    spread = AppConfig(models=[{"name": "x", "groups": [{"gpus": 4, "placement_strategy": "PACK"}]}])
+    assert deployment_options(spread)[pool_name("x", 4)]["placement_group_strategy"] == "PACK"
+    with pytest.raises(ValidationError, match="placement_strategy"):
+        AppConfig(models=[{"name": "x", "groups": [{"gpus": 4, "placement_strategy": "ANYWHERE"}]}])
 
 
 def test_serve_config_for_kuberay_validates():

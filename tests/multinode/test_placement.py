@@ -23,6 +23,7 @@ def test_nodes_are_separate(mn):
     """A head without GPUs and 3 workers of 2 fake GPUs, each with its own temp folder, object store and cache."""
     import ray
 
+    mn.ensure_workers(3)  # after the tests that lose one
     nodes = [n for n in ray.nodes() if n["Alive"]]
     assert sorted(n["Resources"].get("GPU", 0) for n in nodes) == [0, 2, 2, 2]
     assert all(n["Resources"]["object_store_memory"] > 0 for n in nodes)
@@ -93,3 +94,22 @@ def test_a_group_of_four_on_nodes_of_two_gpus_fails_naming_the_constraint(mn):
     import ray
 
     assert ray.available_resources().get("GPU") == 6  # the refused group holds nothing
+
+
+def test_a_group_of_four_spreads_over_two_nodes_where_asked(mn):
+    """placement_strategy="PACK" (a pool's or `jobs.render --placement-strategy`): the same group of 4 takes two
+    nodes, rendezvous on rank 0's node address, and its collectives cross nodes."""
+    mn.ensure_workers(3)
+    g = GpuGroup(MODEL, 4, engine_factory=ENGINE, cpus_per_rank=0.5, start_timeout_s=60, name="spread",
+                 placement_strategy="PACK")  # fmt: skip
+    try:
+        g.start()
+        nodes = [n["node_id"] for n in g.info["nodes"]]
+        assert len(set(nodes)) == 2 and all(nodes.count(n) == 2 for n in nodes)  # two ranks on each of two nodes
+        assert not g.info["init_method"].startswith("tcp://127.0.0.1:")  # reachable from the other node
+        out = g.generate(REQUEST)  # the fake engine all-reduces over all 4 ranks every step
+        assert out["world"] == 4 and out["num_frames"] == 4
+    finally:
+        g.shutdown()
+    with pytest.raises(ValueError, match="placement_strategy"):
+        GpuGroup(MODEL, 2, placement_strategy="STRICT_SPREAD")
