@@ -85,6 +85,7 @@ def _ray_processes(tmpdir: str) -> list[str]:
     return [line for line in out.splitlines() if "pgrep" not in line]
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["direct", "background-shell"])
 def test_pab_serve_stops_promptly_on_sigterm(tmp_path, how):

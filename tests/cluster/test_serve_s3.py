@@ -98,6 +98,7 @@ def test_cancel_a_queued_and_a_rendering_job(app):
     assert not store.exists(f"videos/{waiting['id']}.mp4") and not store.exists(f"videos/{busy['id']}.mp4")
 
 
+@pytest.mark.faults
 def test_ingress_restart_keeps_and_resumes_jobs(app, ray_session):
     ray = ray_session
     client, store = app
@@ -131,6 +132,7 @@ def _healthy(client: httpx.Client) -> bool:
         return False
 
 
+@pytest.mark.faults
 def test_job_fails_with_reason_after_max_attempts(app, ray_session):
     """max_attempts=1: the group dies mid-video, the job fails and says why (last: it breaks a group)."""
     ray = ray_session

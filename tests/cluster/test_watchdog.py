@@ -35,6 +35,7 @@ def _gone_within(pids: list[int], seconds: float) -> bool:
     return False
 
 
+@pytest.mark.faults
 def test_a_sigkilled_roots_descendants_are_ended():
     repo = Path(__file__).resolve().parents[2]
     root = subprocess.Popen([sys.executable, "-c", ROOT], stdout=subprocess.PIPE, text=True, cwd=repo,

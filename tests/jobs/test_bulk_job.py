@@ -79,6 +79,7 @@ def rendered_ids(log: str) -> list[str]:
     return re.findall(r"rendered row=\d+ id='([^']+)'", log)
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_bulk_render_killed_halfway_resumes_without_rendering_twice(s3_server, ray_jobs, capsys):
     s3 = s3_server.client()
@@ -191,6 +192,7 @@ def test_bulk_render_killed_halfway_resumes_without_rendering_twice(s3_server, r
         assert frames.shape == ((1 if r["id"] == "clip-03" else 17), 48, 64, 3) and fps == 8
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_a_group_no_node_can_hold_fails_every_row_with_the_reason(s3_server, ray_jobs):
     """On a running cluster (so no local check applies) a group of 4 GPUs, where no node has more than 2: the
