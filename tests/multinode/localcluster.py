@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -178,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", type=int, default=4, help="logical CPUs per worker node")
     p.add_argument("--root", default=None, help="folder for the nodes' temp dirs, caches and S3 data")
     a = p.parse_args(argv)
+    # Ctrl-C, and SIGTERM (`kill`, or a shell's background job, which ignores SIGINT): stop it all the same way.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     lc = LocalCluster(a.root, a.workers, a.gpus, a.cpus).start()
     try:
         print(f"Ray: {lc.address}  (ray.init(address=...) or RAY_ADDRESS={lc.address})")
