@@ -24,7 +24,7 @@ class Latte1(Family):
         if folder is not None:
             vae = FrameVAE.from_pretrained(folder)
         else:
-            vae = {"tiny": FrameVAE.tiny, "small": FrameVAE.small}.get(size, FrameVAE.sd)(seed=0)
+            vae = FrameVAE.random(size, seed=0)
         return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     def text(self, encoder: Any, transformer: nn.Module, prompt: str, negative: str, dtype: torch.dtype) -> Text:

@@ -59,7 +59,7 @@ SMALL_CONFIG = dict(
 
 
 # The Stable-Diffusion VAE architecture (SD 1.x `vae/config.json`, as in maxin-cn/Latte-1/vae):
-# 83,653,863 parameters. `FrameVAE.sd()` builds it with random weights for benchmarks.
+# 83,653,863 parameters. `FrameVAE.random()` builds it with random weights for benchmarks.
 SD_CONFIG = dict(
     in_channels=3,
     out_channels=3,
@@ -72,6 +72,9 @@ SD_CONFIG = dict(
     sample_size=512,
     scaling_factor=SD_SCALING_FACTOR,
 )
+
+
+RANDOM_CONFIGS = {"full": SD_CONFIG, "tiny": TINY_CONFIG, "small": SMALL_CONFIG}
 
 
 def _seeded_autoencoder(config: dict, seed: int, device, dtype: torch.dtype) -> AutoencoderKL:
@@ -142,31 +145,21 @@ class FrameVAE(VideoVAE):
         return cls(vae.to(device), micro_batch_size=micro_batch_size)
 
     @classmethod
-    def tiny(
+    def random(
         cls,
+        size: str = "full",
         seed: int = 0,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         micro_batch_size: int = 8,
     ) -> FrameVAE:
-        """A small random AutoencoderKL with the SD VAE's 8x factor; same weights for the same seed."""
-        return cls(_seeded_autoencoder(TINY_CONFIG, seed, device, dtype), micro_batch_size=micro_batch_size)
+        """A random AutoencoderKL of `size` (`RANDOM_CONFIGS`); the same weights for the same seed.
 
-    @classmethod
-    def sd(
-        cls,
-        seed: int = 0,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        micro_batch_size: int = 8,
-    ) -> FrameVAE:
-        """The full SD VAE architecture with random weights (benchmarks without a checkpoint)."""
-        return cls(_seeded_autoencoder(SD_CONFIG, seed, device, dtype), micro_batch_size=micro_batch_size)
-
-    @classmethod
-    def small(cls, seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> FrameVAE:
-        """Latte-1-small's VAE architecture (`SMALL_CONFIG`) with random weights; training starts here."""
-        return cls(_seeded_autoencoder(SMALL_CONFIG, seed, device, dtype))
+        "full" is the SD VAE's architecture (benchmarks without a checkpoint), "tiny" a small one with its 8x
+        factor (tests), "small" Latte-1-small's 4x one (training starts there)."""
+        if size not in RANDOM_CONFIGS:
+            raise ValueError(f"no FrameVAE size {size!r}; sizes: {sorted(RANDOM_CONFIGS)}")
+        return cls(_seeded_autoencoder(RANDOM_CONFIGS[size], seed, device, dtype), micro_batch_size=micro_batch_size)
 
     def set_latent_stats(self, mean: list[float], std: list[float]) -> None:
         """Normalise latents per channel from now on, and record it in the config `save_pretrained` writes."""

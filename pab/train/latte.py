@@ -1,4 +1,4 @@
-"""Latte-1 at the `-small` size: its per-frame AutoencoderKL (4x, `FrameVAE.small`) and DDPM noise prediction.
+"""Latte-1 at the `-small` size: its per-frame AutoencoderKL (4x, `FrameVAE.random("small")`), DDPM noise prediction.
 
 VAE loss, per frame: L1 + MSE of the round trip through a posterior sample, and a small KL. Calibration
 sets the AutoencoderKL's `latents_mean` / `latents_std` (per channel) so the DiT sees unit-variance latents.
@@ -21,7 +21,7 @@ class LatteRecipe(DDPMRecipe):
     name = NAME
 
     def new_vae(self) -> FrameVAE:
-        return FrameVAE.small(seed=0)
+        return FrameVAE.random("small", seed=0)
 
     def vae_loss(self, vae: FrameVAE, video: torch.Tensor, kl_weight: float = 1e-6) -> torch.Tensor:
         frames = video.transpose(1, 2).flatten(0, 1)  # (B·F, 3, H, W)

@@ -9,7 +9,7 @@ from pab.models.vae import VideoVAE
 
 @pytest.fixture(scope="module")
 def vae():
-    return FrameVAE.tiny(seed=0, micro_batch_size=2)
+    return FrameVAE.random("tiny", seed=0, micro_batch_size=2)
 
 
 def _video(b=1, f=3, h=16, w=24, seed=0):
@@ -61,8 +61,8 @@ def test_single_frame_and_sampled_encode(vae):
 
 def test_tiny_is_deterministic_per_seed(vae):
     z = torch.randn(1, 4, 1, 2, 2, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(FrameVAE.tiny(seed=0).decode(z, 1), vae.decode(z, 1))
-    assert not torch.equal(FrameVAE.tiny(seed=1).decode(z, 1), vae.decode(z, 1))
+    assert torch.equal(FrameVAE.random("tiny", seed=0).decode(z, 1), vae.decode(z, 1))
+    assert not torch.equal(FrameVAE.random("tiny", seed=1).decode(z, 1), vae.decode(z, 1))
 
 
 def test_from_pretrained_local(vae, tmp_path):
@@ -78,14 +78,14 @@ def test_from_pretrained_local(vae, tmp_path):
 
 
 def test_sd_architecture_random_weights():
-    sd = FrameVAE.sd(device="meta")  # shapes only, no memory
+    sd = FrameVAE.random(device="meta")  # shapes only, no memory
     assert sum(p.numel() for p in sd.parameters()) == 83_653_863  # the SD 1.x VAE
     assert sd.spatial_factor == 8 and sd.latent_channels == 4 and sd.scaling_factor == pytest.approx(0.18215)
 
 
 def test_small_size_normalises_latents_per_channel_and_keeps_it_through_save_and_load(tmp_path):
     """Latte-1-small's VAE: 4x, per-channel latents_mean / latents_std (written by training) survive save/load."""
-    vae = FrameVAE.small(seed=0)
+    vae = FrameVAE.random("small", seed=0)
     assert vae.spatial_factor == 4
     video = torch.rand(1, 3, 2, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     raw = vae.encode(video)  # no statistics yet: the scaling factor alone (1.0)
