@@ -31,7 +31,7 @@ def test_nodes_are_separate(mn):
     for node in mn.cluster.list_all_nodes():
         name = mn.names[node.node_id]
         assert Path(node.get_session_dir_path()).parent == mn.root / name  # its own temp folder
-    assert len({mn.cache_dir(n) for n in mn.names}) == 4
+    assert len({mn.cache_dir(n.node_id) for n in mn.cluster.list_all_nodes()}) == 4  # and its own cache
 
 
 def _checkpoint(mn) -> tuple[str, dict]:
