@@ -368,11 +368,27 @@ class GpuGroup:
         self.broken = "shut down"
 
     def rebuild(self) -> dict[str, Any]:
-        """Replace every rank actor (same placement group) after a failure."""
-        self._kill_ranks()
-        self.group_id = uuid.uuid4().hex[:8]
-        self.name = f"{self._prefix}-{self.group_id}"
-        return self.start()
+        """Replace every rank actor (same placement group) after a failure.
+
+        Right after a node is lost, the placement group still holds its bundles there until the GCS declares
+        the node dead (seconds; 15 s by Ray's defaults) and moves them: new ranks placed in them die before they
+        start. Such a start (a rank actor died) is tried again until `start_timeout_s` has passed; any other
+        failure (the model does not load, say) is raised at once.
+        """
+        deadline, delay = time.monotonic() + self.start_timeout_s, 1.0
+        while True:
+            self._kill_ranks()
+            self.group_id = uuid.uuid4().hex[:8]
+            self.name = f"{self._prefix}-{self.group_id}"
+            try:
+                return self.start()
+            except GroupFailed as e:
+                if not isinstance(e.__cause__, RayActorError) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("group %s: a new rank died before it started (%s); its node may be lost and not yet "
+                            "declared dead: again in %.0fs", self.name, _first_line(e.__cause__), delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 10.0)
 
     # ------------------------------------------------------------------ health
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,16 @@ def serve_port(mn):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    from ray.exceptions import RayActorError
+
+    for attempt in range(3):
+        try:
+            serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+            break
+        except RayActorError:  # the proxy killed before it started on a starved host (see tests/cluster/conftest.py)
+            if attempt == 2:
+                raise
+            serve.shutdown()
+            time.sleep(2)
     yield port
     serve.shutdown()

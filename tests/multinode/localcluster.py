@@ -32,11 +32,13 @@ sys.path.insert(0, str(TESTS / "cluster"))  # weed.py: the shared SeaweedFS test
 from weed import ACCESS_KEY, SECRET_KEY, WeedS3  # noqa: E402
 
 HEAD_RESOURCE = "pab-head"  # the head node's custom resource: pins the ingress there (never on a GPU node)
-# Fail over fast: the GCS declares a node dead after 3 missed health checks 0.5 s apart (default: 5 x 3 s).
-SYSTEM_CONFIG = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_timeout_ms": 1000,
-                 "health_check_failure_threshold": 3}
+# Fail over fast: the GCS declares a node dead after 4 missed health checks 1 s apart (default: 5 x 3 s), each
+# allowed 2 s, so a raylet starved of CPU for a moment on 2 shared cores is not taken for a lost one.
+SYSTEM_CONFIG = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000, "health_check_timeout_ms": 2000,
+                 "health_check_failure_threshold": 4}
 # What every worker process of a test driver sees: one thread each on 2 shared cores, and the test doubles.
-JOB_ENV = {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled",
+# Serve's 5 s for its HTTP proxy to come up is missed on a loaded 2-core host (as in tests/cluster/raysession.py).
+JOB_ENV = {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
            "PYTHONPATH": os.pathsep.join([str(TESTS / "actors"), str(TESTS.parent)])}
 
 
