@@ -8,7 +8,7 @@ engine's API is a change in this file only.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 from actors.worker import CancelCallback, EngineOutput, ProgressCallback
 
@@ -33,6 +33,8 @@ def to_generation_request(request: dict[str, Any]):
 class PipelineEngine:
     """A loaded `Pipeline` behind the worker's engine interface."""
 
+    streams_frames = True  # generate() takes frame_sink: rank 0 encodes while the VAE decodes
+
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
 
@@ -41,9 +43,11 @@ class PipelineEngine:
         return self.pipe.resolve(to_generation_request(request)).to_dict()
 
     def generate(
-        self, request: dict[str, Any], progress: ProgressCallback, should_cancel: CancelCallback
-    ) -> EngineOutput:
-        res = self.pipe.generate(to_generation_request(request), progress=progress, should_cancel=should_cancel)
+        self, request: dict[str, Any], progress: ProgressCallback, should_cancel: CancelCallback,
+        frame_sink: Callable[[Any], None] | None = None,
+    ) -> EngineOutput:  # fmt: skip
+        res = self.pipe.generate(to_generation_request(request), progress=progress, should_cancel=should_cancel,
+                                 frame_sink=frame_sink)  # fmt: skip
         sidecar = res.sidecar()  # the one sidecar shape; the worker adds the file's and the group's fields
         return EngineOutput(frames=res.frames, request=sidecar.pop("request"), sidecar=sidecar,
                             timings=sidecar.pop("timings"))  # fmt: skip

@@ -64,6 +64,10 @@ class Engine(Protocol):
     ) -> EngineOutput: ...
 
 
+# An engine whose generate() also takes `frame_sink` (and has `resolve(request)`) says so with
+# `streams_frames = True`: rank 0 then encodes the mp4 on a thread while the engine decodes the frames.
+
+
 @dataclass
 class VideoOutput:
     """Ask rank 0 to store the video itself: `storage` is a `pab.storage.StorageConfig` dict."""
@@ -299,19 +303,38 @@ class GenerationWorker:
             return cancelled
 
         t0 = time.perf_counter()
-        try:
-            out = self.engine.generate(request, on_step, should_cancel)
-        except Exception as e:
-            if cancelled:
-                raise GenerationCancelled(f"cancelled after {len(self._events)} step(s)") from e
-            raise
-        self._generations += 1
-        timings = {**out.timings, "engine_s": time.perf_counter() - t0}
-        if self.rank != 0:
-            return {"rank": self.rank, "timings": timings}
-        return self._finish_rank0(out, timings, output)
+        with tempfile.TemporaryDirectory(prefix="pab-video-") as tmp:
+            path = Path(tmp) / "video.mp4"
+            writer, streaming = None, {}
+            if self.rank == 0 and getattr(self.engine, "streams_frames", False):
+                from pab.video import Mp4Writer
 
-    def _finish_rank0(self, out: EngineOutput, timings: dict[str, float], output) -> dict[str, Any]:
+                fps = int(self.engine.resolve(request).get("fps") or 8)
+                writer = Mp4Writer(path, fps, background=True)
+                streaming = {"frame_sink": writer.write}
+            try:
+                out = self.engine.generate(request, on_step, should_cancel, **streaming)
+            except Exception as e:
+                if writer is not None:
+                    writer.abort()
+                if cancelled:
+                    raise GenerationCancelled(f"cancelled after {len(self._events)} step(s)") from e
+                raise
+            self._generations += 1
+            timings = {**out.timings, "engine_s": time.perf_counter() - t0}
+            if self.rank != 0:
+                return {"rank": self.rank, "timings": timings}
+            try:
+                return self._finish_rank0(out, timings, output, path, writer)
+            finally:
+                if writer is not None:
+                    writer.abort()  # after close() a no-op; after a failure it stops the encoder thread
+
+    def _finish_rank0(
+        self, out: EngineOutput, timings: dict[str, float], output: Any, path: Path, writer: Any
+    ) -> dict[str, Any]:
+        """Finish the mp4 at `path` (`writer` has encoded the frames as they came, or there is none yet), then
+        store it or return its bytes."""
         from pab.video import write_mp4
 
         fps = int(out.request.get("fps") or 8)
@@ -325,34 +348,35 @@ class GenerationWorker:
                       "cfg_parallel": self.cfg_parallel},
         }  # fmt: skip
         pab_stats = (result.get("pab") or {}).get("stats") or {}
-        with tempfile.TemporaryDirectory(prefix="pab-video-") as tmp:
-            path = Path(tmp) / "video.mp4"
-            t = time.perf_counter()
+        t = time.perf_counter()
+        if writer is not None:
+            writer.close()  # the frames were encoded during the decode: waits for the last ones only
+        else:
             write_mp4(path, out.frames, fps)
-            timings["encode_s"] = time.perf_counter() - t
-            result["timings"] = timings
-            result["cost"] = request_cost(timings, pab_stats, result.get("parallel"), self.world_size,
-                                          self.device)  # fmt: skip
-            if output is None:
-                result["mp4"] = path.read_bytes()
-                return result
-            if isinstance(output, dict):
-                output = VideoOutput(**output)
-            from pab.storage import storage_failure, storage_from_config, unavailable
+        timings["encode_s"] = time.perf_counter() - t
+        result["timings"] = timings
+        result["cost"] = request_cost(timings, pab_stats, result.get("parallel"), self.world_size,
+                                      self.device)  # fmt: skip
+        if output is None:
+            result["mp4"] = path.read_bytes()
+            return result
+        if isinstance(output, dict):
+            output = VideoOutput(**output)
+        from pab.storage import storage_failure, storage_from_config, unavailable
 
-            images = _still_images(out.frames, timings)
-            t = time.perf_counter()
-            sidecar = {**result, **output.sidecar}
-            try:
-                ref = storage_from_config(output.storage).put_video(output.video_id, path, sidecar, images)
-            except Exception as e:
-                if not storage_failure(e):
-                    raise
-                # Typed, so the group stays up (only the upload failed) and the caller retries once storage is back.
-                raise unavailable(output.storage, f"store video {output.video_id}", e) from e
-            timings["store_s"] = time.perf_counter() - t
-            result["video"] = {"key": ref.key, "sidecar_key": ref.sidecar_key, "uri": ref.uri,
-                               "size_bytes": ref.size_bytes}
+        images = _still_images(out.frames, timings)
+        t = time.perf_counter()
+        sidecar = {**result, **output.sidecar}
+        try:
+            ref = storage_from_config(output.storage).put_video(output.video_id, path, sidecar, images)
+        except Exception as e:
+            if not storage_failure(e):
+                raise
+            # Typed, so the group stays up (only the upload failed) and the caller retries once storage is back.
+            raise unavailable(output.storage, f"store video {output.video_id}", e) from e
+        timings["store_s"] = time.perf_counter() - t
+        result["video"] = {"key": ref.key, "sidecar_key": ref.sidecar_key, "uri": ref.uri,
+                           "size_bytes": ref.size_bytes}
         return result
 
     # ------------------------------------------------------------------ health

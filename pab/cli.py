@@ -101,16 +101,26 @@ def _run_generate(rank: int, world: int, args: argparse.Namespace) -> dict | Non
             bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr)
         bar.update(1)
 
-    result = pipe.generate(resolved, progress=progress if rank == 0 and not args.quiet else None)
+    out = Path(args.output)
+    # Rank 0 encodes the frames on a thread as the VAE decodes them; the file appears complete or not at all.
+    writer = None
+    if rank == 0:
+        from pab.video import Mp4Writer
+
+        writer = Mp4Writer(out, resolved.fps, background=True)
+    try:
+        result = pipe.generate(resolved, progress=progress if rank == 0 and not args.quiet else None,
+                               frame_sink=writer.write if writer is not None else None)  # fmt: skip
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     if bar is not None:
         bar.close()
     if rank != 0:
         return None
-    from pab.video import write_mp4
-
-    out = Path(args.output)
     t0 = time.perf_counter()
-    write_mp4(out, result.frames, fps=resolved.fps)
+    writer.close()  # waits for the frames of the last decoded chunk only
     result.timings["encode_s"] = time.perf_counter() - t0
     sidecar = result.sidecar()
     sidecar["checkpoint"] = args.checkpoint

@@ -369,10 +369,13 @@ class Pipeline:
         should_cancel: Callable[[], bool] | None = None,
         decode: bool = True,
         step_state: StepCacheState | None = None,
+        frame_sink: Callable[[np.ndarray], None] | None = None,
     ) -> GenerationResult:
         """Make one video. `progress(done, total)` follows the model calls; `should_cancel()` is checked
         before each; `decode=False` stops at the latents (benchmarks of the DiT alone). `step_state` replaces
-        the request's own step-reuse state and config, for a caller that measures the steps (`pab calibrate`)."""
+        the request's own step-reuse state and config, for a caller that measures the steps (`pab calibrate`).
+        `frame_sink(frames)` gets the uint8 frames (f, H, W, 3) in order as the VAE decodes them (an encoder
+        on another thread then works while the GPU decodes the rest); the result holds them all as well."""
         from pab.video import to_uint8_frames
 
         r = self.resolve(request)
@@ -426,11 +429,19 @@ class Pipeline:
         rank = getattr(self.parallel, "rank", 0) if self.parallel is not None else 0
         if rank == 0 and decode:
             t1 = time.perf_counter()
-            video = self.vae.decode(z.to(self.dtype), num_frames=r.num_frames).float()  # (1, 3, F, H', W')
             # The frames stay at the size the latents cover (`output_size`); scaling them to the size asked
             # would only blur every frame, and hid the rounding (the notices report it instead).
-            video = video[:, :, : r.num_frames]
-            frames = to_uint8_frames(video[0])
+            parts: list[np.ndarray] = []
+            left = r.num_frames
+            for video in self.vae.decode_chunks(z.to(self.dtype), num_frames=r.num_frames):  # (1, 3, f, H', W')
+                if left <= 0:
+                    break
+                part = to_uint8_frames(video[0, :, :left].float())
+                left -= part.shape[0]
+                parts.append(part)
+                if frame_sink is not None:
+                    frame_sink(part)
+            frames = np.concatenate(parts) if len(parts) > 1 else parts[0]
             self._sync()
             timings["decode_s"] = time.perf_counter() - t1
         timings["total_s"] = time.perf_counter() - t_start

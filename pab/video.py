@@ -1,12 +1,13 @@
 """MP4 (H.264) writing and reading with PyAV, and the [-1, 1] -> uint8 frame conversion.
 
-* `write_mp4(dest, frames, fps)`: libx264, yuv420p. yuv420p needs even sizes, so an odd height or
-  width is PADDED by one row/column that repeats the last one (edge padding): no generated pixel is
-  lost, and the file is (H + H % 2) x (W + W % 2). Paths are written atomically: the video goes to a
-  hidden temporary file in the destination folder, is fsynced, and is renamed over `dest` only when
-  complete, so a failure (or a crash) never leaves a partial or truncated mp4 under `dest`. File
-  objects get the finished bytes in one `write` after encoding succeeded (works for non-seekable
-  streams too; the mp4 muxer itself needs to seek).
+* `write_mp4(dest, frames, fps)`, or `Mp4Writer` for frames that arrive in chunks (optionally encoded on a
+  background thread while the caller decodes the next ones): libx264, yuv420p. yuv420p needs even
+  sizes, so an odd height or width is PADDED by one row/column that repeats the last one (edge
+  padding): no generated pixel is lost, and the file is (H + H % 2) x (W + W % 2). Paths are written
+  atomically: the video goes to a hidden temporary file in the destination folder, is fsynced, and is
+  renamed over `dest` only when complete, so a failure (or a crash) never leaves a partial or truncated
+  mp4 under `dest`. File objects get the finished bytes in one `write` after encoding succeeded (works
+  for non-seekable streams too; the mp4 muxer itself needs to seek).
 * `read_video(src)`: all frames as uint8 RGB (F, H, W, 3) plus the stream's frame rate.
 * `to_uint8_frames(video)`: the decoder's (B=1, 3, F, H, W) in [-1, 1] to (F, H, W, 3) uint8 with the
   rounding the official pipelines use (clamp, (x + 1) / 2 * 255 + 0.5, truncate); computed in float32
@@ -57,22 +58,128 @@ def _rate(fps: int | float | Fraction) -> Fraction:
     return rate
 
 
-def _encode(out: BinaryIO, frames: np.ndarray, rate: Fraction, crf: int) -> None:
-    frames = _even(frames)
-    _, h, w, _ = frames.shape
-    import av  # imported here: frames can be produced (and benchmarked) where PyAV is not installed
+class Mp4Writer:
+    """An H.264 mp4 (libx264, yuv420p) written as frames arrive: `write(chunk)` any number of times, then `close()`.
 
-    with av.open(out, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=rate)
-        stream.width, stream.height = w, h
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.time_base = 1 / rate  # pts counts frames
-        stream.options = {"crf": str(crf)}
-        for i, arr in enumerate(frames):
+    With `background=True` a thread encodes while the caller goes on, e.g. decoding the next frames on the
+    GPU: `write` only queues the chunk, and `close()` waits for the encoder and raises what it raised. A path
+    is written atomically (a hidden temporary file, fsynced, renamed over `dest` by `close()`); a failure or
+    `abort()` leaves nothing behind. A file object gets the finished bytes in one `write` at `close()`.
+    """
+
+    def __init__(
+        self, dest: str | os.PathLike | BinaryIO, fps: int | float | Fraction, *, crf: int = DEFAULT_CRF,
+        background: bool = False,
+    ) -> None:  # fmt: skip
+        self.rate, self.crf, self.dest = _rate(fps), crf, dest
+        self.frames_written = 0
+        self._container = self._stream = self._fh = self._tmp = None
+        self._buf = io.BytesIO() if not isinstance(dest, (str, os.PathLike)) else None
+        self._error: BaseException | None = None
+        self._queue = self._thread = None
+        if background:
+            import queue
+            import threading
+
+            self._queue = queue.Queue()
+            self._thread = threading.Thread(target=self._drain, name="mp4-encoder", daemon=True)
+            self._thread.start()
+
+    def write(self, frames: np.ndarray | torch.Tensor) -> None:
+        """Append uint8 RGB frames (F, H, W, 3); every chunk has the first chunk's size."""
+        frames = _as_frames(frames)
+        if self._queue is None:
+            self._encode(frames)
+        elif self._error is None:  # after a failure the rest is dropped; close() raises it
+            self._queue.put(frames)
+
+    def close(self) -> None:
+        """Finish the file; raises (and leaves no file) if encoding failed or nothing was written."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        try:
+            if self._error is not None:
+                raise self._error
+            if self._container is None:
+                raise ValueError("empty video: no frames were written")
+            self._container.mux(self._stream.encode())  # flush the encoder's delayed frames
+            self._container.close()
+            self._container = None
+            if self._buf is not None:
+                self.dest.write(self._buf.getvalue())
+            else:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+                self._fh.close()
+                os.replace(self._tmp, self.dest)
+                self._tmp = None
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Stop and remove the temporary file; `dest` keeps what it had."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        for closing in (self._container, self._fh):
+            with contextlib.suppress(Exception):
+                closing is not None and closing.close()
+        self._container = self._fh = None
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+
+    def __enter__(self) -> "Mp4Writer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _drain(self) -> None:
+        while (frames := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._encode(frames)
+                except BaseException as e:  # noqa: BLE001 - handed to close()
+                    self._error = e
+
+    def _open(self, h: int, w: int) -> None:
+        import av  # imported here: frames can be produced (and benchmarked) where PyAV is not installed
+
+        out = self._buf
+        if out is None:
+            dest = Path(self.dest)
+            self._tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+            # O_EXCL: never clobber someone else's temp file; mode 0o666 so the umask decides, as for `open`.
+            self._fh = out = os.fdopen(os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
+        self._container = av.open(out, mode="w", format="mp4")
+        self._stream = self._container.add_stream("libx264", rate=self.rate)
+        self._stream.width, self._stream.height = w, h
+        self._stream.pix_fmt = "yuv420p"
+        self._stream.codec_context.time_base = 1 / self.rate  # pts counts frames
+        self._stream.options = {"crf": str(self.crf)}
+
+    def _encode(self, frames: np.ndarray) -> None:
+        import av
+
+        frames = _even(frames)
+        _, h, w, _ = frames.shape
+        if self._container is None:
+            self._open(h, w)
+        elif (h, w) != (self._stream.height, self._stream.width):
+            raise ValueError(f"frames of {w}x{h} in a video of {self._stream.width}x{self._stream.height}")
+        for arr in frames:
             frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
-            frame.pts = i
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())  # flush the encoder's delayed frames
+            frame.pts = self.frames_written
+            self._container.mux(self._stream.encode(frame))
+            self.frames_written += 1
 
 
 def write_mp4(
@@ -84,27 +191,8 @@ def write_mp4(
 ) -> None:
     """Write uint8 RGB `frames` (F, H, W, 3) as an H.264 mp4 to a path (atomically) or a binary file object."""
     frames = _as_frames(frames)
-    rate = _rate(fps)
-    if not isinstance(dest, (str, os.PathLike)):
-        buf = io.BytesIO()
-        _encode(buf, frames, rate, crf)
-        dest.write(buf.getvalue())
-        return
-
-    dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
-    # O_EXCL: never clobber someone else's temp file; mode 0o666 so the umask decides, as for `open`.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            _encode(fh, frames, rate, crf)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
+    with Mp4Writer(dest, fps, crf=crf) as writer:
+        writer.write(frames)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -161,3 +162,24 @@ def test_checkpoint_round_trip_and_missing_keys(tmp_path: Path, name: str):
     save_file(sd, str(weights))
     with pytest.raises(CheckpointError, match=f"missing key.*{victim}"):
         Pipeline.from_name(name, device="cpu", checkpoint=ckpt)
+
+
+@pytest.mark.parametrize("model, settings", [
+    ("opensora-v1.2-tiny", dict(steps=2)),
+    ("latte-1-tiny", dict(steps=2, num_frames=12)),  # past one micro-batch of 8 frames
+    ("opensora-plan-v1.1-tiny", dict(steps=4)),
+])  # fmt: skip
+def test_the_frame_sink_gets_every_frame_in_order_as_it_is_decoded(model, settings):
+    from pab.pipeline import GenerationRequest, Pipeline
+
+    pipe = Pipeline.from_name(model, device="cpu")
+    request = GenerationRequest(model=model, prompt="a red fox", seed=1, **settings)
+    parts = []
+    res = pipe.generate(request, frame_sink=parts.append)
+    assert np.array_equal(np.concatenate(parts), res.frames)
+    assert np.array_equal(res.frames, pipe.generate(request).frames)  # as without a sink
+    z = res.latents.to(pipe.dtype)
+    chunks = list(pipe.vae.decode_chunks(z, res.request.num_frames))
+    assert torch.equal(torch.cat(chunks, dim=2), pipe.vae.decode(z, res.request.num_frames))
+    if model != "opensora-plan-v1.1-tiny":  # the per-frame VAEs decode in micro-batches: frames come in pieces
+        assert len(parts) > 1

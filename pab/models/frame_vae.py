@@ -214,9 +214,13 @@ class FrameVAE(VideoVAE):
         z = (z - self.shift_factor) * self.scaling_factor
         return rearrange(z, "(b f) c h w -> b c f h w", b=b, f=f)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor, num_frames: int) -> torch.Tensor:
         """DiT latents (B, C, F, h, w) -> video (B, 3, F, 8h, 8w), nominally in [-1, 1] (not clamped)."""
+        return torch.cat(list(self.decode_chunks(latents, num_frames)), dim=2)
+
+    @torch.no_grad()
+    def decode_chunks(self, latents: torch.Tensor, num_frames: int):
+        """`decode` one micro-batch of frames at a time (one video; a batch of videos comes in one piece)."""
         if latents.ndim != 5 or latents.shape[1] != self.latent_channels:
             raise ValueError(
                 f"latents must be (B, {self.latent_channels}, F, h, w), got shape {tuple(latents.shape)}"
@@ -229,8 +233,12 @@ class FrameVAE(VideoVAE):
         z = z / self.scaling_factor + self.shift_factor
         if hasattr(self, "latents_mean"):
             z = z * self.latents_std.to(z) + self.latents_mean.to(z)
-        frames = torch.cat([self.vae.decode(chunk).sample for chunk in self._chunks(z)])
-        return rearrange(frames, "(b f) c h w -> b c f h w", b=b, f=f)
+        if b != 1:
+            frames = torch.cat([self.vae.decode(chunk).sample for chunk in self._chunks(z)])
+            yield rearrange(frames, "(b f) c h w -> b c f h w", b=b, f=f)
+            return
+        for chunk in self._chunks(z):
+            yield rearrange(self.vae.decode(chunk).sample, "f c h w -> 1 c f h w")
 
 
 __all__ = ["FrameVAE", "TINY_CONFIG", "SMALL_CONFIG", "SD_CONFIG", "SD_SCALING_FACTOR"]

@@ -542,7 +542,17 @@ class OpenSoraVAE(VideoVAE):
 
     def decode(self, latents: torch.Tensor, num_frames: int) -> torch.Tensor:
         """Normalised latents (B, 4, t, h, w) -> video (B, 3, num_frames, 8h, 8w), roughly in [-1, 1]."""
-        return self.spatial_vae.decode(self.decode_temporal(latents, num_frames))
+        return torch.cat(list(self.decode_chunks(latents, num_frames)), dim=2)
+
+    def decode_chunks(self, latents: torch.Tensor, num_frames: int):
+        """`decode` one spatial micro-batch of frames at a time (after the temporal VAE, 10% of the time)."""
+        x_z = self.decode_temporal(latents, num_frames)  # (B, 4, num_frames, h, w)
+        step = self.spatial_vae.micro_batch_size
+        if x_z.shape[0] != 1 or step is None:  # a batch of videos is micro-batched across them: one piece
+            yield self.spatial_vae.decode(x_z)
+            return
+        for i in range(0, x_z.shape[2], step):  # the very micro-batches `SpatialVAE.decode` would run
+            yield self.spatial_vae.decode(x_z[:, :, i : i + step])
 
     def decode_temporal(self, latents: torch.Tensor, num_frames: int) -> torch.Tensor:
         """Normalised latents (B, 4, t, h, w) -> the 0.18215-scaled spatial latents (B, 4, num_frames, h, w)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn as nn
 
@@ -29,3 +31,9 @@ class VideoVAE(nn.Module):
 
     def decode(self, latents: torch.Tensor, num_frames: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def decode_chunks(self, latents: torch.Tensor, num_frames: int) -> Iterator[torch.Tensor]:
+        """`decode` in pieces along the frames (B, 3, f_i, H, W), each as soon as it is ready, so a caller can
+        encode the first frames while the GPU decodes the rest. One piece unless a VAE decodes in parts anyway;
+        concatenated on dim 2 they are exactly `decode`'s output."""
+        yield self.decode(latents, num_frames)

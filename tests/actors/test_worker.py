@@ -168,3 +168,18 @@ def test_real_engine_single_rank(tmp_path):
                 "cache": policy}, output={"storage": cfg, "video_id": "reused"})
     cache = store.get_json("videos/reused.json")["cache"]
     assert cache["policy"]["step"]["policy"] == "magcache" and cache["stats"]["reused_steps"] == [1, 3]
+
+
+def test_rank0_encodes_the_frames_while_they_are_decoded(monkeypatch):
+    """With the real engine the mp4 is written chunk by chunk as the VAE decodes (Mp4Writer on a thread)."""
+    import pab.video
+
+    writes = []
+    real_write = pab.video.Mp4Writer.write
+    monkeypatch.setattr(pab.video.Mp4Writer, "write", lambda self, frames: (writes.append(len(frames)),
+                                                                             real_write(self, frames)))
+    w = GenerationWorker(0, 1, "opensora-v1.2-tiny", device="cpu")
+    w.load()
+    res = w.generate({"prompt": "a red fox", "seed": 3, "steps": 2, "num_frames": 17, "height": 32, "width": 32})
+    assert sum(writes) == 17 and len(writes) > 1  # the spatial VAE's micro-batches, each encoded as it came
+    assert decode(res["mp4"]).shape == (17, 32, 32, 3)

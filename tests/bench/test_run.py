@@ -107,3 +107,9 @@ def test_the_peers_step_skipping_caches_fail_on_latte_and_the_bench_says_why(cac
     assert run.main(["--cases", "latte", "--pab", "off", "--peer", "--peer-caches", cache, "--out", str(out)]) == 0
     [rec] = json.loads(out.read_text())
     assert rec["impl"] == "diffusers" and rec["pab"] == cache and rec["error"] == f"RuntimeError: {cache} no"
+
+
+def test_end_to_end_includes_the_mp4_encoded_while_decoding():
+    case = Case("tiny", "opensora-v1.2-tiny", "tiny", 17, 64, 64, 2)
+    [rec] = _run_case(0, 1, case, [("off", "off")], False, 1, False, True)
+    assert rec["mp4_s"] >= 0 and 0 < rec["e2e_s"] <= rec["to_mp4_s"]  # prompt to mp4 on disk, after the decode
