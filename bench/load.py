@@ -195,11 +195,17 @@ def check_exactly_once(accepted: list[str], records: dict[str, dict | None], mp4
     rendered_twice = sorted(j for j in want | set(extra_ids) if mp4_versions.get(j, 0) > 1)
     unknown_records = sorted(set(records) - want - set(extra_ids))
     unknown_videos = sorted(set(mp4_versions) - want - set(extra_ids))
-    ok = not (dup_accepted or lost or missing_video or rendered_twice or unknown_records or unknown_videos or active)
+    # the record points at the video it completed with
+    wrong_key = sorted(j for j in want if j not in lost and records[j].get("video_key") != f"videos/{j}.mp4")
+    ok = not (dup_accepted or lost or missing_video or rendered_twice or unknown_records or unknown_videos or active
+              or wrong_key)  # fmt: skip
     return {"ok": ok, "accepted": len(want), "completed": sum(1 for j in want if j not in lost),
             "duplicate_ids": dup_accepted, "lost": lost, "missing_video": missing_video,
             "rendered_twice": rendered_twice, "unknown_records": unknown_records, "unknown_videos": unknown_videos,
-            "still_active": sorted(active),
+            "still_active": sorted(active), "record_video_key_wrong": wrong_key,
+            # not failures: a job dispatched again (its driver replaced) or retried on another group (one died)
+            "dispatched_again": sum(1 for j in want if (records.get(j) or {}).get("dispatch", 1) > 1),
+            "retried": sum(1 for j in want if (records.get(j) or {}).get("attempts", 0) > 0),
             "video_objects": sum(v for j, v in mp4_versions.items() if j in want)}  # fmt: skip
 
 
@@ -298,6 +304,7 @@ class Target:
 
     def __init__(self, args) -> None:
         self.args, self.lc, self.bucket = args, None, "load-" + uuid.uuid4().hex[:8]
+        self.own_serve = False
 
     def __enter__(self) -> "Target":
         import ray
@@ -343,9 +350,15 @@ class Target:
 
         from cluster.app import build_app
 
-        port = a.port or _free_port()
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-        self.base = f"http://127.0.0.1:{port}"
+        try:  # a Serve already running there keeps its proxy (and port), and is left running at the end
+            ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+            self.own_serve = False
+        except ValueError:
+            self.own_serve = True
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": a.port or _free_port()})
+        from ray.serve.context import _get_global_client
+
+        self.base = f"http://127.0.0.1:{_get_global_client().http_config.port}"
         serve.run(build_app(app_config(a, storage, head)), name=APP, route_prefix="/", blocking=False)
         deadline = time.monotonic() + a.start_timeout_s
         while not self._ready():
@@ -372,7 +385,7 @@ class Target:
         try:
             if ray.is_initialized():
                 serve.delete(APP)
-                if self.lc is None:
+                if self.lc is None and self.own_serve:
                     serve.shutdown()
         finally:
             if self.lc is not None:
@@ -456,7 +469,7 @@ def table(rec: dict[str, Any]) -> str:
         f"exactly once: {'yes' if chk['ok'] else 'NO'} ({chk['video_objects']} mp4 versions for {chk['accepted']} "
         f"accepted jobs; lost {len(chk['lost'])}, rendered twice {len(chk['rendered_twice'])}, unknown records "
         f"{len(chk['unknown_records'])}, unknown videos {len(chk['unknown_videos'])}, still active "
-        f"{len(chk['still_active'])})",
+        f"{len(chk['still_active'])}); dispatched again {chk['dispatched_again']}, retried {chk['retried']}",
         f"ingress replica CPU {cpu['ingress_s']} s: {cpu['ingress_ms_per_request']} ms per HTTP request "
         f"({cpu['http_requests']} answered), {cpu['ingress_ms_per_video']} ms per video; Serve proxy "
         f"{cpu.get('proxy_ms_per_request')} ms per request",

@@ -33,19 +33,23 @@ def test_percentiles_interpolate_between_ranks():
 
 
 def test_exactly_once_names_lost_duplicated_and_unknown_jobs():
-    done = {"status": "completed"}
-    ok = check_exactly_once(["a", "b"], {"a": done, "b": done, "w": done}, {"a": 1, "b": 1, "w": 1}, [], {"w"})
+    def done(j, **kw):
+        return {"status": "completed", "video_key": f"videos/{j}.mp4", "dispatch": 1, "attempts": 0, **kw}
+
+    records = {"a": done("a"), "b": done("b", dispatch=2, attempts=1), "w": done("w")}
+    ok = check_exactly_once(["a", "b"], records, {"a": 1, "b": 1, "w": 1}, [], {"w"})
     assert ok["ok"] and ok["completed"] == 2 and ok["video_objects"] == 2
+    assert ok["dispatched_again"] == 1 and ok["retried"] == 1  # counted, not failures
     bad = check_exactly_once(
-        ["a", "b", "c", "c"],
-        {"a": done, "b": {"status": "in_progress"}, "c": done, "x": done},
-        {"a": 2, "c": 1, "y": 1},
+        ["a", "b", "c", "c", "d"],
+        {"a": done("a"), "b": {"status": "in_progress"}, "c": done("c"), "d": done("c"), "x": done("x")},
+        {"a": 2, "c": 1, "d": 1, "y": 1},
         ["b"],
     )
     assert not bad["ok"]
     assert bad["duplicate_ids"] == 1 and bad["lost"] == ["b"] and bad["missing_video"] == ["b"]
     assert bad["rendered_twice"] == ["a"] and bad["unknown_records"] == ["x"] and bad["unknown_videos"] == ["y"]
-    assert bad["still_active"] == ["b"] and bad["completed"] == 2
+    assert bad["still_active"] == ["b"] and bad["record_video_key_wrong"] == ["d"] and bad["completed"] == 3
 
 
 def test_clients_wait_out_retry_after_and_take_every_request_once():
