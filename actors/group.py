@@ -173,7 +173,24 @@ def pending_reason(pg: PlacementGroup) -> str:
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     except Exception as e:  # noqa: BLE001 - a reason is a courtesy; the wait goes on without one
         return f"placement group pending ({e})"
-    state = (table.get("stats") or {}).get("scheduling_state") or table.get("state", "PENDING")
+    return _explain(table, nodes)
+
+
+def infeasible_groups(name_prefix: str) -> dict[str, str]:
+    """Placement groups named `name_prefix...` that no node of the cluster can hold now (Ray: INFEASIBLE): name ->
+    why. Serve names a replica's placement group after the replica, `SERVE_REPLICA::<app>#<deployment>#<id>`."""
+    tables = placement_group_table()
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    return {t["name"]: _explain(t, nodes) for t in tables.values()
+            if (t.get("name") or "").startswith(name_prefix) and _state(t) == "INFEASIBLE"}  # fmt: skip
+
+
+def _state(table: dict[str, Any]) -> str:
+    return (table.get("stats") or {}).get("scheduling_state") or table.get("state", "PENDING")
+
+
+def _explain(table: dict[str, Any], nodes: list[dict[str, float]]) -> str:
+    state = _state(table)
     need: dict[str, float] = {}
     for bundle in (table.get("bundles") or {}).values():
         for k, v in bundle.items():

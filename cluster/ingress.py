@@ -134,6 +134,8 @@ class VideoAPI:
         self._deleted: set[str] = set()  # deleted through this replica: 404 at once, whatever a late render writes
         self._idempotency: dict[str, asyncio.Lock] = {}  # one POST at a time per idempotency key
         self._probed_at = 0.0
+        self._app = _app_name()  # Serve names a group replica's placement group after it, under the app's name
+        self._unplaceable: dict[str, str] = {}  # pool -> why no node can hold its next group (Ray: INFEASIBLE)
         _instance["svc"] = self  # the routes below are module functions; one VideoAPI per replica process
         try:  # Serve runs the constructor on the replica's event loop: start adopting jobs right away
             self._ensure_background()
@@ -307,6 +309,11 @@ class VideoAPI:
     async def view(self, job_id: str) -> Video:
         rec = await self.get(job_id)
         v = rec.public()
+        why = self._unplaceable.get(rec.pool)
+        if rec.status == "queued" and v.error is None and why is not None:
+            # It waits for a group that no node can hold: say why (a larger node may still join, e.g. from the
+            # autoscaler, so it is not failed).
+            v.error = ErrorInfo(code="no_node_fits_group", message=f"waiting for a group of {rec.pool}: {why}")
         if not rec.terminal:
             try:
                 v.cancel_requested = await asyncio.to_thread(self.jobs.cancel_requested, job_id)
@@ -664,6 +671,7 @@ class VideoAPI:
                     if time.monotonic() - last_reconcile >= self.cfg.reconcile_interval_s:
                         last_reconcile = time.monotonic()
                         await self._reconcile()
+                        self._unplaceable = await asyncio.to_thread(self._unplaceable_pools)
                         # What renders that were finishing as their video was deleted wrote since.
                         await asyncio.to_thread(self.jobs.sweep_deleted, 2 * self.cfg.stale_after_s)
             except StorageUnavailable:
@@ -671,6 +679,21 @@ class VideoAPI:
             except Exception:  # noqa: BLE001
                 log.exception("pab ingress background loop")
             await asyncio.sleep(min(self.cfg.heartbeat_s, self.cfg.reconcile_interval_s))
+
+    def _unplaceable_pools(self) -> dict[str, str]:
+        """Pools with a group replica whose placement group no node can hold now: pool -> why (it names the
+        resources, the largest node and STRICT_PACK)."""
+        if self._app is None:
+            return {}
+        from actors.group import infeasible_groups
+
+        prefix = f"SERVE_REPLICA::{self._app}#"
+        try:
+            found = infeasible_groups(prefix)
+        except Exception as e:  # noqa: BLE001 - a reason is a courtesy; the queue goes on without one
+            log.debug("placement groups unreadable: %s", e)
+            return {}
+        return {name[len(prefix):].split("#", 1)[0]: why for name, why in sorted(found.items())}
 
     async def _reconcile(self) -> None:
         for job_id in await asyncio.to_thread(self.jobs.active_ids):
@@ -689,6 +712,16 @@ class VideoAPI:
             if age > self.cfg.stale_after_s:
                 log.warning("adopting job %s (lease %.0fs old)", job_id, age)
                 self._start(job_id)
+
+
+def _app_name() -> str | None:
+    """The Serve application this replica belongs to; None outside Serve."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().app_name
+    except Exception:  # noqa: BLE001 - outside Serve (tests of the class itself)
+        return None
 
 
 def _unsaved_cancel(job_id: str, e: BaseException | None) -> str:

@@ -24,6 +24,8 @@ from pab.storage import storage_from_config
 APP, KEY = "pabmn", "mn-key"
 MODEL = "opensora-v1.2-tiny"
 POOL = pool_name(MODEL, 2)
+WIDE = "latte-1-tiny"  # served by groups of 4 GPUs, which no node of 2 GPUs can hold under STRICT_PACK
+WIDE_POOL = pool_name(WIDE, 4)
 PREFIX = "pab/mn"
 VIDEO = {"prompt": "a fox crossing nodes", "num_frames": 17, "size": "32x32"}
 
@@ -43,7 +45,9 @@ def app(mn, serve_port):
     storage = mn.storage_config(bucket, prefix=PREFIX)
     config = {
         "models": [{"name": MODEL, "checkpoint": f"s3://{bucket}/ckpt",
-                    "groups": [{"gpus": 2, "min_groups": 2, "max_groups": 2}]}],
+                    "groups": [{"gpus": 2, "min_groups": 2, "max_groups": 2}]},
+                   {"name": WIDE, "groups": [{"gpus": 4, "min_groups": 0, "max_groups": 1,
+                                              "autoscaling": {"upscale_delay_s": 0}}]}],
         "storage": storage, "api_keys": [KEY], "max_attempts": 3, "engine_factory": "fake_engine:make",
         "heartbeat_s": 1.0, "stale_after_s": 5.0, "reconcile_interval_s": 1.0, "retry_backoff_s": 0.5,
         "cpus_per_rank": 0.5, "group_replica_cpus": 0.25, "ingress_cpus": 0.25,
@@ -187,3 +191,20 @@ def test_controller_and_ingress_killed_mid_queue_every_accepted_job_completes_on
 
     assert serve.status().applications[APP].status == "RUNNING"  # the restarted controller runs the app
     print(f"all 6 jobs completed {took:.1f}s after the kills")
+
+
+@pytest.mark.slow
+def test_a_video_for_groups_no_node_can_hold_says_why_while_it_waits(app):
+    """Its pool asks Serve for a group of 4 GPUs on one node; every node has 2. Serve's placement group stays
+    INFEASIBLE (until a larger node joins, e.g. from the autoscaler), and the queued video says so (#17 item 2)."""
+    client = app[0]
+    job = client.post("/v1/videos", json={"model": WIDE, "prompt": "too wide for any node", "steps": 2}).json()
+    rec = wait_for(lambda: (lambda r: r if r["error"] else None)(client.get(f"/v1/videos/{job['id']}").json()), 90,
+                   "the reason it waits")  # fmt: skip
+    assert rec["status"] == "queued" and rec["error"]["code"] == "no_node_fits_group", rec
+    why = rec["error"]["message"]
+    assert why.startswith(f"waiting for a group of {WIDE_POOL}: no node of the cluster can hold the group: it needs")
+    assert "4 GPU on one node, the largest node has" in why and " 2 GPU " in why, why
+    assert "STRICT_PACK keeps a group's ranks on one node" in why and "INFEASIBLE" in why
+    assert client.post(f"/v1/videos/{job['id']}/cancel").json()["status"] == "cancelled"
+    assert client.get(f"/v1/videos/{job['id']}").json()["error"] is None  # only a queued video waits
