@@ -307,12 +307,14 @@ class Target:
         self.own_serve = False
 
     def __enter__(self) -> "Target":
+        a = self.args
+        if not a.address:  # Ray's nodes on 127.0.0.1 too, not the machine's address (read when ray is imported)
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         import ray
         from ray import serve
 
-        a = self.args
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         if a.address:
             sys.path.insert(0, str(ROOT / "tests" / "cluster"))
             from weed import ACCESS_KEY, SECRET_KEY
@@ -334,6 +336,7 @@ class Target:
 
             head = {HEAD_RESOURCE: 1}
             self.machine = {"nodes": 1 + a.workers, "gpus": a.workers * a.gpus}
+        self.machine["node_addresses"] = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
         if a.groups is None:  # as many groups as the GPUs fill
             a.groups = max(1, self.machine["gpus"] // a.gpus_per_group)
         import boto3
