@@ -38,6 +38,7 @@ import os
 import platform
 import re
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -339,6 +340,8 @@ class Target:
         self.machine["node_addresses"] = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
         if a.groups is None:  # as many groups as the GPUs fill
             a.groups = max(1, self.machine["gpus"] // a.gpus_per_group)
+        if a.max_pending is None:  # half the clients: the 429 path is part of the load; never below the groups
+            a.max_pending = max(a.groups, a.clients // 2)
         import boto3
         from botocore.config import Config
 
@@ -405,7 +408,8 @@ def warm_up(base: str, n: int, body: dict, timeout_s: float) -> list[str]:
     ids = []
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
         for i in range(n):
-            r = c.post("/v1/videos", json={**body, "seed": 10_000 + i})
+            while (r := c.post("/v1/videos", json={**body, "seed": 10_000 + i})).status_code in (429, 503):
+                time.sleep(retry_after(r.headers.get("retry-after")))
             r.raise_for_status()
             ids.append(r.json()["id"])
         deadline = time.monotonic() + timeout_s
@@ -499,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-s", type=float, default=0.05, help="fake engine: seconds per step")
     p.add_argument("--frames", type=int, default=17)
     p.add_argument("--size", default="32x32")
-    p.add_argument("--max-pending", type=int, default=None, help="the ingress's queue bound (default: clients/2)")
+    p.add_argument("--max-pending", type=int, default=None, help="the ingress's queue bound (default: clients/2, at least the groups)")
     p.add_argument("--retry-after", type=int, default=1, help="the app's Retry-After (s) of a 429")
     p.add_argument("--poll-s", type=float, default=0.25, help="a client's poll interval")
     p.add_argument("--timeout-s", type=float, default=1200, help="the load's time limit (clients stop at it)")
@@ -511,8 +515,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--address needs --s3-endpoint (the videos go to a new versioned bucket there)")
     if a.address and a.local:
         p.error("--address and --local exclude each other")
-    if a.max_pending is None:
-        a.max_pending = max(1, a.clients // 2)
     mode = "address" if a.address else "local"
     out = Path(a.out or ROOT / "bench" / "results" / f"load-{mode}-n{a.requests}-c{a.clients}.json")
     w, h = (int(x) for x in a.size.split("x"))
@@ -556,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     rec["cluster"] = target.machine
     rec["machine"] = f"cpu ({os.cpu_count()} cores, {platform.machine()}), loopback"
     rec["setup_s"] = round(t_ready - t_start, 1)
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    rec["commit"] = rev.stdout.strip() or None
     rec["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(table(rec))
     out.parent.mkdir(parents=True, exist_ok=True)
