@@ -73,6 +73,7 @@ def busy_rank0() -> tuple[str, str] | None:
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_bulk_render_loses_a_node_mid_video_and_every_video_is_written_once(mn, tmp_path):
     mn.ensure_workers(3)
     s3 = mn.s3.client()

@@ -89,17 +89,23 @@ def versions(s3, bucket: str, job_id: str) -> list[dict]:
 
 
 def group_nodes() -> dict[str, str]:
-    """Live groups of the pool: group name -> the node of its rank 0 (asked of the rank actor itself)."""
+    """Live groups of the pool: group name -> its node, asked of every rank actor (STRICT_PACK: one node each)."""
     import ray
 
-    out = {}
+    ranks: dict[str, dict[str, str | None]] = {}
     for a in ray.util.list_named_actors(all_namespaces=True):
-        if a["name"].startswith(f"pab-{POOL}-") and a["name"].endswith("-rank0"):
+        if a["name"].startswith(f"pab-{POOL}-"):
+            group, _, rank = a["name"].rpartition("-")
             try:
                 info = ray.get(ray.get_actor(a["name"], namespace=a["namespace"]).node_info.remote(), timeout=5)
             except Exception:  # noqa: BLE001 - a rank on a lost node: not live
-                continue
-            out[a["name"][: -len("-rank0")]] = info["node_id"]
+                info = {"node_id": None}
+            ranks.setdefault(group, {})[rank] = info["node_id"]
+    out = {}
+    for group, nodes in ranks.items():
+        if sorted(nodes) == ["rank0", "rank1"] and None not in nodes.values():
+            assert len(set(nodes.values())) == 1, f"group {group} spans nodes: {nodes}"
+            out[group] = nodes["rank0"]
     return out
 
 
@@ -112,6 +118,7 @@ def pool_running() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_a_node_lost_mid_video_renders_it_once_elsewhere_and_the_pool_is_replaced(app, mn):
     client, store, s3, bucket, ckpt = app
     before = wait_for(lambda: (lambda g: g if len(g) == 2 else None)(group_nodes()), 60, "two groups")
@@ -155,6 +162,7 @@ def test_a_node_lost_mid_video_renders_it_once_elsewhere_and_the_pool_is_replace
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_controller_and_ingress_killed_mid_queue_every_accepted_job_completes_once(app, mn):
     import ray
 
@@ -194,6 +202,7 @@ def test_controller_and_ingress_killed_mid_queue_every_accepted_job_completes_on
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_a_video_for_groups_no_node_can_hold_says_why_while_it_waits(app):
     """Its pool asks Serve for a group of 4 GPUs on one node; every node has 2. Serve's placement group stays
     INFEASIBLE (until a larger node joins, e.g. from the autoscaler), and the queued video says so (#17 item 2)."""

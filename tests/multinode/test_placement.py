@@ -83,6 +83,7 @@ def test_groups_of_two_each_fill_one_node_and_fetch_the_checkpoint_once_per_node
             g.shutdown()
 
 
+@pytest.mark.faults
 def test_a_group_of_four_on_nodes_of_two_gpus_fails_naming_the_constraint(mn):
     g = GpuGroup(MODEL, 4, engine_factory=ENGINE, cpus_per_rank=0.5, start_timeout_s=6, name="four")
     with pytest.raises(GroupError) as e:
