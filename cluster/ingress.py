@@ -654,7 +654,8 @@ class VideoAPI:
         return {"status": "ok" if failure is None else "degraded",
                 "storage": {"ok": failure is None, "error": None if failure is None else str(failure), "since": since},
                 "unsaved": sum(r.terminal for r in self._held.values()),
-                "pending": len(self._active) + self._reserved, "max_pending": self.cfg.max_pending}
+                "pending": len(self._active) + self._reserved, "max_pending": self.cfg.max_pending,
+                "unplaceable": dict(self._unplaceable)}  # pool -> why no node can hold its next group
 
     async def _background(self) -> None:
         """Keep leases of our jobs fresh; save what storage missed; adopt unfinished jobs whose holder is gone.

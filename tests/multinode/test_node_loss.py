@@ -215,5 +215,6 @@ def test_a_video_for_groups_no_node_can_hold_says_why_while_it_waits(app):
     assert why.startswith(f"waiting for a group of {WIDE_POOL}: no node of the cluster can hold the group: it needs")
     assert "4 GPU on one node, the largest node has" in why and " 2 GPU " in why, why
     assert "STRICT_PACK keeps a group's ranks on one node" in why and "INFEASIBLE" in why
+    assert client.get("/healthz").json()["unplaceable"] == {WIDE_POOL: why.split(": ", 1)[1]}  # for operators
     assert client.post(f"/v1/videos/{job['id']}/cancel").json()["status"] == "cancelled"
     assert client.get(f"/v1/videos/{job['id']}").json()["error"] is None  # only a queued video waits
