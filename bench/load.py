@@ -231,10 +231,15 @@ def _keys(s3, bucket: str, prefix: str) -> list[str]:
             for o in page.get("Contents", [])]  # fmt: skip
 
 
-def http_requests(base: str) -> float:
-    """Requests the ingress replica has answered (its /metrics: pab_http_requests_total summed)."""
-    text = httpx.get(f"{base}/metrics", timeout=30).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("pab_http_requests_total{"))
+def http_requests(base: str) -> dict[str, float]:
+    """Requests the ingress replica has answered, by "METHOD route status" (its /metrics: pab_http_requests_total)."""
+    out = {}
+    for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines():
+        m = re.match(r"pab_http_requests_total\{(.*)\} (\S+)$", line)
+        if m:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+            out[f"{labels['method']} {labels['route']} {labels['status']}"] = float(m.group(2))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- process CPU
@@ -445,6 +450,7 @@ def summarize(outcomes: list[Outcome], records: dict[str, dict], wall: float) ->
         "http_429": sum(o.rejected for o in outcomes),
         "http_503": sum(o.unavailable for o in outcomes),
         "requests_refused_at_least_once": sum(1 for o in outcomes if o.rejected or o.unavailable),
+        "most_429_one_request": max((o.rejected for o in outcomes), default=0),  # no queue behind a 429: no order
         "retry_after_s": sorted({w for o in outcomes for w in o.retry_after_s}),
         "waited_s": round(sum(o.waited_s for o in outcomes), 2),
         "polls": sum(o.polls for o in outcomes),
@@ -471,7 +477,8 @@ def table(rec: dict[str, Any]) -> str:
         "",
         f"requests {rec['requests']}, clients {rec['clients']}: accepted {rec['accepted']}, completed "
         f"{rec['completed']} in {rec['wall_s']} s ({rec['videos_per_s']} videos/s)",
-        f"429s {rec['http_429']} (503s {rec['http_503']}) on {rec['requests_refused_at_least_once']} requests, "
+        f"429s {rec['http_429']} (503s {rec['http_503']}) on {rec['requests_refused_at_least_once']} requests (at "
+        f"most {rec['most_429_one_request']} on one), "
         f"Retry-After {rec['retry_after_s']} s honoured: {rec['waited_s']} s waited in all",
         f"exactly once: {'yes' if chk['ok'] else 'NO'} ({chk['video_objects']} mp4 versions for {chk['accepted']} "
         f"accepted jobs; lost {len(chk['lost'])}, rendered twice {len(chk['rendered_twice'])}, unknown records "
@@ -541,9 +548,10 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "load", "mode": mode, "clients": a.clients, **summarize(outcomes, records, wall),
         "check": check_exactly_once(accepted, records, versions, active, set(warm)),
     }  # fmt: skip
-    n_http = http1 - http0
+    by_kind = {k: int(v - http0.get(k, 0)) for k, v in sorted(http1.items()) if v - http0.get(k, 0)}
+    n_http = sum(by_kind.values())
     d_ing = cpu1["ingress"] - cpu0["ingress"]
-    rec["cpu"] = {"http_requests": int(n_http), "ingress_s": round(d_ing, 2),
+    rec["cpu"] = {"http_requests": int(n_http), "http_by_kind": by_kind, "ingress_s": round(d_ing, 2),
                   "ingress_ms_per_request": round(1000 * d_ing / n_http, 2) if n_http else None,
                   "ingress_ms_per_video": round(1000 * d_ing / rec["completed"], 2) if rec["completed"] else None}
     if "proxy" in cpu0:
