@@ -53,21 +53,27 @@ def test_odd_sizes_are_edge_padded_to_even(tmp_path, h, w):
         assert np.abs(back[:, :h, :w].astype(int) - frames.astype(int)).mean() < 8
 
 
-def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch):
-    path = tmp_path / "out.mp4"
-    write_mp4(path, _frames(f=2), 8)
-    old = path.read_bytes()
-
+def _fail_frame(monkeypatch, n: int, message: str) -> dict:
+    """Make PyAV fail on its n-th frame (counted in the returned dict, which may be reset)."""
     real = av.VideoFrame.from_ndarray
     calls = {"n": 0}
 
     def flaky(arr, format):
         calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("disk on fire")
+        if calls["n"] == n:
+            raise RuntimeError(message)
         return real(arr, format=format)
 
     monkeypatch.setattr(av.VideoFrame, "from_ndarray", flaky)
+    return calls
+
+
+def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    path = tmp_path / "out.mp4"
+    write_mp4(path, _frames(f=2), 8)
+    old = path.read_bytes()
+
+    calls = _fail_frame(monkeypatch, 4, "disk on fire")
     with pytest.raises(RuntimeError, match="disk on fire"):
         write_mp4(path, _frames(f=6), 8)
     assert path.read_bytes() == old  # the previous complete video is untouched
@@ -186,16 +192,7 @@ def test_frames_written_in_chunks_make_the_same_file(tmp_path, background):
 
 
 def test_a_background_failure_is_raised_by_close_and_leaves_no_file(tmp_path, monkeypatch):
-    real = av.VideoFrame.from_ndarray
-    calls = {"n": 0}
-
-    def flaky(arr, format):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("encoder died")
-        return real(arr, format=format)
-
-    monkeypatch.setattr(av.VideoFrame, "from_ndarray", flaky)
+    _fail_frame(monkeypatch, 3, "encoder died")
     writer = Mp4Writer(tmp_path / "v.mp4", 8, background=True)
     for _ in range(4):
         writer.write(_frames(f=2))  # returns at once; the encoder fails on the thread
