@@ -428,13 +428,22 @@ def warm_up(base: str, n: int, body: dict, timeout_s: float) -> list[str]:
     return ids
 
 
-def summarize(outcomes: list[Outcome], records: dict[str, dict], wall: float) -> dict[str, Any]:
+def summarize(outcomes: list[Outcome], records: dict[str, dict], wall: float, groups: int = 0) -> dict[str, Any]:
     done = [o for o in outcomes if o.status == "completed"]
     accepted_submit = [o.submit_s[-1] for o in outcomes if o.job_id]
     refused_submit = [t for o in outcomes for t in (o.submit_s[:-1] if o.job_id else o.submit_s)]
     server_e2e = [records[o.job_id]["completed_at"] - records[o.job_id]["created_at"] for o in done
                   if (records.get(o.job_id) or {}).get("completed_at")]  # fmt: skip
+    timings: dict[str, list[float]] = {}
+    for o in done:
+        for k, v in ((records.get(o.job_id) or {}).get("timings") or {}).items():
+            if isinstance(v, (int, float)):
+                timings.setdefault(k, []).append(float(v))
     return {
+        # where a video's time went, from the records the groups wrote: queue_s (created -> a group took it),
+        # run_s (on the group: engine, mp4, images, storage, records), total_s, the engine's own stages
+        "record_timings_s": {k: percentiles(v) for k, v in sorted(timings.items())},
+        "groups_busy": round(sum(timings.get("run_s", [])) / (groups * wall), 3) if groups and wall else None,
         "latency_s": {
             "submit": percentiles(accepted_submit),
             "submit_refused": percentiles(refused_submit),
@@ -472,11 +481,14 @@ def table(rec: dict[str, Any]) -> str:
     for label, k in rows:
         p = rec["latency_s"][k]
         lines.append(f"{label:<46} {p['n']:>5} {ms(p['p50']):>7} {ms(p['p95']):>7} {ms(p['p99']):>7} {ms(p['max']):>7}")
-    chk, cpu = rec["check"], rec["cpu"]
+    chk, cpu, t = rec["check"], rec["cpu"], rec["record_timings_s"]
     lines += [
         "",
         f"requests {rec['requests']}, clients {rec['clients']}: accepted {rec['accepted']}, completed "
         f"{rec['completed']} in {rec['wall_s']} s ({rec['videos_per_s']} videos/s)",
+        f"on a group (p50): run {ms(t.get('run_s', {}).get('p50'))} ms, of which the engine "
+        f"{ms(t.get('denoise_s', {}).get('p50'))} ms; queued {ms(t.get('queue_s', {}).get('p50'))} ms; groups busy "
+        f"{'-' if rec['groups_busy'] is None else format(rec['groups_busy'], '.0%')} of the wall",
         f"429s {rec['http_429']} (503s {rec['http_503']}) on {rec['requests_refused_at_least_once']} requests (at "
         f"most {rec['most_429_one_request']} on one), "
         f"Retry-After {rec['retry_after_s']} s honoured: {rec['waited_s']} s waited in all",
@@ -535,17 +547,17 @@ def main(argv: list[str] | None = None) -> int:
               f"bucket {target.bucket}", flush=True)  # fmt: skip
         warm = warm_up(target.base, a.groups, body, a.start_timeout_s)
         procs = serve_processes(APP)
-        cpu0, http0 = cpu_seconds(procs), http_requests(target.base)
+        cpu0, http0, load0 = cpu_seconds(procs), http_requests(target.base), os.getloadavg()[0]
         outcomes, wall = asyncio.run(run_clients(target.base, a.requests, a.clients, lambda i: {**body, "seed": i},
                                                  a.poll_s, a.timeout_s))  # fmt: skip
-        cpu1, http1 = cpu_seconds(procs), http_requests(target.base)
+        cpu1, http1, load1 = cpu_seconds(procs), http_requests(target.base), os.getloadavg()[0]
         if serve_processes(APP) != procs:
             print("warning: the ingress or proxy process changed during the load; its CPU figure is partial")
         records, versions, active = bucket_state(target.s3, target.bucket, PREFIX)
 
     accepted = [o.job_id for o in outcomes if o.job_id]
     rec: dict[str, Any] = {
-        "bench": "load", "mode": mode, "clients": a.clients, **summarize(outcomes, records, wall),
+        "bench": "load", "mode": mode, "clients": a.clients, **summarize(outcomes, records, wall, a.groups),
         "check": check_exactly_once(accepted, records, versions, active, set(warm)),
     }  # fmt: skip
     by_kind = {k: int(v - http0.get(k, 0)) for k, v in sorted(http1.items()) if v - http0.get(k, 0)}
@@ -565,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
                      "width": w, "height": h}  # fmt: skip
     rec["cluster"] = target.machine
     rec["machine"] = f"cpu ({os.cpu_count()} cores, {platform.machine()}), loopback"
+    rec["loadavg_1m"] = {"before": round(load0, 2), "after": round(load1, 2)}  # the whole machine, all of it
     rec["setup_s"] = round(t_ready - t_start, 1)
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     rec["commit"] = rev.stdout.strip() or None
