@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -498,7 +499,7 @@ def table(rec: dict[str, Any]) -> str:
         f"{len(chk['still_active'])}); dispatched again {chk['dispatched_again']}, retried {chk['retried']}",
         f"ingress replica CPU {cpu['ingress_s']} s: {cpu['ingress_ms_per_request']} ms per HTTP request "
         f"({cpu['http_requests']} answered), {cpu['ingress_ms_per_video']} ms per video; Serve proxy "
-        f"{cpu.get('proxy_ms_per_request')} ms per request",
+        f"{cpu.get('proxy_ms_per_request')} ms per request; the clients {cpu['client_s']} s",
     ]
     return "\n".join(lines)
 
@@ -548,8 +549,10 @@ def main(argv: list[str] | None = None) -> int:
         warm = warm_up(target.base, a.groups, body, a.start_timeout_s)
         procs = serve_processes(APP)
         cpu0, http0, load0 = cpu_seconds(procs), http_requests(target.base), os.getloadavg()[0]
+        client0 = resource.getrusage(resource.RUSAGE_SELF)
         outcomes, wall = asyncio.run(run_clients(target.base, a.requests, a.clients, lambda i: {**body, "seed": i},
                                                  a.poll_s, a.timeout_s))  # fmt: skip
+        client1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu1, http1, load1 = cpu_seconds(procs), http_requests(target.base), os.getloadavg()[0]
         if serve_processes(APP) != procs:
             print("warning: the ingress or proxy process changed during the load; its CPU figure is partial")
@@ -566,6 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     rec["cpu"] = {"http_requests": int(n_http), "http_by_kind": by_kind, "ingress_s": round(d_ing, 2),
                   "ingress_ms_per_request": round(1000 * d_ing / n_http, 2) if n_http else None,
                   "ingress_ms_per_video": round(1000 * d_ing / rec["completed"], 2) if rec["completed"] else None}
+    # this process: the clients (and the Ray driver), on the same cores as the cluster
+    rec["cpu"]["client_s"] = round(client1.ru_utime + client1.ru_stime - client0.ru_utime - client0.ru_stime, 2)
     if "proxy" in cpu0:
         d_proxy = cpu1["proxy"] - cpu0["proxy"]
         rec["cpu"].update(proxy_s=round(d_proxy, 2),
