@@ -1,8 +1,8 @@
 """The real Ray autoscaler on this one machine: a head started by `ray start --autoscaling-config`, GPU worker
 nodes that the autoscaler adds and removes through Ray's fake multi-node provider (#17 item 4).
 
-    python tests/multinode/autoscaling.py                  # the burst scenario; writes bench/results/autoscale-cpu.json
-    python tests/multinode/autoscaling.py --requests 8 --max-groups 3 --out /tmp/as.json
+    python tests/multinode/autoscaling.py                  # the burst, 3 variants: bench/results/autoscale-cpu.json
+    python tests/multinode/autoscaling.py --variant fast --requests 12 --max-groups 3 --out /tmp/as.json
     python tests/multinode/autoscaling.py --hold           # start the cluster only, until Ctrl-C
 
 What runs is Ray's own: `ray start --head --autoscaling-config=<json>` with `RAY_FAKE_CLUSTER=1` starts the
@@ -199,6 +199,7 @@ class FakeAutoscalingCluster:
                 raise RuntimeError(f"ray start --head did not come up ({self.proc.returncode}): {log}")
             time.sleep(0.2)
         self._note_tree()
+        self._guard = _start_guard(self.proc.pid, [self.s3.proc.pid] if self._own_s3 and self.s3.proc else [])
         return self
 
     def connect(self, env: dict[str, str] | None = None) -> None:
@@ -287,6 +288,9 @@ class FakeAutoscalingCluster:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 pass
+        if getattr(self, "_guard", None) is not None:
+            self._guard.kill()
+            self._guard.wait(5)
         left = {p: s for p, s in self._known.items() if running(p, s)}
         if self._own_s3 and self.s3 is not None:
             self.s3.stop()
@@ -296,6 +300,46 @@ class FakeAutoscalingCluster:
             raise RuntimeError(f"processes of {self.root} still running after SIGKILL: {sorted(left)}")
         shutil.rmtree(self.root, ignore_errors=True)
         return n
+
+
+def _start_guard(ray_start: int, extra: list[int]) -> subprocess.Popen:
+    """A small process of its own that stops the cluster if this one dies without `shutdown()` (SIGKILL, a CI
+    timeout). `ray start` dies with us (PR_SET_PDEATHSIG) and its head processes with it, but the raylets the
+    autoscaler started are the monitor's children, which linger a minute (until they give up on the GCS) and
+    leave a log monitor behind; and the S3 server is our child."""
+    return subprocess.Popen([sys.executable, __file__, "--guard", str(os.getpid()), str(ray_start), *map(str, extra)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+
+
+def guard(parent: int, ray_start: int, extra: list[int], interval_s: float = 1.0, grace_s: float = 3.0) -> None:
+    """Note `ray_start`'s descendants (and `extra`) every `interval_s` while `parent` lives; once it is gone, SIGTERM
+    those still running, SIGKILL them after `grace_s`. Returns at once when `ray_start` and all noted are gone."""
+    first = _stat(parent)
+    if first is None:
+        return
+    known: dict[int, int] = {}
+    for pid in [ray_start, *extra]:
+        st = _stat(pid)
+        if st is not None:
+            known[pid] = st[2]
+    while running(parent, first[2]):
+        if running(ray_start, known.get(ray_start)):
+            known.update(descendants(ray_start))  # a raylet the autoscaler started, and its workers
+        known = {p: s for p, s in known.items() if running(p, s)}
+        if not known:
+            return  # stopped by shutdown()
+        time.sleep(interval_s)
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 0.0)):
+        for p, s in known.items():
+            if running(p, s):
+                try:
+                    os.kill(p, sig)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(running(p, s) for p, s in known.items()):
+            time.sleep(0.1)
 
 
 def _die_with_parent() -> None:
@@ -509,15 +553,32 @@ def scenario(requests: int = 8, max_groups: int = 2, idle_timeout_s: float = 15.
         c.shutdown()
 
 
+# What `python tests/multinode/autoscaling.py` measures, each on a fresh cluster: Serve's knobs of the pool (over
+# POOL_AUTOSCALING) and the size of the burst.
+VARIANTS = {
+    # The test's: Serve reacts within a second or two.
+    "fast": {"requests": 8, "autoscaling": {}},
+    # From 0 groups Serve asks for ceil(1 x upscaling_factor) groups at once, instead of one until it runs.
+    "upscaling-factor-2": {"requests": 8, "autoscaling": {"upscaling_factor": 2}},
+    # The manifest's upscaling knobs (downscale shortened: its 600 s would only add a wait), a longer queue.
+    "manifest-upscaling": {"requests": 16, "autoscaling": {"metrics_interval_s": 10.0, "look_back_period_s": 30.0,
+                                                           "upscale_delay_s": 30.0}},
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="The Ray autoscaler on one machine: a burst from 0 GPU nodes.")
-    p.add_argument("--requests", type=int, default=8)
+    p.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="default: all, one after another")
+    p.add_argument("--requests", type=int, default=None, help="instead of the variant's")
     p.add_argument("--max-groups", type=int, default=2)
     p.add_argument("--idle-timeout-s", type=float, default=15.0)
-    p.add_argument("--upscaling-factor", type=float, default=None, help="Serve's upscaling_factor for the pool")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "autoscale-cpu.json")
     p.add_argument("--hold", action="store_true", help="only start the cluster and wait for Ctrl-C")
+    p.add_argument("--guard", nargs="+", type=int, metavar="PID", help=argparse.SUPPRESS)  # _start_guard's process
     a = p.parse_args(argv)
+    if a.guard:
+        guard(a.guard[0], a.guard[1], a.guard[2:])
+        return 0
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     if a.hold:
         c = cluster_from_manifest(a.idle_timeout_s).start()
@@ -531,10 +592,19 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             c.shutdown()
         return 0
-    extra = {"upscaling_factor": a.upscaling_factor} if a.upscaling_factor else None
-    rec = scenario(a.requests, a.max_groups, a.idle_timeout_s, autoscaling=extra, out=a.out)
-    print(json.dumps(rec, indent=1))
-    return 0 if rec["failed"] == 0 else 1
+    out: dict[str, Any] = {"what": "a burst of videos to a 1-GPU pool at 0 groups on 0 GPU nodes; times in s from "
+                           "the burst's first POST (tests/multinode/autoscaling.py)",
+                           "load_before": os.getloadavg()[0], "variants": {}}  # fmt: skip
+    failed = 0
+    for name in a.variant or list(VARIANTS):
+        v = VARIANTS[name]
+        rec = scenario(a.requests or v["requests"], a.max_groups, a.idle_timeout_s, autoscaling=v["autoscaling"])
+        print(name, json.dumps({k: rec[k] for k in ("events_s", "failed", "groups_used", "nodes")}), flush=True)
+        out["variants"][name] = rec
+        failed += rec["failed"]
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(out, indent=1) + "\n")
+    return 0 if failed == 0 else 1
 
 
 if __name__ == "__main__":
