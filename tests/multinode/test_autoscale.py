@@ -61,6 +61,8 @@ def test_a_burst_from_zero_gpu_nodes_scales_out_drains_and_scales_back_to_zero()
     assert launched and all("gpu-1" in e for e in launched), rec["autoscaler_events"]
 
     # The order of events, every one of them seen within the scenario's time limit.
+    assert {"first_node_s", "first_group_ready_s", "second_node_s", "second_group_ready_s", "queue_drained_s",
+            "groups_zero_s", "nodes_zero_s"} <= set(ev), ev
     assert ev["first_node_s"] <= ev["first_group_ready_s"] <= ev["queue_drained_s"]
     assert ev["second_node_s"] <= ev["second_group_ready_s"] <= ev["queue_drained_s"]
     assert ev["queue_drained_s"] <= ev["groups_zero_s"] <= ev["nodes_zero_s"]
