@@ -235,7 +235,7 @@ class FakeAutoscalingCluster:
             if st is not None:
                 found[self.proc.pid] = st[2]
             found.update(descendants(self.proc.pid))
-        root = str(self.root).encode()
+        root = (str(self.root) + "/").encode()  # a path under it: never another folder whose name starts so
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) == os.getpid():
                 continue
