@@ -179,6 +179,8 @@ class _Shape:
     arena: CacheArena = field(default_factory=CacheArena)
     graphs: dict[Hashable, tuple[Any, _Effects]] = field(default_factory=dict)
     pool: Any = None
+    arena_made: bool = False  # an eager call inside a generation has made the arena's buffers
+    calls: int = 0
 
 
 class CudaGraphHook(ModelHook):
@@ -220,13 +222,20 @@ class CudaGraphHook(ModelHook):
         hooks = self._hooks()
         sig = _signature(args, kwargs)
         shape = self.shapes.get(sig)
-        if shape is None:  # first call at this shape: eager, making the arena's buffers (and warming kernels)
+        if shape is None:
             shape = _Shape(inputs=(_clone_tree(args), _clone_tree(kwargs)))
             self.shapes[sig] = shape
             while len(self.shapes) > self.max_shapes:
                 self.shapes.popitem(last=False)
-            return self._with_arena(state, shape.arena, lambda: forward(*args, **kwargs))
         self.shapes.move_to_end(sig)
+        first, shape.calls = shape.calls == 0, shape.calls + 1
+        if state is not None and not shape.arena_made:
+            # The first call at this shape in a generation runs eager: it makes the arena's buffers outside every
+            # graph's pool (and warms the kernels up before any capture).
+            shape.arena_made = True
+            return self._with_arena(state, shape.arena, lambda: forward(*args, **kwargs))
+        if first:  # outside a generation there are no caches: the eager call only warms up
+            return forward(*args, **kwargs)
         for dst, src in zip(_tensors(shape.inputs), _tensors((args, kwargs))):
             if dst.data_ptr() != src.data_ptr():
                 dst.copy_(src)

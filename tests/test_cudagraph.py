@@ -84,3 +84,20 @@ def test_cuda_backend_needs_a_gpu():
     pipe = Pipeline.from_name("latte-1-tiny", device="cpu")
     with pytest.raises(RuntimeError, match="backend='eager'"):
         apply_cuda_graphs(pipe.transformer)
+
+
+def test_a_shape_first_seen_outside_a_generation_still_renders_right():
+    """Calls without a PABState (warm-ups, benchmarks of the bare forward) make no cache buffers; the first
+    generation at that shape must still run eager once to make them before any graph reads them."""
+    model = "opensora-v1.2-tiny"
+    plain = _generate(Pipeline.from_name(model, device="cpu"), model, steps=6, height=96, width=96)
+    pipe = Pipeline.from_name(model, device="cpu", cuda_graphs=True)
+    _generate(pipe, model, steps=4)  # PAB hooks attached, at another shape
+    r = pipe.resolve(GenerationRequest(model=model, prompt="a red fox", steps=6, seed=3, height=96, width=96))
+    y, mask = pipe.encode_text(r)
+    z = torch.randn(pipe.latent_shape(r))
+    with torch.no_grad():
+        outs = [pipe._forward(torch.cat([z, z]), 500.0, y, mask, r) for _ in range(3)]  # eager, capture, replay
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    res = _generate(pipe, model, steps=6, height=96, width=96)
+    assert torch.equal(res.latents, plain.latents) and res.pab_stats == plain.pab_stats
