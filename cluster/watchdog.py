@@ -64,17 +64,22 @@ def watch(pid: int, interval: float = 1.0, grace: float = 2.0) -> int:
         known = {p: s for p, s in known.items() if p != os.getpid() and running(p, s)}
         time.sleep(interval)
     left = {p: s for p, s in known.items() if running(p, s)}
+    terminate(left, grace)
+    return len(left)
+
+
+def terminate(processes: dict[int, int], grace: float) -> None:
+    """SIGTERM every process of `processes` (pid -> start time) still running, SIGKILL those left after `grace`."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.0)):
-        for p, s in left.items():
+        for p, s in processes.items():
             if running(p, s):
                 try:
                     os.kill(p, sig)
                 except OSError:
                     pass
         deadline = time.monotonic() + wait
-        while wait and time.monotonic() < deadline and any(running(p, s) for p, s in left.items()):
+        while wait and time.monotonic() < deadline and any(running(p, s) for p, s in processes.items()):
             time.sleep(0.1)
-    return len(left)
 
 
 def start_watchdog(pid: int | None = None, interval: float = 1.0) -> subprocess.Popen | None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import httpx
 import pytest
-from raysession import start_ray
+from raysession import start_ray, start_serve, wait_for  # noqa: F401 - wait_for: the tests import it from here
 from weed import WeedS3
 
 
@@ -33,23 +32,7 @@ def serve_port(ray_session):
     """Serve's HTTP proxy on a free loopback port."""
     from ray import serve
 
-    from ray.exceptions import RayActorError
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for attempt in range(3):
-        try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            break
-        except RayActorError:
-            # On a starved CPU Serve's controller may kill the HTTP proxy before it starts (seen with both
-            # cores busy: "killed by ray.kill ... cancelled before it started running"); start Serve again.
-            if attempt == 2:
-                raise
-            serve.shutdown()
-            time.sleep(2)
-    yield port
+    yield start_serve()
     serve.shutdown()
 
 
@@ -71,16 +54,6 @@ def _ok(client: httpx.Client, path: str) -> bool:
         return client.get(path).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def wait_for(pred, timeout_s: float, what: str, interval_s: float = 0.25):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def poll(client: httpx.Client, job_id: str, timeout_s: float = 180, until=("completed", "failed", "cancelled")):

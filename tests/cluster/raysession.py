@@ -8,6 +8,8 @@ it; it stops at the end of the session.
 from __future__ import annotations
 
 import os
+import socket
+import time
 
 NUM_GPUS = 4
 NUM_CPUS = 8
@@ -33,3 +35,36 @@ def start_ray():
     ray.init(address="local", num_cpus=NUM_CPUS, num_gpus=NUM_GPUS, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}})
     return True
+
+
+def wait_for(pred, timeout_s: float, what: str, interval_s: float = 0.25):
+    """`pred()`'s first truthy value, polled; AssertionError naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def start_serve(**options) -> int:
+    """Start Serve with its HTTP proxy on a free loopback port (`options` go to `serve.start`); returns the port."""
+    from ray import serve
+    from ray.exceptions import RayActorError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for attempt in range(3):
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port}, **options)
+            return port
+        except RayActorError:
+            # On a starved CPU Serve's controller may kill the HTTP proxy before it starts (seen with both
+            # cores busy: "killed by ray.kill ... cancelled before it started running"); start Serve again.
+            if attempt == 2:
+                raise
+            serve.shutdown()
+            time.sleep(2)
+    raise AssertionError("unreachable")

@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO))
 from localcluster import SYSTEM_CONFIG, wait_for  # noqa: E402
 from weed import ACCESS_KEY, SECRET_KEY, WeedS3, free_ports  # noqa: E402
 
-from cluster.watchdog import _stat, descendants, running  # noqa: E402
+from cluster.watchdog import _stat, descendants, running, terminate  # noqa: E402
 
 MANIFEST = REPO / "k8s" / "ray-service.yaml"
 FAKE_HEAD_NODE_ID = "f" * 51 + "00000"  # ray.autoscaler._private.fake_multi_node.node_provider.FAKE_HEAD_NODE_ID
@@ -330,16 +330,7 @@ def guard(parent: int, ray_start: int, extra: list[int], interval_s: float = 1.0
         if not known:
             return  # stopped by shutdown()
         time.sleep(interval_s)
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 0.0)):
-        for p, s in known.items():
-            if running(p, s):
-                try:
-                    os.kill(p, sig)
-                except OSError:
-                    pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and any(running(p, s) for p, s in known.items()):
-            time.sleep(0.1)
+    terminate(known, grace_s)
 
 
 def _die_with_parent() -> None:

@@ -8,9 +8,7 @@ the multi-node cluster is stopped once the last test of this folder has run.
 
 from __future__ import annotations
 
-import socket
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from localcluster import LocalCluster  # noqa: E402
+from raysession import start_serve  # noqa: E402 - tests/cluster, on the path from localcluster
 
 STEP_S = 0.05  # one step of the fake engine (tests/actors/fake_engine.py) in every rank actor
 
@@ -48,19 +47,5 @@ def serve_port(mn):
     """Serve with its HTTP proxy on the head only (the ingress is pinned there too), on a free loopback port."""
     from ray import serve
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    from ray.exceptions import RayActorError
-
-    for attempt in range(3):
-        try:
-            serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-            break
-        except RayActorError:  # the proxy killed before it started on a starved host (see tests/cluster/conftest.py)
-            if attempt == 2:
-                raise
-            serve.shutdown()
-            time.sleep(2)
-    yield port
+    yield start_serve(proxy_location="HeadOnly")
     serve.shutdown()

@@ -29,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
 sys.path.insert(0, str(TESTS / "cluster"))  # weed.py: the shared SeaweedFS test server
 
+from raysession import wait_for  # noqa: E402, F401 - the multi-node tests import it from here
 from weed import ACCESS_KEY, SECRET_KEY, WeedS3  # noqa: E402
 
 HEAD_RESOURCE = "pab-head"  # the head node's custom resource: pins the ingress there (never on a GPU node)
@@ -161,17 +162,6 @@ class LocalCluster:
 
     def storage_config(self, bucket: str, **extra) -> dict[str, Any]:
         return self.s3.storage_config(bucket, **extra)
-
-
-def wait_for(pred, timeout_s: float, what: str, interval_s: float = 0.2):
-    """`pred()`'s first truthy value, polled; AssertionError naming `what` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def main(argv: list[str] | None = None) -> int:
