@@ -185,8 +185,9 @@ def plan_rows(table: pa.Table, model: str, defaults: RenderSettings) -> list[Row
             continue
         # Unset newer fields stay out, so a video rendered before they existed keeps its fingerprint.
         request = {"model": model, "prompt": prompt, **settings.engine_fields()}
-        if request.get("cache") is None:
-            request.pop("cache", None)
+        for newer in ("cache", "precision"):
+            if request.get(newer) is None:
+                request.pop(newer, None)
         if request["seed"] is None:
             request["seed"] = seed_for_id(row_id)
         plan.request = request

@@ -45,6 +45,7 @@ import torch.nn as nn
 
 from pab.broadcast import PAB_HOOK, PABHook, PABState, current_state
 from pab.hooks.registry import ModelHook, get_hook, register_hook, remove_hook
+from pab.precision import current_fp8
 
 CUDA_GRAPH_HOOK = "cuda_graph"
 
@@ -239,7 +240,9 @@ class CudaGraphHook(ModelHook):
         for dst, src in zip(_tensors(shape.inputs), _tensors((args, kwargs))):
             if dst.data_ptr() != src.data_ptr():
                 dst.copy_(src)
-        pattern = (state.branch, tuple(h.should_compute(state) for h in hooks)) if state is not None else None
+        # fp8 or not changes the kernels a forward launches (pab.precision), so it is part of the pattern too.
+        fp8 = current_fp8() is not None
+        pattern = (state.branch, tuple(h.should_compute(state) for h in hooks), fp8) if state is not None else fp8
         entry = shape.graphs.get(pattern)
         if entry is None:
             entry = self._capture(forward, state, shape)

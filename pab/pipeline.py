@@ -27,6 +27,7 @@ from pab.seeds import draw_seed
 from pab.families import get_family
 from pab.models import ModelSpec, build, get_spec, randomize_weights, split_name
 from pab.models.vae import VideoVAE
+from pab.precision import Fp8Config, PrecisionState, apply_fp8, check_precision, fp8_capable, use_precision
 from pab.stepcache import StepCacheState, apply_step_cache, use_step_state
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class GenerationRequest:
     seed: int | None = None
     pab: str | dict[str, Any] | None = "off"
     cache: str | dict[str, Any] | None = None  # off | paper | a calibrated preset | rules or a policy (pab.caching)
+    precision: str | None = None  # bf16 (the pipeline's dtype) | fp8 (pab.precision); None: bf16
 
     def cache_spec(self) -> str | dict[str, Any] | None:
         """The cache asked for: `cache`, or `pab` (its older name); ValueError when both ask for different ones."""
@@ -80,6 +82,7 @@ class GenerationResult:
     parallel: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)  # the resolved policy (CachePolicy.to_dict)
     cache_stats: dict[str, Any] = field(default_factory=dict)  # steps computed / reused (step reuse)
+    precision: dict[str, Any] = field(default_factory=dict)  # what ran: pab.precision.PrecisionState.to_dict()
     size: tuple[int, int] | None = None  # (height, width) of the frames; None = the request's
     notices: list[str] = field(default_factory=list)  # where the video differs from the request, and why
 
@@ -99,6 +102,7 @@ class GenerationResult:
             # The shape GPU groups write too (actors.worker): the settings that ran, and what they did.
             "pab": {"settings": self.pab, "stats": self.pab_stats},
             "cache": {"policy": self.cache, "stats": self.cache_stats},
+            "precision": self.precision,
             "timings": self.timings,
             "random_weights": self.random_weights,
             "parallel": self.parallel,
@@ -183,6 +187,7 @@ def resolve_request(
         steps=request.steps if request.steps is not None else d.steps,
         guidance_scale=request.guidance_scale if request.guidance_scale is not None else d.guidance_scale,
         seed=request.seed if request.seed is not None else draw_seed(),
+        precision=check_precision(request.precision or "bf16"),
     )
     if not r.prompt or not r.prompt.strip():
         raise ValueError("prompt must not be empty")
@@ -254,6 +259,10 @@ class Pipeline:
         # Hooks are attached once; an empty config per request keeps them counting only.
         self._pab_handles: dict[str, Any] = {}
         self._step_handle: Any = None
+        self._fp8: Any = None  # pab.precision.Fp8Handle, made by the first fp8 request
+        # Where fp8 requests use fp8 (pab.precision). Set before the first fp8 request: which linears are quantised
+        # is fixed then; the per-step fields (bf16 first/last steps, fast accumulation) apply per request.
+        self.fp8_config = Fp8Config()
 
     @classmethod
     def from_name(
@@ -310,7 +319,12 @@ class Pipeline:
         """Fill defaults and check that the model can take the request (`resolve_request`)."""
         if request.model != self.name:
             raise ValueError(f"this pipeline serves {self.name!r}, not {request.model!r}")
-        return resolve_request(request, self.vae, self.calibration)
+        r = resolve_request(request, self.vae, self.calibration)
+        if r.precision == "fp8":
+            ok, why = fp8_capable(self.device)
+            if not ok:
+                raise ValueError(why)  # e.g. an A100: refused before any work, saying what to ask for instead
+        return r
 
     def output_size(self, r: GenerationRequest) -> tuple[int, int]:
         """(height, width) of the video this pipeline renders for a resolved request (`rendered_size`)."""
@@ -394,6 +408,9 @@ class Pipeline:
             self._step_handle = apply_step_cache(self.transformer)  # inert for requests without step reuse
         if self.parallel is not None:
             self.parallel.stats.reset()  # communication is counted per generation
+        precision = PrecisionState(r.precision, num_steps=r.steps, config=self.fp8_config)
+        if r.precision == "fp8" and self._fp8 is None:
+            self._fp8 = apply_fp8(self.transformer, self.fp8_config)  # once per pipeline; inert for bf16 requests
 
         y, mask = self.encode_text(r)
         timings["text_s"] = time.perf_counter() - t_start
@@ -403,15 +420,18 @@ class Pipeline:
         gen = torch.Generator(device="cpu").manual_seed(int(r.seed))
         z = sampler.init_noise(shape, generator=gen, dtype=torch.float32, device=self.device)
         total = len(sampler.timesteps)
+        precision.num_steps = total  # the sampler's model calls (a multistep start may add some to r.steps)
         t0 = time.perf_counter()
         a2a_skipped = a2a_last = 0
         # The profiler's name for the loop (bench.run --idle measures the GPU's idle share inside it).
-        with use_state(state), use_step_state(step_state), torch.profiler.record_function("pab.denoise"):
+        with use_state(state), use_step_state(step_state), use_precision(precision), \
+                torch.profiler.record_function("pab.denoise"):
             for i, t in enumerate(sampler.timesteps):
                 if should_cancel is not None and should_cancel():
                     raise GenerationCancelled(f"cancelled before step {i + 1} of {total}")
                 state.begin_step(i, float(t))
                 step_state.begin_step(i, total)
+                precision.begin_step(i)
                 done = self.parallel.stats.all_to_all_done if self.parallel is not None else 0
                 pred = self._cfg_step(z, float(t), y, mask, r)
                 if self.parallel is not None:  # a reused step skips the all-to-alls of the last computed one
@@ -422,6 +442,7 @@ class Pipeline:
                 z = sampler.step(pred, i, z)
                 if progress is not None:
                     progress(i + 1, total)
+        precision.end()
         self._sync()
         timings["denoise_s"] = time.perf_counter() - t0
 
@@ -459,6 +480,7 @@ class Pipeline:
             pab_stats={k: dict(v) for k, v in state.stats.items()},
             cache=policy.to_dict(),
             cache_stats=step_state.stats if policy.step is not None else {},
+            precision=precision.to_dict(),
             timings=timings,
             random_weights=self.random_weights,
             parallel=parallel_info,

@@ -97,6 +97,10 @@ class VideoSettings(BaseModel):
         "teacache-fast, magcache-slow, magcache-fast), PAB rules per kind, or a step-reuse policy",
     )
     pab: Cache = Field(None, description="the older name of cache")
+    precision: Literal["bf16", "fp8"] | None = Field(
+        None, description="bf16 (default): the model's dtype for every GEMM; fp8: the attentions' and MLPs' GEMMs "
+        "in e4m3 with per-token and per-channel scales (faster on Hopper/Ada GPUs, small error: docs/quality.md)",
+    )
 
     def engine_fields(self) -> dict[str, Any]:
         """The fields as `pab.pipeline.GenerationRequest` takes them: rules and policies as plain dicts of what

@@ -370,7 +370,10 @@ def _linear_cat(x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
     """Several Linears on the same input as one GEMM; outputs concatenated along the last dim.
 
     The weights are concatenated per call (~8 MB at full size) rather than cached, so the module stays plain.
+    A linear that carries a hook (pab.hooks, e.g. fp8) is called itself, so the hook sees its input.
     """
+    if any("forward" in layer.__dict__ for layer in layers):
+        return torch.cat([layer(x) for layer in layers], dim=-1)
     weight = torch.cat([layer.weight for layer in layers])
     bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
     return F.linear(x, weight, bias)
@@ -479,6 +482,11 @@ class FeedForward(nn.Module):
         hidden = dim * mult
         act = GELUProjection(dim, hidden, SUPPORTED_ACTIVATIONS[activation_fn])
         self.net = nn.ModuleList([act, nn.Dropout(dropout), nn.Linear(hidden, dim)])
+
+    def gelu_linears(self) -> tuple[nn.Linear, str, nn.Linear]:
+        """(fc1, its GELU's approximation, fc2): what a transform that replaces the MLP's math needs (pab.precision).
+        Dropout sits between them; it is the identity in inference, the only use of such a transform."""
+        return self.net[0].proj, self.net[0].approximate, self.net[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act, drop, proj_out = self.net

@@ -185,6 +185,10 @@ class Mlp(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden_features, out_features or in_features)
 
+    def gelu_linears(self) -> tuple[nn.Linear, str, nn.Linear]:
+        """(fc1, its GELU's approximation, fc2): what a transform replacing the MLP's math needs (pab.precision)."""
+        return self.fc1, self.act.approximate, self.fc2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels.fused_gelu and x.is_cuda and no_grad_needed(x):
             # cuBLASLt applies bias + tanh-GELU in fc1's epilogue: the 4C-wide hidden is written once instead

@@ -84,6 +84,17 @@ def test_cli_exit_code_and_message_from_a_real_process(tmp_path):
 # Rows
 
 
+def test_a_row_may_ask_for_fp8_and_rows_that_do_not_keep_their_fingerprint():
+    table = read_manifest(parquet(id=["a", "b", "c"], prompt=["a cat"] * 3, precision=[None, "fp8", "int4"]))
+    plans = plan_rows(table, "opensora-v1.2-tiny", RenderSettings(num_frames=17, steps=6))
+    assert "precision" not in plans[0].request  # as planned before the field existed
+    assert plans[1].request["precision"] == "fp8" and plans[1].error is None
+    assert plans[2].error.startswith("bad settings: precision:")
+    same = plan_rows(read_manifest(parquet(id=["a"], prompt=["a cat"])), "opensora-v1.2-tiny",
+                     RenderSettings(num_frames=17, steps=6))  # fmt: skip
+    assert same[0].fingerprint == plans[0].fingerprint
+
+
 def test_plan_rows_reports_bad_rows_and_applies_defaults_and_overrides():
     table = read_manifest(parquet(
         id=["a", "b", None, "a", "c", "d", "e", "odd id/€", "f"],

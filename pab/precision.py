@@ -1,0 +1,239 @@
+"""Per-request precision of a DiT's big GEMMs: "bf16" (the pipeline's dtype) or "fp8" (e4m3, row-wise scales).
+
+    handle = apply_fp8(transformer)            # once: quantises the weights, attaches inert hooks
+    with use_precision(PrecisionState("fp8", num_steps=30)) as p:
+        for i, t in enumerate(timesteps):
+            p.begin_step(i)
+            ...                                 # the attentions' and MLPs' linears run in fp8
+    handle.remove()                             # the plain model again
+
+What runs in fp8: every `nn.Linear` inside the modules the model names in `broadcast_targets()` (the self-,
+temporal and cross-attentions and the MLPs: ~all of a DiT's FLOPs), each weight quantised once per output
+channel, each activation per token (`pab.kernels.fp8`). The embedders, the adaLN tables and the final layer
+stay in the model's dtype: they are a sliver of the work and the outputs are most sensitive there. The first
+`bf16_first_steps` and last `bf16_last_steps` denoising steps may stay in bf16 too, if a model's error asks.
+
+An MLP that names its parts (`gelu_linears()` -> fc1, GELU approximation, fc2) runs as fc1 in fp8 -> one pass
+applying the GELU and quantising for fc2 -> fc2 in fp8, so its wide hidden state is read once and written
+once in bf16 and once in fp8. Accumulation is float32, outputs are in the model's dtype.
+
+The hooks are innermost (they replace a linear's own math, beneath PAB and sequence parallelism) and hold no
+request data: which precision a forward runs at is the `PrecisionState` of the request running in this
+thread (`use_precision`); with none, or "bf16", the hooks call the module's own forward. On CPU the fp8 GEMMs
+are emulated in float32 on the same e4m3 operands (slower than the plain model, there to measure fp8's error
+on the small models without a GPU).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from pab.hooks.registry import ModelHook, active, register_hook, remove_hooks_named
+from pab.kernels import fp8 as kern
+from pab.kernels import no_grad_needed
+from pab.kernels.fp8 import fp8_capable
+
+PRECISIONS = ("bf16", "fp8")
+FP8_HOOK = "fp8"
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; choose one of {', '.join(PRECISIONS)} (bf16: the pipeline's "
+                         f"own dtype for every GEMM; fp8: e4m3 GEMMs in the attentions and MLPs)")  # fmt: skip
+    return precision
+
+
+@dataclass(frozen=True)
+class Fp8Config:
+    """Where fp8 applies. The defaults are what `Pipeline` uses for precision "fp8"."""
+
+    kinds: tuple[str, ...] = ("spatial", "temporal", "cross", "mlp")
+    """Which of the model's `broadcast_targets()` kinds run their linears in fp8."""
+    min_out_ratio: float = 2.0
+    """A linear runs in fp8 when out_features >= this x in_features. Quantising the input costs a read of it
+    and fp8 saves ~30% of the GEMM, so a square projection loses: on an H200 at 480p the 1152 x 1152 output
+    projection takes 0.206 ms in bf16 and 0.159 + 0.100 (quantisation) in fp8; qkv (3x) and fc1 (4x) gain
+    (bench/fp8.py, docs/performance.md). MLPs with `gelu_linears` run in fp8 whole (the GELU pays for fc2's)."""
+    bf16_first_steps: int = 0
+    bf16_last_steps: int = 0
+    fast_accum: bool = True
+    """Hopper's fp8 fast accumulation (no periodic promotion of partial sums to float32). On an H200 it took
+    Open-Sora 480p from 6.86 to 6.05 s and its latents' error against bf16 from 0.1774 to 0.1769: the error
+    is the e4m3 rounding of the operands, not the sums (bench/results/h200.json)."""
+
+    def __post_init__(self) -> None:
+        if self.bf16_first_steps < 0 or self.bf16_last_steps < 0 or self.min_out_ratio < 0:
+            raise ValueError(f"{self}: step counts and min_out_ratio must be >= 0")
+
+
+@dataclass
+class PrecisionState:
+    """One request's precision, and how many of its steps ran in fp8."""
+
+    precision: str = "bf16"
+    num_steps: int = 0
+    config: Fp8Config = field(default_factory=Fp8Config)
+    step: int = -1
+    stats: dict[str, int] = field(default_factory=lambda: {"fp8_steps": 0, "bf16_steps": 0})
+    # The last activation quantised and its e4m3 copy: linears sharing an input (Latte's q, k, v) quantise once.
+    _last: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
+
+    def begin_step(self, step: int) -> None:
+        self.step = int(step)
+        self.stats["fp8_steps" if self.fp8 else "bf16_steps"] += 1
+
+    @property
+    def fp8(self) -> bool:
+        """Whether this step's forwards run their linears in fp8."""
+        if self.precision != "fp8":
+            return False
+        c = self.config
+        return self.step < 0 or c.bf16_first_steps <= self.step < self.num_steps - c.bf16_last_steps
+
+    def quantized(self, x2d: torch.Tensor, gelu: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+        """e4m3 rows and scales of `x2d`, reusing the last ones when it is the same, unchanged tensor."""
+        last = self._last
+        if gelu == "none" and last is not None and last[0] is x2d and last[1] == x2d._version:
+            return last[2], last[3]
+        xq, xs = kern.quantize_rows(x2d, gelu)
+        self._last = (x2d, x2d._version, xq, xs) if gelu == "none" else None
+        return xq, xs
+
+    def end(self) -> None:
+        self._last = None  # holds an activation alive otherwise
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"precision": self.precision, **self.stats}
+
+
+_ACTIVE: contextvars.ContextVar[PrecisionState | None] = contextvars.ContextVar("pab_precision", default=None)
+
+
+def use_precision(state: PrecisionState):
+    """Make `state` the precision of the forwards run in this block (this thread/task only)."""
+    return active(_ACTIVE, state)
+
+
+def current_fp8() -> PrecisionState | None:
+    """The running request's state if its current step runs in fp8, else None."""
+    state = _ACTIVE.get()
+    return state if state is not None and state.fp8 else None
+
+
+class _Fp8Weight:
+    """A linear's weight in e4m3 (N, K) with its per-output-channel scales (1, N), and its bias."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        self.q, self.scale = kern.quantize_weight(linear.weight)
+        self.bias = linear.bias.detach() if linear.bias is not None else None
+
+    def __call__(self, xq: torch.Tensor, xs: torch.Tensor, dtype: torch.dtype, fast: bool) -> torch.Tensor:
+        return kern.fp8_matmul(xq, xs, self.q, self.scale, self.bias, dtype, fast)
+
+
+def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # _scaled_mm takes K and N in multiples of 16; autograd has no fp8 backward here (training stays plain).
+    return no_grad_needed(x) and x.shape[-1] % 16 == 0 and weight.shape[0] % 16 == 0 and x.numel() > 0
+
+
+class Fp8LinearHook(ModelHook):
+    name = FP8_HOOK
+
+    def __init__(self, linear: nn.Linear) -> None:
+        self.w = _Fp8Weight(linear)
+
+    def new_forward(self, module: nn.Module, forward: Callable[..., Any], x: torch.Tensor) -> torch.Tensor:
+        state = current_fp8()
+        if state is None or not _eligible(x, self.w.q):
+            return forward(x)
+        x2d = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
+        xq, xs = state.quantized(x2d)
+        out = self.w(xq, xs, x.dtype, state.config.fast_accum)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class Fp8MlpHook(ModelHook):
+    """fc1 (fp8) -> GELU and quantisation in one pass -> fc2 (fp8)."""
+
+    name = FP8_HOOK
+
+    def __init__(self, fc1: nn.Linear, gelu: str, fc2: nn.Linear) -> None:
+        self.fc1, self.fc2, self.gelu = _Fp8Weight(fc1), _Fp8Weight(fc2), gelu
+
+    def new_forward(self, module: nn.Module, forward: Callable[..., Any], x: torch.Tensor) -> torch.Tensor:
+        state = current_fp8()
+        if state is None or not (_eligible(x, self.fc1.q) and self.fc2.q.shape[0] % 16 == 0):
+            return forward(x)
+        fast = state.config.fast_accum
+        xq, xs = state.quantized(x.reshape(-1, x.shape[-1]))
+        h = self.fc1(xq, xs, x.dtype, fast)  # (M, 4C) in the model's dtype, before the GELU
+        hq, hs = state.quantized(h, gelu=self.gelu)
+        out = self.fc2(hq, hs, x.dtype, fast)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+@dataclass
+class Fp8Handle:
+    """What `apply_fp8` attached: how many linears run in fp8, and `remove()`."""
+
+    model: nn.Module
+    config: Fp8Config
+    linears: int
+    weight_bytes: int
+
+    def remove(self) -> None:
+        remove_fp8(self.model)
+
+
+def apply_fp8(model: nn.Module, config: Fp8Config | None = None) -> Fp8Handle:
+    """Quantise the weights of `model`'s attention and MLP linears and attach the (inert) fp8 hooks."""
+    config = config or Fp8Config()
+    targets = getattr(model, "broadcast_targets", None)
+    if targets is None:
+        raise TypeError(f"{type(model).__name__} names no attention/MLP modules (broadcast_targets); "
+                        "fp8 applies to the DiTs of pab.models")  # fmt: skip
+    device = next(model.parameters()).device
+    ok, why = fp8_capable(device)
+    if not ok:
+        raise RuntimeError(why)
+    hooked: list[_Fp8Weight] = []
+    seen: set[int] = set()
+    for kind, modules in targets().items():
+        if kind not in config.kinds:
+            continue
+        for module in modules:
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            parts = module.gelu_linears() if hasattr(module, "gelu_linears") else None
+            if parts is not None and parts[1] in kern.GELUS and parts[1] != "none":
+                hook = Fp8MlpHook(*parts)
+                register_hook(module, hook, innermost=True)
+                hooked += [hook.fc1, hook.fc2]
+                continue
+            for sub in module.modules():
+                if isinstance(sub, nn.Linear) and id(sub) not in seen \
+                        and sub.out_features >= config.min_out_ratio * sub.in_features:
+                    seen.add(id(sub))
+                    hook = Fp8LinearHook(sub)
+                    register_hook(sub, hook, innermost=True)
+                    hooked.append(hook.w)
+    return Fp8Handle(model, config, len(hooked), sum(w.q.numel() + 4 * w.scale.numel() for w in hooked))
+
+
+def remove_fp8(model: nn.Module) -> int:
+    """Detach every fp8 hook from `model` (its e4m3 weights are freed); returns how many were removed."""
+    return remove_hooks_named(model, FP8_HOOK)
+
+
+__all__ = ["FP8_HOOK", "PRECISIONS", "Fp8Config", "Fp8Handle", "Fp8LinearHook", "Fp8MlpHook", "PrecisionState",
+           "apply_fp8", "check_precision", "current_fp8", "fp8_capable", "remove_fp8", "use_precision"]  # fmt: skip

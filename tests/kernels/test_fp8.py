@@ -1,0 +1,114 @@
+"""Row-wise fp8 quantisation (pab/kernels/fp8.py): the Triton kernel against PyTorch, and the fp8 GEMM.
+
+The kernel runs on CUDA or in Triton's CPU interpreter (TRITON_INTERPRET=1, what ./run.sh test sets; there
+only its scales are checked, see below); the GEMM through torch._scaled_mm needs an fp8 GPU (marked gpu), its float32 emulation runs everywhere.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pab.kernels import fp8
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+CUDA = torch.cuda.is_available() and not INTERPRET
+needs_triton = pytest.mark.skipif(
+    fp8.triton is None or not (INTERPRET or CUDA),
+    reason="needs triton and CUDA, or triton with TRITON_INTERPRET=1 (CPU interpreter)",
+)
+needs_fp8_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs an fp8 GPU"
+)
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _launch(x: torch.Tensor, gelu: str):
+    """The kernel itself, also where `supported` would send a CPU tensor to PyTorch (the interpreter)."""
+    M, K = x.shape
+    q = torch.empty((M, K), device=x.device, dtype=fp8.E4M3)
+    s = torch.empty((M, 1), device=x.device, dtype=torch.float32)
+    block = fp8.triton.next_power_of_2(K)
+    fp8._quantize_rows_kernel[(M,)](x, q, s, K, x.stride(0), GELU=gelu == "tanh", BLOCK=block)
+    return q, s
+
+
+def test_reference_quantisation_bounds():
+    x = torch.randn(64, 80) * torch.logspace(-3, 3, 64)[:, None]  # rows of very different magnitudes
+    x[5] = 0  # an all-zero row keeps a finite scale
+    q, s = fp8.quantize_rows_reference(x)
+    assert q.dtype == fp8.E4M3 and s.shape == (64, 1) and torch.isfinite(s).all()
+    assert torch.equal(q[5].float(), torch.zeros(80))
+    back = q.float() * s
+    # the row's largest entry lands on 448; e4m3 keeps 3 mantissa bits (relative error <= 2^-4), with a floor
+    # of its smallest subnormal step (2^-9 of the scale) near zero
+    assert torch.allclose(back.abs().amax(1), x.abs().amax(1), rtol=2**-4)
+    assert ((back - x).abs() <= x.abs() * 2**-4 + s * 2**-9).all()
+
+
+def test_weight_scales_are_per_output_channel():
+    w = torch.randn(48, 32)
+    w[7] *= 1000
+    q, s = fp8.quantize_weight(w)
+    assert s.shape == (1, 48)
+    assert torch.allclose((q.float() * s.t()), w, rtol=2**-4, atol=float(s.max()) * 2**-9)
+    assert s[0, 7] > 100 * s[0, 6]  # one loud channel does not flatten the others
+
+
+def test_emulated_matmul_is_the_product_of_the_e4m3_operands():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(33, 64), torch.randn(48, 64), torch.randn(48)
+    xq, xs = fp8.quantize_rows_reference(x)
+    wq, ws = fp8.quantize_weight(w)
+    out = fp8.fp8_matmul(xq, xs, wq, ws, b, torch.float32)
+    exact = (xq.double() * xs.double()) @ (wq.double() * ws.double().t()).t() + b.double()
+    assert torch.allclose(out.double(), exact, rtol=1e-5, atol=1e-5)
+    ref = F.linear(x, w, b)
+    assert 0 < float((out - ref).norm() / ref.norm()) < 0.08  # fp8's own error: small, not zero
+
+
+@needs_triton
+@pytest.mark.parametrize("gelu", ["none", "tanh"])
+@pytest.mark.parametrize("K", [48, 80, 1152])
+def test_kernel_matches_reference(gelu, K):
+    torch.manual_seed(K)
+    x = (torch.randn(9, K, device=DEVICE) * 3).to(torch.bfloat16)
+    x[2] = 0
+    q, s = _launch(x, gelu)
+    rq, rs = fp8.quantize_rows_reference(x, gelu)
+    assert torch.allclose(s, rs, rtol=1e-5)  # amax (after the GELU) and the scale
+    if not CUDA:
+        # Triton 3.9's interpreter converts float32 -> e4m3 wrongly (125.5 -> 64, ties away from even), so only
+        # a GPU checks the e4m3 values (round to nearest even in hardware, as torch's cast).
+        return
+    # the same float32 value rounds to the same e4m3 one; the GELU's sigmoid form may move a value by a rounding
+    same = (q.float() == rq.float()).float().mean()
+    assert same > (0.999 if gelu == "none" else 0.97)
+    assert torch.allclose(q.float() * s, rq.float() * rs, rtol=2**-3, atol=float(rs.max()) * 2**-8)
+
+
+def test_quantize_rows_checks_its_gelu():
+    with pytest.raises(ValueError, match="gelu"):
+        fp8.quantize_rows(torch.zeros(2, 16), gelu="erf")
+
+
+def test_cpu_is_fp8_capable_as_emulation():
+    assert fp8.fp8_capable(torch.device("cpu")) == (True, "")
+
+
+@pytest.mark.gpu
+@needs_fp8_gpu
+def test_scaled_mm_matches_emulation_on_gpu():
+    torch.manual_seed(0)
+    x = torch.randn(1000, 1152, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(3456, 1152, device="cuda", dtype=torch.bfloat16) / 34
+    b = torch.randn(3456, device="cuda", dtype=torch.bfloat16)
+    xq, xs = fp8.quantize_rows(x)  # the kernel on CUDA
+    wq, ws = fp8.quantize_weight(w)
+    out = fp8.fp8_matmul(xq, xs, wq, ws, b, torch.bfloat16)
+    emu = fp8.fp8_matmul(xq.cpu(), xs.cpu(), wq.cpu(), ws.cpu(), b.cpu(), torch.float32)
+    assert out.dtype == torch.bfloat16 and out.shape == (1000, 3456)
+    assert float((out.float().cpu() - emu).norm() / emu.norm()) < 5e-3  # bf16 output rounding
+    fast = fp8.fp8_matmul(xq, xs, wq, ws, b, torch.bfloat16, fast_accum=True)
+    assert float((fast.float().cpu() - emu).norm() / emu.norm()) < 2e-2

@@ -1,0 +1,197 @@
+"""pab.precision: fp8 GEMMs attached from outside, per request, proven against the plain model.
+
+On CPU the fp8 GEMMs are emulated in float32 on the same e4m3 operands (pab.kernels.fp8.fp8_matmul), so what
+fp8 computes is checked here exactly; tests/kernels/test_fp8.py checks the GPU GEMM against the emulation.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pab.hooks.registry import ModelHook, get_hook, register_hook
+from pab.kernels import fp8 as kern
+from pab.models import build
+from pab.models.latte import _linear_cat
+from pab.pipeline import GenerationRequest, Pipeline
+from pab.precision import (
+    FP8_HOOK, Fp8Config, Fp8LinearHook, Fp8MlpHook, PrecisionState, apply_fp8, remove_fp8, use_precision,
+)  # fmt: skip
+from pab.request import VideoSettings, add_options, from_options
+
+
+def _stdit3_inputs(model, T=3, H=8, W=8, B=2):
+    torch.manual_seed(0)
+    c = model.config
+    x = torch.randn(B, c.in_channels, T, H, W)
+    y = torch.randn(B, 1, c.model_max_length, c.caption_channels)
+    return dict(x=x, timestep=torch.tensor([500.0] * B), y=y, mask=None, fps=torch.tensor([24.0] * B),
+                height=torch.tensor([64.0] * B), width=torch.tensor([64.0] * B))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stdit3():
+    torch.manual_seed(0)
+    return build("opensora-v1.2-tiny", device="cpu").eval()
+
+
+def _hooked(model):
+    return {name for name, m in model.named_modules() if get_hook(m, FP8_HOOK) is not None}
+
+
+def test_apply_hooks_qkv_kv_and_the_mlps_only(stdit3):
+    handle = apply_fp8(stdit3)
+    try:
+        hooked = _hooked(stdit3)
+        blocks = len(stdit3.spatial_blocks) + len(stdit3.temporal_blocks)
+        # per block: qkv (3C from C) and the text's kv (2C), and the MLP whole (fc1 + fc2 weights); the square
+        # projections (proj, cross q and proj) stay bf16: quantising their input costs more than fp8 saves
+        assert handle.linears == 4 * blocks
+        assert all(n.endswith(("attn.qkv", "cross_attn.kv_linear", "mlp")) for n in hooked), sorted(hooked)
+        assert not any(n.endswith(("proj", "q_linear")) or "t_block" in n or "final" in n for n in hooked)
+    finally:
+        assert remove_fp8(stdit3) == len(hooked)
+    assert _hooked(stdit3) == set()
+
+
+def test_the_hooks_are_inert_without_an_fp8_request_and_close_with_one(stdit3):
+    kw = _stdit3_inputs(stdit3)
+    with torch.no_grad():
+        plain = stdit3(**kw)
+        handle = apply_fp8(stdit3)
+        try:
+            assert torch.equal(stdit3(**kw), plain)  # no request
+            with use_precision(PrecisionState("bf16")):
+                assert torch.equal(stdit3(**kw), plain)
+            with use_precision(PrecisionState("fp8")):
+                low = stdit3(**kw)
+        finally:
+            handle.remove()
+        assert torch.equal(stdit3(**kw), plain)  # removed: the plain model again
+    err = float((low - plain).norm() / plain.norm())
+    assert 1e-4 < err < 0.08, err
+
+
+def test_a_linear_runs_on_its_e4m3_weight_and_the_e4m3_input():
+    torch.manual_seed(1)
+    lin = nn.Linear(32, 96)
+    x = torch.randn(2, 5, 32)
+    register_hook(lin, Fp8LinearHook(lin), innermost=True)
+    with torch.no_grad(), use_precision(PrecisionState("fp8")):
+        out = lin(x)
+    xq, xs = kern.quantize_rows_reference(x.reshape(-1, 32))
+    wq, ws = kern.quantize_weight(lin.weight)
+    want = ((xq.float() * xs) @ (wq.float() * ws.t()).t() + lin.bias).reshape(2, 5, 96)
+    assert out.shape == (2, 5, 96) and torch.allclose(out, want, atol=1e-5)
+
+
+def test_the_mlp_applies_the_gelu_before_quantising_for_fc2(stdit3):
+    mlp = stdit3.spatial_blocks[0].mlp
+    fc1, gelu, fc2 = mlp.gelu_linears()
+    x = torch.randn(7, fc1.in_features)
+    register_hook(mlp, Fp8MlpHook(fc1, gelu, fc2), innermost=True)
+    try:
+        with torch.no_grad(), use_precision(PrecisionState("fp8")):
+            out = mlp(x)
+    finally:
+        remove_fp8(mlp)
+    (w1q, w1s), (w2q, w2s) = kern.quantize_weight(fc1.weight), kern.quantize_weight(fc2.weight)
+    h = kern.fp8_matmul(*kern.quantize_rows_reference(x), w1q, w1s, fc1.bias, x.dtype)
+    hq, hs = kern.quantize_rows_reference(F.gelu(h, approximate="tanh"))
+    assert torch.allclose(out, kern.fp8_matmul(hq, hs, w2q, w2s, fc2.bias, x.dtype), atol=1e-5)
+
+
+def test_bf16_first_and_last_steps():
+    state = PrecisionState("fp8", num_steps=6, config=Fp8Config(bf16_first_steps=1, bf16_last_steps=2))
+    ran = []
+    for i in range(6):
+        state.begin_step(i)
+        ran.append(state.fp8)
+    assert ran == [False, True, True, True, False, False]
+    assert state.to_dict() == {"precision": "fp8", "fp8_steps": 3, "bf16_steps": 3}
+    with pytest.raises(ValueError, match=">= 0"):
+        Fp8Config(bf16_last_steps=-1)
+
+
+def test_an_input_is_quantised_once_until_it_changes():
+    state = PrecisionState("fp8")
+    x = torch.randn(4, 16)
+    q1, _ = state.quantized(x)
+    assert state.quantized(x)[0] is q1  # Latte's q, k and v share their input
+    x.mul_(2)  # in place: a new version, quantised again
+    q2, s2 = state.quantized(x)
+    assert q2 is not q1 and torch.allclose(q2.float() * s2, x, rtol=2**-4, atol=1e-3)
+    state.end()
+    assert state._last is None
+
+
+def test_latte_linear_cat_calls_hooked_linears_themselves():
+    class Twice(ModelHook):
+        name = "twice"
+
+        def new_forward(self, module, forward, x):
+            return 2 * forward(x)
+
+    torch.manual_seed(2)
+    layers = [nn.Linear(8, 8) for _ in range(3)]
+    x = torch.randn(3, 8)
+    plain = _linear_cat(x, *layers)
+    register_hook(layers[1], Twice())
+    out = _linear_cat(x, *layers)
+    assert torch.allclose(out[:, :8], plain[:, :8]) and torch.allclose(out[:, 8:16], 2 * plain[:, 8:16])
+
+
+def test_precision_is_a_field_of_every_edge():
+    assert VideoSettings.model_validate({"precision": "fp8"}).engine_fields()["precision"] == "fp8"
+    with pytest.raises(ValueError, match="bf16"):
+        VideoSettings.model_validate({"precision": "fp16"})
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_options(p)
+    assert from_options(p.parse_args(["--precision", "fp8"])).precision == "fp8"
+    with pytest.raises(ValueError, match="--precision"):
+        from_options(p.parse_args(["--precision", "int4"]))
+
+
+@pytest.fixture(scope="module")
+def latte():
+    return Pipeline.from_name("latte-1-tiny", device="cpu")
+
+
+def _req(**kw):
+    return GenerationRequest(model="latte-1-tiny", prompt="a red fox", steps=6, seed=5, **kw)
+
+
+def test_pipeline_runs_a_request_in_fp8_and_the_next_in_bf16_unchanged(latte):
+    before = latte.generate(_req(cache="paper"), decode=False)
+    assert before.request.precision == "bf16" and before.precision["bf16_steps"] == len(before.timesteps)
+    low = latte.generate(_req(cache="paper", precision="fp8"), decode=False)
+    after = latte.generate(_req(cache="paper"), decode=False)
+    assert low.precision == {"precision": "fp8", "fp8_steps": len(low.timesteps), "bf16_steps": 0}
+    assert low.sidecar()["precision"]["precision"] == "fp8"
+    assert torch.equal(after.latents, before.latents)  # the hooks stay attached, inert for bf16
+    assert low.pab_stats == before.pab_stats  # PAB decides the same over fp8 modules
+    err = float((low.latents - before.latents).norm() / before.latents.norm())
+    assert 0 < err < 0.1, err
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        latte.generate(_req(precision="fp16"))
+
+
+def test_cuda_graph_patterns_tell_fp8_from_bf16():
+    pipe = Pipeline.from_name("latte-1-tiny", device="cpu", cuda_graphs=True)
+    pipe.generate(_req(cache="off"), decode=False)
+    assert pipe.graphs.stats["graphs"] == 1
+    low = pipe.generate(_req(cache="off", precision="fp8"), decode=False)
+    assert pipe.graphs.stats["graphs"] == 2  # an fp8 forward launches other kernels: its own graph
+    plain = Pipeline.from_name("latte-1-tiny", device="cpu").generate(_req(cache="off", precision="fp8"), decode=False)
+    assert torch.equal(low.latents, plain.latents)
+
+
+def test_a_gpu_without_fp8_refuses_the_request_before_any_work(latte, monkeypatch):
+    import pab.pipeline
+
+    monkeypatch.setattr(pab.pipeline, "fp8_capable", lambda device: (False, "no fp8 tensor cores; ask for bf16"))
+    with pytest.raises(ValueError, match="ask for bf16"):
+        latte.resolve(_req(precision="fp8"))
+    assert latte.resolve(_req()).precision == "bf16"
