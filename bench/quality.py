@@ -2,6 +2,10 @@
 
     python -m bench.quality                                     # opensora-v1.2-small, 64 held-out prompts
     python -m bench.quality --prompts 16 --settings off,paper   # fewer, faster (CPU)
+    python -m bench.quality --settings off,paper --precision fp8   # the same settings in fp8 as well
+
+With `--precision fp8` every setting also runs with the attentions' and MLPs' GEMMs in fp8 (pab.precision;
+emulated in float32 on CPU), as "<setting>@fp8", and PSNR / SSIM compare with the same setting in bf16.
 
 For every held-out prompt of the synthetic data (`pab.data.shapes.held_out_scenes`, never seen in training)
 and every cache setting (PAB rules, or a step-reuse preset from the model's `pab calibrate` file), the same
@@ -50,8 +54,11 @@ DEFAULT = ("off", "paper", "all-r2-wide", "teacache-slow", "teacache-fast", "mag
 FLAGS = ("colour", "shape", "motion", "background", "match")
 
 
-def evaluate(pipeline, settings: dict[str, Any], prompts: int, steps: int | None = None) -> dict[str, dict]:
-    """Render every held-out prompt under every setting; per setting, the aggregated figures."""
+def evaluate(
+    pipeline, settings: dict[str, Any], prompts: int, steps: int | None = None, precisions: tuple[str, ...] = ("bf16",)
+) -> dict[str, dict]:
+    """Render every held-out prompt under every setting; per setting, the aggregated figures. A precision other
+    than bf16 runs every setting again as "<setting>@<precision>", compared with that setting in bf16."""
     from pab.data.shapes import held_out_scenes
     from pab.eval.judge import judge
     from pab.eval.metrics import psnr, ssim
@@ -59,28 +66,36 @@ def evaluate(pipeline, settings: dict[str, Any], prompts: int, steps: int | None
 
     scenes = held_out_scenes()[:prompts]
     reference: dict[int, np.ndarray] = {}
+    same_setting: dict[tuple[str, int], np.ndarray] = {}
     results: dict[str, dict] = {}
-    for name, cache in settings.items():
+    runs = [(f"{name}@{p}" if p != "bf16" else name, name, cache, p) for p in precisions for name, cache in settings.items()]
+    for label, name, cache, precision in runs:
         verdicts, psnrs, ssims, dit_s = [], [], [], []
         calls = {"computed": 0, "broadcast": 0}
         steps_reused = 0
         for i, scene in enumerate(scenes):
             r = pipeline.generate(
-                GenerationRequest(model=pipeline.name, prompt=scene.caption(), seed=i, steps=steps, cache=cache)
-            )
+                GenerationRequest(model=pipeline.name, prompt=scene.caption(), seed=i, steps=steps, cache=cache,
+                                  precision=precision)
+            )  # fmt: skip
             steps_reused += r.cache_stats.get("reused", 0)
             verdicts.append(judge(r.frames, scene.caption()))
             dit_s.append(r.timings["denoise_s"])
             for counts in r.pab_stats.values():
                 calls["computed"] += counts["computed"]
                 calls["broadcast"] += counts["broadcast"]
-            if name == "off":
+            if precision == "bf16":
+                same_setting[name, i] = r.frames
+            # fp8 compares with its setting in bf16 (what fp8 changes); a bf16 setting with cache off.
+            ref = reference.get(i) if precision == "bf16" else same_setting.get((name, i))
+            if label == "off":
                 reference[i] = r.frames
-            elif i in reference:
-                psnrs.append(psnr(r.frames, reference[i]))
-                ssims.append(ssim(r.frames, reference[i]))
-        results[name] = {
+            elif ref is not None:
+                psnrs.append(psnr(r.frames, ref))
+                ssims.append(ssim(r.frames, ref))
+        results[label] = {
             "cache": cache,
+            "precision": precision,
             "policy": r.cache,
             "prompts": len(scenes),
             **{f: float(np.mean([getattr(v, f) for v in verdicts])) for f in FLAGS},
@@ -93,9 +108,9 @@ def evaluate(pipeline, settings: dict[str, Any], prompts: int, steps: int | None
         }
         off = results.get("off")
         if off is not None:
-            results[name]["speedup"] = off["dit_s"] / results[name]["dit_s"]
-            results[name]["calls_saved"] = 1 - calls["computed"] / max(1, off["calls"]["computed"])
-        print(_row(name, results[name]), flush=True)
+            results[label]["speedup"] = off["dit_s"] / results[label]["dit_s"]
+            results[label]["calls_saved"] = 1 - calls["computed"] / max(1, off["calls"]["computed"])
+        print(_row(label, results[label]), flush=True)
     return results
 
 
@@ -104,7 +119,7 @@ def _row(name: str, r: dict) -> str:
     fid = f"{r['psnr_db']:6.2f}  {r['ssim']:.4f}" if r["psnr_db"] is not None else f"{'-':>6}  {'-':>6}"
     speed = f"{r['speedup']:5.2f}x" if "speedup" in r else f"{'-':>6}"
     saved = f"{100 * r['calls_saved']:5.1f}%" if "calls_saved" in r else f"{'-':>6}"
-    return f"{name:<14} {acc}  {fid}  {r['dit_s']:7.3f}  {speed}  {saved}  {r['steps_reused_per_video']:5.1f}"
+    return f"{name:<18} {acc}  {fid}  {r['dit_s']:7.3f}  {speed}  {saved}  {r['steps_reused_per_video']:5.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", default=",".join(DEFAULT), help=f"comma-separated, from {list(SETTINGS)}")
     p.add_argument("--steps", type=int, help="default: the model's (30 rectified-flow steps for Open-Sora)")
     p.add_argument("--device", help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
+                   help="fp8: run every setting in bf16 and again in fp8 (pab.precision)")
     p.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     args = p.parse_args(argv)
 
@@ -130,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     device = str(pipeline.device)
     machine = torch.cuda.get_device_name() if pipeline.device.type == "cuda" else f"cpu ({platform.machine()})"
     print(f"{args.model} on {machine}, {min(args.prompts, 64)} held-out prompts, {pipeline.dtype}")
-    print(f"{'setting':<14} {'  '.join(f'{f[:5]:>5}' for f in FLAGS)}    psnr    ssim    dit s  speed  calls"
+    print(f"{'setting':<18} {'  '.join(f'{f[:5]:>5}' for f in FLAGS)}    psnr    ssim    dit s  speed  calls"
           "  steps reused")  # fmt: skip
     t0 = time.perf_counter()
-    results = evaluate(pipeline, {n: SETTINGS[n] for n in names}, args.prompts, args.steps)
+    precisions = ("bf16",) if args.precision == "bf16" else ("bf16", args.precision)
+    results = evaluate(pipeline, {n: SETTINGS[n] for n in names}, args.prompts, args.steps, precisions)
     record = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "model": args.model,

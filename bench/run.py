@@ -13,6 +13,7 @@ with torch's FlopCounterMode per module kind, minus what PAB skipped) and MFU ag
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -119,6 +120,7 @@ def _run_case(
     overlap_chunks: int = 1,
     cuda_graphs: bool = False,
     idle: bool = False,
+    precisions: tuple[str, ...] = ("bf16",),
 ) -> list[dict]:
     from pab.pipeline import GenerationRequest, Pipeline
 
@@ -146,7 +148,11 @@ def _run_case(
     # Warm-up: kernels, cuBLAS/cuDNN heuristics and the allocator at the real shapes.
     pipe.generate(GenerationRequest(**{**base, "steps": 4}))
     records = []
-    for label, pab in pabs:
+    bf16_latents: dict[str, torch.Tensor] = {}
+    for (label, pab), precision in ((lp, pr) for lp in pabs for pr in precisions):
+        # "fp8+fast" / "fp8+exact": fp8 with or without Hopper's fast accumulation (Fp8Config.fast_accum)
+        pipe.fp8_config = dataclasses.replace(pipe.fp8_config, fast_accum=precision.partition("+")[2] != "exact")
+        base["precision"] = precision.split("+")[0]
         first_s = None
         if cuda_graphs:  # the first request of a shape captures its patterns' graphs; a server's later ones replay
             first = pipe.generate(GenerationRequest(**base, cache=pab), decode=False)
@@ -158,6 +164,12 @@ def _run_case(
             if best is None or res.timings["denoise_s"] < best.timings["denoise_s"]:
                 best = res
         res = best
+        rel_l2 = None  # fp8's error: the final latents against bf16's with the same cache and seed
+        if precision == "bf16":
+            bf16_latents[label] = res.latents
+        elif label in bf16_latents:
+            ref = bf16_latents[label]
+            rel_l2 = round(float((res.latents - ref).norm() / ref.norm()), 5)
         idle_pct = gpu_idle_pct(lambda: pipe.generate(GenerationRequest(**base, cache=pab), decode=False)) \
             if idle and torch.cuda.is_available() else None  # fmt: skip
         calls = len(res.timesteps)
@@ -174,6 +186,8 @@ def _run_case(
             "cfg_parallel": bool(cfg_parallel),
             "overlap_chunks": overlap_chunks if parallel else 1,
             "pab": label,
+            "precision": precision,
+            "latent_rel_l2_vs_bf16": rel_l2,
             "cache": res.cache,
             "cache_stats": res.cache_stats,
             "compile": compile,
@@ -460,6 +474,7 @@ def print_table(records: list[dict]) -> None:
         "resolution",
         "sp",
         "pab",
+        "precision",
         "cuda_graphs",
         "dit_s",
         "gpu_idle_pct",
@@ -494,7 +509,7 @@ def head_parallel_bytes(comm: dict) -> float:
 
 def speedup(rec: dict, records: list[dict]) -> str | None:
     """DiT time of the one-GPU record of the same case among `records` (same run) over this record's."""
-    key = ("impl", "model", "resolution", "pab", "compile", "cuda_graphs")
+    key = ("impl", "model", "resolution", "pab", "precision", "compile", "cuda_graphs")
     base = [r for r in records if r.get("gpus") == 1 and all(r.get(k) == rec.get(k) for k in key)]
     if not base or rec.get("gpus", 1) == 1:
         return None
@@ -522,6 +537,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="replay each step's forward as a CUDA graph (pab.cudagraph; one GPU per group only)")
     p.add_argument("--idle", action="store_true",
                    help="one more generation per setting under torch.profiler: the GPU's idle share of the loop")
+    p.add_argument("--precision", default="bf16",
+                   help="comma list of bf16, fp8, fp8+fast, fp8+exact (pab.precision; +fast / +exact: fast accumulation "
+                   "on / off, plain fp8: the default, on); fp8 records "
+                   "its latents' error against bf16")
     p.add_argument("--dit-only", action="store_true", help="skip the VAE decode (no e2e time)")
     p.add_argument("--vae", action="store_true", help="also the VAE decode benchmark (480p 2s, 720p 4s)")
     p.add_argument("--repeat", type=int, default=1, help="timed generations per setting (best is kept)")
@@ -545,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
         for sp in (int(s) for s in args.sp.split(",")):
             if sp == 1:
                 recs = _run_case(0, 1, case, pabs, False, args.repeat, args.compile, not args.dit_only,
-                                 cuda_graphs=args.cuda_graphs, idle=args.idle)
+                                 cuda_graphs=args.cuda_graphs, idle=args.idle,
+                                 precisions=tuple(args.precision.split(",")))
             else:
                 from pab.parallel import launch_local
 

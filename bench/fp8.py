@@ -1,0 +1,115 @@
+"""The fp8 GEMMs of pab.precision at a DiT's real shapes, each part timed alone: a table and a JSON record.
+
+    python -m bench.fp8                      # Open-Sora 1.2 480p 2 s: M = 30 x 1,590 tokens, C = 1,152
+    python -m bench.fp8 --tokens 16384 --hidden 1152
+
+Per linear of a block (qkv, proj, fc1, fc2) and for the whole MLP: bf16 (the model's path: fc1 with its GELU
+in the cuBLASLt epilogue), the activation's quantisation (pab.kernels.fp8, and the same in PyTorch ops), the
+fp8 GEMM alone (torch._scaled_mm, row-wise scales, float32 and fast accumulation) and fp8 end to end
+(quantise + GEMM; the MLP: fc1, GELU + quantise, fc2). GPU time from CUDA events, median of --iters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def gpu_ms(fn: Callable[[], object], iters: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.fp8", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=30 * 1590, help="GEMM rows (batch x frames x tokens)")
+    p.add_argument("--hidden", type=int, default=1152)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--out", default="bench/results/fp8-h200.json")
+    args = p.parse_args(argv)
+
+    from pab.kernels.fp8 import fp8_matmul, quantize_rows, quantize_rows_reference, quantize_weight
+
+    M, C = args.tokens, args.hidden
+    dev, bf = "cuda", torch.bfloat16
+    shapes = {"qkv": (C, 3 * C), "proj": (C, C), "fc1": (C, 4 * C), "fc2": (4 * C, C)}
+    rows = []
+    for name, (K, N) in shapes.items():
+        x = torch.randn(M, K, device=dev, dtype=bf)
+        w = torch.randn(N, K, device=dev, dtype=bf) / K**0.5
+        bias = torch.randn(N, device=dev, dtype=bf)
+        wq, ws = quantize_weight(w)
+        xq, xs = quantize_rows(x)
+        row = {
+            "gemm": name, "M": M, "K": K, "N": N,
+            "bf16_ms": gpu_ms(lambda: F.linear(x, w, bias), args.iters),
+            "quant_kernel_ms": gpu_ms(lambda: quantize_rows(x), args.iters),
+            "quant_torch_ms": gpu_ms(lambda: quantize_rows_reference(x), args.iters),
+            "fp8_gemm_ms": gpu_ms(lambda: fp8_matmul(xq, xs, wq, ws, bias, bf), args.iters),
+            "fp8_gemm_fast_ms": gpu_ms(lambda: fp8_matmul(xq, xs, wq, ws, bias, bf, True), args.iters),
+            "fp8_total_ms": gpu_ms(lambda: fp8_matmul(*quantize_rows(x), wq, ws, bias, bf), args.iters),
+        }  # fmt: skip
+        ref = F.linear(x.float(), w.float(), bias.float())
+        out = fp8_matmul(xq, xs, wq, ws, bias, bf).float()
+        row["rel_err"] = float((out - ref).norm() / ref.norm())
+        rows.append(row)
+
+    # The MLP as the model runs it in bf16 (GELU in fc1's epilogue) and as pab.precision runs it in fp8.
+    x = torch.randn(M, C, device=dev, dtype=bf)
+    w1, b1 = torch.randn(4 * C, C, device=dev, dtype=bf) / C**0.5, torch.randn(4 * C, device=dev, dtype=bf)
+    w2, b2 = torch.randn(C, 4 * C, device=dev, dtype=bf) / (4 * C) ** 0.5, torch.randn(C, device=dev, dtype=bf)
+    (w1q, w1s), (w2q, w2s) = quantize_weight(w1), quantize_weight(w2)
+
+    def mlp_bf16():
+        return F.linear(torch._addmm_activation(b1, x, w1.t(), use_gelu=True), w2, b2)
+
+    def mlp_fp8(fast=False):
+        h = fp8_matmul(*quantize_rows(x), w1q, w1s, b1, bf, fast)
+        return fp8_matmul(*quantize_rows(h, gelu="tanh"), w2q, w2s, b2, bf, fast)
+
+    h = fp8_matmul(*quantize_rows(x), w1q, w1s, b1, bf)
+    ref = F.linear(F.gelu(F.linear(x.float(), w1.float(), b1.float()), approximate="tanh"), w2.float(), b2.float())
+    rows.append({
+        "gemm": "mlp", "M": M, "K": C, "N": C,
+        "bf16_ms": gpu_ms(mlp_bf16, args.iters),
+        "quant_kernel_ms": gpu_ms(lambda: quantize_rows(h, gelu="tanh"), args.iters),
+        "quant_torch_ms": gpu_ms(lambda: quantize_rows_reference(h, gelu="tanh"), args.iters),
+        "fp8_gemm_ms": None, "fp8_gemm_fast_ms": gpu_ms(lambda: mlp_fp8(True), args.iters),
+        "fp8_total_ms": gpu_ms(mlp_fp8, args.iters),
+        "rel_err": float((mlp_fp8().float() - ref).norm() / ref.norm()),
+    })  # fmt: skip
+
+    cols = ["gemm", "bf16_ms", "quant_kernel_ms", "quant_torch_ms", "fp8_gemm_ms", "fp8_gemm_fast_ms",
+            "fp8_total_ms", "rel_err"]  # fmt: skip
+    print(f"{torch.cuda.get_device_name()}, M = {M}, C = {C}; GPU ms (median of {args.iters})")
+    print(" | ".join(f"{c:>16}" for c in cols))
+    for r in rows:
+        print(" | ".join(f"{r[c]:>16.4f}" if isinstance(r[c], float) else f"{r[c]!s:>16}" for c in cols))
+    out = Path(args.out)
+    records = json.loads(out.read_text()) if out.is_file() else []
+    records.append({"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
+                    "torch": torch.__version__, "rows": rows})  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(records, indent=1) + "\n")
+    print(f"appended to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
