@@ -99,13 +99,19 @@ class PrecisionState:
         c = self.config
         return self.step < 0 or c.bf16_first_steps <= self.step < self.num_steps - c.bf16_last_steps
 
-    def quantized(self, x2d: torch.Tensor, gelu: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
-        """e4m3 rows and scales of `x2d`, reusing the last ones when it is the same, unchanged tensor."""
+    def quantized(
+        self, x2d: torch.Tensor, gelu: str = "none", bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """e4m3 rows and scales of `x2d` (+ bias, GELU), reusing the last ones for the same, unchanged tensor."""
+        plain = gelu == "none" and bias is None
         last = self._last
-        if gelu == "none" and last is not None and last[0] is x2d and last[1] == x2d._version:
+        if plain and last is not None and last[0] is x2d and last[1] == x2d._version:
             return last[2], last[3]
-        xq, xs = kern.quantize_rows(x2d, gelu)
-        self._last = (x2d, x2d._version, xq, xs) if gelu == "none" else None
+        made = kern.companion(x2d) if plain else None  # written by the norm kernel that produced x2d
+        if made is not None:
+            return made
+        xq, xs = kern.quantize_rows(x2d, gelu, bias)
+        self._last = (x2d, x2d._version, xq, xs) if plain else None
         return xq, xs
 
     def end(self) -> None:
@@ -145,9 +151,24 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return no_grad_needed(x) and x.shape[-1] % 16 == 0 and weight.shape[0] % 16 == 0 and x.numel() > 0
 
 
-class Fp8LinearHook(ModelHook):
+def _wants_fp8_input() -> bool:
+    return current_fp8() is not None
+
+
+class _AsksForFp8(ModelHook):
+    """The hooked module answers `wants_fp8_input()` (pab.kernels.fp8.wants_fp8): a model's norm kernel then
+    writes the e4m3 rows of the module's input in the same pass."""
+
     name = FP8_HOOK
 
+    def on_attach(self, module: nn.Module) -> None:
+        module.wants_fp8_input = _wants_fp8_input
+
+    def on_detach(self, module: nn.Module) -> None:
+        module.__dict__.pop("wants_fp8_input", None)
+
+
+class Fp8LinearHook(_AsksForFp8):
     def __init__(self, linear: nn.Linear) -> None:
         self.w = _Fp8Weight(linear)
 
@@ -161,10 +182,8 @@ class Fp8LinearHook(ModelHook):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
-class Fp8MlpHook(ModelHook):
+class Fp8MlpHook(_AsksForFp8):
     """fc1 (fp8) -> GELU and quantisation in one pass -> fc2 (fp8)."""
-
-    name = FP8_HOOK
 
     def __init__(self, fc1: nn.Linear, gelu: str, fc2: nn.Linear) -> None:
         self.fc1, self.fc2, self.gelu = _Fp8Weight(fc1), _Fp8Weight(fc2), gelu
@@ -175,8 +194,10 @@ class Fp8MlpHook(ModelHook):
             return forward(x)
         fast = state.config.fast_accum
         xq, xs = state.quantized(x.reshape(-1, x.shape[-1]))
-        h = self.fc1(xq, xs, x.dtype, fast)  # (M, 4C) in the model's dtype, before the GELU
-        hq, hs = state.quantized(h, gelu=self.gelu)
+        # fc1 without its bias: the pass that applies the GELU and quantises for fc2 adds it (a row-wise
+        # scaled GEMM adds a bias in a pass of its own over the 4C-wide output)
+        h = kern.fp8_matmul(xq, xs, self.fc1.q, self.fc1.scale, None, x.dtype, fast)  # (M, 4C), before bias + GELU
+        hq, hs = state.quantized(h, gelu=self.gelu, bias=self.fc1.bias)
         out = self.fc2(hq, hs, x.dtype, fast)
         return out.view(*x.shape[:-1], out.shape[-1])
 

@@ -97,7 +97,7 @@ def test_the_mlp_applies_the_gelu_before_quantising_for_fc2(stdit3):
         remove_fp8(mlp)
     (w1q, w1s), (w2q, w2s) = kern.quantize_weight(fc1.weight), kern.quantize_weight(fc2.weight)
     h = kern.fp8_matmul(*kern.quantize_rows_reference(x), w1q, w1s, fc1.bias, x.dtype)
-    hq, hs = kern.quantize_rows_reference(F.gelu(h, approximate="tanh"))
+    hq, hs = kern.quantize_rows_reference(F.gelu(h, approximate="tanh"))  # bias in the GEMM: the same in float32
     assert torch.allclose(out, kern.fp8_matmul(hq, hs, w2q, w2s, fc2.bias, x.dtype), atol=1e-5)
 
 
@@ -138,7 +138,7 @@ def test_latte_linear_cat_calls_hooked_linears_themselves():
     plain = _linear_cat(x, *layers)
     register_hook(layers[1], Twice())
     out = _linear_cat(x, *layers)
-    assert torch.allclose(out[:, :8], plain[:, :8]) and torch.allclose(out[:, 8:16], 2 * plain[:, 8:16])
+    assert torch.allclose(out[:, :8], plain[:, :8], atol=1e-6) and torch.allclose(out[:, 8:16], 2 * plain[:, 8:16], atol=1e-6)
 
 
 def test_precision_is_a_field_of_every_edge():

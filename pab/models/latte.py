@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from pab.kernels import short_attention as short_attn
 from pab.kernels import DEFAULT_KERNELS, KernelOptions, no_grad_needed, norms
+from pab.kernels.fp8 import wants_fp8
 
 #################################################################################
 #                                    Config                                     #
@@ -508,13 +509,13 @@ def _modulation(table: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
 
 
 def _norm_modulate_frame_major(
-    norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, kernel: bool
+    norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, kernel: bool, fp8: bool = False
 ) -> torch.Tensor:
     """shift + norm(x) * (1 + scale) for (B, F, S, C) x, returned in temporal attention's (B*S, F, C) layout;
-    `kernel`: the norm kernels may run (KernelOptions.norms)."""
+    `kernel`: the norm kernels may run (KernelOptions.norms); `fp8`: their e4m3 rows too (the reader asks)."""
     B, F_, S, C = x.shape
     if kernel and norms.available(x):  # one kernel: norm, modulate and the frame-major write
-        return norms.ln_modulate(x, shift, scale, norm.eps, frame_major=True).view(B * S, F_, C)
+        return norms.ln_modulate(x, shift, scale, norm.eps, frame_major=True, fp8=fp8).view(B * S, F_, C)
     x_n = norm(x)
     # The compiler fuses the transpose into the same kernel itself; autograd (training) cannot take out=.
     if torch.compiler.is_compiling() or torch.is_grad_enabled():
@@ -602,7 +603,8 @@ class SpatialBlock(nn.Module):
         """Cross-attention residual (no gate), then norm2 + modulate: (x, MLP input (B*F, S, C))."""
         B, F_, S, C = x.shape
         if self.kernels.norms and norms.available(x):
-            x, out = norms.add_ln_modulate(x, c.view(x.shape), mod[:, 3], mod[:, 4], self.norm2.eps)
+            x, out = norms.add_ln_modulate(x, c.view(x.shape), mod[:, 3], mod[:, 4], self.norm2.eps,
+                                           fp8=wants_fp8(self.ff))  # fmt: skip
             return x, out.view(B * F_, S, C)
         x = x + c.view(x.shape)
         return x, torch.addcmul(mod[:, 3], self.norm2(x), 1 + mod[:, 4]).view(B * F_, S, C)
@@ -652,7 +654,7 @@ class TemporalBlock(nn.Module):
 
     def mlp_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """norm2 + modulate, written as the (B*S, F, C) MLP input."""
-        return _norm_modulate_frame_major(self.norm2, x, mod[:, 3], mod[:, 4], self.kernels.norms)
+        return _norm_modulate_frame_major(self.norm2, x, mod[:, 3], mod[:, 4], self.kernels.norms, wants_fp8(self.ff))
 
     def mlp_out(self, x: torch.Tensor, m: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         return _gated_residual_frame_major(x, mod[:, 5], m, self.kernels.norms)

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pab.kernels import short_attention as short_attn
+from pab.kernels.fp8 import wants_fp8
 from pab.kernels import DEFAULT_KERNELS, TEMPORAL_ATTENTION_IMPLS, KernelOptions, no_grad_needed, norms
 
 # How the temporal attention core is computed (KernelOptions.temporal_attention; the module is still called
@@ -520,8 +521,9 @@ class STDiT3Block(nn.Module):
     def attn_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """norm1 + modulate -> (B·T, S, C) spatial or (B·S, T, C) temporal attention input."""
         B, T, S, C = x.shape
-        if self._norms(x):  # written frame-major for temporal attention in the same pass
-            out = norms.ln_modulate(x, mod[:, 0], mod[:, 1], self.norm1.eps, frame_major=self.temporal)
+        if self._norms(x):  # written frame-major for temporal attention in the same pass (and in e4m3 if asked)
+            out = norms.ln_modulate(x, mod[:, 0], mod[:, 1], self.norm1.eps, frame_major=self.temporal,
+                                    fp8=wants_fp8(self.attn.qkv))  # fmt: skip
             return out.view(B * S, T, C) if self.temporal else out.view(B * T, S, C)
         x_n = self.norm1(x)
         if not self.temporal:
@@ -546,7 +548,8 @@ class STDiT3Block(nn.Module):
         """Cross-attention residual, then norm2 + modulate: (x, MLP input (B, T·S, C))."""
         B, T, S, C = x.shape
         if self._norms(x):
-            x, out = norms.add_ln_modulate(x, c.view(B, T, S, C), mod[:, 3], mod[:, 4], self.norm2.eps)
+            x, out = norms.add_ln_modulate(x, c.view(B, T, S, C), mod[:, 3], mod[:, 4], self.norm2.eps,
+                                           fp8=wants_fp8(self.mlp))  # fmt: skip
             return x, out.view(B, T * S, C)
         x = x + c.view(B, T, S, C)
         return x, torch.addcmul(mod[:, 3], self.norm2(x), 1 + mod[:, 4]).view(B, T * S, C)

@@ -24,13 +24,14 @@ needs_fp8_gpu = pytest.mark.skipif(
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-def _launch(x: torch.Tensor, gelu: str):
+def _launch(x: torch.Tensor, gelu: str, bias: torch.Tensor | None = None):
     """The kernel itself, also where `supported` would send a CPU tensor to PyTorch (the interpreter)."""
     M, K = x.shape
     q = torch.empty((M, K), device=x.device, dtype=fp8.E4M3)
     s = torch.empty((M, 1), device=x.device, dtype=torch.float32)
     block = fp8.triton.next_power_of_2(K)
-    fp8._quantize_rows_kernel[(M,)](x, q, s, K, x.stride(0), GELU=gelu == "tanh", BLOCK=block)
+    fp8._quantize_rows_kernel[(M,)](x, x if bias is None else bias, q, s, K, x.stride(0), HAS_BIAS=bias is not None,
+                                    GELU=gelu == "tanh", FAST_TANH=CUDA, BLOCK=block)  # fmt: skip
     return q, s
 
 
@@ -71,12 +72,14 @@ def test_emulated_matmul_is_the_product_of_the_e4m3_operands():
 @needs_triton
 @pytest.mark.parametrize("gelu", ["none", "tanh"])
 @pytest.mark.parametrize("K", [48, 80, 1152])
-def test_kernel_matches_reference(gelu, K):
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_kernel_matches_reference(gelu, K, with_bias):
     torch.manual_seed(K)
     x = (torch.randn(9, K, device=DEVICE) * 3).to(torch.bfloat16)
-    x[2] = 0
-    q, s = _launch(x, gelu)
-    rq, rs = fp8.quantize_rows_reference(x, gelu)
+    bias = torch.randn(K, device=DEVICE, dtype=torch.bfloat16) if with_bias else None
+    x[2] = 0 if bias is None else -bias  # a row that is zero where the kernel takes its amax
+    q, s = _launch(x, gelu, bias)
+    rq, rs = fp8.quantize_rows_reference(x, gelu, bias)
     assert torch.allclose(s, rs, rtol=1e-5)  # amax (after the GELU) and the scale
     if not CUDA:
         # Triton 3.9's interpreter converts float32 -> e4m3 wrongly (125.5 -> 64, ties away from even), so only
@@ -88,9 +91,33 @@ def test_kernel_matches_reference(gelu, K):
     assert torch.allclose(q.float() * s, rq.float() * rs, rtol=2**-3, atol=float(rs.max()) * 2**-8)
 
 
-def test_quantize_rows_checks_its_gelu():
+def test_a_companion_is_found_through_full_views_while_unchanged():
+    out = torch.randn(2, 3, 4, 16)
+    q, s = fp8.quantize_rows_reference(out.view(-1, 16))
+    fp8.attach(out, q.view(out.shape), s)
+    x = out.view(6, 4, 16).reshape(-1, 16)  # the reader's (M, K) view of a view
+    found = fp8.companion(x)
+    assert found is not None and torch.equal(found[0].float(), q.float()) and found[1] is s
+    assert fp8.companion(out[:1].reshape(-1, 16)) is None  # part of it: other rows
+    assert fp8.companion(out.transpose(1, 2).reshape(-1, 16)) is None  # a copy in another order
+    assert fp8.companion(torch.randn(24, 16)) is None
+    out.mul_(2)  # changed in place after the rows were written
+    assert fp8.companion(x) is None
+
+
+def test_wants_fp8_asks_the_reader():
+    class Reader:
+        def __init__(self, answer):
+            self.wants_fp8_input = lambda: answer
+
+    assert fp8.wants_fp8(Reader(True)) and not fp8.wants_fp8(Reader(False)) and not fp8.wants_fp8(object())
+
+
+def test_quantize_rows_checks_its_gelu_and_bias():
     with pytest.raises(ValueError, match="gelu"):
         fp8.quantize_rows(torch.zeros(2, 16), gelu="erf")
+    with pytest.raises(ValueError, match="bias must be"):
+        fp8.quantize_rows(torch.zeros(2, 16), bias=torch.zeros(8))
 
 
 def test_cpu_is_fp8_capable_as_emulation():
