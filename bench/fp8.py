@@ -36,11 +36,31 @@ def gpu_ms(fn: Callable[[], object], iters: int) -> float:
     return statistics.median(times)
 
 
+def quant_sweep(M: int, C: int, iters: int) -> dict[str, dict[int, float]]:
+    """GPU ms of the quantise kernel per num_warps: rows of C (plain) and of 4C (bias + GELU, fc2's input)."""
+    from pab.kernels import fp8
+
+    out: dict[str, dict[int, float]] = {}
+    for K, gelu in ((C, "none"), (4 * C, "tanh")):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        bias = torch.randn(K, device="cuda", dtype=torch.bfloat16) if gelu != "none" else None
+        block = 1 << (K - 1).bit_length()
+        times = {}
+        for warps in (1, 2, 4, 8, 16):
+            fp8.QUANT_WARPS[block] = warps
+            times[warps] = gpu_ms(lambda: fp8.quantize_rows(x, gelu, bias), iters)
+        fp8.QUANT_WARPS.pop(block)
+        out[f"K={K} gelu={gelu}"] = times
+        print(f"quantise K={K} gelu={gelu}: " + ", ".join(f"{w} warps {t:.4f} ms" for w, t in times.items()))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fp8", description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=30 * 1590, help="GEMM rows (batch x frames x tokens)")
     p.add_argument("--hidden", type=int, default=1152)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--sweep", action="store_true", help="also the quantise kernel's num_warps per row width")
     p.add_argument("--out", default="bench/results/fp8-h200.json")
     args = p.parse_args(argv)
 
@@ -63,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             "quant_torch_ms": gpu_ms(lambda: quantize_rows_reference(x), args.iters),
             "fp8_gemm_ms": gpu_ms(lambda: fp8_matmul(xq, xs, wq, ws, bias, bf), args.iters),
             "fp8_gemm_fast_ms": gpu_ms(lambda: fp8_matmul(xq, xs, wq, ws, bias, bf, True), args.iters),
+            "fp8_gemm_fast_nobias_ms": gpu_ms(lambda: fp8_matmul(xq, xs, wq, ws, None, bf, True), args.iters),
             "fp8_total_ms": gpu_ms(lambda: fp8_matmul(*quantize_rows(x), wq, ws, bias, bf), args.iters),
         }  # fmt: skip
         ref = F.linear(x.float(), w.float(), bias.float())
@@ -79,32 +100,34 @@ def main(argv: list[str] | None = None) -> int:
     def mlp_bf16():
         return F.linear(torch._addmm_activation(b1, x, w1.t(), use_gelu=True), w2, b2)
 
-    def mlp_fp8(fast=False):
-        h = fp8_matmul(*quantize_rows(x), w1q, w1s, b1, bf, fast)
-        return fp8_matmul(*quantize_rows(h, gelu="tanh"), w2q, w2s, b2, bf, fast)
+    def mlp_fp8(fast=False):  # as pab.precision.Fp8MlpHook: fc1's bias goes into the GELU's pass
+        h = fp8_matmul(*quantize_rows(x), w1q, w1s, None, bf, fast)
+        return fp8_matmul(*quantize_rows(h, gelu="tanh", bias=b1), w2q, w2s, b2, bf, fast)
 
-    h = fp8_matmul(*quantize_rows(x), w1q, w1s, b1, bf)
+    h = fp8_matmul(*quantize_rows(x), w1q, w1s, None, bf)
     ref = F.linear(F.gelu(F.linear(x.float(), w1.float(), b1.float()), approximate="tanh"), w2.float(), b2.float())
     rows.append({
         "gemm": "mlp", "M": M, "K": C, "N": C,
         "bf16_ms": gpu_ms(mlp_bf16, args.iters),
-        "quant_kernel_ms": gpu_ms(lambda: quantize_rows(h, gelu="tanh"), args.iters),
-        "quant_torch_ms": gpu_ms(lambda: quantize_rows_reference(h, gelu="tanh"), args.iters),
+        "quant_kernel_ms": gpu_ms(lambda: quantize_rows(h, gelu="tanh", bias=b1), args.iters),
+        "quant_torch_ms": gpu_ms(lambda: quantize_rows_reference(h, gelu="tanh", bias=b1), args.iters),
         "fp8_gemm_ms": None, "fp8_gemm_fast_ms": gpu_ms(lambda: mlp_fp8(True), args.iters),
+        "fp8_gemm_fast_nobias_ms": None,
         "fp8_total_ms": gpu_ms(mlp_fp8, args.iters),
         "rel_err": float((mlp_fp8().float() - ref).norm() / ref.norm()),
     })  # fmt: skip
 
     cols = ["gemm", "bf16_ms", "quant_kernel_ms", "quant_torch_ms", "fp8_gemm_ms", "fp8_gemm_fast_ms",
-            "fp8_total_ms", "rel_err"]  # fmt: skip
+            "fp8_gemm_fast_nobias_ms", "fp8_total_ms", "rel_err"]  # fmt: skip
     print(f"{torch.cuda.get_device_name()}, M = {M}, C = {C}; GPU ms (median of {args.iters})")
     print(" | ".join(f"{c:>16}" for c in cols))
     for r in rows:
         print(" | ".join(f"{r[c]:>16.4f}" if isinstance(r[c], float) else f"{r[c]!s:>16}" for c in cols))
+    sweep = quant_sweep(M, C, args.iters) if args.sweep else None
     out = Path(args.out)
     records = json.loads(out.read_text()) if out.is_file() else []
     records.append({"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
-                    "torch": torch.__version__, "rows": rows})  # fmt: skip
+                    "torch": torch.__version__, "rows": rows, "quant_warps_ms": sweep})  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=1) + "\n")
     print(f"appended to {out}")

@@ -145,8 +145,10 @@ def _run_case(
         seed=0,
     )
     fwd_flops, per_call = _flops_by_kind(pipe, GenerationRequest(**base)) if world == 1 else (None, None)
-    # Warm-up: kernels, cuBLAS/cuDNN heuristics and the allocator at the real shapes.
-    pipe.generate(GenerationRequest(**{**base, "steps": 4}))
+    # Warm-up: kernels, cuBLAS/cuDNN heuristics and the allocator at the real shapes, once per precision (an
+    # fp8 forward JIT-compiles its own Triton kernels, ~1 s that the first timed run would otherwise include).
+    for precision in dict.fromkeys(p.split("+")[0] for p in precisions):
+        pipe.generate(GenerationRequest(**{**base, "steps": 4, "precision": precision}))
     records = []
     bf16_latents: dict[str, torch.Tensor] = {}
     for (label, pab), precision in ((lp, pr) for lp in pabs for pr in precisions):
