@@ -89,3 +89,32 @@ def _step_reuse_worker(rank: int, world: int, sp: int, cfg: int) -> dict:
 def test_step_reuse_under_dsp_matches_single_device(sp, cfg):
     results = launch_local(sp * cfg, _step_reuse_worker, sp, cfg, backend="gloo")
     assert all(r == results[0] for r in results)
+
+
+def _graphs_and_fp8_worker(rank: int, world: int) -> dict:
+    """The CUDA-graph bookkeeping (pab.cudagraph's eager backend: keys, arena, replayed effects) and fp8 requests
+    on a DSP group: the code path a group of GPUs takes, against one device without either."""
+    ctx = init_parallel(ParallelConfig(sp=world))
+    summary = {}
+    for name in ("opensora-v1.2-tiny", "latte-1-tiny"):
+        size = REQUESTS[name]
+        for precision in ("bf16", "fp8"):
+            request = GenerationRequest(model=name, prompt="a red fox in snow", seed=3, pab="paper",
+                                        precision=precision, **size)  # fmt: skip
+            ref = Pipeline.from_name(name, device="cpu", dtype=torch.float32).generate(request, decode=False)
+            pipe = Pipeline.from_name(name, device="cpu", dtype=torch.float32, parallel=ctx, cuda_graphs=True)
+            first, again = (pipe.generate(request, decode=False) for _ in range(2))  # capture, then replay only
+            scale = max(1.0, ref.latents.abs().max().item())
+            for out in (first, again):
+                torch.testing.assert_close(out.latents, ref.latents, atol=1e-5 * scale, rtol=1e-5,
+                                           msg=lambda m: f"{name} {precision}: {m}")  # fmt: skip
+                assert out.pab_stats == ref.pab_stats and out.precision == ref.precision
+            stats = pipe.graphs.stats
+            assert stats["captures"] > 0 and stats["replays"] > len(ref.timesteps), stats
+            summary[f"{name}/{precision}"] = stats["graphs"]
+    return summary
+
+
+def test_graphs_and_fp8_under_dsp_match_single_device():
+    results = launch_local(2, _graphs_and_fp8_worker, backend="gloo")
+    assert results[0] == results[1]  # the same patterns captured on every rank
