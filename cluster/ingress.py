@@ -202,8 +202,17 @@ class VideoAPI:
             if not lock.locked():
                 self._idempotency.pop(digest, None)
 
+    def _check_room(self) -> None:
+        pending = len(self._active) + self._reserved
+        if pending >= self.cfg.max_pending:
+            raise _error(429, "queue_full", f"{pending} videos are queued or rendering; retry later",
+                         {"Retry-After": str(self.cfg.retry_after_s)})
+
     async def _create(self, body: VideoCreate, idempotency: tuple[str, str] | None) -> Video:
         self._ensure_background()
+        # A full queue answers before the model's checks (a thread hop and the sampler's set-up): under a
+        # burst most POSTs are refused, and each cost as much as an accepted one (bench.load, #17).
+        self._check_room()
         model = body.model or self.cfg.default_model
         try:
             model_cfg = self.cfg.model(model)
@@ -220,12 +229,9 @@ class VideoAPI:
             if top in ("cache", "pab"):  # one setting under two names: name the one the body used
                 field = ("pab" if body.cache is None and body.pab is not None else "cache") + field[len(top):]
             raise _field_error(field, str(e)) from None
-        # Check and reserve with no await in between: concurrent requests all passed the check before any
+        # Check again and reserve with no await in between: concurrent requests all passed the check before any
         # of them was registered, so 32 simultaneous POSTs got past a bound of 8.
-        pending = len(self._active) + self._reserved
-        if pending >= self.cfg.max_pending:
-            raise _error(429, "queue_full", f"{pending} videos are queued or rendering; retry later",
-                         {"Retry-After": str(self.cfg.retry_after_s)})
+        self._check_room()
         self._reserved += 1
         try:
             pool = route(model_cfg, request["num_frames"] * request["height"] * request["width"])

@@ -93,3 +93,18 @@ def test_a_calibrated_model_takes_its_presets_by_name(tmp_path):
         # the same unknown name under the older field: the 422 names the field the body used
         r = client.post("/v1/videos", json={"prompt": "a fox", "pab": "magcache-fastest"})
         assert r.status_code == 422 and r.json()["error"]["param"] == "pab", r.text
+
+
+def test_a_full_queue_refuses_before_the_models_checks(tmp_path, monkeypatch):
+    """429 costs no validation work (a burst is mostly refusals); a video posted once there is room is accepted."""
+    with serving(tmp_path, "opensora-v1.2-tiny") as client:
+        svc = ingress._instance["svc"]
+        resolved = []
+        real = svc._resolve
+        monkeypatch.setattr(svc, "_resolve", lambda *a: resolved.append(1) or real(*a))
+        svc._active.update({f"job-{i}": None for i in range(svc.cfg.max_pending)})
+        r = client.post("/v1/videos", json={"prompt": "a cat", "num_frames": 17})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full" and resolved == []
+        svc._active.clear()
+        r = client.post("/v1/videos", json={"prompt": "a cat", "num_frames": 17, "precision": "fp8"})
+        assert r.status_code == 200 and resolved == [1], r.text
