@@ -714,30 +714,127 @@ def final_modulate_and_unpatchify(
 #################################################################################
 
 
-class LatteTransformer3DModel(nn.Module):
-    """Latte-1 video DiT: interleaved spatial and temporal blocks with adaLN-single conditioning."""
+class LatteLayoutModel(nn.Module):
+    """The layers, forward pass and PAB seams that Latte-1 and Open-Sora-Plan's LatteT2V share.
+
+    The two differ only in their caption projection and temporal table, which a subclass passes in, and in
+    their `forward` signature and text mask (`_cross_attention_bias`), which it defines; `sample_size` is the
+    (square) latent size the spatial table was trained at.
+    """
 
     kernels: KernelOptions = DEFAULT_KERNELS  # what pab.kernels.set_kernel_options last gave its modules
 
-    def __init__(self, config: LatteConfig):
+    def __init__(self, config: Any, sample_size: int, caption_projection: nn.Module, temp_pos_embed: nn.Module):
         super().__init__()
         self.config = config
         dim = config.inner_dim
         self.out_channels = config.in_channels if config.out_channels is None else config.out_channels
 
-        # Registration order fixes the state-dict order; it follows diffusers (own parameters come first).
-        add_latte_layers(
-            self, config, config.sample_size,
-            CaptionProjection(config.caption_channels, dim),
-            TemporalPosEmbed(dim, skip_single_frame=True),
+        # Registration order fixes the state-dict order; it follows the official modules (own parameters first).
+        self.pos_embed = PatchEmbed(
+            config.patch_size, config.in_channels, dim,
+            base_size=sample_size // config.patch_size,
+            interpolation_scale=max(sample_size // 64, 1),  # 64 latent = 512 px is PixArt's scale 1
         )  # fmt: skip
+        block = dict(
+            dim=dim, heads=config.num_attention_heads, head_dim=config.attention_head_dim,
+            attention_bias=config.attention_bias, activation_fn=config.activation_fn, norm_eps=config.norm_eps,
+            dropout=config.dropout,
+        )  # fmt: skip
+        self.transformer_blocks = nn.ModuleList(
+            [SpatialBlock(cross_attention_dim=config.cross_attention_dim, **block) for _ in range(config.num_layers)]
+        )
+        self.temporal_transformer_blocks = nn.ModuleList([TemporalBlock(**block) for _ in range(config.num_layers)])
+        self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
+        self.proj_out = nn.Linear(dim, config.patch_size * config.patch_size * self.out_channels)
+        self.adaln_single = AdaLayerNormSingle(dim)
+        self.caption_projection = caption_projection
+        self.temp_pos_embed = temp_pos_embed
 
     def broadcast_targets(self) -> dict[str, list[nn.Module]]:
-        """Modules whose outputs PAB may reuse, by kind: "spatial", "temporal", "cross", "mlp"."""
-        return latte_broadcast_targets(self)
+        """Modules whose outputs PAB may reuse, by kind: "spatial", "temporal", "cross", "mlp" (the spatial
+        blocks' `ff` first, then the temporal)."""
+        return {
+            "spatial": [block.attn1 for block in self.transformer_blocks],
+            "temporal": [block.attn1 for block in self.temporal_transformer_blocks],
+            "cross": [block.attn2 for block in self.transformer_blocks],
+            "mlp": [block.ff for block in self.transformer_blocks]
+            + [block.ff for block in self.temporal_transformer_blocks],
+        }
 
     def step_cache_targets(self) -> dict[str, Any]:
-        return latte_step_cache_targets(self)
+        """The block stack in forward order (all keep x as (B, F, S, C)) and the module that reads its output (the
+        output head's norm, on the (B*F, S, C) view)."""
+        blocks = [b for pair in zip(self.transformer_blocks, self.temporal_transformer_blocks) for b in pair]
+        return {"blocks": blocks, "head": self.norm_out}
+
+    def _cross_attention_bias(
+        self, mask: torch.Tensor | None, batch: int, frames: int, text_len: int, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """The subclass's text mask -> additive bias (B*F, 1, 1, L) for the cross-attention, or None."""
+        raise NotImplementedError
+
+    def _forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None,
+        enable_temporal_attentions: bool,
+    ) -> torch.Tensor:
+        """The forward of both models, (B, C_in, F, H, W) -> (B, C_out, F, H, W). (Open-Sora-Plan's spatial
+        attention also receives an all-zero bias for the all-kept video tokens; adding zeros changes nothing,
+        so it is left out.)"""
+        check_latent_size(hidden_states, self.config.patch_size)
+        b, c_in, f, h, w = hidden_states.shape
+        p = self.config.patch_size
+        grid = (h // p, w // p)
+        s = grid[0] * grid[1]
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != b:
+            raise ValueError(
+                f"encoder_hidden_states must be (B, L, {self.config.caption_channels}) with B={b}, "
+                f"got {tuple(encoder_hidden_states.shape)}"
+            )
+
+        x = hidden_states.permute(0, 2, 1, 3, 4).reshape(b * f, c_in, h, w)  # (B*F, C_in, H, W)
+        # The hidden state stays (B, F, S, C), contiguous; the temporal blocks read and write it in that layout.
+        x = self.pos_embed(x).reshape(b, f, s, -1).contiguous()  # (B, F, S, C); contiguous already (a guard)
+        temb, embedded_timestep = self.adaln_single(batch_timesteps(timestep, b, x.device), x.dtype)  # (B, 6C), (B, C)
+
+        context = self.caption_projection(encoder_hidden_states)  # (B, L, C)
+        context = context.repeat_interleave(f, dim=0)  # (B*F, L, C), row b*F + f
+        context_bias = self._cross_attention_bias(encoder_attention_mask, b, f, context.shape[1], x.dtype)
+
+        for i, (spatial_block, temporal_block) in enumerate(
+            zip(self.transformer_blocks, self.temporal_transformer_blocks)
+        ):
+            x = spatial_block(x, temb, context, context_bias)  # (B, F, S, C)
+            if enable_temporal_attentions:
+                if i == 0:
+                    # Frame table, added once before the first block. The module (which DSP hooks to pick this
+                    # rank's rows) adds its rows to what it is given: given zeros it returns the rows alone
+                    # (exactly), which are then added in the (B, F, S, C) layout without transposing the hidden
+                    # state.
+                    rows = self.temp_pos_embed(x.new_zeros(1, f, x.shape[-1]))  # (1, F, C)
+                    x = x + rows[:, :, None]  # (B, F, S, C)
+                x = temporal_block(x, temb)  # (B, F, S, C)
+
+        return final_modulate_and_unpatchify(
+            x.view(b * f, s, -1), embedded_timestep, self.scale_shift_table, self.norm_out, self.proj_out,
+            b, f, grid, p,
+        )  # (B, C_out, F, H, W)
+
+
+class LatteTransformer3DModel(LatteLayoutModel):
+    """Latte-1 video DiT: interleaved spatial and temporal blocks with adaLN-single conditioning."""
+
+    def __init__(self, config: LatteConfig):
+        super().__init__(
+            config, config.sample_size,
+            CaptionProjection(config.caption_channels, config.inner_dim),
+            TemporalPosEmbed(config.inner_dim, skip_single_frame=True),
+        )  # fmt: skip
 
     def _cross_attention_bias(
         self, mask: torch.Tensor | None, batch: int, frames: int, text_len: int, dtype: torch.dtype
@@ -783,106 +880,6 @@ class LatteTransformer3DModel(nn.Module):
         """
         if return_dict:
             raise ValueError("return_dict=True is not supported; call with return_dict=False and take [0]")
-        out = latte_forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+        out = self._forward(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
                             enable_temporal_attentions)  # (B, C_out, F, H, W)
         return (out,)
-
-
-def latte_forward(
-    model: nn.Module,
-    hidden_states: torch.Tensor,
-    timestep: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
-    encoder_attention_mask: torch.Tensor | None,
-    enable_temporal_attentions: bool,
-) -> torch.Tensor:
-    """The forward shared by Latte-1 and Open-Sora-Plan v1.1's LatteT2V: they differ only in their
-    caption projection and input checks. (Open-Sora-Plan's spatial attention also receives an all-zero
-    bias for the all-kept video tokens; adding zeros changes nothing, so it is left out.)"""
-    check_latent_size(hidden_states, model.config.patch_size)
-    b, c_in, f, h, w = hidden_states.shape
-    p = model.config.patch_size
-    grid = (h // p, w // p)
-    s = grid[0] * grid[1]
-    if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != b:
-        raise ValueError(
-            f"encoder_hidden_states must be (B, L, {model.config.caption_channels}) with B={b}, "
-            f"got {tuple(encoder_hidden_states.shape)}"
-        )
-
-    x = hidden_states.permute(0, 2, 1, 3, 4).reshape(b * f, c_in, h, w)  # (B*F, C_in, H, W)
-    # The hidden state stays (B, F, S, C), contiguous; the temporal blocks read and write it in that layout.
-    x = model.pos_embed(x).reshape(b, f, s, -1).contiguous()  # (B, F, S, C); contiguous already (a guard)
-    temb, embedded_timestep = model.adaln_single(batch_timesteps(timestep, b, x.device), x.dtype)  # (B, 6C), (B, C)
-
-    context = model.caption_projection(encoder_hidden_states)  # (B, L, C)
-    context = context.repeat_interleave(f, dim=0)  # (B*F, L, C), row b*F + f
-    context_bias = model._cross_attention_bias(encoder_attention_mask, b, f, context.shape[1], x.dtype)
-
-    for i, (spatial_block, temporal_block) in enumerate(
-        zip(model.transformer_blocks, model.temporal_transformer_blocks)
-    ):
-        x = spatial_block(x, temb, context, context_bias)  # (B, F, S, C)
-        if enable_temporal_attentions:
-            if i == 0:
-                # Frame table, added once before the first block. The module (which DSP hooks to pick this rank's
-                # rows) adds its rows to what it is given: given zeros it returns the rows alone (exactly), which
-                # are then added in the (B, F, S, C) layout without transposing the hidden state.
-                rows = model.temp_pos_embed(x.new_zeros(1, f, x.shape[-1]))  # (1, F, C)
-                x = x + rows[:, :, None]  # (B, F, S, C)
-            x = temporal_block(x, temb)  # (B, F, S, C)
-
-    out = final_modulate_and_unpatchify(
-        x.view(b * f, s, -1), embedded_timestep, model.scale_shift_table, model.norm_out, model.proj_out,
-        b, f, grid, p,
-    )  # (B, C_out, F, H, W)
-    return out
-
-
-def add_latte_layers(
-    model: nn.Module, config: Any, sample_size: int, caption_projection: nn.Module, temp_pos_embed: nn.Module
-) -> None:
-    """Register the layers Latte-1 and Open-Sora-Plan's LatteT2V share on `model`, in checkpoint order.
-
-    The two differ only in their caption projection and temporal table, which the caller passes in;
-    `sample_size` is the (square) latent size the spatial table was trained at.
-    """
-    dim = config.inner_dim
-    model.pos_embed = PatchEmbed(
-        config.patch_size, config.in_channels, dim,
-        base_size=sample_size // config.patch_size,
-        interpolation_scale=max(sample_size // 64, 1),  # 64 latent = 512 px is PixArt's scale 1
-    )  # fmt: skip
-    block = dict(
-        dim=dim, heads=config.num_attention_heads, head_dim=config.attention_head_dim,
-        attention_bias=config.attention_bias, activation_fn=config.activation_fn, norm_eps=config.norm_eps,
-        dropout=config.dropout,
-    )  # fmt: skip
-    model.transformer_blocks = nn.ModuleList(
-        [SpatialBlock(cross_attention_dim=config.cross_attention_dim, **block) for _ in range(config.num_layers)]
-    )
-    model.temporal_transformer_blocks = nn.ModuleList([TemporalBlock(**block) for _ in range(config.num_layers)])
-    model.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-    model.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
-    model.proj_out = nn.Linear(dim, config.patch_size * config.patch_size * model.out_channels)
-    model.adaln_single = AdaLayerNormSingle(dim)
-    model.caption_projection = caption_projection
-    model.temp_pos_embed = temp_pos_embed
-
-
-def latte_step_cache_targets(model: nn.Module) -> dict[str, Any]:
-    """The block stack in forward order (all keep x as (B, F, S, C)) and the module that reads its output (the
-    output head's norm, on the (B*F, S, C) view)."""
-    blocks = [b for pair in zip(model.transformer_blocks, model.temporal_transformer_blocks) for b in pair]
-    return {"blocks": blocks, "head": model.norm_out}
-
-
-def latte_broadcast_targets(model: nn.Module) -> dict[str, list[nn.Module]]:
-    """PAB targets of a Latte-layout model; "mlp" lists the spatial blocks' `ff` first, then the temporal."""
-    return {
-        "spatial": [block.attn1 for block in model.transformer_blocks],
-        "temporal": [block.attn1 for block in model.temporal_transformer_blocks],
-        "cross": [block.attn2 for block in model.transformer_blocks],
-        "mlp": [block.ff for block in model.transformer_blocks]
-        + [block.ff for block in model.temporal_transformer_blocks],
-    }

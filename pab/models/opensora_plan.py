@@ -26,13 +26,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from pab.models import latte
-from pab.kernels import DEFAULT_KERNELS, KernelOptions
-from pab.models.latte import (
-    TemporalPosEmbed, add_latte_layers, latte_broadcast_targets, latte_forward, latte_step_cache_targets,
-)  # fmt: skip
+from pab.models.latte import LatteLayoutModel, TemporalPosEmbed
 
 #################################################################################
 #                                    Config                                     #
@@ -234,31 +230,18 @@ class CaptionProjection(latte.CaptionProjection):
 #################################################################################
 
 
-class LatteT2V(nn.Module):
+class LatteT2V(LatteLayoutModel):
     """Open-Sora-Plan v1.1.0 video DiT: Latte's interleaved spatial/temporal blocks, adaLN-single."""
 
-    kernels: KernelOptions = DEFAULT_KERNELS  # what pab.kernels.set_kernel_options last gave its modules
-
     def __init__(self, config: LatteT2VConfig):
-        super().__init__()
-        self.config = config
-        dim = config.inner_dim
-        self.out_channels = config.in_channels if config.out_channels is None else config.out_channels
-
-        # Registration order fixes the state-dict order; it follows the official module (own parameters first).
         # The official code adds the frame table at i == 0 whatever F is, so no single-frame skip here.
-        add_latte_layers(
-            self, config, config.sample_size[0],
-            CaptionProjection(config.caption_channels, dim),
-            TemporalPosEmbed(dim, interpolation_scale=config.temporal_interpolation_scale, skip_single_frame=False),
+        super().__init__(
+            config, config.sample_size[0],
+            CaptionProjection(config.caption_channels, config.inner_dim),
+            TemporalPosEmbed(
+                config.inner_dim, interpolation_scale=config.temporal_interpolation_scale, skip_single_frame=False
+            ),
         )  # fmt: skip
-
-    def broadcast_targets(self) -> dict[str, list[nn.Module]]:
-        """Modules whose outputs PAB may reuse, by kind: "spatial", "temporal", "cross", "mlp"."""
-        return latte_broadcast_targets(self)
-
-    def step_cache_targets(self) -> dict[str, Any]:
-        return latte_step_cache_targets(self)
 
     @staticmethod
     def _cross_attention_bias(
@@ -309,6 +292,6 @@ class LatteT2V(nn.Module):
                 f"use_image_num={use_image_num}: joint image-video batches are a training layout the official "
                 f"inference path cannot run; pass videos only (use_image_num=0)"
             )
-        out = latte_forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+        out = self._forward(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
                             enable_temporal_attentions)  # (B, C_out, F, H, W)
         return (out,)
