@@ -534,11 +534,9 @@ def _gated_residual_frame_major(x: torch.Tensor, gate: torch.Tensor, a: torch.Te
     return torch.addcmul(x, gate, a.view(B, S, F_, C).transpose(1, 2))
 
 
-class SpatialBlock(nn.Module):
-    """Spatial block: modulated self-attention over a frame's patches, cross-attention to text, modulated MLP.
-
-    As in PixArt with adaLN-single, cross-attention has no norm and no gate.
-    """
+class LatteBlock(nn.Module):
+    """The layers of both block kinds (diffusers' BasicTransformerBlock with adaLN-single), in checkpoint order;
+    the cross-attention `attn2` only where `cross_attention_dim` is given (the spatial blocks)."""
 
     # The elementwise steps between the PAB targets: pure functions of their arguments (no state, no hooks),
     # which pab.compile.apply_compile may replace per instance with compiled versions.
@@ -550,19 +548,27 @@ class SpatialBlock(nn.Module):
         dim: int,
         heads: int,
         head_dim: int,
-        cross_attention_dim: int,
         attention_bias: bool,
         activation_fn: str,
         norm_eps: float,
         dropout: float = 0.0,
+        cross_attention_dim: int | None = None,
     ):
         super().__init__()
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
         self.attn1 = Attention(dim, heads, head_dim, bias=attention_bias, dropout=dropout)
-        self.attn2 = Attention(dim, heads, head_dim, cross_attention_dim, bias=attention_bias, dropout=dropout)
+        if cross_attention_dim is not None:
+            self.attn2 = Attention(dim, heads, head_dim, cross_attention_dim, bias=attention_bias, dropout=dropout)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
         self.ff = FeedForward(dim, activation_fn, dropout)
+
+
+class SpatialBlock(LatteBlock):
+    """Spatial block: modulated self-attention over a frame's patches, cross-attention to text, modulated MLP.
+
+    As in PixArt with adaLN-single, cross-attention has no norm and no gate. Built with `cross_attention_dim`.
+    """
 
     def forward(
         self,
@@ -615,28 +621,8 @@ class SpatialBlock(nn.Module):
         return torch.addcmul(x, mod[:, 5], m.view(x.shape))
 
 
-class TemporalBlock(nn.Module):
+class TemporalBlock(LatteBlock):
     """Temporal block: modulated self-attention over the frames at one patch position, then modulated MLP."""
-
-    compile_regions = ("attn_in", "attn_out", "mlp_in", "mlp_out")  # see SpatialBlock
-    kernels: KernelOptions = DEFAULT_KERNELS
-
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        head_dim: int,
-        attention_bias: bool,
-        activation_fn: str,
-        norm_eps: float,
-        dropout: float = 0.0,
-    ):
-        super().__init__()
-        self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
-        self.attn1 = Attention(dim, heads, head_dim, bias=attention_bias, dropout=dropout)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
-        self.ff = FeedForward(dim, activation_fn, dropout)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """x (B, F, S, C), temb (B, 6C) -> (B, F, S, C). attn1 and ff see the frame-major (B*S, F, C)."""
