@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import torch
 import torch.nn as nn
@@ -75,8 +75,49 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = {
 }
 
 
+class LatteLayoutConfig:
+    """What the configs of LatteLayoutModel's two models share (their fields differ): the width of the shared
+    layers, the checks those layers need, and loading an official config.json."""
+
+    _FILE_DEFAULTS: ClassVar[dict[str, Any]]  # the official constructor's defaults, for keys a file lacks
+    _WRONG_FILE: ClassVar[str]  # what an unknown key suggests the file is
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        """Build from an official config.json dict, as the official `from_config` would: missing keys take the
+        constructor defaults, `_`-prefixed bookkeeping keys are ignored, any other unknown key is an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in d if not k.startswith("_") and k not in known)
+        if unknown:
+            raise ValueError(f"Unknown {cls.__name__} keys {unknown}; {cls._WRONG_FILE}")
+        return cls(**{**cls._FILE_DEFAULTS, **{k: v for k, v in d.items() if k in known}})
+
+    def _check(self, problems: list[str]) -> None:
+        """Raise one ValueError listing `problems` (the subclass's own) and what the shared layers cannot build."""
+        if self.norm_type != "ada_norm_single":
+            problems.append(f"norm_type={self.norm_type!r}: only 'ada_norm_single' (the releases) is implemented")
+        if self.norm_elementwise_affine:
+            problems.append("norm_elementwise_affine=True: the releases use LayerNorms without weights; set false")
+        if self.activation_fn not in SUPPORTED_ACTIVATIONS:
+            problems.append(f"activation_fn={self.activation_fn!r}: use one of {sorted(SUPPORTED_ACTIVATIONS)}")
+        for name in ("in_channels", "patch_size", "caption_channels"):
+            if getattr(self, name) is None:
+                problems.append(f"{name} is None: a patched latent model needs it set")
+        if self.cross_attention_dim != self.inner_dim:
+            problems.append(
+                f"cross_attention_dim={self.cross_attention_dim} must equal num_attention_heads * attention_head_dim "
+                f"= {self.inner_dim}, because caption_projection maps the text to that width"
+            )
+        if problems:
+            raise ValueError(f"Unsupported {type(self).__name__}: " + "; ".join(problems))
+
+
 @dataclass
-class LatteConfig:
+class LatteConfig(LatteLayoutConfig):
     """Field names of diffusers' LatteTransformer3DModel config; defaults are the released Latte-1 values."""
 
     num_attention_heads: int = 16
@@ -97,43 +138,17 @@ class LatteConfig:
     caption_channels: int = 4096  # T5-XXL width before caption_projection
     video_length: int = 16  # training frame count; the temporal table is computed for any F (see TemporalPosEmbed)
 
+    _FILE_DEFAULTS: ClassVar[dict[str, Any]] = _DIFFUSERS_DEFAULTS
+    _WRONG_FILE: ClassVar[str] = (
+        "is this a Latte config.json? (Open-Sora-Plan's LatteT2V configs go to "
+        "pab.models.opensora_plan.LatteT2VConfig.from_dict.)"
+    )
+
     def __post_init__(self):
         problems = []
-        if self.norm_type != "ada_norm_single":
-            problems.append(f"norm_type={self.norm_type!r}: only 'ada_norm_single' (Latte-1) is implemented")
-        if self.norm_elementwise_affine:
-            problems.append("norm_elementwise_affine=True: Latte-1 uses LayerNorms without weights; set it to false")
-        if self.activation_fn not in SUPPORTED_ACTIVATIONS:
-            problems.append(f"activation_fn={self.activation_fn!r}: use one of {sorted(SUPPORTED_ACTIVATIONS)}")
-        for name in ("in_channels", "patch_size", "caption_channels"):
-            if getattr(self, name) is None:
-                problems.append(f"{name} is None: a patched latent model needs it set")
-        if self.cross_attention_dim != self.inner_dim:
-            problems.append(
-                f"cross_attention_dim={self.cross_attention_dim} must equal num_attention_heads * attention_head_dim "
-                f"= {self.inner_dim}, because caption_projection maps the text to that width"
-            )
         if not isinstance(self.sample_size, int):
             problems.append(f"sample_size={self.sample_size!r} must be one int (a square training latent)")
-        if problems:
-            raise ValueError("Unsupported LatteConfig: " + "; ".join(problems))
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LatteConfig:
-        """Build from a diffusers config.json dict; `_`-prefixed bookkeeping keys are ignored."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in d if not k.startswith("_") and k not in known)
-        if unknown:
-            raise ValueError(
-                f"Unknown LatteTransformer3DModel config keys {unknown}; is this a Latte config.json? "
-                f"(Open-Sora-Plan's LatteT2V configs go to pab.models.opensora_plan.LatteT2VConfig.from_dict.)"
-            )
-        kwargs = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in d.items() if k in known}}
-        return cls(**kwargs)
+        self._check(problems)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

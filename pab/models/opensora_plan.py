@@ -22,8 +22,8 @@ and `modules.py`; the fixture in tests/fixtures/official/osp110 was produced by 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -76,7 +76,7 @@ _ATTENTION_MODES = ("xformers", "math", "flash")
 
 
 @dataclass
-class LatteT2VConfig:
+class LatteT2VConfig(latte.LatteLayoutConfig):
     """Field names of Open-Sora-Plan v1.1.0's LatteT2V config; defaults are the 65x512x512 release."""
 
     num_attention_heads: int = 16
@@ -111,26 +111,18 @@ class LatteT2VConfig:
     compress_kv_factor: int = 1
     interpolation_scale_1d: float | None = None  # None -> derived from video_length (1 for 17)
 
+    _FILE_DEFAULTS: ClassVar[dict[str, Any]] = _OFFICIAL_DEFAULTS
+    _WRONG_FILE: ClassVar[str] = (
+        "is this an Open-Sora-Plan v1.1 config.json? (diffusers Latte configs go to "
+        "pab.models.latte.LatteConfig.from_dict.)"
+    )
+
     def __post_init__(self):
         if isinstance(self.sample_size, (list, tuple)) and len(self.sample_size) == 2:
             self.sample_size = (int(self.sample_size[0]), int(self.sample_size[1]))
         problems = []
         if not isinstance(self.sample_size, tuple):
             problems.append(f"sample_size={self.sample_size!r} must be [H, W] (the training latent size)")
-        if self.norm_type != "ada_norm_single":
-            problems.append(f"norm_type={self.norm_type!r}: only 'ada_norm_single' (the v1.1 release) is implemented")
-        if self.norm_elementwise_affine:
-            problems.append("norm_elementwise_affine=True: the release uses LayerNorms without weights; set false")
-        if self.activation_fn not in latte.SUPPORTED_ACTIVATIONS:
-            problems.append(f"activation_fn={self.activation_fn!r}: use one of {sorted(latte.SUPPORTED_ACTIVATIONS)}")
-        for name in ("in_channels", "patch_size", "caption_channels"):
-            if getattr(self, name) is None:
-                problems.append(f"{name} is None: a patched latent model needs it set")
-        if self.cross_attention_dim != self.inner_dim:
-            problems.append(
-                f"cross_attention_dim={self.cross_attention_dim} must equal num_attention_heads * attention_head_dim "
-                f"= {self.inner_dim}, because caption_projection maps the text to that width"
-            )
         if self.use_rope:
             problems.append("use_rope=True: the RoPE variant is not implemented (the 65x512x512 release has none)")
         if self.compress_kv_factor != 1:
@@ -146,12 +138,7 @@ class LatteT2VConfig:
             problems.append("num_vector_embeds is set: discrete (vector-quantised) input is not implemented")
         if self.attention_type != "default":
             problems.append(f"attention_type={self.attention_type!r}: only 'default' is implemented")
-        if problems:
-            raise ValueError("Unsupported LatteT2VConfig: " + "; ".join(problems))
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
+        self._check(problems)
 
     @property
     def temporal_interpolation_scale(self) -> float:
@@ -160,18 +147,6 @@ class LatteT2VConfig:
         if scale is None:  # 16 frames (Latte) is scale 1; 17 (= 16 + the causal VAE's first frame) too
             scale = (self.video_length - 1) // 16 if self.video_length % 2 == 1 else self.video_length // 16
         return max(scale, 1)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LatteT2VConfig:
-        """Build from an Open-Sora-Plan config.json dict; `_`-prefixed bookkeeping keys are ignored."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in d if not k.startswith("_") and k not in known)
-        if unknown:
-            raise ValueError(
-                f"Unknown LatteT2V config keys {unknown}; is this an Open-Sora-Plan v1.1 config.json? "
-                f"(diffusers Latte configs go to pab.models.latte.LatteConfig.from_dict.)"
-            )
-        return cls(**{**_OFFICIAL_DEFAULTS, **{k: v for k, v in d.items() if k in known}})
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
