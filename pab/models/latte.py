@@ -783,10 +783,22 @@ class LatteLayoutModel(nn.Module):
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None,
         enable_temporal_attentions: bool,
-    ) -> torch.Tensor:
-        """The forward of both models, (B, C_in, F, H, W) -> (B, C_out, F, H, W). (Open-Sora-Plan's spatial
-        attention also receives an all-zero bias for the all-kept video tokens; adding zeros changes nothing,
-        so it is left out.)"""
+        return_dict: bool,
+    ) -> tuple[torch.Tensor]:
+        """The forward of both models, called by each one's `forward` with its own arguments checked.
+
+        hidden_states: (B, C_in, F, H, W) latents, any F >= 1, H and W multiples of patch_size.
+        timestep: (B,) diffusion steps (a scalar or (1,) is broadcast).
+        encoder_hidden_states: (B, L, caption_channels) text features.
+        encoder_attention_mask: the model's text mask (see its `_cross_attention_bias`).
+        Returns a 1-tuple with (B, out_channels, F, H, W); `return_dict=True` is not supported (no diffusers
+        output classes here).
+
+        (Open-Sora-Plan's spatial attention also receives an all-zero bias for the all-kept video tokens; adding
+        zeros changes nothing, so it is left out.)
+        """
+        if return_dict:
+            raise ValueError("return_dict=True is not supported; call with return_dict=False and take [0]")
         check_latent_size(hidden_states, self.config.patch_size)
         b, c_in, f, h, w = hidden_states.shape
         p = self.config.patch_size
@@ -821,10 +833,11 @@ class LatteLayoutModel(nn.Module):
                     x = x + rows[:, :, None]  # (B, F, S, C)
                 x = temporal_block(x, temb)  # (B, F, S, C)
 
-        return final_modulate_and_unpatchify(
+        out = final_modulate_and_unpatchify(
             x.view(b * f, s, -1), embedded_timestep, self.scale_shift_table, self.norm_out, self.proj_out,
             b, f, grid, p,
         )  # (B, C_out, F, H, W)
+        return (out,)
 
 
 class LatteTransformer3DModel(LatteLayoutModel):
@@ -870,17 +883,10 @@ class LatteTransformer3DModel(LatteLayoutModel):
         enable_temporal_attentions: bool = True,
         return_dict: bool = False,
     ) -> tuple[torch.Tensor]:
-        """Predict noise and variance for a latent video.
+        """Predict noise and variance for a latent video: a 1-tuple with (B, out_channels, F, H, W).
 
-        hidden_states: (B, C_in, F, H, W) latents, any F >= 1, H and W multiples of patch_size.
-        timestep: (B,) diffusion steps (a scalar or (1,) is broadcast).
-        encoder_hidden_states: (B, L, caption_channels) text features.
-        encoder_attention_mask: see `_cross_attention_bias`; the Latte pipeline passes None.
-        Returns a 1-tuple with (B, out_channels, F, H, W); `return_dict=True` is not supported (no diffusers
-        output classes here).
+        The tensors and return_dict are as in `LatteLayoutModel._forward`; encoder_attention_mask: see
+        `_cross_attention_bias` (the Latte pipeline passes None).
         """
-        if return_dict:
-            raise ValueError("return_dict=True is not supported; call with return_dict=False and take [0]")
-        out = self._forward(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
-                            enable_temporal_attentions)  # (B, C_out, F, H, W)
-        return (out,)
+        return self._forward(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+                             enable_temporal_attentions, return_dict)  # fmt: skip

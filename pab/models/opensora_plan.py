@@ -250,23 +250,17 @@ class LatteT2V(LatteLayoutModel):
         enable_temporal_attentions: bool = True,
         return_dict: bool = False,
     ) -> tuple[torch.Tensor]:
-        """Predict noise and sigma for a latent video.
+        """Predict noise and sigma for a latent video: a 1-tuple with (B, out_channels, F, H, W).
 
-        hidden_states: (B, C_in, F, H, W) latents, any F >= 1, H and W multiples of patch_size.
-        timestep: (B,) diffusion steps (a scalar or (1,) is broadcast).
-        encoder_hidden_states: (B, L, caption_channels) text features.
+        The tensors and return_dict are as in `LatteLayoutModel._forward`.
         added_cond_kwargs: accepted and ignored, as in the official model (no size conditioning in v1.1).
         encoder_attention_mask: (B, L) keep-mask or None (the official pipeline cuts the text instead).
         use_image_num: must be 0; joint image-video batches are a training-only layout.
-        Returns a 1-tuple with (B, out_channels, F, H, W); `return_dict=True` is not supported.
         """
-        if return_dict:
-            raise ValueError("return_dict=True is not supported; call with return_dict=False and take [0]")
         if use_image_num:
             raise ValueError(
                 f"use_image_num={use_image_num}: joint image-video batches are a training layout the official "
                 f"inference path cannot run; pass videos only (use_image_num=0)"
             )
-        out = self._forward(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
-                            enable_temporal_attentions)  # (B, C_out, F, H, W)
-        return (out,)
+        return self._forward(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+                             enable_temporal_attentions, return_dict)  # fmt: skip
