@@ -25,52 +25,39 @@ from pab.models.vae import VideoVAE
 
 SD_SCALING_FACTOR = 0.18215
 
+
+def _autoencoder_config(
+    block_out_channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int, sample_size: int,
+    scaling_factor: float,
+) -> dict:
+    """An `AutoencoderKL` config of the SD layout: RGB in and out, 4 latent channels, one down and one up
+    block per entry of `block_out_channels` (each but the last halves H and W)."""
+    levels = len(block_out_channels)
+    return dict(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=block_out_channels, layers_per_block=layers_per_block, norm_num_groups=norm_num_groups,
+        latent_channels=4, sample_size=sample_size, scaling_factor=scaling_factor,
+    )  # fmt: skip
+
+
 # Same architecture family as the SD VAE (4 down/up blocks -> 8x), just 32 channels wide with one
 # resnet per block: ~0.37 M parameters, runs on a CPU in well under a second per small frame.
-TINY_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(32, 32, 32, 32),
-    layers_per_block=1,
-    norm_num_groups=32,
-    latent_channels=4,
-    sample_size=64,
-    scaling_factor=SD_SCALING_FACTOR,
+TINY_CONFIG = _autoencoder_config(
+    (32, 32, 32, 32), layers_per_block=1, norm_num_groups=32, sample_size=64, scaling_factor=SD_SCALING_FACTOR
 )
-
 
 # Latte-1-small's VAE (trained here, `python -m pab.train --model latte-1-small`): 4x instead of 8x, so a
 # 64x64 frame keeps a 16x16 latent; ~0.29 M parameters. Its latents are normalised per channel
 # (`latents_mean` / `latents_std`, written by training) rather than by one scaling factor.
-SMALL_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 3,
-    up_block_types=("UpDecoderBlock2D",) * 3,
-    block_out_channels=(32, 32, 32),
-    layers_per_block=1,
-    norm_num_groups=8,
-    latent_channels=4,
-    sample_size=64,
-    scaling_factor=1.0,
+SMALL_CONFIG = _autoencoder_config(
+    (32, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=1.0
 )
-
 
 # The Stable-Diffusion VAE architecture (SD 1.x `vae/config.json`, as in maxin-cn/Latte-1/vae):
 # 83,653,863 parameters. `FrameVAE.random()` builds it with random weights for benchmarks.
-SD_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    norm_num_groups=32,
-    latent_channels=4,
-    sample_size=512,
-    scaling_factor=SD_SCALING_FACTOR,
+SD_CONFIG = _autoencoder_config(
+    (128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=SD_SCALING_FACTOR
 )
 
 
