@@ -208,24 +208,10 @@ def init_parallel(
 
     sp, cfg = config.sp, config.cfg
     cfg_rank, sp_rank = divmod(this_rank, sp)
-    sp_group = cfg_group = None
-    # new_group must be entered by every rank for every group, in the same order.
-    if sp > 1:
-        if cfg == 1:
-            sp_group = dist.group.WORLD
-        else:
-            for c in range(cfg):
-                group = dist.new_group([c * sp + s for s in range(sp)])
-                if c == cfg_rank:
-                    sp_group = group
-    if cfg > 1:
-        if sp == 1:
-            cfg_group = dist.group.WORLD
-        else:
-            for s in range(sp):
-                group = dist.new_group([c * sp + s for c in range(cfg)])
-                if s == sp_rank:
-                    cfg_group = group
+    # The sp groups: one per CFG half, its sp neighbouring ranks; the cfg groups: one per sp rank, the ranks
+    # `sp` apart.
+    sp_group = _my_group([[c * sp + s for s in range(sp)] for c in range(cfg)], mine=cfg_rank)
+    cfg_group = _my_group([[c * sp + s for c in range(cfg)] for s in range(sp)], mine=sp_rank)
     return ParallelContext(
         config=config,
         rank=this_rank,
@@ -238,3 +224,16 @@ def init_parallel(
         cfg_size=cfg,
         device=device,
     )
+
+
+def _my_group(groups: list[list[int]], mine: int) -> dist.ProcessGroup | None:
+    """Create the process groups of these rank lists and return this rank's, the `mine`-th.
+
+    Every rank must enter `new_group` for every group, in the same order, so all are created here. Groups of
+    one rank need no process group (None); a single group holding the whole world is WORLD itself.
+    """
+    if len(groups[0]) == 1:
+        return None
+    if len(groups) == 1:
+        return dist.group.WORLD
+    return [dist.new_group(ranks) for ranks in groups][mine]
