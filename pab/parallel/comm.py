@@ -40,8 +40,7 @@ class FrameLayout:
     @cached_property
     def counts(self) -> tuple[int, ...]:
         """Real frames held by each rank."""
-        base, extra = divmod(self.num_frames, self.size)
-        return tuple(base + (r < extra) for r in range(self.size))
+        return tuple(even_sizes(self.num_frames, self.size))
 
     @cached_property
     def starts(self) -> tuple[int, ...]:
