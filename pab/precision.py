@@ -7,15 +7,22 @@
             ...                                 # the attentions' and MLPs' linears run in fp8
     handle.remove()                             # the plain model again
 
-What runs in fp8: every `nn.Linear` inside the modules the model names in `broadcast_targets()` (the self-,
-temporal and cross-attentions and the MLPs: ~all of a DiT's FLOPs), each weight quantised once per output
-channel, each activation per token (`pab.kernels.fp8`). The embedders, the adaLN tables and the final layer
-stay in the model's dtype: they are a sliver of the work and the outputs are most sensitive there. The first
-`bf16_first_steps` and last `bf16_last_steps` denoising steps may stay in bf16 too, if a model's error asks.
+What runs in fp8: the `nn.Linear`s inside the modules the model names in `broadcast_targets()` (the self-,
+temporal and cross-attentions and the MLPs: ~all of a DiT's FLOPs) whose output is at least
+`min_out_ratio` x their input (a square projection loses: its input's quantisation costs more than fp8
+saves), each weight quantised once per output channel, each activation per token (`pab.kernels.fp8`). The
+embedders, the adaLN tables and the final layer stay in the model's dtype: they are a sliver of the work and
+the outputs are most sensitive there. The first `bf16_first_steps` and last `bf16_last_steps` denoising
+steps may stay in bf16 too, if a model's error asks. Three shapes of module take part:
 
-An MLP that names its parts (`gelu_linears()` -> fc1, GELU approximation, fc2) runs as fc1 in fp8 -> one pass
-applying the GELU and quantising for fc2 -> fc2 in fp8, so its wide hidden state is read once and written
-once in bf16 and once in fp8. Accumulation is float32, outputs are in the model's dtype.
+* an MLP that names its parts (`gelu_linears()` -> fc1, GELU approximation, fc2) runs as fc1 in fp8 -> one
+  pass adding fc1's bias, applying the GELU and quantising for fc2 -> fc2 in fp8;
+* linears a module runs as one GEMM (`linear_groups()`, e.g. Latte's q, k, v) run as one fp8 GEMM;
+* any other eligible linear runs alone.
+
+Where a model's norm kernel writes the input of such a module, it writes its e4m3 rows in the same pass when
+the module asks (`pab.kernels.fp8.wants_fp8`). Outputs are in the model's dtype; Hopper's fast accumulation
+is on by default (`Fp8Config.fast_accum`).
 
 The hooks are innermost (they replace a linear's own math, beneath PAB and sequence parallelism) and hold no
 request data: which precision a forward runs at is the `PrecisionState` of the request running in this
@@ -136,11 +143,16 @@ def current_fp8() -> PrecisionState | None:
 
 
 class _Fp8Weight:
-    """A linear's weight in e4m3 (N, K) with its per-output-channel scales (1, N), and its bias."""
+    """A linear's weight in e4m3 (N, K) with its per-output-channel scales (1, N), and its bias; or those of
+    several linears on one input, concatenated along N (one GEMM whose output is theirs side by side)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
-        self.q, self.scale = kern.quantize_weight(linear.weight)
-        self.bias = linear.bias.detach() if linear.bias is not None else None
+    def __init__(self, *linears: nn.Linear) -> None:
+        weight = torch.cat([lin.weight for lin in linears]) if len(linears) > 1 else linears[0].weight
+        self.q, self.scale = kern.quantize_weight(weight)  # per output channel: the same as quantising each
+        biases = [lin.bias for lin in linears]
+        if any(b is None for b in biases) and any(b is not None for b in biases):
+            raise ValueError("linears run as one GEMM must all have a bias or none")
+        self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
 
     def __call__(self, xq: torch.Tensor, xs: torch.Tensor, dtype: torch.dtype, fast: bool) -> torch.Tensor:
         return kern.fp8_matmul(xq, xs, self.q, self.scale, self.bias, dtype, fast)
@@ -179,6 +191,36 @@ class Fp8LinearHook(_AsksForFp8):
         x2d = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
         xq, xs = state.quantized(x2d)
         out = self.w(xq, xs, x.dtype, state.config.fast_accum)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class Fp8GroupHook(_AsksForFp8):
+    """Linears of a module that share an input and run as one GEMM (`linear_groups()`: Latte's q, k and v go
+    through `_linear_cat`), in fp8 as one GEMM on their concatenated e4m3 weights. The module's forward is
+    left as it is; the group's first linear gets `run_group(x, layers)`, which the grouped GEMM asks first
+    (None: run the plain GEMM). Hooking the linears themselves would split the GEMM into one per linear."""
+
+    def __init__(self, groups: list[tuple[nn.Linear, ...]]) -> None:
+        self.groups = groups
+        self.weights = {tuple(map(id, g)): _Fp8Weight(*g) for g in groups}
+
+    def on_attach(self, module: nn.Module) -> None:
+        super().on_attach(module)
+        for group in self.groups:
+            group[0].run_group = self._run
+
+    def on_detach(self, module: nn.Module) -> None:
+        for group in self.groups:
+            group[0].__dict__.pop("run_group", None)
+        super().on_detach(module)
+
+    def _run(self, x: torch.Tensor, layers: tuple[nn.Linear, ...]) -> torch.Tensor | None:
+        state = current_fp8()
+        w = self.weights.get(tuple(map(id, layers)))
+        if state is None or w is None or not _eligible(x, w.q):
+            return None
+        x2d = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
+        out = w(*state.quantized(x2d), x.dtype, state.config.fast_accum)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -235,6 +277,13 @@ def apply_fp8(model: nn.Module, config: Fp8Config | None = None) -> Fp8Handle:
             if id(module) in seen:
                 continue
             seen.add(id(module))
+            groups = [g for g in (module.linear_groups() if hasattr(module, "linear_groups") else ())
+                      if sum(lin.out_features for lin in g) >= config.min_out_ratio * g[0].in_features]
+            if groups:
+                group_hook = Fp8GroupHook(groups)
+                register_hook(module, group_hook, innermost=True)
+                hooked += list(group_hook.weights.values())
+                seen.update(id(lin) for g in groups for lin in g)
             parts = module.gelu_linears() if hasattr(module, "gelu_linears") else None
             if parts is not None and parts[1] in kern.GELUS and parts[1] != "none":
                 hook = Fp8MlpHook(*parts)
@@ -256,5 +305,6 @@ def remove_fp8(model: nn.Module) -> int:
     return remove_hooks_named(model, FP8_HOOK)
 
 
-__all__ = ["FP8_HOOK", "PRECISIONS", "Fp8Config", "Fp8Handle", "Fp8LinearHook", "Fp8MlpHook", "PrecisionState",
-           "apply_fp8", "check_precision", "current_fp8", "fp8_capable", "remove_fp8", "use_precision"]  # fmt: skip
+__all__ = ["FP8_HOOK", "PRECISIONS", "Fp8Config", "Fp8GroupHook", "Fp8Handle", "Fp8LinearHook", "Fp8MlpHook",
+           "PrecisionState", "apply_fp8", "check_precision", "current_fp8", "fp8_capable", "remove_fp8",
+           "use_precision"]  # fmt: skip

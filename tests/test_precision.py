@@ -195,3 +195,33 @@ def test_a_gpu_without_fp8_refuses_the_request_before_any_work(latte, monkeypatc
     with pytest.raises(ValueError, match="ask for bf16"):
         latte.resolve(_req(precision="fp8"))
     assert latte.resolve(_req()).precision == "bf16"
+
+
+def test_latte_qkv_run_as_one_fp8_gemm_and_bf16_keeps_its_single_gemm(monkeypatch):
+    import pab.models.latte as latte_mod
+
+    torch.manual_seed(3)
+    model = build("latte-1-tiny", device="cpu").eval()
+    attn = model.broadcast_targets()["spatial"][0]
+    x = torch.randn(2, 12, attn.to_q.in_features)
+    with torch.no_grad():
+        plain = attn(x)
+        handle = apply_fp8(model)
+        try:
+            assert getattr(attn.to_q, "run_group", None) is not None and get_hook(attn.to_q, FP8_HOOK) is None
+            calls = []
+            real = F.linear
+            monkeypatch.setattr(latte_mod.F, "linear", lambda *a: calls.append(a[1].shape) or real(*a))
+            assert torch.equal(attn(x), plain)  # bf16: inert, and still one grouped GEMM (3C x C) plus to_out
+            assert calls[0] == (3 * attn.to_q.out_features, attn.to_q.in_features)
+            with use_precision(PrecisionState("fp8")):
+                low = attn(x)
+            w = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
+            b = None if attn.to_q.bias is None else torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias])
+            qkv = kern.fp8_matmul(*kern.quantize_rows_reference(x.reshape(-1, x.shape[-1])), *kern.quantize_weight(w),
+                                  b, x.dtype).view(2, 12, -1)  # fmt: skip
+            want = attn._self_attention(qkv, None)
+            assert torch.allclose(low, want, atol=1e-6)
+        finally:
+            handle.remove()
+    assert getattr(attn.to_q, "run_group", None) is None and getattr(attn, "wants_fp8_input", None) is None

@@ -386,8 +386,15 @@ def _linear_cat(x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
     """Several Linears on the same input as one GEMM; outputs concatenated along the last dim.
 
     The weights are concatenated per call (~8 MB at full size) rather than cached, so the module stays plain.
-    A linear that carries a hook (pab.hooks, e.g. fp8) is called itself, so the hook sees its input.
+    A transform that runs the group itself gives the first linear a `run_group(x, layers)` (pab.precision's
+    fp8: one GEMM on its own weights; None: not this call). A linear that carries a hook (pab.hooks) is called
+    itself, so the hook sees its input.
     """
+    run_group = getattr(layers[0], "run_group", None)
+    if run_group is not None:
+        out = run_group(x, layers)
+        if out is not None:
+            return out
     if any("forward" in layer.__dict__ for layer in layers):
         return torch.cat([layer(x) for layer in layers], dim=-1)
     weight = torch.cat([layer.weight for layer in layers])
@@ -430,6 +437,11 @@ class Attention(nn.Module):
     # the frames arrived in from nb ranks. The projections are token-wise and the short-sequence kernel reads
     # and writes that layout, so the switches need no reordering copies (as STDiT3's SelfAttention).
     accepts_frame_blocks = True
+
+    def linear_groups(self) -> list[tuple[nn.Linear, ...]]:
+        """The projections run as one GEMM on their shared input (`_linear_cat`): a self-attention's q, k, v.
+        (A cross-attention's k, v read the few text tokens: not worth a transform's while.)"""
+        return [] if self.is_cross_attention else [(self.to_q, self.to_k, self.to_v)]
 
     def forward(
         self,
@@ -611,7 +623,8 @@ class SpatialBlock(LatteBlock):
         """norm1 + modulate -> (B*F, S, C) self-attention input."""
         B, F_, S, C = x.shape
         if self.kernels.norms and norms.available(x):
-            return norms.ln_modulate(x, mod[:, 0], mod[:, 1], self.norm1.eps).view(B * F_, S, C)
+            return norms.ln_modulate(x, mod[:, 0], mod[:, 1], self.norm1.eps,
+                                     fp8=wants_fp8(self.attn1)).view(B * F_, S, C)  # fmt: skip
         return torch.addcmul(mod[:, 0], self.norm1(x), 1 + mod[:, 1]).view(B * F_, S, C)
 
     def attn_out(self, x: torch.Tensor, a: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
@@ -647,7 +660,8 @@ class TemporalBlock(LatteBlock):
 
     def attn_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """norm1 + modulate, written as the (B*S, F, C) attention input."""
-        return _norm_modulate_frame_major(self.norm1, x, mod[:, 0], mod[:, 1], self.kernels.norms)
+        fp8 = wants_fp8(self.attn1)
+        return _norm_modulate_frame_major(self.norm1, x, mod[:, 0], mod[:, 1], self.kernels.norms, fp8)
 
     def attn_out(self, x: torch.Tensor, a: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """x + gate * attention output, read back from its (B*S, F, C) layout in the same pass."""
