@@ -633,6 +633,23 @@ def _tile_2d(x: torch.Tensor, fn, tile: int, stride: int, blend: int, keep: int)
     return torch.cat(rows, dim=3)
 
 
+def _tile_3d(x: torch.Tensor, fn, tile: int, out_tile: int, window: int, overlap: float) -> torch.Tensor:
+    """The official tiled encode and decode: `fn` on temporal windows of `window` frames, each cut into
+    spatial tiles of `tile` px (`out_tile` px once through `fn`) that overlap by `overlap` of their size.
+
+    Windows share one frame; every window after the first drops its output for that frame (one latent
+    when encoding, one frame when decoding).
+    """
+    blend = int(out_tile * overlap)
+    parts = []
+    for n, (start, end) in enumerate(_temporal_windows(x.shape[2], window)):
+        part = _tile_2d(
+            x[:, :, start:end], fn, tile=tile, stride=int(tile * (1 - overlap)), blend=blend, keep=out_tile - blend
+        )
+        parts.append(part if n == 0 else part[:, :, 1:])
+    return torch.cat(parts, dim=2)
+
+
 #################################################################################
 #                                     Model                                     #
 #################################################################################
@@ -721,37 +738,16 @@ class CausalVAE(VideoVAE):
         return self.decoder(self.post_quant_conv(z))
 
     def _tiled_encode(self, video: torch.Tensor, tiles: TilingConfig) -> torch.Tensor:
-        def encode_tile(x: torch.Tensor) -> torch.Tensor:
-            return self.quant_conv(self.encoder(x))
-
-        blend = int(tiles.tile_latent_min_size * tiles.tile_overlap_factor)
-        moments = []
-        for n, (start, end) in enumerate(_temporal_windows(video.shape[2], tiles.tile_sample_min_size_t)):
-            m = _tile_2d(
-                video[:, :, start:end], encode_tile,
-                tile=tiles.tile_sample_min_size,
-                stride=int(tiles.tile_sample_min_size * (1 - tiles.tile_overlap_factor)),
-                blend=blend, keep=tiles.tile_latent_min_size - blend,
-            )
-            # Windows share one frame; every window after the first drops the latent of that frame.
-            moments.append(m if n == 0 else m[:, :, 1:])
-        return torch.cat(moments, dim=2)
+        return _tile_3d(
+            video, lambda x: self.quant_conv(self.encoder(x)), tiles.tile_sample_min_size,
+            tiles.tile_latent_min_size, tiles.tile_sample_min_size_t, tiles.tile_overlap_factor,
+        )  # fmt: skip
 
     def _tiled_decode(self, z: torch.Tensor, tiles: TilingConfig) -> torch.Tensor:
-        def decode_tile(x: torch.Tensor) -> torch.Tensor:
-            return self.decoder(self.post_quant_conv(x))
-
-        blend = int(tiles.tile_sample_min_size * tiles.tile_overlap_factor)
-        frames = []
-        for n, (start, end) in enumerate(_temporal_windows(z.shape[2], tiles.tile_latent_min_size_t)):
-            v = _tile_2d(
-                z[:, :, start:end], decode_tile,
-                tile=tiles.tile_latent_min_size,
-                stride=int(tiles.tile_latent_min_size * (1 - tiles.tile_overlap_factor)),
-                blend=blend, keep=tiles.tile_sample_min_size - blend,
-            )
-            frames.append(v if n == 0 else v[:, :, 1:])  # windows share one latent, i.e. one frame
-        return torch.cat(frames, dim=2)
+        return _tile_3d(
+            z, lambda x: self.decoder(self.post_quant_conv(x)), tiles.tile_latent_min_size,
+            tiles.tile_sample_min_size, tiles.tile_latent_min_size_t, tiles.tile_overlap_factor,
+        )  # fmt: skip
 
     # ---- VideoVAE interface (DiT-scaled) ----
 
