@@ -155,9 +155,9 @@ def load_text_encoder(
     if sources is not None:
         return TextEncoder.from_pretrained(sources.text_encoder, max_length=max_length, device=device, dtype=dtype,
                                            tokenizer_path=sources.tokenizer)  # fmt: skip
-    if size == "tiny":
-        return TextEncoder.tiny(max_length=max_length, seed=0, device=device)
-    return TextEncoder.xxl_random(max_length=max_length, seed=0, device=device, dtype=dtype)
+    if size == "tiny":  # float32 whatever the pipeline's dtype, as it always was
+        return TextEncoder.random("tiny", max_length=max_length, seed=0, device=device)
+    return TextEncoder.random("xxl", max_length=max_length, seed=0, device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ All three models condition on T5-v1.1-XXL's last hidden state (D = 4096):
   (encoding padded and then slicing is what the official pipelines do; the outputs at real tokens do
   not depend on the padding, the outputs at pad positions are whatever T5 computes there).
 
-`TextEncoder.tiny()` is a 2-layer T5 with transformers' byte-level `ByT5Tokenizer` (no files), with
+`TextEncoder.random("tiny")` is a 2-layer T5 with transformers' byte-level `ByT5Tokenizer` (no files), with
 weights drawn from a fixed seed, so every process (every rank of a DSP group, every test) builds the
 very same encoder.
 """
@@ -59,6 +59,13 @@ XXL_T5_CONFIG = dict(
 )  # fmt: skip
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "special_tokens_map.json")
+
+# Random-weight encoders by size: (config, default max_length, drawn on the CPU). The tiny one is drawn on the
+# CPU so every device gets the very same weights; XXL's 19 GB of float32 would be slow to draw there.
+RANDOM_SIZES: dict[str, tuple[dict, int, bool]] = {
+    "tiny": (TINY_T5_CONFIG, 64, True),
+    "xxl": (XXL_T5_CONFIG, 300, False),
+}
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -120,37 +127,25 @@ class TextEncoder(nn.Module):
         return cls(model.to(device), tokenizer, max_length)
 
     @classmethod
-    def tiny(
+    def random(
         cls,
-        max_length: int = 64,
+        size: str = "tiny",
+        max_length: int | None = None,
         seed: int = 0,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> TextEncoder:
-        """A small random T5 (d_model 64) with a byte-level tokenizer; same weights for the same seed."""
-        # Drawn on the CPU, so every device gets the very same weights.
-        return cls._random(TINY_T5_CONFIG, max_length, seed, "cpu", dtype).to(device)
-
-    @classmethod
-    def xxl_random(
-        cls,
-        max_length: int = 300,
-        seed: int = 0,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> TextEncoder:
-        """T5-v1.1-XXL's encoder with random weights (4.7B parameters); the byte-level tokenizer's ids
-        fit its 32,128-entry vocabulary, so it needs no files either. Initialised on `device`: 19 GB of
-        float32 would be slow to draw on a CPU."""
-        return cls._random(XXL_T5_CONFIG, max_length, seed, device, dtype)
-
-    @classmethod
-    def _random(cls, config: dict, max_length: int, seed: int, device, dtype: torch.dtype) -> TextEncoder:
-        devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.device(device):  # the caller's RNG stays untouched
+        """A T5 encoder with random weights and the byte-level tokenizer (no files); the same seed gives the same
+        weights. "tiny": d_model 64, 2 layers. "xxl": T5-v1.1-XXL's encoder (4.7B parameters), whose
+        32,128-entry vocabulary holds the tokenizer's ids. `max_length` defaults to the size's (64 / 300)."""
+        if size not in RANDOM_SIZES:
+            raise ValueError(f"size={size!r}; the random text encoders are {sorted(RANDOM_SIZES)}")
+        config, default_length, on_cpu = RANDOM_SIZES[size]
+        draw = torch.device("cpu" if on_cpu else device)
+        with torch.random.fork_rng(devices=[draw] if draw.type == "cuda" else []), draw:  # caller's RNG untouched
             torch.manual_seed(seed)
             model = T5EncoderModel(T5Config(**config))
-        return cls(model.to(dtype=dtype), ByT5Tokenizer(), max_length)
+        return cls(model.to(device=device, dtype=dtype), ByT5Tokenizer(), max_length or default_length)
 
     # ------------------------------------------------------------------ encoding
 

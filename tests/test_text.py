@@ -8,7 +8,7 @@ from pab.text import TextEncoder
 
 @pytest.fixture(scope="module")
 def enc():
-    return TextEncoder.tiny(max_length=32, seed=0)
+    return TextEncoder.random("tiny", max_length=32, seed=0)
 
 
 def test_shapes_and_mask(enc):
@@ -25,13 +25,13 @@ def test_shapes_and_mask(enc):
 
 def test_two_instances_are_identical_and_ignore_global_rng():
     torch.manual_seed(123)
-    a = TextEncoder.tiny(max_length=16, seed=0)
+    a = TextEncoder.random("tiny", max_length=16, seed=0)
     state = torch.get_rng_state()
     torch.manual_seed(999)
-    b = TextEncoder.tiny(max_length=16, seed=0)
-    c = TextEncoder.tiny(max_length=16, seed=1)
+    b = TextEncoder.random("tiny", max_length=16, seed=0)
+    c = TextEncoder.random("tiny", max_length=16, seed=1)
     torch.manual_seed(123)
-    TextEncoder.tiny(max_length=16, seed=0)
+    TextEncoder.random("tiny", max_length=16, seed=0)
     assert torch.equal(torch.get_rng_state(), state)  # the global generator was not consumed
     ea, _ = a.encode(["same prompt"])
     eb, _ = b.encode(["same prompt"])
@@ -81,6 +81,11 @@ def test_from_pretrained_local_folder(enc, tmp_path):
 
 def test_xxl_random_has_t5_xxl_shapes():
     """The checkpoint-free full-size encoder is T5-v1.1-XXL's encoder (built on meta: no memory)."""
-    enc = TextEncoder.xxl_random(device="meta", dtype=torch.bfloat16)
+    enc = TextEncoder.random("xxl", device="meta", dtype=torch.bfloat16)
     assert enc.hidden_size == 4096 and enc.max_length == 300 and enc.dtype == torch.bfloat16
     assert sum(p.numel() for p in enc.model.parameters()) == 4_762_310_656
+
+
+def test_an_unknown_random_size_says_which_there_are():
+    with pytest.raises(ValueError, match="tiny"):
+        TextEncoder.random("base")
