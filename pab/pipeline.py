@@ -442,7 +442,6 @@ class Pipeline:
                 z = sampler.step(pred, i, z)
                 if progress is not None:
                     progress(i + 1, total)
-        precision.end()
         self._sync()
         timings["denoise_s"] = time.perf_counter() - t0
 

@@ -88,8 +88,6 @@ class PrecisionState:
     config: Fp8Config = field(default_factory=Fp8Config)
     step: int = -1
     stats: dict[str, int] = field(default_factory=lambda: {"fp8_steps": 0, "bf16_steps": 0})
-    # The last activation quantised and its e4m3 copy: linears sharing an input (Latte's q, k, v) quantise once.
-    _last: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -109,20 +107,9 @@ class PrecisionState:
     def quantized(
         self, x2d: torch.Tensor, gelu: str = "none", bias: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """e4m3 rows and scales of `x2d` (+ bias, GELU), reusing the last ones for the same, unchanged tensor."""
-        plain = gelu == "none" and bias is None
-        last = self._last
-        if plain and last is not None and last[0] is x2d and last[1] == x2d._version:
-            return last[2], last[3]
-        made = kern.companion(x2d) if plain else None  # written by the norm kernel that produced x2d
-        if made is not None:
-            return made
-        xq, xs = kern.quantize_rows(x2d, gelu, bias)
-        self._last = (x2d, x2d._version, xq, xs) if plain else None
-        return xq, xs
-
-    def end(self) -> None:
-        self._last = None  # holds an activation alive otherwise
+        """e4m3 rows and scales of `x2d` (+ bias, GELU): those its producer wrote (a norm kernel), or one pass."""
+        made = kern.companion(x2d) if gelu == "none" and bias is None else None
+        return made if made is not None else kern.quantize_rows(x2d, gelu, bias)
 
     def to_dict(self) -> dict[str, Any]:
         return {"precision": self.precision, **self.stats}
