@@ -152,8 +152,9 @@ def _run_case(
     records = []
     bf16_latents: dict[str, torch.Tensor] = {}
     for (label, pab), precision in ((lp, pr) for lp in pabs for pr in precisions):
-        # "fp8+fast" / "fp8+exact": fp8 with or without Hopper's fast accumulation (Fp8Config.fast_accum)
-        pipe.fp8_config = dataclasses.replace(pipe.fp8_config, fast_accum=precision.partition("+")[2] != "exact")
+        # "fp8+exact": fp8 without Hopper's fast accumulation; "fp8+groups": Latte's q, k, v in fp8 too (Fp8Config)
+        mode = precision.partition("+")[2]
+        pipe.fp8_config = dataclasses.replace(pipe.fp8_config, fast_accum=mode != "exact", linear_groups=mode == "groups")
         base["precision"] = precision.split("+")[0]
         first_s = None
         if cuda_graphs:  # the first request of a shape captures its patterns' graphs; a server's later ones replay
@@ -540,8 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle", action="store_true",
                    help="one more generation per setting under torch.profiler: the GPU's idle share of the loop")
     p.add_argument("--precision", default="bf16",
-                   help="comma list of bf16, fp8, fp8+fast, fp8+exact (pab.precision; +fast / +exact: fast accumulation "
-                   "on / off, plain fp8: the default, on); fp8 records "
+                   help="comma list of bf16, fp8, fp8+exact (without fast accumulation), fp8+groups (Latte's q, k, v "
+                   "in fp8 too) (pab.precision.Fp8Config); fp8 records "
                    "its latents' error against bf16")
     p.add_argument("--dit-only", action="store_true", help="skip the VAE decode (no e2e time)")
     p.add_argument("--vae", action="store_true", help="also the VAE decode benchmark (480p 2s, 720p 4s)")

@@ -67,6 +67,11 @@ class Fp8Config:
     and fp8 saves ~30% of the GEMM, so a square projection loses: on an H200 at 480p the 1152 x 1152 output
     projection takes 0.206 ms in bf16 and 0.159 + 0.100 (quantisation) in fp8; qkv (3x) and fc1 (4x) gain
     (bench/fp8.py, docs/performance.md). MLPs with `gelu_linears` run in fp8 whole (the GELU pays for fc2's)."""
+    linear_groups: bool = False
+    """Also the linears a module runs as one GEMM (`linear_groups()`: Latte's and Open-Sora-Plan's q, k, v).
+    Off by default: their attentions have no q/k norm, and fp8 q and k cost the trained small models 3-4 dB
+    (Open-Sora-Plan small 28.3 dB against its float32 video, under the 30 dB bar; docs/quality.md) for 8% of
+    Latte's DiT time (6.13 -> 5.66 s on an H200). STDiT3's qkv, whose q and k are RMS-normed, stays fp8."""
     bf16_first_steps: int = 0
     bf16_last_steps: int = 0
     fast_accum: bool = True
@@ -150,18 +155,18 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return no_grad_needed(x) and x.shape[-1] % 16 == 0 and weight.shape[0] % 16 == 0 and x.numel() > 0
 
 
-def _wants_fp8_input() -> bool:
-    return current_fp8() is not None
-
-
 class _AsksForFp8(ModelHook):
     """The hooked module answers `wants_fp8_input()` (pab.kernels.fp8.wants_fp8): a model's norm kernel then
     writes the e4m3 rows of the module's input in the same pass."""
 
     name = FP8_HOOK
 
+    def active(self) -> PrecisionState | None:
+        """The request's state when this hook runs its module in fp8 this forward."""
+        return current_fp8()
+
     def on_attach(self, module: nn.Module) -> None:
-        module.wants_fp8_input = _wants_fp8_input
+        module.wants_fp8_input = lambda: self.active() is not None
 
     def on_detach(self, module: nn.Module) -> None:
         module.__dict__.pop("wants_fp8_input", None)
@@ -201,8 +206,12 @@ class Fp8GroupHook(_AsksForFp8):
             group[0].__dict__.pop("run_group", None)
         super().on_detach(module)
 
-    def _run(self, x: torch.Tensor, layers: tuple[nn.Linear, ...]) -> torch.Tensor | None:
+    def active(self) -> PrecisionState | None:
         state = current_fp8()
+        return state if state is not None and state.config.linear_groups else None
+
+    def _run(self, x: torch.Tensor, layers: tuple[nn.Linear, ...]) -> torch.Tensor | None:
+        state = self.active()
         w = self.weights.get(tuple(map(id, layers)))
         if state is None or w is None or not _eligible(x, w.q):
             return None

@@ -185,7 +185,7 @@ def test_a_gpu_without_fp8_refuses_the_request_before_any_work(latte, monkeypatc
     assert latte.resolve(_req()).precision == "bf16"
 
 
-def test_latte_qkv_run_as_one_fp8_gemm_and_bf16_keeps_its_single_gemm(monkeypatch):
+def test_latte_qkv_run_as_one_fp8_gemm_when_asked_and_bf16_keeps_its_single_gemm(monkeypatch):
     import pab.models.latte as latte_mod
 
     torch.manual_seed(3)
@@ -202,7 +202,10 @@ def test_latte_qkv_run_as_one_fp8_gemm_and_bf16_keeps_its_single_gemm(monkeypatc
             monkeypatch.setattr(latte_mod.F, "linear", lambda *a: calls.append(a[1].shape) or real(*a))
             assert torch.equal(attn(x), plain)  # bf16: inert, and still one grouped GEMM (3C x C) plus to_out
             assert calls[0] == (3 * attn.to_q.out_features, attn.to_q.in_features)
-            with use_precision(PrecisionState("fp8")):
+            with use_precision(PrecisionState("fp8")):  # groups are opt-in (Fp8Config.linear_groups)
+                assert torch.equal(attn(x), plain) and not attn.wants_fp8_input()
+            with use_precision(PrecisionState("fp8", config=Fp8Config(linear_groups=True))):
+                assert attn.wants_fp8_input()
                 low = attn(x)
             w = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
             b = None if attn.to_q.bias is None else torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias])
