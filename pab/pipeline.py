@@ -408,7 +408,6 @@ class Pipeline:
             self._step_handle = apply_step_cache(self.transformer)  # inert for requests without step reuse
         if self.parallel is not None:
             self.parallel.stats.reset()  # communication is counted per generation
-        precision = PrecisionState(r.precision, num_steps=r.steps, config=self.fp8_config)
         if r.precision == "fp8" and self._fp8 is None:
             self._fp8 = apply_fp8(self.transformer, self.fp8_config)  # once per pipeline; inert for bf16 requests
 
@@ -420,7 +419,8 @@ class Pipeline:
         gen = torch.Generator(device="cpu").manual_seed(int(r.seed))
         z = sampler.init_noise(shape, generator=gen, dtype=torch.float32, device=self.device)
         total = len(sampler.timesteps)
-        precision.num_steps = total  # the sampler's model calls (a multistep start may add some to r.steps)
+        # num_steps: the sampler's model calls (a multistep start may add some to r.steps)
+        precision = PrecisionState(r.precision, num_steps=total, config=self.fp8_config)
         t0 = time.perf_counter()
         a2a_skipped = a2a_last = 0
         # The profiler's name for the loop (bench.run --idle measures the GPU's idle share inside it).

@@ -146,8 +146,11 @@ class _Fp8Weight:
             raise ValueError("linears run as one GEMM must all have a bias or none")
         self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
 
-    def __call__(self, xq: torch.Tensor, xs: torch.Tensor, dtype: torch.dtype, fast: bool) -> torch.Tensor:
-        return kern.fp8_matmul(xq, xs, self.q, self.scale, self.bias, dtype, fast)
+    def __call__(self, x: torch.Tensor, state: PrecisionState) -> torch.Tensor:
+        """(..., K) -> (..., N) in x's dtype: x's e4m3 rows (`state.quantized`) times these weights, + bias."""
+        xq, xs = state.quantized(x if x.ndim == 2 else x.reshape(-1, x.shape[-1]))
+        out = kern.fp8_matmul(xq, xs, self.q, self.scale, self.bias, x.dtype, state.config.fast_accum)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -177,13 +180,10 @@ class Fp8LinearHook(_AsksForFp8):
         self.w = _Fp8Weight(linear)
 
     def new_forward(self, module: nn.Module, forward: Callable[..., Any], x: torch.Tensor) -> torch.Tensor:
-        state = current_fp8()
+        state = self.active()
         if state is None or not _eligible(x, self.w.q):
             return forward(x)
-        x2d = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
-        xq, xs = state.quantized(x2d)
-        out = self.w(xq, xs, x.dtype, state.config.fast_accum)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return self.w(x, state)
 
 
 class Fp8GroupHook(_AsksForFp8):
@@ -215,9 +215,7 @@ class Fp8GroupHook(_AsksForFp8):
         w = self.weights.get(tuple(map(id, layers)))
         if state is None or w is None or not _eligible(x, w.q):
             return None
-        x2d = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
-        out = w(*state.quantized(x2d), x.dtype, state.config.fast_accum)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return w(x, state)
 
 
 class Fp8MlpHook(_AsksForFp8):
@@ -227,16 +225,15 @@ class Fp8MlpHook(_AsksForFp8):
         self.fc1, self.fc2, self.gelu = _Fp8Weight(fc1), _Fp8Weight(fc2), gelu
 
     def new_forward(self, module: nn.Module, forward: Callable[..., Any], x: torch.Tensor) -> torch.Tensor:
-        state = current_fp8()
+        state = self.active()
         if state is None or not (_eligible(x, self.fc1.q) and self.fc2.q.shape[0] % 16 == 0):
             return forward(x)
-        fast = state.config.fast_accum
         xq, xs = state.quantized(x.reshape(-1, x.shape[-1]))
         # fc1 without its bias: the pass that applies the GELU and quantises for fc2 adds it (a row-wise
         # scaled GEMM adds a bias in a pass of its own over the 4C-wide output)
-        h = kern.fp8_matmul(xq, xs, self.fc1.q, self.fc1.scale, None, x.dtype, fast)  # (M, 4C), before bias + GELU
+        h = kern.fp8_matmul(xq, xs, self.fc1.q, self.fc1.scale, None, x.dtype, state.config.fast_accum)  # (M, 4C)
         hq, hs = state.quantized(h, gelu=self.gelu, bias=self.fc1.bias)
-        out = self.fc2(hq, hs, x.dtype, fast)
+        out = kern.fp8_matmul(hq, hs, self.fc2.q, self.fc2.scale, self.fc2.bias, x.dtype, state.config.fast_accum)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
