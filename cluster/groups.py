@@ -160,7 +160,9 @@ class VideoGroup:
             watcher.join(5)
         # GroupFailed and StorageUnavailable propagate: the ingress retries (elsewhere, or once storage is back).
         if cancel.is_set() or self.jobs.cancel_requested(job_id):
-            # Cancelled after the last step (e.g. a cancel saved late, once storage came back): it still wins.
+            # Cancelled after the last step (e.g. a cancel saved late, once storage came back): it still wins,
+            # and what rank 0 already stored goes, as it would had the render stopped a step earlier.
+            self.jobs.discard_outputs(job_id)
             return self._finish(rec, "cancelled")
         rec.status, rec.progress, rec.completed_at = "completed", 100, time.time()
         rec.step = rec.total_steps = len(result.get("timesteps") or []) or rec.total_steps

@@ -204,6 +204,16 @@ class JobStore:
 
         self._io(f"delete {job_id}", write, write=True)
 
+    def discard_outputs(self, job_id: str) -> None:
+        """Remove the video, sidecar and images a render stored before its job was cancelled: a cancelled
+        video has no content (GET .../content answers 404), so nothing of it is left to pay for."""
+
+        def write() -> None:
+            for key in (*video_keys(job_id), *(image_key(job_id, v) for v in IMAGE_VARIANTS)):
+                self.storage.delete(key)
+
+        self._io(f"remove the outputs of cancelled {job_id}", write, write=True)
+
     def deleted(self, job_id: str) -> bool:
         """Whether the job was deleted (its tombstone is kept a while after; see `sweep_deleted`)."""
         return self._io(f"check whether {job_id} was deleted", self.storage.exists, f"{DELETED}{job_id}.json")

@@ -86,9 +86,10 @@ def test_routes_by_request_size(app):
 
 def test_cancel_a_queued_and_a_rendering_job(app):
     client, store = app
-    busy = client.post("/v1/videos", json={**SMALL, "size": "64x64", "steps": 400}).json()
+    busy = client.post("/v1/videos", json={**SMALL, "steps": 400}).json()  # on the 1-GPU pool's only group
     wait_for(lambda: client.get(f"/v1/videos/{busy['id']}").json()["step"] >= 1, 120, "rendering")
     waiting = client.post("/v1/videos", json=SMALL).json()  # the 1-GPU group is busy: it waits
+    assert client.get(f"/v1/videos/{waiting['id']}").json()["status"] == "queued"
     r = client.post(f"/v1/videos/{waiting['id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"  # never starts
     assert client.post(f"/v1/videos/{busy['id']}/cancel").json()["cancel_requested"]
