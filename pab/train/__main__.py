@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-minutes", type=float, help="time budget of the VAE stage")
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-eval-clips", type=int, default=256,
+                   help="clips that calibrate the latents (a quarter of them measure the round-trip PSNR)")
     p.add_argument("--vae-init", type=Path, help="a vae/ folder (or a checkpoint with one) to start the VAE from")
     p.add_argument("--dit-steps", type=int, default=100_000)
     p.add_argument("--dit-minutes", type=float, help="time budget of the DiT stage")
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"pab.train: error: {e}", file=sys.stderr)
         return 2
-    for name in ("vae_steps", "dit_steps", "vae_batch", "batch", "log_every", "save_every"):
+    for name in ("vae_steps", "dit_steps", "vae_batch", "vae_eval_clips", "batch", "log_every", "save_every"):
         if getattr(args, name) < 1:
             print(f"pab.train: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
@@ -65,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)  # fmt: skip
     if args.stage in ("vae", "all"):
         cfg = StageConfig(args.vae_steps, args.vae_batch, args.vae_lr, args.vae_minutes, init=args.vae_init,
-                                   **common)
+                          eval_clips=args.vae_eval_clips, **common)
         stages.train_vae(recipe, cfg, args.work, out, device)
     if args.stage in ("dit", "all"):
         cfg = StageConfig(args.dit_steps, args.batch, args.lr, args.dit_minutes, ema=args.ema,
-                                   init=args.dit_init, **common)
+                          init=args.dit_init, **common)
         stages.train_dit(recipe, cfg, args.work, out, device)
     print(f"pab.train: done; generate with: pab generate --model {args.model} --checkpoint {out} --prompt ...")
     return 0

@@ -34,6 +34,8 @@ class StageConfig:
     init: Path | None = None
     """Start from these weights (a checkpoint folder or its part) instead of a fresh initialisation."""
     ema: float = 0.995
+    eval_clips: int = 256
+    """VAE stage: fresh clips for the latent calibration; a quarter of them for the round-trip PSNR."""
 
 
 def geometry(name: str) -> tuple[int, int, int, int]:

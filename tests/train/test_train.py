@@ -72,7 +72,8 @@ def test_ema_averages_tied_weights_under_every_name():
 def test_train_command_writes_a_loadable_checkpoint_and_resumes(tmp_path):
     work, out = tmp_path / "work", tmp_path / "ckpt"
     cmd = [sys.executable, "-m", "pab.train", "--device", "cpu", "--work", str(work), "--out", str(out),
-           "--vae-steps", "1", "--vae-batch", "1", "--dit-steps", "2", "--batch", "2", "--log-every", "1"]
+           "--vae-steps", "1", "--vae-batch", "1", "--vae-eval-clips", "4", "--dit-steps", "2", "--batch", "2",
+           "--log-every", "1"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "[dit] step 2/2  loss" in run.stdout and "steps/s" in run.stdout and "clips/s" in run.stdout
@@ -202,7 +203,7 @@ def test_min_snr_weights_count_the_nearly_clean_steps_less():
 def test_train_command_trains_latte_and_opensora_plan_into_a_loadable_checkpoint(tmp_path, name):
     out = tmp_path / "ckpt"
     cmd = [sys.executable, "-m", "pab.train", "--model", name, "--device", "cpu", "--work", str(tmp_path / "w"),
-           "--out", str(out), "--vae-steps", "1", "--vae-batch", "1", "--dit-steps", "2", "--batch", "2",
+           "--out", str(out), "--vae-steps", "1", "--vae-batch", "1", "--vae-eval-clips", "4", "--dit-steps", "2", "--batch", "2",
            "--log-every", "1"]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
