@@ -44,6 +44,7 @@ from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster import failures
 from cluster.api import ErrorInfo, ModelInfo, Video, VideoCreate, VideoDeleted, VideoList, form_fields
 from cluster.config import AppConfig, pool_name, route
 from cluster.jobs import JobRecord, JobStore, new_job_id, valid_id
@@ -530,14 +531,14 @@ class VideoAPI:
             failure = await self._call_group(rec)
             if failure is None:
                 return True  # the group wrote the outcome (or skipped a stale dispatch)
-            lost = _storage_cause(failure)
+            lost = failures.storage_cause(failure)
             if lost is not None:
                 return await self._store_failed(rec, lost)
-            reason = _reason(failure)
+            reason = failures.describe(failure)
             rec = await asyncio.to_thread(self.jobs.get, job_id)
             if rec.terminal:
                 return True
-            if "GroupUnavailable" in reason:  # a broken group refused before starting: costs no attempt
+            if failures.refused(failure):  # a broken group refused before starting: costs no attempt
                 await asyncio.sleep(self.cfg.retry_backoff_s)
                 return False
             rec.attempts += 1
@@ -741,30 +742,6 @@ def _cancel_wins(held: JobRecord, stored: JobRecord) -> bool:
     """A render that completed after a cancellation this replica accepted (and could not save) does not count."""
     return held.status == "cancelled" and stored.status == "completed" and (
         (stored.completed_at or 0) > (held.completed_at or 0))
-
-
-def _storage_cause(e: BaseException) -> StorageUnavailable | None:
-    """The StorageUnavailable a group raised, through Ray's wrapping (its cause, or the last line naming it)."""
-    cause = getattr(e, "cause", None)
-    if isinstance(cause, StorageUnavailable):
-        return cause
-    if isinstance(e, StorageUnavailable) and cause is None:
-        return e
-    for line in reversed(str(e).splitlines()):
-        if "StorageUnavailable: " in line:
-            return StorageUnavailable(line.split("StorageUnavailable: ", 1)[1].strip())
-    return None
-
-
-def _reason(e: BaseException) -> str:
-    """One line naming what went wrong (Ray wraps the remote error; its type is on the last lines)."""
-    text = str(e)
-    for name in ("GroupUnavailable", "GroupFailed", "ActorDiedError", "ActorUnavailableError", "RayActorError"):
-        if name in text or name == type(e).__name__:
-            line = next((ln.strip() for ln in text.splitlines() if name in ln), "")
-            return (line or f"{name}: {text.strip().splitlines()[-1] if text.strip() else ''}")[:500]
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:500]
 
 
 # ----------------------------------------------------------------------------------------------------
