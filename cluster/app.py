@@ -23,7 +23,7 @@ from ray.serve import Application
 from actors.group import group_bundles
 from cluster.config import AppConfig, load_config, pool_name
 from cluster.groups import VideoGroup
-from cluster.ingress import VideoAPI, api
+from cluster.ingress import VideoAPI
 
 DEFAULT_AUTOSCALING = {"target_ongoing_requests": 1, "upscale_delay_s": 30.0, "downscale_delay_s": 600.0}
 
@@ -63,7 +63,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             name = pool_name(m.name, p.gpus)
             pools[name] = serve.deployment(VideoGroup, name=name, **options[name]).bind(cfg_args, m.name, p.gpus)
     ingress = serve.deployment(
-        serve.ingress(api)(VideoAPI),
+        serve.ingress()(VideoAPI),
         name="VideoAPI",
         num_replicas=cfg.ingress_replicas,
         max_ongoing_requests=cfg.ingress_max_ongoing_requests,

@@ -33,7 +33,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import (
@@ -61,16 +61,11 @@ from pab.storage import (
 )
 
 log = logging.getLogger("ray.serve")
-_instance: dict[str, "VideoAPI"] = {}
 _PROBE_EVERY_S = 1.0  # /healthz probes a failing storage at most this often (it needs no key)
 _STORAGE_WAIT_MAX_S = 30.0  # longest pause between probes of a job waiting for storage
 
-api = FastAPI(
-    title="pab-cluster video API",
-    version="1.0",
-    description="Text-to-video with Pyramid Attention Broadcast on GPU groups. Create a job, poll it, "
-    "download the mp4. Send `Authorization: Bearer <key>`. The official `openai` SDK's `client.videos` works.",
-)
+# The routes, stateless: each reads the VideoAPI of the app serving it (`build_api`).
+router = APIRouter()
 _bearer = HTTPBearer(auto_error=False)
 
 
@@ -137,11 +132,14 @@ class VideoAPI:
         self._probed_at = 0.0
         self._app = _app_name()  # Serve names a group replica's placement group after it, under the app's name
         self._unplaceable: dict[str, str] = {}  # pool -> why no node can hold its next group (Ray: INFEASIBLE)
-        _instance["svc"] = self  # the routes below are module functions; one VideoAPI per replica process
         try:  # Serve runs the constructor on the replica's event loop: start adopting jobs right away
             self._ensure_background()
         except RuntimeError:  # no running loop (constructed outside Serve): started by the first request
             pass
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Serve's hook (`serve.ingress()` without an app): this replica's HTTP app, bound to this instance."""
+        return build_api(self)
 
     def _states(self) -> dict[str, int]:
         """Unfinished videos this replica drives, by the state last read (the pab_jobs gauge)."""
@@ -745,14 +743,13 @@ def _cancel_wins(held: JobRecord, stored: JobRecord) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Routes (bound to the replica's VideoAPI instance by serve.ingress)
+# Routes (`build_api` binds them to one VideoAPI: Serve calls it on each ingress replica)
 # ----------------------------------------------------------------------------------------------------
 
 def _svc(request: Request) -> VideoAPI:
-    try:
-        svc = _instance["svc"]
-    except KeyError:
-        raise _error(503, "starting", "the ingress is starting") from None
+    svc = getattr(request.app.state, "svc", None)
+    if svc is None:
+        raise _error(503, "starting", "the ingress is starting")
     svc._ensure_background()
     return svc
 
@@ -796,7 +793,7 @@ async def _video_create(request: Request) -> VideoCreate:
         raise RequestValidationError(errors, body=data) from None
 
 
-@api.post("/v1/videos", response_model=Video, tags=["videos"], openapi_extra={"requestBody": {
+@router.post("/v1/videos", response_model=Video, tags=["videos"], openapi_extra={"requestBody": {
     "required": True,
     "content": {"application/json": {"schema": _VIDEO_CREATE}, "multipart/form-data": {"schema": _VIDEO_CREATE}},
     "description": "`VideoCreate` as JSON or as form fields (what the openai SDK sends): numbers as text, `pab` a "
@@ -821,20 +818,7 @@ def _idempotency(request: Request, body: VideoCreate) -> tuple[str, str] | None:
     return digest, request_hash
 
 
-def _openapi() -> dict[str, Any]:
-    """FastAPI's schema plus `VideoCreate`, which the create route reads itself (JSON or form) and so does not
-    declare as a parameter."""
-    if api.openapi_schema is None:
-        schema = FastAPI.openapi(api)
-        _, defs = models_json_schema([(VideoCreate, "validation")], ref_template="#/components/schemas/{model}")
-        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
-    return api.openapi_schema
-
-
-api.openapi = _openapi  # type: ignore[method-assign]
-
-
-@api.get("/v1/videos", response_model=VideoList, tags=["videos"])
+@router.get("/v1/videos", response_model=VideoList, tags=["videos"])
 async def list_videos(
     limit: int = Query(20, ge=1, le=100),
     after: str | None = Query(None, description="id of the last video of the previous page"),
@@ -844,7 +828,7 @@ async def list_videos(
     return await svc.list(limit, after, order)
 
 
-@api.get("/v1/videos/{video_id}", response_model=Video, tags=["videos"])
+@router.get("/v1/videos/{video_id}", response_model=Video, tags=["videos"])
 async def get_video(video_id: str, response: Response, svc: VideoAPI = Depends(_auth)) -> Video:
     video = await svc.view(video_id)
     if video.status in ("queued", "in_progress"):
@@ -853,8 +837,8 @@ async def get_video(video_id: str, response: Response, svc: VideoAPI = Depends(_
 
 
 # HEAD too (FastAPI adds it to no GET route): players ask it for the size before they seek.
-@api.head("/v1/videos/{video_id}/content", include_in_schema=False)
-@api.get("/v1/videos/{video_id}/content", tags=["videos"], response_class=StreamingResponse,
+@router.head("/v1/videos/{video_id}/content", include_in_schema=False)
+@router.get("/v1/videos/{video_id}/content", tags=["videos"], response_class=StreamingResponse,
          responses={200: {"content": {"video/mp4": {}, "image/jpeg": {}}},
                     206: {"description": "the bytes a `Range` header asked for"},
                     307: {"description": "redirect to a presigned S3 URL"},
@@ -872,21 +856,21 @@ async def video_content(
     return await svc.content(video_id, redirect, head=request.method == "HEAD", variant=variant)
 
 
-@api.post("/v1/videos/{video_id}/cancel", response_model=Video, tags=["videos"])
+@router.post("/v1/videos/{video_id}/cancel", response_model=Video, tags=["videos"])
 async def cancel_video(video_id: str, svc: VideoAPI = Depends(_auth)) -> Video:
     """Cancel: a queued video never starts; a rendering one stops at its next denoising step. The video stays
     (status `cancelled`); `409` if it already finished."""
     return await svc.cancel(video_id)
 
 
-@api.delete("/v1/videos/{video_id}", response_model=VideoDeleted, tags=["videos"])
+@router.delete("/v1/videos/{video_id}", response_model=VideoDeleted, tags=["videos"])
 async def delete_video(video_id: str, svc: VideoAPI = Depends(_auth)) -> dict[str, Any]:
     """Delete: a queued or rendering video is aborted, then the video, its sidecar, images and record are
     removed; a later GET is 404."""
     return await svc.delete(video_id)
 
 
-@api.get("/v1/models", tags=["models"])
+@router.get("/v1/models", tags=["models"])
 async def list_models(svc: VideoAPI = Depends(_auth)) -> dict[str, Any]:
     return await asyncio.to_thread(svc.models)
 
@@ -894,14 +878,14 @@ async def list_models(svc: VideoAPI = Depends(_auth)) -> dict[str, Any]:
 _PLAYGROUND = Path(__file__).with_name("playground.html")
 
 
-@api.get("/", include_in_schema=False, response_class=HTMLResponse)
+@router.get("/", include_in_schema=False, response_class=HTMLResponse)
 async def playground() -> HTMLResponse:
     """The playground page: a prompt form and the videos with their progress, played when done (no key: the
     page asks for one and sends it with each API call)."""
     return HTMLResponse(await asyncio.to_thread(_PLAYGROUND.read_text))
 
 
-@api.get("/metrics", tags=["health"], response_class=Response,
+@router.get("/metrics", tags=["health"], response_class=Response,
          responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
 async def metrics(request: Request) -> Response:
     """Prometheus metrics of this ingress replica (no key): requests, queue depth, videos by state, render and
@@ -909,7 +893,6 @@ async def metrics(request: Request) -> Response:
     return Response(_svc(request).metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
-@api.middleware("http")
 async def _count_requests(request: Request, call_next):
     t0 = time.perf_counter()
     status = 500
@@ -918,13 +901,13 @@ async def _count_requests(request: Request, call_next):
         status = response.status_code
         return response
     finally:
-        svc = _instance.get("svc")
+        svc = getattr(request.app.state, "svc", None)
         if svc is not None and hasattr(svc, "metrics"):
             route = request.scope.get("route")
             svc.metrics.request(getattr(route, "path", "unmatched"), request.method, status, time.perf_counter() - t0)
 
 
-@api.get("/healthz", tags=["health"])
+@router.get("/healthz", tags=["health"])
 async def healthz(request: Request) -> dict[str, Any]:
     """Always 200: no probe restarts or drains a pod on it, and neither would bring storage back. `status`
     is "degraded" while storage fails, with why under `storage`; `unsaved`: decisions waiting for it."""
@@ -949,7 +932,6 @@ def _param(loc: Any) -> str | None:
     return field_path(loc[1:]) or None
 
 
-@api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     # FastAPI's own handler echoes the input as it came; NaN or a lone surrogate there made the 422 a 500.
     errors = _json_safe(jsonable_encoder(exc.errors()))
@@ -972,7 +954,6 @@ def _status_code(status: int) -> str:
 
 
 # Starlette's HTTPException, so the router's own 404 and 405 (and the multipart parser's 400) are shaped too.
-@api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     if exc.status_code in (204, 304):  # no body allowed
         return Response(status_code=exc.status_code, headers=exc.headers)
@@ -982,17 +963,50 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
                         status_code=exc.status_code, headers=exc.headers)
 
 
-@api.exception_handler(Exception)
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     # A bug. Starlette logs the traceback after this answer; the client gets its type, not its text.
     return JSONResponse(_error_body(500, "internal_error", f"internal error ({type(exc).__name__}); the server's log "
                                     "has the details"), status_code=500)
 
 
-@api.exception_handler(StorageUnavailable)
 async def _storage_error(request: Request, exc: StorageUnavailable) -> JSONResponse:
     # The request was fine and the same one works once storage does: 503 with Retry-After, not a 500.
-    cfg = getattr(_instance.get("svc"), "cfg", None)
+    cfg = getattr(getattr(request.app.state, "svc", None), "cfg", None)
     retry = getattr(cfg, "retry_after_s", 10)
     return JSONResponse(_error_body(503, "storage_unavailable", str(exc)), status_code=503,
                         headers={"Retry-After": str(retry)})
+
+
+# ----------------------------------------------------------------------------------------------------
+# The app
+# ----------------------------------------------------------------------------------------------------
+
+def build_api(svc: VideoAPI | None) -> FastAPI:
+    """The HTTP app serving `svc`: Serve builds one per ingress replica (`VideoAPI.__serve_build_asgi_app__`),
+    tests one per service under test. With `svc` None every route but / answers 503 "starting"."""
+    app = FastAPI(
+        title="pab-cluster video API",
+        version="1.0",
+        description="Text-to-video with Pyramid Attention Broadcast on GPU groups. Create a job, poll it, "
+        "download the mp4. Send `Authorization: Bearer <key>`. The official `openai` SDK's `client.videos` works.",
+    )
+    app.state.svc = svc
+    app.include_router(router)
+    app.middleware("http")(_count_requests)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    # Starlette's HTTPException, so the router's own 404 and 405 (and the multipart parser's 400) are shaped too.
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    app.add_exception_handler(StorageUnavailable, _storage_error)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema plus `VideoCreate`, which the create route reads itself (JSON or form) and so does
+        not declare as a parameter."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            _, defs = models_json_schema([(VideoCreate, "validation")], ref_template="#/components/schemas/{model}")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -17,11 +17,7 @@ def serving(tmp_path, model: str):
                            pools={})  # fmt: skip
     svc._ensure_background = lambda: None
     svc._start = lambda job_id: None
-    ingress._instance["svc"] = svc
-    try:
-        yield TestClient(ingress.api, raise_server_exceptions=False)
-    finally:
-        ingress._instance.pop("svc", None)
+    yield TestClient(ingress.build_api(svc), raise_server_exceptions=False)
 
 
 @pytest.fixture
@@ -98,7 +94,7 @@ def test_a_calibrated_model_takes_its_presets_by_name(tmp_path):
 def test_a_full_queue_refuses_before_the_models_checks(tmp_path, monkeypatch):
     """429 costs no validation work (a burst is mostly refusals); a video posted once there is room is accepted."""
     with serving(tmp_path, "opensora-v1.2-tiny") as client:
-        svc = ingress._instance["svc"]
+        svc = client.app.state.svc
         resolved = []
         real = svc._resolve
         monkeypatch.setattr(svc, "_resolve", lambda *a: resolved.append(1) or real(*a))
@@ -108,3 +104,18 @@ def test_a_full_queue_refuses_before_the_models_checks(tmp_path, monkeypatch):
         svc._active.clear()
         r = client.post("/v1/videos", json={"prompt": "a cat", "num_frames": 17, "precision": "fp8"})
         assert r.status_code == 200 and resolved == [1], r.text
+
+
+def test_each_app_serves_its_own_service_and_none_yet_is_starting(tmp_path):
+    """The routes hold no service of their own: two apps in one process (two replicas' worth) do not mix, and an
+    app whose service is not built yet answers 503 "starting"."""
+    with serving(tmp_path / "a", "opensora-v1.2-tiny") as a, serving(tmp_path / "b", "latte-1-tiny") as b:
+        assert [m["id"] for m in a.get("/v1/models").json()["data"]] == ["opensora-v1.2-tiny"]
+        assert [m["id"] for m in b.get("/v1/models").json()["data"]] == ["latte-1-tiny"]
+        made = a.post("/v1/videos", json={"prompt": "a fox"}).json()
+        assert a.get(f"/v1/videos/{made['id']}").status_code == 200
+        assert b.get(f"/v1/videos/{made['id']}").status_code == 404  # b's storage never saw it
+    starting = TestClient(ingress.build_api(None), raise_server_exceptions=False)
+    r = starting.get("/v1/videos")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "starting", r.text
+    assert starting.get("/").status_code == 200  # the playground page needs no service

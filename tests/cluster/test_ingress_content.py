@@ -23,10 +23,7 @@ def done(tmp_path):
     svc.jobs.create(JobRecord(id=job_id, created_at=0, model="opensora-v1.2-tiny", prompt="a fox", seconds="1",
                               size="32x32", request={}, seed=0, status="completed", pool="p",
                               video_key=ref.key))  # fmt: skip
-    try:
-        yield TestClient(ingress.api, raise_server_exceptions=False), job_id
-    finally:
-        ingress._instance.pop("svc", None)
+    return TestClient(ingress.build_api(svc), raise_server_exceptions=False), job_id
 
 
 def get(client, job_id, range_=None, method="GET"):
@@ -78,7 +75,7 @@ def test_unknown_or_unfinished_videos_keep_their_errors(done):
     unknown = new_job_id()
     assert get(client, unknown, "bytes=0-9").status_code == 404
     assert get(client, unknown, method="HEAD").status_code == 404
-    svc = ingress._instance["svc"]
+    svc = client.app.state.svc
     rec = svc.jobs.get(job_id)
     rec.status = "in_progress"
     svc.jobs.create(rec)
@@ -94,18 +91,15 @@ def test_the_range_goes_through_auth(tmp_path):
     svc = ingress.VideoAPI({"models": [{"name": "opensora-v1.2-tiny"}], "api_keys": ["k"],
                             "storage": {"backend": "local", "path": str(tmp_path)}}, pools={})  # fmt: skip
     svc._ensure_background = lambda: None
-    try:
-        client = TestClient(ingress.api, raise_server_exceptions=False)
-        assert client.get("/v1/videos/video_x/content", headers={"Range": "bytes=0-9"}).status_code == 401
-        assert client.head("/v1/videos/video_x/content").status_code == 401
-    finally:
-        ingress._instance.pop("svc", None)
+    client = TestClient(ingress.build_api(svc), raise_server_exceptions=False)
+    assert client.get("/v1/videos/video_x/content", headers={"Range": "bytes=0-9"}).status_code == 401
+    assert client.head("/v1/videos/video_x/content").status_code == 401
 
 
 def test_a_backend_without_files_streams_and_head_reads_nothing(done):
     """S3 with `redirect=false` streams through the ingress: no ranges there, and HEAD fetches no bytes."""
     client, job_id = done
-    store = ingress._instance["svc"].store
+    store = client.app.state.svc.store
     store.local_path = lambda key: None  # what S3Storage answers
     r = get(client, job_id, "bytes=0-9")
     assert r.status_code == 200 and r.content == BODY and "accept-ranges" not in r.headers

@@ -124,7 +124,7 @@ def server(tmp_path_factory):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(ingress.api, log_level="warning", lifespan="off"))
+    srv = uvicorn.Server(uvicorn.Config(ingress.build_api(svc), log_level="warning", lifespan="off"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True, name="sdk-uvicorn")
     thread.start()
     deadline = time.monotonic() + 30
@@ -137,7 +137,6 @@ def server(tmp_path_factory):
         srv.should_exit = True
         thread.join(10)
         sock.close()
-        ingress._instance.pop("svc", None)
 
 
 @pytest.fixture
@@ -436,10 +435,7 @@ def test_an_idempotency_key_answers_the_same_video_also_after_a_restart(server, 
     http_request = type("R", (), {"headers": {"idempotency-key": "k-1", "authorization": f"Bearer {KEY}"}})()
     restarted = ingress.VideoAPI({"models": [{"name": MODEL}], "api_keys": [KEY], "storage": svc.cfg.storage},
                                  pools=svc.pools)  # fmt: skip
-    try:
-        video = asyncio.run(restarted.create(body, ingress._idempotency(http_request, body)))
-    finally:
-        ingress._instance["svc"] = svc  # the restarted one took the routes; give them back
+    video = asyncio.run(restarted.create(body, ingress._idempotency(http_request, body)))
     assert video.id == first.id
     # A deleted video frees its key.
     completed(client, first.id)

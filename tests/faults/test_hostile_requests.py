@@ -22,13 +22,9 @@ def client():
         RECEIVED.append(body)
         raise ingress._error(409, "stand_in", "received")
 
-    ingress._instance["svc"] = SimpleNamespace(_ensure_background=lambda: None, check_key=lambda creds: None,
-                                               create=create)  # fmt: skip
+    svc = SimpleNamespace(_ensure_background=lambda: None, check_key=lambda creds: None, create=create)
     RECEIVED.clear()
-    try:
-        yield TestClient(ingress.api, raise_server_exceptions=False)
-    finally:
-        ingress._instance.pop("svc", None)
+    return TestClient(ingress.build_api(svc), raise_server_exceptions=False)
 
 
 BAD = [

@@ -192,14 +192,11 @@ def service(tmp_path):
     pools = {pool_name(m.name, p.gpus): Pool(group) for m in cfg.models for p in m.groups}
     svc = ingress.VideoAPI(config, pools=pools)
     svc._warm_up = lambda: None  # the model check runs on each POST anyway
-    try:
-        with TestClient(ingress.api) as client:
-            try:
-                yield client, svc, engine, folder
-            finally:
-                engine.gate.set()  # a render thread still waiting would keep the client's event loop from closing
-    finally:
-        ingress._instance.pop("svc", None)
+    with TestClient(ingress.build_api(svc)) as client:
+        try:
+            yield client, svc, engine, folder
+        finally:
+            engine.gate.set()  # a render thread still waiting would keep the client's event loop from closing
 
 
 def get(client, job_id: str) -> dict[str, Any]:
@@ -235,29 +232,26 @@ def test_post_while_storage_fails_is_a_503_with_the_reason_and_healthz_degrades(
         storage = {"backend": "s3", "endpoint_url": f"http://127.0.0.1:{port}", "bucket": "videos"}
     svc = ingress.VideoAPI({"models": [{"name": MODEL}], "storage": storage, "retry_after_s": 7}, pools={})
     svc._ensure_background = lambda: None  # no driver or background loop: the request path alone
-    try:
-        client = TestClient(ingress.api, raise_server_exceptions=False)
-        assert client.get("/healthz").json()["status"] == "ok"
-        if backend == "local-read-only":
-            with read_only(tmp_path / "store"):
-                assert_storage_503(client.post("/v1/videos", json=BODY), str(tmp_path / "store"), "writable")
-                health = client.get("/healthz")
-                assert health.status_code == 200 and health.json()["status"] == "degraded", health.text
-                assert str(tmp_path / "store") in health.json()["storage"]["error"]
-            assert svc.jobs.list()[0] == [] and not svc.jobs.active_ids()  # nothing half-created
-            assert svc._reserved == 0 and not svc._active
-            time.sleep(ingress._PROBE_EVERY_S)  # /healthz probes a failing storage at most this often
-            health = client.get("/healthz").json()  # it probes storage again: writable now
-            assert health["status"] == "ok" and health["storage"] == {"ok": True, "error": None, "since": None}
-            assert client.post("/v1/videos", json=BODY).status_code == 200
-        else:
-            _fast_dead_s3(svc)
-            assert_storage_503(client.post("/v1/videos", json=BODY), "S3 bucket 'videos'", f":{port}",
-                               "EndpointConnectionError", "reachable")
-            assert_storage_503(client.get("/v1/videos"), "EndpointConnectionError")
-            assert client.get("/healthz").json()["status"] == "degraded"
-    finally:
-        ingress._instance.pop("svc", None)
+    client = TestClient(ingress.build_api(svc), raise_server_exceptions=False)
+    assert client.get("/healthz").json()["status"] == "ok"
+    if backend == "local-read-only":
+        with read_only(tmp_path / "store"):
+            assert_storage_503(client.post("/v1/videos", json=BODY), str(tmp_path / "store"), "writable")
+            health = client.get("/healthz")
+            assert health.status_code == 200 and health.json()["status"] == "degraded", health.text
+            assert str(tmp_path / "store") in health.json()["storage"]["error"]
+        assert svc.jobs.list()[0] == [] and not svc.jobs.active_ids()  # nothing half-created
+        assert svc._reserved == 0 and not svc._active
+        time.sleep(ingress._PROBE_EVERY_S)  # /healthz probes a failing storage at most this often
+        health = client.get("/healthz").json()  # it probes storage again: writable now
+        assert health["status"] == "ok" and health["storage"] == {"ok": True, "error": None, "since": None}
+        assert client.post("/v1/videos", json=BODY).status_code == 200
+    else:
+        _fast_dead_s3(svc)
+        assert_storage_503(client.post("/v1/videos", json=BODY), "S3 bucket 'videos'", f":{port}",
+                           "EndpointConnectionError", "reachable")
+        assert_storage_503(client.get("/v1/videos"), "EndpointConnectionError")
+        assert client.get("/healthz").json()["status"] == "degraded"
 
 
 # ----------------------------------------------------------------------------------------------------
