@@ -59,9 +59,7 @@ case "$cmd" in
         browser
         ruff check .
         # Triton's CPU interpreter runs the kernel tests without a GPU (set before anything imports triton).
-        # Two pytest-xdist workers: the tests that start Ray (one worker, one cluster at a time; see
-        # tests/conftest.py) mostly wait, and the other worker runs the rest meanwhile.
-        TRITON_INTERPRET=1 exec python -m pytest -q -m "not gpu" -n 2 --dist loadgroup "$@"
+        TRITON_INTERPRET=1 exec python -m pytest -q -m "not gpu" "$@"
         ;;
     serve)
         setup
