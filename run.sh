@@ -59,7 +59,9 @@ case "$cmd" in
         browser
         ruff check .
         # Triton's CPU interpreter runs the kernel tests without a GPU (set before anything imports triton).
-        TRITON_INTERPRET=1 exec python -m pytest -q -m "not gpu" "$@"
+        # Two pytest-xdist workers: the tests that start Ray run on one (one cluster at a time; see
+        # tests/conftest.py), the rest on the other meanwhile.
+        TRITON_INTERPRET=1 exec python -m pytest -q -m "not gpu" -n 2 "$@"
         ;;
     serve)
         setup

@@ -94,6 +94,7 @@ def test_clients_wait_out_retry_after_and_take_every_request_once():
     assert first.first_try_to_done_s >= first.end_to_end_s + 1.0
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_load_on_the_multinode_cluster(tmp_path):
     """20 videos from 8 clients against head + 2 workers of 2 fake GPUs (2 groups of 2), a queue bound of 4:

@@ -38,6 +38,7 @@ def test_flags_to_config(tmp_path):
                                                      "DeepFloyd/t5-v1_1-xxl")
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_pab_serve_end_to_end(tmp_path):
     """`python -m cluster.local` starts its own Ray + Serve; submit, poll, download, then Ctrl-C."""
@@ -85,6 +86,7 @@ def _ray_processes(tmpdir: str) -> list[str]:
     return [line for line in out.splitlines() if "pgrep" not in line]
 
 
+@pytest.mark.ray
 @pytest.mark.faults
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["direct", "background-shell"])

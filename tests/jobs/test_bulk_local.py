@@ -36,6 +36,7 @@ def test_a_group_that_can_never_start_is_an_error_at_once(argv, resources, says)
         _fit(argv, resources)
 
 
+@pytest.mark.ray
 @pytest.mark.faults
 @pytest.mark.slow
 def test_render_without_gpus_completes_on_the_cpu(tmp_path):

@@ -38,6 +38,7 @@ def _leave_other_ray() -> None:
         ray.shutdown()
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_a_burst_from_zero_gpu_nodes_scales_out_drains_and_scales_back_to_zero():
     _leave_other_ray()
