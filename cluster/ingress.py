@@ -409,7 +409,7 @@ class VideoAPI:
 
     def _derive_image(self, rec: JobRecord, variant: str) -> bytes:
         """The JPEG `variant` of a video without one, from its stored mp4; stored for the next request."""
-        from pab.video import SPRITE_FRAMES, sample_frames, spritesheet_jpeg, thumbnail_jpeg
+        from pab.video import still_images
 
         path = self.store.local_path(rec.video_key)
         try:
@@ -418,8 +418,7 @@ class VideoAPI:
         except NotFound:
             raise _error(404, "not_found", f"the file of video {rec.id} is gone") from None
         try:
-            frames = sample_frames(src, 1 if variant == "thumbnail" else SPRITE_FRAMES)
-            data = thumbnail_jpeg(frames) if variant == "thumbnail" else spritesheet_jpeg(frames)
+            data = still_images(src, (variant,))[variant]
         except Exception as e:  # noqa: BLE001  (a corrupt or truncated file: PyAV's errors vary)
             log.warning("video %s: no %s from its mp4 (%s: %s)", rec.id, variant, type(e).__name__, e)
             raise _error(404, "not_found", f"video {rec.id} has no {variant} and its mp4 could not be "

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pab.storage import VIDEO_PREFIX, NotFound, Storage, video_keys
+from pab.storage import IMAGE_VARIANTS, VIDEO_PREFIX, NotFound, Storage, image_key, video_keys
 from jobs.manifest import RowPlan
 
 log = logging.getLogger(__name__)
@@ -100,13 +100,30 @@ class Ledger:
         self.store.put_json(side, intent(plan, run_id))
 
     def adopt(self, plan: RowPlan, sidecar: dict[str, Any], run_id: str) -> dict[str, Any]:
-        """Complete a row whose video an interrupted run wrote: only the sidecar is (re)written."""
+        """Complete a row whose video an interrupted run wrote, without rendering it again: the still images
+        the run did not get to are made from the mp4, then the sidecar is written (last, as `put_video` does)."""
         mp4, side = video_keys(plan.key)
+        images = {v: image_key(plan.key, v) for v in IMAGE_VARIANTS}
+        missing = tuple(v for v, key in images.items() if not self.store.exists(key))
+        if missing:
+            from pab.video import still_images
+
+            video = self.store.get_bytes(mp4)
+            try:
+                made = still_images(video, missing)
+            except Exception as e:  # noqa: BLE001 - PyAV's errors vary; the video itself is still complete
+                log.warning("row %d id=%r: no %s from its mp4 (%s: %s)", plan.row, plan.id, " or ".join(missing),
+                            type(e).__name__, e)
+                made = {}
+            for v, jpeg in made.items():
+                self.store.put_bytes(images[v], jpeg, "image/jpeg")
+            images = {v: key for v, key in images.items() if v not in missing or v in made}
         record = {
             **sidecar,
             "state": STATE_COMPLETED,
             "video_key": mp4,
             "size_bytes": self.store.size(mp4),
+            "image_keys": images,
             "adopted_by_run": run_id,
             "completed_at": time.time(),
         }

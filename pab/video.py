@@ -293,8 +293,25 @@ def sample_frames(src: str | os.PathLike | BinaryIO | bytes, n: int) -> np.ndarr
     return np.stack(frames)
 
 
+def still_images(src: str | os.PathLike | BinaryIO | bytes, variants: tuple[str, ...]) -> dict[str, bytes]:
+    """The JPEG stills ("thumbnail", "spritesheet") of a stored video, made from its frames: for a video whose
+    own were never written (a run stopped between the mp4 and them). The same frames as the renderer's: the
+    middle one; up to `SPRITE_FRAMES` evenly spaced ones."""
+    out = {}
+    for v in variants:
+        if hasattr(src, "seek"):  # a stream is read once per image
+            src.seek(0)
+        if v == "thumbnail":
+            out[v] = thumbnail_jpeg(sample_frames(src, 1))
+        elif v == "spritesheet":
+            out[v] = spritesheet_jpeg(sample_frames(src, SPRITE_FRAMES))
+        else:
+            raise ValueError(f"unknown still image {v!r}; known: thumbnail, spritesheet")
+    return out
+
+
 __all__ = ["write_mp4", "read_video", "to_uint8_frames", "DEFAULT_CRF", "thumbnail_jpeg", "spritesheet_jpeg",
-           "sample_frames", "frame_indices"]
+           "sample_frames", "frame_indices", "still_images"]
 
 
 def write_strip(path: str | Path, frames: np.ndarray, every: int = 4, scale: int = 2) -> None:

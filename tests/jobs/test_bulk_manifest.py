@@ -185,6 +185,45 @@ def test_ledger_skips_adopts_and_rerenders(tmp_path):
     assert Ledger(store).scan([plans["crashed"]])[plans["crashed"].row].action == "skip"
 
 
+def test_an_adopted_video_gets_the_still_images_its_run_did_not_write(tmp_path):
+    """Killed after the mp4 and the thumbnail, before the spritesheet: adopting makes the spritesheet from the
+    mp4 (the renderer's frames), keeps the thumbnail, and the sidecar lists both. A video that will not decode
+    is still adopted, without images."""
+    import numpy as np
+    from PIL import Image
+
+    from pab.storage import image_key
+    from pab.video import spritesheet_jpeg, write_mp4
+
+    store = storage_from_config({"backend": "local", "path": str(tmp_path)})
+    plans = {p.id: p for p in plan_rows(read_manifest(parquet(id=["killed", "garbled"], prompt=["p"] * 2)), "m",
+                                        RenderSettings())}  # fmt: skip
+    ledger = Ledger(store)
+    frames = np.zeros((9, 32, 48, 3), np.uint8)
+    frames[:, :, :, 0] = np.arange(9, dtype=np.uint8)[:, None, None] * 28  # each frame its own red
+    buf = io.BytesIO()
+    write_mp4(buf, frames, 8)
+    for name in plans:
+        ledger.mark_rendering(plans[name], "run-1")
+    store.put_bytes(video_keys(plans["killed"].key)[0], buf.getvalue())
+    store.put_bytes(image_key(plans["killed"].key, "thumbnail"), b"the run's own thumbnail")
+    store.put_bytes(video_keys(plans["garbled"].key)[0], b"not an mp4")
+    found = ledger.scan(list(plans.values()))
+
+    record = ledger.adopt(plans["killed"], found[plans["killed"].row].sidecar, "run-2")
+    keys = {v: image_key(plans["killed"].key, v) for v in ("thumbnail", "spritesheet")}
+    assert record["image_keys"] == keys and store.get_json(video_keys(plans["killed"].key)[1]) == record
+    assert store.get_bytes(keys["thumbnail"]) == b"the run's own thumbnail"  # not made again
+    sheet = np.asarray(Image.open(io.BytesIO(store.get_bytes(keys["spritesheet"]))))
+    expected = np.asarray(Image.open(io.BytesIO(spritesheet_jpeg(frames))))
+    assert sheet.shape == expected.shape == (32, 8 * 48, 3)
+    assert np.abs(sheet.astype(int) - expected.astype(int)).mean() < 8  # the same frames, through x264 and JPEG
+
+    garbled = ledger.adopt(plans["garbled"], found[plans["garbled"].row].sidecar, "run-2")
+    assert garbled["state"] == "completed" and garbled["image_keys"] == {}
+    assert not store.exists(image_key(plans["garbled"].key, "spritesheet"))
+
+
 def test_dry_run_plans_against_storage_without_ray(tmp_path, caplog):
     manifest = tmp_path / "m.parquet"
     manifest.write_bytes(parquet(id=["a", "b", "b"], prompt=["x", "y", "z"]))
