@@ -3,18 +3,19 @@
 import pytest
 import torch
 
-# Tests that start a Ray cluster (through one of these fixtures, or marked `ray`: a subprocess's) run one after
-# another on one pytest-xdist worker: two clusters at once on CI's 2 cores push each other past their health
-# checks and timeouts. The other worker runs the rest beside them, by file (a file's module fixtures are then
-# built once). xdist's own `loadgroup` cannot do it: it renames node ids, which pytest 9.2 no longer allows, and
-# the groups are silently dropped. The scheduler below sees node ids only, hence the paths; collection checks
-# that every test starting Ray is under one of them.
+# How pytest-xdist shares the tests between CI's two workers. The tests that start Ray are a third of the
+# suite but most of its wall time, so they come in two blocks, scheduled first, one per worker: those with
+# their own clusters (multinode, `pab serve` and `bench.load` subprocesses) and those on the session's Ray.
+# Within a block they run one after another. The CPU-bound rest follows, by file (a file's module fixtures
+# are built once). xdist's own `loadgroup` cannot do it: it renames node ids, which pytest 9.2 ignores, and
+# the groups are silently dropped. Its scheduler sees node ids only, hence the paths; collection checks that
+# every test starting Ray is under one of them.
 RAY_FIXTURES = {"ray_session", "serve_port", "mn", "ray_jobs"}
-RAY_PATHS = (
-    "tests/actors/", "tests/multinode/", "tests/jobs/test_bulk_job.py", "tests/jobs/test_bulk_local.py",
-    "tests/cluster/test_serve_", "tests/cluster/test_failures.py", "tests/cluster/test_local.py",
-    "tests/bench/test_load.py",
-)  # fmt: skip
+RAY_BLOCKS = {
+    "ray-own": ("tests/multinode/", "tests/bench/test_load.py", "tests/cluster/test_local.py"),
+    "ray-session": ("tests/actors/", "tests/cluster/test_serve_", "tests/cluster/test_failures.py",
+                    "tests/jobs/test_bulk_job.py", "tests/jobs/test_bulk_local.py"),
+}
 
 
 def _starts_ray(item: pytest.Item) -> bool:
@@ -22,24 +23,28 @@ def _starts_ray(item: pytest.Item) -> bool:
 
 
 def _scope(nodeid: str) -> str:
-    return "ray" if nodeid.startswith(RAY_PATHS) else nodeid.split("::")[0]
+    return next((block for block, paths in RAY_BLOCKS.items() if nodeid.startswith(paths)), nodeid.split("::")[0])
 
 
 def pytest_collection_modifyitems(config, items):
-    stray = [item.nodeid for item in items if _starts_ray(item) and _scope(item.nodeid) != "ray"]
+    stray = [item.nodeid for item in items if _starts_ray(item) and _scope(item.nodeid) not in RAY_BLOCKS]
     if stray:
-        raise pytest.UsageError(f"these tests start Ray but are not under tests/conftest.py's RAY_PATHS, so two "
+        raise pytest.UsageError(f"these tests start Ray but are in none of tests/conftest.py's RAY_BLOCKS, so two "
                                 f"workers could run clusters at once; add their files there: {stray[:5]}")
+    # The Ray blocks first (a stable sort: each file's tests stay together and in order).
+    rank = {block: i for i, block in enumerate(RAY_BLOCKS)}
+    items.sort(key=lambda item: rank.get(_scope(item.nodeid), len(rank)))
 
 
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
-    class RayApart(LoadScopeScheduling):
+    class RayBlocks(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return _scope(nodeid)
 
-    return RayApart(config, log)
+    config.option.loadscopereorder = False  # keep the collection's order: the Ray blocks go out first
+    return RayBlocks(config, log)
 
 
 @pytest.fixture(scope="module")
