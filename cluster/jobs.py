@@ -206,7 +206,7 @@ class JobStore:
 
     def discard_outputs(self, job_id: str) -> None:
         """Remove the video, sidecar and images a render stored before its job was cancelled: a cancelled
-        video has no content (GET .../content answers 404), so nothing of it is left to pay for."""
+        video has no content (GET .../content answers 409), so nothing of it is left to pay for."""
 
         def write() -> None:
             for key in (*video_keys(job_id), *(image_key(job_id, v) for v in IMAGE_VARIANTS)):
