@@ -188,9 +188,13 @@ class JobStore:
 
     # ------------------------------------------------------------------ deletion and idempotency keys
 
+    @staticmethod
+    def _files(job_id: str) -> list[str]:
+        """The video, its sidecar and its still images."""
+        return [*video_keys(job_id), *(image_key(job_id, v) for v in IMAGE_VARIANTS)]
+
     def _outputs(self, job_id: str) -> list[str]:
-        return [f"{RECORDS}{job_id}.json", f"{ACTIVE}{job_id}", f"{LEASES}{job_id}.json", *video_keys(job_id),
-                *(image_key(job_id, v) for v in IMAGE_VARIANTS)]  # fmt: skip
+        return [f"{RECORDS}{job_id}.json", f"{ACTIVE}{job_id}", f"{LEASES}{job_id}.json", *self._files(job_id)]
 
     def delete(self, job_id: str) -> None:
         """Remove the job, its video, sidecar and images. The tombstone goes first (a sweep finishes a delete
@@ -209,7 +213,7 @@ class JobStore:
         video has no content (GET .../content answers 409), so nothing of it is left to pay for."""
 
         def write() -> None:
-            for key in (*video_keys(job_id), *(image_key(job_id, v) for v in IMAGE_VARIANTS)):
+            for key in self._files(job_id):
                 self.storage.delete(key)
 
         self._io(f"remove the outputs of cancelled {job_id}", write, write=True)
