@@ -36,6 +36,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(_scope(item.nodeid), len(rank)))
 
 
+@pytest.hookimpl(optionalhook=True)  # where pytest-xdist is not installed (the GPU machine), pytest skips it
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
