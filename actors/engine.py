@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, Callable
 
 from actors.worker import CancelCallback, EngineOutput, ProgressCallback
+from pab.errors import RequestError, about
 
 
 def request_fields() -> set[str]:
@@ -21,12 +22,12 @@ def request_fields() -> set[str]:
 
 
 def to_generation_request(request: dict[str, Any]):
-    """A `GenerationRequest` from a plain dict; unknown keys are an error naming them."""
+    """A `GenerationRequest` from a plain dict; unknown keys are a RequestError naming them."""
     from pab.pipeline import GenerationRequest
 
     unknown = sorted(set(request) - request_fields())
     if unknown:
-        raise ValueError(f"unknown request field(s) {unknown}; known: {sorted(request_fields())}")
+        raise RequestError(unknown[0], f"unknown request field(s) {unknown}; known: {sorted(request_fields())}")
     return GenerationRequest(**request)
 
 
@@ -39,7 +40,8 @@ class PipelineEngine:
         self.pipe = pipe
 
     def resolve(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The request with the model's defaults filled in; ValueError if the model cannot take it."""
+        """The request with the model's defaults filled in; a RequestError (a ValueError naming the field) if the
+        model cannot take it."""
         return self.pipe.resolve(to_generation_request(request)).to_dict()
 
     def generate(
@@ -88,7 +90,8 @@ def meta_vae(model: str) -> Any:
 
 
 def check_request(request: dict[str, Any]) -> dict[str, Any]:
-    """The resolved request (model defaults filled in) or ValueError saying what the model can take.
+    """The resolved request (model defaults filled in) or a RequestError saying what the model can take and which
+    field it is about.
 
     Runs the engine's own checks (`pab.pipeline.resolve_request`, the sampler's among them) without any
     weights: a VAE on the meta device answers which frame counts it takes.
@@ -121,9 +124,10 @@ def plan_request(
     """
     from pab.pipeline import rendered_size, resolve_request, size_notices
 
-    vae = meta_vae(request["model"])
+    with about("model"):
+        vae = meta_vae(request["model"])
     asked = to_generation_request(request)
-    spec = asked.cache_spec()  # ValueError when cache and pab disagree
+    spec = asked.cache_spec()  # a RequestError when cache and pab disagree
     unchecked = names_unchecked and isinstance(spec, str) and spec not in ("off", "paper")
     r = resolve_request(dataclasses.replace(asked, cache=None, pab="off") if unchecked else asked, vae, calibration)
     if unchecked:
@@ -136,7 +140,8 @@ def frames_for_seconds(model: str, seconds: float, fps: int | None) -> tuple[int
     """(num_frames, fps) for a duration: the smallest frame count the model takes that lasts `seconds`."""
     from pab.models import get_spec, split_name
 
-    d = get_spec(model).defaults_for(split_name(model)[1])
+    with about("model"):
+        d = get_spec(model).defaults_for(split_name(model)[1])
     fps = fps or d.fps
     want = max(1, round(seconds * fps))
     for n in range(want, want + 256):
@@ -145,7 +150,7 @@ def frames_for_seconds(model: str, seconds: float, fps: int | None) -> tuple[int
             return n, fps
         except ValueError:
             continue
-    raise ValueError(f"no frame count near {want} works for {model}")
+    raise RequestError("seconds", f"no frame count near {want} works for {model}")
 
 
 def model_defaults(model: str) -> dict[str, Any]:

@@ -50,6 +50,7 @@ from cluster.config import AppConfig, pool_name, route
 from cluster.jobs import JobRecord, JobStore, new_job_id, valid_id
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import IngressMetrics
+from pab.errors import RequestError
 from pab.request import field_path
 from pab.seeds import draw_seed
 from pab.storage import (
@@ -88,15 +89,6 @@ def _field_error(field: str, message: str, value: Any = None) -> RequestValidati
     """A 422 shaped like FastAPI's own, naming the field ("pab.spatial.blocks" names a nested one)."""
     loc = ("body", *field.split("."))
     return RequestValidationError([{"type": "value_error", "loc": loc, "msg": message, "input": value}])
-
-
-def _guess_field(message: str, fields: list[str]) -> str:
-    """The request field an engine error message is about (it starts with or names it)."""
-    path = message.split(":", 1)[0]
-    if path.split(".")[0] in fields and all(part.isidentifier() for part in path.split(".")):
-        return path  # "pab.spatial.blocks: ..." names the nested field itself
-    hits = [(message.find(f), f) for f in fields if f in message]
-    return min(hits)[1] if hits else "body"
 
 
 class VideoAPI:
@@ -223,7 +215,8 @@ class VideoAPI:
         try:
             request, size, notices = await asyncio.to_thread(self._resolve, request, body.seconds)
         except ValueError as e:
-            field = _guess_field(str(e), [*request, "seconds", "size"])
+            # The engine's checks say which field (RequestError); a ValueError that names none is the body's.
+            field = (e.field if isinstance(e, RequestError) else "") or "body"
             top = field.split(".")[0]
             if top in ("cache", "pab"):  # one setting under two names: name the one the body used
                 field = ("pab" if body.cache is None and body.pab is not None else "cache") + field[len(top):]
@@ -262,7 +255,7 @@ class VideoAPI:
         return self._calibrations[model]
 
     def _resolve(self, request: dict[str, Any], seconds: float | None) -> tuple[dict[str, Any], str, list[str]]:
-        """Defaults filled in and the model's own checks run (ValueError -> 422 naming the field), with the
+        """Defaults filled in and the model's own checks run (a RequestError -> 422 naming its field), with the
         size the video will have and the notices on it.
 
         If the engine's weight-free check itself breaks (an engine change), fall back to the model's

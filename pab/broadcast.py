@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch.nn as nn
 
+from pab.errors import RequestError, about
 from pab.hooks.registry import ModelHook, active, register_hook, remove_hooks_named
 
 PAB_HOOK = "pyramid_attention_broadcast"
@@ -65,10 +66,10 @@ class BroadcastRule:
 
     def __post_init__(self) -> None:
         if not isinstance(self.range, int) or self.range < 1:
-            raise ValueError(f"broadcast range must be an integer >= 1, got {self.range!r}")
+            raise RequestError("range", f"broadcast range must be an integer >= 1, got {self.range!r}")
         lo, hi = self.window
         if not lo < hi:
-            raise ValueError(f"broadcast window must be (lo, hi) with lo < hi, got {self.window!r}")
+            raise RequestError("window", f"broadcast window must be (lo, hi) with lo < hi, got {self.window!r}")
         object.__setattr__(self, "window", (float(lo), float(hi)))
         if self.blocks is not None:
             object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
@@ -90,9 +91,14 @@ class BroadcastRule:
     def from_dict(cls, d: Mapping[str, Any]) -> "BroadcastRule":
         unknown = set(d) - {"range", "window", "blocks"}
         if unknown:
-            raise ValueError(f"unknown broadcast rule field(s) {sorted(unknown)}; use range, window, blocks")
+            raise RequestError(
+                str(min(unknown)), f"unknown broadcast rule field(s) {sorted(unknown)}; use range, window, blocks"
+            )
         if "range" not in d or "window" not in d:
-            raise ValueError('a broadcast rule needs "range" and "window", e.g. {"range": 2, "window": [450, 930]}')
+            raise RequestError(
+                "range" if "range" not in d else "window",
+                'a broadcast rule needs "range" and "window", e.g. {"range": 2, "window": [450, 930]}',
+            )
         blocks = d.get("blocks")
         return cls(range=d["range"], window=tuple(d["window"]), blocks=tuple(blocks) if blocks is not None else None)
 
@@ -121,8 +127,14 @@ class PABConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> "PABConfig":
         unknown = set(d) - set(KINDS)
         if unknown:
-            raise ValueError(f"unknown PAB kind(s) {sorted(unknown)}; valid kinds are {list(KINDS)}")
-        return cls(**{k: BroadcastRule.from_dict(v) if v is not None else None for k, v in d.items()})
+            raise RequestError(
+                str(min(unknown)), f"unknown PAB kind(s) {sorted(unknown)}; valid kinds are {list(KINDS)}"
+            )
+        rules = {}
+        for kind, rule in d.items():
+            with about(kind):  # an error in the rule names its path under the kind ("spatial.range")
+                rules[kind] = BroadcastRule.from_dict(rule) if rule is not None else None
+        return cls(**rules)
 
     @classmethod
     def off(cls) -> "PABConfig":
@@ -163,7 +175,7 @@ class PABConfig:
         raise ValueError(f"unknown PAB setting {spec!r}; use 'off', 'paper' or a dict of rules")
 
     def check_blocks(self, model: str) -> "PABConfig":
-        """This config, or ValueError naming the first block index `model` does not have.
+        """This config, or a RequestError at "KIND.blocks" naming the first block index `model` does not have.
 
         A hook only matches blocks that exist, so an index outside the model would be ignored without a
         word; a negative one is not read from the end either.
@@ -174,8 +186,9 @@ class PABConfig:
             for b in rule.blocks if rule is not None and rule.blocks is not None else ():
                 if not 0 <= b < depth:
                     hint = " (blocks count from 0, not from the end)" if b < 0 else ""
-                    raise ValueError(
-                        f"pab.{kind}.blocks: block {b} does not exist{hint}; {model} has blocks 0-{depth - 1}"
+                    raise RequestError(
+                        f"{kind}.blocks",
+                        f"pab.{kind}.blocks: block {b} does not exist{hint}; {model} has blocks 0-{depth - 1}",
                     )
         return self
 

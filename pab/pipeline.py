@@ -22,7 +22,7 @@ import torch.nn as nn
 from pab.broadcast import PABConfig, PABState, apply_pab, use_state
 from pab.caching import CachePolicy, load_calibration, resolve_cache
 from pab.checkpoint import WeightSources, resolve_sources
-from pab.errors import GenerationCancelled
+from pab.errors import GenerationCancelled, RequestError, about
 from pab.seeds import draw_seed
 from pab.families import get_family
 from pab.models import ModelSpec, build, get_spec, randomize_weights, split_name
@@ -56,11 +56,12 @@ class GenerationRequest:
     precision: str | None = None  # bf16 (the pipeline's dtype) | fp8 (pab.precision); None: bf16
 
     def cache_spec(self) -> str | dict[str, Any] | None:
-        """The cache asked for: `cache`, or `pab` (its older name); ValueError when both ask for different ones."""
+        """The cache asked for: `cache`, or `pab` (its older name); a RequestError when both ask for different ones."""
         if self.cache is None:
             return self.pab
         if self.pab not in (None, "off") and self.pab != self.cache:
-            raise ValueError(f"cache {self.cache!r} and pab {self.pab!r} disagree; give one (pab is cache's old name)")
+            raise RequestError("cache", f"cache {self.cache!r} and pab {self.pab!r} disagree; give one (pab is "
+                               "cache's old name)")  # fmt: skip
         return self.cache
 
     def to_dict(self) -> dict[str, Any]:
@@ -168,7 +169,8 @@ def load_text_encoder(
 def resolve_request(
     request: GenerationRequest, vae: Any, calibration: dict[str, Any] | None = None
 ) -> GenerationRequest:
-    """The request with the model's defaults filled in, or ValueError saying what the model can take.
+    """The request with the model's defaults filled in, or a RequestError saying what the model can take and
+    which field it is about.
 
     Needs no weights: `vae` only answers which frame counts it takes (`latent_frames`), so the HTTP ingress
     runs the same checks with a VAE on the meta device. `height` and `width` stay as asked: the model and the
@@ -176,8 +178,11 @@ def resolve_request(
     patches), and `size_notices` says so.
     """
     name = request.model
-    spec, family, size = get_spec(name), get_family(name), split_name(name)[1]
+    with about("model"):
+        spec, family, size = get_spec(name), get_family(name), split_name(name)[1]
     d = spec.defaults_for(size)
+    with about("precision"):
+        precision = check_precision(request.precision or "bf16")
     r = replace(
         request,
         num_frames=request.num_frames if request.num_frames is not None else d.num_frames,
@@ -187,26 +192,30 @@ def resolve_request(
         steps=request.steps if request.steps is not None else d.steps,
         guidance_scale=request.guidance_scale if request.guidance_scale is not None else d.guidance_scale,
         seed=request.seed if request.seed is not None else draw_seed(),
-        precision=check_precision(request.precision or "bf16"),
+        precision=precision,
     )
     if not r.prompt or not r.prompt.strip():
-        raise ValueError("prompt must not be empty")
+        raise RequestError("prompt", "prompt must not be empty")
     if r.steps < 1:
-        raise ValueError(f"steps must be >= 1, got {r.steps}")
+        raise RequestError("steps", f"steps must be >= 1, got {r.steps}")
     if r.fps < 1:
-        raise ValueError(f"fps must be >= 1, got {r.fps}")
+        raise RequestError("fps", f"fps must be >= 1, got {r.fps}")
     if r.guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {r.guidance_scale}")
+        raise RequestError("guidance_scale", f"guidance_scale must be >= 0, got {r.guidance_scale}")
     for side in ("height", "width"):
         v = getattr(r, side)
         if not MIN_SIDE <= v <= MAX_SIDE:
-            raise ValueError(f"{side} must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {v}")
+            raise RequestError(side, f"{side} must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {v}")
     if r.num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {r.num_frames}")
-    vae.latent_frames(r.num_frames)  # raises ValueError naming the frame counts it can take
-    # Open-Sora's timestep shift is undefined for 2-16 frames; the sampler says so.
+        raise RequestError("num_frames", f"num_frames must be >= 1, got {r.num_frames}")
+    with about("num_frames"):
+        vae.latent_frames(r.num_frames)  # raises ValueError naming the frame counts it can take
+    # Open-Sora's timestep shift is undefined for 2-16 frames, PNDM needs 4 steps: the sampler says so, and about
+    # which field (a RequestError).
     family.new_sampler(size, r.steps, height=r.height, width=r.width, num_frames=r.num_frames)
-    resolve_cache(name, r.cache_spec(), calibration)  # raises on unknown names or malformed rules
+    cache = r.cache_spec()  # a RequestError when cache and pab disagree
+    with about("cache"):  # unknown names, malformed rules (their own path under "cache"), blocks the model lacks
+        resolve_cache(name, cache, calibration)
     return r
 
 
@@ -318,12 +327,12 @@ class Pipeline:
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
         """Fill defaults and check that the model can take the request (`resolve_request`)."""
         if request.model != self.name:
-            raise ValueError(f"this pipeline serves {self.name!r}, not {request.model!r}")
+            raise RequestError("model", f"this pipeline serves {self.name!r}, not {request.model!r}")
         r = resolve_request(request, self.vae, self.calibration)
         if r.precision == "fp8":
             ok, why = fp8_capable(self.device)
-            if not ok:
-                raise ValueError(why)  # e.g. an A100: refused before any work, saying what to ask for instead
+            if not ok:  # e.g. an A100: refused before any work, saying what to ask for instead
+                raise RequestError("precision", why)
         return r
 
     def output_size(self, r: GenerationRequest) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
+from pab.errors import RequestError
 from pab.seeds import SEED_LIMIT
 
 
@@ -146,7 +147,7 @@ def add_options(group: argparse._ActionsContainer, helps: dict[str, str] | None 
 
 
 def from_options(args: argparse.Namespace, schema: type[S] = VideoSettings) -> S:  # type: ignore[assignment]
-    """The settings the options ask for, as `schema` (VideoSettings or a subclass); ValueError naming the
+    """The settings the options ask for, as `schema` (VideoSettings or a subclass); a RequestError naming the
     option (`--num-frames: ...`) when one is wrong. A `--cache` / `--pab` value that is a .json file is read
     here: the command line may name local files."""
     values = {name: getattr(args, name) for name in VideoSettings.model_fields}
@@ -157,7 +158,7 @@ def from_options(args: argparse.Namespace, schema: type[S] = VideoSettings) -> S
     try:
         return schema.model_validate(values)
     except ValidationError as e:
-        raise ValueError(describe(e, prefix="--")) from None
+        raise request_error(e, prefix="--") from None
 
 
 def _json_option(name: str, value: str) -> Any:
@@ -165,15 +166,15 @@ def _json_option(name: str, value: str) -> Any:
     if not value.lstrip().startswith("{"):
         path = Path(value)
         if not path.is_file():
-            raise ValueError(f"--{name}: settings file {value!r} does not exist")
+            raise RequestError(name, f"--{name}: settings file {value!r} does not exist")
         text = path.read_text()
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"--{name}: {value!r} is not valid JSON: {e}") from None
+        raise RequestError(name, f"--{name}: {value!r} is not valid JSON: {e}") from None
     if isinstance(doc, dict) and "presets" in doc:
-        raise ValueError(f"--{name}: {value} is a calibration file; pass one of its presets by name with the "
-                         f"model's weights beside it: {sorted(doc['presets'])}")  # fmt: skip
+        raise RequestError(name, f"--{name}: {value} is a calibration file; pass one of its presets by name with "
+                           f"the model's weights beside it: {sorted(doc['presets'])}")  # fmt: skip
     return doc
 
 
@@ -183,11 +184,17 @@ def field_path(loc: Any) -> str:
     return ".".join(str(p) for p in loc if isinstance(p, int) or (p.isidentifier() and not p[:1].isupper()))
 
 
+def _deepest_first(error: ValidationError) -> list[Any]:
+    """Its errors, the deepest first: of a union's branches ("off"/"paper" or rules), the one that got furthest
+    says most."""
+    return sorted(error.errors(), key=lambda e: -len(field_path(e["loc"]).split(".")))
+
+
 def describe(error: ValidationError, prefix: str = "") -> str:
     """A validation error in one line, a problem per field (`--num-frames: ...` with prefix "--"); of a
     union's branches, the one that got furthest is reported."""
     said: dict[str, str] = {}
-    for err in sorted(error.errors(), key=lambda e: -len(field_path(e["loc"]).split("."))):
+    for err in _deepest_first(error):
         path = field_path(err["loc"])
         top = path.split(".")[0]
         if top not in said:
@@ -196,3 +203,10 @@ def describe(error: ValidationError, prefix: str = "") -> str:
             shown = f" (got {got!r})" if isinstance(got, (int, float, str)) and len(repr(got)) < 40 else ""
             said[top] = (f"{name}: {err['msg']}" if path else err["msg"]) + shown
     return "; ".join(said.values())
+
+
+def request_error(error: ValidationError, prefix: str = "") -> RequestError:
+    """`describe`'s line as a RequestError at the field it reports first (the deepest; "" for the settings as
+    a whole)."""
+    errors = _deepest_first(error)
+    return RequestError(field_path(errors[0]["loc"]) if errors else "", describe(error, prefix))

@@ -34,6 +34,7 @@ from typing import Any, Callable, Literal, Mapping
 import torch
 import torch.nn as nn
 
+from pab.errors import RequestError
 from pab.hooks.registry import ModelHook, active, register_hook, remove_hooks_named
 
 STEP_HOOK = "step_cache"
@@ -72,22 +73,24 @@ class StepReuseConfig:
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
-            raise ValueError(f"unknown step-reuse policy {self.policy!r}; use one of {list(POLICIES)}")
+            raise RequestError("policy", f"unknown step-reuse policy {self.policy!r}; use one of {list(POLICIES)}")
         if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
-            raise ValueError(f"threshold must be a finite number >= 0, got {self.threshold!r}")
+            raise RequestError("threshold", f"threshold must be a finite number >= 0, got {self.threshold!r}")
         for name in ("max_skips", "warmup", "cooldown", "reuse_of"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+                raise RequestError(name, f"{name} must be an integer >= 0, got {v!r}")
         object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
         object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
         object.__setattr__(self, "reuse", tuple(int(s) for s in self.reuse))
         if self.policy == "fixed" and not (self.reuse_of > 0 and all(0 <= s < self.reuse_of for s in self.reuse)):
-            raise ValueError("a fixed policy needs reuse_of > 0 steps and reuse positions in [0, reuse_of)")
+            raise RequestError("reuse" if self.reuse_of > 0 else "reuse_of",
+                               "a fixed policy needs reuse_of > 0 steps and reuse positions in [0, reuse_of)")
         if self.policy == "magcache" and not self.ratios:
-            raise ValueError("a magcache policy needs the calibrated ratios; `pab calibrate` writes them")
-        if not all(math.isfinite(c) for c in (*self.coefficients, *self.ratios)):
-            raise ValueError("coefficients and ratios must be finite numbers")
+            raise RequestError("ratios", "a magcache policy needs the calibrated ratios; `pab calibrate` writes them")
+        for name in ("coefficients", "ratios"):
+            if not all(math.isfinite(x) for x in getattr(self, name)):
+                raise RequestError(name, "coefficients and ratios must be finite numbers")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -100,10 +103,12 @@ class StepReuseConfig:
                  "reuse_of"}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown step-reuse field(s) {sorted(unknown)}; use {sorted(known)}")
+            raise RequestError(str(min(unknown)),
+                               f"unknown step-reuse field(s) {sorted(unknown)}; use {sorted(known)}")
         if "policy" not in d or ("threshold" not in d and d["policy"] != "fixed"):
-            raise ValueError('a step-reuse policy needs "policy" and "threshold", e.g. '
-                             '{"policy": "teacache", "threshold": 0.1, "coefficients": [...]}')  # fmt: skip
+            raise RequestError("policy" if "policy" not in d else "threshold",
+                               'a step-reuse policy needs "policy" and "threshold", e.g. '
+                               '{"policy": "teacache", "threshold": 0.1, "coefficients": [...]}')  # fmt: skip
         return cls(**{k: tuple(v) if k in ("coefficients", "ratios", "reuse") else v for k, v in d.items()})
 
     def reused_at(self, total: int) -> frozenset[int]:

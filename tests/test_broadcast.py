@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from pab.broadcast import KINDS, BroadcastRule, PABConfig, PABState, apply_pab, remove_pab, use_state
 from pab.caching import resolve_cache
+from pab.errors import RequestError
 from pab.hooks.registry import ModelHook, register_hook, remove_hook
 
 
@@ -226,6 +227,25 @@ def test_blocks_outside_the_model_are_an_error_naming_the_field_and_the_range(tm
     f.write_text(json.dumps(rules))
     with pytest.raises(ValueError, match=message):
         resolve_cache(model, str(f))
+
+
+@pytest.mark.parametrize(
+    "rules, field",
+    [
+        ({"spatial": {"range": 0, "window": [1, 2]}}, "spatial.range"),
+        ({"cross": {"range": 2, "window": [9, 1]}}, "cross.window"),
+        ({"temporal": {"range": 2}}, "temporal.window"),
+        ({"mlp": {"range": 2, "window": [1, 2], "block": [0]}}, "mlp.block"),
+        ({"spacial": {"range": 2, "window": [1, 2]}}, "spacial"),
+        ({"mlp": {"range": 2, "window": [1, 2], "blocks": [2]}}, "mlp.blocks"),
+    ],
+)
+def test_a_bad_rule_names_its_path_in_the_rules(rules, field):
+    """A RequestError's field, relative to the rules: the request's checks put it under "cache"
+    (`pab.pipeline.resolve_request`), so the HTTP 422 names the nested field."""
+    with pytest.raises(RequestError) as e:
+        PABConfig.resolve("opensora-v1.2-tiny", rules)
+    assert e.value.field == field, e.value
 
 
 def test_blocks_inside_the_model_and_presets_still_resolve():

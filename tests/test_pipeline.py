@@ -1,5 +1,6 @@
 """The text-to-video pipeline on the tiny models: end to end, PAB equivalence and isolation."""
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from pab.broadcast import KINDS, BroadcastRule, PABConfig
-from pab.pipeline import GenerationCancelled, GenerationRequest, Pipeline
+from pab.errors import RequestError
+from pab.pipeline import GenerationCancelled, GenerationRequest, Pipeline, resolve_request
 
 TINY = ["opensora-v1.2-tiny", "latte-1-tiny", "opensora-plan-v1.1-tiny"]
 # Small enough for 2 CPU cores, long enough that the paper windows hold broadcast steps.
@@ -121,6 +123,45 @@ def test_cancel_and_bad_requests(pipe):
         pipe.generate(req(pipe, prompt="  "))
     with pytest.raises(ValueError, match=f"pab.spatial.blocks: block 2 does not exist; {pipe.name} has blocks 0-1"):
         pipe.generate(req(pipe, pab={"spatial": {"range": 2, "window": [450, 930], "blocks": [2]}}))
+
+
+RULE = {"range": 2, "window": [450, 930]}
+
+
+@pytest.mark.parametrize("model, fields, field, message", [
+    ("opensora-plan-v1.1-tiny", {"num_frames": 6}, "num_frames", "the CausalVAE encodes 4k+1 frames"),  # the VAE's
+    ("opensora-plan-v1.1-tiny", {"steps": 2}, "steps", "PNDM needs at least 4 steps"),  # the sampler's
+    ("opensora-v1.2-tiny", {"num_frames": 5}, "num_frames", "the official timestep transform"),
+    ("opensora-v1.2-tiny", {"prompt": "  "}, "prompt", "prompt must not be empty"),
+    ("opensora-v1.2-tiny", {"width": 8}, "width", "width must be between 16 and 4096"),
+    ("opensora-v1.2-tiny", {"precision": "fp4"}, "precision", "precision='fp4'; choose one of"),
+    ("opensora-v1.2-tiny", {"cache": "nope"}, "cache", "unknown cache 'nope'"),
+    ("opensora-v1.2-tiny", {"pab": "nope"}, "cache", "unknown cache 'nope'"),  # one field, its canonical name
+    ("opensora-v1.2-tiny", {"cache": "paper", "pab": {"spatial": RULE}}, "cache", "disagree"),
+    ("opensora-v1.2-tiny", {"pab": {"spatial": {**RULE, "blocks": [2]}}}, "cache.spatial.blocks",
+     "pab.spatial.blocks: block 2 does not exist"),
+    ("opensora-v1.2-tiny", {"cache": {"temporal": {"range": 0, "window": [1, 2]}}}, "cache.temporal.range",
+     "broadcast range must be an integer >= 1"),
+    ("opensora-v1.2-tiny", {"cache": {"policy": "magcache", "threshold": 0.1}}, "cache.ratios",
+     "needs the calibrated ratios"),
+    ("opensora-v1.2-tiny", {"cache": {"policy": "fixed", "reuse": [5], "reuse_of": 3}}, "cache.reuse",
+     "a fixed policy needs reuse_of > 0 steps"),
+    ("opensora-v1.2", {"cache": "teacache-fastest"}, "cache", "unknown cache 'teacache-fastest'"),
+])  # fmt: skip
+def test_a_request_the_model_cannot_take_names_its_field(model, fields, field, message):
+    """The checks the HTTP ingress runs before queueing (no weights: a VAE on the meta device) say which field
+    is wrong, so the 422 names it; the message is the one the pipeline always gave."""
+    from actors.engine import meta_vae
+
+    with pytest.raises(RequestError, match=re.escape(message)) as e:
+        resolve_request(GenerationRequest(**{"model": model, "prompt": "a fox", **fields}), meta_vae(model))
+    assert e.value.field == field, e.value
+
+
+def test_a_model_that_is_not_one_is_the_model_field():
+    with pytest.raises(RequestError, match="unknown model 'sora-2'") as e:
+        resolve_request(GenerationRequest(model="sora-2", prompt="a fox"), vae=None)
+    assert e.value.field == "model"
 
 
 def save_checkpoint(pipe: Pipeline, ckpt: Path) -> None:

@@ -7,6 +7,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
+from pab.errors import RequestError
 from pab.request import VideoSettings, add_options, describe, from_options
 
 
@@ -53,6 +54,19 @@ def test_a_bad_option_is_named(argv, message):
     with pytest.raises(ValueError) as e:
         from_options(parse(*argv))
     assert str(e.value).startswith(message), str(e.value)
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--steps", "0"], "steps"),
+    (["--num-frames", "2000", "--seed", "-1"], "num_frames"),  # the first the message names
+    (["--cache", '{"spatial": {"range": 0, "window": [1, 2]}}'], "cache.spatial.range"),  # the deepest
+    (["--cache", "missing.json"], "cache"),
+    (["--pab", "{nope"], "pab"),
+])  # fmt: skip
+def test_a_bad_option_is_a_request_error_at_its_field(argv, field):
+    with pytest.raises(RequestError) as e:
+        from_options(parse(*argv))
+    assert e.value.field == field and str(e.value).startswith(f"--{field.replace('_', '-')}"), str(e.value)
 
 
 def test_a_json_file_is_read_at_the_edge(tmp_path):

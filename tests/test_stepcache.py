@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pab.errors import RequestError
 from pab.pipeline import GenerationRequest, Pipeline
 from pab.stepcache import StepReuseConfig, remove_step_cache
 
@@ -141,3 +142,25 @@ def test_bad_policies_name_what_is_wrong():
         StepReuseConfig("magcache", 0.1, ratios=(1.0,), max_skips=-1)
     with pytest.raises(ValueError, match=r"unknown step-reuse field\(s\) \['treshold'\]"):
         StepReuseConfig.from_dict({"policy": "teacache", "threshold": 0.1, "treshold": 2})
+
+
+@pytest.mark.parametrize(
+    "policy, field",
+    [
+        ({"policy": "fastcache", "threshold": 0.1}, "policy"),
+        ({"policy": "teacache"}, "threshold"),
+        ({"threshold": 0.1}, "policy"),
+        ({"policy": "teacache", "threshold": float("inf")}, "threshold"),
+        ({"policy": "magcache", "threshold": 0.1}, "ratios"),
+        ({"policy": "magcache", "threshold": 0.1, "ratios": [1.0], "warmup": -1}, "warmup"),
+        ({"policy": "teacache", "threshold": 0.1, "coefficients": [float("nan")]}, "coefficients"),
+        ({"policy": "fixed", "reuse": [1]}, "reuse_of"),
+        ({"policy": "fixed", "reuse": [5], "reuse_of": 3}, "reuse"),
+        ({"policy": "teacache", "threshold": 0.1, "treshold": 2}, "treshold"),
+    ],
+)
+def test_a_bad_policy_names_its_field(policy, field):
+    """The field is relative to the policy; a request's checks put it under "cache" (the HTTP 422's param)."""
+    with pytest.raises(RequestError) as e:
+        StepReuseConfig.from_dict(policy)
+    assert e.value.field == field, e.value

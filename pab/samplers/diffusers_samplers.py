@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler, PNDMScheduler
 
+from pab.errors import RequestError
 from pab.samplers.base import Sampler
 
 LATTE_DDIM_CONFIG: dict[str, Any] = {
@@ -81,8 +82,8 @@ class DiffusersSampler(Sampler):
         **overrides: Any,
     ) -> None:
         super().__init__()
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if num_steps < 1:  # a request's `steps` (RequestError: the ingress names the field)
+            raise RequestError("steps", f"num_steps must be >= 1, got {num_steps}")
         cfg = dict(self.default_config)
         if config is not None:
             cfg.update({k: v for k, v in config.items() if k not in _BOOKKEEPING})
@@ -137,7 +138,8 @@ class PNDMSampler(DiffusersSampler):
 
     def __init__(self, num_steps: int = 150, *, config: dict[str, Any] | None = None, **overrides: Any) -> None:
         if num_steps < self.min_steps:
-            raise ValueError(f"PNDM needs at least {self.min_steps} steps (its Runge-Kutta warm-up), got {num_steps}")
+            raise RequestError("steps", f"PNDM needs at least {self.min_steps} steps (its Runge-Kutta warm-up), got "
+                               f"{num_steps}")  # fmt: skip
         super().__init__(num_steps, config=config, **overrides)
 
 

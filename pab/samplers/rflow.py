@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import torch
 
+from pab.errors import RequestError
 from pab.samplers.base import Sampler
 
 NUM_TIMESTEPS = 1000
@@ -129,8 +130,8 @@ class RFlowSampler(Sampler):
         info_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if num_steps < 1:  # a request's `steps` (RequestError: the ingress names the field)
+            raise RequestError("steps", f"num_steps must be >= 1, got {num_steps}")
         self.num_steps = int(num_steps)
         self.num_timesteps = int(num_timesteps)
         self.use_timestep_transform = use_timestep_transform
@@ -149,7 +150,8 @@ class RFlowSampler(Sampler):
             if _num_frames_ratio_input(num_frames) == 0:
                 # The official formula gives r = 0 here, i.e. every timestep becomes 0 and sampling
                 # does nothing useful. Refuse rather than silently return that.
-                raise ValueError(
+                raise RequestError(
+                    "num_frames",
                     f"num_frames={num_frames}: the official timestep transform uses num_frames // 17 * 5, which is 0 "
                     f"for 2..16 frames and would map every timestep to 0; use num_frames=1 or >= 17, "
                     f"or use_timestep_transform=False"

@@ -91,6 +91,45 @@ def test_a_calibrated_model_takes_its_presets_by_name(tmp_path):
         assert r.status_code == 422 and r.json()["error"]["param"] == "pab", r.text
 
 
+FIXED = {"policy": "fixed", "reuse": [5], "reuse_of": 3}  # a reused step outside its schedule
+
+
+@pytest.mark.parametrize("model, body, param, said", [
+    ("opensora-plan-v1.1-tiny", {"num_frames": 6}, "num_frames", "the CausalVAE encodes 4k+1 frames"),
+    ("opensora-plan-v1.1-tiny", {"steps": 2}, "steps", "PNDM needs at least 4 steps"),
+    ("opensora-v1.2-tiny", {"num_frames": 5}, "num_frames", "use num_frames=1 or >= 17"),
+    ("opensora-v1.2-tiny", {"cache": {"temporal": {"range": 2, "window": [450, 930], "blocks": [5]}}},
+     "cache.temporal.blocks", "block 5 does not exist"),
+    ("opensora-v1.2-tiny", {"pab": {"temporal": {"range": 2, "window": [450, 930], "blocks": [5]}}},
+     "pab.temporal.blocks", "block 5 does not exist"),
+    ("opensora-v1.2-tiny", {"cache": FIXED}, "cache.reuse", "a fixed policy needs reuse_of > 0 steps"),
+    ("opensora-v1.2-tiny", {"pab": FIXED}, "pab.reuse", "a fixed policy needs reuse_of > 0 steps"),
+    ("opensora-v1.2-tiny", {"cache": {"policy": "teacache"}}, "cache.threshold", 'needs "policy" and "threshold"'),
+    ("opensora-v1.2-tiny", {"cache": "fastest"}, "cache", "unknown cache 'fastest'"),
+    ("opensora-v1.2-tiny", {"pab": "fastest"}, "pab", "unknown cache 'fastest'"),
+])  # fmt: skip
+def test_the_models_checks_name_the_field_they_refuse(tmp_path, model, body, param, said):
+    """The engine's errors carry their field (pab.errors.RequestError): the 422 names it, under the name the
+    body gave the cache, in OpenAI's `param` and in FastAPI's `loc`."""
+    with serving(tmp_path, model) as client:
+        r = client.post("/v1/videos", json={"prompt": "a fox", **body})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["param"] == param and said in r.json()["error"]["message"], r.text
+    [error] = r.json()["detail"]
+    assert error["loc"] == ["body", *param.split(".")] and said in error["msg"], error
+
+
+def test_a_check_that_names_no_field_is_about_the_body(served, monkeypatch):
+    """A plain ValueError from the checks (none is raised for a valid body today) is still a 422, about the body."""
+
+    def broken(request, seconds):
+        raise ValueError("the steps field is mentioned here, but no field is named")
+
+    monkeypatch.setattr(served.app.state.svc, "_resolve", broken)
+    r = served.post("/v1/videos", json={"prompt": "a fox", "steps": 3})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "body", r.text  # never guessed from the text
+
+
 def test_a_full_queue_refuses_before_the_models_checks(tmp_path, monkeypatch):
     """429 costs no validation work (a burst is mostly refusals); a video posted once there is room is accepted."""
     with serving(tmp_path, "opensora-v1.2-tiny") as client:
