@@ -55,12 +55,63 @@ def quant_sweep(M: int, C: int, iters: int) -> dict[str, dict[int, float]]:
     return out
 
 
+def fused_mlp(M: int, C: int, iters: int) -> dict[str, object]:
+    """bench.fp8_fused's MLP (GELU in fc1's epilogue, fc2's quantisation in its prologue) per tile config, against
+    the MLP pab.precision runs (fc1, GELU + quantise pass, fc2 with torch._scaled_mm) and bf16."""
+    from bench import fp8_fused
+    from pab.kernels.fp8 import fp8_matmul, quantize_rows, quantize_weight
+
+    dev, bf = "cuda", torch.bfloat16
+    x = torch.randn(M, C, device=dev, dtype=bf)
+    w1, b1 = torch.randn(4 * C, C, device=dev, dtype=bf) / C**0.5, torch.randn(4 * C, device=dev, dtype=bf)
+    w2, b2 = torch.randn(C, 4 * C, device=dev, dtype=bf) / (4 * C) ** 0.5, torch.randn(C, device=dev, dtype=bf)
+    (w1q, w1s), (w2q, w2s) = quantize_weight(w1), quantize_weight(w2)
+    xq, xs = quantize_rows(x)
+    ref = F.linear(F.gelu(F.linear(x.float(), w1.float(), b1.float()), approximate="tanh"), w2.float(), b2.float())
+
+    def err(out: torch.Tensor, against: torch.Tensor = ref) -> float:
+        return float((out.float() - against.float()).norm() / against.float().norm())
+
+    def current():
+        h = fp8_matmul(xq, xs, w1q, w1s, None, bf, True)
+        return fp8_matmul(*quantize_rows(h, gelu="tanh", bias=b1), w2q, w2s, b2, bf, True)
+
+    h0, amax0 = fp8_fused.fc1_gelu(xq, xs, w1q, w1s, b1)
+    hq, hs = quantize_rows(h0)
+    rec: dict[str, object] = {
+        "bf16_ms": gpu_ms(lambda: F.linear(torch._addmm_activation(b1, x, w1.t(), use_gelu=True), w2, b2), iters),
+        "current_fp8_ms": gpu_ms(current, iters), "current_fp8_err": err(current()),
+        "scaled_mm_fc1_ms": gpu_ms(lambda: fp8_matmul(xq, xs, w1q, w1s, None, bf, True), iters),
+        "scaled_mm_fc2_ms": gpu_ms(lambda: fp8_matmul(hq, hs, w2q, w2s, b2, bf, True), iters),
+    }  # fmt: skip
+    fc1, fc2, gemm = {}, {}, {}
+    for cfg in fp8_fused.CONFIGS:
+        key = "x".join(map(str, cfg))
+        fc1[key] = gpu_ms(lambda: fp8_fused.fc1_gelu(xq, xs, w1q, w1s, b1, cfg), iters)  # noqa: B023
+        gemm[key] = gpu_ms(lambda: fp8_fused.fc1_gelu(xq, xs, w1q, w1s, b1, cfg, gelu=False), iters)  # noqa: B023
+        fc2[key] = gpu_ms(lambda: fp8_fused.fc2_scaled(h0, amax0, w2q, w2s, b2, cfg), iters)  # noqa: B023
+        print(f"config {key}: fc1 GEMM alone {gemm[key]:.4f} ms, + GELU/amax epilogue {fc1[key]:.4f} ms, "
+              f"fc2 quantising its input {fc2[key]:.4f} ms")  # fmt: skip
+    c1 = tuple(map(int, min(fc1, key=fc1.get).split("x")))
+    c2 = tuple(map(int, min(fc2, key=fc2.get).split("x")))
+
+    def fused():
+        h, amax = fp8_fused.fc1_gelu(xq, xs, w1q, w1s, b1, c1)
+        return fp8_fused.fc2_scaled(h, amax, w2q, w2s, b2, c2)
+
+    rec.update(fc1_gemm_alone_ms=gemm, fc1_gelu_ms=fc1, fc2_scaled_ms=fc2, best_fc1=list(c1), best_fc2=list(c2),
+               fused_ms=gpu_ms(fused, iters), fused_err=err(fused()), fused_vs_current=err(fused(), current()))
+    print({k: v for k, v in rec.items() if not isinstance(v, dict)})
+    return rec
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fp8", description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=30 * 1590, help="GEMM rows (batch x frames x tokens)")
     p.add_argument("--hidden", type=int, default=1152)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--sweep", action="store_true", help="also the quantise kernel's num_warps per row width")
+    p.add_argument("--fused", action="store_true", help="also bench.fp8_fused's MLP, per tile config")
     p.add_argument("--out", default="bench/results/fp8-h200.json")
     args = p.parse_args(argv)
 
@@ -124,10 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(" | ".join(f"{r[c]:>16.4f}" if isinstance(r[c], float) else f"{r[c]!s:>16}" for c in cols))
     sweep = quant_sweep(M, C, args.iters) if args.sweep else None
+    fused = fused_mlp(M, C, args.iters) if args.fused else None
     out = Path(args.out)
     records = json.loads(out.read_text()) if out.is_file() else []
     records.append({"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
-                    "torch": torch.__version__, "rows": rows, "quant_warps_ms": sweep})  # fmt: skip
+                    "torch": torch.__version__, "rows": rows, "quant_warps_ms": sweep,
+                    "fused_mlp": fused})  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=1) + "\n")
     print(f"appended to {out}")
