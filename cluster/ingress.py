@@ -51,7 +51,7 @@ from cluster.jobs import JobRecord, JobStore, new_job_id, valid_id
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import IngressMetrics
 from pab.errors import RequestError
-from pab.request import field_path
+from pab.request import deepest_first, field_path
 from pab.seeds import draw_seed
 from pab.storage import (
     NotFound,
@@ -927,8 +927,7 @@ def _param(loc: Any) -> str | None:
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     # FastAPI's own handler echoes the input as it came; NaN or a lone surrogate there made the 422 a 500.
     errors = _json_safe(jsonable_encoder(exc.errors()))
-    # The deepest first: of a union's branches ("off"/"paper" or rules), the one that got furthest says most.
-    ranked = sorted(errors, key=lambda e: -len((_param(e["loc"]) or "").split(".")))
+    ranked = deepest_first(errors, skip=1)
     said = [f"body: not JSON ({e.get('ctx', {}).get('error', e['msg'])})" if e["type"] == "json_invalid"
             else f"{_param(e['loc']) or 'body'}: {e['msg']}" for e in ranked[:3]]
     message = "; ".join(said) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "")

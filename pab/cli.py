@@ -205,15 +205,18 @@ def _validate_request_early(args: argparse.Namespace) -> None:
     """Cheap checks with the model's rules, without building the model."""
     from pab.caching import load_calibration, resolve_cache
     from pab.checkpoint import resolve_sources
+    from pab.errors import about
     from pab.pipeline import GenerationRequest
 
     try:  # finds every part's folder (locally or in the Hugging Face cache) without loading anything
         sources = resolve_sources(args.model, args.checkpoint, vae=args.vae, text_encoder=args.text_encoder)
         fields = args.settings.engine_fields()
         spec = GenerationRequest(model=args.model, prompt=args.prompt, **fields).cache_spec()
-        resolve_cache(args.model, spec, load_calibration(sources.calibration if sources else None))
+        calibration = load_calibration(sources.calibration if sources else None)
+        with about("cache"):
+            resolve_cache(args.model, spec, calibration)
     except ValueError as e:
-        raise UsageError(str(e)) from e
+        raise UsageError(_with_option(e, args)) from e
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -312,8 +315,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pab: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ValueError as e:  # request validation inside the pipeline (sizes, frame counts, checkpoints)
-        print(f"pab: error: {e}", file=sys.stderr)
+        print(f"pab: error: {_with_option(e, args)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _with_option(e: ValueError, args: argparse.Namespace) -> str:
+    """The message, led by the option it is about where the engine names its field (a RequestError)."""
+    field = getattr(e, "field", "")
+    if not field:
+        return str(e)
+    top, _, rest = field.partition(".")
+    if top == "cache" and getattr(args, "cache", None) is None and getattr(args, "pab", None) is not None:
+        top = "pab"  # one setting under two options: name the one given
+    return f"--{top.replace('_', '-')}{' ' + rest if rest else ''}: {e}"
 
 
 if __name__ == "__main__":

@@ -184,17 +184,17 @@ def field_path(loc: Any) -> str:
     return ".".join(str(p) for p in loc if isinstance(p, int) or (p.isidentifier() and not p[:1].isupper()))
 
 
-def _deepest_first(error: ValidationError) -> list[Any]:
-    """Its errors, the deepest first: of a union's branches ("off"/"paper" or rules), the one that got furthest
-    says most."""
-    return sorted(error.errors(), key=lambda e: -len(field_path(e["loc"]).split(".")))
+def deepest_first(errors: list[dict[str, Any]], skip: int = 0) -> list[dict[str, Any]]:
+    """Pydantic's errors, the deepest first (their `loc` less its first `skip` parts, e.g. FastAPI's "body"): of
+    a union's branches ("off"/"paper" or rules), the one that got furthest says most. Stable otherwise."""
+    return sorted(errors, key=lambda e: -len(field_path(e["loc"][skip:]).split(".")))
 
 
 def describe(error: ValidationError, prefix: str = "") -> str:
     """A validation error in one line, a problem per field (`--num-frames: ...` with prefix "--"); of a
     union's branches, the one that got furthest is reported."""
     said: dict[str, str] = {}
-    for err in _deepest_first(error):
+    for err in deepest_first(error.errors()):
         path = field_path(err["loc"])
         top = path.split(".")[0]
         if top not in said:
@@ -208,5 +208,5 @@ def describe(error: ValidationError, prefix: str = "") -> str:
 def request_error(error: ValidationError, prefix: str = "") -> RequestError:
     """`describe`'s line as a RequestError at the field it reports first (the deepest; "" for the settings as
     a whole)."""
-    errors = _deepest_first(error)
+    errors = deepest_first(error.errors())
     return RequestError(field_path(errors[0]["loc"]) if errors else "", describe(error, prefix))

@@ -88,6 +88,11 @@ def test_generate_writes_a_decodable_video_and_sidecar(tmp_path: Path):
          r"unknown cache 'teacache-fastest'; use one of \['off', 'paper', 'fixed-fast', 'fixed-slow', "
          r"'magcache-fast', 'magcache-slow', 'teacache-fast', 'teacache-slow'\]"),
         (["--cache", "off", "--pab", "paper"], "cache 'off' and pab 'paper' disagree"),
+        # the engine's checks name their field, and the error leads with its option (as given)
+        (["--model", "opensora-plan-v1.1-tiny", "--num-frames", "16"], "^pab: error: --num-frames: .*4k\\+1"),
+        (["--model", "opensora-v1.2-tiny", "--pab", '{"spatial": {"range": 2, "window": [450, 930], "blocks": [7]}}'],
+         "^pab: error: --pab spatial.blocks: block 7 does not exist; opensora-v1.2-tiny has blocks 0-1$"),
+        (["--model", "opensora-v1.2-tiny", "--cache", '{"policy": "teacache"}'], "^pab: error: --cache threshold: "),
     ],
 )
 def test_bad_input_is_a_clear_error_with_no_output(tmp_path: Path, capsys, args, message):
@@ -100,7 +105,7 @@ def test_bad_input_is_a_clear_error_with_no_output(tmp_path: Path, capsys, args,
     assert code == 2
     import re
 
-    assert re.search(message, err), err
+    assert re.search(message, err, re.MULTILINE), err
     assert not out.exists() and not out.with_suffix(".json").exists()
 
 
