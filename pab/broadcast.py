@@ -186,7 +186,7 @@ class PABConfig:
             for b in rule.blocks if rule is not None and rule.blocks is not None else ():
                 if not 0 <= b < depth:
                     hint = " (blocks count from 0, not from the end)" if b < 0 else ""
-                    raise RequestError(f"{kind}.blocks", f"block {b} does not exist{hint}; {model} has blocks "
+                    raise RequestError(f"{kind}.blocks", f"{kind} block {b} does not exist{hint}; {model} has blocks "
                                        f"0-{depth - 1}")  # fmt: skip
         return self
 

@@ -210,8 +210,8 @@ TINY_RANGE = "opensora-v1.2-tiny has blocks 0-1$"
 @pytest.mark.parametrize(
     "model, block, message",
     [
-        ("opensora-v1.2-tiny", 999999, r"^block 999999 does not exist; " + TINY_RANGE),
-        ("opensora-v1.2-tiny", -1, r"^block -1 does not exist \(blocks count from 0, not from"),
+        ("opensora-v1.2-tiny", 999999, r"^spatial block 999999 does not exist; " + TINY_RANGE),
+        ("opensora-v1.2-tiny", -1, r"^spatial block -1 does not exist \(blocks count from 0, not from"),
         ("opensora-v1.2-tiny", -1, TINY_RANGE),
         ("opensora-v1.2-tiny", 2, "block 2 does not exist; " + TINY_RANGE),
         ("opensora-v1.2-small", 4, "block 4 does not exist; opensora-v1.2-small has blocks 0-3$"),

@@ -91,7 +91,7 @@ def test_generate_writes_a_decodable_video_and_sidecar(tmp_path: Path):
         # the engine's checks name their field, and the error leads with its option (as given)
         (["--model", "opensora-plan-v1.1-tiny", "--num-frames", "16"], "^pab: error: --num-frames: .*4k\\+1"),
         (["--model", "opensora-v1.2-tiny", "--pab", '{"spatial": {"range": 2, "window": [450, 930], "blocks": [7]}}'],
-         "^pab: error: --pab spatial.blocks: block 7 does not exist; opensora-v1.2-tiny has blocks 0-1$"),
+         "^pab: error: --pab spatial.blocks: spatial block 7 does not exist; opensora-v1.2-tiny has blocks 0-1$"),
         (["--model", "opensora-v1.2-tiny", "--cache", '{"policy": "teacache"}'], "^pab: error: --cache threshold: "),
     ],
 )

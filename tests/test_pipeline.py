@@ -121,7 +121,7 @@ def test_cancel_and_bad_requests(pipe):
         pipe.generate(req(pipe, height=8))
     with pytest.raises(ValueError, match="prompt must not be empty"):
         pipe.generate(req(pipe, prompt="  "))
-    with pytest.raises(ValueError, match=f"^block 2 does not exist; {pipe.name} has blocks 0-1"):
+    with pytest.raises(ValueError, match=f"^spatial block 2 does not exist; {pipe.name} has blocks 0-1"):
         pipe.generate(req(pipe, pab={"spatial": {"range": 2, "window": [450, 930], "blocks": [2]}}))
 
 
