@@ -24,8 +24,10 @@ try:
     import triton
     import triton.language as tl
     from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from pab.kernels.fp8 import gelu_tanh
 except ImportError:  # pragma: no cover - depends on the install
-    triton = tl = TensorDescriptor = None
+    triton = tl = TensorDescriptor = gelu_tanh = None
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): the best of bench.fp8's sweep on an H200
 FC1_CONFIG = (128, 128, 64, 8, 4, 4)
@@ -106,14 +108,7 @@ if triton is not None:
             x += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         keep = (rows[:, None] < M) & (cols[None, :] < N)
         if GELU:
-            u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-            if FAST_TANH:
-                t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [u], dtype=tl.float32,
-                                              is_pure=True, pack=1)  # fmt: skip
-                g = 0.5 * x * (1.0 + t)
-            else:
-                g = x * tl.sigmoid(2.0 * u)
-            g = g.to(h_ptr.dtype.element_ty)
+            g = gelu_tanh(x, FAST_TANH).to(h_ptr.dtype.element_ty)
             tl.store(h_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], g, mask=keep)
             row_max = tl.max(tl.where(keep, tl.abs(g.to(tl.float32)), 0.0), axis=1)
             tl.atomic_max(amax_ptr + rows, row_max, mask=rows < M)

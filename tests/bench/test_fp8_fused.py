@@ -5,21 +5,14 @@ float32 -> e4m3 wrongly (tests/kernels/test_fp8.py), so there fc2 gets an input 
 numbers already: the cast is then exact and the product is checked exactly.
 """
 
-import os
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from pab.kernels import fp8
+from support.kernels import DEVICE, needs_triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-CUDA = torch.cuda.is_available() and not INTERPRET
-pytestmark = pytest.mark.skipif(
-    fp8.triton is None or not (INTERPRET or CUDA),
-    reason="needs triton and CUDA, or triton with TRITON_INTERPRET=1 (CPU interpreter)",
-)
-DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = needs_triton
 SMALL = (64, 64, 32, 4, 4, 2)  # tiles small enough for the interpreter, and M, N, K that are not multiples
 
 

@@ -4,24 +4,17 @@ The kernel runs on CUDA or in Triton's CPU interpreter (TRITON_INTERPRET=1, what
 only its scales are checked, see below); the GEMM through torch._scaled_mm needs an fp8 GPU (marked gpu), its float32 emulation runs everywhere.
 """
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pab.kernels import fp8
+from support.kernels import CUDA, DEVICE, needs_triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-CUDA = torch.cuda.is_available() and not INTERPRET
-needs_triton = pytest.mark.skipif(
-    fp8.triton is None or not (INTERPRET or CUDA),
-    reason="needs triton and CUDA, or triton with TRITON_INTERPRET=1 (CPU interpreter)",
-)
 needs_fp8_gpu = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs an fp8 GPU"
 )
-DEVICE = "cuda" if CUDA else "cpu"
 
 
 def _launch(x: torch.Tensor, gelu: str, bias: torch.Tensor | None = None):

@@ -7,21 +7,14 @@ Runs where Triton can: on CUDA, or on the CPU through Triton's interpreter, e.g.
 Without Triton, or without CUDA and TRITON_INTERPRET, the kernel tests skip; `supported` is tested everywhere.
 """
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pab.kernels import KernelOptions, kernel_options, norms, set_kernel_options
+from support.kernels import CUDA, DEVICE, needs_triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-CUDA = torch.cuda.is_available() and not INTERPRET
-needs_triton = pytest.mark.skipif(
-    norms.triton is None or not (INTERPRET or CUDA),
-    reason="needs triton and CUDA, or triton with TRITON_INTERPRET=1 (CPU interpreter)",
-)
-DEVICE = "cuda" if CUDA else "cpu"
 # (B, T, S, C): a C that is not a power of two (masked tail), T = 1, per-frame parameters
 SHAPES = [(2, 3, 5, 96), (1, 1, 7, 64), (2, 4, 3, 40)]
 

@@ -9,7 +9,6 @@ Runs where Triton can: on CUDA, or on the CPU through Triton's interpreter, e.g.
 CUDA and TRITON_INTERPRET, the kernel tests skip; the launch-configuration helpers are tested everywhere.
 """
 
-import os
 import sys
 from pathlib import Path
 
@@ -21,18 +20,12 @@ import torch.nn.functional as F
 from pab.kernels import KernelOptions, kernel_options, set_kernel_options
 from pab.kernels import short_attention as short_attn
 from pab.models import stdit3
+from support.kernels import CUDA, DEVICE, needs_triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 from test_stdit3 import tiny_inputs, tiny_model  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-CUDA = torch.cuda.is_available() and not INTERPRET
-needs_triton = pytest.mark.skipif(
-    short_attn.triton is None or not (INTERPRET or CUDA),
-    reason="needs triton and CUDA, or triton with TRITON_INTERPRET=1 (CPU interpreter)",
-)
 needs_cuda = pytest.mark.skipif(short_attn.triton is None or not CUDA, reason="compares compiled kernels on CUDA")
-DEVICE = "cuda" if CUDA else "cpu"
 
 # float16: the kernel rounds q, k (after norm + RoPE), p and the output to fp16, fp16 sdpa rounds after the norm,
 # after RoPE, inside flash and at the output; on these outputs (up to ~2 in magnitude) both land <= ~1.2e-3
