@@ -41,32 +41,21 @@ def test_options_are_the_fields():
     assert s.engine_fields()["pab"] == "off" and s.engine_fields()["cache"] is None
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--steps", "0"], "--steps: Input should be greater than or equal to 1 (got 0)"),
-    (["--num-frames", "2000"], "--num-frames: Input should be less than or equal to 1024 (got 2000)"),
-    (["--seed", "-1"], "--seed: Input should be greater than or equal to 0 (got -1)"),
-    (["--cache", "Tea Cache"], "--cache: String should match pattern"),
-    (["--cache", '{"spatial": {"range": 0, "window": [1, 2]}}'], "--cache.spatial.range: Input should be greater"),
-    (["--cache", "missing.json"], "--cache: settings file 'missing.json' does not exist"),
-    (["--pab", "{nope"], "--pab: '{nope' is not valid JSON"),
+@pytest.mark.parametrize("argv, field, message", [
+    (["--steps", "0"], "steps", "--steps: Input should be greater than or equal to 1 (got 0)"),
+    (["--num-frames", "2000"], "num_frames", "--num-frames: Input should be less than or equal to 1024 (got 2000)"),
+    (["--num-frames", "2000", "--seed", "-1"], "num_frames", "--num-frames: "),  # the first the message names
+    (["--seed", "-1"], "seed", "--seed: Input should be greater than or equal to 0 (got -1)"),
+    (["--cache", "Tea Cache"], "cache", "--cache: String should match pattern"),
+    (["--cache", '{"spatial": {"range": 0, "window": [1, 2]}}'], "cache.spatial.range",  # the deepest
+     "--cache.spatial.range: Input should be greater"),
+    (["--cache", "missing.json"], "cache", "--cache: settings file 'missing.json' does not exist"),
+    (["--pab", "{nope"], "pab", "--pab: '{nope' is not valid JSON"),
 ])  # fmt: skip
-def test_a_bad_option_is_named(argv, message):
-    with pytest.raises(ValueError) as e:
-        from_options(parse(*argv))
-    assert str(e.value).startswith(message), str(e.value)
-
-
-@pytest.mark.parametrize("argv, field", [
-    (["--steps", "0"], "steps"),
-    (["--num-frames", "2000", "--seed", "-1"], "num_frames"),  # the first the message names
-    (["--cache", '{"spatial": {"range": 0, "window": [1, 2]}}'], "cache.spatial.range"),  # the deepest
-    (["--cache", "missing.json"], "cache"),
-    (["--pab", "{nope"], "pab"),
-])  # fmt: skip
-def test_a_bad_option_is_a_request_error_at_its_field(argv, field):
+def test_a_bad_option_is_a_request_error_naming_it(argv, field, message):
     with pytest.raises(RequestError) as e:
         from_options(parse(*argv))
-    assert e.value.field == field and str(e.value).startswith(f"--{field.replace('_', '-')}"), str(e.value)
+    assert e.value.field == field and str(e.value).startswith(message), str(e.value)
 
 
 def test_a_json_file_is_read_at_the_edge(tmp_path):
