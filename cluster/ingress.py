@@ -251,7 +251,12 @@ class VideoAPI:
 
             checkpoint = self.cfg.model(model).checkpoint
             remote = bool(checkpoint and checkpoint.startswith("s3://"))
-            self._calibrations[model] = (None if remote else model_calibration(model, checkpoint), remote)
+            try:
+                calibration = None if remote else model_calibration(model, checkpoint)
+            except ValueError as e:  # a damaged cache.json beside the weights: the server's to fix, not the request's
+                raise _error(500, "model_misconfigured", f"{model}'s weights come with a calibration this server "
+                             f"cannot read: {e}. Fix or remove it (`pab calibrate` writes it).") from None  # fmt: skip
+            self._calibrations[model] = (calibration, remote)
         return self._calibrations[model]
 
     def _resolve(self, request: dict[str, Any], seconds: float | None) -> tuple[dict[str, Any], str, list[str]]:
@@ -268,7 +273,7 @@ class VideoAPI:
                 request["num_frames"], request["fps"] = frames_for_seconds(request["model"], seconds, request["fps"])
             calibration, unchecked = self._calibration(request["model"])
             return plan_request(request, calibration, names_unchecked=unchecked)
-        except ValueError:
+        except (ValueError, HTTPException):
             raise
         except Exception as e:  # noqa: BLE001
             log.warning("request check unavailable (%s: %s); using the model's defaults", type(e).__name__, e)

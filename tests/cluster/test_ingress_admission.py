@@ -119,6 +119,30 @@ def test_the_models_checks_name_the_field_they_refuse(tmp_path, model, body, par
     assert error["loc"] == ["body", *param.split(".")] and said in error["msg"], error
 
 
+def test_a_damaged_calibration_beside_the_weights_is_the_servers_error_not_the_requests(tmp_path):
+    """A cache.json the server cannot read is a 500 naming the file and what to do, for any request (not a 422
+    blaming the body); once fixed, the next request is accepted without a restart."""
+    import shutil
+
+    from pab.models import shipped_checkpoint
+
+    weights = tmp_path / "weights"
+    shutil.copytree(shipped_checkpoint("opensora-v1.2-small"), weights)
+    (weights / "cache.json").write_text("{not json")
+    svc = ingress.VideoAPI({"models": [{"name": "opensora-v1.2-small", "checkpoint": str(weights)}],
+                            "storage": {"backend": "local", "path": str(tmp_path / "store")}}, pools={})  # fmt: skip
+    svc._start = lambda job_id: None
+    client = TestClient(ingress.build_api(svc), raise_server_exceptions=False)
+    r = client.post("/v1/videos", json={"prompt": "a fox", "num_frames": 17})
+    assert r.status_code == 500, r.text
+    error = r.json()["error"]
+    assert error["code"] == "model_misconfigured" and error["type"] == "server_error", error
+    assert str(weights / "cache.json") in error["message"] and "Fix or remove it" in error["message"], error
+    (weights / "cache.json").unlink()
+    r = client.post("/v1/videos", json={"prompt": "a fox", "num_frames": 17})
+    assert r.status_code == 200, r.text
+
+
 def test_a_check_that_names_no_field_is_about_the_body(served, monkeypatch):
     """A plain ValueError from the checks (none is raised for a valid body today) is still a 422, about the body."""
 
