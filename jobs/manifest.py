@@ -10,8 +10,9 @@ Two kinds of problems, handled differently:
   a known one) raises `ManifestError` before anything renders;
 * a bad *row* (missing id, empty prompt, duplicate id, a value of the wrong type) becomes a `RowPlan`
   with ``error`` set; the job reports it in the results table and carries on. What a model can take
-  (frame counts, sizes) is checked by the engine itself (`Pipeline.resolve`) on the GPU group, so the
-  rule lives in one place; its ValueError lands in the same results row.
+  (frame counts, sizes, cache rules) is the engine's own check (`pab.pipeline.resolve_request`), which
+  `plan_rows` runs weight-free through `check` where the job gives one (as the HTTP ingress does), so a
+  dry run already names the rows the model refuses and no GPU group is asked for them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import io
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -151,8 +152,11 @@ def _clean_id(value: Any) -> str | None:
     return text or None
 
 
-def plan_rows(table: pa.Table, model: str, defaults: RenderSettings) -> list[RowPlan]:
-    """One `RowPlan` per manifest row, in order. Never raises for a bad row."""
+def plan_rows(
+    table: pa.Table, model: str, defaults: RenderSettings, check: Callable[[dict[str, Any]], str | None] | None = None
+) -> list[RowPlan]:
+    """One `RowPlan` per manifest row, in order. Never raises for a bad row. `check(request)` says why the model
+    cannot take a row's request (None: it can)."""
     settings_cols = [c for c in ROW_SETTINGS if c in table.column_names]
     base = defaults.model_dump(exclude_unset=True)
     plans: list[RowPlan] = []
@@ -190,6 +194,10 @@ def plan_rows(table: pa.Table, model: str, defaults: RenderSettings) -> list[Row
                 request.pop(newer, None)
         if request["seed"] is None:
             request["seed"] = seed_for_id(row_id)
+        refused = check(request) if check is not None else None
+        if refused:
+            plan.error = f"the model cannot take it: {refused}"
+            continue
         plan.request = request
         plan.fingerprint = fingerprint(request)
     return plans

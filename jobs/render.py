@@ -43,7 +43,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from pab.request import add_options, from_options
 from pab.storage import NotFound, Storage, StorageConfig, storage_from_config, video_keys
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--output", required=True, help="output folder or s3://bucket/prefix")
     io.add_argument("--s3-endpoint", default=None,
                     help="S3 endpoint URL (default: $PAB_S3_ENDPOINT, $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, AWS)")
-    io.add_argument("--dry-run", action="store_true", help="check the manifest and report what would render")
+    io.add_argument("--dry-run", action="store_true",
+                    help="check the manifest, and each row against the model's rules, and report what would render")
 
     g = p.add_argument_group("model and GPU groups")
     g.add_argument("--model", default="opensora-v1.2", help="model name (`pab models`), e.g. opensora-v1.2-tiny")
@@ -212,6 +213,36 @@ class Progress:
             )
 
 
+def engine_check(model: str, checkpoint: str | None) -> Callable[[dict[str, Any]], str | None]:
+    """The model's own checks on a row's request, weight-free (`actors.engine.plan_request`, as the ingress runs
+    them), once per distinct settings: a manifest of thousands of rows has a handful. Returns the refusal naming
+    its field, or None. Preset names are left to the groups where the weights (and their calibration) are on S3."""
+    from actors.engine import model_calibration, plan_request
+
+    remote = bool(checkpoint and checkpoint.startswith("s3://"))
+    try:
+        calibration = None if remote else model_calibration(model, checkpoint)
+    except ValueError as e:  # a damaged cache.json: the groups load it too, and say so on every row
+        log.warning("the calibration beside %s's weights cannot be read (%s); preset names are checked by the "
+                    "groups", model, e)  # fmt: skip
+        calibration, remote = None, True
+    seen: dict[str, str | None] = {}
+
+    def check(request: dict[str, Any]) -> str | None:
+        settings = json.dumps({k: v for k, v in request.items() if k not in ("prompt", "seed")}, sort_keys=True,
+                              default=str)  # fmt: skip
+        if settings not in seen:
+            try:
+                plan_request(dict(request), calibration, names_unchecked=remote)
+                seen[settings] = None
+            except ValueError as e:
+                field = getattr(e, "field", "")
+                seen[settings] = f"{field}: {e}" if field else str(e)
+        return seen[settings]
+
+    return check
+
+
 # ----------------------------------------------------------------------------------------------------
 # The job
 # ----------------------------------------------------------------------------------------------------
@@ -238,7 +269,7 @@ class BulkRender:
         """(all plans, the ones to render now); fills results for bad, finished and adopted rows."""
         a = self.args
         table = read_manifest(read_uri(a.manifest, a.s3_endpoint), source=a.manifest)
-        plans = plan_rows(table, a.model, a.defaults)
+        plans = plan_rows(table, a.model, a.defaults, engine_check(a.model, a.checkpoint))
         ignored = [c for c in table.column_names if c not in ("id", "prompt") and c not in RenderSettings.model_fields]
         if ignored:
             log.info("manifest columns not used for rendering: %s", ignored)

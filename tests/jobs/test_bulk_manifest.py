@@ -241,6 +241,36 @@ def test_dry_run_plans_against_storage_without_ray(tmp_path, caplog):
     assert not (out / "results.parquet").exists()
 
 
+def test_the_models_own_checks_refuse_rows_at_planning_naming_the_field(tmp_path, caplog, monkeypatch):
+    """Rows the model cannot take fail in the plan (a dry run names them), with the engine's rule and field;
+    the check runs once per distinct settings, not per row."""
+    from actors import engine
+
+    manifest = tmp_path / "m.parquet"
+    blocks = '{"spatial": {"range": 2, "window": [450, 930], "blocks": [7]}}'
+    manifest.write_bytes(parquet(id=["ok1", "frames", "blocks", "ok2", "ok3"],
+                                 prompt=["a cat", "a dog", "a fox", "a cow", "a hen"],
+                                 num_frames=[None, 5, None, None, None],
+                                 pab=[None, None, blocks, None, None]))  # fmt: skip
+    checked = []
+    real = engine.plan_request
+    monkeypatch.setattr(engine, "plan_request", lambda request, *a, **k: checked.append(request) or real(request, *a, **k))
+    args = render.parse_args(["--manifest", str(manifest), "--output", str(tmp_path / "out"), "--model",
+                              "opensora-v1.2-tiny", "--num-frames", "17", "--steps", "4"])  # fmt: skip
+    caplog.set_level("INFO", logger="jobs.render")
+    job = render.BulkRender(args)
+    plans, todo = job.plan()
+    assert [p.id for p in todo] == ["ok1", "ok2", "ok3"]
+    errors = {p.id: p.error for p in plans}
+    assert errors["frames"].startswith("the model cannot take it: num_frames: ") and "num_frames=1 or >= 17" in \
+        errors["frames"]  # fmt: skip
+    assert errors["blocks"] == ("the model cannot take it: cache.spatial.blocks: spatial block 7 does not exist; "
+                                "opensora-v1.2-tiny has blocks 0-1")  # fmt: skip
+    assert {r.id: r.status for r in job.results.values()} == {"frames": "failed", "blocks": "failed"}
+    assert len(checked) == 3  # the three ok rows share their settings: one check for them
+    assert "5 rows, 2 bad, 0 already rendered, 3 to render" in caplog.text
+
+
 def test_a_rerun_adopts_a_video_whose_sidecar_was_never_written(tmp_path, caplog):
     """The crash window between the mp4 PUT and the sidecar PUT: the re-run completes the row without Ray."""
     manifest = tmp_path / "m.parquet"
