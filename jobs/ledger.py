@@ -108,7 +108,7 @@ class Ledger:
         if missing:
             from pab.video import still_images
 
-            video = self.store.get_bytes(mp4)
+            video = self.store.local_path(mp4) or self.store.get_bytes(mp4)  # a local file is read where it is
             try:
                 made = still_images(video, missing)
             except Exception as e:  # noqa: BLE001 - PyAV's errors vary; the video itself is still complete
