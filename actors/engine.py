@@ -99,19 +99,21 @@ def check_request(request: dict[str, Any]) -> dict[str, Any]:
     return plan_request(request)[0]
 
 
-def model_calibration(model: str, checkpoint: str | None = None) -> dict[str, Any] | None:
-    """The step-reuse calibration beside `model`'s weights when they are on this machine (a folder, the shipped
-    `-small` weights, a Hugging Face cache), else None: S3 weights are only read by the GPU groups."""
+def model_calibration(model: str, checkpoint: str | None = None) -> tuple[dict[str, Any] | None, bool]:
+    """What the weight-free checks hold cache presets against: the step-reuse calibration beside `model`'s weights
+    when they are on this machine (a folder, the shipped `-small` weights, a Hugging Face cache), and whether
+    preset names go unchecked here (weights on S3 are only read by the GPU groups). ValueError for a calibration
+    file that cannot be read."""
     from pab.caching import load_calibration
     from pab.checkpoint import resolve_sources
 
     if checkpoint is not None and checkpoint.startswith("s3://"):
-        return None
+        return None, True
     try:
         sources = resolve_sources(model, checkpoint)
     except ValueError:
-        return None
-    return load_calibration(sources.calibration if sources else None)
+        return None, False
+    return load_calibration(sources.calibration if sources else None), False
 
 
 def plan_request(

@@ -249,14 +249,11 @@ class VideoAPI:
         if model not in self._calibrations:
             from actors.engine import model_calibration
 
-            checkpoint = self.cfg.model(model).checkpoint
-            remote = bool(checkpoint and checkpoint.startswith("s3://"))
             try:
-                calibration = None if remote else model_calibration(model, checkpoint)
+                self._calibrations[model] = model_calibration(model, self.cfg.model(model).checkpoint)
             except ValueError as e:  # a damaged cache.json beside the weights: the server's to fix, not the request's
                 raise _error(500, "model_misconfigured", f"{model}'s weights come with a calibration this server "
                              f"cannot read: {e}. Fix or remove it (`pab calibrate` writes it).") from None  # fmt: skip
-            self._calibrations[model] = (calibration, remote)
         return self._calibrations[model]
 
     def _resolve(self, request: dict[str, Any], seconds: float | None) -> tuple[dict[str, Any], str, list[str]]:

@@ -219,13 +219,12 @@ def engine_check(model: str, checkpoint: str | None) -> Callable[[dict[str, Any]
     its field, or None. Preset names are left to the groups where the weights (and their calibration) are on S3."""
     from actors.engine import model_calibration, plan_request
 
-    remote = bool(checkpoint and checkpoint.startswith("s3://"))
     try:
-        calibration = None if remote else model_calibration(model, checkpoint)
+        calibration, unchecked = model_calibration(model, checkpoint)
     except ValueError as e:  # a damaged cache.json: the groups load it too, and say so on every row
         log.warning("the calibration beside %s's weights cannot be read (%s); preset names are checked by the "
                     "groups", model, e)  # fmt: skip
-        calibration, remote = None, True
+        calibration, unchecked = None, True
     seen: dict[str, str | None] = {}
 
     def check(request: dict[str, Any]) -> str | None:
@@ -233,7 +232,7 @@ def engine_check(model: str, checkpoint: str | None) -> Callable[[dict[str, Any]
                               default=str)  # fmt: skip
         if settings not in seen:
             try:
-                plan_request(dict(request), calibration, names_unchecked=remote)
+                plan_request(dict(request), calibration, names_unchecked=unchecked)
                 seen[settings] = None
             except ValueError as e:
                 field = getattr(e, "field", "")
