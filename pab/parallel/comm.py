@@ -73,70 +73,10 @@ def even_sizes(total: int, parts: int) -> list[int]:
     return [base + (i < extra) for i in range(parts)]
 
 
-def split_frames(x: torch.Tensor, dim: int, layout: FrameLayout, rank: int) -> torch.Tensor:
-    """This rank's frames of `x` along `dim` (no communication)."""
-    if x.size(dim) != layout.num_frames:
-        raise ValueError(f"expected {layout.num_frames} frames along dim {dim}, got shape {tuple(x.shape)}")
-    index = layout.local_index(rank)
-    if index is None:
-        return x.narrow(dim, layout.starts[rank], layout.counts[rank])
-    return x.index_select(dim, index.to(x.device))
-
-
-def split_flat_frames(x: torch.Tensor, dim: int, batch: int, layout: FrameLayout, rank: int) -> torch.Tensor:
-    """Like `split_frames` for a dim that folds (batch, frames) sample-major, e.g. rows b*T + t."""
-    if x.size(dim) != batch * layout.num_frames:
-        raise ValueError(
-            f"expected dim {dim} of size batch*frames = {batch}*{layout.num_frames}, got shape {tuple(x.shape)}"
-        )
-    shape = list(x.shape)
-    unfolded = x.reshape(shape[:dim] + [batch, layout.num_frames] + shape[dim + 1:])
-    local = split_frames(unfolded, dim + 1, layout, rank)
-    return local.reshape(shape[:dim] + [-1] + shape[dim + 1:])
-
-
-def gather_frames(
-    local: torch.Tensor,
-    dim: int,
-    layout: FrameLayout,
-    rank: int,
-    group: dist.ProcessGroup | None,
-    stats: CommStats | None = None,
-) -> torch.Tensor:
-    """Concatenate every rank's real frames along `dim`; every rank receives the whole video.
-
-    `all_gather` needs equal shapes, so each rank pads its part to the longest local length; the pads
-    (and pad frames) are dropped after the gather.
-    """
-    if layout.size == 1:
-        return local
-    if local.size(dim) != layout.local_len(rank):
-        raise ValueError(
-            f"rank {rank} should hold {layout.local_len(rank)} frames along dim {dim}, got shape {tuple(local.shape)}"
-        )
-    longest = max(layout.local_len(r) for r in range(layout.size))
-    if local.size(dim) < longest:
-        pad_shape = list(local.shape)
-        pad_shape[dim] = longest - local.size(dim)
-        local = torch.cat([local, local.new_zeros(pad_shape)], dim=dim)
-    local = local.contiguous()
-    parts = [torch.empty_like(local) for _ in range(layout.size)]
-    dist.all_gather(parts, local, group=group)
-    if stats is not None:
-        stats.gather_bytes += local.numel() * local.element_size() * (layout.size - 1)
-    return torch.cat([p.narrow(dim, 0, c) for p, c in zip(parts, layout.counts)], dim=dim)
-
-
 def _start_all_to_all(
-    send: torch.Tensor,
-    send_sizes: list[int],
-    recv_sizes: list[int],
-    rank: int,
-    group: dist.ProcessGroup | None,
-    stats: CommStats | None,
-    recv: torch.Tensor | None = None,
-    count: bool = True,
-) -> tuple[torch.Tensor, Any]:
+    send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int], shard: FrameShard,
+    recv: torch.Tensor | None = None, count: bool = True,
+) -> tuple[torch.Tensor, Any]:  # fmt: skip
     """Start sending `send`'s consecutive pieces of `send_sizes` elements to ranks 0..N-1.
 
     Returns the flat receive buffer (`recv`, or a new one), which will hold what rank j sent in its j-th
@@ -146,10 +86,10 @@ def _start_all_to_all(
     """
     recv = send.new_empty(sum(recv_sizes)) if recv is None else recv.view(-1)
     work = dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes,
-                                  group=group, async_op=True)  # fmt: skip
-    if stats is not None:
-        stats.all_to_all_done += int(count)
-        stats.all_to_all_bytes += (send.numel() - send_sizes[rank]) * send.element_size()
+                                  group=shard.group, async_op=True)  # fmt: skip
+    if shard.stats is not None:
+        shard.stats.all_to_all_done += int(count)
+        shard.stats.all_to_all_bytes += (send.numel() - send_sizes[shard.rank]) * send.element_size()
     return recv, work
 
 
@@ -170,109 +110,142 @@ def _start_all_to_all(
 # with the previous chunk's attention.
 
 
-def start_switch_to_full_frames(
-    x: torch.Tensor,
-    layout: FrameLayout,
-    rank: int,
-    group: dist.ProcessGroup | None,
-    stats: CommStats | None = None,
-    count: bool = True,
-    blocks: bool = False,
-) -> Callable[[], torch.Tensor]:
-    """`switch_to_full_frames`, started: returns the function that finishes it. `blocks`: finish with frame
-    blocks (R_rank, N, T/N, *rest) instead of (R_rank, T, *rest) when every rank holds T/N frames."""
-    rows = even_sizes(x.size(0), layout.size)
-    rest = tuple(x.shape[2:])
-    inner = int(torch.Size(rest).numel())
-    # (R, count_r, *rest) split on dim 0 is consecutive ranges of the flat tensor: a view when x is contiguous
-    send = x.narrow(1, 0, layout.counts[rank]).reshape(-1)
-    send_sizes = [r * layout.counts[rank] * inner for r in rows]
-    recv_sizes = [rows[rank] * c * inner for c in layout.counts]
-    recv, work = _start_all_to_all(send, send_sizes, recv_sizes, rank, group, stats, count=count)
+@dataclass(frozen=True)
+class FrameShard:
+    """One rank's part of a `FrameLayout` and how it trades frames with the rest of its group.
 
-    def finish() -> torch.Tensor:
-        work.wait()
-        if blocks and even_frames(layout):
-            return recv.view(layout.size, rows[rank], layout.counts[0], *rest).transpose(0, 1)
-        received = [chunk.view(rows[rank], c, *rest) for chunk, c in zip(recv.split(recv_sizes), layout.counts)]
-        return torch.cat(received, dim=1)
-
-    return finish
-
-
-def switch_to_full_frames(
-    x: torch.Tensor,
-    layout: FrameLayout,
-    rank: int,
-    group: dist.ProcessGroup | None,
-    stats: CommStats | None = None,
-) -> torch.Tensor:
-    """(R, T_local, *rest) split on frames -> (R_rank, T, *rest) split on rows (dim 0). One all-to-all.
-
-    Rows are spread with `even_sizes(R, N)`; only real frames are sent (pad frames stay behind).
+    `group` is the sequence-parallel process group (None: the default group); `stats`, when given, counts
+    the bytes and collectives. Splitting needs no communication; `gather` and the switches are collectives
+    that every rank of the group must enter with the same layout.
     """
-    return start_switch_to_full_frames(x, layout, rank, group, stats)()
 
+    layout: FrameLayout
+    rank: int
+    group: dist.ProcessGroup | None = None
+    stats: CommStats | None = None
 
-def start_switch_to_local_frames(
-    y: torch.Tensor,
-    num_rows: int,
-    layout: FrameLayout,
-    rank: int,
-    group: dist.ProcessGroup | None,
-    stats: CommStats | None = None,
-    out: torch.Tensor | None = None,
-    count: bool = True,
-    blocks: bool = False,
-) -> Callable[[], torch.Tensor]:
-    """`switch_to_local_frames`, started: returns the function that finishes it. `out`, a contiguous
-    (num_rows, T_local, *rest) tensor, receives the result in place (when this rank has real frames).
-    `blocks`: `y` is frame blocks (R_rank, N, T/N, *rest), as `start_switch_to_full_frames(blocks=True)`
-    returned them; if it is a transposed view of a contiguous (N, R_rank, T/N, *rest), it is sent as it lies."""
-    rows = even_sizes(num_rows, layout.size)
-    blocked = blocks and even_frames(layout)
-    lead = (rows[rank], layout.size, layout.counts[0]) if blocked else (rows[rank], layout.num_frames)
-    if tuple(y.shape[: len(lead)]) != lead:
-        raise ValueError(f"rank {rank} expected {'frame blocks ' if blocked else ''}({', '.join(map(str, lead))}, "
-                         f"...) after temporal attention, got {tuple(y.shape)}")
-    rest = tuple(y.shape[len(lead):])
-    inner = int(torch.Size(rest).numel())
-    send_sizes = [rows[rank] * c * inner for c in layout.counts]
-    if blocked and y.transpose(0, 1).is_contiguous():
-        send = y.transpose(0, 1).reshape(-1)  # a view: block j is rank j's frames of all our rows
-    elif blocked:
-        send = y.new_empty(y.numel())
-        send.view(layout.size, rows[rank], layout.counts[0], *rest).copy_(y.transpose(0, 1))
-    else:
-        send = y.new_empty(y.numel())
-        for piece, slot in zip(y.split(list(layout.counts), dim=1), send.split(send_sizes)):
-            slot.view(piece.shape).copy_(piece)  # frames of rank j, all rows: one strided copy each
-    recv_sizes = [r * layout.counts[rank] * inner for r in rows]
-    if layout.counts[rank] == 0:
-        out = None  # nothing arrives; the result is a zero pad frame
-    recv, work = _start_all_to_all(send, send_sizes, recv_sizes, rank, group, stats, recv=out, count=count)
+    @property
+    def count(self) -> int:
+        """Real frames this rank holds (0 when it holds only a pad frame)."""
+        return self.layout.counts[self.rank]
 
-    def finish() -> torch.Tensor:
-        work.wait()
-        if layout.counts[rank] == 0:
-            return y.new_zeros((num_rows, 1, *rest))
-        # rank j sent rows [sum(rows[:j]), +rows[j]) of our frames, in order: the buffer is (R, count_r, *rest)
-        return recv.view(num_rows, layout.counts[rank], *rest)
+    def split(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's frames of `x` along `dim` (no communication)."""
+        layout = self.layout
+        if x.size(dim) != layout.num_frames:
+            raise ValueError(f"expected {layout.num_frames} frames along dim {dim}, got shape {tuple(x.shape)}")
+        index = layout.local_index(self.rank)
+        if index is None:
+            return x.narrow(dim, layout.starts[self.rank], self.count)
+        return x.index_select(dim, index.to(x.device))
 
-    return finish
+    def split_flat(self, x: torch.Tensor, dim: int, batch: int) -> torch.Tensor:
+        """Like `split` for a dim that folds (batch, frames) sample-major, e.g. rows b*T + t."""
+        frames = self.layout.num_frames
+        if x.size(dim) != batch * frames:
+            raise ValueError(f"expected dim {dim} of size batch*frames = {batch}*{frames}, got shape {tuple(x.shape)}")
+        shape = list(x.shape)
+        local = self.split(x.reshape(shape[:dim] + [batch, frames] + shape[dim + 1:]), dim + 1)
+        return local.reshape(shape[:dim] + [-1] + shape[dim + 1:])
 
+    def gather(self, local: torch.Tensor, dim: int) -> torch.Tensor:
+        """Concatenate every rank's real frames along `dim`; every rank receives the whole video.
 
-def switch_to_local_frames(
-    y: torch.Tensor,
-    num_rows: int,
-    layout: FrameLayout,
-    rank: int,
-    group: dist.ProcessGroup | None,
-    stats: CommStats | None = None,
-) -> torch.Tensor:
-    """Inverse of `switch_to_full_frames`: (R_rank, T, *rest) -> (R, T_local, *rest). One all-to-all.
+        `all_gather` needs equal shapes, so each rank pads its part to the longest local length; the pads
+        (and pad frames) are dropped after the gather.
+        """
+        layout, rank = self.layout, self.rank
+        if layout.size == 1:
+            return local
+        if local.size(dim) != layout.local_len(rank):
+            raise ValueError(f"rank {rank} should hold {layout.local_len(rank)} frames along dim {dim}, got shape "
+                             f"{tuple(local.shape)}")  # fmt: skip
+        longest = max(layout.local_len(r) for r in range(layout.size))
+        if local.size(dim) < longest:
+            pad_shape = list(local.shape)
+            pad_shape[dim] = longest - local.size(dim)
+            local = torch.cat([local, local.new_zeros(pad_shape)], dim=dim)
+        local = local.contiguous()
+        parts = [torch.empty_like(local) for _ in range(layout.size)]
+        dist.all_gather(parts, local, group=self.group)
+        if self.stats is not None:
+            self.stats.gather_bytes += local.numel() * local.element_size() * (layout.size - 1)
+        return torch.cat([p.narrow(dim, 0, c) for p, c in zip(parts, layout.counts)], dim=dim)
 
-    `num_rows` is R, the row count before the forward switch. A rank without real frames gets zeros
-    in its pad frame.
-    """
-    return start_switch_to_local_frames(y, num_rows, layout, rank, group, stats)()
+    def to_full(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, T_local, *rest) split on frames -> (R_rank, T, *rest) split on rows (dim 0). One all-to-all.
+
+        Rows are spread with `even_sizes(R, N)`; only real frames are sent (pad frames stay behind).
+        """
+        return self.start_to_full(x)()
+
+    def start_to_full(self, x: torch.Tensor, count: bool = True, blocks: bool = False) -> Callable[[], torch.Tensor]:
+        """`to_full`, started: returns the function that finishes it. `blocks`: finish with frame blocks
+        (R_rank, N, T/N, *rest) instead of (R_rank, T, *rest) when every rank holds T/N frames."""
+        layout, rank = self.layout, self.rank
+        rows = even_sizes(x.size(0), layout.size)
+        rest = tuple(x.shape[2:])
+        inner = int(torch.Size(rest).numel())
+        # (R, count_r, *rest) split on dim 0 is consecutive ranges of the flat tensor: a view when x is contiguous
+        send = x.narrow(1, 0, self.count).reshape(-1)
+        send_sizes = [r * self.count * inner for r in rows]
+        recv_sizes = [rows[rank] * c * inner for c in layout.counts]
+        recv, work = _start_all_to_all(send, send_sizes, recv_sizes, self, count=count)
+
+        def finish() -> torch.Tensor:
+            work.wait()
+            if blocks and even_frames(layout):
+                return recv.view(layout.size, rows[rank], layout.counts[0], *rest).transpose(0, 1)
+            received = [chunk.view(rows[rank], c, *rest) for chunk, c in zip(recv.split(recv_sizes), layout.counts)]
+            return torch.cat(received, dim=1)
+
+        return finish
+
+    def to_local(self, y: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """Inverse of `to_full`: (R_rank, T, *rest) -> (R, T_local, *rest). One all-to-all.
+
+        `num_rows` is R, the row count before the forward switch. A rank without real frames gets zeros
+        in its pad frame.
+        """
+        return self.start_to_local(y, num_rows)()
+
+    def start_to_local(
+        self, y: torch.Tensor, num_rows: int, out: torch.Tensor | None = None, count: bool = True,
+        blocks: bool = False,
+    ) -> Callable[[], torch.Tensor]:  # fmt: skip
+        """`to_local`, started: returns the function that finishes it. `out`, a contiguous (num_rows, T_local,
+        *rest) tensor, receives the result in place (when this rank has real frames). `blocks`: `y` is frame
+        blocks (R_rank, N, T/N, *rest), as `start_to_full(blocks=True)` returned them; if it is a transposed
+        view of a contiguous (N, R_rank, T/N, *rest), it is sent as it lies."""
+        layout, rank = self.layout, self.rank
+        rows = even_sizes(num_rows, layout.size)
+        blocked = blocks and even_frames(layout)
+        lead = (rows[rank], layout.size, layout.counts[0]) if blocked else (rows[rank], layout.num_frames)
+        if tuple(y.shape[: len(lead)]) != lead:
+            raise ValueError(f"rank {rank} expected {'frame blocks ' if blocked else ''}({', '.join(map(str, lead))}, "
+                             f"...) after temporal attention, got {tuple(y.shape)}")
+        rest = tuple(y.shape[len(lead):])
+        inner = int(torch.Size(rest).numel())
+        send_sizes = [rows[rank] * c * inner for c in layout.counts]
+        if blocked and y.transpose(0, 1).is_contiguous():
+            send = y.transpose(0, 1).reshape(-1)  # a view: block j is rank j's frames of all our rows
+        elif blocked:
+            send = y.new_empty(y.numel())
+            send.view(layout.size, rows[rank], layout.counts[0], *rest).copy_(y.transpose(0, 1))
+        else:
+            send = y.new_empty(y.numel())
+            for piece, slot in zip(y.split(list(layout.counts), dim=1), send.split(send_sizes)):
+                slot.view(piece.shape).copy_(piece)  # frames of rank j, all rows: one strided copy each
+        recv_sizes = [r * self.count * inner for r in rows]
+        if self.count == 0:
+            out = None  # nothing arrives; the result is a zero pad frame
+        recv, work = _start_all_to_all(send, send_sizes, recv_sizes, self, recv=out, count=count)
+
+        def finish() -> torch.Tensor:
+            work.wait()
+            if self.count == 0:
+                return y.new_zeros((num_rows, 1, *rest))
+            # rank j sent rows [sum(rows[:j]), +rows[j]) of our frames, in order: the buffer is (R, count_r, *rest)
+            return recv.view(num_rows, self.count, *rest)
+
+        return finish

@@ -43,16 +43,7 @@ import torch
 import torch.nn as nn
 
 from pab.hooks.registry import ModelHook, get_registry, register_hook, remove_hooks_named
-from pab.parallel.comm import (
-    FrameLayout,
-    even_frames,
-    even_sizes,
-    gather_frames,
-    split_flat_frames,
-    split_frames,
-    start_switch_to_full_frames,
-    start_switch_to_local_frames,
-)
+from pab.parallel.comm import FrameLayout, FrameShard, even_frames, even_sizes
 from pab.parallel.context import ParallelContext
 
 DSP_ENTRY_HOOK = "dsp_entry"
@@ -102,7 +93,7 @@ class _DSPRun:
         self.ctx = ctx
         self.plan = plan
         self.num_temporal = num_temporal
-        self.layout: FrameLayout | None = None
+        self.shard: FrameShard | None = None  # this rank's frames while a forward runs
         self.switches = 0
 
 
@@ -135,20 +126,20 @@ class DSPEntryHook(ModelHook):
         # Entry: this rank's frames of every per-frame input.
         batch = video.size(0)
         temporal_on = plan.temporal_flag is None or bool(a.get(plan.temporal_flag, True))
-        layout = FrameLayout(video.size(plan.frame_dim), ctx.sp_size)
-        a[plan.video_input] = split_frames(video, plan.frame_dim, layout, ctx.sp_rank)
+        shard = FrameShard(FrameLayout(video.size(plan.frame_dim), ctx.sp_size), ctx.sp_rank, ctx.sp_group, ctx.stats)
+        a[plan.video_input] = shard.split(video, plan.frame_dim)
         for name, dim in plan.frame_inputs.items():
             if _is_tensor(a.get(name)):
-                a[name] = split_frames(a[name], dim, layout, ctx.sp_rank)
+                a[name] = shard.split(a[name], dim)
         for name, dim in plan.flat_frame_inputs.items():
             value = a.get(name)
-            if _is_tensor(value) and value.ndim > dim and value.size(dim) == batch * layout.num_frames:
-                a[name] = split_flat_frames(value, dim, batch, layout, ctx.sp_rank)
-        run.layout, run.switches = layout, 0
+            if _is_tensor(value) and value.ndim > dim and value.size(dim) == batch * shard.layout.num_frames:
+                a[name] = shard.split_flat(value, dim, batch)
+        run.shard, run.switches = shard, 0
         try:
             out = forward(*bound.args[1:], **bound.kwargs)
         finally:
-            run.layout = None
+            run.shard = None
 
         # Exit: the whole prediction on every rank.
         ctx.stats.forwards += 1
@@ -160,7 +151,7 @@ class DSPEntryHook(ModelHook):
             )
         if temporal_on:
             ctx.stats.all_to_all_skipped += 2 * max(run.num_temporal - run.switches, 0)
-        pred = gather_frames(pred, plan.output_frame_dim, layout, ctx.sp_rank, ctx.sp_group, ctx.stats)
+        pred = shard.gather(pred, plan.output_frame_dim)
         if plan.output_index is None:
             return pred
         out = list(out)
@@ -178,9 +169,8 @@ class DSPSwitchHook(ModelHook):
 
     def new_forward(self, module: nn.Module, forward: Callable[..., Any], x: torch.Tensor, *args: Any,
                     **kwargs: Any) -> Any:  # fmt: skip
-        run, ctx = self.run, self.run.ctx
-        layout = run.layout
-        if layout is None:  # called outside a parallel forward (e.g. a block used on its own)
+        run, shard = self.run, self.run.shard
+        if shard is None:  # called outside a parallel forward (e.g. a block used on its own)
             return forward(x, *args, **kwargs)
         extra = [k for k, v in [*enumerate(args), *kwargs.items()] if _is_tensor(v)]
         if extra:
@@ -188,39 +178,30 @@ class DSPSwitchHook(ModelHook):
                 f"DSP switches only the token tensor of {type(module).__name__}; it was also given tensor "
                 f"argument(s) {extra}, whose rows would need the same re-sharding"
             )
-        if x.ndim < 3 or x.size(1) != layout.local_len(ctx.sp_rank):
-            raise ValueError(
-                f"temporal attention input must be (B·S, T_local={layout.local_len(ctx.sp_rank)}, C) on sp rank "
-                f"{ctx.sp_rank}, got {tuple(x.shape)}"
-            )
+        local_len = shard.layout.local_len(shard.rank)
+        if x.ndim < 3 or x.size(1) != local_len:
+            raise ValueError(f"temporal attention input must be (B·S, T_local={local_len}, C) on sp rank "
+                             f"{shard.rank}, got {tuple(x.shape)}")  # fmt: skip
         rows = x.size(0)
         run.switches += 1
-        chunks = [c for c in even_sizes(rows, min(ctx.config.overlap_chunks, rows)) if c]
+        chunks = [c for c in even_sizes(rows, min(run.ctx.config.overlap_chunks, rows)) if c]
         if len(chunks) == 1:
             # Frame blocks where the module reads them: (rows_r, N, T/N, C) as received, no reordering copies.
-            blocks = bool(getattr(module, "accepts_frame_blocks", False)) and even_frames(layout)
-            full = start_switch_to_full_frames(x, layout, ctx.sp_rank, ctx.sp_group, ctx.stats, blocks=blocks)()
-            y = forward(full, *args, **kwargs)  # (rows_r, T, C), or frame blocks like `full`
-            return start_switch_to_local_frames(y, rows, layout, ctx.sp_rank, ctx.sp_group, ctx.stats,
-                                                blocks=blocks)()  # fmt: skip
+            blocks = bool(getattr(module, "accepts_frame_blocks", False)) and even_frames(shard.layout)
+            y = forward(shard.start_to_full(x, blocks=blocks)(), *args, **kwargs)  # (rows_r, T, C), or frame blocks
+            return shard.start_to_local(y, rows, blocks=blocks)()
         # Rows are independent sequences: switch and attend them in chunks, starting chunk k+1's all-to-all
         # before chunk k's attention so the two overlap; each chunk's result lands in its rows of `out`.
-        has_frames = layout.counts[ctx.sp_rank] > 0
-        out = x.new_empty(rows, layout.counts[ctx.sp_rank], *x.shape[2:]) if has_frames else None
+        has_frames = shard.count > 0
+        out = x.new_empty(rows, shard.count, *x.shape[2:]) if has_frames else None
         pieces = x.split(chunks, dim=0)
-
-        def start_in(k: int):
-            return start_switch_to_full_frames(pieces[k], layout, ctx.sp_rank, ctx.sp_group, ctx.stats,
-                                               count=k == 0)  # fmt: skip
-
-        pending_in, pending_out, first = [start_in(0)], [], 0
+        pending_in, pending_out, first = [shard.start_to_full(pieces[0])], [], 0
         for k, n in enumerate(chunks):
             if k + 1 < len(chunks):
-                pending_in.append(start_in(k + 1))
+                pending_in.append(shard.start_to_full(pieces[k + 1], count=False))  # a chunked switch counts once
             y = forward(pending_in[k](), *args, **kwargs)
             dst = out.narrow(0, first, n) if out is not None else None
-            pending_out.append(start_switch_to_local_frames(y, n, layout, ctx.sp_rank, ctx.sp_group, ctx.stats,
-                                                            out=dst, count=k == 0))  # fmt: skip
+            pending_out.append(shard.start_to_local(y, n, out=dst, count=k == 0))
             first += n
         results = [finish() for finish in pending_out]
         return out if has_frames else torch.cat(results, dim=0)  # no frames: zero pad frames
@@ -242,17 +223,16 @@ class DSPFramePositionHook(ModelHook):
 
     def new_forward(self, module: nn.Module, forward: Callable[..., Any], x: torch.Tensor, *args: Any,
                     **kwargs: Any) -> Any:  # fmt: skip
-        layout = self.run.layout
-        if layout is None:
+        shard = self.run.shard
+        if shard is None:
             return forward(x, *args, **kwargs)
         if args or kwargs:
             raise NotImplementedError(
                 f"{type(module).__name__} was called with a frame range already; DSP sets it itself"
             )
-        rank = self.run.ctx.sp_rank
-        if layout.counts[rank] == 0:  # only a pad frame here: its value never leaves this rank
+        if shard.count == 0:  # only a pad frame here: its value never leaves this rank
             return x
-        return forward(x, frame_offset=layout.starts[rank], num_frames=layout.num_frames)
+        return forward(x, frame_offset=shard.layout.starts[shard.rank], num_frames=shard.layout.num_frames)
 
 
 @dataclass

@@ -11,18 +11,7 @@ import torch
 import torch.distributed as dist
 
 from pab.parallel import LaunchError, ParallelConfig, init_parallel, launch_local
-from pab.parallel.comm import (
-    FrameLayout,
-    even_frames,
-    even_sizes,
-    gather_frames,
-    split_flat_frames,
-    split_frames,
-    start_switch_to_full_frames,
-    start_switch_to_local_frames,
-    switch_to_full_frames,
-    switch_to_local_frames,
-)
+from pab.parallel.comm import FrameLayout, FrameShard, even_frames, even_sizes
 from pab.parallel.context import CommStats
 
 # ------------------------------------------------------------------------------------------------
@@ -42,11 +31,11 @@ def test_frame_layout_counts_match_tensor_split(frames, size, counts):
     assert all(layout.local_len(r) == max(c, 1) for r, c in enumerate(counts))
 
 
-def test_split_frames_covers_every_frame_once_and_pads_empty_ranks():
+def test_split_covers_every_frame_once_and_pads_empty_ranks():
     x = torch.arange(2 * 3 * 5).view(2, 3, 5)
     for size in (1, 2, 3, 4, 7):
         layout = FrameLayout(5, size)
-        parts = [split_frames(x, 2, layout, r) for r in range(size)]
+        parts = [FrameShard(layout, r).split(x, 2) for r in range(size)]
         real = torch.cat([p[..., : layout.counts[r]] for r, p in enumerate(parts)], dim=2)
         assert torch.equal(real, x)
         for r, p in enumerate(parts):
@@ -55,13 +44,13 @@ def test_split_frames_covers_every_frame_once_and_pads_empty_ranks():
                 assert torch.equal(p[..., 0], x[..., -1])
 
 
-def test_split_flat_frames_is_split_frames_on_the_unfolded_dim():
+def test_split_flat_is_split_on_the_unfolded_dim():
     B, T = 2, 5
     bias = torch.randn(B * T, 1, 4)
     layout = FrameLayout(T, 3)
     for r in range(3):
-        flat = split_flat_frames(bias, 0, B, layout, r)
-        ref = split_frames(bias.view(B, T, 1, 4), 1, layout, r).reshape(-1, 1, 4)
+        flat = FrameShard(layout, r).split_flat(bias, 0, B)
+        ref = FrameShard(layout, r).split(bias.view(B, T, 1, 4), 1).reshape(-1, 1, 4)
         assert torch.equal(flat, ref)
 
 
@@ -102,55 +91,56 @@ def _switch_and_gather_worker(rank: int, world: int) -> dict[str, int]:
     for R, T, C in SWITCH_CASES:
         full = torch.arange(R * T * C, dtype=torch.float32).view(R, T, C)
         layout = FrameLayout(T, world)
-        local = split_frames(full, 1, layout, rank)
+        shard = FrameShard(layout, rank, ctx.sp_group, stats)
+        bare = FrameShard(layout, rank, ctx.sp_group)  # no stats: the calls below are not counted
+        local = shard.split(full, 1)
         rows = even_sizes(R, world)
         row0 = sum(rows[:rank])
 
-        switched = switch_to_full_frames(local, layout, rank, ctx.sp_group, stats)
+        switched = shard.to_full(local)
         assert torch.equal(switched, full[row0 : row0 + rows[rank]]), (R, T, C)
 
         # a position-dependent function of the full sequence, then back to local frames
         y = switched * 2 + torch.arange(T, dtype=torch.float32)[None, :, None]
-        back = switch_to_local_frames(y, R, layout, rank, ctx.sp_group, stats)
+        back = shard.to_local(y, R)
         ref = full * 2 + torch.arange(T, dtype=torch.float32)[None, :, None]
         assert back.shape == local.shape, (back.shape, local.shape)
         n = layout.counts[rank]
-        assert torch.equal(back[:, :n], split_frames(ref, 1, layout, rank)[:, :n]), (R, T, C)
+        assert torch.equal(back[:, :n], shard.split(ref, 1)[:, :n]), (R, T, C)
 
         # bytes this rank sent off-rank: its real frames of the other ranks' rows, then the other ranks' frames
         # of its rows
         expected_bytes += 4 * C * (n * (R - rows[rank]) + rows[rank] * (T - n))
 
         # The started halves, with other collectives in between and the result written into `out`.
-        finish_in = start_switch_to_full_frames(local, layout, rank, ctx.sp_group)
-        finish_other = start_switch_to_full_frames(local * 3, layout, rank, ctx.sp_group)
+        finish_in = bare.start_to_full(local)
+        finish_other = bare.start_to_full(local * 3)
         assert torch.equal(finish_in(), switched) and torch.equal(finish_other(), switched * 3)
         out = torch.full((R, max(n, 1), C), float("nan"))  # ignored by a rank without frames
-        got = start_switch_to_local_frames(y, R, layout, rank, ctx.sp_group, out=out)()  # every rank joins
+        got = bare.start_to_local(y, R, out=out)()  # every rank joins
         assert torch.equal(got, back), (R, T, C)
         assert n == 0 or (got.data_ptr() == out.data_ptr() and torch.equal(out, back)), (R, T, C)
 
         # Frame blocks (T divisible by the group): (rows_r, N, T/N, C) views of the receive buffer, answered
         # either in place of the buffer's layout (sent as it lies) or as a plain tensor (packed by a copy).
-        blocks = start_switch_to_full_frames(local, layout, rank, ctx.sp_group, blocks=True)()
+        blocks = bare.start_to_full(local, blocks=True)()
         if even_frames(layout):
             assert blocks.shape == (rows[rank], world, T // world, C) and blocks.transpose(0, 1).is_contiguous()
             assert torch.equal(blocks.reshape(rows[rank], T, C), switched), (R, T, C)
             y_blocks = blocks * 2 + torch.arange(T, dtype=torch.float32).view(1, world, T // world, 1)
             for answer in (y_blocks, y_blocks.contiguous()):
-                got = start_switch_to_local_frames(answer, R, layout, rank, ctx.sp_group, blocks=True)()
+                got = bare.start_to_local(answer, R, blocks=True)()
                 assert torch.equal(got, back), (R, T, C)
         else:  # uneven frames: the plain layout, and blocks=True on the way back changes nothing
             assert torch.equal(blocks, switched), (R, T, C)
-            got = start_switch_to_local_frames(y, R, layout, rank, ctx.sp_group, blocks=True)()
+            got = bare.start_to_local(y, R, blocks=True)()
             assert torch.equal(got, back), (R, T, C)
 
     # Output gather along T of (B, C, T, H, W), uneven and padded.
     for T in (1, 2, 5, 7):
         video = torch.randn(2, 3, T, 3, 5, generator=torch.Generator().manual_seed(T))
-        layout = FrameLayout(T, world)
-        local = split_frames(video, 2, layout, rank)
-        assert torch.equal(gather_frames(local, 2, layout, rank, ctx.sp_group, stats), video)
+        shard = FrameShard(FrameLayout(T, world), rank, ctx.sp_group, stats)
+        assert torch.equal(shard.gather(shard.split(video, 2), 2), video)
     assert stats.all_to_all_done == 2 * len(SWITCH_CASES)
     assert stats.all_to_all_bytes == expected_bytes
     return {"bytes": stats.all_to_all_bytes}

@@ -13,15 +13,7 @@ import torch
 from test_dsp_models import CASES, MODELS, build_tiny, make_inputs, predict
 
 from pab.parallel import ParallelConfig, init_parallel, launch_local, parallelize_model, unparallelize_model
-from pab.parallel.comm import (
-    FrameLayout,
-    gather_frames,
-    split_frames,
-    start_switch_to_full_frames,
-    start_switch_to_local_frames,
-    switch_to_full_frames,
-    switch_to_local_frames,
-)
+from pab.parallel.comm import FrameLayout, FrameShard
 
 pytestmark = [
     pytest.mark.gpu,
@@ -50,20 +42,18 @@ def _gpu_worker(rank: int, world: int, chunks: int = 1) -> dict:
     # primitives on CUDA, including empty pieces (fewer rows / frames than ranks)
     for R, T, C in [(7, 5, 4), (1, 3, 2), (6, 1, 3)]:
         full = torch.arange(R * T * C, dtype=torch.float32, device=dev).view(R, T, C)
-        layout = FrameLayout(T, world)
-        local = split_frames(full, 1, layout, rank)
-        switched = switch_to_full_frames(local, layout, rank, ctx.sp_group, ctx.stats)
-        back = switch_to_local_frames(switched, R, layout, rank, ctx.sp_group, ctx.stats)
-        n = layout.counts[rank]
-        assert torch.equal(back[:, :n], local[:, :n])
-        assert torch.equal(gather_frames(local, 1, layout, rank, ctx.sp_group, ctx.stats), full)
+        shard = FrameShard(FrameLayout(T, world), rank, ctx.sp_group, ctx.stats)
+        local = shard.split(full, 1)
+        back = shard.to_local(shard.to_full(local), R)
+        assert torch.equal(back[:, :shard.count], local[:, :shard.count])
+        assert torch.equal(shard.gather(local, 1), full)
     # frame blocks: received as they lie, sent back from the transposed view without a copy
     full = torch.randn(6, 2 * world, 8, device=dev, generator=torch.Generator(dev).manual_seed(0))
-    layout = FrameLayout(2 * world, world)
-    local = split_frames(full, 1, layout, rank)
-    blocks = start_switch_to_full_frames(local, layout, rank, ctx.sp_group, blocks=True)()
+    shard = FrameShard(FrameLayout(2 * world, world), rank, ctx.sp_group)
+    local = shard.split(full, 1)
+    blocks = shard.start_to_full(local, blocks=True)()
     assert blocks.shape[1:] == (world, 2, 8) and blocks.transpose(0, 1).is_contiguous()
-    back = start_switch_to_local_frames(blocks * 2, 6, layout, rank, ctx.sp_group, blocks=True)()
+    back = shard.start_to_local(blocks * 2, 6, blocks=True)()
     assert torch.equal(back, local * 2)
 
     errors = {}
