@@ -250,6 +250,12 @@ class TilingConfig:
                 "windows sharing one frame also share one latent"
             )
 
+    def exceeded_by(self, x: torch.Tensor, latent: bool) -> bool:
+        """Whether `x` (..., F, H, W), pixels or latents, exceeds its tile in any dim: then both tilings run."""
+        edge, frames = ((self.tile_latent_min_size, self.tile_latent_min_size_t) if latent
+                        else (self.tile_sample_min_size, self.tile_sample_min_size_t))  # fmt: skip
+        return max(x.shape[-2:]) > edge or x.shape[-3] > frames
+
     @classmethod
     def for_model(cls, config: CausalVAEConfig, tile_sample_min_size: int = 256, tile_sample_min_size_t: int = 65,
                   tile_overlap_factor: float = 0.25) -> TilingConfig:
@@ -718,22 +724,14 @@ class CausalVAE(VideoVAE):
     def encode_moments(self, video: torch.Tensor) -> torch.Tensor:
         """Official `encode(x).parameters`: (B, 3, F, H, W) -> (B, 2*embed_dim, t, h, w), mean then raw logvar."""
         tiles = self.tiling
-        if tiles is not None and (
-            video.shape[-1] > tiles.tile_sample_min_size
-            or video.shape[-2] > tiles.tile_sample_min_size
-            or video.shape[-3] > tiles.tile_sample_min_size_t
-        ):
+        if tiles is not None and tiles.exceeded_by(video, latent=False):
             return self._tiled_encode(video, tiles)
         return self.quant_conv(self.encoder(video))
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Official `decode(z)`: unscaled latents (B, embed_dim, t, h, w) -> video (B, 3, 1 + 4(t-1), 8h, 8w)."""
         tiles = self.tiling
-        if tiles is not None and (
-            z.shape[-1] > tiles.tile_latent_min_size
-            or z.shape[-2] > tiles.tile_latent_min_size
-            or z.shape[-3] > tiles.tile_latent_min_size_t
-        ):
+        if tiles is not None and tiles.exceeded_by(z, latent=True):
             return self._tiled_decode(z, tiles)
         return self.decoder(self.post_quant_conv(z))
 

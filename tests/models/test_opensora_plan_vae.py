@@ -204,6 +204,15 @@ def test_release_tiling_defaults():
     assert model.enable_tiling() == TilingConfig(256, 65, 32, 17, 0.25)
     halved = model.enable_tiling(tile_sample_min_size=128, tile_sample_min_size_t=33)
     assert halved == TilingConfig(128, 33, 16, 9, 0.25)
+    # Tiling starts when any one size exceeds its tile (pixels and latents each against their own).
+    def meta(*shape):
+        return torch.empty(shape, device="meta")
+
+    assert not halved.exceeded_by(meta(1, 3, 33, 128, 128), latent=False)
+    assert not halved.exceeded_by(meta(1, 4, 9, 16, 16), latent=True)
+    for f, h, w in ((1, 0, 0), (0, 1, 0), (0, 0, 1)):
+        assert halved.exceeded_by(meta(1, 3, 33 + f, 128 + h, 128 + w), latent=False)
+        assert halved.exceeded_by(meta(1, 4, 9 + f, 16 + h, 16 + w), latent=True)
     model.disable_tiling()
     assert not model.use_tiling
     # Sizes whose tiles would not stitch back to the untiled size are refused, not silently mis-sized.
