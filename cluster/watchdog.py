@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 PROC = Path("/proc")
 
@@ -68,18 +69,36 @@ def watch(pid: int, interval: float = 1.0, grace: float = 2.0) -> int:
     return len(left)
 
 
-def terminate(processes: dict[int, int], grace: float) -> None:
-    """SIGTERM every process of `processes` (pid -> start time) still running, SIGKILL those left after `grace`."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.0)):
-        for p, s in processes.items():
+def terminate(
+    processes: dict[int, int], grace: float, *, group: int | None = None,
+    refresh: Callable[[], dict[int, int]] | None = None, settle: float = 0.0,
+) -> dict[int, int]:  # fmt: skip
+    """SIGTERM every process of `processes` (pid -> start time) still running, SIGKILL those left after `grace`.
+
+    `group`: also signal this process group; `refresh`: processes found while waiting (say, orphans taken over
+    by init), signalled too. Returns those still running `settle` seconds after the SIGKILL.
+    """
+    known = dict(processes)
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, settle)):
+        if group is not None:
+            try:
+                os.killpg(group, sig)
+            except OSError:
+                pass
+        for p, s in known.items():
             if running(p, s):
                 try:
                     os.kill(p, sig)
                 except OSError:
                     pass
         deadline = time.monotonic() + wait
-        while wait and time.monotonic() < deadline and any(running(p, s) for p, s in processes.items()):
+        while time.monotonic() < deadline:
+            if refresh is not None:
+                known.update(refresh())
+            if not any(running(p, s) for p, s in known.items()):
+                break
             time.sleep(0.1)
+    return {p: s for p, s in known.items() if running(p, s)}
 
 
 def start_watchdog(pid: int | None = None, interval: float = 1.0) -> subprocess.Popen | None:

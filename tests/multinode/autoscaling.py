@@ -264,25 +264,9 @@ class FakeAutoscalingCluster:
         self._note_tree()
         alive = {p: s for p, s in self._known.items() if running(p, s)}
         n = len(alive)
-        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
-            if self.proc is not None:
-                try:
-                    os.killpg(self.proc.pid, sig)
-                except OSError:
-                    pass
-            for p, s in alive.items():
-                if running(p, s):
-                    try:
-                        os.kill(p, sig)
-                    except OSError:
-                        pass
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                self._known.update(self._ours())  # an orphan reparented to init names our folder still
-                alive = {p: s for p, s in self._known.items() if running(p, s)}
-                if not alive:
-                    break
-                time.sleep(0.1)
+        # `_ours` while waiting: an orphan reparented to init names our folder still
+        self._known.update(terminate(alive, grace_s, group=self.proc.pid if self.proc is not None else None,
+                                     refresh=self._ours, settle=2.0))  # fmt: skip
         if self.proc is not None:
             try:
                 self.proc.wait(5)
