@@ -212,18 +212,9 @@ def init_parallel(
     # `sp` apart.
     sp_group = _my_group([[c * sp + s for s in range(sp)] for c in range(cfg)], mine=cfg_rank)
     cfg_group = _my_group([[c * sp + s for c in range(cfg)] for s in range(sp)], mine=sp_rank)
-    return ParallelContext(
-        config=config,
-        rank=this_rank,
-        world_size=this_world,
-        sp_group=sp_group,
-        sp_rank=sp_rank,
-        sp_size=sp,
-        cfg_group=cfg_group,
-        cfg_rank=cfg_rank,
-        cfg_size=cfg,
-        device=device,
-    )
+    return ParallelContext(config=config, rank=this_rank, world_size=this_world, device=device,
+                           sp_group=sp_group, sp_rank=sp_rank, sp_size=sp,
+                           cfg_group=cfg_group, cfg_rank=cfg_rank, cfg_size=cfg)  # fmt: skip
 
 
 def _my_group(groups: list[list[int]], mine: int) -> dist.ProcessGroup | None:

@@ -153,21 +153,10 @@ class RFlowSampler(Sampler):
                 raise RequestError(
                     "num_frames",
                     f"num_frames={num_frames}: the official timestep transform uses num_frames // 17 * 5, which is 0 "
-                    f"for 2..16 frames and would map every timestep to 0; use num_frames=1 or >= 17, "
-                    f"or use_timestep_transform=False"
+                    f"for 2..16 frames and would map every timestep to 0; use num_frames=1 or >= 17"
                 )
-            ts = [
-                timestep_transform(
-                    t,
-                    height=height,
-                    width=width,
-                    num_frames=num_frames,
-                    num_timesteps=num_timesteps,
-                    scale=transform_scale,
-                    info_dtype=info_dtype,
-                )
-                for t in base
-            ]
+            ts = [timestep_transform(t, height=height, width=width, num_frames=num_frames, num_timesteps=num_timesteps,
+                                     scale=transform_scale, info_dtype=info_dtype) for t in base]  # fmt: skip
         else:
             ts = base
         # The official loop holds timesteps as float32 tensors (torch.tensor([python float])), so in
