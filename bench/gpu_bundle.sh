@@ -5,8 +5,15 @@
 #                                schedulers and, for the peer benchmark, its Latte and PAB hook)
 #   .gpu-site/site.tar.xz        with --serve: Ray Serve, FastAPI, pydantic, boto3, PyAV
 #                                (../shared/tools/gpu-site, ~57 MB: carry it with diffusers.tar.xz only)
+#   .gpu-av/av.tar.xz            with --av: PyAV alone (~24 MB), for the Ray + PyAV tests (see below)
 # In the run: mkdir -p /tmp/site && for f in .gpu-site/*.tar.xz; do tar -xJf $f -C /tmp/site; done &&
 #             export PYTHONPATH=$PWD:/tmp/site RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
+#
+# Ray and PyAV together (test_serve_gpu, test_bulk_gpu, test_group): the tracked tree (~30 MB, shipped
+# weights included) and the 57 MB bundle exceed one call's 64 MiB. Build `--serve-no-av --av` and carry them
+# in two calls on the same warm machine (it is given back ~30 s after a call ends, so issue them back to
+# back): the first carries .gpu-site and unpacks it into /tmp/site, the second carries .gpu-av, unpacks it
+# into the same /tmp/site (kept between calls) and runs the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx "/.gpu-site/" .git/info/exclude 2>/dev/null || echo "/.gpu-site/" >> .git/info/exclude
@@ -17,6 +24,18 @@ python3 -m pip download -q --no-deps -d "$work" "diffusers==$(.venv/bin/python -
 (cd "$work" && python3 -m zipfile -e diffusers-*.whl site && rm -rf site/diffusers/pipelines/*/)
 tar -cf - -C "$work/site" . | xz -9 -T2 > .gpu-site/diffusers.tar.xz
 ls -l .gpu-site/diffusers.tar.xz
-if [ "${1:-}" = "--serve" ]; then
-    ../shared/tools/gpu-site
-fi
+for arg in "$@"; do
+    case "$arg" in
+        --serve) ../shared/tools/gpu-site ;;
+        --serve-no-av) ../shared/tools/gpu-site --no-av ;;
+        --av)
+            grep -qx "/.gpu-av/" .git/info/exclude || echo "/.gpu-av/" >> .git/info/exclude
+            python3 -m pip download -q --no-deps -d "$work/av" --python-version 3.12 --implementation cp \
+                --only-binary=:all: --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 av
+            (cd "$work/av" && python3 -m zipfile -e av-*.whl site)
+            mkdir -p .gpu-av
+            tar -cf - -C "$work/av/site" . | xz -9 -T2 > .gpu-av/av.tar.xz
+            ls -l .gpu-av/av.tar.xz ;;
+        *) echo "unknown option $arg (known: --serve, --serve-no-av, --av)" >&2; exit 2 ;;
+    esac
+done
