@@ -128,6 +128,22 @@ def _put(data: dict[str, Any], path: list[str], value: Any, append: bool) -> boo
     return True
 
 
+# A field a remix is given replaces these of its video's request too: the two ways to say one thing.
+_SAME_THING = {"size": ("width", "height"), "seconds": ("num_frames",), "cache": ("pab",), "pab": ("cache",)}
+
+
+def remix_fields(source: dict[str, Any], given: Any) -> Any:
+    """The body of a remix: the `request` its video rendered (model, resolved settings, seed) with the fields
+    `given` in its body in place of theirs. A body that is not an object is returned for the schema to refuse."""
+    if not isinstance(given, dict):
+        return given
+    out = {k: v for k, v in source.items() if k in VideoCreate.model_fields}
+    for name in given:
+        for other in (name, *_SAME_THING.get(name, ())):
+            out.pop(other, None)
+    return {**out, **given}
+
+
 class ErrorInfo(BaseModel):
     code: str
     message: str
@@ -164,6 +180,7 @@ class Video(BaseModel):
     media_type: str = "video/mp4"
     size_bytes: int | None = None
     group: dict[str, Any] | None = None
+    remixed_from_video_id: str | None = Field(None, description="the video a remix took its settings from")
 
 
 class VideoDeleted(BaseModel):

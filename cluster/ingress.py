@@ -45,7 +45,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster import failures
-from cluster.api import ErrorInfo, ModelInfo, Video, VideoCreate, VideoDeleted, VideoList, form_fields
+from cluster.api import ErrorInfo, ModelInfo, Video, VideoCreate, VideoDeleted, VideoList, form_fields, remix_fields
 from cluster.config import AppConfig, pool_name, route
 from cluster.jobs import JobRecord, JobStore, new_job_id, valid_id
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -169,11 +169,13 @@ class VideoAPI:
 
     # ------------------------------------------------------------------ requests
 
-    async def create(self, body: VideoCreate, idempotency: tuple[str, str] | None = None) -> Video:
+    async def create(self, body: VideoCreate, idempotency: tuple[str, str] | None = None,
+                     remixed_from: str | None = None) -> Video:  # fmt: skip
         """Queue a video. `idempotency` = (digest of the key and its sender, hash of the request): a key seen
-        before answers its job (409 if the request differs), in this replica or after a restart."""
+        before answers its job (409 if the request differs), in this replica or after a restart. `remixed_from`:
+        the video whose settings `body` took (recorded on the new one)."""
         if idempotency is None:
-            return await self._create(body, None)
+            return await self._create(body, None, remixed_from)
         digest, request_hash = idempotency
         lock = self._idempotency.setdefault(digest, asyncio.Lock())
         try:
@@ -188,7 +190,7 @@ class VideoAPI:
                     except HTTPException as e:
                         if e.status_code != 404:
                             raise  # else the video was deleted: the key is free again
-                return await self._create(body, idempotency)
+                return await self._create(body, idempotency, remixed_from)
         finally:
             if not lock.locked():
                 self._idempotency.pop(digest, None)
@@ -199,7 +201,8 @@ class VideoAPI:
             raise _error(429, "queue_full", f"{pending} videos are queued or rendering; retry later",
                          {"Retry-After": str(self.cfg.retry_after_s)})
 
-    async def _create(self, body: VideoCreate, idempotency: tuple[str, str] | None) -> Video:
+    async def _create(self, body: VideoCreate, idempotency: tuple[str, str] | None,
+                      remixed_from: str | None = None) -> Video:  # fmt: skip
         self._ensure_background()
         # A full queue answers before the model's checks (a thread hop and the sampler's set-up): under a
         # burst most POSTs are refused, and each cost as much as an accepted one (bench.load, #17).
@@ -234,7 +237,7 @@ class VideoAPI:
                 id=job_id, model=model, status="queued", created_at=now, prompt=request["prompt"],
                 seconds=f"{request['num_frames'] / request['fps']:g}", size=size, notices=notices, request=request,
                 seed=request["seed"], total_steps=request["steps"], pool=pool_name(model, pool.gpus),
-                max_attempts=self.cfg.max_attempts,
+                max_attempts=self.cfg.max_attempts, remixed_from_video_id=remixed_from,
             )
             await asyncio.to_thread(self.jobs.create, rec)
             self._start(rec.id)
@@ -763,6 +766,11 @@ _VIDEO_CREATE = {"$ref": "#/components/schemas/VideoCreate"}
 async def _video_create(request: Request) -> VideoCreate:
     """The body as a VideoCreate, from JSON or from a form (the openai SDK always sends multipart). One schema
     judges both, so a bad field is the same 422 either way."""
+    return _validated(await _body_data(request))
+
+
+async def _body_data(request: Request) -> Any:
+    """The body's fields as JSON values, from JSON or from a form; a 422 for JSON that does not parse."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type in _FORMS:
         form = await request.form()
@@ -780,6 +788,10 @@ async def _video_create(request: Request) -> VideoCreate:
             error = {"type": "json_invalid", "loc": ("body", getattr(e, "pos", 0)), "msg": "JSON decode error",
                      "input": {}, "ctx": {"error": str(e)}}
             raise RequestValidationError([error]) from None
+    return data
+
+
+def _validated(data: Any) -> VideoCreate:
     try:
         return VideoCreate.model_validate(data)
     except ValidationError as e:
@@ -799,7 +811,34 @@ async def create_video(request: Request, svc: VideoAPI = Depends(_auth)) -> Vide
     return await svc.create(body, _idempotency(request, body))
 
 
-def _idempotency(request: Request, body: VideoCreate) -> tuple[str, str] | None:
+@router.post("/v1/videos/{video_id}/remix", response_model=Video, tags=["videos"], openapi_extra={"requestBody": {
+    "required": True,
+    "content": {"application/json": {"schema": _VIDEO_CREATE}, "multipart/form-data": {"schema": _VIDEO_CREATE}},
+    "description": "`prompt` and any other `VideoCreate` field to change; the rest is the completed video's."}})
+async def remix_video(video_id: str, request: Request, svc: VideoAPI = Depends(_auth)) -> Video:
+    """Queue a remix of a completed video (what the SDK's `videos.remix(id, prompt=...)` sends): its model and
+    every setting, its seed included (so the same starting noise), with the new prompt and any other field given
+    changed. The video is text-conditioned only: a remix renders afresh, it does not edit the frames."""
+    given = await _body_data(request)
+    source = await svc.get(video_id)
+    if source.status != "completed":
+        raise _error(409, "video_not_completed", f"video {video_id} is {source.status}: only a completed video can "
+                     "be remixed (its settings are in its `request`; POST /v1/videos with them to render it anew)")
+    body = _validated(remix_fields(source.request, given))
+    return await svc.create(body, _idempotency(request, body, video_id), remixed_from=video_id)
+
+
+@router.post("/v1/videos/edits", tags=["videos"], include_in_schema=False)
+@router.post("/v1/videos/extensions", tags=["videos"], include_in_schema=False)
+async def edit_or_extend(request: Request, svc: VideoAPI = Depends(_auth)) -> None:
+    """The SDK's `videos.edit` and `videos.extend`: refused by name (without these routes they were a bare 405)."""
+    what = "extending" if request.url.path.endswith("extensions") else "editing"
+    raise _error(400, "unsupported_operation", f"{what} a video needs a video-conditioned model; the models served "
+                 "here take text only. POST /v1/videos/{id}/remix renders a completed video's settings and seed "
+                 "with a new prompt")  # fmt: skip
+
+
+def _idempotency(request: Request, body: VideoCreate, remixed_from: str | None = None) -> tuple[str, str] | None:
     """(digest of the key and the API key that sent it, hash of the request), or None without the header."""
     key = request.headers.get("idempotency-key")
     if key is None:
@@ -808,7 +847,8 @@ def _idempotency(request: Request, body: VideoCreate) -> tuple[str, str] | None:
         raise _error(400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 printable characters")
     sender = request.headers.get("authorization", "")  # keys of different API keys never collide; never stored
     digest = hashlib.sha256(f"{sender}\0{key}".encode()).hexdigest()
-    request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    asked = {**body.model_dump(mode="json"), **({"remixed_from": remixed_from} if remixed_from else {})}
+    request_hash = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()
     return digest, request_hash
 
 

@@ -404,6 +404,61 @@ def test_delete_aborts_a_render_and_a_late_write_is_swept(server, client):
     assert not svc.store.exists(f"jobs/deleted/{video.id}.json") and not svc.store.exists(f"jobs/cancel/{video.id}")
 
 
+def test_a_remix_renders_the_new_prompt_with_every_setting_and_the_seed_of_its_video(client, http):
+    source = completed(client, client.videos.create(prompt="a red fox", extra_body={
+        "num_frames": 17, "steps": 2, "seed": 11, "pab": "paper", "guidance_scale": 5.5}).id)
+    remix = client.videos.remix(source.id, prompt="a grey wolf")
+    assert remix.id != source.id and remix.status == "queued" and remix.prompt == "a grey wolf"
+    assert remix.remixed_from_video_id == source.id and remix.seed == 11
+    assert remix.request == {**source.request, "prompt": "a grey wolf"}
+    assert completed(client, remix.id).status == "completed"
+    assert client.videos.retrieve(source.id).remixed_from_video_id is None
+
+    # Fields given beside the prompt change those settings; the other way of saying one goes with it.
+    r = http.post(f"/v1/videos/{source.id}/remix", json={"prompt": "a wolf", "size": "64x48", "seed": 12,
+                                                          "cache": "off", "seconds": 3})  # fmt: skip
+    assert r.status_code == 200, r.text
+    asked = r.json()["request"]
+    assert (asked["width"], asked["height"], asked["seed"], asked["steps"]) == (64, 48, 12, 2)
+    assert asked["cache"] == "off" and asked["guidance_scale"] == 5.5 and asked["num_frames"] == 24  # 3 s at 8 fps
+
+    # A retried remix with its Idempotency-Key answers the first one's video; the same key for another is a 409.
+    key = {"Idempotency-Key": "remix-1"}
+    first = client.videos.remix(source.id, prompt="an owl", extra_headers=key)
+    assert client.videos.remix(source.id, prompt="an owl", extra_headers=key).id == first.id
+    with pytest.raises(openai.ConflictError):
+        client.videos.remix(source.id, prompt="a hawk", extra_headers=key)
+
+
+def test_a_remix_needs_a_completed_video_and_valid_changes(client):
+    with pytest.raises(openai.NotFoundError):
+        client.videos.remix("video_0000000000000000000000000000", prompt="a wolf")
+    done = completed(client, client.videos.create(prompt="a fox", extra_body={"steps": 1}).id)
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        client.videos.remix(done.id, prompt="a wolf", extra_body={"steps": 0})
+    assert e.value.body["param"] == "steps"
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        client.videos.remix(done.id, prompt="   ")
+    assert e.value.body["param"] == "prompt"
+    SLOW_STOPPED.clear()
+    running = client.videos.create(prompt="a slow fox", extra_body={"steps": 4})
+    _in_progress(client, running.id)
+    with pytest.raises(openai.ConflictError, match="only a completed video can be remixed") as e:
+        client.videos.remix(running.id, prompt="a wolf")
+    assert e.value.body["code"] == "video_not_completed"
+    client.post(f"/videos/{running.id}/cancel", cast_to=object)
+    assert SLOW_STOPPED.wait(10)
+
+
+def test_edit_and_extend_are_refused_saying_why(client):
+    done = completed(client, client.videos.create(prompt="a fox", extra_body={"steps": 1}).id)
+    mp4 = ("fox.mp4", client.videos.download_content(done.id).content, "video/mp4")
+    for call, what in ((client.videos.edit, "editing"), (client.videos.extend, "extending")):
+        with pytest.raises(openai.BadRequestError, match=f"{what} a video needs a video-conditioned model") as e:
+            call(video=mp4, prompt="a wolf", **({"seconds": "4"} if what == "extending" else {}))
+        assert e.value.body["code"] == "unsupported_operation" and "remix" in e.value.message
+
+
 def test_cancel_is_its_own_route_and_keeps_the_video(server, client, http):
     SLOW_STOPPED.clear()
     video = client.videos.create(prompt="a slow owl", extra_body={"steps": 4})
