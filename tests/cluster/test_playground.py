@@ -76,6 +76,19 @@ def test_a_prompt_renders_and_plays_in_the_page(server, browser):  # noqa: F811
     assert duration > 0
     details = browser.execute_script(f"return {card}.querySelector('pre').textContent")
     assert '"timings"' in details and '"cost"' in details and '"steps": 16' in details
+
+    # Remix it: the prompt now in the form, with the finished video's settings and seed.
+    prompt.clear()
+    prompt.send_keys("a paced wolf remixed")
+    browser.execute_script(f"{card}.querySelector('button.remix').click()")
+    remixed = ("[...document.querySelectorAll('.job')].find(c => c.querySelector('.prompt').textContent === "
+               "'a paced wolf remixed')")
+    wait_for(lambda: browser.execute_script(f"const c = {remixed}; return !!c && "
+                                            "c.querySelector('.status').textContent.startsWith('completed')"),
+             60, "the remix to complete")  # fmt: skip
+    original, remix = (browser.execute_script(f"return JSON.parse({c}.querySelector('pre').textContent)")
+                       for c in (card, remixed))  # fmt: skip
+    assert remix["seed"] == original["seed"] and remix["request"]["steps"] == 16 and remix["id"] != original["id"]
     ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(ARTIFACT)) and ARTIFACT.stat().st_size > 0
     assert not browser.find_element(By.ID, "error").text
