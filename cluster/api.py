@@ -159,9 +159,12 @@ class Video(BaseModel):
     progress: int = Field(0, ge=0, le=100, description="percent of denoising steps done; 100 when completed")
     step: int = 0
     total_steps: int = 0
-    created_at: float
-    started_at: float | None = None
-    completed_at: float | None = None
+    # Whole Unix seconds, as OpenAI's Video has them (typed clients decode them as integers); `timings` has the
+    # fractions.
+    created_at: int
+    started_at: int | None = None
+    completed_at: int | None = None
+    expires_at: int | None = Field(None, description="when the video is removed: never (until deleted)")
     prompt: str
     seconds: str
     size: str = Field(description="'WxH' of the video as rendered: each side a whole number of the model's patches")

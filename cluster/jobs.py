@@ -61,13 +61,23 @@ class JobRecord(Video):
     storage_failures: int = 0  # attempts lost because the result (or the record) could not be stored
     updated_at: float = 0.0
     video_key: str | None = None
+    # The record keeps fractions of a second (queue and run times come from them); `public` shows whole seconds.
+    created_at: float
+    started_at: float | None = None
+    completed_at: float | None = None
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
 
     def public(self) -> Video:
-        return Video(**self.model_dump(include=set(Video.model_fields)))
+        data = self.model_dump(include=set(Video.model_fields))
+        for name in _TIMES:
+            data[name] = None if data[name] is None else int(data[name])
+        return Video(**data)
+
+
+_TIMES = ("created_at", "started_at", "completed_at")
 
 
 class JobStore:

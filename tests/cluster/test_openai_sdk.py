@@ -167,6 +167,9 @@ def test_create_retrieve_list_download(client):
 
     done = completed(client, video.id)
     assert done.status == "completed" and done.progress == 100, done
+    # Whole Unix seconds, as OpenAI's Video types them (a typed client decodes them as integers)
+    assert all(type(t) is int for t in (done.created_at, done.completed_at)) and done.expires_at is None
+    assert done.created_at <= done.completed_at <= time.time()
     content = client.videos.download_content(video.id).content
     assert content[4:8] == b"ftyp" and len(content) == done.size_bytes  # an mp4, whole
 
