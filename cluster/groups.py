@@ -145,6 +145,8 @@ class VideoGroup:
                     log.warning("job %s progress write: %s", job_id, e)
 
         sidecar = {"job_id": job_id, "created_at": rec.created_at, "attempt": rec.attempts + 1, "prompt": rec.prompt}
+        if rec.remixed_from_video_id:
+            sidecar["remixed_from_video_id"] = rec.remixed_from_video_id
         output = VideoOutput(storage=self.cfg.storage.to_args(), video_id=job_id, sidecar=sidecar)
         watcher = threading.Thread(target=keep_alive, daemon=True, name=f"lease-{job_id}")
         watcher.start()

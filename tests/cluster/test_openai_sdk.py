@@ -407,7 +407,7 @@ def test_delete_aborts_a_render_and_a_late_write_is_swept(server, client):
     assert not svc.store.exists(f"jobs/deleted/{video.id}.json") and not svc.store.exists(f"jobs/cancel/{video.id}")
 
 
-def test_a_remix_renders_the_new_prompt_with_every_setting_and_the_seed_of_its_video(client, http):
+def test_a_remix_renders_the_new_prompt_with_every_setting_and_the_seed_of_its_video(server, client, http):
     source = completed(client, client.videos.create(prompt="a red fox", extra_body={
         "num_frames": 17, "steps": 2, "seed": 11, "pab": "paper", "guidance_scale": 5.5}).id)
     remix = client.videos.remix(source.id, prompt="a grey wolf")
@@ -416,6 +416,8 @@ def test_a_remix_renders_the_new_prompt_with_every_setting_and_the_seed_of_its_v
     assert remix.request == {**source.request, "prompt": "a grey wolf"}
     assert completed(client, remix.id).status == "completed"
     assert client.videos.retrieve(source.id).remixed_from_video_id is None
+    sidecars = {v: server[1].store.get_json(f"videos/{v}.json") for v in (source.id, remix.id)}
+    assert sidecars[remix.id]["remixed_from_video_id"] == source.id and "remixed_from_video_id" not in sidecars[source.id]
 
     # Fields given beside the prompt change those settings; the other way of saying one goes with it.
     r = http.post(f"/v1/videos/{source.id}/remix", json={"prompt": "a wolf", "size": "64x48", "seed": 12,
