@@ -69,9 +69,10 @@ class Mp4Writer:
 
     def __init__(
         self, dest: str | os.PathLike | BinaryIO, fps: int | float | Fraction, *, crf: int = DEFAULT_CRF,
-        background: bool = False,
+        background: bool = False, x264: dict[str, str] | None = None,
     ) -> None:  # fmt: skip
         self.rate, self.crf, self.dest = _rate(fps), crf, dest
+        self.x264 = dict(x264 or {})  # more libx264 options (`preset`, `rc-lookahead`): bench/mp4.py
         self.frames_written = 0
         self._container = self._stream = self._fh = self._tmp = None
         self._buf = io.BytesIO() if not isinstance(dest, (str, os.PathLike)) else None
@@ -164,7 +165,7 @@ class Mp4Writer:
         self._stream.width, self._stream.height = w, h
         self._stream.pix_fmt = "yuv420p"
         self._stream.codec_context.time_base = 1 / self.rate  # pts counts frames
-        self._stream.options = {"crf": str(self.crf)}
+        self._stream.options = {"crf": str(self.crf), **self.x264}
 
     def _encode(self, frames: np.ndarray) -> None:
         import av

@@ -191,6 +191,23 @@ def test_frames_written_in_chunks_make_the_same_file(tmp_path, background):
     assert writer.frames_written == 7
 
 
+def test_x264_options_reach_the_encoder(tmp_path):
+    import av
+
+    frames = _frames(f=5, h=32, w=48)
+    profiles = {}
+    for preset in (None, "ultrafast"):  # ultrafast turns CABAC and B-frames off: a Baseline-profile stream
+        path = tmp_path / f"{preset}.mp4"
+        with Mp4Writer(path, 8, x264={"preset": preset} if preset else None) as writer:
+            writer.write(frames)
+        with av.open(str(path)) as c:
+            profiles[preset] = c.streams.video[0].codec_context.profile
+    assert profiles == {None: "High", "ultrafast": "Constrained Baseline"}
+    with pytest.raises(av.error.ArgumentError, match="nope"), Mp4Writer(tmp_path / "bad.mp4", 8, x264={"preset": "nope"}) as w:
+        w.write(frames)
+    assert not list(tmp_path.glob("*bad*"))  # nothing left behind
+
+
 def test_a_background_failure_is_raised_by_close_and_leaves_no_file(tmp_path, monkeypatch):
     _fail_frame(monkeypatch, 3, "encoder died")
     writer = Mp4Writer(tmp_path / "v.mp4", 8, background=True)
