@@ -828,14 +828,22 @@ async def remix_video(video_id: str, request: Request, svc: VideoAPI = Depends(_
     return await svc.create(body, _idempotency(request, body, video_id), remixed_from=video_id)
 
 
+_UNSUPPORTED = {
+    "edits": "editing a video needs a video-conditioned model",
+    "extensions": "extending a video needs a video-conditioned model",
+    "characters": "characters (a subject taken from an uploaded video) need a video-conditioned model",
+}
+
+
 @router.post("/v1/videos/edits", tags=["videos"], include_in_schema=False)
 @router.post("/v1/videos/extensions", tags=["videos"], include_in_schema=False)
-async def edit_or_extend(request: Request, svc: VideoAPI = Depends(_auth)) -> None:
-    """The SDK's `videos.edit` and `videos.extend`: refused by name (without these routes they were a bare 405)."""
-    what = "extending" if request.url.path.endswith("extensions") else "editing"
-    raise _error(400, "unsupported_operation", f"{what} a video needs a video-conditioned model; the models served "
-                 "here take text only. POST /v1/videos/{id}/remix renders a completed video's settings and seed "
-                 "with a new prompt")  # fmt: skip
+@router.post("/v1/videos/characters", tags=["videos"], include_in_schema=False)
+async def unsupported(request: Request, svc: VideoAPI = Depends(_auth)) -> None:
+    """The SDK's `videos.edit`, `videos.extend` and `videos.create_character`: refused saying why (without these
+    routes they were a bare 405)."""
+    what = _UNSUPPORTED[request.url.path.rstrip("/").rsplit("/", 1)[-1]]
+    raise _error(400, "unsupported_operation", f"{what}; the models served here take text only. POST "
+                 "/v1/videos/{id}/remix renders a completed video's settings and seed with a new prompt")  # fmt: skip
 
 
 def _idempotency(request: Request, body: VideoCreate, remixed_from: str | None = None) -> tuple[str, str] | None:

@@ -455,12 +455,15 @@ def test_a_remix_needs_a_completed_video_and_valid_changes(client):
     assert SLOW_STOPPED.wait(10)
 
 
-def test_edit_and_extend_are_refused_saying_why(client):
+def test_edit_extend_and_characters_are_refused_saying_why(client):
     done = completed(client, client.videos.create(prompt="a fox", extra_body={"steps": 1}).id)
     mp4 = ("fox.mp4", client.videos.download_content(done.id).content, "video/mp4")
-    for call, what in ((client.videos.edit, "editing"), (client.videos.extend, "extending")):
-        with pytest.raises(openai.BadRequestError, match=f"{what} a video needs a video-conditioned model") as e:
-            call(video=mp4, prompt="a wolf", **({"seconds": "4"} if what == "extending" else {}))
+    calls = [(lambda: client.videos.edit(video=mp4, prompt="a wolf"), "editing a video"),
+             (lambda: client.videos.extend(video=mp4, prompt="a wolf", seconds="4"), "extending a video"),
+             (lambda: client.videos.create_character(name="fox", video=mp4), "characters")]  # fmt: skip
+    for call, what in calls:
+        with pytest.raises(openai.BadRequestError, match=f"{what}.* needs? a video-conditioned model") as e:
+            call()
         assert e.value.body["code"] == "unsupported_operation" and "remix" in e.value.message
 
 
