@@ -1,0 +1,179 @@
+"""How fast a model's VAE decodes, by how it is run (#20 item 4: end to end within 0.8 s of the DiT).
+
+At Open-Sora 480p the VAE decode (1.5-1.6 s on an H200) is most of what a user waits for beyond the DiT. The
+2D stage is diffusers' AutoencoderKL run on every frame: convolutions and GroupNorms at full resolution, which
+PyTorch runs in NCHW unless asked otherwise. This times `decode` on the model's latents as shipped and with
+each way of running it that leaves its output unchanged, and prints the time, the peak memory and how far the
+frames moved from the shipped way's (PSNR on [-1, 1]):
+
+    python -m bench.vae                                   # Open-Sora 1.2 480p, 51 frames, bf16, random weights
+    python -m bench.vae --variants eager,channels-last+cudnn-benchmark --out /tmp/vae.json
+
+Variants (join with `+` to combine):
+  eager             as the pipeline runs it
+  cudnn-benchmark   cuDNN picks each convolution's algorithm by timing it (first call slower)
+  channels-last     conv weights, so activations, in NHWC / NDHWC: the layout Hopper's cuDNN convolutions want
+  mb<N> / mb-all    N frames per 2D decode call instead of the VAE's micro-batch (all frames at once)
+  compile           torch.compile of the 2D decoder (fuses GroupNorm + SiLU; the first call compiles)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+DEFAULT_VARIANTS = (
+    "eager,cudnn-benchmark,channels-last,channels-last+cudnn-benchmark,mb8,mb-all,compile,"
+    "channels-last+cudnn-benchmark+compile"
+)
+
+
+@contextmanager
+def variant(vae: Any, name: str) -> Iterator[None]:
+    """Run `vae` one way inside the block, and as it was after it."""
+    module = vae.spatial_vae.module if hasattr(vae, "spatial_vae") else None
+    if name == "eager":
+        yield
+    elif name == "cudnn-benchmark":
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = before
+    elif name == "channels-last":
+        _set_layout(vae, last=True)
+        try:
+            yield
+        finally:
+            _set_layout(vae, last=False)
+    elif name.startswith("mb"):
+        if module is None:
+            raise SystemExit(f"{name}: this VAE has no 2D micro-batch")
+        before = vae.micro_batch_size
+        vae.micro_batch_size = None if name == "mb-all" else int(name[2:])
+        try:
+            yield
+        finally:
+            vae.micro_batch_size = before
+    elif name == "compile":
+        target = module if module is not None else vae
+        decoder = target.decoder
+        target.decoder = torch.compile(decoder)
+        try:
+            yield
+        finally:
+            target.decoder = decoder
+    else:
+        raise SystemExit(f"unknown variant {name!r} (module docstring lists them)")
+
+
+def _set_layout(model: torch.nn.Module, last: bool) -> None:
+    """Conv weights (4-D and 5-D) channels-last, or back; convolutions then run, and hand on, that layout."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d} if last else {}
+    for p in model.parameters():
+        if p.dim() in (4, 5):
+            p.data = p.data.contiguous(memory_format=formats.get(p.dim(), torch.contiguous_format))
+
+
+def timed(fn, iters: int, device: torch.device) -> tuple[float, float, Any]:
+    """(first call s, median of the next `iters` s, last output)."""
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times), out
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float((a.float() - b.float()).pow(2).mean())
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(4.0 / mse)).item()  # peak-to-peak 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.vae", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="opensora-v1.2")
+    p.add_argument("--frames", type=int, default=51)
+    p.add_argument("--size", default="480x854", help="HxW as requested (rounded as the pipeline renders it)")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--variants", default=DEFAULT_VARIANTS)
+    p.add_argument("--vae-size", default="full", help="full, or small/tiny for a quick check of the script")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--out", default="bench/results/vae-h200.json")
+    args = p.parse_args(argv)
+    device, cuda = torch.device(args.device), torch.device(args.device).type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("bench.vae times the decode on a CUDA GPU and none is visible; --device cpu for a check")
+
+    from pab.families import get_family
+    from pab.pipeline import rendered_size
+
+    vae = get_family(args.model).load_vae(args.vae_size, None, device, getattr(torch, args.dtype))
+    h, w = (int(v) for v in args.size.split("x"))
+    H, W = rendered_size(vae, h, w)
+    f = vae.spatial_factor
+    shape = (1, vae.latent_channels, vae.latent_frames(args.frames), H // f, W // f)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, getattr(torch, args.dtype))
+
+    rows: list[dict[str, Any]] = []
+    reference = None
+    with torch.inference_mode():
+        for combo in args.variants.split(","):
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            with ExitStack() as stack:
+                for name in combo.split("+"):
+                    stack.enter_context(variant(vae, name))
+                first, median, out = timed(lambda: vae.decode(latents, args.frames), args.iters, device)
+            if reference is None:
+                reference = out
+            rows.append({
+                "variant": combo, "first_s": first, "decode_s": median,
+                "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+                "psnr_vs_first_db": psnr(out, reference), "max_abs_diff": float((out - reference).abs().max()),
+            })  # fmt: skip
+            r = rows[-1]
+            peak = "" if r["peak_gib"] is None else f" | peak {r['peak_gib']:5.1f} GiB"
+            print(
+                f"{combo:>45} | first {first:7.3f} s | decode {median:6.3f} s{peak} | {r['psnr_vs_first_db']:6.1f} dB"
+            )
+
+    out_path = Path(args.out)
+    records = json.loads(out_path.read_text()) if out_path.is_file() else []
+    records.append({
+        "date": datetime.date.today().isoformat(), "host": platform.node(),
+        "gpu": torch.cuda.get_device_name(device) if cuda else None, "vae_size": args.vae_size, "dtype": args.dtype,
+        "torch": torch.__version__, "model": args.model, "frames": args.frames, "size": f"{H}x{W}",
+        "latents": list(shape), "iters": args.iters, "rows": rows,
+    })  # fmt: skip
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(records, indent=1) + "\n")
+    print(f"appended to {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

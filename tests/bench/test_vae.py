@@ -1,0 +1,28 @@
+"""bench.vae: every way it runs a VAE decodes the same frames, and the run is recorded."""
+
+import json
+
+import pytest
+
+from bench import vae as bench_vae
+
+
+@pytest.mark.parametrize("model", ["opensora-v1.2", "opensora-plan-v1.1"])
+def test_each_variant_decodes_the_frames_the_shipped_way_does(tmp_path, model):
+    out = tmp_path / "vae.json"
+    variants = "eager,channels-last,mb-all,mb8+cudnn-benchmark" if model == "opensora-v1.2" else "eager,channels-last"
+    args = ["--model", model, "--vae-size", "tiny", "--device", "cpu", "--dtype", "float32", "--frames", "17",
+            "--size", "64x64", "--iters", "1", "--variants", variants, "--out", str(out)]  # fmt: skip
+    assert bench_vae.main(args) == 0
+    [record] = json.loads(out.read_text())
+    assert [r["variant"] for r in record["rows"]] == variants.split(",")
+    assert record["size"] == "64x64" and record["latents"][2] == 5  # 17 frames -> one 5-latent chunk
+    for r in record["rows"]:
+        assert r["decode_s"] > 0 and r["psnr_vs_first_db"] > 90, r  # float32 reordering at most
+
+
+def test_a_micro_batch_on_a_vae_without_one_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="no 2D micro-batch"):
+        bench_vae.main(["--model", "opensora-plan-v1.1", "--vae-size", "tiny", "--device", "cpu", "--dtype",
+                        "float32", "--frames", "17", "--size", "64x64", "--variants", "mb8",
+                        "--out", str(tmp_path / "v.json")])  # fmt: skip
