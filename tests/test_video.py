@@ -141,7 +141,6 @@ def test_uint8_round_trip_through_mp4(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="converts on the GPU")
 def test_to_uint8_frames_on_the_gpu_gives_the_same_bytes():
     """The conversion runs on the video's device (a CPU thread is slow at 480p); the bytes do not depend on it."""
