@@ -1,4 +1,5 @@
-"""The HTTP ingress: the /v1/videos API, API keys, the bounded queue, dispatch and retries.
+"""The ingress service behind the /v1/videos API (`cluster.routes` is its HTTP surface): API keys, the bounded
+queue, dispatch and retries.
 
 Jobs live in the object store (`cluster.jobs`), never only here: a restarted ingress reads them back
 and takes over every unfinished job whose lease went stale (its holder is gone).
@@ -21,37 +22,26 @@ this replica knows it).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
-import json
 import logging
-import math
 import os
 import time
 import uuid
-from http import HTTPStatus
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
-from fastapi.encoders import jsonable_encoder
+from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import (
-    FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse,
+    FileResponse, RedirectResponse, Response, StreamingResponse,
 )  # fmt: skip
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import ValidationError
-from pydantic.json_schema import models_json_schema
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.security import HTTPAuthorizationCredentials
 
 from cluster import failures
-from cluster.api import ErrorInfo, ModelInfo, Video, VideoCreate, VideoDeleted, VideoList, form_fields, remix_fields
+from cluster.api import ErrorInfo, ModelInfo, Video, VideoCreate, VideoList
 from cluster.config import AppConfig, pool_name, route
 from cluster.jobs import JobRecord, JobStore, new_job_id, valid_id
-from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import IngressMetrics
 from pab.errors import RequestError
-from pab.request import deepest_first, field_path
 from pab.seeds import draw_seed
 from pab.storage import (
     NotFound,
@@ -65,27 +55,13 @@ log = logging.getLogger("ray.serve")
 _PROBE_EVERY_S = 1.0  # /healthz probes a failing storage at most this often (it needs no key)
 _STORAGE_WAIT_MAX_S = 30.0  # longest pause between probes of a job waiting for storage
 
-# The routes, stateless: each reads the VideoAPI of the app serving it (`build_api`).
-router = APIRouter()
-_bearer = HTTPBearer(auto_error=False)
 
-
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> HTTPException:
+def api_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> HTTPException:
+    """An HTTP error answered in OpenAI's shape (`cluster.routes` writes the body): `code` names the case."""
     return HTTPException(status_code=status, detail={"code": code, "message": message}, headers=headers)
 
 
-def _error_type(status: int) -> str:
-    """OpenAI's error `type` for a status (its `code` names the case: "queue_full", "not_found", ...)."""
-    return {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
-        status, "server_error" if status >= 500 else "invalid_request_error")  # fmt: skip
-
-
-def _error_body(status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
-    """OpenAI's error shape (the openai SDK's exceptions take their message from it)."""
-    return {"error": {"message": message, "type": _error_type(status), "param": param, "code": code}}
-
-
-def _field_error(field: str, message: str, value: Any = None) -> RequestValidationError:
+def field_error(field: str, message: str, value: Any = None) -> RequestValidationError:
     """A 422 shaped like FastAPI's own, naming the field ("pab.spatial.blocks" names a nested one)."""
     loc = ("body", *field.split("."))
     return RequestValidationError([{"type": "value_error", "loc": loc, "msg": message, "input": value}])
@@ -131,6 +107,8 @@ class VideoAPI:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve's hook (`serve.ingress()` without an app): this replica's HTTP app, bound to this instance."""
+        from cluster.routes import build_api  # the HTTP layer sits above the service it serves
+
         return build_api(self)
 
     def _states(self) -> dict[str, int]:
@@ -164,8 +142,8 @@ class VideoAPI:
         token = creds.credentials.encode() if creds and creds.scheme.lower() == "bearer" else b""
         # Compare against every key in constant time; the key itself is never logged.
         if not token or not any(hmac.compare_digest(token, k) for k in self._keys):
-            raise _error(401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key>)",
-                         {"WWW-Authenticate": "Bearer"})
+            raise api_error(401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key>)",
+                            {"WWW-Authenticate": "Bearer"})
 
     # ------------------------------------------------------------------ requests
 
@@ -183,8 +161,8 @@ class VideoAPI:
                 found = await asyncio.to_thread(self.jobs.idempotent_job, digest)
                 if found is not None:
                     if found.get("request") != request_hash:
-                        raise _error(409, "idempotency_key_reused", "this Idempotency-Key was sent before with a "
-                                     "different request; use a new key for a new video")  # fmt: skip
+                        raise api_error(409, "idempotency_key_reused", "this Idempotency-Key was sent before with a "
+                                        "different request; use a new key for a new video")  # fmt: skip
                     try:
                         return await self.view(found["job_id"])
                     except HTTPException as e:
@@ -198,8 +176,8 @@ class VideoAPI:
     def _check_room(self) -> None:
         pending = len(self._active) + self._reserved
         if pending >= self.cfg.max_pending:
-            raise _error(429, "queue_full", f"{pending} videos are queued or rendering; retry later",
-                         {"Retry-After": str(self.cfg.retry_after_s)})
+            raise api_error(429, "queue_full", f"{pending} videos are queued or rendering; retry later",
+                            {"Retry-After": str(self.cfg.retry_after_s)})
 
     async def _create(self, body: VideoCreate, idempotency: tuple[str, str] | None,
                       remixed_from: str | None = None) -> Video:  # fmt: skip
@@ -211,8 +189,8 @@ class VideoAPI:
         try:
             model_cfg = self.cfg.model(model)
         except KeyError:
-            raise _field_error("model", f"unknown model {model!r}; served: {[m.name for m in self.cfg.models]}",
-                               model) from None
+            raise field_error("model", f"unknown model {model!r}; served: {[m.name for m in self.cfg.models]}",
+                              model) from None
         request = body.engine_request(model)
         request["seed"] = request["seed"] if request["seed"] is not None else draw_seed()
         try:
@@ -223,7 +201,7 @@ class VideoAPI:
             top = field.split(".")[0]
             if top in ("cache", "pab"):  # one setting under two names: name the one the body used
                 field = ("pab" if body.cache is None and body.pab is not None else "cache") + field[len(top):]
-            raise _field_error(field, str(e)) from None
+            raise field_error(field, str(e)) from None
         # Check again and reserve with no await in between: concurrent requests all passed the check before any
         # of them was registered, so 32 simultaneous POSTs got past a bound of 8.
         self._check_room()
@@ -255,8 +233,8 @@ class VideoAPI:
             try:
                 self._calibrations[model] = model_calibration(model, self.cfg.model(model).checkpoint)
             except ValueError as e:  # a damaged cache.json beside the weights: the server's to fix, not the request's
-                raise _error(500, "model_misconfigured", f"{model}'s weights come with a calibration this server "
-                             f"cannot read: {e}. Fix or remove it (`pab calibrate` writes it).") from None  # fmt: skip
+                why = f"{model}'s weights come with a calibration this server cannot read: {e}. Fix or remove it"
+                raise api_error(500, "model_misconfigured", f"{why} (`pab calibrate` writes it).") from None
         return self._calibrations[model]
 
     def _resolve(self, request: dict[str, Any], seconds: float | None) -> tuple[dict[str, Any], str, list[str]]:
@@ -288,14 +266,14 @@ class VideoAPI:
         """The job: what this replica decided and storage lacks, else the stored record, else (storage
         unreadable) the state last read here, with the reason; StorageUnavailable if there is none."""
         if job_id in self._deleted:
-            raise _error(404, "not_found", f"no video {job_id!r} (deleted)")
+            raise api_error(404, "not_found", f"no video {job_id!r} (deleted)")
         held = self._held.get(job_id)
         if held is not None:
             return held.model_copy(deep=True)
         try:
             rec = await asyncio.to_thread(self.jobs.get, job_id)
         except NotFound:
-            raise _error(404, "not_found", f"no video {job_id!r}") from None
+            raise api_error(404, "not_found", f"no video {job_id!r}") from None
         except StorageUnavailable as e:
             seen = self._seen.get(job_id)
             if seen is None:
@@ -334,7 +312,7 @@ class VideoAPI:
                 v = held.public()
                 v.cancel_requested = True
                 return v
-            raise _error(409, "not_cancellable", f"video {job_id} is already {rec.status}")
+            raise api_error(409, "not_cancellable", f"video {job_id} is already {rec.status}")
         try:
             await asyncio.to_thread(self.jobs.request_cancel, job_id)
         except StorageUnavailable as e:
@@ -391,7 +369,7 @@ class VideoAPI:
         """
         rec = await self.get(job_id)
         if rec.status != "completed" or not rec.video_key:
-            raise _error(409, "not_ready", f"video {job_id} is {rec.status}, not completed")
+            raise api_error(409, "not_ready", f"video {job_id} is {rec.status}, not completed")
         if variant == "video":
             return await self._serve(rec.video_key, "video/mp4", f"{job_id}.mp4", redirect, head,
                                      f"the file of video {job_id}")
@@ -414,13 +392,13 @@ class VideoAPI:
             with storage_errors(self.cfg.storage, f"read video {rec.id}"):
                 src = path if path is not None and path.is_file() else self.store.get_bytes(rec.video_key)
         except NotFound:
-            raise _error(404, "not_found", f"the file of video {rec.id} is gone") from None
+            raise api_error(404, "not_found", f"the file of video {rec.id} is gone") from None
         try:
             data = still_images(src, (variant,))[variant]
         except Exception as e:  # noqa: BLE001  (a corrupt or truncated file: PyAV's errors vary)
             log.warning("video %s: no %s from its mp4 (%s: %s)", rec.id, variant, type(e).__name__, e)
-            raise _error(404, "not_found", f"video {rec.id} has no {variant} and its mp4 could not be "
-                         f"decoded to make one ({type(e).__name__})") from None
+            raise api_error(404, "not_found", f"video {rec.id} has no {variant} and its mp4 could not be "
+                            f"decoded to make one ({type(e).__name__})") from None
         try:  # best effort: the next request (and S3's presigned URL) then finds it
             self.store.put_bytes(image_key(rec.id, variant), data, "image/jpeg")
         except Exception as e:  # noqa: BLE001
@@ -433,7 +411,7 @@ class VideoAPI:
         url = self.store.presigned_url(key) if redirect else None
         if url:
             return RedirectResponse(url, status_code=307)  # S3 serves Range and HEAD on the URL itself
-        gone = _error(404, "not_found", f"{what} is gone")
+        gone = api_error(404, "not_found", f"{what} is gone")
         path = self.store.local_path(key)
         if path is not None:
             try:  # stat here so a missing file is our 404, not FileResponse's RuntimeError (a 500)
@@ -737,317 +715,3 @@ def _cancel_wins(held: JobRecord, stored: JobRecord) -> bool:
     """A render that completed after a cancellation this replica accepted (and could not save) does not count."""
     return held.status == "cancelled" and stored.status == "completed" and (
         (stored.completed_at or 0) > (held.completed_at or 0))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Routes (`build_api` binds them to one VideoAPI: Serve calls it on each ingress replica)
-# ----------------------------------------------------------------------------------------------------
-
-def _svc(request: Request) -> VideoAPI:
-    svc = getattr(request.app.state, "svc", None)
-    if svc is None:
-        raise _error(503, "starting", "the ingress is starting")
-    svc._ensure_background()
-    return svc
-
-
-# async, so it runs on the event loop: a sync dependency runs in a worker thread, where starting the
-# background loop (no running loop there) failed every request of a VideoAPI made outside Serve.
-async def _auth(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> VideoAPI:
-    svc = _svc(request)
-    svc.check_key(creds)
-    return svc
-
-
-_FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
-_VIDEO_CREATE = {"$ref": "#/components/schemas/VideoCreate"}
-
-
-async def _video_create(request: Request) -> VideoCreate:
-    """The body as a VideoCreate, from JSON or from a form (the openai SDK always sends multipart). One schema
-    judges both, so a bad field is the same 422 either way."""
-    return _validated(await _body_data(request))
-
-
-async def _body_data(request: Request) -> Any:
-    """The body's fields as JSON values, from JSON or from a form; a 422 for JSON that does not parse."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type in _FORMS:
-        form = await request.form()
-        try:
-            # A file (the SDK's input_reference) is named, not read: no field takes one, so it is refused by name.
-            data: Any = form_fields((k, v if isinstance(v, str) else f"<file {v.filename}>")
-                                    for k, v in form.multi_items())
-        finally:
-            await form.close()
-    else:
-        raw = await request.body()
-        try:
-            data = json.loads(raw) if raw else None
-        except (ValueError, RecursionError) as e:  # JSONDecodeError and bad UTF-8 are ValueErrors
-            error = {"type": "json_invalid", "loc": ("body", getattr(e, "pos", 0)), "msg": "JSON decode error",
-                     "input": {}, "ctx": {"error": str(e)}}
-            raise RequestValidationError([error]) from None
-    return data
-
-
-def _validated(data: Any) -> VideoCreate:
-    try:
-        return VideoCreate.model_validate(data)
-    except ValidationError as e:
-        errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]
-        raise RequestValidationError(errors, body=data) from None
-
-
-@router.post("/v1/videos", response_model=Video, tags=["videos"], openapi_extra={"requestBody": {
-    "required": True,
-    "content": {"application/json": {"schema": _VIDEO_CREATE}, "multipart/form-data": {"schema": _VIDEO_CREATE}},
-    "description": "`VideoCreate` as JSON or as form fields (what the openai SDK sends): numbers as text, `pab` a "
-                   "preset name, a JSON object or bracketed fields (`pab[spatial][range]`)."}})
-async def create_video(request: Request, svc: VideoAPI = Depends(_auth)) -> Video:
-    """Queue a video. Poll `GET /v1/videos/{id}` until `completed`, then download its content. With an
-    `Idempotency-Key` header, a repeated request answers the video the first one created (no second render)."""
-    body = await _video_create(request)
-    return await svc.create(body, _idempotency(request, body))
-
-
-@router.post("/v1/videos/{video_id}/remix", response_model=Video, tags=["videos"], openapi_extra={"requestBody": {
-    "required": True,
-    "content": {"application/json": {"schema": _VIDEO_CREATE}, "multipart/form-data": {"schema": _VIDEO_CREATE}},
-    "description": "`prompt` and any other `VideoCreate` field to change; the rest is the completed video's."}})
-async def remix_video(video_id: str, request: Request, svc: VideoAPI = Depends(_auth)) -> Video:
-    """Queue a remix of a completed video (what the SDK's `videos.remix(id, prompt=...)` sends): its model and
-    every setting, its seed included (so the same starting noise), with the new prompt and any other field given
-    changed. The video is text-conditioned only: a remix renders afresh, it does not edit the frames."""
-    given = await _body_data(request)
-    source = await svc.get(video_id)
-    if source.status != "completed":
-        raise _error(409, "video_not_completed", f"video {video_id} is {source.status}: only a completed video can "
-                     "be remixed (its settings are in its `request`; POST /v1/videos with them to render it anew)")
-    body = _validated(remix_fields(source.request, given))
-    return await svc.create(body, _idempotency(request, body, video_id), remixed_from=video_id)
-
-
-_UNSUPPORTED = {
-    "edits": "editing a video needs a video-conditioned model",
-    "extensions": "extending a video needs a video-conditioned model",
-    "characters": "characters (a subject taken from an uploaded video) need a video-conditioned model",
-}
-
-
-@router.post("/v1/videos/edits", tags=["videos"], include_in_schema=False)
-@router.post("/v1/videos/extensions", tags=["videos"], include_in_schema=False)
-@router.post("/v1/videos/characters", tags=["videos"], include_in_schema=False)
-async def unsupported(request: Request, svc: VideoAPI = Depends(_auth)) -> None:
-    """The SDK's `videos.edit`, `videos.extend` and `videos.create_character`: refused saying why (without these
-    routes they were a bare 405)."""
-    what = _UNSUPPORTED[request.url.path.rstrip("/").rsplit("/", 1)[-1]]
-    raise _error(400, "unsupported_operation", f"{what}; the models served here take text only. POST "
-                 "/v1/videos/{id}/remix renders a completed video's settings and seed with a new prompt")  # fmt: skip
-
-
-def _idempotency(request: Request, body: VideoCreate, remixed_from: str | None = None) -> tuple[str, str] | None:
-    """(digest of the key and the API key that sent it, hash of the request), or None without the header."""
-    key = request.headers.get("idempotency-key")
-    if key is None:
-        return None
-    if not 1 <= len(key) <= 255 or not key.isprintable():
-        raise _error(400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 printable characters")
-    sender = request.headers.get("authorization", "")  # keys of different API keys never collide; never stored
-    digest = hashlib.sha256(f"{sender}\0{key}".encode()).hexdigest()
-    asked = {**body.model_dump(mode="json"), **({"remixed_from": remixed_from} if remixed_from else {})}
-    request_hash = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()
-    return digest, request_hash
-
-
-@router.get("/v1/videos", response_model=VideoList, tags=["videos"])
-async def list_videos(
-    limit: int = Query(20, ge=1, le=100),
-    after: str | None = Query(None, description="id of the last video of the previous page"),
-    order: str = Query("desc", pattern="^(asc|desc)$"),
-    svc: VideoAPI = Depends(_auth),
-) -> VideoList:
-    return await svc.list(limit, after, order)
-
-
-@router.get("/v1/videos/{video_id}", response_model=Video, tags=["videos"])
-async def get_video(video_id: str, response: Response, svc: VideoAPI = Depends(_auth)) -> Video:
-    video = await svc.view(video_id)
-    if video.status in ("queued", "in_progress"):
-        response.headers["openai-poll-after-ms"] = "1000"  # the openai SDK's create_and_poll waits this long
-    return video
-
-
-# HEAD too (FastAPI adds it to no GET route): players ask it for the size before they seek.
-@router.head("/v1/videos/{video_id}/content", include_in_schema=False)
-@router.get("/v1/videos/{video_id}/content", tags=["videos"], response_class=StreamingResponse,
-         responses={200: {"content": {"video/mp4": {}, "image/jpeg": {}}},
-                    206: {"description": "the bytes a `Range` header asked for"},
-                    307: {"description": "redirect to a presigned S3 URL"},
-                    416: {"description": "the range starts past the end; `Content-Range: bytes */SIZE`"}})
-async def video_content(
-    request: Request, video_id: str,
-    redirect: bool = Query(True, description="S3: redirect to a presigned URL (false: stream here)"),
-    variant: Literal["video", "thumbnail", "spritesheet"] = Query(  # pab.storage.IMAGE_VARIANTS, and the mp4
-        "video", description="video: the mp4; thumbnail: a JPEG of the middle frame; spritesheet: a JPEG of up to "
-        "8 evenly spaced frames in one row"),
-    svc: VideoAPI = Depends(_auth),
-) -> Response:
-    """The mp4 (or its JPEG thumbnail or spritesheet): a 307 to an expiring presigned URL on S3, a stream from
-    a local folder that honours `Range`."""
-    return await svc.content(video_id, redirect, head=request.method == "HEAD", variant=variant)
-
-
-@router.post("/v1/videos/{video_id}/cancel", response_model=Video, tags=["videos"])
-async def cancel_video(video_id: str, svc: VideoAPI = Depends(_auth)) -> Video:
-    """Cancel: a queued video never starts; a rendering one stops at its next denoising step. The video stays
-    (status `cancelled`); `409` if it already finished."""
-    return await svc.cancel(video_id)
-
-
-@router.delete("/v1/videos/{video_id}", response_model=VideoDeleted, tags=["videos"])
-async def delete_video(video_id: str, svc: VideoAPI = Depends(_auth)) -> dict[str, Any]:
-    """Delete: a queued or rendering video is aborted, then the video, its sidecar, images and record are
-    removed; a later GET is 404."""
-    return await svc.delete(video_id)
-
-
-@router.get("/v1/models", tags=["models"])
-async def list_models(svc: VideoAPI = Depends(_auth)) -> dict[str, Any]:
-    return await asyncio.to_thread(svc.models)
-
-
-_PLAYGROUND = Path(__file__).with_name("playground.html")
-
-
-@router.get("/", include_in_schema=False, response_class=HTMLResponse)
-async def playground() -> HTMLResponse:
-    """The playground page: a prompt form and the videos with their progress, played when done (no key: the
-    page asks for one and sends it with each API call)."""
-    return HTMLResponse(await asyncio.to_thread(_PLAYGROUND.read_text))
-
-
-@router.get("/metrics", tags=["health"], response_class=Response,
-         responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
-async def metrics(request: Request) -> Response:
-    """Prometheus metrics of this ingress replica (no key): requests, queue depth, videos by state, render and
-    end-to-end latency, steps per second, module calls computed and reused, GPU-seconds, DSP bytes."""
-    return Response(_svc(request).metrics.render(), media_type=METRICS_CONTENT_TYPE)
-
-
-async def _count_requests(request: Request, call_next):
-    t0 = time.perf_counter()
-    status = 500
-    try:
-        response = await call_next(request)
-        status = response.status_code
-        return response
-    finally:
-        svc = getattr(request.app.state, "svc", None)
-        if svc is not None and hasattr(svc, "metrics"):
-            route = request.scope.get("route")
-            svc.metrics.request(getattr(route, "path", "unmatched"), request.method, status, time.perf_counter() - t0)
-
-
-@router.get("/healthz", tags=["health"])
-async def healthz(request: Request) -> dict[str, Any]:
-    """Always 200: no probe restarts or drains a pod on it, and neither would bring storage back. `status`
-    is "degraded" while storage fails, with why under `storage`; `unsaved`: decisions waiting for it."""
-    return await _svc(request).health()
-
-
-def _json_safe(v: Any) -> Any:
-    """What a 422 echoes of the input, made encodable: NaN/Infinity as text, unpaired surrogates escaped."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return repr(v)
-    if isinstance(v, str):
-        return v.encode("utf-8", "backslashreplace").decode("utf-8")
-    if isinstance(v, dict):
-        return {_json_safe(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    return v
-
-
-def _param(loc: Any) -> str | None:
-    """The field an error is about, dotted ("pab.spatial.range"), without FastAPI's "body"/"query"."""
-    return field_path(loc[1:]) or None
-
-
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    # FastAPI's own handler echoes the input as it came; NaN or a lone surrogate there made the 422 a 500.
-    errors = _json_safe(jsonable_encoder(exc.errors()))
-    ranked = deepest_first(errors, skip=1)
-    said = [f"body: not JSON ({e.get('ctx', {}).get('error', e['msg'])})" if e["type"] == "json_invalid"
-            else f"{_param(e['loc']) or 'body'}: {e['msg']}" for e in ranked[:3]]
-    message = "; ".join(said) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "")
-    param = _param(ranked[0]["loc"]) if ranked and ranked[0]["type"] != "json_invalid" else None
-    # OpenAI's shape for its clients, plus FastAPI's `detail` list (every error, with its `loc`) for the others.
-    return JSONResponse({**_error_body(422, "invalid_request", message or "invalid request", param),
-                         "detail": errors}, status_code=422)  # fmt: skip
-
-
-def _status_code(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
-    except ValueError:
-        return "error"
-
-
-# Starlette's HTTPException, so the router's own 404 and 405 (and the multipart parser's 400) are shaped too.
-async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-    if exc.status_code in (204, 304):  # no body allowed
-        return Response(status_code=exc.status_code, headers=exc.headers)
-    detail = exc.detail if isinstance(exc.detail, dict) else {"code": _status_code(exc.status_code),
-                                                             "message": str(exc.detail)}
-    return JSONResponse(_error_body(exc.status_code, detail["code"], detail["message"]),
-                        status_code=exc.status_code, headers=exc.headers)
-
-
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    # A bug. Starlette logs the traceback after this answer; the client gets its type, not its text.
-    return JSONResponse(_error_body(500, "internal_error", f"internal error ({type(exc).__name__}); the server's log "
-                                    "has the details"), status_code=500)
-
-
-async def _storage_error(request: Request, exc: StorageUnavailable) -> JSONResponse:
-    # The request was fine and the same one works once storage does: 503 with Retry-After, not a 500.
-    cfg = getattr(getattr(request.app.state, "svc", None), "cfg", None)
-    retry = getattr(cfg, "retry_after_s", 10)
-    return JSONResponse(_error_body(503, "storage_unavailable", str(exc)), status_code=503,
-                        headers={"Retry-After": str(retry)})
-
-
-# ----------------------------------------------------------------------------------------------------
-# The app
-# ----------------------------------------------------------------------------------------------------
-
-def build_api(svc: VideoAPI | None) -> FastAPI:
-    """The HTTP app serving `svc`: Serve builds one per ingress replica (`VideoAPI.__serve_build_asgi_app__`),
-    tests one per service under test. With `svc` None every route but / answers 503 "starting"."""
-    app = FastAPI(
-        title="pab-cluster video API",
-        version="1.0",
-        description="Text-to-video with Pyramid Attention Broadcast on GPU groups. Create a job, poll it, "
-        "download the mp4. Send `Authorization: Bearer <key>`. The official `openai` SDK's `client.videos` works.",
-    )
-    app.state.svc = svc
-    app.include_router(router)
-    app.middleware("http")(_count_requests)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    # Starlette's HTTPException, so the router's own 404 and 405 (and the multipart parser's 400) are shaped too.
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected_error)
-    app.add_exception_handler(StorageUnavailable, _storage_error)
-
-    def openapi() -> dict[str, Any]:
-        """FastAPI's schema plus `VideoCreate`, which the create route reads itself (JSON or form) and so does
-        not declare as a parameter."""
-        if app.openapi_schema is None:
-            schema = FastAPI.openapi(app)
-            _, defs = models_json_schema([(VideoCreate, "validation")], ref_template="#/components/schemas/{model}")
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-    return app

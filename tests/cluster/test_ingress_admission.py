@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import cluster.ingress as ingress
+import cluster.routes as routes
 
 
 @contextlib.contextmanager
@@ -17,7 +18,7 @@ def serving(tmp_path, model: str):
                            pools={})  # fmt: skip
     svc._ensure_background = lambda: None
     svc._start = lambda job_id: None
-    yield TestClient(ingress.build_api(svc), raise_server_exceptions=False)
+    yield TestClient(routes.build_api(svc), raise_server_exceptions=False)
 
 
 @pytest.fixture
@@ -132,7 +133,7 @@ def test_a_damaged_calibration_beside_the_weights_is_the_servers_error_not_the_r
     svc = ingress.VideoAPI({"models": [{"name": "opensora-v1.2-small", "checkpoint": str(weights)}],
                             "storage": {"backend": "local", "path": str(tmp_path / "store")}}, pools={})  # fmt: skip
     svc._start = lambda job_id: None
-    client = TestClient(ingress.build_api(svc), raise_server_exceptions=False)
+    client = TestClient(routes.build_api(svc), raise_server_exceptions=False)
     r = client.post("/v1/videos", json={"prompt": "a fox", "num_frames": 17})
     assert r.status_code == 500, r.text
     error = r.json()["error"]
@@ -178,7 +179,7 @@ def test_each_app_serves_its_own_service_and_none_yet_is_starting(tmp_path):
         made = a.post("/v1/videos", json={"prompt": "a fox"}).json()
         assert a.get(f"/v1/videos/{made['id']}").status_code == 200
         assert b.get(f"/v1/videos/{made['id']}").status_code == 404  # b's storage never saw it
-    starting = TestClient(ingress.build_api(None), raise_server_exceptions=False)
+    starting = TestClient(routes.build_api(None), raise_server_exceptions=False)
     r = starting.get("/v1/videos")
     assert r.status_code == 503 and r.json()["error"]["code"] == "starting", r.text
     assert starting.get("/").status_code == 200  # the playground page needs no service

@@ -6,6 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import cluster.ingress as ingress
+import cluster.routes as routes
 from cluster.jobs import JobRecord, new_job_id
 
 BODY = bytes(range(256)) * 40  # 10240 bytes, every offset recognisable
@@ -23,7 +24,7 @@ def done(tmp_path):
     svc.jobs.create(JobRecord(id=job_id, created_at=0, model="opensora-v1.2-tiny", prompt="a fox", seconds="1",
                               size="32x32", request={}, seed=0, status="completed", pool="p",
                               video_key=ref.key))  # fmt: skip
-    return TestClient(ingress.build_api(svc), raise_server_exceptions=False), job_id
+    return TestClient(routes.build_api(svc), raise_server_exceptions=False), job_id
 
 
 def get(client, job_id, range_=None, method="GET"):
@@ -91,7 +92,7 @@ def test_the_range_goes_through_auth(tmp_path):
     svc = ingress.VideoAPI({"models": [{"name": "opensora-v1.2-tiny"}], "api_keys": ["k"],
                             "storage": {"backend": "local", "path": str(tmp_path)}}, pools={})  # fmt: skip
     svc._ensure_background = lambda: None
-    client = TestClient(ingress.build_api(svc), raise_server_exceptions=False)
+    client = TestClient(routes.build_api(svc), raise_server_exceptions=False)
     assert client.get("/v1/videos/video_x/content", headers={"Range": "bytes=0-9"}).status_code == 401
     assert client.head("/v1/videos/video_x/content").status_code == 401
 

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import cluster.ingress as ingress
+import cluster.routes as routes
 from actors.worker import EngineOutput, GenerationWorker
 from cluster.config import AppConfig, pool_name
 from cluster.groups import VideoGroup
@@ -124,7 +125,7 @@ def server(tmp_path_factory):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(ingress.build_api(svc), log_level="warning", lifespan="off"))
+    srv = uvicorn.Server(uvicorn.Config(routes.build_api(svc), log_level="warning", lifespan="off"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True, name="sdk-uvicorn")
     thread.start()
     deadline = time.monotonic() + 30
@@ -498,7 +499,7 @@ def test_an_idempotency_key_answers_the_same_video_also_after_a_restart(server, 
     http_request = type("R", (), {"headers": {"idempotency-key": "k-1", "authorization": f"Bearer {KEY}"}})()
     restarted = ingress.VideoAPI({"models": [{"name": MODEL}], "api_keys": [KEY], "storage": svc.cfg.storage},
                                  pools=svc.pools)  # fmt: skip
-    video = asyncio.run(restarted.create(body, ingress._idempotency(http_request, body)))
+    video = asyncio.run(restarted.create(body, routes._idempotency(http_request, body)))
     assert video.id == first.id
     # A deleted video frees its key.
     completed(client, first.id)

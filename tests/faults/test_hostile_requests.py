@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import cluster.ingress as ingress
+import cluster.routes as routes
 
 RECEIVED = []
 
@@ -20,11 +21,11 @@ RECEIVED = []
 def client():
     async def create(body, idempotency=None):  # what the service would render; answers a recognisable status
         RECEIVED.append(body)
-        raise ingress._error(409, "stand_in", "received")
+        raise ingress.api_error(409, "stand_in", "received")
 
     svc = SimpleNamespace(_ensure_background=lambda: None, check_key=lambda creds: None, create=create)
     RECEIVED.clear()
-    return TestClient(ingress.build_api(svc), raise_server_exceptions=False)
+    return TestClient(routes.build_api(svc), raise_server_exceptions=False)
 
 
 BAD = [

@@ -26,6 +26,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import cluster.ingress as ingress
+import cluster.routes as routes
 from actors.group import GenerationCancelled, GenerationError, GpuGroup, GroupFailed
 from actors.worker import EngineOutput, GenerationWorker
 from cluster.config import AppConfig, pool_name
@@ -192,7 +193,7 @@ def service(tmp_path):
     pools = {pool_name(m.name, p.gpus): Pool(group) for m in cfg.models for p in m.groups}
     svc = ingress.VideoAPI(config, pools=pools)
     svc._warm_up = lambda: None  # the model check runs on each POST anyway
-    with TestClient(ingress.build_api(svc)) as client:
+    with TestClient(routes.build_api(svc)) as client:
         try:
             yield client, svc, engine, folder
         finally:
@@ -232,7 +233,7 @@ def test_post_while_storage_fails_is_a_503_with_the_reason_and_healthz_degrades(
         storage = {"backend": "s3", "endpoint_url": f"http://127.0.0.1:{port}", "bucket": "videos"}
     svc = ingress.VideoAPI({"models": [{"name": MODEL}], "storage": storage, "retry_after_s": 7}, pools={})
     svc._ensure_background = lambda: None  # no driver or background loop: the request path alone
-    client = TestClient(ingress.build_api(svc), raise_server_exceptions=False)
+    client = TestClient(routes.build_api(svc), raise_server_exceptions=False)
     assert client.get("/healthz").json()["status"] == "ok"
     if backend == "local-read-only":
         with read_only(tmp_path / "store"):
