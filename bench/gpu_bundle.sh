@@ -6,6 +6,9 @@
 #   .gpu-site/site.tar.xz        with --serve: Ray Serve, FastAPI, pydantic, boto3, PyAV
 #                                (../shared/tools/gpu-site, ~57 MB: carry it with diffusers.tar.xz only)
 #   .gpu-av/av.tar.xz            with --av: PyAV alone (~24 MB), for the Ray + PyAV tests (see below)
+#   .gpu-site/pydantic.tar.xz    with --pydantic: pydantic and its needs (~2.6 MB; pab.request validates with it),
+#                                for runs without the site bundle: diffusers + pydantic + .gpu-av (~28 MB) fit beside
+#                                the tree, so the GPU suite, PyAV's tests and bench.mp4/vae run in one call
 # In the run: mkdir -p /tmp/site && for f in .gpu-site/*.tar.xz; do tar -xJf $f -C /tmp/site; done &&
 #             export PYTHONPATH=$PWD:/tmp/site RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 #
@@ -27,6 +30,14 @@ ls -l .gpu-site/diffusers.tar.xz
 for arg in "$@"; do
     case "$arg" in
         --serve) ../shared/tools/gpu-site ;;
+        --pydantic)
+            pv=$(.venv/bin/python -c 'import pydantic, pydantic_core; print(pydantic.__version__, pydantic_core.__version__)')
+            python3 -m pip download -q --no-deps -d "$work/pyd" --python-version 3.12 --implementation cp \
+                --only-binary=:all: --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+                "pydantic==${pv% *}" "pydantic-core==${pv#* }" annotated-types typing-inspection
+            (cd "$work/pyd" && for w in *.whl; do python3 -m zipfile -e "$w" site; done)
+            tar -cf - -C "$work/pyd/site" . | xz -9 -T2 > .gpu-site/pydantic.tar.xz
+            ls -l .gpu-site/pydantic.tar.xz ;;
         --serve-no-av) ../shared/tools/gpu-site --no-av ;;
         --av)
             grep -qx "/.gpu-av/" .git/info/exclude || echo "/.gpu-av/" >> .git/info/exclude
@@ -36,6 +47,6 @@ for arg in "$@"; do
             mkdir -p .gpu-av
             tar -cf - -C "$work/av/site" . | xz -9 -T2 > .gpu-av/av.tar.xz
             ls -l .gpu-av/av.tar.xz ;;
-        *) echo "unknown option $arg (known: --serve, --serve-no-av, --av)" >&2; exit 2 ;;
+        *) echo "unknown option $arg (known: --serve, --serve-no-av, --av, --pydantic)" >&2; exit 2 ;;
     esac
 done
