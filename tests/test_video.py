@@ -207,6 +207,15 @@ def test_x264_options_reach_the_encoder(tmp_path):
     assert not list(tmp_path.glob("*bad*"))  # nothing left behind
 
 
+@pytest.mark.parametrize("x264, lookahead", [(None, b"rc_lookahead=8 "), ({"rc-lookahead": "40"}, b"rc_lookahead=40 ")])
+def test_the_rate_control_looks_8_frames_ahead_unless_told(tmp_path, x264, lookahead):
+    """x264 writes the settings it ran with into the stream (an SEI text): the short default lookahead is used."""
+    path = tmp_path / "v.mp4"
+    with Mp4Writer(path, 8, x264=x264) as writer:
+        writer.write(_frames(f=5, h=32, w=48))
+    assert lookahead in path.read_bytes()
+
+
 def test_a_background_failure_is_raised_by_close_and_leaves_no_file(tmp_path, monkeypatch):
     _fail_frame(monkeypatch, 3, "encoder died")
     writer = Mp4Writer(tmp_path / "v.mp4", 8, background=True)

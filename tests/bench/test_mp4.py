@@ -26,4 +26,4 @@ def test_a_small_run_writes_every_setting_of_every_content(tmp_path, capsys):
     noise = [r for r in record["rows"] if r["content"] == "noise"]
     pan = [r for r in record["rows"] if r["content"] == "pan"]
     assert min(r["mb"] for r in noise) > max(r["mb"] for r in pan)  # noise is the costly case for x264
-    assert "medium (default)" in capsys.readouterr().out
+    assert "medium, rc-lookahead 8 (ours)" in capsys.readouterr().out
