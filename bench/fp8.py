@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from bench.records import append_records
 
 
 def gpu_ms(fn: Callable[[], object], iters: int) -> float:
@@ -176,14 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         print(" | ".join(f"{r[c]:>16.4f}" if isinstance(r[c], float) else f"{r[c]!s:>16}" for c in cols))
     sweep = quant_sweep(M, C, args.iters) if args.sweep else None
     fused = fused_mlp(M, C, args.iters) if args.fused else None
-    out = Path(args.out)
-    records = json.loads(out.read_text()) if out.is_file() else []
-    records.append({"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
-                    "torch": torch.__version__, "rows": rows, "quant_warps_ms": sweep,
-                    "fused_mlp": fused})  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(records, indent=1) + "\n")
-    print(f"appended to {out}")
+    append_records(args.out, {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
+                              "torch": torch.__version__, "rows": rows, "quant_warps_ms": sweep,
+                              "fused_mlp": fused})  # fmt: skip
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from bench.records import append_records
 
 # Settings beside the presets: the paper's ranges over a wider window, every attention every other step, and
 # both over (90, 420), late in the small model's flat stretch; the paper's (450, 930) starts where its outputs
@@ -162,10 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.perf_counter() - t0,
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    records = json.loads(args.out.read_text()) if args.out.is_file() else []
-    args.out.write_text(json.dumps(records + [record], indent=1) + "\n")
-    print(f"appended to {args.out}")
+    append_records(args.out, record)
     return 0
 
 

@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import torch
 
+from bench.records import read_records, write_records
+
 PEAK_TFLOPS = 989.4  # H100 SXM dense bf16 (vendor datasheet)
 
 
@@ -553,13 +555,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     records: list[dict] = []
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    existing = json.loads(out.read_text()) if out.is_file() else []
+    existing = read_records(out)
 
     def save() -> None:  # after every case, so a later failure loses nothing measured
         for rec in records:
             rec.setdefault("machine", args.machine)
-        out.write_text(json.dumps(existing + records, indent=1) + "\n")
+        write_records(out, existing + records)
 
     for name in filter(None, args.cases.split(",")):
         case = CASES[name]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import socket
@@ -22,10 +21,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import torch
+
+from bench.records import append_records
 
 
 def _free_port() -> int:
@@ -161,11 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"{'model':<22} {'bare s':>8} {'served s':>9} {'overhead s':>11} {'target (2%+0.5s)':>17}")
     print(f"{args.model:<22} {b:>8.2f} {s:>9.2f} {s - b:>11.2f} {record['target_s']:>17.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    existing = json.loads(out.read_text()) if out.is_file() else []
-    out.write_text(json.dumps(existing + [record], indent=1) + "\n")
-    print(f"wrote {out}")
+    append_records(args.out, record)
     return 0
 
 

@@ -21,20 +21,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import statistics
 import time
 from contextlib import ExitStack, contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-DEFAULT_VARIANTS = (
-    "eager,cudnn-benchmark,channels-last,channels-last+cudnn-benchmark,mb8,mb-all,compile,"
-    "channels-last+cudnn-benchmark+compile"
-)
+from bench.records import append_records
+
+DEFAULT_VARIANTS = "eager,cudnn-benchmark,channels-last,mb8,mb-all,compile"
 
 
 @contextmanager
@@ -161,17 +158,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{combo:>45} | first {first:7.3f} s | decode {median:6.3f} s{peak} | {r['psnr_vs_first_db']:6.1f} dB"
             )
 
-    out_path = Path(args.out)
-    records = json.loads(out_path.read_text()) if out_path.is_file() else []
-    records.append({
+    append_records(args.out, {
         "date": datetime.date.today().isoformat(), "host": platform.node(),
         "gpu": torch.cuda.get_device_name(device) if cuda else None, "vae_size": args.vae_size, "dtype": args.dtype,
         "torch": torch.__version__, "model": args.model, "frames": args.frames, "size": f"{H}x{W}",
         "latents": list(shape), "iters": args.iters, "rows": rows,
     })  # fmt: skip
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(records, indent=1) + "\n")
-    print(f"appended to {out_path}")
     return 0
 
 
