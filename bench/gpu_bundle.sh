@@ -8,15 +8,18 @@
 #   .gpu-av/av.tar.xz            with --av: PyAV alone (~24 MB), for the Ray + PyAV tests (see below)
 #   .gpu-site/pydantic.tar.xz    with --pydantic: pydantic and its needs (~2.6 MB; pab.request validates with it),
 #                                for runs without the site bundle: diffusers + pydantic + .gpu-av (~28 MB) fit beside
-#                                the tree, so the GPU suite, PyAV's tests and bench.mp4/vae run in one call
+#                                the tree, so the one-GPU suite, PyAV's tests and bench.mp4/vae run in one call.
+#                                Name the GPU test files (tests/gpu tests/kernels tests/models/test_latte.py
+#                                tests/parallel/test_dsp_gpu.py tests/test_compile.py tests/test_video.py): pytest
+#                                imports every file it collects, and the others import Ray or FastAPI.
 # In the run: mkdir -p /tmp/site && for f in .gpu-site/*.tar.xz; do tar -xJf $f -C /tmp/site; done &&
 #             export PYTHONPATH=$PWD:/tmp/site RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 #
-# Ray and PyAV together (test_serve_gpu, test_bulk_gpu, test_group): the tracked tree (~30 MB, shipped
-# weights included) and the 57 MB bundle exceed one call's 64 MiB. Build `--serve-no-av --av` and carry them
-# in two calls on the same warm machine (it is given back ~30 s after a call ends, so issue them back to
-# back): the first carries .gpu-site and unpacks it into /tmp/site, the second carries .gpu-av, unpacks it
-# into the same /tmp/site (kept between calls) and runs the tests.
+# Ray and PyAV together (test_serve_gpu, test_bulk_gpu and test_worker's GPU test, which need 2 GPUs and skip on
+# one): the tracked tree (~30 MB, shipped weights included) and the 57 MB bundle exceed one call's 64 MiB. Build
+# `--serve-no-av --av` and carry them in two calls on the same warm machine (it is given back ~30 s after a call
+# ends, so issue them back to back): the first carries .gpu-site and unpacks it into /tmp/site, the second carries
+# .gpu-av, unpacks it into the same /tmp/site (kept between calls) and runs the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx "/.gpu-site/" .git/info/exclude 2>/dev/null || echo "/.gpu-site/" >> .git/info/exclude
