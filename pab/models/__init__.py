@@ -214,10 +214,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
 MODEL_NAMES = sorted(MODEL_SPECS)
 # A VAE has a `-small` size where a model that uses it has one.
 _VAE_SIZES = {v: sorted({s for m in MODEL_SPECS.values() if m.vae == v for s in m.sizes}) for v in VAE_SPECS}
-ALL_NAMES = sorted(
-    [n if s == "full" else f"{n}-{s}" for n, m in MODEL_SPECS.items() for s in m.sizes]
-    + [n if s == "full" else f"{n}-{s}" for n, sizes in _VAE_SIZES.items() for s in sizes]
-)
+_MODEL_NAMES_SIZED = sorted(n if s == "full" else f"{n}-{s}" for n, m in MODEL_SPECS.items() for s in m.sizes)
+_VAE_NAMES_SIZED = sorted(n if s == "full" else f"{n}-{s}" for n, sizes in _VAE_SIZES.items() for s in sizes)
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 """Shipped checkpoints of the `-small` models, one folder each in the `--checkpoint` layout."""
 
@@ -230,7 +228,8 @@ def split_name(name: str) -> tuple[str, str]:
             base, size = name[: -len(s) - 1], s
     known = MODEL_SPECS[base].sizes if base in MODEL_SPECS else _VAE_SIZES.get(base, ())
     if size not in known:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(ALL_NAMES)}")
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(_MODEL_NAMES_SIZED)} "
+                         f"(and their VAEs: {', '.join(_VAE_NAMES_SIZED)})")
     return base, size
 
 
