@@ -105,6 +105,17 @@ class VideoAPI:
         except RuntimeError:  # no running loop (constructed outside Serve): started by the first request
             pass
 
+    def __del__(self) -> None:
+        """Serve calls this as it stops the replica (Python too, when the object goes): the background loop stops
+        first. Left running, its next round asked a thread pool the stopping replica had shut down, and logged
+        that as a failure of the loop."""
+        task = getattr(self, "_loop_task", None)  # None when the constructor failed before making it
+        if task is not None and not task.done():
+            try:
+                task.cancel()
+            except RuntimeError:  # its event loop is closed already: nothing runs it any more
+                pass
+
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve's hook (`serve.ingress()` without an app): this replica's HTTP app, bound to this instance."""
         from cluster.routes import build_api  # the HTTP layer sits above the service it serves
