@@ -64,6 +64,7 @@ def encode(frames: np.ndarray, fps: int, x264: dict[str, str], chunk: int, pace_
     whole time, the size and the PSNR of what decodes."""
     import av
 
+    from pab.eval.metrics import psnr
     from pab.video import Mp4Writer
 
     buf = io.BytesIO()
@@ -78,9 +79,8 @@ def encode(frames: np.ndarray, fps: int, x264: dict[str, str], chunk: int, pace_
     with av.open(io.BytesIO(buf.getvalue())) as c:
         decoded = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
     h, w = frames.shape[1:3]
-    mse = float(((decoded[:, :h, :w].astype(np.float64) - frames) ** 2).mean())
     return {"tail_s": end - last, "total_s": end - t0, "mb": len(buf.getvalue()) / 1e6,
-            "psnr_db": 10 * np.log10(255**2 / mse) if mse else float("inf")}  # fmt: skip
+            "psnr_db": psnr(decoded[:, :h, :w], frames)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
