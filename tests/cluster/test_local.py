@@ -38,29 +38,89 @@ def test_flags_to_config(tmp_path):
                                                      "DeepFloyd/t5-v1_1-xxl")
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_pab_serve_end_to_end(tmp_path):
-    """`python -m cluster.local` starts its own Ray + Serve; submit, poll, download, then Ctrl-C."""
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "RAY_TMPDIR": "/tmp/raypabsv2", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "PAB_API_KEYS": "envkey", "OMP_NUM_THREADS": "1"}
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.local", "--port", str(port), "--output-dir",
-                             str(tmp_path / "out"), "--num-gpus", "0"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        return s.getsockname()[1]
+
+
+def _ray_processes(tmpdir: str) -> list[str]:
+    """Command lines of the Ray processes whose session lives under `tmpdir` (this test's Ray only)."""
+    out = subprocess.run(["pgrep", "-af", tmpdir], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+def _start(tmp_path, tmpdir: str, port: int, how: str, **env_extra: str) -> tuple[subprocess.Popen, int]:
+    """`pab serve` (python -m cluster.local, CPU only) started directly, or `&` in a non-interactive shell,
+    where the child starts with SIGINT ignored. Returns the process to wait on and the server's pid."""
+    env = {**os.environ, "RAY_TMPDIR": tmpdir, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "OMP_NUM_THREADS": "1", **env_extra}  # fmt: skip
+    cmd = [sys.executable, "-m", "cluster.local", "--port", str(port), "--output-dir", str(tmp_path / "out"),
+           "--num-gpus", "0"]  # fmt: skip
+    with open(tmp_path / "serve.log", "wb") as log:
+        if how == "direct":
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            return proc, proc.pid
+        pid_file = tmp_path / "pid"
+        pid_file.unlink(missing_ok=True)
+        proc = subprocess.Popen(["bash", "-c", " ".join(cmd) + f" & echo $! > {pid_file}; wait"], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.monotonic() + 10
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return proc, int(pid_file.read_text())
+
+
+def _kill(proc: subprocess.Popen, pid: int) -> None:
+    """After a failed check: the server (not only the shell that started it) goes."""
+    for p in {proc.pid, pid}:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _stop(tmp_path, tmpdir: str, proc: subprocess.Popen, pid: int, sig: signal.Signals, clean: bool) -> None:
+    """Send `sig`; `pab serve` exits 0 within 30 s, says so, and leaves no Ray process behind. `clean`: no
+    traceback in its log (stopped mid-deploy, Serve's controller logs the replicas it could not finish)."""
+    log_path = tmp_path / "serve.log"
+    t0 = time.monotonic()
     try:
-        c = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": "Bearer envkey"}, timeout=30)
+        os.kill(pid, sig)
+        assert proc.wait(60) == 0, log_path.read_text()[-3000:]
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            _kill(proc, pid)
+    text = log_path.read_text()
+    assert took < 30, f"stopped {took:.0f} s after {sig.name}"
+    assert "shutting down" in text, text[-3000:]
+    if clean:
+        assert "Traceback" not in text, text[-3000:]
+    deadline = time.monotonic() + 20
+    while _ray_processes(tmpdir) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _ray_processes(tmpdir), _ray_processes(tmpdir)
+
+
+@pytest.mark.ray
+@pytest.mark.faults
+@pytest.mark.slow
+def test_pab_serve_end_to_end_then_sigterm(tmp_path):
+    """`pab serve &` from a shell starts its own Ray + Serve; submit, poll, download; then SIGTERM (Kubernetes,
+    `docker stop`) stops it as Ctrl-C does, although the shell left SIGINT ignored, and leaves no Ray behind.
+    One start-up of Ray and the app serves both checks: each costs tens of seconds on CI's 2 cores."""
+    port, tmpdir = _free_port(), "/tmp/raypabsv2"
+    proc, pid = _start(tmp_path, tmpdir, port, "background-shell", PAB_API_KEYS="envkey")
+    log_path = tmp_path / "serve.log"
+    try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if c.get("/v1/models").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        while "pab serve: http://" not in log_path.read_text():  # every deployment up
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        c = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": "Bearer envkey"}, timeout=30)
+        assert c.get("/healthz").status_code == 200
         assert c.get("/v1/models").json()["data"][0]["id"] == "opensora-v1.2-small"  # the trained, shipped one
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401  # PAB_API_KEYS reached the ingress
         job = c.post("/v1/videos", json={"prompt": "a fox", "seconds": 2, "size": "32x32", "steps": 4}).json()
@@ -71,78 +131,30 @@ def test_pab_serve_end_to_end(tmp_path):
         with av.open(io.BytesIO(c.get(f"/v1/videos/{job['id']}/content").content)) as v:
             assert sum(1 for _ in v.decode(video=0)) == rec["request"]["num_frames"] == 17  # 2 s at 8 fps -> 17
         assert (tmp_path / "out" / "videos" / f"{job['id']}.mp4").exists()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            assert proc.wait(90) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-
-
-def _ray_processes(tmpdir: str) -> list[str]:
-    """Command lines of the Ray processes whose session lives under `tmpdir` (this test's Ray only)."""
-    out = subprocess.run(["pgrep", "-af", tmpdir], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "pgrep" not in line]
+    except BaseException:
+        _kill(proc, pid)
+        raise
+    _stop(tmp_path, tmpdir, proc, pid, signal.SIGTERM, clean=True)
 
 
 @pytest.mark.ray
 @pytest.mark.faults
 @pytest.mark.slow
-@pytest.mark.parametrize("how, phases", [("direct", ["starting"]), ("background-shell", ["running", "starting"])])
-def test_pab_serve_stops_promptly_on_sigterm(tmp_path, how, phases):
-    """SIGTERM (Kubernetes, `docker stop`) stops `pab serve` as Ctrl-C does, whether it runs or is still starting,
-    started directly or in the background from a shell (where SIGINT is ignored), and leaves no Ray behind.
-    A direct, running one is the background shell's case minus the ignored SIGINT, and each running case costs
-    a whole start-up of Ray and the app on CI's 2 cores, so it is left to the harder one."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    tmpdir = f"/tmp/raypabterm-{how}"
-    env = {**os.environ, "RAY_TMPDIR": tmpdir, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
-    cmd = [sys.executable, "-m", "cluster.local", "--port", str(port), "--output-dir", str(tmp_path / "out"),
-           "--num-gpus", "0"]  # fmt: skip
+@pytest.mark.parametrize("how, sig", [("direct", signal.SIGINT), ("background-shell", signal.SIGTERM)],
+                         ids=["ctrl-c", "sigterm-background-shell"])
+def test_pab_serve_stops_promptly_while_starting(tmp_path, how, sig):
+    """Ctrl-C, or SIGTERM to one started in the background, while Ray is up and the app still deploying (tens
+    of seconds on a small machine): it stops within seconds, not once the app is up."""
+    port, tmpdir = _free_port(), f"/tmp/raypabterm-{how}"
+    proc, pid = _start(tmp_path, tmpdir, port, how)
     log_path = tmp_path / "serve.log"
-    for phase in phases:
-        with open(log_path, "wb") as log:
-            if how == "direct":
-                proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-                pid = proc.pid
-            else:  # `pab serve &` in a non-interactive shell: the child starts with SIGINT ignored
-                pid_file = tmp_path / f"pid-{phase}"
-                shell = " ".join(cmd) + f" & echo $! > {pid_file}; wait"
-                proc = subprocess.Popen(["bash", "-c", shell], env=env, stdout=log, stderr=subprocess.STDOUT)
-                deadline = time.monotonic() + 10
-                while not pid_file.exists() or not pid_file.read_text().strip():
-                    assert time.monotonic() < deadline
-                    time.sleep(0.05)
-                pid = int(pid_file.read_text())
-            try:
-                deadline = time.monotonic() + 240
-                if phase == "running":  # every deployment up (/healthz answers once the ingress alone is)
-                    while "pab serve: http://" not in log_path.read_text():
-                        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-                        time.sleep(0.5)
-                    assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
-                else:  # Ray is up (Serve's controller logs), the app is still deploying
-                    while "ServeController pid=" not in log_path.read_text():
-                        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-                        time.sleep(0.2)
-                    assert "pab serve: http://" not in log_path.read_text()
-                t0 = time.monotonic()
-                os.kill(pid, signal.SIGTERM)
-                assert proc.wait(60) == 0, log_path.read_text()[-3000:]
-                took = time.monotonic() - t0
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-        text = log_path.read_text()
-        assert took < 30, f"{phase}: stopped {took:.0f} s after SIGTERM"
-        assert "shutting down" in text, text[-3000:]
-        if phase == "running":  # (stopped mid-deploy, Serve's controller logs the replicas it could not finish)
-            assert "Traceback" not in text, text[-3000:]
-        deadline = time.monotonic() + 20
-        while _ray_processes(tmpdir) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not _ray_processes(tmpdir), _ray_processes(tmpdir)
+    deadline = time.monotonic() + 240
+    try:
+        while "ServeController pid=" not in log_path.read_text():  # Ray is up (Serve's controller logs)
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        assert "pab serve: http://" not in log_path.read_text()
+    except BaseException:
+        _kill(proc, pid)
+        raise
+    _stop(tmp_path, tmpdir, proc, pid, sig, clean=False)
