@@ -57,9 +57,15 @@ def read_only(folder: Path):
     if r.returncode:
         pytest.skip(f"cannot make a folder read-only as root here (mount --bind: {r.stderr.strip()})")
     try:
-        r = run("mount", "-o", "remount,bind,ro", str(folder))
-        if r.returncode:
-            pytest.skip(f"cannot remount read-only: {r.stderr.strip()}")
+        # The remount can meet "mount point is busy" for a moment (a CI run skipped on it once while the other
+        # pytest worker was busy with mounts of its own); it succeeds when tried again.
+        for _ in range(20):
+            r = run("mount", "-o", "remount,bind,ro", str(folder))
+            if not r.returncode:
+                break
+            time.sleep(0.25)
+        else:
+            pytest.fail(f"could not remount {folder} read-only after --bind worked: {r.stderr.strip()}")
         yield
     finally:
         run("umount", "-l", str(folder))
