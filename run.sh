@@ -31,7 +31,9 @@ setup() {
 install_with_uv() {
     # uv installs the dependencies in ~25 s where pip takes ~2 min, most of CI's set-up. It does not read pip's
     # configuration, so the sources pip is configured with (find-links, index URLs, constraints) are passed on,
-    # and like pip it takes the best version from any of them. Any failure falls back to pip.
+    # and like pip it takes the best version from any of them. Any failure falls back to pip. It compiles the
+    # bytecode as pip does: where PYTHONDONTWRITEBYTECODE is set, every Ray worker and spawned rank would
+    # otherwise compile torch's sources again on import (a CI run took half as long again).
     "$VENV/bin/pip" install --quiet uv >/dev/null 2>&1 || return 1
     local args=() line key val v
     while IFS= read -r line; do
@@ -48,7 +50,7 @@ install_with_uv() {
             esac
         done
     done < <("$VENV/bin/pip" config list 2>/dev/null)
-    "$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python" --index-strategy unsafe-best-match \
+    "$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python" --index-strategy unsafe-best-match --compile-bytecode \
         "${args[@]}" -e ".[test]" || { echo "run.sh: uv could not install; trying pip" >&2; return 1; }
 }
 
