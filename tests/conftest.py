@@ -51,6 +51,17 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 @pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): CI runs two
+    workers on 2 cores, where tiny models with two OpenMP threads each spin against each other (~50x slower),
+    and one thread keeps float32 results reproducible."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
 def inductor():
     """Skip (with the reason) where torch.compile cannot build CPU kernels: no C++ compiler. Where there is
     one, a failure to compile is a failure, not a skip (CI runs every non-GPU test; issue #18)."""

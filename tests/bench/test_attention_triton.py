@@ -17,12 +17,7 @@ from support.kernels import DEVICE, needs_triton
 N, H = 2, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU is shared
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _qkv(length: int, d: int, dtype=torch.float32, seed: int = 0):

@@ -19,12 +19,7 @@ from support.kernels import CUDA, DEVICE, needs_triton
 SHAPES = [(2, 3, 5, 96), (1, 1, 7, 64), (2, 4, 3, 40)]
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU is shared
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def params(B, T, C, per_frame, k=3, dtype=torch.float32):

@@ -34,12 +34,7 @@ needs_cuda = pytest.mark.skipif(short_attn.triton is None or not CUDA, reason="c
 FP16_ATOL = 4e-3
 
 
-@pytest.fixture(autouse=True)
-def _restore():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU is shared
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def attention(heads: int, head_dim: int, qk_norm: bool, seed: int = 0) -> stdit3.SelfAttention:

@@ -19,13 +19,7 @@ FIXTURE = OFFICIAL / "osp110"
 C = SIZES["tiny"]["num_attention_heads"] * SIZES["tiny"]["attention_head_dim"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CPU is shared; one thread also keeps float32 results reproducible.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(seed: int = 0, **overrides) -> LatteT2V:

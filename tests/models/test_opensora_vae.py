@@ -19,18 +19,11 @@ FIXTURE = FIXTURES / "opensora_vae_v1_2"
 MANIFEST = FIXTURES / "manifests" / "opensora_vae_v1_2.json"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are tiny: on a busy 2-core machine two OpenMP threads spin against each other and run
-    # ~50x slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def run_result(one_thread) -> tuple[dict[str, torch.Tensor], bool]:
+def run_result(one_torch_thread) -> tuple[dict[str, torch.Tensor], bool]:
     """The fixture's outputs, and whether the run left the global RNG as it found it."""
     state = torch.random.get_rng_state()
     produced = run_fixture(FIXTURE)  # the shared entry point; dispatches to support/fidelity_cases/opensora_vae.py
@@ -48,7 +41,7 @@ def reference() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def tiny(one_thread) -> OpenSoraVAE:
+def tiny(one_torch_thread) -> OpenSoraVAE:
     torch.manual_seed(0)
     return OpenSoraVAE(OpenSoraVAEConfig.from_size("tiny")).eval()
 

@@ -15,13 +15,7 @@ OFFICIAL = Path(__file__).resolve().parents[1] / "fixtures" / "official"
 FIXTURE = OFFICIAL / "stdit3"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CPU is shared; one thread also keeps float32 results reproducible.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(seed: int = 0, **overrides) -> STDiT3:
