@@ -57,8 +57,8 @@ def read_only(folder: Path):
     if r.returncode:
         pytest.skip(f"cannot make a folder read-only as root here (mount --bind: {r.stderr.strip()})")
     try:
-        # The remount can meet "mount point is busy" for a moment (a CI run skipped on it once while the other
-        # pytest worker was busy with mounts of its own); it succeeds when tried again.
+        # The remount met "mount point is busy" in one CI run (the runs before and after did not), which used to
+        # skip the test: try again for up to 5 s, then fail, saying why.
         for _ in range(20):
             r = run("mount", "-o", "remount,bind,ro", str(folder))
             if not r.returncode:
