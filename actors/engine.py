@@ -79,13 +79,13 @@ def meta_vae(model: str) -> Any:
     if model not in _META_VAES:
         from types import SimpleNamespace
 
-        from pab.models import build, get_spec, split_name
+        from pab.models import build, get_spec, sized_name, split_name
 
         vae, size = get_spec(model).vae, split_name(model)[1]
         if vae == "sd-vae":  # per-frame VAE: any frame count
             _META_VAES[model] = SimpleNamespace(latent_frames=lambda n: n, spatial_factor=8)
         else:
-            _META_VAES[model] = build(vae if size == "full" else f"{vae}-{size}", device="meta")
+            _META_VAES[model] = build(sized_name(vae, size), device="meta")
     return _META_VAES[model]
 
 

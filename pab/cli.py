@@ -226,7 +226,7 @@ def _validate_request_early(args: argparse.Namespace) -> None:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from pab.broadcast import PABConfig
-    from pab.models import MODEL_SPECS, WEIGHTS_DIR
+    from pab.models import MODEL_SPECS, WEIGHTS_DIR, sized_name
 
     def weights(name: str, size: str) -> str:
         if size == "small":  # trained here: shipped, or not trained yet
@@ -237,7 +237,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name, spec in MODEL_SPECS.items():
         for size in spec.sizes:
             d = spec.defaults_for(size)
-            full_name = name if size == "full" else f"{name}-{size}"
+            full_name = sized_name(name, size)
             rows.append(
                 {
                     "name": full_name,

@@ -214,8 +214,15 @@ MODEL_SPECS: dict[str, ModelSpec] = {
 MODEL_NAMES = sorted(MODEL_SPECS)
 # A VAE has a `-small` size where a model that uses it has one.
 _VAE_SIZES = {v: sorted({s for m in MODEL_SPECS.values() if m.vae == v for s in m.sizes}) for v in VAE_SPECS}
-_MODEL_NAMES_SIZED = sorted(n if s == "full" else f"{n}-{s}" for n, m in MODEL_SPECS.items() for s in m.sizes)
-_VAE_NAMES_SIZED = sorted(n if s == "full" else f"{n}-{s}" for n, sizes in _VAE_SIZES.items() for s in sizes)
+
+
+def sized_name(base: str, size: str) -> str:
+    """The name of one size of a model or VAE, split_name's inverse: ('latte-1', 'tiny') -> 'latte-1-tiny'."""
+    return base if size == "full" else f"{base}-{size}"
+
+
+_MODEL_NAMES_SIZED = sorted(sized_name(n, s) for n, m in MODEL_SPECS.items() for s in m.sizes)
+_VAE_NAMES_SIZED = sorted(sized_name(n, s) for n, sizes in _VAE_SIZES.items() for s in sizes)
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 """Shipped checkpoints of the `-small` models, one folder each in the `--checkpoint` layout."""
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pab.families import FAMILIES, get_family
-from pab.models import MODEL_SPECS
+from pab.models import MODEL_SPECS, sized_name, split_name
 from pab.pipeline import GenerationRequest, Pipeline
 
 
@@ -15,6 +15,8 @@ def test_every_model_has_one_adapter_found_from_any_size():
         assert family.spec.name == name
         for size in family.spec.sizes:
             assert get_family(name if size == "full" else f"{name}-{size}") is family
+            assert sized_name(name, size) == (name if size == "full" else f"{name}-{size}")
+            assert split_name(sized_name(name, size)) == (name, size)
     # The text-to-video models first, the VAEs (which `generate` cannot take) apart after them.
     known = r"known models: latte-1, latte-1-small, latte-1-tiny, [^(]*opensora-v1.2-tiny \(and their VAEs: opensora-plan"
     with pytest.raises(ValueError, match="unknown model 'sora-2'; " + known):
