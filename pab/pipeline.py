@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +34,7 @@ from pab.stepcache import StepCacheState, apply_step_cache, use_step_state
 log = logging.getLogger(__name__)
 
 MIN_SIDE, MAX_SIDE = 16, 4096
+TEXT_CACHE_SIZE = 16  # encoded prompts a pipeline keeps (Pipeline.encode_text)
 PATCH = 2  # every transformer here cuts the latents into 2x2 patches
 ProgressFn = Callable[[int, int], None]
 
@@ -269,6 +271,10 @@ class Pipeline:
         self._pab_handles: dict[str, Any] = {}
         self._step_handle: Any = None
         self._fp8: Any = None  # pab.precision.Fp8Handle, made by the first fp8 request
+        # Encoded text by (prompt, negative prompt), newest last: a bulk job's seeds of one prompt and a row's
+        # retries on this group encode it once. At most TEXT_CACHE_SIZE entries (~5 MB each at T5-XXL's 300 tokens).
+        self._texts: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self.text_cache_hits = 0
         # Where fp8 requests use fp8 (pab.precision). Set before the first fp8 request: which linears are quantised
         # is fixed then; the per-step fields (bf16 first/last steps, fast accumulation) apply per request.
         self.fp8_config = Fp8Config()
@@ -362,9 +368,18 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_text(self, r: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Conditional and unconditional text for one forward of batch 2 ([cond, uncond])."""
-        prompt = r.prompt + self.spec.prompt_suffix
-        return self.family.text(self.text_encoder, self.transformer, prompt, r.negative_prompt, self.dtype)
+        """Conditional and unconditional text for one forward of batch 2 ([cond, uncond]); a prompt seen lately is
+        not encoded again (the tensors are only read, so every request may share them)."""
+        key = (r.prompt + self.spec.prompt_suffix, r.negative_prompt)
+        if key in self._texts:
+            self._texts.move_to_end(key)
+            self.text_cache_hits += 1
+            return self._texts[key]
+        text = self.family.text(self.text_encoder, self.transformer, key[0], key[1], self.dtype)
+        self._texts[key] = text
+        while len(self._texts) > TEXT_CACHE_SIZE:
+            self._texts.popitem(last=False)
+        return text
 
     def _forward(self, z2: torch.Tensor, t: float, y: torch.Tensor, mask: torch.Tensor | None, r: GenerationRequest):
         """One transformer call on the CFG batch; returns the model's prediction (first 4 channels)."""

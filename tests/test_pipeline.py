@@ -112,6 +112,31 @@ def test_interleaved_requests_do_not_share_caches(pipe):
     assert torch.equal(inner["b"], alone_b)
 
 
+def test_a_prompt_is_encoded_once_and_the_newest_prompts_are_kept(pipe, monkeypatch):
+    """#20 item 4: a bulk job's seeds of one prompt, and a row's retries on one group, encode the text once."""
+    import pab.pipeline
+
+    calls = []
+    encode = pipe.text_encoder.encode
+    monkeypatch.setattr(pipe.text_encoder, "encode", lambda texts, **kw: calls.append(list(texts)) or encode(texts, **kw))
+    monkeypatch.setattr(pab.pipeline, "TEXT_CACHE_SIZE", 2)
+    pipe._texts.clear()
+    first = pipe.generate(req(pipe, steps=4, prompt="a kite over a dune"))
+    assert len(calls) >= 1
+    encoded = len(calls)
+    again = pipe.generate(req(pipe, steps=4, prompt="a kite over a dune"))
+    other_seed = pipe.generate(req(pipe, steps=4, prompt="a kite over a dune", seed=11))
+    assert len(calls) == encoded  # neither the same request nor another seed encodes again
+    assert torch.equal(again.latents, first.latents) and not torch.equal(other_seed.latents, first.latents)
+    pipe.generate(req(pipe, steps=4, prompt="a kite over a dune", negative_prompt="blurry"))  # another key
+    pipe.generate(req(pipe, steps=4, prompt="a heron in reeds"))  # the oldest entry leaves (2 kept)
+    assert len(pipe._texts) == 2 and len(calls) == 3 * encoded
+    pipe.text_cache_hits = 0
+    evicted = pipe.generate(req(pipe, steps=4, prompt="a kite over a dune"))
+    assert len(calls) == 4 * encoded and pipe.text_cache_hits == 0  # encoded afresh: the same video
+    assert torch.equal(evicted.latents, first.latents)
+
+
 def test_cancel_and_bad_requests(pipe):
     with pytest.raises(GenerationCancelled):
         pipe.generate(req(pipe), should_cancel=lambda: True)
