@@ -15,6 +15,11 @@ Variants (join with `+` to combine):
   channels-last     conv weights, so activations, in NHWC / NDHWC: the layout Hopper's cuDNN convolutions want
   mb<N> / mb-all    N frames per 2D decode call instead of the VAE's micro-batch (all frames at once)
   compile           torch.compile of the 2D decoder (fuses GroupNorm + SiLU; the first call compiles)
+  gn-kernel         every GroupNorm through pab.kernels.group_norm, SiLU fused where it follows (pab.vae_kernels);
+                    with channels-last the norms read NHWC in place (CUDA, or the CPU under TRITON_INTERPRET=1)
+
+`--profile` also runs one decode of each variant under torch.profiler and prints where its time goes, by
+kernel (the record keeps the top entries).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 
 from bench.records import append_records
 
-DEFAULT_VARIANTS = "eager,cudnn-benchmark,channels-last,mb8,mb-all,compile"
+DEFAULT_VARIANTS = "eager,cudnn-benchmark,channels-last,mb8,mb-all,compile,gn-kernel,channels-last+gn-kernel"
 
 
 @contextmanager
@@ -70,6 +75,16 @@ def variant(vae: Any, name: str) -> Iterator[None]:
             yield
         finally:
             target.decoder = decoder
+    elif name == "gn-kernel":
+        from pab.kernels import group_norm as gn
+        from pab.vae_kernels import apply_vae_kernels
+
+        # Wherever the kernels can take the input, so a CPU check under TRITON_INTERPRET=1 runs them too.
+        handle = apply_vae_kernels(vae, use_kernel=lambda x, g: gn.fits(x.shape[1], g) and gn.flat_strides(x) is not None)
+        try:
+            yield
+        finally:
+            handle.remove()
     else:
         raise SystemExit(f"unknown variant {name!r} (module docstring lists them)")
 
@@ -103,6 +118,24 @@ def timed(fn, iters: int, device: torch.device) -> tuple[float, float, Any]:
     return first, statistics.median(times), out
 
 
+def profile(fn, device: torch.device, top: int = 15) -> list[dict[str, Any]]:
+    """Run `fn` once under torch.profiler; its `top` most expensive kernels (CUDA) or ops (CPU), self time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in events) or 1
+    return [{"name": e.key[:90], "calls": e.count, "ms": getattr(e, attr) / 1e3,
+             "share": getattr(e, attr) / total} for e in events[:top] if getattr(e, attr) > 0]  # fmt: skip
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     mse = float((a.float() - b.float()).pow(2).mean())
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(4.0 / mse)).item()  # peak-to-peak 2
@@ -119,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default="bench/results/vae-h200.json")
+    p.add_argument("--profile", action="store_true", help="print and record each variant's most expensive kernels")
     args = p.parse_args(argv)
     device, cuda = torch.device(args.device), torch.device(args.device).type == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -145,18 +179,22 @@ def main(argv: list[str] | None = None) -> int:
                 for name in combo.split("+"):
                     stack.enter_context(variant(vae, name))
                 first, median, out = timed(lambda: vae.decode(latents, args.frames), args.iters, device)
+                kernels = profile(lambda: vae.decode(latents, args.frames), device) if args.profile else None
             if reference is None:
                 reference = out
             rows.append({
                 "variant": combo, "first_s": first, "decode_s": median,
                 "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
                 "psnr_vs_first_db": psnr(out, reference), "max_abs_diff": float((out - reference).abs().max()),
+                **({"profile": kernels} if kernels is not None else {}),
             })  # fmt: skip
             r = rows[-1]
             peak = "" if r["peak_gib"] is None else f" | peak {r['peak_gib']:5.1f} GiB"
             print(
                 f"{combo:>45} | first {first:7.3f} s | decode {median:6.3f} s{peak} | {r['psnr_vs_first_db']:6.1f} dB"
             )
+            for k in kernels or []:
+                print(f"{'':>47}{k['ms']:9.2f} ms {100 * k['share']:5.1f}% x{k['calls']:<5} {k['name']}")
 
     append_records(args.out, {
         "date": datetime.date.today().isoformat(), "host": platform.node(),

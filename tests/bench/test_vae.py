@@ -21,6 +21,26 @@ def test_each_variant_decodes_the_frames_the_shipped_way_does(tmp_path, model):
         assert r["decode_s"] > 0 and r["psnr_vs_first_db"] > 90, r  # float32 reordering at most
 
 
+def test_the_kernel_variant_decodes_the_same_frames(tmp_path):
+    """gn-kernel runs every GroupNorm through the Triton kernels (here in the CPU interpreter)."""
+    out = tmp_path / "vae.json"
+    args = ["--model", "opensora-v1.2", "--vae-size", "tiny", "--device", "cpu", "--dtype", "float32", "--frames",
+            "5", "--size", "32x32", "--iters", "1", "--variants", "eager,channels-last+gn-kernel", "--out", str(out)]
+    assert bench_vae.main(args) == 0
+    eager, kernel = json.loads(out.read_text())[0]["rows"]
+    assert kernel["variant"] == "channels-last+gn-kernel" and kernel["psnr_vs_first_db"] > 90
+
+
+def test_profile_names_where_the_time_goes(tmp_path):
+    out = tmp_path / "vae.json"
+    args = ["--model", "opensora-v1.2", "--vae-size", "tiny", "--device", "cpu", "--dtype", "float32", "--frames",
+            "17", "--size", "32x32", "--iters", "1", "--variants", "eager", "--profile", "--out", str(out)]  # fmt: skip
+    assert bench_vae.main(args) == 0
+    [row] = json.loads(out.read_text())[0]["rows"]
+    names = [k["name"] for k in row["profile"]]
+    assert any("conv" in n for n in names) and all(k["ms"] > 0 and 0 < k["share"] <= 1 for k in row["profile"])
+
+
 def test_a_micro_batch_on_a_vae_without_one_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="no 2D micro-batch"):
         bench_vae.main(["--model", "opensora-plan-v1.1", "--vae-size", "tiny", "--device", "cpu", "--dtype",

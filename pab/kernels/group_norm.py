@@ -1,0 +1,238 @@
+"""GroupNorm, optionally followed by SiLU, as Triton kernels that read either memory layout.
+
+The VAE decoders run GroupNorm -> SiLU -> 3x3 conv at every resolution (at Open-Sora 480p, 51 frames of
+128 channels at 480x856 in the last stage). PyTorch runs the norm and the SiLU as separate passes, and its
+GroupNorm wants NCHW, while Hopper's cuDNN convolutions want channels-last (NHWC): an eager decoder either
+keeps NCHW convolutions or pays for layout copies around every norm (`bench.vae`'s channels-last variant was
+slower than NCHW). `torch.compile` of the 2D decoder, which fuses these passes, took the decode from 1.45 to
+0.90 s on an H200 but compiles for about a minute at each new size.
+
+`group_norm(x, groups, weight, bias, eps, silu=True)` takes x (N, C, *spatial) in NCHW or channels-last (any
+layout whose spatial dims flatten to one stride) and writes the output in the same layout, in three launches:
+
+1. statistics: each program reduces a chunk of pixels of one sample to per-channel (mean, M2), exactly
+   (two passes over each tile in registers, tiles merged with Chan's formula), so a large mean does not
+   cancel the variance as E[x^2] - E[x]^2 would;
+2. finalize: one program per sample merges its chunks into each group's mean and 1/std;
+3. apply: normalise, scale and shift per channel, SiLU, one write.
+
+Everything is computed in float32 and rounded once. Half precision on CUDA is the default use (`supported`);
+the tests run the same kernels in Triton's CPU interpreter against `F.group_norm`. They compile for sm_90
+(checked offline with Triton 3.9), but are not yet timed on a GPU; `pab.vae_kernels` attaches them, and
+`python -m bench.vae --variants eager,gn-kernel,channels-last+gn-kernel,compile --profile` is the measurement.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from pab.kernels import no_grad_needed
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = tl = None
+
+MAX_CHANNELS = 1024  # a tile holds a pixel's channels; wider inputs keep PyTorch's kernel
+MAX_GROUP_TILE = 32768  # the finalize kernel's (groups x channels) membership tile, padded to powers of two
+TILE = 8192  # elements a program holds at once (BLOCK_P x BLOCK_C)
+STATS_PROGRAMS = 1024  # statistics programs to aim for over the whole batch (several waves of 132 SMs)
+FINALIZE_CHUNKS = 64  # chunks the finalize kernel merges per loop iteration
+
+
+def flat_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """(sample, pixel, channel) strides of x (N, C, *spatial) seen as (N, P, C), or None when its spatial
+    dims do not flatten to one stride (a sliced or permuted view). NCHW gives (C·P, 1, P), channels-last
+    (C·P, C, 1)."""
+    if x.ndim < 3:
+        return None
+    dims = [(size, stride) for size, stride in zip(x.shape[2:], x.stride()[2:]) if size > 1]
+    for (_, outer), (size, inner) in zip(dims, dims[1:]):
+        if outer != inner * size:
+            return None
+    return x.stride(0), (dims[-1][1] if dims else 1), x.stride(1)
+
+
+def fits(channels: int, num_groups: int) -> bool:
+    """Whether the kernels take this many channels and groups (see MAX_CHANNELS, MAX_GROUP_TILE)."""
+    if triton is None or channels > MAX_CHANNELS or channels % num_groups:
+        return False
+    return triton.next_power_of_2(channels) * triton.next_power_of_2(num_groups) <= MAX_GROUP_TILE
+
+
+def supported(x: torch.Tensor, num_groups: int) -> bool:
+    """Whether a GroupNorm on `x` should take the kernels: CUDA, half precision, no autograd, channels and groups
+    that `fit`, < 2^31 elements, and a layout they read (`flat_strides`)."""
+    return (
+        triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and no_grad_needed(x)
+        and x.ndim >= 3 and fits(x.shape[1], num_groups) and x.numel() < 2**31 and flat_strides(x) is not None
+    )  # fmt: skip
+
+
+_BUILD_ERROR: Exception | None = None  # set once when the kernels cannot be built on this machine
+_CHECKED = False  # they were built and launched once in this process
+
+
+def available(x: torch.Tensor, num_groups: int) -> bool:
+    """`supported`, and (once per process) a tiny launch worked. A failed build (e.g. no C compiler for Triton's
+    launcher) warns once and leaves the norms on PyTorch's kernel."""
+    global _BUILD_ERROR, _CHECKED
+    if _BUILD_ERROR is not None or not supported(x, num_groups):
+        return False
+    if not _CHECKED:
+        try:
+            group_norm(torch.ones(1, 2, 3, device=x.device, dtype=x.dtype), 1, None, None, 1e-6, silu=True)
+            _CHECKED = True
+        except (RuntimeError, ImportError, OSError) as e:
+            warnings.warn(f"Triton GroupNorm kernels unavailable ({type(e).__name__}: {e}); using PyTorch",
+                          stacklevel=2)  # fmt: skip
+            _BUILD_ERROR = e
+    return _BUILD_ERROR is None
+
+
+def group_norm(
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+    silu: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """F.group_norm(x, num_groups, weight, bias, eps), then SiLU if `silu`, for x (N, C, *spatial); the output
+    has x's layout. Raises ValueError for shapes the kernels do not take (see `supported`)."""
+    N, C = x.shape[:2]
+    if C % num_groups:
+        raise ValueError(f"{C} channels do not split into {num_groups} groups")
+    if not fits(C, num_groups):
+        raise ValueError(
+            f"group_norm kernels take at most {MAX_CHANNELS} channels, and groups x channels (each "
+            f"to a power of two) up to {MAX_GROUP_TILE}; got {C} channels in {num_groups} groups"
+        )
+    strides = flat_strides(x)
+    if strides is None:
+        raise ValueError(
+            f"group_norm kernels take (N, C, *spatial) with flattenable spatial dims; got "
+            f"{tuple(x.shape)}, strides {x.stride()}"
+        )
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and (p.shape != (C,) or not p.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous ({C},) tensor; got {tuple(p.shape)}")
+    P = x[0, 0].numel()
+    out = torch.empty_like(x)  # same layout: dense inputs keep their strides
+    o_strides = flat_strides(out)
+    block_c = triton.next_power_of_2(C)
+    block_p = max(1, min(TILE // block_c, triton.next_power_of_2(P)))
+    # Statistics: chunks of whole tiles, about STATS_PROGRAMS programs over the batch.
+    chunks = max(1, min(triton.cdiv(STATS_PROGRAMS, N), triton.cdiv(P, block_p)))
+    chunk = block_p * triton.cdiv(triton.cdiv(P, chunks), block_p)
+    chunks = triton.cdiv(P, chunk)
+    partial = torch.empty(N, chunks, 2, C, device=x.device, dtype=torch.float32)
+    warps = 4 if block_p * block_c <= 4096 else 8
+    _stats_kernel[(N, chunks)](x, partial, P, C, chunk, *strides, BLOCK_P=block_p, BLOCK_C=block_c,
+                               num_warps=warps)  # fmt: skip
+    mean = torch.empty(N, num_groups, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    cpg = C // num_groups
+    _finalize_kernel[(N,)](partial, mean, rstd, P, C, cpg, num_groups, chunks, chunk, eps,
+                           BLOCK_B=max(1, min(FINALIZE_CHUNKS, TILE // block_c)), BLOCK_C=block_c,
+                           BLOCK_G=triton.next_power_of_2(num_groups), num_warps=4)  # fmt: skip
+    w = weight if weight is not None else mean  # a placeholder pointer when there is no affine part
+    b = bias if bias is not None else mean
+    _apply_kernel[(N, triton.cdiv(P, block_p))](
+        x, out, w, b, mean, rstd, P, C, cpg, num_groups, *strides, *o_strides,
+        HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, BLOCK_P=block_p, BLOCK_C=block_c,
+        num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _stats_kernel(x_ptr, part_ptr, P, C, CHUNK, s_n, s_p, s_c, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        n = tl.program_id(0).to(tl.int64)
+        blk = tl.program_id(1)
+        chunks = tl.num_programs(1)
+        cs = tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        start = blk * CHUNK
+        here = tl.minimum(P - start, CHUNK)  # pixels in this chunk (>= 1)
+        mean = tl.zeros([BLOCK_C], tl.float32)
+        m2 = tl.zeros([BLOCK_C], tl.float32)
+        for i in range(0, CHUNK, BLOCK_P):
+            ps = start + i + tl.arange(0, BLOCK_P)
+            pmask = (i + tl.arange(0, BLOCK_P)) < here
+            m = pmask[:, None] & cmask[None, :]
+            ptr = x_ptr + n * s_n + ps.to(tl.int64)[:, None] * s_p + cs[None, :] * s_c
+            x = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
+            k = tl.minimum(tl.maximum(here - i, 0), BLOCK_P).to(tl.float32)  # valid pixels in this tile
+            seen = tl.minimum(here, i).to(tl.float32)  # pixels merged before it
+            t_mean = tl.sum(x, axis=0) / tl.maximum(k, 1.0)
+            d = tl.where(m, x - t_mean[None, :], 0.0)
+            t_m2 = tl.sum(d * d, axis=0)
+            w = k / tl.maximum(seen + k, 1.0)
+            delta = t_mean - mean
+            mean += delta * w
+            m2 += t_m2 + delta * delta * seen * w
+        base = part_ptr + ((n * chunks + blk) * 2) * C
+        tl.store(base + cs, mean, mask=cmask)
+        tl.store(base + C + cs, m2, mask=cmask)
+
+    @triton.jit
+    def _finalize_kernel(
+        part_ptr, mean_ptr, rstd_ptr, P, C, CPG, G, CHUNKS, CHUNK, eps,
+        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
+    ):  # fmt: skip
+        n = tl.program_id(0).to(tl.int64)
+        cs = tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        gs = tl.arange(0, BLOCK_G)
+        member = ((cs[None, :] // CPG) == gs[:, None]) & cmask[None, :]  # (BLOCK_G, BLOCK_C): channel c in group g
+        total = (P * CPG).to(tl.float32)
+        acc = tl.zeros([BLOCK_C], tl.float32)
+        for b0 in range(0, CHUNKS, BLOCK_B):  # each channel's pixel sum, from its chunk means
+            bs = b0 + tl.arange(0, BLOCK_B)
+            m = (bs < CHUNKS)[:, None] & cmask[None, :]
+            cnt = tl.minimum(P - bs * CHUNK, CHUNK).to(tl.float32)
+            mu = tl.load(part_ptr + ((n * CHUNKS + bs) * 2)[:, None] * C + cs[None, :], mask=m, other=0.0)
+            acc += tl.sum(tl.where(m, cnt[:, None] * mu, 0.0), axis=0)
+        mean = tl.sum(tl.where(member, acc[None, :], 0.0), axis=1) / total  # (BLOCK_G,)
+        c_mean = tl.sum(tl.where(member, mean[:, None], 0.0), axis=0)  # each channel's group mean
+        acc = tl.zeros([BLOCK_C], tl.float32)
+        for b0 in range(0, CHUNKS, BLOCK_B):  # M2: each chunk's, plus its mean's distance from the group's
+            bs = b0 + tl.arange(0, BLOCK_B)
+            m = (bs < CHUNKS)[:, None] & cmask[None, :]
+            cnt = tl.minimum(P - bs * CHUNK, CHUNK).to(tl.float32)
+            row = ((n * CHUNKS + bs) * 2)[:, None] * C + cs[None, :]
+            mu = tl.load(part_ptr + row, mask=m, other=0.0)
+            m2 = tl.load(part_ptr + row + C, mask=m, other=0.0)
+            d = mu - c_mean[None, :]
+            acc += tl.sum(tl.where(m, m2 + cnt[:, None] * d * d, 0.0), axis=0)
+        var = tl.sum(tl.where(member, acc[None, :], 0.0), axis=1) / total
+        gmask = gs < G
+        tl.store(mean_ptr + n * G + gs, mean, mask=gmask)
+        tl.store(rstd_ptr + n * G + gs, 1.0 / tl.sqrt(var + eps), mask=gmask)
+
+    @triton.jit
+    def _apply_kernel(
+        x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, P, C, CPG, G, s_n, s_p, s_c, o_n, o_p, o_c,
+        HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        n = tl.program_id(0).to(tl.int64)
+        ps = (tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+        cs = tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        m = (ps < P)[:, None] & cmask[None, :]
+        grp = cs // CPG
+        mu = tl.load(mean_ptr + n * G + grp, mask=cmask, other=0.0)
+        scale = tl.load(rstd_ptr + n * G + grp, mask=cmask, other=0.0)
+        if HAS_W:
+            scale = scale * tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+        shift = -mu * scale  # (x - mu) * rstd * w + b = x * scale + shift
+        if HAS_B:
+            shift += tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + n * s_n + ps[:, None] * s_p + cs[None, :] * s_c, mask=m, other=0.0).to(tl.float32)
+        y = x * scale[None, :] + shift[None, :]
+        if SILU:
+            y = y / (1.0 + tl.exp(-y))
+        tl.store(y_ptr + n * o_n + ps[:, None] * o_p + cs[None, :] * o_c, y.to(y_ptr.dtype.element_ty), mask=m)
