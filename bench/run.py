@@ -123,6 +123,7 @@ def _run_case(
     cuda_graphs: bool = False,
     idle: bool = False,
     precisions: tuple[str, ...] = ("bf16",),
+    vae_kernels: bool = False,
 ) -> list[dict]:
     from pab.pipeline import GenerationRequest, Pipeline
 
@@ -135,7 +136,7 @@ def _run_case(
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     t0 = time.perf_counter()
     pipe = Pipeline.from_name(case.model, device=device, dtype=torch.bfloat16, parallel=parallel, compile=compile,
-                              cuda_graphs=cuda_graphs)  # fmt: skip
+                              cuda_graphs=cuda_graphs, vae_kernels=vae_kernels)  # fmt: skip
     build_s = time.perf_counter() - t0
     base = dict(
         model=case.model,
@@ -197,6 +198,7 @@ def _run_case(
             "cache_stats": res.cache_stats,
             "compile": compile,
             "cuda_graphs": cuda_graphs,
+            "vae_kernels": vae_kernels,
             "first_dit_s": first_s,  # with graphs: the capturing request's DiT time
             "graphs": pipe.graphs.stats if pipe.graphs is not None else None,
             "dit_s": round(res.timings["denoise_s"], 3),
@@ -540,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the attention modules (pab.compile)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay each step's forward as a CUDA graph (pab.cudagraph; one GPU per group only)")
+    p.add_argument("--vae-kernels", action="store_true",
+                   help="the VAE's GroupNorm (+ SiLU) through Triton kernels, channels-last (pab.vae_kernels)")
     p.add_argument("--idle", action="store_true",
                    help="one more generation per setting under torch.profiler: the GPU's idle share of the loop")
     p.add_argument("--precision", default="bf16",
@@ -569,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             if sp == 1:
                 recs = _run_case(0, 1, case, pabs, False, args.repeat, args.compile, not args.dit_only,
                                  cuda_graphs=args.cuda_graphs, idle=args.idle,
-                                 precisions=tuple(args.precision.split(",")))
+                                 precisions=tuple(args.precision.split(",")), vae_kernels=args.vae_kernels)
             else:
                 from pab.parallel import launch_local
 

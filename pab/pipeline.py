@@ -237,6 +237,7 @@ class Pipeline:
         compile: bool = False,
         calibration: dict[str, Any] | None = None,
         cuda_graphs: bool = False,
+        vae_kernels: bool = False,
     ) -> None:
         self.name = name
         self.calibration = calibration  # `pab calibrate`'s numbers for step reuse (None: none beside the weights)
@@ -267,6 +268,13 @@ class Pipeline:
 
             # Outermost, on the transformer itself: one replay per step; PAB re-applied later is detected.
             self.graphs = apply_cuda_graphs(transformer, backend="cuda" if device.type == "cuda" else "eager")
+        self.vae_kernels = None
+        if vae_kernels:
+            from pab.vae_kernels import apply_vae_kernels
+
+            # The VAE's GroupNorms (+ SiLU) as Triton kernels reading channels-last in place (CUDA, half precision;
+            # elsewhere the hooks run PyTorch's GroupNorm). Off by default until timed on a GPU (docs/performance.md).
+            self.vae_kernels = apply_vae_kernels(vae, channels_last=device.type == "cuda")
         # Hooks are attached once; an empty config per request keeps them counting only.
         self._pab_handles: dict[str, Any] = {}
         self._step_handle: Any = None
@@ -291,6 +299,7 @@ class Pipeline:
         vae: str | Path | None = None,
         text_encoder: str | Path | None = None,
         cuda_graphs: bool = False,
+        vae_kernels: bool = False,
     ) -> "Pipeline":
         """Build every part of model `name`: random weights unless `checkpoint` holds the published files;
         a `-small` model loads its shipped weights (pab/weights/NAME) when no checkpoint is given.
@@ -298,7 +307,7 @@ class Pipeline:
         `checkpoint`, `vae` and `text_encoder` are sources as `pab.checkpoint` reads them: a folder, or a
         Hugging Face repository id in the local cache; `vae` and `text_encoder` replace those parts.
         `cuda_graphs` replays each step's transformer forward as a CUDA graph (pab.cudagraph; on CPU the same
-        bookkeeping runs without graphs).
+        bookkeeping runs without graphs). `vae_kernels` runs the VAE's GroupNorms through pab.vae_kernels.
         """
         spec = get_spec(name)
         size = split_name(name)[1]
@@ -326,6 +335,7 @@ class Pipeline:
             compile=compile,
             calibration=load_calibration(sources.calibration if sources else None),
             cuda_graphs=cuda_graphs,
+            vae_kernels=vae_kernels,
         )
 
     # ------------------------------------------------------------------ validation
