@@ -99,7 +99,7 @@ class VAEKernelsHandle:
     model: nn.Module
     norms: int = 0  # GroupNorms hooked
     fused: int = 0  # of which write SiLU(norm) in one pass
-    channels_last: list[nn.Parameter] = field(default_factory=list)  # conv weights made channels-last
+    channels_last: list[nn.Parameter] = field(default_factory=list)  # conv weights it made channels-last
 
     def remove(self) -> None:
         remove_vae_kernels(self.model)
@@ -134,8 +134,8 @@ def apply_vae_kernels(
     if channels_last:
         formats = {4: torch.channels_last, 5: torch.channels_last_3d}
         for module in model.modules():
-            if isinstance(module, (nn.Conv2d, nn.Conv3d)):
-                p = module.weight
+            p = module.weight if isinstance(module, (nn.Conv2d, nn.Conv3d)) else None
+            if p is not None and p.is_contiguous():  # `remove` restores exactly these
                 p.data = p.data.contiguous(memory_format=formats[p.dim()])
                 handle.channels_last.append(p)
     return handle

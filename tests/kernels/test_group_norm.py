@@ -93,6 +93,12 @@ def test_what_it_refuses():
         gn.group_norm(torch.zeros(1, 4, 3, device=DEVICE), 2, torch.ones(2, device=DEVICE), None, 1e-6)
 
 
+@needs_triton
+def test_an_empty_batch_is_an_empty_output():
+    y = gn.group_norm(torch.zeros(0, 8, 3, 3, device=DEVICE), 2, None, None, 1e-6, silu=True)
+    assert y.shape == (0, 8, 3, 3)
+
+
 def test_flat_strides_of_each_layout():
     x = torch.empty(2, 3, 4, 5)
     assert gn.flat_strides(x) == (60, 1, 20)
