@@ -282,7 +282,6 @@ class Pipeline:
         # Encoded text by (prompt, negative prompt), newest last: a bulk job's seeds of one prompt and a row's
         # retries on this group encode it once. At most TEXT_CACHE_SIZE entries (~5 MB each at T5-XXL's 300 tokens).
         self._texts: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
-        self.text_cache_hits = 0
         # Where fp8 requests use fp8 (pab.precision). Set before the first fp8 request: which linears are quantised
         # is fixed then; the per-step fields (bf16 first/last steps, fast accumulation) apply per request.
         self.fp8_config = Fp8Config()
@@ -383,7 +382,6 @@ class Pipeline:
         key = (r.prompt + self.spec.prompt_suffix, r.negative_prompt)
         if key in self._texts:
             self._texts.move_to_end(key)
-            self.text_cache_hits += 1
             return self._texts[key]
         text = self.family.text(self.text_encoder, self.transformer, key[0], key[1], self.dtype)
         self._texts[key] = text
