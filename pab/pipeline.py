@@ -281,7 +281,7 @@ class Pipeline:
         self._fp8: Any = None  # pab.precision.Fp8Handle, made by the first fp8 request
         # Encoded text by (prompt, negative prompt), newest last: a bulk job's seeds of one prompt and a row's
         # retries on this group encode it once. At most TEXT_CACHE_SIZE entries (~5 MB each at T5-XXL's 300 tokens).
-        self._texts: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self._texts: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
         # Where fp8 requests use fp8 (pab.precision). Set before the first fp8 request: which linears are quantised
         # is fixed then; the per-step fields (bf16 first/last steps, fast accumulation) apply per request.
         self.fp8_config = Fp8Config()
@@ -378,8 +378,9 @@ class Pipeline:
     @torch.no_grad()
     def encode_text(self, r: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Conditional and unconditional text for one forward of batch 2 ([cond, uncond]); a prompt seen lately is
-        not encoded again (the tensors are only read, so every request may share them)."""
-        key = (r.prompt + self.spec.prompt_suffix, r.negative_prompt)
+        not encoded again (the tensors are only read, so every request may share them). Replacing the text encoder
+        or the transformer starts afresh; after changing their weights in place, call `clear_text_cache()`."""
+        key = (r.prompt + self.spec.prompt_suffix, r.negative_prompt, id(self.text_encoder), id(self.transformer))
         if key in self._texts:
             self._texts.move_to_end(key)
             return self._texts[key]
@@ -388,6 +389,10 @@ class Pipeline:
         while len(self._texts) > TEXT_CACHE_SIZE:
             self._texts.popitem(last=False)
         return text
+
+    def clear_text_cache(self) -> None:
+        """Forget every encoded prompt (`encode_text`), e.g. after loading other weights into this pipeline."""
+        self._texts.clear()
 
     def _forward(self, z2: torch.Tensor, t: float, y: torch.Tensor, mask: torch.Tensor | None, r: GenerationRequest):
         """One transformer call on the CFG batch; returns the model's prediction (first 4 channels)."""

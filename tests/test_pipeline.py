@@ -120,7 +120,7 @@ def test_a_prompt_is_encoded_once_and_the_newest_prompts_are_kept(pipe, monkeypa
     encode = pipe.text_encoder.encode
     monkeypatch.setattr(pipe.text_encoder, "encode", lambda texts, **kw: calls.append(list(texts)) or encode(texts, **kw))
     monkeypatch.setattr(pab.pipeline, "TEXT_CACHE_SIZE", 2)
-    pipe._texts.clear()
+    pipe.clear_text_cache()
     first = pipe.generate(req(pipe, steps=4, prompt="a kite over a dune"))
     assert len(calls) >= 1
     encoded = len(calls)
@@ -134,6 +134,9 @@ def test_a_prompt_is_encoded_once_and_the_newest_prompts_are_kept(pipe, monkeypa
     evicted = pipe.generate(req(pipe, steps=4, prompt="a kite over a dune"))
     assert len(calls) == 4 * encoded  # encoded afresh: the same video
     assert torch.equal(evicted.latents, first.latents)
+    pipe.clear_text_cache()  # e.g. after loading other weights in place
+    pipe.generate(req(pipe, steps=4, prompt="a kite over a dune"))
+    assert len(calls) == 5 * encoded
 
 
 def test_cancel_and_bad_requests(pipe):
