@@ -166,6 +166,7 @@ def _run_case(
         best = None
         for _ in range(repeat):
             torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+            pipe.clear_text_cache()  # end to end starts from a prompt not seen before: its encoding is timed
             res = generate_to_mp4(pipe, GenerationRequest(**base, cache=pab), decode)
             if best is None or res.timings["denoise_s"] < best.timings["denoise_s"]:
                 best = res
