@@ -55,11 +55,11 @@ class FrameLayout:
         """Frames rank `rank` holds locally, including its pad frame if it has no real frame."""
         return max(self.counts[rank], 1)
 
-    def local_index(self, rank: int) -> torch.Tensor | None:
-        """Global frame indices held by `rank` if it needs a pad frame, else `None` (a plain narrow)."""
+    def local_range(self, rank: int) -> tuple[int, int]:
+        """(first frame, frames) that `rank` holds locally: its real frames, or the last frame as its pad frame."""
         if self.counts[rank] > 0:
-            return None
-        return torch.tensor([self.num_frames - 1])
+            return self.starts[rank], self.counts[rank]
+        return self.num_frames - 1, 1
 
 
 def even_frames(layout: FrameLayout) -> bool:
@@ -134,10 +134,8 @@ class FrameShard:
         layout = self.layout
         if x.size(dim) != layout.num_frames:
             raise ValueError(f"expected {layout.num_frames} frames along dim {dim}, got shape {tuple(x.shape)}")
-        index = layout.local_index(self.rank)
-        if index is None:
-            return x.narrow(dim, layout.starts[self.rank], self.count)
-        return x.index_select(dim, index.to(x.device))
+        # A narrow, also for a pad frame: no index tensor to copy to the GPU, which a CUDA graph could not capture.
+        return x.narrow(dim, *layout.local_range(self.rank))
 
     def split_flat(self, x: torch.Tensor, dim: int, batch: int) -> torch.Tensor:
         """Like `split` for a dim that folds (batch, frames) sample-major, e.g. rows b*T + t."""
