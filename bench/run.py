@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"diffusers' caches the peer runs (comma list of {list(PEER_CACHES)})")
     p.add_argument("--compile", action="store_true", help="torch.compile the attention modules (pab.compile)")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay each step's forward as a CUDA graph (pab.cudagraph; one GPU per group only)")
+                   help="replay each step's forward as a CUDA graph (pab.cudagraph; a group's NCCL collectives too)")
     p.add_argument("--vae-kernels", action="store_true",
                    help="the VAE's GroupNorm (+ SiLU) through Triton kernels, channels-last (pab.vae_kernels)")
     p.add_argument("--idle", action="store_true",
@@ -588,6 +588,10 @@ def main(argv: list[str] | None = None) -> int:
                     args.compile,
                     not args.dit_only,
                     args.dsp_chunks,
+                    args.cuda_graphs,
+                    args.idle,
+                    tuple(args.precision.split(",")),
+                    args.vae_kernels,
                     threads=None,
                     timeout_s=1800,
                 )[0]

@@ -20,8 +20,17 @@ What makes it correct with PAB:
   recorded at capture and applied again at every replay.
 
 What falls back to eager, per call: a step-reuse policy (teacache decides from the data, mid-forward),
-autograd, and a first call at a new shape (it also allocates the arena and warms up kernels). Sequence
-parallelism runs with the "eager" backend only for now (capturing NCCL collectives in a group is not built).
+autograd, and a first call at a new shape (it also allocates the arena and warms up kernels).
+
+**Under sequence parallelism** (pab.parallel.dsp) the graph holds the frame split, every all-to-all and the
+output gather: NCCL operations are captured like kernels (NCCL >= 2.9). Every rank of the group keys the same
+pattern at the same call, so all capture together and replay together, as NCCL requires. The DSP hooks'
+communication counters (`CommStats`) are recorded at capture and added at every replay, like PAB's. Capture
+is thread-local there, so NCCL's watchdog thread may go on querying its events meanwhile. On CPU the "eager"
+backend runs the same bookkeeping over gloo (tests/parallel/test_dsp_pipeline.py). On GPUs,
+tests/parallel/test_dsp_gpu.py runs a 2-GPU group with graphs against one without, and
+tests/gpu/test_cuda_graphs_replay.py an all-to-all captured on a one-rank NCCL group; neither has run yet (no GPU
+was lent when this was written), and the gain is not measured.
 
 Graphs and arenas belong to the model, not to a request: they are reused by every request of the same shape
 (a pipeline runs one generation at a time). The `max_shapes` most recent input shapes are kept; an older
@@ -36,6 +45,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
@@ -118,6 +128,7 @@ class _Effects:
 
     cache: dict[Hashable, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
+    comm: dict[str, int] = field(default_factory=dict)  # what the DSP hooks added to the group's CommStats
 
     @classmethod
     def between(cls, before: PABState, after: PABState, written: list[Hashable]) -> "_Effects":
@@ -127,19 +138,33 @@ class _Effects:
                  for kind, counts in after.stats.items()}  # fmt: skip
         return cls(cache, stats)
 
-    def apply(self, state: PABState) -> None:
-        state.cache.update(self.cache)
-        for kind, counts in self.stats.items():
-            for n, d in counts.items():
-                state.stats[kind][n] += d
+    def apply(self, state: PABState | None, comm: Any = None) -> None:
+        if state is not None:
+            state.cache.update(self.cache)
+            for kind, counts in self.stats.items():
+                for n, d in counts.items():
+                    state.stats[kind][n] += d
+        if comm is not None:
+            for n, d in self.comm.items():
+                setattr(comm, n, getattr(comm, n) + d)
+
+
+def _counts(comm: Any) -> dict[str, int]:
+    """The counters of a `CommStats` (a dataclass of ints), by name."""
+    return {f.name: getattr(comm, f.name) for f in dataclasses.fields(comm)}
+
+
+def _restore(comm: Any, counts: dict[str, int]) -> None:
+    for n, v in counts.items():
+        setattr(comm, n, v)
 
 
 class _CudaGraph:
     """One captured forward (torch.cuda.CUDAGraph)."""
 
-    def __init__(self, fn: Callable[[], Any], pool: Any) -> None:
+    def __init__(self, fn: Callable[[], Any], pool: Any, error_mode: str = "global") -> None:
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode=error_mode):
             self.output = fn()
 
     def replay(self) -> Any:
@@ -154,7 +179,7 @@ class EagerReplay:
     the same code path; the Python side effects of a rerun are undone, so only the recorded ones count.
     """
 
-    def __init__(self, fn: Callable[[], Any], pool: Any) -> None:
+    def __init__(self, fn: Callable[[], Any], pool: Any, error_mode: str = "global") -> None:
         self.fn = fn
         self.output = fn()
 
@@ -199,6 +224,13 @@ class CudaGraphHook(ModelHook):
 
     def on_attach(self, module: nn.Module) -> None:
         self.module = module
+
+    def _comm(self) -> Any:
+        """The group's CommStats when sequence parallelism is applied to the model (its DSP entry hook), else None."""
+        from pab.parallel.dsp import DSP_ENTRY_HOOK
+
+        entry = get_hook(self.module, DSP_ENTRY_HOOK)
+        return entry.run.ctx.stats if entry is not None else None
 
     def clear(self) -> None:
         """Free every graph and cache buffer (their memory returns to the allocator)."""
@@ -249,9 +281,12 @@ class CudaGraphHook(ModelHook):
             shape.graphs[pattern] = entry
         graph, effects = entry
         self.replays += 1
+        comm = self._comm()
+        counts = _counts(comm) if comm is not None else None
         out = self._with_arena(state, shape.arena, graph.replay)
-        if state is not None:
-            effects.apply(state)
+        if comm is not None:
+            _restore(comm, counts)  # what an eager stand-in's rerun counted: only the recorded effects count
+        effects.apply(state, comm)
         return _clone_tree(out)  # the graph's output is overwritten by its next replay
 
     def _with_arena(self, state: PABState | None, arena: CacheArena, fn: Callable[[], Any]) -> Any:
@@ -270,10 +305,14 @@ class CudaGraphHook(ModelHook):
             before.cache, before.stats = dict(state.cache), copy.deepcopy(state.stats)
         if shape.pool is None and self.backend is _CudaGraph:
             shape.pool = torch.cuda.graph_pool_handle()  # one pool per shape: its graphs replay one at a time
+        comm = self._comm()
+        comm_before = _counts(comm) if comm is not None else {}
+        # Thread-local under DSP: a global capture would fail on NCCL's watchdog thread querying its events.
+        error_mode = "thread_local" if comm is not None else "global"
         shape.arena.frozen, shape.arena.written = True, []
         try:
             graph = self._with_arena(state, shape.arena, lambda: self.backend(lambda: forward(*args, **kwargs),
-                                                                              shape.pool))  # fmt: skip
+                                                                              shape.pool, error_mode))  # fmt: skip
         finally:
             shape.arena.frozen = False
         self.captures += 1
@@ -281,6 +320,9 @@ class CudaGraphHook(ModelHook):
         if state is not None:
             effects = _Effects.between(before, state, shape.arena.written)
             state.stats = before.stats  # capture ran no kernel: its counts come back with every replay
+        if comm is not None:
+            effects.comm = {n: getattr(comm, n) - v for n, v in comm_before.items()}
+            _restore(comm, comm_before)  # nothing was sent while capturing; every replay sends (and counts) it
         return graph, effects
 
 
@@ -312,18 +354,9 @@ def apply_cuda_graphs(model: nn.Module, max_shapes: int = 2, backend: str = "cud
         raise ValueError(f"backend must be 'cuda' or 'eager', got {backend!r}")
     if backend == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("CUDA graphs need a CUDA GPU; use backend='eager' on CPU, or leave graphs off")
-    if backend == "cuda" and _has_dsp(model):
-        raise NotImplementedError("CUDA graphs with sequence parallelism are not built yet (NCCL capture in a "
-                                  "group); run the group without graphs")
     hook = CudaGraphHook(max_shapes=max_shapes, backend=_CudaGraph if backend == "cuda" else EagerReplay)
     register_hook(model, hook)
     return CudaGraphHandle(model, hook)
-
-
-def _has_dsp(model: nn.Module) -> bool:
-    from pab.parallel.dsp import DSP_ENTRY_HOOK
-
-    return any(get_hook(m, DSP_ENTRY_HOOK) is not None for m in model.modules())
 
 
 def remove_cuda_graphs(model: nn.Module) -> bool:

@@ -102,6 +102,8 @@ def _graphs_and_fp8_worker(rank: int, world: int) -> dict:
             request = GenerationRequest(model=name, prompt="a red fox in snow", seed=3, pab="paper",
                                         precision=precision, **size)  # fmt: skip
             ref = Pipeline.from_name(name, device="cpu", dtype=torch.float32).generate(request, decode=False)
+            eager = Pipeline.from_name(name, device="cpu", dtype=torch.float32, parallel=ctx)
+            comm = eager.generate(request, decode=False).parallel["comm"]  # what the group sends without graphs
             pipe = Pipeline.from_name(name, device="cpu", dtype=torch.float32, parallel=ctx, cuda_graphs=True)
             first, again = (pipe.generate(request, decode=False) for _ in range(2))  # capture, then replay only
             scale = max(1.0, ref.latents.abs().max().item())
@@ -109,6 +111,8 @@ def _graphs_and_fp8_worker(rank: int, world: int) -> dict:
                 torch.testing.assert_close(out.latents, ref.latents, atol=1e-5 * scale, rtol=1e-5,
                                            msg=lambda m: f"{name} {precision}: {m}")  # fmt: skip
                 assert out.pab_stats == ref.pab_stats and out.precision == ref.precision
+                # A replay sends what the captured forward sent; its counts come back as recorded effects.
+                assert out.parallel["comm"] == comm and comm["all_to_all_done"] > 0
             stats = pipe.graphs.stats
             assert stats["captures"] > 0 and stats["replays"] > len(ref.timesteps), stats
             summary[f"{name}/{precision}"] = stats["graphs"]
