@@ -29,12 +29,14 @@ def test_flop_count_keeps_the_pipeline_compiled():
 
 
 def test_group_records_with_overlapped_switches():
-    """One case on 2 gloo processes, DSP with the switches in 3 chunks: the record says so and counts the same
-    switches (once per switch) as unchunked. Equivalence of the results: tests/parallel/test_dsp_models.py."""
+    """One case on 2 gloo processes, DSP with the switches in 3 chunks and CUDA graphs' bookkeeping (the eager
+    stand-in on CPU): the record says so and counts the same switches (once per switch) as unchunked without
+    graphs. Equivalence of the results: tests/parallel/test_dsp_models.py."""
     case = Case("tiny", "opensora-v1.2-tiny", "tiny", 17, 64, 64, 3)
     plain = launch_local(2, _run_case, case, [("off", "off")], False, 1, False, False, 1, backend="gloo")[0]
-    chunked = launch_local(2, _run_case, case, [("off", "off")], False, 1, False, False, 3, backend="gloo")[0]
+    chunked = launch_local(2, _run_case, case, [("off", "off")], False, 1, False, False, 3, True, backend="gloo")[0]
     assert [r["overlap_chunks"] for r in plain + chunked] == [1, 3]
+    assert [r["cuda_graphs"] for r in plain + chunked] == [False, True] and chunked[0]["graphs"]["replays"] > 0
     assert plain[0]["sp"] == chunked[0]["sp"] == 2
     assert chunked[0]["comm"]["all_to_all_done"] == plain[0]["comm"]["all_to_all_done"] > 0
     # head parallelism would re-shard q, k, v and the output where DSP switches the activation twice
