@@ -57,13 +57,16 @@ class PipelineEngine:
 
 def pipeline_engine(
     model: str, device: str, dtype: str | None = None, checkpoint: str | None = None, parallel: Any = None,
-    vae: str | None = None, text_encoder: str | None = None,
+    vae: str | None = None, text_encoder: str | None = None, compile: bool = False, cuda_graphs: bool = False,
+    vae_kernels: bool = False,
 ) -> PipelineEngine:  # fmt: skip
-    """Load model `model` once on `device` (with DSP when `parallel` is a ParallelContext)."""
+    """Load model `model` once on `device` (with DSP when `parallel` is a ParallelContext); `compile`,
+    `cuda_graphs` and `vae_kernels` are `Pipeline.from_name`'s switches (serving's `EngineOptions`)."""
     from pab.pipeline import Pipeline
 
     pipe = Pipeline.from_name(model, device=device, dtype=dtype, checkpoint=checkpoint, parallel=parallel, vae=vae,
-                              text_encoder=text_encoder)  # fmt: skip
+                              text_encoder=text_encoder, compile=compile, cuda_graphs=cuda_graphs,
+                              vae_kernels=vae_kernels)  # fmt: skip
     return PipelineEngine(pipe)
 
 

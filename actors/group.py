@@ -227,6 +227,7 @@ class GpuGroup:
         s3: StorageConfig fields for reaching an S3 checkpoint (endpoint, credentials).
         cache_dir: local checkpoint cache on each node.
         engine_factory: the worker's engine factory ("module:function" or a picklable callable).
+        engine_options: keyword arguments the factory gets besides the model's (e.g. {"cuda_graphs": True}).
         name: prefix of the group's name `<name>-<group id>` (default "pab-group"); its rank actors are
             named `<group name>-rank<i>`. A rebuilt group gets a new id, so names never collide.
         start_timeout_s: limit for placement, model load and rendezvous.
@@ -254,6 +255,7 @@ class GpuGroup:
         s3: dict[str, Any] | None = None,
         cache_dir: str | None = None,
         engine_factory: Callable[..., Any] | str | None = None,
+        engine_options: dict[str, Any] | None = None,
         name: str | None = None,
         start_timeout_s: float = 900.0,
         dist_timeout_s: float = 600.0,
@@ -272,7 +274,7 @@ class GpuGroup:
             world_size=size, model=model, checkpoint=checkpoint, vae=vae, text_encoder=text_encoder, device=device,
             dtype=dtype,
             cfg_parallel=cfg_parallel, cache_dir=cache_dir, s3=s3, engine_factory=engine_factory,
-            dist_timeout_s=dist_timeout_s,
+            engine_options=engine_options, dist_timeout_s=dist_timeout_s,
         )
         self.gpus_per_rank, self.cpus_per_rank = gpus_per_rank, cpus_per_rank
         self._pg_arg, self.bundle_offset = placement_group, bundle_offset

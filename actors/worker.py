@@ -118,6 +118,8 @@ class GenerationWorker:
         cache_dir: where S3 checkpoints are cached (default $PAB_CACHE_DIR or ~/.cache/pab).
         s3: StorageConfig fields for reaching the checkpoint bucket (endpoint, credentials).
         engine_factory: see the module docstring.
+        engine_options: more keyword arguments for the factory, e.g. {"cuda_graphs": True} (the pipeline's
+            switches); none are passed when empty, so a factory that takes none keeps working.
         dist_timeout_s: timeout of every collective; a rank that never answers fails the others after it.
     """
 
@@ -136,6 +138,7 @@ class GenerationWorker:
         cache_dir: str | None = None,
         s3: dict[str, Any] | None = None,
         engine_factory: Callable[..., Engine] | str | None = None,
+        engine_options: dict[str, Any] | None = None,
         dist_timeout_s: float = 600.0,
     ) -> None:
         if not 0 <= rank < world_size:
@@ -149,6 +152,7 @@ class GenerationWorker:
         self._pending_cancel: tuple | None = None
         self.cache_dir, self.s3 = cache_dir, s3
         self.engine_factory = engine_factory
+        self.engine_options = dict(engine_options or {})
         self.dist_timeout_s = dist_timeout_s
         self.engine: Engine | None = None
         self.distributed = False
@@ -200,7 +204,8 @@ class GenerationWorker:
             cfg = 2 if self.cfg_parallel else 1
             parallel = init_parallel(ParallelConfig(sp=self.world_size // cfg, cfg=cfg), timeout_s=self.dist_timeout_s)
         factory = resolve_factory(self.engine_factory)
-        self.engine = factory(model=self.model, device=self.device, dtype=self.dtype, parallel=parallel, **sources)
+        self.engine = factory(model=self.model, device=self.device, dtype=self.dtype, parallel=parallel, **sources,
+                              **self.engine_options)  # fmt: skip
         self.load_info = {"checkpoint_dir": sources["checkpoint"], "fetch_s": t1 - t0,
                           "load_s": time.perf_counter() - t1}
         return self.load_info

@@ -60,6 +60,18 @@ class PoolConfig(BaseModel):
         return self
 
 
+class EngineOptions(BaseModel):
+    """How a group's ranks build the model (`Pipeline.from_name`'s switches); each off unless turned on here."""
+
+    model_config = ConfigDict(extra="forbid")
+    compile: bool = Field(False, description="torch.compile the DiT's attentions (pab.compile); the first video "
+                          "of each size waits for the compile")
+    cuda_graphs: bool = Field(False, description="replay each denoising step as a CUDA graph (pab.cudagraph), a "
+                              "DSP group's all-to-alls inside it; meant for groups the host holds back")
+    vae_kernels: bool = Field(False, description="the VAE's GroupNorm + SiLU as Triton kernels, convolutions "
+                              "channels-last (pab.vae_kernels)")
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="a model from `pab models`, e.g. opensora-v1.2 or latte-1-tiny")
@@ -70,6 +82,7 @@ class ModelConfig(BaseModel):
     dtype: str | None = None
     device: str = "auto"
     groups: list[PoolConfig] = Field(default_factory=lambda: [PoolConfig()])
+    engine: EngineOptions = Field(default_factory=EngineOptions)
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":

@@ -395,3 +395,17 @@ def test_a_cache_column_names_a_preset_or_holds_a_policy():
     assert "cache is not valid JSON" in plans[2].error
     plain = plan_rows(read_manifest(parquet(id=["a"], prompt=["a cat"])), "opensora-v1.2-tiny", RenderSettings())
     assert "cache" not in plain[0].request  # rows without one keep the fingerprint they had before the field
+
+
+def test_the_engine_switches_reach_every_group(tmp_path, monkeypatch):
+    """`pab bulk --cuda-graphs --vae-kernels` builds each group's pipeline with them (serving's EngineOptions)."""
+    import actors.group
+
+    made = []
+    monkeypatch.setattr(actors.group, "GpuGroup", lambda *a, **kw: made.append(kw) or kw)
+    manifest = tmp_path / "m.parquet"
+    manifest.write_bytes(parquet(id=["a"], prompt=["p-a"]))
+    base = ["--manifest", str(manifest), "--output", str(tmp_path / "out")]
+    render.BulkRender(render.parse_args(base + ["--cuda-graphs", "--vae-kernels"]))._new_group(0)
+    render.BulkRender(render.parse_args(base))._new_group(0)
+    assert [kw["engine_options"] for kw in made] == [{"cuda_graphs": True, "vae_kernels": True}, {}]
