@@ -160,9 +160,9 @@ def _restore(comm: Any, counts: dict[str, int]) -> None:
 
 
 class _CudaGraph:
-    """One captured forward (torch.cuda.CUDAGraph)."""
+    """One captured forward (torch.cuda.CUDAGraph). A replay runs no Python, so it changes no counter (`comm`)."""
 
-    def __init__(self, fn: Callable[[], Any], pool: Any, error_mode: str = "global") -> None:
+    def __init__(self, fn: Callable[[], Any], pool: Any, error_mode: str = "global", comm: Any = None) -> None:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool, capture_error_mode=error_mode):
             self.output = fn()
@@ -179,21 +179,25 @@ class EagerReplay:
     the same code path; the Python side effects of a rerun are undone, so only the recorded ones count.
     """
 
-    def __init__(self, fn: Callable[[], Any], pool: Any, error_mode: str = "global") -> None:
+    def __init__(self, fn: Callable[[], Any], pool: Any, error_mode: str = "global", comm: Any = None) -> None:
         self.fn = fn
+        self.comm = comm  # the DSP group's CommStats, whose counts a rerun must not change either
         self.output = fn()
 
     def replay(self) -> Any:
         state = current_state()
+        counts = _counts(self.comm) if self.comm is not None else None
         if state is None:
             self.output = self.fn()
-            return self.output
-        stats, cache = copy.deepcopy(state.stats), dict(state.cache)
-        self.output = self.fn()
-        # A graph's replay runs no Python: undo what the hooks just did, only the recorded effects may count.
-        state.stats = stats
-        state.cache.clear()
-        state.cache.update(cache)
+        else:
+            stats, cache = copy.deepcopy(state.stats), dict(state.cache)
+            self.output = self.fn()
+            state.stats = stats
+            state.cache.clear()
+            state.cache.update(cache)
+        # A graph's replay runs no Python: what the hooks just did is undone, only the recorded effects may count.
+        if counts is not None:
+            _restore(self.comm, counts)
         return self.output
 
 
@@ -281,12 +285,8 @@ class CudaGraphHook(ModelHook):
             shape.graphs[pattern] = entry
         graph, effects = entry
         self.replays += 1
-        comm = self._comm()
-        counts = _counts(comm) if comm is not None else None
         out = self._with_arena(state, shape.arena, graph.replay)
-        if comm is not None:
-            _restore(comm, counts)  # what an eager stand-in's rerun counted: only the recorded effects count
-        effects.apply(state, comm)
+        effects.apply(state, self._comm())
         return _clone_tree(out)  # the graph's output is overwritten by its next replay
 
     def _with_arena(self, state: PABState | None, arena: CacheArena, fn: Callable[[], Any]) -> Any:
@@ -311,8 +311,8 @@ class CudaGraphHook(ModelHook):
         error_mode = "thread_local" if comm is not None else "global"
         shape.arena.frozen, shape.arena.written = True, []
         try:
-            graph = self._with_arena(state, shape.arena, lambda: self.backend(lambda: forward(*args, **kwargs),
-                                                                              shape.pool, error_mode))  # fmt: skip
+            capture = lambda: self.backend(lambda: forward(*args, **kwargs), shape.pool, error_mode, comm)  # noqa: E731
+            graph = self._with_arena(state, shape.arena, capture)
         finally:
             shape.arena.frozen = False
         self.captures += 1
