@@ -80,7 +80,7 @@ def variant(vae: Any, name: str) -> Iterator[None]:
         from pab.vae_kernels import apply_vae_kernels
 
         # Wherever the kernels can take the input, so a CPU check under TRITON_INTERPRET=1 runs them too.
-        handle = apply_vae_kernels(vae, use_kernel=lambda x, g: gn.fits(x.shape[1], g) and gn.flat_strides(x) is not None)
+        handle = apply_vae_kernels(vae, use_kernel=gn.takes)
         try:
             yield
         finally:

@@ -63,12 +63,17 @@ def fits(channels: int, num_groups: int) -> bool:
     return triton.next_power_of_2(channels) * triton.next_power_of_2(num_groups) <= MAX_GROUP_TILE
 
 
+def takes(x: torch.Tensor, num_groups: int) -> bool:
+    """Whether the kernels can take `x` at all, on any device: channels and groups that `fit`, < 2^31 elements,
+    and a layout they read (`flat_strides`)."""
+    return x.ndim >= 3 and fits(x.shape[1], num_groups) and x.numel() < 2**31 and flat_strides(x) is not None
+
+
 def supported(x: torch.Tensor, num_groups: int) -> bool:
-    """Whether a GroupNorm on `x` should take the kernels: CUDA, half precision, no autograd, channels and groups
-    that `fit`, < 2^31 elements, and a layout they read (`flat_strides`)."""
+    """Whether a GroupNorm on `x` should take the kernels: CUDA, half precision, no autograd, and `takes`."""
     return (
         triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and no_grad_needed(x)
-        and x.ndim >= 3 and fits(x.shape[1], num_groups) and x.numel() < 2**31 and flat_strides(x) is not None
+        and takes(x, num_groups)
     )  # fmt: skip
 
 
