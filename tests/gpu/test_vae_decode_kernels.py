@@ -4,16 +4,12 @@ in either layout, to the same frames within bf16 rounding, and with no host sync
 import pytest
 import torch
 
+from bench.vae import psnr  # on [-1, 1], the decoder's range
 from pab.families import get_family
 from pab.kernels import group_norm as gn
 from pab.vae_kernels import apply_vae_kernels
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float((a.float() - b.float()).pow(2).mean())
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(4.0 / mse)).item()  # [-1, 1]
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
