@@ -57,16 +57,15 @@ class PipelineEngine:
 
 def pipeline_engine(
     model: str, device: str, dtype: str | None = None, checkpoint: str | None = None, parallel: Any = None,
-    vae: str | None = None, text_encoder: str | None = None, compile: bool = False, cuda_graphs: bool = False,
-    vae_kernels: bool = False,
+    vae: str | None = None, text_encoder: str | None = None, **engine: bool,
 ) -> PipelineEngine:  # fmt: skip
-    """Load model `model` once on `device` (with DSP when `parallel` is a ParallelContext); `compile`,
-    `cuda_graphs` and `vae_kernels` are `Pipeline.from_name`'s switches (serving's `EngineOptions`)."""
+    """Load model `model` once on `device` (with DSP when `parallel` is a ParallelContext); `engine` holds the
+    switches of `pab.engine.EngineOptions` turned on (serving's `engine` block, `pab bulk`'s flags)."""
+    from pab.engine import EngineOptions
     from pab.pipeline import Pipeline
 
     pipe = Pipeline.from_name(model, device=device, dtype=dtype, checkpoint=checkpoint, parallel=parallel, vae=vae,
-                              text_encoder=text_encoder, compile=compile, cuda_graphs=cuda_graphs,
-                              vae_kernels=vae_kernels)  # fmt: skip
+                              text_encoder=text_encoder, engine=EngineOptions(**engine))  # fmt: skip
     return PipelineEngine(pipe)
 
 

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from bench.records import read_records, write_records
+from pab.engine import EngineOptions
 
 PEAK_TFLOPS = 989.4  # H100 SXM dense bf16 (vendor datasheet)
 
@@ -117,13 +118,11 @@ def _run_case(
     pabs: list[str],
     cfg_parallel: bool,
     repeat: int,
-    compile: bool = False,
+    engine: EngineOptions = EngineOptions(),
     decode: bool = True,
     overlap_chunks: int = 1,
-    cuda_graphs: bool = False,
     idle: bool = False,
     precisions: tuple[str, ...] = ("bf16",),
-    vae_kernels: bool = False,
 ) -> list[dict]:
     from pab.pipeline import GenerationRequest, Pipeline
 
@@ -135,8 +134,8 @@ def _run_case(
         parallel = init_parallel(ParallelConfig(sp=world // cfg, cfg=cfg, overlap_chunks=overlap_chunks))
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     t0 = time.perf_counter()
-    pipe = Pipeline.from_name(case.model, device=device, dtype=torch.bfloat16, parallel=parallel, compile=compile,
-                              cuda_graphs=cuda_graphs, vae_kernels=vae_kernels)  # fmt: skip
+    pipe = Pipeline.from_name(case.model, device=device, dtype=torch.bfloat16, parallel=parallel,
+                              engine=engine)  # fmt: skip
     build_s = time.perf_counter() - t0
     base = dict(
         model=case.model,
@@ -160,7 +159,7 @@ def _run_case(
         pipe.fp8_config = dataclasses.replace(pipe.fp8_config, fast_accum=mode != "exact", linear_groups=mode == "groups")
         base["precision"] = precision.split("+")[0]
         first_s = None
-        if cuda_graphs:  # the first request of a shape captures its patterns' graphs; a server's later ones replay
+        if engine.cuda_graphs:  # the first request of a shape captures its patterns' graphs; a server's later ones replay
             first = pipe.generate(GenerationRequest(**base, cache=pab), decode=False)
             first_s = round(first.timings["denoise_s"], 3)
         best = None
@@ -197,9 +196,7 @@ def _run_case(
             "latent_rel_l2_vs_bf16": rel_l2,
             "cache": res.cache,
             "cache_stats": res.cache_stats,
-            "compile": compile,
-            "cuda_graphs": cuda_graphs,
-            "vae_kernels": vae_kernels,
+            **engine.model_dump(),  # compile, cuda_graphs, vae_kernels
             "first_dit_s": first_s,  # with graphs: the capturing request's DiT time
             "graphs": pipe.graphs.stats if pipe.graphs is not None else None,
             "dit_s": round(res.timings["denoise_s"], 3),
@@ -540,11 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer", action="store_true", help="also diffusers' Latte with its own cache hooks")
     p.add_argument("--peer-caches", default=",".join(PEER_CACHES),
                    help=f"diffusers' caches the peer runs (comma list of {list(PEER_CACHES)})")
-    p.add_argument("--compile", action="store_true", help="torch.compile the attention modules (pab.compile)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay each step's forward as a CUDA graph (pab.cudagraph; a group's NCCL collectives too)")
-    p.add_argument("--vae-kernels", action="store_true",
-                   help="the VAE's GroupNorm (+ SiLU) through Triton kernels, channels-last (pab.vae_kernels)")
+    EngineOptions.add_arguments(p)  # --compile, --cuda-graphs, --vae-kernels
     p.add_argument("--idle", action="store_true",
                    help="one more generation per setting under torch.profiler: the GPU's idle share of the loop")
     p.add_argument("--precision", default="bf16",
@@ -558,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--machine", default=os.environ.get("PAB_BENCH_MACHINE", os.uname().nodename),
                    help="recorded with each result, e.g. the device kind (nvidia-h100-x1)")
     args = p.parse_args(argv)
+    engine = EngineOptions.from_args(args)
     records: list[dict] = []
     out = Path(args.out)
     existing = read_records(out)
@@ -572,9 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         pabs = [fixed_schedule(pab, args.schedules or schedules_for(case)) for pab in args.pab.split(",")]
         for sp in (int(s) for s in args.sp.split(",")):
             if sp == 1:
-                recs = _run_case(0, 1, case, pabs, False, args.repeat, args.compile, not args.dit_only,
-                                 cuda_graphs=args.cuda_graphs, idle=args.idle,
-                                 precisions=tuple(args.precision.split(",")), vae_kernels=args.vae_kernels)
+                recs = _run_case(0, 1, case, pabs, False, args.repeat, engine, not args.dit_only, idle=args.idle,
+                                 precisions=tuple(args.precision.split(",")))  # fmt: skip
             else:
                 from pab.parallel import launch_local
 
@@ -585,13 +578,11 @@ def main(argv: list[str] | None = None) -> int:
                     pabs,
                     args.cfg_parallel,
                     args.repeat,
-                    args.compile,
+                    engine,
                     not args.dit_only,
                     args.dsp_chunks,
-                    args.cuda_graphs,
                     args.idle,
                     tuple(args.precision.split(",")),
-                    args.vae_kernels,
                     threads=None,
                     timeout_s=1800,
                 )[0]

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from pab.engine import EngineOptions
 from pab.storage import StorageConfig
 
 
@@ -58,18 +59,6 @@ class PoolConfig(BaseModel):
         if self.cfg_parallel and self.gpus % 2:
             raise ValueError("cfg_parallel needs an even number of gpus per group")
         return self
-
-
-class EngineOptions(BaseModel):
-    """How a group's ranks build the model (`Pipeline.from_name`'s switches); each off unless turned on here."""
-
-    model_config = ConfigDict(extra="forbid")
-    compile: bool = Field(False, description="torch.compile the DiT's attentions (pab.compile); the first video "
-                          "of each size waits for the compile")
-    cuda_graphs: bool = Field(False, description="replay each denoising step as a CUDA graph (pab.cudagraph), a "
-                              "DSP group's all-to-alls inside it; meant for groups the host holds back")
-    vae_kernels: bool = Field(False, description="the VAE's GroupNorm + SiLU as Triton kernels, convolutions "
-                              "channels-last (pab.vae_kernels)")
 
 
 class ModelConfig(BaseModel):

@@ -55,7 +55,7 @@ class VideoGroup:
             gpus_per_rank=self.cfg.gpus_per_rank, cpus_per_rank=self.cfg.cpus_per_rank,
             placement_group="current", s3=s3, cache_dir=self.cfg.cache_dir,
             engine_factory=self.cfg.engine_factory, start_timeout_s=self.cfg.group_start_timeout_s,
-            engine_options=self.model_cfg.engine.model_dump(exclude_defaults=True),
+            engine_options=self.model_cfg.engine.changed(),
             name=f"pab-{self.replica}",  # + group id; the record names it, so operators find its ranks
         )
         self.group.start()

@@ -45,6 +45,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from pab.engine import EngineOptions
 from pab.request import add_options, from_options
 from pab.storage import NotFound, Storage, StorageConfig, storage_from_config, video_keys
 from jobs.ledger import STATE_COMPLETED, Ledger
@@ -92,11 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-parallel", action="store_true", help="split the CFG halves over the group (even size)")
     g.add_argument("--dtype", default=None, help="bfloat16, float16, float32 (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--device", default="auto", help="auto (GPU if the rank sees one), cpu or cuda")
-    g.add_argument("--compile", action="store_true", help="torch.compile the DiT's attentions (pab.compile)")
-    g.add_argument("--cuda-graphs", action="store_true",
-                   help="replay each denoising step as a CUDA graph, a group's all-to-alls inside it (pab.cudagraph)")
-    g.add_argument("--vae-kernels", action="store_true",
-                   help="the VAE's GroupNorm + SiLU as Triton kernels, convolutions channels-last (pab.vae_kernels)")
+    EngineOptions.add_arguments(g)  # --compile, --cuda-graphs, --vae-kernels
     g.add_argument("--gpus-per-rank", type=float, default=1.0, help="0 renders on CPU-only nodes")
     g.add_argument("--cpus-per-rank", type=float, default=1.0)
     g.add_argument("--max-attempts", type=int, default=3,
@@ -334,7 +331,7 @@ class BulkRender:
             # An S3 checkpoint is reached like the output: same endpoint, AWS-environment credentials.
             s3={"endpoint_url": _endpoint(a.s3_endpoint), "region": self.out_config.region},
             name=f"bulk-{self.run_id[-8:]}-g{index}", start_timeout_s=a.start_timeout,
-            engine_options={k: True for k in ("compile", "cuda_graphs", "vae_kernels") if getattr(a, k)},
+            engine_options=EngineOptions.from_args(a).changed(),
         )
 
     def _connect(self) -> None:

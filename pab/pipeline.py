@@ -23,6 +23,7 @@ import torch.nn as nn
 from pab.broadcast import PABConfig, PABState, apply_pab, use_state
 from pab.caching import CachePolicy, load_calibration, resolve_cache
 from pab.checkpoint import WeightSources, resolve_sources
+from pab.engine import EngineOptions
 from pab.errors import GenerationCancelled, RequestError, about
 from pab.seeds import draw_seed
 from pab.families import get_family
@@ -234,12 +235,11 @@ class Pipeline:
         dtype: torch.dtype,
         random_weights: bool,
         parallel: Any = None,
-        compile: bool = False,
         calibration: dict[str, Any] | None = None,
-        cuda_graphs: bool = False,
-        vae_kernels: bool = False,
+        engine: EngineOptions | None = None,
     ) -> None:
         self.name = name
+        self.engine = engine = engine or EngineOptions()
         self.calibration = calibration  # `pab calibrate`'s numbers for step reuse (None: none beside the weights)
         self.family = get_family(name)
         self.spec = self.family.spec
@@ -257,19 +257,19 @@ class Pipeline:
             # Sequence parallelism first, PAB after: the PAB hook must wrap the all-to-all so a
             # broadcast attention skips its communication too.
             parallelize_model(transformer, parallel)
-        if compile:
+        if engine.compile:
             from pab.compile import apply_compile
 
             # Innermost: compiles each attention's own math; DSP and PAB logic stays in eager Python.
             apply_compile(transformer)
         self.graphs = None
-        if cuda_graphs:
+        if engine.cuda_graphs:
             from pab.cudagraph import apply_cuda_graphs
 
             # Outermost, on the transformer itself: one replay per step; PAB re-applied later is detected.
             self.graphs = apply_cuda_graphs(transformer, backend="cuda" if device.type == "cuda" else "eager")
         self.vae_kernels = None
-        if vae_kernels:
+        if engine.vae_kernels:
             from pab.vae_kernels import apply_vae_kernels
 
             # The VAE's GroupNorms (+ SiLU) as Triton kernels reading channels-last in place (CUDA, half precision;
@@ -294,19 +294,16 @@ class Pipeline:
         dtype: torch.dtype | str | None = None,
         checkpoint: str | Path | None = None,
         parallel: Any = None,
-        compile: bool = False,
         vae: str | Path | None = None,
         text_encoder: str | Path | None = None,
-        cuda_graphs: bool = False,
-        vae_kernels: bool = False,
+        engine: EngineOptions | None = None,
     ) -> "Pipeline":
         """Build every part of model `name`: random weights unless `checkpoint` holds the published files;
         a `-small` model loads its shipped weights (pab/weights/NAME) when no checkpoint is given.
 
         `checkpoint`, `vae` and `text_encoder` are sources as `pab.checkpoint` reads them: a folder, or a
         Hugging Face repository id in the local cache; `vae` and `text_encoder` replace those parts.
-        `cuda_graphs` replays each step's transformer forward as a CUDA graph (pab.cudagraph; on CPU the same
-        bookkeeping runs without graphs). `vae_kernels` runs the VAE's GroupNorms through pab.vae_kernels.
+        `engine` turns on the engine's switches (`pab.engine.EngineOptions`: compile, CUDA graphs, VAE kernels).
         """
         spec = get_spec(name)
         size = split_name(name)[1]
@@ -331,10 +328,8 @@ class Pipeline:
             dt,
             random_weights=sources is None,
             parallel=parallel,
-            compile=compile,
             calibration=load_calibration(sources.calibration if sources else None),
-            cuda_graphs=cuda_graphs,
-            vae_kernels=vae_kernels,
+            engine=engine,
         )
 
     # ------------------------------------------------------------------ validation

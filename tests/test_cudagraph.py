@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from pab.cudagraph import CUDA_GRAPH_HOOK, CacheArena, apply_cuda_graphs
+from pab.engine import EngineOptions
 from pab.hooks.registry import get_hook
 from pab.pipeline import GenerationRequest, Pipeline
 
 MODELS = ["opensora-v1.2-tiny", "latte-1-tiny", "opensora-plan-v1.1-tiny"]
+
+GRAPHS = EngineOptions(cuda_graphs=True)
 
 
 def _generate(pipe, model, cache="paper", steps=12, **kw):
@@ -22,7 +25,7 @@ def _generate(pipe, model, cache="paper", steps=12, **kw):
 @pytest.mark.parametrize("model", MODELS)
 def test_graphed_pab_is_bit_identical_to_the_plain_pipeline(model):
     plain = _generate(Pipeline.from_name(model, device="cpu"), model)
-    pipe = Pipeline.from_name(model, device="cpu", cuda_graphs=True)
+    pipe = Pipeline.from_name(model, device="cpu", engine=GRAPHS)
     first, second = _generate(pipe, model), _generate(pipe, model)
     for res in (first, second):
         assert torch.equal(res.latents, plain.latents)
@@ -37,7 +40,7 @@ def test_graphed_pab_is_bit_identical_to_the_plain_pipeline(model):
 
 def test_the_patterns_are_the_pab_decisions():
     model = "latte-1-tiny"
-    pipe = Pipeline.from_name(model, device="cpu", cuda_graphs=True)
+    pipe = Pipeline.from_name(model, device="cpu", engine=GRAPHS)
     _generate(pipe, model, cache="off")
     assert pipe.graphs.stats["graphs"] == 1  # nothing is ever reused: every step is the same graph
     _generate(pipe, model, cache="paper")  # another PAB config: new hooks, the old graphs are dropped
@@ -59,7 +62,7 @@ def test_step_reuse_runs_eager_and_stays_right():
     model = "opensora-v1.2-tiny"
     policy = {"policy": "fixed", "reuse": [2, 3, 5], "reuse_of": 8}
     plain = _generate(Pipeline.from_name(model, device="cpu"), model, cache=policy, steps=8)
-    pipe = Pipeline.from_name(model, device="cpu", cuda_graphs=True)
+    pipe = Pipeline.from_name(model, device="cpu", engine=GRAPHS)
     res = _generate(pipe, model, cache=policy, steps=8)
     assert torch.equal(res.latents, plain.latents)
     assert res.cache_stats["reused_steps"] == [2, 3, 5]
@@ -91,7 +94,7 @@ def test_a_shape_first_seen_outside_a_generation_still_renders_right():
     generation at that shape must still run eager once to make them before any graph reads them."""
     model = "opensora-v1.2-tiny"
     plain = _generate(Pipeline.from_name(model, device="cpu"), model, steps=6, height=96, width=96)
-    pipe = Pipeline.from_name(model, device="cpu", cuda_graphs=True)
+    pipe = Pipeline.from_name(model, device="cpu", engine=GRAPHS)
     _generate(pipe, model, steps=4)  # PAB hooks attached, at another shape
     r = pipe.resolve(GenerationRequest(model=model, prompt="a red fox", steps=6, seed=3, height=96, width=96))
     y, mask = pipe.encode_text(r)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pab.broadcast import KINDS, BroadcastRule, PABConfig
+from pab.engine import EngineOptions
 from pab.errors import RequestError
 from pab.pipeline import GenerationCancelled, GenerationRequest, Pipeline, resolve_request
 
@@ -259,7 +260,8 @@ def test_vae_kernels_hook_the_vae_and_leave_the_video_unchanged_where_they_do_no
     kernels themselves."""
     name = "opensora-v1.2-tiny"
     r = GenerationRequest(model=name, prompt="a lighthouse at night", seed=5, steps=4, height=48, width=64)
-    hooked = Pipeline.from_name(name, device="cpu", dtype=torch.float32, vae_kernels=True)
+    hooked = Pipeline.from_name(name, device="cpu", dtype=torch.float32,
+                                  engine=EngineOptions(vae_kernels=True))  # fmt: skip
     plain = Pipeline.from_name(name, device="cpu", dtype=torch.float32)
     norms = [m for m in hooked.vae.modules() if type(m) is torch.nn.GroupNorm]
     assert hooked.vae_kernels.norms == len(norms) > 0 and hooked.vae_kernels.fused > 0

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pab.engine import EngineOptions
 from pab.hooks.registry import ModelHook, get_hook, register_hook
 from pab.kernels import fp8 as kern
 from pab.models import build
@@ -167,7 +168,7 @@ def test_pipeline_runs_a_request_in_fp8_and_the_next_in_bf16_unchanged(latte):
 
 
 def test_cuda_graph_patterns_tell_fp8_from_bf16():
-    pipe = Pipeline.from_name("latte-1-tiny", device="cpu", cuda_graphs=True)
+    pipe = Pipeline.from_name("latte-1-tiny", device="cpu", engine=EngineOptions(cuda_graphs=True))
     pipe.generate(_req(cache="off"), decode=False)
     assert pipe.graphs.stats["graphs"] == 1
     low = pipe.generate(_req(cache="off", precision="fp8"), decode=False)

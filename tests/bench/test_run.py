@@ -8,6 +8,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from bench.run import CASES, Case, _flops_by_kind, _run_case, fixed_schedule, schedules_for, speedup
+from pab.engine import EngineOptions
 from pab.parallel import launch_local
 from pab.pipeline import GenerationRequest, Pipeline
 
@@ -17,7 +18,8 @@ def test_flop_count_keeps_the_pipeline_compiled():
     benchmark counts FLOPs in force_eager so the generations after it still run compiled code."""
     torch._dynamo.reset()
     counters.clear()
-    pipe = Pipeline.from_name("opensora-v1.2-tiny", device="cpu", dtype=torch.float32, compile=True)
+    pipe = Pipeline.from_name("opensora-v1.2-tiny", device="cpu", dtype=torch.float32,
+                              engine=EngineOptions(compile=True))  # fmt: skip
     request = GenerationRequest(model="opensora-v1.2-tiny", prompt="a cat", steps=4, seed=0)
     flops, per_call = _flops_by_kind(pipe, request)
     eager = Pipeline.from_name("opensora-v1.2-tiny", device="cpu", dtype=torch.float32)
@@ -33,8 +35,10 @@ def test_group_records_with_overlapped_switches():
     stand-in on CPU): the record says so and counts the same switches (once per switch) as unchunked without
     graphs. Equivalence of the results: tests/parallel/test_dsp_models.py."""
     case = Case("tiny", "opensora-v1.2-tiny", "tiny", 17, 64, 64, 3)
-    plain = launch_local(2, _run_case, case, [("off", "off")], False, 1, False, False, 1, backend="gloo")[0]
-    chunked = launch_local(2, _run_case, case, [("off", "off")], False, 1, False, False, 3, True, backend="gloo")[0]
+    plain = launch_local(2, _run_case, case, [("off", "off")], False, 1, EngineOptions(), False, 1,
+                         backend="gloo")[0]
+    chunked = launch_local(2, _run_case, case, [("off", "off")], False, 1,
+                           EngineOptions(cuda_graphs=True), False, 3, backend="gloo")[0]
     assert [r["overlap_chunks"] for r in plain + chunked] == [1, 3]
     assert [r["cuda_graphs"] for r in plain + chunked] == [False, True] and chunked[0]["graphs"]["replays"] > 0
     assert plain[0]["sp"] == chunked[0]["sp"] == 2
@@ -65,7 +69,7 @@ def test_a_fixed_step_schedule_runs_at_any_step_count_and_counts_only_computed_f
     name, spec = fixed_schedule("fixed-slow", str(WEIGHTS_DIR / "opensora-v1.2-small" / "cache.json"))
     assert name == "fixed-slow" and spec["policy"] == "fixed" and spec["reuse_of"] == 30 and spec["reuse"]
     case = Case("tiny", "opensora-v1.2-tiny", "tiny", 17, 64, 64, 10)
-    off, fixed = _run_case(0, 1, case, [("off", "off"), (name, spec)], False, 1, False, False)
+    off, fixed = _run_case(0, 1, case, [("off", "off"), (name, spec)], False, 1, EngineOptions(), False)
     reused = fixed["cache_stats"]["reused"]
     assert fixed["pab"] == "fixed-slow" and reused > 0 and off["cache_stats"] == {}
     assert fixed["tflop"] * 10 == pytest.approx(off["tflop"] * (10 - reused), rel=0.02, abs=0.1)
@@ -113,5 +117,5 @@ def test_the_peers_step_skipping_caches_fail_on_latte_and_the_bench_says_why(cac
 
 def test_end_to_end_includes_the_mp4_encoded_while_decoding():
     case = Case("tiny", "opensora-v1.2-tiny", "tiny", 17, 64, 64, 2)
-    [rec] = _run_case(0, 1, case, [("off", "off")], False, 1, False, True)
+    [rec] = _run_case(0, 1, case, [("off", "off")], False, 1, EngineOptions(), True)
     assert rec["mp4_s"] >= 0 and 0 < rec["e2e_s"] <= rec["to_mp4_s"]  # prompt to mp4 on disk, after the decode

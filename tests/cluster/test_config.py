@@ -54,8 +54,8 @@ def test_config_file_routing_and_deployment_options(tmp_path):
 def test_engine_options_are_typed_and_off_by_default():
     """A model's `engine` switches (Pipeline.from_name's) reach its groups; a misspelt one is refused by name."""
     cfg = AppConfig(models=[{"name": "x"}, {"name": "y", "engine": {"cuda_graphs": True, "vae_kernels": True}}])
-    assert cfg.model("x").engine.model_dump(exclude_defaults=True) == {}
-    assert cfg.model("y").engine.model_dump(exclude_defaults=True) == {"cuda_graphs": True, "vae_kernels": True}
+    assert cfg.model("x").engine.changed() == {}
+    assert cfg.model("y").engine.changed() == {"cuda_graphs": True, "vae_kernels": True}
     with pytest.raises(ValidationError, match=r"engine\.cuda_graph\s"):
         AppConfig(models=[{"name": "x", "engine": {"cuda_graph": True}}])
 

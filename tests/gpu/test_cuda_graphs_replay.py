@@ -4,6 +4,7 @@ request of the same shape only replays (pab.cudagraph)."""
 import pytest
 import torch
 
+from pab.engine import EngineOptions
 from pab.pipeline import GenerationRequest, Pipeline
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -14,7 +15,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_graphs_replay_the_eager_pipeline(model, cache):
     request = GenerationRequest(model=model, prompt="a red fox", steps=16, seed=5, cache=cache)
     eager = Pipeline.from_name(model, device="cuda", dtype=torch.float32).generate(request, decode=False)
-    pipe = Pipeline.from_name(model, device="cuda", dtype=torch.float32, cuda_graphs=True)
+    pipe = Pipeline.from_name(model, device="cuda", dtype=torch.float32,
+                              engine=EngineOptions(cuda_graphs=True))  # fmt: skip
     first = pipe.generate(request, decode=False)
     captures = pipe.graphs.stats["captures"]
     second = pipe.generate(request, decode=False)

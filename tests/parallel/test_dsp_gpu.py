@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_dsp_models import CASES, MODELS, build_tiny, make_inputs, predict
 
+from pab.engine import EngineOptions
 from pab.parallel import ParallelConfig, init_parallel, launch_local, parallelize_model, unparallelize_model
 from pab.parallel.comm import FrameLayout, FrameShard
 
@@ -93,7 +94,8 @@ def _graphs_worker(rank: int, world: int) -> dict:
         request = GenerationRequest(model=name, prompt="a red fox in snow", seed=3, pab="paper", steps=12)
         eager = Pipeline.from_name(name, device=ctx.device, dtype=torch.float32, parallel=ctx)
         ref = eager.generate(request, decode=False)
-        pipe = Pipeline.from_name(name, device=ctx.device, dtype=torch.float32, parallel=ctx, cuda_graphs=True)
+        pipe = Pipeline.from_name(name, device=ctx.device, dtype=torch.float32, parallel=ctx,
+                                  engine=EngineOptions(cuda_graphs=True))  # fmt: skip
         first, again = (pipe.generate(request, decode=False) for _ in range(2))  # capture, then replay only
         for res in (first, again):
             torch.testing.assert_close(res.latents, ref.latents, rtol=1e-4, atol=1e-4)

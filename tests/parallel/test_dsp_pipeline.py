@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pab.engine import EngineOptions
 from pab.parallel import ParallelConfig, init_parallel, launch_local
 from pab.pipeline import GenerationRequest, Pipeline
 
@@ -104,7 +105,8 @@ def _graphs_and_fp8_worker(rank: int, world: int) -> dict:
             ref = Pipeline.from_name(name, device="cpu", dtype=torch.float32).generate(request, decode=False)
             eager = Pipeline.from_name(name, device="cpu", dtype=torch.float32, parallel=ctx)
             comm = eager.generate(request, decode=False).parallel["comm"]  # what the group sends without graphs
-            pipe = Pipeline.from_name(name, device="cpu", dtype=torch.float32, parallel=ctx, cuda_graphs=True)
+            pipe = Pipeline.from_name(name, device="cpu", dtype=torch.float32, parallel=ctx,
+                                      engine=EngineOptions(cuda_graphs=True))  # fmt: skip
             first, again = (pipe.generate(request, decode=False) for _ in range(2))  # capture, then replay only
             scale = max(1.0, ref.latents.abs().max().item())
             for out in (first, again):

@@ -1,0 +1,40 @@
+"""How a loaded pipeline runs: the engine's switches, set once when it is built (not per request).
+
+One definition for every place that sets them: `Pipeline.from_name(engine=...)`, serving's per-model `engine`
+block (cluster/config.py validates this model), `pab bulk`'s and `bench.run`'s flags (`add_arguments`).
+Each switch is off by default until it is measured to pay on the GPUs we run (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineOptions(BaseModel):
+    """Engine switches of a `Pipeline`; each off unless turned on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    compile: bool = Field(False, description="torch.compile the DiT's attentions (pab.compile); the first video of "
+                          "each size waits for the compile")  # fmt: skip
+    cuda_graphs: bool = Field(False, description="replay each denoising step as a CUDA graph (pab.cudagraph), a DSP "
+                              "group's all-to-alls inside it; meant for groups the host holds back")  # fmt: skip
+    vae_kernels: bool = Field(False, description="the VAE's GroupNorm + SiLU as Triton kernels, convolutions "
+                              "channels-last (pab.vae_kernels)")  # fmt: skip
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+        """A `--flag` per switch (`cuda_graphs` -> `--cuda-graphs`), its help the field's description."""
+        for name, field in cls.model_fields.items():
+            parser.add_argument(f"--{name.replace('_', '-')}", dest=name, action="store_true", help=field.description)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "EngineOptions":
+        """The switches `add_arguments`' flags turned on."""
+        return cls(**{name: getattr(args, name) for name in cls.model_fields})
+
+    def changed(self) -> dict[str, bool]:
+        """The switches turned on, as keyword arguments (empty when all are off)."""
+        return self.model_dump(exclude_defaults=True)
