@@ -26,6 +26,7 @@ import torch
 
 from bench.records import read_records, write_records
 from pab.engine import EngineOptions
+from pab.kernels import DEFAULT_KERNELS, SPATIAL_ATTENTION_IMPLS, KernelOptions, set_kernel_options
 
 PEAK_TFLOPS = 989.4  # H100 SXM dense bf16 (vendor datasheet)
 
@@ -123,6 +124,7 @@ def _run_case(
     overlap_chunks: int = 1,
     idle: bool = False,
     precisions: tuple[str, ...] = ("bf16",),
+    kernels: KernelOptions = DEFAULT_KERNELS,
 ) -> list[dict]:
     from pab.pipeline import GenerationRequest, Pipeline
 
@@ -136,6 +138,7 @@ def _run_case(
     t0 = time.perf_counter()
     pipe = Pipeline.from_name(case.model, device=device, dtype=torch.bfloat16, parallel=parallel,
                               engine=engine)  # fmt: skip
+    set_kernel_options(pipe.transformer, kernels)
     build_s = time.perf_counter() - t0
     base = dict(
         model=case.model,
@@ -197,6 +200,7 @@ def _run_case(
             "cache": res.cache,
             "cache_stats": res.cache_stats,
             **engine.model_dump(),  # compile, cuda_graphs, vae_kernels
+            "spatial_attention": kernels.spatial_attention,
             "first_dit_s": first_s,  # with graphs: the capturing request's DiT time
             "graphs": pipe.graphs.stats if pipe.graphs is not None else None,
             "dit_s": round(res.timings["denoise_s"], 3),
@@ -480,6 +484,7 @@ def print_table(records: list[dict]) -> None:
         "sp",
         "pab",
         "precision",
+        "spatial_attention",
         "cuda_graphs",
         "dit_s",
         "gpu_idle_pct",
@@ -514,7 +519,7 @@ def head_parallel_bytes(comm: dict) -> float:
 
 def speedup(rec: dict, records: list[dict]) -> str | None:
     """DiT time of the one-GPU record of the same case among `records` (same run) over this record's."""
-    key = ("impl", "model", "resolution", "pab", "precision", "compile", "cuda_graphs")
+    key = ("impl", "model", "resolution", "pab", "precision", "compile", "cuda_graphs", "spatial_attention")
     base = [r for r in records if r.get("gpus") == 1 and all(r.get(k) == rec.get(k) for k in key)]
     if not base or rec.get("gpus", 1) == 1:
         return None
@@ -538,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-caches", default=",".join(PEER_CACHES),
                    help=f"diffusers' caches the peer runs (comma list of {list(PEER_CACHES)})")
     EngineOptions.add_arguments(p)  # --compile, --cuda-graphs, --vae-kernels
+    p.add_argument("--spatial-attention", choices=SPATIAL_ATTENTION_IMPLS, default=DEFAULT_KERNELS.spatial_attention,
+                   help="the DiT's spatial attention: SDPA or pab.kernels.flash_attention (KernelOptions)")
     p.add_argument("--idle", action="store_true",
                    help="one more generation per setting under torch.profiler: the GPU's idle share of the loop")
     p.add_argument("--precision", default="bf16",
@@ -552,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="recorded with each result, e.g. the device kind (nvidia-h100-x1)")
     args = p.parse_args(argv)
     engine = EngineOptions.from_args(args)
+    kernels = KernelOptions(spatial_attention=args.spatial_attention)
     records: list[dict] = []
     out = Path(args.out)
     existing = read_records(out)
@@ -567,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         for sp in (int(s) for s in args.sp.split(",")):
             if sp == 1:
                 recs = _run_case(0, 1, case, pabs, False, args.repeat, engine, not args.dit_only, idle=args.idle,
-                                 precisions=tuple(args.precision.split(",")))  # fmt: skip
+                                 precisions=tuple(args.precision.split(",")), kernels=kernels)  # fmt: skip
             else:
                 from pab.parallel import launch_local
 
@@ -583,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.dsp_chunks,
                     args.idle,
                     tuple(args.precision.split(",")),
+                    kernels,
                     threads=None,
                     timeout_s=1800,
                 )[0]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 TEMPORAL_ATTENTION_IMPLS = ("auto", "triton", "bmm", "sdpa")
+SPATIAL_ATTENTION_IMPLS = ("sdpa", "triton")
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,18 @@ class KernelOptions:
     """fc1's bias + tanh-GELU in the GEMM epilogue (cuBLASLt) instead of a separate GELU pass."""
     norms: bool = True
     """The fused layer-norm + modulate, gate + residual and q/k RMSNorm kernels (pab.kernels.norms)."""
+    spatial_attention: str = "sdpa"
+    """STDiT3's and Latte's spatial attention (full sequences, no mask, head dim 72): "sdpa" (cuDNN on Hopper) or
+    "triton" (pab.kernels.flash_attention, which splits 72 = 64 + 8 instead of padding; where it `supported`)."""
 
     def __post_init__(self) -> None:
         if self.temporal_attention not in TEMPORAL_ATTENTION_IMPLS:
             raise ValueError(
                 f"temporal_attention={self.temporal_attention!r}; choose one of {', '.join(TEMPORAL_ATTENTION_IMPLS)}"
+            )
+        if self.spatial_attention not in SPATIAL_ATTENTION_IMPLS:
+            raise ValueError(
+                f"spatial_attention={self.spatial_attention!r}; choose one of {', '.join(SPATIAL_ATTENTION_IMPLS)}"
             )
 
 

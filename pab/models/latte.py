@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pab.kernels import flash_attention as flash
 from pab.kernels import short_attention as short_attn
 from pab.kernels import DEFAULT_KERNELS, KernelOptions, no_grad_needed, norms
 from pab.kernels.fp8 import wants_fp8
@@ -420,11 +421,13 @@ class Attention(nn.Module):
         cross_attention_dim: int | None = None,
         bias: bool = False,
         dropout: float = 0.0,
+        spatial: bool = False,
     ):
         super().__init__()
         inner_dim = heads * dim_head
         self.heads = heads
         self.dim_head = dim_head
+        self.spatial = spatial  # a spatial block's self-attention: KernelOptions.spatial_attention picks its kernel
         self.is_cross_attention = cross_attention_dim is not None
         kv_dim = query_dim if cross_attention_dim is None else cross_attention_dim
         self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
@@ -481,10 +484,12 @@ class Attention(nn.Module):
     def _sdpa_out(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """SDPA over (N, h, L, d) q and (N, h, L_kv, d) k, v, then the output projection: (N, L, C)."""
         n, _, length, _ = q.shape
-        if bias is not None:
-            bias = bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (N, h, L_q, d), scale 1/sqrt(d)
-        out = out.transpose(1, 2).reshape(n, length, self.heads * self.dim_head)  # (N, L_q, h*d)
+        if self.spatial and bias is None:
+            out = flash.attention(q, k, v, self.kernels.spatial_attention)  # (N, L, h, d)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
+            out = out.transpose(1, 2)  # (N, L_q, h, d), scale 1/sqrt(d)
+        out = out.reshape(n, length, self.heads * self.dim_head)  # (N, L_q, h*d)
         return self.to_out[1](self.to_out[0](out))  # (N, L_q, C)
 
 
@@ -584,7 +589,8 @@ class LatteBlock(nn.Module):
         super().__init__()
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
-        self.attn1 = Attention(dim, heads, head_dim, bias=attention_bias, dropout=dropout)
+        self.attn1 = Attention(dim, heads, head_dim, bias=attention_bias, dropout=dropout,
+                               spatial=cross_attention_dim is not None)  # fmt: skip
         if cross_attention_dim is not None:
             self.attn2 = Attention(dim, heads, head_dim, cross_attention_dim, bias=attention_bias, dropout=dropout)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)

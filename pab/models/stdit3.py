@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pab.kernels import flash_attention as flash
 from pab.kernels import short_attention as short_attn
 from pab.kernels.fp8 import wants_fp8
 from pab.kernels import DEFAULT_KERNELS, TEMPORAL_ATTENTION_IMPLS, KernelOptions, no_grad_needed, norms
@@ -382,14 +383,16 @@ class SelfAttention(nn.Module):
             # as (N, heads, L, hd) views: no permute copies.
             qk = norms.qk_rmsnorm(qkv, self.num_heads, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
             v = qkv.view(N, L, 3, self.num_heads, self.head_dim)[:, :, 2].transpose(1, 2)
-            x = F.scaled_dot_product_attention(qk[0].transpose(1, 2), qk[1].transpose(1, 2), v)
-            return self.proj(x.transpose(1, 2).reshape(N, L, C))
+            x = flash.attention(qk[0].transpose(1, 2), qk[1].transpose(1, 2), v, self.kernels.spatial_attention)
+            return self.proj(x.reshape(N, L, C))
         q, k, v = qkv.view(N, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)  # each (N, heads, L, head_dim)
         if self.rope is not None:  # after the norm, as the released model was trained
             q, k = self.rope(q), self.rope(k)
         if impl == "bmm":
             return self.proj(_bmm_attention(q, k, v))
+        if self.rope is None:  # spatial
+            return self.proj(flash.attention(q, k, v, self.kernels.spatial_attention).reshape(N, L, C))
         x = F.scaled_dot_product_attention(q, k, v)  # (N, heads, L, head_dim); flash returns it (N, L, heads, hd)
         return self.proj(x.transpose(1, 2).reshape(N, L, C))
 

@@ -8,9 +8,13 @@ import pytest
 import torch
 
 from pab.kernels import DEFAULT_KERNELS, KernelOptions, kernel_options, set_kernel_options
+from pab.kernels import flash_attention as flash
 from pab.models import build, stdit3
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+from support.kernels import DEVICE, needs_triton  # noqa: E402
+from test_latte import tiny_inputs as latte_inputs  # noqa: E402
+from test_latte import tiny_model as latte_model  # noqa: E402
 from test_stdit3 import tiny_inputs, tiny_model  # noqa: E402
 
 
@@ -35,6 +39,8 @@ def test_options_reach_every_reading_module_and_are_restored(name):
 def test_a_bad_option_names_the_choices():
     with pytest.raises(ValueError, match="temporal_attention='flash'; choose one of auto, triton, bmm, sdpa"):
         KernelOptions(temporal_attention="flash")
+    with pytest.raises(ValueError, match="spatial_attention='cudnn'; choose one of sdpa, triton"):
+        KernelOptions(spatial_attention="cudnn")
 
 
 @pytest.mark.parametrize("impl,calls", [("bmm", {"bmm": 2}), ("sdpa", {})])
@@ -48,3 +54,26 @@ def test_the_model_runs_what_its_options_say(impl, calls, monkeypatch):
     with torch.no_grad():
         model(**tiny_inputs(T=5))
     assert seen == calls
+
+
+@needs_triton
+@pytest.mark.parametrize("family", ["stdit3", "latte"])
+def test_spatial_attention_through_the_flash_kernel(family, monkeypatch):
+    """spatial_attention="triton" sends each spatial attention (and nothing else) through
+    pab.kernels.flash_attention, to the model's output with SDPA. Float32 on DEVICE: in Triton's interpreter on the
+    CPU, where `supported` (CUDA, half precision) would leave every call to SDPA, so it is told to accept them."""
+    model, inputs = (tiny_model(), tiny_inputs(T=5)) if family == "stdit3" else (latte_model(), latte_inputs(F=5))
+    model, inputs = model.to(DEVICE), {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    calls = []
+    real = flash.flash_attention
+    monkeypatch.setattr(flash, "supported", lambda q, k, v: True)
+    monkeypatch.setattr(flash, "flash_attention", lambda q, k, v, **kw: calls.append(q.shape) or real(q, k, v, **kw))
+    with torch.no_grad():
+        plain = model(**inputs)
+        set_kernel_options(model, KernelOptions(spatial_attention="triton"))
+        kernel = model(**inputs)
+    plain, kernel = (x[0] if isinstance(x, tuple) else x for x in (plain, kernel))
+    spatial = len([m for m in model.modules() if type(m).__name__ == "SpatialBlock"]) or len(model.spatial_blocks)
+    tokens = 16  # 8 x 8 latents in 2 x 2 patches
+    assert len(calls) == spatial > 0 and all(s[2] == tokens for s in calls), calls  # the spatial blocks only
+    torch.testing.assert_close(kernel, plain, atol=1e-4, rtol=1e-4)

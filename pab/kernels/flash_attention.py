@@ -1,0 +1,346 @@
+"""Flash attention at head dims that are no power of two (Open-Sora 1.2 and Latte-1 spatial attention: d = 72).
+
+SDPA's fastest backend on Hopper, cuDNN, runs d = 72 at ~313 TFLOP/s (2.23 ms for 60 sequences x 16 heads x 1,590
+tokens on an H200) where d = 128 runs at ~540: it computes a padded head. This kernel (python -m
+bench.attention_triton times it against cuDNN):
+
+* head_dim D = D0 + D1 with D0 a power of two (72 = 64 + 8; `head_split`): tl.arange takes powers of two, and a
+  128-wide tile would spend 44% of the tensor-core work on zeros. Scores are dot(q0, k0^T) + dot(q1, k1^T), the
+  8-channel tail loaded into 16-wide tiles (tl.dot needs every dim >= 16) whose upper 8 channels are zero; the
+  output is two accumulators, (BLOCK_M, 64) and (BLOCK_M, 16), of which the 8 tail columns are stored. The work
+  done is that of d = 80 (11% over 72), not 128.
+* Online softmax over BLOCK_N-key blocks (flash attention 2): float32 scores and accumulators, exp2 with
+  scale * log2(e) folded into one multiply-add, p rounded to the input dtype for the p @ v dot. The key blocks
+  inside L run unmasked; the last, partial one (1,590 is no multiple of 32) gives keys >= L a score of -inf.
+* q, k, v are (N, H, L, D) with any strides but a unit last one, so views of the fused qkv projection's output
+  (N, L, 3, H, D) are read in place; with out_layout="nlhd" the output is (N, L, H, D), what the output
+  projection reads. Strides that are multiples of 8 are passed divided by 8 and multiplied back in the kernel
+  by a constexpr, so Triton knows rows are 16-byte aligned (it infers divisibility by 16 from an integer
+  argument, and 72 = 9 x 8 is not) and uses 16-byte vector and cp.async loads.
+* Three ways to load (`LOADS`): "pointer" (tl.load, pipelined by Triton into cp.async stages); "tma" (tensor
+  descriptors made on the device over each head's (L, D) rows: the hardware zero-fills rows >= L and channels
+  >= D and clips the stores, so nothing is masked but scores); "tma-ws", "tma" with the key loop
+  warp-specialized (a producer warp group issuing the loads, two consumer groups of 64 query rows). Triton's
+  Hopper warp specializer only takes num_warps = 4 and a kernel with no if/else, so this one runs every key
+  block masked in one loop.
+
+A model takes it through `KernelOptions(spatial_attention="triton")` (`supported` says where it applies).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pab.kernels import no_grad_needed
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = tl = None
+
+# pointer loads; TMA descriptors; TMA with a warp-specialized key loop (Triton's Hopper warp specializer takes only
+# num_warps = 4, of which it makes a producer and two consumer warp groups: 12 warps)
+LOADS = ("pointer", "tma", "tma-ws")
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, loads): a guess (no spills on sm_90), until bench.attention_triton's
+# sweep runs on a GPU
+CONFIG = (128, 64, 8, 3, "pointer")
+OUT_LAYOUTS = ("nhld", "nlhd")
+
+
+def head_split(head_dim: int) -> tuple[int, int, int]:
+    """(D0, D1, D1P): head_dim = D0 + D1 with D0 the largest power of two <= head_dim (>= 16) and D1 a multiple of
+    8 (0 when head_dim is a power of two), computed in a D1P = max(16, next power of two >= D1) wide tile.
+    72 -> (64, 8, 16), 64 -> (64, 0, 0), 80 -> (64, 16, 16), 96 -> (64, 32, 32)."""
+    if head_dim < 16:
+        raise ValueError(f"flash_attention needs a head dim >= 16, got {head_dim}")
+    d0 = 1 << (head_dim.bit_length() - 1)
+    d1 = head_dim - d0
+    if d1 % 8:
+        raise ValueError(f"flash_attention splits the head dim into a power of two plus a multiple of 8 (72 = 64 + 8, "
+                         f"80 = 64 + 16); got {head_dim} = {d0} + {d1}")
+    return d0, d1, (max(16, 1 << (d1 - 1).bit_length()) if d1 else 0)
+
+
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: tuple[int, int, int, int, str] | None = None,
+    out_layout: str = "nhld", scale: float | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """softmax(q k^T * scale) v for (N, H, L, D) q, k, v of any strides with a unit last one; no mask.
+
+    scale defaults to 1/sqrt(D). Returns (N, H, L, D) contiguous, or (N, L, H, D) with out_layout="nlhd".
+    config: (BLOCK_M, BLOCK_N, num_warps, num_stages, loads), default `CONFIG`. BLOCK_M, BLOCK_N: powers of two >= 16
+    (query rows per program, keys per step). loads: "pointer" (any strides with a unit last one), "tma" or "tma-ws"
+    (tensor descriptors, the latter with a warp-specialized loop; they need 16-byte aligned tensors and strides)."""
+    block_m, block_n, num_warps, num_stages, loads = config or CONFIG
+    if triton is None:
+        raise RuntimeError("flash_attention needs the triton package")
+    if loads not in LOADS:
+        raise ValueError(f"loads must be one of {LOADS}, got {loads!r}")
+    if out_layout not in OUT_LAYOUTS:
+        raise ValueError(f"out_layout must be one of {OUT_LAYOUTS}, got {out_layout!r}")
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must be (N, H, L, D) of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"q, k, v must share one of bfloat16, float16, float32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    for b in (block_m, block_n):
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"block_m and block_n must be powers of two >= 16, got {block_m}, {block_n}")
+    N, H, L, D = q.shape
+    d0, d1, d1p = head_split(D)
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        raise ValueError(f"q, k, v need a unit stride along the head dim, got {q.stride()}, {k.stride()}, "
+                         f"{v.stride()}")
+    if out_layout == "nhld":
+        out = q.new_empty(N, H, L, D)
+        o = out
+    else:
+        out = q.new_empty(N, L, H, D)
+        o = out.permute(0, 2, 1, 3)  # (N, H, L, D) view of it
+    if out.numel() == 0:
+        return out
+    if max(L * abs(t.stride(2)) + D for t in (q, k, v, o)) >= 2**31:  # row offsets are 32-bit in the kernel
+        raise ValueError(f"a head's rows must span < 2^31 elements, got L = {L} with strides {q.stride()}, "
+                         f"{k.stride()}, {v.stride()}")
+    strides = [s for t in (q, k, v, o) for s in t.stride()[:3]]
+    unit = 8 if all(s % 8 == 0 for s in strides) else 1  # see the module docstring
+    scale = D**-0.5 if scale is None else scale
+    kernel, extra = _flash_pointer_kernel, {}
+    if loads != "pointer":
+        if unit != 8 or any(t.data_ptr() % 16 for t in (q, k, v, o)):
+            raise ValueError(f"loads={loads!r} needs 16-byte aligned q, k, v and strides of multiples of 8 elements; "
+                             f"got strides {q.stride()}, {k.stride()}, {v.stride()}")
+        if q.is_cuda:
+            triton.set_allocator(_descriptor_scratch)  # descriptors made on the device live in global scratch
+        kernel, extra = _flash_tma_kernel, {"WS": loads == "tma-ws"}
+    grid = (triton.cdiv(L, block_m) * N * H,)
+    kernel[grid](
+        q, k, v, o, L, scale * 1.4426950408889634, *(s // unit for s in strides),
+        H=H, D0=d0, D1=d1, D1P=max(d1p, 16), UNIT=unit, BLOCK_M=block_m, BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages, **extra,
+    )  # fmt: skip
+    return out
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `flash_attention` should take these (N, H, L, D) q, k, v by default: CUDA, half precision (float32
+    would round through TF32), one shape, a head dim it splits, a unit last stride, no autograd, not inside
+    torch.compile (which traces SDPA instead)."""
+    if triton is None or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) or q.ndim != 4:
+        return False
+    if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype) or torch.compiler.is_compiling():
+        return False
+    if any(t.stride(-1) != 1 for t in (q, k, v)) or not no_grad_needed(q):
+        return False
+    try:
+        head_split(q.shape[-1])
+    except ValueError:
+        return False
+    return True
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa") -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v of (N, H, L, D) q, k, v, returned (N, L, H, D) (what an output projection reads):
+    `flash_attention` when impl is "triton" and it is `supported` here, else SDPA (KernelOptions.spatial_attention)."""
+    if impl == "triton" and supported(q, k, v):
+        return flash_attention(q, k, v, out_layout="nlhd")
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, acc, IEEE: tl.constexpr):
+        if IEEE:  # float32 inputs: no tf32 rounding (the interpreter tests)
+            return tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _softmax_step(
+        q0, q1, k0, k1, v0, v1, acc0, acc1, m_i, l_i, keys, L, qk_scale,
+        D1: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """One online-softmax step over a block of keys (k0, k1, v0, v1 already loaded; MASKED: keys >= L in it).
+        The tail tiles' channels past D1 are zero in q1 (so k1's do not count) and dropped from acc1."""
+        qk = _dot(q0, tl.trans(k0), tl.zeros((q0.shape[0], k0.shape[0]), tl.float32), IEEE)
+        if D1 > 0:
+            qk = _dot(q1, tl.trans(k1), qk, IEEE)
+        if MASKED:
+            qk = tl.where((keys < L)[None, :], qk, float("-inf"))
+        # scores in units of log2: s * scale * log2(e); every row has a key < L, so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(q0.dtype)
+        acc0 = _dot(p, v0, acc0 * alpha[:, None], IEEE)
+        if D1 > 0:
+            acc1 = _dot(p, v1, acc1 * alpha[:, None], IEEE)
+        return acc0, acc1, m_new, l_i
+
+    @triton.jit
+    def _pointer_step(
+        q0, q1, acc0, acc1, m_i, l_i, k_base, v_base, skl, svl, start_n, L, qk_scale,
+        D0: tl.constexpr, D1: tl.constexpr, D1P: tl.constexpr, UNIT: tl.constexpr, BLOCK_N: tl.constexpr,
+        MASKED: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """Load keys [start_n, start_n + BLOCK_N) of k and v through pointers, then `_softmax_step`."""
+        keys = start_n + tl.arange(0, BLOCK_N)
+        c0 = tl.arange(0, D0)[None, :]
+        c1 = D0 + tl.arange(0, D1P)[None, :]
+        tail_ok = tl.arange(0, D1P)[None, :] < D1
+        k_rows = k_base + (keys * skl * UNIT)[:, None]
+        v_rows = v_base + (keys * svl * UNIT)[:, None]
+        k1 = tl.zeros((BLOCK_N, D1P), k_base.dtype.element_ty)  # unused without a tail
+        v1 = tl.zeros((BLOCK_N, D1P), v_base.dtype.element_ty)
+        if MASKED:
+            key_ok = (keys < L)[:, None]
+            k0 = tl.load(k_rows + c0, mask=key_ok, other=0.0)
+            v0 = tl.load(v_rows + c0, mask=key_ok, other=0.0)
+            if D1 > 0:
+                k1 = tl.load(k_rows + c1, mask=key_ok & tail_ok, other=0.0)
+                v1 = tl.load(v_rows + c1, mask=key_ok & tail_ok, other=0.0)
+        else:
+            k0 = tl.load(k_rows + c0)
+            v0 = tl.load(v_rows + c0)
+            if D1 > 0:
+                k1 = tl.load(k_rows + c1, mask=tail_ok, other=0.0)
+                v1 = tl.load(v_rows + c1, mask=tail_ok, other=0.0)
+        return _softmax_step(q0, q1, k0, k1, v0, v1, acc0, acc1, m_i, l_i, keys, L, qk_scale, D1, MASKED, IEEE)
+
+    @triton.jit
+    def _tma_step(
+        q0, q1, acc0, acc1, m_i, l_i, k0d, k1d, v0d, v1d, start_n, L, qk_scale,
+        D0: tl.constexpr, D1: tl.constexpr, D1P: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """Load keys [start_n, start_n + BLOCK_N) of k and v through descriptors (zeros past L and D), then
+        `_softmax_step`."""
+        k0 = k0d.load([start_n, 0])
+        v0 = v0d.load([start_n, 0])
+        k1 = tl.zeros((BLOCK_N, D1P), k0.dtype)  # unused without a tail
+        v1 = tl.zeros((BLOCK_N, D1P), v0.dtype)
+        if D1 > 0:
+            k1 = k1d.load([start_n, D0])
+            v1 = v1d.load([start_n, D0])
+        keys = start_n + tl.arange(0, BLOCK_N)
+        return _softmax_step(q0, q1, k0, k1, v0, v1, acc0, acc1, m_i, l_i, keys, L, qk_scale, D1, MASKED, IEEE)
+
+    @triton.jit
+    def _program(L, H: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Program pid: query block pid % cdiv(L, BLOCK_M) of (sequence, head) pid // cdiv(L, BLOCK_M), so the
+        programs that share a head's k and v run together (L2). -> (n, h, first query row)."""
+        pid = tl.program_id(0)
+        m_blocks = tl.cdiv(L, BLOCK_M)
+        nh = pid // m_blocks
+        return (nh // H).to(tl.int64), (nh % H).to(tl.int64), (pid - nh * m_blocks) * BLOCK_M
+
+    @triton.jit
+    def _flash_pointer_kernel(
+        Q, K, V, Out, L, qk_scale,
+        sqn, sqh, sql, skn, skh, skl, svn, svh, svl, son, soh, sol,
+        H: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1P: tl.constexpr, UNIT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """Pointer loads (cp.async when pipelined). Strides are in units of UNIT elements."""
+        n, h, start_m = _program(L, H, BLOCK_M)
+        q_base = Q + (n * sqn + h * sqh) * UNIT
+        k_base = K + (n * skn + h * skh) * UNIT
+        v_base = V + (n * svn + h * svh) * UNIT
+        o_base = Out + (n * son + h * soh) * UNIT
+
+        rows = start_m + tl.arange(0, BLOCK_M)
+        row_ok = (rows < L)[:, None]
+        c0 = tl.arange(0, D0)[None, :]
+        c1 = D0 + tl.arange(0, D1P)[None, :]
+        tail_ok = tl.arange(0, D1P)[None, :] < D1
+        q_rows = q_base + (rows * sql * UNIT)[:, None]
+        q0 = tl.load(q_rows + c0, mask=row_ok, other=0.0)  # rows >= L: zeros, computed, never stored
+        q1 = tl.zeros((BLOCK_M, D1P), Q.dtype.element_ty)
+        if D1 > 0:
+            q1 = tl.load(q_rows + c1, mask=row_ok & tail_ok, other=0.0)
+
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc0 = tl.zeros((BLOCK_M, D0), tl.float32)
+        acc1 = tl.zeros((BLOCK_M, D1P), tl.float32)  # unused (and dropped by the compiler) without a tail
+        full = (L // BLOCK_N) * BLOCK_N
+        for start_n in tl.range(0, full, BLOCK_N):
+            acc0, acc1, m_i, l_i = _pointer_step(
+                q0, q1, acc0, acc1, m_i, l_i, k_base, v_base, skl, svl, start_n, L, qk_scale,
+                D0, D1, D1P, UNIT, BLOCK_N, False, IEEE,
+            )  # fmt: skip
+        if full < L:
+            acc0, acc1, m_i, l_i = _pointer_step(
+                q0, q1, acc0, acc1, m_i, l_i, k_base, v_base, skl, svl, full, L, qk_scale,
+                D0, D1, D1P, UNIT, BLOCK_N, True, IEEE,
+            )  # fmt: skip
+
+        inv = 1.0 / l_i[:, None]
+        o_rows = o_base + (rows * sol * UNIT)[:, None]
+        tl.store(o_rows + c0, (acc0 * inv).to(Out.dtype.element_ty), mask=row_ok)
+        if D1 > 0:
+            tl.store(o_rows + c1, (acc1 * inv).to(Out.dtype.element_ty), mask=row_ok & tail_ok)
+
+    @triton.jit
+    def _flash_tma_kernel(
+        Q, K, V, Out, L, qk_scale,
+        sqn, sqh, sql, skn, skh, skl, svn, svh, svl, son, soh, sol,
+        H: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1P: tl.constexpr, UNIT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, WS: tl.constexpr,
+    ):  # fmt: skip
+        """Tensor-memory-accelerator loads and stores through descriptors made on the device, one per (tensor,
+        channel part) over the program's (L, D) head: rows >= L and channels >= D read as zeros and are not
+        written, so nothing is masked but the scores of keys >= L. WS: warp-specialize the key loop."""
+        n, h, start_m = _program(L, H, BLOCK_M)
+        D: tl.constexpr = D0 + D1
+        q_base = Q + (n * sqn + h * sqh) * UNIT
+        k_base = K + (n * skn + h * skh) * UNIT
+        v_base = V + (n * svn + h * svh) * UNIT
+        o_base = Out + (n * son + h * soh) * UNIT
+        q0 = tl.make_tensor_descriptor(q_base, [L, D], [sql * UNIT, 1], [BLOCK_M, D0]).load([start_m, 0])
+        k0d = tl.make_tensor_descriptor(k_base, [L, D], [skl * UNIT, 1], [BLOCK_N, D0])
+        v0d = tl.make_tensor_descriptor(v_base, [L, D], [svl * UNIT, 1], [BLOCK_N, D0])
+        o0d = tl.make_tensor_descriptor(o_base, [L, D], [sol * UNIT, 1], [BLOCK_M, D0])
+        q1 = tl.zeros((BLOCK_M, D1P), Q.dtype.element_ty)
+        k1d, v1d, o1d = k0d, v0d, o0d  # stand-ins, never read without a tail
+        if D1 > 0:  # channels D0 .. D0 + D1P, those >= D zero
+            q1 = tl.make_tensor_descriptor(q_base, [L, D], [sql * UNIT, 1], [BLOCK_M, D1P]).load([start_m, D0])
+            k1d = tl.make_tensor_descriptor(k_base, [L, D], [skl * UNIT, 1], [BLOCK_N, D1P])
+            v1d = tl.make_tensor_descriptor(v_base, [L, D], [svl * UNIT, 1], [BLOCK_N, D1P])
+            o1d = tl.make_tensor_descriptor(o_base, [L, D], [sol * UNIT, 1], [BLOCK_M, D1P])
+
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc0 = tl.zeros((BLOCK_M, D0), tl.float32)
+        acc1 = tl.zeros((BLOCK_M, D1P), tl.float32)
+        if WS:  # one loop with every block masked: Triton's Hopper warp specializer skips kernels with an scf.if
+            for start_n in tl.range(0, L, BLOCK_N, warp_specialize=True):  # that has an else (the tail step's)
+                acc0, acc1, m_i, l_i = _tma_step(
+                    q0, q1, acc0, acc1, m_i, l_i, k0d, k1d, v0d, v1d, start_n, L, qk_scale, D0, D1, D1P, BLOCK_N,
+                    True, IEEE,
+                )  # fmt: skip
+        else:
+            full = (L // BLOCK_N) * BLOCK_N
+            for start_n in tl.range(0, full, BLOCK_N):
+                acc0, acc1, m_i, l_i = _tma_step(
+                    q0, q1, acc0, acc1, m_i, l_i, k0d, k1d, v0d, v1d, start_n, L, qk_scale, D0, D1, D1P, BLOCK_N,
+                    False, IEEE,
+                )  # fmt: skip
+            if full < L:
+                acc0, acc1, m_i, l_i = _tma_step(
+                    q0, q1, acc0, acc1, m_i, l_i, k0d, k1d, v0d, v1d, full, L, qk_scale, D0, D1, D1P, BLOCK_N,
+                    True, IEEE,
+                )  # fmt: skip
+
+        inv = 1.0 / l_i[:, None]
+        o0d.store([start_m, 0], (acc0 * inv).to(Out.dtype.element_ty))
+        if D1 > 0:
+            o1d.store([start_m, D0], (acc1 * inv).to(Out.dtype.element_ty))
