@@ -26,7 +26,7 @@ import torch
 
 from bench.records import read_records, write_records
 from pab.engine import EngineOptions
-from pab.kernels import DEFAULT_KERNELS, SPATIAL_ATTENTION_IMPLS, KernelOptions, set_kernel_options
+from pab.kernels import ATTENTION_IMPLS, DEFAULT_KERNELS, KernelOptions, set_kernel_options
 
 PEAK_TFLOPS = 989.4  # H100 SXM dense bf16 (vendor datasheet)
 
@@ -201,6 +201,7 @@ def _run_case(
             "cache_stats": res.cache_stats,
             **engine.model_dump(),  # compile, cuda_graphs, vae_kernels
             "spatial_attention": kernels.spatial_attention,
+            "cross_attention": kernels.cross_attention,
             "first_dit_s": first_s,  # with graphs: the capturing request's DiT time
             "graphs": pipe.graphs.stats if pipe.graphs is not None else None,
             "dit_s": round(res.timings["denoise_s"], 3),
@@ -485,6 +486,7 @@ def print_table(records: list[dict]) -> None:
         "pab",
         "precision",
         "spatial_attention",
+        "cross_attention",
         "cuda_graphs",
         "dit_s",
         "gpu_idle_pct",
@@ -519,7 +521,8 @@ def head_parallel_bytes(comm: dict) -> float:
 
 def speedup(rec: dict, records: list[dict]) -> str | None:
     """DiT time of the one-GPU record of the same case among `records` (same run) over this record's."""
-    key = ("impl", "model", "resolution", "pab", "precision", "compile", "cuda_graphs", "spatial_attention")
+    key = ("impl", "model", "resolution", "pab", "precision", "compile", "cuda_graphs", "spatial_attention",
+           "cross_attention")
     base = [r for r in records if r.get("gpus") == 1 and all(r.get(k) == rec.get(k) for k in key)]
     if not base or rec.get("gpus", 1) == 1:
         return None
@@ -543,8 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-caches", default=",".join(PEER_CACHES),
                    help=f"diffusers' caches the peer runs (comma list of {list(PEER_CACHES)})")
     EngineOptions.add_arguments(p)  # --compile, --cuda-graphs, --vae-kernels
-    p.add_argument("--spatial-attention", choices=SPATIAL_ATTENTION_IMPLS, default=DEFAULT_KERNELS.spatial_attention,
-                   help="the DiT's spatial attention: SDPA or pab.kernels.flash_attention (KernelOptions)")
+    for part in ("spatial", "cross"):
+        p.add_argument(f"--{part}-attention", choices=ATTENTION_IMPLS, default="sdpa",
+                       help=f"the DiT's {part} attention: SDPA or pab.kernels.flash_attention (KernelOptions)")
     p.add_argument("--idle", action="store_true",
                    help="one more generation per setting under torch.profiler: the GPU's idle share of the loop")
     p.add_argument("--precision", default="bf16",
@@ -559,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="recorded with each result, e.g. the device kind (nvidia-h100-x1)")
     args = p.parse_args(argv)
     engine = EngineOptions.from_args(args)
-    kernels = KernelOptions(spatial_attention=args.spatial_attention)
+    kernels = KernelOptions(spatial_attention=args.spatial_attention, cross_attention=args.cross_attention)
     records: list[dict] = []
     out = Path(args.out)
     existing = read_records(out)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 TEMPORAL_ATTENTION_IMPLS = ("auto", "triton", "bmm", "sdpa")
-SPATIAL_ATTENTION_IMPLS = ("sdpa", "triton")
+ATTENTION_IMPLS = ("sdpa", "triton")  # spatial_attention, cross_attention
 
 
 @dataclass(frozen=True)
@@ -39,16 +39,18 @@ class KernelOptions:
     spatial_attention: str = "sdpa"
     """STDiT3's and Latte's spatial attention (full sequences, no mask, head dim 72): "sdpa" (cuDNN on Hopper) or
     "triton" (pab.kernels.flash_attention, which splits 72 = 64 + 8 instead of padding; where it `supported`)."""
+    cross_attention: str = "sdpa"
+    """STDiT3's cross-attention to the text (tens of keys, a key mask): "sdpa" or "triton" (the same kernel, one
+    key block a query tile, the mask read in place)."""
 
     def __post_init__(self) -> None:
         if self.temporal_attention not in TEMPORAL_ATTENTION_IMPLS:
             raise ValueError(
                 f"temporal_attention={self.temporal_attention!r}; choose one of {', '.join(TEMPORAL_ATTENTION_IMPLS)}"
             )
-        if self.spatial_attention not in SPATIAL_ATTENTION_IMPLS:
-            raise ValueError(
-                f"spatial_attention={self.spatial_attention!r}; choose one of {', '.join(SPATIAL_ATTENTION_IMPLS)}"
-            )
+        for name in ("spatial_attention", "cross_attention"):
+            if getattr(self, name) not in ATTENTION_IMPLS:
+                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(ATTENTION_IMPLS)}")
 
 
 DEFAULT_KERNELS = KernelOptions()

@@ -64,11 +64,13 @@ def head_split(head_dim: int) -> tuple[int, int, int]:
 
 
 def flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: tuple[int, int, int, int, str] | None = None,
-    out_layout: str = "nhld", scale: float | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None = None,
+    config: tuple[int, int, int, int, str] | None = None, out_layout: str = "nhld", scale: float | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """softmax(q k^T * scale) v for (N, H, L, D) q, k, v of any strides with a unit last one; no mask.
+    """softmax(q k^T * scale) v for (N, H, L, D) q and (N, H, LK, D) k, v of any strides with a unit last one.
 
+    key_mask: None, or an (N, LK) bool keep-mask of the keys (SDPA's attn_mask[:, None, None, :]); a query whose
+    keys are all masked gets NaN, as in SDPA. Cross-attention (LK != L) and a key mask take the pointer loads.
     scale defaults to 1/sqrt(D). Returns (N, H, L, D) contiguous, or (N, L, H, D) with out_layout="nlhd".
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages, loads), default `CONFIG`. BLOCK_M, BLOCK_N: powers of two >= 16
     (query rows per program, keys per step). loads: "pointer" (any strides with a unit last one), "tma" or "tma-ws"
@@ -80,9 +82,13 @@ def flash_attention(
         raise ValueError(f"loads must be one of {LOADS}, got {loads!r}")
     if out_layout not in OUT_LAYOUTS:
         raise ValueError(f"out_layout must be one of {OUT_LAYOUTS}, got {out_layout!r}")
-    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"q, k, v must be (N, H, L, D) of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[:2] + q.shape[3:] != k.shape[:2] + k.shape[3:]:
+        raise ValueError(f"q, k, v must be (N, H, L, D) and (N, H, LK, D) of one shape, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    LK = k.shape[2]
+    if key_mask is not None and (key_mask.shape != (q.shape[0], LK) or key_mask.dtype != torch.bool):
+        raise ValueError(f"key_mask must be an (N, LK) = {(q.shape[0], LK)} bool keep-mask, got "
+                         f"{tuple(key_mask.shape)} {key_mask.dtype}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"q, k, v must share one of bfloat16, float16, float32; got {q.dtype}, {k.dtype}, {v.dtype}")
     for b in (block_m, block_n):
@@ -101,7 +107,9 @@ def flash_attention(
         o = out.permute(0, 2, 1, 3)  # (N, H, L, D) view of it
     if out.numel() == 0:
         return out
-    if max(L * abs(t.stride(2)) + D for t in (q, k, v, o)) >= 2**31:  # row offsets are 32-bit in the kernel
+    if LK == 0:
+        raise ValueError("flash_attention needs at least one key (LK = 0)")
+    if max(n * abs(t.stride(2)) + D for n, t in ((L, q), (LK, k), (LK, v), (L, o))) >= 2**31:  # 32-bit row offsets
         raise ValueError(f"a head's rows must span < 2^31 elements, got L = {L} with strides {q.stride()}, "
                          f"{k.stride()}, {v.stride()}")
     strides = [s for t in (q, k, v, o) for s in t.stride()[:3]]
@@ -109,6 +117,9 @@ def flash_attention(
     scale = D**-0.5 if scale is None else scale
     kernel, extra = _flash_pointer_kernel, {}
     if loads != "pointer":
+        if LK != L or key_mask is not None:
+            raise ValueError(f"loads={loads!r} takes self-attention without a mask; cross-attention (L = {L}, LK = "
+                             f"{LK}) and key masks take loads='pointer'")
         if unit != 8 or any(t.data_ptr() % 16 for t in (q, k, v, o)):
             raise ValueError(f"loads={loads!r} needs 16-byte aligned q, k, v and strides of multiples of 8 elements; "
                              f"got strides {q.stride()}, {k.stride()}, {v.stride()}")
@@ -116,21 +127,32 @@ def flash_attention(
             triton.set_allocator(_descriptor_scratch)  # descriptors made on the device live in global scratch
         kernel, extra = _flash_tma_kernel, {"WS": loads == "tma-ws"}
     grid = (triton.cdiv(L, block_m) * N * H,)
+    qk_scale, strides = scale * 1.4426950408889634, [s // unit for s in strides]
+    if loads == "pointer":  # with the keys' count and the key mask (q stands in for none)
+        mask = q if key_mask is None else key_mask.view(torch.uint8)
+        mask_strides = [0, 0] if key_mask is None else list(key_mask.stride())
+        args = [q, k, v, o, mask, L, LK, qk_scale, *strides, *mask_strides]
+        extra = {"HAS_MASK": key_mask is not None}
+    else:
+        args = [q, k, v, o, L, qk_scale, *strides]
     kernel[grid](
-        q, k, v, o, L, scale * 1.4426950408889634, *(s // unit for s in strides),
-        H=H, D0=d0, D1=d1, D1P=max(d1p, 16), UNIT=unit, BLOCK_M=block_m, BLOCK_N=block_n,
+        *args, H=H, D0=d0, D1=d1, D1P=max(d1p, 16), UNIT=unit, BLOCK_M=block_m, BLOCK_N=block_n,
         IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages, **extra,
     )  # fmt: skip
     return out
 
 
-def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `flash_attention` should take these (N, H, L, D) q, k, v by default: CUDA, half precision (float32
-    would round through TF32), one shape, a head dim it splits, a unit last stride, no autograd, not inside
-    torch.compile (which traces SDPA instead)."""
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> bool:
+    """Whether `flash_attention` should take these (N, H, L, D) q and (N, H, LK, D) k, v by default: CUDA, half
+    precision (float32 would round through TF32), a head dim it splits, a unit last stride, a bool (N, LK) key mask
+    or none, no autograd, not inside torch.compile (which traces SDPA instead)."""
     if triton is None or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) or q.ndim != 4:
         return False
-    if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype) or torch.compiler.is_compiling():
+    if k.ndim != 4 or k.shape != v.shape or q.shape[:2] + q.shape[3:] != k.shape[:2] + k.shape[3:] or k.shape[2] < 1:
+        return False
+    if not q.dtype == k.dtype == v.dtype or torch.compiler.is_compiling():
+        return False
+    if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != (q.shape[0], k.shape[2])):
         return False
     if any(t.stride(-1) != 1 for t in (q, k, v)) or not no_grad_needed(q):
         return False
@@ -141,12 +163,22 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return True
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa") -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v of (N, H, L, D) q, k, v, returned (N, L, H, D) (what an output projection reads):
-    `flash_attention` when impl is "triton" and it is `supported` here, else SDPA (KernelOptions.spatial_attention)."""
-    if impl == "triton" and supported(q, k, v):
-        return flash_attention(q, k, v, out_layout="nlhd")
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+def cross_config(keys: int) -> tuple[int, int, int, int, str]:
+    """The launch config for few keys (text tokens): one key block of up to 64 (a guess until swept)."""
+    return (128, min(64, max(16, 1 << (keys - 1).bit_length())), 4, 2, "pointer")
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa", key_mask: torch.Tensor | None = None
+) -> torch.Tensor:  # fmt: skip
+    """softmax(q k^T / sqrt(D)) v of (N, H, L, D) q and (N, H, LK, D) k, v with an optional (N, LK) bool key
+    keep-mask, returned (N, L, H, D) (what an output projection reads): `flash_attention` when impl is "triton"
+    and it is `supported` here, else SDPA (KernelOptions.spatial_attention, .cross_attention)."""
+    if impl == "triton" and supported(q, k, v, key_mask):
+        config = CONFIG if k.shape == q.shape and key_mask is None else cross_config(k.shape[2])
+        return flash_attention(q, k, v, key_mask=key_mask, config=config, out_layout="nlhd")
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
 
 
 def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -164,20 +196,26 @@ if triton is not None:
 
     @triton.jit
     def _softmax_step(
-        q0, q1, k0, k1, v0, v1, acc0, acc1, m_i, l_i, keys, L, qk_scale,
-        D1: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+        q0, q1, k0, k1, v0, v1, acc0, acc1, m_i, l_i, key_ok, qk_scale,
+        D1: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, SAFE: tl.constexpr = False,
     ):  # fmt: skip
-        """One online-softmax step over a block of keys (k0, k1, v0, v1 already loaded; MASKED: keys >= L in it).
-        The tail tiles' channels past D1 are zero in q1 (so k1's do not count) and dropped from acc1."""
+        """One online-softmax step over a block of keys (k0, k1, v0, v1 already loaded; MASKED: some keys of the
+        block are out, those where key_ok is False). The tail tiles' channels past D1 are zero in q1 (so k1's do not
+        count) and dropped from acc1. SAFE: a block may hold no key a row keeps while the row's maximum is still
+        -inf (a key mask), so the maximum subtracted is 0 there instead of -inf (exp2(-inf - -inf) is NaN)."""
         qk = _dot(q0, tl.trans(k0), tl.zeros((q0.shape[0], k0.shape[0]), tl.float32), IEEE)
         if D1 > 0:
             qk = _dot(q1, tl.trans(k1), qk, IEEE)
         if MASKED:
-            qk = tl.where((keys < L)[None, :], qk, float("-inf"))
-        # scores in units of log2: s * scale * log2(e); every row has a key < L, so m_new is finite
+            qk = tl.where(key_ok[None, :], qk, float("-inf"))
+        # scores in units of log2: s * scale * log2(e); without a key mask every row has a key < L in the first
+        # block, so m_new is finite from there on
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        m_sub = m_new
+        if SAFE:
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         p = p.to(q0.dtype)
         acc0 = _dot(p, v0, acc0 * alpha[:, None], IEEE)
@@ -187,11 +225,12 @@ if triton is not None:
 
     @triton.jit
     def _pointer_step(
-        q0, q1, acc0, acc1, m_i, l_i, k_base, v_base, skl, svl, start_n, L, qk_scale,
+        q0, q1, acc0, acc1, m_i, l_i, k_base, v_base, mask_base, skl, svl, smk, start_n, LK, qk_scale,
         D0: tl.constexpr, D1: tl.constexpr, D1P: tl.constexpr, UNIT: tl.constexpr, BLOCK_N: tl.constexpr,
-        MASKED: tl.constexpr, IEEE: tl.constexpr,
+        PARTIAL: tl.constexpr, MASKED: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
-        """Load keys [start_n, start_n + BLOCK_N) of k and v through pointers, then `_softmax_step`."""
+        """Load keys [start_n, start_n + BLOCK_N) of k and v through pointers (PARTIAL: the block runs past the LK
+        keys), then `_softmax_step` (MASKED: PARTIAL, or a key keep-mask at mask_base: HAS_MASK)."""
         keys = start_n + tl.arange(0, BLOCK_N)
         c0 = tl.arange(0, D0)[None, :]
         c1 = D0 + tl.arange(0, D1P)[None, :]
@@ -200,20 +239,23 @@ if triton is not None:
         v_rows = v_base + (keys * svl * UNIT)[:, None]
         k1 = tl.zeros((BLOCK_N, D1P), k_base.dtype.element_ty)  # unused without a tail
         v1 = tl.zeros((BLOCK_N, D1P), v_base.dtype.element_ty)
-        if MASKED:
-            key_ok = (keys < L)[:, None]
-            k0 = tl.load(k_rows + c0, mask=key_ok, other=0.0)
-            v0 = tl.load(v_rows + c0, mask=key_ok, other=0.0)
+        key_ok = keys < LK
+        if PARTIAL:
+            k0 = tl.load(k_rows + c0, mask=key_ok[:, None], other=0.0)
+            v0 = tl.load(v_rows + c0, mask=key_ok[:, None], other=0.0)
             if D1 > 0:
-                k1 = tl.load(k_rows + c1, mask=key_ok & tail_ok, other=0.0)
-                v1 = tl.load(v_rows + c1, mask=key_ok & tail_ok, other=0.0)
+                k1 = tl.load(k_rows + c1, mask=key_ok[:, None] & tail_ok, other=0.0)
+                v1 = tl.load(v_rows + c1, mask=key_ok[:, None] & tail_ok, other=0.0)
         else:
             k0 = tl.load(k_rows + c0)
             v0 = tl.load(v_rows + c0)
             if D1 > 0:
                 k1 = tl.load(k_rows + c1, mask=tail_ok, other=0.0)
                 v1 = tl.load(v_rows + c1, mask=tail_ok, other=0.0)
-        return _softmax_step(q0, q1, k0, k1, v0, v1, acc0, acc1, m_i, l_i, keys, L, qk_scale, D1, MASKED, IEEE)
+        if HAS_MASK:
+            key_ok = key_ok & (tl.load(mask_base + keys * smk, mask=key_ok, other=0) != 0)
+        return _softmax_step(q0, q1, k0, k1, v0, v1, acc0, acc1, m_i, l_i, key_ok, qk_scale, D1, MASKED, IEEE,
+                             HAS_MASK)  # fmt: skip
 
     @triton.jit
     def _tma_step(
@@ -230,8 +272,8 @@ if triton is not None:
         if D1 > 0:
             k1 = k1d.load([start_n, D0])
             v1 = v1d.load([start_n, D0])
-        keys = start_n + tl.arange(0, BLOCK_N)
-        return _softmax_step(q0, q1, k0, k1, v0, v1, acc0, acc1, m_i, l_i, keys, L, qk_scale, D1, MASKED, IEEE)
+        key_ok = start_n + tl.arange(0, BLOCK_N) < L
+        return _softmax_step(q0, q1, k0, k1, v0, v1, acc0, acc1, m_i, l_i, key_ok, qk_scale, D1, MASKED, IEEE)
 
     @triton.jit
     def _program(L, H: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -244,17 +286,19 @@ if triton is not None:
 
     @triton.jit
     def _flash_pointer_kernel(
-        Q, K, V, Out, L, qk_scale,
-        sqn, sqh, sql, skn, skh, skl, svn, svh, svl, son, soh, sol,
+        Q, K, V, Out, Mask, L, LK, qk_scale,
+        sqn, sqh, sql, skn, skh, skl, svn, svh, svl, son, soh, sol, smn, smk,
         H: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1P: tl.constexpr, UNIT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
-        """Pointer loads (cp.async when pipelined). Strides are in units of UNIT elements."""
+        """Pointer loads (cp.async when pipelined). L queries against LK keys, a key keep-mask (N, LK) at Mask when
+        HAS_MASK. Strides of q, k, v and the output are in units of UNIT elements, the mask's in elements."""
         n, h, start_m = _program(L, H, BLOCK_M)
         q_base = Q + (n * sqn + h * sqh) * UNIT
         k_base = K + (n * skn + h * skh) * UNIT
         v_base = V + (n * svn + h * svh) * UNIT
         o_base = Out + (n * son + h * soh) * UNIT
+        mask_base = Mask + n * smn
 
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = (rows < L)[:, None]
@@ -271,16 +315,16 @@ if triton is not None:
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc0 = tl.zeros((BLOCK_M, D0), tl.float32)
         acc1 = tl.zeros((BLOCK_M, D1P), tl.float32)  # unused (and dropped by the compiler) without a tail
-        full = (L // BLOCK_N) * BLOCK_N
+        full = (LK // BLOCK_N) * BLOCK_N
         for start_n in tl.range(0, full, BLOCK_N):
             acc0, acc1, m_i, l_i = _pointer_step(
-                q0, q1, acc0, acc1, m_i, l_i, k_base, v_base, skl, svl, start_n, L, qk_scale,
-                D0, D1, D1P, UNIT, BLOCK_N, False, IEEE,
+                q0, q1, acc0, acc1, m_i, l_i, k_base, v_base, mask_base, skl, svl, smk, start_n, LK, qk_scale,
+                D0, D1, D1P, UNIT, BLOCK_N, False, HAS_MASK, HAS_MASK, IEEE,
             )  # fmt: skip
-        if full < L:
+        if full < LK:
             acc0, acc1, m_i, l_i = _pointer_step(
-                q0, q1, acc0, acc1, m_i, l_i, k_base, v_base, skl, svl, full, L, qk_scale,
-                D0, D1, D1P, UNIT, BLOCK_N, True, IEEE,
+                q0, q1, acc0, acc1, m_i, l_i, k_base, v_base, mask_base, skl, svl, smk, full, LK, qk_scale,
+                D0, D1, D1P, UNIT, BLOCK_N, True, True, HAS_MASK, IEEE,
             )  # fmt: skip
 
         inv = 1.0 / l_i[:, None]

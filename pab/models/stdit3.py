@@ -438,6 +438,8 @@ def _bmm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 class CrossAttention(nn.Module):
     """Video tokens attend to their own sample's text tokens; `mask` (B, L) keeps tokens, no norm, no gate."""
 
+    kernels: KernelOptions = DEFAULT_KERNELS
+
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
@@ -453,9 +455,8 @@ class CrossAttention(nn.Module):
         kv = self.kv_linear(y).view(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)  # each (B, heads, L, hd)
         # The official model packs the kept tokens and uses a block-diagonal mask; a key mask is the same softmax.
-        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        x = flash.attention(q, k, v, self.kernels.cross_attention, key_mask=mask)  # (B, N, heads, hd)
+        return self.proj(x.reshape(B, N, C))
 
 
 #################################################################################

@@ -113,6 +113,29 @@ def test_float16_and_scale():
     _check(out, ref, atol=3e-3)  # p and the output rounded to fp16 (~5e-4 relative)
 
 
+@needs_triton
+@pytest.mark.parametrize("queries,keys,block_n", [(70, 5, 16), (33, 40, 16), (17, 70, 32)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cross_attention_with_a_key_mask(queries, keys, block_n, masked):
+    """L queries against LK keys (text tokens) with an (N, LK) keep-mask read in place, as SDPA's attn_mask: kept
+    keys anywhere (not only a prefix), so some key blocks hold none a row keeps before one that does."""
+    g = torch.Generator().manual_seed(queries + keys)
+    q = torch.randn(N, H, queries, 72, generator=g).to(DEVICE)
+    k, v = (torch.randn(N, H, keys, 72, generator=g).to(DEVICE) for _ in range(2))
+    mask = None
+    if masked:
+        mask = torch.rand(N, keys, generator=g) < 0.5
+        mask[:, -1] = True  # every row keeps a key: SDPA gives NaN otherwise, as the kernel does
+        mask[0, : min(keys - 1, 2 * block_n)] = False  # whole key blocks masked before the first kept key
+        mask = mask.to(DEVICE)
+    out = fa.flash_attention(q, k, v, key_mask=mask, config=_config(32, block_n), out_layout="nlhd")
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=attn_mask)
+    _check(out.transpose(1, 2), ref)
+    via = fa.attention(q, k, v, "triton", key_mask=mask)  # on the CPU: SDPA, as `supported` says
+    _check(via.transpose(1, 2), ref)
+
+
 @pytest.mark.skipif(fa.triton is None, reason="needs triton")
 def test_rejects_what_it_cannot_run():
     q, k, v = (torch.randn(1, 1, 8, 70) for _ in range(3))
@@ -129,6 +152,12 @@ def test_rejects_what_it_cannot_run():
         fa.flash_attention(q, k, v, out_layout="nlh")
     with pytest.raises(ValueError, match="one shape"):
         fa.flash_attention(q, k[:, :, :4], v)
+    with pytest.raises(ValueError, match="one shape"):
+        fa.flash_attention(q, k[:, :, :, :64], v[:, :, :, :64])
+    with pytest.raises(ValueError, match="keep-mask"):
+        fa.flash_attention(q, k, v, key_mask=torch.ones(1, 8))  # not bool
+    with pytest.raises(ValueError, match="pointer"):
+        fa.flash_attention(q, k[:, :, :4], v[:, :, :4], config=_config(32, 32, "tma"))
 
 
 def test_supported_only_where_it_should_take_the_call():
@@ -143,3 +172,6 @@ def test_supported_only_where_it_should_take_the_call():
         assert not fa.supported(odd, odd, odd)
         g = h.clone().requires_grad_()
         assert not fa.supported(g, g, g)  # no backward pass
+        kv = torch.randn(1, 2, 5, 72, device="cuda", dtype=torch.bfloat16)
+        keep = torch.ones(1, 5, dtype=torch.bool, device="cuda")
+        assert fa.supported(h, kv, kv, keep) and not fa.supported(h, kv, kv, keep.float())

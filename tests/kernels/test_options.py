@@ -41,6 +41,8 @@ def test_a_bad_option_names_the_choices():
         KernelOptions(temporal_attention="flash")
     with pytest.raises(ValueError, match="spatial_attention='cudnn'; choose one of sdpa, triton"):
         KernelOptions(spatial_attention="cudnn")
+    with pytest.raises(ValueError, match="cross_attention='flash'; choose one of sdpa, triton"):
+        KernelOptions(cross_attention="flash")
 
 
 @pytest.mark.parametrize("impl,calls", [("bmm", {"bmm": 2}), ("sdpa", {})])
@@ -57,23 +59,27 @@ def test_the_model_runs_what_its_options_say(impl, calls, monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("family", ["stdit3", "latte"])
-def test_spatial_attention_through_the_flash_kernel(family, monkeypatch):
-    """spatial_attention="triton" sends each spatial attention (and nothing else) through
-    pab.kernels.flash_attention, to the model's output with SDPA. Float32 on DEVICE: in Triton's interpreter on the
-    CPU, where `supported` (CUDA, half precision) would leave every call to SDPA, so it is told to accept them."""
+@pytest.mark.parametrize("family,part", [("stdit3", "spatial"), ("stdit3", "cross"), ("latte", "spatial")])
+def test_attention_through_the_flash_kernel(family, part, monkeypatch):
+    """spatial_attention / cross_attention="triton" send those attentions (and nothing else) through
+    pab.kernels.flash_attention, to the model's output with SDPA; the cross-attention with its text key mask.
+    Float32 on DEVICE: in Triton's interpreter on the CPU, where `supported` (CUDA, half precision) would leave
+    every call to SDPA, so it is told to accept them."""
     model, inputs = (tiny_model(), tiny_inputs(T=5)) if family == "stdit3" else (latte_model(), latte_inputs(F=5))
     model, inputs = model.to(DEVICE), {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in inputs.items()}
     calls = []
     real = flash.flash_attention
-    monkeypatch.setattr(flash, "supported", lambda q, k, v: True)
-    monkeypatch.setattr(flash, "flash_attention", lambda q, k, v, **kw: calls.append(q.shape) or real(q, k, v, **kw))
+    monkeypatch.setattr(flash, "supported", lambda *a: True)
+    monkeypatch.setattr(flash, "flash_attention", lambda q, k, v, **kw: calls.append(
+        (q.shape[2], k.shape[2], kw["key_mask"] is not None)) or real(q, k, v, **kw))  # fmt: skip
     with torch.no_grad():
         plain = model(**inputs)
-        set_kernel_options(model, KernelOptions(spatial_attention="triton"))
+        set_kernel_options(model, KernelOptions(**{f"{part}_attention": "triton"}))
         kernel = model(**inputs)
     plain, kernel = (x[0] if isinstance(x, tuple) else x for x in (plain, kernel))
     spatial = len([m for m in model.modules() if type(m).__name__ == "SpatialBlock"]) or len(model.spatial_blocks)
-    tokens = 16  # 8 x 8 latents in 2 x 2 patches
-    assert len(calls) == spatial > 0 and all(s[2] == tokens for s in calls), calls  # the spatial blocks only
+    if part == "spatial":  # 8 x 8 latents in 2 x 2 patches: 16 tokens, the spatial blocks only
+        assert calls == [(16, 16, False)] * spatial
+    else:  # every block's cross-attention: 5 frames x 16 tokens against the 6 text tokens, half of one masked
+        assert calls == [(80, 6, True)] * 2 * spatial
     torch.testing.assert_close(kernel, plain, atol=1e-4, rtol=1e-4)
