@@ -40,8 +40,8 @@ class KernelOptions:
     """STDiT3's and Latte's spatial attention (full sequences, no mask, head dim 72): "sdpa" (cuDNN on Hopper) or
     "triton" (pab.kernels.flash_attention, which splits 72 = 64 + 8 instead of padding; where it `supported`)."""
     cross_attention: str = "sdpa"
-    """STDiT3's cross-attention to the text (tens of keys, a key mask): "sdpa" or "triton" (the same kernel, one
-    key block a query tile, the mask read in place)."""
+    """The cross-attention to the text (tens of keys; STDiT3's with a key mask, Latte's and Open-Sora-Plan's
+    without a bias): "sdpa" or "triton" (the same kernel, one key block a query tile, a mask read in place)."""
 
     def __post_init__(self) -> None:
         if self.temporal_attention not in TEMPORAL_ATTENTION_IMPLS:

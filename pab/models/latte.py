@@ -484,8 +484,9 @@ class Attention(nn.Module):
     def _sdpa_out(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """SDPA over (N, h, L, d) q and (N, h, L_kv, d) k, v, then the output projection: (N, L, C)."""
         n, _, length, _ = q.shape
-        if self.spatial and bias is None:
-            out = flash.attention(q, k, v, self.kernels.spatial_attention)  # (N, L, h, d)
+        if bias is None and (self.spatial or self.is_cross_attention):  # KernelOptions picks these two's kernel
+            impl = self.kernels.cross_attention if self.is_cross_attention else self.kernels.spatial_attention
+            out = flash.attention(q, k, v, impl)  # (N, L_q, h, d)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
             out = out.transpose(1, 2)  # (N, L_q, h, d), scale 1/sqrt(d)

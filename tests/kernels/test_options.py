@@ -59,7 +59,8 @@ def test_the_model_runs_what_its_options_say(impl, calls, monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("family,part", [("stdit3", "spatial"), ("stdit3", "cross"), ("latte", "spatial")])
+@pytest.mark.parametrize("family,part", [("stdit3", "spatial"), ("stdit3", "cross"), ("latte", "spatial"),
+                                         ("latte", "cross")])  # fmt: skip
 def test_attention_through_the_flash_kernel(family, part, monkeypatch):
     """spatial_attention / cross_attention="triton" send those attentions (and nothing else) through
     pab.kernels.flash_attention, to the model's output with SDPA; the cross-attention with its text key mask.
@@ -80,6 +81,8 @@ def test_attention_through_the_flash_kernel(family, part, monkeypatch):
     spatial = len([m for m in model.modules() if type(m).__name__ == "SpatialBlock"]) or len(model.spatial_blocks)
     if part == "spatial":  # 8 x 8 latents in 2 x 2 patches: 16 tokens, the spatial blocks only
         assert calls == [(16, 16, False)] * spatial
-    else:  # every block's cross-attention: 5 frames x 16 tokens against the 6 text tokens, half of one masked
+    elif family == "stdit3":  # every block's cross-attention: 5 frames x 16 tokens against 6 text tokens, a mask
         assert calls == [(80, 6, True)] * 2 * spatial
+    else:  # the spatial blocks' cross-attention: a frame's 16 tokens against the 6 text tokens, no mask
+        assert calls == [(16, 6, False)] * spatial
     torch.testing.assert_close(kernel, plain, atol=1e-4, rtol=1e-4)
