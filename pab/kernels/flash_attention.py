@@ -24,7 +24,12 @@ bench.attention_triton times it against cuDNN):
   Hopper warp specializer only takes num_warps = 4 and a kernel with no if/else, so this one runs every key
   block masked in one loop.
 
-A model takes it through `KernelOptions(spatial_attention="triton")` (`supported` says where it applies).
+* Cross-attention (pointer loads): L queries against LK keys, e.g. 23,850 video tokens against tens of text tokens,
+  one key block a query tile; an optional (N, LK) bool keep-mask is read in place (any pattern: a block with no
+  kept key for a row before one that has some subtracts 0, not -inf, from its scores).
+
+A model takes it through `KernelOptions(spatial_attention="triton", cross_attention="triton")` (`attention`;
+`supported` says where it applies).
 """
 
 from __future__ import annotations
