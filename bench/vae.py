@@ -4,7 +4,7 @@ At Open-Sora 480p the VAE decode (1.5-1.6 s on an H200) is most of what a user w
 2D stage is diffusers' AutoencoderKL run on every frame: convolutions and GroupNorms at full resolution, which
 PyTorch runs in NCHW unless asked otherwise. This times `decode` on the model's latents as shipped and with
 each way of running it that leaves its output unchanged, and prints the time, the peak memory and how far the
-frames moved from the shipped way's (PSNR on [-1, 1]):
+frames moved from the shipped way's (PSNR on [-1, 1]; with `--float32-reference` also from a float32 decode's):
 
     python -m bench.vae                                   # Open-Sora 1.2 480p, 51 frames, bf16, random weights
     python -m bench.vae --variants eager,channels-last+cudnn-benchmark --out /tmp/vae.json
@@ -25,6 +25,7 @@ kernel (the record keeps the top entries).
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import platform
 import statistics
@@ -153,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default="bench/results/vae-h200.json")
     p.add_argument("--profile", action="store_true", help="print and record each variant's most expensive kernels")
+    p.add_argument("--float32-reference", action="store_true",
+                   help="also each variant's PSNR against a float32 decode of the same latents, so a variant's error "
+                   "reads against the half-precision decode's own")
     args = p.parse_args(argv)
     device, cuda = torch.device(args.device), torch.device(args.device).type == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -169,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, getattr(torch, args.dtype))
 
     rows: list[dict[str, Any]] = []
-    reference = None
+    reference = exact = None
     with torch.inference_mode():
+        if args.float32_reference:  # a float32 copy of the same weights, freed before the timings
+            exact = copy.deepcopy(vae).float().decode(latents.float(), args.frames)
         for combo in args.variants.split(","):
             if cuda:
                 torch.cuda.empty_cache()
@@ -186,13 +192,14 @@ def main(argv: list[str] | None = None) -> int:
                 "variant": combo, "first_s": first, "decode_s": median,
                 "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
                 "psnr_vs_first_db": psnr(out, reference), "max_abs_diff": float((out - reference).abs().max()),
+                **({"psnr_vs_float32_db": psnr(out, exact)} if exact is not None else {}),
                 **({"profile": kernels} if kernels is not None else {}),
             })  # fmt: skip
             r = rows[-1]
             peak = "" if r["peak_gib"] is None else f" | peak {r['peak_gib']:5.1f} GiB"
-            print(
-                f"{combo:>45} | first {first:7.3f} s | decode {median:6.3f} s{peak} | {r['psnr_vs_first_db']:6.1f} dB"
-            )
+            exact_db = "" if exact is None else f" | {r['psnr_vs_float32_db']:6.1f} dB vs float32"
+            print(f"{combo:>45} | first {first:7.3f} s | decode {median:6.3f} s{peak} | "
+                  f"{r['psnr_vs_first_db']:6.1f} dB{exact_db}")
             for k in kernels or []:
                 print(f"{'':>47}{k['ms']:9.2f} ms {100 * k['share']:5.1f}% x{k['calls']:<5} {k['name']}")
 

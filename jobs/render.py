@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-parallel", action="store_true", help="split the CFG halves over the group (even size)")
     g.add_argument("--dtype", default=None, help="bfloat16, float16, float32 (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--device", default="auto", help="auto (GPU if the rank sees one), cpu or cuda")
-    EngineOptions.add_arguments(g)  # --compile, --cuda-graphs, --vae-kernels
+    EngineOptions.add_arguments(g)  # --[no-]compile, --[no-]cuda-graphs, --[no-]vae-kernels
     g.add_argument("--gpus-per-rank", type=float, default=1.0, help="0 renders on CPU-only nodes")
     g.add_argument("--cpus-per-rank", type=float, default=1.0)
     g.add_argument("--max-attempts", type=int, default=3,

@@ -9,16 +9,18 @@ from pab.engine import EngineOptions
 
 
 def test_flags_come_from_the_fields():
-    """`add_arguments` makes a --flag per field, described as the field is; `from_args` reads them back."""
+    """`add_arguments` makes a --flag / --no-flag per field, described as the field is, defaulting as it does;
+    `from_args` reads them back."""
     p = argparse.ArgumentParser()
     EngineOptions.add_arguments(p)
     flags = {a.dest: a for a in p._actions if a.dest != "help"}
     assert set(flags) == set(EngineOptions.model_fields)
-    assert flags["cuda_graphs"].option_strings == ["--cuda-graphs"]
-    assert all(a.help == EngineOptions.model_fields[name].description for name, a in flags.items())
+    assert flags["cuda_graphs"].option_strings == ["--cuda-graphs", "--no-cuda-graphs"]
+    assert all(a.help.startswith(EngineOptions.model_fields[name].description) for name, a in flags.items())
     assert EngineOptions.from_args(p.parse_args([])) == EngineOptions()
-    opts = EngineOptions.from_args(p.parse_args(["--cuda-graphs", "--vae-kernels"]))
-    assert opts.changed() == {"cuda_graphs": True, "vae_kernels": True} and not opts.compile
+    assert EngineOptions().vae_kernels and not EngineOptions().cuda_graphs  # measured to pay / not yet
+    opts = EngineOptions.from_args(p.parse_args(["--cuda-graphs", "--no-vae-kernels"]))
+    assert opts.changed() == {"cuda_graphs": True, "vae_kernels": False} and not opts.compile
 
 
 def test_unknown_switches_are_refused_by_name():

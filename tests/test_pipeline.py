@@ -255,14 +255,14 @@ def test_the_frame_sink_gets_every_frame_in_order_as_it_is_decoded(model, settin
 
 
 def test_vae_kernels_hook_the_vae_and_leave_the_video_unchanged_where_they_do_not_run():
-    """`vae_kernels=True` hooks every GroupNorm of the VAE (pab.vae_kernels). On the CPU the hooks run PyTorch's
-    GroupNorm, so the video is bit for bit the plain pipeline's; tests/gpu/test_vae_decode_kernels.py runs the
-    kernels themselves."""
+    """By default (`vae_kernels=True`) every GroupNorm of the VAE is hooked (pab.vae_kernels). On the CPU the hooks
+    run PyTorch's GroupNorm, so the video is bit for bit the unhooked pipeline's;
+    tests/gpu/test_vae_decode_kernels.py runs the kernels themselves."""
     name = "opensora-v1.2-tiny"
     r = GenerationRequest(model=name, prompt="a lighthouse at night", seed=5, steps=4, height=48, width=64)
-    hooked = Pipeline.from_name(name, device="cpu", dtype=torch.float32,
-                                  engine=EngineOptions(vae_kernels=True))  # fmt: skip
-    plain = Pipeline.from_name(name, device="cpu", dtype=torch.float32)
+    hooked = Pipeline.from_name(name, device="cpu", dtype=torch.float32)
+    plain = Pipeline.from_name(name, device="cpu", dtype=torch.float32,
+                                 engine=EngineOptions(vae_kernels=False))  # fmt: skip
     norms = [m for m in hooked.vae.modules() if type(m) is torch.nn.GroupNorm]
     assert hooked.vae_kernels.norms == len(norms) > 0 and hooked.vae_kernels.fused > 0
     assert plain.vae_kernels is None

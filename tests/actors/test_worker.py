@@ -41,16 +41,16 @@ def test_single_rank_returns_decodable_mp4():
 
 
 def test_engine_options_reach_the_pipeline():
-    """The pipeline engine gets a group's `engine_options` (serving's EngineOptions); without any, a factory is
-    called exactly as before (the fake one above takes none)."""
+    """The pipeline engine gets a group's `engine_options` (serving's EngineOptions); without any, the defaults
+    (and a factory is called exactly as before: the fake one above takes none)."""
     w = GenerationWorker(0, 1, "opensora-v1.2-tiny", device="cpu",
-                         engine_options={"cuda_graphs": True, "vae_kernels": True})  # fmt: skip
+                         engine_options={"cuda_graphs": True, "vae_kernels": False})  # fmt: skip
     w.load()
-    pipe = w.engine.pipe
-    assert pipe.graphs is not None and pipe.vae_kernels is not None and pipe.vae_kernels.fused > 0
-    plain = GenerationWorker(0, 1, "opensora-v1.2-tiny", device="cpu")
-    plain.load()
-    assert plain.engine.pipe.graphs is None and plain.engine.pipe.vae_kernels is None
+    assert w.engine.pipe.graphs is not None and w.engine.pipe.vae_kernels is None
+    default = GenerationWorker(0, 1, "opensora-v1.2-tiny", device="cpu")
+    default.load()
+    pipe = default.engine.pipe
+    assert pipe.graphs is None and pipe.vae_kernels is not None and pipe.vae_kernels.fused > 0
 
 
 def test_rank0_writes_video_and_sidecar(tmp_path):

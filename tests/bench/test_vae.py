@@ -46,3 +46,13 @@ def test_a_micro_batch_on_a_vae_without_one_is_refused(tmp_path):
         bench_vae.main(["--model", "opensora-plan-v1.1", "--vae-size", "tiny", "--device", "cpu", "--dtype",
                         "float32", "--frames", "17", "--size", "64x64", "--variants", "mb8",
                         "--out", str(tmp_path / "v.json")])  # fmt: skip
+
+
+def test_float32_reference_measures_the_half_precision_decode_own_error(tmp_path):
+    """--float32-reference: a float32 decode of the same weights and latents; bf16's own rounding shows."""
+    out = tmp_path / "vae.json"
+    args = ["--model", "opensora-v1.2", "--vae-size", "tiny", "--device", "cpu", "--dtype", "bfloat16", "--frames",
+            "5", "--size", "32x32", "--iters", "1", "--variants", "eager", "--float32-reference", "--out", str(out)]
+    assert bench_vae.main(args) == 0
+    [row] = json.loads(out.read_text())[0]["rows"]
+    assert 20 < row["psnr_vs_float32_db"] < 90, row  # bf16 rounding: neither exact nor another decode

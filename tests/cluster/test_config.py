@@ -51,11 +51,11 @@ def test_config_file_routing_and_deployment_options(tmp_path):
         AppConfig(models=[{"name": "x", "groups": [{"gpus": 4, "placement_strategy": "ANYWHERE"}]}])
 
 
-def test_engine_options_are_typed_and_off_by_default():
+def test_engine_options_are_typed_and_default_as_measured():
     """A model's `engine` switches (Pipeline.from_name's) reach its groups; a misspelt one is refused by name."""
-    cfg = AppConfig(models=[{"name": "x"}, {"name": "y", "engine": {"cuda_graphs": True, "vae_kernels": True}}])
-    assert cfg.model("x").engine.changed() == {}
-    assert cfg.model("y").engine.changed() == {"cuda_graphs": True, "vae_kernels": True}
+    cfg = AppConfig(models=[{"name": "x"}, {"name": "y", "engine": {"cuda_graphs": True, "vae_kernels": False}}])
+    assert cfg.model("x").engine.changed() == {} and cfg.model("x").engine.vae_kernels
+    assert cfg.model("y").engine.changed() == {"cuda_graphs": True, "vae_kernels": False}
     with pytest.raises(ValidationError, match=r"engine\.cuda_graph\s"):
         AppConfig(models=[{"name": "x", "engine": {"cuda_graph": True}}])
 

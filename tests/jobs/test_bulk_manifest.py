@@ -398,7 +398,7 @@ def test_a_cache_column_names_a_preset_or_holds_a_policy():
 
 
 def test_the_engine_switches_reach_every_group(tmp_path, monkeypatch):
-    """`pab bulk --cuda-graphs --vae-kernels` builds each group's pipeline with them (serving's EngineOptions)."""
+    """`pab bulk --cuda-graphs --no-vae-kernels` builds each group's pipeline so (serving's EngineOptions)."""
     import actors.group
 
     made = []
@@ -406,6 +406,6 @@ def test_the_engine_switches_reach_every_group(tmp_path, monkeypatch):
     manifest = tmp_path / "m.parquet"
     manifest.write_bytes(parquet(id=["a"], prompt=["p-a"]))
     base = ["--manifest", str(manifest), "--output", str(tmp_path / "out")]
-    render.BulkRender(render.parse_args(base + ["--cuda-graphs", "--vae-kernels"]))._new_group(0)
+    render.BulkRender(render.parse_args(base + ["--cuda-graphs", "--no-vae-kernels"]))._new_group(0)
     render.BulkRender(render.parse_args(base))._new_group(0)
-    assert [kw["engine_options"] for kw in made] == [{"cuda_graphs": True, "vae_kernels": True}, {}]
+    assert [kw["engine_options"] for kw in made] == [{"cuda_graphs": True, "vae_kernels": False}, {}]
