@@ -37,8 +37,9 @@ class KernelOptions:
     norms: bool = True
     """The fused layer-norm + modulate, gate + residual and q/k RMSNorm kernels (pab.kernels.norms)."""
     spatial_attention: str = "sdpa"
-    """STDiT3's and Latte's spatial attention (full sequences, no mask, head dim 72): "sdpa" (cuDNN on Hopper) or
-    "triton" (pab.kernels.flash_attention, which splits 72 = 64 + 8 instead of padding; where it `supported`)."""
+    """STDiT3's, Latte's and Open-Sora-Plan's spatial attention (full sequences, no mask, head dim 72): "sdpa"
+    (cuDNN) or "triton" (pab.kernels.flash_attention, which splits 72 = 64 + 8 instead of padding; where it
+    `supported`)."""
     cross_attention: str = "sdpa"
     """The cross-attention to the text (tens of keys; STDiT3's with a key mask, Latte's and Open-Sora-Plan's
     without a bias): "sdpa" or "triton" (the same kernel, one key block a query tile, a mask read in place)."""
