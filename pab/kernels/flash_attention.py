@@ -48,9 +48,9 @@ except ImportError:  # pragma: no cover - depends on the install
 # pointer loads; TMA descriptors; TMA with a warp-specialized key loop (Triton's Hopper warp specializer takes only
 # num_warps = 4, of which it makes a producer and two consumer warp groups: 12 warps)
 LOADS = ("pointer", "tma", "tma-ws")
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, loads): a guess (no spills on sm_90), until bench.attention_triton's
-# sweep runs on a GPU
-CONFIG = (128, 64, 4, 4, "pointer")  # the best of bench.attention_triton --sweep on one H200 (session 19)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, loads): the best of `bench.attention_triton --sweep --loads pointer` on
+# one H200 at Open-Sora 480p's spatial attention (2.178 ms, level with cuDNN; docs/performance.md)
+CONFIG = (128, 64, 4, 4, "pointer")
 OUT_LAYOUTS = ("nhld", "nlhd")
 
 
