@@ -16,7 +16,11 @@ Variants (join with `+` to combine):
   mb<N> / mb-all    N frames per 2D decode call instead of the VAE's micro-batch (all frames at once)
   compile           torch.compile of the 2D decoder (fuses GroupNorm + SiLU; the first call compiles)
   gn-kernel         every GroupNorm through pab.kernels.group_norm, SiLU fused where it follows (pab.vae_kernels);
-                    with channels-last the norms read NHWC in place (CUDA, or the CPU under TRITON_INTERPRET=1)
+                    with channels-last the norms read NHWC in place (CUDA, or the CPU under TRITON_INTERPRET=1);
+                    each resnet's conv1 leaves its bias to norm2 (saves PyTorch's separate bias pass), and the
+                    nearest-2x upsamplers run as subpixel convolutions (pab.vae_kernels' docstring)
+  gn-kernel-bias    gn-kernel without the subpixel upsamplers
+  gn-kernel-unfolded  gn-kernel with neither (session 19's kernels)
 
 `--profile` also runs one decode of each variant under torch.profiler and prints where its time goes, by
 kernel (the record keeps the top entries).
@@ -76,12 +80,13 @@ def variant(vae: Any, name: str) -> Iterator[None]:
             yield
         finally:
             target.decoder = decoder
-    elif name == "gn-kernel":
+    elif name in ("gn-kernel", "gn-kernel-bias", "gn-kernel-unfolded"):
         from pab.kernels import group_norm as gn
         from pab.vae_kernels import apply_vae_kernels
 
         # Wherever the kernels can take the input, so a CPU check under TRITON_INTERPRET=1 runs them too.
-        handle = apply_vae_kernels(vae, use_kernel=gn.takes)
+        handle = apply_vae_kernels(vae, use_kernel=gn.takes, conv_bias=name != "gn-kernel-unfolded",
+                                   subpixel=name == "gn-kernel")  # fmt: skip
         try:
             yield
         finally:

@@ -7,6 +7,20 @@ Which norms those are was read from each block's forward (`_fused_pairs`); a nor
 only normalised. The SiLU's hook passes on exactly the tensor its norm just wrote and applies SiLU to anything
 else, so a block that also calls the activation elsewhere (ResnetBlock2D on a time embedding) is unchanged.
 
+A convolution whose output goes into a norm only through additions (ResnetBlock2D's conv1 -> norm2, with the
+time embedding added between them in "default" mode) leaves its bias to that norm (`_bias_pairs`): PyTorch
+adds a convolution's bias in an elementwise pass of its own after cuDNN's kernel, and the norm kernel adds it on
+the fly (`group_norm(..., input_bias=)`). The norm's hook adds the handed-over bias whatever path it takes, so
+the sum is the same wherever the kernel does not apply.
+
+A nearest 2x upsampling followed by a 3x3 convolution (diffusers' Upsample2D, three in the SDXL decoder, the
+last writing 256 channels at full resolution) runs as a 2x2 convolution on the low-resolution input with four
+output channels per channel, one for each output pixel's position in its 2x2 block, whose four phases are
+interleaved into the output as the bias is added (`SubpixelUpsampleHook`). On a nearest-upsampled input a 3x3
+tap pattern covers only 2x2 distinct input pixels, so that is 16 multiply-adds per input pixel and channel pair
+against 36, without the 4x-size interpolated tensor or the separate bias pass. It is the same sum of products in
+another order, with the taps that land on one input pixel summed (in float32) into one weight.
+
 With `channels_last=True` the 2D and 3D convolution weights are made channels-last as well, so convolutions
 run, and hand on, NHWC activations, and the norms read that layout in place (PyTorch's GroupNorm would copy
 them back to NCHW first). Removing restores the weights' layout.
@@ -23,6 +37,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from pab.hooks.registry import ModelHook, register_hook, remove_hooks_named
 from pab.kernels import group_norm as gn
@@ -51,6 +66,17 @@ def _fused_pairs(module: nn.Module) -> list[tuple[str, str]]:
     return []
 
 
+def _bias_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """(conv, norm) attribute pairs of `module` whose conv output reaches the norm only through additions, so its
+    bias may be added by the norm instead (diffusers 0.42's ResnetBlock2D; our temporal ResBlocks have no
+    conv biases)."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    if isinstance(module, ResnetBlock2D):  # every time_embedding_norm: at most `+ temb` ("default") between them
+        return [("conv1", "norm2")]
+    return []
+
+
 @dataclass
 class _Handoff:
     """The tensor a norm wrote with SiLU applied, until its activation takes it."""
@@ -58,20 +84,37 @@ class _Handoff:
     pending: torch.Tensor | None = None
 
 
+@dataclass
+class _BiasHandoff:
+    """A convolution's bias that its norm has to add, from the conv's call to the norm's."""
+
+    bias: torch.Tensor | None = None
+
+
 class GroupNormHook(ModelHook):
     """An `nn.GroupNorm` through the kernel where it applies; with `handoff`, SiLU(norm(x)) in one pass."""
 
     name = HOOK
 
-    def __init__(self, handoff: _Handoff | None, use_kernel: Callable[[torch.Tensor, int], bool]) -> None:
+    def __init__(
+        self, handoff: _Handoff | None, use_kernel: Callable[[torch.Tensor, int], bool],
+        bias_in: _BiasHandoff | None = None,
+    ) -> None:  # fmt: skip
         self.handoff = handoff
         self.use_kernel = use_kernel
+        self.bias_in = bias_in
 
     def new_forward(self, module: nn.Module, forward: Callable[..., Any], x: torch.Tensor) -> torch.Tensor:
+        input_bias = None
+        if self.bias_in is not None:
+            input_bias, self.bias_in.bias = self.bias_in.bias, None
         if torch.compiler.is_compiling() or not self.use_kernel(x, module.num_groups):
+            if input_bias is not None:
+                x = x + input_bias.view(-1, *(1,) * (x.ndim - 2)).to(x.dtype)
             return forward(x)
         fuse = self.handoff is not None
-        y = gn.group_norm(x, module.num_groups, module.weight, module.bias, module.eps, silu=fuse)
+        y = gn.group_norm(x, module.num_groups, module.weight, module.bias, module.eps, silu=fuse,
+                          input_bias=input_bias)  # fmt: skip
         if fuse:
             self.handoff.pending = y
         return y
@@ -92,6 +135,100 @@ class FusedSiLUHook(ModelHook):
         return forward(x)
 
 
+class ConvBiasHook(ModelHook):
+    """A convolution that runs without its bias and hands it to the norm its output goes into (`_bias_pairs`),
+    where that norm will take the kernel; elsewhere the plain convolution, so CPU decodes stay bit for bit."""
+
+    name = HOOK
+
+    def __init__(self, handoff: _BiasHandoff, num_groups: int, use_kernel: Callable[[torch.Tensor, int], bool]):
+        self.handoff = handoff
+        self.num_groups = num_groups
+        self.use_kernel = use_kernel
+
+    def new_forward(self, module: nn.Module, forward: Callable[..., Any], x: torch.Tensor) -> torch.Tensor:
+        if module.bias is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return forward(x)
+        # What the norm will be asked about: the conv output's batch, channels, device and dtype.
+        probe = x.new_empty((x.shape[0], module.out_channels) + (1,) * (x.ndim - 2))
+        if not self.use_kernel(probe, self.num_groups):
+            return forward(x)
+        self.handoff.bias = module.bias
+        return module._conv_forward(x, module.weight, None)
+
+
+# Rows of the 3x3 kernel that land on each of the two low-resolution rows a 2x2 kernel reads, by the output row's
+# parity (columns alike): even output rows 2i see input rows i-1 (tap 0) and i (taps 1, 2); odd rows 2i+1 see
+# rows i (taps 0, 1) and i+1 (tap 2).
+_PHASE_TAPS = (((0,), (1, 2)), ((0, 1), (2,)))
+
+
+def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The (4 C_out, C_in, 2, 2) weight of a 2x2 convolution (padding 1) that gives, per phase (a, b) of output
+    channel block 2a + b, the (C_out, C_in, 3, 3) convolution (padding 1) of the nearest-2x-upsampled input."""
+    w = weight.to(torch.promote_types(weight.dtype, torch.float32))  # half precision: summed in float32
+    phases = []
+    for rows in _PHASE_TAPS:
+        for cols in _PHASE_TAPS:
+            phases.append(torch.stack([
+                torch.stack([w[:, :, list(r)][..., list(c)].sum(dim=(2, 3)) for c in cols], dim=-1) for r in rows
+            ], dim=-2))  # fmt: skip
+    return torch.cat(phases).to(weight.dtype)
+
+
+class SubpixelUpsampleHook(ModelHook):
+    """diffusers' Upsample2D (nearest 2x, then a 3x3 convolution) as one 2x2 convolution on the low-resolution
+    input and one interleaving pass that adds the bias (see the module doc); its own forward elsewhere."""
+
+    name = HOOK
+
+    def __init__(self, use_kernel: Callable[[torch.Tensor, int], bool]) -> None:
+        self.use_kernel = use_kernel
+        self._weight: tuple[tuple, torch.Tensor] | None = None  # (the conv weight's identity, subpixel_weight)
+
+    def new_forward(
+        self, module: nn.Module, forward: Callable[..., Any], x: torch.Tensor, output_size: Any = None, *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:  # fmt: skip
+        if (output_size is not None or args or kwargs or x.ndim != 4 or torch.compiler.is_compiling()
+                or not self.use_kernel(x, 1) or (torch.is_grad_enabled() and module.conv.weight.requires_grad)):
+            return forward(x, output_size, *args, **kwargs)  # fmt: skip
+        conv = module.conv
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+            else torch.contiguous_format  # fmt: skip
+        key = (conv.weight.data_ptr(), conv.weight._version, conv.weight.dtype, conv.weight.device, fmt)
+        if self._weight is None or self._weight[0] != key:
+            self._weight = key, subpixel_weight(conv.weight).contiguous(memory_format=fmt)
+        n, _, h, w = x.shape
+        co = conv.out_channels
+        y = F.conv2d(x, self._weight[1], None, padding=1)  # (N, 4 C_out, H + 1, W + 1)
+        out = torch.empty((n, co, 2 * h, 2 * w), device=x.device, dtype=x.dtype, memory_format=fmt)
+        bias = conv.bias.view(1, co, 1, 1) if conv.bias is not None else None
+        for a in (0, 1):
+            for b in (0, 1):
+                phase = y[:, (2 * a + b) * co:(2 * a + b + 1) * co, a:a + h, b:b + w]  # output pixels (2i+a, 2j+b)
+                dest = out[:, :, a::2, b::2]
+                if bias is None:
+                    dest.copy_(phase)
+                else:
+                    torch.add(phase, bias, out=dest)
+        return out
+
+
+def _subpixel_upsampler(module: nn.Module) -> bool:
+    """Whether `module` is a diffusers Upsample2D that `SubpixelUpsampleHook` reproduces: nearest 2x, then a
+    3x3, stride-1, padding-1 convolution, no norm."""
+    from diffusers.models.upsampling import Upsample2D
+
+    conv = getattr(module, "conv", None)
+    return (
+        type(module) is Upsample2D and module.norm is None and not module.use_conv_transpose and module.interpolate
+        and module.use_conv and module.name == "conv" and type(conv) is nn.Conv2d and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )  # fmt: skip
+
+
 @dataclass
 class VAEKernelsHandle:
     """What `apply_vae_kernels` attached; `remove()` restores the model."""
@@ -99,6 +236,8 @@ class VAEKernelsHandle:
     model: nn.Module
     norms: int = 0  # GroupNorms hooked
     fused: int = 0  # of which write SiLU(norm) in one pass
+    biases: int = 0  # convolutions whose bias their norm adds
+    upsamplers: int = 0  # nearest-2x + 3x3 convolutions run as subpixel convolutions
     channels_last: list[nn.Parameter] = field(default_factory=list)  # conv weights it made channels-last
 
     def remove(self) -> None:
@@ -109,10 +248,14 @@ class VAEKernelsHandle:
 
 
 def apply_vae_kernels(
-    model: nn.Module, channels_last: bool = False, use_kernel: Callable[[torch.Tensor, int], bool] = gn.available
+    model: nn.Module, channels_last: bool = False, use_kernel: Callable[[torch.Tensor, int], bool] = gn.available,
+    conv_bias: bool = True, subpixel: bool = True,
 ) -> VAEKernelsHandle:  # fmt: skip
     """Hook every GroupNorm of `model` (a VAE, or any module) onto the kernels, fusing the SiLUs that
-    `_fused_pairs` allows; with `channels_last`, its convolutions' weights too (see the module doc).
+    `_fused_pairs` allows and, with `conv_bias`, the convolution biases that `_bias_pairs` allows; with
+    `subpixel`, its nearest-2x upsamplers run as subpixel convolutions; with `channels_last`, its convolutions'
+    weights are made channels-last too (see the module doc). Each applies where `use_kernel` says the norms'
+    kernels do (for an upsampler: `use_kernel(x, 1)`), so a CPU or float32 decode is unchanged.
     `use_kernel(x, num_groups)` says whether a norm's input takes the kernel (default: CUDA, half precision, no
     autograd)."""
     handle = VAEKernelsHandle(model)
@@ -126,11 +269,23 @@ def apply_vae_kernels(
                     handoffs[id(act)] = _Handoff()
                     register_hook(act, FusedSiLUHook(handoffs[id(act)]))
                 fused[id(norm)] = handoffs[id(act)]
+    bias_in: dict[int, _BiasHandoff] = {}  # id(norm) -> the bias handoff from the conv that feeds it
+    for module in model.modules() if conv_bias else ():
+        for conv_name, norm_name in _bias_pairs(module):
+            conv, norm = getattr(module, conv_name, None), getattr(module, norm_name, None)
+            if type(conv) is nn.Conv2d and type(norm) is nn.GroupNorm and conv.bias is not None:
+                bias_in[id(norm)] = _BiasHandoff()
+                register_hook(conv, ConvBiasHook(bias_in[id(norm)], norm.num_groups, use_kernel))
+                handle.biases += 1
     for module in model.modules():
         if type(module) is nn.GroupNorm:
-            register_hook(module, GroupNormHook(fused.get(id(module)), use_kernel))
+            register_hook(module, GroupNormHook(fused.get(id(module)), use_kernel, bias_in.get(id(module))))
             handle.norms += 1
             handle.fused += id(module) in fused
+    for module in model.modules() if subpixel else ():
+        if _subpixel_upsampler(module):
+            register_hook(module, SubpixelUpsampleHook(use_kernel))
+            handle.upsamplers += 1
     if channels_last:
         formats = {4: torch.channels_last, 5: torch.channels_last_3d}
         for module in model.modules():

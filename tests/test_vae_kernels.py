@@ -6,12 +6,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.upsampling import Upsample2D
 
 from pab.hooks.registry import get_hook
 from pab.kernels import group_norm as gn
 from pab.models.frame_vae import FrameVAE
 from pab.models.opensora_vae import OpenSoraVAE, OpenSoraVAEConfig
-from pab.vae_kernels import HOOK, apply_vae_kernels
+from pab.vae_kernels import HOOK, apply_vae_kernels, subpixel_weight
 from support.kernels import CUDA, DEVICE, needs_triton
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_tf32")
@@ -44,14 +45,16 @@ def with_affine_noise(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def counting(monkeypatch) -> list[bool]:
-    """Record each kernel call's `silu` flag."""
+def counting(monkeypatch, biases: list[torch.Tensor] | None = None) -> list[bool]:
+    """Record each kernel call's `silu` flag (and into `biases`, each input bias it was handed)."""
     calls: list[bool] = []
     real = gn.group_norm
 
-    def spy(*args, silu=False):
+    def spy(*args, silu=False, input_bias=None):
         calls.append(silu)
-        return real(*args, silu=silu)
+        if input_bias is not None and biases is not None:
+            biases.append(input_bias)
+        return real(*args, silu=silu, input_bias=input_bias)
 
     monkeypatch.setattr(gn, "group_norm", spy)
     return calls
@@ -74,7 +77,8 @@ def test_frame_vae_decodes_the_same_through_the_kernels(frame_vae, monkeypatch):
     z = torch.randn(1, 4, 3, 4, 5, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     with torch.no_grad():
         plain = frame_vae.decode(z, num_frames=3)
-        calls = counting(monkeypatch)
+        biases: list[torch.Tensor] = []
+        calls = counting(monkeypatch, biases)
         handle = apply_vae_kernels(frame_vae, channels_last=True, use_kernel=always)
         fused = frame_vae.decode(z, num_frames=3)
         handle.remove()
@@ -85,6 +89,12 @@ def test_frame_vae_decodes_the_same_through_the_kernels(frame_vae, monkeypatch):
     assert handle.norms == len(norms_of(frame_vae)) and handle.fused == handle.norms - 2  # encoder's attention too
     micro_batches = 2  # 3 frames, 2 at a time
     assert calls.count(True) == micro_batches * (2 * len(resnets) + 1) and calls.count(False) == micro_batches
+    # Each decoder resnet's conv1 left its bias to norm2 (the encoder's resnets too, not run here).
+    all_resnets = [m for m in frame_vae.modules() if isinstance(m, ResnetBlock2D)]
+    assert handle.biases == len(all_resnets) and len(biases) == micro_batches * len(resnets)
+    assert {id(b) for b in biases} == {id(r.conv1.bias) for r in resnets}
+    upsamplers = [m for m in decoder.modules() if isinstance(m, Upsample2D)]
+    assert handle.upsamplers == len(upsamplers) > 0
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
     assert torch.equal(again, plain) and all(get_hook(m, HOOK) is None for m in frame_vae.modules())
     assert all(m.weight.is_contiguous() for m in frame_vae.modules() if isinstance(m, nn.Conv2d))
@@ -126,6 +136,83 @@ def test_a_norm_modulated_before_its_activation_is_not_fused(monkeypatch):
         handle.remove()
     assert (handle.norms, handle.fused) == (2, 1) and calls == [True, False]
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["default", "scale_shift"])
+def test_a_time_embedding_between_conv_and_norm_keeps_the_bias(monkeypatch, mode):
+    """In "default" mode the time embedding is added to conv1's output before norm2: the norm adds the bias the
+    conv left it to the sum, which is the same sum."""
+    torch.manual_seed(0)
+    block = with_affine_noise(ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=6, groups=2,
+                                            time_embedding_norm=mode).eval()).to(DEVICE)  # fmt: skip
+    with torch.no_grad():
+        block.conv1.bias.add_(3.0)  # a bias that would show if it were dropped
+    x, temb = torch.randn(2, 8, 5, 6, device=DEVICE), torch.randn(2, 6, device=DEVICE)
+    with torch.no_grad():
+        plain = block(x, temb)
+        biases: list[torch.Tensor] = []
+        counting(monkeypatch, biases)
+        handle = apply_vae_kernels(block, use_kernel=always)
+        fused = block(x, temb)
+        handle.remove()
+    assert handle.biases == 1 and [id(b) for b in biases] == [id(block.conv1.bias)]
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_a_norm_that_cannot_take_the_kernel_adds_the_bias_itself(monkeypatch):
+    """The conv asks about its output's shape before it drops its bias; should the norm then find the real input
+    too large for the kernel (here: more than 100 elements), it adds the bias before PyTorch's GroupNorm."""
+    torch.manual_seed(0)
+    block = with_affine_noise(ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=None, groups=2).eval())
+    block = block.to(DEVICE)
+    x = torch.randn(2, 8, 5, 6, device=DEVICE)
+    with torch.no_grad():
+        block.conv1.bias.add_(3.0)
+        plain = block(x, None)
+        calls = counting(monkeypatch)
+        handle = apply_vae_kernels(block, use_kernel=lambda t, g: t.numel() < 100)
+        hooked = block(x, None)
+        handle.remove()
+    assert calls == [] and handle.biases == 1
+    torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_nearest_upsampler_runs_as_a_subpixel_convolution(fmt, bias):
+    """In float64 the 2x2 convolution and its interleaving give Upsample2D's output to rounding, in the input's
+    layout, odd sizes and the borders included."""
+    torch.manual_seed(0)
+    up = Upsample2D(6, use_conv=True, out_channels=5, bias=bias).double().eval().to(DEVICE)
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64, device=DEVICE).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        plain = up(x)
+        handle = apply_vae_kernels(up, use_kernel=always)
+        sub = up(x)
+        handle.remove()
+        again = up(x)
+    assert handle.upsamplers == 1 and sub.shape == plain.shape == (2, 5, 10, 14)
+    assert sub.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(sub, plain, rtol=1e-12, atol=1e-12)
+    assert torch.equal(again, plain)
+
+
+def test_the_subpixel_weight_sums_the_taps_that_land_on_one_input_pixel():
+    w = torch.arange(9.0).view(1, 1, 3, 3)  # taps 0..8, row-major
+    k = subpixel_weight(w)[:, 0]  # phases (0,0), (0,1), (1,0), (1,1)
+    # Even rows read input rows i-1 (tap row 0) and i (rows 1 + 2); even columns likewise.
+    assert k[0].tolist() == [[0, 1 + 2], [3 + 6, 4 + 5 + 7 + 8]]
+    assert k[3].tolist() == [[0 + 1 + 3 + 4, 2 + 5], [6 + 7, 8]]
+
+
+def test_only_the_upsamplers_it_reproduces_are_hooked():
+    others = [Upsample2D(4, use_conv=False), Upsample2D(4, use_conv=True, kernel_size=1, padding=0),
+              Upsample2D(4, use_conv_transpose=True), Upsample2D(4, use_conv=True, norm_type="rms_norm", eps=1e-6,
+                                                             elementwise_affine=True)]  # fmt: skip
+    for up in others:
+        assert apply_vae_kernels(up, use_kernel=always).upsamplers == 0
 
 
 @pytest.mark.skipif(

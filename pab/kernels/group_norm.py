@@ -8,7 +8,11 @@ slower than NCHW). `torch.compile` of the 2D decoder, which fuses these passes, 
 0.90 s on an H200 but compiles for about a minute at each new size.
 
 `group_norm(x, groups, weight, bias, eps, silu=True)` takes x (N, C, *spatial) in NCHW or channels-last (any
-layout whose spatial dims flatten to one stride) and writes the output in the same layout, in three launches:
+layout whose spatial dims flatten to one stride) and writes the output in the same layout, in three launches.
+`input_bias` (C,) normalises x + input_bias without that sum being written: PyTorch adds a convolution's bias in
+a pass of its own after cuDNN's kernel, so a conv whose output goes only into a norm can leave it to the norm
+(`pab.vae_kernels`). A per-channel constant moves each channel's mean and leaves its M2 alone, so it costs two
+adds per channel.
 
 1. statistics: each program reduces a chunk of pixels of one sample to per-channel (mean, M2). Every lane
    sums x - K and (x - K)^2 over its pixels, K being the chunk's first tile's channel means, and the lanes are
@@ -99,10 +103,11 @@ def available(x: torch.Tensor, num_groups: int) -> bool:
 
 def group_norm(
     x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-    silu: bool = False,
+    silu: bool = False, input_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """F.group_norm(x, num_groups, weight, bias, eps), then SiLU if `silu`, for x (N, C, *spatial); the output
-    has x's layout. Raises ValueError for shapes the kernels do not take (see `supported`)."""
+    """F.group_norm(x + input_bias[:, None, ...], num_groups, weight, bias, eps), then SiLU if `silu`, for x
+    (N, C, *spatial); the output has x's layout. Raises ValueError for shapes the kernels do not take (see
+    `supported`)."""
     N, C = x.shape[:2]
     if C % num_groups:
         raise ValueError(f"{C} channels do not split into {num_groups} groups")
@@ -114,7 +119,7 @@ def group_norm(
             f"group_norm kernels take (N, C, *spatial) with flattenable spatial dims; got "
             f"{tuple(x.shape)}, strides {x.stride()}"
         )
-    for name, p in (("weight", weight), ("bias", bias)):
+    for name, p in (("weight", weight), ("bias", bias), ("input_bias", input_bias)):
         if p is not None and (p.shape != (C,) or not p.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous ({C},) tensor; got {tuple(p.shape)}")
     out = torch.empty_like(x)  # same layout: dense inputs keep their strides
@@ -130,8 +135,9 @@ def group_norm(
     chunks = triton.cdiv(P, chunk)
     partial = torch.empty(N, chunks, 2, C, device=x.device, dtype=torch.float32)
     warps = 4 if block_p * block_c <= 4096 else 8
-    _stats_kernel[(N, chunks)](x, partial, P, C, chunk, *strides, BLOCK_P=block_p, BLOCK_C=block_c,
-                               num_warps=warps)  # fmt: skip
+    ib = input_bias if input_bias is not None else partial  # a placeholder pointer when there is none
+    _stats_kernel[(N, chunks)](x, ib, partial, P, C, chunk, *strides, HAS_IB=input_bias is not None,
+                               BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)  # fmt: skip
     mean = torch.empty(N, num_groups, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     cpg = C // num_groups
@@ -144,8 +150,9 @@ def group_norm(
     # Pixel blocks on the grid's first axis: it takes 2^31 - 1 programs, the others 65,535 (1080p at 512 channels
     # is 130k blocks a frame).
     _apply_kernel[(triton.cdiv(P, block_p), N)](
-        x, out, w, b, mean, rstd, P, C, cpg, num_groups, *strides, *o_strides,
-        HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, BLOCK_P=block_p, BLOCK_C=block_c,
+        x, out, w, b, ib, mean, rstd, P, C, cpg, num_groups, *strides, *o_strides,
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_IB=input_bias is not None, SILU=silu,
+        BLOCK_P=block_p, BLOCK_C=block_c,
         num_warps=warps,
     )  # fmt: skip
     return out
@@ -154,7 +161,10 @@ def group_norm(
 if triton is not None:
 
     @triton.jit
-    def _stats_kernel(x_ptr, part_ptr, P, C, CHUNK, s_n, s_p, s_c, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _stats_kernel(
+        x_ptr, ib_ptr, part_ptr, P, C, CHUNK, s_n, s_p, s_c, HAS_IB: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
         n = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
         chunks = tl.num_programs(1)
@@ -179,6 +189,8 @@ if triton is not None:
         cnt = here.to(tl.float32)
         t1 = tl.sum(s1, axis=0)
         mean = shift + t1 / cnt
+        if HAS_IB:  # the mean of x + b is the mean of x plus b; M2 does not move
+            mean += tl.load(ib_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
         m2 = tl.maximum(tl.sum(s2, axis=0) - t1 * t1 / cnt, 0.0)
         out = part_ptr + ((n * chunks + blk) * 2) * C
         tl.store(out + cs, mean, mask=cmask)
@@ -219,8 +231,8 @@ if triton is not None:
 
     @triton.jit
     def _apply_kernel(
-        x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, P, C, CPG, G, s_n, s_p, s_c, o_n, o_p, o_c,
-        HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, BLOCK_P: tl.constexpr,
+        x_ptr, y_ptr, w_ptr, b_ptr, ib_ptr, mean_ptr, rstd_ptr, P, C, CPG, G, s_n, s_p, s_c, o_n, o_p, o_c,
+        HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_IB: tl.constexpr, SILU: tl.constexpr, BLOCK_P: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         n = tl.program_id(1).to(tl.int64)
@@ -234,6 +246,8 @@ if triton is not None:
         if HAS_W:
             scale = scale * tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
         shift = -mu * scale  # (x - mu) * rstd * w + b = x * scale + shift
+        if HAS_IB:  # (x + ib) * scale + shift
+            shift += tl.load(ib_ptr + cs, mask=cmask, other=0.0).to(tl.float32) * scale
         if HAS_B:
             shift += tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + n * s_n + ps[:, None] * s_p + cs[None, :] * s_c, mask=m, other=0.0).to(tl.float32)

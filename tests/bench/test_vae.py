@@ -5,6 +5,7 @@ import json
 import pytest
 
 from bench import vae as bench_vae
+from support.kernels import DEVICE, needs_triton
 
 
 @pytest.mark.parametrize("model", ["opensora-v1.2", "opensora-plan-v1.1"])
@@ -21,14 +22,19 @@ def test_each_variant_decodes_the_frames_the_shipped_way_does(tmp_path, model):
         assert r["decode_s"] > 0 and r["psnr_vs_first_db"] > 90, r  # float32 reordering at most
 
 
+@needs_triton
 def test_the_kernel_variant_decodes_the_same_frames(tmp_path):
-    """gn-kernel runs every GroupNorm through the Triton kernels (here in the CPU interpreter)."""
+    """gn-kernel runs every GroupNorm through the Triton kernels (on a GPU, or in the CPU interpreter), with the
+    conv biases left to the norms and the subpixel upsamplers."""
     out = tmp_path / "vae.json"
-    args = ["--model", "opensora-v1.2", "--vae-size", "tiny", "--device", "cpu", "--dtype", "float32", "--frames",
-            "5", "--size", "32x32", "--iters", "1", "--variants", "eager,channels-last+gn-kernel", "--out", str(out)]
+    variants = "eager,channels-last+gn-kernel,gn-kernel-unfolded"
+    args = ["--model", "opensora-v1.2", "--vae-size", "tiny", "--device", DEVICE, "--dtype", "float32", "--frames",
+            "5", "--size", "32x32", "--iters", "1", "--variants", variants, "--out", str(out)]  # fmt: skip
     assert bench_vae.main(args) == 0
-    eager, kernel = json.loads(out.read_text())[0]["rows"]
-    assert kernel["variant"] == "channels-last+gn-kernel" and kernel["psnr_vs_first_db"] > 90
+    rows = json.loads(out.read_text())[0]["rows"]
+    assert [r["variant"] for r in rows] == variants.split(",")
+    # float32 summed in another order: exact to rounding on the CPU; cuDNN's TF32 convolutions round more.
+    assert all(r["psnr_vs_first_db"] > (90 if DEVICE == "cpu" else 50) for r in rows[1:]), rows
 
 
 def test_profile_names_where_the_time_goes(tmp_path):

@@ -46,6 +46,22 @@ def test_matches_group_norm_in_the_input_layout(shape, groups, fmt, silu, affine
 
 @needs_triton
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_an_input_bias_is_normalised_as_if_added_first(monkeypatch, fmt):
+    """input_bias: a convolution's bias left to the norm. Several chunks, so the finalize merges shifted means."""
+    monkeypatch.setattr(gn, "TILE", 32)
+    monkeypatch.setattr(gn, "STATS_PROGRAMS", 20)
+    x = layout(torch.randn(2, 8, 9, 7, device=DEVICE), fmt)
+    w, b, ib = (torch.randn(8, device=DEVICE) for _ in range(3))
+    ib = ib * 5  # far from zero, and different within each group
+    y = gn.group_norm(x, 2, w, b, 1e-6, silu=True, input_bias=ib)
+    expected = reference(x + ib[:, None, None], 2, w, b, 1e-6, True)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="input_bias must be a contiguous"):
+        gn.group_norm(x, 2, w, b, 1e-6, input_bias=ib[:4])
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 def test_many_chunks_and_tiles_merge_exactly(monkeypatch, fmt):
     """Small tiles and many statistics programs: several tiles per chunk, a short last tile and chunk, and
     more chunks than the finalize kernel merges at once."""
