@@ -179,8 +179,8 @@ def _run_case(
         elif label in bf16_latents:
             ref = bf16_latents[label]
             rel_l2 = round(float((res.latents - ref).norm() / ref.norm()), 5)
-        idle_pct = gpu_idle_pct(lambda: pipe.generate(GenerationRequest(**base, cache=pab), decode=False)) \
-            if idle and torch.cuda.is_available() else None  # fmt: skip
+        prof = gpu_profile(lambda: pipe.generate(GenerationRequest(**base, cache=pab), decode=False)) \
+            if idle and torch.cuda.is_available() else {}  # fmt: skip
         calls = len(res.timesteps)
         rec: dict[str, Any] = {
             "impl": "pab",
@@ -205,7 +205,9 @@ def _run_case(
             "first_dit_s": first_s,  # with graphs: the capturing request's DiT time
             "graphs": pipe.graphs.stats if pipe.graphs is not None else None,
             "dit_s": round(res.timings["denoise_s"], 3),
-            "gpu_idle_pct": idle_pct,  # under the profiler, which slows every launch a little
+            "gpu_idle_pct": prof.get("gpu_idle_pct"),  # under the profiler, which slows every launch a little
+            "gpu_ms_by_kind": prof.get("gpu_ms_by_kind"),  # one generation's kernels in the loop (--idle)
+            "top_kernels": prof.get("top_kernels"),
             "step_s": round(res.timings["denoise_s"] / calls, 4),
             "text_s": round(res.timings["text_s"], 3),
             "decode_s": round(res.timings.get("decode_s", 0.0), 3),
@@ -261,6 +263,12 @@ def generate_to_mp4(pipe: Any, request: Any, decode: bool) -> Any:
 def gpu_idle_pct(generate: Callable[[], Any]) -> float | None:
     """Share of the denoising loop ("pab.denoise") in which no kernel ran on the GPU, from torch.profiler's
     kernel trace of one `generate()` call (None where the trace has no kernels, e.g. on a CPU)."""
+    return gpu_profile(generate)["gpu_idle_pct"]
+
+
+def gpu_profile(generate: Callable[[], Any], top: int = 12) -> dict[str, Any]:
+    """One `generate()` under torch.profiler: the loop's GPU idle share, its kernel time by kind (`kernel_kind`)
+    and its `top` kernels by total time, in ms per generation (None / empty where there are no kernels)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -269,9 +277,42 @@ def gpu_idle_pct(generate: Callable[[], Any]) -> float | None:
     events = prof.events()
     loop = next((e for e in events if e.name == "pab.denoise" and e.device_type == DeviceType.CPU), None)
     # GPU-side events, less the annotations (record_function ranges are mirrored on the GPU timeline too).
-    kernels = [(e.time_range.start, e.time_range.end) for e in events
-               if e.device_type == DeviceType.CUDA and not e.is_user_annotation]  # fmt: skip
-    return None if loop is None else idle_pct(loop.time_range.start, loop.time_range.end, kernels)
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    if loop is None:
+        return {"gpu_idle_pct": None, "gpu_ms_by_kind": {}, "top_kernels": []}
+    lo, hi = loop.time_range.start, loop.time_range.end
+    inside = [e for e in kernels if lo <= e.time_range.start < hi]
+    by_kind: dict[str, float] = {}
+    by_name: dict[str, float] = {}
+    for e in inside:
+        us = e.time_range.end - e.time_range.start
+        by_kind[kernel_kind(e.name)] = by_kind.get(kernel_kind(e.name), 0.0) + us
+        by_name[e.name] = by_name.get(e.name, 0.0) + us
+    return {
+        "gpu_idle_pct": idle_pct(lo, hi, [(e.time_range.start, e.time_range.end) for e in kernels]),
+        "gpu_ms_by_kind": {k: round(v / 1e3, 1) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [[name[:120], round(us / 1e3, 1)] for name, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]],
+    }
+
+
+# Kernel names by kind, first match wins. cuBLAS's Hopper GEMMs are "nvjet_*" or "sm90_xmma_gemm_*" (fp8 ones
+# carry e4m3 in the name); cuDNN's and FlashAttention's attention kernels "*fmha*", "*flash*" or "cudnn*sdpa*";
+# our Triton kernels are named after their Python functions.
+KERNEL_KINDS = (
+    ("attention", ("fmha", "flash", "attn", "sdpa", "attention")),
+    ("gemm fp8", ("e4m3", "f8f8", "fp8", "_scaled_mm")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "wgmma", "bmm")),
+    ("norm / modulate / residual (Triton)", ("ln_", "layer_norm", "rms", "modulate", "_norm", "residual", "gate")),
+    ("quantise / gelu (Triton)", ("quant", "gelu")),
+    ("copy / layout", ("copy", "cat", "transpose", "permute", "contiguous", "index")),
+    ("elementwise", ("elementwise", "vectorized", "reduce", "triton")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """Which of KERNEL_KINDS a kernel's name falls under ("other" for none)."""
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
 
 
 def idle_pct(lo: float, hi: float, kernels: list[tuple[float, float]]) -> float | None:
@@ -512,6 +553,21 @@ def print_table(records: list[dict]) -> None:
         print(" | ".join(cells))
 
 
+def print_breakdown(records: list[dict]) -> None:
+    """Where each profiled record's DiT time goes (`--idle`): kernel time by kind, as ms and as a share."""
+    for r in records:
+        kinds = r.get("gpu_ms_by_kind")
+        if not kinds:
+            continue
+        total = sum(kinds.values())
+        print(f"\n{r['model']} {r['resolution']} pab={r['pab']} {r['precision']}: {total:.0f} ms of kernels, "
+              f"{r['gpu_idle_pct']}% idle")
+        for kind, ms in kinds.items():
+            print(f"  {kind:<28} {ms:>9.1f} ms  {100 * ms / total:5.1f}%")
+        for name, ms in r.get("top_kernels") or []:
+            print(f"    {ms:>9.1f} ms  {name}")
+
+
 def head_parallel_bytes(comm: dict) -> float:
     """Bytes a rank would send with Ulysses-style head parallelism for the same attentions: an all-to-all of
     q, k, v and of the output around each temporal attention where DSP switches the activation in and out
@@ -550,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{part}-attention", choices=ATTENTION_IMPLS, default="sdpa",
                        help=f"the DiT's {part} attention: SDPA or pab.kernels.flash_attention (KernelOptions)")
     p.add_argument("--idle", action="store_true",
-                   help="one more generation per setting under torch.profiler: the GPU's idle share of the loop")
+                   help="one more generation per setting under torch.profiler: the GPU's idle share of the loop, "
+                        "its kernel time by kind and its top kernels (printed after the table)")
     p.add_argument("--precision", default="bf16",
                    help="comma list of bf16, fp8, fp8+exact (without fast accumulation), fp8+groups (Latte's q, k, v "
                    "in fp8 too) (pab.precision.Fp8Config); fp8 records "
@@ -618,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
     print("\nall records:")
     print_table(records)
+    print_breakdown(records)
     save()
     print(f"\nwrote {len(records)} records to {out} ({gpu_name()}, {os.uname().nodename})")
     return 0

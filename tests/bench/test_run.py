@@ -91,6 +91,24 @@ def test_idle_share_is_the_part_of_the_loop_no_kernel_covers():
     assert idle_pct(0, 100, [(200, 300)]) is None
 
 
+def test_kernels_are_sorted_by_kind_from_their_names():
+    from bench.run import kernel_kind
+
+    names = {  # names as torch.profiler reports them on an H100/H200 (cuBLAS, cuDNN, ours, PyTorch's)
+        "nvjet_sm90_tst_256x128_64x4_2x1_v_bz_coopA_TNT": "gemm",
+        "sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128": "gemm fp8",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3": "attention",
+        "_flash_fwd_kernel": "attention",
+        "_ln_modulate_kernel": "norm / modulate / residual (Triton)",
+        "_gated_residual_kernel": "norm / modulate / residual (Triton)",
+        "_quantize_rows_kernel": "quantise / gelu (Triton)",
+        "void at::native::elementwise_kernel<128, 2>": "elementwise",
+        "void at::native::(anonymous namespace)::CatArrayBatchedCopy<>": "copy / layout",
+        "Memset (Device)": "other",
+    }
+    assert {name: kernel_kind(name) for name in names} == names
+
+
 @pytest.mark.parametrize("cache", ["off", "paper", "fastercache"])
 def test_the_peer_runs_diffusers_own_caches_on_its_latte(cache):
     from bench.run import run_peer_latte
