@@ -17,9 +17,10 @@ Variants (join with `+` to combine):
   compile           torch.compile of the 2D decoder (fuses GroupNorm + SiLU; the first call compiles)
   gn-kernel         every GroupNorm through pab.kernels.group_norm, SiLU fused where it follows (pab.vae_kernels);
                     with channels-last the norms read NHWC in place (CUDA, or the CPU under TRITON_INTERPRET=1);
-                    each resnet's conv1 leaves its bias to norm2 (saves PyTorch's separate bias pass), and the
-                    nearest-2x upsamplers run as subpixel convolutions (pab.vae_kernels' docstring)
-  gn-kernel-bias    gn-kernel without the subpixel upsamplers
+                    each resnet's conv1 leaves its bias to norm2 and conv2's goes into the residual sum (saves
+                    PyTorch's separate bias passes), and the nearest-2x upsamplers run as subpixel convolutions
+                    (pab.vae_kernels' docstring)
+  gn-kernel-bias    gn-kernel without the subpixel upsamplers (conv biases in the norms and residual sums)
   gn-kernel-unfolded  gn-kernel with neither (session 19's kernels)
 
 `--profile` also runs one decode of each variant under torch.profiler and prints where its time goes, by

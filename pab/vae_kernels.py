@@ -13,6 +13,12 @@ adds a convolution's bias in an elementwise pass of its own after cuDNN's kernel
 the fly (`group_norm(..., input_bias=)`). The norm's hook adds the handed-over bias whatever path it takes, so
 the sum is the same wherever the kernel does not apply.
 
+At the end of such a block (no time embedding, no up- or downsampling), conv2 and the 1x1 shortcut conv leave
+their biases to the residual sum, which adds them and divides by the block's output scale in one pass
+(`ResnetBlockHook`, `pab.kernels.conv_epilogue`) where diffusers' forward runs a bias pass per conv, an add and
+a division. The hook runs the block's own modules in its forward's order (so the norm, SiLU and conv1 hooks
+apply), and diffusers' forward wherever its case is not this one.
+
 A nearest 2x upsampling followed by a 3x3 convolution (diffusers' Upsample2D, three in the SDXL decoder, the
 last writing 256 channels at full resolution) runs as a 2x2 convolution on the low-resolution input with four
 output channels per channel, one for each output pixel's position in its 2x2 block, whose four phases are
@@ -40,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pab.hooks.registry import ModelHook, register_hook, remove_hooks_named
+from pab.kernels import conv_epilogue as ep
 from pab.kernels import group_norm as gn
 
 HOOK = "group_norm_kernel"
@@ -157,6 +164,51 @@ class ConvBiasHook(ModelHook):
         return module._conv_forward(x, module.weight, None)
 
 
+class ResnetBlockHook(ModelHook):
+    """diffusers' ResnetBlock2D without a time embedding or resampling, its last convs' biases added in the
+    residual sum (see the module doc); the block's own forward in every other case."""
+
+    name = HOOK
+
+    def __init__(self, use_kernel: Callable[[torch.Tensor, int], bool]) -> None:
+        self.use_kernel = use_kernel
+
+    def new_forward(
+        self, module: nn.Module, forward: Callable[..., Any], x: torch.Tensor, temb: torch.Tensor | None = None,
+        *args: Any, **kwargs: Any,
+    ) -> torch.Tensor:  # fmt: skip
+        if (temb is not None or args or kwargs or module.training or torch.is_grad_enabled()
+                or torch.compiler.is_compiling() or not self.use_kernel(x, module.norm1.num_groups)):
+            return forward(x, temb, *args, **kwargs)  # fmt: skip
+        # ResnetBlock2D.forward (diffusers 0.42) with temb None, upsample and downsample None.
+        h = module.conv1(module.nonlinearity(module.norm1(x)))
+        h = module.dropout(module.nonlinearity(module.norm2(h)))
+        conv2, short = module.conv2, module.conv_shortcut
+        h = conv2._conv_forward(h, conv2.weight, None)
+        residual, biases = x, (conv2.bias,)
+        if short is not None:
+            residual, biases = short._conv_forward(x, short.weight, None), (conv2.bias, short.bias)
+        if not ep.takes(h, residual):  # layouts the kernel does not read (e.g. mixed): the same sum in PyTorch
+            for b in biases:
+                h = h if b is None else h + b.view(-1, *(1,) * (h.ndim - 2))
+            return (residual + h) / module.output_scale_factor
+        return ep.bias_residual(h, residual, biases, 1.0 / module.output_scale_factor)
+
+
+def _plain_resnet(module: nn.Module) -> bool:
+    """Whether `module` is a ResnetBlock2D that `ResnetBlockHook` reproduces: no time embedding (as in a VAE),
+    plain convs (a 1x1 shortcut or none), no up- or downsampling."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    short = module.conv_shortcut if isinstance(module, ResnetBlock2D) else None
+    return (
+        type(module) is ResnetBlock2D and module.upsample is None and module.downsample is None
+        and module.time_emb_proj is None and module.time_embedding_norm != "scale_shift"
+        and type(module.conv1) is nn.Conv2d and type(module.conv2) is nn.Conv2d
+        and (short is None or (type(short) is nn.Conv2d and short.kernel_size == (1, 1)))
+    )  # fmt: skip
+
+
 # Rows of the 3x3 kernel that land on each of the two low-resolution rows a 2x2 kernel reads, by the output row's
 # parity (columns alike): even output rows 2i see input rows i-1 (tap 0) and i (taps 1, 2); odd rows 2i+1 see
 # rows i (taps 0, 1) and i+1 (tap 2).
@@ -238,6 +290,7 @@ class VAEKernelsHandle:
     fused: int = 0  # of which write SiLU(norm) in one pass
     biases: int = 0  # convolutions whose bias their norm adds
     upsamplers: int = 0  # nearest-2x + 3x3 convolutions run as subpixel convolutions
+    resnets: int = 0  # ResnetBlock2Ds whose last biases go into the residual sum
     channels_last: list[nn.Parameter] = field(default_factory=list)  # conv weights it made channels-last
 
     def remove(self) -> None:
@@ -252,7 +305,8 @@ def apply_vae_kernels(
     conv_bias: bool = True, subpixel: bool = True,
 ) -> VAEKernelsHandle:  # fmt: skip
     """Hook every GroupNorm of `model` (a VAE, or any module) onto the kernels, fusing the SiLUs that
-    `_fused_pairs` allows and, with `conv_bias`, the convolution biases that `_bias_pairs` allows; with
+    `_fused_pairs` allows and, with `conv_bias`, the convolution biases that `_bias_pairs` allows and those of
+    the resnets' last convs (`ResnetBlockHook`); with
     `subpixel`, its nearest-2x upsamplers run as subpixel convolutions; with `channels_last`, its convolutions'
     weights are made channels-last too (see the module doc). Each applies where `use_kernel` says the norms'
     kernels do (for an upsampler: `use_kernel(x, 1)`), so a CPU or float32 decode is unchanged.
@@ -282,6 +336,10 @@ def apply_vae_kernels(
             register_hook(module, GroupNormHook(fused.get(id(module)), use_kernel, bias_in.get(id(module))))
             handle.norms += 1
             handle.fused += id(module) in fused
+    for module in model.modules() if conv_bias else ():
+        if _plain_resnet(module):
+            register_hook(module, ResnetBlockHook(use_kernel))
+            handle.resnets += 1
     for module in model.modules() if subpixel else ():
         if _subpixel_upsampler(module):
             register_hook(module, SubpixelUpsampleHook(use_kernel))

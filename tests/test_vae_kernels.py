@@ -9,6 +9,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 
 from pab.hooks.registry import get_hook
+from pab.kernels import conv_epilogue as ep
 from pab.kernels import group_norm as gn
 from pab.models.frame_vae import FrameVAE
 from pab.models.opensora_vae import OpenSoraVAE, OpenSoraVAEConfig
@@ -94,7 +95,7 @@ def test_frame_vae_decodes_the_same_through_the_kernels(frame_vae, monkeypatch):
     assert handle.biases == len(all_resnets) and len(biases) == micro_batches * len(resnets)
     assert {id(b) for b in biases} == {id(r.conv1.bias) for r in resnets}
     upsamplers = [m for m in decoder.modules() if isinstance(m, Upsample2D)]
-    assert handle.upsamplers == len(upsamplers) > 0
+    assert handle.upsamplers == len(upsamplers) > 0 and handle.resnets == len(all_resnets)
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
     assert torch.equal(again, plain) and all(get_hook(m, HOOK) is None for m in frame_vae.modules())
     assert all(m.weight.is_contiguous() for m in frame_vae.modules() if isinstance(m, nn.Conv2d))
@@ -158,6 +159,44 @@ def test_a_time_embedding_between_conv_and_norm_keeps_the_bias(monkeypatch, mode
         handle.remove()
     assert handle.biases == 1 and [id(b) for b in biases] == [id(block.conv1.bias)]
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("out_channels, scale", [(8, 1.0), (12, 2.0)])
+def test_a_resnet_adds_its_last_biases_in_the_residual_sum(monkeypatch, out_channels, scale):
+    """A VAE's resnet (no time embedding): conv2's bias (and the 1x1 shortcut's, where the width changes) go
+    into the residual sum, which divides by the output scale in the same pass."""
+    torch.manual_seed(0)
+    block = with_affine_noise(ResnetBlock2D(in_channels=8, out_channels=out_channels, temb_channels=None, groups=2,
+                                            output_scale_factor=scale).eval()).to(DEVICE)  # fmt: skip
+    with torch.no_grad():
+        for conv in (block.conv2, block.conv_shortcut):
+            if conv is not None:
+                conv.bias.add_(2.0)  # biases that would show if one were dropped
+    x = torch.randn(2, 8, 5, 6, device=DEVICE)
+    calls = []
+    real = ep.bias_residual
+    monkeypatch.setattr(ep, "bias_residual", lambda *a: calls.append(len(a[2])) or real(*a))
+    with torch.no_grad():
+        plain = block(x, None)
+        handle = apply_vae_kernels(block, use_kernel=always)
+        hooked = block(x.contiguous(memory_format=torch.channels_last), None)
+        handle.remove()
+    assert handle.resnets == 1 and calls == [1 if out_channels == 8 else 2]
+    torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # an NCHW input into channels-last convs: layouts the kernel does not take, same sum
+        for conv in (block.conv1, block.conv2):
+            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+        handle = apply_vae_kernels(block, use_kernel=always)
+        mixed = block(x, None)
+        handle.remove()
+    assert len(calls) == 1  # the kernel was not asked
+    torch.testing.assert_close(mixed, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_a_resnet_with_a_time_embedding_runs_as_written():
+    block = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=6, groups=2)
+    assert apply_vae_kernels(block, use_kernel=always).resnets == 0
 
 
 @needs_triton

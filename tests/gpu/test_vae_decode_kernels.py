@@ -35,6 +35,7 @@ def test_opensora_vae_decodes_through_the_kernels(channels_last, monkeypatch):
         finally:
             handle.remove()
     assert handle.fused > 0 and calls.count(True) > 0 and handle.biases > 0 and handle.upsamplers == 3
+    assert handle.resnets == handle.biases  # every resnet of the 2D decoder (no time embedding)
     assert psnr(fused, plain) > 40, psnr(fused, plain)  # bf16 rounding of the norms' outputs, nothing more
     # The folded biases and subpixel upsamplers round differently, not worse: as close to a float32 decode.
     assert psnr(fused, exact) > psnr(plain, exact) - 1, (psnr(fused, exact), psnr(plain, exact))

@@ -1,0 +1,88 @@
+"""A convolution's bias added in the residual sum that follows it, in one pass (Triton).
+
+PyTorch adds a convolution's bias in an elementwise pass of its own after cuDNN's kernel, and a ResNet block then
+reads that output again to add the residual (diffusers' ResnetBlock2D also divides by its output scale, 1 in
+the VAEs: a third pass). `bias_residual(x, residual, biases, scale)` computes (residual + x + sum(biases)) *
+scale, the biases per channel, reading x and the residual once and writing once, in float32 rounded once, for x
+(N, C, *spatial) in NCHW or channels-last (`group_norm.flat_strides`); the residual must have x's shape and
+strides. `pab.vae_kernels` uses it at the end of each ResnetBlock2D of a VAE decoder, where conv2 (and a 1x1
+shortcut conv) leave their biases to it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pab.kernels.group_norm import MAX_CHANNELS, TILE, flat_strides
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = tl = None
+
+
+def takes(x: torch.Tensor, residual: torch.Tensor) -> bool:
+    """Whether `bias_residual` takes this pair: same shape, dtype and strides, a layout `flat_strides` reads, at
+    most MAX_CHANNELS channels and < 2^31 elements."""
+    return (
+        triton is not None and x.ndim >= 3 and x.shape == residual.shape and x.dtype == residual.dtype
+        and x.stride() == residual.stride() and x.device == residual.device and x.shape[1] <= MAX_CHANNELS
+        and x.numel() < 2**31 and flat_strides(x) is not None
+    )  # fmt: skip
+
+
+def bias_residual(
+    x: torch.Tensor, residual: torch.Tensor, biases: tuple[torch.Tensor | None, ...] = (), scale: float = 1.0
+) -> torch.Tensor:  # fmt: skip
+    """(residual + x + sum of the (C,) `biases`) * scale, in x's layout. ValueError for what it does not `take`."""
+    if not takes(x, residual):
+        raise ValueError(
+            f"bias_residual takes two tensors of one shape, dtype and layout with at most {MAX_CHANNELS} channels; "
+            f"got {tuple(x.shape)} {x.stride()} {x.dtype} and {tuple(residual.shape)} {residual.stride()} "
+            f"{residual.dtype}"
+        )
+    C = x.shape[1]
+    biases = tuple(b for b in biases if b is not None)
+    for b in biases:
+        if b.shape != (C,) or not b.is_contiguous():
+            raise ValueError(f"biases must be contiguous ({C},) tensors; got {tuple(b.shape)}")
+    if len(biases) > 2:
+        raise ValueError(f"bias_residual adds at most two biases; got {len(biases)}")
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    N, P = x.shape[0], x[0, 0].numel()
+    b0 = biases[0] if biases else x  # placeholder pointers where there is no bias
+    b1 = biases[1] if len(biases) > 1 else x
+    block_c = triton.next_power_of_2(C)
+    block_p = max(1, min(TILE // block_c, triton.next_power_of_2(P)))
+    _bias_residual_kernel[(triton.cdiv(P, block_p), N)](
+        x, residual, out, b0, b1, P, C, *flat_strides(x), float(scale), NB=len(biases), BLOCK_P=block_p,
+        BLOCK_C=block_c, num_warps=4 if block_p * block_c <= 4096 else 8,
+    )  # fmt: skip
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _bias_residual_kernel(
+        x_ptr, r_ptr, y_ptr, b0_ptr, b1_ptr, P, C, s_n, s_p, s_c, scale, NB: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        n = tl.program_id(1).to(tl.int64)
+        ps = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+        cs = tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        m = (ps < P)[:, None] & cmask[None, :]
+        offs = n * s_n + ps[:, None] * s_p + cs[None, :] * s_c
+        y = tl.load(r_ptr + offs, mask=m, other=0.0).to(tl.float32) + tl.load(x_ptr + offs, mask=m, other=0.0).to(
+            tl.float32
+        )
+        if NB > 0:
+            b = tl.load(b0_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+            if NB > 1:
+                b += tl.load(b1_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+            y += b[None, :]
+        tl.store(y_ptr + offs, (y * scale).to(y_ptr.dtype.element_ty), mask=m)
