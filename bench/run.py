@@ -296,11 +296,11 @@ def gpu_profile(generate: Callable[[], Any], top: int = 12) -> dict[str, Any]:
 
 
 # Kernel names by kind, first match wins. cuBLAS's Hopper GEMMs are "nvjet_*" or "sm90_xmma_gemm_*" (fp8 ones
-# carry e4m3 in the name); cuDNN's and FlashAttention's attention kernels "*fmha*", "*flash*" or "cudnn*sdpa*";
+# carry e4m3 in the name, or "qqtst" and "ovscale", the row-wise scales, for nvjet); cuDNN's and FlashAttention's attention kernels "*fmha*", "*flash*" or "cudnn*sdpa*";
 # our Triton kernels are named after their Python functions.
 KERNEL_KINDS = (
     ("attention", ("fmha", "flash", "attn", "sdpa", "attention")),
-    ("gemm fp8", ("e4m3", "f8f8", "fp8", "_scaled_mm")),
+    ("gemm fp8", ("e4m3", "f8f8", "fp8", "_scaled_mm", "qqtst", "ovscale")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "wgmma", "bmm")),
     ("norm / modulate / residual (Triton)", ("ln_", "layer_norm", "rms", "modulate", "_norm", "residual", "gate")),
     ("quantise / gelu (Triton)", ("quant", "gelu")),

@@ -97,6 +97,7 @@ def test_kernels_are_sorted_by_kind_from_their_names():
     names = {  # names as torch.profiler reports them on an H100/H200 (cuBLAS, cuDNN, ours, PyTorch's)
         "nvjet_sm90_tst_256x128_64x4_2x1_v_bz_coopA_TNT": "gemm",
         "sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128": "gemm fp8",
+        "nvjet_sm90_qqtst_128x128_128x6_1x2_h_bz_ovscale_bias_TNT": "gemm fp8",
         "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3": "attention",
         "_flash_fwd_kernel": "attention",
         "_ln_modulate_kernel": "norm / modulate / residual (Triton)",
