@@ -280,6 +280,10 @@ class PABHook(ModelHook):
             return True
         return not self.rule.broadcasts(state.step, state.timestep, self.block)
 
+    def reuses_output(self, module: nn.Module) -> bool:
+        state = _ACTIVE_STATE.get()
+        return state is not None and not self.should_compute(state)
+
     def new_forward(self, module: nn.Module, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         state = _ACTIVE_STATE.get()
         if state is None:  # outside a generation: behave like the plain model

@@ -256,3 +256,29 @@ def test_blocks_inside_the_model_and_presets_still_resolve():
     assert PABConfig.resolve("latte-1", last).cross.blocks == (27,)
     # The paper preset names MLP blocks 0-4 for the full-size models; a 2-block tiny model keeps it as is.
     assert PABConfig.resolve("opensora-v1.2-tiny", "paper").mlp.blocks == (0, 1, 2, 3, 4)
+
+
+def test_output_reused_is_the_outermost_hooks_answer(toy):
+    """A model may skip computing a module's input only when nothing outside PAB's hook would read it."""
+    from pab.hooks.registry import output_reused
+
+    model, x = toy
+    attn = model.spatial_blocks[0].attn
+    apply_pab(model, PABConfig(spatial=BroadcastRule(2, (0, 1000))))
+    state = PABState()
+    answers = []
+    for i, t in enumerate([900.0, 890.0, 880.0]):
+        with use_state(state):
+            state.begin_step(i, t)
+            answers.append(output_reused(attn))
+            model(x, t)
+    assert answers == [False, True, False] and not output_reused(attn)  # no request running: computes
+
+    class Reads(ModelHook):  # outside PAB: it would read the input
+        name = "reads"
+
+    register_hook(attn, Reads())
+    with use_state(state):
+        state.begin_step(3, 870.0)
+        assert not output_reused(attn)
+    assert not output_reused(model.spatial_blocks[0].mlp)  # no PAB hook answers for it

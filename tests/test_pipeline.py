@@ -267,3 +267,25 @@ def test_vae_kernels_hook_the_vae_and_leave_the_video_unchanged_where_they_do_no
     assert hooked.vae_kernels.norms == len(norms) > 0 and hooked.vae_kernels.fused > 0
     assert plain.vae_kernels is None
     assert np.array_equal(hooked.generate(r).frames, plain.generate(r).frames)
+
+
+def test_a_broadcast_attention_skips_the_norm_that_makes_its_input(pipe, monkeypatch):
+    """A self-attention that PAB broadcasts does not read its input, so the block does not compute its norm
+    (`output_reused`): the norm runs once per computed attention, and the latents are what computing it
+    anyway gives, bit for bit."""
+    from pab.models import latte, stdit3
+
+    r = req(pipe, pab="paper", steps=12)
+    calls = []
+    for cls in (stdit3.STDiT3Block, latte.SpatialBlock, latte.TemporalBlock):
+        real = cls.attn_in
+        monkeypatch.setattr(cls, "attn_in", lambda self, x, mod, real=real: calls.append(1) or real(self, x, mod))
+    skipping = pipe.generate(r)
+    stats = skipping.pab_stats
+    assert len(calls) == stats["spatial"]["computed"] + stats["temporal"]["computed"]
+    assert stats["spatial"]["broadcast"] + stats["temporal"]["broadcast"] > 0
+    for module in (stdit3, latte):
+        monkeypatch.setattr(module, "output_reused", lambda m: False)
+    calls.clear()
+    assert torch.equal(pipe.generate(r).latents, skipping.latents)  # the norm computed for every call, as before
+    assert len(calls) == sum(stats[k]["computed"] + stats[k]["broadcast"] for k in ("spatial", "temporal"))

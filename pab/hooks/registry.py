@@ -34,6 +34,10 @@ class ModelHook:
     def new_forward(self, module: nn.Module, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return forward(*args, **kwargs)
 
+    def reuses_output(self, module: nn.Module) -> bool:
+        """Whether this call of `module` would return a kept output without reading its input (`output_reused`)."""
+        return False
+
     def on_attach(self, module: nn.Module) -> None:
         """Called once when the hook is registered on `module`."""
 
@@ -114,6 +118,14 @@ def remove_hook(module: nn.Module, name: str) -> ModelHook | None:
 def get_hook(module: nn.Module, name: str) -> ModelHook | None:
     registry = get_registry(module, create=False)
     return registry.get(name) if registry is not None else None
+
+
+def output_reused(module: nn.Module) -> bool:
+    """Whether calling `module` now returns a kept output without reading its input (PAB broadcasting it), so a
+    model may skip computing that input (the norm before an attention). Only the outermost hook's answer counts:
+    a hook outside it may read the input."""
+    registry = get_registry(module, create=False)
+    return registry is not None and bool(registry.hooks) and registry.hooks[-1].reuses_output(module)
 
 
 @contextlib.contextmanager

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from pab.kernels import flash_attention as flash
 from pab.kernels import short_attention as short_attn
 from pab.kernels import DEFAULT_KERNELS, KernelOptions, no_grad_needed, norms
+from pab.hooks.registry import output_reused
 from pab.kernels.fp8 import wants_fp8
 
 #################################################################################
@@ -617,7 +618,7 @@ class SpatialBlock(LatteBlock):
         """
         B, F_, S, C = x.shape
         mod = _modulation(self.scale_shift_table, temb)  # (B, 6, 1, 1, C)
-        x = self.attn_out(x, self.attn1(self.attn_in(x, mod)), mod)
+        x = self.attn_out(x, self.attn1(None if output_reused(self.attn1) else self.attn_in(x, mod)), mod)
         x, h = self.mlp_in(x, self.attn2(x.view(B * F_, S, C), context, context_bias), mod)
         return self.mlp_out(x, self.ff(h), mod)
 
@@ -662,7 +663,7 @@ class TemporalBlock(LatteBlock):
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """x (B, F, S, C), temb (B, 6C) -> (B, F, S, C). attn1 and ff see the frame-major (B*S, F, C)."""
         mod = _modulation(self.scale_shift_table, temb)  # (B, 6, 1, 1, C)
-        x = self.attn_out(x, self.attn1(self.attn_in(x, mod)), mod)
+        x = self.attn_out(x, self.attn1(None if output_reused(self.attn1) else self.attn_in(x, mod)), mod)
         return self.mlp_out(x, self.ff(self.mlp_in(x, mod)), mod)
 
     def attn_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from pab.kernels import flash_attention as flash
 from pab.kernels import short_attention as short_attn
+from pab.hooks.registry import output_reused
 from pab.kernels.fp8 import wants_fp8
 from pab.kernels import DEFAULT_KERNELS, TEMPORAL_ATTENTION_IMPLS, KernelOptions, no_grad_needed, norms
 
@@ -505,8 +506,9 @@ class STDiT3Block(nn.Module):
         B, T, S, C = x.shape
         # (B, 6, T|1, 1, C): shift/scale/gate of the attention, then of the MLP, broadcasting over S
         mod = modulation(self.scale_shift_table, _split6(t_mod), _split6(t0_mod), x_mask)
-        # self-attention; the attention module sees sequence-major tokens (the PAB/DSP seam)
-        x = self.attn_out(x, self.attn(self.attn_in(x, mod)), mod)
+        # self-attention; the attention module sees sequence-major tokens (the PAB/DSP seam). A broadcast
+        # attention does not read its input, so its norm is not computed.
+        x = self.attn_out(x, self.attn(None if output_reused(self.attn) else self.attn_in(x, mod)), mod)
         # cross-attention (no norm, no gate) and the MLP, on (B, T·S, C)
         x, x_m = self.mlp_in(x, self.cross_attn(x.view(B, T * S, C), y, mask), mod)
         return self.mlp_out(x, self.mlp(x_m), mod)
