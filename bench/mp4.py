@@ -32,6 +32,8 @@ SETTINGS: dict[str, dict[str, str]] = {
     "medium, rc-lookahead 8 (ours)": {},
     "fast": {"preset": "fast", "rc-lookahead": "30"},
     "veryfast": {"preset": "veryfast", "rc-lookahead": "10"},
+    "faster, rc-lookahead 8": {"preset": "faster", "rc-lookahead": "8"},
+    "veryfast, rc-lookahead 8": {"preset": "veryfast", "rc-lookahead": "8"},
 }
 
 
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=4, help="frames per decoded chunk (the VAE's micro-batch)")
     p.add_argument("--decode-s", type=float, default=1.5, help="the whole decode's time, spread over the chunks")
     p.add_argument("--content", default="noise,pan,moving")
+    p.add_argument("--settings", default=";".join(SETTINGS), help="semicolon list of SETTINGS' names")
     p.add_argument("--out", default=None, help="JSON record (default bench/results/mp4-<host>.json)")
     a = p.parse_args(argv)
     h, w = (int(v) for v in a.size.split("x"))
@@ -102,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'content':8s} {'x264':30s} {'tail s':>7s} {'total s':>8s} {'MB':>6s} {'PSNR dB':>8s}")
     for kind in a.content.split(","):
         frames = content(kind, a.frames, h, w)
-        for name, x264 in SETTINGS.items():
+        for name in a.settings.split(";"):
+            if name not in SETTINGS:
+                raise SystemExit(f"unknown setting {name!r}; known: {', '.join(SETTINGS)}")
+            x264 = SETTINGS[name]
             r = {"content": kind, "x264": name, "options": x264, **encode(frames, a.fps, x264, a.chunk, pace)}
             rows.append(r)
             print(f"{kind:8s} {name:30s} {r['tail_s']:7.2f} {r['total_s']:8.2f} {r['mb']:6.2f} {r['psnr_db']:8.2f}",

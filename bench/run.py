@@ -125,6 +125,7 @@ def _run_case(
     idle: bool = False,
     precisions: tuple[str, ...] = ("bf16",),
     kernels: KernelOptions = DEFAULT_KERNELS,
+    x264: dict[str, str] | None = None,
 ) -> list[dict]:
     from pab.pipeline import GenerationRequest, Pipeline
 
@@ -169,7 +170,7 @@ def _run_case(
         for _ in range(repeat):
             torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
             pipe.clear_text_cache()  # end to end starts from a prompt not seen before: its encoding is timed
-            res = generate_to_mp4(pipe, GenerationRequest(**base, cache=pab), decode)
+            res = generate_to_mp4(pipe, GenerationRequest(**base, cache=pab), decode, x264)
             if best is None or res.timings["denoise_s"] < best.timings["denoise_s"]:
                 best = res
         res = best
@@ -200,6 +201,7 @@ def _run_case(
             "cache": res.cache,
             "cache_stats": res.cache_stats,
             **engine.model_dump(),  # compile, cuda_graphs, vae_kernels
+            "x264": writer_options(x264) if decode else None,
             "spatial_attention": kernels.spatial_attention,
             "cross_attention": kernels.cross_attention,
             "first_dit_s": first_s,  # with graphs: the capturing request's DiT time
@@ -235,10 +237,10 @@ def _run_case(
     return records if rank == 0 else []
 
 
-def generate_to_mp4(pipe: Any, request: Any, decode: bool) -> Any:
+def generate_to_mp4(pipe: Any, request: Any, decode: bool, x264: dict[str, str] | None = None) -> Any:
     """One generation; with `decode`, the frames are encoded to an mp4 on a thread as they are decoded (as
-    `pab generate` and the workers do), and the timings gain mp4_s (the wait for the encoder after the decode)
-    and to_mp4_s (prompt to mp4 on disk). Without PyAV, no mp4."""
+    `pab generate` and the workers do; `x264` options over Mp4Writer's), and the timings gain mp4_s (the wait
+    for the encoder after the decode) and to_mp4_s (prompt to mp4 on disk). Without PyAV, no mp4."""
     import importlib.util
     import tempfile
 
@@ -248,7 +250,7 @@ def generate_to_mp4(pipe: Any, request: Any, decode: bool) -> Any:
 
     with tempfile.TemporaryDirectory(prefix="pab-bench-") as tmp:
         t0 = time.perf_counter()
-        writer = Mp4Writer(Path(tmp) / "video.mp4", pipe.resolve(request).fps, background=True)
+        writer = Mp4Writer(Path(tmp) / "video.mp4", pipe.resolve(request).fps, background=True, x264=x264)
         try:
             res = pipe.generate(request, frame_sink=writer.write)
             t = time.perf_counter()
@@ -258,6 +260,21 @@ def generate_to_mp4(pipe: Any, request: Any, decode: bool) -> Any:
         res.timings["mp4_s"] = time.perf_counter() - t
         res.timings["to_mp4_s"] = time.perf_counter() - t0
     return res
+
+
+def x264_options(text: str) -> dict[str, str]:
+    """"preset=faster,rc-lookahead=8" -> {"preset": "faster", "rc-lookahead": "8"} (argparse type)."""
+    pairs = [item.partition("=") for item in text.split(",") if item]
+    if not pairs or any(not k or not sep or not v for k, sep, v in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated KEY=VALUE libx264 options")
+    return {k: v for k, _, v in pairs}
+
+
+def writer_options(x264: dict[str, str] | None) -> dict[str, str]:
+    """The libx264 options an Mp4Writer given `x264` encodes with (its defaults, then these)."""
+    from pab.video import DEFAULT_X264
+
+    return {**DEFAULT_X264, **(x264 or {})}
 
 
 def gpu_idle_pct(generate: Callable[[], Any]) -> float | None:
@@ -613,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
                    "in fp8 too) (pab.precision.Fp8Config); fp8 records "
                    "its latents' error against bf16")
     p.add_argument("--dit-only", action="store_true", help="skip the VAE decode (no e2e time)")
+    p.add_argument("--x264", type=x264_options, default=None,
+                   help="libx264 options over Mp4Writer's defaults for the end-to-end mp4, e.g. preset=faster,rc-lookahead=8")
     p.add_argument("--vae", action="store_true", help="also the VAE decode benchmark (480p 2s, 720p 4s)")
     p.add_argument("--repeat", type=int, default=1, help="timed generations per setting (best is kept)")
     p.add_argument("--out", default="bench/results/h100.json")
@@ -636,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         for sp in (int(s) for s in args.sp.split(",")):
             if sp == 1:
                 recs = _run_case(0, 1, case, pabs, False, args.repeat, engine, not args.dit_only, idle=args.idle,
-                                 precisions=tuple(args.precision.split(",")), kernels=kernels)  # fmt: skip
+                                 precisions=tuple(args.precision.split(",")), kernels=kernels, x264=args.x264)  # fmt: skip
             else:
                 from pab.parallel import launch_local
 
@@ -653,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.idle,
                     tuple(args.precision.split(",")),
                     kernels,
+                    args.x264,
                     threads=None,
                     timeout_s=1800,
                 )[0]

@@ -27,3 +27,13 @@ def test_a_small_run_writes_every_setting_of_every_content(tmp_path, capsys):
     pan = [r for r in record["rows"] if r["content"] == "pan"]
     assert min(r["mb"] for r in noise) > max(r["mb"] for r in pan)  # noise is the costly case for x264
     assert "medium, rc-lookahead 8 (ours)" in capsys.readouterr().out
+
+
+def test_settings_pick_a_subset_and_an_unknown_one_is_named(tmp_path):
+    out = tmp_path / "mp4.json"
+    args = ["--frames", "4", "--size", "32x48", "--decode-s", "0.01", "--content", "pan", "--out", str(out)]
+    assert mp4.main([*args, "--settings", "veryfast, rc-lookahead 8;medium, rc-lookahead 8 (ours)"]) == 0
+    assert [r["x264"] for r in json.loads(out.read_text())["rows"]] == ["veryfast, rc-lookahead 8",
+                                                                       "medium, rc-lookahead 8 (ours)"]  # fmt: skip
+    with pytest.raises(SystemExit, match="unknown setting 'slow'"):
+        mp4.main([*args, "--settings", "slow"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from bench.run import CASES, Case, _flops_by_kind, _run_case, fixed_schedule, schedules_for, speedup
+from bench.run import CASES, Case, _flops_by_kind, _run_case, fixed_schedule, schedules_for, speedup, x264_options
 from pab.engine import EngineOptions
 from pab.kernels import KernelOptions
 from pab.parallel import launch_local
@@ -135,9 +135,19 @@ def test_the_peers_step_skipping_caches_fail_on_latte_and_the_bench_says_why(cac
     assert rec["impl"] == "diffusers" and rec["pab"] == cache and rec["error"] == f"RuntimeError: {cache} no"
 
 
+def test_x264_options_parse_and_a_bad_one_is_named():
+    import argparse
+
+    assert x264_options("preset=faster,rc-lookahead=8") == {"preset": "faster", "rc-lookahead": "8"}
+    with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
+        x264_options("faster")
+
+
 def test_end_to_end_includes_the_mp4_encoded_while_decoding():
     case = Case("tiny", "opensora-v1.2-tiny", "tiny", 17, 64, 64, 2)
     [rec] = _run_case(0, 1, case, [("off", "off")], False, 1, EngineOptions(), True,
-                      kernels=KernelOptions(spatial_attention="triton"))  # on the CPU: SDPA, as `supported` says
+                      kernels=KernelOptions(spatial_attention="triton"),  # on the CPU: SDPA, as `supported` says
+                      x264=x264_options("preset=veryfast"))  # fmt: skip
     assert rec["spatial_attention"] == "triton"
+    assert rec["x264"] == {"rc-lookahead": "8", "preset": "veryfast"}  # over Mp4Writer's defaults
     assert rec["mp4_s"] >= 0 and 0 < rec["e2e_s"] <= rec["to_mp4_s"]  # prompt to mp4 on disk, after the decode
