@@ -25,7 +25,8 @@ adds per channel.
 
 Everything is computed in float32 and rounded once. Half precision on CUDA is the default use (`supported`);
 the tests run the same kernels in Triton's CPU interpreter against `F.group_norm`. `pab.vae_kernels` attaches
-them (on by default: Open-Sora's 480p decode went from 1.45 to 0.83 s on an H200, `python -m bench.vae`).
+them (on by default: Open-Sora's 480p decode went from 1.45 to 0.83 s on an H200 with these kernels, and to 0.54 s
+on an H100 with the conv folds beside them, `python -m bench.vae`).
 """
 
 from __future__ import annotations
