@@ -423,7 +423,7 @@ class Pipeline:
         the request's own step-reuse state and config, for a caller that measures the steps (`pab calibrate`).
         `frame_sink(frames)` gets the uint8 frames (f, H, W, 3) in order as the VAE decodes them (an encoder
         on another thread then works while the GPU decodes the rest); the result holds them all as well."""
-        from pab.video import to_uint8_frames
+        from pab.video import to_uint8_frames_async
 
         r = self.resolve(request)
         timings: dict[str, float] = {}
@@ -485,15 +485,24 @@ class Pipeline:
             # The frames stay at the size the latents cover (`output_size`); scaling them to the size asked
             # would only blur every frame, and hid the rounding (the notices report it instead).
             parts: list[np.ndarray] = []
-            left = r.num_frames
+
+            def take(ready: Callable[[], np.ndarray]) -> None:
+                parts.append(ready())
+                if frame_sink is not None:
+                    frame_sink(parts[-1])
+
+            # Each piece's frames are taken once the next piece's decode is queued, so the GPU does not wait
+            # on the host for their copy (to_uint8_frames_async).
+            left, pending = r.num_frames, None
             for video in self.vae.decode_chunks(z.to(self.dtype), num_frames=r.num_frames):  # (1, 3, f, H', W')
                 if left <= 0:
                     break
-                part = to_uint8_frames(video[0, :, :left].float())
-                left -= part.shape[0]
-                parts.append(part)
-                if frame_sink is not None:
-                    frame_sink(part)
+                ready = to_uint8_frames_async(video[0, :, :left])
+                left -= min(left, video.shape[2])
+                if pending is not None:
+                    take(pending)
+                pending = ready
+            take(pending)
             frames = np.concatenate(parts) if len(parts) > 1 else parts[0]
             self._sync()
             timings["decode_s"] = time.perf_counter() - t1

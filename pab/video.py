@@ -22,7 +22,7 @@ import os
 import uuid
 from fractions import Fraction
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -227,6 +227,32 @@ def read_video(src: str | os.PathLike | BinaryIO | bytes) -> tuple[np.ndarray, f
 
 def to_uint8_frames(video: torch.Tensor | np.ndarray) -> np.ndarray:
     """(1, 3, F, H, W) or (3, F, H, W) in [-1, 1] -> (F, H, W, 3) uint8 on the CPU."""
+    return _uint8_on_device(video).cpu().numpy()
+
+
+def to_uint8_frames_async(video: torch.Tensor) -> Callable[[], np.ndarray]:
+    """`to_uint8_frames`, queued on the video's device without waiting: the conversion and the copy into pinned
+    host memory run in stream order, and the returned callable waits for them and gives the frames. A decode
+    loop can so queue the next frames' decode before it takes these (the GPU is never idle on the copy). On the
+    CPU the frames are ready at once."""
+    x = _uint8_on_device(video)
+    if not x.is_cuda:
+        frames = x.numpy()
+        return lambda: frames
+    host = torch.empty(x.shape, dtype=torch.uint8, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def wait() -> np.ndarray:
+        done.synchronize()
+        return host.numpy()
+
+    return wait
+
+
+def _uint8_on_device(video: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """(1, 3, F, H, W) or (3, F, H, W) in [-1, 1] -> (F, H, W, 3) uint8 on the video's device."""
     if isinstance(video, np.ndarray):
         video = torch.from_numpy(video)
     if video.ndim == 5:
@@ -240,7 +266,7 @@ def to_uint8_frames(video: torch.Tensor | np.ndarray) -> np.ndarray:
     # the same order in float32, so the bytes are identical on either device.
     x = video.detach().to(torch.float32).clamp(-1, 1)
     x = ((x + 1) / 2).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
-    return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+    return x.permute(1, 2, 3, 0).contiguous()
 
 
 def frame_indices(num_frames: int, n: int) -> list[int]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pab.video import Mp4Writer, read_video, to_uint8_frames, write_mp4
+from pab.video import Mp4Writer, read_video, to_uint8_frames, to_uint8_frames_async, write_mp4
 
 
 def _frames(f=6, h=32, w=48, seed=0):
@@ -130,6 +130,7 @@ def test_to_uint8_frames():
     assert np.array_equal(to_uint8_frames(v[0].to(torch.bfloat16)), out)  # unbatched, any dtype
     with pytest.raises(ValueError, match="one at a time"):
         to_uint8_frames(torch.zeros(2, 3, 1, 2, 2))
+    assert np.array_equal(to_uint8_frames_async(v)(), out)  # on the CPU: ready at once
 
 
 def test_uint8_round_trip_through_mp4(tmp_path):
@@ -149,6 +150,10 @@ def test_to_uint8_frames_on_the_gpu_gives_the_same_bytes():
     v[0, 0, 0, 0, :4] = torch.tensor([-1.0, 1.0, 0.0, 2.0])  # the clamp ends and an exact midpoint
     assert np.array_equal(to_uint8_frames(v.cuda()), to_uint8_frames(v))
     assert np.array_equal(to_uint8_frames(v.cuda().to(torch.bfloat16)), to_uint8_frames(v.to(torch.bfloat16)))
+    # Queued without waiting (pinned memory, an event): the same bytes once taken, even with more work queued.
+    ready = to_uint8_frames_async(v.cuda())
+    torch.cuda._sleep(10_000_000)  # the GPU busy for a while after the copy was queued
+    assert np.array_equal(ready(), to_uint8_frames(v))
 
 
 def test_thumbnail_spritesheet_and_sampled_frames(tmp_path):
