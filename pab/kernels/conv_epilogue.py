@@ -18,6 +18,8 @@ from pab.kernels.group_norm import MAX_CHANNELS, TILE, flat_strides
 try:
     import triton
     import triton.language as tl
+
+    from pab.kernels.group_norm import pixel_tile
 except ImportError:  # pragma: no cover - depends on the install
     triton = tl = None
 
@@ -71,11 +73,7 @@ if triton is not None:
         x_ptr, r_ptr, y_ptr, b0_ptr, b1_ptr, P, C, s_n, s_p, s_c, scale, NB: tl.constexpr, BLOCK_P: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):  # fmt: skip
-        n = tl.program_id(1).to(tl.int64)
-        ps = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
-        cs = tl.arange(0, BLOCK_C)
-        cmask = cs < C
-        m = (ps < P)[:, None] & cmask[None, :]
+        n, ps, cs, cmask, m = pixel_tile(P, C, BLOCK_P, BLOCK_C)
         offs = n * s_n + ps[:, None] * s_p + cs[None, :] * s_c
         y = tl.load(r_ptr + offs, mask=m, other=0.0).to(tl.float32) + tl.load(x_ptr + offs, mask=m, other=0.0).to(
             tl.float32

@@ -231,16 +231,21 @@ if triton is not None:
         tl.store(rstd_ptr + n * G + g, 1.0 / tl.sqrt(var + eps))
 
     @triton.jit
+    def pixel_tile(P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's tile of a (pixel blocks, N) grid: sample, pixel and channel indices, and the masks."""
+        n = tl.program_id(1).to(tl.int64)
+        ps = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+        cs = tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        return n, ps, cs, cmask, (ps < P)[:, None] & cmask[None, :]
+
+    @triton.jit
     def _apply_kernel(
         x_ptr, y_ptr, w_ptr, b_ptr, ib_ptr, mean_ptr, rstd_ptr, P, C, CPG, G, s_n, s_p, s_c, o_n, o_p, o_c,
         HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_IB: tl.constexpr, SILU: tl.constexpr, BLOCK_P: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):  # fmt: skip
-        n = tl.program_id(1).to(tl.int64)
-        ps = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
-        cs = tl.arange(0, BLOCK_C)
-        cmask = cs < C
-        m = (ps < P)[:, None] & cmask[None, :]
+        n, ps, cs, cmask, m = pixel_tile(P, C, BLOCK_P, BLOCK_C)
         grp = cs // CPG
         mu = tl.load(mean_ptr + n * G + grp, mask=cmask, other=0.0)
         scale = tl.load(rstd_ptr + n * G + grp, mask=cmask, other=0.0)
