@@ -34,6 +34,7 @@ SETTINGS: dict[str, dict[str, str]] = {
     "veryfast": {"preset": "veryfast", "rc-lookahead": "10"},
     "faster, rc-lookahead 8": {"preset": "faster", "rc-lookahead": "8"},
     "veryfast, rc-lookahead 8": {"preset": "veryfast", "rc-lookahead": "8"},
+    "medium, rc-lookahead 8, sliced threads": {"rc-lookahead": "8", "sliced-threads": "1"},
 }
 
 
