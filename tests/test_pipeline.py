@@ -270,20 +270,23 @@ def test_vae_kernels_hook_the_vae_and_leave_the_video_unchanged_where_they_do_no
 
 
 def test_a_broadcast_attention_skips_the_norm_that_makes_its_input(pipe, monkeypatch):
-    """A self-attention that PAB broadcasts does not read its input, so the block does not compute its norm
-    (`output_reused`): the norm runs once per computed attention, and the latents are what computing it
-    anyway gives, bit for bit."""
+    """A self-attention or MLP that PAB broadcasts does not read its input, so the block does not compute its
+    norm (`output_reused`): the attention's norm runs once per computed attention, and the latents are what
+    computing every norm gives, bit for bit."""
     from pab.models import latte, stdit3
 
     r = req(pipe, pab="paper", steps=12)
-    calls = []
+    calls, mlp_calls = [], []
     for cls in (stdit3.STDiT3Block, latte.SpatialBlock, latte.TemporalBlock):
         real = cls.attn_in
         monkeypatch.setattr(cls, "attn_in", lambda self, x, mod, real=real: calls.append(1) or real(self, x, mod))
+        real_mlp = cls.mlp_in
+        monkeypatch.setattr(cls, "mlp_in", lambda self, *a, real=real_mlp: mlp_calls.append(1) or real(self, *a))
     skipping = pipe.generate(r)
     stats = skipping.pab_stats
     assert len(calls) == stats["spatial"]["computed"] + stats["temporal"]["computed"]
-    assert stats["spatial"]["broadcast"] + stats["temporal"]["broadcast"] > 0
+    assert len(mlp_calls) == stats["mlp"]["computed"]
+    assert stats["spatial"]["broadcast"] + stats["temporal"]["broadcast"] > 0 and stats["mlp"]["broadcast"] > 0
     for module in (stdit3, latte):
         monkeypatch.setattr(module, "output_reused", lambda m: False)
     calls.clear()

@@ -619,7 +619,10 @@ class SpatialBlock(LatteBlock):
         B, F_, S, C = x.shape
         mod = _modulation(self.scale_shift_table, temb)  # (B, 6, 1, 1, C)
         x = self.attn_out(x, self.attn1(None if output_reused(self.attn1) else self.attn_in(x, mod)), mod)
-        x, h = self.mlp_in(x, self.attn2(x.view(B * F_, S, C), context, context_bias), mod)
+        c = self.attn2(x.view(B * F_, S, C), context, context_bias)
+        if output_reused(self.ff):  # a broadcast MLP does not read its input: the residual alone, no norm
+            return self.mlp_out(x + c.view(x.shape), self.ff(None), mod)
+        x, h = self.mlp_in(x, c, mod)
         return self.mlp_out(x, self.ff(h), mod)
 
     def modulated_input(self, x, temb, context=None, context_bias=None) -> torch.Tensor:
@@ -664,7 +667,7 @@ class TemporalBlock(LatteBlock):
         """x (B, F, S, C), temb (B, 6C) -> (B, F, S, C). attn1 and ff see the frame-major (B*S, F, C)."""
         mod = _modulation(self.scale_shift_table, temb)  # (B, 6, 1, 1, C)
         x = self.attn_out(x, self.attn1(None if output_reused(self.attn1) else self.attn_in(x, mod)), mod)
-        return self.mlp_out(x, self.ff(self.mlp_in(x, mod)), mod)
+        return self.mlp_out(x, self.ff(None if output_reused(self.ff) else self.mlp_in(x, mod)), mod)
 
     def attn_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """norm1 + modulate, written as the (B*S, F, C) attention input."""

@@ -509,8 +509,11 @@ class STDiT3Block(nn.Module):
         # self-attention; the attention module sees sequence-major tokens (the PAB/DSP seam). A broadcast
         # attention does not read its input, so its norm is not computed.
         x = self.attn_out(x, self.attn(None if output_reused(self.attn) else self.attn_in(x, mod)), mod)
-        # cross-attention (no norm, no gate) and the MLP, on (B, T·S, C)
-        x, x_m = self.mlp_in(x, self.cross_attn(x.view(B, T * S, C), y, mask), mod)
+        # cross-attention (no norm, no gate) and the MLP, on (B, T·S, C); a broadcast MLP's norm is skipped too
+        c = self.cross_attn(x.view(B, T * S, C), y, mask)
+        if output_reused(self.mlp):
+            return self.mlp_out(x + c.view(x.shape), self.mlp(None), mod)
+        x, x_m = self.mlp_in(x, c, mod)
         return self.mlp_out(x, self.mlp(x_m), mod)
 
     def modulated_input(self, x, y, mask, t_mod, t0_mod=None, x_mask=None) -> torch.Tensor:
