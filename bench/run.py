@@ -277,12 +277,6 @@ def writer_options(x264: dict[str, str] | None) -> dict[str, str]:
     return {**DEFAULT_X264, **(x264 or {})}
 
 
-def gpu_idle_pct(generate: Callable[[], Any]) -> float | None:
-    """Share of the denoising loop ("pab.denoise") in which no kernel ran on the GPU, from torch.profiler's
-    kernel trace of one `generate()` call (None where the trace has no kernels, e.g. on a CPU)."""
-    return gpu_profile(generate)["gpu_idle_pct"]
-
-
 def gpu_profile(generate: Callable[[], Any], top: int = 12) -> dict[str, Any]:
     """One `generate()` under torch.profiler: the loop's GPU idle share, its kernel time by kind (`kernel_kind`)
     and its `top` kernels by total time, in ms per generation (None / empty where there are no kernels)."""
@@ -302,19 +296,20 @@ def gpu_profile(generate: Callable[[], Any], top: int = 12) -> dict[str, Any]:
     by_kind: dict[str, float] = {}
     by_name: dict[str, float] = {}
     for e in inside:
-        us = e.time_range.end - e.time_range.start
-        by_kind[kernel_kind(e.name)] = by_kind.get(kernel_kind(e.name), 0.0) + us
+        us, kind = e.time_range.end - e.time_range.start, kernel_kind(e.name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + us
         by_name[e.name] = by_name.get(e.name, 0.0) + us
     return {
         "gpu_idle_pct": idle_pct(lo, hi, [(e.time_range.start, e.time_range.end) for e in kernels]),
         "gpu_ms_by_kind": {k: round(v / 1e3, 1) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-        "top_kernels": [[name[:120], round(us / 1e3, 1)] for name, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]],
+        "top_kernels": [[name[:120], round(us / 1e3, 1)]
+                        for name, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]],  # fmt: skip
     }
 
 
 # Kernel names by kind, first match wins. cuBLAS's Hopper GEMMs are "nvjet_*" or "sm90_xmma_gemm_*" (fp8 ones
-# carry e4m3 in the name, or "qqtst" and "ovscale", the row-wise scales, for nvjet); cuDNN's and FlashAttention's attention kernels "*fmha*", "*flash*" or "cudnn*sdpa*";
-# our Triton kernels are named after their Python functions.
+# carry e4m3 in the name, or "qqtst" and "ovscale", the row-wise scales, for nvjet); cuDNN's and FlashAttention's
+# attention kernels "*fmha*", "*flash*" or "cudnn*sdpa*"; our Triton kernels are named after their Python functions.
 KERNEL_KINDS = (
     ("attention", ("fmha", "flash", "attn", "sdpa", "attention")),
     ("gemm fp8", ("e4m3", "f8f8", "fp8", "_scaled_mm", "qqtst", "ovscale")),

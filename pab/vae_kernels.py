@@ -116,9 +116,7 @@ class GroupNormHook(ModelHook):
         if self.bias_in is not None:
             input_bias, self.bias_in.bias = self.bias_in.bias, None
         if torch.compiler.is_compiling() or not self.use_kernel(x, module.num_groups):
-            if input_bias is not None:
-                x = x + input_bias.view(-1, *(1,) * (x.ndim - 2)).to(x.dtype)
-            return forward(x)
+            return forward(x if input_bias is None else x + _per_channel(input_bias, x))
         fuse = self.handoff is not None
         y = gn.group_norm(x, module.num_groups, module.weight, module.bias, module.eps, silu=fuse,
                           input_bias=input_bias)  # fmt: skip
@@ -190,9 +188,14 @@ class ResnetBlockHook(ModelHook):
             residual, biases = short._conv_forward(x, short.weight, None), (conv2.bias, short.bias)
         if not ep.takes(h, residual):  # layouts the kernel does not read (e.g. mixed): the same sum in PyTorch
             for b in biases:
-                h = h if b is None else h + b.view(-1, *(1,) * (h.ndim - 2))
+                h = h if b is None else h + _per_channel(b, h)
             return (residual + h) / module.output_scale_factor
         return ep.bias_residual(h, residual, biases, 1.0 / module.output_scale_factor)
+
+
+def _per_channel(b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A (C,) bias shaped to broadcast over x (N, C, *spatial), in x's dtype."""
+    return b.view(-1, *(1,) * (x.ndim - 2)).to(x.dtype)
 
 
 def _plain_resnet(module: nn.Module) -> bool:
@@ -306,12 +309,11 @@ def apply_vae_kernels(
 ) -> VAEKernelsHandle:  # fmt: skip
     """Hook every GroupNorm of `model` (a VAE, or any module) onto the kernels, fusing the SiLUs that
     `_fused_pairs` allows and, with `conv_bias`, the convolution biases that `_bias_pairs` allows and those of
-    the resnets' last convs (`ResnetBlockHook`); with
-    `subpixel`, its nearest-2x upsamplers run as subpixel convolutions; with `channels_last`, its convolutions'
-    weights are made channels-last too (see the module doc). Each applies where `use_kernel` says the norms'
-    kernels do (for an upsampler: `use_kernel(x, 1)`), so a CPU or float32 decode is unchanged.
-    `use_kernel(x, num_groups)` says whether a norm's input takes the kernel (default: CUDA, half precision, no
-    autograd)."""
+    the resnets' last convs (`ResnetBlockHook`); with `subpixel`, its nearest-2x upsamplers run as subpixel
+    convolutions; with `channels_last`, its convolutions' weights are made channels-last too (see the module
+    doc). Each applies where `use_kernel` says the norms' kernels do (for an upsampler: `use_kernel(x, 1)`), so a
+    CPU or float32 decode is unchanged. `use_kernel(x, num_groups)` says whether a norm's input takes the kernel
+    (default: CUDA, half precision, no autograd)."""
     handle = VAEKernelsHandle(model)
     handoffs: dict[int, _Handoff] = {}  # id(activation) -> its handoff, shared by the norms that feed it
     fused: dict[int, _Handoff] = {}  # id(norm) -> the handoff of the activation it feeds
