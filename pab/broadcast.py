@@ -265,6 +265,7 @@ class PABHook(ModelHook):
     """Reuse a module's last computed output when the rule allows it; count every call."""
 
     name = PAB_HOOK
+    reads_input = False  # it hands the input to the module or, broadcasting, ignores it
 
     def __init__(self, kind: str, rule: BroadcastRule | None, block: int | None) -> None:
         self.kind = kind

@@ -21,7 +21,8 @@ steps may stay in bf16 too, if a model's error asks. Three shapes of module take
 * any other eligible linear runs alone.
 
 Where a model's norm kernel writes the input of such a module, it writes its e4m3 rows in the same pass when
-the module asks (`pab.kernels.fp8.wants_fp8`). Outputs are in the model's dtype; Hopper's fast accumulation
+the module asks (`pab.kernels.fp8.fp8_input`), and where the module is that input's only reader, the rows alone
+(`Fp8Config.e4m3_only_inputs`). Outputs are in the model's dtype; Hopper's fast accumulation
 is on by default (`Fp8Config.fast_accum`).
 
 The hooks are innermost (they replace a linear's own math, beneath PAB and sequence parallelism) and hold no
@@ -72,6 +73,10 @@ class Fp8Config:
     Off by default: their attentions have no q/k norm, and fp8 q and k cost the trained small models 3-4 dB
     (Open-Sora-Plan small 28.3 dB against its float32 video, under the 30 dB bar; docs/quality.md) for 8% of
     Latte's DiT time (6.13 -> 5.66 s on an H200). STDiT3's qkv, whose q and k are RMS-normed, stays fp8."""
+    e4m3_only_inputs: bool = True
+    """Where an fp8 module is the only reader of its input and a norm kernel writes that input, the kernel writes
+    the e4m3 rows alone, not the bf16 values too: 2 of its 5 bytes an element written and read (2 of 9 with the
+    residual add), the same rows, so the same result (tests/gpu/test_fp8_pipeline.py). Off: both, as before."""
     bf16_first_steps: int = 0
     bf16_last_steps: int = 0
     fast_accum: bool = True
@@ -114,7 +119,10 @@ class PrecisionState:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """e4m3 rows and scales of `x2d` (+ bias, GELU): those its producer wrote (a norm kernel), or one pass."""
         made = kern.companion(x2d) if gelu == "none" and bias is None else None
-        return made if made is not None else kern.quantize_rows(x2d, gelu, bias)
+        if made is not None:
+            return made
+        kern.check_written(x2d)
+        return kern.quantize_rows(x2d, gelu, bias)
 
     def to_dict(self) -> dict[str, Any]:
         return {"precision": self.precision, **self.stats}
@@ -153,36 +161,59 @@ class _Fp8Weight:
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
+def _shapes_ok(weight: torch.Tensor) -> bool:
+    return weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0  # _scaled_mm takes N and K in multiples of 16
+
+
 def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    # _scaled_mm takes K and N in multiples of 16; autograd has no fp8 backward here (training stays plain).
-    return no_grad_needed(x) and x.shape[-1] % 16 == 0 and weight.shape[0] % 16 == 0 and x.numel() > 0
+    # autograd has no fp8 backward here (training stays plain); the norm kernels never run where it is needed
+    return no_grad_needed(x) and x.shape[-1] == weight.shape[1] and _shapes_ok(weight) and x.numel() > 0
 
 
 class _AsksForFp8(ModelHook):
-    """The hooked module answers `wants_fp8_input()` (pab.kernels.fp8.wants_fp8): a model's norm kernel then
-    writes the e4m3 rows of the module's input in the same pass."""
+    """The hooked module answers `fp8_input_mode()` (pab.kernels.fp8.fp8_input): a model's norm kernel then writes
+    the e4m3 rows of the module's input in the same pass, or those alone. What it reads of its input is those rows;
+    a fallback to the module's own forward (the bf16 math) first checks that the input's values were written."""
 
     name = FP8_HOOK
+    reads_input = False  # it reads the e4m3 rows, which the producer writes in every mode
 
     def active(self) -> PrecisionState | None:
         """The request's state when this hook runs its module in fp8 this forward."""
         return current_fp8()
 
+    def takes(self) -> bool:
+        """Whether every input this hook's GEMMs get goes through fp8 (their shapes allow it), whatever its rows."""
+        return True
+
+    def input_mode(self) -> str | None:
+        state = self.active()
+        if state is None or not self.takes():
+            return None
+        return "only" if state.config.e4m3_only_inputs else "also"
+
+    def fallback(self, forward: Callable[..., Any], x: torch.Tensor) -> torch.Tensor:
+        kern.check_written(x)
+        return forward(x)
+
     def on_attach(self, module: nn.Module) -> None:
-        module.wants_fp8_input = lambda: self.active() is not None
+        module.fp8_input_mode = self.input_mode
 
     def on_detach(self, module: nn.Module) -> None:
-        module.__dict__.pop("wants_fp8_input", None)
+        module.__dict__.pop("fp8_input_mode", None)
 
 
 class Fp8LinearHook(_AsksForFp8):
     def __init__(self, linear: nn.Linear) -> None:
         self.w = _Fp8Weight(linear)
 
+    def takes(self) -> bool:
+        return _shapes_ok(self.w.q)
+
     def new_forward(self, module: nn.Module, forward: Callable[..., Any], x: torch.Tensor) -> torch.Tensor:
         state = self.active()
         if state is None or not _eligible(x, self.w.q):
-            return forward(x)
+            return self.fallback(forward, x)
         return self.w(x, state)
 
 
@@ -210,10 +241,14 @@ class Fp8GroupHook(_AsksForFp8):
         state = current_fp8()
         return state if state is not None and state.config.linear_groups else None
 
+    def takes(self) -> bool:
+        return all(_shapes_ok(w.q) for w in self.weights.values())
+
     def _run(self, x: torch.Tensor, layers: tuple[nn.Linear, ...]) -> torch.Tensor | None:
         state = self.active()
         w = self.weights.get(tuple(map(id, layers)))
         if state is None or w is None or not _eligible(x, w.q):
+            kern.check_written(x)  # the plain GEMM reads x's values
             return None
         return w(x, state)
 
@@ -224,10 +259,13 @@ class Fp8MlpHook(_AsksForFp8):
     def __init__(self, fc1: nn.Linear, gelu: str, fc2: nn.Linear) -> None:
         self.fc1, self.fc2, self.gelu = _Fp8Weight(fc1), _Fp8Weight(fc2), gelu
 
+    def takes(self) -> bool:
+        return _shapes_ok(self.fc1.q) and _shapes_ok(self.fc2.q)
+
     def new_forward(self, module: nn.Module, forward: Callable[..., Any], x: torch.Tensor) -> torch.Tensor:
         state = self.active()
-        if state is None or not (_eligible(x, self.fc1.q) and self.fc2.q.shape[0] % 16 == 0):
-            return forward(x)
+        if state is None or not (_eligible(x, self.fc1.q) and _shapes_ok(self.fc2.q)):
+            return self.fallback(forward, x)
         xq, xs = state.quantized(x.reshape(-1, x.shape[-1]))
         # fc1 without its bias: the pass that applies the GELU and quantises for fc2 adds it (a row-wise
         # scaled GEMM adds a bias in a pass of its own over the 4C-wide output)

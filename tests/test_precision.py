@@ -204,9 +204,9 @@ def test_latte_qkv_run_as_one_fp8_gemm_when_asked_and_bf16_keeps_its_single_gemm
             assert torch.equal(attn(x), plain)  # bf16: inert, and still one grouped GEMM (3C x C) plus to_out
             assert calls[0] == (3 * attn.to_q.out_features, attn.to_q.in_features)
             with use_precision(PrecisionState("fp8")):  # groups are opt-in (Fp8Config.linear_groups)
-                assert torch.equal(attn(x), plain) and not attn.wants_fp8_input()
+                assert torch.equal(attn(x), plain) and attn.fp8_input_mode() is None
             with use_precision(PrecisionState("fp8", config=Fp8Config(linear_groups=True))):
-                assert attn.wants_fp8_input()
+                assert attn.fp8_input_mode() == "only"
                 low = attn(x)
             w = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
             b = None if attn.to_q.bias is None else torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias])
@@ -216,4 +216,48 @@ def test_latte_qkv_run_as_one_fp8_gemm_when_asked_and_bf16_keeps_its_single_gemm
             assert torch.allclose(low, want, atol=1e-6)
         finally:
             handle.remove()
-    assert getattr(attn.to_q, "run_group", None) is None and getattr(attn, "wants_fp8_input", None) is None
+    assert getattr(attn.to_q, "run_group", None) is None and getattr(attn, "fp8_input_mode", None) is None
+
+
+def test_a_norm_writes_e4m3_alone_only_where_the_fp8_module_is_its_sole_reader(stdit3):
+    """What STDiT3's norms are asked to write (pab.kernels.fp8.fp8_input): nothing extra for bf16; the rows alone
+    for the qkv and MLP of an fp8 request, unless a hook on the way reads the values (sequence parallelism sends
+    them), or the request's config asks for both."""
+    from pab.broadcast import BroadcastRule, PABConfig, apply_pab
+
+    block = stdit3.temporal_blocks[0]
+    rule = BroadcastRule(2, (0, 1000))
+    handle, pab = apply_fp8(stdit3), apply_pab(stdit3, PABConfig(temporal=rule, mlp=rule))
+    try:
+        assert kern.fp8_input(block.attn.qkv, block.attn) is None and kern.fp8_input(block.mlp) is None
+        with use_precision(PrecisionState("fp8")):
+            assert kern.fp8_input(block.attn.qkv, block.attn) == "only" and kern.fp8_input(block.mlp) == "only"
+
+            class Sends(ModelHook):
+                name = "sends"
+
+            register_hook(block.attn, Sends())
+            assert kern.fp8_input(block.attn.qkv, block.attn) == "also"
+        with use_precision(PrecisionState("fp8", config=Fp8Config(e4m3_only_inputs=False))):
+            assert kern.fp8_input(block.mlp) == "also"
+    finally:
+        from pab.hooks.registry import remove_hook
+
+        remove_hook(block.attn, "sends")
+        handle.remove()
+        pab.remove()
+
+
+def test_an_fp8_hook_never_runs_bf16_math_on_an_input_written_as_rows_only():
+    lin = nn.Linear(32, 96)
+    x = torch.empty(4, 32)
+    kern.attach(x, *kern.quantize_rows_reference(torch.randn(4, 32)), written=False)
+    hook = Fp8LinearHook(lin)
+    register_hook(lin, hook, innermost=True)
+    try:
+        with torch.no_grad(), use_precision(PrecisionState("fp8")):
+            assert lin(x).shape == (4, 96)  # the GEMM takes the rows
+        with torch.no_grad(), pytest.raises(RuntimeError, match="e4m3 rows only"):
+            lin(x)  # no fp8 request: the plain GEMM would read values that were never written
+    finally:
+        lin.__dict__.pop("forward", None)

@@ -30,6 +30,9 @@ class ModelHook:
     """
 
     name: str = "hook"
+    reads_input: bool = True
+    """Whether this hook may read the values of the module's input itself (send, keep or compare them) rather than
+    only hand it on. A producer may skip writing what no reader needs (`passes_input_on`); unknown hooks read."""
 
     def new_forward(self, module: nn.Module, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return forward(*args, **kwargs)
@@ -126,6 +129,16 @@ def output_reused(module: nn.Module) -> bool:
     a hook outside it may read the input."""
     registry = get_registry(module, create=False)
     return registry is not None and bool(registry.hooks) and registry.hooks[-1].reuses_output(module)
+
+
+def passes_input_on(*modules: nn.Module) -> bool:
+    """Whether no hook on any of `modules` reads their input's values itself: what reaches the input is then only
+    what the modules' own forwards (and the hooks standing in for them) read."""
+    for module in modules:
+        registry = get_registry(module, create=False)
+        if registry is not None and any(h.reads_input for h in registry.hooks):
+            return False
+    return True
 
 
 @contextlib.contextmanager

@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from pab.hooks.registry import passes_input_on
+
 try:
     import triton
     import triton.language as tl
@@ -125,15 +127,18 @@ if triton is not None:
         tl.store(s_ptr + row, amax / 448.0)
 
 
-# A producer that already wrote a tensor's e4m3 rows (the norm kernels, `ln_modulate(..., fp8=True)`) attaches
+# A producer that already wrote a tensor's e4m3 rows (the norm kernels, `ln_modulate(..., fp8="also")`) attaches
 # them to it; the fp8 GEMM that reads the tensor next takes them instead of quantising it again. They are found
-# through any contiguous full view of it (`_base`), and only while it is unchanged (its version counter).
+# through any contiguous full view of it (`_base`), and only while it is unchanged (its version counter). With
+# fp8="only" the producer wrote the rows alone: the tensor is allocated, shaped and marked, but holds no values.
 _COMPANION = "_pab_fp8_rows"
+FP8_INPUTS = ("also", "only")  # what a producer writes beside (or instead of) its output: `fp8_input`
 
 
-def attach(out: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
-    """Record `q` (e4m3, laid out as `out`) and `scale` (one per row of `out`'s memory) as `out`'s rows."""
-    setattr(out, _COMPANION, (q, scale, out._version))
+def attach(out: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, written: bool = True) -> None:
+    """Record `q` (e4m3, laid out as `out`) and `scale` (one per row of `out`'s memory) as `out`'s rows;
+    `written=False`: `out` itself was never written (only these rows hold its values)."""
+    setattr(out, _COMPANION, (q, scale, out._version, written))
 
 
 def companion(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -142,18 +147,38 @@ def companion(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     rows = getattr(base, _COMPANION, None)
     if rows is None:
         return None
-    q, scale, version = rows
+    q, scale, version, _ = rows
     if (base._version != version or x.ndim != 2 or not x.is_contiguous() or x.data_ptr() != base.data_ptr()
             or x.numel() != base.numel() or x.shape[0] != scale.shape[0]):  # fmt: skip
         return None
     return q.view(x.shape), scale
 
 
-def wants_fp8(consumer: object) -> bool:
-    """Whether the module that reads a producer's output asks for its e4m3 rows this forward: a transform that
-    runs it in fp8 (pab.precision) gives it a `wants_fp8_input()`; a model asks before writing its norms."""
-    ask = getattr(consumer, "wants_fp8_input", None)
-    return ask is not None and ask()
+def check_written(x: torch.Tensor) -> None:
+    """Raise if `x` is (a view of) a tensor whose producer wrote only its e4m3 rows: its values were never written,
+    so a reader that cannot take the rows (a copy, another layout, a bf16 fallback) would read garbage."""
+    base = x if x._base is None else x._base
+    rows = getattr(base, _COMPANION, None)
+    if rows is not None and not rows[3]:
+        raise RuntimeError(
+            f"a {tuple(x.shape)} tensor was written as e4m3 rows only (fp8_input 'only') and is read another way; "
+            "a reader or hook that needs its values must set `reads_input` (pab.hooks.registry) or the producer "
+            "must be asked with the module that reads it (pab.kernels.fp8.fp8_input). Work around it with "
+            "Fp8Config(e4m3_only_inputs=False), and report it."
+        )
+
+
+def fp8_input(consumer: object, *carriers: object) -> str | None:
+    """What the producer of `consumer`'s input (a norm kernel) writes this forward: None (the input alone), "also"
+    (the input and its e4m3 rows) or "only" (the rows alone). A transform that runs `consumer` in fp8
+    (pab.precision) gives it an `fp8_input_mode()` answering "also" or "only"; "only" stands where no hook on
+    `consumer` or on the `carriers` (the modules the input passes through to reach it, e.g. the attention around a
+    qkv linear) reads the input itself. The model vouches that their own forwards hand it only to `consumer`."""
+    ask = getattr(consumer, "fp8_input_mode", None)
+    mode = ask() if ask is not None else None
+    if mode == "only" and not passes_input_on(*(m for m in (consumer, *carriers) if isinstance(m, torch.nn.Module))):
+        return "also"
+    return mode
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,5 +220,6 @@ def fp8_capable(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
-__all__ = ["E4M3", "E4M3_MAX", "GELUS", "attach", "companion", "fp8_capable", "fp8_matmul", "quantize_rows",
-           "quantize_rows_reference", "quantize_weight", "supported", "wants_fp8"]  # fmt: skip
+__all__ = ["E4M3", "E4M3_MAX", "FP8_INPUTS", "GELUS", "attach", "check_written", "companion", "fp8_capable",
+           "fp8_input", "fp8_matmul", "quantize_rows", "quantize_rows_reference", "quantize_weight",
+           "supported"]  # fmt: skip

@@ -99,13 +99,14 @@ def _check_hidden(x: torch.Tensor, name: str = "x") -> None:
 
 def ln_modulate(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, frame_major: bool = False,
-    fp8: bool = False,
+    fp8: str | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """LayerNorm(x) * (1 + scale) + shift for x (B, T, S, C) -> (B, T, S, C), or (B, S, T, C) with `frame_major`.
 
-    The LayerNorm has no affine parameters (the adaLN blocks' norm1 / norm2). With `fp8` the same pass also
+    The LayerNorm has no affine parameters (the adaLN blocks' norm1 / norm2). With fp8="also" the same pass also
     writes the output's e4m3 rows and scales, attached to it for an fp8 GEMM that reads it next
-    (`pab.kernels.fp8.companion`), so that GEMM needs no quantisation pass of its own.
+    (`pab.kernels.fp8.companion`), so that GEMM needs no quantisation pass of its own; with fp8="only" it writes
+    those alone and the returned tensor holds no values (for a GEMM that is its only reader: `fp8.fp8_input`).
     """
     if torch.compiler.is_compiling():
         return torch.ops.pab.ln_modulate(x, shift, scale, eps, None, frame_major)[1]
@@ -114,9 +115,10 @@ def ln_modulate(
 
 def add_ln_modulate(
     x: torch.Tensor, residual: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-    fp8: bool = False,
+    fp8: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(x + residual, `ln_modulate` of it): a residual add and the next norm in one pass."""
+    """(x + residual, `ln_modulate` of it): a residual add and the next norm in one pass (the sum is always
+    written; `fp8` is the norm's, as in `ln_modulate`)."""
     if torch.compiler.is_compiling():
         return torch.ops.pab.ln_modulate(x, shift, scale, eps, residual, False)
     return _ln_modulate(x, shift, scale, eps, residual, False, fp8=fp8)
@@ -152,7 +154,9 @@ def _ln_config(block_c: int) -> tuple[int, int]:
     return LN_CONFIG.get(block_c, (1, 2 if block_c <= 2048 else 4))
 
 
-def _ln_modulate(x, shift, scale, eps, residual, frame_major, config=None, fp8=False):
+def _ln_modulate(x, shift, scale, eps, residual, frame_major, config=None, fp8=None):
+    if fp8 is not None and fp8 not in fp8_kern.FP8_INPUTS:
+        raise ValueError(f"fp8={fp8!r}; choose None or one of {fp8_kern.FP8_INPUTS}")
     _check_hidden(x)
     B, T, S, C = x.shape
     if residual is not None:
@@ -167,15 +171,16 @@ def _ln_modulate(x, shift, scale, eps, residual, frame_major, config=None, fp8=F
     block_c = triton.next_power_of_2(C)
     rows, warps = config or _ln_config(block_c)
     n = B * T * S
-    q = torch.empty(out.shape, device=x.device, dtype=fp8_kern.E4M3) if fp8 else out
-    q_scale = torch.empty((n, 1), device=x.device, dtype=torch.float32) if fp8 else out
+    q = torch.empty(out.shape, device=x.device, dtype=fp8_kern.E4M3) if fp8 is not None else out
+    q_scale = torch.empty((n, 1), device=x.device, dtype=torch.float32) if fp8 is not None else out
     _ln_modulate_kernel[(triton.cdiv(n, rows),)](
         x, residual if residual is not None else x, xo, out, shift, scale, q, q_scale,
         n, T, S, C, sh_b, sh_t, sc_b, sc_t, o_b, o_t, o_s, eps,
-        HAS_RES=residual is not None, FP8=fp8, ROWS=rows, BLOCK_C=block_c, num_warps=warps,
+        HAS_RES=residual is not None, FP8=fp8 is not None, OUT=fp8 != "only", ROWS=rows, BLOCK_C=block_c,
+        num_warps=warps,
     )  # fmt: skip
-    if fp8:
-        fp8_kern.attach(out, q, q_scale)
+    if fp8 is not None:
+        fp8_kern.attach(out, q, q_scale, written=fp8 != "only")
     # A custom op may not return an input: without a residual the first output is an empty placeholder.
     return xo, out
 
@@ -222,7 +227,7 @@ if triton is not None:
     def _ln_modulate_kernel(
         x_ptr, res_ptr, xo_ptr, out_ptr, shift_ptr, scale_ptr, q_ptr, qs_ptr,
         n_rows, T, S, C, sh_b, sh_t, sc_b, sc_t, o_b, o_t, o_s, eps,
-        HAS_RES: tl.constexpr, FP8: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+        HAS_RES: tl.constexpr, FP8: tl.constexpr, OUT: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         # ROWS rows of the contiguous (B, T, S, C) input; row = (b * T + t) * S + s
         row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]  # (ROWS, 1)
@@ -246,7 +251,8 @@ if triton is not None:
         y = d * rstd[:, None] * (1.0 + scale) + shift
         o = b * o_b + t * o_t + s * o_s  # (ROWS, 1): where the row starts in the output, a multiple of C
         yo = y.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + o + cols, yo, mask=m)
+        if OUT:
+            tl.store(out_ptr + o + cols, yo, mask=m)
         if FP8:  # the stored values' e4m3 rows, as pab.kernels.fp8.quantize_rows would make them
             yr = tl.where(m, yo.to(tl.float32), 0.0)
             amax = tl.maximum(tl.max(tl.abs(yr), axis=1), 1e-12)[:, None]  # (ROWS, 1)

@@ -46,7 +46,7 @@ from pab.kernels import flash_attention as flash
 from pab.kernels import short_attention as short_attn
 from pab.kernels import DEFAULT_KERNELS, KernelOptions, no_grad_needed, norms
 from pab.hooks.registry import output_reused
-from pab.kernels.fp8 import wants_fp8
+from pab.kernels.fp8 import fp8_input
 
 #################################################################################
 #                                    Config                                     #
@@ -543,10 +543,10 @@ def _modulation(table: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
 
 
 def _norm_modulate_frame_major(
-    norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, kernel: bool, fp8: bool = False
+    norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, kernel: bool, fp8: str | None = None
 ) -> torch.Tensor:
     """shift + norm(x) * (1 + scale) for (B, F, S, C) x, returned in temporal attention's (B*S, F, C) layout;
-    `kernel`: the norm kernels may run (KernelOptions.norms); `fp8`: their e4m3 rows too (the reader asks)."""
+    `kernel`: the norm kernels may run (KernelOptions.norms); `fp8`: their e4m3 rows too, or alone (`fp8_input`)."""
     B, F_, S, C = x.shape
     if kernel and norms.available(x):  # one kernel: norm, modulate and the frame-major write
         return norms.ln_modulate(x, shift, scale, norm.eps, frame_major=True, fp8=fp8).view(B * S, F_, C)
@@ -635,7 +635,7 @@ class SpatialBlock(LatteBlock):
         B, F_, S, C = x.shape
         if self.kernels.norms and norms.available(x):
             return norms.ln_modulate(x, mod[:, 0], mod[:, 1], self.norm1.eps,
-                                     fp8=wants_fp8(self.attn1)).view(B * F_, S, C)  # fmt: skip
+                                     fp8=fp8_input(self.attn1)).view(B * F_, S, C)  # fmt: skip
         return torch.addcmul(mod[:, 0], self.norm1(x), 1 + mod[:, 1]).view(B * F_, S, C)
 
     def attn_out(self, x: torch.Tensor, a: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
@@ -649,7 +649,7 @@ class SpatialBlock(LatteBlock):
         B, F_, S, C = x.shape
         if self.kernels.norms and norms.available(x):
             x, out = norms.add_ln_modulate(x, c.view(x.shape), mod[:, 3], mod[:, 4], self.norm2.eps,
-                                           fp8=wants_fp8(self.ff))  # fmt: skip
+                                           fp8=fp8_input(self.ff))  # fmt: skip
             return x, out.view(B * F_, S, C)
         x = x + c.view(x.shape)
         return x, torch.addcmul(mod[:, 3], self.norm2(x), 1 + mod[:, 4]).view(B * F_, S, C)
@@ -671,7 +671,7 @@ class TemporalBlock(LatteBlock):
 
     def attn_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """norm1 + modulate, written as the (B*S, F, C) attention input."""
-        fp8 = wants_fp8(self.attn1)
+        fp8 = fp8_input(self.attn1)
         return _norm_modulate_frame_major(self.norm1, x, mod[:, 0], mod[:, 1], self.kernels.norms, fp8)
 
     def attn_out(self, x: torch.Tensor, a: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
@@ -680,7 +680,7 @@ class TemporalBlock(LatteBlock):
 
     def mlp_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """norm2 + modulate, written as the (B*S, F, C) MLP input."""
-        return _norm_modulate_frame_major(self.norm2, x, mod[:, 3], mod[:, 4], self.kernels.norms, wants_fp8(self.ff))
+        return _norm_modulate_frame_major(self.norm2, x, mod[:, 3], mod[:, 4], self.kernels.norms, fp8_input(self.ff))
 
     def mlp_out(self, x: torch.Tensor, m: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         return _gated_residual_frame_major(x, mod[:, 5], m, self.kernels.norms)

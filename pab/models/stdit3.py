@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from pab.kernels import flash_attention as flash
 from pab.kernels import short_attention as short_attn
 from pab.hooks.registry import output_reused
-from pab.kernels.fp8 import wants_fp8
+from pab.kernels.fp8 import fp8_input
 from pab.kernels import DEFAULT_KERNELS, TEMPORAL_ATTENTION_IMPLS, KernelOptions, no_grad_needed, norms
 
 # How the temporal attention core is computed (KernelOptions.temporal_attention; the module is still called
@@ -532,7 +532,7 @@ class STDiT3Block(nn.Module):
         B, T, S, C = x.shape
         if self._norms(x):  # written frame-major for temporal attention in the same pass (and in e4m3 if asked)
             out = norms.ln_modulate(x, mod[:, 0], mod[:, 1], self.norm1.eps, frame_major=self.temporal,
-                                    fp8=wants_fp8(self.attn.qkv))  # fmt: skip
+                                    fp8=fp8_input(self.attn.qkv, self.attn))  # fmt: skip
             return out.view(B * S, T, C) if self.temporal else out.view(B * T, S, C)
         x_n = self.norm1(x)
         if not self.temporal:
@@ -558,7 +558,7 @@ class STDiT3Block(nn.Module):
         B, T, S, C = x.shape
         if self._norms(x):
             x, out = norms.add_ln_modulate(x, c.view(B, T, S, C), mod[:, 3], mod[:, 4], self.norm2.eps,
-                                           fp8=wants_fp8(self.mlp))  # fmt: skip
+                                           fp8=fp8_input(self.mlp))  # fmt: skip
             return x, out.view(B, T * S, C)
         x = x + c.view(B, T, S, C)
         return x, torch.addcmul(mod[:, 3], self.norm2(x), 1 + mod[:, 4]).view(B, T * S, C)

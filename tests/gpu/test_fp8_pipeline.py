@@ -30,12 +30,24 @@ def test_fp8_request_on_gpu_is_close_to_bf16(model):
 @pytest.mark.parametrize("model", ["opensora-v1.2-tiny", "latte-1-tiny"])
 def test_norm_kernels_write_the_fp8_rows_the_linears_would_make(model, monkeypatch):
     """The e4m3 rows written by the norm kernels are the ones the linears' own quantisation makes: the fp8
-    forward is bit-identical with them and without them (each linear then quantises its input itself)."""
+    forward is bit-identical with them and without them (each linear then quantises its input itself), and
+    with the rows written alone (the bf16 values skipped where the fp8 module is their only reader)."""
     from pab.kernels import fp8 as kern
+    from pab.kernels import norms
+    from pab.precision import Fp8Config
 
     pipe = Pipeline.from_name(model, device="cuda")
     req = GenerationRequest(model=model, prompt="a red fox", seed=2, steps=4, precision="fp8")
+    modes = []
+    real_ln = norms._ln_modulate
+    monkeypatch.setattr(norms, "_ln_modulate", lambda *a, **kw: modes.append(kw.get("fp8")) or real_ln(*a, **kw))
+    alone = pipe.generate(req, decode=False)
+    assert "only" in modes and "also" not in modes  # no hook reads these inputs on one GPU
+    pipe.fp8_config = Fp8Config(e4m3_only_inputs=False)
+    modes.clear()
     fused = pipe.generate(req, decode=False)
+    assert "also" in modes and "only" not in modes
+    assert torch.equal(alone.latents, fused.latents)
     made = []
     real = kern.companion
     monkeypatch.setattr(kern, "companion", lambda x: made.append(real(x) is not None))

@@ -98,12 +98,45 @@ def test_a_companion_is_found_through_full_views_while_unchanged():
     assert fp8.companion(x) is None
 
 
-def test_wants_fp8_asks_the_reader():
-    class Reader:
-        def __init__(self, answer):
-            self.wants_fp8_input = lambda: answer
+def test_fp8_input_asks_the_reader_and_the_hooks_on_the_way():
+    import torch.nn as nn
 
-    assert fp8.wants_fp8(Reader(True)) and not fp8.wants_fp8(Reader(False)) and not fp8.wants_fp8(object())
+    from pab.hooks.registry import ModelHook, register_hook, remove_hook
+
+    class Reader(nn.Module):
+        def __init__(self, answer):
+            super().__init__()
+            self.fp8_input_mode = lambda: answer
+
+    assert fp8.fp8_input(Reader("also")) == "also" and fp8.fp8_input(Reader("only")) == "only"
+    assert fp8.fp8_input(Reader(None)) is None and fp8.fp8_input(object()) is None
+    reader, carrier = Reader("only"), nn.Identity()
+
+    class Passes(ModelHook):
+        name, reads_input = "passes", False
+
+    class Sends(ModelHook):  # e.g. sequence parallelism's all-to-all of the input
+        name = "sends"
+
+    register_hook(carrier, Passes())
+    assert fp8.fp8_input(reader, carrier) == "only"
+    register_hook(carrier, Sends())
+    assert fp8.fp8_input(reader, carrier) == "also"  # someone else reads the values: write them
+    remove_hook(carrier, "sends")
+    register_hook(reader, Sends())
+    assert fp8.fp8_input(reader, carrier) == "also"
+
+
+def test_a_tensor_written_as_rows_only_refuses_other_readers():
+    out = torch.empty(4, 16)
+    q, s = fp8.quantize_rows_reference(torch.randn(4, 16))
+    fp8.attach(out, q, s, written=False)
+    assert fp8.companion(out) is not None  # the fp8 reader takes the rows
+    with pytest.raises(RuntimeError, match="e4m3 rows only"):
+        fp8.check_written(out.view(2, 2, 16))
+    fp8.check_written(torch.randn(4, 16))  # plain tensors and written companions pass
+    fp8.attach(out, q, s)
+    fp8.check_written(out)
 
 
 def test_quantize_rows_checks_its_gelu_and_bias():

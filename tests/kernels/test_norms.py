@@ -94,7 +94,7 @@ def test_ln_launch_shapes(config, residual):
 @pytest.mark.parametrize("config", [(2, 4), (1, 1)])
 @pytest.mark.parametrize("frame_major", [False, True])
 def test_ln_modulate_writes_the_e4m3_rows_of_its_output(config, frame_major):
-    """fp8=True: the output's rows in e4m3 with their scales, attached to it, as quantize_rows would make them
+    """fp8="also": the output's rows in e4m3 with their scales, attached to it, as quantize_rows would make them
     (3*5*7 = 105 rows, the last program running past the end; frame-major rows in the output's order)."""
     from pab.kernels import fp8
 
@@ -102,11 +102,12 @@ def test_ln_modulate_writes_the_e4m3_rows_of_its_output(config, frame_major):
     torch.manual_seed(7)
     x = torch.randn(B, T, S, C, device=DEVICE, dtype=torch.bfloat16)
     shift, scale = params(B, T, C, True, 2, dtype=torch.bfloat16)
-    _, out = norms._ln_modulate(x, shift, scale, 1e-6, None, frame_major, config=config, fp8=True)
+    _, out = norms._ln_modulate(x, shift, scale, 1e-6, None, frame_major, config=config, fp8="also")
     plain = norms._ln_modulate(x, shift, scale, 1e-6, None, frame_major, config=config)[1]
     assert torch.equal(out, plain)  # the bf16 output is unchanged
     rows = fp8.companion(out.view(-1, C))
     assert rows is not None
+    fp8.check_written(out.view(-1, C))  # its values are there for any other reader
     q, s = rows
     rq, rs = fp8.quantize_rows_reference(out.view(-1, C))
     torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
@@ -115,6 +116,35 @@ def test_ln_modulate_writes_the_e4m3_rows_of_its_output(config, frame_major):
         # linears' own quantisation (the same Triton arithmetic) matches it bit for bit (tests/gpu/test_fp8_pipeline.py)
         assert (q.float() == rq.float()).float().mean() > 0.999
         torch.testing.assert_close(q.float() * s, rq.float() * rs, rtol=2**-3, atol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("frame_major", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_ln_modulate_can_write_the_e4m3_rows_alone(frame_major, residual):
+    """fp8="only": the same rows and scales as "also" (and the same residual sum), and the output is marked as
+    never written, so a reader that would read its values raises instead of reading garbage."""
+    from pab.kernels import fp8
+
+    if residual and frame_major:
+        pytest.skip("the residual form writes the standard layout only")
+    B, T, S, C = 2, 3, 5, 80
+    torch.manual_seed(11)
+    x = torch.randn(B, T, S, C, device=DEVICE, dtype=torch.bfloat16)
+    res = torch.randn_like(x) if residual else None
+    shift, scale = params(B, T, C, False, 2, dtype=torch.bfloat16)
+    xo_also, also = norms._ln_modulate(x, shift, scale, 1e-6, res, frame_major, fp8="also")
+    xo_only, only = norms._ln_modulate(x, shift, scale, 1e-6, res, frame_major, fp8="only")
+    assert only.shape == also.shape
+    (qa, sa), (qo, so) = fp8.companion(also.view(-1, C)), fp8.companion(only.view(-1, C))
+    assert torch.equal(qo.view(torch.uint8), qa.view(torch.uint8)) and torch.equal(so, sa)
+    if residual:
+        assert torch.equal(xo_only, xo_also)
+        fp8.check_written(xo_only)
+    with pytest.raises(RuntimeError, match="e4m3 rows only"):
+        fp8.check_written(only.view(-1, C))
+    with pytest.raises(ValueError, match="fp8="):
+        norms._ln_modulate(x, shift, scale, 1e-6, None, frame_major, fp8=True)
 
 
 @needs_triton
