@@ -28,11 +28,13 @@ import numpy as np
 import torch
 
 DEFAULT_CRF = 23  # libx264's own default quality
-# libx264's `medium` preset looks 40 frames ahead for rate control, so it holds back most of a short clip until
-# the last frame arrives and encodes it then, after the VAE is done. 8 frames cut that tail from 0.64 to 0.17 s
-# at Open-Sora 480p on the H200 host (16 cores; 0.73 to 0.21 s on 2), with the same size and PSNR, for a moving
-# subject (bench/mp4.py, docs/performance.md). A caller's `x264` options override it.
-DEFAULT_X264 = {"rc-lookahead": "8"}
+# What a user waits for beyond the VAE is x264's tail: the frames it still holds when the last one arrives.
+# `medium` looks 40 frames ahead for rate control, so it held back most of a short clip; 8 frames cut the tail
+# from 0.64 to 0.17 s at Open-Sora 480p for a moving subject (H200 host, 16 cores). `faster` then does about a
+# third of medium's work a frame: on 2 cores the tail went from 0.34 to 0.07 s for a moving subject at the same
+# PSNR and a smaller file, 0.06 s either way on a textured pan at -0.27 dB, and 1.91 to 0.66 s on noise
+# (bench/mp4.py, docs/performance.md). A caller's `x264` options override these.
+DEFAULT_X264 = {"preset": "faster", "rc-lookahead": "8"}
 
 
 def _as_frames(frames) -> np.ndarray:
