@@ -30,10 +30,11 @@ import torch
 DEFAULT_CRF = 23  # libx264's own default quality
 # What a user waits for beyond the VAE is x264's tail: the frames it still holds when the last one arrives.
 # `medium` looks 40 frames ahead for rate control, so it held back most of a short clip; 8 frames cut the tail
-# from 0.64 to 0.17 s at Open-Sora 480p for a moving subject (H200 host, 16 cores). `faster` then does about a
-# third of medium's work a frame: on 2 cores the tail went from 0.34 to 0.07 s for a moving subject at the same
-# PSNR and a smaller file, 0.06 s either way on a textured pan at -0.27 dB, and 1.91 to 0.66 s on noise
-# (bench/mp4.py, docs/performance.md). A caller's `x264` options override these.
+# from 0.64 to 0.17 s at Open-Sora 480p for a moving subject (H200 host, 16 cores). `faster` then searches less a
+# frame (fewer references, a coarser subpixel search): on the H100 host (16 cores) it took the tail from 0.08 to
+# 0.04 s for a moving subject at the same PSNR and a 28% smaller file, from 0.70 to 0.18 s on noise, and cost a
+# textured pan 0.27 dB (bench/mp4.py, bench/results/mp4-h100-host.json, docs/performance.md). A caller's `x264`
+# options override these.
 DEFAULT_X264 = {"preset": "faster", "rc-lookahead": "8"}
 
 
