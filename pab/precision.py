@@ -115,13 +115,16 @@ class PrecisionState:
         return self.step < 0 or c.bf16_first_steps <= self.step < self.num_steps - c.bf16_last_steps
 
     def quantized(
-        self, x2d: torch.Tensor, gelu: str = "none", bias: torch.Tensor | None = None
+        self, x: torch.Tensor, gelu: str = "none", bias: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """e4m3 rows and scales of `x2d` (+ bias, GELU): those its producer wrote (a norm kernel), or one pass."""
+        """e4m3 rows (M, K) and scales (M, 1) of `x` (..., K) (+ bias, GELU): those its producer wrote (a norm
+        kernel), or one pass. Checked against `x` itself: a reshape of a strided view would copy values never
+        written where the producer wrote the rows alone."""
+        x2d = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
         made = kern.companion(x2d) if gelu == "none" and bias is None else None
         if made is not None:
             return made
-        kern.check_written(x2d)
+        kern.check_written(x)
         return kern.quantize_rows(x2d, gelu, bias)
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,7 +159,7 @@ class _Fp8Weight:
 
     def __call__(self, x: torch.Tensor, state: PrecisionState) -> torch.Tensor:
         """(..., K) -> (..., N) in x's dtype: x's e4m3 rows (`state.quantized`) times these weights, + bias."""
-        xq, xs = state.quantized(x if x.ndim == 2 else x.reshape(-1, x.shape[-1]))
+        xq, xs = state.quantized(x)
         out = kern.fp8_matmul(xq, xs, self.q, self.scale, self.bias, x.dtype, state.config.fast_accum)
         return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -266,7 +269,7 @@ class Fp8MlpHook(_AsksForFp8):
         state = self.active()
         if state is None or not (_eligible(x, self.fc1.q) and _shapes_ok(self.fc2.q)):
             return self.fallback(forward, x)
-        xq, xs = state.quantized(x.reshape(-1, x.shape[-1]))
+        xq, xs = state.quantized(x)
         # fc1 without its bias: the pass that applies the GELU and quantises for fc2 adds it (a row-wise
         # scaled GEMM adds a bias in a pass of its own over the 4C-wide output)
         h = kern.fp8_matmul(xq, xs, self.fc1.q, self.fc1.scale, None, x.dtype, state.config.fast_accum)  # (M, 4C)

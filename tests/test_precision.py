@@ -259,5 +259,7 @@ def test_an_fp8_hook_never_runs_bf16_math_on_an_input_written_as_rows_only():
             assert lin(x).shape == (4, 96)  # the GEMM takes the rows
         with torch.no_grad(), pytest.raises(RuntimeError, match="e4m3 rows only"):
             lin(x)  # no fp8 request: the plain GEMM would read values that were never written
+        with torch.no_grad(), use_precision(PrecisionState("fp8")), pytest.raises(RuntimeError, match="rows only"):
+            lin(x.view(2, 2, 32).transpose(0, 1))  # another layout: its reshape would copy unwritten values
     finally:
         lin.__dict__.pop("forward", None)
