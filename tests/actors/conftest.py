@@ -5,26 +5,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))  # sessionfixtures.py, weed.py, raysession.py
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))  # weed.py, raysession.py
-
-from raysession import start_ray  # noqa: E402
-from weed import WeedS3  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    import ray
-
-    started = start_ray()
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    server = WeedS3(tmp_path_factory.mktemp("weed")).start()
-    yield server
-    server.stop()
+from sessionfixtures import ray_session, s3_server  # noqa: E402, F401 - fixtures

@@ -6,29 +6,12 @@ import time
 
 import httpx
 import pytest
-from raysession import start_ray, start_serve, wait_for  # noqa: F401 - wait_for: the tests import it from here
-from weed import WeedS3
+from raysession import start_serve, wait_for  # noqa: F401 - wait_for: the tests import it from here
+from sessionfixtures import ray_session, s3_server  # noqa: F401 - fixtures
 
 
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    server = WeedS3(tmp_path_factory.mktemp("weed")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    import ray
-
-    started = start_ray()
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def serve_port(ray_session):
+def serve_port(ray_session):  # noqa: F811 - the imported fixture, asked for by name
     """Serve's HTTP proxy on a free loopback port."""
     from ray import serve
 
