@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One device call's worth of GPU work, by name. Run from the repository root on the device machine, carrying
+# .gpu-site and .gpu-av (bench/gpu_bundle.sh --pydantic --av builds them; ~28 MB beside the tree):
+#
+#   bash bench/gpu_run.sh suite   the one-GPU test suite: tests/gpu, tests/kernels, the VAE kernels, -m gpu (~5 min)
+#   bash bench/gpu_run.sh e2e     Open-Sora 480p fp8 off/paper end to end with the kernel profile, bench.mp4 on the
+#                                 host's cores, Latte fp8 off/paper (~6 min on an H100)
+#   bash bench/gpu_run.sh plan    Open-Sora-Plan v1.1 fp8 off/paper, DiT only, with the profile (~4-5 min)
+#
+# Records land in $OUT (the device's return folder): append them to bench/results/<gpu>.json here with
+# bench.records, noting the session. Each step has its own timeout so one call stays under the 600 s limit.
+set -uo pipefail
+what="${1:?usage: bash bench/gpu_run.sh suite|e2e|plan}"
+OUT="${OUT:?set OUT to the folder the records go to}"
+mkdir -p /tmp/site
+for f in .gpu-site/*.tar.xz .gpu-av/*.tar.xz; do [ -f "$f" ] && tar -xJf "$f" -C /tmp/site; done
+export PYTHONPATH="$PWD:/tmp/site" RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 PYTHONDONTWRITEBYTECODE=1
+gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+export PAB_BENCH_MACHINE="one $gpu"
+t0=$(date +%s)
+left() { echo $(( $1 - ($(date +%s) - t0) )); }
+step() { echo "== $1 at $(( $(date +%s) - t0 )) s on $gpu"; }
+
+case "$what" in
+    suite)
+        step "GPU tests"
+        timeout "$(left 330)" python -m pytest -q -p no:cacheprovider tests/gpu tests/kernels tests/test_vae_kernels.py \
+            tests/bench/test_vae.py 2>&1 | grep -v Warn | tail -6
+        step "-m gpu tests"
+        timeout "$(left 570)" python -m pytest -q -p no:cacheprovider -m gpu tests/models/test_latte.py tests/test_compile.py \
+            tests/test_video.py tests/parallel/test_dsp_gpu.py 2>&1 | grep -v Warn | tail -6 ;;
+    e2e)
+        step "bench.mp4"
+        timeout 70 python -m bench.mp4 --decode-s 0.5 --out "$OUT/mp4.json" 2>&1 | tail -32
+        step "Open-Sora 480p"
+        timeout "$(left 360)" python -m bench.run --cases opensora-480p --precision fp8 --pab off,paper --idle \
+            --out "$OUT/run.json" 2>&1 | grep -v Warn | tail -45
+        step "Latte"
+        timeout "$(left 570)" python -m bench.run --cases latte --precision fp8 --pab off,paper --idle \
+            --out "$OUT/run.json" 2>&1 | grep -v Warn | tail -45 ;;
+    plan)
+        step "Open-Sora-Plan"
+        timeout "$(left 570)" python -m bench.run --cases opensora-plan --precision fp8 --pab off,paper --idle --dit-only \
+            --out "$OUT/run.json" 2>&1 | grep -v Warn | tail -45 ;;
+    *) echo "unknown call $what; one of suite, e2e, plan" >&2; exit 2 ;;
+esac
+step "done"
