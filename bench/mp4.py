@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", default=";".join(SETTINGS), help="semicolon list of SETTINGS' names")
     p.add_argument("--out", default=None, help="JSON record (default bench/results/mp4-<host>.json)")
     a = p.parse_args(argv)
-    from pab.video import DEFAULT_X264
+    from pab.video import x264_settings
 
     h, w = (int(v) for v in a.size.split("x"))
     chunks = -(-a.frames // a.chunk)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             if name not in SETTINGS:
                 raise SystemExit(f"unknown setting {name!r}; known: {', '.join(SETTINGS)}")
             x264 = SETTINGS[name]
-            r = {"content": kind, "x264": name, "options": {**DEFAULT_X264, **x264},
+            r = {"content": kind, "x264": name, "options": x264_settings(x264),
                  **encode(frames, a.fps, x264, a.chunk, pace)}  # fmt: skip
             rows.append(r)
             print(f"{kind:8s} {name:40s} {r['tail_s']:7.2f} {r['total_s']:8.2f} {r['mb']:6.2f} {r['psnr_db']:8.2f}",

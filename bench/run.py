@@ -27,6 +27,7 @@ import torch
 from bench.records import read_records, write_records
 from pab.engine import EngineOptions
 from pab.kernels import ATTENTION_IMPLS, DEFAULT_KERNELS, KernelOptions, set_kernel_options
+from pab.video import x264_settings
 
 PEAK_TFLOPS = 989.4  # H100 SXM dense bf16 (vendor datasheet)
 
@@ -203,7 +204,7 @@ def _run_case(
             "cache": res.cache,
             "cache_stats": res.cache_stats,
             **engine.model_dump(),  # compile, cuda_graphs, vae_kernels
-            "x264": writer_options(x264) if decode else None,
+            "x264": x264_settings(x264) if decode else None,
             "spatial_attention": kernels.spatial_attention,
             "cross_attention": kernels.cross_attention,
             "first_dit_s": first_s,  # with graphs: the capturing request's DiT time
@@ -270,13 +271,6 @@ def x264_options(text: str) -> dict[str, str]:
     if not pairs or any(not k or not sep or not v for k, sep, v in pairs):
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated KEY=VALUE libx264 options")
     return {k: v for k, _, v in pairs}
-
-
-def writer_options(x264: dict[str, str] | None) -> dict[str, str]:
-    """The libx264 options an Mp4Writer given `x264` encodes with (its defaults, then these)."""
-    from pab.video import DEFAULT_X264
-
-    return {**DEFAULT_X264, **(x264 or {})}
 
 
 def gpu_profile(generate: Callable[[], Any], top: int = 12) -> dict[str, Any]:

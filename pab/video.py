@@ -38,6 +38,11 @@ DEFAULT_CRF = 23  # libx264's own default quality
 DEFAULT_X264 = {"preset": "faster", "rc-lookahead": "8"}
 
 
+def x264_settings(x264: dict[str, str] | None = None) -> dict[str, str]:
+    """The libx264 options an `Mp4Writer` given `x264` encodes with: `DEFAULT_X264`, then these."""
+    return {**DEFAULT_X264, **(x264 or {})}
+
+
 def _as_frames(frames) -> np.ndarray:
     if isinstance(frames, torch.Tensor):
         frames = frames.detach().cpu().numpy()
@@ -80,7 +85,7 @@ class Mp4Writer:
         background: bool = False, x264: dict[str, str] | None = None,
     ) -> None:  # fmt: skip
         self.rate, self.crf, self.dest = _rate(fps), crf, dest
-        self.x264 = {**DEFAULT_X264, **(x264 or {})}  # libx264 options (`preset`, `rc-lookahead`): bench/mp4.py
+        self.x264 = x264_settings(x264)  # libx264 options (`preset`, `rc-lookahead`): bench/mp4.py
         self.frames_written = 0
         self._container = self._stream = self._fh = self._tmp = None
         self._buf = io.BytesIO() if not isinstance(dest, (str, os.PathLike)) else None
