@@ -26,15 +26,13 @@ from pab.kernels.flash_attention import LOADS, flash_attention, triton
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, loads) that --sweep times: the pointer kernel over the whole grid
 # (offline for sm_90 with Triton 3.9 all compile, within 184 KB of shared memory; 128 x 64 and 128 x 128 with 4
-# warps spill registers), the TMA ones at the shapes that compile without spills
+# warps spill registers), the TMA one at the shapes that compile without spills
 CONFIGS: list[tuple[int, int, int, int, str]] = [
     (bm, bn, warps, stages, "pointer")
     for bm in (64, 128) for bn in (32, 64, 128) for warps in (4, 8) for stages in (2, 3, 4)
 ] + [
     (bm, bn, warps, stages, "tma")
     for bm, bn, warps in ((64, 64, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8)) for stages in (2, 3)
-] + [
-    (bm, bn, 4, stages, "tma-ws") for bm, bn in ((64, 64), (64, 128), (128, 64), (128, 128)) for stages in (2, 3)
 ]  # fmt: skip
 
 
@@ -106,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", action="store_true", help="time every config in CONFIGS (else DEFAULT_CONFIG)")
     p.add_argument("--loads", nargs="+", choices=LOADS, default=list(LOADS), help="sweep only these kernels")
+    p.add_argument("--tiles", nargs="+", metavar="MxN", help="sweep only these BLOCK_M x BLOCK_N tiles (e.g. 128x64)")
+    p.add_argument("--warps", nargs="+", type=int, help="sweep only these num_warps")
     p.add_argument("--config", nargs=5, metavar=("BLOCK_M", "BLOCK_N", "WARPS", "STAGES", "LOADS"),
                    help="time this config instead of DEFAULT_CONFIG")  # fmt: skip
     p.add_argument("--seqs", type=int, default=60)
@@ -122,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("needs CUDA and triton")
     if args.sweep:
         configs = [c for c in CONFIGS if c[4] in args.loads]
+        if args.tiles:
+            configs = [c for c in configs if f"{c[0]}x{c[1]}" in args.tiles]
+        if args.warps:
+            configs = [c for c in configs if c[2] in args.warps]
     elif args.config:
         configs = [(*map(int, args.config[:4]), args.config[4])]
     else:

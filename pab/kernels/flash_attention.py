@@ -17,12 +17,12 @@ bench.attention_triton times it against cuDNN):
   projection reads. Strides that are multiples of 8 are passed divided by 8 and multiplied back in the kernel
   by a constexpr, so Triton knows rows are 16-byte aligned (it infers divisibility by 16 from an integer
   argument, and 72 = 9 x 8 is not) and uses 16-byte vector and cp.async loads.
-* Three ways to load (`LOADS`): "pointer" (tl.load, pipelined by Triton into cp.async stages); "tma" (tensor
+* Two ways to load (`LOADS`): "pointer" (tl.load, pipelined by Triton into cp.async stages); "tma" (tensor
   descriptors made on the device over each head's (L, D) rows: the hardware zero-fills rows >= L and channels
-  >= D and clips the stores, so nothing is masked but scores); "tma-ws", "tma" with the key loop
-  warp-specialized (a producer warp group issuing the loads, two consumer groups of 64 query rows). Triton's
-  Hopper warp specializer only takes num_warps = 4 and a kernel with no if/else, so this one runs every key
-  block masked in one loop.
+  >= D and clips the stores, so nothing is masked but scores). Measured against each other and against variants
+  that are gone (docs/performance.md): pointer loads are the fastest; a warp-specialized TMA key loop (Triton's
+  `warp_specialize`) ran at a third of their rate and gave NaN at some launch shapes on an H100; computing the
+  next key block's scores ahead of this block's softmax, and a bf16x2 exponential, were slower.
 
 * Cross-attention (pointer loads): L queries against LK keys, e.g. 23,850 video tokens against tens of text tokens,
   one key block a query tile; an optional (N, LK) bool keep-mask is read in place (any pattern: a block with no
@@ -45,9 +45,8 @@ try:
 except ImportError:  # pragma: no cover - depends on the install
     triton = tl = None
 
-# pointer loads; TMA descriptors; TMA with a warp-specialized key loop (Triton's Hopper warp specializer takes only
-# num_warps = 4, of which it makes a producer and two consumer warp groups: 12 warps)
-LOADS = ("pointer", "tma", "tma-ws")
+# pointer loads (cp.async); TMA descriptors
+LOADS = ("pointer", "tma")
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, loads): the best of `bench.attention_triton --sweep --loads pointer` on
 # one H200 at Open-Sora 480p's spatial attention (2.178 ms, level with cuDNN; docs/performance.md)
 CONFIG = (128, 64, 4, 4, "pointer")
@@ -78,8 +77,8 @@ def flash_attention(
     keys are all masked gets NaN, as in SDPA. Cross-attention (LK != L) and a key mask take the pointer loads.
     scale defaults to 1/sqrt(D). Returns (N, H, L, D) contiguous, or (N, L, H, D) with out_layout="nlhd".
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages, loads), default `CONFIG`. BLOCK_M, BLOCK_N: powers of two >= 16
-    (query rows per program, keys per step). loads: "pointer" (any strides with a unit last one), "tma" or "tma-ws"
-    (tensor descriptors, the latter with a warp-specialized loop; they need 16-byte aligned tensors and strides)."""
+    (query rows per program, keys per step). loads: "pointer" (any strides with a unit last one) or "tma" (tensor
+    descriptors; they need 16-byte aligned tensors and strides)."""
     block_m, block_n, num_warps, num_stages, loads = config or CONFIG
     if triton is None:
         raise RuntimeError("flash_attention needs the triton package")
@@ -130,7 +129,7 @@ def flash_attention(
                              f"got strides {q.stride()}, {k.stride()}, {v.stride()}")
         if q.is_cuda:
             triton.set_allocator(_descriptor_scratch)  # descriptors made on the device live in global scratch
-        kernel, extra = _flash_tma_kernel, {"WS": loads == "tma-ws"}
+        kernel, extra = _flash_tma_kernel, {}
     grid = (triton.cdiv(L, block_m) * N * H,)
     qk_scale, strides = scale * 1.4426950408889634, [s // unit for s in strides]
     if loads == "pointer":  # with the keys' count and the key mask (q stands in for none)
@@ -343,11 +342,11 @@ if triton is not None:
         Q, K, V, Out, L, qk_scale,
         sqn, sqh, sql, skn, skh, skl, svn, svh, svl, son, soh, sol,
         H: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1P: tl.constexpr, UNIT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, WS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         """Tensor-memory-accelerator loads and stores through descriptors made on the device, one per (tensor,
         channel part) over the program's (L, D) head: rows >= L and channels >= D read as zeros and are not
-        written, so nothing is masked but the scores of keys >= L. WS: warp-specialize the key loop."""
+        written, so nothing is masked but the scores of keys >= L."""
         n, h, start_m = _program(L, H, BLOCK_M)
         D: tl.constexpr = D0 + D1
         q_base = Q + (n * sqn + h * sqh) * UNIT
@@ -370,24 +369,17 @@ if triton is not None:
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc0 = tl.zeros((BLOCK_M, D0), tl.float32)
         acc1 = tl.zeros((BLOCK_M, D1P), tl.float32)
-        if WS:  # one loop with every block masked: Triton's Hopper warp specializer skips kernels with an scf.if
-            for start_n in tl.range(0, L, BLOCK_N, warp_specialize=True):  # that has an else (the tail step's)
-                acc0, acc1, m_i, l_i = _tma_step(
-                    q0, q1, acc0, acc1, m_i, l_i, k0d, k1d, v0d, v1d, start_n, L, qk_scale, D0, D1, D1P, BLOCK_N,
-                    True, IEEE,
-                )  # fmt: skip
-        else:
-            full = (L // BLOCK_N) * BLOCK_N
-            for start_n in tl.range(0, full, BLOCK_N):
-                acc0, acc1, m_i, l_i = _tma_step(
-                    q0, q1, acc0, acc1, m_i, l_i, k0d, k1d, v0d, v1d, start_n, L, qk_scale, D0, D1, D1P, BLOCK_N,
-                    False, IEEE,
-                )  # fmt: skip
-            if full < L:
-                acc0, acc1, m_i, l_i = _tma_step(
-                    q0, q1, acc0, acc1, m_i, l_i, k0d, k1d, v0d, v1d, full, L, qk_scale, D0, D1, D1P, BLOCK_N,
-                    True, IEEE,
-                )  # fmt: skip
+        full = (L // BLOCK_N) * BLOCK_N
+        for start_n in tl.range(0, full, BLOCK_N):
+            acc0, acc1, m_i, l_i = _tma_step(
+                q0, q1, acc0, acc1, m_i, l_i, k0d, k1d, v0d, v1d, start_n, L, qk_scale, D0, D1, D1P, BLOCK_N,
+                False, IEEE,
+            )  # fmt: skip
+        if full < L:
+            acc0, acc1, m_i, l_i = _tma_step(
+                q0, q1, acc0, acc1, m_i, l_i, k0d, k1d, v0d, v1d, full, L, qk_scale, D0, D1, D1P, BLOCK_N,
+                True, IEEE,
+            )  # fmt: skip
 
         inv = 1.0 / l_i[:, None]
         o0d.store([start_m, 0], (acc0 * inv).to(Out.dtype.element_ty))

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(block_m: int, block_n: int, loads: str = "pointer"):
-    """A launch config; warps and stages change nothing in the interpreter (4 warps for tma-ws)."""
+    """A launch config; warps and stages change nothing in the interpreter."""
     return (block_m, block_n, 4, 2, loads)
 
 
@@ -55,7 +55,7 @@ def test_head_split():
 @pytest.mark.parametrize(
     "length,block_m,block_n,loads",
     [(17, 64, 32, "pointer"), (70, 32, 64, "pointer"), (130, 64, 32, "pointer"), (17, 32, 64, "tma"),
-     (70, 64, 32, "tma"), (70, 64, 32, "tma-ws"), (130, 32, 64, "tma-ws")],
+     (70, 64, 32, "tma"), (130, 32, 64, "tma")],
 )  # fmt: skip
 def test_matches_sdpa(length, block_m, block_n, loads):
     q, k, v = _qkv(length, 72, seed=length)
@@ -78,8 +78,7 @@ def test_other_head_dims(d, loads):
 
 
 @needs_triton
-@pytest.mark.parametrize("out_layout,loads", [("nhld", "pointer"), ("nlhd", "pointer"), ("nlhd", "tma"),
-                                              ("nlhd", "tma-ws")])  # fmt: skip
+@pytest.mark.parametrize("out_layout,loads", [("nhld", "pointer"), ("nlhd", "pointer"), ("nlhd", "tma")])
 def test_views_of_packed_qkv(out_layout, loads):
     g = torch.Generator().manual_seed(1)
     length = 70
