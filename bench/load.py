@@ -323,8 +323,8 @@ class Target:
         from ray import serve
 
         if a.address:
-            sys.path.insert(0, str(ROOT / "tests" / "cluster"))
-            from weed import ACCESS_KEY, SECRET_KEY
+            sys.path.insert(0, str(ROOT / "tests"))
+            from support.weed import ACCESS_KEY, SECRET_KEY
 
             ray.init(address=a.address, log_to_driver=False, runtime_env={"env_vars": _job_env(a)})
             self.s3_endpoint, key, secret = a.s3_endpoint, a.s3_key or ACCESS_KEY, a.s3_secret or SECRET_KEY
@@ -338,8 +338,8 @@ class Target:
             self.lc = LocalCluster(workers=a.workers, gpus=a.gpus, cpus=4).start()
             self.lc.connect(env={"FAKE_ENGINE_STEP_S": str(a.step_s)})
             self.s3_endpoint = self.lc.s3.endpoint
-            from weed import ACCESS_KEY as key
-            from weed import SECRET_KEY as secret
+            from support.weed import ACCESS_KEY as key
+            from support.weed import SECRET_KEY as secret
 
             head = {HEAD_RESOURCE: 1}
             self.machine = {"nodes": 1 + a.workers, "gpus": a.workers * a.gpus}

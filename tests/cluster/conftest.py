@@ -6,8 +6,8 @@ import time
 
 import httpx
 import pytest
-from raysession import start_serve, wait_for  # noqa: F401 - wait_for: the tests import it from here
-from sessionfixtures import ray_session, s3_server  # noqa: F401 - fixtures
+from support.raysession import start_serve, wait_for  # noqa: F401 - wait_for: the tests import it from here
+from support.sessionfixtures import ray_session, s3_server  # noqa: F401 - fixtures
 
 
 @pytest.fixture(scope="session")

@@ -12,14 +12,11 @@ from __future__ import annotations
 import io
 import os
 import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.mark.gpu

@@ -19,9 +19,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))  # weed.py (shared S3 test server)
-
-from weed import ACCESS_KEY, SECRET_KEY, WeedS3, free_ports  # noqa: E402
+from support.weed import ACCESS_KEY, SECRET_KEY, WeedS3, free_ports
 
 VENV_BIN = str(Path(sys.executable).parent)
 

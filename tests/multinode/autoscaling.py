@@ -47,12 +47,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
 REPO = TESTS.parent
-sys.path.insert(0, str(TESTS / "cluster"))  # weed.py: the shared SeaweedFS test server
+sys.path.insert(0, str(TESTS))  # support/: the shared SeaweedFS test server
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
 from localcluster import SYSTEM_CONFIG, wait_for  # noqa: E402
-from weed import ACCESS_KEY, SECRET_KEY, WeedS3, free_ports  # noqa: E402
+from support.weed import ACCESS_KEY, SECRET_KEY, WeedS3, free_ports  # noqa: E402
 
 from cluster.watchdog import _stat, descendants, running, terminate  # noqa: E402
 

@@ -16,7 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from localcluster import LocalCluster  # noqa: E402
-from raysession import start_serve  # noqa: E402 - tests/cluster, on the path from localcluster
+from support.raysession import start_serve  # noqa: E402
 
 STEP_S = 0.05  # one step of the fake engine (tests/actors/fake_engine.py) in every rank actor
 

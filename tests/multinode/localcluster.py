@@ -27,10 +27,10 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
-sys.path.insert(0, str(TESTS / "cluster"))  # weed.py: the shared SeaweedFS test server
+sys.path.insert(0, str(TESTS))  # support/: the shared SeaweedFS test server and Ray helpers
 
-from raysession import wait_for  # noqa: E402, F401 - the multi-node tests import it from here
-from weed import ACCESS_KEY, SECRET_KEY, WeedS3  # noqa: E402
+from support.raysession import wait_for  # noqa: E402, F401 - the multi-node tests import it from here
+from support.weed import ACCESS_KEY, SECRET_KEY, WeedS3  # noqa: E402
 
 HEAD_RESOURCE = "pab-head"  # the head node's custom resource: pins the ingress there (never on a GPU node)
 # Fail over fast: the GCS declares a node dead after 4 missed health checks 1 s apart (default: 5 x 3 s), each
@@ -38,7 +38,7 @@ HEAD_RESOURCE = "pab-head"  # the head node's custom resource: pins the ingress 
 SYSTEM_CONFIG = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000, "health_check_timeout_ms": 2000,
                  "health_check_failure_threshold": 4}
 # What every worker process of a test driver sees: one thread each on 2 shared cores, and the test doubles.
-# Serve's 5 s for its HTTP proxy to come up is missed on a loaded 2-core host (as in tests/cluster/raysession.py).
+# Serve's 5 s for its HTTP proxy to come up is missed on a loaded 2-core host (as in tests/support/raysession.py).
 JOB_ENV = {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
            "PYTHONPATH": os.pathsep.join([str(TESTS / "actors"), str(TESTS.parent)])}
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from localcluster import wait_for
-from weed import ACCESS_KEY, SECRET_KEY
+from support.weed import ACCESS_KEY, SECRET_KEY
 
 from pab.models import shipped_checkpoint
 from pab.video import read_video

@@ -6,8 +6,8 @@ Each folder's conftest imports them (the folders sit side by side, so neither co
 from __future__ import annotations
 
 import pytest
-from raysession import start_ray
-from weed import WeedS3
+from support.raysession import start_ray
+from support.weed import WeedS3
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ def start_ray():
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus < NUM_GPUS:
             raise RuntimeError(f"this test process already runs a Ray with {gpus} GPU(s); the serving tests need "
-                               f"{NUM_GPUS} fake GPUs (start_ray() in tests/cluster/raysession.py)")
+                               f"{NUM_GPUS} fake GPUs (start_ray() in tests/support/raysession.py)")
         return False
     # address="local": always a fresh cluster, even if RAY_ADDRESS points at another one.
     ray.init(address="local", num_cpus=NUM_CPUS, num_gpus=NUM_GPUS, include_dashboard=False, log_to_driver=False,
