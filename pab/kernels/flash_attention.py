@@ -21,8 +21,8 @@ bench.attention_triton times it against cuDNN):
   descriptors made on the device over each head's (L, D) rows: the hardware zero-fills rows >= L and channels
   >= D and clips the stores, so nothing is masked but scores). Measured against each other and against variants
   that are gone (docs/performance.md): pointer loads are the fastest; a warp-specialized TMA key loop (Triton's
-  `warp_specialize`) ran at a third of their rate and gave NaN at some launch shapes on an H100; computing the
-  next key block's scores ahead of this block's softmax, and a bf16x2 exponential, were slower.
+  `warp_specialize`) ran at two thirds of their rate at best and gave NaN at some launch shapes on an H100;
+  computing the next key block's scores ahead of this block's softmax, and a bf16x2 exponential, were slower.
 
 * Cross-attention (pointer loads): L queries against LK keys, e.g. 23,850 video tokens against tens of text tokens,
   one key block a query tile; an optional (N, LK) bool keep-mask is read in place (any pattern: a block with no
