@@ -141,10 +141,15 @@ def attach(out: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, written: boo
     setattr(out, _COMPANION, (q, scale, out._version, written))
 
 
+def _attached(x: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+    """(the tensor `x` views, what `attach` recorded on it or None)."""
+    base = x if x._base is None else x._base
+    return base, getattr(base, _COMPANION, None)
+
+
 def companion(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(M, K) e4m3 rows and (M, 1) scales of the 2-D `x`, if its producer attached them; else None."""
-    base = x if x._base is None else x._base
-    rows = getattr(base, _COMPANION, None)
+    base, rows = _attached(x)
     if rows is None:
         return None
     q, scale, version, _ = rows
@@ -157,8 +162,7 @@ def companion(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
 def check_written(x: torch.Tensor) -> None:
     """Raise if `x` is (a view of) a tensor whose producer wrote only its e4m3 rows: its values were never written,
     so a reader that cannot take the rows (a copy, another layout, a bf16 fallback) would read garbage."""
-    base = x if x._base is None else x._base
-    rows = getattr(base, _COMPANION, None)
+    rows = _attached(x)[1]
     if rows is not None and not rows[3]:
         raise RuntimeError(
             f"a {tuple(x.shape)} tensor was written as e4m3 rows only (fp8_input 'only') and is read another way; "

@@ -19,16 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from support.weed import ACCESS_KEY, SECRET_KEY, WeedS3, free_ports
+from support.sessionfixtures import s3_server  # noqa: F401 - fixture
+from support.weed import ACCESS_KEY, SECRET_KEY, free_ports
 
 VENV_BIN = str(Path(sys.executable).parent)
-
-
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory):
-    server = WeedS3(tmp_path_factory.mktemp("weed")).start()
-    yield server
-    server.stop()
 
 
 class RayJobCluster:
@@ -105,7 +99,7 @@ class RayJobCluster:
 
 
 @pytest.fixture(scope="module")
-def ray_jobs(tmp_path_factory, s3_server):
+def ray_jobs(tmp_path_factory, s3_server):  # noqa: F811 - the imported fixture, asked for by name
     cluster = RayJobCluster(
         tmp_path_factory.mktemp("ray"), num_cpus=4, num_gpus=2,
         env={"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1"},
