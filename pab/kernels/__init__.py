@@ -78,6 +78,17 @@ def kernel_options(model: torch.nn.Module, **changes) -> Iterator[KernelOptions]
         set_kernel_options(model, before)
 
 
+def row_pieces(width: int) -> tuple[int, int]:
+    """A row of `width` channels as two power-of-two tiles (Triton's tiles are powers of two): the largest that fits,
+    then the rest rounded up (0: none). 1,152 = 1,024 + 128 and 4,608 = 4,096 + 512 exactly, where one tile of the
+    next power of two (2,048, 8,192) leaves 44% of its lanes computing on masked-off values."""
+    if width < 1:
+        raise ValueError(f"a row needs at least one channel; got {width}")
+    first = 1 << (width.bit_length() - 1)
+    rest = width - first
+    return first, (1 << (rest - 1).bit_length()) if rest else 0
+
+
 def no_grad_needed(x: torch.Tensor) -> bool:
     """Whether autograd records nothing through `x`. The kernels and fused epilogues here have no backward
     pass, so a training step (`pab.train`) takes the plain PyTorch path, which autograd differentiates."""

@@ -19,6 +19,7 @@ import os
 import torch
 
 from pab.hooks.registry import passes_input_on
+from pab.kernels import row_pieces
 
 try:
     import triton
@@ -60,9 +61,12 @@ def supported(x: torch.Tensor) -> bool:
     )  # fmt: skip
 
 
-# BLOCK -> num_warps of the kernel (one row per program), overriding `_warps`' default. Measured on an H200
-# at 47,700 rows (bench/fp8.py --sweep): 1,152 wide, 1/2/4/8 warps 0.079/0.096/0.101/0.123 ms; 4,608 wide with
-# bias + GELU (tanh.approx), 1/2/4/8 warps 0.587/0.363/0.331/0.361 ms.
+# The row's first tile (`row_pieces`) -> num_warps of the kernel (one row per program), overriding `_warps`'
+# default. Measured on an H100 at 47,700 rows (python -m bench.rowpass, session 23), 1/2/4/8 warps, ms:
+#   1,152 wide                     one 2,048 tile 0.088/0.088/0.090/0.104   1,024 + 128 0.086/0.087/0.094/0.127
+#   4,608 wide, bias + GELU        one 8,192 tile 0.573/0.355/0.335/0.341   4,096 + 512 0.281/0.263/0.253/0.267
+# The one-tile GELU pass left 44% of its lanes computing a tanh on masked-off values: two tiles take it from 0.335
+# to 0.253 ms (1.97 -> 2.61 TB/s of the bytes it must move).
 QUANT_WARPS: dict[int, int] = {}
 
 
@@ -71,10 +75,11 @@ def _warps(block: int) -> int:
 
 
 def quantize_rows(
-    x: torch.Tensor, gelu: str = "none", bias: torch.Tensor | None = None
+    x: torch.Tensor, gelu: str = "none", bias: torch.Tensor | None = None, pieces: tuple[int, int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) [+ bias (K,)] [-> GELU] -> e4m3 (M, K) and float32 scales (M, 1): one Triton pass where
-    `supported`, else PyTorch. The bias is fc1's when the GEMM before ran without it (one pass fewer)."""
+    `supported`, else PyTorch. The bias is fc1's when the GEMM before ran without it (one pass fewer).
+    `pieces`: the row's two tiles (default `row_pieces(K)`; (next power of two, 0) is one masked tile)."""
     if gelu not in GELUS:
         raise ValueError(f"gelu={gelu!r}; the fused quantisation applies one of {', '.join(GELUS)}")
     if bias is not None and bias.shape != (x.shape[-1],):
@@ -84,10 +89,10 @@ def quantize_rows(
     M, K = x.shape
     q = torch.empty((M, K), device=x.device, dtype=E4M3)
     scale = torch.empty((M, 1), device=x.device, dtype=torch.float32)
-    block = triton.next_power_of_2(K)
+    first, rest = pieces or row_pieces(K)
     _quantize_rows_kernel[(M,)](
         x, bias if bias is not None else x, q, scale, K, x.stride(0), HAS_BIAS=bias is not None,
-        GELU=gelu == "tanh", FAST_TANH=not _interpreting(), BLOCK=block, num_warps=_warps(block),
+        GELU=gelu == "tanh", FAST_TANH=not _interpreting(), BLOCK=first, REST=rest, num_warps=_warps(first),
     )  # fmt: skip
     return q, scale
 
@@ -109,21 +114,38 @@ if triton is not None:
         return g
 
     @triton.jit
-    def _quantize_rows_kernel(
-        x_ptr, b_ptr, q_ptr, s_ptr, K, stride_x,
-        HAS_BIAS: tl.constexpr, GELU: tl.constexpr, FAST_TANH: tl.constexpr, BLOCK: tl.constexpr,
-    ):  # fmt: skip
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        keep = cols < K
-        x = tl.load(x_ptr + row * stride_x + cols, mask=keep, other=0.0).to(tl.float32)
+    def _activation(x_ptr, b_ptr, cols, keep, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, FAST_TANH: tl.constexpr):
+        """float32 values of one tile of a row (+ bias, GELU); 0 where not `keep`."""
+        x = tl.load(x_ptr + cols, mask=keep, other=0.0).to(tl.float32)
         if HAS_BIAS:
             x += tl.load(b_ptr + cols, mask=keep, other=0.0).to(tl.float32)
         if GELU:
             x = gelu_tanh(x, FAST_TANH)
-        amax = tl.maximum(tl.max(tl.where(keep, tl.abs(x), 0.0), axis=0), 1e-12)
-        q = tl.minimum(tl.maximum(x * (448.0 / amax), -448.0), 448.0)
-        tl.store(q_ptr + row * K + cols, q.to(tl.float8e4nv), mask=keep)
+        return tl.where(keep, x, 0.0)
+
+    @triton.jit
+    def _quantize_rows_kernel(
+        x_ptr, b_ptr, q_ptr, s_ptr, K, stride_x,
+        HAS_BIAS: tl.constexpr, GELU: tl.constexpr, FAST_TANH: tl.constexpr, BLOCK: tl.constexpr,
+        REST: tl.constexpr = 0,
+    ):  # fmt: skip
+        # one row in two tiles, BLOCK channels then REST (pab.kernels.row_pieces): no lanes idle at 1,152 or 4,608
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        keep = cols < K
+        x = _activation(x_ptr + row * stride_x, b_ptr, cols, keep, HAS_BIAS, GELU, FAST_TANH)
+        amax = tl.max(tl.abs(x), axis=0)
+        if REST > 0:
+            cols2 = BLOCK + tl.arange(0, REST)
+            keep2 = cols2 < K
+            x2 = _activation(x_ptr + row * stride_x, b_ptr, cols2, keep2, HAS_BIAS, GELU, FAST_TANH)
+            amax = tl.maximum(amax, tl.max(tl.abs(x2), axis=0))
+        amax = tl.maximum(amax, 1e-12)
+        r = 448.0 / amax
+        tl.store(q_ptr + row * K + cols, tl.minimum(tl.maximum(x * r, -448.0), 448.0).to(tl.float8e4nv), mask=keep)
+        if REST > 0:
+            q2 = tl.minimum(tl.maximum(x2 * r, -448.0), 448.0)
+            tl.store(q_ptr + row * K + cols2, q2.to(tl.float8e4nv), mask=keep2)
         tl.store(s_ptr + row, amax / 448.0)
 
 

@@ -29,7 +29,7 @@ import warnings
 import torch
 
 from pab.kernels import fp8 as fp8_kern
-from pab.kernels import no_grad_needed
+from pab.kernels import no_grad_needed, row_pieces
 
 try:
     import triton
@@ -143,18 +143,21 @@ def qk_rmsnorm(qkv: torch.Tensor, num_heads: int, q_weight: torch.Tensor, k_weig
 # the ops must be opaque) costs tens of microseconds a call on the CPU, and an eager DiT step is close to
 # being bound by the CPU's launch rate.
 
-# BLOCK_C -> (rows per program, num_warps) of the layer-norm kernel, overriding the default below. Measured on
-# an H100 at C = 1152 (bench/profile.py, 480p hidden state, GPU time in a CUDA graph), plain / with residual:
-# 1x2 0.086 / 0.150 ms, 1x4 0.099 / 0.150, 2x4 0.109 / 0.152, 1x8 0.140 / 0.164, 4x8 0.193 / 0.210 ms. Fewer
-# warps per row means fewer block-wide reductions to wait on and more rows in flight per SM.
+# The row's first tile (`row_pieces`) -> (rows per program, num_warps) of the layer-norm kernel, overriding the
+# default below. Fewer warps per row means fewer block-wide reductions to wait on and more rows in flight per SM.
+# Measured on an H100 at 47,700 rows of C = 1,152 (python -m bench.rowpass, session 23), 1/2/4/8 warps, ms:
+#   plain                     one 2,048 tile 0.126/0.120/0.131/0.158   1,024 + 128 0.116/0.128/0.183/0.194
+#   e4m3 rows only            one 2,048 tile 0.145/0.160/0.168/0.220   1,024 + 128 0.134/0.158/0.206/0.245
+#   + residual, e4m3 only     one 2,048 tile 0.185/0.192/0.197/0.238   1,024 + 128 0.184/0.198/0.233/0.289
 LN_CONFIG: dict[int, tuple[int, int]] = {}
 
 
 def _ln_config(block_c: int) -> tuple[int, int]:
-    return LN_CONFIG.get(block_c, (1, 2 if block_c <= 2048 else 4))
+    return LN_CONFIG.get(block_c, (1, 1 if block_c <= 1024 else 2 if block_c <= 2048 else 4))
 
 
-def _ln_modulate(x, shift, scale, eps, residual, frame_major, config=None, fp8=None):
+def _ln_modulate(x, shift, scale, eps, residual, frame_major, config=None, fp8=None, pieces=None):
+    """`config`: (rows per program, warps); `pieces`: the row's two tiles (default `row_pieces(C)`)."""
     if fp8 is not None and fp8 not in fp8_kern.FP8_INPUTS:
         raise ValueError(f"fp8={fp8!r}; choose None or one of {fp8_kern.FP8_INPUTS}")
     _check_hidden(x)
@@ -168,15 +171,15 @@ def _ln_modulate(x, shift, scale, eps, residual, frame_major, config=None, fp8=N
     out = x.new_empty(B, S, T, C) if frame_major else torch.empty_like(x)
     o_b, o_t, o_s = (S * T * C, C, T * C) if frame_major else (T * S * C, S * C, C)
     xo = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    block_c = triton.next_power_of_2(C)
-    rows, warps = config or _ln_config(block_c)
+    first, rest = pieces or row_pieces(C)
+    rows, warps = config or _ln_config(first)
     n = B * T * S
     q = torch.empty(out.shape, device=x.device, dtype=fp8_kern.E4M3) if fp8 is not None else out
     q_scale = torch.empty((n, 1), device=x.device, dtype=torch.float32) if fp8 is not None else out
     _ln_modulate_kernel[(triton.cdiv(n, rows),)](
         x, residual if residual is not None else x, xo, out, shift, scale, q, q_scale,
         n, T, S, C, sh_b, sh_t, sc_b, sc_t, o_b, o_t, o_s, eps,
-        HAS_RES=residual is not None, FP8=fp8 is not None, OUT=fp8 != "only", ROWS=rows, BLOCK_C=block_c,
+        HAS_RES=residual is not None, FP8=fp8 is not None, OUT=fp8 != "only", ROWS=rows, BLOCK_C=first, REST=rest,
         num_warps=warps,
     )  # fmt: skip
     if fp8 is not None:
@@ -185,7 +188,7 @@ def _ln_modulate(x, shift, scale, eps, residual, frame_major, config=None, fp8=N
     return xo, out
 
 
-def _gated_residual(x, gate, a, frame_major):
+def _gated_residual(x, gate, a, frame_major, pieces=None, warps=None):
     _check_hidden(x)
     B, T, S, C = x.shape
     g_b, g_t = _mod_strides(gate, B, T, C, "gate")
@@ -194,10 +197,13 @@ def _gated_residual(x, gate, a, frame_major):
         a = a.contiguous()
     a_b, a_t, a_s = (S * T * C, C, T * C) if frame_major else (T * S * C, S * C, C)
     out = torch.empty_like(x)
-    block_c = triton.next_power_of_2(C)
+    first, rest = pieces or row_pieces(C)
+    # H100, 47,700 rows of 1,152 (bench.rowpass): one 2,048 tile 0.154/0.153/0.154/0.151 ms at 1/2/4/8 warps,
+    # 1,024 + 128 0.151/0.155/0.136/0.140
     _gated_residual_kernel[(B * T * S,)](
-        x, a, out, gate, T, S, C, g_b, g_t, a_b, a_t, a_s, BLOCK_C=block_c, num_warps=4 if block_c <= 1024 else 8
-    )
+        x, a, out, gate, T, S, C, g_b, g_t, a_b, a_t, a_s, BLOCK_C=first, REST=rest,
+        num_warps=warps or (4 if first <= 1024 else 8),
+    )  # fmt: skip
     return out
 
 
@@ -224,56 +230,97 @@ def _qk_rmsnorm(qkv, q_weight, k_weight, num_heads, eps):
 if triton is not None:
 
     @triton.jit
+    def _ln_load(x_ptr, res_ptr, xo_ptr, row, cols, m, HAS_RES: tl.constexpr):
+        """One tile of the rows in float32 (+ the residual, the sum stored and read back rounded); 0 off `m`."""
+        x = tl.load(x_ptr + row + cols, mask=m, other=0.0).to(tl.float32)
+        if HAS_RES:
+            x = x + tl.load(res_ptr + row + cols, mask=m, other=0.0).to(tl.float32)
+            xr = x.to(xo_ptr.dtype.element_ty)
+            tl.store(xo_ptr + row + cols, xr, mask=m)
+            x = xr.to(tl.float32)  # normalise the residual stream as stored, as the unfused code does
+        return x
+
+    @triton.jit
+    def _ln_out(d, rstd, shift, scale, out_ptr, o, cols, m, OUT: tl.constexpr):
+        """One tile of the modulated output, stored (OUT) and returned as stored, in float32 (0 off `m`)."""
+        yo = (d * rstd * (1.0 + scale) + shift).to(out_ptr.dtype.element_ty)
+        if OUT:
+            tl.store(out_ptr + o + cols, yo, mask=m)
+        return tl.where(m, yo.to(tl.float32), 0.0)
+
+    @triton.jit
     def _ln_modulate_kernel(
         x_ptr, res_ptr, xo_ptr, out_ptr, shift_ptr, scale_ptr, q_ptr, qs_ptr,
         n_rows, T, S, C, sh_b, sh_t, sc_b, sc_t, o_b, o_t, o_s, eps,
         HAS_RES: tl.constexpr, FP8: tl.constexpr, OUT: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+        REST: tl.constexpr = 0,
     ):  # fmt: skip
-        # ROWS rows of the contiguous (B, T, S, C) input; row = (b * T + t) * S + s
+        # ROWS rows of the contiguous (B, T, S, C) input; row = (b * T + t) * S + s. Each row in two tiles of
+        # channels, BLOCK_C then REST (pab.kernels.row_pieces), so that no lanes idle at C = 1,152.
         row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]  # (ROWS, 1)
         s = row % S
         t = (row // S) % T
         b = row // (S * T)
+        sh = b * sh_b + t * sh_t
+        sc = b * sc_b + t * sc_t
+        o = b * o_b + t * o_t + s * o_s  # (ROWS, 1): where the row starts in the output, a multiple of C
         cols = tl.arange(0, BLOCK_C)[None, :]
         m = (cols < C) & (row < n_rows)
         # the adaLN parameters first: their loads overlap the row's instead of waiting for the reductions
-        shift = tl.load(shift_ptr + b * sh_b + t * sh_t + cols, mask=m, other=0.0).to(tl.float32)
-        scale = tl.load(scale_ptr + b * sc_b + t * sc_t + cols, mask=m, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + row * C + cols, mask=m, other=0.0).to(tl.float32)
-        if HAS_RES:
-            x = x + tl.load(res_ptr + row * C + cols, mask=m, other=0.0).to(tl.float32)
-            xr = x.to(xo_ptr.dtype.element_ty)
-            tl.store(xo_ptr + row * C + cols, xr, mask=m)
-            x = xr.to(tl.float32)  # normalise the residual stream as stored, as the unfused code does
-        mean = tl.sum(x, axis=1) / C
-        d = tl.where(m, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
-        y = d * rstd[:, None] * (1.0 + scale) + shift
-        o = b * o_b + t * o_t + s * o_s  # (ROWS, 1): where the row starts in the output, a multiple of C
-        yo = y.to(out_ptr.dtype.element_ty)
-        if OUT:
-            tl.store(out_ptr + o + cols, yo, mask=m)
+        shift = tl.load(shift_ptr + sh + cols, mask=m, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + sc + cols, mask=m, other=0.0).to(tl.float32)
+        x = _ln_load(x_ptr, res_ptr, xo_ptr, row * C, cols, m, HAS_RES)
+        total = tl.sum(x, axis=1)
+        if REST > 0:
+            cols2 = BLOCK_C + tl.arange(0, REST)[None, :]
+            m2 = (cols2 < C) & (row < n_rows)
+            shift2 = tl.load(shift_ptr + sh + cols2, mask=m2, other=0.0).to(tl.float32)
+            scale2 = tl.load(scale_ptr + sc + cols2, mask=m2, other=0.0).to(tl.float32)
+            x2 = _ln_load(x_ptr, res_ptr, xo_ptr, row * C, cols2, m2, HAS_RES)
+            total += tl.sum(x2, axis=1)
+        mean = (total / C)[:, None]
+        d = tl.where(m, x - mean, 0.0)
+        var = tl.sum(d * d, axis=1)
+        if REST > 0:
+            d2 = tl.where(m2, x2 - mean, 0.0)
+            var += tl.sum(d2 * d2, axis=1)
+        rstd = (1.0 / tl.sqrt(var / C + eps))[:, None]
+        y = _ln_out(d, rstd, shift, scale, out_ptr, o, cols, m, OUT)
+        if REST > 0:
+            y2 = _ln_out(d2, rstd, shift2, scale2, out_ptr, o, cols2, m2, OUT)
         if FP8:  # the stored values' e4m3 rows, as pab.kernels.fp8.quantize_rows would make them
-            yr = tl.where(m, yo.to(tl.float32), 0.0)
-            amax = tl.maximum(tl.max(tl.abs(yr), axis=1), 1e-12)[:, None]  # (ROWS, 1)
-            q = tl.minimum(tl.maximum(yr * (448.0 / amax), -448.0), 448.0)
-            tl.store(q_ptr + o + cols, q.to(tl.float8e4nv), mask=m)
-            tl.store(qs_ptr + o // C, amax / 448.0, mask=row < n_rows)
+            amax = tl.max(tl.abs(y), axis=1)
+            if REST > 0:
+                amax = tl.maximum(amax, tl.max(tl.abs(y2), axis=1))
+            r = (448.0 / tl.maximum(amax, 1e-12))[:, None]  # (ROWS, 1)
+            tl.store(q_ptr + o + cols, tl.minimum(tl.maximum(y * r, -448.0), 448.0).to(tl.float8e4nv), mask=m)
+            if REST > 0:
+                q2 = tl.minimum(tl.maximum(y2 * r, -448.0), 448.0)
+                tl.store(q_ptr + o + cols2, q2.to(tl.float8e4nv), mask=m2)
+            tl.store(qs_ptr + o // C, tl.maximum(amax, 1e-12)[:, None] / 448.0, mask=row < n_rows)
+
+    @triton.jit
+    def _gated_tile(x_ptr, a_ptr, out_ptr, gate_ptr, row, g, a_row, cols, m):
+        gate = tl.load(gate_ptr + g + cols, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row + cols, mask=m, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + a_row + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row + cols, (x + gate * a).to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _gated_residual_kernel(
         x_ptr, a_ptr, out_ptr, gate_ptr, T, S, C, g_b, g_t, a_b, a_t, a_s, BLOCK_C: tl.constexpr,
+        REST: tl.constexpr = 0,
     ):  # fmt: skip
-        row = tl.program_id(0).to(tl.int64)
+        row = tl.program_id(0).to(tl.int64)  # one row in two tiles of channels, BLOCK_C then REST (row_pieces)
         s = row % S
         t = (row // S) % T
         b = row // (S * T)
+        g, a_row = b * g_b + t * g_t, b * a_b + t * a_t + s * a_s
         cols = tl.arange(0, BLOCK_C)
-        m = cols < C
-        g = tl.load(gate_ptr + b * g_b + t * g_t + cols, mask=m, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + row * C + cols, mask=m, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + b * a_b + t * a_t + s * a_s + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * C + cols, (x + g * a).to(out_ptr.dtype.element_ty), mask=m)
+        _gated_tile(x_ptr, a_ptr, out_ptr, gate_ptr, row * C, g, a_row, cols, cols < C)
+        if REST > 0:
+            cols2 = BLOCK_C + tl.arange(0, REST)
+            _gated_tile(x_ptr, a_ptr, out_ptr, gate_ptr, row * C, g, a_row, cols2, cols2 < C)
 
     @triton.jit
     def _qk_rmsnorm_kernel(

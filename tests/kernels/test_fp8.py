@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pab.kernels import fp8
+from pab.kernels import fp8, row_pieces
 from support.kernels import CUDA, DEVICE, needs_triton
 
 needs_fp8_gpu = pytest.mark.skipif(
@@ -17,15 +17,28 @@ needs_fp8_gpu = pytest.mark.skipif(
 )
 
 
-def _launch(x: torch.Tensor, gelu: str, bias: torch.Tensor | None = None):
-    """The kernel itself, also where `supported` would send a CPU tensor to PyTorch (the interpreter)."""
+def _launch(x: torch.Tensor, gelu: str, bias: torch.Tensor | None = None, one_tile: bool = False):
+    """The kernel itself, also where `supported` would send a CPU tensor to PyTorch (the interpreter): each row in
+    the two tiles of `row_pieces`, or in one masked tile of the next power of two."""
     M, K = x.shape
     q = torch.empty((M, K), device=x.device, dtype=fp8.E4M3)
     s = torch.empty((M, 1), device=x.device, dtype=torch.float32)
-    block = fp8.triton.next_power_of_2(K)
+    block, rest = (fp8.triton.next_power_of_2(K), 0) if one_tile else row_pieces(K)
     fp8._quantize_rows_kernel[(M,)](x, x if bias is None else bias, q, s, K, x.stride(0), HAS_BIAS=bias is not None,
-                                    GELU=gelu == "tanh", FAST_TANH=CUDA, BLOCK=block)  # fmt: skip
+                                    GELU=gelu == "tanh", FAST_TANH=CUDA, BLOCK=block, REST=rest)  # fmt: skip
     return q, s
+
+
+@pytest.mark.parametrize("width, pieces", [(1152, (1024, 128)), (4608, (4096, 512)), (1024, (1024, 0)),
+                                           (72, (64, 8)), (1000, (512, 512)), (1, (1, 0))])  # fmt: skip
+def test_a_row_splits_into_two_power_of_two_tiles(width, pieces):
+    assert row_pieces(width) == pieces
+    assert pieces[0] <= width <= sum(pieces)
+
+
+def test_a_row_needs_a_channel():
+    with pytest.raises(ValueError, match="at least one channel"):
+        row_pieces(0)
 
 
 def test_reference_quantisation_bounds():
@@ -66,12 +79,14 @@ def test_emulated_matmul_is_the_product_of_the_e4m3_operands():
 @pytest.mark.parametrize("gelu", ["none", "tanh"])
 @pytest.mark.parametrize("K", [48, 80, 1152])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_kernel_matches_reference(gelu, K, with_bias):
+@pytest.mark.parametrize("one_tile", [False, True])
+def test_kernel_matches_reference(gelu, K, with_bias, one_tile):
     torch.manual_seed(K)
     x = (torch.randn(9, K, device=DEVICE) * 3).to(torch.bfloat16)
     bias = torch.randn(K, device=DEVICE, dtype=torch.bfloat16) if with_bias else None
     x[2] = 0 if bias is None else -bias  # a row that is zero where the kernel takes its amax
-    q, s = _launch(x, gelu, bias)
+    x[4, -1] = 50  # the row's largest entry in its last channel: the second tile's (48 = 32 + 16, 80 = 64 + 16)
+    q, s = _launch(x, gelu, bias, one_tile)
     rq, rs = fp8.quantize_rows_reference(x, gelu, bias)
     assert torch.allclose(s, rs, rtol=1e-5)  # amax (after the GELU) and the scale
     if not CUDA:

@@ -76,13 +76,16 @@ def test_add_ln_modulate(shape, per_frame):
 @needs_triton
 @pytest.mark.parametrize("config", [(2, 4), (4, 2), (1, 1)])
 @pytest.mark.parametrize("residual", [False, True])
-def test_ln_launch_shapes(config, residual):
-    """Several rows per program, including a last program that runs past the final row (3*5*7 = 105 rows)."""
+@pytest.mark.parametrize("pieces", [None, (128, 0)])
+def test_ln_launch_shapes(config, residual, pieces):
+    """Several rows per program, including a last program that runs past the final row (3*5*7 = 105 rows); each
+    row in two tiles (96 = 64 + 32, the default) or in one masked tile of 128."""
     B, T, S, C = 3, 5, 7, 96
     torch.manual_seed(6)
     x, res = torch.randn(B, T, S, C, device=DEVICE), torch.randn(B, T, S, C, device=DEVICE)
     shift, scale = params(B, T, C, True, 2)
-    xo, out = norms._ln_modulate(x, shift, scale, 1e-6, res if residual else None, True, config=config)
+    xo, out = norms._ln_modulate(x, shift, scale, 1e-6, res if residual else None, True, config=config,
+                                 pieces=pieces)  # fmt: skip
     x_in = x + res if residual else x
     ref = ref_ln_modulate(x_in, shift, scale, 1e-6).transpose(1, 2)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
@@ -164,14 +167,19 @@ def test_add_ln_modulate_normalises_the_rounded_sum():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("per_frame", [False, True])
 @pytest.mark.parametrize("frame_major", [False, True])
-def test_gated_residual(shape, per_frame, frame_major):
+@pytest.mark.parametrize("one_tile", [False, True])
+def test_gated_residual(shape, per_frame, frame_major, one_tile):
+    """Rows in two tiles (96 = 64 + 32, 40 = 32 + 8; the default) or in one masked tile."""
     B, T, S, C = shape
     torch.manual_seed(3)
     x = torch.randn(shape, device=DEVICE)
     (gate,) = params(B, T, C, per_frame, 1)
     a = torch.randn(shape, device=DEVICE)
     a_in = a.transpose(1, 2).contiguous().view(B * S, T, C) if frame_major else a.view(B, T * S, C)
-    out = norms.gated_residual(x, gate, a_in, frame_major=frame_major)
+    if one_tile:
+        out = norms._gated_residual(x, gate, a_in, frame_major, pieces=(1 << (C - 1).bit_length(), 0))
+    else:
+        out = norms.gated_residual(x, gate, a_in, frame_major=frame_major)
     torch.testing.assert_close(out, torch.addcmul(x, gate, a), atol=1e-6, rtol=1e-6)
 
 
