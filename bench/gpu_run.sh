@@ -6,11 +6,17 @@
 #   bash bench/gpu_run.sh e2e     Open-Sora 480p fp8 off/paper end to end with the kernel profile, bench.mp4 on the
 #                                 host's cores, Latte fp8 off/paper (~6 min on an H100)
 #   bash bench/gpu_run.sh plan    Open-Sora-Plan v1.1 fp8 off/paper, DiT only, with the profile (~4-5 min)
+#   bash bench/gpu_run.sh ab      the working tree against another revision on the same card: Open-Sora 480p and
+#                                 Latte fp8 off, DiT only, the two trees alternating, two rounds (~6 min). Here first:
+#                                 rm -rf .ab-base && mkdir .ab-base && git archive REV pab ':!pab/weights' | tar -x -C .ab-base
+#                                 then carry .ab-base too. The base runs with .ab-base as its working directory:
+#                                 `python -m` puts the working directory ahead of PYTHONPATH, so a PYTHONPATH entry
+#                                 alone would run the working tree's pab twice.
 #
 # Records land in $OUT (the device's return folder): append them to bench/results/<gpu>.json here with
 # bench.records, noting the session. Each step has its own timeout so one call stays under the 600 s limit.
 set -uo pipefail
-what="${1:?usage: bash bench/gpu_run.sh suite|e2e|plan}"
+what="${1:?usage: bash bench/gpu_run.sh suite|e2e|plan|ab}"
 OUT="${OUT:?set OUT to the folder the records go to}"
 mkdir -p /tmp/site
 for f in .gpu-site/*.tar.xz .gpu-av/*.tar.xz; do [ -f "$f" ] && tar -xJf "$f" -C /tmp/site; done
@@ -42,6 +48,20 @@ case "$what" in
         step "Open-Sora-Plan"
         timeout "$(left 570)" python -m bench.run --cases opensora-plan --precision fp8 --pab off,paper --idle --dit-only \
             --out "$OUT/run.json" 2>&1 | grep -v Warn | tail -45 ;;
-    *) echo "unknown call $what; one of suite, e2e, plan" >&2; exit 2 ;;
+    ab)
+        [ -f .ab-base/pab/__init__.py ] || { echo "no .ab-base/pab: see the header" >&2; exit 2; }
+        for round in 1 2; do
+            order="new base"; [ "$round" = 2 ] && order="base new"
+            for case in opensora-480p latte; do
+                for who in $order; do
+                    [ "$(left 560)" -lt 50 ] && { step "out of time"; break 3; }
+                    dir="$PWD"; [ "$who" = base ] && dir="$PWD/.ab-base"
+                    step "$who $case, round $round"
+                    (cd "$dir" && PYTHONPATH="$dir:$PYTHONPATH" timeout "$(left 570)" python -m bench.run --cases "$case" \
+                        --precision fp8 --pab off --dit-only --out "$OUT/run-$who.json" 2>&1 | grep -v Warn | tail -2)
+                done
+            done
+        done ;;
+    *) echo "unknown call $what; one of suite, e2e, plan, ab" >&2; exit 2 ;;
 esac
 step "done"
