@@ -38,13 +38,13 @@ def gpu_ms(fn: Callable[[], object], iters: int) -> float:
 
 def quant_sweep(M: int, C: int, iters: int) -> dict[str, dict[int, float]]:
     """GPU ms of the quantise kernel per num_warps: rows of C (plain) and of 4C (bias + GELU, fc2's input)."""
-    from pab.kernels import fp8
+    from pab.kernels import fp8, row_pieces
 
     out: dict[str, dict[int, float]] = {}
     for K, gelu in ((C, "none"), (4 * C, "tanh")):
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         bias = torch.randn(K, device="cuda", dtype=torch.bfloat16) if gelu != "none" else None
-        block = 1 << (K - 1).bit_length()
+        block = row_pieces(K)[0]  # what QUANT_WARPS is keyed by
         times = {}
         for warps in (1, 2, 4, 8, 16):
             fp8.QUANT_WARPS[block] = warps

@@ -114,6 +114,11 @@ if triton is not None:
         return g
 
     @triton.jit
+    def to_e4m3(x, r):
+        """float32 `x` times `r` (448 / its row's amax), clamped to e4m3's finite range and rounded to e4m3."""
+        return tl.minimum(tl.maximum(x * r, -448.0), 448.0).to(tl.float8e4nv)
+
+    @triton.jit
     def _activation(x_ptr, b_ptr, cols, keep, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, FAST_TANH: tl.constexpr):
         """float32 values of one tile of a row (+ bias, GELU); 0 where not `keep`."""
         x = tl.load(x_ptr + cols, mask=keep, other=0.0).to(tl.float32)
@@ -142,10 +147,9 @@ if triton is not None:
             amax = tl.maximum(amax, tl.max(tl.abs(x2), axis=0))
         amax = tl.maximum(amax, 1e-12)
         r = 448.0 / amax
-        tl.store(q_ptr + row * K + cols, tl.minimum(tl.maximum(x * r, -448.0), 448.0).to(tl.float8e4nv), mask=keep)
+        tl.store(q_ptr + row * K + cols, to_e4m3(x, r), mask=keep)
         if REST > 0:
-            q2 = tl.minimum(tl.maximum(x2 * r, -448.0), 448.0)
-            tl.store(q_ptr + row * K + cols2, q2.to(tl.float8e4nv), mask=keep2)
+            tl.store(q_ptr + row * K + cols2, to_e4m3(x2, r), mask=keep2)
         tl.store(s_ptr + row, amax / 448.0)
 
 

@@ -228,6 +228,7 @@ def _qk_rmsnorm(qkv, q_weight, k_weight, num_heads, eps):
 
 
 if triton is not None:
+    from pab.kernels.fp8 import to_e4m3  # a jit function a kernel here calls: a global of this module
 
     @triton.jit
     def _ln_load(x_ptr, res_ptr, xo_ptr, row, cols, m, HAS_RES: tl.constexpr):
@@ -292,12 +293,12 @@ if triton is not None:
             amax = tl.max(tl.abs(y), axis=1)
             if REST > 0:
                 amax = tl.maximum(amax, tl.max(tl.abs(y2), axis=1))
-            r = (448.0 / tl.maximum(amax, 1e-12))[:, None]  # (ROWS, 1)
-            tl.store(q_ptr + o + cols, tl.minimum(tl.maximum(y * r, -448.0), 448.0).to(tl.float8e4nv), mask=m)
+            amax = tl.maximum(amax, 1e-12)[:, None]  # (ROWS, 1)
+            r = 448.0 / amax
+            tl.store(q_ptr + o + cols, to_e4m3(y, r), mask=m)
             if REST > 0:
-                q2 = tl.minimum(tl.maximum(y2 * r, -448.0), 448.0)
-                tl.store(q_ptr + o + cols2, q2.to(tl.float8e4nv), mask=m2)
-            tl.store(qs_ptr + o // C, tl.maximum(amax, 1e-12)[:, None] / 448.0, mask=row < n_rows)
+                tl.store(q_ptr + o + cols2, to_e4m3(y2, r), mask=m2)
+            tl.store(qs_ptr + o // C, amax / 448.0, mask=row < n_rows)
 
     @triton.jit
     def _gated_tile(x_ptr, a_ptr, out_ptr, gate_ptr, row, g, a_row, cols, m):
