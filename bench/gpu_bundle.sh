@@ -12,6 +12,8 @@
 #                                Name the GPU test files (tests/gpu tests/kernels tests/models/test_latte.py
 #                                tests/parallel/test_dsp_gpu.py tests/test_compile.py tests/test_video.py): pytest
 #                                imports every file it collects, and the others import Ray or FastAPI.
+#   .gpu-site/xdist.tar.xz       with --xdist: pytest-xdist and execnet (~0.1 MB), so `gpu_run.sh suite` runs its test
+#                                files in 4 processes: most of the suite's time is Triton compiling, on the CPU.
 # In the run: mkdir -p /tmp/site && for f in .gpu-site/*.tar.xz; do tar -xJf $f -C /tmp/site; done &&
 #             export PYTHONPATH=$PWD:/tmp/site RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 #
@@ -41,6 +43,12 @@ for arg in "$@"; do
             (cd "$work/pyd" && for w in *.whl; do python3 -m zipfile -e "$w" site; done)
             tar -cf - -C "$work/pyd/site" . | xz -9 -T2 > .gpu-site/pydantic.tar.xz
             ls -l .gpu-site/pydantic.tar.xz ;;
+        --xdist)
+            xv=$(.venv/bin/python -c 'import xdist, execnet; print(xdist.__version__, execnet.__version__)')
+            python3 -m pip download -q --no-deps -d "$work/xd" "pytest-xdist==${xv% *}" "execnet==${xv#* }"
+            (cd "$work/xd" && for w in *.whl; do python3 -m zipfile -e "$w" site; done)
+            tar -cf - -C "$work/xd/site" . | xz -9 -T2 > .gpu-site/xdist.tar.xz
+            ls -l .gpu-site/xdist.tar.xz ;;
         --serve-no-av) ../shared/tools/gpu-site --no-av ;;
         --av)
             grep -qx "/.gpu-av/" .git/info/exclude || echo "/.gpu-av/" >> .git/info/exclude
@@ -50,6 +58,6 @@ for arg in "$@"; do
             mkdir -p .gpu-av
             tar -cf - -C "$work/av/site" . | xz -9 -T2 > .gpu-av/av.tar.xz
             ls -l .gpu-av/av.tar.xz ;;
-        *) echo "unknown option $arg (known: --serve, --serve-no-av, --av, --pydantic)" >&2; exit 2 ;;
+        *) echo "unknown option $arg (known: --serve, --serve-no-av, --av, --pydantic, --xdist)" >&2; exit 2 ;;
     esac
 done

@@ -2,12 +2,14 @@
 # One device call's worth of GPU work, by name. Run from the repository root on the device machine, carrying
 # .gpu-site and .gpu-av (bench/gpu_bundle.sh --pydantic --av builds them; ~28 MB beside the tree):
 #
-#   bash bench/gpu_run.sh suite   the one-GPU test suite: tests/gpu, tests/kernels, the VAE kernels, -m gpu (~5 min)
+#   bash bench/gpu_run.sh suite   the one-GPU test suite: tests/gpu, tests/kernels, the VAE kernels, -m gpu (~6 min in
+#                                 one process on an H100; carry .gpu-site/xdist.tar.xz for 4)
 #   bash bench/gpu_run.sh e2e     Open-Sora 480p fp8 off/paper end to end with the kernel profile, bench.mp4 on the
 #                                 host's cores, Latte fp8 off/paper (~6 min on an H100)
 #   bash bench/gpu_run.sh plan    Open-Sora-Plan v1.1 fp8 off/paper, DiT only, with the profile (~4-5 min)
 #   bash bench/gpu_run.sh ab      the working tree against another revision on the same card: Open-Sora 480p and
-#                                 Latte fp8 off, DiT only, the two trees alternating, two rounds (~6 min). Here first:
+#                                 Latte fp8 off, DiT only, the two trees alternating, two rounds (~6 min; AB_CASES=latte
+#                                 for one case). Here first:
 #                                 rm -rf .ab-base && mkdir .ab-base && git archive REV pab ':!pab/weights' | tar -x -C .ab-base
 #                                 then carry .ab-base too. The base runs with .ab-base as its working directory:
 #                                 `python -m` puts the working directory ahead of PYTHONPATH, so a PYTHONPATH entry
@@ -29,11 +31,14 @@ step() { echo "== $1 at $(( $(date +%s) - t0 )) s on $gpu"; }
 
 case "$what" in
     suite)
-        step "GPU tests"
-        timeout "$(left 330)" python -m pytest -q -p no:cacheprovider tests/gpu tests/kernels tests/test_vae_kernels.py \
-            tests/bench/test_vae.py 2>&1 | grep -v Warn | tail -6
+        # Most of the time is Triton compiling each kernel's variants, on the CPU: with pytest-xdist carried
+        # (gpu_bundle.sh --xdist) the files run in $SUITE_WORKERS processes sharing the GPU.
+        par=""; python -c "import xdist" 2>/dev/null && par="-n ${SUITE_WORKERS:-4} --dist loadfile"
+        step "GPU tests ${par:-(one process: no xdist carried)}"
+        timeout "$(left 520)" python -m pytest -q -p no:cacheprovider $par tests/gpu tests/kernels \
+            tests/test_vae_kernels.py tests/bench/test_vae.py 2>&1 | grep -v Warn | tail -8
         step "-m gpu tests"
-        timeout "$(left 570)" python -m pytest -q -p no:cacheprovider -m gpu tests/models/test_latte.py tests/test_compile.py \
+        timeout "$(left 590)" python -m pytest -q -p no:cacheprovider -m gpu tests/models/test_latte.py tests/test_compile.py \
             tests/test_video.py tests/parallel/test_dsp_gpu.py 2>&1 | grep -v Warn | tail -6 ;;
     e2e)
         step "bench.mp4"
@@ -52,7 +57,7 @@ case "$what" in
         [ -f .ab-base/pab/__init__.py ] || { echo "no .ab-base/pab: see the header" >&2; exit 2; }
         for round in 1 2; do
             order="new base"; [ "$round" = 2 ] && order="base new"
-            for case in opensora-480p latte; do
+            for case in ${AB_CASES:-opensora-480p latte}; do
                 for who in $order; do
                     [ "$(left 560)" -lt 50 ] && { step "out of time"; break 3; }
                     dir="$PWD"; [ "$who" = base ] && dir="$PWD/.ab-base"
