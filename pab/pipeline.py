@@ -29,6 +29,7 @@ from pab.seeds import draw_seed
 from pab.families import get_family
 from pab.models import ModelSpec, build, get_spec, randomize_weights, split_name
 from pab.models.vae import VideoVAE
+from pab.models.packing import pack_joint_linears
 from pab.precision import Fp8Config, PrecisionState, apply_fp8, check_precision, fp8_capable, use_precision
 from pab.stepcache import StepCacheState, apply_step_cache, use_step_state
 
@@ -251,6 +252,9 @@ class Pipeline:
         self.dtype = dtype
         self.random_weights = random_weights
         self.parallel = parallel
+        # Linears a model runs as one GEMM (Latte's q, k, v) laid end to end, now that the weights are on their
+        # device and dtype: the GEMM reads a view of them instead of a copy made each call (pab.models.packing).
+        pack_joint_linears(transformer)
         if parallel is not None:
             from pab.parallel import parallelize_model
 

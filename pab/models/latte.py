@@ -20,7 +20,9 @@ Performance (as in pab.models.stdit3; the float32 CPU path is the fixture path):
   half precision on CUDA, `torch.addcmul` elsewhere); the blocks' `compile_regions` name these passes for
   `pab.compile.apply_compile`;
 * self-attention computes q, k, v in one GEMM (cross-attention: k, v in one), from the concatenated weights of
-  the diffusers-named to_q/to_k/to_v, so checkpoints load unchanged and the modules keep no derived state;
+  the diffusers-named to_q/to_k/to_v, so checkpoints load unchanged and the modules keep no derived state; the
+  pipeline lays those weights end to end (`pab.models.packing`, the groups are `Attention.joint_linears`), so the
+  GEMM reads a view of them instead of a copy made every call;
 * the MLP's bias + tanh-GELU run in the fc1 GEMM epilogue on CUDA (`KernelOptions.fused_gelu`);
 * temporal self-attention runs as one Triton kernel on CUDA in half precision (`KernelOptions.short_attention`);
 * which kernels run is the model's `KernelOptions` (`pab.kernels.set_kernel_options`), defaults: all.
@@ -47,6 +49,7 @@ from pab.kernels import short_attention as short_attn
 from pab.kernels import DEFAULT_KERNELS, KernelOptions, no_grad_needed, norms
 from pab.hooks.registry import output_reused
 from pab.kernels.fp8 import fp8_input
+from pab.models.packing import end_to_end
 
 #################################################################################
 #                                    Config                                     #
@@ -387,10 +390,11 @@ class CaptionProjection(nn.Module):
 def _linear_cat(x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
     """Several Linears on the same input as one GEMM; outputs concatenated along the last dim.
 
-    The weights are concatenated per call (~8 MB at full size) rather than cached, so the module stays plain.
-    A transform that runs the group itself gives the first linear a `run_group(x, layers)` (pab.precision's
-    fp8: one GEMM on its own weights; None: not this call). A linear that carries a hook (pab.hooks) is called
-    itself, so the hook sees its input.
+    The GEMM reads the weights as one view where they lie end to end (`pab.models.packing.pack_joint_linears`,
+    which the pipeline runs), else concatenated for this call (~8 MB at full size): never cached, so the module
+    stays plain. A transform that runs the group itself gives the first linear a `run_group(x, layers)`
+    (pab.precision's fp8: one GEMM on its own weights; None: not this call). A linear that carries a hook
+    (pab.hooks) is called itself, so the hook sees its input.
     """
     run_group = getattr(layers[0], "run_group", None)
     if run_group is not None:
@@ -399,9 +403,14 @@ def _linear_cat(x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
             return out
     if any("forward" in layer.__dict__ for layer in layers):
         return torch.cat([layer(x) for layer in layers], dim=-1)
-    weight = torch.cat([layer.weight for layer in layers])
-    bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
-    return F.linear(x, weight, bias)
+    return F.linear(x, _joined([layer.weight for layer in layers]),
+                    None if layers[0].bias is None else _joined([layer.bias for layer in layers]))  # fmt: skip
+
+
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    # The compiler traces the concatenation (and fuses or folds it); a view found by pointer is for eager.
+    view = None if torch.compiler.is_compiling() else end_to_end(tensors)
+    return torch.cat(tensors) if view is None else view
 
 
 class Attention(nn.Module):
@@ -441,6 +450,10 @@ class Attention(nn.Module):
     # the frames arrived in from nb ranks. The projections are token-wise and the short-sequence kernel reads
     # and writes that layout, so the switches need no reordering copies (as STDiT3's SelfAttention).
     accepts_frame_blocks = True
+
+    def joint_linears(self) -> list[tuple[nn.Linear, ...]]:
+        """The projections `forward` runs as one GEMM (`_linear_cat`): q, k, v; a cross-attention's k, v."""
+        return [(self.to_k, self.to_v) if self.is_cross_attention else (self.to_q, self.to_k, self.to_v)]
 
     def linear_groups(self) -> list[tuple[nn.Linear, ...]]:
         """The projections run as one GEMM on their shared input (`_linear_cat`): a self-attention's q, k, v.
