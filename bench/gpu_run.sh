@@ -7,6 +7,8 @@
 #   bash bench/gpu_run.sh e2e     Open-Sora 480p fp8 off/paper end to end with the kernel profile, bench.mp4 on the
 #                                 host's cores, Latte fp8 off/paper (~6 min on an H100)
 #   bash bench/gpu_run.sh plan    Open-Sora-Plan v1.1 fp8 off/paper, DiT only, with the profile (~4-5 min)
+#   bash bench/gpu_run.sh graphs  Latte fp8 `paper`, DiT only, with the profile's idle share: eager, then CUDA graphs
+#                                 (~2.5 min)
 #   bash bench/gpu_run.sh ab      the working tree against another revision on the same card: Open-Sora 480p and
 #                                 Latte fp8 off, DiT only, the two trees alternating, two rounds (~6 min; AB_CASES=latte
 #                                 for one case). Here first:
@@ -18,7 +20,7 @@
 # Records land in $OUT (the device's return folder): append them to bench/results/<gpu>.json here with
 # bench.records, noting the session. Each step has its own timeout so one call stays under the 600 s limit.
 set -uo pipefail
-what="${1:?usage: bash bench/gpu_run.sh suite|e2e|plan|ab}"
+what="${1:?usage: bash bench/gpu_run.sh suite|e2e|plan|ab|graphs}"
 OUT="${OUT:?set OUT to the folder the records go to}"
 mkdir -p /tmp/site
 for f in .gpu-site/*.tar.xz .gpu-av/*.tar.xz; do [ -f "$f" ] && tar -xJf "$f" -C /tmp/site; done
@@ -67,6 +69,12 @@ case "$what" in
                 done
             done
         done ;;
-    *) echo "unknown call $what; one of suite, e2e, plan, ab" >&2; exit 2 ;;
+    graphs)
+        for g in "" --cuda-graphs; do
+            step "Latte paper fp8 ${g:-eager}"
+            timeout "$(left 290)" python -m bench.run --cases latte --precision fp8 --pab paper --idle --dit-only $g \
+                --out "$OUT/run-graphs.json" 2>&1 | grep -v Warn | tail -14
+        done ;;
+    *) echo "unknown call $what; one of suite, e2e, plan, ab, graphs" >&2; exit 2 ;;
 esac
 step "done"
