@@ -140,20 +140,29 @@ def plan_request(
     return r.to_dict(), f"{width}x{height}", size_notices(r.model, vae, r)
 
 
-def frames_for_seconds(model: str, seconds: float, fps: int | None) -> tuple[int, int]:
-    """(num_frames, fps) for a duration: the smallest frame count the model takes that lasts `seconds`."""
+def frames_for_seconds(model: str, seconds: float, fps: int | None) -> tuple[int, int, list[str]]:
+    """(num_frames, fps, notices) for a duration: the smallest frame count the model takes that lasts `seconds`.
+
+    Where that is more than a frame longer than asked (a model takes only some frame counts: Open-Sora 1.2
+    none from 2 to 16, Open-Sora-Plan 4k + 1), the notice says so and why, as the video's size notices do.
+    """
     from pab.models import get_spec, split_name
 
     with about("model"):
         d = get_spec(model).defaults_for(split_name(model)[1])
     fps = fps or d.fps
     want = max(1, round(seconds * fps))
+    refused: ValueError | None = None
     for n in range(want, want + 256):
         try:
             check_request({"model": model, "prompt": "x", "num_frames": n, "fps": fps, "steps": 1, "seed": 0})
-            return n, fps
-        except ValueError:
+        except ValueError as e:
+            refused = refused or e
             continue
+        if n - seconds * fps <= 1 + 1e-9:
+            return n, fps, []
+        return n, fps, [f"{seconds:g} s at {fps} fps is {want} frames, which {model} cannot render ({refused}); "
+                        f"the video has {n} frames, {n / fps:g} s"]  # fmt: skip
     raise RequestError("seconds", f"no frame count near {want} works for {model}")
 
 

@@ -258,10 +258,13 @@ class VideoAPI:
         from actors.engine import frames_for_seconds, model_defaults, plan_request
 
         try:
+            said: list[str] = []  # a duration the model cannot render exactly: what it renders instead, and why
             if seconds is not None:
-                request["num_frames"], request["fps"] = frames_for_seconds(request["model"], seconds, request["fps"])
+                request["num_frames"], request["fps"], said = frames_for_seconds(request["model"], seconds,
+                                                                                 request["fps"])  # fmt: skip
             calibration, unchecked = self._calibration(request["model"])
-            return plan_request(request, calibration, names_unchecked=unchecked)
+            request, size, notices = plan_request(request, calibration, names_unchecked=unchecked)
+            return request, size, said + notices
         except (ValueError, HTTPException):
             raise
         except Exception as e:  # noqa: BLE001

@@ -64,6 +64,22 @@ def test_the_video_reports_the_size_it_renders_and_why(served, body, size, said)
         assert said in notice and f"the video is {size}" in notice
 
 
+@pytest.mark.parametrize("seconds, frames, said", [(1, 17, "1 s at 8 fps is 8 frames"), (4, 32, None), (2.1, 17, None)])
+def test_a_duration_the_model_cannot_render_says_what_it_renders_and_why(served, seconds, frames, said):
+    """Open-Sora 1.2 takes no frame count from 2 to 16: one second is 17 frames, and the video says so. A count
+    within a frame of the duration asked (2.1 s is 16.8 frames) says nothing."""
+    created = served.post("/v1/videos", json={"prompt": "a fox", "seconds": seconds})
+    assert created.status_code == 200, created.text
+    video = served.get(f"/v1/videos/{created.json()['id']}").json()
+    assert video["request"]["num_frames"] == frames and video["seconds"] == f"{frames / 8:g}"
+    if said is None:
+        assert video["notices"] == []
+    else:
+        [notice] = video["notices"]
+        assert said in notice and "cannot render" in notice and "or >= 17" in notice
+        assert notice.endswith("the video has 17 frames, 2.125 s")
+
+
 def test_cache_presets_policies_and_the_old_name(served):
     """A preset the model is not calibrated for is a 422 saying how to calibrate; a policy given in full and
     PAB rules under `cache` are accepted as asked; `pab` and `cache` must not disagree."""
