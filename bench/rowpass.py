@@ -58,8 +58,10 @@ def passes(M: int, C: int) -> list[tuple[str, int, int, object]]:
                                       pieces=layout)  # fmt: skip
         return run
 
-    def gated(layout, warps):
-        return norms._gated_residual(x4, shift, res, False, pieces=layout, warps=warps)
+    def gated(mode):
+        def run(layout, warps):
+            return norms._gated_residual(x4, shift, res, False, pieces=layout, warps=warps, fp8=mode)
+        return run
 
     n = M * C
     return [
@@ -68,7 +70,8 @@ def passes(M: int, C: int) -> list[tuple[str, int, int, object]]:
         ("norm + modulate", C, 2 * n + 2 * n, ln(None, None)),
         ("norm + modulate, e4m3 only", C, 2 * n + n, ln(None, "only")),
         ("residual + norm + modulate, e4m3 only", C, 2 * 2 * n + 2 * n + n, ln(res, "only")),
-        ("gate + residual", C, 3 * 2 * n, gated),
+        ("gate + residual", C, 3 * 2 * n, gated(None)),
+        ("gate + residual, e4m3 also", C, 3 * 2 * n + n, gated("also")),
     ]
 
 

@@ -18,6 +18,9 @@ steps may stay in bf16 too, if a model's error asks. Three shapes of module take
 * an MLP that names its parts (`gelu_linears()` -> fc1, GELU approximation, fc2) runs as fc1 in fp8 -> one
   pass adding fc1's bias, applying the GELU and quantising for fc2 -> fc2 in fp8;
 * linears a module runs as one GEMM (`linear_groups()`, e.g. Latte's q, k, v) run as one fp8 GEMM;
+* a square linear whose input the model's own kernel can write in e4m3 (`quantized_input_linears()`: Open-Sora's
+  cross-attention q, fed by the gate + residual kernel) runs in fp8 when that input comes with its rows
+  (`Fp8Config.produced_inputs`);
 * any other eligible linear runs alone.
 
 Where a model's norm kernel writes the input of such a module, it writes its e4m3 rows in the same pass when
@@ -73,6 +76,13 @@ class Fp8Config:
     Off by default: their attentions have no q/k norm, and fp8 q and k cost the trained small models 3-4 dB
     (Open-Sora-Plan small 28.3 dB against its float32 video, under the 30 dB bar; docs/quality.md) for 8% of
     Latte's DiT time (6.13 -> 5.66 s on an H200). STDiT3's qkv, whose q and k are RMS-normed, stays fp8."""
+    produced_inputs: bool = True
+    """Also the square linears a module names in `quantized_input_linears()`, whose input the model's kernel writes
+    in e4m3 in the pass that makes it (Open-Sora's cross-attention q: the gate + residual kernel), so fp8 saves
+    the GEMM's ~25% without a quantisation pass. Given no rows they run in bf16 on a GPU (a pass of their own
+    would cost more than fp8 saves) and quantise themselves on the CPU, where fp8 is emulated to measure its
+    error: opensora-v1.2-small stayed at 40-41 dB against bf16 with its q in fp8 (16 held-out prompts). Latte
+    names none: the same q cost latte-1-small 1.2-2.1 dB, to 30.0-30.3 (docs/quality.md)."""
     e4m3_only_inputs: bool = True
     """Where an fp8 module is the only reader of its input and a norm kernel writes that input, the kernel writes
     the e4m3 rows alone, not the bf16 values too: 2 of its 5 bytes an element written and read (2 of 9 with the
@@ -207,16 +217,30 @@ class _AsksForFp8(ModelHook):
 
 
 class Fp8LinearHook(_AsksForFp8):
-    def __init__(self, linear: nn.Linear) -> None:
+    """One linear in fp8. With `produced_only` (a square linear, `Fp8Config.produced_inputs`) only where its input
+    comes with e4m3 rows its producer wrote, or on the CPU (emulation); the producer is asked for "also"."""
+
+    def __init__(self, linear: nn.Linear, produced_only: bool = False) -> None:
         self.w = _Fp8Weight(linear)
+        self.produced_only = produced_only
+
+    def active(self) -> PrecisionState | None:
+        state = current_fp8()
+        return None if state is None or (self.produced_only and not state.config.produced_inputs) else state
 
     def takes(self) -> bool:
         return _shapes_ok(self.w.q)
+
+    def input_mode(self) -> str | None:
+        mode = super().input_mode()
+        return "also" if mode is not None and self.produced_only else mode
 
     def new_forward(self, module: nn.Module, forward: Callable[..., Any], x: torch.Tensor) -> torch.Tensor:
         state = self.active()
         if state is None or not _eligible(x, self.w.q):
             return self.fallback(forward, x)
+        if self.produced_only and x.is_cuda and kern.companion(x.reshape(-1, x.shape[-1])) is None:
+            return forward(x)  # no rows from its producer: quantising here would cost more than fp8 saves
         return self.w(x, state)
 
 
@@ -324,11 +348,14 @@ def apply_fp8(model: nn.Module, config: Fp8Config | None = None) -> Fp8Handle:
                 register_hook(module, hook, innermost=True)
                 hooked += [hook.fc1, hook.fc2]
                 continue
+            produced = {id(lin) for lin in getattr(module, "quantized_input_linears", list)()}
             for sub in module.modules():
-                if isinstance(sub, nn.Linear) and id(sub) not in seen \
-                        and sub.out_features >= config.min_out_ratio * sub.in_features:
+                if not isinstance(sub, nn.Linear) or id(sub) in seen:
+                    continue
+                wide = sub.out_features >= config.min_out_ratio * sub.in_features
+                if wide or id(sub) in produced:
                     seen.add(id(sub))
-                    hook = Fp8LinearHook(sub)
+                    hook = Fp8LinearHook(sub, produced_only=not wide)
                     register_hook(sub, hook, innermost=True)
                     hooked.append(hook.w)
     return Fp8Handle(model, config, len(hooked), sum(w.q.numel() + 4 * w.scale.numel() for w in hooked))

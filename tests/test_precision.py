@@ -40,16 +40,19 @@ def _hooked(model):
     return {name for name, m in model.named_modules() if get_hook(m, FP8_HOOK) is not None}
 
 
-def test_apply_hooks_qkv_kv_and_the_mlps_only(stdit3):
+def test_apply_hooks_qkv_kv_the_mlps_and_the_cross_q_only(stdit3):
     handle = apply_fp8(stdit3)
     try:
         hooked = _hooked(stdit3)
         blocks = len(stdit3.spatial_blocks) + len(stdit3.temporal_blocks)
-        # per block: qkv (3C from C) and the text's kv (2C), and the MLP whole (fc1 + fc2 weights); the square
-        # projections (proj, cross q and proj) stay bf16: quantising their input costs more than fp8 saves
-        assert handle.linears == 4 * blocks
-        assert all(n.endswith(("attn.qkv", "cross_attn.kv_linear", "mlp")) for n in hooked), sorted(hooked)
-        assert not any(n.endswith(("proj", "q_linear")) or "t_block" in n or "final" in n for n in hooked)
+        # per block: qkv (3C from C) and the text's kv (2C), the MLP whole (fc1 + fc2 weights), and the cross q,
+        # whose input the gate + residual kernel quantises; the other square projections (proj, cross proj) stay
+        # bf16: quantising their input costs more than fp8 saves
+        assert handle.linears == 5 * blocks
+        assert all(n.endswith(("attn.qkv", "cross_attn.kv_linear", "cross_attn.q_linear", "mlp")) for n in hooked)
+        assert not any(n.endswith("proj") or "t_block" in n or "final" in n for n in hooked), sorted(hooked)
+        produced = {n for n in hooked if getattr(get_hook(stdit3.get_submodule(n), FP8_HOOK), "produced_only", 0)}
+        assert produced == {n for n in hooked if n.endswith("q_linear")} and len(produced) == blocks
     finally:
         assert remove_fp8(stdit3) == len(hooked)
     assert _hooked(stdit3) == set()
@@ -100,6 +103,88 @@ def test_the_mlp_applies_the_gelu_before_quantising_for_fc2(stdit3):
     h = kern.fp8_matmul(*kern.quantize_rows_reference(x), w1q, w1s, fc1.bias, x.dtype)
     hq, hs = kern.quantize_rows_reference(F.gelu(h, approximate="tanh"))  # bias in the GEMM: the same in float32
     assert torch.allclose(out, kern.fp8_matmul(hq, hs, w2q, w2s, fc2.bias, x.dtype), atol=1e-5)
+
+
+def test_a_square_linear_with_a_producer_takes_its_rows_and_otherwise_runs_as_configured():
+    """A produced-only hook (the cross-attention q): asks its producer for "also" under fp8, nothing under bf16 or
+    with produced_inputs off; runs on the rows attached to its input; without rows quantises itself on the CPU
+    (the emulation of what the GPU's producer writes); with produced_inputs off runs the plain linear."""
+    torch.manual_seed(4)
+    lin = nn.Linear(32, 32)
+    x = torch.randn(6, 32)
+    with torch.no_grad():
+        plain = lin(x)
+    hook = Fp8LinearHook(lin, produced_only=True)
+    register_hook(lin, hook, innermost=True)
+    wq, ws = kern.quantize_weight(lin.weight)
+    try:
+        with torch.no_grad():
+            assert lin.fp8_input_mode() is None
+            with use_precision(PrecisionState("fp8", config=Fp8Config(produced_inputs=False))):
+                assert lin.fp8_input_mode() is None and torch.equal(lin(x), plain)
+            with use_precision(PrecisionState("fp8")):
+                assert lin.fp8_input_mode() == "also"  # never "only": a producer of the residual stream writes it
+                own = lin(x)
+                other = torch.randn(6, 32)  # rows that are not x's: proof that the GEMM takes what is attached
+                kern.attach(x, *kern.quantize_rows_reference(other))
+                given = lin(x)
+        want = kern.fp8_matmul(*kern.quantize_rows_reference(x), wq, ws, lin.bias, x.dtype)
+        assert torch.allclose(own, want, atol=1e-6) and not torch.equal(own, plain)
+        assert torch.allclose(given, kern.fp8_matmul(*kern.quantize_rows_reference(other), wq, ws, lin.bias, x.dtype),
+                              atol=1e-6)  # fmt: skip
+    finally:
+        remove_fp8(lin)
+
+
+def test_latte_keeps_its_cross_q_in_bf16():
+    """Latte's blocks name no produced input: its cross-attention q in fp8 cost latte-1-small 1.2-2.1 dB."""
+    model = build("latte-1-tiny", device="cpu").eval()
+    handle = apply_fp8(model)
+    try:
+        assert all(get_hook(m.to_q, FP8_HOOK) is None for m in model.broadcast_targets()["cross"])
+    finally:
+        handle.remove()
+
+
+def test_stdit3_asks_for_the_cross_q_rows_only_when_it_runs_in_fp8_and_is_computed():
+    """The block asks its gate + residual pass for the residual stream's e4m3 rows when the cross-attention q runs
+    in fp8 this forward, and not when PAB broadcasts the cross-attention (its q is not computed)."""
+    from pab.broadcast import BroadcastRule, PABConfig, PABState, apply_pab, use_state
+
+    torch.manual_seed(0)
+    model = build("opensora-v1.2-tiny", device="cpu").eval()
+    cross = model.broadcast_targets()["cross"][0]
+    q = cross.q_linear
+    handle = apply_fp8(model)
+    try:
+        assert kern.fp8_input(q) is None
+        with use_precision(PrecisionState("fp8")):
+            assert kern.fp8_input(q) == "also"
+        with use_precision(PrecisionState("fp8", config=Fp8Config(produced_inputs=False))):
+            assert kern.fp8_input(q) is None
+    finally:
+        handle.remove()
+    # What the block passes on: recorded at the gate + residual step (the CPU path takes the argument and ignores
+    # it: PyTorch's addcmul writes no rows)
+    asked = []
+    block = next(m for m in model.modules() if hasattr(m, "attn_out") and any(c is cross for c in m.children()))
+    real = block.attn_out
+    block.attn_out = lambda x, a, mod, fp8=None: asked.append(fp8) or real(x, a, mod, fp8=fp8)
+    kw = _stdit3_inputs(model)
+    handle = apply_fp8(model)
+    pab = apply_pab(model, PABConfig(cross=BroadcastRule(2, (0, 1000))))
+    try:
+        with torch.no_grad(), use_precision(PrecisionState("fp8")):
+            state = PABState()
+            with use_state(state):
+                for step in range(2):  # step 0 computes the cross-attention, step 1 broadcasts it
+                    state.begin_step(step, 500.0)
+                    model(**kw)
+    finally:
+        handle.remove()
+        pab.remove()
+        del block.attn_out
+    assert asked == ["also", None], asked
 
 
 def test_bf16_first_and_last_steps():

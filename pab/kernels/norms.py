@@ -124,11 +124,19 @@ def add_ln_modulate(
     return _ln_modulate(x, shift, scale, eps, residual, False, fp8=fp8)
 
 
-def gated_residual(x: torch.Tensor, gate: torch.Tensor, a: torch.Tensor, frame_major: bool = False) -> torch.Tensor:
-    """x + gate * a for x (B, T, S, C); `a` holds the same values as (B, S, T, C) when `frame_major`."""
+def gated_residual(
+    x: torch.Tensor, gate: torch.Tensor, a: torch.Tensor, frame_major: bool = False, fp8: str | None = None
+) -> torch.Tensor:
+    """x + gate * a for x (B, T, S, C); `a` holds the same values as (B, S, T, C) when `frame_major`.
+
+    With fp8="also" the same pass writes the sum's e4m3 rows and scales too, attached to it as `ln_modulate`
+    does, for an fp8 GEMM that reads the residual stream next (Open-Sora's and Latte's cross-attention q). The
+    sum is the residual stream, so it is always written: "only" is refused."""
+    if fp8 is not None and fp8 != "also":
+        raise ValueError(f"fp8={fp8!r}; the gated residual's sum is always written: None or 'also'")
     if torch.compiler.is_compiling():
         return torch.ops.pab.gated_residual(x, gate, a, frame_major)
-    return _gated_residual(x, gate, a, frame_major)
+    return _gated_residual(x, gate, a, frame_major, fp8=fp8)
 
 
 def qk_rmsnorm(qkv: torch.Tensor, num_heads: int, q_weight: torch.Tensor, k_weight: torch.Tensor,
@@ -188,7 +196,7 @@ def _ln_modulate(x, shift, scale, eps, residual, frame_major, config=None, fp8=N
     return xo, out
 
 
-def _gated_residual(x, gate, a, frame_major, pieces=None, warps=None):
+def _gated_residual(x, gate, a, frame_major, pieces=None, warps=None, fp8=None):
     _check_hidden(x)
     B, T, S, C = x.shape
     g_b, g_t = _mod_strides(gate, B, T, C, "gate")
@@ -197,13 +205,17 @@ def _gated_residual(x, gate, a, frame_major, pieces=None, warps=None):
         a = a.contiguous()
     a_b, a_t, a_s = (S * T * C, C, T * C) if frame_major else (T * S * C, S * C, C)
     out = torch.empty_like(x)
+    q = torch.empty(x.shape, device=x.device, dtype=fp8_kern.E4M3) if fp8 else out
+    q_scale = torch.empty((B * T * S, 1), device=x.device, dtype=torch.float32) if fp8 else out
     first, rest = pieces or row_pieces(C)
     # H100, 47,700 rows of 1,152 (bench.rowpass): one 2,048 tile 0.154/0.153/0.154/0.151 ms at 1/2/4/8 warps,
     # 1,024 + 128 0.151/0.155/0.136/0.140
     _gated_residual_kernel[(B * T * S,)](
-        x, a, out, gate, T, S, C, g_b, g_t, a_b, a_t, a_s, BLOCK_C=first, REST=rest,
+        x, a, out, gate, q, q_scale, T, S, C, g_b, g_t, a_b, a_t, a_s, FP8=bool(fp8), BLOCK_C=first, REST=rest,
         num_warps=warps or (4 if first <= 1024 else 8),
     )  # fmt: skip
+    if fp8:
+        fp8_kern.attach(out, q, q_scale)
     return out
 
 
@@ -302,15 +314,18 @@ if triton is not None:
 
     @triton.jit
     def _gated_tile(x_ptr, a_ptr, out_ptr, gate_ptr, row, g, a_row, cols, m):
+        """One tile of x + gate * a, stored, and returned as stored in float32 (0 off `m`)."""
         gate = tl.load(gate_ptr + g + cols, mask=m, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + row + cols, mask=m, other=0.0).to(tl.float32)
         a = tl.load(a_ptr + a_row + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row + cols, (x + gate * a).to(out_ptr.dtype.element_ty), mask=m)
+        y = (x + gate * a).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + row + cols, y, mask=m)
+        return tl.where(m, y.to(tl.float32), 0.0)
 
     @triton.jit
     def _gated_residual_kernel(
-        x_ptr, a_ptr, out_ptr, gate_ptr, T, S, C, g_b, g_t, a_b, a_t, a_s, BLOCK_C: tl.constexpr,
-        REST: tl.constexpr = 0,
+        x_ptr, a_ptr, out_ptr, gate_ptr, q_ptr, qs_ptr, T, S, C, g_b, g_t, a_b, a_t, a_s, FP8: tl.constexpr,
+        BLOCK_C: tl.constexpr, REST: tl.constexpr = 0,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)  # one row in two tiles of channels, BLOCK_C then REST (row_pieces)
         s = row % S
@@ -318,10 +333,20 @@ if triton is not None:
         b = row // (S * T)
         g, a_row = b * g_b + t * g_t, b * a_b + t * a_t + s * a_s
         cols = tl.arange(0, BLOCK_C)
-        _gated_tile(x_ptr, a_ptr, out_ptr, gate_ptr, row * C, g, a_row, cols, cols < C)
+        y = _gated_tile(x_ptr, a_ptr, out_ptr, gate_ptr, row * C, g, a_row, cols, cols < C)
         if REST > 0:
             cols2 = BLOCK_C + tl.arange(0, REST)
-            _gated_tile(x_ptr, a_ptr, out_ptr, gate_ptr, row * C, g, a_row, cols2, cols2 < C)
+            y2 = _gated_tile(x_ptr, a_ptr, out_ptr, gate_ptr, row * C, g, a_row, cols2, cols2 < C)
+        if FP8:  # the stored sum's e4m3 row, as pab.kernels.fp8.quantize_rows would make it
+            amax = tl.max(tl.abs(y), axis=0)
+            if REST > 0:
+                amax = tl.maximum(amax, tl.max(tl.abs(y2), axis=0))
+            amax = tl.maximum(amax, 1e-12)
+            r = 448.0 / amax
+            tl.store(q_ptr + row * C + cols, to_e4m3(y, r), mask=cols < C)
+            if REST > 0:
+                tl.store(q_ptr + row * C + cols2, to_e4m3(y2, r), mask=cols2 < C)
+            tl.store(qs_ptr + row, amax / 448.0)
 
     @triton.jit
     def _qk_rmsnorm_kernel(

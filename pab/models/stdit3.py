@@ -449,6 +449,10 @@ class CrossAttention(nn.Module):
         self.kv_linear = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
+    def quantized_input_linears(self) -> list[nn.Linear]:
+        """q's input is the residual stream, which the block's gate + residual kernel can write in e4m3 too."""
+        return [self.q_linear]
+
     def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, N, C) video tokens; y: (B, L, C) projected text; mask: (B, L) bool keep-mask or None."""
         B, N, C = x.shape
@@ -508,7 +512,8 @@ class STDiT3Block(nn.Module):
         mod = modulation(self.scale_shift_table, _split6(t_mod), _split6(t0_mod), x_mask)
         # self-attention; the attention module sees sequence-major tokens (the PAB/DSP seam). A broadcast
         # attention does not read its input, so its norm is not computed.
-        x = self.attn_out(x, self.attn(None if output_reused(self.attn) else self.attn_in(x, mod)), mod)
+        x = self.attn_out(x, self.attn(None if output_reused(self.attn) else self.attn_in(x, mod)), mod,
+                          fp8=None if output_reused(self.cross_attn) else fp8_input(self.cross_attn.q_linear))
         # cross-attention (no norm, no gate) and the MLP, on (B, T·S, C); a broadcast MLP's norm is skipped too
         c = self.cross_attn(x.view(B, T * S, C), y, mask)
         if output_reused(self.mlp):
@@ -545,11 +550,12 @@ class STDiT3Block(nn.Module):
         torch.addcmul(mod[:, 0], x_n, 1 + mod[:, 1], out=out.transpose(1, 2))
         return out.view(B * S, T, C)
 
-    def attn_out(self, x: torch.Tensor, a: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        """x + gate * attention output, read back from its sequence-major layout in the same pass."""
+    def attn_out(self, x: torch.Tensor, a: torch.Tensor, mod: torch.Tensor, fp8: str | None = None) -> torch.Tensor:
+        """x + gate * attention output, read back from its sequence-major layout in the same pass; with `fp8` (the
+        cross-attention's q runs in fp8 next) the sum's e4m3 rows too."""
         B, T, S, C = x.shape
         if self._norms(x):
-            return norms.gated_residual(x, mod[:, 2], a, frame_major=self.temporal)
+            return norms.gated_residual(x, mod[:, 2], a, frame_major=self.temporal, fp8="also" if fp8 else None)
         a = a.view(B, S, T, C).transpose(1, 2) if self.temporal else a.view(B, T, S, C)
         return torch.addcmul(x, mod[:, 2], a)
 

@@ -48,9 +48,43 @@ def test_norm_kernels_write_the_fp8_rows_the_linears_would_make(model, monkeypat
     fused = pipe.generate(req, decode=False)
     assert "also" in modes and "only" not in modes
     assert torch.equal(alone.latents, fused.latents)
+    # Without the rows a linear quantises its input itself, except the cross-attention's q, which then runs in bf16
+    # (tested below): so both runs here leave it in bf16.
+    pipe.fp8_config = Fp8Config(e4m3_only_inputs=False, produced_inputs=False)
+    fused = pipe.generate(req, decode=False)
     made = []
     real = kern.companion
     monkeypatch.setattr(kern, "companion", lambda x: made.append(real(x) is not None))
     separate = pipe.generate(req, decode=False)
     assert any(made)  # the norm kernels did write rows (the patched lookup ignored them)
     assert torch.equal(fused.latents, separate.latents)
+
+
+@pytest.mark.parametrize("model", ["opensora-v1.2-tiny"])
+def test_the_gate_residual_kernel_writes_the_cross_q_rows_its_own_quantisation_would(model, monkeypatch):
+    """Every computed cross-attention q of an fp8 request finds e4m3 rows on its input (the residual stream, from
+    the gate + residual kernel), bit for bit those `quantize_rows` makes; with produced_inputs off it runs in bf16,
+    so the latents differ."""
+    from pab.kernels import fp8 as kern
+    from pab.precision import Fp8Config, Fp8LinearHook
+
+    pipe = Pipeline.from_name(model, device="cuda")
+    req = GenerationRequest(model=model, prompt="a red fox", seed=2, steps=4, precision="fp8")
+    seen = []
+    real = Fp8LinearHook.new_forward
+
+    def spy(self, module, forward, x):
+        if self.produced_only:
+            x2d = x.reshape(-1, x.shape[-1])
+            rows = kern.companion(x2d)
+            seen.append(rows is not None and all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if
+                                                 a.dtype == kern.E4M3 else torch.equal(a, b)
+                                                 for a, b in zip(rows, kern.quantize_rows(x2d))))  # fmt: skip
+        return real(self, module, forward, x)
+
+    monkeypatch.setattr(Fp8LinearHook, "new_forward", spy)  # before the first fp8 request attaches the hooks
+    with_rows = pipe.generate(req, decode=False)
+    assert seen and all(seen), seen
+    pipe.fp8_config = Fp8Config(produced_inputs=False)
+    without = pipe.generate(req, decode=False)
+    assert not torch.equal(with_rows.latents, without.latents)

@@ -184,6 +184,34 @@ def test_gated_residual(shape, per_frame, frame_major, one_tile):
 
 
 @needs_triton
+@pytest.mark.parametrize("frame_major", [False, True])
+@pytest.mark.parametrize("one_tile", [False, True])
+def test_gated_residual_writes_the_e4m3_rows_of_its_sum(frame_major, one_tile):
+    """fp8="also": the sum (the residual stream, always written, unchanged) and its rows in e4m3 with their
+    scales, attached to it, as quantize_rows would make them; "only" is refused."""
+    from pab.kernels import fp8
+
+    B, T, S, C = 2, 3, 5, 96
+    torch.manual_seed(8)
+    x = torch.randn(B, T, S, C, device=DEVICE, dtype=torch.bfloat16)
+    (gate,) = params(B, T, C, True, 1, dtype=torch.bfloat16)
+    a = torch.randn(B, S, T, C, device=DEVICE, dtype=torch.bfloat16) if frame_major else torch.randn_like(x)
+    pieces = (1 << (C - 1).bit_length(), 0) if one_tile else None
+    out = norms._gated_residual(x, gate, a, frame_major, pieces=pieces, fp8="also")
+    assert torch.equal(out, norms._gated_residual(x, gate, a, frame_major, pieces=pieces))
+    assert fp8.companion(norms._gated_residual(x, gate, a, frame_major).view(-1, C)) is None  # asked for none
+    q, s = fp8.companion(out.view(-1, C))
+    fp8.check_written(out.view(-1, C))
+    rq, rs = fp8.quantize_rows_reference(out.view(-1, C))
+    torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
+    if CUDA:  # values on a GPU only, as for the layer norm's rows above
+        assert (q.float() == rq.float()).float().mean() > 0.999
+        torch.testing.assert_close(q.float() * s, rq.float() * rs, rtol=2**-3, atol=0)
+    with pytest.raises(ValueError, match="always written"):
+        norms.gated_residual(x, gate, a.view(B, T * S, C), frame_major, fp8="only")
+
+
+@needs_triton
 @pytest.mark.parametrize("heads,head_dim", [(4, 16), (3, 24), (2, 72)])
 @pytest.mark.parametrize("N,L", [(2, 5), (1, 9)])
 def test_qk_rmsnorm(N, L, heads, head_dim):
