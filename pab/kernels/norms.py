@@ -130,7 +130,7 @@ def gated_residual(
     """x + gate * a for x (B, T, S, C); `a` holds the same values as (B, S, T, C) when `frame_major`.
 
     With fp8="also" the same pass writes the sum's e4m3 rows and scales too, attached to it as `ln_modulate`
-    does, for an fp8 GEMM that reads the residual stream next (Open-Sora's and Latte's cross-attention q). The
+    does, for an fp8 GEMM that reads the residual stream next (Open-Sora's cross-attention q). The
     sum is the residual stream, so it is always written: "only" is refused."""
     if fp8 is not None and fp8 != "also":
         raise ValueError(f"fp8={fp8!r}; the gated residual's sum is always written: None or 'also'")
