@@ -212,6 +212,36 @@ def test_gated_residual_writes_the_e4m3_rows_of_its_sum(frame_major, one_tile):
 
 
 @needs_triton
+def test_gated_residual_writes_the_sum_alone_once_its_e4m3_variant_fails_to_build(monkeypatch):
+    """A GPU where the e4m3 variant cannot be built (no e4m3 cast, a compiler error): the sum is still right, no rows
+    are attached (the fp8 GEMM then runs as it would without them), one warning, and no second try."""
+    import triton
+
+    from pab.kernels import fp8
+
+    B, T, S, C = 1, 2, 3, 32
+    x = torch.randn(B, T, S, C, device=DEVICE)
+    (gate,) = params(B, T, C, False, 1)
+    a = torch.randn_like(x)
+    real, calls = norms._launch_gated, []
+
+    def launch(grid, *args, FP8, **kwargs):
+        calls.append(FP8)
+        if FP8:
+            raise triton.errors.TritonError("no e4m3 conversion on this GPU")
+        return real(grid, *args, FP8=FP8, **kwargs)
+
+    monkeypatch.setattr(norms, "_launch_gated", launch)
+    monkeypatch.setattr(norms, "_ROWS_ERROR", None)
+    with pytest.warns(UserWarning, match="cannot write e4m3 rows"):
+        out = norms.gated_residual(x, gate, a, fp8="also")
+    torch.testing.assert_close(out, torch.addcmul(x, gate, a), atol=1e-6, rtol=1e-6)
+    assert fp8.companion(out.view(-1, C)) is None
+    again = norms.gated_residual(x, gate, a, fp8="also")
+    assert torch.equal(again, out) and calls == [True, False, False]
+
+
+@needs_triton
 @pytest.mark.parametrize("heads,head_dim", [(4, 16), (3, 24), (2, 72)])
 @pytest.mark.parametrize("N,L", [(2, 5), (1, 9)])
 def test_qk_rmsnorm(N, L, heads, head_dim):
