@@ -119,6 +119,17 @@ if triton is not None:
         return tl.minimum(tl.maximum(x * r, -448.0), 448.0).to(tl.float8e4nv)
 
     @triton.jit
+    def row_scales(y, y2, REST: tl.constexpr):
+        """(448 / amax, amax / 448) over the last axis of a row (or a block of rows) held in two float32 tiles,
+        `y` then `y2` (read only when REST > 0): the multiplier `to_e4m3` takes and the scale stored beside the
+        rows, as `quantize_rows_reference` computes them. Every kernel that writes e4m3 rows takes them here."""
+        amax = tl.max(tl.abs(y), axis=-1)
+        if REST > 0:
+            amax = tl.maximum(amax, tl.max(tl.abs(y2), axis=-1))
+        amax = tl.maximum(amax, 1e-12)  # _TINY
+        return 448.0 / amax, amax / 448.0
+
+    @triton.jit
     def _activation(x_ptr, b_ptr, cols, keep, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, FAST_TANH: tl.constexpr):
         """float32 values of one tile of a row (+ bias, GELU); 0 where not `keep`."""
         x = tl.load(x_ptr + cols, mask=keep, other=0.0).to(tl.float32)
@@ -139,18 +150,16 @@ if triton is not None:
         cols = tl.arange(0, BLOCK)
         keep = cols < K
         x = _activation(x_ptr + row * stride_x, b_ptr, cols, keep, HAS_BIAS, GELU, FAST_TANH)
-        amax = tl.max(tl.abs(x), axis=0)
+        x2 = x  # the second tile's values when REST > 0; unread otherwise
         if REST > 0:
             cols2 = BLOCK + tl.arange(0, REST)
             keep2 = cols2 < K
             x2 = _activation(x_ptr + row * stride_x, b_ptr, cols2, keep2, HAS_BIAS, GELU, FAST_TANH)
-            amax = tl.maximum(amax, tl.max(tl.abs(x2), axis=0))
-        amax = tl.maximum(amax, 1e-12)
-        r = 448.0 / amax
+        r, scale = row_scales(x, x2, REST)
         tl.store(q_ptr + row * K + cols, to_e4m3(x, r), mask=keep)
         if REST > 0:
             tl.store(q_ptr + row * K + cols2, to_e4m3(x2, r), mask=keep2)
-        tl.store(s_ptr + row, amax / 448.0)
+        tl.store(s_ptr + row, scale)
 
 
 # A producer that already wrote a tensor's e4m3 rows (the norm kernels, `ln_modulate(..., fp8="also")`) attaches

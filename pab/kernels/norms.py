@@ -259,7 +259,7 @@ def _qk_rmsnorm(qkv, q_weight, k_weight, num_heads, eps):
 
 
 if triton is not None:
-    from pab.kernels.fp8 import to_e4m3  # a jit function a kernel here calls: a global of this module
+    from pab.kernels.fp8 import row_scales, to_e4m3  # jit functions the kernels here call: globals of this module
 
     @triton.jit
     def _ln_load(x_ptr, res_ptr, xo_ptr, row, cols, m, HAS_RES: tl.constexpr):
@@ -318,18 +318,15 @@ if triton is not None:
             var += tl.sum(d2 * d2, axis=1)
         rstd = (1.0 / tl.sqrt(var / C + eps))[:, None]
         y = _ln_out(d, rstd, shift, scale, out_ptr, o, cols, m, OUT)
+        y2 = y  # the second tile's values when REST > 0; unread otherwise
         if REST > 0:
             y2 = _ln_out(d2, rstd, shift2, scale2, out_ptr, o, cols2, m2, OUT)
         if FP8:  # the stored values' e4m3 rows, as pab.kernels.fp8.quantize_rows would make them
-            amax = tl.max(tl.abs(y), axis=1)
+            r, q_scale = row_scales(y, y2, REST)  # (ROWS,) each
+            tl.store(q_ptr + o + cols, to_e4m3(y, r[:, None]), mask=m)
             if REST > 0:
-                amax = tl.maximum(amax, tl.max(tl.abs(y2), axis=1))
-            amax = tl.maximum(amax, 1e-12)[:, None]  # (ROWS, 1)
-            r = 448.0 / amax
-            tl.store(q_ptr + o + cols, to_e4m3(y, r), mask=m)
-            if REST > 0:
-                tl.store(q_ptr + o + cols2, to_e4m3(y2, r), mask=m2)
-            tl.store(qs_ptr + o // C, amax / 448.0, mask=row < n_rows)
+                tl.store(q_ptr + o + cols2, to_e4m3(y2, r[:, None]), mask=m2)
+            tl.store(qs_ptr + o // C, q_scale[:, None], mask=row < n_rows)
 
     @triton.jit
     def _gated_tile(x_ptr, a_ptr, out_ptr, gate_ptr, row, g, a_row, cols, m):
@@ -353,19 +350,16 @@ if triton is not None:
         g, a_row = b * g_b + t * g_t, b * a_b + t * a_t + s * a_s
         cols = tl.arange(0, BLOCK_C)
         y = _gated_tile(x_ptr, a_ptr, out_ptr, gate_ptr, row * C, g, a_row, cols, cols < C)
+        y2 = y  # the second tile's values when REST > 0; unread otherwise
         if REST > 0:
             cols2 = BLOCK_C + tl.arange(0, REST)
             y2 = _gated_tile(x_ptr, a_ptr, out_ptr, gate_ptr, row * C, g, a_row, cols2, cols2 < C)
         if FP8:  # the stored sum's e4m3 row, as pab.kernels.fp8.quantize_rows would make it
-            amax = tl.max(tl.abs(y), axis=0)
-            if REST > 0:
-                amax = tl.maximum(amax, tl.max(tl.abs(y2), axis=0))
-            amax = tl.maximum(amax, 1e-12)
-            r = 448.0 / amax
+            r, q_scale = row_scales(y, y2, REST)
             tl.store(q_ptr + row * C + cols, to_e4m3(y, r), mask=cols < C)
             if REST > 0:
                 tl.store(q_ptr + row * C + cols2, to_e4m3(y2, r), mask=cols2 < C)
-            tl.store(qs_ptr + row, amax / 448.0)
+            tl.store(qs_ptr + row, q_scale)
 
     @triton.jit
     def _qk_rmsnorm_kernel(

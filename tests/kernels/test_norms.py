@@ -96,17 +96,20 @@ def test_ln_launch_shapes(config, residual, pieces):
 @needs_triton
 @pytest.mark.parametrize("config", [(2, 4), (1, 1)])
 @pytest.mark.parametrize("frame_major", [False, True])
-def test_ln_modulate_writes_the_e4m3_rows_of_its_output(config, frame_major):
+@pytest.mark.parametrize("one_tile", [False, True])
+def test_ln_modulate_writes_the_e4m3_rows_of_its_output(config, frame_major, one_tile):
     """fp8="also": the output's rows in e4m3 with their scales, attached to it, as quantize_rows would make them
-    (3*5*7 = 105 rows, the last program running past the end; frame-major rows in the output's order)."""
+    (3*5*7 = 105 rows, the last program running past the end; frame-major rows in the output's order), from a
+    row in two tiles (64 + 32) or in one masked tile of 128."""
     from pab.kernels import fp8
 
     B, T, S, C = 3, 5, 7, 96
     torch.manual_seed(7)
     x = torch.randn(B, T, S, C, device=DEVICE, dtype=torch.bfloat16)
     shift, scale = params(B, T, C, True, 2, dtype=torch.bfloat16)
-    _, out = norms._ln_modulate(x, shift, scale, 1e-6, None, frame_major, config=config, fp8="also")
-    plain = norms._ln_modulate(x, shift, scale, 1e-6, None, frame_major, config=config)[1]
+    pieces = (128, 0) if one_tile else None
+    _, out = norms._ln_modulate(x, shift, scale, 1e-6, None, frame_major, config=config, fp8="also", pieces=pieces)
+    plain = norms._ln_modulate(x, shift, scale, 1e-6, None, frame_major, config=config, pieces=pieces)[1]
     assert torch.equal(out, plain)  # the bf16 output is unchanged
     rows = fp8.companion(out.view(-1, C))
     assert rows is not None
