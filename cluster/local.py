@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 
@@ -165,10 +166,61 @@ def main(argv: list[str] | None = None) -> int:
         # Queued and unfinished jobs stay in storage; the next `pab serve` on it adopts and renders them.
         try:
             if ray.is_initialized():
-                serve.shutdown()
+                _stop_serve(serve.shutdown, SERVE_SHUTDOWN_S)
         finally:
             ray.shutdown()  # also what a half-done ray.init started
     return 0
+
+
+# How long Serve may take to stop its replicas before Ray is stopped under it.
+SERVE_SHUTDOWN_S = 10.0
+
+
+def _stop_serve(shutdown: Any, timeout_s: float) -> None:
+    """Run Serve's `shutdown` on a daemon thread for at most `timeout_s`, and watch the Ray this process started.
+
+    A stop signal sent to the process group (systemd's stop, `kill -- -PGID`) reaches Ray's own processes too.
+    Then serve.shutdown() waits tens of seconds on a cluster that is going, and Ray's core worker ends this
+    process with status 1 inside ray.shutdown() once its raylet goes. So when one of them has died, what is left
+    of that Ray is ended here and the process exits 0: a stop that was asked for."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            shutdown()
+        except Exception as e:  # noqa: BLE001 - stopping anyway; the reason is worth a line
+            print(f"pab serve: stopping Serve: {type(e).__name__}: {e}", file=sys.stderr)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True, name="serve-shutdown").start()
+    deadline = time.monotonic() + timeout_s
+    while not done.wait(0.25):
+        dead = _dead_ray_processes()
+        if dead:
+            print(f"pab serve: the signal reached Ray's own processes too ({', '.join(dead)} ended); stopping "
+                  "what is left of them", flush=True)
+            _end_own_ray()
+        if time.monotonic() > deadline:
+            print(f"pab serve: Serve did not stop within {timeout_s:g} s; stopping Ray", file=sys.stderr, flush=True)
+            return
+
+
+def _dead_ray_processes() -> list[str]:
+    """Which processes of the Ray that ray.init started here have died ([] for a Ray joined by address)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return sorted({kind for kind, _ in node.dead_processes()}) if node is not None else []
+
+
+def _end_own_ray() -> None:
+    import ray
+
+    ray._private.worker._global_node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

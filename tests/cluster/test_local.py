@@ -58,8 +58,8 @@ def _start(tmp_path, tmpdir: str, port: int, how: str, **env_extra: str) -> tupl
     cmd = [sys.executable, "-m", "cluster.local", "--port", str(port), "--output-dir", str(tmp_path / "out"),
            "--num-gpus", "0"]  # fmt: skip
     with open(tmp_path / "serve.log", "wb") as log:
-        if how == "direct":
-            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if how in ("direct", "group"):  # group: its own process group, which Ray's processes join
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=how == "group")
             return proc, proc.pid
         pid_file = tmp_path / "pid"
         pid_file.unlink(missing_ok=True)
@@ -81,13 +81,15 @@ def _kill(proc: subprocess.Popen, pid: int) -> None:
             pass
 
 
-def _stop(tmp_path, tmpdir: str, proc: subprocess.Popen, pid: int, sig: signal.Signals, clean: bool) -> None:
-    """Send `sig`; `pab serve` exits 0 within 30 s, says so, and leaves no Ray process behind. `clean`: no
-    traceback in its log (stopped mid-deploy, Serve's controller logs the replicas it could not finish)."""
+def _stop(tmp_path, tmpdir: str, proc: subprocess.Popen, pid: int, sig: signal.Signals, clean: bool,
+          group: bool = False) -> None:  # fmt: skip
+    """Send `sig` (to its whole process group with `group`: systemd's stop, `kill -- -PGID`); `pab serve` exits 0
+    within 30 s, says so, and leaves no Ray process behind. `clean`: no traceback in its log (stopped mid-deploy,
+    Serve's controller logs the replicas it could not finish)."""
     log_path = tmp_path / "serve.log"
     t0 = time.monotonic()
     try:
-        os.kill(pid, sig)
+        os.killpg(pid, sig) if group else os.kill(pid, sig)
         assert proc.wait(60) == 0, log_path.read_text()[-3000:]
         took = time.monotonic() - t0
     finally:
@@ -140,11 +142,13 @@ def test_pab_serve_end_to_end_then_sigterm(tmp_path):
 @pytest.mark.ray
 @pytest.mark.faults
 @pytest.mark.slow
-@pytest.mark.parametrize("how, sig", [("direct", signal.SIGINT), ("background-shell", signal.SIGTERM)],
-                         ids=["ctrl-c", "sigterm-background-shell"])
+@pytest.mark.parametrize("how, sig", [("direct", signal.SIGINT), ("background-shell", signal.SIGTERM),
+                                      ("group", signal.SIGTERM)],
+                         ids=["ctrl-c", "sigterm-background-shell", "sigterm-process-group"])
 def test_pab_serve_stops_promptly_while_starting(tmp_path, how, sig):
     """Ctrl-C, or SIGTERM to one started in the background, while Ray is up and the app still deploying (tens
-    of seconds on a small machine): it stops within seconds, not once the app is up."""
+    of seconds on a small machine): it stops within seconds, not once the app is up. SIGTERM to its process
+    group reaches Ray's own processes too, so Serve's controller is gone before `pab serve` asks it to stop."""
     port, tmpdir = _free_port(), f"/tmp/raypabterm-{how}"
     proc, pid = _start(tmp_path, tmpdir, port, how)
     log_path = tmp_path / "serve.log"
@@ -157,4 +161,4 @@ def test_pab_serve_stops_promptly_while_starting(tmp_path, how, sig):
     except BaseException:
         _kill(proc, pid)
         raise
-    _stop(tmp_path, tmpdir, proc, pid, sig, clean=False)
+    _stop(tmp_path, tmpdir, proc, pid, sig, clean=False, group=how == "group")
