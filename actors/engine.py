@@ -147,13 +147,17 @@ def frames_for_seconds(model: str, seconds: float, fps: int | None) -> tuple[int
     none from 2 to 16, Open-Sora-Plan 4k + 1), the notice says so and why, as the video's size notices do.
     """
     from pab.models import get_spec, split_name
+    from pab.request import MAX_FRAMES
 
     with about("model"):
         d = get_spec(model).defaults_for(split_name(model)[1])
     fps = fps or d.fps
     want = max(1, round(seconds * fps))
+    if want > MAX_FRAMES:  # the limit num_frames has: a duration may not ask for more frames than it may
+        raise RequestError("seconds", f"{seconds:g} s at {fps} fps is {want} frames; a video has at most {MAX_FRAMES} "
+                           f"(ask for at most {MAX_FRAMES / fps:g} s, or a lower fps)")
     refused: ValueError | None = None
-    for n in range(want, want + 256):
+    for n in range(want, min(want + 256, MAX_FRAMES + 1)):
         try:
             check_request({"model": model, "prompt": "x", "num_frames": n, "fps": fps, "steps": 1, "seed": 0})
         except ValueError as e:
@@ -163,7 +167,7 @@ def frames_for_seconds(model: str, seconds: float, fps: int | None) -> tuple[int
             return n, fps, []
         return n, fps, [f"{seconds:g} s at {fps} fps is {want} frames, which {model} cannot render ({refused}); "
                         f"the video has {n} frames, {n / fps:g} s"]  # fmt: skip
-    raise RequestError("seconds", f"no frame count near {want} works for {model}")
+    raise RequestError("seconds", f"no frame count from {want} to {n} works for {model} ({refused})")
 
 
 def model_defaults(model: str) -> dict[str, Any]:

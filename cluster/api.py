@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from pab.request import VideoSettings
+from pab.request import Float, VideoSettings
 
 Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
@@ -28,9 +28,10 @@ class VideoCreate(VideoSettings):
     """A request to render one video: `VideoSettings` plus the model, the prompt and OpenAI's `seconds` and
     `size`. Fields left out take the model's defaults (`GET /v1/models`)."""
 
-    model: str | None = Field(None, description="a model from GET /v1/models; default: the server's first model")
+    model: str | None = Field(None, min_length=1, description="a model from GET /v1/models; default: the server's "
+                              "first model")
     prompt: str = Field(min_length=1, max_length=4000)
-    seconds: float | None = Field(None, gt=0, le=120, description="duration; frames = the model's nearest count")
+    seconds: Float | None = Field(None, gt=0, le=120, description="duration; frames = the model's nearest count")
     size: str | None = Field(None, description="'WxH' (OpenAI style), instead of width and height")
 
     @field_validator("prompt")

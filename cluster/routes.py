@@ -62,6 +62,15 @@ async def _auth(request: Request, creds: HTTPAuthorizationCredentials | None = D
 
 _FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
 _VIDEO_CREATE = {"$ref": "#/components/schemas/VideoCreate"}
+# A video request is a few KB (its longest fields, the prompts, take 4,000 characters each; a step-reuse policy's
+# lists ~0.3 MB at their limits). A form may carry a file the SDK uploads (input_reference), refused by name after
+# it is read, so it may be larger.
+MAX_JSON_BYTES = 1 << 20
+MAX_FORM_BYTES = 32 << 20
+# Fields some clients send that no model here takes, and why (a plain "extra inputs are not permitted" hides it).
+_NOT_TAKEN = {
+    "input_reference": "image-to-video needs an image-conditioned model; the models served here take text only",
+}
 
 
 async def _video_create(request: Request) -> VideoCreate:
@@ -71,18 +80,21 @@ async def _video_create(request: Request) -> VideoCreate:
 
 
 async def _body_data(request: Request) -> Any:
-    """The body's fields as JSON values, from JSON or from a form; a 422 for JSON that does not parse."""
+    """The body's fields as JSON values, from JSON or from a form; a 422 for JSON that does not parse or a file
+    in a form (no field takes one), a 413 for a body over its limit."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type in _FORMS:
+        _check_length(request, MAX_FORM_BYTES)
         form = await request.form()
         try:
-            # A file (the SDK's input_reference) is named, not read: no field takes one, so it is refused by name.
-            data: Any = form_fields((k, v if isinstance(v, str) else f"<file {v.filename}>")
-                                    for k, v in form.multi_items())
+            files = list(dict.fromkeys(k for k, v in form.multi_items() if not isinstance(v, str)))
+            if files:  # refused by name; its bytes are never read as text (a file in `prompt` is not a prompt)
+                raise RequestValidationError([_file_error(k) for k in files])
+            data: Any = form_fields(form.multi_items())
         finally:
             await form.close()
     else:
-        raw = await request.body()
+        raw = await _read_body(request, MAX_JSON_BYTES)
         try:
             data = json.loads(raw) if raw else None
         except (ValueError, RecursionError) as e:  # JSONDecodeError and bad UTF-8 are ValueErrors
@@ -92,11 +104,43 @@ async def _body_data(request: Request) -> Any:
     return data
 
 
+def _too_large(size: int | str, limit: int) -> Exception:
+    return api_error(413, "body_too_large", f"the request body is {size} bytes, over this route's {limit >> 20} MiB: "
+                     "a video request is a few KB (prompt and negative_prompt take 4,000 characters each)")
+
+
+def _check_length(request: Request, limit: int) -> None:
+    """A 413 before reading a body whose Content-Length is over `limit`."""
+    size = request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > limit:
+        raise _too_large(size, limit)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, read until it passes `limit` (a chunked upload has no Content-Length to check first)."""
+    _check_length(request, limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(f"over {size}", limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _file_error(field: str) -> dict[str, Any]:
+    why = _NOT_TAKEN.get(field, "this field takes text, and no field here takes a file")
+    return {"type": "file_not_accepted", "loc": ("body", field), "msg": f"a file was sent: {why}", "input": None}
+
+
 def _validated(data: Any) -> VideoCreate:
     try:
         return VideoCreate.model_validate(data)
     except ValidationError as e:
         errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]
+        for err in errors:  # a field some clients send that no model here takes: say why
+            if err["type"] == "extra_forbidden" and len(err["loc"]) == 2 and err["loc"][1] in _NOT_TAKEN:
+                err["msg"] = f"not taken: {_NOT_TAKEN[err['loc'][1]]}"
         raise RequestValidationError(errors, body=data) from None
 
 
@@ -109,7 +153,7 @@ async def create_video(request: Request, svc: VideoAPI = Depends(_auth)) -> Vide
     """Queue a video. Poll `GET /v1/videos/{id}` until `completed`, then download its content. With an
     `Idempotency-Key` header, a repeated request answers the video the first one created (no second render)."""
     body = await _video_create(request)
-    return await svc.create(body, _idempotency(request, body))
+    return await svc.create(body, _idempotency(request, body, default_model=svc.cfg.default_model))
 
 
 @router.post("/v1/videos/{video_id}/remix", response_model=Video, tags=["videos"], openapi_extra={"requestBody": {
@@ -147,8 +191,10 @@ async def unsupported(request: Request, svc: VideoAPI = Depends(_auth)) -> None:
                     "{id}/remix renders a completed video's settings and seed with a new prompt")
 
 
-def _idempotency(request: Request, body: VideoCreate, remixed_from: str | None = None) -> tuple[str, str] | None:
-    """(digest of the key and the API key that sent it, hash of the request), or None without the header."""
+def _idempotency(request: Request, body: VideoCreate, remixed_from: str | None = None,
+                 default_model: str | None = None) -> tuple[str, str] | None:  # fmt: skip
+    """(digest of the key and the API key that sent it, hash of the request), or None without the header. A body
+    without a model asks for `default_model`: the same request as one naming it."""
     key = request.headers.get("idempotency-key")
     if key is None:
         return None
@@ -157,6 +203,7 @@ def _idempotency(request: Request, body: VideoCreate, remixed_from: str | None =
     sender = request.headers.get("authorization", "")  # keys of different API keys never collide; never stored
     digest = hashlib.sha256(f"{sender}\0{key}".encode()).hexdigest()
     asked = {**body.model_dump(mode="json"), **({"remixed_from": remixed_from} if remixed_from else {})}
+    asked["model"] = asked["model"] or default_model
     request_hash = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()
     return digest, request_hash
 
@@ -257,6 +304,23 @@ async def healthz(request: Request) -> dict[str, Any]:
     return await _svc(request).health()
 
 
+_ECHO_CHARS = 200  # of a long input, what a 422 echoes: enough to recognise it (a body may be 1 MiB)
+
+
+def _short(v: Any) -> Any:
+    """An error's `input`, cut where long: a 4,001-character prompt is not sent back whole."""
+    if isinstance(v, str) and len(v) > _ECHO_CHARS:
+        return f"{v[:_ECHO_CHARS]}... ({len(v)} characters)"
+    if isinstance(v, (dict, list, tuple)):
+        try:
+            long = len(json.dumps(v, default=str)) > 4 * _ECHO_CHARS
+        except (ValueError, RecursionError):  # nested past the encoder's depth
+            long = True
+        if long:
+            return f"<{type(v).__name__} of {len(v)} items, not echoed>"
+    return v
+
+
 def _json_safe(v: Any) -> Any:
     """What a 422 echoes of the input, made encodable: NaN/Infinity as text, unpaired surrogates escaped."""
     if isinstance(v, float) and not math.isfinite(v):
@@ -277,7 +341,8 @@ def _param(loc: Any) -> str | None:
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     # FastAPI's own handler echoes the input as it came; NaN or a lone surrogate there made the 422 a 500.
-    errors = _json_safe(jsonable_encoder(exc.errors()))
+    errors = _json_safe(jsonable_encoder([{**e, "input": _short(e["input"])} if "input" in e else e
+                                          for e in exc.errors()]))
     ranked = deepest_first(errors, skip=1)
     said = [f"body: not JSON ({e.get('ctx', {}).get('error', e['msg'])})" if e["type"] == "json_invalid"
             else f"{_param(e['loc']) or 'body'}: {e['msg']}" for e in ranked[:3]]
@@ -295,20 +360,28 @@ def _status_code(status: int) -> str:
         return "error"
 
 
+# The openai SDK's own header (not a standard one): it retries 408, 409, 429 and 5xx answers unless told not to.
+NO_RETRY = ("x-should-retry", "false")
+
+
 # Starlette's HTTPException, so the router's own 404 and 405 (and the multipart parser's 400) are shaped too.
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     if exc.status_code in (204, 304):  # no body allowed
         return Response(status_code=exc.status_code, headers=exc.headers)
     detail = exc.detail if isinstance(exc.detail, dict) else {"code": _status_code(exc.status_code),
                                                              "message": str(exc.detail)}
+    headers = dict(exc.headers or {})
+    if exc.status_code == 409:  # a state a retry a moment later does not change; the openai SDK retries 409s
+        headers.setdefault(NO_RETRY[0], NO_RETRY[1])
     return JSONResponse(_error_body(exc.status_code, detail["code"], detail["message"]),
-                        status_code=exc.status_code, headers=exc.headers)
+                        status_code=exc.status_code, headers=headers)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    # A bug. Starlette logs the traceback after this answer; the client gets its type, not its text.
+    # A bug. Starlette logs the traceback after this answer; the client gets its type, not its text. Not retried:
+    # the same request meets the same bug, and a create may have queued its video before failing.
     return JSONResponse(_error_body(500, "internal_error", f"internal error ({type(exc).__name__}); the server's log "
-                                    "has the details"), status_code=500)
+                                    "has the details"), status_code=500, headers=dict([NO_RETRY]))
 
 
 async def _storage_error(request: Request, exc: StorageUnavailable) -> JSONResponse:

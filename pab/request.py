@@ -21,13 +21,15 @@ from pab.seeds import SEED_LIMIT
 
 
 def _no_bool(v: Any) -> Any:
-    """JSON true/false is not a number here (pydantic would read true as 1 frame)."""
+    """JSON true/false is not a number here (pydantic would read true as 1: one frame, a guidance of 1.0)."""
     if isinstance(v, bool):
         raise ValueError("must be a number, not true/false")
     return v
 
 
 Int = Annotated[int, BeforeValidator(_no_bool)]
+Float = Annotated[float, BeforeValidator(_no_bool)]
+MAX_FRAMES = 1024  # num_frames' limit, which a duration (`seconds` in the HTTP API) must keep as well
 
 
 class BroadcastRuleIn(BaseModel):
@@ -35,7 +37,7 @@ class BroadcastRuleIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     range: Int = Field(ge=1, le=1000)
-    window: tuple[float, float]
+    window: tuple[Float, Float]
     # Which blocks exist depends on the model: the engine's check answers with its range (422 naming the field).
     blocks: list[Int] | None = None
 
@@ -62,9 +64,9 @@ class StepPolicyIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     policy: Literal["teacache", "magcache", "fixed"]
-    threshold: float = Field(0.0, ge=0, le=1e6)
-    coefficients: list[float] = Field(default_factory=list, max_length=16)
-    ratios: list[float] = Field(default_factory=list, max_length=10_000)
+    threshold: Float = Field(0.0, ge=0, le=1e6)
+    coefficients: list[Float] = Field(default_factory=list, max_length=16)
+    ratios: list[Float] = Field(default_factory=list, max_length=10_000)
     max_skips: Int = Field(2, ge=0, le=10_000)
     warmup: Int = Field(1, ge=0, le=10_000)
     cooldown: Int = Field(1, ge=0, le=10_000)
@@ -86,12 +88,12 @@ class VideoSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     negative_prompt: str = Field("", max_length=4000, description="what the video should not show (CFG)")
-    num_frames: Int | None = Field(None, ge=1, le=1024, description="frames; the model says which counts work")
+    num_frames: Int | None = Field(None, ge=1, le=MAX_FRAMES, description="frames; the model says which counts work")
     height: Int | None = Field(None, ge=16, le=4096, description="pixel height")
     width: Int | None = Field(None, ge=16, le=4096, description="pixel width")
     fps: Int | None = Field(None, ge=1, le=120, description="frames per second of the mp4")
     steps: Int | None = Field(None, ge=1, le=1000, description="denoising steps")
-    guidance_scale: float | None = Field(None, ge=0, le=50, description="classifier-free guidance scale")
+    guidance_scale: Float | None = Field(None, ge=0, le=50, description="classifier-free guidance scale")
     seed: Int | None = Field(None, ge=0, lt=SEED_LIMIT, description="the noise's seed; none: drawn once")
     cache: Cache = Field(
         None, description="off, paper (PAB), a step-reuse preset the model is calibrated for (teacache-slow, "

@@ -80,6 +80,15 @@ def test_a_duration_the_model_cannot_render_says_what_it_renders_and_why(served,
         assert notice.endswith("the video has 17 frames, 2.125 s")
 
 
+def test_a_duration_past_the_frame_limit_is_a_422(served):
+    """`seconds` may not ask for more frames than `num_frames` may (1,024): 120 s at 120 fps is 14,400."""
+    r = served.post("/v1/videos", json={"prompt": "a fox", "seconds": 120, "fps": 120})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "seconds", r.text
+    assert "14400 frames" in r.text and "at most 1024" in r.text and "8.53333 s" in r.text
+    r = served.post("/v1/videos", json={"prompt": "a fox", "seconds": 120, "fps": 8})  # 960 frames: taken
+    assert r.status_code == 200 and r.json()["request"]["num_frames"] == 960, r.text
+
+
 def test_cache_presets_policies_and_the_old_name(served):
     """A preset the model is not calibrated for is a 422 saying how to calibrate; a policy given in full and
     PAB rules under `cache` are accepted as asked; `pab` and `cache` must not disagree."""

@@ -221,6 +221,13 @@ def test_a_conflict_and_a_bug_have_the_error_shape(server, client, monkeypatch):
     with pytest.raises(openai.ConflictError, match="already completed") as e:
         client.post(f"/videos/{video.id}/cancel", cast_to=object)  # a finished video cannot be cancelled
     assert e.value.body["code"] == "not_cancellable" and e.value.body["type"] == "invalid_request_error"
+    # The SDK retries a 409 twice by default; a state that a retry does not change says so (x-should-retry).
+    sent = []
+    retrying = openai.OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, max_retries=2, timeout=30,
+                             http_client=openai.DefaultHttpxClient(event_hooks={"request": [sent.append]}))
+    with pytest.raises(openai.ConflictError):
+        retrying.post(f"/videos/{video.id}/cancel", cast_to=object)
+    assert len(sent) == 1 and e.value.response.headers["x-should-retry"] == "false"
 
     async def broken(job_id):
         raise RuntimeError("secret detail")
@@ -229,6 +236,7 @@ def test_a_conflict_and_a_bug_have_the_error_shape(server, client, monkeypatch):
     with pytest.raises(openai.InternalServerError, match=r"internal error \(RuntimeError\)") as e:
         client.videos.retrieve(video.id)
     assert "secret detail" not in e.value.message and e.value.body["code"] == "internal_error"
+    assert e.value.response.headers["x-should-retry"] == "false"  # the same request meets the same bug
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -253,6 +261,8 @@ def test_a_json_body_still_works(http):
     ({"guidance_scale": "NaN"}, "guidance_scale"),
     ({"seconds": "-Infinity"}, "seconds"),
     ({"steps": "2.5"}, "steps"),
+    ({"seconds": "true"}, "seconds"),  # true is not 1 second
+    ({"guidance_scale": "false"}, "guidance_scale"),
 ])  # fmt: skip
 @pytest.mark.parametrize("encoding", ["json", "multipart", "urlencoded"])
 def test_a_form_is_judged_like_json(http, fields, field, encoding):
@@ -278,6 +288,13 @@ def _multipart(fields: dict[str, str], boundary: str) -> bytes:
 def test_a_file_is_refused_by_name(http):
     r = http.post("/v1/videos", data={"prompt": "a fox"}, files={"input_reference": ("ref.png", b"\x89PNG", "image/png")})
     assert r.status_code == 422 and r.json()["error"]["param"] == "input_reference", r.text
+    assert "image-to-video" in r.json()["error"]["message"]  # why, not only "not permitted"
+    # a file where text goes is not text: its name did not become the prompt
+    r = http.post("/v1/videos", files={"prompt": ("small.png", b"\x89PNG", "image/png")})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "prompt", r.text
+    assert "a file was sent" in r.json()["error"]["message"]
+    r = http.post("/v1/videos", json={"prompt": "a fox", "input_reference": "https://example.com/a.png"})
+    assert r.status_code == 422 and "image-to-video" in r.json()["error"]["message"], r.text
 
 
 def test_unknown_routes_and_bad_json_have_the_error_shape(http):
@@ -499,8 +516,12 @@ def test_an_idempotency_key_answers_the_same_video_also_after_a_restart(server, 
     http_request = type("R", (), {"headers": {"idempotency-key": "k-1", "authorization": f"Bearer {KEY}"}})()
     restarted = ingress.VideoAPI({"models": [{"name": MODEL}], "api_keys": [KEY], "storage": svc.cfg.storage},
                                  pools=svc.pools)  # fmt: skip
-    video = asyncio.run(restarted.create(body, routes._idempotency(http_request, body)))
+    video = asyncio.run(restarted.create(body, routes._idempotency(http_request, body, default_model=MODEL)))
     assert video.id == first.id
+    # Naming the model the server defaults to asks for the same video.
+    named = client.videos.create(prompt="a heron", model=MODEL, extra_body={"steps": 1},
+                                 extra_headers={"Idempotency-Key": "k-1"})  # fmt: skip
+    assert named.id == first.id
     # A deleted video frees its key.
     completed(client, first.id)
     client.videos.delete(first.id)

@@ -23,7 +23,8 @@ def client():
         RECEIVED.append(body)
         raise ingress.api_error(409, "stand_in", "received")
 
-    svc = SimpleNamespace(_ensure_background=lambda: None, check_key=lambda creds: None, create=create)
+    svc = SimpleNamespace(_ensure_background=lambda: None, check_key=lambda creds: None, create=create,
+                          cfg=SimpleNamespace(default_model="opensora-v1.2-tiny"))
     RECEIVED.clear()
     return TestClient(routes.build_api(svc), raise_server_exceptions=False)
 
@@ -44,6 +45,12 @@ BAD = [
     ('{"prompt": "a", "cache": {"policy": "teacache", "threshold": NaN}}', "threshold"),
     ('{"prompt": "a", "cache": {"policy": "fastcache", "threshold": 0.1}}', "policy"),
     ('{"prompt": "a", "cache": {"policy": "magcache", "threshold": 0.1, "max_skips": true}}', "max_skips"),
+    # true is not 1 for the real-valued fields either (a 1 s video, a guidance of 1.0)
+    ('{"prompt": "a", "seconds": true}', "seconds"),
+    ('{"prompt": "a", "guidance_scale": true}', "guidance_scale"),
+    ('{"prompt": "a", "pab": {"spatial": {"range": 2, "window": [false, 930]}}}', "window"),
+    ('{"prompt": "a", "cache": {"policy": "teacache", "threshold": true}}', "threshold"),
+    ('{"prompt": "a", "model": ""}', "model"),  # not "the server's default model"
 ]
 
 
@@ -57,7 +64,7 @@ def test_bad_numbers_and_text_are_a_422_naming_the_field(client, body, field):
     assert not RECEIVED
 
 
-@pytest.mark.parametrize("depth", [100, 200_000])
+@pytest.mark.parametrize("depth", [100, 100_000])  # 100,000 is far past the parser's limit, and under 1 MiB
 @pytest.mark.parametrize("open_,close", [("[", "]"), ('{"a": ', "}")])
 def test_deeply_nested_bodies_are_a_422(client, depth, open_, close):
     """Nesting past the JSON parser's recursion limit is "not JSON", and nesting inside it fails the schema:
@@ -66,6 +73,25 @@ def test_deeply_nested_bodies_are_a_422(client, depth, open_, close):
     r = client.post("/v1/videos", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text[:500]
     assert r.json()["error"]["type"] == "invalid_request_error" and not RECEIVED
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_over_its_limit_is_a_413_before_it_is_parsed(client, chunked):
+    """1 MiB of JSON (a request is a few KB): refused by its Content-Length, or while a chunked upload streams."""
+    body = json.dumps({"prompt": "a", "negative_prompt": "x" * (routes.MAX_JSON_BYTES + 10)}).encode()
+    content = iter([body[i:i + 65536] for i in range(0, len(body), 65536)]) if chunked else body
+    r = client.post("/v1/videos", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text[:300]
+    assert r.json()["error"]["code"] == "body_too_large" and "1 MiB" in r.json()["error"]["message"]
+    assert not RECEIVED
+
+
+def test_a_422_echoes_a_long_input_cut(client):
+    """A field over its limit is named, and its value comes back cut, not whole."""
+    r = client.post("/v1/videos", json={"prompt": "a", "negative_prompt": "y" * 50_000})
+    assert r.status_code == 422 and len(r.content) < 2_000, len(r.content)
+    [error] = r.json()["detail"]
+    assert error["loc"] == ["body", "negative_prompt"] and error["input"].endswith("(50000 characters)")
 
 
 def test_a_good_body_reaches_the_service(client):
