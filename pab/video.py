@@ -38,9 +38,18 @@ DEFAULT_CRF = 23  # libx264's own default quality
 DEFAULT_X264 = {"preset": "faster", "rc-lookahead": "8"}
 
 
-def x264_settings(x264: dict[str, str] | None = None) -> dict[str, str]:
-    """The libx264 options an `Mp4Writer` given `x264` encodes with: `DEFAULT_X264`, then these."""
-    return {**DEFAULT_X264, **(x264 or {})}
+# libx264's macroblock-tree rate control made different files of the same frames from run to run when a side is
+# under 128 pixels (the small models' 64x64 and 96x64: 4-8 distinct mp4s in 40 encodes of one clip, decoded pixels
+# up to 50/255 apart; 128x128 and larger: one), so a re-rendered bulk row did not reproduce its video. Without it
+# (mbtree off), 40 of 40 were identical. A caller's `x264` options still win.
+SMALL_SIDE = 128
+
+
+def x264_settings(x264: dict[str, str] | None = None, size: tuple[int, int] | None = None) -> dict[str, str]:
+    """The libx264 options an `Mp4Writer` given `x264` encodes with: `DEFAULT_X264`, mbtree off for frames of
+    `size` (h, w) with a side under `SMALL_SIDE`, then these."""
+    small = {"mbtree": "0"} if size is not None and min(size) < SMALL_SIDE else {}
+    return {**DEFAULT_X264, **small, **(x264 or {})}
 
 
 def _as_frames(frames) -> np.ndarray:
@@ -85,7 +94,7 @@ class Mp4Writer:
         background: bool = False, x264: dict[str, str] | None = None,
     ) -> None:  # fmt: skip
         self.rate, self.crf, self.dest = _rate(fps), crf, dest
-        self.x264 = x264_settings(x264)  # libx264 options (`preset`, `rc-lookahead`): bench/mp4.py
+        self._x264 = x264  # the caller's libx264 options; `x264_settings` adds ours once the frame size is known
         self.frames_written = 0
         self._container = self._stream = self._fh = self._tmp = None
         self._buf = io.BytesIO() if not isinstance(dest, (str, os.PathLike)) else None
@@ -178,7 +187,7 @@ class Mp4Writer:
         self._stream.width, self._stream.height = w, h
         self._stream.pix_fmt = "yuv420p"
         self._stream.codec_context.time_base = 1 / self.rate  # pts counts frames
-        self._stream.options = {"crf": str(self.crf), **self.x264}
+        self._stream.options = {"crf": str(self.crf), **x264_settings(self._x264, (h, w))}
 
     def _encode(self, frames: np.ndarray) -> None:
         import av
