@@ -24,8 +24,8 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import threading
+import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -274,7 +274,10 @@ class LocalStorage(Storage):
     def _atomic_write(self, key: str, write) -> None:
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        # O_EXCL on a fresh name, as mkstemp, but mode 0o666 so the umask decides (mkstemp's 0600 made every
+        # video, sidecar and results table readable by their owner only).
+        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
                 write(f)

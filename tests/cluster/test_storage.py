@@ -111,3 +111,24 @@ def test_config_validation_and_env(monkeypatch):
     assert cfg.endpoint_url == "http://127.0.0.1:1"
     secret = StorageConfig(backend="s3", bucket="bkt", secret_access_key="hunter2")
     assert "hunter2" not in repr(secret) and secret.to_args()["secret_access_key"] == "hunter2"
+
+
+def test_local_files_take_the_umask_and_leave_no_temporary_file(tmp_path):
+    """A video, its sidecar and any object are readable as the umask says (mkstemp made them 0600), and the
+    atomic write leaves only the object behind."""
+    store = storage_from_config({"backend": "local", "path": str(tmp_path / "out")})
+    f = tmp_path / "v.mp4"
+    f.write_bytes(b"\x00" * 100)
+    old = os.umask(0o022)
+    try:
+        ref = store.put_video("video_1", f, {"seed": 3})
+        store.put_bytes("results.parquet", b"P")
+        o027 = os.umask(0o027)
+        store.put_bytes("private.bin", b"Q")
+    finally:
+        os.umask(old)
+    assert o027 == 0o022
+    for key in (ref.key, ref.sidecar_key, "results.parquet"):
+        assert store.local_path(key).stat().st_mode & 0o777 == 0o644, key
+    assert store.local_path("private.bin").stat().st_mode & 0o777 == 0o640
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".tmp")]
