@@ -26,7 +26,7 @@ import shlex
 import sys
 import time
 
-from jobs.render import build_parser as build_render_parser
+from jobs.render import parse_args as parse_render_args
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
@@ -38,10 +38,19 @@ def _address(arg: str | None) -> str:
     return env if env.startswith(("http://", "https://")) else DEFAULT_ADDRESS
 
 
+class Unreachable(RuntimeError):
+    """The Ray dashboard at the address does not answer (or is not one)."""
+
+
 def _client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(_address(address))
+    url = _address(address)
+    try:
+        return JobSubmissionClient(url)
+    except (ConnectionError, RuntimeError, ValueError) as e:  # what the client raises for a dead or wrong address
+        raise Unreachable(f"no Ray dashboard answers at {url} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                          "pass --address http://HEAD:8265 or set RAY_ADDRESS") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def render_entrypoint(render_args: list[str]) -> str:
-    """The job's shell entrypoint; `SystemExit` (argparse's) if the render arguments are wrong."""
-    build_render_parser().parse_args(render_args)
+    """The job's shell entrypoint; `SystemExit` (argparse's) if the render arguments are wrong: the job's own
+    checks (a count >= 1, each setting's schema), so `--steps 0` fails here, not in the job's log."""
+    parse_render_args(render_args)
     return shlex.join(["python", "-m", "jobs.render", *render_args])
 
 
@@ -136,7 +146,16 @@ def submit(args: argparse.Namespace, render_args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``pab bulk ...`` (argv without the leading ``bulk``)."""
+    """Entry point of ``pab bulk ...`` (argv without the leading ``bulk``); 2 with one line when the dashboard
+    cannot be reached."""
+    try:
+        return _main(argv)
+    except Unreachable as e:
+        print(f"pab bulk: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv and argv[0] == "submit":

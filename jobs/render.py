@@ -28,7 +28,9 @@ What it does:
 * writes ``<output>/results.parquet`` (`jobs.results.SCHEMA`), one row per manifest row.
 
 Exit code: 0 when every row was handled (failed rows included: see the results table), 1 when rows
-were left unrendered because no GPU group could run, 2 for bad arguments or a bad manifest.
+were left unrendered because no GPU group could run, 2 for bad arguments, a bad manifest or an output that
+cannot be opened or read, 130 after Ctrl-C (no row starts after it; the results table is written, and the
+next run renders what was left, the rows then rendering included).
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ from typing import Any, Callable
 
 from pab.engine import EngineOptions
 from pab.request import add_options, from_options
-from pab.storage import NotFound, Storage, StorageConfig, storage_from_config, video_keys
+from pab.storage import (
+    NotFound, Storage, StorageConfig, StorageUnavailable, storage_errors, storage_from_config, video_keys,
+)
 from jobs.ledger import STATE_COMPLETED, Ledger
 from jobs.manifest import ManifestError, RenderSettings, RowPlan, plan_rows, read_manifest
 from jobs.results import RESULTS_KEY, ResultRow, to_parquet_bytes
@@ -256,12 +260,14 @@ class BulkRender:
         self.args = args
         self.run_id = submission_id() or f"run-{uuid.uuid4().hex[:8]}"
         self.out_config = storage_config_for(args.output, args.s3_endpoint)
-        self.store: Storage = storage_from_config(self.out_config)
+        with storage_errors(self.out_config, "open the output"):  # e.g. a path under a file: one line, exit 2
+            self.store: Storage = storage_from_config(self.out_config)
         self.ledger = Ledger(self.store)
         self.results: dict[int, ResultRow] = {}
         self._results_lock = threading.Lock()
         self.progress: Progress | None = None
         self._all_done = threading.Event()
+        self._stop = threading.Event()  # Ctrl-C: no group takes another row
         self.unrendered_reason: str | None = None
 
     # ------------------------------------------------------------------ planning
@@ -275,7 +281,8 @@ class BulkRender:
         if ignored:
             log.info("manifest columns not used for rendering: %s", ignored)
         self.progress = Progress(total=len(plans))
-        found = self.ledger.scan(plans)
+        with storage_errors(self.out_config, "read what earlier runs rendered"):  # no bucket, bad credentials
+            found = self.ledger.scan(plans)
         todo: list[RowPlan] = []
         for plan in plans:
             if not plan.ok:
@@ -341,6 +348,14 @@ class BulkRender:
         if not ray.is_initialized():
             local = not self.args.ray_address and not os.environ.get("RAY_ADDRESS")
             ray.init(address=self.args.ray_address, log_to_driver=True)
+            # Once this run shuts Ray down (at exit, after Ctrl-C), a group thread's next Ray call must fail,
+            # not start a second local Ray (Ray connects anew on first use unless told not to).
+            try:
+                from ray._private import auto_init_hook
+
+                auto_init_hook.enable_auto_connect = False
+            except ImportError:  # moved in a later Ray: the stop flag alone keeps the groups from new work
+                pass
             if local:
                 self._fit_local(ray.cluster_resources())
 
@@ -374,11 +389,18 @@ class BulkRender:
         # Wait until every row has a result, or every group gave up. A group still waiting for GPUs
         # when the others have finished the work is not waited for (the job ends, Ray cleans it up).
         next_line = time.monotonic() + self.args.progress_every
-        while not self._all_done.wait(timeout=0.5) and any(t.is_alive() for t in threads):
-            if time.monotonic() >= next_line:
-                log.info(self.progress.line())
-                next_line += self.args.progress_every
-        # Every group gave up: what is still queued cannot render in this run.
+        try:
+            while not self._all_done.wait(timeout=0.5) and any(t.is_alive() for t in threads):
+                if time.monotonic() >= next_line:
+                    log.info(self.progress.line())
+                    next_line += self.args.progress_every
+        except KeyboardInterrupt:
+            # Ctrl-C: no group takes another row; the rows rendering now keep their intent, so the next run
+            # renders them again. The results table is written for what finished.
+            self._stop.set()
+            self.unrendered_reason = "interrupted (Ctrl-C); run the job again to render it"
+            log.warning("interrupted: no more rows start; %s", self.progress.line())
+        # Every group gave up (or the run was interrupted): what is still queued cannot render in this run.
         while not work.empty():
             plan, attempt = work.get_nowait()
             self._row_failed(plan, attempt - 1, f"not rendered: {self.unrendered_reason or 'no GPU group left'}")
@@ -387,13 +409,15 @@ class BulkRender:
         group = self._new_group(index)
         try:
             try:
+                if self._stop.is_set():
+                    return
                 group.start()
                 log.info("group %s ready in %.1fs", group.name, group.info.get("start_s", 0.0))
             except Exception as e:  # noqa: BLE001 - reported, the other groups go on
                 self.unrendered_reason = f"group {index} could not start: {e}"
                 log.error("%s", self.unrendered_reason)
                 return
-            while True:
+            while not self._stop.is_set():
                 try:
                     plan, attempt = work.get_nowait()
                 except queue.Empty:
@@ -479,13 +503,16 @@ class BulkRender:
             return 0
         if todo:
             self.render(todo)
+        lost = ("interrupted (Ctrl-C) while it rendered; the next run renders it" if self._stop.is_set()
+                else "the job lost track of this row (see the log)")
         for plan in plans:  # every manifest row gets a results row, whatever happened above
             if plan.row not in self.results:
-                self._finish(ResultRow(plan.row, plan.id, "failed", seed=_seed(plan),
-                                       error="not rendered: the job lost track of this row (see the log)"))
+                self._finish(ResultRow(plan.row, plan.id, "failed", seed=_seed(plan), error=f"not rendered: {lost}"))
         uri = self.write_results()
         log.info(self.progress.line())
         log.info("results: %s (%d rows) in %.1fs", uri, len(self.results), time.monotonic() - t0)
+        if self._stop.is_set():
+            return 130  # a shell's code for Ctrl-C
         unrendered = sum(1 for r in self.results.values() if r.error and r.error.startswith("not rendered:"))
         return 1 if unrendered else 0
 
@@ -513,10 +540,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return BulkRender(args).run()
-    except (ManifestError, ResourceError) as e:
-        log.error("%s: %s", "bad manifest" if isinstance(e, ManifestError) else "cannot render here", e)
+    except (ManifestError, ResourceError, StorageUnavailable) as e:
+        what = {ManifestError: "bad manifest", ResourceError: "cannot render here"}.get(type(e), "bad output")
+        log.error("%s: %s", what, e)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before rendering started (planning, reading the manifest): nothing to keep
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

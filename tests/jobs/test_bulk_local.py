@@ -4,6 +4,7 @@ fails at once saying what is missing, instead of waiting on Ray's resource reque
 from __future__ import annotations
 
 import os
+import time
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -52,3 +53,65 @@ def test_render_without_gpus_completes_on_the_cpu(tmp_path):
     assert "rendering on the CPU" in run.stdout + run.stderr
     assert (tmp_path / "out" / "results.parquet").is_file()
     assert pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()[0]["status"] == "completed"
+
+
+def _manifest(path, n: int) -> str:
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(n)], "prompt": [f"a fox {i}" for i in range(n)]}), path)
+    return str(path)
+
+
+def test_an_output_that_cannot_be_opened_is_one_line_and_exit_2(tmp_path, capsys):
+    """A path under a file (or a bucket that does not exist): no traceback, exit 2 naming the output and what to
+    check, a dry run included."""
+    from jobs.render import main
+
+    (tmp_path / "file").write_text("")
+    for dry in ([], ["--dry-run"]):
+        argv = ["--manifest", _manifest(tmp_path / "m.parquet", 2), "--output", str(tmp_path / "file" / "out"), *dry]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: storage unavailable: could not open the output") and "Traceback" not in err
+        assert f"{tmp_path / 'file' / 'out'}" in err and len(err.strip().splitlines()) == 1
+
+
+class _Group:
+    """A group that renders each row in 0.2 s; its first row presses Ctrl-C (as a user would, mid-run)."""
+
+    started = 0
+
+    def __init__(self) -> None:
+        self.name, self.info = "fake", {}
+
+    def start(self) -> None:
+        type(self).started += 1
+
+    def generate(self, request, output, timeout_s):
+        import _thread
+
+        if not getattr(self, "pressed", False):
+            self.pressed = True
+            _thread.interrupt_main()  # KeyboardInterrupt in the driver's main thread, where Ctrl-C lands
+        time.sleep(0.2)
+        return {"video": {"uri": f"file:///{output['video_id']}.mp4"}, "timings": {}}
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_ctrl_c_starts_no_more_rows_and_writes_the_results(tmp_path):
+    """Ctrl-C: the driver stops handing out rows, writes the results table for what it has (the rest
+    `not rendered`, to be rendered by the next run) and exits 130, without a traceback or a new Ray."""
+    import jobs.render as render
+    from jobs.results import RESULTS_KEY
+
+    args = parse_args(["--manifest", _manifest(tmp_path / "m.parquet", 6), "--output", str(tmp_path / "out"),
+                       "--model", "opensora-v1.2-tiny", "--groups", "1"])  # fmt: skip
+    job = render.BulkRender(args)
+    job._connect = lambda: None
+    job._new_group = lambda index: _Group()
+    assert job.run() == 130
+    table = pq.read_table(tmp_path / "out" / RESULTS_KEY).to_pylist()
+    assert len(table) == 6
+    errors = [r["error"] or "" for r in table]
+    assert sum(e.startswith("not rendered: interrupted") for e in errors) >= 4, errors  # at most 2 were started
+    assert all(r["status"] == "completed" or e.startswith("not rendered: interrupted") for r, e in zip(table, errors))
