@@ -22,6 +22,7 @@ so `--cache teacache-slow` then works for that model; a PNG shows what was measu
 from __future__ import annotations
 
 import argparse
+import os
 import datetime
 import json
 import re
@@ -230,13 +231,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is None and sources is None:
             raise ValueError(f"{args.model} has random weights: there is nothing to calibrate; pass --checkpoint")
         out = Path(args.out) if args.out else sources.root / CALIBRATION_FILE
+        png = Path(args.plot) if args.plot else out.with_suffix(".png")
+        for path in (out, png):  # before the measurement, which takes minutes: not after it
+            if not path.parent.is_dir():
+                raise ValueError(f"{path.parent} is not a folder: create it, or write elsewhere")
+            if not os.access(path.parent, os.W_OK):
+                raise ValueError(f"{path.parent} is not writable here: write elsewhere with --out / --plot")
         pipeline = Pipeline.from_name(args.model, device=args.device, checkpoint=args.checkpoint)
     except (OSError, ValueError) as e:
         print(f"pab calibrate: error: {e}", file=sys.stderr)
         return 2
     doc = calibrate(pipeline, prompts, args.steps)
     out.write_text(dumps(doc))
-    png = Path(args.plot) if args.plot else out.with_suffix(".png")
     plot(doc, png)
     print(f"{'preset':<16} {'threshold':>10} {'reused (replayed)':>18}")
     for name, cfg in sorted(doc["presets"].items()):

@@ -233,6 +233,18 @@ def cmd_models(args: argparse.Namespace) -> int:
             return "shipped" if (WEIGHTS_DIR / name / "transformer").is_dir() else "train first"
         return "random" if size == "tiny" else "--checkpoint"
 
+    def presets(name: str) -> str:
+        """off, paper, and the step-reuse presets calibrated beside the weights here (shipped for -small)."""
+        from pab.caching import load_calibration
+        from pab.checkpoint import resolve_sources
+
+        try:
+            sources = resolve_sources(name, None)
+            calibration = load_calibration(sources.calibration if sources else None)
+        except ValueError:  # no weights here, or a calibration file that cannot be read
+            calibration = None
+        return ", ".join(["off", "paper", *sorted((calibration or {}).get("presets", {}))])
+
     rows: list[dict[str, Any]] = []
     for name, spec in MODEL_SPECS.items():
         for size in spec.sizes:
@@ -247,14 +259,14 @@ def cmd_models(args: argparse.Namespace) -> int:
                         f"{d.num_frames}f {d.width}x{d.height} {d.fps}fps {d.steps} steps cfg {d.guidance_scale}"
                     ),
                     "weights": weights(full_name, size),
-                    "presets": "off, paper",
+                    "presets": presets(full_name),
                 }
             )
     if args.json:
         out = {r["name"]: {**r, "paper_preset": PABConfig.preset(r["name"], "paper").to_dict()} for r in rows}
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{'model':<26} {'size':<5} {'sampler':<7} {'defaults':<40} {'weights':<12} pab presets")
+    print(f"{'model':<26} {'size':<5} {'sampler':<7} {'defaults':<40} {'weights':<12} cache presets")
     for r in rows:
         print(f"{r['name']:<26} {r['size']:<5} {r['sampler']:<7} {r['defaults']:<40} {r['weights']:<12} "
               f"{r['presets']}")

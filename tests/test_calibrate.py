@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from test_pipeline import save_checkpoint
 
@@ -37,6 +38,15 @@ def test_calibrate_writes_presets_that_the_pipeline_reads(tmp_path, capsys):
     # full model's until the first reused step.
     replayed = replay(StepReuseConfig.from_dict(doc["presets"]["teacache-fast"]), doc["measured"]["indicator_change"][0], 10)
     assert r.cache_stats["reused_steps"][0] == replayed[0]
+
+
+def test_an_output_folder_that_is_missing_is_refused_before_the_measurement(tmp_path, capsys, monkeypatch):
+    """Minutes of measuring are not lost at the end: a missing --out or --plot folder is exit 2 up front."""
+    monkeypatch.setattr("pab.calibrate.calibrate", lambda *a, **k: pytest.fail("measured before checking --out"))
+    for flag in ("--out", "--plot"):
+        argv = ["--model", "opensora-v1.2-small", "--count", "1", "--device", "cpu", flag, str(tmp_path / "no" / "c.x")]
+        assert main(argv) == 2
+        assert f"{tmp_path / 'no'} is not a folder" in capsys.readouterr().err
 
 
 def test_the_recorder_measures_the_residual_the_model_computes():

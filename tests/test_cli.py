@@ -135,6 +135,9 @@ def test_models_lists_models_sizes_and_presets(capsys):
     assert data["latte-1"]["paper_preset"]["temporal"]["range"] == 3
     assert data["opensora-v1.2-small"]["weights"] == "shipped" and data["latte-1-tiny"]["weights"] == "random"
     assert data["latte-1"]["weights"] == "--checkpoint"
+    # a -small model's calibrated step-reuse presets ship beside its weights: listed, as --cache takes them
+    assert "teacache-fast" in data["opensora-v1.2-small"]["presets"].split(", ")
+    assert data["latte-1"]["presets"] == "off, paper"  # no weights here, so no calibration
 
 
 def test_generate_with_sp2_makes_the_same_video_as_one_process(tmp_path: Path):
