@@ -172,6 +172,8 @@ class VideoGroup:
         rec.video_key, rec.size_bytes = result["video"]["key"], result["video"]["size_bytes"]
         rec.pab = result.get("pab")
         rec.cache = result.get("cache")
+        # what only the render could tell (a prompt longer than the text encoder reads), after the ingress's own
+        rec.notices = [*rec.notices, *(n for n in result.get("notices") or [] if n not in rec.notices)]
         rec.cost = result.get("cost")
         rec.timings = {
             **{k: float(v) for k, v in result.get("timings", {}).items()},

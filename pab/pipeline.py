@@ -355,8 +355,18 @@ class Pipeline:
         return rendered_size(self.vae, r.height, r.width)
 
     def notices(self, r: GenerationRequest) -> list[str]:
-        """Where the video of a resolved request differs from it, and why ([] if nowhere)."""
-        return size_notices(self.name, self.vae, r)
+        """Where the video of a resolved request differs from it, and why ([] if nowhere): its size, and a prompt
+        longer than the text encoder reads (cut there, as the official pipelines cut it)."""
+        out = size_notices(self.name, self.vae, r)
+        enc = self.text_encoder
+        suffix = self.spec.prompt_suffix
+        for name, text in (("prompt" + (f" with {suffix.strip()!r} appended" if suffix else ""), r.prompt + suffix),
+                           ("negative prompt", r.negative_prompt)):  # fmt: skip
+            n = enc.token_count(text) if text and hasattr(enc, "token_count") else 0
+            if n > enc.max_length:
+                out.append(f"the {name} is {n} text tokens and {self.name} reads the first {enc.max_length}: the "
+                           "words past them did not shape the video")
+        return out
 
     def latent_shape(self, r: GenerationRequest) -> tuple[int, int, int, int, int]:
         """(1, C, T, h, w): the output size over the VAE's spatial factor."""

@@ -87,6 +87,10 @@ class TextEncoder(nn.Module):
     def hidden_size(self) -> int:
         return int(self.model.config.d_model)
 
+    def token_count(self, text: str) -> int:
+        """Tokens of `text` with its end token, uncut: more than `max_length` and the encoder reads only the first."""
+        return len(self.tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

@@ -292,3 +292,16 @@ def test_a_broadcast_attention_skips_the_norm_that_makes_its_input(pipe, monkeyp
     calls.clear()
     assert torch.equal(pipe.generate(r).latents, skipping.latents)  # the norm computed for every call, as before
     assert len(calls) == sum(stats[k]["computed"] + stats[k]["broadcast"] for k in ("spatial", "temporal"))
+
+
+def test_a_prompt_longer_than_the_text_encoder_reads_is_a_notice():
+    """The small model's text encoder reads 32 tokens: a longer prompt is cut (as the official pipelines cut it),
+    and the video says so instead of silently rendering the first 32."""
+    pipe = Pipeline.from_name("opensora-v1.2-small", device="cpu")
+    long = pipe.resolve(GenerationRequest(model=pipe.name, prompt="a red circle moving left " * 8, seed=1, steps=1,
+                                          negative_prompt="blurry, " * 40))  # fmt: skip
+    [prompt, negative] = pipe.notices(long)
+    n = pipe.text_encoder.token_count(long.prompt + pipe.spec.prompt_suffix)
+    assert n > 32 and f"the prompt with {pipe.spec.prompt_suffix.strip()!r} appended is {n} text tokens" in prompt
+    assert "reads the first 32" in prompt and negative.startswith("the negative prompt is ")
+    assert pipe.notices(pipe.resolve(GenerationRequest(model=pipe.name, prompt="a red circle", seed=1, steps=1))) == []

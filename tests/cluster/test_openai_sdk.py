@@ -64,8 +64,11 @@ class BlackFrames:
                 time.sleep(0.01)
         for i in range(steps):
             progress(i + 1, steps)
+        # what only the render can tell, as the pipeline says it for a prompt longer than its text encoder reads
+        said = ["the prompt is 99 text tokens and the model reads the first 32"] if "wordy" in request["prompt"] else []
         return EngineOutput(frames=np.zeros((FRAMES, 32, 32, 3), np.uint8), request={**request, "fps": 8},
-                            sidecar={"pab": {"settings": {}, "stats": {"spatial": {"computed": 3, "broadcast": 2}}}})
+                            sidecar={"pab": {"settings": {}, "stats": {"spatial": {"computed": 3, "broadcast": 2}}},
+                                     "notices": said})
 
 
 class OneRankGroup:
@@ -173,6 +176,15 @@ def test_create_retrieve_list_download(client):
     assert done.created_at <= done.completed_at <= time.time()
     content = client.videos.download_content(video.id).content
     assert content[4:8] == b"ftyp" and len(content) == done.size_bytes  # an mp4, whole
+
+
+def test_the_renders_notices_reach_the_video(client):
+    """A notice only the render can give (the prompt cut by the text encoder) is on the completed video, after the
+    ingress's own (the duration it cannot render exactly)."""
+    video = completed(client, client.videos.create(prompt="a wordy fox", seconds="1", extra_body={"steps": 1}).id)
+    assert video.status == "completed"
+    assert len(video.notices) == 2 and "1 s at 8 fps" in video.notices[0], video.notices
+    assert video.notices[1] == "the prompt is 99 text tokens and the model reads the first 32"
 
 
 def test_create_and_poll(client):
