@@ -4,6 +4,7 @@ fails at once saying what is missing, instead of waiting on Ray's resource reque
 from __future__ import annotations
 
 import os
+import signal
 import time
 import subprocess
 import sys
@@ -109,7 +110,12 @@ def test_ctrl_c_starts_no_more_rows_and_writes_the_results(tmp_path):
     job = render.BulkRender(args)
     job._connect = lambda: None
     job._new_group = lambda index: _Group()
-    assert job.run() == 130
+    # Ctrl-C raises KeyboardInterrupt where Python's default SIGINT handler is on (pytest-xdist's workers ignore it)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert job.run() == 130
+    finally:
+        signal.signal(signal.SIGINT, old)
     table = pq.read_table(tmp_path / "out" / RESULTS_KEY).to_pylist()
     assert len(table) == 6
     errors = [r["error"] or "" for r in table]
