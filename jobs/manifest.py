@@ -158,11 +158,14 @@ def plan_rows(
     """One `RowPlan` per manifest row, in order. Never raises for a bad row. `check(request)` says why the model
     cannot take a row's request (None: it can)."""
     settings_cols = [c for c in ROW_SETTINGS if c in table.column_names]
+    # A `model` column is not a setting (a job loads one model), but a row naming another must not be rendered
+    # with this one as if it had asked for it.
+    model_col = ["model"] if "model" in table.column_names else []
     base = defaults.model_dump(exclude_unset=True)
     plans: list[RowPlan] = []
     first_row: dict[str, int] = {}
     key_owner: dict[str, str] = {}
-    for i, row in enumerate(table.select(list(REQUIRED_COLUMNS) + settings_cols).to_pylist()):
+    for i, row in enumerate(table.select(list(REQUIRED_COLUMNS) + settings_cols + model_col).to_pylist()):
         row_id = _clean_id(row["id"])
         if row_id is None:
             plans.append(RowPlan(i, None, None, error="missing id"))
@@ -176,6 +179,11 @@ def plan_rows(
         first_row[row_id] = i
         if key_owner.setdefault(key, row_id) != row_id:
             plan.error = f"id {row_id!r} maps to the same storage key {key!r} as id {key_owner[key]!r}"
+            continue
+        asked = _clean_id(row.get("model"))
+        if asked is not None and asked != model:
+            plan.error = (f"the row asks for model {asked!r} and this job renders {model!r} (--model): "
+                          "one job per model")
             continue
         prompt = row["prompt"]
         if not isinstance(prompt, str) or not prompt.strip():

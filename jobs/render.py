@@ -17,7 +17,8 @@ What it does:
 
 * reads the manifest (a local path or ``s3://bucket/key``); a file that is not Parquet or lacks the
   ``id``/``prompt`` columns stops the job at once (exit code 2) with a message saying what to fix;
-* plans every row (`jobs.manifest.plan_rows`): a bad row is reported, never fatal;
+* plans every row (`jobs.manifest.plan_rows`): a bad row is reported, never fatal (a row whose ``model``
+  column names another model than ``--model`` is one: a job loads one model);
 * asks the output storage what earlier runs finished (`jobs.ledger.Ledger`) and renders only the rest,
   so re-running after a crash is safe and renders nothing twice;
 * starts ``--groups`` GPU groups of ``--group-size`` GPUs (`actors.group.GpuGroup`, the same group and

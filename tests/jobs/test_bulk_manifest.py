@@ -409,3 +409,13 @@ def test_the_engine_switches_reach_every_group(tmp_path, monkeypatch):
     render.BulkRender(render.parse_args(base + ["--cuda-graphs", "--no-vae-kernels"]))._new_group(0)
     render.BulkRender(render.parse_args(base))._new_group(0)
     assert [kw["engine_options"] for kw in made] == [{"cuda_graphs": True, "vae_kernels": False}, {}]
+
+
+def test_a_row_asking_for_another_model_is_not_rendered_with_this_one():
+    """A `model` column is not a setting (a job loads one model): a row naming another model fails with the reason
+    instead of being rendered with the job's, and one naming the job's model, or none, renders."""
+    model = "opensora-v1.2-tiny"
+    table = read_manifest(parquet(id=["a", "b", "c"], prompt=["x", "y", "z"], model=["latte-1-small", model, None]))
+    a, b, c = plan_rows(table, model, RenderSettings())
+    assert a.error == f"the row asks for model 'latte-1-small' and this job renders '{model}' (--model): one job per model"
+    assert b.ok and c.ok and b.request["model"] == c.request["model"] == model
