@@ -145,6 +145,17 @@ def remix_fields(source: dict[str, Any], given: Any) -> Any:
     return {**out, **given}
 
 
+def error_type(status: int) -> str:
+    """OpenAI's error `type` for a status (its `code` names the case: "queue_full", "not_found", ...)."""
+    return {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
+        status, "server_error" if status >= 500 else "invalid_request_error")  # fmt: skip
+
+
+def error_body(status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape, for every 4xx and 5xx (the openai SDK's exceptions take their message from it)."""
+    return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
+
+
 class ErrorInfo(BaseModel):
     code: str
     message: str

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import os
 import time
@@ -35,9 +36,10 @@ from fastapi.responses import (
     FileResponse, RedirectResponse, Response, StreamingResponse,
 )  # fmt: skip
 from fastapi.security import HTTPAuthorizationCredentials
+from starlette.datastructures import Headers
 
 from cluster import failures
-from cluster.api import ErrorInfo, ModelInfo, Video, VideoCreate, VideoList
+from cluster.api import ErrorInfo, ModelInfo, Video, VideoCreate, VideoList, error_body
 from cluster.config import AppConfig, pool_name, route
 from cluster.jobs import JobRecord, JobStore, new_job_id, valid_id
 from cluster.metrics import IngressMetrics
@@ -54,6 +56,32 @@ from pab.storage import (
 log = logging.getLogger("ray.serve")
 _PROBE_EVERY_S = 1.0  # /healthz probes a failing storage at most this often (it needs no key)
 _STORAGE_WAIT_MAX_S = 30.0  # longest pause between probes of a job waiting for storage
+
+
+class _FileResponse(FileResponse):
+    """Starlette's FileResponse (Range, If-Range, HEAD), with its own range errors in OpenAI's error shape: it
+    answers a malformed range (`bytes=abc`) with a plain-text 400 and one past the end with an empty 416."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        shaped: list[bytes] = []
+
+        async def send_shaped(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and message["status"] in (400, 416):
+                status = message["status"]
+                size = next((v.decode() for k, v in message.get("headers", []) if k == b"content-range"), "")
+                why = (f"the range starts past the end of the file ({size})" if status == 416
+                       else f"the Range header {Headers(scope=scope).get('range')!r} is not a byte range")
+                shaped.append(json.dumps(error_body(status, "range_not_satisfiable" if status == 416 else
+                                                    "invalid_range", why)).encode())  # fmt: skip
+                headers = [(k, v) for k, v in message.get("headers", []) if k not in (b"content-type",
+                                                                                      b"content-length")]
+                headers += [(b"content-type", b"application/json"), (b"content-length", str(len(shaped[0])).encode())]
+                message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body" and shaped:
+                message = {**message, "body": shaped[0], "more_body": False}
+            await send(message)
+
+        await super().__call__(scope, receive, send_shaped)
 
 
 def api_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> HTTPException:
@@ -432,8 +460,8 @@ class VideoAPI:
                 stat = await asyncio.to_thread(os.stat, path)
             except FileNotFoundError:
                 raise gone from None
-            return FileResponse(path, media_type=media_type, filename=filename,
-                                content_disposition_type="inline", stat_result=stat)
+            return _FileResponse(path, media_type=media_type, filename=filename,
+                                 content_disposition_type="inline", stat_result=stat)
         try:
             with storage_errors(self.cfg.storage, f"read {what}"):
                 size = await asyncio.to_thread(self.store.size, key)

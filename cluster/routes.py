@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.api import Video, VideoCreate, VideoDeleted, VideoList, form_fields, remix_fields
+from cluster.api import Video, VideoCreate, VideoDeleted, VideoList, error_body, form_fields, remix_fields
 from cluster.ingress import VideoAPI, api_error
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pab.request import deepest_first, field_path
@@ -31,17 +31,6 @@ from pab.storage import StorageUnavailable
 # The routes, stateless: each reads the VideoAPI of the app serving it (`build_api`).
 router = APIRouter()
 _bearer = HTTPBearer(auto_error=False)
-
-
-def _error_type(status: int) -> str:
-    """OpenAI's error `type` for a status (its `code` names the case: "queue_full", "not_found", ...)."""
-    return {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
-        status, "server_error" if status >= 500 else "invalid_request_error")  # fmt: skip
-
-
-def _error_body(status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
-    """OpenAI's error shape (the openai SDK's exceptions take their message from it)."""
-    return {"error": {"message": message, "type": _error_type(status), "param": param, "code": code}}
 
 
 def _svc(request: Request) -> VideoAPI:
@@ -349,7 +338,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     message = "; ".join(said) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "")
     param = _param(ranked[0]["loc"]) if ranked and ranked[0]["type"] != "json_invalid" else None
     # OpenAI's shape for its clients, plus FastAPI's `detail` list (every error, with its `loc`) for the others.
-    return JSONResponse({**_error_body(422, "invalid_request", message or "invalid request", param),
+    return JSONResponse({**error_body(422, "invalid_request", message or "invalid request", param),
                          "detail": errors}, status_code=422)  # fmt: skip
 
 
@@ -373,14 +362,14 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
     headers = dict(exc.headers or {})
     if exc.status_code == 409:  # a state a retry a moment later does not change; the openai SDK retries 409s
         headers.setdefault(NO_RETRY[0], NO_RETRY[1])
-    return JSONResponse(_error_body(exc.status_code, detail["code"], detail["message"]),
+    return JSONResponse(error_body(exc.status_code, detail["code"], detail["message"]),
                         status_code=exc.status_code, headers=headers)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     # A bug. Starlette logs the traceback after this answer; the client gets its type, not its text. Not retried:
     # the same request meets the same bug, and a create may have queued its video before failing.
-    return JSONResponse(_error_body(500, "internal_error", f"internal error ({type(exc).__name__}); the server's log "
+    return JSONResponse(error_body(500, "internal_error", f"internal error ({type(exc).__name__}); the server's log "
                                     "has the details"), status_code=500, headers=dict([NO_RETRY]))
 
 
@@ -388,7 +377,7 @@ async def _storage_error(request: Request, exc: StorageUnavailable) -> JSONRespo
     # The request was fine and the same one works once storage does: 503 with Retry-After, not a 500.
     cfg = getattr(getattr(request.app.state, "svc", None), "cfg", None)
     retry = getattr(cfg, "retry_after_s", 10)
-    return JSONResponse(_error_body(503, "storage_unavailable", str(exc)), status_code=503,
+    return JSONResponse(error_body(503, "storage_unavailable", str(exc)), status_code=503,
                         headers={"Retry-After": str(retry)})
 
 

@@ -60,6 +60,15 @@ def test_a_range_is_a_206_with_exactly_those_bytes(done, range_, start, end):
 def test_a_range_past_the_end_is_a_416_naming_the_size(done, range_):
     r = get(*done, range_)
     assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{SIZE}"
+    assert r.json()["error"]["code"] == "range_not_satisfiable" and f"*/{SIZE}" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("range_", ["bytes=abc", "items=0-1", "bytes=5-1"])
+def test_a_malformed_range_is_a_400_in_the_error_shape(done, range_):
+    """Starlette's own answer was plain text; every error of the API is in OpenAI's shape."""
+    r = get(*done, range_)
+    assert r.status_code == 400 and r.headers["content-type"] == "application/json", r.text
+    assert r.json()["error"]["code"] == "invalid_range" and range_ in r.json()["error"]["message"]
 
 
 def test_head_answers_like_get_without_the_body(done):
