@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.api import Video, VideoCreate, VideoDeleted, VideoList, error_body, form_fields, remix_fields
 from cluster.ingress import VideoAPI, api_error
+from cluster.jobs import valid_id
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pab.request import deepest_first, field_path
 from pab.storage import StorageUnavailable
@@ -204,6 +205,9 @@ async def list_videos(
     order: str = Query("desc", pattern="^(asc|desc)$"),
     svc: VideoAPI = Depends(_auth),
 ) -> VideoList:
+    if after is not None and not valid_id(after):  # a deleted video's id still pages on (ids sort by creation)
+        raise RequestValidationError([{"type": "value_error", "loc": ("query", "after"), "input": after,
+                                       "msg": "must be a video id (video_ and 25 hex digits), e.g. a page's last_id"}])
     return await svc.list(limit, after, order)
 
 

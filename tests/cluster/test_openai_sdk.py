@@ -605,3 +605,10 @@ def test_list_pages_through_every_video_once_both_ways(server, client):
     assert set(made) <= set(asc)
     page = client.videos.list(limit=2, after=made[1], order="asc")
     assert [v.id for v in page.data] == [made[2], made[3]] and page.has_more
+    # a deleted video's id still pages on from where it was; what is no video id at all is a 422 naming `after`
+    completed(client, made[1])
+    client.videos.delete(made[1])
+    assert [v.id for v in client.videos.list(limit=2, after=made[1], order="asc").data] == [made[2], made[3]]
+    with pytest.raises(openai.UnprocessableEntityError, match="after: must be a video id") as e:
+        client.videos.list(after="zzz")
+    assert e.value.body["param"] == "after"
