@@ -96,6 +96,12 @@ def threshold_for(make: Any, runs: list[list[float]], total: int, target: float)
     return hi, fraction(hi)
 
 
+def short_of_target(doc: dict[str, Any]) -> list[str]:
+    """The threshold presets of a calibration that reuse fewer steps than their target, at any threshold."""
+    return [name for name, got in sorted(doc["reuse_on_calibration"].items())
+            if not name.startswith("fixed-") and got < TARGETS[name.rsplit("-", 1)[1]]]  # fmt: skip
+
+
 def calibrate(pipeline, prompts: list[str], steps: int | None = None, seed: int = 0) -> dict[str, Any]:
     """Render `prompts` with `pipeline` and return the calibration document (see the module docstring)."""
     from pab.pipeline import GenerationRequest
@@ -247,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'preset':<16} {'threshold':>10} {'reused (replayed)':>18}")
     for name, cfg in sorted(doc["presets"].items()):
         print(f"{name:<16} {cfg['threshold']:>10.4g} {100 * doc['reuse_on_calibration'][name]:>17.1f}%")
+    for name in short_of_target(doc):
+        got, target = doc["reuse_on_calibration"][name], TARGETS[name.rsplit("-", 1)[1]]
+        print(f"pab calibrate: {name} reuses {100 * got:.0f}% of the steps, short of its {100 * target:.0f}% "
+              "target, even at the largest threshold tried: at "
+              f"{doc['steps']} steps its warm-up and run of skips leave no more; calibrate with more --steps",
+              file=sys.stderr)  # fmt: skip
     print(f"wrote {out} and {png}")
     return 0
 

@@ -49,6 +49,16 @@ def test_an_output_folder_that_is_missing_is_refused_before_the_measurement(tmp_
         assert f"{tmp_path / 'no'} is not a folder" in capsys.readouterr().err
 
 
+def test_presets_short_of_their_target_are_named():
+    """With few steps a policy's warm-up leaves too few to reuse: the preset ends at the search's cap, and
+    `pab calibrate` says which ones instead of shipping them silently."""
+    from pab.calibrate import short_of_target
+
+    doc = {"reuse_on_calibration": {"teacache-fast": 0.667, "teacache-slow": 0.42, "magcache-fast": 0.7,
+                                    "fixed-fast": 0.1}}  # fmt: skip
+    assert short_of_target(doc) == ["teacache-fast"]
+
+
 def test_the_recorder_measures_the_residual_the_model_computes():
     pipe = Pipeline.from_name("latte-1-tiny", device="cpu")
     rec = Recorder()
