@@ -42,6 +42,35 @@ ProgressCallback = Callable[[int, int], None]
 CancelCallback = Callable[[], bool]
 
 
+# Each render encodes into a scratch folder named after its process; one whose process is gone (a worker killed
+# mid-render: no cleanup runs) holds a partial mp4, and a loading worker removes it.
+_SCRATCH = "pab-video-"
+
+
+def sweep_scratch(root: str | None = None) -> list[str]:
+    """Remove the scratch folders of renders whose process has died; returns what was removed."""
+    import shutil
+
+    removed = []
+    for path in Path(root or tempfile.gettempdir()).glob(f"{_SCRATCH}*-*"):
+        pid = path.name[len(_SCRATCH):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(str(path))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive, and not ours to sweep
+        return True
+    return True
+
+
 class WorkerError(RuntimeError):
     """The worker is not in a state to do what was asked (not loaded, busy, ...)."""
 
@@ -191,6 +220,7 @@ class GenerationWorker:
         if self.engine is not None:
             return self.load_info
         t0 = time.perf_counter()
+        sweep_scratch()
         from pab.checkpoint import fetch_s3  # here: importing the worker must not import torch
 
         # S3 sources are downloaded here, once per machine; folders and Hugging Face ids go to the pipeline.
@@ -308,7 +338,7 @@ class GenerationWorker:
             return cancelled
 
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="pab-video-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"{_SCRATCH}{os.getpid()}-") as tmp:
             path = Path(tmp) / "video.mp4"
             writer, streaming = None, {}
             if self.rank == 0 and getattr(self.engine, "streams_frames", False):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import multiprocessing as mp
+import os
 import socket
 import uuid
 
@@ -196,3 +197,23 @@ def test_rank0_encodes_the_frames_while_they_are_decoded(monkeypatch):
     res = w.generate({"prompt": "a red fox", "seed": 3, "steps": 2, "num_frames": 17, "height": 32, "width": 32})
     assert sum(writes) == 17 and len(writes) > 1  # the spatial VAE's micro-batches, each encoded as it came
     assert decode(res["mp4"]).shape == (17, 32, 32, 3)
+
+
+def test_a_killed_renders_scratch_folder_is_swept_by_the_next_worker(tmp_path):
+    """A worker killed mid-render leaves its scratch folder (a partial mp4) behind; a loading worker removes the
+    folders of dead processes, and keeps a live one's."""
+    import subprocess
+    import sys
+
+    from actors.worker import sweep_scratch
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / f"pab-video-{gone.pid}-abc123"
+    live = tmp_path / f"pab-video-{os.getpid()}-def456"
+    other = tmp_path / "pab-video-xyz789"  # not ours to judge: no pid in its name
+    for d in (dead, live, other):
+        d.mkdir()
+        (d / "video.mp4").write_bytes(b"partial")
+    assert sweep_scratch(str(tmp_path)) == [str(dead)]
+    assert not dead.exists() and live.exists() and other.exists()
