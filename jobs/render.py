@@ -381,16 +381,15 @@ class BulkRender:
         work: queue.Queue[tuple[RowPlan, int]] = queue.Queue()
         for plan in todo:
             work.put((plan, 1))
-        threads = [
-            threading.Thread(target=self._group_loop, args=(i, work), name=f"group-{i}", daemon=True)
-            for i in range(self.args.groups)
-        ]
-        for t in threads:
-            t.start()
-        # Wait until every row has a result, or every group gave up. A group still waiting for GPUs
-        # when the others have finished the work is not waited for (the job ends, Ray cleans it up).
-        next_line = time.monotonic() + self.args.progress_every
-        try:
+        threads: list[threading.Thread] = []
+        try:  # from the first group's start: a Ctrl-C may come as soon as one renders
+            for i in range(self.args.groups):
+                threads.append(threading.Thread(target=self._group_loop, args=(i, work), name=f"group-{i}",
+                                                daemon=True))  # fmt: skip
+                threads[-1].start()
+            # Wait until every row has a result, or every group gave up. A group still waiting for GPUs
+            # when the others have finished the work is not waited for (the job ends, Ray cleans it up).
+            next_line = time.monotonic() + self.args.progress_every
             while not self._all_done.wait(timeout=0.5) and any(t.is_alive() for t in threads):
                 if time.monotonic() >= next_line:
                     log.info(self.progress.line())
