@@ -71,6 +71,11 @@ def _run_generate(rank: int, world: int, args: argparse.Namespace) -> dict | Non
     """Runs in each process of the group (or alone); rank 0 returns the sidecar."""
     import torch
 
+    if args.quiet:  # transformers draws its own bar while the text encoder's weights load
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
     from pab.pipeline import GenerationRequest, Pipeline
 
     parallel = None
@@ -157,6 +162,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--sp must be >= 1, got {args.sp}")
     if args.cfg_parallel and args.sp % 2:
         raise UsageError("--cfg-parallel needs an even number of processes (--sp 2, 4, ...)")
+    _check_device(args.device, args.sp)
     out = Path(args.output)
     if out.suffix.lower() != ".mp4":
         raise UsageError(f"--output must end in .mp4, got {args.output}")
@@ -201,6 +207,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_device(device: str | None, processes: int) -> None:
+    """A CUDA device that this machine has (a traceback from deep in the model otherwise)."""
+    if not device or not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise UsageError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__} sees none); "
+                         "use --device cpu, or leave --device out")
+    if processes > count:
+        raise UsageError(f"--device {device} --sp {processes}: a process per GPU, and this machine has {count}")
+
+
 def _validate_request_early(args: argparse.Namespace) -> None:
     """Cheap checks with the model's rules, without building the model."""
     from pab.caching import load_calibration, resolve_cache
@@ -234,8 +254,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         return "random" if size == "tiny" else "--checkpoint"
 
     def presets(name: str) -> str:
-        """off, paper, and the step-reuse presets calibrated beside the weights here (shipped for -small)."""
+        """off, paper, and the step-reuse presets `--cache` takes: TeaCache's published ones for a full size, those
+        calibrated beside the weights here (shipped for -small)."""
         from pab.caching import load_calibration
+        from pab.caching import presets as step_presets
         from pab.checkpoint import resolve_sources
 
         try:
@@ -243,7 +265,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             calibration = load_calibration(sources.calibration if sources else None)
         except ValueError:  # no weights here, or a calibration file that cannot be read
             calibration = None
-        return ", ".join(["off", "paper", *sorted((calibration or {}).get("presets", {}))])
+        return ", ".join(["off", "paper", *sorted(step_presets(name, calibration))])
 
     rows: list[dict[str, Any]] = []
     for name, spec in MODEL_SPECS.items():

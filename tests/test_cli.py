@@ -109,6 +109,23 @@ def test_bad_input_is_a_clear_error_with_no_output(tmp_path: Path, capsys, args,
     assert not out.exists() and not out.with_suffix(".json").exists()
 
 
+def test_a_cuda_device_this_machine_lacks_is_one_line(tmp_path: Path, capsys, monkeypatch):
+    """--device cuda where torch sees no GPU (or fewer than --sp asks for): exit 2 and one line, not the model's
+    traceback from deep inside its first .to()."""
+    import torch
+
+    out = tmp_path / "x.mp4"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["generate", "--prompt", "p", "--device", "cuda", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: this machine has no CUDA device" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["generate", "--prompt", "p", "--device", "cuda", "--sp", "2", "--output", str(out)]) == 2
+    assert "--sp 2: a process per GPU, and this machine has 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_unwritable_output_and_missing_checkpoint(tmp_path: Path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -137,7 +154,8 @@ def test_models_lists_models_sizes_and_presets(capsys):
     assert data["latte-1"]["weights"] == "--checkpoint"
     # a -small model's calibrated step-reuse presets ship beside its weights: listed, as --cache takes them
     assert "teacache-fast" in data["opensora-v1.2-small"]["presets"].split(", ")
-    assert data["latte-1"]["presets"] == "off, paper"  # no weights here, so no calibration
+    assert data["latte-1"]["presets"] == "off, paper, teacache-fast, teacache-slow"  # TeaCache's published ones
+    assert data["latte-1-tiny"]["presets"] == "off, paper"
 
 
 def test_generate_with_sp2_makes_the_same_video_as_one_process(tmp_path: Path):
