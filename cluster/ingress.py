@@ -110,7 +110,8 @@ class VideoAPI:
         if self.auth_required and not self._keys:
             raise ValueError("auth is on but no API key is configured (PAB_API_KEYS or api_keys)")
         if not self.auth_required:
-            log.warning("pab ingress: no API keys configured, the API is open (set PAB_API_KEYS, or pab serve --api-key)")
+            log.warning("pab ingress: no API keys configured, the API is open (set PAB_API_KEYS, or pab serve "
+                        "--api-key)")
         self.owner = f"ingress:{uuid.uuid4().hex[:8]}"
         self._active: dict[str, asyncio.Task] = {}  # jobs this replica drives
         self._reserved = 0  # accepted requests whose job is being written, not yet in _active
