@@ -220,3 +220,6 @@ class ModelInfo(BaseModel):
     owned_by: str = "pab-cluster"
     defaults: dict[str, Any]
     groups: list[dict[str, Any]]
+    cache_presets: list[str] = Field(default_factory=lambda: ["off", "paper"],
+                                     description="the names `cache` takes for this model: off, paper (PAB) and the "
+                                     "step-reuse presets of its weights")  # fmt: skip

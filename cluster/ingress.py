@@ -482,12 +482,19 @@ class VideoAPI:
 
     def models(self) -> dict[str, Any]:
         from actors.engine import model_defaults
+        from pab.caching import presets
 
         data = []
         for m in self.cfg.models:
             groups = [{"gpus": p.gpus, "min_groups": p.min_groups, "max_groups": p.max_groups,
                        "max_workload": p.max_workload, "deployment": pool_name(m.name, p.gpus)} for p in m.groups]
-            data.append(ModelInfo(id=m.name, defaults=model_defaults(m.name), groups=groups).model_dump())
+            try:  # presets beside weights this machine cannot read are the groups' to judge: not listed here
+                calibration = self._calibration(m.name)[0]
+            except HTTPException:
+                calibration = None
+            names = ["off", "paper", *sorted(presets(m.name, calibration))]
+            data.append(ModelInfo(id=m.name, defaults=model_defaults(m.name), groups=groups,
+                                  cache_presets=names).model_dump())  # fmt: skip
         return {"object": "list", "data": data}
 
     # ------------------------------------------------------------------ driving jobs

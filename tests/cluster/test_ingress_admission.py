@@ -115,6 +115,10 @@ def test_a_calibrated_model_takes_its_presets_by_name(tmp_path):
         # the same unknown name under the older field: the 422 names the field the body used
         r = client.post("/v1/videos", json={"prompt": "a fox", "pab": "magcache-fastest"})
         assert r.status_code == 422 and r.json()["error"]["param"] == "pab", r.text
+        # GET /v1/models names them (the playground's cache menu lists them)
+        [info] = client.get("/v1/models").json()["data"]
+        assert info["cache_presets"] == ["off", "paper", "fixed-fast", "fixed-slow", "magcache-fast", "magcache-slow",
+                                         "teacache-fast", "teacache-slow"]  # fmt: skip
 
 
 FIXED = {"policy": "fixed", "reuse": [5], "reuse_of": 3}  # a reused step outside its schedule

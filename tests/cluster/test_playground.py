@@ -50,6 +50,9 @@ def test_a_prompt_renders_and_plays_in_the_page(server, browser):  # noqa: F811
     browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
     wait_for(lambda: browser.execute_script("return [...document.querySelectorAll('#model option')].map(o => o.value)")
            == [MODEL], 20, "the model list (the key works)")  # fmt: skip
+    # the cache menu is the chosen model's (GET /v1/models' cache_presets), `paper` chosen
+    assert browser.execute_script("const s = document.querySelector('#pab'); return [[...s.options].map(o => "
+                                  "o.value), s.value]") == [["off", "paper"], "paper"]  # fmt: skip
     prompt = browser.find_element(By.ID, "prompt")
     prompt.clear()
     prompt.send_keys("a paced fox in the playground")
