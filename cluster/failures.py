@@ -17,6 +17,11 @@ from pab.storage import StorageUnavailable
 
 E = TypeVar("E", bound=BaseException)
 
+
+class NothingRendered(StorageUnavailable):
+    """Storage failed before the group started rendering (reading or claiming the job): no video was lost, so
+    the job waits for storage without counting an attempt lost to it."""
+
 # The failures the ingress knows, in the order they are looked for: a cause nearer the origin names it best.
 KNOWN: tuple[type[BaseException], ...] = (
     StorageUnavailable, GroupUnavailable, GroupFailed, ActorDiedError, ActorUnavailableError, RayActorError,
@@ -44,6 +49,11 @@ def cause_of(e: BaseException, kind: type[E]) -> E | None:
 def storage_cause(e: BaseException) -> StorageUnavailable | None:
     """The StorageUnavailable a group raised (its video or record could not be stored), or None."""
     return cause_of(e, StorageUnavailable)
+
+
+def nothing_rendered(e: BaseException) -> bool:
+    """Whether storage failed before the group started rendering (`NothingRendered`): nothing to count as lost."""
+    return cause_of(e, NothingRendered) is not None
 
 
 def refused(e: BaseException) -> bool:

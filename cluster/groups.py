@@ -28,8 +28,9 @@ from actors.group import GenerationCancelled, GenerationError, GpuGroup, GroupUn
 from actors.worker import VideoOutput
 from cluster.api import ErrorInfo
 from cluster.config import AppConfig, ModelConfig, PoolConfig
-from cluster.jobs import JobStore
-from pab.storage import storage_from_config
+from cluster.failures import NothingRendered
+from cluster.jobs import JobRecord, JobStore
+from pab.storage import StorageUnavailable, storage_from_config
 
 log = logging.getLogger("ray.serve")
 
@@ -101,6 +102,17 @@ class VideoGroup:
             raise
 
     def _run(self, job_id: str, dispatch: int, cancel: threading.Event | None = None) -> dict[str, Any]:
+        try:
+            claimed = self._claim(job_id, dispatch)
+        except StorageUnavailable as e:  # before any rendering: nothing of the video is lost
+            raise NothingRendered(str(e)) from e
+        if not isinstance(claimed, JobRecord):
+            return claimed
+        return self._render(claimed, cancel)
+
+    def _claim(self, job_id: str, dispatch: int) -> JobRecord | dict[str, Any]:
+        """The job's record, marked in progress and leased to this group; or what the call answers instead (a
+        skipped stale dispatch, a job cancelled before it started)."""
         rec = self.jobs.get(job_id)
         if rec.terminal:
             return {"skipped": f"job is {rec.status}"}
@@ -116,7 +128,10 @@ class VideoGroup:
                      "namespace": self.group.info.get("namespace")}
         self.jobs.save(rec)
         self.jobs.touch(job_id, owner)
+        return rec
 
+    def _render(self, rec: JobRecord, cancel: threading.Event | None) -> dict[str, Any]:
+        job_id, owner = rec.id, f"group:{self.group.name}"
         stop = threading.Event()
         cancel = cancel if cancel is not None else threading.Event()
 

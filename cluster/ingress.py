@@ -555,6 +555,8 @@ class VideoAPI:
             if failure is None:
                 return True  # the group wrote the outcome (or skipped a stale dispatch)
             lost = failures.storage_cause(failure)
+            if lost is not None and failures.nothing_rendered(failure):
+                return await self._storage_before_render(rec, lost)
             if lost is not None:
                 return await self._store_failed(rec, lost)
             reason = failures.describe(failure)
@@ -597,6 +599,16 @@ class VideoAPI:
             if self._calls.get(rec.id) is call:
                 del self._calls[rec.id]
         return None
+
+    async def _storage_before_render(self, rec: JobRecord, err: StorageUnavailable) -> bool:
+        """The group could not read or claim the job in storage: it rendered nothing, so no attempt is counted
+        lost (a job queued behind an outage would otherwise fail for storage without ever rendering). Show why,
+        and dispatch it again once storage takes writes."""
+        self.jobs.failed(err)
+        log.warning("job %s: storage failed before its render started: %s", rec.id, err)
+        self._hold(rec, f"{err} Nothing of this video was rendered yet; it starts once storage takes writes again.")
+        await self._wait_for_storage()
+        return False
 
     async def _store_failed(self, rec: JobRecord, err: StorageUnavailable) -> bool:
         """The group could not store this attempt's video (or its record), so the render is lost. Show why,

@@ -317,6 +317,32 @@ def test_a_delete_storage_refuses_still_cancels_and_is_saved_once_storage_is_bac
     assert client.post(f"/v1/videos/{job['id']}/cancel").status_code == 409  # already cancelled, for good
 
 
+def test_storage_failing_before_a_render_starts_costs_no_attempt(service, monkeypatch):
+    """A job the group cannot claim (its record unreadable or unsaved: an outage that starts while the call waits
+    for a group) rendered nothing. Refused as often as `max_storage_failures` (3), it still completes: no loss is
+    counted, where each such refusal used to count as a lost render and the job failed without ever rendering."""
+    client, svc, engine, folder = service
+    engine.gate.set()
+    [pool] = svc.pools.values()
+    jobs, refusals = pool.group.jobs, []
+    touch = jobs.touch
+
+    def refusing_touch(job_id, owner):
+        if len(refusals) < 3:
+            refusals.append(job_id)
+            raise ingress.StorageUnavailable(f"storage unavailable: could not lease {job_id} (injected)")
+        return touch(job_id, owner)
+
+    monkeypatch.setattr(jobs, "touch", refusing_touch)
+    job = client.post("/v1/videos", json=BODY).json()
+    final = wait_for(lambda: (lambda v: v if v["status"] in ("completed", "failed") else None)(get(client, job["id"])),
+                     what="the job to finish")  # fmt: skip
+    assert final["status"] == "completed", final
+    stored = svc.jobs.get(job["id"])
+    assert len(refusals) == 3 and stored.storage_failures == 0 and stored.attempts == 0 and stored.dispatch == 4
+    assert engine.finished == 1
+
+
 def test_storage_that_keeps_refusing_the_video_fails_the_job_with_the_reason(service, monkeypatch):
     """Small writes work (the probe passes) but every video hits a full disk: the job fails, it does not loop."""
     client, svc, engine, folder = service
