@@ -123,7 +123,7 @@ class VideoGroup:
         if self.jobs.cancel_requested(job_id):
             return self._finish(rec, "cancelled")
         owner = f"group:{self.group.name}"
-        rec.status, rec.started_at = "in_progress", time.time()
+        rec.status, rec.started_at, rec.error = "in_progress", time.time(), None  # a retry's reason is history now
         rec.group = {"name": self.group.name, "replica": self.replica, "gpus": self.group.size,
                      "namespace": self.group.info.get("namespace")}
         self.jobs.save(rec)

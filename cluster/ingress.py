@@ -546,7 +546,9 @@ class VideoAPI:
                 await self._save_final(rec)
                 return True
             rec.dispatch += 1
-            rec.status, rec.progress, rec.step, rec.error = "queued", 0, 0, None
+            rec.status, rec.progress, rec.step = "queued", 0, 0
+            if rec.error is None or rec.error.code != "retrying":  # why it waits again stays until a group starts it
+                rec.error = None
             await asyncio.to_thread(self.jobs.save, rec)
             self._held.pop(job_id, None)  # storage has the job again: GET reads it there
             self._seen[job_id] = rec.model_copy(deep=True)
@@ -575,6 +577,10 @@ class VideoAPI:
                                       message=f"failed on {rec.attempts} GPU group(s); last error: {reason}")
                 await self._save_final(rec)
                 return True
+            # Queued again, for the seconds a new group may take: the video says why (the group clears it as it
+            # starts the render).
+            rec.error = ErrorInfo(code="retrying", message=f"attempt {rec.attempts} of {rec.max_attempts} failed "
+                                  f"({reason}); it renders again on another group")  # fmt: skip
             await asyncio.to_thread(self.jobs.save, rec)
             await asyncio.sleep(self.cfg.retry_backoff_s)
             return False

@@ -343,6 +343,33 @@ def test_storage_failing_before_a_render_starts_costs_no_attempt(service, monkey
     assert engine.finished == 1
 
 
+def test_a_video_queued_again_after_its_group_died_says_why_until_a_group_starts_it(service, monkeypatch):
+    """A rank died mid-video: while the job waits for the next group (a replacement takes tens of seconds) the
+    queued video says why, and the reason goes once a group starts it again."""
+    client, svc, engine, folder = service
+    engine.gate.set()
+    [pool] = svc.pools.values()
+    group = pool.group.group
+    generate = group.generate
+
+    def dies_once(*args, **kwargs):
+        monkeypatch.setattr(group, "generate", generate)
+        group.broken = "its rank is being replaced (injected)"  # the next calls are refused until it is back
+        raise GroupFailed("rank 0 died during a generation (injected)")
+
+    monkeypatch.setattr(group, "generate", dies_once)
+    job = client.post("/v1/videos", json=BODY).json()
+    seen = wait_for(lambda: (lambda v: v if v["attempts"] == 1 else None)(get(client, job["id"])), what="the retry")
+    time.sleep(0.3)  # a few refused dispatches later
+    seen = get(client, job["id"])
+    assert seen["status"] == "queued" and seen["error"]["code"] == "retrying", seen
+    assert "attempt 1 of 3 failed" in seen["error"]["message"] and "rank 0 died" in seen["error"]["message"]
+    group.broken = None
+    final = wait_for(lambda: (lambda v: v if v["status"] == "completed" else None)(get(client, job["id"])),
+                     what="the render on the group back")  # fmt: skip
+    assert final["error"] is None and final["attempts"] == 1
+
+
 def test_storage_that_keeps_refusing_the_video_fails_the_job_with_the_reason(service, monkeypatch):
     """Small writes work (the probe passes) but every video hits a full disk: the job fails, it does not loop."""
     client, svc, engine, folder = service
