@@ -482,7 +482,7 @@ class VideoAPI:
 
     def models(self) -> dict[str, Any]:
         from actors.engine import model_defaults
-        from pab.caching import presets
+        from pab.caching import cache_names
 
         data = []
         for m in self.cfg.models:
@@ -492,9 +492,8 @@ class VideoAPI:
                 calibration = self._calibration(m.name)[0]
             except HTTPException:
                 calibration = None
-            names = ["off", "paper", *sorted(presets(m.name, calibration))]
             data.append(ModelInfo(id=m.name, defaults=model_defaults(m.name), groups=groups,
-                                  cache_presets=names).model_dump())  # fmt: skip
+                                  cache_presets=cache_names(m.name, calibration)).model_dump())  # fmt: skip
         return {"object": "list", "data": data}
 
     # ------------------------------------------------------------------ driving jobs

@@ -59,6 +59,11 @@ def presets(model: str, calibration: Mapping[str, Any] | None) -> dict[str, dict
     return {**named, **((calibration or {}).get("presets") or {})}
 
 
+def cache_names(model: str, calibration: Mapping[str, Any] | None) -> list[str]:
+    """Every name `resolve_cache` takes for `model`: off, paper, then its step-reuse `presets` in order."""
+    return ["off", "paper", *sorted(presets(model, calibration))]
+
+
 def resolve_cache(
     model: str, spec: str | Mapping[str, Any] | PABConfig | None, calibration: Mapping[str, Any] | None = None
 ) -> CachePolicy:
@@ -86,6 +91,6 @@ def resolve_cache(
                              f"weights beside it, or a file of one policy: {sorted(doc['presets'])}")  # fmt: skip
         policy = resolve_cache(model, doc, calibration)
         return CachePolicy(path.stem, policy.pab, policy.step)
-    names = ["off", "paper", *sorted(named)]
+    names = cache_names(model, calibration)
     hint = "" if named else f" ({model} has no step-reuse calibration: `pab calibrate --model {model}` makes one)"
     raise ValueError(f"unknown cache {spec!r}; use one of {names}, or a .json file of PAB rules or a policy{hint}")

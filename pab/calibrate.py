@@ -22,9 +22,9 @@ so `--cache teacache-slow` then works for that model; a PNG shows what was measu
 from __future__ import annotations
 
 import argparse
-import os
 import datetime
 import json
+import os
 import re
 import sys
 from pathlib import Path

@@ -256,8 +256,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     def presets(name: str) -> str:
         """off, paper, and the step-reuse presets `--cache` takes: TeaCache's published ones for a full size, those
         calibrated beside the weights here (shipped for -small)."""
-        from pab.caching import load_calibration
-        from pab.caching import presets as step_presets
+        from pab.caching import cache_names, load_calibration
         from pab.checkpoint import resolve_sources
 
         try:
@@ -265,7 +264,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             calibration = load_calibration(sources.calibration if sources else None)
         except ValueError:  # no weights here, or a calibration file that cannot be read
             calibration = None
-        return ", ".join(["off", "paper", *sorted(step_presets(name, calibration))])
+        return ", ".join(cache_names(name, calibration))
 
     rows: list[dict[str, Any]] = []
     for name, spec in MODEL_SPECS.items():
