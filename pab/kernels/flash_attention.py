@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pab.kernels import no_grad_needed
+from pab.kernels import fp8, no_grad_needed
 
 try:
     import triton
@@ -70,6 +70,7 @@ def head_split(head_dim: int) -> tuple[int, int, int]:
 def flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None = None,
     config: tuple[int, int, int, int, str] | None = None, out_layout: str = "nhld", scale: float | None = None,
+    delayed: fp8.DelayedScale | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """softmax(q k^T * scale) v for (N, H, L, D) q and (N, H, LK, D) k, v of any strides with a unit last one.
 
@@ -78,7 +79,10 @@ def flash_attention(
     scale defaults to 1/sqrt(D). Returns (N, H, L, D) contiguous, or (N, L, H, D) with out_layout="nlhd".
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages, loads), default `CONFIG`. BLOCK_M, BLOCK_N: powers of two >= 16
     (query rows per program, keys per step). loads: "pointer" (any strides with a unit last one) or "tma" (tensor
-    descriptors; they need 16-byte aligned tensors and strides)."""
+    descriptors; they need 16-byte aligned tensors and strides).
+    delayed: the output feeds an fp8 projection (pointer loads): its amax is recorded and, after a request's first
+    call, its e4m3 rows are attached to it (`pab.kernels.fp8.DelayedScale`, `delayed_reference` in PyTorch); with
+    `delayed.only` they alone are written."""
     block_m, block_n, num_warps, num_stages, loads = config or CONFIG
     if triton is None:
         raise RuntimeError("flash_attention needs the triton package")
@@ -132,18 +136,39 @@ def flash_attention(
         kernel, extra = _flash_tma_kernel, {}
     grid = (triton.cdiv(L, block_m) * N * H,)
     qk_scale, strides = scale * 1.4426950408889634, [s // unit for s in strides]
+    if delayed is not None and (loads != "pointer" or out_layout != "nlhd"):
+        raise ValueError("an fp8 output (delayed) is the (N, L, H, D) input of a projection: loads='pointer', "
+                         "out_layout='nlhd'")
     if loads == "pointer":  # with the keys' count and the key mask (q stands in for none)
         mask = q if key_mask is None else key_mask.view(torch.uint8)
         mask_strides = [0, 0] if key_mask is None else list(key_mask.stride())
         args = [q, k, v, o, mask, L, LK, qk_scale, *strides, *mask_strides]
         extra = {"HAS_MASK": key_mask is not None}
+        fp8_args = _delayed_args(delayed, out, o, extra)
+        args += fp8_args
     else:
         args = [q, k, v, o, L, qk_scale, *strides]
     kernel[grid](
         *args, H=H, D0=d0, D1=d1, D1P=max(d1p, 16), UNIT=unit, BLOCK_M=block_m, BLOCK_N=block_n,
         IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages, **extra,
     )  # fmt: skip
+    if delayed is not None and delayed.e4m3:
+        q8, row_scales = fp8_args[:2]
+        fp8.attach(out, q8, row_scales.view(-1, 1), written=not delayed.only)
     return out
+
+
+def _delayed_args(delayed: fp8.DelayedScale | None, out: torch.Tensor, o: torch.Tensor, flags: dict) -> list:
+    """The pointer kernel's fp8-output arguments (Out8, RowScale, Amax, read, write, margin, rows) and flags."""
+    if delayed is None:
+        return [o, o, o, 0, 0, 1.0, 0]  # stand-ins, never read
+    flags.update(RECORD=True, E4M3=delayed.e4m3, OUT=not (delayed.e4m3 and delayed.only))
+    if not delayed.e4m3:
+        return [o, o, delayed.amax, 0, delayed.write, 1.0, 0]
+    rows = out.numel() // (out.shape[-1] * out.shape[-2])  # tokens: rows of the (tokens, H·D) projection input
+    q8 = torch.empty_like(out, dtype=fp8.E4M3)  # (N, L, H, D): the kernel writes it through o's (N, H, L, D) strides
+    return [q8, torch.empty(rows, device=out.device, dtype=torch.float32), delayed.amax, delayed.read,
+            delayed.write, fp8.DELAYED_MARGIN, rows]
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> bool:
@@ -173,16 +198,20 @@ def cross_config(keys: int) -> tuple[int, int, int, int, str]:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa", key_mask: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa", key_mask: torch.Tensor | None = None,
+    delayed: fp8.DelayedScale | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """softmax(q k^T / sqrt(D)) v of (N, H, L, D) q and (N, H, LK, D) k, v with an optional (N, LK) bool key
     keep-mask, returned (N, L, H, D) (what an output projection reads): `flash_attention` when impl is "triton"
-    and it is `supported` here, else SDPA (KernelOptions.spatial_attention, .cross_attention)."""
-    if impl == "triton" and supported(q, k, v, key_mask):
+    and it is `supported` here, else SDPA (KernelOptions.spatial_attention, .cross_attention). With `delayed`
+    (an fp8 output projection, `pab.kernels.fp8.fp8_output`) `flash_attention` wherever it is supported, since
+    only it writes e4m3; elsewhere SDPA and the same arithmetic in PyTorch."""
+    if (impl == "triton" or delayed is not None) and supported(q, k, v, key_mask):
         config = CONFIG if k.shape == q.shape and key_mask is None else cross_config(k.shape[2])
-        return flash_attention(q, k, v, key_mask=key_mask, config=config, out_layout="nlhd")
+        return flash_attention(q, k, v, key_mask=key_mask, config=config, out_layout="nlhd", delayed=delayed)
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+    return out if delayed is None else fp8.delayed_reference(out, delayed, width=q.shape[1] * q.shape[3])
 
 
 def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -190,6 +219,7 @@ def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
 
 
 if triton is not None:
+    from pab.kernels.fp8 import delayed_scales, record_amax, to_e4m3  # jit functions the kernels call: globals here
 
     @triton.jit
     def _dot(a, b, acc, IEEE: tl.constexpr):
@@ -292,16 +322,20 @@ if triton is not None:
     def _flash_pointer_kernel(
         Q, K, V, Out, Mask, L, LK, qk_scale,
         sqn, sqh, sql, skn, skh, skl, svn, svh, svl, son, soh, sol, smn, smk,
+        Out8, RowScale, Amax, amax_read, amax_write, margin, rows_total,
         H: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1P: tl.constexpr, UNIT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+        OUT: tl.constexpr = True, RECORD: tl.constexpr = False, E4M3: tl.constexpr = False,
     ):  # fmt: skip
         """Pointer loads (cp.async when pipelined). L queries against LK keys, a key keep-mask (N, LK) at Mask when
-        HAS_MASK. Strides of q, k, v and the output are in units of UNIT elements, the mask's in elements."""
+        HAS_MASK. Strides of q, k, v and the output are in units of UNIT elements, the mask's in elements.
+        For an fp8 output projection (`pab.kernels.fp8.DelayedScale`): RECORD takes the output's amax into slot
+        amax_write of Amax; E4M3 writes the output in e4m3 to Out8 (Out's strides) scaled by slot amax_read, and
+        the first rows_total entries of RowScale (one a row, every one the same); OUT writes Out itself."""
         n, h, start_m = _program(L, H, BLOCK_M)
         q_base = Q + (n * sqn + h * sqh) * UNIT
         k_base = K + (n * skn + h * skh) * UNIT
         v_base = V + (n * svn + h * svh) * UNIT
-        o_base = Out + (n * son + h * soh) * UNIT
         mask_base = Mask + n * smn
 
         rows = start_m + tl.arange(0, BLOCK_M)
@@ -332,10 +366,28 @@ if triton is not None:
             )  # fmt: skip
 
         inv = 1.0 / l_i[:, None]
-        o_rows = o_base + (rows * sol * UNIT)[:, None]
-        tl.store(o_rows + c0, (acc0 * inv).to(Out.dtype.element_ty), mask=row_ok)
-        if D1 > 0:
-            tl.store(o_rows + c1, (acc1 * inv).to(Out.dtype.element_ty), mask=row_ok & tail_ok)
+        # rounded to the output's dtype first: the e4m3 rows and amax are those of the values written (or that would
+        # be), as `pab.kernels.fp8.delayed_reference` computes them from the output
+        o0 = (acc0 * inv).to(Out.dtype.element_ty).to(tl.float32)
+        o1 = (acc1 * inv).to(Out.dtype.element_ty).to(tl.float32)
+        o_off = (n * son + h * soh) * UNIT + (rows * sol * UNIT)[:, None]
+        if OUT:
+            tl.store(Out + o_off + c0, o0.to(Out.dtype.element_ty), mask=row_ok)
+            if D1 > 0:
+                tl.store(Out + o_off + c1, o1.to(Out.dtype.element_ty), mask=row_ok & tail_ok)
+        if RECORD:  # padded query rows hold the mean of v: not part of the output
+            top = tl.max(tl.max(tl.where(row_ok, tl.abs(o0), 0.0), 1), 0)
+            if D1 > 0:
+                top = tl.maximum(top, tl.max(tl.max(tl.where(row_ok & tail_ok, tl.abs(o1), 0.0), 1), 0))
+            record_amax(Amax, amax_read, amax_write, top, E4M3)
+        if E4M3:
+            r, row_scale = delayed_scales(Amax, amax_read, margin)
+            tl.store(Out8 + o_off + c0, to_e4m3(o0, r), mask=row_ok)
+            if D1 > 0:
+                tl.store(Out8 + o_off + c1, to_e4m3(o1, r), mask=row_ok & tail_ok)
+            scale_rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # the grid has more programs than
+            tl.store(RowScale + scale_rows, tl.zeros((BLOCK_M,), tl.float32) + row_scale,  # rows / BLOCK_M
+                     mask=scale_rows < rows_total)
 
     @triton.jit
     def _flash_tma_kernel(

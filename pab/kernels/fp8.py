@@ -15,6 +15,7 @@ path, and what the kernel is tested against.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -130,6 +131,21 @@ if triton is not None:
         return 448.0 / amax, amax / 448.0
 
     @triton.jit
+    def delayed_scales(amax_ptr, read, margin):
+        """(448 / top, top / 448) with top = margin x slot `read` of a `DelayedScale`'s amax: the multiplier
+        `to_e4m3` takes and the scale stored for every row (`quantize_delayed`)."""
+        top = tl.maximum(tl.load(amax_ptr + read) * margin, 1e-12)  # _TINY
+        return 448.0 / top, top / 448.0
+
+    @triton.jit
+    def record_amax(amax_ptr, read, write, block_amax, E4M3: tl.constexpr):
+        """Slot `write` of a `DelayedScale`'s amax takes max(it, this block's largest |value|, slot `read` when a
+        scale was read): one atomic a program."""
+        if E4M3:
+            block_amax = tl.maximum(block_amax, tl.load(amax_ptr + read))
+        tl.atomic_max(amax_ptr + write, block_amax)
+
+    @triton.jit
     def _activation(x_ptr, b_ptr, cols, keep, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, FAST_TANH: tl.constexpr):
         """float32 values of one tile of a row (+ bias, GELU); 0 where not `keep`."""
         x = tl.load(x_ptr + cols, mask=keep, other=0.0).to(tl.float32)
@@ -220,6 +236,71 @@ def fp8_input(consumer: object, *carriers: object) -> str | None:
     return mode
 
 
+# An attention's output feeds a square output projection. Row-wise scales would need every head of a token, which
+# the attention kernels split over programs, so those outputs take one scale per tensor instead, delayed: the
+# largest |value| of this request's earlier calls of the same attention (x `DELAYED_MARGIN`), which every program
+# knows before it writes. e4m3 is a float format: a scale a few times too large costs no precision until values
+# fall 2^15 below the largest (the subnormals), so one scale for all rows loses next to nothing against row-wise
+# ones. The first call of a request has no history: it writes its output as it is and records its largest value.
+DELAYED_MARGIN = 2.0  # headroom for an output that grows between calls; larger values saturate at 448
+
+
+@dataclass(frozen=True)
+class DelayedScale:
+    """How one attention call writes its output for an fp8 output projection.
+
+    amax: (2,) float32 on the output's device, owned by the projection's fp8 hook. A call reads slot `read` (the
+    largest |output| of the request's earlier calls; -1 on the first call: nothing to read, write the output in
+    its own dtype) and writes slot `write` = max(what it read, its own largest |output|), so the next call reads
+    that slot while this one's readers never see a slot being written. only: write the e4m3 rows alone."""
+
+    amax: torch.Tensor
+    read: int
+    write: int
+    only: bool = False
+
+    @property
+    def e4m3(self) -> bool:
+        return self.read >= 0
+
+
+def delayed_reference(out: torch.Tensor, d: DelayedScale, width: int | None = None) -> torch.Tensor:
+    """What the kernels do with an attention output `out` given `d`, in PyTorch (the path where no kernel runs, and
+    the kernels' reference): record its amax in slot d.write and, after the first call, attach its e4m3 rows of
+    `width` channels (default: its last dim) with one scale from slot d.read (`attach`). Returns `out`, made
+    contiguous if it was not (the projection's reader finds the rows through contiguous views only)."""
+    out = out.contiguous()
+    width = width or out.shape[-1]
+    amax = out.detach().float().abs().amax()
+    if d.e4m3:
+        amax = torch.maximum(amax, d.amax[d.read])
+    d.amax[d.write] = amax
+    if d.e4m3:
+        q, scale = quantize_delayed(out.reshape(-1, width), d.amax[d.read])
+        root = out if out._base is None or out._base.numel() != out.numel() else out._base
+        attach(root, q.view(root.shape), scale)
+    return out
+
+
+def fp8_output(consumer: object) -> DelayedScale | None:
+    """How an attention writes its output for `consumer`, its output projection, this call: None (in its own dtype
+    alone), or with e4m3 rows (`DelayedScale`), which a transform running `consumer` in fp8 (pab.precision) asks
+    for through `consumer.fp8_delayed_scale()`. The rows alone (`only`) where no hook on `consumer` reads its
+    input; the model vouches that its forward hands the attention's output to `consumer` alone."""
+    ask = getattr(consumer, "fp8_delayed_scale", None)
+    d = ask() if ask is not None else None
+    if d is not None and d.only and not passes_input_on(consumer):
+        return DelayedScale(d.amax, d.read, d.write, only=False)
+    return d
+
+
+def quantize_delayed(x: torch.Tensor, hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> e4m3 (M, K) and (M, 1) float32 scales, all rows scaled by one `hist` (a 0-d tensor) x margin."""
+    top = (hist.float() * DELAYED_MARGIN).clamp_min(_TINY)
+    q = (x.float() * (E4M3_MAX / top)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return q, (top / E4M3_MAX).expand(x.shape[0], 1).contiguous()
+
+
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A linear's weight (N, K) -> e4m3 (N, K) and float32 scales (1, N): one scale per output channel, as
     `torch._scaled_mm` takes them for its second operand (transposed)."""
@@ -259,6 +340,6 @@ def fp8_capable(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
-__all__ = ["E4M3", "E4M3_MAX", "FP8_INPUTS", "GELUS", "attach", "check_written", "companion", "fp8_capable",
-           "fp8_input", "fp8_matmul", "quantize_rows", "quantize_rows_reference", "quantize_weight",
-           "supported"]  # fmt: skip
+__all__ = ["DELAYED_MARGIN", "E4M3", "E4M3_MAX", "FP8_INPUTS", "GELUS", "DelayedScale", "attach", "check_written",
+           "companion", "delayed_reference", "fp8_capable", "fp8_input", "fp8_matmul", "fp8_output",
+           "quantize_delayed", "quantize_rows", "quantize_rows_reference", "quantize_weight", "supported"]  # fmt: skip

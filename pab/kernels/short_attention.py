@@ -31,6 +31,7 @@ import warnings
 import torch
 
 from pab.kernels import no_grad_needed
+from pab.kernels.fp8 import DELAYED_MARGIN, E4M3, DelayedScale, attach
 
 try:
     import triton
@@ -93,6 +94,7 @@ def short_attention(
     k_weight: torch.Tensor | None = None,
     eps: float = 0.0,
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    delayed: DelayedScale | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v per (sequence, head) of qkv (N, L, 3, H, D) flattened to (N, L, 3C) -> (N, L, C).
 
@@ -103,10 +105,22 @@ def short_attention(
     q_weight, k_weight: per-head RMSNorm weights (D,) applied to q and k first (both or neither), with `eps`.
     rope: (cos, sin) float32 tables (L, D) with rope(x) = x * cos + (x1, x0, x3, x2, ...) * sin for interleaved
     pairs: cos repeated over each pair, sin (-s, +s) per pair (stdit3's `RotaryEmbedding.tables`).
+    delayed: the output feeds an fp8 projection: its amax is recorded and, after a request's first call, its e4m3
+    rows are attached to it (`pab.kernels.fp8.DelayedScale`); with `delayed.only` they alone are written. Not
+    under torch.compile (the op it traces takes no fp8 output).
     """
     if triton is None:
         raise RuntimeError("short_attention needs the triton package (pip install triton; it ships with CUDA torch)")
     cos, sin = rope if rope is not None else (None, None)
+    if delayed is not None:
+        if torch.compiler.is_compiling():
+            raise RuntimeError("short_attention's fp8 output (delayed) does not run under torch.compile")
+        out, q8, row_scales = _launch(qkv, q_weight, k_weight, cos, sin, num_heads, eps,
+                                      *launch_config(seq_len(qkv), num_heads),
+                                      delayed=(delayed.amax, delayed.read, delayed.write, delayed.only))  # fmt: skip
+        if q8 is not None:
+            attach(out, q8, row_scales.view(-1, 1), written=not delayed.only)
+        return out
     return torch.ops.pab.short_attention(qkv, q_weight, k_weight, cos, sin, num_heads, eps,
                                          *launch_config(seq_len(qkv), num_heads))  # fmt: skip
 
@@ -127,6 +141,7 @@ def try_short_attention(qkv: torch.Tensor, num_heads: int, **kwargs) -> torch.Te
 
 
 if triton is not None:
+    from pab.kernels.fp8 import delayed_scales, record_amax, to_e4m3  # jit functions the kernel calls: globals here
 
     @triton.jit
     def _pair_halves(x):
@@ -179,12 +194,17 @@ if triton is not None:
     def _short_attention_kernel(
         qkv_ptr, out_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
         L, LB, stride_qkv_b, stride_qkv_n, stride_qkv_l, stride_out_b, stride_out_n, stride_out_l, scale, eps,
+        out8_ptr, row_scale_ptr, amax_ptr, amax_read, amax_write, margin,
         H: tl.constexpr, D: tl.constexpr, HB: tl.constexpr, BLOCK_L: tl.constexpr,
         D0: tl.constexpr, D1: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, IEEE: tl.constexpr,
+        OUT: tl.constexpr = True, RECORD: tl.constexpr = False, E4M3: tl.constexpr = False,
     ):  # fmt: skip
         """One program per (sequence n, HB consecutive heads): qkv (N, L, 3, H, D) -> out (N, L, H, D).
 
         Token l of sequence n sits in block l // LB at row l % LB (frame blocks; LB = L for one block).
+        For an fp8 output projection (`pab.kernels.fp8.DelayedScale`): RECORD takes the output's amax into slot
+        amax_write of amax_ptr; E4M3 writes it in e4m3 to out8_ptr (out's strides, which are multiples of C)
+        scaled by slot amax_read, and its rows' scales (all the same) to row_scale_ptr; OUT writes out itself.
 
         Tiles are [HB, BLOCK_L, channels]. Channels [0, D0) go as even/odd pair halves, [D0, D) (D1 of them)
         as one interleaved tile. Padded keys get -inf, padded rows are not stored.
@@ -202,7 +222,8 @@ if triton is not None:
         blk = ll // LB
         li = ll - blk * LB
         src = qkv_ptr + blk * stride_qkv_b + n * stride_qkv_n + li * stride_qkv_l + (h0 + hh) * D
-        dst = out_ptr + blk * stride_out_b + n * stride_out_n + li * stride_out_l + (h0 + hh) * D
+        dst_off = blk * stride_out_b + n * stride_out_n + li * stride_out_l + (h0 + hh) * D
+        dst = out_ptr + dst_off
 
         # loads first (all independent): q, k as float32 pair halves, v in its dtype, half-tables of cos/sin
         if D0 > 0:
@@ -272,21 +293,40 @@ if triton is not None:
         p = tl.exp2((s - tl.max(s, axis=2)[:, :, None]) * (scale * LOG2E))
         p = (p * (1.0 / tl.sum(p, axis=2))[:, :, None]).to(dt)
 
+        top = 0.0  # the largest |output| (RECORD)
+        if E4M3:
+            r, row_scale = delayed_scales(amax_ptr, amax_read, margin)
         if D0 > 0:
-            o0 = _batched_dot(p, v0, tl.zeros((HB, BLOCK_L, D0), tl.float32), IEEE)
-            tl.store(dst + d0, o0.to(out_ptr.dtype.element_ty), mask=row_ok)
+            # rounded to the output's dtype: the e4m3 rows and amax are those of the values written (or that would be)
+            o0 = _batched_dot(p, v0, tl.zeros((HB, BLOCK_L, D0), tl.float32), IEEE).to(dt).to(tl.float32)
+            if OUT:
+                tl.store(dst + d0, o0.to(out_ptr.dtype.element_ty), mask=row_ok)
+            if RECORD:
+                top = tl.maximum(top, tl.max(tl.max(tl.max(tl.where(row_ok, tl.abs(o0), 0.0), 2), 1), 0))
+            if E4M3:
+                tl.store(out8_ptr + dst_off + d0, to_e4m3(o0, r), mask=row_ok)
         if D1 > 0:
-            o1 = _batched_dot(p, v1, tl.zeros((HB, BLOCK_L, D1), tl.float32), IEEE)
-            tl.store(dst + d1, o1.to(out_ptr.dtype.element_ty), mask=row_ok)
+            o1 = _batched_dot(p, v1, tl.zeros((HB, BLOCK_L, D1), tl.float32), IEEE).to(dt).to(tl.float32)
+            if OUT:
+                tl.store(dst + d1, o1.to(out_ptr.dtype.element_ty), mask=row_ok)
+            if RECORD:
+                top = tl.maximum(top, tl.max(tl.max(tl.max(tl.where(row_ok, tl.abs(o1), 0.0), 2), 1), 0))
+            if E4M3:
+                tl.store(out8_ptr + dst_off + d1, to_e4m3(o1, r), mask=row_ok)
+        if RECORD:
+            record_amax(amax_ptr, amax_read, amax_write, top, E4M3)
+        if E4M3:
+            if h0 == 0:  # one program of the sequence writes its rows' scales
+                row = (blk * stride_out_b + n * stride_out_n + li * stride_out_l) // C
+                tl.store(row_scale_ptr + row, tl.zeros((1, BLOCK_L, 1), tl.float32) + row_scale, mask=row_ok)
 
-    @torch.library.custom_op("pab::short_attention", mutates_args=())
-    def _short_attention_op(
+    def _launch(
         qkv: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
         cos: torch.Tensor | None, sin: torch.Tensor | None, num_heads: int, eps: float,
-        heads_per_program: int, num_warps: int,
-    ) -> torch.Tensor:  # fmt: skip
-        """(N, L, 3C) qkv -> (N, L, C), or frame blocks (nb, N, lb, 3C) -> (nb, N, lb, C); an opaque op to
-        torch.compile (no graph break)."""
+        heads_per_program: int, num_warps: int, delayed: tuple | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+        """(out, its e4m3 rows, their (M,) scales) of (N, L, 3C) qkv or frame blocks (nb, N, lb, 3C); the rows
+        when `delayed` = (amax, read, write, only) asks for them (`pab.kernels.fp8.DelayedScale`), else None."""
         if qkv.ndim not in (3, 4):
             raise ValueError(f"qkv must be (N, L, 3C) or frame blocks (nb, N, lb, 3C), got {tuple(qkv.shape)}")
         blocks = qkv if qkv.ndim == 4 else qkv.unsqueeze(0)  # (nb, N, lb, 3C); one block of L
@@ -304,19 +344,36 @@ if triton is not None:
         if L > MAX_LEN or (nb - 1) * sb + (N - 1) * sn + (LB - 1) * sl + C3 >= 2**31:  # 32-bit offsets
             raise ValueError(f"the short-sequence attention takes at most {MAX_LEN} tokens and 2^31 qkv elements, "
                              f"got {tuple(qkv.shape)} with strides {qkv.stride()}")
-        out = blocks.new_empty(nb, N, LB, C)
+        result = qkv.new_empty(*qkv.shape[:-1], C)  # what the caller gets: (nb, N, lb, C) or (N, L, C)
+        out = result if qkv.ndim == 4 else result.unsqueeze(0)
+        amax, read, write, only = delayed if delayed is not None else (out, -1, 0, False)
+        e4m3 = delayed is not None and read >= 0
+        q8 = torch.empty_like(result, dtype=E4M3) if e4m3 else None  # laid out as `result`, so as `out`
+        row_scales = out.new_empty(nb * N * LB, dtype=torch.float32) if e4m3 else None
         if out.numel() == 0:  # no sequences (a DSP rank's empty chunk): nothing to launch
-            return out if qkv.ndim == 4 else out[0]
+            return result, q8, row_scales
         has_norm, has_rope = q_weight is not None, cos is not None
         dummy = out  # never read: the HAS_NORM / HAS_ROPE branches that would read it are compiled out
         _short_attention_kernel[(N * (num_heads // heads_per_program),)](
             blocks, out, q_weight if has_norm else dummy, k_weight if has_norm else dummy,
             cos if has_rope else dummy, sin if has_rope else dummy,
             L, LB, sb, sn, sl, *out.stride()[:3], D**-0.5, eps,
+            out if q8 is None else q8, out if q8 is None else row_scales, amax, max(read, 0), write, DELAYED_MARGIN,
             H=num_heads, D=D, HB=heads_per_program, BLOCK_L=max(16, triton.next_power_of_2(L)), D0=d0, D1=d1,
             HAS_NORM=has_norm, HAS_ROPE=has_rope, IEEE=qkv.dtype == torch.float32, num_warps=num_warps,
+            OUT=not (e4m3 and only), RECORD=delayed is not None, E4M3=e4m3,
         )  # fmt: skip
-        return out if qkv.ndim == 4 else out[0]
+        return result, q8, row_scales
+
+    @torch.library.custom_op("pab::short_attention", mutates_args=())
+    def _short_attention_op(
+        qkv: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+        cos: torch.Tensor | None, sin: torch.Tensor | None, num_heads: int, eps: float,
+        heads_per_program: int, num_warps: int,
+    ) -> torch.Tensor:  # fmt: skip
+        """(N, L, 3C) qkv -> (N, L, C), or frame blocks (nb, N, lb, 3C) -> (nb, N, lb, C); an opaque op to
+        torch.compile (no graph break)."""
+        return _launch(qkv, q_weight, k_weight, cos, sin, num_heads, eps, heads_per_program, num_warps)[0]
 
     @_short_attention_op.register_fake
     def _(qkv, q_weight, k_weight, cos, sin, num_heads, eps, heads_per_program, num_warps):
