@@ -469,7 +469,7 @@ class Pipeline:
         z = sampler.init_noise(shape, generator=gen, dtype=torch.float32, device=self.device)
         total = len(sampler.timesteps)
         # num_steps: the sampler's model calls (a multistep start may add some to r.steps)
-        precision = PrecisionState(r.precision, num_steps=total, config=self.fp8_config)
+        precision = PrecisionState(r.precision, num_steps=total, config=self._fp8_request_config())
         t0 = time.perf_counter()
         a2a_skipped = a2a_last = 0
         # The profiler's name for the loop (bench.run --idle measures the GPU's idle share inside it).
@@ -544,6 +544,14 @@ class Pipeline:
             size=self.output_size(r),
             notices=self.notices(r),
         )
+
+    def _fp8_request_config(self) -> Fp8Config:
+        """`fp8_config`, with the output projections in bf16 where a request runs in a sequence-parallel group or
+        as CUDA graphs: their delayed per-tensor scale is each rank's own amax (a group would not reproduce one
+        device's video), and a replayed graph runs none of the Python that counts a request's calls."""
+        if self.fp8_config.attention_outputs and (self.parallel is not None or self.graphs is not None):
+            return replace(self.fp8_config, attention_outputs=False)
+        return self.fp8_config
 
     def _agree(self) -> Any:
         """Sum a tensor over this generation's group, so every rank takes the same step-reuse decision."""

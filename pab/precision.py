@@ -83,6 +83,17 @@ class Fp8Config:
     would cost more than fp8 saves) and quantise themselves on the CPU, where fp8 is emulated to measure its
     error: opensora-v1.2-small stayed at 40-41 dB against bf16 with its q in fp8 (16 held-out prompts). Latte
     names none: the same q cost latte-1-small 1.2-2.1 dB, to 30.0-30.3 (docs/quality.md)."""
+    attention_outputs: bool = True
+    """Also the output projections a module names in `attention_output_linears()` (square, so bf16 otherwise): the
+    attention kernel writes its output in e4m3 with one scale per tensor, the largest |value| of the request's
+    earlier calls of that attention x 2 (`pab.kernels.fp8.DelayedScale`; a row's own scale would need every head
+    of a token, which the kernels split over programs). A request's first call of each attention runs its
+    projection in bf16 and records the scale. It takes the spatial and cross-attention through
+    `pab.kernels.flash_attention` (not cuDNN, which cannot write e4m3) and the temporal one through the
+    short-sequence kernel; where neither runs (CPU, other shapes) PyTorch does the same arithmetic. The projections
+    stay in bf16 under torch.compile and CUDA graphs (a replay runs none of the Python that counts calls), and in a
+    sequence-parallel group, where each rank's amax would give it its own scale (`Pipeline._fp8_request_config`).
+    On one H100 it took Open-Sora 480p from 5.73 to 5.57 s off, 4.42 to 4.32 s `paper` (docs/performance.md)."""
     e4m3_only_inputs: bool = True
     """Where an fp8 module is the only reader of its input and a norm kernel writes that input, the kernel writes
     the e4m3 rows alone, not the bf16 values too: 2 of its 5 bytes an element written and read (2 of 9 with the
@@ -108,6 +119,8 @@ class PrecisionState:
     config: Fp8Config = field(default_factory=Fp8Config)
     step: int = -1
     stats: dict[str, int] = field(default_factory=lambda: {"fp8_steps": 0, "bf16_steps": 0})
+    output_calls: dict[int, int] = field(default_factory=dict)
+    """How many times each fp8 output projection's attention ran in this request (`DelayedScale`'s slots)."""
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -244,6 +257,50 @@ class Fp8LinearHook(_AsksForFp8):
         return self.w(x, state)
 
 
+class Fp8OutputHook(Fp8LinearHook):
+    """An attention's output projection (square) in fp8, on the e4m3 rows the attention kernel wrote with a delayed
+    per-tensor scale (`Fp8Config.attention_outputs`). The attention asks `fp8_delayed_scale()` before it runs
+    (`pab.kernels.fp8.fp8_output`); the scale's history lives here, on the device, and is reset by a request's
+    first call. Without rows (that first call, a reader that did not ask) the projection runs in bf16 everywhere,
+    so the CPU's emulation is the GPU's arithmetic."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear, produced_only=True)
+        self.amax = torch.zeros(2, device=linear.weight.device, dtype=torch.float32)
+
+    def active(self) -> PrecisionState | None:
+        state = current_fp8()
+        return None if state is None or not state.config.attention_outputs else state
+
+    def on_attach(self, module: nn.Module) -> None:
+        super().on_attach(module)
+        module.fp8_delayed_scale = self.delayed_scale
+
+    def on_detach(self, module: nn.Module) -> None:
+        module.__dict__.pop("fp8_delayed_scale", None)
+        super().on_detach(module)
+
+    def delayed_scale(self) -> kern.DelayedScale | None:
+        """This call's slots of the scale history, counted per request (None: write the output as it is)."""
+        state = self.active()
+        if state is None or not self.takes() or torch.compiler.is_compiling():
+            return None
+        if self.amax.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None  # a replayed graph runs no Python: no call counting, so no delayed scale
+        calls = state.output_calls.get(id(self), 0)
+        state.output_calls[id(self)] = calls + 1
+        if calls == 0:
+            self.amax.zero_()  # another request's history must not scale this one's outputs
+        return kern.DelayedScale(self.amax, read=-1 if calls == 0 else (calls - 1) % 2, write=calls % 2,
+                                 only=state.config.e4m3_only_inputs)  # fmt: skip
+
+    def new_forward(self, module: nn.Module, forward: Callable[..., Any], x: torch.Tensor) -> torch.Tensor:
+        state = self.active()
+        if state is None or not _eligible(x, self.w.q) or kern.companion(x.reshape(-1, x.shape[-1])) is None:
+            return self.fallback(forward, x)
+        return self.w(x, state)
+
+
 class Fp8GroupHook(_AsksForFp8):
     """Linears of a module that share an input and run as one GEMM (`linear_groups()`: Latte's q, k and v go
     through `_linear_cat`), in fp8 as one GEMM on their concatenated e4m3 weights. The module's forward is
@@ -349,8 +406,15 @@ def apply_fp8(model: nn.Module, config: Fp8Config | None = None) -> Fp8Handle:
                 hooked += [hook.fc1, hook.fc2]
                 continue
             produced = {id(lin) for lin in getattr(module, "quantized_input_linears", list)()}
+            outputs = {id(lin) for lin in getattr(module, "attention_output_linears", list)()}
             for sub in module.modules():
                 if not isinstance(sub, nn.Linear) or id(sub) in seen:
+                    continue
+                if id(sub) in outputs and config.attention_outputs and sub.out_features == sub.in_features:
+                    seen.add(id(sub))
+                    out_hook = Fp8OutputHook(sub)
+                    register_hook(sub, out_hook, innermost=True)
+                    hooked.append(out_hook.w)
                     continue
                 wide = sub.out_features >= config.min_out_ratio * sub.in_features
                 if wide or id(sub) in produced:
@@ -367,5 +431,6 @@ def remove_fp8(model: nn.Module) -> int:
 
 
 __all__ = ["FP8_HOOK", "PRECISIONS", "Fp8Config", "Fp8GroupHook", "Fp8Handle", "Fp8LinearHook", "Fp8MlpHook",
+           "Fp8OutputHook",
            "PrecisionState", "apply_fp8", "check_precision", "current_fp8", "fp8_capable", "remove_fp8",
            "use_precision"]  # fmt: skip

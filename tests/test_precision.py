@@ -16,7 +16,7 @@ from pab.models import build
 from pab.models.latte import _linear_cat
 from pab.pipeline import GenerationRequest, Pipeline
 from pab.precision import (
-    FP8_HOOK, Fp8Config, Fp8LinearHook, Fp8MlpHook, PrecisionState, apply_fp8, remove_fp8, use_precision,
+    FP8_HOOK, Fp8Config, Fp8LinearHook, Fp8MlpHook, Fp8OutputHook, PrecisionState, apply_fp8, remove_fp8, use_precision,
 )  # fmt: skip
 from pab.request import VideoSettings, add_options, from_options
 
@@ -40,22 +40,30 @@ def _hooked(model):
     return {name for name, m in model.named_modules() if get_hook(m, FP8_HOOK) is not None}
 
 
-def test_apply_hooks_qkv_kv_the_mlps_and_the_cross_q_only(stdit3):
+def test_apply_hooks_qkv_kv_the_mlps_the_cross_q_and_the_output_projections(stdit3):
     handle = apply_fp8(stdit3)
     try:
         hooked = _hooked(stdit3)
         blocks = len(stdit3.spatial_blocks) + len(stdit3.temporal_blocks)
-        # per block: qkv (3C from C) and the text's kv (2C), the MLP whole (fc1 + fc2 weights), and the cross q,
-        # whose input the gate + residual kernel quantises; the other square projections (proj, cross proj) stay
-        # bf16: quantising their input costs more than fp8 saves
-        assert handle.linears == 5 * blocks
-        assert all(n.endswith(("attn.qkv", "cross_attn.kv_linear", "cross_attn.q_linear", "mlp")) for n in hooked)
-        assert not any(n.endswith("proj") or "t_block" in n or "final" in n for n in hooked), sorted(hooked)
+        # per block: qkv (3C from C) and the text's kv (2C), the MLP whole (fc1 + fc2 weights), the cross q, whose
+        # input the gate + residual kernel quantises, and the two output projections, whose inputs the attention
+        # kernels write in e4m3; nothing else
+        assert handle.linears == 7 * blocks
+        assert all(n.endswith(("attn.qkv", "cross_attn.kv_linear", "cross_attn.q_linear", "mlp", "attn.proj"))
+                   for n in hooked)  # fmt: skip
+        assert not any("t_block" in n or "final" in n or "embedder" in n for n in hooked), sorted(hooked)
         produced = {n for n in hooked if getattr(get_hook(stdit3.get_submodule(n), FP8_HOOK), "produced_only", 0)}
-        assert produced == {n for n in hooked if n.endswith("q_linear")} and len(produced) == blocks
+        outputs = {n for n in hooked if isinstance(get_hook(stdit3.get_submodule(n), FP8_HOOK), Fp8OutputHook)}
+        assert outputs == {n for n in hooked if n.endswith("proj")} and len(outputs) == 2 * blocks
+        assert produced - outputs == {n for n in hooked if n.endswith("q_linear")} and len(produced) == 3 * blocks
     finally:
         assert remove_fp8(stdit3) == len(hooked)
     assert _hooked(stdit3) == set()
+    apply_fp8(stdit3, Fp8Config(attention_outputs=False))  # the output projections stay bf16
+    try:
+        assert not any(n.endswith("proj") for n in _hooked(stdit3))
+    finally:
+        remove_fp8(stdit3)
 
 
 def test_the_hooks_are_inert_without_an_fp8_request_and_close_with_one(stdit3):
@@ -185,6 +193,64 @@ def test_stdit3_asks_for_the_cross_q_rows_only_when_it_runs_in_fp8_and_is_comput
         pab.remove()
         del block.attn_out
     assert asked == ["also", None], asked
+
+
+def _proj_inputs(module: nn.Module, calls: int, state: PrecisionState, seed: int = 0):
+    """Run a STDiT3 attention `calls` times on new inputs under `state`; (its outputs, what its proj got)."""
+    seen = []
+    handle = module.proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    g = torch.Generator().manual_seed(seed)
+    outs = []
+    try:
+        with torch.no_grad(), use_precision(state):
+            for i in range(calls):
+                outs.append(module(torch.randn(2, 16, module.proj.in_features, generator=g) * (1 + i)))
+    finally:
+        handle.remove()
+    return outs, seen
+
+
+@pytest.mark.parametrize("kind", ["spatial", "temporal"])
+def test_an_output_projection_runs_on_rows_scaled_by_the_requests_earlier_calls(kind):
+    """A request's first call of an attention runs its projection in bf16 and records the output's amax; each later
+    call runs it in fp8 on the output's e4m3 rows, all scaled by 2 x the largest |output| so far (the kernels'
+    `DelayedScale`, emulated on the CPU). A new request starts the history again: it repeats exactly."""
+    torch.manual_seed(3)
+    model = build("opensora-v1.2-tiny", device="cpu").eval()
+    attn = model.broadcast_targets()[kind][0]
+    proj = attn.proj
+    with torch.no_grad():
+        proj.weight.normal_(0, 0.1)  # zero at initialisation (DiT's), which would hide the projection's rounding
+    wq, ws = kern.quantize_weight(proj.weight)
+    handle = apply_fp8(model)
+    try:
+        outs, seen = _proj_inputs(attn, 3, PrecisionState("fp8"))
+        again, _ = _proj_inputs(attn, 3, PrecisionState("fp8"))
+    finally:
+        handle.remove()
+    assert torch.equal(outs[0], F.linear(seen[0], proj.weight, proj.bias))  # the first call: bf16, amax recorded
+    top = seen[0].abs().amax()
+    for out, x in zip(outs[1:], seen[1:]):
+        xq, xs = kern.quantize_delayed(x.reshape(-1, x.shape[-1]), top)
+        assert torch.equal(xs, torch.full_like(xs, float(2 * top / 448)))
+        want = kern.fp8_matmul(xq, xs, wq, ws, proj.bias, x.dtype).view(out.shape)
+        assert torch.allclose(out, want, atol=1e-5)
+        assert not torch.allclose(out, F.linear(x, proj.weight, proj.bias), atol=1e-4)
+        top = torch.maximum(top, x.abs().amax())
+    for a, b in zip(outs, again):
+        assert torch.equal(a, b)
+
+
+def test_output_projections_stay_bf16_when_asked():
+    torch.manual_seed(3)
+    model = build("opensora-v1.2-tiny", device="cpu").eval()
+    attn = model.broadcast_targets()["spatial"][0]
+    handle = apply_fp8(model)
+    try:
+        outs, seen = _proj_inputs(attn, 2, PrecisionState("fp8", config=Fp8Config(attention_outputs=False)))
+    finally:
+        handle.remove()
+    assert all(torch.equal(out, F.linear(x, attn.proj.weight, attn.proj.bias)) for out, x in zip(outs, seen))
 
 
 def test_bf16_first_and_last_steps():
@@ -348,3 +414,23 @@ def test_an_fp8_hook_never_runs_bf16_math_on_an_input_written_as_rows_only():
             lin(x.view(2, 2, 32).transpose(0, 1))  # another layout: its reshape would copy unwritten values
     finally:
         lin.__dict__.pop("forward", None)
+
+
+def test_graphs_keep_the_output_projections_in_bf16(monkeypatch):
+    """Under CUDA graphs (here the eager backend's bookkeeping) a request's output projections never take e4m3
+    rows: a replay would not count the attention's calls that pick a scale's slots."""
+    model = "opensora-v1.2-tiny"
+    req = GenerationRequest(model=model, prompt="a red fox", seed=2, steps=3, precision="fp8")
+    rows = []
+    real = Fp8OutputHook.new_forward
+
+    def spy(self, module, forward, x):
+        rows.append(kern.companion(x.reshape(-1, x.shape[-1])) is not None)
+        return real(self, module, forward, x)
+
+    monkeypatch.setattr(Fp8OutputHook, "new_forward", spy)
+    Pipeline.from_name(model, device="cpu").generate(req, decode=False)
+    assert rows and any(rows)  # one device, eager: the later calls run on rows
+    rows.clear()
+    Pipeline.from_name(model, device="cpu", engine=EngineOptions(cuda_graphs=True)).generate(req, decode=False)
+    assert rows and not any(rows)

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from pab.kernels import flash_attention as flash
 from pab.kernels import short_attention as short_attn
 from pab.hooks.registry import output_reused
-from pab.kernels.fp8 import fp8_input
+from pab.kernels.fp8 import DelayedScale, fp8_input, fp8_output
+from pab.kernels.fp8 import delayed_reference as fp8_reference
 from pab.kernels import DEFAULT_KERNELS, TEMPORAL_ATTENTION_IMPLS, KernelOptions, no_grad_needed, norms
 
 # How the temporal attention core is computed (KernelOptions.temporal_attention; the module is still called
@@ -341,9 +342,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, L, C) -> (N, L, C); or frame blocks (N, nb, lb, C) -> (N, nb, lb, C), see `accepts_frame_blocks`."""
+        d = fp8_output(self.proj)  # asked once a call: it counts the request's calls (pab.precision)
         if x.ndim == 4:
-            return self._attend_blocks(self.qkv(x.transpose(0, 1))).transpose(0, 1)
-        return self._attend(self.qkv(x))
+            return self._attend_blocks(self.qkv(x.transpose(0, 1)), d).transpose(0, 1)
+        return self._attend(self.qkv(x), d)
 
     # Sequence parallelism (pab.parallel.dsp) may pass the temporal attention its sequences in frame blocks:
     # x (N, nb, lb, C) with token t = b·lb + i of sequence n at x[n, b, i], a transposed view of the
@@ -358,23 +360,28 @@ class SelfAttention(nn.Module):
             return "sdpa"
         return temporal_attention_impl(qkv, self.num_heads, self.kernels.temporal_attention)
 
-    def _attend_blocks(self, qkv: torch.Tensor) -> torch.Tensor:
-        """(nb, N, lb, 3C) frame blocks -> (nb, N, lb, C)."""
+    def attention_output_linears(self) -> list[nn.Linear]:
+        """The attention's output reaches `proj` alone, and the kernels can write it in e4m3 (pab.precision)."""
+        return [self.proj]
+
+    def _attend_blocks(self, qkv: torch.Tensor, d: DelayedScale | None = None) -> torch.Tensor:
+        """(nb, N, lb, 3C) frame blocks -> (nb, N, lb, C). d: how the attention writes its output for an fp8
+        `proj` (pab.kernels.fp8.fp8_output)."""
         if self._impl(qkv) == "triton":
-            out = self._fused(qkv)
+            out = self._fused(qkv, d)
             if out is not None:
                 return self.proj(out)
         nb, N, lb, C3 = qkv.shape  # any other path: reorder into (N, L, 3C) sequences first
-        out = self._attend(qkv.transpose(0, 1).reshape(N, nb * lb, C3))
+        out = self._attend(qkv.transpose(0, 1).reshape(N, nb * lb, C3), d)
         return out.view(N, nb, lb, C3 // 3).transpose(0, 1)
 
-    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
+    def _attend(self, qkv: torch.Tensor, d: DelayedScale | None = None) -> torch.Tensor:
         """(N, L, 3C) -> (N, L, C): attention over dim 1 and the output projection."""
         N, L, C3 = qkv.shape
         C = C3 // 3
         impl = self._impl(qkv)
         if impl == "triton":
-            out = self._fused(qkv)  # norm + RoPE + attention in one kernel, (N, L, C)
+            out = self._fused(qkv, d)  # norm + RoPE + attention in one kernel, (N, L, C)
             if out is not None:
                 return self.proj(out)
             impl = "bmm"  # the kernel could not be built here (warned once)
@@ -384,31 +391,37 @@ class SelfAttention(nn.Module):
             # as (N, heads, L, hd) views: no permute copies.
             qk = norms.qk_rmsnorm(qkv, self.num_heads, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
             v = qkv.view(N, L, 3, self.num_heads, self.head_dim)[:, :, 2].transpose(1, 2)
-            x = flash.attention(qk[0].transpose(1, 2), qk[1].transpose(1, 2), v, self.kernels.spatial_attention)
+            x = flash.attention(qk[0].transpose(1, 2), qk[1].transpose(1, 2), v, self.kernels.spatial_attention,
+                                delayed=d)  # fmt: skip
             return self.proj(x.reshape(N, L, C))
         q, k, v = qkv.view(N, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)  # each (N, heads, L, head_dim)
         if self.rope is not None:  # after the norm, as the released model was trained
             q, k = self.rope(q), self.rope(k)
         if impl == "bmm":
-            return self.proj(_bmm_attention(q, k, v))
+            return self.proj(_written(_bmm_attention(q, k, v), d))
         if self.rope is None:  # spatial
-            return self.proj(flash.attention(q, k, v, self.kernels.spatial_attention).reshape(N, L, C))
+            return self.proj(flash.attention(q, k, v, self.kernels.spatial_attention, delayed=d).reshape(N, L, C))
         x = F.scaled_dot_product_attention(q, k, v)  # (N, heads, L, head_dim); flash returns it (N, L, heads, hd)
-        return self.proj(x.transpose(1, 2).reshape(N, L, C))
+        return self.proj(_written(x.transpose(1, 2).reshape(N, L, C), d))
 
-    def _fused(self, qkv: torch.Tensor) -> torch.Tensor | None:
+    def _fused(self, qkv: torch.Tensor, d: DelayedScale | None = None) -> torch.Tensor | None:
         """The short-sequence kernel on (N, L, 3C) qkv or its frame blocks; None under "auto" when it cannot be
         built here."""
         has_norm = isinstance(self.q_norm, RMSNorm)
         kwargs = dict(
             q_weight=self.q_norm.weight if has_norm else None, k_weight=self.k_norm.weight if has_norm else None,
             eps=self.q_norm.eps if has_norm else 0.0,
-            rope=self.rope.tables(short_attn.seq_len(qkv), qkv.device, torch.float32),
+            rope=self.rope.tables(short_attn.seq_len(qkv), qkv.device, torch.float32), delayed=d,
         )  # fmt: skip
         if self.kernels.temporal_attention == "auto":
             return short_attn.try_short_attention(qkv, self.num_heads, **kwargs)
         return short_attn.short_attention(qkv, self.num_heads, **kwargs)  # asked for by name: errors surface
+
+
+def _written(out: torch.Tensor, d: DelayedScale | None) -> torch.Tensor:
+    """An attention output (N, L, C) computed by PyTorch, with the e4m3 rows `d` asks for (the kernels' arithmetic)."""
+    return out if d is None else fp8_reference(out, d)
 
 
 def temporal_attention_impl(x: torch.Tensor, num_heads: int, impl: str = "auto") -> str:
@@ -453,6 +466,10 @@ class CrossAttention(nn.Module):
         """q's input is the residual stream, which the block's gate + residual kernel can write in e4m3 too."""
         return [self.q_linear]
 
+    def attention_output_linears(self) -> list[nn.Linear]:
+        """The attention's output reaches `proj` alone, and the kernels can write it in e4m3 (pab.precision)."""
+        return [self.proj]
+
     def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, N, C) video tokens; y: (B, L, C) projected text; mask: (B, L) bool keep-mask or None."""
         B, N, C = x.shape
@@ -460,7 +477,8 @@ class CrossAttention(nn.Module):
         kv = self.kv_linear(y).view(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)  # each (B, heads, L, hd)
         # The official model packs the kept tokens and uses a block-diagonal mask; a key mask is the same softmax.
-        x = flash.attention(q, k, v, self.kernels.cross_attention, key_mask=mask)  # (B, N, heads, hd)
+        x = flash.attention(q, k, v, self.kernels.cross_attention, key_mask=mask,
+                            delayed=fp8_output(self.proj))  # (B, N, heads, hd)
         return self.proj(x.reshape(B, N, C))
 
 

@@ -48,9 +48,9 @@ def test_norm_kernels_write_the_fp8_rows_the_linears_would_make(model, monkeypat
     fused = pipe.generate(req, decode=False)
     assert "also" in modes and "only" not in modes
     assert torch.equal(alone.latents, fused.latents)
-    # Without the rows a linear quantises its input itself, except the cross-attention's q, which then runs in bf16
-    # (tested below): so both runs here leave it in bf16.
-    pipe.fp8_config = Fp8Config(e4m3_only_inputs=False, produced_inputs=False)
+    # Without the rows a linear quantises its input itself, except the cross-attention's q and the output projections,
+    # which then run in bf16 (tested below and in tests/test_precision.py): so both runs here leave them in bf16.
+    pipe.fp8_config = Fp8Config(e4m3_only_inputs=False, produced_inputs=False, attention_outputs=False)
     fused = pipe.generate(req, decode=False)
     made = []
     real = kern.companion
@@ -88,3 +88,28 @@ def test_the_gate_residual_kernel_writes_the_cross_q_rows_its_own_quantisation_w
     pipe.fp8_config = Fp8Config(produced_inputs=False)
     without = pipe.generate(req, decode=False)
     assert not torch.equal(with_rows.latents, without.latents)
+
+
+@pytest.mark.parametrize("model", ["opensora-v1.2-tiny"])
+def test_output_projections_run_on_the_rows_the_attention_kernels_write(model, monkeypatch):
+    """Each attention's first call in a request runs its output projection in bf16 (no scale yet); every later call
+    finds e4m3 rows on the projection's input, written by the attention kernel (flash, short-sequence) itself."""
+    from pab.kernels import fp8 as kern
+    from pab.precision import Fp8OutputHook
+
+    pipe = Pipeline.from_name(model, device="cuda")
+    req = GenerationRequest(model=model, prompt="a red fox", seed=2, steps=4, precision="fp8")
+    calls: dict[int, list[bool]] = {}
+    real = Fp8OutputHook.new_forward
+
+    def spy(self, module, forward, x):
+        calls.setdefault(id(self), []).append(kern.companion(x.reshape(-1, x.shape[-1])) is not None)
+        return real(self, module, forward, x)
+
+    monkeypatch.setattr(Fp8OutputHook, "new_forward", spy)
+    for _ in range(2):  # the second request starts each history again
+        calls.clear()
+        pipe.generate(req, decode=False)
+        blocks = len(pipe.transformer.spatial_blocks) + len(pipe.transformer.temporal_blocks)
+        assert len(calls) == 2 * blocks  # per block: its spatial or temporal attention, its cross-attention
+        assert all(c == [False, True, True, True] for c in calls.values()), calls
