@@ -160,10 +160,12 @@ def _run_case(
     bf16_latents: dict[str, torch.Tensor] = {}
     for (label, pab), precision in ((lp, pr) for lp in pabs for pr in precisions):
         # "fp8+exact": fp8 without Hopper's fast accumulation; "fp8+groups": Latte's q, k, v in fp8 too; "fp8+both":
-        # the norms write bf16 beside the e4m3 rows even where an fp8 GEMM is the only reader (Fp8Config)
+        # the norms write bf16 beside the e4m3 rows even where an fp8 GEMM is the only reader; "fp8+outbf16": the
+        # attentions' output projections in bf16, cuDNN's attention (Fp8Config)
         mode = precision.partition("+")[2]
         pipe.fp8_config = dataclasses.replace(pipe.fp8_config, fast_accum=mode != "exact", linear_groups=mode == "groups",
-                                              e4m3_only_inputs=mode != "both")  # fmt: skip
+                                              e4m3_only_inputs=mode != "both",
+                                              attention_outputs=mode != "outbf16")  # fmt: skip
         base["precision"] = precision.split("+")[0]
         first_s = None
         if engine.cuda_graphs:  # the first request of a shape captures its patterns' graphs; a server's later ones replay
@@ -618,7 +620,8 @@ def main(argv: list[str] | None = None) -> int:
                         "its kernel time by kind and its top kernels (printed after the table)")
     p.add_argument("--precision", default="bf16",
                    help="comma list of bf16, fp8, fp8+exact (without fast accumulation), fp8+groups (Latte's q, k, v "
-                   "in fp8 too), fp8+both (norms write bf16 beside e4m3) (pab.precision.Fp8Config); fp8 records "
+                   "in fp8 too), fp8+both (norms write bf16 beside e4m3), fp8+outbf16 (output projections in bf16) "
+                   "(pab.precision.Fp8Config); fp8 records "
                    "its latents' error against bf16")
     p.add_argument("--dit-only", action="store_true", help="skip the VAE decode (no e2e time)")
     p.add_argument("--x264", type=x264_options, default=None,
