@@ -191,6 +191,20 @@ if triton is not None:
             return e, o
 
     @triton.jit
+    def _write_part(
+        o, out_ptrs, out8_ptrs, row_ok, r, top, OUT: tl.constexpr, RECORD: tl.constexpr, E4M3: tl.constexpr
+    ):  # fmt: skip
+        """Store one channel part of the output (float32 `o`) as it is (OUT) and in e4m3 times `r` (E4M3); returns
+        `top` raised to the part's largest |value| (RECORD)."""
+        if OUT:
+            tl.store(out_ptrs, o.to(out_ptrs.dtype.element_ty), mask=row_ok)
+        if RECORD:
+            top = tl.maximum(top, tl.max(tl.max(tl.max(tl.where(row_ok, tl.abs(o), 0.0), 2), 1), 0))
+        if E4M3:
+            tl.store(out8_ptrs, to_e4m3(o, r), mask=row_ok)
+        return top
+
+    @triton.jit
     def _short_attention_kernel(
         qkv_ptr, out_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
         L, LB, stride_qkv_b, stride_qkv_n, stride_qkv_l, stride_out_b, stride_out_n, stride_out_l, scale, eps,
@@ -294,25 +308,16 @@ if triton is not None:
         p = (p * (1.0 / tl.sum(p, axis=2))[:, :, None]).to(dt)
 
         top = 0.0  # the largest |output| (RECORD)
+        r = 1.0  # e4m3's multiplier (E4M3)
         if E4M3:
             r, row_scale = delayed_scales(amax_ptr, amax_read, margin)
+        # each part rounded to the output's dtype first: the e4m3 rows and amax are those of the values written
         if D0 > 0:
-            # rounded to the output's dtype: the e4m3 rows and amax are those of the values written (or that would be)
             o0 = _batched_dot(p, v0, tl.zeros((HB, BLOCK_L, D0), tl.float32), IEEE).to(dt).to(tl.float32)
-            if OUT:
-                tl.store(dst + d0, o0.to(out_ptr.dtype.element_ty), mask=row_ok)
-            if RECORD:
-                top = tl.maximum(top, tl.max(tl.max(tl.max(tl.where(row_ok, tl.abs(o0), 0.0), 2), 1), 0))
-            if E4M3:
-                tl.store(out8_ptr + dst_off + d0, to_e4m3(o0, r), mask=row_ok)
+            top = _write_part(o0, dst + d0, out8_ptr + dst_off + d0, row_ok, r, top, OUT, RECORD, E4M3)
         if D1 > 0:
             o1 = _batched_dot(p, v1, tl.zeros((HB, BLOCK_L, D1), tl.float32), IEEE).to(dt).to(tl.float32)
-            if OUT:
-                tl.store(dst + d1, o1.to(out_ptr.dtype.element_ty), mask=row_ok)
-            if RECORD:
-                top = tl.maximum(top, tl.max(tl.max(tl.max(tl.where(row_ok, tl.abs(o1), 0.0), 2), 1), 0))
-            if E4M3:
-                tl.store(out8_ptr + dst_off + d1, to_e4m3(o1, r), mask=row_ok)
+            top = _write_part(o1, dst + d1, out8_ptr + dst_off + d1, row_ok, r, top, OUT, RECORD, E4M3)
         if RECORD:
             record_amax(amax_ptr, amax_read, amax_write, top, E4M3)
         if E4M3:
