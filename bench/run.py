@@ -275,6 +275,19 @@ def x264_options(text: str) -> dict[str, str]:
     return {k: v for k, _, v in pairs}
 
 
+PRECISION_MODES = ("bf16", "fp8", "fp8+exact", "fp8+groups", "fp8+both", "fp8+outbf16")
+
+
+def precision_list(text: str) -> tuple[str, ...]:
+    """"fp8,fp8+outbf16" -> ("fp8", "fp8+outbf16") (argparse type): each one of `PRECISION_MODES`, so that a
+    misspelt mode is an error, not a run of the defaults under another name."""
+    modes = tuple(m for m in text.split(",") if m)
+    bad = [m for m in modes if m not in PRECISION_MODES]
+    if not modes or bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of {', '.join(PRECISION_MODES)}")
+    return modes
+
+
 def gpu_profile(generate: Callable[[], Any], top: int = 12) -> dict[str, Any]:
     """One `generate()` under torch.profiler: the loop's GPU idle share, its kernel time by kind (`kernel_kind`)
     and its `top` kernels by total time, in ms per generation (None / empty where there are no kernels)."""
@@ -618,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle", action="store_true",
                    help="one more generation per setting under torch.profiler: the GPU's idle share of the loop, "
                         "its kernel time by kind and its top kernels (printed after the table)")
-    p.add_argument("--precision", default="bf16",
+    p.add_argument("--precision", type=precision_list, default=("bf16",),
                    help="comma list of bf16, fp8, fp8+exact (without fast accumulation), fp8+groups (Latte's q, k, v "
                    "in fp8 too), fp8+both (norms write bf16 beside e4m3), fp8+outbf16 (output projections in bf16) "
                    "(pab.precision.Fp8Config); fp8 records "
@@ -649,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         for sp in (int(s) for s in args.sp.split(",")):
             if sp == 1:
                 recs = _run_case(0, 1, case, pabs, False, args.repeat, engine, not args.dit_only, idle=args.idle,
-                                 precisions=tuple(args.precision.split(",")), kernels=kernels, x264=args.x264)  # fmt: skip
+                                 precisions=args.precision, kernels=kernels, x264=args.x264)  # fmt: skip
             else:
                 from pab.parallel import launch_local
 
@@ -664,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
                     not args.dit_only,
                     args.dsp_chunks,
                     args.idle,
-                    tuple(args.precision.split(",")),
+                    args.precision,
                     kernels,
                     args.x264,
                     threads=None,

@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from bench.run import CASES, Case, _flops_by_kind, _run_case, fixed_schedule, schedules_for, speedup, x264_options
+from bench.run import (
+    CASES, Case, _flops_by_kind, _run_case, fixed_schedule, precision_list, schedules_for, speedup, x264_options,
+)  # fmt: skip
 from pab.engine import EngineOptions
 from pab.kernels import KernelOptions
 from pab.parallel import launch_local
@@ -141,6 +143,16 @@ def test_x264_options_parse_and_a_bad_one_is_named():
     assert x264_options("preset=faster,rc-lookahead=8") == {"preset": "faster", "rc-lookahead": "8"}
     with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
         x264_options("faster")
+
+
+def test_precision_modes_parse_and_a_misspelt_one_is_named():
+    import argparse
+
+    assert precision_list("fp8,fp8+outbf16") == ("fp8", "fp8+outbf16")
+    with pytest.raises(argparse.ArgumentTypeError, match="fp8\\+outbf16"):
+        precision_list("fp8,fp8+outbf61")  # would have run the defaults, labelled as a mode
+    with pytest.raises(argparse.ArgumentTypeError):
+        precision_list("")
 
 
 def test_end_to_end_includes_the_mp4_encoded_while_decoding():
