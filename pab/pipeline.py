@@ -537,7 +537,9 @@ class Pipeline:
             pab_stats={k: dict(v) for k, v in state.stats.items()},
             cache=policy.to_dict(),
             cache_stats=step_state.stats if policy.step is not None else {},
-            precision=precision.to_dict(),
+            # "precision" is what the request asked for (bf16: no fp8); "dtype" what every other GEMM ran in (a
+            # CPU pipeline's float32 too)
+            precision={**precision.to_dict(), "dtype": str(self.dtype).removeprefix("torch.")},
             timings=timings,
             random_weights=self.random_weights,
             parallel=parallel_info,

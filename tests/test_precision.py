@@ -308,8 +308,9 @@ def test_pipeline_runs_a_request_in_fp8_and_the_next_in_bf16_unchanged(latte):
     assert before.request.precision == "bf16" and before.precision["bf16_steps"] == len(before.timesteps)
     low = latte.generate(_req(cache="paper", precision="fp8"), decode=False)
     after = latte.generate(_req(cache="paper"), decode=False)
-    assert low.precision == {"precision": "fp8", "fp8_steps": len(low.timesteps), "bf16_steps": 0}
+    assert low.precision == {"precision": "fp8", "fp8_steps": len(low.timesteps), "bf16_steps": 0, "dtype": "float32"}
     assert low.sidecar()["precision"]["precision"] == "fp8"
+    assert before.sidecar()["precision"]["dtype"] == "float32"  # "bf16" asked for no fp8; the CPU ran float32
     assert torch.equal(after.latents, before.latents)  # the hooks stay attached, inert for bf16
     assert low.pab_stats == before.pab_stats  # PAB decides the same over fp8 modules
     err = float((low.latents - before.latents).norm() / before.latents.norm())
