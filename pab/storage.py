@@ -21,6 +21,7 @@ it knows nothing of Ray.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -96,7 +97,7 @@ class StorageConfig(BaseModel):
     """Where objects live. `backend="local"` needs `path`; `backend="s3"` needs `bucket`."""
 
     backend: Literal["local", "s3"] = Field("local", description="local folder or S3-compatible object store")
-    path: str = Field("outputs", description="local backend: root folder (created if missing)")
+    path: str = Field("outputs", description="local backend: root folder (created by the first write)")
     endpoint_url: str | None = Field(None, description="S3 endpoint, e.g. http://seaweedfs:8333; None = AWS")
     public_endpoint_url: str | None = Field(
         None, description="S3 endpoint that clients outside the cluster reach; used only to sign download URLs"
@@ -260,13 +261,25 @@ class Storage(ABC):
 # ----------------------------------------------------------------------------------------------------
 
 
+def _check_creatable(root: Path) -> None:
+    """Raise the OSError creating `root` would, now: it, or the nearest folder above it that exists, is a file, or
+    that folder is not writable where `root` has yet to be made."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(existing))
+    if existing != root and not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"cannot create {root} in a folder not writable", str(existing))
+
+
 class LocalStorage(Storage):
     """Objects are files under `config.path`; writes are atomic (temporary file + rename)."""
 
     def __init__(self, config: StorageConfig) -> None:
         self.config = config
         self.root = Path(config.path).expanduser().resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        _check_creatable(self.root)  # made by the first write: opening it to read (a dry run) leaves no folder
 
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)

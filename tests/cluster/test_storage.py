@@ -132,3 +132,28 @@ def test_local_files_take_the_umask_and_leave_no_temporary_file(tmp_path):
         assert store.local_path(key).stat().st_mode & 0o777 == 0o644, key
     assert store.local_path("private.bin").stat().st_mode & 0o777 == 0o640
     assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_local_folder_is_made_by_the_first_write_and_refused_at_once_where_it_cannot_be(tmp_path):
+    """Opening storage to read (a bulk dry run, a server's downloads) leaves no folder behind; the first write makes
+    it. A path under a file, or in a folder nobody may write, fails when opened, with the OSError mkdir would give."""
+    root = tmp_path / "a" / "b"
+    store = storage_from_config({"backend": "local", "path": str(root)})
+    assert not (tmp_path / "a").exists() and store.list() == [] and not store.exists("x")
+    with pytest.raises(NotFound):
+        store.get_bytes("x")
+    store.put_bytes("x", b"1")
+    assert (root / "x").read_bytes() == b"1"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError):
+        storage_from_config({"backend": "local", "path": str(tmp_path / "file" / "out")})
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores the mode bits
+            pytest.skip("this user may write anywhere")
+        with pytest.raises(PermissionError):
+            storage_from_config({"backend": "local", "path": str(locked / "out")})
+        assert storage_from_config({"backend": "local", "path": str(locked)}).list() == []  # exists: read it
+    finally:
+        locked.chmod(0o700)

@@ -239,6 +239,12 @@ def test_dry_run_plans_against_storage_without_ray(tmp_path, caplog):
     assert "3 rows, 1 bad, 1 already rendered, 1 to render" in caplog.text
     assert "dry run: would render 1 row(s): ['b']" in caplog.text
     assert not (out / "results.parquet").exists()
+    # against an output nobody wrote yet: the plan, and no folder left behind
+    fresh = tmp_path / "fresh" / "out"
+    args = render.parse_args(["--manifest", str(manifest), "--output", str(fresh), "--model", "opensora-v1.2-tiny",
+                              "--dry-run"])
+    assert render.BulkRender(args).run() == 0
+    assert "0 already rendered, 2 to render" in caplog.text and not (tmp_path / "fresh").exists()
 
 
 def test_the_models_own_checks_refuse_rows_at_planning_naming_the_field(tmp_path, caplog, monkeypatch):
