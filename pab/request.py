@@ -105,6 +105,16 @@ class VideoSettings(BaseModel):
         "in e4m3 with per-token and per-channel scales (faster on Hopper/Ada GPUs, small error: docs/quality.md)",
     )
 
+    @field_validator("pab")
+    @classmethod
+    def _agrees_with_cache(cls, pab: Any, info: Any) -> Any:
+        # `pab: off` beside `cache: paper` ran paper: the engine cannot tell an explicit off from its default
+        cache = info.data.get("cache")
+        if pab is not None and cache is not None and pab != cache:
+            shown = [repr(v) if isinstance(v, str) else "custom settings" for v in (cache, pab)]
+            raise ValueError(f"cache {shown[0]} and pab {shown[1]} disagree; give one (pab is cache's older name)")
+        return pab
+
     def engine_fields(self) -> dict[str, Any]:
         """The fields as `pab.pipeline.GenerationRequest` takes them: rules and policies as plain dicts of what
         was given (the engine fills the rest, as it does for a dict from Python)."""

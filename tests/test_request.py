@@ -51,11 +51,19 @@ def test_options_are_the_fields():
      "--cache.spatial.range: Input should be greater"),
     (["--cache", "missing.json"], "cache", "--cache: settings file 'missing.json' does not exist"),
     (["--pab", "{nope"], "pab", "--pab: '{nope' is not valid JSON"),
+    # an explicit off beside another cache: the engine would have run the cache (it takes pab's default for off)
+    (["--pab", "off", "--cache", "paper"], "pab", "--pab: Value error, cache 'paper' and pab 'off' disagree"),
 ])  # fmt: skip
 def test_a_bad_option_is_a_request_error_naming_it(argv, field, message):
     with pytest.raises(RequestError) as e:
         from_options(parse(*argv))
     assert e.value.field == field and str(e.value).startswith(message), str(e.value)
+
+
+def test_cache_and_its_older_name_may_agree():
+    for both in ("paper", "off"):
+        assert from_options(parse("--pab", both, "--cache", both)).engine_fields()["cache"] == both
+    assert from_options(parse("--pab", "paper")).engine_fields()["pab"] == "paper"
 
 
 def test_a_json_file_is_read_at_the_edge(tmp_path):
