@@ -242,6 +242,7 @@ def test_post_while_storage_fails_is_a_503_with_the_reason_and_healthz_degrades(
     client = TestClient(routes.build_api(svc), raise_server_exceptions=False)
     assert client.get("/healthz").json()["status"] == "ok"
     if backend == "local-read-only":
+        (tmp_path / "store").mkdir(exist_ok=True)  # the first write would make it; here it exists, read-only
         with read_only(tmp_path / "store"):
             assert_storage_503(client.post("/v1/videos", json=BODY), str(tmp_path / "store"), "writable")
             health = client.get("/healthz")
