@@ -355,9 +355,10 @@ class Pipeline:
         return rendered_size(self.vae, r.height, r.width)
 
     def notices(self, r: GenerationRequest) -> list[str]:
-        """Where the video of a resolved request differs from it, and why ([] if nowhere): its size, and a prompt
-        longer than the text encoder reads (cut there, as the official pipelines cut it)."""
-        out = size_notices(self.name, self.vae, r)
+        """Where the video of a resolved request differs from it, and why ([] if nowhere): its size, a prompt
+        longer than the text encoder reads (cut there, as the official pipelines cut it), and a calibrated
+        threshold preset run at another step count than it was calibrated at."""
+        out = size_notices(self.name, self.vae, r) + self._preset_notices(r)
         enc = self.text_encoder
         if not hasattr(enc, "token_count"):  # a stand-in encoder (tests, benchmarks): nothing to count with
             return out
@@ -369,6 +370,19 @@ class Pipeline:
                 out.append(f"the {name} is {n} text tokens and {self.name} reads the first {enc.max_length}: the "
                            "words past them did not shape the video")
         return out
+
+    def _preset_notices(self, r: GenerationRequest) -> list[str]:
+        """A teacache/magcache preset's threshold bounds an error summed over the steps, so at another step count
+        it reuses another share of them (a fixed schedule is rescaled; it needs no notice)."""
+        spec = r.cache_spec()
+        cal = self.calibration or {}
+        preset = (cal.get("presets") or {}).get(spec) if isinstance(spec, str) else None
+        steps = cal.get("steps")
+        if not isinstance(preset, dict) or preset.get("policy") == "fixed" or not steps or r.steps == steps:
+            return []
+        return [f"the cache preset {spec!r} was calibrated at {steps} steps; at {r.steps} its threshold reuses "
+                f"another share of the steps than `pab models` lists (`pab calibrate --steps {r.steps}` makes "
+                "presets for that count)"]
 
     def latent_shape(self, r: GenerationRequest) -> tuple[int, int, int, int, int]:
         """(1, C, T, h, w): the output size over the VAE's spatial factor."""

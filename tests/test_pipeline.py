@@ -305,3 +305,21 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_a_notice():
     assert n > 32 and f"the prompt with {pipe.spec.prompt_suffix.strip()!r} appended is {n} text tokens" in prompt
     assert "reads the first 32" in prompt and negative.startswith("the negative prompt is ")
     assert pipe.notices(pipe.resolve(GenerationRequest(model=pipe.name, prompt="a red circle", seed=1, steps=1))) == []
+
+
+def test_a_threshold_preset_at_another_step_count_is_a_notice():
+    """opensora-v1.2-small's presets were calibrated at 30 steps: a teacache or magcache threshold sums an error
+    over the steps, so at 12 it reuses another share of them and the video says so; a fixed schedule is rescaled
+    to any count, and at 30 steps nothing is said."""
+    pipe = Pipeline.from_name("opensora-v1.2-small", device="cpu")
+    steps = pipe.calibration["steps"]
+
+    def notices(cache, n):
+        return pipe.notices(pipe.resolve(GenerationRequest(model=pipe.name, prompt="a red circle", seed=1, steps=n,
+                                                           cache=cache)))  # fmt: skip
+
+    [said] = notices("teacache-slow", 12)
+    assert said.startswith(f"the cache preset 'teacache-slow' was calibrated at {steps} steps; at 12") and (
+        "pab calibrate --steps 12" in said)
+    assert notices("magcache-fast", 12) and notices("teacache-slow", steps) == []
+    assert notices("fixed-fast", 12) == [] and notices("paper", 12) == []
