@@ -90,9 +90,10 @@ class Fp8Config:
     of a token, which the kernels split over programs). A request's first call of each attention runs its
     projection in bf16 and records the scale. It takes the spatial and cross-attention through
     `pab.kernels.flash_attention` (not cuDNN, which cannot write e4m3) and the temporal one through the
-    short-sequence kernel; where neither runs (CPU, other shapes) PyTorch does the same arithmetic. The projections
-    stay in bf16 under torch.compile and CUDA graphs (a replay runs none of the Python that counts calls), and in a
-    sequence-parallel group, where each rank's amax would give it its own scale (`Pipeline._fp8_request_config`).
+    short-sequence kernel; where neither runs (CPU, other shapes) PyTorch does the same arithmetic. In a
+    sequence-parallel group each rank's amax is maxed over the group before it is read (`PrecisionState.reduce_max`),
+    so a group scales as one device does. The projections stay in bf16 under torch.compile and CUDA graphs (a replay
+    runs none of the Python that counts steps; `Pipeline._fp8_request_config`).
     On one H100 it took Open-Sora 480p from 5.73 to 5.57 s off, 4.42 to 4.32 s `paper` (docs/performance.md)."""
     e4m3_only_inputs: bool = True
     """Where an fp8 module is the only reader of its input and a norm kernel writes that input, the kernel writes
@@ -119,8 +120,12 @@ class PrecisionState:
     config: Fp8Config = field(default_factory=Fp8Config)
     step: int = -1
     stats: dict[str, int] = field(default_factory=lambda: {"fp8_steps": 0, "bf16_steps": 0})
-    output_calls: dict[int, int] = field(default_factory=dict)
-    """How many times each fp8 output projection's attention ran in this request (`DelayedScale`'s slots)."""
+    output_calls: dict[int, tuple[int, int | None]] = field(default_factory=dict)
+    """Per fp8 output projection: (how many steps its attention ran in so far, less one; the step it last ran at),
+    which pick `DelayedScale`'s slots. A step's several calls (sequence parallelism's chunks) share them."""
+    reduce_max: Callable[[torch.Tensor], Any] | None = None
+    """In a sequence-parallel group: takes a tensor's max over the group's ranks in place, so that every rank scales
+    its share of an attention's output as one device scales all of it (`Pipeline`)."""
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -287,11 +292,18 @@ class Fp8OutputHook(Fp8LinearHook):
             return None
         if self.amax.is_cuda and torch.cuda.is_current_stream_capturing():
             return None  # a replayed graph runs no Python: no call counting, so no delayed scale
-        calls = state.output_calls.get(id(self), 0)
-        state.output_calls[id(self)] = calls + 1
-        if calls == 0:
+        # Slots go by the steps this attention ran at, not its calls: a step's chunks (sequence parallelism) all
+        # read the history up to the step before and add to the same slot. Without steps (step < 0), each call is one.
+        ran, last = state.output_calls.get(id(self), (-1, None))
+        at = state.step if state.step >= 0 else None
+        new_step = at is None or at != last
+        ran += new_step
+        state.output_calls[id(self)] = (ran, at)
+        if ran == 0 and new_step:
             self.amax.zero_()  # another request's history must not scale this one's outputs
-        return kern.DelayedScale(self.amax, read=-1 if calls == 0 else (calls - 1) % 2, write=calls % 2,
+        if ran > 0 and new_step and state.reduce_max is not None:
+            state.reduce_max(self.amax[(ran - 1) % 2:][:1])  # the group's max: every rank takes one device's scale
+        return kern.DelayedScale(self.amax, read=-1 if ran == 0 else (ran - 1) % 2, write=ran % 2,
                                  only=state.config.e4m3_only_inputs)  # fmt: skip
 
     def new_forward(self, module: nn.Module, forward: Callable[..., Any], x: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,52 @@ def test_pipeline_under_dsp_matches_single_device(sp, cfg):
         assert len({r[name]["all_to_all_done"] for r in results}) == 1
 
 
+def _fp8_worker(rank: int, world: int, sp: int, cfg: int) -> list[bool]:
+    """An fp8 request on a group runs the attentions' output projections in fp8 too, on rows every rank scales by
+    the group's amax, so it lands where one device lands."""
+    from pab.kernels import fp8 as kern
+    from pab.precision import Fp8OutputHook
+
+    ctx = init_parallel(ParallelConfig(sp=sp, cfg=cfg))
+    name = "opensora-v1.2-tiny"
+    request = GenerationRequest(model=name, prompt="a red fox in snow", seed=3, pab="paper", precision="fp8",
+                                **REQUESTS[name])  # fmt: skip
+    rows = []
+    real = Fp8OutputHook.new_forward
+
+    def spy(self, module, forward, x):
+        rows.append(kern.companion(x.reshape(-1, x.shape[-1])) is not None)
+        return real(self, module, forward, x)
+
+    Fp8OutputHook.new_forward = spy
+    ref = Pipeline.from_name(name, device="cpu", dtype=torch.float32).generate(request, decode=False)
+    alone = list(rows)
+    rows.clear()
+    out = Pipeline.from_name(name, device="cpu", dtype=torch.float32, parallel=ctx).generate(request, decode=False)
+    scale = max(1.0, ref.latents.abs().max().item())
+    torch.testing.assert_close(out.latents, ref.latents, atol=1e-5 * scale, rtol=1e-5)
+    assert sum(alone) > 0 and sum(rows) == sum(alone), (sum(rows), sum(alone))  # the same calls ran on rows
+    return rows
+
+
+def test_fp8_output_projections_under_dsp_match_single_device():
+    results = launch_local(2, _fp8_worker, 2, 1, backend="gloo")
+    assert all(r == results[0] for r in results)
+
+
+def test_a_cfg_split_group_keeps_the_output_projections_in_bf16():
+    """Its CFG halves on two ranks land 1.4e-3 from one device with these projections in fp8 (not understood yet):
+    such a group runs them in bf16 (Pipeline._fp8_request_config)."""
+    from pab.parallel.context import ParallelContext
+
+    pipe = Pipeline.from_name("opensora-v1.2-tiny", device="cpu")
+    assert pipe._fp8_request_config().attention_outputs
+    pipe.parallel = ParallelContext(ParallelConfig(cfg=2), world_size=2, cfg_size=2)
+    assert not pipe._fp8_request_config().attention_outputs
+    pipe.parallel = ParallelContext(ParallelConfig(sp=2), world_size=2, sp_size=2)  # the group's max: one scale
+    assert pipe._fp8_request_config().attention_outputs
+
+
 TEACACHE = {"policy": "teacache", "threshold": 0.6, "coefficients": [3.0, -1.0, 0.5]}
 
 
@@ -104,8 +150,8 @@ def _graphs_and_fp8_worker(rank: int, world: int) -> dict:
             request = GenerationRequest(model=name, prompt="a red fox in snow", seed=3, pab="paper",
                                         precision=precision, **size)  # fmt: skip
             one = Pipeline.from_name(name, device="cpu", dtype=torch.float32)
-            # a group runs the attentions' output projections in bf16 (Pipeline._fp8_request_config): so does the
-            # reference here
+            # CUDA graphs run the attentions' output projections in bf16 (Pipeline._fp8_request_config): so does
+            # the reference here
             one.fp8_config = Fp8Config(attention_outputs=False)
             ref = one.generate(request, decode=False)
             eager = Pipeline.from_name(name, device="cpu", dtype=torch.float32, parallel=ctx)
