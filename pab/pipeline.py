@@ -563,12 +563,9 @@ class Pipeline:
         )
 
     def _fp8_request_config(self) -> Fp8Config:
-        """`fp8_config`, with the output projections in bf16 where a request runs as CUDA graphs (their delayed
-        scale picks its slots by the steps an attention ran at, and a replayed graph runs no Python to count them)
-        or with its CFG halves on different ranks: there the video lands 1.4e-3 from one device's (tiny model,
-        float32, 10 steps), where sequence parallelism alone lands within float rounding. Not understood yet."""
-        cfg_split = getattr(self.parallel, "cfg_size", 1) > 1
-        if self.fp8_config.attention_outputs and (self.graphs is not None or cfg_split):
+        """`fp8_config`, with the output projections in bf16 where a request runs as CUDA graphs: their delayed
+        scale picks its slots by the steps an attention ran at, and a replayed graph runs no Python to count them."""
+        if self.fp8_config.attention_outputs and self.graphs is not None:
             return replace(self.fp8_config, attention_outputs=False)
         return self.fp8_config
 
