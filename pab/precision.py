@@ -86,7 +86,7 @@ class Fp8Config:
     attention_outputs: bool = True
     """Also the output projections a module names in `attention_output_linears()` (square, so bf16 otherwise): the
     attention kernel writes its output in e4m3 with one scale per tensor, the largest |value| of the request's
-    earlier calls of that attention x 2 (`pab.kernels.fp8.DelayedScale`; a row's own scale would need every head
+    earlier steps of that attention x 2 (`pab.kernels.fp8.DelayedScale`; a row's own scale would need every head
     of a token, which the kernels split over programs). A request's first call of each attention runs its
     projection in bf16 and records the scale. It takes the spatial and cross-attention through
     `pab.kernels.flash_attention` (not cuDNN, which cannot write e4m3) and the temporal one through the

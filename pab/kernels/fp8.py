@@ -15,6 +15,7 @@ path, and what the kernel is tested against.
 from __future__ import annotations
 
 import os
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +47,13 @@ def quantize_rows_reference(
     if gelu == "tanh":
         xf = _gelu_tanh(xf)
     amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(_TINY)
-    # x * (448 / amax), not x / scale: the kernel multiplies (a division per element costs it ~10 instructions)
-    return (xf * (E4M3_MAX / amax)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), amax / E4M3_MAX
+    return _to_e4m3(xf, amax), amax / E4M3_MAX
+
+
+def _to_e4m3(xf: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """float32 values over `top` (their rows' amax, or one for all) mapped to 448, clamped, rounded to e4m3. As
+    x * (448 / top), not x / scale: the kernels multiply (a division per element costs them ~10 instructions)."""
+    return (xf * (E4M3_MAX / top)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
 def _interpreting() -> bool:
@@ -238,7 +244,7 @@ def fp8_input(consumer: object, *carriers: object) -> str | None:
 
 # An attention's output feeds a square output projection. Row-wise scales would need every head of a token, which
 # the attention kernels split over programs, so those outputs take one scale per tensor instead, delayed: the
-# largest |value| of this request's earlier calls of the same attention (x `DELAYED_MARGIN`), which every program
+# largest |value| of the same attention at this request's earlier steps (x `DELAYED_MARGIN`), which every program
 # knows before it writes. e4m3 is a float format: a scale a few times too large costs no precision until values
 # fall 2^15 below the largest (the subnormals), so one scale for all rows loses next to nothing against row-wise
 # ones. The first call of a request has no history: it writes its output as it is and records its largest value.
@@ -250,7 +256,7 @@ class DelayedScale:
     """How one attention call writes its output for an fp8 output projection.
 
     amax: (2,) float32 on the output's device, owned by the projection's fp8 hook. A call reads slot `read` (the
-    largest |output| of the request's earlier calls; -1 on the first call: nothing to read, write the output in
+    largest |output| at the request's earlier steps; -1 on its first step: nothing to read, write the output in
     its own dtype) and writes slot `write` = max(what it read, its own largest |output|), so the next call reads
     that slot while this one's readers never see a slot being written. only: write the e4m3 rows alone."""
 
@@ -290,15 +296,14 @@ def fp8_output(consumer: object) -> DelayedScale | None:
     ask = getattr(consumer, "fp8_delayed_scale", None)
     d = ask() if ask is not None else None
     if d is not None and d.only and not passes_input_on(consumer):
-        return DelayedScale(d.amax, d.read, d.write, only=False)
+        return dataclasses.replace(d, only=False)
     return d
 
 
 def quantize_delayed(x: torch.Tensor, hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) -> e4m3 (M, K) and (M, 1) float32 scales, all rows scaled by one `hist` (a 0-d tensor) x margin."""
     top = (hist.float() * DELAYED_MARGIN).clamp_min(_TINY)
-    q = (x.float() * (E4M3_MAX / top)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return q, (top / E4M3_MAX).expand(x.shape[0], 1).contiguous()
+    return _to_e4m3(x.float(), top), (top / E4M3_MAX).expand(x.shape[0], 1).contiguous()
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
