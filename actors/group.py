@@ -7,7 +7,7 @@
     group.shutdown()
 
 Each rank actor holds a `actors.worker.GenerationWorker` (no Ray in it). Rank 0 picks the rendezvous
-address (loopback when the whole group is on one node, as it is under STRICT_PACK) and a free port;
+address (loopback when the whole group is on one node, as it is under STRICT_PACK) and opens its store there;
 every rank then joins one torch.distributed group (NCCL on GPUs, gloo on CPU).
 
 Failure model: a group renders one video at a time. If any rank dies or hangs, the group is *broken*:
@@ -27,7 +27,6 @@ deployment.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -104,7 +103,7 @@ def group_bundles(
 
 
 class RankWorker:
-    """The Ray actor around one `GenerationWorker`: adds node info, a free port and error mapping.
+    """The Ray actor around one `GenerationWorker`: adds node info, the rendezvous store and error mapping.
 
     Threaded (`max_concurrency` > 1) so `health`, `progress` and `cancel` answer while `generate`
     runs in another thread.
@@ -128,10 +127,8 @@ class RankWorker:
         return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": self.worker.device}
 
-    def free_port(self, host: str) -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            return s.getsockname()[1]
+    def host_store(self, host: str) -> int:
+        return self.worker.host_store(host)
 
     def init_distributed(self, init_method: str | None) -> None:
         self.worker.init_distributed(init_method)
@@ -343,7 +340,7 @@ class GpuGroup:
                 # (a node may have several addresses, loopback is always right there).
                 one_node = len({n["node_id"] for n in nodes}) == 1
                 host = "127.0.0.1" if one_node else nodes[0]["ip"]
-                port = ray.get(self.ranks[0].free_port.remote(host), timeout=60)
+                port = ray.get(self.ranks[0].host_store.remote(host), timeout=60)
                 init_method = f"tcp://{host}:{port}"
                 ray.get([r.init_distributed.remote(init_method) for r in self.ranks], timeout=self.start_timeout_s)
             loads = ray.get([r.load.remote() for r in self.ranks], timeout=self.start_timeout_s)

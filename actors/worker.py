@@ -185,6 +185,7 @@ class GenerationWorker:
         self.dist_timeout_s = dist_timeout_s
         self.engine: Engine | None = None
         self.distributed = False
+        self._store: Any = None  # rank 0's rendezvous store (torch.distributed.TCPStore), kept while the group is
         self.load_info: dict[str, Any] = {}
         self._busy = threading.Lock()
         self._cancel = threading.Event()
@@ -193,12 +194,31 @@ class GenerationWorker:
 
     # ------------------------------------------------------------------ lifecycle
 
+    def host_store(self, host: str) -> int:
+        """Rank 0: open the group's rendezvous store on a port the OS picks as it binds; return that port.
+
+        The other ranks then join `tcp://host:port` (`init_distributed`). Binding at once leaves no window in
+        which another process can take a port picked earlier.
+        """
+        from pab.parallel.launch import rendezvous_store
+
+        if self._store is None:
+            self._store = rendezvous_store(host, self.world_size, self.dist_timeout_s)
+        return self._store.port
+
     def init_distributed(self, init_method: str | None, backend: str | None = None) -> None:
-        """Join the group's process group (all ranks call this at once). A group of one needs none."""
+        """Join the group's process group (all ranks call this at once). A group of one needs none.
+
+        With a `tcp://host:port` init method, rank 0 serves the store it opened in `host_store` (or opens it on
+        that port) and the others connect to it; any other init method goes to torch as it is.
+        """
         import datetime
+        from urllib.parse import urlparse
 
         import torch
         import torch.distributed as dist
+
+        from pab.parallel.launch import join_store
 
         if self.world_size == 1 or self.distributed:
             return
@@ -208,10 +228,14 @@ class GenerationWorker:
             os.environ.setdefault("LOCAL_RANK", self.device.partition(":")[2] or "0")
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a dead peer fails, not hangs
             torch.cuda.set_device(torch.device(self.device))
-        dist.init_process_group(
-            backend, init_method=init_method, rank=self.rank, world_size=self.world_size,
-            timeout=datetime.timedelta(seconds=self.dist_timeout_s),
-        )
+        timeout = datetime.timedelta(seconds=self.dist_timeout_s)
+        url = urlparse(init_method or "")
+        if url.scheme == "tcp" and (self.rank != 0 or self._store is not None):
+            store = self._store or join_store(url.hostname, url.port, self.world_size, self.dist_timeout_s)
+            dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size,
+                                    timeout=timeout)  # fmt: skip
         self.distributed = True
         log.info("rank %d/%d joined %s via %s", self.rank, self.world_size, backend, init_method)
 
@@ -250,6 +274,7 @@ class GenerationWorker:
                 dist.destroy_process_group()
             finally:
                 self.distributed = False
+        self._store = None
 
     # ------------------------------------------------------------------ generation
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import os
 import queue
-import socket
 import traceback
 from typing import Any, Callable
 
@@ -30,11 +29,19 @@ class LaunchError(RuntimeError):
         self.rank = rank
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1 (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous_store(host: str, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """Rank 0's TCP store, bound to a port the OS picks as it binds (`.port` says which).
+
+    Picking a free port first and binding it later leaves a window in which another process can take it
+    (EADDRINUSE at `init_process_group`); binding port 0 has none. Keep the store alive while the group is.
+    """
+    return dist.TCPStore(host, 0, world_size, is_master=True, timeout=datetime.timedelta(seconds=timeout_s),
+                         wait_for_workers=False)  # fmt: skip
+
+
+def join_store(host: str, port: int, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """A client of the store `rendezvous_store` opened, for every rank that did not open it."""
+    return dist.TCPStore(host, port, world_size, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def _worker(
@@ -56,7 +63,7 @@ def _worker(
             torch.cuda.set_device(rank)
         dist.init_process_group(
             backend,
-            init_method=f"tcp://127.0.0.1:{port}",
+            store=join_store("127.0.0.1", port, world_size, timeout_s),
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
@@ -142,7 +149,8 @@ def launch_local(
         raise ValueError(f"NCCL needs one GPU per process: {nprocs} processes, {torch.cuda.device_count()} GPUs")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
+    store = rendezvous_store("127.0.0.1", nprocs, timeout_s)  # held here, so every rank is a client
+    port = store.port
     procs = [
         ctx.Process(
             target=_worker,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import os
-import socket
 import uuid
 
 import av
@@ -67,8 +66,13 @@ def test_rank0_writes_video_and_sidecar(tmp_path):
     assert "mp4" not in res
 
 
-def _rank_main(rank, port, q, device="cpu"):
+def _rank_main(rank, ports, q, device="cpu"):
     w = GenerationWorker(rank, 2, "latte-1-tiny", device=device.format(rank=rank), engine_factory=FAKE)
+    if rank == 0:  # as actors.group does: rank 0 opens the store, the others learn its port
+        port = w.host_store("127.0.0.1")
+        ports.put(port)
+    else:
+        port = ports.get(timeout=60)
     w.init_distributed(f"tcp://127.0.0.1:{port}")
     w.load()
     seen = []
@@ -88,12 +92,9 @@ def _rank_main(rank, port, q, device="cpu"):
 
 
 def _cancel_run(device: str) -> list:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, q, device)) for r in range(2)]
+    q, ports = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, ports, q, device)) for r in range(2)]
     for p in procs:
         p.start()
     out = sorted(q.get(timeout=120) for _ in procs)
