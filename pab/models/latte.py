@@ -46,9 +46,9 @@ import torch.nn.functional as F
 
 from pab.kernels import flash_attention as flash
 from pab.kernels import short_attention as short_attn
+from pab.kernels.fp8 import DelayedScale, delayed_reference, fp8_input, fp8_output
 from pab.kernels import DEFAULT_KERNELS, KernelOptions, no_grad_needed, norms
 from pab.hooks.registry import output_reused
-from pab.kernels.fp8 import fp8_input
 from pab.models.packing import end_to_end
 
 #################################################################################
@@ -466,44 +466,57 @@ class Attention(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         attention_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        d = fp8_output(self.to_out[0])  # asked once a call: it counts the request's calls (pab.precision)
         if hidden_states.ndim == 4 and encoder_hidden_states is None:  # frame blocks -> the same layout
             qkv = _linear_cat(hidden_states.transpose(0, 1), self.to_q, self.to_k, self.to_v)  # (nb, N, lb, 3hd)
-            return self._self_attention(qkv, attention_bias).transpose(0, 1)
+            return self._self_attention(qkv, attention_bias, d).transpose(0, 1)
         if encoder_hidden_states is None:
-            return self._self_attention(_linear_cat(hidden_states, self.to_q, self.to_k, self.to_v), attention_bias)
+            return self._self_attention(_linear_cat(hidden_states, self.to_q, self.to_k, self.to_v), attention_bias,
+                                        d)  # fmt: skip
         n, length, _ = hidden_states.shape  # (N, L_q, C)
         q = self.to_q(hidden_states).view(n, length, self.heads, self.dim_head).transpose(1, 2)  # (N, h, L_q, d)
         kv = _linear_cat(encoder_hidden_states, self.to_k, self.to_v)  # (N, L_kv, 2*h*d)
         kv = kv.view(n, encoder_hidden_states.shape[1], 2, self.heads, self.dim_head)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (N, h, L_kv, d) each
-        return self._sdpa_out(q, k, v, attention_bias)
+        return self._sdpa_out(q, k, v, attention_bias, d)
 
-    def _self_attention(self, qkv: torch.Tensor, attention_bias: torch.Tensor | None) -> torch.Tensor:
+    def attention_output_linears(self) -> list[nn.Linear]:
+        """The attention's output reaches `to_out[0]` alone (to_out[1] is a dropout), and the kernels can write it
+        in e4m3 (pab.precision)."""
+        return [self.to_out[0]]
+
+    def _self_attention(
+        self, qkv: torch.Tensor, attention_bias: torch.Tensor | None, d: DelayedScale | None = None
+    ) -> torch.Tensor:  # fmt: skip
         """(N, L, 3·h·d) -> (N, L, C), or frame blocks (nb, N, lb, 3·h·d) -> (nb, N, lb, C)."""
         # Temporal attention (sequences of <= 32 frames) on CUDA in half precision through one Triton kernel
         # instead of flash attention's one mostly-empty CTA per (sequence, head).
         if self.kernels.short_attention and attention_bias is None and short_attn.supported(qkv, self.heads):
-            out = short_attn.try_short_attention(qkv, self.heads)  # temporal: F <= 32 tokens a sequence
+            out = short_attn.try_short_attention(qkv, self.heads, delayed=d)  # temporal: F <= 32 tokens a sequence
             if out is not None:
                 return self.to_out[1](self.to_out[0](out))
         if qkv.ndim == 4:  # any other path: reorder the blocks into (N, L, 3hd) sequences first
             nb, n, lb, c3 = qkv.shape
-            out = self._self_attention(qkv.transpose(0, 1).reshape(n, nb * lb, c3), attention_bias)
+            out = self._self_attention(qkv.transpose(0, 1).reshape(n, nb * lb, c3), attention_bias, d)
             return out.view(n, nb, lb, out.shape[-1]).transpose(0, 1)
         n, length, _ = qkv.shape
         # explicit sizes, no -1: a DSP rank can get no sequences of a chunk (n = 0)
         q, k, v = qkv.view(n, length, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)  # (N, h, L, d)
-        return self._sdpa_out(q, k, v, attention_bias)
+        return self._sdpa_out(q, k, v, attention_bias, d)
 
-    def _sdpa_out(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _sdpa_out(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, d: DelayedScale | None
+    ) -> torch.Tensor:  # fmt: skip
         """SDPA over (N, h, L, d) q and (N, h, L_kv, d) k, v, then the output projection: (N, L, C)."""
         n, _, length, _ = q.shape
         if bias is None and (self.spatial or self.is_cross_attention):  # KernelOptions picks these two's kernel
             impl = self.kernels.cross_attention if self.is_cross_attention else self.kernels.spatial_attention
-            out = flash.attention(q, k, v, impl)  # (N, L_q, h, d)
+            out = flash.attention(q, k, v, impl, delayed=d)  # (N, L_q, h, d)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
             out = out.transpose(1, 2)  # (N, L_q, h, d), scale 1/sqrt(d)
+            if d is not None:  # the kernels' arithmetic in PyTorch
+                out = delayed_reference(out, d, width=self.heads * self.dim_head)
         out = out.reshape(n, length, self.heads * self.dim_head)  # (N, L_q, h*d)
         return self.to_out[1](self.to_out[0](out))  # (N, L_q, C)
 

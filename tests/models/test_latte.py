@@ -250,7 +250,12 @@ def test_short_attention_kernel_in_bf16_on_cuda(F, monkeypatch):
     kw16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in kw.items()}
     calls = []
     real = short_attn.try_short_attention
-    monkeypatch.setattr(short_attn, "try_short_attention", lambda qkv, h: calls.append(qkv.shape) or real(qkv, h))
+
+    def spy(qkv, heads, **kw):
+        calls.append(qkv.shape)
+        return real(qkv, heads, **kw)
+
+    monkeypatch.setattr(short_attn, "try_short_attention", spy)
     out = run(model, **kw16).float()
     # (sequences, tokens) of each call: spatial over a frame's 16 patches, temporal over F frames, two blocks each
     assert [tuple(shape[:2]) for shape in calls] == [(2 * F, 16), (2 * 16, F)] * 2, calls
