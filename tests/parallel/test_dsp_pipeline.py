@@ -64,14 +64,13 @@ def test_pipeline_under_dsp_matches_single_device(sp, cfg):
         assert len({r[name]["all_to_all_done"] for r in results}) == 1
 
 
-def _fp8_worker(rank: int, world: int, sp: int, cfg: int) -> list[bool]:
+def _fp8_worker(rank: int, world: int, sp: int, cfg: int, name: str) -> list[bool]:
     """An fp8 request on a group runs the attentions' output projections in fp8 too, on rows every rank scales by
     the group's amax, so it lands where one device lands."""
     from pab.kernels import fp8 as kern
     from pab.precision import Fp8OutputHook
 
     ctx = init_parallel(ParallelConfig(sp=sp, cfg=cfg))
-    name = "opensora-v1.2-tiny"
     request = GenerationRequest(model=name, prompt="a red fox in snow", seed=3, pab="paper", precision="fp8",
                                 **REQUESTS[name])  # fmt: skip
     rows = []
@@ -92,8 +91,9 @@ def _fp8_worker(rank: int, world: int, sp: int, cfg: int) -> list[bool]:
     return rows
 
 
-def test_fp8_output_projections_under_dsp_match_single_device():
-    results = launch_local(2, _fp8_worker, 2, 1, backend="gloo")
+@pytest.mark.parametrize("name", ["opensora-v1.2-tiny", "latte-1-tiny", "opensora-plan-v1.1-tiny"])
+def test_fp8_output_projections_under_dsp_match_single_device(name):
+    results = launch_local(2, _fp8_worker, 2, 1, name, backend="gloo")
     assert all(r == results[0] for r in results)
 
 
