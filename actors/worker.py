@@ -209,8 +209,8 @@ class GenerationWorker:
     def init_distributed(self, init_method: str | None, backend: str | None = None) -> None:
         """Join the group's process group (all ranks call this at once). A group of one needs none.
 
-        With a `tcp://host:port` init method, rank 0 serves the store it opened in `host_store` (or opens it on
-        that port) and the others connect to it; any other init method goes to torch as it is.
+        With a `tcp://host:port` init method, rank 0 serves the store it opened in `host_store` and the others
+        connect to it. Any other init method, or rank 0 without a store of its own, goes to torch as it is.
         """
         import datetime
         from urllib.parse import urlparse
