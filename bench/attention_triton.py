@@ -1,6 +1,7 @@
 """An experiment (issue #20): pab.kernels.flash_attention against cuDNN at Open-Sora 1.2's spatial attention, d = 72.
 
     python -m bench.attention_triton --sweep --layout packed --out bench/results/attention-triton.json
+    python -m bench.attention_triton --sweep --layout packed --seqs 2 --tokens 23850 --keys 120   # cross-attention
 
 SDPA's fastest backend, cuDNN, takes 2.23 ms for 60 sequences x 16 heads x 1,590 tokens at d = 72 on an H200, 313
 TFLOP/s counted at d = 72 (flash 221, efficient 94; bench/results/attention-h200.json). How the kernel splits the
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from pab.kernels.flash_attention import CONFIG as DEFAULT_CONFIG
-from pab.kernels.flash_attention import LOADS, flash_attention, triton
+from pab.kernels.flash_attention import LOADS, cross_config, flash_attention, triton
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, loads) that --sweep times: the pointer kernel over the whole grid
 # (offline for sm_90 with Triton 3.9 all compile, within 184 KB of shared memory; 128 x 64 and 128 x 128 with 4
@@ -49,9 +50,19 @@ def best_config(rows: list[dict[str, Any]]) -> tuple[int, int, int, int, str] | 
 # ------------------------------------------------------------------------------------------------ benchmark
 
 
-def make_inputs(n: int, h: int, length: int, d: int, layout: str, dtype=torch.bfloat16, device="cuda"):
-    """q, k, v (N, H, L, D): separate contiguous tensors ("nhld") or views of one (N, L, 3, H, D) qkv ("packed")."""
+def make_inputs(n: int, h: int, length: int, d: int, layout: str, dtype=torch.bfloat16, device="cuda",
+                keys: int | None = None):  # fmt: skip
+    """q, k, v (N, H, L, D): separate contiguous tensors ("nhld") or views of one (N, L, 3, H, D) qkv ("packed").
+    With `keys` (cross-attention), k and v hold that many keys: (N, H, keys, D), and "packed" is what the models
+    feed it: q a view of an (N, L, H, D) projection, k and v views of one (N, keys, 2, H, D)."""
     g = torch.Generator(device).manual_seed(0)
+    if keys is not None:
+        if layout == "nhld":
+            return tuple(torch.randn(n, h, rows, d, device=device, dtype=dtype, generator=g)
+                         for rows in (length, keys, keys))  # fmt: skip
+        q = torch.randn(n, length, h, d, device=device, dtype=dtype, generator=g).transpose(1, 2)
+        kv = torch.randn(n, keys, 2, h, d, device=device, dtype=dtype, generator=g)
+        return (q, *(t.transpose(1, 2) for t in kv.unbind(2)))
     if layout == "nhld":
         return tuple(torch.randn(n, h, length, d, device=device, dtype=dtype, generator=g) for _ in range(3))
     qkv = torch.randn(n, length, 3, h, d, device=device, dtype=dtype, generator=g)
@@ -112,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--tokens", type=int, default=1590)
     p.add_argument("--dim", type=int, default=72)
+    p.add_argument("--keys", type=int, help="cross-attention: this many keys (text tokens) against --tokens queries; "
+                   "pointer loads only, the default config `cross_config(keys)` (e.g. --seqs 2 --tokens 23850 --keys "
+                   "120 for Open-Sora 480p)")  # fmt: skip
     p.add_argument("--layout", choices=("nhld", "packed"), default="nhld",
                    help="q, k, v contiguous (N, H, L, D) with an (N, H, L, D) output, or views of one (N, L, 3, H, "
                         "D) qkv with an (N, L, H, D) output")  # fmt: skip
@@ -120,8 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if triton is None or not torch.cuda.is_available():
         p.error("needs CUDA and triton")
+    if args.keys is not None and args.keys < 1:
+        p.error("--keys must be >= 1")
+    loads = ["pointer"] if args.keys is not None else args.loads  # TMA loads take self-attention only
     if args.sweep:
-        configs = [c for c in CONFIGS if c[4] in args.loads]
+        configs = [c for c in CONFIGS if c[4] in loads]
         if args.tiles:
             configs = [c for c in configs if f"{c[0]}x{c[1]}" in args.tiles]
         if args.warps:
@@ -129,11 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.config:
         configs = [(*map(int, args.config[:4]), args.config[4])]
     else:
-        configs = [DEFAULT_CONFIG]
+        configs = [DEFAULT_CONFIG if args.keys is None else cross_config(args.keys)]
     n, h, length, d = args.seqs, args.heads, args.tokens, args.dim
-    q, k, v = make_inputs(n, h, length, d, args.layout)
+    keys = length if args.keys is None else args.keys
+    q, k, v = make_inputs(n, h, length, d, args.layout, keys=args.keys)
     ref = reference(q, k, v)
-    flop = 4 * n * h * length * length * d
+    flop = 4 * n * h * length * keys * d
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def cudnn(q, k, v):
@@ -167,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])[:8]:
         _print_row(r)
     record = {"bench": "attention_triton", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": triton.__version__, "date": datetime.date.today().isoformat(), "shape": [n, h, length, d],
+              "triton": triton.__version__, "date": datetime.date.today().isoformat(), "shape": [n, h, length, d], "keys": keys,
               "layout": args.layout, "out_layout": out_layout, "dtype": "bfloat16", "flop_at_d": flop,
               "best": list(best) if best else None, "rows": rows}  # fmt: skip
     append_records(args.out, record)

@@ -9,6 +9,8 @@
 #   bash bench/gpu_run.sh plan    Open-Sora-Plan v1.1 fp8 off/paper, DiT only, with the profile (~4-5 min)
 #   bash bench/gpu_run.sh graphs  Latte fp8 `paper`, DiT only, with the profile's idle share: eager, then CUDA graphs
 #                                 (~2.5 min)
+#   bash bench/gpu_run.sh cross   the flash kernel's launch configs at Open-Sora 480p's cross-attention, 30 and 120
+#                                 text tokens, against cuDNN (~5-8 min; picks `cross_config`)
 #   bash bench/gpu_run.sh ab      the working tree against another revision on the same card: Open-Sora 480p and
 #                                 Latte fp8 off, DiT only, the two trees alternating, two rounds (~6 min; AB_CASES=latte
 #                                 for one case). Here first:
@@ -20,7 +22,7 @@
 # Records land in $OUT (the device's return folder): append them to bench/results/<gpu>.json here with
 # bench.records, noting the session. Each step has its own timeout so one call stays under the 600 s limit.
 set -uo pipefail
-what="${1:?usage: bash bench/gpu_run.sh suite|e2e|plan|ab|graphs}"
+what="${1:?usage: bash bench/gpu_run.sh suite|e2e|plan|ab|graphs|cross}"
 OUT="${OUT:?set OUT to the folder the records go to}"
 mkdir -p /tmp/site
 for f in .gpu-site/*.tar.xz .gpu-av/*.tar.xz; do [ -f "$f" ] && tar -xJf "$f" -C /tmp/site; done
@@ -75,6 +77,15 @@ case "$what" in
             timeout "$(left 290)" python -m bench.run --cases latte --precision fp8 --pab paper --idle --dit-only $g \
                 --out "$OUT/run-graphs.json" 2>&1 | grep -v Warn | tail -14
         done ;;
-    *) echo "unknown call $what; one of suite, e2e, plan, ab, graphs" >&2; exit 2 ;;
+    cross)
+        # `cross_config` (pab/kernels/flash_attention.py) is a guess: sweep the pointer kernel at Open-Sora 480p's
+        # cross-attention (2 x 16 heads x 23,850 video tokens, d = 72) against a short and a long prompt's tokens
+        for keys in 30 120; do
+            step "cross-attention, $keys keys"
+            timeout "$(left $((keys == 30 ? 280 : 570)))" python -m bench.attention_triton --sweep --layout packed \
+                --seqs 2 --tokens 23850 --keys "$keys" --iters 10 --out "$OUT/attention-cross.json" 2>&1 \
+                | grep -v Warn | tail -12
+        done ;;
+    *) echo "unknown call $what; one of suite, e2e, plan, ab, graphs, cross" >&2; exit 2 ;;
 esac
 step "done"
