@@ -159,13 +159,7 @@ def _run_case(
     records = []
     bf16_latents: dict[str, torch.Tensor] = {}
     for (label, pab), precision in ((lp, pr) for lp in pabs for pr in precisions):
-        # "fp8+exact": fp8 without Hopper's fast accumulation; "fp8+groups": Latte's q, k, v in fp8 too; "fp8+both":
-        # the norms write bf16 beside the e4m3 rows even where an fp8 GEMM is the only reader; "fp8+outbf16": the
-        # attentions' output projections in bf16, cuDNN's attention (Fp8Config)
-        mode = precision.partition("+")[2]
-        pipe.fp8_config = dataclasses.replace(pipe.fp8_config, fast_accum=mode != "exact", linear_groups=mode == "groups",
-                                              e4m3_only_inputs=mode != "both",
-                                              attention_outputs=mode != "outbf16")  # fmt: skip
+        pipe.fp8_config = dataclasses.replace(pipe.fp8_config, **{**FP8_BASE, **FP8_MODES[precision.partition("+")[2]]})
         base["precision"] = precision.split("+")[0]
         first_s = None
         if engine.cuda_graphs:  # the first request of a shape captures its patterns' graphs; a server's later ones replay
@@ -275,7 +269,14 @@ def x264_options(text: str) -> dict[str, str]:
     return {k: v for k, _, v in pairs}
 
 
-PRECISION_MODES = ("bf16", "fp8", "fp8+exact", "fp8+groups", "fp8+both", "fp8+outbf16")
+# What each "fp8+<mode>" of --precision changes in the pipeline's Fp8Config, over FP8_BASE ("fp8", and bf16's hooks):
+# "exact": fp8 without Hopper's fast accumulation; "groups": Latte's q, k, v in fp8 too; "both": the norms write bf16
+# beside the e4m3 rows even where an fp8 GEMM is the only reader; "outbf16": the attentions' output projections in
+# bf16, cuDNN's attention
+FP8_BASE = {"fast_accum": True, "linear_groups": False, "e4m3_only_inputs": True, "attention_outputs": True}
+FP8_MODES: dict[str, dict[str, bool]] = {"": {}, "exact": {"fast_accum": False}, "groups": {"linear_groups": True},
+                                         "both": {"e4m3_only_inputs": False}, "outbf16": {"attention_outputs": False}}
+PRECISION_MODES = ("bf16", *(f"fp8+{m}" if m else "fp8" for m in FP8_MODES))
 
 
 def precision_list(text: str) -> tuple[str, ...]:

@@ -8,7 +8,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from bench.run import (
-    CASES, Case, _flops_by_kind, _run_case, fixed_schedule, precision_list, schedules_for, speedup, x264_options,
+    CASES, FP8_BASE, FP8_MODES, Case, _flops_by_kind, _run_case, fixed_schedule, precision_list, schedules_for, speedup,
+    x264_options,
 )  # fmt: skip
 from pab.engine import EngineOptions
 from pab.kernels import KernelOptions
@@ -163,3 +164,17 @@ def test_end_to_end_includes_the_mp4_encoded_while_decoding():
     assert rec["spatial_attention"] == "triton"
     assert rec["x264"] == {"rc-lookahead": "8", "preset": "veryfast"}  # over Mp4Writer's defaults
     assert rec["mp4_s"] >= 0 and 0 < rec["e2e_s"] <= rec["to_mp4_s"]  # prompt to mp4 on disk, after the decode
+
+
+def test_each_fp8_mode_changes_its_one_setting_over_the_pipelines_defaults():
+    """--precision fp8 is the pipeline's own Fp8Config; each fp8+<mode> differs from it in the one field it names."""
+    import dataclasses
+
+    from pab.precision import Fp8Config
+
+    default = Fp8Config()
+    assert all(getattr(default, k) == v for k, v in FP8_BASE.items())
+    for mode, change in FP8_MODES.items():
+        cfg = dataclasses.replace(default, **{**FP8_BASE, **change})
+        differs = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
+        assert differs == set(change), mode
