@@ -136,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("needs CUDA and triton")
     if args.keys is not None and args.keys < 1:
         p.error("--keys must be >= 1")
-    loads = ["pointer"] if args.keys is not None else args.loads  # TMA loads take self-attention only
+    swept_loads = ["pointer"] if args.keys is not None else args.loads  # TMA loads take self-attention only
     if args.sweep:
-        configs = [c for c in CONFIGS if c[4] in loads]
+        configs = [c for c in CONFIGS if c[4] in swept_loads]
         if args.tiles:
             configs = [c for c in configs if f"{c[0]}x{c[1]}" in args.tiles]
         if args.warps:

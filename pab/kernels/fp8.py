@@ -14,8 +14,8 @@ path, and what the kernel is tested against.
 
 from __future__ import annotations
 
-import os
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
