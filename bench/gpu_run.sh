@@ -43,7 +43,7 @@ case "$what" in
             tests/test_vae_kernels.py tests/bench/test_vae.py 2>&1 | grep -v Warn | tail -8
         step "-m gpu tests"
         timeout "$(left 590)" python -m pytest -q -p no:cacheprovider -m gpu tests/models/test_latte.py tests/test_compile.py \
-            tests/test_video.py tests/parallel/test_dsp_gpu.py 2>&1 | grep -v Warn | tail -6 ;;
+            tests/test_video.py tests/parallel/test_dsp_gpu.py tests/bench/test_cublaslt.py 2>&1 | grep -v Warn | tail -6 ;;
     e2e)
         step "bench.mp4"
         timeout 70 python -m bench.mp4 --decode-s 0.5 --out "$OUT/mp4.json" 2>&1 | tail -32
