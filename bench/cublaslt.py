@@ -200,13 +200,16 @@ def _lt() -> _Lt:
 def lt_matmul(
     xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, *, bias: torch.Tensor | None = None,
     gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16, d_scale: torch.Tensor | None = None,
-    amax: torch.Tensor | None = None, fast_accum: bool = True,
+    amax: torch.Tensor | None = None, fast_accum: bool = True, residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """(xq * xs) @ (wq * ws^T)^T [+ bias] [-> tanh GELU] -> (M, N) in `out_dtype`; for e4m3 out also * d_scale (a
     float32 scalar tensor) and the largest |value| before that scale written to `amax` (a float32 scalar tensor).
 
     xq (M, K) and wq (N, K) e4m3, row-major; xs (M, 1) and ws (1, N) float32 (as `torch._scaled_mm` takes them), or
-    one element each (one scale per tensor); bias (N,) bf16. CublasLtError where cuBLASLt has no kernel for it."""
+    one element each (one scale per tensor); bias (N,) bf16; residual: an (M, N) tensor of `out_dtype` added to the
+    output (cuBLASLt's C, beta = 1); out: where to write it (contiguous). CublasLtError where cuBLASLt has no
+    kernel for it."""
     M, K = xq.shape
     N = wq.shape[0]
     fp8_out = out_dtype == torch.float8_e4m3fn
@@ -220,6 +223,9 @@ def lt_matmul(
     if wq.shape[1] != K or bad_scales or (bias is not None and bias.numel() != N):
         raise ValueError(f"shapes do not agree: xq {tuple(xq.shape)}, xs {tuple(xs.shape)}, wq {tuple(wq.shape)}, "
                          f"ws {tuple(ws.shape)}, bias {None if bias is None else tuple(bias.shape)}")  # fmt: skip
+    if residual is not None and (residual.shape != (M, N) or residual.dtype != out_dtype or fp8_out
+                                 or not residual.is_contiguous()):  # fmt: skip
+        raise ValueError(f"residual must be a contiguous ({M}, {N}) {out_dtype} tensor, with a 16-bit output")
     if bias is not None and bias.dtype != torch.bfloat16:
         raise ValueError(f"bias must be bf16 (the type cuBLASLt's fp8 kernels take); got {bias.dtype}")
     epilogue = ("gelu_" if gelu else "") + ("bias" if bias is not None else "")
@@ -227,7 +233,10 @@ def lt_matmul(
     device = xq.device.index if xq.device.index is not None else torch.cuda.current_device()
     lt = _lt()
     plan = lt.plan((M, N, K, epilogue, out_dtype, fp8_out, fast_accum, rowwise, amax is not None), device)
-    out = torch.empty((M, N), device=xq.device, dtype=out_dtype)
+    if out is None:
+        out = torch.empty((M, N), device=xq.device, dtype=out_dtype)
+    elif out.shape != (M, N) or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous ({M}, {N}) {out_dtype} tensor")
     ptr = ctypes.c_void_p
     with lt.lock:  # the plan's descriptor holds this call's pointers until cublasLtMatmul has read them
         lt.set(plan.desc, _DESC_A_SCALE, ptr(ws.data_ptr()))
@@ -238,12 +247,13 @@ def lt_matmul(
             lt.set(plan.desc, _DESC_D_SCALE, ptr(d_scale.data_ptr()))
         if amax is not None:
             lt.set(plan.desc, _DESC_AMAX_D, ptr(amax.data_ptr()))
-        alpha, beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        alpha, beta = ctypes.c_float(1.0), ctypes.c_float(0.0 if residual is None else 1.0)
+        c = out if residual is None else residual
         stream = torch.cuda.current_stream(xq.device).cuda_stream
         status = lt.lib.cublasLtMatmul(
             lt.handle(device), plan.desc, ctypes.byref(alpha), ptr(wq.data_ptr()), plan.layouts[0],
             ptr(xq.data_ptr()), plan.layouts[1], ctypes.byref(beta),
-            ptr(None if fp8_out else out.data_ptr()), plan.layouts[2],  # C may not alias a D of another type
+            ptr(None if fp8_out else c.data_ptr()), plan.layouts[2],  # C may not alias a D of another type
             ptr(out.data_ptr()), plan.layouts[3], ctypes.byref(plan.algo.algo), ptr(lt.workspaces[device].data_ptr()),
             WORKSPACE_BYTES, ptr(stream),
         )  # fmt: skip
@@ -313,12 +323,59 @@ def tensorwise(M: int, C: int, iters: int) -> dict[str, object]:
     return rec
 
 
+def gated(M: int, C: int, K: int, iters: int) -> dict[str, object]:
+    """An output projection (K = C) or fc2 (K = 4C) and the gated residual after it, x + gate * (h W^T + b), with
+    the gate folded into the weight's per-channel scales and the bias, and x read as cuBLASLt's C: one GEMM per CFG
+    half (the gate is per sample), against `torch._scaled_mm` + pab's gate + residual kernel."""
+    from pab.kernels import fp8 as kern
+    from pab.kernels import norms
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, T = 2, 1
+    h = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = torch.randn(C, K, device="cuda", dtype=torch.bfloat16, generator=g) / K**0.5
+    b = torch.randn(C, device="cuda", dtype=torch.bfloat16, generator=g) * 0.1
+    x = torch.randn(B, T, M // B, C, device="cuda", dtype=torch.bfloat16, generator=g)
+    gate = torch.randn(B, T, 1, C, device="cuda", dtype=torch.bfloat16, generator=g)
+    hq, hs = kern.quantize_rows(h)
+    wq, ws = kern.quantize_weight(w)
+    half = M // B
+
+    def now():
+        m = kern.fp8_matmul(hq, hs, wq, ws, b, torch.bfloat16, True)
+        return norms.gated_residual(x, gate, m.view(B, T, half, C))
+
+    def fused():
+        out = torch.empty_like(x)
+        for i in range(B):
+            gi = gate[i, 0, 0].float()
+            lt_matmul(hq[i * half:(i + 1) * half], hs[i * half:(i + 1) * half], wq, (ws * gi).contiguous(),
+                      bias=(b.float() * gi).bfloat16(), residual=x[i, 0], out=out[i, 0])
+        return out
+
+    m = kern.fp8_matmul(hq, hs, wq, ws, None, torch.float32) + b.float()  # torch adds no bias to a float32 out
+    want = x.float() + gate.float() * m.view(B, T, half, C)
+    rec = {"tokens": M, "K": K, "rel_l2_now": float((now().float() - want).norm() / want.norm()),
+           "rel_l2_fused": float((fused().float() - want).norm() / want.norm()),
+           "ms": {"now: scaled_mm + gate/residual kernel": gpu_ms(now, iters),
+                  "scaled_mm alone": gpu_ms(lambda: kern.fp8_matmul(hq, hs, wq, ws, b, torch.bfloat16, True), iters),
+                  "lt, gate in the scales, x as C (2 GEMMs)": gpu_ms(fused, iters)}}  # fmt: skip
+    print(f"gated residual M={M} K={K}: rel L2 now {rec['rel_l2_now']:.5f}, fused {rec['rel_l2_fused']:.5f}",
+          flush=True)
+    for k, v in rec["ms"].items():
+        print(f"  {k:45s} {v:.4f} ms", flush=True)
+    return rec
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[47_700, 32_768])
     p.add_argument("--hidden", type=int, default=1152)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--out", default=None)
+    p.add_argument("--parts", nargs="+", choices=("tensorwise", "gated"), default=["tensorwise"],
+                   help="tensorwise: fc1 with bias + GELU + e4m3 out, one scale per tensor; gated: fc2 / an output "
+                   "projection and the gated residual after it in one GEMM (the gate in the weight's scales, x as C)")
     args = p.parse_args(argv)
     variants = {}  # which combinations cuBLASLt has kernels for, asked of its heuristic at M = 64
     lt = None
@@ -340,15 +397,20 @@ def main(argv: list[str] | None = None) -> int:
                 except CublasLtError as e:
                     variants[name] = str(e).split("(")[-1]
                 print(f"  {name:70s} {variants.get(name)}", flush=True)
-    if lt is not None and variants.get(f"tensor gelu_bias {torch.float8_e4m3fn} d_scale=True amax=True") == "yes":
+    has = variants.get(f"tensor gelu_bias {torch.float8_e4m3fn} d_scale=True amax=True") == "yes"
+    if lt is not None and has and "tensorwise" in args.parts:
         record_tensorwise = [tensorwise(M, args.hidden, args.iters) for M in args.tokens]
     else:
         record_tensorwise = None
+    record_gated = None
+    if lt is not None and "gated" in args.parts:
+        record_gated = [gated(M, args.hidden, k * args.hidden, args.iters) for M in args.tokens for k in (1, 4)]
     record = {"bench": "cublaslt", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "variants": variants, "tensorwise": record_tensorwise}
+              "date": datetime.date.today().isoformat(), "variants": variants, "tensorwise": record_tensorwise,
+              "gated": record_gated}
     if args.out:
         append_records(args.out, record)
-    return 0 if record_tensorwise else 1
+    return 0 if lt is not None else 1
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -50,3 +50,17 @@ def test_tensor_scaled_gelu_epilogue_writes_e4m3_and_its_amax():
     assert float((out.float() / d_scale - want).norm() / want.norm()) < 0.05  # e4m3 rounding (~3%)
     bf16 = cublaslt.lt_matmul(xq, xs, wq, ws, bias=b)
     assert torch.allclose(bf16.float(), (xq.float() * xs) @ (wq.float() * ws).t() + b.float(), rtol=2**-7, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="Hopper")
+def test_row_scaled_gemm_adds_a_residual_into_out():
+    h, w, b = _operands(300, 256, 128, "cuda")
+    hq, hs = fp8.quantize_rows_reference(h)
+    wq, ws = fp8.quantize_weight(w)
+    x = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(x)
+    got = cublaslt.lt_matmul(hq, hs, wq, ws, bias=b, residual=x, out=out)
+    want = x.float() + fp8.fp8_matmul(hq, hs, wq, ws, None, torch.float32) + b.float()  # no bias to float32 in torch
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.allclose(out.float(), want, rtol=2**-7, atol=2e-2)
