@@ -624,6 +624,10 @@ class VideoAPI:
         n, limit = rec.storage_failures, self.cfg.max_storage_failures
         log.warning("job %s: attempt lost to storage (%d of at most %d): %s", rec.id, n, limit, err)
         if n >= limit:
+            try:  # when and where the lost render started: the group wrote that in storage, not in this copy
+                _carry_render_fields(rec, await asyncio.to_thread(self.jobs.get, rec.id))
+            except (StorageUnavailable, NotFound):
+                pass  # the held record takes it when it is saved (`_save_held`)
             rec.status, rec.completed_at = "failed", time.time()
             rec.error = ErrorInfo(code="storage_unavailable", message=f"storage did not take the video {n} times; the "
                                   f"last time: {err} Create the video again once storage works.")
@@ -663,6 +667,7 @@ class VideoAPI:
                 await asyncio.to_thread(self.jobs.request_cancel, job_id)  # a render still going stops on it
             stored = await asyncio.to_thread(self.jobs.get, job_id)
             if not stored.terminal or _cancel_wins(rec, stored):
+                _carry_render_fields(rec, stored)
                 await asyncio.to_thread(self.jobs.save, rec)
             elif stored.status != rec.status:
                 log.warning("job %s ended %s before it could be saved %s; it stays %s",
@@ -776,6 +781,13 @@ def _unsaved_cancel(job_id: str, e: BaseException | None) -> str:
     return (f"video {job_id} is cancelled on this server and its render told to stop, but the cancellation could "
             f"not be saved: {e or 'storage still fails.'} It is saved once storage takes writes again; GET shows "
             "the video as cancelled meanwhile.")
+
+
+def _carry_render_fields(rec: JobRecord, stored: JobRecord) -> None:
+    """Give `rec`, a copy this replica took before it dispatched the job, what the group wrote into the stored record
+    as it started this dispatch's render: when, and on which group."""
+    if stored.started_at is not None and stored.dispatch == rec.dispatch:
+        rec.started_at, rec.group = stored.started_at, stored.group or rec.group
 
 
 def _cancel_wins(held: JobRecord, stored: JobRecord) -> bool:

@@ -391,6 +391,29 @@ def test_storage_that_keeps_refusing_the_video_fails_the_job_with_the_reason(ser
     assert engine.finished == 3 and svc.jobs.get(job["id"]).status == "failed"
 
 
+def test_a_job_failed_for_storage_keeps_when_and_where_its_render_started(service, monkeypatch):
+    """The ingress fails the job from its own copy of the record, taken before the dispatch: the start time and the
+    group that only the group wrote into storage are read back, not lost."""
+    client, svc, engine, folder = service
+    engine.gate.set()
+    monkeypatch.setattr(svc.cfg, "max_storage_failures", 1)  # the first lost render fails the job
+    put_file = LocalStorage.put_file
+
+    def full_for_videos(self, key, path, content_type=None):
+        if key.startswith("videos/"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self._path(key)))
+        return put_file(self, key, path, content_type)
+
+    monkeypatch.setattr(LocalStorage, "put_file", full_for_videos)
+    job = client.post("/v1/videos", json=BODY).json()
+    final = wait_for(lambda: (lambda v: v if v["status"] == "failed" else None)(get(client, job["id"])),
+                     what="the job to fail")
+    stored = svc.jobs.get(job["id"])
+    assert final["error"]["code"] == "storage_unavailable" and engine.finished == 1, final
+    assert stored.started_at is not None and stored.created_at <= stored.started_at <= stored.completed_at
+    assert stored.group and stored.group["gpus"] == 1 and final["started_at"] is not None
+
+
 # ----------------------------------------------------------------------------------------------------
 # The pieces: the worker's upload, the group's verdict, the error through Ray's wrapping, the job store
 # ----------------------------------------------------------------------------------------------------
