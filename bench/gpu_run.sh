@@ -9,6 +9,9 @@
 #   bash bench/gpu_run.sh plan    Open-Sora-Plan v1.1 fp8 off/paper, DiT only, with the profile (~4-5 min)
 #   bash bench/gpu_run.sh graphs  Latte fp8 `paper`, DiT only, with the profile's idle share: eager, then CUDA graphs
 #                                 (~2.5 min)
+#   bash bench/gpu_run.sh targets issue #20's record in one call: Open-Sora 480p fp8 off/paper end to end, Latte and
+#                                 Open-Sora-Plan fp8 off/paper DiT only, each with its profile (~8-9 min on an H100;
+#                                 for the rare H200 window)
 #   bash bench/gpu_run.sh cross   the flash kernel's launch configs at Open-Sora 480p's cross-attention, 30 and 120
 #                                 text tokens, against cuDNN (~5-8 min; picks `cross_config`)
 #   bash bench/gpu_run.sh ab      the working tree against another revision on the same card: Open-Sora 480p and
@@ -22,7 +25,7 @@
 # Records land in $OUT (the device's return folder): append them to bench/results/<gpu>.json here with
 # bench.records, noting the session. Each step has its own timeout so one call stays under the 600 s limit.
 set -uo pipefail
-what="${1:?usage: bash bench/gpu_run.sh suite|e2e|plan|ab|graphs|cross}"
+what="${1:?usage: bash bench/gpu_run.sh suite|e2e|plan|targets|ab|graphs|cross}"
 OUT="${OUT:?set OUT to the folder the records go to}"
 mkdir -p /tmp/site
 for f in .gpu-site/*.tar.xz .gpu-av/*.tar.xz; do [ -f "$f" ] && tar -xJf "$f" -C /tmp/site; done
@@ -57,6 +60,16 @@ case "$what" in
         step "Open-Sora-Plan"
         timeout "$(left 570)" python -m bench.run --cases opensora-plan --precision fp8 --pab off,paper --idle --dit-only \
             --out "$OUT/run.json" 2>&1 | grep -v Warn | tail -45 ;;
+    targets)
+        step "Open-Sora 480p"
+        timeout "$(left 210)" python -m bench.run --cases opensora-480p --precision fp8 --pab off,paper --idle \
+            --out "$OUT/run.json" 2>&1 | grep -v Warn | grep " | \|fp8:\|wrote\|rror"
+        step "Latte"
+        timeout "$(left 340)" python -m bench.run --cases latte --precision fp8 --pab off,paper --idle --dit-only \
+            --out "$OUT/run.json" 2>&1 | grep -v Warn | grep " | \|fp8:\|wrote\|rror"
+        step "Open-Sora-Plan"
+        timeout "$(left 590)" python -m bench.run --cases opensora-plan --precision fp8 --pab off,paper --idle --dit-only \
+            --out "$OUT/run.json" 2>&1 | grep -v Warn | grep " | \|fp8:\|wrote\|rror" ;;
     ab)
         [ -f .ab-base/pab/__init__.py ] || { echo "no .ab-base/pab: see the header" >&2; exit 2; }
         for round in 1 2; do
@@ -86,6 +99,6 @@ case "$what" in
                 --seqs 2 --tokens 23850 --keys "$keys" --iters 10 --out "$OUT/attention-cross.json" 2>&1 \
                 | grep -v Warn | tail -12
         done ;;
-    *) echo "unknown call $what; one of suite, e2e, plan, ab, graphs, cross" >&2; exit 2 ;;
+    *) echo "unknown call $what; one of suite, e2e, plan, targets, ab, graphs, cross" >&2; exit 2 ;;
 esac
 step "done"
