@@ -10,8 +10,8 @@
 #   bash bench/gpu_run.sh graphs  Latte fp8 `paper`, DiT only, with the profile's idle share: eager, then CUDA graphs
 #                                 (~2.5 min)
 #   bash bench/gpu_run.sh targets issue #20's record in one call: Open-Sora 480p fp8 off/paper end to end, Latte and
-#                                 Open-Sora-Plan fp8 off/paper DiT only, each with its profile (~8-9 min on an H100;
-#                                 for the rare H200 window)
+#                                 Open-Sora-Plan fp8 off/paper DiT only, each with its profile (~8 min on an H100 by
+#                                 its parts' session-28 times; not yet run as one call; for the rare H200 window)
 #   bash bench/gpu_run.sh cross   the flash kernel's launch configs at Open-Sora 480p's cross-attention, 30 and 120
 #                                 text tokens, against cuDNN (~5-8 min; picks `cross_config`)
 #   bash bench/gpu_run.sh ab      the working tree against another revision on the same card: Open-Sora 480p and
