@@ -371,10 +371,8 @@ def test_a_video_queued_again_after_its_group_died_says_why_until_a_group_starts
     assert final["error"] is None and final["attempts"] == 1
 
 
-def test_storage_that_keeps_refusing_the_video_fails_the_job_with_the_reason(service, monkeypatch):
-    """Small writes work (the probe passes) but every video hits a full disk: the job fails, it does not loop."""
-    client, svc, engine, folder = service
-    engine.gate.set()
+def _refuse_videos(monkeypatch) -> None:
+    """Small writes work (the probe passes) but every video hits a full disk."""
     put_file = LocalStorage.put_file
 
     def full_for_videos(self, key, path, content_type=None):
@@ -383,6 +381,13 @@ def test_storage_that_keeps_refusing_the_video_fails_the_job_with_the_reason(ser
         return put_file(self, key, path, content_type)
 
     monkeypatch.setattr(LocalStorage, "put_file", full_for_videos)
+
+
+def test_storage_that_keeps_refusing_the_video_fails_the_job_with_the_reason(service, monkeypatch):
+    """Small writes work (the probe passes) but every video hits a full disk: the job fails, it does not loop."""
+    client, svc, engine, folder = service
+    engine.gate.set()
+    _refuse_videos(monkeypatch)
     job = client.post("/v1/videos", json=BODY).json()
     final = wait_for(lambda: (lambda v: v if v["status"] == "failed" else None)(get(client, job["id"])),
                      what="the job to fail")
@@ -397,14 +402,7 @@ def test_a_job_failed_for_storage_keeps_when_and_where_its_render_started(servic
     client, svc, engine, folder = service
     engine.gate.set()
     monkeypatch.setattr(svc.cfg, "max_storage_failures", 1)  # the first lost render fails the job
-    put_file = LocalStorage.put_file
-
-    def full_for_videos(self, key, path, content_type=None):
-        if key.startswith("videos/"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self._path(key)))
-        return put_file(self, key, path, content_type)
-
-    monkeypatch.setattr(LocalStorage, "put_file", full_for_videos)
+    _refuse_videos(monkeypatch)
     job = client.post("/v1/videos", json=BODY).json()
     final = wait_for(lambda: (lambda v: v if v["status"] == "failed" else None)(get(client, job["id"])),
                      what="the job to fail")
