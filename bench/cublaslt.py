@@ -8,8 +8,9 @@ that pass. This binds just enough of cuBLASLt to ask its heuristic which combina
     python -m bench.cublaslt --out bench/results/cublaslt-h100.json
 
 Measured on one H100 (cuBLAS 13.0, session 28; docs/performance.md): with row-wise ("outer vector") scales, the
-only kind torch's fp8 GEMMs and pab's norm kernels make, cuBLASLt has bf16-out kernels only (with or without the
-GELU); an e4m3 output needs one scale per tensor for x and for the weight. That kernel (bias + GELU + amax) runs fc1
+only kind torch's fp8 GEMMs and pab's norm kernels make, cuBLASLt gave bf16-out kernels only (with or without the
+GELU; e4m3 out was refused with INVALID_VALUE as asked, C in bf16: the variants table now also tries other C types
+and an explicit D scale mode); an e4m3 output took one scale per tensor for x and for the weight. That kernel (bias + GELU + amax) runs fc1
 0.045-0.07 ms under pab's two kernels (0.11 without the amax), which would need the norm kernels to write x with a
 delayed per-tensor scale: not taken up. `--parts gated` folds the gate + residual pass after fc2 or an output
 projection into the GEMM (the gate in the weight's per-channel scales, x as C): 4-25% slower than `_scaled_mm` and
@@ -43,7 +44,8 @@ _OP_N, _OP_T = 0, 1
 _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER = 3, 4, 7, 8
 _DESC_A_SCALE, _DESC_B_SCALE, _DESC_D_SCALE, _DESC_AMAX_D = 17, 18, 20, 21
 _DESC_FAST_ACCUM, _DESC_BIAS_DATA_TYPE, _DESC_A_SCALE_MODE, _DESC_B_SCALE_MODE = 25, 26, 31, 32
-_SCALE_OUTER_VEC_32F = 3  # cublasLtMatmulMatrixScale_t: one float32 per row of op(A) / column of op(B)
+_SCALE_SCALAR_32F, _SCALE_OUTER_VEC_32F = 0, 3  # cublasLtMatmulMatrixScale_t: one float32, or one per row of op(A)
+_DESC_D_SCALE_MODE = 34  # / column of op(B)
 _PREF_MAX_WORKSPACE = 1
 EPILOGUES = {"none": 1, "bias": 4, "gelu": 32, "gelu_bias": 36}  # cublasLtEpilogue_t
 _DTYPES = {torch.bfloat16: _R_16BF, torch.float16: _R_16F, torch.float32: _R_32F, torch.float8_e4m3fn: _R_8F_E4M3}
@@ -143,7 +145,8 @@ class _Lt:
             return made
 
     def _make(self, key: tuple, device: int) -> _Plan:
-        M, N, K, epilogue, out_dtype, has_d_scale, fast_accum, rowwise, has_amax = key
+        M, N, K, epilogue, out_dtype, has_d_scale, fast_accum, rowwise, has_amax, *extra = key
+        c_override, d_scalar_mode = (extra + [None, False])[:2]  # what the variants table also tries
         lib = self.lib
         desc = ctypes.c_void_p()
         self.check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F, _R_32F), "cublasLtMatmulDescCreate")
@@ -168,6 +171,10 @@ class _Lt:
             self.set(desc, _DESC_AMAX_D, stand_in)
         d_type = _DTYPES[out_dtype]
         c_type = _R_16BF if out_dtype == torch.float8_e4m3fn else d_type  # C is never read (beta = 0)
+        if c_override is not None:
+            c_type = _DTYPES[c_override]
+        if d_scalar_mode:
+            self.set(desc, _DESC_D_SCALE_MODE, ctypes.c_int32(_SCALE_SCALAR_32F))
         layouts = (self.layout(_R_8F_E4M3, K, N, K), self.layout(_R_8F_E4M3, K, M, K), self.layout(c_type, N, M, N),
                    self.layout(d_type, N, M, N))  # fmt: skip
         pref = ctypes.c_void_p()
@@ -405,6 +412,21 @@ def main(argv: list[str] | None = None) -> int:
                 except CublasLtError as e:
                     variants[name] = str(e).split("(")[-1]
                 print(f"  {name:70s} {variants.get(name)}", flush=True)
+    # The row-wise e4m3 refusals are status 7 (INVALID_VALUE), not 15 (NOT_SUPPORTED): also ask with another C type
+    # and with D's scale mode set explicitly, in case one of those is what it objects to.
+    for c_dtype in (torch.float16, torch.float8_e4m3fn, torch.bfloat16):
+        for d_mode in (False, True):
+            name = f"rows gelu_bias e4m3 out, C {c_dtype}, D scale mode {'scalar' if d_mode else 'unset'}"
+            key = (64, 4 * args.hidden, args.hidden, "gelu_bias", torch.float8_e4m3fn, True, True, True, True,
+                   c_dtype, d_mode)  # fmt: skip
+            try:
+                if lt is None:
+                    break
+                lt.plan(key, torch.cuda.current_device())
+                variants[name] = "yes"
+            except CublasLtError as e:
+                variants[name] = str(e).split("(")[-1]
+            print(f"  {name:70s} {variants.get(name)}", flush=True)
     has = variants.get(f"tensor gelu_bias {torch.float8_e4m3fn} d_scale=True amax=True") == "yes"
     if lt is not None and has and "tensorwise" in args.parts:
         record_tensorwise = [tensorwise(M, args.hidden, args.iters) for M in args.tokens]
