@@ -9,7 +9,8 @@
 #   bash bench/gpu_run.sh plan    Open-Sora-Plan v1.1 fp8 off/paper, DiT only, with the profile (~4-5 min)
 #   bash bench/gpu_run.sh graphs  Latte fp8 `paper`, DiT only, with the profile's idle share: eager, then CUDA graphs
 #                                 (~2.5 min)
-#   bash bench/gpu_run.sh targets issue #20's record in one call: Open-Sora 480p fp8 off/paper end to end, Latte and
+#   bash bench/gpu_run.sh targets issue #20's record in one call: Open-Sora 480p fp8 off/paper end to end, Latte (and
+#                                 diffusers' Latte with its PAB, the 2x target's baseline on the same card) and
 #                                 Open-Sora-Plan fp8 off/paper DiT only, each with its profile (~8 min on an H100 by
 #                                 its parts' session-28 times; not yet run as one call; for the rare H200 window)
 #   bash bench/gpu_run.sh cross   the flash kernel's launch configs at Open-Sora 480p's cross-attention, 30 and 120
@@ -65,8 +66,8 @@ case "$what" in
         timeout "$(left 210)" python -m bench.run --cases opensora-480p --precision fp8 --pab off,paper --idle \
             --out "$OUT/run.json" 2>&1 | grep -v Warn | grep " | \|fp8:\|wrote\|rror"
         step "Latte"
-        timeout "$(left 340)" python -m bench.run --cases latte --precision fp8 --pab off,paper --idle --dit-only \
-            --out "$OUT/run.json" 2>&1 | grep -v Warn | grep " | \|fp8:\|wrote\|rror"
+        timeout "$(left 380)" python -m bench.run --cases latte --precision fp8 --pab off,paper --idle --dit-only \
+            --peer --peer-caches paper --out "$OUT/run.json" 2>&1 | grep -v Warn | grep " | \|fp8:\|wrote\|rror"
         step "Open-Sora-Plan"
         timeout "$(left 590)" python -m bench.run --cases opensora-plan --precision fp8 --pab off,paper --idle --dit-only \
             --out "$OUT/run.json" 2>&1 | grep -v Warn | grep " | \|fp8:\|wrote\|rror" ;;
