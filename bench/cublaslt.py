@@ -43,9 +43,10 @@ _R_32F, _R_16F, _R_16BF, _R_8F_E4M3 = 0, 2, 14, 28  # cudaDataType_t
 _OP_N, _OP_T = 0, 1
 _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER = 3, 4, 7, 8
 _DESC_A_SCALE, _DESC_B_SCALE, _DESC_D_SCALE, _DESC_AMAX_D = 17, 18, 20, 21
-_DESC_FAST_ACCUM, _DESC_BIAS_DATA_TYPE, _DESC_A_SCALE_MODE, _DESC_B_SCALE_MODE = 25, 26, 31, 32
-_SCALE_SCALAR_32F, _SCALE_OUTER_VEC_32F = 0, 3  # cublasLtMatmulMatrixScale_t: one float32, or one per row of op(A)
-_DESC_D_SCALE_MODE = 34  # / column of op(B)
+_DESC_FAST_ACCUM, _DESC_BIAS_DATA_TYPE = 25, 26
+_DESC_A_SCALE_MODE, _DESC_B_SCALE_MODE, _DESC_D_SCALE_MODE = 31, 32, 34
+# cublasLtMatmulMatrixScale_t: one float32 for the tensor, or one per row of op(A) / column of op(B)
+_SCALE_SCALAR_32F, _SCALE_OUTER_VEC_32F = 0, 3
 _PREF_MAX_WORKSPACE = 1
 EPILOGUES = {"none": 1, "bias": 4, "gelu": 32, "gelu_bias": 36}  # cublasLtEpilogue_t
 _DTYPES = {torch.bfloat16: _R_16BF, torch.float16: _R_16F, torch.float32: _R_32F, torch.float8_e4m3fn: _R_8F_E4M3}
@@ -188,7 +189,8 @@ class _Lt:
         lib.cublasLtMatmulPreferenceDestroy(pref)
         if status != 0 or count.value < 1:
             raise CublasLtError(f"cuBLASLt has no fp8 kernel for {M}x{N}x{K}, epilogue {epilogue}, {out_dtype} out "
-                                f"with row-wise scales (status {status}, {count.value} algorithms)")  # fmt: skip
+                                f"with {'row-wise' if rowwise else 'per-tensor'} scales (status {status}, "
+                                f"{count.value} algorithms)")  # fmt: skip
         return _Plan(desc, layouts, result)
 
 
