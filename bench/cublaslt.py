@@ -400,35 +400,27 @@ def main(argv: list[str] | None = None) -> int:
         lt = _lt()
     except CublasLtError as e:
         print(e)
-    for rowwise in (True, False):
-        for epilogue in ("none", "bias", "gelu_bias"):
-            for out_dtype, d_scale, amax in ((torch.bfloat16, False, False), (torch.float8_e4m3fn, True, True),
-                                             (torch.float8_e4m3fn, True, False), (torch.float8_e4m3fn, False, False)):
-                name = f"{'rows' if rowwise else 'tensor'} {epilogue} {out_dtype} d_scale={d_scale} amax={amax}"
-                key = (64, 4 * args.hidden, args.hidden, epilogue, out_dtype, d_scale, True, rowwise, amax)
-                try:
-                    if lt is None:
-                        break
-                    lt.plan(key, torch.cuda.current_device())
-                    variants[name] = "yes"
-                except CublasLtError as e:
-                    variants[name] = str(e).split("(")[-1]
-                print(f"  {name:70s} {variants.get(name)}", flush=True)
+
+    def ask(name: str, *key_tail) -> None:
+        try:
+            lt.plan((64, 4 * args.hidden, args.hidden, *key_tail), torch.cuda.current_device())
+            variants[name] = "yes"
+        except CublasLtError as e:
+            variants[name] = str(e).split("(")[-1]
+        print(f"  {name:70s} {variants[name]}", flush=True)
+
+    combos = [(rowwise, epilogue, out) for rowwise in (True, False) for epilogue in ("none", "bias", "gelu_bias")
+              for out in ((torch.bfloat16, False, False), (torch.float8_e4m3fn, True, True),
+                          (torch.float8_e4m3fn, True, False), (torch.float8_e4m3fn, False, False))]  # fmt: skip
+    for rowwise, epilogue, (out_dtype, d_scale, amax) in combos if lt is not None else ():
+        ask(f"{'rows' if rowwise else 'tensor'} {epilogue} {out_dtype} d_scale={d_scale} amax={amax}",
+            epilogue, out_dtype, d_scale, True, rowwise, amax)
     # The row-wise e4m3 refusals are status 7 (INVALID_VALUE), not 15 (NOT_SUPPORTED): also ask with another C type
     # and with D's scale mode set explicitly, in case one of those is what it objects to.
-    for c_dtype in (torch.float16, torch.float8_e4m3fn, torch.bfloat16):
+    for c_dtype in (torch.float16, torch.float8_e4m3fn, torch.bfloat16) if lt is not None else ():
         for d_mode in (False, True):
-            name = f"rows gelu_bias e4m3 out, C {c_dtype}, D scale mode {'scalar' if d_mode else 'unset'}"
-            key = (64, 4 * args.hidden, args.hidden, "gelu_bias", torch.float8_e4m3fn, True, True, True, True,
-                   c_dtype, d_mode)  # fmt: skip
-            try:
-                if lt is None:
-                    break
-                lt.plan(key, torch.cuda.current_device())
-                variants[name] = "yes"
-            except CublasLtError as e:
-                variants[name] = str(e).split("(")[-1]
-            print(f"  {name:70s} {variants.get(name)}", flush=True)
+            ask(f"rows gelu_bias e4m3 out, C {c_dtype}, D scale mode {'scalar' if d_mode else 'unset'}",
+                "gelu_bias", torch.float8_e4m3fn, True, True, True, True, c_dtype, d_mode)
     has = variants.get(f"tensor gelu_bias {torch.float8_e4m3fn} d_scale=True amax=True") == "yes"
     if lt is not None and has and "tensorwise" in args.parts:
         record_tensorwise = [tensorwise(M, args.hidden, args.iters) for M in args.tokens]

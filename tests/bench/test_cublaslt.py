@@ -64,3 +64,29 @@ def test_row_scaled_gemm_adds_a_residual_into_out():
     want = x.float() + fp8.fp8_matmul(hq, hs, wq, ws, None, torch.float32) + b.float()  # no bias to float32 in torch
     assert got.data_ptr() == out.data_ptr()
     assert torch.allclose(out.float(), want, rtol=2**-7, atol=2e-2)
+
+
+def test_the_variants_table_records_what_the_heuristic_takes_and_refuses(monkeypatch, tmp_path):
+    """main() on a stand-in cuBLASLt that has bf16 outputs only: every combination is asked and recorded, and the
+    timed parts that need an e4m3 output are skipped."""
+    import json
+
+    asked = []
+
+    class FakeLt:
+        def plan(self, key, device):
+            asked.append(key)
+            if key[4] != torch.bfloat16:
+                raise cublaslt.CublasLtError("cuBLASLt has no fp8 kernel for ... (status 7, 0 algorithms)")
+
+    monkeypatch.setattr(cublaslt, "_lt", FakeLt)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in")
+    out = tmp_path / "r.json"
+    assert cublaslt.main(["--out", str(out)]) == 0
+    record = json.loads(out.read_text())[-1]
+    variants = record["variants"]
+    assert len(asked) == len(variants) == 2 * 3 * 4 + 3 * 2  # scalings x epilogues x outputs, + C types x D modes
+    assert variants["rows gelu_bias torch.bfloat16 d_scale=False amax=False"] == "yes"
+    assert variants["tensor gelu_bias torch.float8_e4m3fn d_scale=True amax=True"] == "status 7, 0 algorithms)"
+    assert record["tensorwise"] is None and record["gated"] is None
