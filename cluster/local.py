@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 # This process owns that Ray: if it is SIGKILLed, the watchdog ends what it started.
                 from cluster.watchdog import start_watchdog
 
-                start_watchdog()
+                start_watchdog(ready_s=10)  # Ray's processes are known to it before Serve starts more
         install()  # again: ray.init installed Ray's (Python) and its core worker's (C++, which aborts) handlers
         serve.start(http_options={"host": args.host, "port": args.port})
         # Deploy without waiting inside Serve, then wait here, where a stop signal is seen within a second.

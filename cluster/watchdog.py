@@ -12,6 +12,7 @@ Linux only (it reads /proc); elsewhere `start_watchdog` starts nothing.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -60,9 +61,16 @@ def watch(pid: int, interval: float = 1.0, grace: float = 2.0) -> int:
     if target is None:
         return 0
     known: dict[int, int] = {}
+    ready = False
     while running(pid, target[2]):
         known.update(descendants(pid))  # reparented ones stay known: a dead raylet's agents go to PID 1
         known = {p: s for p, s in known.items() if p != os.getpid() and running(p, s)}
+        if not ready:  # the first snapshot is taken: say so to a starter that waits for it (`start_watchdog`)
+            ready = True
+            try:
+                print("ready", flush=True)
+            except (BrokenPipeError, OSError, ValueError):
+                pass
         time.sleep(interval)
     left = {p: s for p, s in known.items() if running(p, s)}
     terminate(left, grace)
@@ -101,16 +109,26 @@ def terminate(
     return {p: s for p, s in known.items() if running(p, s)}
 
 
-def start_watchdog(pid: int | None = None, interval: float = 1.0) -> subprocess.Popen | None:
-    """Watch `pid` (default: this process) from a separate process in its own session; None off Linux."""
+def start_watchdog(pid: int | None = None, interval: float = 1.0, ready_s: float = 0.0) -> subprocess.Popen | None:
+    """Watch `pid` (default: this process) from a separate process in its own session; None off Linux.
+
+    `ready_s`: wait up to that long for the watchdog's first note of `pid`'s descendants (its Python start takes
+    ~0.3 s, seconds on a loaded host), so that what runs now is known to it before this returns; a watchdog not
+    ready by then still starts."""
     if not PROC.is_dir() or not sys.platform.startswith("linux"):
         return None
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "cluster.watchdog", str(pid or os.getpid()), str(interval)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if ready_s > 0 else subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,  # not in the server's process group: a Ctrl-C there does not stop it
         cwd=str(Path(__file__).resolve().parents[1]),
     )  # fmt: skip
+    if ready_s > 0 and proc.stdout is not None:
+        if select.select([proc.stdout], [], [], ready_s)[0]:
+            proc.stdout.readline()
+        proc.stdout.close()  # it says "ready" once; a later write finds the pipe closed, which it ignores
+    return proc
 
 
 if __name__ == "__main__":

@@ -13,15 +13,17 @@ from cluster import watchdog
 
 pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="the watchdog reads /proc (Linux)")
 
-# A root that starts its watchdog, a child, and a shell with a child of its own (as Ray's raylet has its agents),
-# then prints their pids and waits.
+# A root that starts a child and a shell with a child of its own (as Ray's raylet has its agents), then its
+# watchdog, as `pab serve` starts it after Ray, waiting until the watchdog has noted them; it prints their pids and
+# waits.
 ROOT = """
 import subprocess, sys, time
 from cluster.watchdog import start_watchdog
-start_watchdog(interval=0.2)
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
 shell = subprocess.Popen(["bash", "-c", "sleep 300 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
-print(child.pid, shell.pid, shell.stdout.readline().strip(), flush=True)
+sleep_pid = shell.stdout.readline().strip()
+start_watchdog(interval=0.2, ready_s=60)  # its first note holds all three, however loaded the host
+print(child.pid, shell.pid, sleep_pid, flush=True)
 time.sleep(300)
 """
 
@@ -42,8 +44,7 @@ def test_a_sigkilled_roots_descendants_are_ended():
                             env={**os.environ, "PYTHONPATH": str(repo)})  # fmt: skip
     pids = [int(p) for p in root.stdout.readline().split()]  # child, shell, the shell's sleep
     try:
-        time.sleep(1.0)  # the watchdog has noted them
-        assert all(watchdog.running(p) for p in pids)
+        assert all(watchdog.running(p) for p in pids)  # and the watchdog has noted them (ready_s)
         # The shell dies first, as a raylet does: its sleep goes to PID 1 and is no descendant of the root.
         os.kill(pids[1], signal.SIGKILL)
         time.sleep(1.0)
