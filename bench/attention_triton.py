@@ -185,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])[:8]:
         _print_row(r)
     record = {"bench": "attention_triton", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": triton.__version__, "date": datetime.date.today().isoformat(), "shape": [n, h, length, d], "keys": keys,
-              "layout": args.layout, "out_layout": out_layout, "dtype": "bfloat16", "flop_at_d": flop,
+              "triton": triton.__version__, "date": datetime.date.today().isoformat(), "shape": [n, h, length, d],
+              "keys": keys, "layout": args.layout, "out_layout": out_layout, "dtype": "bfloat16", "flop_at_d": flop,
               "best": list(best) if best else None, "rows": rows}  # fmt: skip
     append_records(args.out, record)
     return 0

@@ -7,14 +7,14 @@ that pass. This binds just enough of cuBLASLt to ask its heuristic which combina
 
     python -m bench.cublaslt --out bench/results/cublaslt-h100.json
 
-Measured on one H100 (cuBLAS 13.0, session 28; docs/performance.md): with row-wise ("outer vector") scales, the
-only kind torch's fp8 GEMMs and pab's norm kernels make, cuBLASLt gave bf16-out kernels only (with or without the
-GELU; e4m3 out was refused with INVALID_VALUE as asked, C in bf16: the variants table now also tries other C types
-and an explicit D scale mode); an e4m3 output took one scale per tensor for x and for the weight. That kernel (bias + GELU + amax) runs fc1
-0.045-0.07 ms under pab's two kernels (0.11 without the amax), which would need the norm kernels to write x with a
-delayed per-tensor scale: not taken up. `--parts gated` folds the gate + residual pass after fc2 or an output
-projection into the GEMM (the gate in the weight's per-channel scales, x as C): 4-25% slower than `_scaled_mm` and
-pab's gate + residual kernel.
+Measured on one H100 (cuBLAS 13.0, session 28; docs/performance.md): with row-wise ("outer vector") scales, the only
+kind torch's fp8 GEMMs and pab's norm kernels make, cuBLASLt gave bf16-out kernels only (with or without the GELU;
+e4m3 out was refused with INVALID_VALUE as asked, C in bf16: the variants table now also tries other C types and an
+explicit D scale mode); an e4m3 output took one scale per tensor for x and for the weight. That kernel (bias + GELU +
+amax) runs fc1 0.045-0.07 ms under pab's two kernels (0.11 without the amax), which would need the norm kernels to
+write x with a delayed per-tensor scale: not taken up. `--parts gated` folds the gate + residual pass after fc2 or an
+output projection into the GEMM (the gate in the weight's per-channel scales, x as C): 4-25% slower than `_scaled_mm`
+and pab's gate + residual kernel.
 
     python -m bench.cublaslt --parts gated --tokens 47700 32768
 

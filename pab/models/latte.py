@@ -46,8 +46,8 @@ import torch.nn.functional as F
 
 from pab.kernels import flash_attention as flash
 from pab.kernels import short_attention as short_attn
-from pab.kernels.fp8 import DelayedScale, delayed_reference, fp8_input, fp8_output
 from pab.kernels import DEFAULT_KERNELS, KernelOptions, no_grad_needed, norms
+from pab.kernels.fp8 import DelayedScale, delayed_reference, fp8_input, fp8_output
 from pab.hooks.registry import output_reused
 from pab.models.packing import end_to_end
 
