@@ -11,7 +11,8 @@ views with a copy). Here each pass is one kernel that holds a row of C channels 
 run at 2.3-3.0 TB/s (0.09-0.15 ms), and the eager forward went from 306 to 245 ms (bench/profile.py):
 
 * `ln_modulate(x, shift, scale)`: LayerNorm(x) * (1 + scale) + shift, optionally written frame-major
-  (B, S, T, C) for temporal attention; `add_ln_modulate` adds a residual first and writes the sum too;
+  (B, S, T, C) for temporal attention; `add_ln_modulate` adds a residual first and writes the sum too, and
+  `gated_ln_modulate` a gated one (a block's last pass and the next block's first, in one);
 * `gated_residual(x, gate, a)`: x + gate * a, where `a` may come frame-major;
 * `qk_rmsnorm(qkv, q_w, k_w)`: per-head RMSNorm of the q and k thirds of a fused (N, L, 3C) projection,
   written (2, N, L, H, D) so attention reads them as (N, H, L, D) views without a copy.
@@ -69,6 +70,7 @@ def available(x: torch.Tensor) -> bool:
         t = torch.zeros(1, 1, 1, 16, device=x.device, dtype=x.dtype)
         p = torch.zeros(1, 1, 16, device=x.device, dtype=x.dtype)
         add_ln_modulate(t, t, p, p, 1e-6)
+        gated_ln_modulate(t, p, t, p, p, 1e-6, frame_major=True, a_frame_major=True)
         ln_modulate(t, p, p, 1e-6, frame_major=True)
         gated_residual(t, p, t)
         qk_rmsnorm(torch.zeros(1, 1, 48, device=x.device, dtype=x.dtype), 1, p[0, 0], p[0, 0], 1e-6)
@@ -127,6 +129,22 @@ def add_ln_modulate(
     return _ln_modulate(x, shift, scale, eps, residual, False, fp8=fp8)
 
 
+def gated_ln_modulate(
+    x: torch.Tensor, gate: torch.Tensor, a: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+    frame_major: bool = False, fp8: str | None = None, a_frame_major: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(x + gate * a, `ln_modulate` of it) for x (B, T, S, C): `gated_residual` and the norm after it in one pass,
+    which reads the sum once instead of writing it and reading it back (a block's residual and the norm after it,
+    in the same block or the next). `a` holds (B, T, S, C) values, laid out (B, S, T, C) with `a_frame_major` (a
+    temporal attention's or MLP's output); `gate` is an adaLN parameter like `shift`; `frame_major` and `fp8` are
+    the norm's."""
+    B, T, S, C = x.shape
+    a = a.reshape(B, S, T, C) if a_frame_major else a.reshape(x.shape)
+    if torch.compiler.is_compiling():
+        return torch.ops.pab.ln_modulate(x, shift, scale, eps, a, frame_major, gate, a_frame_major)
+    return _ln_modulate(x, shift, scale, eps, a, frame_major, fp8=fp8, gate=gate, res_frame_major=a_frame_major)
+
+
 def gated_residual(
     x: torch.Tensor, gate: torch.Tensor, a: torch.Tensor, frame_major: bool = False, fp8: str | None = None
 ) -> torch.Tensor:
@@ -167,18 +185,26 @@ def _ln_config(block_c: int) -> tuple[int, int]:
     return LN_CONFIG.get(block_c, (1, 1 if block_c <= 1024 else 2 if block_c <= 2048 else 4))
 
 
-def _ln_modulate(x, shift, scale, eps, residual, frame_major, config=None, fp8=None, pieces=None):
-    """`config`: (rows per program, warps); `pieces`: the row's two tiles (default `row_pieces(C)`)."""
+def _ln_modulate(
+    x, shift, scale, eps, residual, frame_major, config=None, fp8=None, pieces=None, gate=None, res_frame_major=False
+):
+    """`config`: (rows per program, warps); `pieces`: the row's two tiles (default `row_pieces(C)`); `gate`: the
+    residual's, x + gate * residual (it needs a residual); `res_frame_major`: the residual is laid out (B, S, T, C)."""
     if fp8 is not None and fp8 not in fp8_kern.FP8_INPUTS:
         raise ValueError(f"fp8={fp8!r}; choose None or one of {fp8_kern.FP8_INPUTS}")
     _check_hidden(x)
     B, T, S, C = x.shape
+    r_b, r_t, r_s = (S * T * C, C, T * C) if res_frame_major else (T * S * C, S * C, C)
     if residual is not None:
         _check_hidden(residual, "residual")
-        if residual.shape != x.shape:
-            raise ValueError(f"residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
+        want = (B, S, T, C) if res_frame_major else x.shape
+        if residual.shape != want:
+            raise ValueError(f"residual {tuple(residual.shape)} must be {tuple(want)} for x {tuple(x.shape)}")
+    if gate is not None and residual is None:
+        raise ValueError("a gate scales the residual: pass the residual too")
     sh_b, sh_t = _mod_strides(shift, B, T, C, "shift")
     sc_b, sc_t = _mod_strides(scale, B, T, C, "scale")
+    g_b, g_t = _mod_strides(gate, B, T, C, "gate") if gate is not None else (0, 0)
     out = x.new_empty(B, S, T, C) if frame_major else torch.empty_like(x)
     o_b, o_t, o_s = (S * T * C, C, T * C) if frame_major else (T * S * C, S * C, C)
     xo = torch.empty_like(x) if residual is not None else x.new_empty(0)
@@ -188,10 +214,10 @@ def _ln_modulate(x, shift, scale, eps, residual, frame_major, config=None, fp8=N
     q = torch.empty(out.shape, device=x.device, dtype=fp8_kern.E4M3) if fp8 is not None else out
     q_scale = torch.empty((n, 1), device=x.device, dtype=torch.float32) if fp8 is not None else out
     _ln_modulate_kernel[(triton.cdiv(n, rows),)](
-        x, residual if residual is not None else x, xo, out, shift, scale, q, q_scale,
-        n, T, S, C, sh_b, sh_t, sc_b, sc_t, o_b, o_t, o_s, eps,
-        HAS_RES=residual is not None, FP8=fp8 is not None, OUT=fp8 != "only", ROWS=rows, BLOCK_C=first, REST=rest,
-        num_warps=warps,
+        x, residual if residual is not None else x, xo, out, shift, scale, gate if gate is not None else shift, q,
+        q_scale, n, T, S, C, sh_b, sh_t, sc_b, sc_t, g_b, g_t, r_b, r_t, r_s, o_b, o_t, o_s, eps,
+        HAS_RES=residual is not None, HAS_GATE=gate is not None, FP8=fp8 is not None, OUT=fp8 != "only", ROWS=rows,
+        BLOCK_C=first, REST=rest, num_warps=warps,
     )  # fmt: skip
     if fp8 is not None:
         fp8_kern.attach(out, q, q_scale, written=fp8 != "only")
@@ -262,11 +288,18 @@ if triton is not None:
     from pab.kernels.fp8 import row_scales, to_e4m3  # jit functions the kernels here call: globals of this module
 
     @triton.jit
-    def _ln_load(x_ptr, res_ptr, xo_ptr, row, cols, m, HAS_RES: tl.constexpr):
-        """One tile of the rows in float32 (+ the residual, the sum stored and read back rounded); 0 off `m`."""
+    def _ln_load(
+        x_ptr, res_ptr, xo_ptr, gate_ptr, row, res_row, g, cols, m, HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr
+    ):  # fmt: skip
+        """One tile of the rows in float32 (+ the residual's at `res_row`, times its gate, the sum stored and read
+        back rounded); 0 off `m`."""
         x = tl.load(x_ptr + row + cols, mask=m, other=0.0).to(tl.float32)
         if HAS_RES:
-            x = x + tl.load(res_ptr + row + cols, mask=m, other=0.0).to(tl.float32)
+            r = tl.load(res_ptr + res_row + cols, mask=m, other=0.0).to(tl.float32)
+            if HAS_GATE:  # as the gate + residual pass computes it, so the sum is the same bits
+                x = x + tl.load(gate_ptr + g + cols, mask=m, other=0.0).to(tl.float32) * r
+            else:
+                x = x + r
             xr = x.to(xo_ptr.dtype.element_ty)
             tl.store(xo_ptr + row + cols, xr, mask=m)
             x = xr.to(tl.float32)  # normalise the residual stream as stored, as the unfused code does
@@ -282,10 +315,10 @@ if triton is not None:
 
     @triton.jit
     def _ln_modulate_kernel(
-        x_ptr, res_ptr, xo_ptr, out_ptr, shift_ptr, scale_ptr, q_ptr, qs_ptr,
-        n_rows, T, S, C, sh_b, sh_t, sc_b, sc_t, o_b, o_t, o_s, eps,
-        HAS_RES: tl.constexpr, FP8: tl.constexpr, OUT: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-        REST: tl.constexpr = 0,
+        x_ptr, res_ptr, xo_ptr, out_ptr, shift_ptr, scale_ptr, gate_ptr, q_ptr, qs_ptr,
+        n_rows, T, S, C, sh_b, sh_t, sc_b, sc_t, g_b, g_t, r_b, r_t, r_s, o_b, o_t, o_s, eps,
+        HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, FP8: tl.constexpr, OUT: tl.constexpr, ROWS: tl.constexpr,
+        BLOCK_C: tl.constexpr, REST: tl.constexpr = 0,
     ):  # fmt: skip
         # ROWS rows of the contiguous (B, T, S, C) input; row = (b * T + t) * S + s. Each row in two tiles of
         # channels, BLOCK_C then REST (pab.kernels.row_pieces), so that no lanes idle at C = 1,152.
@@ -295,20 +328,22 @@ if triton is not None:
         b = row // (S * T)
         sh = b * sh_b + t * sh_t
         sc = b * sc_b + t * sc_t
+        g = b * g_b + t * g_t
+        res_row = b * r_b + t * r_t + s * r_s  # (ROWS, 1): where the row starts in the residual
         o = b * o_b + t * o_t + s * o_s  # (ROWS, 1): where the row starts in the output, a multiple of C
         cols = tl.arange(0, BLOCK_C)[None, :]
         m = (cols < C) & (row < n_rows)
         # the adaLN parameters first: their loads overlap the row's instead of waiting for the reductions
         shift = tl.load(shift_ptr + sh + cols, mask=m, other=0.0).to(tl.float32)
         scale = tl.load(scale_ptr + sc + cols, mask=m, other=0.0).to(tl.float32)
-        x = _ln_load(x_ptr, res_ptr, xo_ptr, row * C, cols, m, HAS_RES)
+        x = _ln_load(x_ptr, res_ptr, xo_ptr, gate_ptr, row * C, res_row, g, cols, m, HAS_RES, HAS_GATE)
         total = tl.sum(x, axis=1)
         if REST > 0:
             cols2 = BLOCK_C + tl.arange(0, REST)[None, :]
             m2 = (cols2 < C) & (row < n_rows)
             shift2 = tl.load(shift_ptr + sh + cols2, mask=m2, other=0.0).to(tl.float32)
             scale2 = tl.load(scale_ptr + sc + cols2, mask=m2, other=0.0).to(tl.float32)
-            x2 = _ln_load(x_ptr, res_ptr, xo_ptr, row * C, cols2, m2, HAS_RES)
+            x2 = _ln_load(x_ptr, res_ptr, xo_ptr, gate_ptr, row * C, res_row, g, cols2, m2, HAS_RES, HAS_GATE)
             total += tl.sum(x2, axis=1)
         mean = (total / C)[:, None]
         d = tl.where(m, x - mean, 0.0)
@@ -381,12 +416,12 @@ if triton is not None:
     @torch.library.custom_op("pab::ln_modulate", mutates_args=())
     def _ln_modulate_op(
         x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, residual: torch.Tensor | None,
-        frame_major: bool,
+        frame_major: bool, gate: torch.Tensor | None = None, res_frame_major: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        return _ln_modulate(x, shift, scale, eps, residual, frame_major)
+        return _ln_modulate(x, shift, scale, eps, residual, frame_major, gate=gate, res_frame_major=res_frame_major)
 
     @_ln_modulate_op.register_fake
-    def _(x, shift, scale, eps, residual, frame_major):
+    def _(x, shift, scale, eps, residual, frame_major, gate=None, res_frame_major=False):
         B, T, S, C = x.shape
         out = x.new_empty(B, S, T, C) if frame_major else torch.empty_like(x)
         return (torch.empty_like(x) if residual is not None else x.new_empty(0)), out

@@ -44,6 +44,7 @@ from pab.hooks.registry import output_reused
 from pab.kernels.fp8 import DelayedScale, fp8_input, fp8_output
 from pab.kernels.fp8 import delayed_reference as fp8_reference
 from pab.kernels import DEFAULT_KERNELS, TEMPORAL_ATTENTION_IMPLS, KernelOptions, no_grad_needed, norms
+from pab.models.handoff import Handoff
 
 # How the temporal attention core is computed (KernelOptions.temporal_attention; the module is still called
 # once per block, on (B·S, T, C)):
@@ -509,7 +510,7 @@ class STDiT3Block(nn.Module):
 
     # The elementwise steps between the PAB targets: pure functions of their arguments (no state, no
     # hooks), which pab.compile.apply_compile may replace per instance with compiled versions.
-    compile_regions = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+    compile_regions = ("attn_in", "attn_in_after", "attn_out", "mlp_in", "mlp_out")
     kernels: KernelOptions = DEFAULT_KERNELS
 
     def __init__(self, config: STDiT3Config, temporal: bool, rope: RotaryEmbedding | None = None):
@@ -523,23 +524,37 @@ class STDiT3Block(nn.Module):
         self.mlp = Mlp(C, int(C * config.mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.randn(6, C) / C**0.5)
 
-    def forward(self, x, y, mask, t_mod, t0_mod=None, x_mask=None):
-        """x: (B, T, S, C); y: (B, L, C); mask: (B, L) bool | None; t_mod/t0_mod: (B, 6C); x_mask: (B, T) bool."""
+    def forward(self, x, y, mask, t_mod, t0_mod=None, x_mask=None, handoff: Handoff | None = None):
+        """x: (B, T, S, C); y: (B, L, C); mask: (B, L) bool | None; t_mod/t0_mod: (B, 6C); x_mask: (B, T) bool;
+        handoff: the model's, to take this block's attention input from the block before and give the next its own
+        (pab.models.handoff)."""
         B, T, S, C = x.shape
+        given = handoff.take(self, x) if handoff is not None else None
         # (B, 6, T|1, 1, C): shift/scale/gate of the attention, then of the MLP, broadcasting over S
-        mod = modulation(self.scale_shift_table, _split6(t_mod), _split6(t0_mod), x_mask)
+        t6, t06 = _split6(t_mod), _split6(t0_mod)
+        mod = modulation(self.scale_shift_table, t6, t06, x_mask) if given is None else given.mod
         # self-attention; the attention module sees sequence-major tokens (the PAB/DSP seam). A broadcast
         # attention does not read its input, so its norm is not computed.
-        x = self.attn_out(x, self.attn(None if output_reused(self.attn) else self.attn_in(x, mod)), mod,
+        a_in = None if output_reused(self.attn) else given.attn_input if given is not None else self.attn_in(x, mod)
+        x = self.attn_out(x, self.attn(a_in), mod,
                           fp8=None if output_reused(self.cross_attn) else fp8_input(self.cross_attn.q_linear))
         # cross-attention (no norm, no gate) and the MLP, on (B, T·S, C); a broadcast MLP's norm is skipped too
         c = self.cross_attn(x.view(B, T * S, C), y, mask)
         if output_reused(self.mlp):
-            return self.mlp_out(x + c.view(x.shape), self.mlp(None), mod)
-        x, x_m = self.mlp_in(x, c, mod)
-        return self.mlp_out(x, self.mlp(x_m), mod)
+            x, m = x + c.view(x.shape), self.mlp(None)
+        else:
+            x, x_m = self.mlp_in(x, c, mod)
+            m = self.mlp(x_m)
+        after = handoff.after(self) if handoff is not None else None
+        if after is None or output_reused(after.attn):
+            return self.mlp_out(x, m, mod)
+        # The MLP's gated residual and the next block's norm in one pass; the next block takes its input from it.
+        after_mod = modulation(after.scale_shift_table, t6, t06, x_mask)
+        x, after_in = after.attn_in_after(x, mod[:, 5], m, after_mod)
+        handoff.put(after, x, after_in, after_mod)
+        return x
 
-    def modulated_input(self, x, y, mask, t_mod, t0_mod=None, x_mask=None) -> torch.Tensor:
+    def modulated_input(self, x, y, mask, t_mod, t0_mod=None, x_mask=None, handoff=None) -> torch.Tensor:
         """norm1(x) shifted and scaled by this block's timestep modulation, (B, T, S, C): what changes between
         steps as both the latents and the timestep do (step reuse's indicator). Same arguments as forward."""
         mod = modulation(self.scale_shift_table, _split6(t_mod), _split6(t0_mod), x_mask)
@@ -567,6 +582,19 @@ class STDiT3Block(nn.Module):
         out = x.new_empty(B, S, T, C)
         torch.addcmul(mod[:, 0], x_n, 1 + mod[:, 1], out=out.transpose(1, 2))
         return out.view(B * S, T, C)
+
+    def attn_in_after(
+        self, x: torch.Tensor, gate: torch.Tensor, m: torch.Tensor, mod: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block before this one's MLP residual, x + gate * m, then this block's `attn_in` of that sum: (sum,
+        attention input), in one pass on the kernel path."""
+        B, T, S, C = x.shape
+        if self._norms(x):
+            x, out = norms.gated_ln_modulate(x, gate, m.view(x.shape), mod[:, 0], mod[:, 1], self.norm1.eps,
+                                             frame_major=self.temporal, fp8=fp8_input(self.attn.qkv, self.attn))
+            return x, out.view(B * S, T, C) if self.temporal else out.view(B * T, S, C)
+        x = torch.addcmul(x, gate, m.view(x.shape))
+        return x, self.attn_in(x, mod)
 
     def attn_out(self, x: torch.Tensor, a: torch.Tensor, mod: torch.Tensor, fp8: str | None = None) -> torch.Tensor:
         """x + gate * attention output, read back from its sequence-major layout in the same pass; with `fp8` (the
@@ -667,9 +695,13 @@ class STDiT3(nn.Module):
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.mlp.fc2.weight)
 
+    def block_order(self) -> list[STDiT3Block]:
+        """The blocks in forward order: s0, t0, s1, t1, ..."""
+        return [b for pair in zip(self.spatial_blocks, self.temporal_blocks) for b in pair]
+
     def broadcast_targets(self) -> dict[str, list[nn.Module]]:
         """Modules whose outputs PAB may reuse, by kind: "spatial", "temporal", "cross", "mlp"."""
-        blocks = [b for pair in zip(self.spatial_blocks, self.temporal_blocks) for b in pair]  # forward order
+        blocks = self.block_order()
         return {
             "spatial": [b.attn for b in self.spatial_blocks],
             "temporal": [b.attn for b in self.temporal_blocks],
@@ -679,8 +711,7 @@ class STDiT3(nn.Module):
 
     def step_cache_targets(self) -> dict[str, Any]:
         """The block stack in forward order (all keep x as (B, T, S, C)) and the module that reads its output."""
-        blocks = [b for pair in zip(self.spatial_blocks, self.temporal_blocks) for b in pair]
-        return {"blocks": blocks, "head": self.final_layer}
+        return {"blocks": self.block_order(), "head": self.final_layer}
 
     def forward(self, x, timestep, y, mask=None, x_mask=None, fps=None, height=None, width=None):
         """
@@ -724,10 +755,11 @@ class STDiT3(nn.Module):
         pos = self.spatial_pos(H, W, resolution_sq / self.config.input_sq_size, x.device, dtype)  # (1, S, C)
         x = self.x_embedder(x).view(B, T, S, -1) + pos[:, None]  # (B, T, S, C), contiguous
 
-        # === blocks: s0, t0, s1, t1, ... ===
-        for spatial_block, temporal_block in zip(self.spatial_blocks, self.temporal_blocks):
-            x = spatial_block(x, y, mask, t_mod, t0_mod, x_mask)
-            x = temporal_block(x, y, mask, t_mod, t0_mod, x_mask)
+        # === blocks: s0, t0, s1, t1, ...; each ends with the next one's first norm (pab.models.handoff) ===
+        blocks = self.block_order()
+        handoff = Handoff(blocks)
+        for block in blocks:
+            x = block(x, y, mask, t_mod, t0_mod, x_mask, handoff=handoff)
 
         x = self.final_layer(x, t, t0, x_mask)  # (B, T, S, pt·ph·pw·out)
         return self.unpatchify(x, (T, H, W), (Tx, Hx, Wx)).float()

@@ -170,6 +170,50 @@ def test_add_ln_modulate_normalises_the_rounded_sum():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("per_frame", [False, True])
 @pytest.mark.parametrize("frame_major", [False, True])
+@pytest.mark.parametrize("a_frame_major", [False, True])
+def test_gated_ln_modulate(shape, per_frame, frame_major, a_frame_major):
+    """x + gate * a and the norm of that sum in one pass: the sum is the gate + residual kernel's, bit for bit, and
+    the norm is `ln_modulate` of it (per-sample or per-frame parameters, `a` and the output in either layout)."""
+    B, T, S, C = shape
+    torch.manual_seed(4)
+    x, a = torch.randn(shape, device=DEVICE), torch.randn(shape, device=DEVICE)
+    gate, shift, scale = params(B, T, C, per_frame, 3)
+    a_in = a.transpose(1, 2).contiguous().view(B * S, T, C) if a_frame_major else a.view(B, T * S, C)
+    x_new, out = norms.gated_ln_modulate(x, gate, a_in, shift, scale, 1e-6, frame_major=frame_major,
+                                         a_frame_major=a_frame_major)  # fmt: skip
+    assert torch.equal(x_new, norms.gated_residual(x, gate, a_in, frame_major=a_frame_major))
+    torch.testing.assert_close(x_new, torch.addcmul(x, gate, a), atol=1e-6, rtol=1e-6)
+    assert torch.equal(out, norms.ln_modulate(x_new, shift, scale, 1e-6, frame_major=frame_major))
+    assert out.shape == ((B, S, T, C) if frame_major else shape)
+
+
+@needs_triton
+@pytest.mark.parametrize("frame_major", [False, True])
+def test_gated_ln_modulate_writes_the_e4m3_rows_alone_as_the_norm_would(frame_major):
+    """fp8="only" (the next attention's qkv its only reader): the rows and scales `ln_modulate` writes for the same
+    sum, in bf16, and the sum itself written in full."""
+    from pab.kernels import fp8
+
+    B, T, S, C = 2, 3, 5, 96
+    torch.manual_seed(12)
+    x, a = (torch.randn(B, T, S, C, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    gate, shift, scale = params(B, T, C, True, 3, dtype=torch.bfloat16)
+    x_new, only = norms.gated_ln_modulate(x, gate, a, shift, scale, 1e-6, frame_major=frame_major, fp8="only")
+    assert torch.equal(x_new, norms.gated_residual(x, gate, a))
+    fp8.check_written(x_new)
+    alone = norms.ln_modulate(x_new, shift, scale, 1e-6, frame_major=frame_major, fp8="only")
+    (q, s), (rq, rs) = fp8.companion(only.view(-1, C)), fp8.companion(alone.view(-1, C))
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
+    with pytest.raises(RuntimeError, match="e4m3 rows only"):
+        fp8.check_written(only.view(-1, C))
+    with pytest.raises(ValueError, match="gate scales the residual"):
+        norms._ln_modulate(x, shift, scale, 1e-6, None, False, gate=gate)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("per_frame", [False, True])
+@pytest.mark.parametrize("frame_major", [False, True])
 @pytest.mark.parametrize("one_tile", [False, True])
 def test_gated_residual(shape, per_frame, frame_major, one_tile):
     """Rows in two tiles (96 = 64 + 32, 40 = 32 + 8; the default) or in one masked tile."""
@@ -297,6 +341,12 @@ def test_ops_trace_under_torch_compile():
 
     compiled = torch.compile(f, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x, shift, scale), f(x, shift, scale))
+
+    def g(x, shift, scale):  # the gated form goes through the same op, with its gate
+        return norms.gated_ln_modulate(x, scale, x * 2, shift, scale, 1e-6, frame_major=True)
+
+    for got, want in zip(torch.compile(g, fullgraph=True, backend="eager")(x, shift, scale), g(x, shift, scale)):
+        torch.testing.assert_close(got, want)
 
 
 # ---------------------------------------------------------------------------------------------- CUDA: whole models
