@@ -17,8 +17,9 @@ Performance (as in pab.models.stdit3; the float32 CPU path is the fixture path):
 * the hidden state stays one contiguous (B, F, S, C) tensor; the temporal block writes its (B*S, F, C) attention
   and MLP inputs and reads their outputs back in its elementwise passes, so there are no transpose copies;
 * norm + modulate, residual + norm + modulate and gate + residual are one pass each (`pab.kernels.norms` in
-  half precision on CUDA, `torch.addcmul` elsewhere); the blocks' `compile_regions` name these passes for
-  `pab.compile.apply_compile`;
+  half precision on CUDA, `torch.addcmul` elsewhere), and a gated residual and the norm after it are one pass
+  too: inside the temporal block, and from each block's MLP to the next block's attention (`pab.models.handoff`);
+  the blocks' `compile_regions` name these passes for `pab.compile.apply_compile`;
 * self-attention computes q, k, v in one GEMM (cross-attention: k, v in one), from the concatenated weights of
   the diffusers-named to_q/to_k/to_v, so checkpoints load unchanged and the modules keep no derived state; the
   pipeline lays those weights end to end (`pab.models.packing`, the groups are `Attention.joint_linears`), so the
@@ -49,6 +50,7 @@ from pab.kernels import short_attention as short_attn
 from pab.kernels import DEFAULT_KERNELS, KernelOptions, no_grad_needed, norms
 from pab.kernels.fp8 import DelayedScale, delayed_reference, fp8_input, fp8_output
 from pab.hooks.registry import output_reused
+from pab.models.handoff import Handoff
 from pab.models.packing import end_to_end
 
 #################################################################################
@@ -600,8 +602,9 @@ class LatteBlock(nn.Module):
 
     # The elementwise steps between the PAB targets: pure functions of their arguments (no state, no hooks),
     # which pab.compile.apply_compile may replace per instance with compiled versions.
-    compile_regions = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+    compile_regions = ("attn_in", "attn_in_after", "attn_out", "mlp_in", "mlp_out")
     kernels: KernelOptions = DEFAULT_KERNELS
+    frame_major: ClassVar[bool] = False  # whether attn1 and ff read and write the (B*S, F, C) layout (temporal)
 
     def __init__(
         self,
@@ -624,6 +627,41 @@ class LatteBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
         self.ff = FeedForward(dim, activation_fn, dropout)
 
+    def _norms(self, x: torch.Tensor) -> bool:
+        return self.kernels.norms and norms.available(x)
+
+    def _given(self, x: torch.Tensor, temb: torch.Tensor, handoff: Handoff | None):
+        """(this block's adaLN parameters, its attention input or None) from what the block before handed over."""
+        given = handoff.take(self, x) if handoff is not None else None
+        if given is None:
+            return _modulation(self.scale_shift_table, temb), None
+        return given.mod, given.attn_input
+
+    def _mlp_out_handing_on(self, x, m, mod, temb, handoff: Handoff | None) -> torch.Tensor:
+        """x + gate * m; with the next block's attention input in the same pass, handed over to it, unless PAB
+        reuses that attention's output (pab.models.handoff)."""
+        after = handoff.after(self) if handoff is not None else None
+        if after is None or output_reused(after.attn1):
+            return self.mlp_out(x, m, mod)
+        after_mod = _modulation(after.scale_shift_table, temb)
+        x, after_in = after.attn_in_after(x, mod[:, 5], m, after_mod, self.frame_major)
+        handoff.put(after, x, after_in, after_mod)
+        return x
+
+    def attn_in_after(
+        self, x: torch.Tensor, gate: torch.Tensor, m: torch.Tensor, mod: torch.Tensor, m_frame_major: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block before this one's MLP residual, x + gate * m (m laid out (B*S, F, C) if `m_frame_major`), then
+        this block's `attn_in` of that sum: (sum, attention input), in one pass on the kernel path."""
+        B, F_, S, C = x.shape
+        if self._norms(x):
+            x, out = norms.gated_ln_modulate(x, gate, m, mod[:, 0], mod[:, 1], self.norm1.eps,
+                                             frame_major=self.frame_major, fp8=fp8_input(self.attn1),
+                                             a_frame_major=m_frame_major)  # fmt: skip
+            return x, out.view(B * S, F_, C) if self.frame_major else out.view(B * F_, S, C)
+        x = torch.addcmul(x, gate, m.view(B, S, F_, C).transpose(1, 2) if m_frame_major else m.view(x.shape))
+        return x, self.attn_in(x, mod)
+
 
 class SpatialBlock(LatteBlock):
     """Spatial block: modulated self-attention over a frame's patches, cross-attention to text, modulated MLP.
@@ -637,23 +675,31 @@ class SpatialBlock(LatteBlock):
         temb: torch.Tensor,
         context: torch.Tensor,
         context_bias: torch.Tensor | None = None,
+        handoff: Handoff | None = None,
     ) -> torch.Tensor:
-        """x (B, F, S, C), temb (B, 6C), context (B*F, L, C), context_bias None or (B*F, 1, 1, L) -> (B, F, S, C).
+        """x (B, F, S, C), temb (B, 6C), context (B*F, L, C), context_bias None or (B*F, 1, 1, L) -> (B, F, S, C);
+        handoff: the model's (pab.models.handoff).
 
         attn1, attn2 and ff see (B*F, S, C).
         """
         B, F_, S, C = x.shape
-        mod = _modulation(self.scale_shift_table, temb)  # (B, 6, 1, 1, C)
+        mod, a_in = self._given(x, temb, handoff)  # (B, 6, 1, 1, C), None if not handed over
         # (The cross-attention's q stays bf16 under fp8: unlike Open-Sora's, its e4m3 rows from the gate + residual
         # pass cost latte-1-small 1.2-2.1 dB, to 30.0-30.3 dB against bf16; docs/quality.md.)
-        x = self.attn_out(x, self.attn1(None if output_reused(self.attn1) else self.attn_in(x, mod)), mod)
+        if output_reused(self.attn1):  # a broadcast attention does not read its input: no norm
+            a_in = None
+        elif a_in is None:
+            a_in = self.attn_in(x, mod)
+        x = self.attn_out(x, self.attn1(a_in), mod)
         c = self.attn2(x.view(B * F_, S, C), context, context_bias)
         if output_reused(self.ff):  # a broadcast MLP does not read its input: the residual alone, no norm
-            return self.mlp_out(x + c.view(x.shape), self.ff(None), mod)
-        x, h = self.mlp_in(x, c, mod)
-        return self.mlp_out(x, self.ff(h), mod)
+            x, m = x + c.view(x.shape), self.ff(None)
+        else:
+            x, h = self.mlp_in(x, c, mod)
+            m = self.ff(h)
+        return self._mlp_out_handing_on(x, m, mod, temb, handoff)
 
-    def modulated_input(self, x, temb, context=None, context_bias=None) -> torch.Tensor:
+    def modulated_input(self, x, temb, context=None, context_bias=None, handoff=None) -> torch.Tensor:
         """norm1(x) shifted and scaled by the timestep modulation, (B, F, S, C): step reuse's indicator."""
         mod = _modulation(self.scale_shift_table, temb)
         return torch.addcmul(mod[:, 0], self.norm1(x), 1 + mod[:, 1])
@@ -691,11 +737,23 @@ class SpatialBlock(LatteBlock):
 class TemporalBlock(LatteBlock):
     """Temporal block: modulated self-attention over the frames at one patch position, then modulated MLP."""
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """x (B, F, S, C), temb (B, 6C) -> (B, F, S, C). attn1 and ff see the frame-major (B*S, F, C)."""
-        mod = _modulation(self.scale_shift_table, temb)  # (B, 6, 1, 1, C)
-        x = self.attn_out(x, self.attn1(None if output_reused(self.attn1) else self.attn_in(x, mod)), mod)
-        return self.mlp_out(x, self.ff(None if output_reused(self.ff) else self.mlp_in(x, mod)), mod)
+    frame_major = True
+    compile_regions = (*LatteBlock.compile_regions, "attn_out_mlp_in")
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, handoff: Handoff | None = None) -> torch.Tensor:
+        """x (B, F, S, C), temb (B, 6C) -> (B, F, S, C); handoff: the model's (pab.models.handoff). attn1 and ff
+        see the frame-major (B*S, F, C)."""
+        mod, a_in = self._given(x, temb, handoff)  # (B, 6, 1, 1, C), None if not handed over
+        if output_reused(self.attn1):
+            a_in = None
+        elif a_in is None:
+            a_in = self.attn_in(x, mod)
+        a = self.attn1(a_in)
+        if output_reused(self.ff):  # a broadcast MLP does not read its input: no norm
+            x, h = self.attn_out(x, a, mod), None
+        else:
+            x, h = self.attn_out_mlp_in(x, a, mod)
+        return self._mlp_out_handing_on(x, self.ff(h), mod, temb, handoff)
 
     def attn_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """norm1 + modulate, written as the (B*S, F, C) attention input."""
@@ -709,6 +767,18 @@ class TemporalBlock(LatteBlock):
     def mlp_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """norm2 + modulate, written as the (B*S, F, C) MLP input."""
         return _norm_modulate_frame_major(self.norm2, x, mod[:, 3], mod[:, 4], self.kernels.norms, fp8_input(self.ff))
+
+    def attn_out_mlp_in(
+        self, x: torch.Tensor, a: torch.Tensor, mod: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`attn_out` then `mlp_in` of its sum: (x, MLP input (B*S, F, C)), in one pass on the kernel path."""
+        B, F_, S, C = x.shape
+        if self._norms(x):
+            x, out = norms.gated_ln_modulate(x, mod[:, 2], a, mod[:, 3], mod[:, 4], self.norm2.eps, frame_major=True,
+                                             fp8=fp8_input(self.ff), a_frame_major=True)  # fmt: skip
+            return x, out.view(B * S, F_, C)
+        x = self.attn_out(x, a, mod)
+        return x, self.mlp_in(x, mod)
 
     def mlp_out(self, x: torch.Tensor, m: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         return _gated_residual_frame_major(x, mod[:, 5], m, self.kernels.norms)
@@ -872,10 +942,16 @@ class LatteLayoutModel(nn.Module):
         context = context.repeat_interleave(f, dim=0)  # (B*F, L, C), row b*F + f
         context_bias = self._cross_attention_bias(encoder_attention_mask, b, f, context.shape[1], x.dtype)
 
+        # Each block ends with the next one's first norm (pab.models.handoff), except the first spatial block: the
+        # frame table is added after it.
+        if enable_temporal_attentions:
+            handoff = Handoff(self.step_cache_targets()["blocks"][1:])
+        else:
+            handoff = Handoff(self.transformer_blocks)
         for i, (spatial_block, temporal_block) in enumerate(
             zip(self.transformer_blocks, self.temporal_transformer_blocks)
         ):
-            x = spatial_block(x, temb, context, context_bias)  # (B, F, S, C)
+            x = spatial_block(x, temb, context, context_bias, handoff=handoff)  # (B, F, S, C)
             if enable_temporal_attentions:
                 if i == 0:
                     # Frame table, added once before the first block. The module (which DSP hooks to pick this
@@ -884,7 +960,7 @@ class LatteLayoutModel(nn.Module):
                     # state.
                     rows = self.temp_pos_embed(x.new_zeros(1, f, x.shape[-1]))  # (1, F, C)
                     x = x + rows[:, :, None]  # (B, F, S, C)
-                x = temporal_block(x, temb)  # (B, F, S, C)
+                x = temporal_block(x, temb, handoff=handoff)  # (B, F, S, C)
 
         out = final_modulate_and_unpatchify(
             x.view(b * f, s, -1), embedded_timestep, self.scale_shift_table, self.norm_out, self.proj_out,

@@ -1,12 +1,15 @@
 """The handoff between blocks (pab/models/handoff.py): one pass for a block's MLP residual and the next block's
-first norm, proved against the same model with the handoff off, under PAB and with a hook between blocks."""
+first norm, proved against the same model with the handoff off (Open-Sora's and Latte's blocks), under PAB and
+with a hook between blocks. The official fixtures (test_stdit3, test_latte, test_opensora_plan) run with it on."""
 
 import pytest
 import torch
 
 from pab.broadcast import BroadcastRule, PABConfig, PABState, apply_pab, use_state
 from pab.hooks.registry import ModelHook, register_hook
+import test_latte
 from pab.models.handoff import Handoff
+from pab.models.latte import LatteBlock
 from pab.models.stdit3 import STDiT3Block
 from support.kernels import CUDA
 from test_stdit3 import tiny_inputs, tiny_model
@@ -32,15 +35,15 @@ def test_take_hands_over_once_and_only_for_its_block_and_tensor():
     assert given.attn_input is attn_in and given.mod is mod
 
 
-def _calls(monkeypatch) -> list[STDiT3Block]:
+def _calls(monkeypatch, cls=STDiT3Block) -> list:
     """Record each block that computes its input from the block before's residual (one call per handoff)."""
-    calls, real = [], STDiT3Block.attn_in_after
+    calls, real = [], cls.attn_in_after
 
     def spy(self, *args):
         calls.append(self)
         return real(self, *args)
 
-    monkeypatch.setattr(STDiT3Block, "attn_in_after", spy)
+    monkeypatch.setattr(cls, "attn_in_after", spy)
     return calls
 
 
@@ -109,6 +112,21 @@ def test_a_hook_that_changes_a_blocks_input_gets_it_computed_afresh(monkeypatch)
         assert torch.equal(model(**kw), out)
 
 
+@pytest.mark.parametrize("temporal", [True, False])
+def test_latte_with_the_handoff_is_the_model_without_it(monkeypatch, temporal):
+    """Latte hands over between every two blocks but the first two (the frame table is added between them), and
+    between the spatial blocks alone without temporal attention; the output is the same bits (float32)."""
+    model, kw = test_latte.tiny_model(), test_latte.tiny_inputs()
+    kw["enable_temporal_attentions"] = temporal
+    calls = _calls(monkeypatch, LatteBlock)
+    out = test_latte.run(model, **kw)
+    order = model.step_cache_targets()["blocks"]
+    assert calls == (order[2:] if temporal else list(model.transformer_blocks)[1:])
+    with monkeypatch.context() as m:
+        _no_handoff(m)
+        assert torch.equal(test_latte.run(model, **kw), out)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="the kernel path runs on CUDA")
 def test_stdit3_kernel_path_with_the_handoff_is_the_same_bits(monkeypatch):
@@ -123,3 +141,24 @@ def test_stdit3_kernel_path_with_the_handoff_is_the_same_bits(monkeypatch):
         assert norms._CHECKED and len(calls) == len(model.block_order()) - 1
         _no_handoff(monkeypatch)
         assert torch.equal(model(**kw), out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="the kernel path runs on CUDA")
+def test_latte_kernel_path_with_the_handoff_is_the_same_bits(monkeypatch):
+    """bf16 on CUDA: the fused passes (between blocks, and the temporal block's attention residual + MLP norm) give
+    what the separate kernels give."""
+    from pab.models.latte import TemporalBlock
+
+    model = test_latte.tiny_model().cuda().to(torch.bfloat16)
+    kw = {k: v.cuda().to(torch.bfloat16) for k, v in test_latte.tiny_inputs().items()}
+    with torch.no_grad():
+        out = test_latte.run(model, **kw)
+        _no_handoff(monkeypatch)
+
+        def apart(self, x, a, mod):
+            x = self.attn_out(x, a, mod)
+            return x, self.mlp_in(x, mod)
+
+        monkeypatch.setattr(TemporalBlock, "attn_out_mlp_in", apart)
+        assert torch.equal(test_latte.run(model, **kw), out)
