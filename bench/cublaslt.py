@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             lt.plan((64, 4 * args.hidden, args.hidden, *key_tail), torch.cuda.current_device())
             variants[name] = "yes"
         except CublasLtError as e:
-            variants[name] = str(e).split("(")[-1]
+            variants[name] = str(e).rsplit("(", 1)[-1].rstrip(")")  # "status 7, 0 algorithms"
         print(f"  {name:70s} {variants[name]}", flush=True)
 
     combos = [(rowwise, epilogue, out) for rowwise in (True, False) for epilogue in ("none", "bias", "gelu_bias")

@@ -590,7 +590,7 @@ class STDiT3Block(nn.Module):
         attention input), in one pass on the kernel path."""
         B, T, S, C = x.shape
         if self._norms(x):
-            x, out = norms.gated_ln_modulate(x, gate, m.view(x.shape), mod[:, 0], mod[:, 1], self.norm1.eps,
+            x, out = norms.gated_ln_modulate(x, gate, m, mod[:, 0], mod[:, 1], self.norm1.eps,
                                              frame_major=self.temporal, fp8=fp8_input(self.attn.qkv, self.attn))
             return x, out.view(B * S, T, C) if self.temporal else out.view(B * T, S, C)
         x = torch.addcmul(x, gate, m.view(x.shape))

@@ -88,5 +88,5 @@ def test_the_variants_table_records_what_the_heuristic_takes_and_refuses(monkeyp
     variants = record["variants"]
     assert len(asked) == len(variants) == 2 * 3 * 4 + 3 * 2  # scalings x epilogues x outputs, + C types x D modes
     assert variants["rows gelu_bias torch.bfloat16 d_scale=False amax=False"] == "yes"
-    assert variants["tensor gelu_bias torch.float8_e4m3fn d_scale=True amax=True"] == "status 7, 0 algorithms)"
+    assert variants["tensor gelu_bias torch.float8_e4m3fn d_scale=True amax=True"] == "status 7, 0 algorithms"
     assert record["tensorwise"] is None and record["gated"] is None
