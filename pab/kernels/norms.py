@@ -296,7 +296,7 @@ if triton is not None:
         x = tl.load(x_ptr + row + cols, mask=m, other=0.0).to(tl.float32)
         if HAS_RES:
             r = tl.load(res_ptr + res_row + cols, mask=m, other=0.0).to(tl.float32)
-            if HAS_GATE:  # as the gate + residual pass computes it, so the sum is the same bits
+            if HAS_GATE:  # as the gate + residual pass computes it: the same bits from half-precision inputs
                 x = x + tl.load(gate_ptr + g + cols, mask=m, other=0.0).to(tl.float32) * r
             else:
                 x = x + r
