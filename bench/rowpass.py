@@ -6,8 +6,8 @@
 Triton's tiles are powers of two, so a 1,152-wide row in one tile of 2,048 (4,608 in 8,192) leaves 44% of the
 lanes working on masked-off values; `pab.kernels.row_pieces` splits it into 1,024 + 128 (4,096 + 512) instead.
 Each pass, both layouts, per num_warps: the quantise kernel (1,152 plain; 4,608 with bias + tanh GELU, fc2's
-input), the layer norm + modulate (plain, fp8 "only", and with the residual add and fp8 "only", as the
-blocks call it) and the gate + residual. GPU ms from CUDA events (median of --iters) and the effective bandwidth of the bytes each pass
+input), the layer norm + modulate (plain, fp8 "only", and with the residual add or the gated residual and fp8
+"only", as the blocks call it) and the gate + residual. GPU ms from CUDA events (median of --iters) and the effective bandwidth of the bytes each pass
 must move.
 """
 
@@ -52,10 +52,10 @@ def passes(M: int, C: int) -> list[tuple[str, int, int, object]]:
                 fp8.QUANT_WARPS.pop(layout[0])
         return run
 
-    def ln(residual, mode):
+    def ln(residual, mode, gate=None):
         def run(layout, warps):
             return norms._ln_modulate(x4, shift, scale, 1e-6, residual, False, config=(1, warps), fp8=mode,
-                                      pieces=layout)  # fmt: skip
+                                      pieces=layout, gate=gate)  # fmt: skip
         return run
 
     def gated(mode):
@@ -70,6 +70,8 @@ def passes(M: int, C: int) -> list[tuple[str, int, int, object]]:
         ("norm + modulate", C, 2 * n + 2 * n, ln(None, None)),
         ("norm + modulate, e4m3 only", C, 2 * n + n, ln(None, "only")),
         ("residual + norm + modulate, e4m3 only", C, 2 * 2 * n + 2 * n + n, ln(res, "only")),
+        # a block's MLP residual and the next block's norm (pab.models.handoff)
+        ("gate + residual + norm + modulate, e4m3 only", C, 2 * 2 * n + 2 * n + n, ln(res, "only", gate=shift)),
         ("gate + residual", C, 3 * 2 * n, gated(None)),
         ("gate + residual, e4m3 also", C, 3 * 2 * n + n, gated("also")),
     ]
