@@ -7,11 +7,12 @@ import torch
 
 from pab.broadcast import BroadcastRule, PABConfig, PABState, apply_pab, use_state
 from pab.hooks.registry import ModelHook, register_hook
-import test_latte
 from pab.models.handoff import Handoff
 from pab.models.latte import LatteBlock
 from pab.models.stdit3 import STDiT3Block
 from support.kernels import CUDA
+
+import test_latte  # tests/models: the tiny models and their inputs
 from test_stdit3 import tiny_inputs, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
