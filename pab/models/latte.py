@@ -630,12 +630,14 @@ class LatteBlock(nn.Module):
     def _norms(self, x: torch.Tensor) -> bool:
         return self.kernels.norms and norms.available(x)
 
-    def _given(self, x: torch.Tensor, temb: torch.Tensor, handoff: Handoff | None):
-        """(this block's adaLN parameters, its attention input or None) from what the block before handed over."""
+    def _attn_input(self, x: torch.Tensor, temb: torch.Tensor, handoff: Handoff | None):
+        """(this block's adaLN parameters, its attention input): both as the block before handed them over, else
+        computed here; the input is None where PAB reuses the attention's output (it reads no input: no norm)."""
         given = handoff.take(self, x) if handoff is not None else None
-        if given is None:
-            return _modulation(self.scale_shift_table, temb), None
-        return given.mod, given.attn_input
+        mod = _modulation(self.scale_shift_table, temb) if given is None else given.mod  # (B, 6, 1, 1, C)
+        if output_reused(self.attn1):
+            return mod, None
+        return mod, self.attn_in(x, mod) if given is None else given.attn_input
 
     def _mlp_out_handing_on(self, x, m, mod, temb, handoff: Handoff | None) -> torch.Tensor:
         """x + gate * m; with the next block's attention input in the same pass, handed over to it, unless PAB
@@ -683,13 +685,9 @@ class SpatialBlock(LatteBlock):
         attn1, attn2 and ff see (B*F, S, C).
         """
         B, F_, S, C = x.shape
-        mod, a_in = self._given(x, temb, handoff)  # (B, 6, 1, 1, C), None if not handed over
+        mod, a_in = self._attn_input(x, temb, handoff)
         # (The cross-attention's q stays bf16 under fp8: unlike Open-Sora's, its e4m3 rows from the gate + residual
         # pass cost latte-1-small 1.2-2.1 dB, to 30.0-30.3 dB against bf16; docs/quality.md.)
-        if output_reused(self.attn1):  # a broadcast attention does not read its input: no norm
-            a_in = None
-        elif a_in is None:
-            a_in = self.attn_in(x, mod)
         x = self.attn_out(x, self.attn1(a_in), mod)
         c = self.attn2(x.view(B * F_, S, C), context, context_bias)
         if output_reused(self.ff):  # a broadcast MLP does not read its input: the residual alone, no norm
@@ -707,21 +705,21 @@ class SpatialBlock(LatteBlock):
     def attn_in(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """norm1 + modulate -> (B*F, S, C) self-attention input."""
         B, F_, S, C = x.shape
-        if self.kernels.norms and norms.available(x):
+        if self._norms(x):
             return norms.ln_modulate(x, mod[:, 0], mod[:, 1], self.norm1.eps,
                                      fp8=fp8_input(self.attn1)).view(B * F_, S, C)  # fmt: skip
         return torch.addcmul(mod[:, 0], self.norm1(x), 1 + mod[:, 1]).view(B * F_, S, C)
 
     def attn_out(self, x: torch.Tensor, a: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """x + gate * self-attention output."""
-        if self.kernels.norms and norms.available(x):
+        if self._norms(x):
             return norms.gated_residual(x, mod[:, 2], a)
         return torch.addcmul(x, mod[:, 2], a.view(x.shape))
 
     def mlp_in(self, x: torch.Tensor, c: torch.Tensor, mod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention residual (no gate), then norm2 + modulate: (x, MLP input (B*F, S, C))."""
         B, F_, S, C = x.shape
-        if self.kernels.norms and norms.available(x):
+        if self._norms(x):
             x, out = norms.add_ln_modulate(x, c.view(x.shape), mod[:, 3], mod[:, 4], self.norm2.eps,
                                            fp8=fp8_input(self.ff))  # fmt: skip
             return x, out.view(B * F_, S, C)
@@ -729,7 +727,7 @@ class SpatialBlock(LatteBlock):
         return x, torch.addcmul(mod[:, 3], self.norm2(x), 1 + mod[:, 4]).view(B * F_, S, C)
 
     def mlp_out(self, x: torch.Tensor, m: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        if self.kernels.norms and norms.available(x):
+        if self._norms(x):
             return norms.gated_residual(x, mod[:, 5], m)
         return torch.addcmul(x, mod[:, 5], m.view(x.shape))
 
@@ -743,11 +741,7 @@ class TemporalBlock(LatteBlock):
     def forward(self, x: torch.Tensor, temb: torch.Tensor, handoff: Handoff | None = None) -> torch.Tensor:
         """x (B, F, S, C), temb (B, 6C) -> (B, F, S, C); handoff: the model's (pab.models.handoff). attn1 and ff
         see the frame-major (B*S, F, C)."""
-        mod, a_in = self._given(x, temb, handoff)  # (B, 6, 1, 1, C), None if not handed over
-        if output_reused(self.attn1):
-            a_in = None
-        elif a_in is None:
-            a_in = self.attn_in(x, mod)
+        mod, a_in = self._attn_input(x, temb, handoff)
         a = self.attn1(a_in)
         if output_reused(self.ff):  # a broadcast MLP does not read its input: no norm
             x, h = self.attn_out(x, a, mod), None
@@ -887,11 +881,14 @@ class LatteLayoutModel(nn.Module):
             + [block.ff for block in self.temporal_transformer_blocks],
         }
 
+    def block_order(self) -> list[LatteBlock]:
+        """The blocks in forward order: spatial 0, temporal 0, spatial 1, ..."""
+        return [b for pair in zip(self.transformer_blocks, self.temporal_transformer_blocks) for b in pair]
+
     def step_cache_targets(self) -> dict[str, Any]:
         """The block stack in forward order (all keep x as (B, F, S, C)) and the module that reads its output (the
         output head's norm, on the (B*F, S, C) view)."""
-        blocks = [b for pair in zip(self.transformer_blocks, self.temporal_transformer_blocks) for b in pair]
-        return {"blocks": blocks, "head": self.norm_out}
+        return {"blocks": self.block_order(), "head": self.norm_out}
 
     def _cross_attention_bias(
         self, mask: torch.Tensor | None, batch: int, frames: int, text_len: int, dtype: torch.dtype
@@ -945,7 +942,7 @@ class LatteLayoutModel(nn.Module):
         # Each block ends with the next one's first norm (pab.models.handoff), except the first spatial block: the
         # frame table is added after it.
         if enable_temporal_attentions:
-            handoff = Handoff(self.step_cache_targets()["blocks"][1:])
+            handoff = Handoff(self.block_order()[1:])
         else:
             handoff = Handoff(self.transformer_blocks)
         for i, (spatial_block, temporal_block) in enumerate(

@@ -121,7 +121,7 @@ def test_latte_with_the_handoff_is_the_model_without_it(monkeypatch, temporal):
     kw["enable_temporal_attentions"] = temporal
     calls = _calls(monkeypatch, LatteBlock)
     out = test_latte.run(model, **kw)
-    order = model.step_cache_targets()["blocks"]
+    order = model.block_order()
     assert calls == (order[2:] if temporal else list(model.transformer_blocks)[1:])
     with monkeypatch.context() as m:
         _no_handoff(m)
