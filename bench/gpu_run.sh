@@ -13,6 +13,7 @@
 #                                 diffusers' Latte with its PAB, the 2x target's baseline on the same card) and
 #                                 Open-Sora-Plan fp8 off/paper DiT only, each with its profile (~8 min on an H100 by
 #                                 its parts' session-28 times; not yet run as one call; for the rare H200 window)
+#   bash bench/gpu_run.sh short   the temporal kernel's launch shapes at 15, 16, 17, 20 and 30 frames (bench.short; ~1.5 min)
 #   bash bench/gpu_run.sh cross   the flash kernel's launch configs at Open-Sora 480p's cross-attention, 30 and 120
 #                                 text tokens, against cuDNN (~5-8 min; picks `cross_config`)
 #   bash bench/gpu_run.sh ab      the working tree against another revision on the same card: Open-Sora 480p and
@@ -26,7 +27,7 @@
 # Records land in $OUT (the device's return folder): append them to bench/results/<gpu>.json here with
 # bench.records, noting the session. Each step has its own timeout so one call stays under the 600 s limit.
 set -uo pipefail
-what="${1:?usage: bash bench/gpu_run.sh suite|e2e|plan|targets|ab|graphs|cross}"
+what="${1:?usage: bash bench/gpu_run.sh suite|e2e|plan|targets|ab|graphs|short|cross}"
 OUT="${OUT:?set OUT to the folder the records go to}"
 mkdir -p /tmp/site
 for f in .gpu-site/*.tar.xz .gpu-av/*.tar.xz; do [ -f "$f" ] && tar -xJf "$f" -C /tmp/site; done
@@ -34,7 +35,10 @@ export PYTHONPATH="$PWD:/tmp/site" RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLE
 gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
 export PAB_BENCH_MACHINE="one $gpu"
 t0=$(date +%s)
-left() { echo $(( $1 - ($(date +%s) - t0) )); }
+# Each step's timeout is "until N s into a 600 s call"; GPU_RUN_LIMIT=S runs this inside S seconds instead (what is left
+# of the call after an earlier command of it): bash bench/gpu_run.sh short; GPU_RUN_LIMIT=480 bash bench/gpu_run.sh suite
+shift_s=$(( 600 - ${GPU_RUN_LIMIT:-600} ))
+left() { echo $(( $1 - shift_s - ($(date +%s) - t0) )); }
 step() { echo "== $1 at $(( $(date +%s) - t0 )) s on $gpu"; }
 
 case "$what" in
@@ -91,6 +95,11 @@ case "$what" in
             timeout "$(left 290)" python -m bench.run --cases latte --precision fp8 --pab paper --idle --dit-only $g \
                 --out "$OUT/run-graphs.json" 2>&1 | grep -v Warn | tail -14
         done ;;
+    short)
+        # the temporal kernel's launch shapes at each DiT's frame count, and a 16-row tile + tail against one 32-row
+        # tile at 17 and 20 frames (~1.5 min: Triton compiles each shape)
+        step "short-sequence attention"
+        timeout "$(left 200)" python -m bench.short --out "$OUT/short.json" 2>&1 | grep -v Warn | tail -70 ;;
     cross)
         # `cross_config` (pab/kernels/flash_attention.py) is a guess: sweep the pointer kernel at Open-Sora 480p's
         # cross-attention (2 x 16 heads x 23,850 video tokens, d = 72) against a short and a long prompt's tokens
@@ -100,6 +109,6 @@ case "$what" in
                 --seqs 2 --tokens 23850 --keys "$keys" --iters 10 --out "$OUT/attention-cross.json" 2>&1 \
                 | grep -v Warn | tail -12
         done ;;
-    *) echo "unknown call $what; one of suite, e2e, plan, targets, ab, graphs, cross" >&2; exit 2 ;;
+    *) echo "unknown call $what; one of suite, e2e, plan, targets, ab, graphs, short, cross" >&2; exit 2 ;;
 esac
 step "done"

@@ -22,11 +22,12 @@ def _flash(d: kern.DelayedScale | None, length: int = 40, keys: int | None = Non
     return out.flatten(2)  # (N, L, C): what the output projection reads
 
 
-def _short(d: kern.DelayedScale | None, seed: int = 0, blocks: bool = False):
+def _short(d: kern.DelayedScale | None, seed: int = 0, blocks: bool = False, length: int = 15):
+    """length 17 or 18: a 16-row tile and a tail (short_attention.tiles)."""
     g = torch.Generator().manual_seed(seed)
-    qkv = (torch.randn(6, 15, 3 * 4 * 72, generator=g) * 2).to(DEVICE, DTYPE)
+    qkv = (torch.randn(6, length, 3 * 4 * 72, generator=g) * 2).to(DEVICE, DTYPE)
     if blocks:  # frame blocks (nb, N, lb, 3C) as sequence parallelism hands them over
-        qkv = qkv.view(6, 3, 5, -1).transpose(0, 1)
+        qkv = qkv.view(6, 3, length // 3, -1).transpose(0, 1)
     return short_attn.short_attention(qkv, 4, delayed=d)
 
 
@@ -48,8 +49,10 @@ def _rows(out: torch.Tensor):
     return rows
 
 
-@pytest.mark.parametrize("attend", [_flash, _short, lambda d, seed=0: _short(d, seed, blocks=True)],
-                         ids=["flash", "short", "short-blocks"])  # fmt: skip
+@pytest.mark.parametrize("attend", [_flash, _short, lambda d, seed=0: _short(d, seed, blocks=True),
+                                    lambda d, seed=0: _short(d, seed, length=17),
+                                    lambda d, seed=0: _short(d, seed, blocks=True, length=18)],
+                         ids=["flash", "short", "short-blocks", "short-tail", "short-blocks-tail"])  # fmt: skip
 def test_first_call_records_then_later_calls_write_e4m3_rows(attend):
     plain = attend(None)
     amax = torch.zeros(2, device=DEVICE)

@@ -75,8 +75,11 @@ def test_head_dim_split_and_config():
     for bad in (24, 36, 68, 4):
         with pytest.raises(ValueError, match="head_dim"):
             short_attn.head_split(bad)
-    assert short_attn.launch_config(15, 16) == short_attn.CONFIG[16]
-    assert short_attn.launch_config(30, 16) == short_attn.CONFIG[32]
+    assert short_attn.launch_config(15, 16) == short_attn.CONFIG[(16, 0)]
+    assert short_attn.launch_config(30, 16) == short_attn.CONFIG[(32, 0)]
+    # 16 rows for the tensor cores and the rest as a tail up to 16 + TAIL_MAX; one 32-row tile beyond
+    assert [short_attn.tiles(L) for L in (1, 16, 17, 18, 19, 20, 21, 32)] == [
+        (16, 0), (16, 0), (16, 1), (16, 2), (16, 4), (16, 4), (32, 0), (32, 0)]
     hb, _ = short_attn.launch_config(15, 3)  # never more heads per program than divide the model's
     assert 3 % hb == 0
 
@@ -112,7 +115,7 @@ def test_frame_blocks_match_sequences(impl, nb, lb):
 
 @needs_triton
 @pytest.mark.parametrize("qk_norm", [True, False])
-@pytest.mark.parametrize("L", [1, 5, 15, 30, 32])
+@pytest.mark.parametrize("L", [1, 5, 15, 17, 18, 20, 30, 32])
 @pytest.mark.parametrize("N", [1, 4])
 def test_matches_sdpa_float32(N, L, qk_norm):
     attn = attention(16, 72, qk_norm)  # Open-Sora 1.2: 16 heads of 72
@@ -123,7 +126,7 @@ def test_matches_sdpa_float32(N, L, qk_norm):
 
 @needs_triton
 @pytest.mark.parametrize("qk_norm", [True, False])
-@pytest.mark.parametrize("L", [1, 5, 15, 30, 32])
+@pytest.mark.parametrize("L", [1, 5, 15, 17, 19, 30, 32])
 @pytest.mark.parametrize("N", [1, 3])
 def test_matches_sdpa_float16(N, L, qk_norm):
     attn = attention(16, 72, qk_norm).half()
@@ -138,7 +141,7 @@ def test_matches_sdpa_float16(N, L, qk_norm):
 
 @needs_triton
 @pytest.mark.parametrize("heads,head_dim", [(4, 16), (2, 48), (2, 64), (2, 8), (3, 72)])
-@pytest.mark.parametrize("L", [5, 30])
+@pytest.mark.parametrize("L", [5, 17, 30])
 def test_other_head_dims(heads, head_dim, L):
     """The split 72 = 64 + 8 is one case: only a tail (16, 8), a tail of 16 (48), no tail (64), odd head count."""
     attn = attention(heads, head_dim, True)
@@ -147,7 +150,7 @@ def test_other_head_dims(heads, head_dim, L):
 
 
 @needs_triton
-@pytest.mark.parametrize("L", [15, 30])
+@pytest.mark.parametrize("L", [15, 17, 30])
 @pytest.mark.parametrize("heads_per_program,num_warps", [(1, 1), (1, 2), (1, 4), (2, 2), (2, 4), (4, 4), (16, 4)])
 def test_launch_configurations(L, heads_per_program, num_warps):
     """Every (heads per program, warps) gives the same result: 2D dots for one head, 3D for several."""
@@ -186,6 +189,23 @@ def test_picked_configurations_fit(heads, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("L", [17, 18, 20])
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_tail_matches_the_whole_tile(L, qk_norm):
+    """16 rows and a tail give what one 32-row tile gives (float32: IEEE dots on both paths)."""
+    attn = attention(4, 72, qk_norm)
+    qkv = torch.randn(3, L, 3 * 4 * 72, device=DEVICE)
+    cos, sin = attn.rope.tables(L, qkv.device, torch.float32)
+    w = (attn.q_norm.weight, attn.k_norm.weight) if qk_norm else (None, None)
+    args = (*w, cos, sin, 4, 1e-6, 2, 4)
+    with torch.no_grad():
+        tail = short_attn._launch(qkv, *args)[0]
+        whole = short_attn._launch(qkv, *args, tail=False)[0]
+    assert short_attn.tiles(L)[1] > 0
+    torch.testing.assert_close(tail, whole, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
 def test_strided_qkv():
     """qkv rows further apart than 3C (a view into a wider buffer) are read through the strides."""
     attn = attention(16, 72, True)
@@ -201,7 +221,7 @@ def test_strided_qkv():
 
 
 @needs_triton
-@pytest.mark.parametrize("nb,lb", [(2, 8), (3, 5), (4, 1)])
+@pytest.mark.parametrize("nb,lb", [(2, 8), (3, 5), (4, 1), (2, 9), (3, 6)])
 def test_frame_blocks_kernel(nb, lb):
     """The kernel on frame blocks (nb, N, lb, 3C) reads token b·lb + i at [b, n, i] and writes the same layout:
     bit for bit the kernel on the reordered (N, L, 3C) sequences (RoPE positions are the global ones)."""
