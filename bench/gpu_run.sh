@@ -96,8 +96,7 @@ case "$what" in
                 --out "$OUT/run-graphs.json" 2>&1 | grep -v Warn | tail -14
         done ;;
     short)
-        # the temporal kernel's launch shapes at each DiT's frame count, and a 16-row tile + tail against one 32-row
-        # tile at 17 and 20 frames (~1.5 min: Triton compiles each shape)
+        # the temporal kernel's launch shapes at each DiT's frame count (~2 min: Triton compiles each shape)
         step "short-sequence attention"
         timeout "$(left 200)" python -m bench.short --out "$OUT/short.json" 2>&1 | grep -v Warn | tail -70 ;;
     cross)

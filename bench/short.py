@@ -1,15 +1,14 @@
 """The short-sequence (temporal) attention kernel's launch shapes at the three DiTs' frame counts: a table and JSON.
 
-    python -m bench.short                     # Open-Sora 480p (L = 15), Latte-1 (16), Open-Sora-Plan 65 f (17), 720p (30)
+    python -m bench.short                     # Open-Sora 480p (L = 15), Latte-1 (16), Open-Sora-Plan 65 f (17), 20, 30
     python -m bench.short --cases osp --iters 50 --out /tmp/short.json
 
-`pab.kernels.short_attention` picks (heads per program, warps) by BLOCK_L, the power of two holding L. Its 32-row
-launch was measured at L = 30 (Open-Sora 720p); Open-Sora-Plan's 17 latent frames take the same 32-row tile with
-15 rows masked off, and its temporal attention ran at about half Latte's bytes a second (session 29 profiles:
-~0.30 ms a call against 0.13); it now takes a 16-row tile and a tail (`short_attention.tiles`). This times every
-launch shape at each case's real (N, L, 3C) qkv, bf16, no q/k norm or RoPE (Latte's blocks; Open-Sora's norm + RoPE
-where the case has them), for a tail case both ways, with GB/s of the bytes the kernel must move and the largest
-difference from the default launch (relative to the output's largest value).
+`pab.kernels.short_attention` picks (heads per program, warps) by L (`CONFIG`); the tile is the power of two holding
+L. Open-Sora-Plan's 17 latent frames take a 32-row tile with 15 rows masked off; its temporal attention ran at about
+half Latte's bytes a second (session 29 profiles: ~0.30 ms a call against 0.13). This times every launch shape at
+each case's real (N, L, 3C) qkv, bf16, no q/k norm or RoPE (Latte's blocks; Open-Sora's norm + RoPE where the case
+has them), with GB/s of the bytes the kernel must move and the largest difference from the default launch (relative
+to the output's largest value: the dots' rounding differs between warp layouts).
 """
 
 from __future__ import annotations
@@ -27,7 +26,8 @@ CASES: dict[str, tuple[int, int, int, int, bool]] = {
     "opensora-480p": (2 * 1590, 15, 16, 72, True),
     "latte": (2 * 1024, 16, 16, 72, False),
     "osp": (2 * 1024, 17, 16, 72, False),
-    "20-frames": (2 * 1024, 20, 16, 72, False),  # the longest tail (TAIL_MAX)
+    "20-frames": (2 * 1024, 20, 16, 72, False),
+    "30-frames": (2 * 1024, 30, 16, 72, False),  # 720p's L at Latte's N: where two warps stop winning
     "opensora-720p-4s": (2 * 45 * 80, 30, 16, 72, True),
 }
 SHAPES = [(hb, nw) for hb in (1, 2, 4) for nw in (2, 4, 8)]
@@ -49,23 +49,19 @@ def sweep(case: str, iters: int) -> list[dict]:
     ref = sa._launch(qkv, wq, wk, cos, sin, H, 1e-6, *sa.launch_config(L, H))[0]
     moved = (qkv.numel() + N * L * C) * qkv.element_size()
     rows = []
-    # where L takes a tail (16 < L <= 16 + TAIL_MAX), also the one 32-row tile it replaced
-    for tail in (True, False) if sa.tiles(L)[1] else (True,):
-        tiles = sa.tiles(L) if tail else (32, 0)
-        for hb, nw in SHAPES:
-            if H % hb:
-                continue
-            row = {"case": case, "N": N, "L": L, "tiles": tiles, "hb": hb, "warps": nw}
-            try:
-                out = sa._launch(qkv, wq, wk, cos, sin, H, 1e-6, hb, nw, tail=tail)[0]
-                err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-                ms = gpu_ms(lambda hb=hb, nw=nw, t=tail: sa._launch(qkv, wq, wk, cos, sin, H, 1e-6, hb, nw, tail=t),
-                            iters)  # fmt: skip
-            except Exception as e:  # noqa: BLE001 - a shape that does not compile (registers) is a finding too
-                rows.append({**row, "error": f"{type(e).__name__}: {str(e)[:120]}"})
-                continue
-            rows.append({**row, "ms": ms, "gbps": moved / ms / 1e6, "max_err_vs_default": err,
-                         "default": tail and (hb, nw) == sa.launch_config(L, H)})  # fmt: skip
+    for hb, nw in SHAPES:
+        if H % hb:
+            continue
+        row = {"case": case, "N": N, "L": L, "hb": hb, "warps": nw}
+        try:
+            out = sa._launch(qkv, wq, wk, cos, sin, H, 1e-6, hb, nw)[0]
+            err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            ms = gpu_ms(lambda hb=hb, nw=nw: sa._launch(qkv, wq, wk, cos, sin, H, 1e-6, hb, nw), iters)
+        except Exception as e:  # noqa: BLE001 - a shape that does not compile (registers) is a finding too
+            rows.append({**row, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+            continue
+        rows.append({**row, "ms": ms, "gbps": moved / ms / 1e6, "max_err_vs_default": err,
+                     "default": (hb, nw) == sa.launch_config(L, H)})  # fmt: skip
     return rows
 
 
@@ -91,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             mark += " best" if r is best else ""
             body = (f"{r['ms']:7.4f} ms {r['gbps']:6.0f} GB/s, max err vs default {r['max_err_vs_default']:.1e}"
                     if "ms" in r else r["error"])  # fmt: skip
-            print(f"{case:>17} L={CASES[case][1]:2d} tiles {r['tiles']} {r['hb']}x{r['warps']}: {body}{mark}")
+            print(f"{case:>17} L={CASES[case][1]:2d} {r['hb']}x{r['warps']}: {body}{mark}")
     if args.out:
         append_records(args.out, {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
                                   "torch": torch.__version__, "bench": "short", "rows": rows})  # fmt: skip

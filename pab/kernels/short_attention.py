@@ -19,9 +19,12 @@ Layout of the work, and why:
   odd-half dot, so the halves are never rejoined and no channel is loaded twice.
 * Norm and RoPE in float32; q, k and p are rounded to the input dtype for the tensor-core dots, which
   accumulate in float32 (as flash attention does). Softmax uses exp2 with the scale folded in.
-Launch shape per BLOCK_L (`CONFIG`): measured (heads per program, warps) at 480p / 720p: 2x4 0.270 / 1.205 ms,
+Launch shape by L (`CONFIG`): measured (heads per program, warps) at 480p / 720p: 2x4 0.270 / 1.205 ms,
 4x4 0.347 / -, 2x2 0.299 / 1.353, 1x1 0.368 / -, 1x2 - / 1.601, 1x4 - / 1.621. A second run on another H100
 gave 2x4 0.326 / 1.196 and 2x2 0.281 / 1.319 ms: at 480p the two are within run-to-run spread.
+Tried for 16 < L <= 20 (session 30), slower: a 16-row tile and the few tokens past it as a tail whose products ran
+as broadcast sums on the CUDA cores took 0.389 ms at Open-Sora-Plan's 17 frames against 0.232 for the 32-row tile
+(best launch shape of each, one H100, bench/results/short-h100.json): the padding rows cost less than the tail.
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = tl = None
 
 MAX_LEN = 32  # one (BLOCK_L x head_dim) tile per head; longer sequences suit flash attention
-TAIL_MAX = 4  # up to 16 + TAIL_MAX tokens: a 16-row tile and a tail of the rest (`tiles`)
-# (BLOCK_L, tail rows) -> (heads per program, num_warps). Measured, see above; the tails are not yet measured.
-CONFIG: dict[tuple[int, int], tuple[int, int]] = {(16, 0): (2, 4), (32, 0): (2, 4)}
+# Longest L -> (heads per program, num_warps) for it and the lengths down to the previous key; the tile is
+# BLOCK_L = max(16, next power of two >= L). Measured (above; `bench.short`): in a 32-row tile that is mostly padding
+# (Open-Sora-Plan's 17 frames, 20) two warps beat four, 0.232 / 0.230 ms against 0.289 / 0.276 (one H100, N = 2,048);
+# at 30 frames four do (1.18 against 1.27 ms at N = 7,200). Where between 20 and 30 that turns is not measured.
+CONFIG: dict[int, tuple[int, int]] = {16: (2, 4), 24: (2, 2), 32: (2, 4)}
 _BUILD_ERROR: Exception | None = None  # set once when the kernel cannot be built on this machine
 
 
@@ -57,19 +62,9 @@ def head_split(head_dim: int) -> tuple[int, int]:
     return d0, d1
 
 
-def tiles(L: int) -> tuple[int, int]:
-    """(BLOCK_L, tail rows) at sequence length L: one tile of the power of two >= L (at least 16), except for
-    16 < L <= 16 + TAIL_MAX: a 16-row tile for the tensor cores and the few tokens past it as a tail (a power of
-    two >= L - 16) whose products run on the CUDA cores. Open-Sora-Plan's 17 frames would otherwise fill a 32-row
-    tile of which 15 rows are padding."""
-    if 16 < L <= 16 + TAIL_MAX:
-        return 16, 1 << (L - 17).bit_length()
-    return max(16, 1 << (L - 1).bit_length()), 0
-
-
 def launch_config(L: int, num_heads: int) -> tuple[int, int]:
     """(heads per program, num_warps) at sequence length L."""
-    hb, warps = CONFIG.get(tiles(L), (2, 4))
+    hb, warps = next((cfg for longest, cfg in sorted(CONFIG.items()) if L <= longest), (2, 4))
     while num_heads % hb:  # a program's heads must not run past the last head
         hb //= 2
     return hb, warps
@@ -215,21 +210,49 @@ if triton is not None:
         return top
 
     @triton.jit
-    def _qkv_rows(
-        src, ll, row_ok, qw_ptr, kw_ptr, cos_ptr, sin_ptr, eps, C: tl.constexpr, D: tl.constexpr,
-        D0: tl.constexpr, D1: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
+    def _short_attention_kernel(
+        qkv_ptr, out_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
+        L, LB, stride_qkv_b, stride_qkv_n, stride_qkv_l, stride_out_b, stride_out_n, stride_out_l, scale, eps,
+        out8_ptr, row_scale_ptr, amax_ptr, amax_read, amax_write, margin,
+        H: tl.constexpr, D: tl.constexpr, HB: tl.constexpr, BLOCK_L: tl.constexpr,
+        D0: tl.constexpr, D1: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, IEEE: tl.constexpr,
+        OUT: tl.constexpr = True, RECORD: tl.constexpr = False, E4M3: tl.constexpr = False,
     ):  # fmt: skip
-        """q and k of a [HB, rows] tile of tokens (rows `ll`, pointers `src`), normed and rotated, in float32 as
-        (even half, odd half, tail) of the channels, and v's two parts in its dtype. A part a head dim lacks is 0."""
-        qe, qo, ke, ko, v0 = 0.0, 0.0, 0.0, 0.0, 0.0  # (Triton takes no chained assignments)
-        q1, k1, v1 = 0.0, 0.0, 0.0
-        c0, s0, c1, s1 = 0.0, 0.0, 0.0, 0.0  # unused without RoPE
+        """One program per (sequence n, HB consecutive heads): qkv (N, L, 3, H, D) -> out (N, L, H, D).
+
+        Token l of sequence n sits in block l // LB at row l % LB (frame blocks; LB = L for one block).
+        For an fp8 output projection (`pab.kernels.fp8.DelayedScale`): RECORD takes the output's amax into slot
+        amax_write of amax_ptr; E4M3 writes it in e4m3 to out8_ptr (out's strides, which are multiples of C)
+        scaled by slot amax_read, and its rows' scales (all the same) to row_scale_ptr; OUT writes out itself.
+
+        Tiles are [HB, BLOCK_L, channels]. Channels [0, D0) go as even/odd pair halves, [D0, D) (D1 of them)
+        as one interleaved tile. Padded keys get -inf, padded rows are not stored.
+        """
+        pid = tl.program_id(0)
+        n = pid // (H // HB)
+        h0 = (pid % (H // HB)) * HB
+        C: tl.constexpr = H * D
+        LOG2E: tl.constexpr = 1.4426950408889634
+        dt = qkv_ptr.dtype.element_ty
+        hh = tl.arange(0, HB)[:, None, None]
+        rows = tl.arange(0, BLOCK_L)
+        ll = rows[None, :, None]
+        row_ok = ll < L
+        blk = ll // LB
+        li = ll - blk * LB
+        src = qkv_ptr + blk * stride_qkv_b + n * stride_qkv_n + li * stride_qkv_l + (h0 + hh) * D
+        dst_off = blk * stride_out_b + n * stride_out_n + li * stride_out_l + (h0 + hh) * D
+        dst = out_ptr + dst_off
+
+        # loads first (all independent): q, k as float32 pair halves, v in its dtype, half-tables of cos/sin
         if D0 > 0:
             d0 = tl.arange(0, D0)[None, None, :]
             j0 = tl.arange(0, D0 // 2)[None, None, :]
             qe, qo = _pair_halves(tl.load(src + d0, mask=row_ok, other=0.0).to(tl.float32))
             ke, ko = _pair_halves(tl.load(src + C + d0, mask=row_ok, other=0.0).to(tl.float32))
             v0 = tl.load(src + 2 * C + d0, mask=row_ok, other=0.0)
+            c0 = 0.0  # unused without RoPE
+            s0 = 0.0
             if HAS_ROPE:
                 c0 = tl.load(cos_ptr + ll * D + 2 * j0, mask=row_ok, other=0.0)  # cos, repeated over the pair
                 s0 = tl.load(sin_ptr + ll * D + 2 * j0 + 1, mask=row_ok, other=0.0)  # sin is (-s, +s) per pair
@@ -239,13 +262,15 @@ if triton is not None:
             q1e, q1o = _pair_halves(tl.load(src + d1, mask=row_ok, other=0.0).to(tl.float32))
             k1e, k1o = _pair_halves(tl.load(src + C + d1, mask=row_ok, other=0.0).to(tl.float32))
             v1 = tl.load(src + 2 * C + d1, mask=row_ok, other=0.0)
+            c1 = 0.0
+            s1 = 0.0
             if HAS_ROPE:
                 c1 = tl.load(cos_ptr + ll * D + 2 * j1, mask=row_ok, other=0.0)
                 s1 = tl.load(sin_ptr + ll * D + 2 * j1 + 1, mask=row_ok, other=0.0)
 
         if HAS_NORM:  # RMSNorm over the head dim: one rms per (head, row), then the weight per channel
-            q_ss = 0.0
-            k_ss = 0.0
+            q_ss = tl.zeros((HB, BLOCK_L), tl.float32)
+            k_ss = tl.zeros((HB, BLOCK_L), tl.float32)
             if D0 > 0:
                 q_ss += tl.sum(qe * qe + qo * qo, axis=2)
                 k_ss += tl.sum(ke * ke + ko * ko, axis=2)
@@ -265,124 +290,27 @@ if triton is not None:
                 we, wo = _pair_halves(tl.load(kw_ptr + d1).to(tl.float32))
                 k1e, k1o = k1e * k_r * we, k1o * k_r * wo
 
-        if D0 > 0:
-            qe, qo = _rotate(qe, qo, c0, s0, HAS_ROPE)
-            ke, ko = _rotate(ke, ko, c0, s0, HAS_ROPE)
-        if D1 > 0:  # the tail as one interleaved tile
-            q1e, q1o = _rotate(q1e, q1o, c1, s1, HAS_ROPE)
-            k1e, k1o = _rotate(k1e, k1o, c1, s1, HAS_ROPE)
-            q1 = tl.reshape(tl.join(q1e, q1o), (q1e.shape[0], q1e.shape[1], D1))
-            k1 = tl.reshape(tl.join(k1e, k1o), (k1e.shape[0], k1e.shape[1], D1))
-        return qe, qo, q1, ke, ko, k1, v0, v1
-
-    @triton.jit
-    def _cross(a, b, dt: tl.constexpr):
-        """sum_c a[h, i, c] b[h, j, c] -> [HB, I, J] on the CUDA cores, the operands rounded to `dt` first as the
-        tensor-core dots round them; for the few rows or keys past a 16-row tile."""
-        a = a.to(dt).to(tl.float32)
-        b = b.to(dt).to(tl.float32)
-        return tl.sum(a[:, :, None, :] * b[:, None, :, :], axis=3)
-
-    @triton.jit
-    def _weigh(p, v):
-        """sum_j p[h, i, j] v[h, j, c] -> [HB, I, C] on the CUDA cores (p float32 of dt values, v in dt)."""
-        return tl.sum(p[:, :, :, None] * v.to(tl.float32)[:, None, :, :], axis=2)
-
-    @triton.jit
-    def _short_attention_kernel(
-        qkv_ptr, out_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
-        L, LB, stride_qkv_b, stride_qkv_n, stride_qkv_l, stride_out_b, stride_out_n, stride_out_l, scale, eps,
-        out8_ptr, row_scale_ptr, amax_ptr, amax_read, amax_write, margin,
-        H: tl.constexpr, D: tl.constexpr, HB: tl.constexpr, BLOCK_L: tl.constexpr,
-        D0: tl.constexpr, D1: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, IEEE: tl.constexpr,
-        OUT: tl.constexpr = True, RECORD: tl.constexpr = False, E4M3: tl.constexpr = False, TAIL: tl.constexpr = 0,
-    ):  # fmt: skip
-        """One program per (sequence n, HB consecutive heads): qkv (N, L, 3, H, D) -> out (N, L, H, D).
-
-        Token l of sequence n sits in block l // LB at row l % LB (frame blocks; LB = L for one block).
-        For an fp8 output projection (`pab.kernels.fp8.DelayedScale`): RECORD takes the output's amax into slot
-        amax_write of amax_ptr; E4M3 writes it in e4m3 to out8_ptr (out's strides, which are multiples of C)
-        scaled by slot amax_read, and its rows' scales (all the same) to row_scale_ptr; OUT writes out itself.
-
-        Tiles are [HB, BLOCK_L, channels]. Channels [0, D0) go as even/odd pair halves, [D0, D) (D1 of them)
-        as one interleaved tile. Padded keys get -inf, padded rows are not stored.
-
-        TAIL > 0 (BLOCK_L = 16 < L <= 16 + TAIL): tokens 16 .. L-1 form a [HB, TAIL, channels] tail whose
-        products with the 16-row tile and with itself run on the CUDA cores, instead of a 32-row tile of which
-        15 rows would be padding at Open-Sora-Plan's 17 frames.
-        """
-        pid = tl.program_id(0)
-        n = pid // (H // HB)
-        h0 = (pid % (H // HB)) * HB
-        C: tl.constexpr = H * D
-        LOG2E: tl.constexpr = 1.4426950408889634
-        dt = qkv_ptr.dtype.element_ty
-        hh = tl.arange(0, HB)[:, None, None]
-        rows = tl.arange(0, BLOCK_L)
-        ll = rows[None, :, None]
-        row_ok = ll < L
-        blk = ll // LB
-        li = ll - blk * LB
-        src = qkv_ptr + blk * stride_qkv_b + n * stride_qkv_n + li * stride_qkv_l + (h0 + hh) * D
-        dst_off = blk * stride_out_b + n * stride_out_n + li * stride_out_l + (h0 + hh) * D
-
-        qe, qo, q1, ke, ko, k1, v0, v1 = _qkv_rows(src, ll, row_ok, qw_ptr, kw_ptr, cos_ptr, sin_ptr, eps, C, D, D0,
-                                                   D1, HAS_NORM, HAS_ROPE)  # fmt: skip
-
         # scores: (rotated) q.k = even-half dot + odd-half dot (+ the tail's dot)
         s = tl.zeros((HB, BLOCK_L, BLOCK_L), tl.float32)
         if D0 > 0:
-            s = _batched_dot(qe.to(dt), tl.permute(ke.to(dt), (0, 2, 1)), s, IEEE)
-            s = _batched_dot(qo.to(dt), tl.permute(ko.to(dt), (0, 2, 1)), s, IEEE)
+            qre, qro = _rotate(qe, qo, c0, s0, HAS_ROPE)
+            kre, kro = _rotate(ke, ko, c0, s0, HAS_ROPE)
+            s = _batched_dot(qre.to(dt), tl.permute(kre.to(dt), (0, 2, 1)), s, IEEE)
+            s = _batched_dot(qro.to(dt), tl.permute(kro.to(dt), (0, 2, 1)), s, IEEE)
         if D1 > 0:
-            q1d = q1.to(dt)
-            k1d = k1.to(dt)
+            qre, qro = _rotate(q1e, q1o, c1, s1, HAS_ROPE)
+            kre, kro = _rotate(k1e, k1o, c1, s1, HAS_ROPE)
+            q1 = tl.reshape(tl.join(qre, qro), (HB, BLOCK_L, D1)).to(dt)
+            k1 = tl.reshape(tl.join(kre, kro), (HB, BLOCK_L, D1)).to(dt)
             if D1 < 16:  # tl.dot needs K >= 16
-                q1d = _zero_interleave(q1d)
-                k1d = _zero_interleave(k1d)
-            s = _batched_dot(q1d, tl.permute(k1d, (0, 2, 1)), s, IEEE)
-        s = tl.where(rows[None, None, :] < L, s, float("-inf"))  # padded keys get no weight
-        row_max = tl.max(s, axis=2)
-
-        if TAIL > 0:  # tokens 16 .. L-1: their q, k, v, and their scores against the tile and each other
-            lt = BLOCK_L + tl.arange(0, TAIL)[None, :, None]
-            tail_ok = lt < L
-            tblk = lt // LB
-            tli = lt - tblk * LB
-            tsrc = qkv_ptr + tblk * stride_qkv_b + n * stride_qkv_n + tli * stride_qkv_l + (h0 + hh) * D
-            tdst_off = tblk * stride_out_b + n * stride_out_n + tli * stride_out_l + (h0 + hh) * D
-            tqe, tqo, tq1, tke, tko, tk1, tv0, tv1 = _qkv_rows(tsrc, lt, tail_ok, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
-                                                               eps, C, D, D0, D1, HAS_NORM, HAS_ROPE)  # fmt: skip
-            tkey_ok = (BLOCK_L + tl.arange(0, TAIL))[None, None, :] < L
-            s_mt = tl.zeros((HB, BLOCK_L, TAIL), tl.float32)  # tile rows x tail keys
-            s_tm = tl.zeros((HB, TAIL, BLOCK_L), tl.float32)  # tail rows x tile keys
-            s_tt = tl.zeros((HB, TAIL, TAIL), tl.float32)
-            if D0 > 0:
-                s_mt += _cross(qe, tke, dt) + _cross(qo, tko, dt)
-                s_tm += _cross(tqe, ke, dt) + _cross(tqo, ko, dt)
-                s_tt += _cross(tqe, tke, dt) + _cross(tqo, tko, dt)
-            if D1 > 0:
-                s_mt += _cross(q1, tk1, dt)
-                s_tm += _cross(tq1, k1, dt)
-                s_tt += _cross(tq1, tk1, dt)
-            s_mt = tl.where(tkey_ok, s_mt, float("-inf"))
-            s_tt = tl.where(tkey_ok, s_tt, float("-inf"))
-            row_max = tl.maximum(row_max, tl.max(s_mt, axis=2))
-            t_max = tl.maximum(tl.max(s_tm, axis=2), tl.max(s_tt, axis=2))
+                q1 = _zero_interleave(q1)
+                k1 = _zero_interleave(k1)
+            s = _batched_dot(q1, tl.permute(k1, (0, 2, 1)), s, IEEE)
 
         # softmax over keys in float32 (exp2 with the scale folded in), p rounded to the input dtype
-        p = tl.exp2((s - row_max[:, :, None]) * (scale * LOG2E))
-        total = tl.sum(p, axis=2)
-        if TAIL > 0:
-            p_mt = tl.exp2((s_mt - row_max[:, :, None]) * (scale * LOG2E))
-            total += tl.sum(p_mt, axis=2)
-            p_mt = (p_mt * (1.0 / total)[:, :, None]).to(dt).to(tl.float32)
-            p_tm = tl.exp2((s_tm - t_max[:, :, None]) * (scale * LOG2E))
-            p_tt = tl.exp2((s_tt - t_max[:, :, None]) * (scale * LOG2E))
-            t_inv = (1.0 / (tl.sum(p_tm, axis=2) + tl.sum(p_tt, axis=2)))[:, :, None]
-            p_tm = (p_tm * t_inv).to(dt).to(tl.float32)
-            p_tt = (p_tt * t_inv).to(dt).to(tl.float32)
-        p = (p * (1.0 / total)[:, :, None]).to(dt)
+        s = tl.where(rows[None, None, :] < L, s, float("-inf"))  # padded keys get no weight
+        p = tl.exp2((s - tl.max(s, axis=2)[:, :, None]) * (scale * LOG2E))
+        p = (p * (1.0 / tl.sum(p, axis=2))[:, :, None]).to(dt)
 
         top = 0.0  # the largest |output| (RECORD)
         r = 1.0  # e4m3's multiplier (E4M3)
@@ -390,43 +318,25 @@ if triton is not None:
             r, row_scale = delayed_scales(amax_ptr, amax_read, margin)
         # each part rounded to the output's dtype first: the e4m3 rows and amax are those of the values written
         if D0 > 0:
-            d0 = tl.arange(0, D0)[None, None, :]
-            o0 = _batched_dot(p, v0, tl.zeros((HB, BLOCK_L, D0), tl.float32), IEEE)
-            if TAIL > 0:
-                o0 += _weigh(p_mt, tv0)
-                t0 = (_weigh(p_tm, v0) + _weigh(p_tt, tv0)).to(dt).to(tl.float32)
-                top = _write_part(t0, out_ptr + tdst_off + d0, out8_ptr + tdst_off + d0, tail_ok, r, top, OUT,
-                                  RECORD, E4M3)  # fmt: skip
-            o0 = o0.to(dt).to(tl.float32)
-            top = _write_part(o0, out_ptr + dst_off + d0, out8_ptr + dst_off + d0, row_ok, r, top, OUT, RECORD, E4M3)
+            o0 = _batched_dot(p, v0, tl.zeros((HB, BLOCK_L, D0), tl.float32), IEEE).to(dt).to(tl.float32)
+            top = _write_part(o0, dst + d0, out8_ptr + dst_off + d0, row_ok, r, top, OUT, RECORD, E4M3)
         if D1 > 0:
-            d1 = D0 + tl.arange(0, D1)[None, None, :]
-            o1 = _batched_dot(p, v1, tl.zeros((HB, BLOCK_L, D1), tl.float32), IEEE)
-            if TAIL > 0:
-                o1 += _weigh(p_mt, tv1)
-                t1 = (_weigh(p_tm, v1) + _weigh(p_tt, tv1)).to(dt).to(tl.float32)
-                top = _write_part(t1, out_ptr + tdst_off + d1, out8_ptr + tdst_off + d1, tail_ok, r, top, OUT,
-                                  RECORD, E4M3)  # fmt: skip
-            o1 = o1.to(dt).to(tl.float32)
-            top = _write_part(o1, out_ptr + dst_off + d1, out8_ptr + dst_off + d1, row_ok, r, top, OUT, RECORD, E4M3)
+            o1 = _batched_dot(p, v1, tl.zeros((HB, BLOCK_L, D1), tl.float32), IEEE).to(dt).to(tl.float32)
+            top = _write_part(o1, dst + d1, out8_ptr + dst_off + d1, row_ok, r, top, OUT, RECORD, E4M3)
         if RECORD:
             record_amax(amax_ptr, amax_read, amax_write, top, E4M3)
         if E4M3:
             if h0 == 0:  # one program of the sequence writes its rows' scales
                 row = (blk * stride_out_b + n * stride_out_n + li * stride_out_l) // C
                 tl.store(row_scale_ptr + row, tl.zeros((1, BLOCK_L, 1), tl.float32) + row_scale, mask=row_ok)
-                if TAIL > 0:
-                    trow = (tblk * stride_out_b + n * stride_out_n + tli * stride_out_l) // C
-                    tl.store(row_scale_ptr + trow, tl.zeros((1, TAIL, 1), tl.float32) + row_scale, mask=tail_ok)
 
     def _launch(
         qkv: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
         cos: torch.Tensor | None, sin: torch.Tensor | None, num_heads: int, eps: float,
-        heads_per_program: int, num_warps: int, delayed: tuple | None = None, tail: bool = True,
+        heads_per_program: int, num_warps: int, delayed: tuple | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
         """(out, its e4m3 rows, their (M,) scales) of (N, L, 3C) qkv or frame blocks (nb, N, lb, 3C); the rows
-        when `delayed` = (amax, read, write, only) asks for them (`pab.kernels.fp8.DelayedScale`), else None.
-        `tail=False` runs 16 < L <= 16 + TAIL_MAX in a 32-row tile instead of 16 rows and a tail (`bench.short`)."""
+        when `delayed` = (amax, read, write, only) asks for them (`pab.kernels.fp8.DelayedScale`), else None."""
         if qkv.ndim not in (3, 4):
             raise ValueError(f"qkv must be (N, L, 3C) or frame blocks (nb, N, lb, 3C), got {tuple(qkv.shape)}")
         blocks = qkv if qkv.ndim == 4 else qkv.unsqueeze(0)  # (nb, N, lb, 3C); one block of L
@@ -453,16 +363,15 @@ if triton is not None:
         if out.numel() == 0:  # no sequences (a DSP rank's empty chunk): nothing to launch
             return result, q8, row_scales
         has_norm, has_rope = q_weight is not None, cos is not None
-        block_l, tail_rows = tiles(L) if tail else (max(16, triton.next_power_of_2(L)), 0)
         dummy = out  # never read: the HAS_NORM / HAS_ROPE branches that would read it are compiled out
         _short_attention_kernel[(N * (num_heads // heads_per_program),)](
             blocks, out, q_weight if has_norm else dummy, k_weight if has_norm else dummy,
             cos if has_rope else dummy, sin if has_rope else dummy,
             L, LB, sb, sn, sl, *out.stride()[:3], D**-0.5, eps,
             out if q8 is None else q8, out if q8 is None else row_scales, amax, max(read, 0), write, DELAYED_MARGIN,
-            H=num_heads, D=D, HB=heads_per_program, BLOCK_L=block_l, D0=d0, D1=d1,
+            H=num_heads, D=D, HB=heads_per_program, BLOCK_L=max(16, triton.next_power_of_2(L)), D0=d0, D1=d1,
             HAS_NORM=has_norm, HAS_ROPE=has_rope, IEEE=qkv.dtype == torch.float32, num_warps=num_warps,
-            OUT=not (e4m3 and only), RECORD=delayed is not None, E4M3=e4m3, TAIL=tail_rows,
+            OUT=not (e4m3 and only), RECORD=delayed is not None, E4M3=e4m3,
         )  # fmt: skip
         return result, q8, row_scales
 

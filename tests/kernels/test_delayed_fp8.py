@@ -23,7 +23,7 @@ def _flash(d: kern.DelayedScale | None, length: int = 40, keys: int | None = Non
 
 
 def _short(d: kern.DelayedScale | None, seed: int = 0, blocks: bool = False, length: int = 15):
-    """length 17 or 18: a 16-row tile and a tail (short_attention.tiles)."""
+    """length 17 or 18: a 32-row tile mostly padding, two warps a program (short_attention.CONFIG)."""
     g = torch.Generator().manual_seed(seed)
     qkv = (torch.randn(6, length, 3 * 4 * 72, generator=g) * 2).to(DEVICE, DTYPE)
     if blocks:  # frame blocks (nb, N, lb, 3C) as sequence parallelism hands them over
@@ -52,7 +52,7 @@ def _rows(out: torch.Tensor):
 @pytest.mark.parametrize("attend", [_flash, _short, lambda d, seed=0: _short(d, seed, blocks=True),
                                     lambda d, seed=0: _short(d, seed, length=17),
                                     lambda d, seed=0: _short(d, seed, blocks=True, length=18)],
-                         ids=["flash", "short", "short-blocks", "short-tail", "short-blocks-tail"])  # fmt: skip
+                         ids=["flash", "short", "short-blocks", "short-17", "short-blocks-18"])  # fmt: skip
 def test_first_call_records_then_later_calls_write_e4m3_rows(attend):
     plain = attend(None)
     amax = torch.zeros(2, device=DEVICE)

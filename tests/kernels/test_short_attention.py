@@ -75,11 +75,9 @@ def test_head_dim_split_and_config():
     for bad in (24, 36, 68, 4):
         with pytest.raises(ValueError, match="head_dim"):
             short_attn.head_split(bad)
-    assert short_attn.launch_config(15, 16) == short_attn.CONFIG[(16, 0)]
-    assert short_attn.launch_config(30, 16) == short_attn.CONFIG[(32, 0)]
-    # 16 rows for the tensor cores and the rest as a tail up to 16 + TAIL_MAX; one 32-row tile beyond
-    assert [short_attn.tiles(L) for L in (1, 16, 17, 18, 19, 20, 21, 32)] == [
-        (16, 0), (16, 0), (16, 1), (16, 2), (16, 4), (16, 4), (32, 0), (32, 0)]
+    assert short_attn.launch_config(15, 16) == short_attn.CONFIG[16]
+    assert short_attn.launch_config(17, 16) == short_attn.launch_config(24, 16) == short_attn.CONFIG[24]
+    assert short_attn.launch_config(25, 16) == short_attn.launch_config(32, 16) == short_attn.CONFIG[32]
     hb, _ = short_attn.launch_config(15, 3)  # never more heads per program than divide the model's
     assert 3 % hb == 0
 
@@ -186,23 +184,6 @@ def test_picked_configurations_fit(heads, dtype):
                                                 sin, heads, attn.q_norm.eps, *short_attn.launch_config(L, heads))
         tol = 1e-5 if dtype == torch.float32 else FP16_ATOL
         torch.testing.assert_close(out.float(), run(attn, x, "sdpa"), atol=tol, rtol=tol, msg=lambda m: f"L={L}: {m}")
-
-
-@needs_triton
-@pytest.mark.parametrize("L", [17, 18, 20])
-@pytest.mark.parametrize("qk_norm", [True, False])
-def test_tail_matches_the_whole_tile(L, qk_norm):
-    """16 rows and a tail give what one 32-row tile gives (float32: IEEE dots on both paths)."""
-    attn = attention(4, 72, qk_norm)
-    qkv = torch.randn(3, L, 3 * 4 * 72, device=DEVICE)
-    cos, sin = attn.rope.tables(L, qkv.device, torch.float32)
-    w = (attn.q_norm.weight, attn.k_norm.weight) if qk_norm else (None, None)
-    args = (*w, cos, sin, 4, 1e-6, 2, 4)
-    with torch.no_grad():
-        tail = short_attn._launch(qkv, *args)[0]
-        whole = short_attn._launch(qkv, *args, tail=False)[0]
-    assert short_attn.tiles(L)[1] > 0
-    torch.testing.assert_close(tail, whole, atol=1e-5, rtol=1e-5)
 
 
 @needs_triton
