@@ -13,7 +13,7 @@
 #                                 diffusers' Latte with its PAB, the 2x target's baseline on the same card) and
 #                                 Open-Sora-Plan fp8 off/paper DiT only, each with its profile (~8 min on an H100 by
 #                                 its parts' session-28 times; not yet run as one call; for the rare H200 window)
-#   bash bench/gpu_run.sh short   the temporal kernel's launch shapes at 15, 16, 17, 20 and 30 frames (bench.short; ~1.5 min)
+#   bash bench/gpu_run.sh short   the temporal kernel's launch shapes at 15, 16, 17, 20 and 30 frames (bench.short; ~2 min)
 #   bash bench/gpu_run.sh cross   the flash kernel's launch configs at Open-Sora 480p's cross-attention, 30 and 120
 #                                 text tokens, against cuDNN (~5-8 min; picks `cross_config`)
 #   bash bench/gpu_run.sh ab      the working tree against another revision on the same card: Open-Sora 480p and
