@@ -3,9 +3,11 @@
     python -m bench.quality                                     # opensora-v1.2-small, 64 held-out prompts
     python -m bench.quality --prompts 16 --settings off,paper   # fewer, faster (CPU)
     python -m bench.quality --settings off,paper --precision fp8   # the same settings in fp8 as well
+    python -m bench.quality --model latte-1-small --settings off,paper --precision fp8+nogroups,fp8+groups
 
 With `--precision fp8` every setting also runs with the attentions' and MLPs' GEMMs in fp8 (pab.precision;
-emulated in float32 on CPU), as "<setting>@fp8", and PSNR / SSIM compare with the same setting in bf16.
+emulated in float32 on CPU), as "<setting>@fp8", and PSNR / SSIM compare with the same setting in bf16. A comma
+list runs each mode (bench.run's: fp8 is the model family's own Fp8Config, fp8+<mode> changes one field of it).
 
 For every held-out prompt of the synthetic data (`pab.data.shapes.held_out_scenes`, never seen in training)
 and every cache setting (PAB rules, or a step-reuse preset from the model's `pab calibrate` file), the same
@@ -21,6 +23,7 @@ Records are appended to --out with the machine they ran on.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import platform
 import time
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 
 from bench.records import append_records
+from bench.run import FP8_MODES, precision_list
 
 # Settings beside the presets: the paper's ranges over a wider window, every attention every other step, and
 # both over (90, 420), late in the small model's flat stretch; the paper's (450, 930) starts where its outputs
@@ -70,7 +74,10 @@ def evaluate(
     same_setting: dict[tuple[str, int], np.ndarray] = {}
     results: dict[str, dict] = {}
     runs = [(f"{name}@{p}" if p != "bf16" else name, name, cache, p) for p in precisions for name, cache in settings.items()]
-    for label, name, cache, precision in runs:
+    own_fp8 = pipeline.fp8_config  # the family's; each fp8+<mode> changes one field of it
+    for label, name, cache, mode in runs:
+        precision, _, fp8_mode = mode.partition("+")
+        pipeline.fp8_config = dataclasses.replace(own_fp8, **FP8_MODES[fp8_mode])
         verdicts, psnrs, ssims, dit_s = [], [], [], []
         calls = {"computed": 0, "broadcast": 0}
         steps_reused = 0
@@ -96,7 +103,7 @@ def evaluate(
                 ssims.append(ssim(r.frames, ref))
         results[label] = {
             "cache": cache,
-            "precision": precision,
+            "precision": mode,
             "policy": r.cache,
             "prompts": len(scenes),
             **{f: float(np.mean([getattr(v, f) for v in verdicts])) for f in FLAGS},
@@ -112,6 +119,7 @@ def evaluate(
             results[label]["speedup"] = off["dit_s"] / results[label]["dit_s"]
             results[label]["calls_saved"] = 1 - calls["computed"] / max(1, off["calls"]["computed"])
         print(_row(label, results[label]), flush=True)
+    pipeline.fp8_config = own_fp8
     return results
 
 
@@ -131,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", default=",".join(DEFAULT), help=f"comma-separated, from {list(SETTINGS)}")
     p.add_argument("--steps", type=int, help="default: the model's (30 rectified-flow steps for Open-Sora)")
     p.add_argument("--device", help="cuda | cpu (default: cuda when available)")
-    p.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
-                   help="fp8: run every setting in bf16 and again in fp8 (pab.precision)")
+    p.add_argument("--precision", type=precision_list, default=("bf16",),
+                   help="fp8: run every setting in bf16 and again in fp8 (pab.precision); a comma list of bench.run's "
+                   "modes (fp8+groups, fp8+nogroups, ...) runs each")
     p.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     args = p.parse_args(argv)
 
@@ -151,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'setting':<18} {'  '.join(f'{f[:5]:>5}' for f in FLAGS)}    psnr    ssim    dit s  speed  calls"
           "  steps reused")  # fmt: skip
     t0 = time.perf_counter()
-    precisions = ("bf16",) if args.precision == "bf16" else ("bf16", args.precision)
+    precisions = ("bf16", *(p for p in args.precision if p != "bf16"))
     results = evaluate(pipeline, {n: SETTINGS[n] for n in names}, args.prompts, args.steps, precisions)
     record = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),

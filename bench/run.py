@@ -158,8 +158,9 @@ def _run_case(
         pipe.generate(GenerationRequest(**{**base, "steps": 4, "precision": precision}))
     records = []
     bf16_latents: dict[str, torch.Tensor] = {}
+    own_fp8 = pipe.fp8_config
     for (label, pab), precision in ((lp, pr) for lp in pabs for pr in precisions):
-        pipe.fp8_config = dataclasses.replace(pipe.fp8_config, **{**FP8_BASE, **FP8_MODES[precision.partition("+")[2]]})
+        pipe.fp8_config = dataclasses.replace(own_fp8, **FP8_MODES[precision.partition("+")[2]])
         base["precision"] = precision.split("+")[0]
         first_s = None
         if engine.cuda_graphs:  # the first request of a shape captures its patterns' graphs; a server's later ones replay
@@ -269,13 +270,14 @@ def x264_options(text: str) -> dict[str, str]:
     return {k: v for k, _, v in pairs}
 
 
-# What each "fp8+<mode>" of --precision changes in the pipeline's Fp8Config, over FP8_BASE ("fp8", and bf16's hooks):
-# "exact": fp8 without Hopper's fast accumulation; "groups": Latte's q, k, v in fp8 too; "both": the norms write bf16
-# beside the e4m3 rows even where an fp8 GEMM is the only reader; "outbf16": the attentions' output projections in
-# bf16, cuDNN's attention
-FP8_BASE = {"fast_accum": True, "linear_groups": False, "e4m3_only_inputs": True, "attention_outputs": True}
+# What each "fp8+<mode>" of --precision changes in the pipeline's own Fp8Config (its family's, `Family.fp8`; "fp8" is
+# that one): "exact": fp8 without Hopper's fast accumulation; "groups" / "nogroups": Latte's and Open-Sora-Plan's q, k,
+# v in fp8 / in bf16 (Latte's family runs them in fp8, Open-Sora-Plan's in bf16); "both": the norms write bf16 beside
+# the e4m3 rows even where an fp8 GEMM is the only reader; "outbf16": the attentions' output projections in bf16,
+# cuDNN's attention
 FP8_MODES: dict[str, dict[str, bool]] = {"": {}, "exact": {"fast_accum": False}, "groups": {"linear_groups": True},
-                                         "both": {"e4m3_only_inputs": False}, "outbf16": {"attention_outputs": False}}
+                                         "nogroups": {"linear_groups": False}, "both": {"e4m3_only_inputs": False},
+                                         "outbf16": {"attention_outputs": False}}
 PRECISION_MODES = ("bf16", *(f"fp8+{m}" if m else "fp8" for m in FP8_MODES))
 
 
@@ -633,10 +635,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="one more generation per setting under torch.profiler: the GPU's idle share of the loop, "
                         "its kernel time by kind and its top kernels (printed after the table)")
     p.add_argument("--precision", type=precision_list, default=("bf16",),
-                   help="comma list of bf16, fp8, fp8+exact (without fast accumulation), fp8+groups (Latte's q, k, v "
-                   "in fp8 too), fp8+both (norms write bf16 beside e4m3), fp8+outbf16 (output projections in bf16) "
-                   "(pab.precision.Fp8Config); fp8 records "
-                   "its latents' error against bf16")
+                   help="comma list of bf16, fp8 (the model family's own Fp8Config), fp8+exact (without fast "
+                   "accumulation), fp8+groups / fp8+nogroups (Latte's and Open-Sora-Plan's q, k, v in fp8 / bf16), "
+                   "fp8+both (norms write bf16 beside e4m3), fp8+outbf16 (output projections in bf16) "
+                   "(pab.precision.Fp8Config); fp8 records its latents' error against bf16")
     p.add_argument("--dit-only", action="store_true", help="skip the VAE decode (no e2e time)")
     p.add_argument("--x264", type=x264_options, default=None,
                    help="libx264 options over Mp4Writer's defaults for the end-to-end mp4, e.g. preset=faster,rc-lookahead=8")

@@ -287,9 +287,10 @@ class Pipeline:
         # Encoded text by (prompt, negative prompt), newest last: a bulk job's seeds of one prompt and a row's
         # retries on this group encode it once. At most TEXT_CACHE_SIZE entries (~5 MB each at T5-XXL's 300 tokens).
         self._texts: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
-        # Where fp8 requests use fp8 (pab.precision). Set before the first fp8 request: which linears are quantised
-        # is fixed then; the per-step fields (bf16 first/last steps, fast accumulation) apply per request.
-        self.fp8_config = Fp8Config()
+        # Where fp8 requests use fp8 (pab.precision): the family's choice (`Family.fp8`). Set before the first fp8
+        # request: which linears are quantised is fixed then; the per-request fields (the q, k, v groups, bf16
+        # first/last steps, fast accumulation) apply per request.
+        self.fp8_config: Fp8Config = self.family.fp8
 
     @classmethod
     def from_name(

@@ -17,7 +17,8 @@ steps may stay in bf16 too, if a model's error asks. Three shapes of module take
 
 * an MLP that names its parts (`gelu_linears()` -> fc1, GELU approximation, fc2) runs as fc1 in fp8 -> one
   pass adding fc1's bias, applying the GELU and quantising for fc2 -> fc2 in fp8;
-* linears a module runs as one GEMM (`linear_groups()`, e.g. Latte's q, k, v) run as one fp8 GEMM;
+* linears a module runs as one GEMM (`linear_groups()`, e.g. Latte's q, k, v) run as one fp8 GEMM where the
+  request's config asks (`Fp8Config.linear_groups`; each family's own config, `Family.fp8`, decides);
 * a square linear whose input the model's own kernel can write in e4m3 (`quantized_input_linears()`: Open-Sora's
   cross-attention q, fed by the gate + residual kernel) runs in fp8 when that input comes with its rows
   (`Fp8Config.produced_inputs`);
@@ -72,10 +73,12 @@ class Fp8Config:
     projection takes 0.206 ms in bf16 and 0.159 + 0.100 (quantisation) in fp8; qkv (3x) and fc1 (4x) gain
     (bench/fp8.py, docs/performance.md). MLPs with `gelu_linears` run in fp8 whole (the GELU pays for fc2's)."""
     linear_groups: bool = False
-    """Also the linears a module runs as one GEMM (`linear_groups()`: Latte's and Open-Sora-Plan's q, k, v).
-    Off by default: their attentions have no q/k norm, and fp8 q and k cost the trained small models 3-4 dB
-    (Open-Sora-Plan small 28.3 dB against its float32 video, under the 30 dB bar; docs/quality.md) for 8% of
-    Latte's DiT time (6.13 -> 5.66 s on an H200). STDiT3's qkv, whose q and k are RMS-normed, stays fp8."""
+    """Also the linears a module runs as one GEMM (`linear_groups()`: Latte's and Open-Sora-Plan's q, k, v). Their
+    attentions have no q/k norm, and fp8 q, k, v cost the trained small models 2-3 dB against their float32 video
+    (64 held-out prompts: latte-1-small 34.5 -> 31.7 dB, opensora-plan-v1.1-small 32.3 -> 30.1; docs/quality.md)
+    for 8.5% of Latte's DiT time and 6.7% of Open-Sora-Plan's (one H100). So each family decides (`Family.fp8`):
+    Latte's turns it on, Open-Sora-Plan's, at the 30 dB bar, leaves it off. STDiT3's qkv (one linear, q and k
+    RMS-normed) runs in fp8 either way."""
     produced_inputs: bool = True
     """Also the square linears a module names in `quantized_input_linears()`, whose input the model's kernel writes
     in e4m3 in the pass that makes it (Open-Sora's cross-attention q: the gate + residual kernel), so fp8 saves

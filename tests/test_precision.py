@@ -4,6 +4,8 @@ On CPU the fp8 GEMMs are emulated in float32 on the same e4m3 operands (pab.kern
 fp8 computes is checked here exactly; tests/kernels/test_fp8.py checks the GPU GEMM against the emulation.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn as nn
@@ -16,7 +18,8 @@ from pab.models import build
 from pab.models.latte import _linear_cat
 from pab.pipeline import GenerationRequest, Pipeline
 from pab.precision import (
-    FP8_HOOK, Fp8Config, Fp8LinearHook, Fp8MlpHook, Fp8OutputHook, PrecisionState, apply_fp8, remove_fp8, use_precision,
+    FP8_HOOK, Fp8Config, Fp8GroupHook, Fp8LinearHook, Fp8MlpHook, Fp8OutputHook, PrecisionState, apply_fp8, remove_fp8,
+    use_precision,
 )  # fmt: skip
 from pab.request import VideoSettings, add_options, from_options
 
@@ -332,6 +335,23 @@ def test_pipeline_runs_a_request_in_fp8_and_the_next_in_bf16_unchanged(latte):
         latte.generate(_req(precision="fp16"))
 
 
+@pytest.mark.parametrize("name, grouped", [("latte-1-tiny", True), ("opensora-plan-v1.1-tiny", False)])
+def test_each_family_decides_whether_its_q_k_v_run_in_fp8(name, grouped, monkeypatch):
+    """Latte's fp8 requests run each self-attention's q, k, v as one fp8 GEMM (Family.fp8); Open-Sora-Plan's, on the
+    same blocks but at the 30 dB bar with them, keep them in bf16 unless its pipeline's config asks."""
+    ran = []
+    real = Fp8GroupHook._run
+    monkeypatch.setattr(Fp8GroupHook, "_run", lambda self, x, layers: ran.append(real(self, x, layers) is not None))
+    pipe = Pipeline.from_name(name, device="cpu")
+    req = GenerationRequest(model=name, prompt="a red fox", steps=4, seed=5, precision="fp8")
+    pipe.generate(req, decode=False)
+    assert ran and all(ran) is grouped and any(ran) is grouped
+    ran.clear()
+    pipe.fp8_config = replace(pipe.fp8_config, linear_groups=not grouped)
+    pipe.generate(req, decode=False)
+    assert ran and all(ran) is not grouped and any(ran) is not grouped
+
+
 def test_cuda_graph_patterns_tell_fp8_from_bf16():
     pipe = Pipeline.from_name("latte-1-tiny", device="cpu", engine=EngineOptions(cuda_graphs=True))
     pipe.generate(_req(cache="off"), decode=False)
@@ -339,7 +359,7 @@ def test_cuda_graph_patterns_tell_fp8_from_bf16():
     low = pipe.generate(_req(cache="off", precision="fp8"), decode=False)
     assert pipe.graphs.stats["graphs"] == 2  # an fp8 forward launches other kernels: its own graph
     plain = Pipeline.from_name("latte-1-tiny", device="cpu")
-    plain.fp8_config = Fp8Config(attention_outputs=False)  # what a graphed request runs (see Pipeline)
+    plain.fp8_config = replace(plain.fp8_config, attention_outputs=False)  # what a graphed request runs (Pipeline)
     assert torch.equal(low.latents, plain.generate(_req(cache="off", precision="fp8"), decode=False).latents)
 
 

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from pab.models import MODEL_SPECS, VAE_SPECS, ModelSpec, build
 from pab.models.vae import VideoVAE
+from pab.precision import Fp8Config
 
 Text = tuple[torch.Tensor, "torch.Tensor | None"]  # (2, L, D) text of [cond, uncond], (2, L) keep-mask or None
 
@@ -28,6 +29,10 @@ class Family:
     # the fit of the official output's change to the first block's modulated input), with the slow/fast
     # thresholds it was evaluated at. A calibration file beside the weights (`pab calibrate`) takes precedence.
     published_teacache: tuple[float, ...] | None = None
+    # Where this family's fp8 requests use fp8 (the pipeline's `fp8_config` until a caller sets its own): each
+    # widening beyond the default is kept where the trained small model stays >= 30 dB against its float32 video
+    # (issue #20's error bar; docs/quality.md).
+    fp8 = Fp8Config()
 
     @property
     def spec(self) -> ModelSpec:

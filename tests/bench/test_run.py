@@ -8,7 +8,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from bench.run import (
-    CASES, FP8_BASE, FP8_MODES, Case, _flops_by_kind, _run_case, fixed_schedule, precision_list, schedules_for, speedup,
+    CASES, FP8_MODES, Case, _flops_by_kind, _run_case, fixed_schedule, precision_list, schedules_for, speedup,
     x264_options,
 )  # fmt: skip
 from pab.engine import EngineOptions
@@ -166,15 +166,29 @@ def test_end_to_end_includes_the_mp4_encoded_while_decoding():
     assert rec["mp4_s"] >= 0 and 0 < rec["e2e_s"] <= rec["to_mp4_s"]  # prompt to mp4 on disk, after the decode
 
 
-def test_each_fp8_mode_changes_its_one_setting_over_the_pipelines_defaults():
-    """--precision fp8 is the pipeline's own Fp8Config; each fp8+<mode> differs from it in the one field it names."""
+def test_each_fp8_mode_sets_its_one_setting_over_the_familys_own_config(monkeypatch):
+    """--precision fp8 runs the pipeline's own Fp8Config (its family's); each fp8+<mode> sets the one field it names
+    over that, whatever mode ran before it in the same process."""
     import dataclasses
 
-    from pab.precision import Fp8Config
+    import bench.run as run
+    from pab.families import FAMILIES
 
-    default = Fp8Config()
-    assert all(getattr(default, k) == v for k, v in FP8_BASE.items())
-    for mode, change in FP8_MODES.items():
-        cfg = dataclasses.replace(default, **{**FP8_BASE, **change})
-        differs = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
-        assert differs == set(change), mode
+    for family in FAMILIES.values():
+        for mode, change in FP8_MODES.items():
+            cfg = dataclasses.replace(family.fp8, **change)
+            differs = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(family.fp8, f.name)}
+            assert differs <= set(change) and all(getattr(cfg, k) == v for k, v in change.items()), (family.name, mode)
+    assert FAMILIES["latte-1"].fp8.linear_groups and not FAMILIES["opensora-plan-v1.1"].fp8.linear_groups
+
+    from pab.pipeline import Pipeline
+
+    seen = []
+    real = Pipeline.generate
+    monkeypatch.setattr(Pipeline, "generate", lambda self, req, **kw: seen.append(
+        (req.precision, self.fp8_config.linear_groups)) or real(self, req, **kw))  # fmt: skip
+    case = Case("latte-tiny", "latte-1-tiny", "tiny", 4, 64, 64, 2)
+    run._run_case(0, 1, case, [("off", "off")], False, 1, EngineOptions(), False,
+                  precisions=("fp8+nogroups", "fp8", "fp8+nogroups"))  # fmt: skip
+    timed = [groups for precision, groups in seen if precision == "fp8"][-3:]
+    assert timed == [False, True, False]

@@ -1,6 +1,8 @@
 """On a GPU with fp8 tensor cores: an fp8 request through the pipeline runs torch._scaled_mm and the Triton
 quantisation, and lands near the bf16 video (tests/test_precision.py proves the arithmetic on CPU)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -34,7 +36,6 @@ def test_norm_kernels_write_the_fp8_rows_the_linears_would_make(model, monkeypat
     with the rows written alone (the bf16 values skipped where the fp8 module is their only reader)."""
     from pab.kernels import fp8 as kern
     from pab.kernels import norms
-    from pab.precision import Fp8Config
 
     pipe = Pipeline.from_name(model, device="cuda")
     req = GenerationRequest(model=model, prompt="a red fox", seed=2, steps=4, precision="fp8")
@@ -43,14 +44,15 @@ def test_norm_kernels_write_the_fp8_rows_the_linears_would_make(model, monkeypat
     monkeypatch.setattr(norms, "_ln_modulate", lambda *a, **kw: modes.append(kw.get("fp8")) or real_ln(*a, **kw))
     alone = pipe.generate(req, decode=False)
     assert "only" in modes and "also" not in modes  # no hook reads these inputs on one GPU
-    pipe.fp8_config = Fp8Config(e4m3_only_inputs=False)
+    own = pipe.fp8_config  # the family's (Latte's runs its q, k, v in fp8 too)
+    pipe.fp8_config = replace(own, e4m3_only_inputs=False)
     modes.clear()
     fused = pipe.generate(req, decode=False)
     assert "also" in modes and "only" not in modes
     assert torch.equal(alone.latents, fused.latents)
     # Without the rows a linear quantises its input itself, except the cross-attention's q and the output projections,
     # which then run in bf16 (tested below and in tests/test_precision.py): so both runs here leave them in bf16.
-    pipe.fp8_config = Fp8Config(e4m3_only_inputs=False, produced_inputs=False, attention_outputs=False)
+    pipe.fp8_config = replace(own, e4m3_only_inputs=False, produced_inputs=False, attention_outputs=False)
     fused = pipe.generate(req, decode=False)
     made = []
     real = kern.companion
@@ -66,7 +68,7 @@ def test_the_gate_residual_kernel_writes_the_cross_q_rows_its_own_quantisation_w
     the gate + residual kernel), bit for bit those `quantize_rows` makes; with produced_inputs off it runs in bf16,
     so the latents differ."""
     from pab.kernels import fp8 as kern
-    from pab.precision import Fp8Config, Fp8LinearHook
+    from pab.precision import Fp8LinearHook
 
     pipe = Pipeline.from_name(model, device="cuda")
     req = GenerationRequest(model=model, prompt="a red fox", seed=2, steps=4, precision="fp8")
@@ -85,7 +87,7 @@ def test_the_gate_residual_kernel_writes_the_cross_q_rows_its_own_quantisation_w
     monkeypatch.setattr(Fp8LinearHook, "new_forward", spy)  # before the first fp8 request attaches the hooks
     with_rows = pipe.generate(req, decode=False)
     assert seen and all(seen), seen
-    pipe.fp8_config = Fp8Config(produced_inputs=False)
+    pipe.fp8_config = replace(pipe.fp8_config, produced_inputs=False)
     without = pipe.generate(req, decode=False)
     assert not torch.equal(with_rows.latents, without.latents)
 

@@ -6,6 +6,8 @@ with `ctx.split_cfg`/`ctx.gather_cfg`, resets `ctx.stats` per generation, and on
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -164,7 +166,7 @@ def _graphs_and_fp8_worker(rank: int, world: int) -> dict:
             one = Pipeline.from_name(name, device="cpu", dtype=torch.float32)
             # CUDA graphs run the attentions' output projections in bf16 (Pipeline._fp8_request_config): so does
             # the reference here
-            one.fp8_config = Fp8Config(attention_outputs=False)
+            one.fp8_config = replace(one.fp8_config, attention_outputs=False)
             ref = one.generate(request, decode=False)
             eager = Pipeline.from_name(name, device="cpu", dtype=torch.float32, parallel=ctx)
             comm = eager.generate(request, decode=False).parallel["comm"]  # what the group sends without graphs
