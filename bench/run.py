@@ -272,12 +272,13 @@ def x264_options(text: str) -> dict[str, str]:
 
 # What each "fp8+<mode>" of --precision changes in the pipeline's own Fp8Config (its family's, `Family.fp8`; "fp8" is
 # that one): "exact": fp8 without Hopper's fast accumulation; "groups" / "nogroups": Latte's and Open-Sora-Plan's q, k,
-# v in fp8 / in bf16 (Latte's family runs them in fp8, Open-Sora-Plan's in bf16); "both": the norms write bf16 beside
-# the e4m3 rows even where an fp8 GEMM is the only reader; "outbf16": the attentions' output projections in bf16,
-# cuDNN's attention
+# v in fp8 / in bf16 (Latte's family runs them in fp8, Open-Sora-Plan's in bf16); "crossbf16": the cross-attention's
+# q in bf16 (Open-Sora's and Open-Sora-Plan's run in fp8 on the gate + residual pass's rows); "both": the norms write
+# bf16 beside the e4m3 rows even where an fp8 GEMM is the only reader; "outbf16": the attentions' output projections
+# in bf16, cuDNN's attention
 FP8_MODES: dict[str, dict[str, bool]] = {"": {}, "exact": {"fast_accum": False}, "groups": {"linear_groups": True},
-                                         "nogroups": {"linear_groups": False}, "both": {"e4m3_only_inputs": False},
-                                         "outbf16": {"attention_outputs": False}}
+                                         "nogroups": {"linear_groups": False}, "crossbf16": {"produced_inputs": False},
+                                         "both": {"e4m3_only_inputs": False}, "outbf16": {"attention_outputs": False}}
 PRECISION_MODES = ("bf16", *(f"fp8+{m}" if m else "fp8" for m in FP8_MODES))
 
 
@@ -636,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
                         "its kernel time by kind and its top kernels (printed after the table)")
     p.add_argument("--precision", type=precision_list, default=("bf16",),
                    help="comma list of bf16, fp8 (the model family's own Fp8Config), fp8+exact (without fast "
-                   "accumulation), fp8+groups / fp8+nogroups (Latte's and Open-Sora-Plan's q, k, v in fp8 / bf16), "
+                   "accumulation), fp8+groups / fp8+nogroups (Latte's and Open-Sora-Plan's q, k, v in fp8 / bf16), fp8+crossbf16 "
+                   "(the cross-attention's q in bf16), "
                    "fp8+both (norms write bf16 beside e4m3), fp8+outbf16 (output projections in bf16) "
                    "(pab.precision.Fp8Config); fp8 records its latents' error against bf16")
     p.add_argument("--dit-only", action="store_true", help="skip the VAE decode (no e2e time)")

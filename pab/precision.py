@@ -84,8 +84,10 @@ class Fp8Config:
     in e4m3 in the pass that makes it (Open-Sora's cross-attention q: the gate + residual kernel), so fp8 saves
     the GEMM's ~25% without a quantisation pass. Given no rows they run in bf16 on a GPU (a pass of their own
     would cost more than fp8 saves) and quantise themselves on the CPU, where fp8 is emulated to measure its
-    error: opensora-v1.2-small stayed at 40-41 dB against bf16 with its q in fp8 (16 held-out prompts). Latte
-    names none: the same q cost latte-1-small 1.2-2.1 dB, to 30.0-30.3 (docs/quality.md)."""
+    error: opensora-v1.2-small stayed at 40-41 dB against bf16 with its q in fp8 (16 held-out prompts). Latte's
+    blocks name theirs too, but the family decides (`Family.fp8`): the q cost latte-1-small 1.2-2.1 dB (to
+    30.0-30.3), so Latte's config turns this off; opensora-plan-v1.1-small keeps 31.4 dB (64 prompts) with it, so
+    Open-Sora-Plan's leaves it on (docs/quality.md)."""
     attention_outputs: bool = True
     """Also the output projections a module names in `attention_output_linears()` (square, so bf16 otherwise): the
     attention kernel writes its output in e4m3 with one scale per tensor, the largest |value| of the request's

@@ -487,6 +487,11 @@ class Attention(nn.Module):
         in e4m3 (pab.precision)."""
         return [self.to_out[0]]
 
+    def quantized_input_linears(self) -> list[nn.Linear]:
+        """A cross-attention's q reads the residual stream, which the block's gate + residual kernel can write in
+        e4m3 too (pab.precision's `produced_inputs`; each family's config decides whether it runs in fp8)."""
+        return [self.to_q] if self.is_cross_attention else []
+
     def _self_attention(
         self, qkv: torch.Tensor, attention_bias: torch.Tensor | None, d: DelayedScale | None = None
     ) -> torch.Tensor:  # fmt: skip
@@ -686,9 +691,10 @@ class SpatialBlock(LatteBlock):
         """
         B, F_, S, C = x.shape
         mod, a_in = self._attn_input(x, temb, handoff)
-        # (The cross-attention's q stays bf16 under fp8: unlike Open-Sora's, its e4m3 rows from the gate + residual
-        # pass cost latte-1-small 1.2-2.1 dB, to 30.0-30.3 dB against bf16; docs/quality.md.)
-        x = self.attn_out(x, self.attn1(a_in), mod)
+        # Where the cross-attention's q runs in fp8 (Open-Sora-Plan's family; not Latte's), the gate + residual pass
+        # writes its e4m3 rows too.
+        x = self.attn_out(x, self.attn1(a_in), mod,
+                          fp8=None if output_reused(self.attn2) else fp8_input(self.attn2.to_q))
         c = self.attn2(x.view(B * F_, S, C), context, context_bias)
         if output_reused(self.ff):  # a broadcast MLP does not read its input: the residual alone, no norm
             x, m = x + c.view(x.shape), self.ff(None)
@@ -710,10 +716,10 @@ class SpatialBlock(LatteBlock):
                                      fp8=fp8_input(self.attn1)).view(B * F_, S, C)  # fmt: skip
         return torch.addcmul(mod[:, 0], self.norm1(x), 1 + mod[:, 1]).view(B * F_, S, C)
 
-    def attn_out(self, x: torch.Tensor, a: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        """x + gate * self-attention output."""
+    def attn_out(self, x: torch.Tensor, a: torch.Tensor, mod: torch.Tensor, fp8: str | None = None) -> torch.Tensor:
+        """x + gate * self-attention output (with its e4m3 rows where `fp8`, for the cross-attention's q)."""
         if self._norms(x):
-            return norms.gated_residual(x, mod[:, 2], a)
+            return norms.gated_residual(x, mod[:, 2], a, fp8=fp8)
         return torch.addcmul(x, mod[:, 2], a.view(x.shape))
 
     def mlp_in(self, x: torch.Tensor, c: torch.Tensor, mod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,7 +62,7 @@ def test_norm_kernels_write_the_fp8_rows_the_linears_would_make(model, monkeypat
     assert torch.equal(fused.latents, separate.latents)
 
 
-@pytest.mark.parametrize("model", ["opensora-v1.2-tiny"])
+@pytest.mark.parametrize("model", ["opensora-v1.2-tiny", "opensora-plan-v1.1-tiny"])
 def test_the_gate_residual_kernel_writes_the_cross_q_rows_its_own_quantisation_would(model, monkeypatch):
     """Every computed cross-attention q of an fp8 request finds e4m3 rows on its input (the residual stream, from
     the gate + residual kernel), bit for bit those `quantize_rows` makes; with produced_inputs off it runs in bf16,
