@@ -23,7 +23,6 @@ Records are appended to --out with the machine they ran on.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import platform
 import time
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 from bench.records import append_records
-from bench.run import FP8_MODES, precision_list
+from bench.run import precision_list, precision_mode
 
 # Settings beside the presets: the paper's ranges over a wider window, every attention every other step, and
 # both over (90, 420), late in the small model's flat stretch; the paper's (450, 930) starts where its outputs
@@ -76,8 +75,7 @@ def evaluate(
     runs = [(f"{name}@{p}" if p != "bf16" else name, name, cache, p) for p in precisions for name, cache in settings.items()]
     own_fp8 = pipeline.fp8_config  # the family's; each fp8+<mode> changes one field of it
     for label, name, cache, mode in runs:
-        precision, _, fp8_mode = mode.partition("+")
-        pipeline.fp8_config = dataclasses.replace(own_fp8, **FP8_MODES[fp8_mode])
+        precision, pipeline.fp8_config = precision_mode(mode, own_fp8)
         verdicts, psnrs, ssims, dit_s = [], [], [], []
         calls = {"computed": 0, "broadcast": 0}
         steps_reused = 0

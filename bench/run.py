@@ -27,6 +27,7 @@ import torch
 from bench.records import read_records, write_records
 from pab.engine import EngineOptions
 from pab.kernels import ATTENTION_IMPLS, DEFAULT_KERNELS, KernelOptions, set_kernel_options
+from pab.precision import Fp8Config
 from pab.video import x264_settings
 
 PEAK_TFLOPS = 989.4  # H100 SXM dense bf16 (vendor datasheet)
@@ -160,8 +161,7 @@ def _run_case(
     bf16_latents: dict[str, torch.Tensor] = {}
     own_fp8 = pipe.fp8_config
     for (label, pab), precision in ((lp, pr) for lp in pabs for pr in precisions):
-        pipe.fp8_config = dataclasses.replace(own_fp8, **FP8_MODES[precision.partition("+")[2]])
-        base["precision"] = precision.split("+")[0]
+        base["precision"], pipe.fp8_config = precision_mode(precision, own_fp8)
         first_s = None
         if engine.cuda_graphs:  # the first request of a shape captures its patterns' graphs; a server's later ones replay
             first = pipe.generate(GenerationRequest(**base, cache=pab), decode=False)
@@ -280,6 +280,13 @@ FP8_MODES: dict[str, dict[str, bool]] = {"": {}, "exact": {"fast_accum": False},
                                          "nogroups": {"linear_groups": False}, "crossbf16": {"produced_inputs": False},
                                          "both": {"e4m3_only_inputs": False}, "outbf16": {"attention_outputs": False}}
 PRECISION_MODES = ("bf16", *(f"fp8+{m}" if m else "fp8" for m in FP8_MODES))
+
+
+def precision_mode(precision: str, own: Fp8Config) -> tuple[str, Fp8Config]:
+    """"fp8+groups" -> ("fp8", `own` with that mode's one field set): the request's precision and the pipeline's
+    config for it (`own` is the pipeline's own, its family's)."""
+    base, _, mode = precision.partition("+")
+    return base, dataclasses.replace(own, **FP8_MODES[mode])
 
 
 def precision_list(text: str) -> tuple[str, ...]:
