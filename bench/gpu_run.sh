@@ -11,8 +11,8 @@
 #                                 (~2.5 min)
 #   bash bench/gpu_run.sh targets issue #20's record in one call: Open-Sora 480p fp8 off/paper end to end, Latte (and
 #                                 diffusers' Latte with its PAB, the 2x target's baseline on the same card) and
-#                                 Open-Sora-Plan fp8 off/paper DiT only, each with its profile (~8 min on an H100 by
-#                                 its parts' session-28 times; not yet run as one call; for the rare H200 window)
+#                                 Open-Sora-Plan fp8 off/paper DiT only, each with its profile (Open-Sora's and Latte's
+#                                 idle share the median of three profiled generations; ~10 min on an H100)
 #   bash bench/gpu_run.sh short   the temporal kernel's launch shapes at 15, 16, 17, 20 and 30 frames (bench.short; ~2 min)
 #   bash bench/gpu_run.sh cross   the flash kernel's launch configs at Open-Sora 480p's cross-attention, 30 and 120
 #                                 text tokens, against cuDNN (~5-8 min; picks `cross_config`)
@@ -67,10 +67,10 @@ case "$what" in
             --out "$OUT/run.json" 2>&1 | grep -v Warn | tail -45 ;;
     targets)
         step "Open-Sora 480p"
-        timeout "$(left 210)" python -m bench.run --cases opensora-480p --precision fp8 --pab off,paper --idle \
+        timeout "$(left 230)" python -m bench.run --cases opensora-480p --precision fp8 --pab off,paper --idle 3 \
             --out "$OUT/run.json" 2>&1 | grep -v Warn | grep " | \|fp8:\|wrote\|rror"
         step "Latte"
-        timeout "$(left 380)" python -m bench.run --cases latte --precision fp8 --pab off,paper --idle --dit-only \
+        timeout "$(left 400)" python -m bench.run --cases latte --precision fp8 --pab off,paper --idle 3 --dit-only \
             --peer --peer-caches paper --out "$OUT/run.json" 2>&1 | grep -v Warn | grep " | \|fp8:\|wrote\|rror"
         step "Open-Sora-Plan"
         timeout "$(left 590)" python -m bench.run --cases opensora-plan --precision fp8 --pab off,paper --idle --dit-only \

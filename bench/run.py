@@ -124,7 +124,7 @@ def _run_case(
     engine: EngineOptions = EngineOptions(),
     decode: bool = True,
     overlap_chunks: int = 1,
-    idle: bool = False,
+    idle: int = 0,
     precisions: tuple[str, ...] = ("bf16",),
     kernels: KernelOptions = DEFAULT_KERNELS,
     x264: dict[str, str] | None = None,
@@ -180,8 +180,8 @@ def _run_case(
         elif label in bf16_latents:
             ref = bf16_latents[label]
             rel_l2 = round(float((res.latents - ref).norm() / ref.norm()), 5)
-        prof = gpu_profile(lambda: pipe.generate(GenerationRequest(**base, cache=pab), decode=False)) \
-            if idle and torch.cuda.is_available() else {}  # fmt: skip
+        prof = median_profile([gpu_profile(lambda: pipe.generate(GenerationRequest(**base, cache=pab), decode=False))
+                               for _ in range(int(idle))]) if idle and torch.cuda.is_available() else {}  # fmt: skip
         calls = len(res.timesteps)
         rec: dict[str, Any] = {
             "impl": "pab",
@@ -208,6 +208,7 @@ def _run_case(
             "graphs": pipe.graphs.stats if pipe.graphs is not None else None,
             "dit_s": round(res.timings["denoise_s"], 3),
             "gpu_idle_pct": prof.get("gpu_idle_pct"),  # under the profiler, which slows every launch a little
+            "gpu_idle_pcts": prof.get("gpu_idle_pcts"),  # each profiled generation's (--idle N); the median is above
             "gpu_ms_by_kind": prof.get("gpu_ms_by_kind"),  # one generation's kernels in the loop (--idle)
             "top_kernels": prof.get("top_kernels"),
             "step_s": round(res.timings["denoise_s"] / calls, 4),
@@ -341,6 +342,17 @@ KERNEL_KINDS = (
     ("copy / layout", ("copy", "cat", "transpose", "permute", "contiguous", "index")),
     ("elementwise", ("elementwise", "vectorized", "reduce", "triton")),
 )
+
+
+def median_profile(profiles: list[dict[str, Any]]) -> dict[str, Any]:
+    """The profile of the generation with the median idle share among `profiles` (`gpu_profile`'s), with every
+    generation's share as "gpu_idle_pcts": one generation's share moves with whatever else the host runs (a
+    stalled host thread shows as idle GPU), so `--idle N` reports the middle one of N and keeps the rest."""
+    measured = sorted((p for p in profiles if p.get("gpu_idle_pct") is not None), key=lambda p: p["gpu_idle_pct"])
+    if not measured:
+        return profiles[0] if profiles else {}
+    # The lower middle for an even count: a stall only ever adds idle time.
+    return {**measured[(len(measured) - 1) // 2], "gpu_idle_pcts": [p["gpu_idle_pct"] for p in profiles]}
 
 
 def kernel_kind(name: str) -> str:
@@ -594,8 +606,10 @@ def print_breakdown(records: list[dict]) -> None:
         if not kinds:
             continue
         total = sum(kinds.values())
+        each = r.get("gpu_idle_pcts") or []
+        of = f" (the median of {', '.join(map(str, each))})" if len(each) > 1 else ""
         print(f"\n{r['model']} {r['resolution']} pab={r['pab']} {r['precision']}: {total:.0f} ms of kernels, "
-              f"{r['gpu_idle_pct']}% idle")
+              f"{r['gpu_idle_pct']}% idle{of}")
         for kind, ms in kinds.items():
             print(f"  {kind:<28} {ms:>9.1f} ms  {100 * ms / total:5.1f}%")
         for name, ms in r.get("top_kernels") or []:
@@ -639,9 +653,10 @@ def main(argv: list[str] | None = None) -> int:
     for part in ("spatial", "cross"):
         p.add_argument(f"--{part}-attention", choices=ATTENTION_IMPLS, default="sdpa",
                        help=f"the DiT's {part} attention: SDPA or pab.kernels.flash_attention (KernelOptions)")
-    p.add_argument("--idle", action="store_true",
-                   help="one more generation per setting under torch.profiler: the GPU's idle share of the loop, "
-                        "its kernel time by kind and its top kernels (printed after the table)")
+    p.add_argument("--idle", type=int, nargs="?", const=1, default=0, metavar="N",
+                   help="N more generations per setting (1 without N) under torch.profiler: the GPU's idle share of "
+                        "the loop, its kernel time by kind and its top kernels, of the generation with the median "
+                        "idle share (printed after the table)")
     p.add_argument("--precision", type=precision_list, default=("bf16",),
                    help="comma list of bf16, fp8 (the model family's own Fp8Config), fp8+exact (without fast "
                    "accumulation), fp8+groups / fp8+nogroups (Latte's and Open-Sora-Plan's q, k, v in fp8 / bf16), fp8+crossbf16 "

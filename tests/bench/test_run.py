@@ -192,3 +192,28 @@ def test_each_fp8_mode_sets_its_one_setting_over_the_familys_own_config(monkeypa
                   precisions=("fp8+nogroups", "fp8", "fp8+nogroups"))  # fmt: skip
     timed = [groups for precision, groups in seen if precision == "fp8"][-3:]
     assert timed == [False, True, False]
+
+
+def test_the_idle_share_reported_is_the_median_generations_and_every_share_is_kept():
+    from bench.run import median_profile
+
+    runs = [{"gpu_idle_pct": p, "top_kernels": [["k", p]]} for p in (14.2, 1.1, 2.0)]
+    got = median_profile(runs)
+    assert got["gpu_idle_pct"] == 2.0 and got["top_kernels"] == [["k", 2.0]]  # that generation's own breakdown
+    assert got["gpu_idle_pcts"] == [14.2, 1.1, 2.0]
+    # An even count takes the lower middle (a stalled host only adds idle); one generation is itself.
+    assert median_profile(runs[:2])["gpu_idle_pct"] == 1.1
+    assert median_profile(runs[:1])["gpu_idle_pct"] == 14.2
+    # Without kernels (no CUDA loop found) there is nothing to rank.
+    assert median_profile([{"gpu_idle_pct": None}]) == {"gpu_idle_pct": None}
+    assert median_profile([]) == {}
+
+
+def test_idle_takes_an_optional_count_of_profiled_generations(monkeypatch, tmp_path):
+    from bench import run
+
+    seen = []
+    monkeypatch.setattr(run, "_run_case", lambda *a, **kw: seen.append(kw["idle"]) or [])
+    for argv, want in (([], 0), (["--idle"], 1), (["--idle", "3"], 3), (["--idle", "--dit-only"], 1)):
+        assert run.main(["--cases", "opensora-480p", "--out", str(tmp_path / "r.json"), *argv]) == 0
+        assert seen.pop() == want
