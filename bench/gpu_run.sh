@@ -6,13 +6,14 @@
 #                                 one process on an H100; carry .gpu-site/xdist.tar.xz for 4)
 #   bash bench/gpu_run.sh e2e     Open-Sora 480p fp8 off/paper end to end with the kernel profile, bench.mp4 on the
 #                                 host's cores, Latte fp8 off/paper (~6 min on an H100)
-#   bash bench/gpu_run.sh plan    Open-Sora-Plan v1.1 fp8 off/paper, DiT only, with the profile (~4-5 min)
+#   bash bench/gpu_run.sh plan    Open-Sora-Plan v1.1 fp8 off/paper, DiT only, with the profile (~4-5 min; issue #20's
+#                                 third target)
 #   bash bench/gpu_run.sh graphs  Latte fp8 `paper`, DiT only, with the profile's idle share: eager, then CUDA graphs
 #                                 (~2.5 min)
-#   bash bench/gpu_run.sh targets issue #20's record in one call: Open-Sora 480p fp8 off/paper end to end, Latte (and
-#                                 diffusers' Latte with its PAB, the 2x target's baseline on the same card) and
-#                                 Open-Sora-Plan fp8 off/paper DiT only, each with its profile (Open-Sora's and Latte's
-#                                 idle share the median of three profiled generations; ~10 min on an H100)
+#   bash bench/gpu_run.sh targets issue #20's record with `plan` after it in a second call: Open-Sora 480p fp8 off/paper
+#                                 end to end and Latte (and diffusers' Latte with its PAB, the 2x target's baseline on
+#                                 the same card), each with its profile, the idle share the median of three profiled
+#                                 generations (~7 min on an H100; with Open-Sora-Plan too it ran 590 s, session 31)
 #   bash bench/gpu_run.sh short   the temporal kernel's launch shapes at 15, 16, 17, 20 and 30 frames (bench.short; ~2 min)
 #   bash bench/gpu_run.sh cross   the flash kernel's launch configs at Open-Sora 480p's cross-attention, 30 and 120
 #                                 text tokens, against cuDNN (~5-8 min; picks `cross_config`)
@@ -62,19 +63,17 @@ case "$what" in
         timeout "$(left 570)" python -m bench.run --cases latte --precision fp8 --pab off,paper --idle \
             --out "$OUT/run.json" 2>&1 | grep -v Warn | tail -45 ;;
     plan)
+        # PLAN_PRECISION=fp8,fp8+crossbf16 times a mode beside the family's own in the same process.
         step "Open-Sora-Plan"
-        timeout "$(left 570)" python -m bench.run --cases opensora-plan --precision fp8 --pab off,paper --idle --dit-only \
-            --out "$OUT/run.json" 2>&1 | grep -v Warn | tail -45 ;;
+        timeout "$(left 570)" python -m bench.run --cases opensora-plan --precision "${PLAN_PRECISION:-fp8}" --pab off,paper \
+            --idle --dit-only --out "$OUT/run.json" 2>&1 | grep -v Warn | tail -45 ;;
     targets)
         step "Open-Sora 480p"
-        timeout "$(left 230)" python -m bench.run --cases opensora-480p --precision fp8 --pab off,paper --idle 3 \
-            --out "$OUT/run.json" 2>&1 | grep -v Warn | grep " | \|fp8:\|wrote\|rror"
+        timeout "$(left 260)" python -m bench.run --cases opensora-480p --precision fp8 --pab off,paper --idle 3 \
+            --out "$OUT/run.json" 2>&1 | grep -v Warn | grep " | \|fp8:\|idle\|wrote\|rror"
         step "Latte"
-        timeout "$(left 400)" python -m bench.run --cases latte --precision fp8 --pab off,paper --idle 3 --dit-only \
-            --peer --peer-caches paper --out "$OUT/run.json" 2>&1 | grep -v Warn | grep " | \|fp8:\|wrote\|rror"
-        step "Open-Sora-Plan"
-        timeout "$(left 590)" python -m bench.run --cases opensora-plan --precision fp8 --pab off,paper --idle --dit-only \
-            --out "$OUT/run.json" 2>&1 | grep -v Warn | grep " | \|fp8:\|wrote\|rror" ;;
+        timeout "$(left 590)" python -m bench.run --cases latte --precision fp8 --pab off,paper --idle 3 --dit-only \
+            --peer --peer-caches paper --out "$OUT/run.json" 2>&1 | grep -v Warn | grep " | \|fp8:\|idle\|wrote\|rror" ;;
     ab)
         [ -f .ab-base/pab/__init__.py ] || { echo "no .ab-base/pab: see the header" >&2; exit 2; }
         for round in 1 2; do
