@@ -63,10 +63,11 @@ case "$what" in
         timeout "$(left 570)" python -m bench.run --cases latte --precision fp8 --pab off,paper --idle \
             --out "$OUT/run.json" 2>&1 | grep -v Warn | tail -45 ;;
     plan)
-        # PLAN_PRECISION=fp8,fp8+crossbf16 times a mode beside the family's own in the same process.
+        # PLAN_PRECISION=fp8,fp8+crossbf16 times a mode beside the family's own in the same process; PLAN_ARGS adds
+        # bench.run options (PLAN_ARGS="--idle 3 --cuda-graphs": its `paper` idle with the step in graphs).
         step "Open-Sora-Plan"
         timeout "$(left 570)" python -m bench.run --cases opensora-plan --precision "${PLAN_PRECISION:-fp8}" --pab off,paper \
-            --idle --dit-only --out "$OUT/run.json" 2>&1 | grep -v Warn | tail -45 ;;
+            --idle --dit-only ${PLAN_ARGS:-} --out "$OUT/run.json" 2>&1 | grep -v Warn | tail -45 ;;
     targets)
         step "Open-Sora 480p"
         timeout "$(left 260)" python -m bench.run --cases opensora-480p --precision fp8 --pab off,paper --idle 3 \
