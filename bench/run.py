@@ -209,7 +209,7 @@ def _run_case(
             "dit_s": round(res.timings["denoise_s"], 3),
             "gpu_idle_pct": prof.get("gpu_idle_pct"),  # under the profiler, which slows every launch a little
             "gpu_idle_pcts": prof.get("gpu_idle_pcts"),  # each profiled generation's (--idle N); the median is above
-            "gpu_ms_by_kind": prof.get("gpu_ms_by_kind"),  # one generation's kernels in the loop (--idle)
+            "gpu_ms_by_kind": prof.get("gpu_ms_by_kind"),  # the median generation's kernels in the loop (--idle)
             "top_kernels": prof.get("top_kernels"),
             "step_s": round(res.timings["denoise_s"] / calls, 4),
             "text_s": round(res.timings["text_s"], 3),
