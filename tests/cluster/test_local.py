@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 
 from cluster.config import load_config
 from cluster.local import _parser, build_config
+from support.ports import free_ports
 
 
 def test_flags_to_config(tmp_path):
@@ -36,12 +36,6 @@ def test_flags_to_config(tmp_path):
     m = load_config(build_config(args, gpus=1)).models[0]  # each part's source reaches the GPU groups' config
     assert (m.checkpoint, m.vae, m.text_encoder) == ("hpcai-tech/OpenSora-STDiT-v3", "hpcai-tech/OpenSora-VAE-v1.2",
                                                      "DeepFloyd/t5-v1_1-xxl")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ray_processes(tmpdir: str) -> list[str]:
@@ -113,7 +107,7 @@ def test_pab_serve_end_to_end_then_sigterm(tmp_path):
     """`pab serve &` from a shell starts its own Ray + Serve; submit, poll, download; then SIGTERM (Kubernetes,
     `docker stop`) stops it as Ctrl-C does, although the shell left SIGINT ignored, and leaves no Ray behind.
     One start-up of Ray and the app serves both checks: each costs tens of seconds on CI's 2 cores."""
-    port, tmpdir = _free_port(), "/tmp/raypabsv2"
+    port, tmpdir = free_ports(1)[0], "/tmp/raypabsv2"
     proc, pid = _start(tmp_path, tmpdir, port, "background-shell", PAB_API_KEYS="envkey")
     log_path = tmp_path / "serve.log"
     try:
@@ -149,7 +143,7 @@ def test_pab_serve_stops_promptly_while_starting(tmp_path, how, sig):
     """Ctrl-C, or SIGTERM to one started in the background, while Ray is up and the app still deploying (tens
     of seconds on a small machine): it stops within seconds, not once the app is up. SIGTERM to its process
     group reaches Ray's own processes too, so Serve's controller is gone before `pab serve` asks it to stop."""
-    port, tmpdir = _free_port(), f"/tmp/raypabterm-{how}"
+    port, tmpdir = free_ports(1)[0], f"/tmp/raypabterm-{how}"
     proc, pid = _start(tmp_path, tmpdir, port, how)
     log_path = tmp_path / "serve.log"
     deadline = time.monotonic() + 240

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from support.sessionfixtures import s3_server  # noqa: F401 - fixture
-from support.weed import ACCESS_KEY, SECRET_KEY, free_ports
+from support.ports import free_ports
+from support.weed import ACCESS_KEY, SECRET_KEY
 
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -48,12 +49,15 @@ class RayJobCluster:
         self.address = ""
 
     def start(self, timeout_s: float = 180.0) -> "RayJobCluster":
-        gcs, dash, agent, client, metrics, rt_env, nm, om = free_ports(8)
+        # Every port named: one Ray picks itself is a `bind(0)` port, which anything on the machine may take
+        # before Ray binds it, and `ray start --block` ends the whole cluster when one of its processes dies.
+        gcs, dash, agent, agent_grpc, client, metrics, rt_env, nm, om = free_ports(9)
         cmd = [
             f"{VENV_BIN}/ray", "start", "--head", "--block", f"--num-cpus={self.num_cpus}",
             f"--num-gpus={self.num_gpus}", f"--port={gcs}", "--node-ip-address=127.0.0.1",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-            f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--ray-client-server-port={client}",
             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}",
             f"--node-manager-port={nm}", f"--object-manager-port={om}", "--disable-usage-stats",
         ]
@@ -87,6 +91,13 @@ class RayJobCluster:
         self.stop()
         raise RuntimeError(f"Ray job server not ready after {timeout_s}s: {last!r}\n{self.log.read_text()[-3000:]}")
 
+    def report(self) -> str:
+        """Whether the cluster still runs, and the tail of `ray start`'s log (which, when one of Ray's processes
+        died, says which and tails its own log): what a failed test shows beside its traceback."""
+        state = "running" if self.proc is not None and self.proc.poll() is None else f"exited ({self.proc.poll()})"
+        text = self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
+        return f"`ray start --block` {state}; {self.log}:\n{text[-6000:]}"
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()  # `ray start --block` stops the processes it started
@@ -96,6 +107,16 @@ class RayJobCluster:
                 self.proc.kill()
                 self.proc.wait(10)
         shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test on the job cluster shows the cluster's state and `ray start`'s log tail (CI keeps no files)."""
+    report = yield
+    cluster = item.funcargs.get("ray_jobs") if hasattr(item, "funcargs") else None
+    if report.failed and isinstance(cluster, RayJobCluster):
+        report.sections.append(("Ray job cluster", cluster.report()))
+    return report
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,7 +51,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
 from localcluster import SYSTEM_CONFIG, wait_for  # noqa: E402
-from support.weed import ACCESS_KEY, SECRET_KEY, WeedS3, free_ports  # noqa: E402
+from support.ports import free_ports  # noqa: E402
+from support.weed import ACCESS_KEY, SECRET_KEY, WeedS3  # noqa: E402
 
 from cluster.watchdog import _stat, descendants, running, terminate  # noqa: E402
 
@@ -341,9 +341,7 @@ def start_serve(timeout_attempts: int = 3) -> int:
     from ray import serve
     from ray.exceptions import RayActorError
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    (port,) = free_ports(1)
     for attempt in range(timeout_attempts):
         try:
             serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})

@@ -8,8 +8,9 @@ it; it stops at the end of the session.
 from __future__ import annotations
 
 import os
-import socket
 import time
+
+from support.ports import free_ports
 
 NUM_GPUS = 4
 NUM_CPUS = 8
@@ -53,9 +54,7 @@ def start_serve(**options) -> int:
     from ray import serve
     from ray.exceptions import RayActorError
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    (port,) = free_ports(1)
     for attempt in range(3):
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port}, **options)

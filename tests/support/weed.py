@@ -8,25 +8,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from support.ports import free_ports
+
 ACCESS_KEY, SECRET_KEY = "pabtestkey", "pabtestsecret"
-
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def weed_binary() -> str:
