@@ -90,8 +90,9 @@ case "$cmd" in
         ruff check .
         # Triton's CPU interpreter runs the kernel tests without a GPU (set before anything imports triton).
         # Two pytest-xdist workers, the tests that start Ray first, in two blocks (tests/conftest.py). One torch
-        # thread each: two workers with a thread per core each would oversubscribe the cores.
-        OMP_NUM_THREADS=1 TRITON_INTERPRET=1 exec python -m pytest -q -m "not gpu" -n 2 -rs --durations=25 "$@"
+        # thread each: two workers with a thread per core each would oversubscribe the cores. CI keeps only part of
+        # the output: short tracebacks, and the summary at the end names every failure and error (-rfEs).
+        OMP_NUM_THREADS=1 TRITON_INTERPRET=1 exec python -m pytest -q -m "not gpu" -n 2 -rfEs --tb=short --durations=25 "$@"
         ;;
     serve)
         setup
