@@ -10,6 +10,7 @@ processes it started.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -96,6 +97,7 @@ class RayJobCluster:
         died, says which and tails its own log): what a failed test shows beside its traceback."""
         state = "running" if self.proc is not None and self.proc.poll() is None else f"exited ({self.proc.poll()})"
         text = self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
+        text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # Ray's colours
         return f"`ray start --block` {state}; {self.log}:\n{text[-6000:]}"
 
     def stop(self) -> None:
