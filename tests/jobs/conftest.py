@@ -95,7 +95,8 @@ class RayJobCluster:
     def report(self) -> str:
         """Whether the cluster still runs, and the tail of `ray start`'s log (which, when one of Ray's processes
         died, says which and tails its own log): what a failed test shows beside its traceback."""
-        state = "running" if self.proc is not None and self.proc.poll() is None else f"exited ({self.proc.poll()})"
+        rc = self.proc.poll() if self.proc is not None else None
+        state = "not started" if self.proc is None else "running" if rc is None else f"exited ({rc})"
         text = self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
         text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # Ray's colours
         return f"`ray start --block` {state}; {self.log}:\n{text[-6000:]}"
