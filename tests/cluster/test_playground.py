@@ -16,6 +16,7 @@ from conftest import wait_for
 from test_openai_sdk import KEY, MODEL, server  # noqa: F401 - `server` is the fixture
 
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402 - selenium is there once the line above passes
 ARTIFACT = Path(__file__).resolve().parents[2] / "outputs" / "test-artifacts" / "playground.png"
 
 
@@ -39,12 +40,13 @@ def browser():
         driver.quit()
 
 
-def test_a_prompt_renders_and_plays_in_the_page(server, browser):  # noqa: F811
-    from selenium.webdriver.common.by import By
-
-    base, svc = server
+def _submit(browser, base: str, prompt_text: str, steps: int, script: str | None = None):
+    """Open the page (then run `script` in it), give it the key, render `prompt_text` with `steps` steps; returns
+    the prompt field and the JavaScript expression of the new video's card once it shows."""
     browser.get(f"{base}/")
     assert browser.title == "pab-cluster playground"
+    if script:
+        browser.execute_script(script)
     key = browser.find_element(By.ID, "key")
     key.send_keys(KEY)
     browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
@@ -55,12 +57,17 @@ def test_a_prompt_renders_and_plays_in_the_page(server, browser):  # noqa: F811
                                   "o.value), s.value]") == [["off", "paper"], "paper"]  # fmt: skip
     prompt = browser.find_element(By.ID, "prompt")
     prompt.clear()
-    prompt.send_keys("a paced fox in the playground")
-    browser.find_element(By.ID, "steps").send_keys("16")
+    prompt.send_keys(prompt_text)
+    browser.find_element(By.ID, "steps").send_keys(str(steps))
     browser.find_element(By.ID, "submit").click()
-
-    card = "[...document.querySelectorAll('.job')].find(c => c.querySelector('.prompt').textContent.includes('playground'))"
+    card = (f"[...document.querySelectorAll('.job')].find(c => c.querySelector('.prompt').textContent === "
+            f"{prompt_text!r})")
     wait_for(lambda: browser.execute_script(f"return !!({card})"), 20, "the new video's card")
+    return prompt, card
+
+
+def _progress_until_done(browser, card: str) -> list[int]:
+    """The card's progress bar, sampled every 50 ms until the video completes."""
     seen = []
 
     def finished() -> bool:
@@ -70,7 +77,14 @@ def test_a_prompt_renders_and_plays_in_the_page(server, browser):  # noqa: F811
         assert "failed" not in status and "cancelled" not in status, status
         return status.startswith("completed")
 
-    wait_for(finished, 60, "the render to complete", interval_s=0.05)
+    wait_for(finished, 90, "the render to complete", interval_s=0.05)
+    return seen
+
+
+def test_a_prompt_renders_and_plays_in_the_page(server, browser):  # noqa: F811
+    base, svc = server
+    prompt, card = _submit(browser, base, "a paced fox in the playground", 16)
+    seen = _progress_until_done(browser, card)
     assert any(0 < v < 100 for v in seen) and seen[-1] == 100, seen  # progress rose step by step
     assert seen == sorted(seen), seen
     duration = wait_for(lambda: browser.execute_script(
@@ -95,3 +109,23 @@ def test_a_prompt_renders_and_plays_in_the_page(server, browser):  # noqa: F811
     ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(ARTIFACT)) and ARTIFACT.stat().st_size > 0
     assert not browser.find_element(By.ID, "error").text
+
+
+def test_progress_never_moves_back_when_answers_arrive_out_of_order(server, browser):  # noqa: F811
+    """Every third answer to the page's list request reaches the page 1.3 s late, past its next refresh (each
+    second), as over a slow link: a page that let two refreshes overlap would show that older progress after a
+    newer one. (The delay is in the page's `fetch`: Chrome itself sends one request for a URL at a time.)"""
+    base, svc = server
+    late = """const fetched = window.fetch; let n = 0; window.lateAnswers = 0;
+    window.fetch = async (...args) => {
+      const answer = await fetched(...args);
+      if (String(args[0]).startsWith('/v1/videos?') && n++ % 3 === 0) {
+        window.lateAnswers++;
+        await new Promise((done) => setTimeout(done, 1300));
+      }
+      return answer;
+    };"""
+    _, card = _submit(browser, base, "a paced heron", 48, script=late)  # a step every 0.15 s (BlackFrames)
+    seen = _progress_until_done(browser, card)
+    assert seen == sorted(seen) and seen[-1] == 100, seen
+    assert len(set(seen)) > 4 and browser.execute_script("return window.lateAnswers") > 2, seen
