@@ -12,6 +12,7 @@ from pab.compile import apply_compile, remove_compile
 from pab.kernels import kernel_options
 from pab.models import CheckpointError, latte
 from support.fidelity_cases import latte as fixture_case
+from support.seams import TargetCalls, assert_matches_official, assert_replay_exact, randomize_state
 from pab.models.latte import (
     SIZES,
     LatteConfig,
@@ -31,12 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def tiny_model(seed: int = 0, **overrides) -> LatteTransformer3DModel:
     """Tiny Latte with every weight ~ N(0, 0.1²), like the official fixture, so every path carries signal."""
-    model = LatteTransformer3DModel(LatteConfig(**{**SIZES["tiny"], **overrides})).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.state_dict().values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
+    return randomize_state(LatteTransformer3DModel(LatteConfig(**{**SIZES["tiny"], **overrides})).eval(), seed)
 
 
 def tiny_inputs(B=2, F=5, H=8, W=8, L=6, seed=1):
@@ -57,12 +53,7 @@ def run(model, **kw):
 
 
 def test_fixture_cases_match_official():
-    ref = load_file(str(FIXTURE / "output.safetensors"))
-    out = fixture_case.run(FIXTURE)
-    assert set(out) == set(ref) == set(json.loads((FIXTURE / "meta.json").read_text())["forward_calls"])
-    for key in ref:
-        assert out[key].dtype == torch.float32 and out[key].shape == ref[key].shape
-        torch.testing.assert_close(out[key], ref[key], atol=1e-5, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+    out = assert_matches_official(fixture_case.run, FIXTURE)
     # The mask must matter (the fixture's probe moves the output by 0.45), or the masked case tests nothing.
     assert (out["output"] - out["output_masked"]).abs().max() > 0.1
 
@@ -143,31 +134,17 @@ def test_broadcast_targets_kinds_counts_and_one_call_each():
     assert targets["mlp"][n] is model.temporal_transformer_blocks[0].ff
     assert all(m.is_cross_attention for m in targets["cross"])
     assert not any(m.is_cross_attention for m in targets["spatial"] + targets["temporal"])
-    modules = [m for ms in targets.values() for m in ms]
-    assert len({id(m) for m in modules}) == len(modules)
 
     B, F, H, W = 2, 3, 6, 10
     S = (H // 2) * (W // 2)
-    calls, shapes = {}, {}
-
-    def hook(kind):
-        def fn(module, args, output):
-            calls[id(module)] = calls.get(id(module), 0) + 1
-            shapes.setdefault(kind, set()).add(tuple(args[0].shape))
-
-        return fn
-
-    handles = [m.register_forward_hook(hook(k)) for k, ms in targets.items() for m in ms]
-    try:
+    with TargetCalls(targets) as seen:
         run(model, **tiny_inputs(B=B, F=F, H=H, W=W))
-        assert all(calls.get(id(m)) == 1 for m in modules), "each target must run exactly once per forward"
-        calls.clear()
+        assert seen.ran_once(), "each target must run exactly once per forward"
+        seen.clear()
         run(model, **tiny_inputs(B=B, F=F, H=H, W=W), enable_temporal_attentions=False)
-        assert all(calls.get(id(m)) == 1 for m in targets["spatial"] + targets["cross"] + targets["mlp"][:n])
-        assert not any(id(m) in calls for m in targets["temporal"] + targets["mlp"][n:])
-    finally:
-        for h in handles:
-            h.remove()
+        assert seen.ran_once(targets["spatial"] + targets["cross"] + targets["mlp"][:n])
+        assert not any(id(m) in seen.calls for m in targets["temporal"] + targets["mlp"][n:])
+    shapes = seen.shapes
     assert shapes["spatial"] == shapes["cross"] == {(B * F, S, C)}  # (B·F, S, C)
     assert shapes["temporal"] == {(B * S, F, C)}  # (B·S, F, C): full F, the DSP seam
     assert shapes["mlp"] == {(B * F, S, C), (B * S, F, C)}
@@ -177,17 +154,7 @@ def test_replaying_cached_outputs_reproduces_the_forward():
     """What PAB relies on: a target's output depends only on its inputs, so replaying it is exact."""
     model = tiny_model()
     kw = tiny_inputs(F=3)
-    modules = [m for ms in model.broadcast_targets().values() for m in ms]
-    cache = {}
-    handles = [m.register_forward_hook(lambda mod, a, out: cache.__setitem__(id(mod), out)) for m in modules]
-    ref = run(model, **kw)
-    for h in handles:
-        h.remove()
-    handles = [m.register_forward_hook(lambda mod, a, out: cache[id(mod)]) for m in modules]
-    replay = run(model, **kw)
-    for h in handles:
-        h.remove()
-    assert torch.equal(ref, replay)
+    ref = assert_replay_exact(model, lambda: run(model, **kw))
     # And the targets do carry the signal: zeroing one temporal attention output changes the result.
     h = model.broadcast_targets()["temporal"][1].register_forward_hook(lambda mod, a, out: torch.zeros_like(out))
     changed = run(model, **kw)

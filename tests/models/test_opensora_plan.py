@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from pab.models import CheckpointError
 from support.fidelity_cases import opensora_plan as fixture_case
+from support.seams import TargetCalls, assert_matches_official, assert_replay_exact, randomize_state
 from pab.models.latte import SIZES as LATTE_SIZES
 from pab.models.latte import LatteConfig, LatteTransformer3DModel
 from pab.models.opensora_plan import SIZES, LatteT2V, LatteT2VConfig
@@ -24,12 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def tiny_model(seed: int = 0, **overrides) -> LatteT2V:
     """Tiny LatteT2V with every weight ~ N(0, 0.1²), like the official fixture, so every path carries signal."""
-    model = LatteT2V(LatteT2VConfig(**{**SIZES["tiny"], **overrides})).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.state_dict().values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
+    return randomize_state(LatteT2V(LatteT2VConfig(**{**SIZES["tiny"], **overrides})).eval(), seed)
 
 
 def tiny_inputs(B=2, F=5, H=8, W=8, L=6, seed=1):
@@ -50,12 +46,7 @@ def run(model, **kw):
 
 
 def test_fixture_cases_match_official():
-    ref = load_file(str(FIXTURE / "output.safetensors"))
-    out = fixture_case.run(FIXTURE)
-    assert set(out) == set(ref) == set(json.loads((FIXTURE / "meta.json").read_text())["forward_calls"])
-    for key in ref:
-        assert out[key].dtype == torch.float32 and out[key].shape == ref[key].shape
-        torch.testing.assert_close(out[key], ref[key], atol=1e-5, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+    out = assert_matches_official(fixture_case.run, FIXTURE)
     assert (out["output"] - out["output_no_mask"]).abs().max() > 0.1  # the text mask is exercised
 
 
@@ -160,31 +151,17 @@ def test_broadcast_targets_kinds_counts_and_one_call_each():
     assert targets["temporal"][1] is model.temporal_transformer_blocks[1].attn1
     assert targets["cross"][0] is model.transformer_blocks[0].attn2
     assert targets["mlp"][n + 1] is model.temporal_transformer_blocks[1].ff
-    modules = [m for ms in targets.values() for m in ms]
-    assert len({id(m) for m in modules}) == len(modules)
 
     B, F, H, W = 2, 5, 4, 8
     S = (H // 2) * (W // 2)
-    calls, shapes = {}, {}
-
-    def hook(kind):
-        def fn(module, args, output):
-            calls[id(module)] = calls.get(id(module), 0) + 1
-            shapes.setdefault(kind, set()).add(tuple(args[0].shape))
-
-        return fn
-
-    handles = [m.register_forward_hook(hook(k)) for k, ms in targets.items() for m in ms]
     keep = torch.ones(B, 6, dtype=torch.int64)
     keep[0, 3:] = 0
-    try:
+    with TargetCalls(targets) as seen:
         for mask in (None, keep):
-            calls.clear()
+            seen.clear()
             run(model, **tiny_inputs(B=B, F=F, H=H, W=W), encoder_attention_mask=mask)
-            assert all(calls.get(id(m)) == 1 for m in modules), "each target must run exactly once per forward"
-    finally:
-        for h in handles:
-            h.remove()
+            assert seen.ran_once(), "each target must run exactly once per forward"
+    shapes = seen.shapes
     assert shapes["spatial"] == shapes["cross"] == {(B * F, S, C)}  # (B·F, S, C)
     assert shapes["temporal"] == {(B * S, F, C)}  # (B·S, F, C): full F, the DSP seam
     assert shapes["mlp"] == {(B * F, S, C), (B * S, F, C)}
@@ -194,17 +171,7 @@ def test_replaying_cached_outputs_reproduces_the_forward():
     """What PAB relies on: a target's output depends only on its inputs, so replaying it is exact."""
     model = tiny_model()
     kw = tiny_inputs(F=3)
-    modules = [m for ms in model.broadcast_targets().values() for m in ms]
-    cache = {}
-    handles = [m.register_forward_hook(lambda mod, a, out: cache.__setitem__(id(mod), out)) for m in modules]
-    ref = run(model, **kw)
-    for h in handles:
-        h.remove()
-    handles = [m.register_forward_hook(lambda mod, a, out: cache[id(mod)]) for m in modules]
-    replay = run(model, **kw)
-    for h in handles:
-        h.remove()
-    assert torch.equal(ref, replay)
+    assert_replay_exact(model, lambda: run(model, **kw))
 
 
 def test_temp_pos_embed_with_offset_equals_slicing_the_full_table():

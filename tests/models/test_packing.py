@@ -9,17 +9,13 @@ from pab.models.opensora_plan import SIZES as PLAN_SIZES
 from pab.models.opensora_plan import LatteT2V, LatteT2VConfig
 from pab.models.packing import end_to_end, pack_joint_linears, pack_linears
 from pab.pipeline import Pipeline
+from support.seams import randomize_state
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_latte(seed: int = 0) -> LatteTransformer3DModel:
-    model = LatteTransformer3DModel(LatteConfig(**SIZES["tiny"])).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.state_dict().values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
+    return randomize_state(LatteTransformer3DModel(LatteConfig(**SIZES["tiny"])).eval(), seed)
 
 
 def latte_inputs(seed: int = 1) -> dict:

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from pab.models import CheckpointError, load_state_dict_strict
 from support.fidelity_cases import stdit3 as fixture_case
+from support.seams import TargetCalls, assert_matches_official, assert_replay_exact, randomize_state
 from pab.models.stdit3 import SIZES, STDiT3, STDiT3Config, build_stdit3
 
 OFFICIAL = Path(__file__).resolve().parents[1] / "fixtures" / "official"
@@ -24,14 +24,7 @@ def tiny_model(seed: int = 0, **overrides) -> STDiT3:
     The official init zeroes the temporal blocks' output projections, which would make the temporal
     path invisible to these tests.
     """
-    model = build_stdit3("tiny", **overrides).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.state_dict().items():
-            if name == "rope.freqs":
-                continue
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if name.endswith("_norm.weight") else 0.0))
-    return model
+    return randomize_state(build_stdit3("tiny", **overrides).eval(), seed, skip=["rope.freqs"], norms_at_one=True)
 
 
 def tiny_inputs(B=2, T=5, H=8, W=8, L=6, seed=1, x_mask=True):
@@ -58,12 +51,7 @@ def tiny_inputs(B=2, T=5, H=8, W=8, L=6, seed=1, x_mask=True):
 
 
 def test_fixture_cases_match_official():
-    ref = load_file(str(FIXTURE / "output.safetensors"))
-    out = fixture_case.run(FIXTURE)
-    assert set(out) == set(ref) == set(json.loads((FIXTURE / "meta.json").read_text())["forward_calls"])
-    for key in ref:
-        assert out[key].dtype == torch.float32 and out[key].shape == ref[key].shape
-        torch.testing.assert_close(out[key], ref[key], atol=1e-5, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+    assert_matches_official(fixture_case.run, FIXTURE)
 
 
 def test_full_size_state_dict_matches_manifest():
@@ -120,30 +108,15 @@ def test_broadcast_targets_kinds_counts_and_one_call_each():
     depth = SIZES["tiny"]["depth"]
     assert {k: len(v) for k, v in targets.items()} == {"spatial": depth, "temporal": depth,
                                                        "cross": 2 * depth, "mlp": 2 * depth}  # fmt: skip
-    modules = [m for ms in targets.values() for m in ms]
-    assert len({id(m) for m in modules}) == len(modules)
 
     B, T, H, W = 2, 3, 6, 10
     S = (H // 2) * (W // 2)
-    calls, shapes = {}, {}
-
-    def hook(kind):
-        def fn(module, args, output):
-            calls[id(module)] = calls.get(id(module), 0) + 1
-            shapes.setdefault(kind, set()).add(tuple(args[0].shape))
-
-        return fn
-
-    handles = [m.register_forward_hook(hook(k)) for k, ms in targets.items() for m in ms]
-    try:
+    with TargetCalls(targets) as seen, torch.no_grad():
         for with_x_mask in (True, False):
-            calls.clear()
-            with torch.no_grad():
-                model(**tiny_inputs(B=B, T=T, H=H, W=W, x_mask=with_x_mask))
-            assert all(calls.get(id(m)) == 1 for m in modules), "each target must run exactly once per forward"
-    finally:
-        for h in handles:
-            h.remove()
+            seen.clear()
+            model(**tiny_inputs(B=B, T=T, H=H, W=W, x_mask=with_x_mask))
+            assert seen.ran_once(), "each target must run exactly once per forward"
+    shapes = seen.shapes
     assert shapes["spatial"] == {(B * T, S, 64)}  # (B·T, S, C)
     assert shapes["temporal"] == {(B * S, T, 64)}  # (B·S, T, C): full T, the DSP seam
     assert shapes["cross"] == shapes["mlp"] == {(B, T * S, 64)}
@@ -153,20 +126,7 @@ def test_replaying_cached_outputs_reproduces_the_forward():
     """What PAB relies on: a target's output depends only on its inputs, so replaying it is exact."""
     model = tiny_model()
     kw = tiny_inputs(T=3)
-    modules = [m for ms in model.broadcast_targets().values() for m in ms]
-    cache = {}
-    handles = [m.register_forward_hook(lambda mod, a, out: cache.__setitem__(id(mod), out)) for m in modules]
-    with torch.no_grad():
-        ref = model(**kw)
-    for h in handles:
-        h.remove()
-    # Second run: every target returns the cached tensor (a forward hook's return value replaces the output).
-    handles = [m.register_forward_hook(lambda mod, a, out: cache[id(mod)]) for m in modules]
-    with torch.no_grad():
-        replay = model(**kw)
-    for h in handles:
-        h.remove()
-    assert torch.equal(ref, replay)
+    assert_replay_exact(model, lambda: model(**kw))
 
 
 # ---------------------------------------------------------------------------- behaviour
