@@ -77,19 +77,17 @@ def assert_replay_exact(model: nn.Module, forward: Callable[[], torch.Tensor]) -
     Returns that forward's output."""
     modules = [m for ms in model.broadcast_targets().values() for m in ms]
     cache = {}
-    handles = [m.register_forward_hook(lambda mod, a, out: cache.__setitem__(id(mod), out)) for m in modules]
-    try:
-        with torch.no_grad():
-            ref = forward()
-    finally:
-        for h in handles:
-            h.remove()
-    handles = [m.register_forward_hook(lambda mod, a, out: cache[id(mod)]) for m in modules]
-    try:
-        with torch.no_grad():
-            replay = forward()
-    finally:
-        for h in handles:
-            h.remove()
+    ref = _forward_hooked(modules, lambda mod, a, out: cache.__setitem__(id(mod), out), forward)
+    replay = _forward_hooked(modules, lambda mod, a, out: cache[id(mod)], forward)
     assert torch.equal(ref, replay)
     return ref
+
+
+def _forward_hooked(modules: list[nn.Module], hook, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        with torch.no_grad():
+            return forward()
+    finally:
+        for h in handles:
+            h.remove()
