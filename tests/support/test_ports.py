@@ -2,6 +2,8 @@
 
 import socket
 
+import pytest
+
 from support import ports
 
 
@@ -25,7 +27,7 @@ def test_a_port_in_use_is_skipped(monkeypatch):
     (p,) = ports.free_ports(1)
     band = ports.band()
     if not band:
-        return
+        pytest.skip("this machine's ephemeral port range leaves no band below it")
     ports._handed.discard(p)  # as if another process had picked it, and its server bound it
     monkeypatch.setattr(ports.random, "randrange", lambda n: band.index(p))  # the scan starts at it
     with socket.socket() as s:
@@ -38,6 +40,6 @@ def test_a_port_in_use_is_skipped(monkeypatch):
 def test_each_xdist_worker_has_a_band_of_its_own():
     bands = [ports.band(f"gw{i}") for i in range(ports.BANDS)]
     if not bands[0]:
-        return
+        pytest.skip("this machine's ephemeral port range leaves no band below it")
     assert all(a.stop <= b.start for a, b in zip(bands, bands[1:]))
     assert ports.band("gw0") == ports.band("not-xdist") and bands[0].start >= ports.LOW
