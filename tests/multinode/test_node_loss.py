@@ -178,6 +178,8 @@ def test_controller_and_ingress_killed_mid_queue_every_accepted_job_completes_on
     ingress = [a for a in ray.util.list_named_actors(all_namespaces=True)
                if a["name"].startswith(f"SERVE_REPLICA::{APP}#VideoAPI")]
     assert len(ingress) == 1
+    groups_before = set(group_nodes())
+    assert len(groups_before) == 2, groups_before
     ray.kill(ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve"), no_restart=False)  # Ray restarts it
     ray.kill(ray.get_actor(ingress[0]["name"], namespace=ingress[0]["namespace"]), no_restart=True)
     t_kill = time.monotonic()
@@ -185,7 +187,15 @@ def test_controller_and_ingress_killed_mid_queue_every_accepted_job_completes_on
     finals = [poll(client, j["id"], timeout_s=180) for j in jobs]
     took = time.monotonic() - t_kill
     assert [f["status"] for f in finals] == ["completed"] * 6, finals
-    assert all(f["attempts"] == 0 for f in finals)  # no group died: nothing counted as a failed attempt
+    # The kills cost no job an attempt: an attempt is counted only where a group died, and a group renders one
+    # video at a time. On a loaded machine a group can die of something else meanwhile (a rank silent past its
+    # health check); it must then be gone, and have cost at most its one video.
+    lost = groups_before - set(group_nodes())
+    counted = {f["id"]: (f["attempts"], store.get_json(f"jobs/records/{f['id']}.json").get("last_error"))
+               for f in finals if f["attempts"]}  # fmt: skip
+    assert sum(n for n, _ in counted.values()) <= len(lost), (counted, groups_before, lost)
+    if lost:
+        print(f"groups lost meanwhile: {sorted(lost)}; attempts counted: {counted}")
     for j in jobs:
         assert len(versions(s3, bucket, j["id"])) == 1, j["id"]  # rendered once, whoever drove it
         assert store.get_json(f"videos/{j['id']}.json")["job_id"] == j["id"]
