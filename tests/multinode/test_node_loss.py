@@ -52,7 +52,9 @@ def app(mn, serve_port):
         "heartbeat_s": 1.0, "stale_after_s": 5.0, "reconcile_interval_s": 1.0, "retry_backoff_s": 0.5,
         "cpus_per_rank": 0.5, "group_replica_cpus": 0.25, "ingress_cpus": 0.25,
         "ingress_resources": {HEAD_RESOURCE: 1},  # the ingress on the head: a GPU node's loss never takes it
-        "health_check_period_s": 1.0, "health_check_timeout_s": 10.0, "graceful_shutdown_timeout_s": 5.0,
+        # A lost node's groups are found by their actors' deaths, not by timeouts: a generous health timeout (a
+        # group pings its ranks for half of it) keeps a loaded 2-core runner from breaking a healthy group.
+        "health_check_period_s": 1.0, "health_check_timeout_s": 30.0, "graceful_shutdown_timeout_s": 5.0,
         "group_start_timeout_s": 120.0,
     }  # fmt: skip
     serve.run(build_app(config), name=APP, route_prefix="/", blocking=False)
