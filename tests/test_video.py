@@ -54,17 +54,18 @@ def test_odd_sizes_are_edge_padded_to_even(tmp_path, h, w):
 
 
 def _fail_frame(monkeypatch, n: int, message: str) -> dict:
-    """Make PyAV fail on its n-th frame (counted in the returned dict, which may be reset)."""
-    real = av.VideoFrame.from_ndarray
+    """Make the encoder fail on its n-th frame (counted in the returned dict, which may be reset)."""
+    real = av.video.stream.VideoStream.encode
     calls = {"n": 0}
 
-    def flaky(arr, format):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise RuntimeError(message)
-        return real(arr, format=format)
+    def flaky(stream, frame=None):
+        if frame is not None:
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise RuntimeError(message)
+        return real(stream, frame)
 
-    monkeypatch.setattr(av.VideoFrame, "from_ndarray", flaky)
+    monkeypatch.setattr(av.video.stream.VideoStream, "encode", flaky)
     return calls
 
 
