@@ -33,9 +33,12 @@ DEFAULT_CRF = 23  # libx264's own default quality
 # from 0.64 to 0.17 s at Open-Sora 480p for a moving subject (H200 host, 16 cores). `faster` then searches less a
 # frame (fewer references, a coarser subpixel search): on the H100 host (16 cores) it took the tail from 0.08 to
 # 0.04 s for a moving subject at the same PSNR and a 28% smaller file, from 0.70 to 0.18 s on noise, and cost a
-# textured pan 0.27 dB (bench/mp4.py, bench/results/mp4-h100-host.json, docs/performance.md). A caller's `x264`
-# options override these.
-DEFAULT_X264 = {"preset": "faster", "rc-lookahead": "8"}
+# textured pan 0.27 dB (bench/mp4.py, bench/results/mp4-h100-host.json, docs/performance.md). PyAV opens the encoder
+# with slice threads, which x264 caps at a thread per 4 macroblock rows (7 at 480p): frame threads use every core
+# and took the tail on noise from 0.35 to 0.19 s on an H100 host (16 cores), with smaller files for a moving subject
+# (no slice borders). `thread_type` is FFmpeg's codec option, not x264's, but rides in the same dict. A caller's
+# `x264` options override these.
+DEFAULT_X264 = {"preset": "faster", "rc-lookahead": "8", "thread_type": "frame"}
 
 
 # libx264's macroblock-tree rate control made different files of the same frames from run to run when a side is

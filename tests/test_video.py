@@ -233,12 +233,14 @@ def test_x264_options_reach_the_encoder(tmp_path):
 
 
 @pytest.mark.parametrize("x264, ran", [
-    (None, [b"rc_lookahead=8 ", b"subme=4 ", b"ref=2 "]),  # faster's subpixel search and references
-    ({"rc-lookahead": "40", "preset": "medium"}, [b"rc_lookahead=40 ", b"subme=7 ", b"ref=3 "]),
+    # faster's subpixel search and references; frame threads (sliced_threads=0: PyAV's own default is slices)
+    (None, [b"rc_lookahead=8 ", b"subme=4 ", b"ref=2 ", b"sliced_threads=0 "]),
+    ({"rc-lookahead": "40", "preset": "medium", "thread_type": "slice", "threads": "2"},
+     [b"rc_lookahead=40 ", b"subme=7 ", b"ref=3 ", b"sliced_threads=1 "]),
 ])  # fmt: skip
 def test_the_encoder_runs_faster_with_8_frames_of_lookahead_unless_told(tmp_path, x264, ran):
-    """x264 writes the settings it ran with into the stream (an SEI text): the default preset and lookahead, or the
-    caller's (at 128 pixels a side: x264 names its lookahead where the macroblock tree uses it)."""
+    """x264 writes the settings it ran with into the stream (an SEI text): the default preset, lookahead and
+    threading, or the caller's (at 128 pixels a side: x264 names its lookahead where the macroblock tree uses it)."""
     path = tmp_path / "v.mp4"
     with Mp4Writer(path, 8, x264=x264) as writer:
         writer.write(_frames(f=5, h=128, w=128))
