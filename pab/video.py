@@ -43,8 +43,10 @@ DEFAULT_X264 = {"preset": "faster", "rc-lookahead": "8", "thread_type": "frame"}
 
 # libx264's macroblock-tree rate control made different files of the same frames from run to run when a side is
 # under 128 pixels (the small models' 64x64 and 96x64: 4-8 distinct mp4s in 40 encodes of one clip, decoded pixels
-# up to 50/255 apart; 128x128 and larger: one), so a re-rendered bulk row did not reproduce its video. Without it
-# (mbtree off), 40 of 40 were identical. A caller's `x264` options still win.
+# up to 50/255 apart; 128x128: one), so a re-rendered bulk row did not reproduce its video. Without it (mbtree
+# off), 40 of 40 were identical. Larger sizes keep it (off, a grainy 480p clip's file grew 8x): there x264 still
+# gives another file now and then (at 256x320, 1-3 of 40 encodes; 6 of 20 before `_yuv420` moved the RGB
+# conversion out of PyAV's encode). A caller's `x264` options still win.
 SMALL_SIDE = 128
 
 
