@@ -162,7 +162,7 @@ def test_end_to_end_includes_the_mp4_encoded_while_decoding():
                       kernels=KernelOptions(spatial_attention="triton"),  # on the CPU: SDPA, as `supported` says
                       x264=x264_options("preset=veryfast"))  # fmt: skip
     assert rec["spatial_attention"] == "triton"
-    assert rec["x264"] == {"rc-lookahead": "8", "preset": "veryfast"}  # over Mp4Writer's defaults
+    assert rec["x264"] == {"rc-lookahead": "8", "preset": "veryfast", "thread_type": "frame"}  # over Mp4Writer's defaults
     assert rec["mp4_s"] >= 0 and 0 < rec["e2e_s"] <= rec["to_mp4_s"]  # prompt to mp4 on disk, after the decode
 
 
