@@ -45,8 +45,8 @@ DEFAULT_X264 = {"preset": "faster", "rc-lookahead": "8", "thread_type": "frame"}
 # under 128 pixels (the small models' 64x64 and 96x64: 4-8 distinct mp4s in 40 encodes of one clip, decoded pixels
 # up to 50/255 apart; 128x128: one), so a re-rendered bulk row did not reproduce its video. Without it (mbtree
 # off), 40 of 40 were identical. Larger sizes keep it (off, a grainy 480p clip's file grew 8x): there x264 still
-# gives another file now and then (at 256x320, 1-3 of 40 encodes; 6 of 20 before `_yuv420` moved the RGB
-# conversion out of PyAV's encode). A caller's `x264` options still win.
+# writes another file now and then (at 256x320, 1-3 of 40 encodes differed from the rest; 5-7 of 20 before
+# `_yuv420` took the RGB conversion out of PyAV's encode). A caller's `x264` options still win.
 SMALL_SIDE = 128
 
 
@@ -197,8 +197,8 @@ class Mp4Writer:
     def _yuv420(self, frames: np.ndarray) -> list:
         """The frames as the yuv420p VideoFrames x264 takes: the conversion PyAV's `encode` would make (swscale,
         the same defaults), made here so that a background encoder's thread spends its time on x264 alone. The
-        caller runs it while the GPU decodes the next frames: ~2 ms a 480p frame on one core, ~0.1 s a clip
-        that were the encoder's (#20 item 4)."""
+        caller runs it while the GPU decodes the next frames: ~2 ms a 480p frame on one core (#20 item 4; the
+        tail on noise fell 0.16 s on 2 cores, 0.02 s on 16, where swscale has threads of its own)."""
         import av
         from av.video.reformatter import VideoReformatter
 
