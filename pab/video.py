@@ -45,7 +45,7 @@ DEFAULT_X264 = {"preset": "faster", "rc-lookahead": "8", "thread_type": "frame"}
 # under 128 pixels (the small models' 64x64 and 96x64: 4-8 distinct mp4s in 40 encodes of one clip, decoded pixels
 # up to 50/255 apart; 128x128: one), so a re-rendered bulk row did not reproduce its video. Without it (mbtree
 # off), 40 of 40 were identical. Larger sizes keep it (off, a grainy 480p clip's file grew 8x): there x264 still
-# writes another file now and then (at 256x320, 1-3 of 40 encodes differed from the rest; 5-7 of 20 before
+# writes another file now and then (at 256x320, 1-3 of 40 encodes differed from the rest; 6-7 of 20 before
 # `_yuv420` took the RGB conversion out of PyAV's encode). A caller's `x264` options still win.
 SMALL_SIDE = 128
 
