@@ -27,6 +27,15 @@ tap pattern covers only 2x2 distinct input pixels, so that is 16 multiply-adds p
 against 36, without the 4x-size interpolated tensor or the separate bias pass. It is the same sum of products in
 another order, with the taps that land on one input pixel summed (in float32) into one weight.
 
+The residual sum's kernel and the upsampler's interleave also write the per-channel statistics of their output
+(`group_norm.Partials`), which the next resnet's first norm, the mid-block attention's norm or the decoder's last
+norm would otherwise read the tensor again for (`_StatsHandoff`: the norm takes them only for the very tensor they
+were written with, unmodified since).
+
+The mid-block attention (one head of 512 channels, wider than any flash kernel takes) runs its core through
+`pab.kernels.wide_attention` (two GEMMs around a softmax kernel) instead of PyTorch's memory-efficient kernel
+(`WideAttentionHook`).
+
 With `channels_last=True` the 2D and 3D convolution weights are made channels-last as well, so convolutions
 run, and hand on, NHWC activations, and the norms read that layout in place (PyTorch's GroupNorm would copy
 them back to NCHW first). Removing restores the weights' layout.
@@ -38,6 +47,7 @@ them back to NCHW first). Removing restores the weights' layout.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -48,6 +58,7 @@ import torch.nn.functional as F
 from pab.hooks.registry import ModelHook, register_hook, remove_hooks_named
 from pab.kernels import conv_epilogue as ep
 from pab.kernels import group_norm as gn
+from pab.kernels import wide_attention as wa
 
 HOOK = "group_norm_kernel"
 
@@ -98,18 +109,50 @@ class _BiasHandoff:
     bias: torch.Tensor | None = None
 
 
+class _StatsHandoff:
+    """The statistics a kernel wrote with its output, for the next norm that runs: it takes them only for a
+    tensor over the same memory, shape and layout as that output (a view such as the attention's transposes
+    counts), while the output is alive and, where PyTorch counts versions, unmodified. Under inference mode it
+    counts none; there the hooked blocks (diffusers' VAE blocks, ours) write nothing in place between a residual
+    sum or upsampler and the norm after it."""
+
+    def __init__(self) -> None:
+        self._ref: weakref.ref | None = None
+        self._version: int | None = None
+        self._partials: gn.Partials | None = None
+
+    def offer(self, out: torch.Tensor, partials: gn.Partials) -> None:
+        version = None if out.is_inference() else out._version
+        self._ref, self._version, self._partials = weakref.ref(out), version, partials
+
+    def take(self, x: torch.Tensor) -> gn.Partials | None:
+        """The statistics, if they are x's; the offer ends with this norm either way."""
+        src = self._ref() if self._ref is not None else None
+        self._ref = None
+        if (src is None or (self._version is not None and src._version != self._version)
+                or x.data_ptr() != src.data_ptr() or x.dtype != src.dtype or x.shape[:2] != src.shape[:2]
+                or x.numel() != src.numel()):  # fmt: skip
+            return None
+        have, want = gn.flat_strides(x), gn.flat_strides(src)
+        if have is None or want is None or have[1:] != want[1:] or (x.shape[0] > 1 and have[0] != want[0]):
+            return None  # (a single sample's stride is whatever the view says)
+        return self._partials
+
+
 class GroupNormHook(ModelHook):
-    """An `nn.GroupNorm` through the kernel where it applies; with `handoff`, SiLU(norm(x)) in one pass."""
+    """An `nn.GroupNorm` through the kernel where it applies; with `handoff`, SiLU(norm(x)) in one pass; with
+    `stats`, x's statistics from the kernel that wrote x where it wrote them."""
 
     name = HOOK
 
     def __init__(
         self, handoff: _Handoff | None, use_kernel: Callable[[torch.Tensor, int], bool],
-        bias_in: _BiasHandoff | None = None,
+        bias_in: _BiasHandoff | None = None, stats: _StatsHandoff | None = None,
     ) -> None:  # fmt: skip
         self.handoff = handoff
         self.use_kernel = use_kernel
         self.bias_in = bias_in
+        self.stats = stats
 
     def new_forward(self, module: nn.Module, forward: Callable[..., Any], x: torch.Tensor) -> torch.Tensor:
         input_bias = None
@@ -118,8 +161,9 @@ class GroupNormHook(ModelHook):
         if torch.compiler.is_compiling() or not self.use_kernel(x, module.num_groups):
             return forward(x if input_bias is None else x + _per_channel(input_bias, x))
         fuse = self.handoff is not None
+        partials = self.stats.take(x) if self.stats is not None and input_bias is None else None
         y = gn.group_norm(x, module.num_groups, module.weight, module.bias, module.eps, silu=fuse,
-                          input_bias=input_bias)  # fmt: skip
+                          input_bias=input_bias, partials=partials)  # fmt: skip
         if fuse:
             self.handoff.pending = y
         return y
@@ -168,8 +212,9 @@ class ResnetBlockHook(ModelHook):
 
     name = HOOK
 
-    def __init__(self, use_kernel: Callable[[torch.Tensor, int], bool]) -> None:
+    def __init__(self, use_kernel: Callable[[torch.Tensor, int], bool], stats: _StatsHandoff | None = None) -> None:
         self.use_kernel = use_kernel
+        self.stats = stats
 
     def new_forward(
         self, module: nn.Module, forward: Callable[..., Any], x: torch.Tensor, temb: torch.Tensor | None = None,
@@ -190,7 +235,11 @@ class ResnetBlockHook(ModelHook):
             for b in biases:
                 h = h if b is None else h + _per_channel(b, h)
             return (residual + h) / module.output_scale_factor
-        return ep.bias_residual(h, residual, biases, 1.0 / module.output_scale_factor)
+        if self.stats is None:
+            return ep.bias_residual(h, residual, biases, 1.0 / module.output_scale_factor)
+        out, partials = ep.bias_residual(h, residual, biases, 1.0 / module.output_scale_factor, stats=True)
+        self.stats.offer(out, partials)
+        return out
 
 
 def _per_channel(b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -237,8 +286,9 @@ class SubpixelUpsampleHook(ModelHook):
 
     name = HOOK
 
-    def __init__(self, use_kernel: Callable[[torch.Tensor, int], bool]) -> None:
+    def __init__(self, use_kernel: Callable[[torch.Tensor, int], bool], stats: _StatsHandoff | None = None) -> None:
         self.use_kernel = use_kernel
+        self.stats = stats
         self._weight: tuple[tuple, torch.Tensor] | None = None  # (the conv weight's identity, subpixel_weight)
 
     def new_forward(
@@ -258,7 +308,12 @@ class SubpixelUpsampleHook(ModelHook):
         co = conv.out_channels
         y = F.conv2d(x, self._weight[1], None, padding=1)  # (N, 4 C_out, H + 1, W + 1)
         out = torch.empty((n, co, 2 * h, 2 * w), device=x.device, dtype=x.dtype, memory_format=fmt)
-        bias = conv.bias.view(1, co, 1, 1) if conv.bias is not None else None
+        if x.dtype in (torch.float16, torch.bfloat16, torch.float32) and ep.triton is not None:
+            partials = ep.subpixel_interleave(y, conv.bias, out, stats=self.stats is not None)
+            if partials is not None:
+                self.stats.offer(out, partials)
+            return out
+        bias = conv.bias.view(1, co, 1, 1) if conv.bias is not None else None  # float64: PyTorch's strided adds
         for a in (0, 1):
             for b in (0, 1):
                 phase = y[:, (2 * a + b) * co:(2 * a + b + 1) * co, a:a + h, b:b + w]  # output pixels (2i+a, 2j+b)
@@ -284,6 +339,58 @@ def _subpixel_upsampler(module: nn.Module) -> bool:
     )  # fmt: skip
 
 
+class WideAttentionHook(ModelHook):
+    """diffusers' Attention as its default processor runs it on a VAE's feature map (self-attention, no mask), its
+    core through `pab.kernels.wide_attention` where the heads are at least `from_head_dim` wide; its own forward
+    in every other case."""
+
+    name = HOOK
+
+    def __init__(self, use_kernel: Callable[[torch.Tensor, int], bool], from_head_dim: int) -> None:
+        self.use_kernel = use_kernel
+        self.from_head_dim = from_head_dim
+
+    def new_forward(
+        self, module: nn.Module, forward: Callable[..., Any], hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs: Any,
+    ) -> torch.Tensor:  # fmt: skip
+        x = hidden_states
+        heads = module.heads
+        if (encoder_hidden_states is not None or attention_mask is not None or kwargs or x.ndim != 4
+                or module.training or torch.compiler.is_compiling() or not self.use_kernel(x, 1)
+                or (torch.is_grad_enabled() and module.to_q.weight.requires_grad)
+                or module.inner_dim // heads < self.from_head_dim):  # fmt: skip
+            return forward(x, encoder_hidden_states, attention_mask, **kwargs)
+        # AttnProcessor2_0.__call__ (diffusers 0.42) for this case.
+        b, c, h, w = x.shape
+        seq = x.reshape(b, c, h * w).transpose(1, 2)  # (B, HW, C): a view of an NHWC map
+        if module.group_norm is not None:
+            seq = module.group_norm(seq.transpose(1, 2)).transpose(1, 2)
+        q, k, v = module.to_q(seq), module.to_k(seq), module.to_v(seq)  # (B, HW, heads * d)
+        if heads > 1:
+            q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2).flatten(0, 1) for t in (q, k, v))
+        o = wa.wide_attention(q, k, v)  # (B heads, HW, d)
+        if heads > 1:
+            o = o.unflatten(0, (b, heads)).transpose(1, 2).flatten(2)
+        o = module.to_out[1](module.to_out[0](o))
+        o = o.transpose(-1, -2).reshape(b, c, h, w)
+        if module.residual_connection:
+            o = o + x
+        return o / module.rescale_output_factor
+
+
+def _vae_attention(module: nn.Module) -> bool:
+    """Whether `module` is a diffusers Attention that `WideAttentionHook` reproduces: default processor, no
+    spatial norm, no q/k norms, self-attention only."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    return (
+        type(module) is Attention and type(module.processor) is AttnProcessor2_0 and module.spatial_norm is None
+        and module.norm_q is None and module.norm_k is None and not module.is_cross_attention
+        and len(module.to_out) == 2 and module.inner_dim == module.inner_kv_dim
+    )  # fmt: skip
+
+
 @dataclass
 class VAEKernelsHandle:
     """What `apply_vae_kernels` attached; `remove()` restores the model."""
@@ -294,6 +401,8 @@ class VAEKernelsHandle:
     biases: int = 0  # convolutions whose bias their norm adds
     upsamplers: int = 0  # nearest-2x + 3x3 convolutions run as subpixel convolutions
     resnets: int = 0  # ResnetBlock2Ds whose last biases go into the residual sum
+    attentions: int = 0  # Attentions whose core runs as wide_attention
+    stats: bool = False  # the residual sums and upsamplers hand their outputs' statistics to the next norm
     channels_last: list[nn.Parameter] = field(default_factory=list)  # conv weights it made channels-last
 
     def remove(self) -> None:
@@ -305,16 +414,20 @@ class VAEKernelsHandle:
 
 def apply_vae_kernels(
     model: nn.Module, channels_last: bool = False, use_kernel: Callable[[torch.Tensor, int], bool] = gn.available,
-    conv_bias: bool = True, subpixel: bool = True,
+    conv_bias: bool = True, subpixel: bool = True, stats: bool = True, wide_attention_from: int | None = 257,
 ) -> VAEKernelsHandle:  # fmt: skip
     """Hook every GroupNorm of `model` (a VAE, or any module) onto the kernels, fusing the SiLUs that
     `_fused_pairs` allows and, with `conv_bias`, the convolution biases that `_bias_pairs` allows and those of
     the resnets' last convs (`ResnetBlockHook`); with `subpixel`, its nearest-2x upsamplers run as subpixel
-    convolutions; with `channels_last`, its convolutions' weights are made channels-last too (see the module
-    doc). Each applies where `use_kernel` says the norms' kernels do (for an upsampler: `use_kernel(x, 1)`), so a
-    CPU or float32 decode is unchanged. `use_kernel(x, num_groups)` says whether a norm's input takes the kernel
-    (default: CUDA, half precision, no autograd)."""
-    handle = VAEKernelsHandle(model)
+    convolutions; with `stats` (and those), the residual sums and upsamplers hand their outputs' statistics to
+    the norm that reads them; attentions with heads of at least `wide_attention_from` channels (default: wider
+    than flash kernels take; None: none) run as `WideAttentionHook`; with `channels_last`, its convolutions'
+    weights are made channels-last too (see the module doc). Each applies where `use_kernel` says the norms'
+    kernels do (for an upsampler or attention: `use_kernel(x, 1)`), so a CPU or float32 decode is unchanged.
+    `use_kernel(x, num_groups)` says whether a norm's input takes the kernel (default: CUDA, half precision, no
+    autograd)."""
+    handle = VAEKernelsHandle(model, stats=stats and (conv_bias or subpixel))
+    shared = _StatsHandoff() if handle.stats else None
     handoffs: dict[int, _Handoff] = {}  # id(activation) -> its handoff, shared by the norms that feed it
     fused: dict[int, _Handoff] = {}  # id(norm) -> the handoff of the activation it feeds
     for module in model.modules():
@@ -335,17 +448,21 @@ def apply_vae_kernels(
                 handle.biases += 1
     for module in model.modules():
         if type(module) is nn.GroupNorm:
-            register_hook(module, GroupNormHook(fused.get(id(module)), use_kernel, bias_in.get(id(module))))
+            register_hook(module, GroupNormHook(fused.get(id(module)), use_kernel, bias_in.get(id(module)), shared))
             handle.norms += 1
             handle.fused += id(module) in fused
     for module in model.modules() if conv_bias else ():
         if _plain_resnet(module):
-            register_hook(module, ResnetBlockHook(use_kernel))
+            register_hook(module, ResnetBlockHook(use_kernel, shared))
             handle.resnets += 1
     for module in model.modules() if subpixel else ():
         if _subpixel_upsampler(module):
-            register_hook(module, SubpixelUpsampleHook(use_kernel))
+            register_hook(module, SubpixelUpsampleHook(use_kernel, shared))
             handle.upsamplers += 1
+    for module in model.modules() if wide_attention_from is not None else ():
+        if _vae_attention(module):
+            register_hook(module, WideAttentionHook(use_kernel, wide_attention_from))
+            handle.attentions += 1
     if channels_last:
         formats = {4: torch.channels_last, 5: torch.channels_last_3d}
         for module in model.modules():

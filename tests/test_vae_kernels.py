@@ -11,6 +11,7 @@ from diffusers.models.upsampling import Upsample2D
 from pab.hooks.registry import get_hook
 from pab.kernels import conv_epilogue as ep
 from pab.kernels import group_norm as gn
+from pab.kernels import wide_attention as wa
 from pab.models.frame_vae import FrameVAE
 from pab.models.opensora_vae import OpenSoraVAE, OpenSoraVAEConfig
 from pab.vae_kernels import HOOK, apply_vae_kernels, subpixel_weight
@@ -46,16 +47,21 @@ def with_affine_noise(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def counting(monkeypatch, biases: list[torch.Tensor] | None = None) -> list[bool]:
-    """Record each kernel call's `silu` flag (and into `biases`, each input bias it was handed)."""
+def counting(
+    monkeypatch, biases: list[torch.Tensor] | None = None, handed: list[bool] | None = None
+) -> list[bool]:  # fmt: skip
+    """Record each kernel call's `silu` flag (into `biases`, each input bias it was handed; into `handed`, whether
+    it was handed its input's statistics)."""
     calls: list[bool] = []
     real = gn.group_norm
 
-    def spy(*args, silu=False, input_bias=None):
+    def spy(*args, silu=False, input_bias=None, partials=None):
         calls.append(silu)
         if input_bias is not None and biases is not None:
             biases.append(input_bias)
-        return real(*args, silu=silu, input_bias=input_bias)
+        if handed is not None:
+            handed.append(partials is not None)
+        return real(*args, silu=silu, input_bias=input_bias, partials=partials)
 
     monkeypatch.setattr(gn, "group_norm", spy)
     return calls
@@ -79,7 +85,8 @@ def test_frame_vae_decodes_the_same_through_the_kernels(frame_vae, monkeypatch):
     with torch.no_grad():
         plain = frame_vae.decode(z, num_frames=3)
         biases: list[torch.Tensor] = []
-        calls = counting(monkeypatch, biases)
+        handed: list[bool] = []
+        calls = counting(monkeypatch, biases, handed)
         handle = apply_vae_kernels(frame_vae, channels_last=True, use_kernel=always)
         fused = frame_vae.decode(z, num_frames=3)
         handle.remove()
@@ -94,11 +101,80 @@ def test_frame_vae_decodes_the_same_through_the_kernels(frame_vae, monkeypatch):
     all_resnets = [m for m in frame_vae.modules() if isinstance(m, ResnetBlock2D)]
     assert handle.biases == len(all_resnets) and len(biases) == micro_batches * len(resnets)
     assert {id(b) for b in biases} == {id(r.conv1.bias) for r in resnets}
+    # Statistics handed over: every resnet's first norm but the mid-block's two (after conv_in and after the
+    # attention), plus the attention's norm and the last one (each after a residual sum).
+    assert handle.stats and handed.count(True) == micro_batches * len(resnets)
     upsamplers = [m for m in decoder.modules() if isinstance(m, Upsample2D)]
     assert handle.upsamplers == len(upsamplers) > 0 and handle.resnets == len(all_resnets)
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
     assert torch.equal(again, plain) and all(get_hook(m, HOOK) is None for m in frame_vae.modules())
     assert all(m.weight.is_contiguous() for m in frame_vae.modules() if isinstance(m, nn.Conv2d))
+
+
+@needs_triton
+@pytest.mark.parametrize("heads", [1, 2])
+def test_the_vae_attention_runs_as_wide_attention(heads):
+    """diffusers' VAE attention (group norm, residual, output scale) with its core through wide_attention, from
+    the head width asked for (the VAEs' 512 is above any flash kernel's; the tiny ones' are not)."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(8, heads=heads, dim_head=8 // heads, rescale_output_factor=2.0, eps=1e-6, norm_num_groups=2,
+                     residual_connection=True, bias=True, upcast_softmax=True, _from_deprecated_attn_block=True)
+    attn = with_affine_noise(attn.eval()).to(DEVICE)  # fmt: skip
+    x = torch.randn(2, 8, 5, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    calls = []
+    real = wa.wide_attention
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(wa, "wide_attention", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+        plain = attn(x)
+        handle = apply_vae_kernels(attn, use_kernel=always)  # from 257 channels a head: not these
+        narrow = attn(x)
+        handle.remove()
+        assert handle.attentions == 1 and calls == []
+        handle = apply_vae_kernels(attn, use_kernel=always, wide_attention_from=8 // heads)
+        wide = attn(x)
+        masked = attn(x.flatten(2).transpose(1, 2), attention_mask=torch.ones(2, 1, 30, device=DEVICE))
+        handle.remove()
+    torch.testing.assert_close(narrow, plain, rtol=1e-5, atol=1e-5)
+    assert calls == [(2 * heads, 30, 8 // heads)]  # the masked call ran as written
+    assert wide.shape == plain.shape and wide.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(wide, plain, rtol=1e-5, atol=1e-5)
+    assert masked.shape == (2, 30, 8) and apply_vae_kernels(attn, wide_attention_from=None).attentions == 0
+
+
+@needs_triton
+@pytest.mark.parametrize("change", [True, False])
+def test_statistics_are_not_taken_for_a_tensor_changed_since(monkeypatch, change):
+    """A resnet's output changed in place before the next norm reads it: the norm computes its own statistics
+    (the handed-over ones describe the tensor as written), so the result is the plain one; the norm after that
+    one computes its own as well."""
+
+    class Changed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=None, groups=2)
+            self.norm = nn.GroupNorm(2, 8)
+
+        def forward(self, x: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+            h = self.block(x, None)
+            if change:
+                h.add_(shift)
+            return self.norm(h), self.norm(h)
+
+    torch.manual_seed(0)
+    model = with_affine_noise(Changed().eval()).to(DEVICE)
+    x = torch.randn(2, 8, 5, 6, device=DEVICE)
+    handed: list[bool] = []
+    counting(monkeypatch, handed=handed)
+    with torch.no_grad():
+        plain = model(x, 3.0)
+        handle = apply_vae_kernels(model, use_kernel=always)
+        hooked = model(x, 3.0)
+        handle.remove()
+    assert handed == [False, False, not change, False]  # the block's own two norms, then the two after it
+    for a, b in zip(hooked, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @needs_triton
@@ -176,7 +252,7 @@ def test_a_resnet_adds_its_last_biases_in_the_residual_sum(monkeypatch, out_chan
     x = torch.randn(2, 8, 5, 6, device=DEVICE)
     calls = []
     real = ep.bias_residual
-    monkeypatch.setattr(ep, "bias_residual", lambda *a: calls.append(len(a[2])) or real(*a))
+    monkeypatch.setattr(ep, "bias_residual", lambda *a, **kw: calls.append(len(a[2])) or real(*a, **kw))
     with torch.no_grad():
         plain = block(x, None)
         handle = apply_vae_kernels(block, use_kernel=always)
