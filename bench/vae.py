@@ -19,13 +19,13 @@ Variants (join with `+` to combine):
                     with channels-last the norms read NHWC in place (CUDA, or the CPU under TRITON_INTERPRET=1);
                     each resnet's conv1 leaves its bias to norm2 and conv2's goes into the residual sum (saves
                     PyTorch's separate bias passes), and the nearest-2x upsamplers run as subpixel convolutions
-                    (pab.vae_kernels' docstring); the residual sums and upsamplers hand their outputs'
-                    statistics to the next norm, and the mid-block attention runs as pab.kernels.wide_attention
-  gn-kernel-nostats   gn-kernel without the handed-over statistics
-  gn-kernel-nowide    gn-kernel with the mid-block attention through SDPA (its memory-efficient kernel)
-  gn-kernel-s20     gn-kernel with neither of those two (session 20's set; the interleave is one kernel now)
+                    (pab.vae_kernels' docstring), and the mid-block attention runs as pab.kernels.wide_attention
+  gn-kernel-s20     gn-kernel with the mid-block attention through SDPA (its memory-efficient kernel): session 20's
+                    set (the subpixel interleave is one kernel now)
   gn-kernel-bias    gn-kernel-s20 without the subpixel upsamplers (conv biases in the norms and residual sums)
   gn-kernel-unfolded  gn-kernel-bias without the conv biases either (session 19's kernels)
+  stile<N> / sprog<N>  the GroupNorm statistics kernel's tile (pab.kernels.group_norm.STATS_TILE elements) and the
+                    programs it aims for (STATS_PROGRAMS), to tune them: e.g. channels-last+gn-kernel+stile8192
 
 `--profile` also runs one decode of each variant under torch.profiler and prints where its time goes, by
 kernel (the record keeps the top entries).
@@ -37,6 +37,7 @@ import argparse
 import copy
 import datetime
 import platform
+import re
 import statistics
 import time
 from contextlib import ExitStack, contextmanager
@@ -47,14 +48,12 @@ import torch
 from bench.records import append_records
 
 DEFAULT_VARIANTS = "eager,cudnn-benchmark,channels-last,mb8,mb-all,compile,gn-kernel,channels-last+gn-kernel"
-_NONE_NEW = {"stats": False, "wide_attention_from": None}  # session 37's two, off
+_SDPA = {"wide_attention_from": None}  # the mid-block attention as diffusers runs it
 GN_KERNEL_VARIANTS: dict[str, dict[str, Any]] = {  # name -> apply_vae_kernels' options
     "gn-kernel": {},
-    "gn-kernel-nostats": {"stats": False},
-    "gn-kernel-nowide": {"wide_attention_from": None},
-    "gn-kernel-s20": _NONE_NEW,
-    "gn-kernel-bias": {"subpixel": False, **_NONE_NEW},
-    "gn-kernel-unfolded": {"conv_bias": False, "subpixel": False, **_NONE_NEW},
+    "gn-kernel-s20": _SDPA,
+    "gn-kernel-bias": {"subpixel": False, **_SDPA},
+    "gn-kernel-unfolded": {"conv_bias": False, "subpixel": False, **_SDPA},
 }
 
 
@@ -94,6 +93,16 @@ def variant(vae: Any, name: str) -> Iterator[None]:
             yield
         finally:
             target.decoder = decoder
+    elif re.fullmatch(r"(stile|sprog)\d+", name):
+        from pab.kernels import group_norm as gn
+
+        attr = {"stile": "STATS_TILE", "sprog": "STATS_PROGRAMS"}[name[:5]]
+        before = getattr(gn, attr)
+        setattr(gn, attr, int(name[5:]))
+        try:
+            yield
+        finally:
+            setattr(gn, attr, before)
     elif name in GN_KERNEL_VARIANTS:
         from pab.kernels import group_norm as gn
         from pab.vae_kernels import apply_vae_kernels

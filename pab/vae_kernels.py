@@ -22,15 +22,11 @@ apply), and diffusers' forward wherever its case is not this one.
 A nearest 2x upsampling followed by a 3x3 convolution (diffusers' Upsample2D, three in the SDXL decoder, the
 last writing 256 channels at full resolution) runs as a 2x2 convolution on the low-resolution input with four
 output channels per channel, one for each output pixel's position in its 2x2 block, whose four phases are
-interleaved into the output as the bias is added (`SubpixelUpsampleHook`). On a nearest-upsampled input a 3x3
-tap pattern covers only 2x2 distinct input pixels, so that is 16 multiply-adds per input pixel and channel pair
-against 36, without the 4x-size interpolated tensor or the separate bias pass. It is the same sum of products in
-another order, with the taps that land on one input pixel summed (in float32) into one weight.
-
-The residual sum's kernel and the upsampler's interleave also write the per-channel statistics of their output
-(`group_norm.Partials`), which the next resnet's first norm, the mid-block attention's norm or the decoder's last
-norm would otherwise read the tensor again for (`_StatsHandoff`: the norm takes them only for the very tensor they
-were written with, unmodified since).
+interleaved into the output as the bias is added, in one kernel (`SubpixelUpsampleHook`,
+`conv_epilogue.subpixel_interleave`). On a nearest-upsampled input a 3x3 tap pattern covers only 2x2 distinct
+input pixels, so that is 16 multiply-adds per input pixel and channel pair against 36, without the 4x-size
+interpolated tensor or the separate bias pass. It is the same sum of products in another order, with the taps
+that land on one input pixel summed (in float32) into one weight.
 
 The mid-block attention (one head of 512 channels, wider than any flash kernel takes) runs its core through
 `pab.kernels.wide_attention` (two GEMMs around a softmax kernel) instead of PyTorch's memory-efficient kernel
@@ -47,7 +43,6 @@ them back to NCHW first). Removing restores the weights' layout.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -109,50 +104,18 @@ class _BiasHandoff:
     bias: torch.Tensor | None = None
 
 
-class _StatsHandoff:
-    """The statistics a kernel wrote with its output, for the next norm that runs: it takes them only for a
-    tensor over the same memory, shape and layout as that output (a view such as the attention's transposes
-    counts), while the output is alive and, where PyTorch counts versions, unmodified. Under inference mode it
-    counts none; there the hooked blocks (diffusers' VAE blocks, ours) write nothing in place between a residual
-    sum or upsampler and the norm after it."""
-
-    def __init__(self) -> None:
-        self._ref: weakref.ref | None = None
-        self._version: int | None = None
-        self._partials: gn.Partials | None = None
-
-    def offer(self, out: torch.Tensor, partials: gn.Partials) -> None:
-        version = None if out.is_inference() else out._version
-        self._ref, self._version, self._partials = weakref.ref(out), version, partials
-
-    def take(self, x: torch.Tensor) -> gn.Partials | None:
-        """The statistics, if they are x's; the offer ends with this norm either way."""
-        src = self._ref() if self._ref is not None else None
-        self._ref = None
-        if (src is None or (self._version is not None and src._version != self._version)
-                or x.data_ptr() != src.data_ptr() or x.dtype != src.dtype or x.shape[:2] != src.shape[:2]
-                or x.numel() != src.numel()):  # fmt: skip
-            return None
-        have, want = gn.flat_strides(x), gn.flat_strides(src)
-        if have is None or want is None or have[1:] != want[1:] or (x.shape[0] > 1 and have[0] != want[0]):
-            return None  # (a single sample's stride is whatever the view says)
-        return self._partials
-
-
 class GroupNormHook(ModelHook):
-    """An `nn.GroupNorm` through the kernel where it applies; with `handoff`, SiLU(norm(x)) in one pass; with
-    `stats`, x's statistics from the kernel that wrote x where it wrote them."""
+    """An `nn.GroupNorm` through the kernel where it applies; with `handoff`, SiLU(norm(x)) in one pass."""
 
     name = HOOK
 
     def __init__(
         self, handoff: _Handoff | None, use_kernel: Callable[[torch.Tensor, int], bool],
-        bias_in: _BiasHandoff | None = None, stats: _StatsHandoff | None = None,
+        bias_in: _BiasHandoff | None = None,
     ) -> None:  # fmt: skip
         self.handoff = handoff
         self.use_kernel = use_kernel
         self.bias_in = bias_in
-        self.stats = stats
 
     def new_forward(self, module: nn.Module, forward: Callable[..., Any], x: torch.Tensor) -> torch.Tensor:
         input_bias = None
@@ -161,9 +124,8 @@ class GroupNormHook(ModelHook):
         if torch.compiler.is_compiling() or not self.use_kernel(x, module.num_groups):
             return forward(x if input_bias is None else x + _per_channel(input_bias, x))
         fuse = self.handoff is not None
-        partials = self.stats.take(x) if self.stats is not None and input_bias is None else None
         y = gn.group_norm(x, module.num_groups, module.weight, module.bias, module.eps, silu=fuse,
-                          input_bias=input_bias, partials=partials)  # fmt: skip
+                          input_bias=input_bias)  # fmt: skip
         if fuse:
             self.handoff.pending = y
         return y
@@ -212,9 +174,8 @@ class ResnetBlockHook(ModelHook):
 
     name = HOOK
 
-    def __init__(self, use_kernel: Callable[[torch.Tensor, int], bool], stats: _StatsHandoff | None = None) -> None:
+    def __init__(self, use_kernel: Callable[[torch.Tensor, int], bool]) -> None:
         self.use_kernel = use_kernel
-        self.stats = stats
 
     def new_forward(
         self, module: nn.Module, forward: Callable[..., Any], x: torch.Tensor, temb: torch.Tensor | None = None,
@@ -235,11 +196,7 @@ class ResnetBlockHook(ModelHook):
             for b in biases:
                 h = h if b is None else h + _per_channel(b, h)
             return (residual + h) / module.output_scale_factor
-        if self.stats is None:
-            return ep.bias_residual(h, residual, biases, 1.0 / module.output_scale_factor)
-        out, partials = ep.bias_residual(h, residual, biases, 1.0 / module.output_scale_factor, stats=True)
-        self.stats.offer(out, partials)
-        return out
+        return ep.bias_residual(h, residual, biases, 1.0 / module.output_scale_factor)
 
 
 def _per_channel(b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -286,9 +243,8 @@ class SubpixelUpsampleHook(ModelHook):
 
     name = HOOK
 
-    def __init__(self, use_kernel: Callable[[torch.Tensor, int], bool], stats: _StatsHandoff | None = None) -> None:
+    def __init__(self, use_kernel: Callable[[torch.Tensor, int], bool]) -> None:
         self.use_kernel = use_kernel
-        self.stats = stats
         self._weight: tuple[tuple, torch.Tensor] | None = None  # (the conv weight's identity, subpixel_weight)
 
     def new_forward(
@@ -309,9 +265,7 @@ class SubpixelUpsampleHook(ModelHook):
         y = F.conv2d(x, self._weight[1], None, padding=1)  # (N, 4 C_out, H + 1, W + 1)
         out = torch.empty((n, co, 2 * h, 2 * w), device=x.device, dtype=x.dtype, memory_format=fmt)
         if x.dtype in (torch.float16, torch.bfloat16, torch.float32) and ep.triton is not None:
-            partials = ep.subpixel_interleave(y, conv.bias, out, stats=self.stats is not None)
-            if partials is not None:
-                self.stats.offer(out, partials)
+            ep.subpixel_interleave(y, conv.bias, out)
             return out
         bias = conv.bias.view(1, co, 1, 1) if conv.bias is not None else None  # float64: PyTorch's strided adds
         for a in (0, 1):
@@ -352,15 +306,17 @@ class WideAttentionHook(ModelHook):
 
     def new_forward(
         self, module: nn.Module, forward: Callable[..., Any], hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs: Any,
+        encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None, **kwargs: Any,
     ) -> torch.Tensor:  # fmt: skip
+        # UNetMidBlock2D passes temb=None; only a spatial norm (none here, `_vae_attention`) would read it.
         x = hidden_states
         heads = module.heads
         if (encoder_hidden_states is not None or attention_mask is not None or kwargs or x.ndim != 4
                 or module.training or torch.compiler.is_compiling() or not self.use_kernel(x, 1)
                 or (torch.is_grad_enabled() and module.to_q.weight.requires_grad)
                 or module.inner_dim // heads < self.from_head_dim):  # fmt: skip
-            return forward(x, encoder_hidden_states, attention_mask, **kwargs)
+            return forward(x, encoder_hidden_states, attention_mask, temb=temb, **kwargs)
         # AttnProcessor2_0.__call__ (diffusers 0.42) for this case.
         b, c, h, w = x.shape
         seq = x.reshape(b, c, h * w).transpose(1, 2)  # (B, HW, C): a view of an NHWC map
@@ -402,7 +358,6 @@ class VAEKernelsHandle:
     upsamplers: int = 0  # nearest-2x + 3x3 convolutions run as subpixel convolutions
     resnets: int = 0  # ResnetBlock2Ds whose last biases go into the residual sum
     attentions: int = 0  # Attentions whose core runs as wide_attention
-    stats: bool = False  # the residual sums and upsamplers hand their outputs' statistics to the next norm
     channels_last: list[nn.Parameter] = field(default_factory=list)  # conv weights it made channels-last
 
     def remove(self) -> None:
@@ -414,20 +369,18 @@ class VAEKernelsHandle:
 
 def apply_vae_kernels(
     model: nn.Module, channels_last: bool = False, use_kernel: Callable[[torch.Tensor, int], bool] = gn.available,
-    conv_bias: bool = True, subpixel: bool = True, stats: bool = True, wide_attention_from: int | None = 257,
+    conv_bias: bool = True, subpixel: bool = True, wide_attention_from: int | None = 257,
 ) -> VAEKernelsHandle:  # fmt: skip
     """Hook every GroupNorm of `model` (a VAE, or any module) onto the kernels, fusing the SiLUs that
     `_fused_pairs` allows and, with `conv_bias`, the convolution biases that `_bias_pairs` allows and those of
     the resnets' last convs (`ResnetBlockHook`); with `subpixel`, its nearest-2x upsamplers run as subpixel
-    convolutions; with `stats` (and those), the residual sums and upsamplers hand their outputs' statistics to
-    the norm that reads them; attentions with heads of at least `wide_attention_from` channels (default: wider
-    than flash kernels take; None: none) run as `WideAttentionHook`; with `channels_last`, its convolutions'
-    weights are made channels-last too (see the module doc). Each applies where `use_kernel` says the norms'
+    convolutions; attentions with heads of at least `wide_attention_from` channels (default: wider than flash
+    kernels take; None: none) run as `WideAttentionHook`; with `channels_last`, its convolutions' weights are made
+    channels-last too (see the module doc). Each applies where `use_kernel` says the norms'
     kernels do (for an upsampler or attention: `use_kernel(x, 1)`), so a CPU or float32 decode is unchanged.
     `use_kernel(x, num_groups)` says whether a norm's input takes the kernel (default: CUDA, half precision, no
     autograd)."""
-    handle = VAEKernelsHandle(model, stats=stats and (conv_bias or subpixel))
-    shared = _StatsHandoff() if handle.stats else None
+    handle = VAEKernelsHandle(model)
     handoffs: dict[int, _Handoff] = {}  # id(activation) -> its handoff, shared by the norms that feed it
     fused: dict[int, _Handoff] = {}  # id(norm) -> the handoff of the activation it feeds
     for module in model.modules():
@@ -448,16 +401,16 @@ def apply_vae_kernels(
                 handle.biases += 1
     for module in model.modules():
         if type(module) is nn.GroupNorm:
-            register_hook(module, GroupNormHook(fused.get(id(module)), use_kernel, bias_in.get(id(module)), shared))
+            register_hook(module, GroupNormHook(fused.get(id(module)), use_kernel, bias_in.get(id(module))))
             handle.norms += 1
             handle.fused += id(module) in fused
     for module in model.modules() if conv_bias else ():
         if _plain_resnet(module):
-            register_hook(module, ResnetBlockHook(use_kernel, shared))
+            register_hook(module, ResnetBlockHook(use_kernel))
             handle.resnets += 1
     for module in model.modules() if subpixel else ():
         if _subpixel_upsampler(module):
-            register_hook(module, SubpixelUpsampleHook(use_kernel, shared))
+            register_hook(module, SubpixelUpsampleHook(use_kernel))
             handle.upsamplers += 1
     for module in model.modules() if wide_attention_from is not None else ():
         if _vae_attention(module):

@@ -23,11 +23,6 @@ adds per channel.
    mean and 1/std;
 3. apply: normalise, scale and shift per channel, SiLU, one write.
 
-A kernel that writes the norm's input can write step 1's statistics as it goes (`Partials`: per-channel (mean, M2)
-of chunks of pixels, `epilogue_chunks` saying which), and `group_norm(..., partials=)` then skips its own read of
-x: `pab.kernels.conv_epilogue` does so for a VAE resnet's residual sum and an upsampler's output, which the next
-resnet normalises.
-
 Everything is computed in float32 and rounded once. Half precision on CUDA is the default use (`supported`);
 the tests run the same kernels in Triton's CPU interpreter against `F.group_norm`. `pab.vae_kernels` attaches
 them (on by default: Open-Sora's 480p decode went from 1.45 to 0.83 s on an H200 with these kernels, and to 0.54 s
@@ -37,7 +32,6 @@ on an H100 with the conv folds beside them, `python -m bench.vae`).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 
@@ -51,46 +45,13 @@ except ImportError:  # pragma: no cover - depends on the install
 
 MAX_CHANNELS = 1024  # a tile holds a pixel's channels; wider inputs keep PyTorch's kernel
 TILE = 8192  # elements a program holds at once (BLOCK_P x BLOCK_C)
-STATS_PROGRAMS = 1024  # statistics programs to aim for over the whole batch (several waves of 132 SMs)
+# The statistics kernel keeps two float32 running sums of its tile, so its tile is half as large, over 8 warps (16
+# elements of each sum a thread), and it aims for about one wave of programs over the batch: on an H100, Open-Sora's
+# 480p decode spent 58 ms in it with 8,192-element tiles and 1,024 programs, 43 ms with these (`bench.vae
+# --variants channels-last+gn-kernel+stile8192+sprog1024,channels-last+gn-kernel`); 2,048 programs took 74 ms.
+STATS_TILE = 4096
+STATS_PROGRAMS = 512
 FINALIZE_CHUNKS = 64  # chunks the finalize kernel merges per loop iteration
-EPILOGUE_TILES = 4  # tiles a producing kernel's program covers when it writes `Partials` as well
-
-
-@dataclass(frozen=True)
-class Partials:
-    """Per-channel statistics of a tensor x (N, C, *spatial): `data` (N, chunks, 2, C) float32 holds, for each
-    sample and each run of `chunk` pixels (in `flat_strides` order; the last may be shorter), the channels' mean
-    and M2 (sum of squared deviations from that mean), as the statistics kernel writes them."""
-
-    data: torch.Tensor
-    chunk: int
-
-    def describes(self, x: torch.Tensor) -> bool:
-        """Whether these can be x's statistics by shape (which tensor they were computed from is the caller's
-        to know)."""
-        if x.ndim < 3 or self.chunk < 1:
-            return False
-        n, c, p = x.shape[0], x.shape[1], x[0, 0].numel()
-        return self.data.shape == (n, cdiv(p, self.chunk), 2, c) and self.data.dtype == torch.float32
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def tiles(P: int, C: int) -> tuple[int, int]:
-    """(BLOCK_P, BLOCK_C) of a pixel tile of a (N, C, P) tensor: all channels, about TILE elements."""
-    block_c = 1 << (C - 1).bit_length()
-    return max(1, min(TILE // block_c, 1 << (P - 1).bit_length())), block_c
-
-
-def epilogue_chunks(P: int, C: int, stats: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_P, BLOCK_C, chunk, chunks) for a kernel that writes a (N, C, P) tensor tile by tile: one tile a
-    program, or with `stats` EPILOGUE_TILES tiles a program and one `Partials` chunk each (fewer partials for the
-    finalize to merge, and one cross-warp reduction per chunk rather than per tile)."""
-    block_p, block_c = tiles(P, C)
-    chunk = block_p * (EPILOGUE_TILES if stats else 1)
-    return block_p, block_c, chunk, cdiv(P, chunk)
 
 
 def flat_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
@@ -148,11 +109,10 @@ def available(x: torch.Tensor, num_groups: int) -> bool:
 
 def group_norm(
     x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-    silu: bool = False, input_bias: torch.Tensor | None = None, partials: Partials | None = None,
+    silu: bool = False, input_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """F.group_norm(x + input_bias[:, None, ...], num_groups, weight, bias, eps), then SiLU if `silu`, for x
-    (N, C, *spatial); the output has x's layout. `partials`: x's statistics as the kernel that wrote x computed
-    them (no input_bias then), so x is read once. Raises ValueError for shapes the kernels do not take (see
+    (N, C, *spatial); the output has x's layout. Raises ValueError for shapes the kernels do not take (see
     `supported`)."""
     N, C = x.shape[:2]
     if C % num_groups:
@@ -168,31 +128,25 @@ def group_norm(
     for name, p in (("weight", weight), ("bias", bias), ("input_bias", input_bias)):
         if p is not None and (p.shape != (C,) or not p.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous ({C},) tensor; got {tuple(p.shape)}")
-    if partials is not None and (input_bias is not None or not partials.describes(x)):
-        raise ValueError(
-            f"partials {tuple(partials.data.shape)} (chunk {partials.chunk}) do not describe x {tuple(x.shape)}"
-            + (" with an input_bias" if input_bias is not None else "")
-        )
     out = torch.empty_like(x)  # same layout: dense inputs keep their strides
     if x.numel() == 0:
         return out
     P = x[0, 0].numel()
     o_strides = flat_strides(out)
-    block_p, block_c = tiles(P, C)
+    block_c = triton.next_power_of_2(C)
+    block_p = max(1, min(TILE // block_c, triton.next_power_of_2(P)))
+    stats_p = max(1, min(STATS_TILE // block_c, triton.next_power_of_2(P)))
+    # Statistics: chunks of whole tiles, about STATS_PROGRAMS programs over the batch.
+    chunks = max(1, min(triton.cdiv(STATS_PROGRAMS, N), triton.cdiv(P, stats_p)))
+    chunk = stats_p * triton.cdiv(triton.cdiv(P, chunks), stats_p)
+    chunks = triton.cdiv(P, chunk)
+    partial = torch.empty(N, chunks, 2, C, device=x.device, dtype=torch.float32)
     warps = 4 if block_p * block_c <= 4096 else 8
-    if partials is None:
-        # Statistics: chunks of whole tiles, about STATS_PROGRAMS programs over the batch.
-        chunks = max(1, min(triton.cdiv(STATS_PROGRAMS, N), triton.cdiv(P, block_p)))
-        chunk = block_p * triton.cdiv(triton.cdiv(P, chunks), block_p)
-        chunks = triton.cdiv(P, chunk)
-        partial = torch.empty(N, chunks, 2, C, device=x.device, dtype=torch.float32)
-        ib = input_bias if input_bias is not None else partial  # a placeholder pointer when there is none
-        _stats_kernel[(N, chunks)](x, ib, partial, P, C, chunk, *strides, HAS_IB=input_bias is not None,
-                                   BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)  # fmt: skip
-    else:
-        partial, chunk = partials.data, partials.chunk
-        chunks = partial.shape[1]
-        ib = partial
+    ib = input_bias if input_bias is not None else partial  # a placeholder pointer when there is none
+    _stats_kernel[(N, chunks)](
+        x, ib, partial, P, C, chunk, *strides, HAS_IB=input_bias is not None, BLOCK_P=stats_p, BLOCK_C=block_c,
+        num_warps=8 if stats_p * block_c >= 2048 else 4,
+    )  # fmt: skip
     mean = torch.empty(N, num_groups, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     cpg = C // num_groups
@@ -238,27 +192,17 @@ if triton is not None:
         for i in range(0, CHUNK, BLOCK_P):
             m = ((i + rows) < here)[:, None] & cmask[None, :]
             x = tl.load(base + (start + i + rows).to(tl.int64)[:, None] * s_p, mask=m, other=0.0).to(tl.float32)
-            s1, s2 = shifted_sums(x, m, shift, s1, s2)
-        moved = tl.zeros([BLOCK_C], tl.float32)
-        if HAS_IB:  # the mean of x + b is the mean of x plus b; M2 does not move
-            moved = tl.load(ib_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-        store_partials(part_ptr, n, blk, chunks, C, cs, cmask, shift + moved, s1, s2, here)
-
-    @triton.jit
-    def shifted_sums(y, m, shift, s1, s2):
-        """Add a tile's deviations from `shift` (per channel) and their squares to the running sums, masked."""
-        d = tl.where(m, y - shift[None, :], 0.0)
-        return s1 + d, s2 + d * d
-
-    @triton.jit
-    def store_partials(part_ptr, n, blk, chunks, C, cs, cmask, shift, s1, s2, here):
-        """Write one chunk's per-channel (mean, M2) from its sums of deviations from `shift` over `here` pixels
-        (a `Partials` row)."""
+            d = tl.where(m, x - shift[None, :], 0.0)
+            s1 += d
+            s2 += d * d
         cnt = here.to(tl.float32)
         t1 = tl.sum(s1, axis=0)
+        mean = shift + t1 / cnt
+        if HAS_IB:  # the mean of x + b is the mean of x plus b; M2 does not move
+            mean += tl.load(ib_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
         m2 = tl.maximum(tl.sum(s2, axis=0) - t1 * t1 / cnt, 0.0)
         out = part_ptr + ((n * chunks + blk) * 2) * C
-        tl.store(out + cs, shift + t1 / cnt, mask=cmask)
+        tl.store(out + cs, mean, mask=cmask)
         tl.store(out + C + cs, m2, mask=cmask)
 
     @triton.jit

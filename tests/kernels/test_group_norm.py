@@ -48,7 +48,7 @@ def test_matches_group_norm_in_the_input_layout(shape, groups, fmt, silu, affine
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 def test_an_input_bias_is_normalised_as_if_added_first(monkeypatch, fmt):
     """input_bias: a convolution's bias left to the norm. Several chunks, so the finalize merges shifted means."""
-    monkeypatch.setattr(gn, "TILE", 32)
+    monkeypatch.setattr(gn, "STATS_TILE", 32)
     monkeypatch.setattr(gn, "STATS_PROGRAMS", 20)
     x = layout(torch.randn(2, 8, 9, 7, device=DEVICE), fmt)
     w, b, ib = (torch.randn(8, device=DEVICE) for _ in range(3))
@@ -66,6 +66,7 @@ def test_many_chunks_and_tiles_merge_exactly(monkeypatch, fmt):
     """Small tiles and many statistics programs: several tiles per chunk, a short last tile and chunk, and
     more chunks than the finalize kernel merges at once."""
     monkeypatch.setattr(gn, "TILE", 32)  # 8 channels -> 4 pixels a tile
+    monkeypatch.setattr(gn, "STATS_TILE", 32)
     monkeypatch.setattr(gn, "STATS_PROGRAMS", 60)
     monkeypatch.setattr(gn, "FINALIZE_CHUNKS", 4)
     x = layout(torch.randn(2, 8, 13, 11, device=DEVICE) * 2 - 3, fmt)  # 143 pixels: not a multiple of 4
@@ -75,38 +76,10 @@ def test_many_chunks_and_tiles_merge_exactly(monkeypatch, fmt):
 
 
 @needs_triton
-@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
-def test_statistics_handed_in_replace_its_own(monkeypatch, fmt):
-    """`partials` as a producing kernel writes them (per-chunk mean and M2 from float64 here): the same output
-    as the statistics kernel's, with that kernel not launched."""
-    x = layout(torch.randn(2, 8, 13, 11, device=DEVICE) * 2 - 3, fmt)
-    w, b = torch.randn(8, device=DEVICE), torch.randn(8, device=DEVICE)
-    flat = x.double().flatten(2)  # (N, C, P)
-    chunk = 40  # 143 pixels: three chunks of 40 and one of 23
-    parts = [flat[:, :, i:i + chunk] for i in range(0, flat.shape[2], chunk)]
-    data = torch.stack([torch.stack([p.mean(2), ((p - p.mean(2, keepdim=True)) ** 2).sum(2)], 1) for p in parts], 1)
-    partials = gn.Partials(data.float(), chunk)
-    assert partials.describes(x) and not partials.describes(x[:1]) and not gn.Partials(data.float(), 50).describes(x)
-    launched = []
-    real = gn._stats_kernel
-    monkeypatch.setattr(gn, "_stats_kernel", type("Spy", (), {"__getitem__": lambda self, g: launched.append(g)
-                                                              or real[g]})())  # fmt: skip
-    y = gn.group_norm(x, 2, w, b, 1e-6, silu=True, partials=partials)
-    assert launched == []
-    torch.testing.assert_close(y.double(), reference(x, 2, w, b, 1e-6, True), rtol=1e-5, atol=2e-5)
-    gn.group_norm(x, 2, w, b, 1e-6, silu=True)
-    assert len(launched) == 1  # the spy sees the kernel's own launches
-    with pytest.raises(ValueError, match="do not describe x"):
-        gn.group_norm(x, 2, w, b, 1e-6, partials=gn.Partials(data.float()[:, :2], chunk))
-    with pytest.raises(ValueError, match="with an input_bias"):
-        gn.group_norm(x, 2, w, b, 1e-6, partials=partials, input_bias=torch.zeros(8, device=DEVICE))
-
-
-@needs_triton
 def test_a_large_mean_does_not_cancel_the_variance(monkeypatch):
     """E[x^2] - E[x]^2 in float32 loses a variance of 1e-4 under a mean of 1e3 entirely; merged (mean, M2)
     keeps it."""
-    monkeypatch.setattr(gn, "TILE", 64)
+    monkeypatch.setattr(gn, "STATS_TILE", 64)
     x = torch.randn(1, 4, 32, 32, device=DEVICE, dtype=torch.float64) * 1e-2 + 1e3
     y = gn.group_norm(x.float(), 1, None, None, 0.0)
     ref = reference(x, 1, None, None, 0.0, False)  # from the float64 values: what float32 input can give
