@@ -6,7 +6,8 @@ over every pixel of a latent frame: 6,360 at 480p) takes PyTorch's memory-effici
 an H100: 39 ms of Open-Sora's 0.54 s decode (`bench.vae --profile`). At this width the scores are cheap next to
 the GEMMs, so they can go through memory: cuBLAS writes Q K^T in float32, one Triton pass scales each row and
 writes its softmax in the input's precision (the probabilities flash kernels round before P V as well), and a
-second GEMM takes P V. Query rows go in blocks, so the float32 scores stay under `max_bytes`.
+second GEMM takes P V: 14 ms on that H100 (7 of GEMMs, 7 of softmax). Query rows go in blocks, so the float32
+scores stay under `max_bytes`.
 
 `wide_attention(q, k, v)` is `F.scaled_dot_product_attention(q, k, v)` for (B, L, D) inputs without a mask.
 """
