@@ -75,13 +75,17 @@ def opensora_vae():
 
 @needs_triton
 def test_frame_vae_decodes_the_same_through_the_kernels(frame_vae, monkeypatch):
-    """Channels-last, so the norms read NHWC in place (NCHW: tests/kernels/test_group_norm.py)."""
+    """Channels-last, so the norms read NHWC in place (NCHW: tests/kernels/test_group_norm.py); the mid-block
+    attention through wide_attention (from its tiny heads' width here)."""
     z = torch.randn(1, 4, 3, 4, 5, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     with torch.no_grad():
         plain = frame_vae.decode(z, num_frames=3)
         biases: list[torch.Tensor] = []
         calls = counting(monkeypatch, biases)
-        handle = apply_vae_kernels(frame_vae, channels_last=True, use_kernel=always)
+        attended = []
+        real = wa.wide_attention
+        monkeypatch.setattr(wa, "wide_attention", lambda *a, **kw: attended.append(a[0].shape) or real(*a, **kw))
+        handle = apply_vae_kernels(frame_vae, channels_last=True, use_kernel=always, wide_attention_from=1)
         fused = frame_vae.decode(z, num_frames=3)
         handle.remove()
         again = frame_vae.decode(z, num_frames=3)
@@ -97,6 +101,7 @@ def test_frame_vae_decodes_the_same_through_the_kernels(frame_vae, monkeypatch):
     assert {id(b) for b in biases} == {id(r.conv1.bias) for r in resnets}
     upsamplers = [m for m in decoder.modules() if isinstance(m, Upsample2D)]
     assert handle.upsamplers == len(upsamplers) > 0 and handle.resnets == len(all_resnets)
+    assert handle.attentions == 2 and [s[0] for s in attended] == [2, 1]  # the decoder's, a call a micro-batch
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
     assert torch.equal(again, plain) and all(get_hook(m, HOOK) is None for m in frame_vae.modules())
     assert all(m.weight.is_contiguous() for m in frame_vae.modules() if isinstance(m, nn.Conv2d))
