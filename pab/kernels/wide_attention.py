@@ -50,7 +50,8 @@ def wide_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, max_bytes: int = MAX_BYTES
 ) -> torch.Tensor:  # fmt: skip
     """softmax(q k^T * scale) v for q (B, Lq, D), k (B, Lk, D), v (B, Lk, Dv); scale defaults to 1/sqrt(D). The
-    scores are float32 (float64 for float64 inputs), the probabilities rounded to the inputs' precision.
+    scores are float32 (float64 for float64 inputs), their softmax float32, the probabilities rounded to the
+    inputs' precision.
     ValueError for shapes that do not match."""
     if not _shapes_match(q, k, v):
         raise ValueError(
