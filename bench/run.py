@@ -128,6 +128,7 @@ def _run_case(
     precisions: tuple[str, ...] = ("bf16",),
     kernels: KernelOptions = DEFAULT_KERNELS,
     x264: dict[str, str] | None = None,
+    decode_idle: int = 0,
 ) -> list[dict]:
     from pab.pipeline import GenerationRequest, Pipeline
 
@@ -182,6 +183,11 @@ def _run_case(
             rel_l2 = round(float((res.latents - ref).norm() / ref.norm()), 5)
         prof = median_profile([gpu_profile(lambda: pipe.generate(GenerationRequest(**base, cache=pab), decode=False))
                                for _ in range(int(idle))]) if idle and torch.cuda.is_available() else {}  # fmt: skip
+        dprof = median_profile([
+            gpu_profile(lambda: generate_to_mp4(pipe, GenerationRequest(**base, cache=pab), True, x264),
+                        region="pab.decode")
+            for _ in range(int(decode_idle))
+        ]) if decode_idle and decode and torch.cuda.is_available() else {}  # fmt: skip
         calls = len(res.timesteps)
         rec: dict[str, Any] = {
             "impl": "pab",
@@ -211,6 +217,11 @@ def _run_case(
             "gpu_idle_pcts": prof.get("gpu_idle_pcts"),  # each profiled generation's (--idle N); the median is above
             "gpu_ms_by_kind": prof.get("gpu_ms_by_kind"),  # the median generation's kernels in the loop (--idle)
             "top_kernels": prof.get("top_kernels"),
+            # --decode-idle: the same for the decode to mp4 (the VAE, the frames' copies, the encoder beside it)
+            "decode_gpu_idle_pct": dprof.get("gpu_idle_pct"),
+            "decode_gpu_idle_pcts": dprof.get("gpu_idle_pcts"),
+            "decode_gpu_ms_by_kind": dprof.get("gpu_ms_by_kind"),
+            "decode_top_kernels": dprof.get("top_kernels"),
             "step_s": round(res.timings["denoise_s"] / calls, 4),
             "text_s": round(res.timings["text_s"], 3),
             "decode_s": round(res.timings.get("decode_s", 0.0), 3),
@@ -300,16 +311,17 @@ def precision_list(text: str) -> tuple[str, ...]:
     return modes
 
 
-def gpu_profile(generate: Callable[[], Any], top: int = 12) -> dict[str, Any]:
-    """One `generate()` under torch.profiler: the loop's GPU idle share, its kernel time by kind (`kernel_kind`)
-    and its `top` kernels by total time, in ms per generation (None / empty where there are no kernels)."""
+def gpu_profile(generate: Callable[[], Any], top: int = 12, region: str = "pab.denoise") -> dict[str, Any]:
+    """One `generate()` under torch.profiler: the GPU's idle share inside the pipeline's `region` (the denoising
+    loop, or "pab.decode"), its kernel time by kind (`kernel_kind`) and its `top` kernels by total time, in ms per
+    generation (None / empty where there are no kernels)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         generate()
     events = prof.events()
-    loop = next((e for e in events if e.name == "pab.denoise" and e.device_type == DeviceType.CPU), None)
+    loop = next((e for e in events if e.name == region and e.device_type == DeviceType.CPU), None)
     # GPU-side events, less the annotations (record_function ranges are mirrored on the GPU timeline too).
     kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
     if loop is None:
@@ -600,20 +612,22 @@ def print_table(records: list[dict]) -> None:
 
 
 def print_breakdown(records: list[dict]) -> None:
-    """Where each profiled record's DiT time goes (`--idle`): kernel time by kind, as ms and as a share."""
+    """Where each profiled record's DiT time (`--idle`) and decode to mp4 (`--decode-idle`) go: kernel time by
+    kind, as ms and as a share."""
     for r in records:
-        kinds = r.get("gpu_ms_by_kind")
-        if not kinds:
-            continue
-        total = sum(kinds.values())
-        each = r.get("gpu_idle_pcts") or []
-        of = f" (the median of {', '.join(map(str, each))})" if len(each) > 1 else ""
-        print(f"\n{r['model']} {r['resolution']} pab={r['pab']} {r['precision']}: {total:.0f} ms of kernels, "
-              f"{r['gpu_idle_pct']}% idle{of}")
-        for kind, ms in kinds.items():
-            print(f"  {kind:<28} {ms:>9.1f} ms  {100 * ms / total:5.1f}%")
-        for name, ms in r.get("top_kernels") or []:
-            print(f"    {ms:>9.1f} ms  {name}")
+        for prefix, part in (("", "DiT"), ("decode_", "decode to mp4")):
+            kinds = r.get(f"{prefix}gpu_ms_by_kind")
+            if not kinds:
+                continue
+            total = sum(kinds.values())
+            each = r.get(f"{prefix}gpu_idle_pcts") or []
+            of = f" (the median of {', '.join(map(str, each))})" if len(each) > 1 else ""
+            print(f"\n{r['model']} {r['resolution']} pab={r['pab']} {r['precision']}, {part}: {total:.0f} ms of "
+                  f"kernels, {r[f'{prefix}gpu_idle_pct']}% idle{of}")
+            for kind, ms in kinds.items():
+                print(f"  {kind:<28} {ms:>9.1f} ms  {100 * ms / total:5.1f}%")
+            for name, ms in r.get(f"{prefix}top_kernels") or []:
+                print(f"    {ms:>9.1f} ms  {name}")
 
 
 def head_parallel_bytes(comm: dict) -> float:
@@ -657,6 +671,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="N more generations per setting (1 without N) under torch.profiler: the GPU's idle share of "
                         "the loop, its kernel time by kind and its top kernels, of the generation with the median "
                         "idle share (printed after the table)")
+    p.add_argument("--decode-idle", type=int, nargs="?", const=1, default=0, metavar="N",
+                   help="N more generations to mp4 per setting (1 without N) under torch.profiler: the GPU's idle "
+                        "share of the decode (the VAE and the frames' copies, with x264 encoding beside them), its "
+                        "kernel time by kind and its top kernels, of the generation with the median idle share")
     p.add_argument("--precision", type=precision_list, default=("bf16",),
                    help="comma list of bf16, fp8 (the model family's own Fp8Config), fp8+exact (without fast "
                    "accumulation), fp8+groups / fp8+nogroups (Latte's and Open-Sora-Plan's q, k, v in fp8 / bf16), fp8+crossbf16 "
@@ -689,7 +707,8 @@ def main(argv: list[str] | None = None) -> int:
         for sp in (int(s) for s in args.sp.split(",")):
             if sp == 1:
                 recs = _run_case(0, 1, case, pabs, False, args.repeat, engine, not args.dit_only, idle=args.idle,
-                                 precisions=args.precision, kernels=kernels, x264=args.x264)  # fmt: skip
+                                 precisions=args.precision, kernels=kernels, x264=args.x264,
+                                 decode_idle=args.decode_idle)  # fmt: skip
             else:
                 from pab.parallel import launch_local
 
@@ -707,6 +726,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.precision,
                     kernels,
                     args.x264,
+                    args.decode_idle,
                     threads=None,
                     timeout_s=1800,
                 )[0]

@@ -254,6 +254,25 @@ def test_the_frame_sink_gets_every_frame_in_order_as_it_is_decoded(model, settin
         assert len(parts) > 1
 
 
+def test_the_profiler_sees_the_loop_and_the_decode_as_named_ranges():
+    """bench.run's --idle and --decode-idle measure the GPU inside "pab.denoise" and "pab.decode": the loop's
+    model calls fall in the first, the VAE's norms in the second, after it."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from pab.pipeline import GenerationRequest, Pipeline
+
+    pipe = Pipeline.from_name("opensora-v1.2-tiny", device="cpu")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        pipe.generate(GenerationRequest(model="opensora-v1.2-tiny", prompt="a red fox", seed=1, steps=2))
+    events = [e for e in prof.events() if e.device_type == DeviceType.CPU]
+    [loop] = [e.time_range for e in events if e.name == "pab.denoise"]
+    [decode] = [e.time_range for e in events if e.name == "pab.decode"]
+    assert loop.end <= decode.start
+    norms = [e.time_range for e in events if e.name == "aten::group_norm"]  # the VAE's (the DiT has none)
+    assert norms and all(decode.start <= n.start and n.end <= decode.end for n in norms)
+
+
 def test_vae_kernels_hook_the_vae_and_leave_the_video_unchanged_where_they_do_not_run():
     """By default (`vae_kernels=True`) every GroupNorm of the VAE is hooked (pab.vae_kernels). On the CPU the hooks
     run PyTorch's GroupNorm, so the video is bit for bit the unhooked pipeline's;

@@ -217,3 +217,13 @@ def test_idle_takes_an_optional_count_of_profiled_generations(monkeypatch, tmp_p
     for argv, want in (([], 0), (["--idle"], 1), (["--idle", "3"], 3), (["--idle", "--dit-only"], 1)):
         assert run.main(["--cases", "opensora-480p", "--out", str(tmp_path / "r.json"), *argv]) == 0
         assert seen.pop() == want
+
+
+def test_decode_idle_takes_an_optional_count_of_profiled_generations(monkeypatch, tmp_path):
+    from bench import run
+
+    seen = []
+    monkeypatch.setattr(run, "_run_case", lambda *a, **kw: seen.append(kw["decode_idle"]) or [])
+    for argv, want in (([], 0), (["--decode-idle"], 1), (["--decode-idle", "2", "--idle"], 2)):
+        assert run.main(["--cases", "opensora-480p", "--out", str(tmp_path / "r.json"), *argv]) == 0
+        assert seen.pop() == want
