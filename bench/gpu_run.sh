@@ -14,6 +14,8 @@
 #                                 end to end and Latte (and diffusers' Latte with its PAB, the 2x target's baseline on
 #                                 the same card), each with its profile, the idle share the median of three profiled
 #                                 generations (~7 min on an H100; with Open-Sora-Plan too it ran 590 s, session 31)
+#   bash bench/gpu_run.sh decode  Open-Sora 480p fp8 off/paper end to end, the GPU's idle share and kernels inside the
+#                                 decode to mp4 (the median of three profiled generations; ~2 min)
 #   bash bench/gpu_run.sh short   the temporal kernel's launch shapes at 15, 16, 17, 20 and 30 frames (bench.short; ~2 min)
 #   bash bench/gpu_run.sh cross   the flash kernel's launch configs at Open-Sora 480p's cross-attention, 30 and 120
 #                                 text tokens, against cuDNN (~5-8 min; picks `cross_config`)
@@ -28,7 +30,7 @@
 # Records land in $OUT (the device's return folder): append them to bench/results/<gpu>.json here with
 # bench.records, noting the session. Each step has its own timeout so one call stays under the 600 s limit.
 set -uo pipefail
-what="${1:?usage: bash bench/gpu_run.sh suite|e2e|plan|targets|ab|graphs|short|cross}"
+what="${1:?usage: bash bench/gpu_run.sh suite|e2e|decode|plan|targets|ab|graphs|short|cross}"
 OUT="${OUT:?set OUT to the folder the records go to}"
 mkdir -p /tmp/site
 for f in .gpu-site/*.tar.xz .gpu-av/*.tar.xz; do [ -f "$f" ] && tar -xJf "$f" -C /tmp/site; done
@@ -61,6 +63,10 @@ case "$what" in
             --out "$OUT/run.json" 2>&1 | grep -v Warn | tail -45
         step "Latte"
         timeout "$(left 570)" python -m bench.run --cases latte --precision fp8 --pab off,paper --idle \
+            --out "$OUT/run.json" 2>&1 | grep -v Warn | tail -45 ;;
+    decode)
+        step "Open-Sora 480p, the decode profiled"
+        timeout "$(left 590)" python -m bench.run --cases opensora-480p --precision fp8 --pab off,paper --decode-idle 3 \
             --out "$OUT/run.json" 2>&1 | grep -v Warn | tail -45 ;;
     plan)
         # PLAN_PRECISION=fp8,fp8+crossbf16 times a mode beside the family's own in the same process; PLAN_ARGS adds
