@@ -321,12 +321,12 @@ def gpu_profile(generate: Callable[[], Any], top: int = 12, region: str = "pab.d
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         generate()
     events = prof.events()
-    loop = next((e for e in events if e.name == region and e.device_type == DeviceType.CPU), None)
+    span = next((e for e in events if e.name == region and e.device_type == DeviceType.CPU), None)
     # GPU-side events, less the annotations (record_function ranges are mirrored on the GPU timeline too).
     kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
-    if loop is None:
+    if span is None:
         return {"gpu_idle_pct": None, "gpu_ms_by_kind": {}, "top_kernels": []}
-    lo, hi = loop.time_range.start, loop.time_range.end
+    lo, hi = span.time_range.start, span.time_range.end
     inside = [e for e in kernels if lo <= e.time_range.start < hi]
     by_kind: dict[str, float] = {}
     by_name: dict[str, float] = {}
@@ -383,7 +383,7 @@ def idle_pct(lo: float, hi: float, kernels: list[tuple[float, float]]) -> float 
         if b > end:
             busy += b - max(a, end)
             end = b
-    window = max(b for _, b in kernels) - lo  # to the last kernel: the loop's closing sync is not GPU time
+    window = max(b for _, b in kernels) - lo  # to the last kernel: the range's closing sync is not GPU time
     return round(100 * (1 - busy / window), 2)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from pab.kernels.group_norm import MAX_CHANNELS, TILE, flat_strides
+from pab.kernels.group_norm import MAX_CHANNELS, flat_strides, pixel_block
 
 try:
     import triton
@@ -64,7 +64,7 @@ def bias_residual(
     b0 = biases[0] if biases else x  # placeholder pointers where there is no bias
     b1 = biases[1] if len(biases) > 1 else x
     block_c = triton.next_power_of_2(C)
-    block_p = max(1, min(TILE // block_c, triton.next_power_of_2(P)))
+    block_p = pixel_block(P, block_c)
     _bias_residual_kernel[(triton.cdiv(P, block_p), N)](
         x, residual, out, b0, b1, P, C, *flat_strides(x), float(scale), NB=len(biases), BLOCK_P=block_p,
         BLOCK_C=block_c, num_warps=4 if block_p * block_c <= 4096 else 8,
@@ -92,7 +92,7 @@ def subpixel_interleave(y: torch.Tensor, bias: torch.Tensor | None, out: torch.T
         return
     P = h2 * w2
     block_c = triton.next_power_of_2(c)
-    block_p = max(1, min(TILE // block_c, triton.next_power_of_2(P)))
+    block_p = pixel_block(P, block_c)
     _interleave_kernel[(triton.cdiv(P, block_p), n)](
         y, bias if bias is not None else out, out, P, c, w2, *y.stride(), *flat_strides(out), HAS_B=bias is not None,
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4 if block_p * block_c <= 4096 else 8,

@@ -67,6 +67,12 @@ def flat_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
     return x.stride(0), (dims[-1][1] if dims else 1), x.stride(1)
 
 
+def pixel_block(P: int, block_c: int, tile: int | None = None) -> int:
+    """Pixels a program's tile holds: about `tile` (TILE) elements of `block_c` channels each, at most P rounded
+    up to a power of two, at least one."""
+    return max(1, min((tile or TILE) // block_c, triton.next_power_of_2(P)))
+
+
 def fits(channels: int, num_groups: int) -> bool:
     """Whether the kernels take this many channels and groups (see MAX_CHANNELS)."""
     return triton is not None and channels <= MAX_CHANNELS and channels % num_groups == 0
@@ -134,8 +140,7 @@ def group_norm(
     P = x[0, 0].numel()
     o_strides = flat_strides(out)
     block_c = triton.next_power_of_2(C)
-    block_p = max(1, min(TILE // block_c, triton.next_power_of_2(P)))
-    stats_p = max(1, min(STATS_TILE // block_c, triton.next_power_of_2(P)))
+    block_p, stats_p = pixel_block(P, block_c), pixel_block(P, block_c, STATS_TILE)
     # Statistics: chunks of whole tiles, about STATS_PROGRAMS programs over the batch.
     chunks = max(1, min(triton.cdiv(STATS_PROGRAMS, N), triton.cdiv(P, stats_p)))
     chunk = stats_p * triton.cdiv(triton.cdiv(P, chunks), stats_p)
