@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default="bench/results/vae-h200.json")
     p.add_argument("--profile", action="store_true", help="print and record each variant's most expensive kernels")
+    p.add_argument("--top", type=int, default=15, help="how many kernels --profile keeps")
     p.add_argument("--float32-reference", action="store_true",
                    help="also each variant's PSNR against a float32 decode of the same latents, so a variant's error "
                    "reads against the half-precision decode's own")
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name in combo.split("+"):
                     stack.enter_context(variant(vae, name))
                 first, median, out = timed(lambda: vae.decode(latents, args.frames), args.iters, device)
-                kernels = profile(lambda: vae.decode(latents, args.frames), device) if args.profile else None
+                kernels = profile(lambda: vae.decode(latents, args.frames), device, args.top) if args.profile else None
             peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
             out = out.cpu()  # the first variant's output is kept on the host, out of the later variants' peaks
             if reference is None:
