@@ -261,14 +261,23 @@ def to_uint8_frames(video: torch.Tensor | np.ndarray) -> np.ndarray:
     return _uint8_on_device(video).cpu().numpy()
 
 
-def to_uint8_frames_async(video: torch.Tensor) -> Callable[[], np.ndarray]:
+def to_uint8_frames_async(video: torch.Tensor, out: np.ndarray | None = None) -> Callable[[], np.ndarray]:
     """`to_uint8_frames`, queued on the video's device without waiting: the conversion and the copy into pinned
     host memory run in stream order, and the returned callable waits for them and gives the frames. A decode
     loop can so queue the next frames' decode before it takes these (the GPU is never idle on the copy). On the
-    CPU the frames are ready at once."""
+    CPU the frames are ready at once.
+
+    With `out` (an (F, H, W, 3) uint8 array) the frames land there and the callable returns it: the pinned
+    buffer is then only staging, back in torch's pinned pool once the callable is dropped, so a long video
+    pins a piece's worth of host memory, not all of it, and its pieces need no concatenation."""
     x = _uint8_on_device(video)
+    if out is not None and (out.shape != tuple(x.shape) or out.dtype != np.uint8):
+        raise ValueError(f"out must be a uint8 array of shape {tuple(x.shape)}, got {out.dtype} {out.shape}")
     if not x.is_cuda:
         frames = x.numpy()
+        if out is not None:
+            out[...] = frames
+            frames = out
         return lambda: frames
     host = torch.empty(x.shape, dtype=torch.uint8, pin_memory=True)
     host.copy_(x, non_blocking=True)
@@ -277,7 +286,10 @@ def to_uint8_frames_async(video: torch.Tensor) -> Callable[[], np.ndarray]:
 
     def wait() -> np.ndarray:
         done.synchronize()
-        return host.numpy()
+        if out is None:
+            return host.numpy()
+        out[...] = host.numpy()
+        return out
 
     return wait
 

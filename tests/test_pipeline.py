@@ -240,6 +240,7 @@ def test_checkpoint_round_trip_and_missing_keys(tmp_path: Path, name: str):
 ])  # fmt: skip
 def test_the_frame_sink_gets_every_frame_in_order_as_it_is_decoded(model, settings):
     from pab.pipeline import GenerationRequest, Pipeline
+    from pab.video import to_uint8_frames
 
     pipe = Pipeline.from_name(model, device="cpu")
     request = GenerationRequest(model=model, prompt="a red fox", seed=1, **settings)
@@ -250,6 +251,7 @@ def test_the_frame_sink_gets_every_frame_in_order_as_it_is_decoded(model, settin
     z = res.latents.to(pipe.dtype)
     chunks = list(pipe.vae.decode_chunks(z, res.request.num_frames))
     assert torch.equal(torch.cat(chunks, dim=2), pipe.vae.decode(z, res.request.num_frames))
+    assert np.array_equal(res.frames, to_uint8_frames(torch.cat(chunks, dim=2)))  # each piece where it belongs
     if model != "opensora-plan-v1.1-tiny":  # the per-frame VAEs decode in micro-batches: frames come in pieces
         assert len(parts) > 1
 

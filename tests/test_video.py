@@ -132,6 +132,11 @@ def test_to_uint8_frames():
     with pytest.raises(ValueError, match="one at a time"):
         to_uint8_frames(torch.zeros(2, 3, 1, 2, 2))
     assert np.array_equal(to_uint8_frames_async(v)(), out)  # on the CPU: ready at once
+    into = np.zeros((3, 4, 5, 3), np.uint8)
+    assert np.shares_memory(to_uint8_frames_async(v, out=into[1:])(), into)
+    assert np.array_equal(into[1:], out) and not into[0].any()  # the frames land in the slice given, only there
+    with pytest.raises(ValueError, match=r"shape \(2, 4, 5, 3\)"):
+        to_uint8_frames_async(v, out=into)
 
 
 def test_uint8_round_trip_through_mp4(tmp_path):
@@ -155,6 +160,12 @@ def test_to_uint8_frames_on_the_gpu_gives_the_same_bytes():
     ready = to_uint8_frames_async(v.cuda())
     torch.cuda._sleep(10_000_000)  # the GPU busy for a while after the copy was queued
     assert np.array_equal(ready(), to_uint8_frames(v))
+    # Into an array given (the pipeline's whole video): the bytes land there once taken, not before.
+    into = np.zeros((10, 48, 64, 3), np.uint8)
+    ready = to_uint8_frames_async(v.cuda(), out=into[1:])
+    torch.cuda._sleep(10_000_000)
+    assert np.array_equal(ready(), to_uint8_frames(v)) and np.array_equal(into[1:], to_uint8_frames(v))
+    assert not into[0].any()
 
 
 def test_thumbnail_spritesheet_and_sampled_frames(tmp_path):
