@@ -66,14 +66,27 @@ def _submit(browser, base: str, prompt_text: str, steps: int, script: str | None
     return prompt, card
 
 
-def _progress_until_done(browser, card: str) -> list[int]:
+class Samples(list):
+    """The progress values sampled; printed with the card's status text beside each, so a failed assertion
+    on the values shows what the page said at every sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.statuses: list[str] = []
+
+    def __repr__(self) -> str:
+        return repr(list(zip(self, self.statuses, strict=True)))
+
+
+def _progress_until_done(browser, card: str) -> Samples:
     """The card's progress bar, sampled every 50 ms until the video completes."""
-    seen = []
+    seen = Samples()
 
     def finished() -> bool:
         value, status = browser.execute_script(f"const c = {card}; return [c.querySelector('progress').value, "
                                                "c.querySelector('.status').textContent]")  # fmt: skip
         seen.append(value)
+        seen.statuses.append(status)
         assert "failed" not in status and "cancelled" not in status, status
         return status.startswith("completed")
 
@@ -85,8 +98,8 @@ def test_a_prompt_renders_and_plays_in_the_page(server, browser):  # noqa: F811
     base, svc = server
     prompt, card = _submit(browser, base, "a paced fox in the playground", 16)
     seen = _progress_until_done(browser, card)
-    assert any(0 < v < 100 for v in seen) and seen[-1] == 100, seen  # progress rose step by step
-    assert seen == sorted(seen), seen
+    assert any(0 < v < 100 for v in seen) and seen[-1] == 100, repr(seen)  # progress rose step by step
+    assert seen == sorted(seen), repr(seen)
     duration = wait_for(lambda: browser.execute_script(
         f"const v = {card}.querySelector('video'); return v && v.readyState >= 1 ? v.duration : 0"), 30,
         "the video to load")  # fmt: skip
@@ -127,5 +140,5 @@ def test_progress_never_moves_back_when_answers_arrive_out_of_order(server, brow
     };"""
     _, card = _submit(browser, base, "a paced heron", 48, script=late)  # a step every 0.15 s (BlackFrames)
     seen = _progress_until_done(browser, card)
-    assert seen == sorted(seen) and seen[-1] == 100, seen
+    assert seen == sorted(seen) and seen[-1] == 100, repr(seen)
     assert len(set(seen)) > 4 and browser.execute_script("return window.lateAnswers") > 2, seen
