@@ -155,9 +155,10 @@ def _run_case(
     )
     fwd_flops, per_call = _flops_by_kind(pipe, GenerationRequest(**base)) if world == 1 else (None, None)
     # Warm-up: kernels, cuBLAS/cuDNN heuristics and the allocator at the real shapes, once per precision (an
-    # fp8 forward JIT-compiles its own Triton kernels, ~1 s that the first timed run would otherwise include).
+    # fp8 forward JIT-compiles its own Triton kernels, ~1 s that the first timed run would otherwise include),
+    # and the decode to mp4 as it is timed (PyAV's and libx264's first use in the process).
     for precision in dict.fromkeys(p.split("+")[0] for p in precisions):
-        pipe.generate(GenerationRequest(**{**base, "steps": 4, "precision": precision}))
+        generate_to_mp4(pipe, GenerationRequest(**{**base, "steps": 4, "precision": precision}), decode, x264)
     records = []
     bf16_latents: dict[str, torch.Tensor] = {}
     own_fp8 = pipe.fp8_config
