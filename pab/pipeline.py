@@ -522,8 +522,8 @@ class Pipeline:
                     frame_sink(piece)
 
             # Each piece's frames are taken once the next piece's decode is queued, so the GPU does not wait
-            # on the host for their copy (to_uint8_frames_async). They land in one array: the host pins one
-            # piece at a time, however long the video, and nothing is concatenated after the last piece. The
+            # on the host for their copy (to_uint8_frames_async). They land in one array: the host pins two
+            # pieces at most, however long the video, and nothing is concatenated after the last piece. The
             # profiler's name for the decode: bench.run --decode-idle measures the GPU's idle share inside it.
             frames, done, pending = None, 0, None
             with torch.profiler.record_function("pab.decode"):

@@ -269,7 +269,7 @@ def to_uint8_frames_async(video: torch.Tensor, out: np.ndarray | None = None) ->
 
     With `out` (an (F, H, W, 3) uint8 array) the frames land there and the callable returns it: the pinned
     buffer is then only staging, back in torch's pinned pool once the callable is dropped, so a long video
-    pins a piece's worth of host memory, not all of it, and its pieces need no concatenation."""
+    pins a piece or two's worth of host memory, not all of it, and its pieces need no concatenation."""
     x = _uint8_on_device(video)
     if out is not None and (out.shape != tuple(x.shape) or out.dtype != np.uint8):
         raise ValueError(f"out must be a uint8 array of shape {tuple(x.shape)}, got {out.dtype} {out.shape}")
