@@ -2,7 +2,7 @@
 
 Each piece of frames is copied to the host through pinned staging (so the GPU never waits on the copy) and then
 into the video's one array. Before, every piece kept its own pinned buffer to the end: a 204-frame 720p video held
-2.8 GB of page-locked host memory, which torch's pinned pool then kept for the life of the process.
+at least 0.56 GB of page-locked host memory, which torch's pinned pool then kept for the life of the process.
 """
 
 import numpy as np
