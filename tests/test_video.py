@@ -160,7 +160,7 @@ def test_to_uint8_frames_on_the_gpu_gives_the_same_bytes():
     ready = to_uint8_frames_async(v.cuda())
     torch.cuda._sleep(10_000_000)  # the GPU busy for a while after the copy was queued
     assert np.array_equal(ready(), to_uint8_frames(v))
-    # Into an array given (the pipeline's whole video): the bytes land there once taken, not before.
+    # Into an array given (the pipeline's whole video): the bytes are there once taken, and only in the slice.
     into = np.zeros((10, 48, 64, 3), np.uint8)
     ready = to_uint8_frames_async(v.cuda(), out=into[1:])
     torch.cuda._sleep(10_000_000)

@@ -141,4 +141,4 @@ def test_progress_never_moves_back_when_answers_arrive_out_of_order(server, brow
     _, card = _submit(browser, base, "a paced heron", 48, script=late)  # a step every 0.15 s (BlackFrames)
     seen = _progress_until_done(browser, card)
     assert seen == sorted(seen) and seen[-1] == 100, repr(seen)
-    assert len(set(seen)) > 4 and browser.execute_script("return window.lateAnswers") > 2, seen
+    assert len(set(seen)) > 4 and browser.execute_script("return window.lateAnswers") > 2, repr(seen)
