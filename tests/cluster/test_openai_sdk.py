@@ -50,10 +50,7 @@ class BlackFrames:
 
     def generate(self, request, progress, should_cancel) -> EngineOutput:
         steps = int(request["steps"])
-        if "paced" in request["prompt"]:  # a render one can watch: a step every 0.15 s
-            for i in range(steps):
-                time.sleep(0.15)
-                progress(i + 1, steps)
+        paced = "paced" in request["prompt"]  # a render one can watch: a step every 0.15 s
         if "slow" in request["prompt"]:
             progress(1, steps)
             deadline = time.monotonic() + 30
@@ -62,7 +59,11 @@ class BlackFrames:
                     SLOW_STOPPED.set()
                     raise RuntimeError("stopped: cancelled")
                 time.sleep(0.01)
+        # Each step is reported once, in order: a paced render that reported them all again afterwards made the
+        # playground's progress bar fall back (56 -> 18) whenever a refresh landed in the second pass.
         for i in range(steps):
+            if paced:
+                time.sleep(0.15)
             progress(i + 1, steps)
         # what only the render can tell, as the pipeline says it for a prompt longer than its text encoder reads
         said = ["the prompt is 99 text tokens and the model reads the first 32"] if "wordy" in request["prompt"] else []
