@@ -137,13 +137,41 @@ class VideoAPI:
     def __del__(self) -> None:
         """Serve calls this as it stops the replica (Python too, when the object goes): the background loop stops
         first. Left running, its next round asked a thread pool the stopping replica had shut down, and logged
-        that as a failure of the loop."""
+        that as a failure of the loop. Then the videos still queued here are handed over (`_release_queued`)."""
         task = getattr(self, "_loop_task", None)  # None when the constructor failed before making it
         if task is not None and not task.done():
             try:
                 task.cancel()
             except RuntimeError:  # its event loop is closed already: nothing runs it any more
                 pass
+        if getattr(self, "_active", None):
+            self._release_queued()
+
+    def _release_queued(self) -> None:
+        """Release the leases of the videos this replica queues, so another replica takes them over at its next
+        reconcile (seconds) rather than once they go stale (`stale_after_s`, a minute by default): Serve stops
+        replicas gracefully on a redeploy, a downscale and a RayService upgrade. A video a group renders is left
+        alone (its group keeps the lease fresh); so is one a group claims as this runs (the claim makes it in
+        progress, and the group's touch takes the lease back). Blocking: Serve runs this on the replica's loop as
+        its last user code."""
+        if self.jobs.failure is not None:
+            return  # storage is failing: the leases go stale as they would on a crash
+        released = []
+        for job_id in list(self._active):
+            if job_id in self._held:
+                continue  # this replica's own word on it is not saved: nobody else could go on from storage
+            try:
+                lease = self.jobs.lease(job_id)
+                if lease is None or lease.get("owner") != self.owner or self.jobs.get(job_id).status != "queued":
+                    continue
+                self.jobs.release(job_id, self.owner)
+                released.append(job_id)
+            except Exception as e:  # noqa: BLE001 - the rest go stale as on a crash; stopping must not fail
+                log.warning("stopping: could not release the leases of the videos queued here: %s", e)
+                break
+        if released:
+            log.info("stopping: %d queued video(s) released to the other ingress replicas: %s", len(released),
+                     ", ".join(released))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve's hook (`serve.ingress()` without an app): this replica's HTTP app, bound to this instance."""
@@ -762,6 +790,16 @@ class VideoAPI:
                 age = time.time() - rec.updated_at
             else:
                 age = time.time() - float(lease.get("at", 0))
+                # Released by a stopping replica: a heartbeat on (time for it to be gone, and for a group that
+                # claimed the video as it stopped to take the lease back), if still queued, it is ours.
+                if lease.get("released") and age > self.cfg.heartbeat_s and lease.get("owner") != self.owner:
+                    try:
+                        if (await asyncio.to_thread(self.jobs.get, job_id)).status == "queued":
+                            log.info("taking over job %s, released by %s", job_id, lease.get("owner"))
+                            self._start(job_id)
+                            continue
+                    except NotFound:
+                        continue
             if age > self.cfg.stale_after_s:
                 log.warning("adopting job %s (lease %.0fs old)", job_id, age)
                 self._start(job_id)

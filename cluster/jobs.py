@@ -15,7 +15,9 @@ between the ingress and a group):
                              hash of the key and the API key that sent it.
     jobs/leases/<id>.json    {"owner", "at"}: refreshed by whoever holds the job (the ingress while it
                              queues it, the group while it renders). A stale lease means nobody
-                             holds it any more, so a restarted ingress takes it over.
+                             holds it any more, so a restarted ingress takes it over. An ingress
+                             replica Serve stops marks its queued jobs' leases "released": another
+                             replica takes those over a heartbeat later instead.
     jobs/probes/<owner>      written and removed to learn whether storage takes writes again.
     videos/<id>.mp4, .json   the result and its sidecar (`pab.storage.Storage.put_video`).
     videos/<id>.thumbnail.jpg, .spritesheet.jpg   its still images (`GET .../content?variant=`).
@@ -195,6 +197,12 @@ class JobStore:
     def touch(self, job_id: str, owner: str) -> None:
         lease = {"owner": owner, "at": time.time()}
         self._io(f"refresh the lease of {job_id}", self.storage.put_json, f"{LEASES}{job_id}.json", lease, write=True)
+
+    def release(self, job_id: str, owner: str) -> None:
+        """Give the job up: whoever reconciles next may take it over (see `VideoAPI._reconcile`). A holder's next
+        `touch` takes the lease back, so a group that claims the job meanwhile keeps it."""
+        lease = {"owner": owner, "at": time.time(), "released": True}
+        self._io(f"release the lease of {job_id}", self.storage.put_json, f"{LEASES}{job_id}.json", lease, write=True)
 
     # ------------------------------------------------------------------ deletion and idempotency keys
 

@@ -1,5 +1,5 @@
 """The Serve app with a real SeaweedFS S3 backend: presigned downloads, size routing between pools of
-1-GPU and 2-GPU groups, and an ingress restart that loses no job (real engine, opensora-v1.2-tiny)."""
+1-GPU and 2-GPU groups, and an ingress Serve stops that loses no job (real engine, opensora-v1.2-tiny)."""
 
 from __future__ import annotations
 
@@ -100,20 +100,29 @@ def test_cancel_a_queued_and_a_rendering_job(app):
 
 
 @pytest.mark.faults
-def test_ingress_restart_keeps_and_resumes_jobs(app, ray_session):
+def test_an_ingress_serve_stops_hands_its_queued_job_over_and_loses_none(app, ray_session):
+    """Serve stops the ingress replica (a redeploy, a downscale): it releases the video it queues to the next
+    replica, the rendering one stays with its group, and both complete. A crashed ingress's videos are taken over
+    once their leases go stale (tests/multinode/test_node_loss.py)."""
     ray = ray_session
     client, store = app
     before = [d["id"] for d in client.get("/v1/videos", params={"limit": 100}).json()["data"]]
     running = client.post("/v1/videos", json={**SMALL, "size": "64x64", "steps": 400}).json()
     wait_for(lambda: client.get(f"/v1/videos/{running['id']}").json()["status"] == "in_progress", 120, "rendering")
-    # Same 1-GPU pool, which is busy: this one waits in the ingress's dispatch queue.
+    # Same pool (2 GPUs: both are over the 1-GPU limit), which is busy: this one waits in the ingress's dispatch queue.
     queued = client.post("/v1/videos", json={**SMALL, "size": "32x48"}).json()
     assert client.get(f"/v1/videos/{queued['id']}").json()["status"] == "queued"
 
     names = [a for a in ray.util.list_named_actors(all_namespaces=True)
              if a["name"].startswith(f"SERVE_REPLICA::{APP}#VideoAPI")]
     assert len(names) == 1
-    ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+    replica = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+    # What Serve's controller does to stop a replica: its graceful shutdown (which calls VideoAPI.__del__), then kill.
+    ray.get(replica.perform_graceful_shutdown.remote(), timeout=60)
+    jobs = JobStore(store)
+    assert jobs.lease(queued["id"]).get("released") and jobs.lease(queued["id"])["owner"].startswith("ingress:")
+    assert not jobs.lease(running["id"]).get("released")  # its group goes on touching it
+    ray.kill(replica, no_restart=True)
     wait_for(lambda: _healthy(client), 180, "a new ingress replica")
 
     after = [d["id"] for d in client.get("/v1/videos", params={"limit": 100}).json()["data"]]
@@ -123,7 +132,7 @@ def test_ingress_restart_keeps_and_resumes_jobs(app, ray_session):
         assert final["status"] == "completed", final
         assert decode(client.get(f"/v1/videos/{job['id']}/content", follow_redirects=True).content).shape[0] == 17
     # The queued job was taken over by the new ingress (dispatched again), not lost with the old one.
-    assert JobStore(store).get(queued["id"]).dispatch >= 2
+    assert jobs.get(queued["id"]).dispatch >= 2
 
 
 def _healthy(client: httpx.Client) -> bool:
