@@ -46,7 +46,8 @@ RUNS_ENDED: dict[str, threading.Event] = {}  # job id -> set once the group's re
 
 class BlackFrames:
     """Test double of the engine: reports every step, returns FRAMES black 32x32 frames. A prompt with "slow"
-    in it stays at step 1 until cancelled (30 s at most); one with "paced" takes 0.15 s a step."""
+    in it stays at step 1 until cancelled (30 s at most); one with "paced" takes 0.15 s a step; one with "tail"
+    takes 3 s after its last step (as a long video's decode does); one with "broken" raises at its first step."""
 
     def generate(self, request, progress, should_cancel) -> EngineOutput:
         steps = int(request["steps"])
@@ -64,7 +65,11 @@ class BlackFrames:
         for i in range(steps):
             if paced:
                 time.sleep(0.15)
+            if "broken" in request["prompt"]:
+                raise RuntimeError("the engine broke at its first step")
             progress(i + 1, steps)
+        if "tail" in request["prompt"]:
+            time.sleep(3)
         # what only the render can tell, as the pipeline says it for a prompt longer than its text encoder reads
         said = ["the prompt is 99 text tokens and the model reads the first 32"] if "wordy" in request["prompt"] else []
         return EngineOutput(frames=np.zeros((FRAMES, 32, 32, 3), np.uint8), request={**request, "fps": 8},

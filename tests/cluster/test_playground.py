@@ -48,6 +48,7 @@ def _submit(browser, base: str, prompt_text: str, steps: int, script: str | None
     if script:
         browser.execute_script(script)
     key = browser.find_element(By.ID, "key")
+    key.clear()  # the page keeps the key it was last given (localStorage): a second submit would type it twice
     key.send_keys(KEY)
     browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
     wait_for(lambda: browser.execute_script("return [...document.querySelectorAll('#model option')].map(o => o.value)")
@@ -142,3 +143,22 @@ def test_progress_never_moves_back_when_answers_arrive_out_of_order(server, brow
     seen = _progress_until_done(browser, card)
     assert seen == sorted(seen) and seen[-1] == 100, repr(seen)
     assert len(set(seen)) > 4 and browser.execute_script("return window.lateAnswers") > 2, repr(seen)
+
+
+def test_the_card_says_what_a_render_does_and_why_a_video_failed(server, browser):  # noqa: F811
+    """While denoising, the card counts the steps; after the last one, for the seconds a long video's decode and
+    upload take (progress stays at 99 until it is stored), it says so instead of looking stuck. A failed video
+    says why on its card, not only in its details."""
+    base, svc = server
+    _, card = _submit(browser, base, "a paced fox with a tail", 16)  # 2.4 s of steps, then 3 s (BlackFrames)
+    seen = _progress_until_done(browser, card)
+    assert any("% \u00b7 step " in s and " of 16 \u00b7" in s for s in seen.statuses), repr(seen)
+    assert any(s.startswith("in_progress 99% \u00b7 decoding and saving") for s in seen.statuses), repr(seen)
+    assert not browser.execute_script(f"return {card}.querySelector('.why').textContent")
+
+    _, broken = _submit(browser, base, "a broken fox", 4)  # raises on every try: fails after max_attempts
+    wait_for(lambda: browser.execute_script(f"return {broken}.querySelector('.status').textContent")
+             .startswith("failed"), 60, "the video to fail")  # fmt: skip
+    why = browser.execute_script(f"const w = {broken}.querySelector('.why'); return [w.textContent, w.offsetHeight]")
+    assert "failed on 3 GPU group(s)" in why[0] and "the engine broke at its first step" in why[0], why
+    assert why[1] > 0  # shown, not only in the DOM
