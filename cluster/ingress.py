@@ -26,6 +26,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from typing import Any
@@ -113,6 +114,10 @@ class VideoAPI:
             log.warning("pab ingress: no API keys configured, the API is open (set PAB_API_KEYS, or pab serve "
                         "--api-key)")
         self.owner = f"ingress:{uuid.uuid4().hex[:8]}"
+        # Lease writes of this replica, in worker threads: once it stops (`_release_queued`) none may land after
+        # the release, which would take a released lease back and leave the video to wait `stale_after_s`.
+        self._lease_lock = threading.Lock()
+        self._stopping = False
         self._active: dict[str, asyncio.Task] = {}  # jobs this replica drives
         self._reserved = 0  # accepted requests whose job is being written, not yet in _active
         self._loop_task: asyncio.Task | None = None
@@ -147,6 +152,12 @@ class VideoAPI:
         if getattr(self, "_active", None):
             self._release_queued()
 
+    def _touch(self, job_id: str) -> None:
+        """Refresh the job's lease (blocking), unless this replica is stopping."""
+        with self._lease_lock:
+            if not self._stopping:
+                self.jobs.touch(job_id, self.owner)
+
     def _release_queued(self) -> None:
         """Release the leases of the videos this replica queues, so another replica takes them over at its next
         reconcile (seconds) rather than once they go stale (`stale_after_s`, a minute by default): Serve stops
@@ -154,6 +165,8 @@ class VideoAPI:
         alone (its group keeps the lease fresh); so is one a group claims as this runs (the claim makes it in
         progress, and the group's touch takes the lease back). Blocking: Serve runs this on the replica's loop as
         its last user code."""
+        with self._lease_lock:  # a refresh in flight lands first; none starts after
+            self._stopping = True
         if self.jobs.failure is not None:
             return  # storage is failing: the leases go stale as they would on a crash
         released = []
@@ -579,7 +592,7 @@ class VideoAPI:
             await asyncio.to_thread(self.jobs.save, rec)
             self._held.pop(job_id, None)  # storage has the job again: GET reads it there
             self._seen[job_id] = rec.model_copy(deep=True)
-            await asyncio.to_thread(self.jobs.touch, job_id, self.owner)
+            await asyncio.to_thread(self._touch, job_id)
             failure = await self._call_group(rec)
             if failure is None:
                 return True  # the group wrote the outcome (or skipped a stale dispatch)
@@ -748,7 +761,7 @@ class VideoAPI:
                         if not await self._save_held(job_id):
                             break
                     for job_id in list(self._active):
-                        await asyncio.to_thread(self.jobs.touch, job_id, self.owner)
+                        await asyncio.to_thread(self._touch, job_id)
                     if time.monotonic() - last_reconcile >= self.cfg.reconcile_interval_s:
                         last_reconcile = time.monotonic()
                         await self._reconcile()
