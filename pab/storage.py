@@ -9,6 +9,8 @@
 Keys are relative POSIX paths ("videos/abc.mp4"); the backend adds its root folder or bucket prefix.
 Every backend is safe to use from several threads and processes: the local folder writes through a
 temporary file and an atomic rename, S3 writes are single PUTs (or one multipart upload) per object.
+A conditional write (`put_if`) replaces an object only if it is still the version read (`get_versioned`):
+where two processes may act on one object at once (two replicas taking over one job), exactly one wins.
 
 S3 credentials come from the usual AWS environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, an
 instance role, ...) unless the config names them. The config is a plain pydantic model so it can be
@@ -22,7 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import hashlib
 import json
+import logging
 import os
 import shutil
 import threading
@@ -30,16 +35,21 @@ import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Iterator, Literal
+from typing import Any, BinaryIO, Callable, Iterator, Literal
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 
 VIDEO_PREFIX = "videos/"
 _CHUNK = 1 << 20
+log = logging.getLogger(__name__)
 
 
 class NotFound(KeyError):
     """No object under this key."""
+
+
+class ObjectChanged(RuntimeError):
+    """A conditional write (`Storage.put_if`) found the object changed, created or removed since it was read."""
 
 
 class StorageUnavailable(RuntimeError):
@@ -229,10 +239,26 @@ class Storage(ABC):
     # ------------------------------------------------------------------ helpers on top
 
     def put_json(self, key: str, obj: Any) -> None:
-        self.put_bytes(key, json.dumps(obj, indent=1, sort_keys=True, default=str).encode(), "application/json")
+        self.put_bytes(key, _json_bytes(obj), "application/json")
 
     def get_json(self, key: str) -> Any:
         return json.loads(self.get_bytes(key))
+
+    @abstractmethod
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """The object's content and its version (an opaque tag, S3's ETag); NotFound if missing."""
+
+    @abstractmethod
+    def put_if(self, key: str, data: bytes, version: str | None, content_type: str | None = None) -> str:
+        """Write the object only if it is still at `version` (None: only if there is none yet), atomically with
+        respect to every other write of it; ObjectChanged otherwise. Returns the new version."""
+
+    def get_json_versioned(self, key: str) -> tuple[Any, str]:
+        data, version = self.get_versioned(key)
+        return json.loads(data), version
+
+    def put_json_if(self, key: str, obj: Any, version: str | None) -> str:
+        return self.put_if(key, _json_bytes(obj), version, "application/json")
 
     def put_video(self, video_id: str, video: bytes | str | Path, sidecar: dict[str, Any],
                   images: dict[str, bytes] | None = None) -> VideoRef:
@@ -256,6 +282,10 @@ class Storage(ABC):
         return VideoRef(key=key, sidecar_key=side, uri=self.uri(key), size_bytes=n)
 
 
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=True, default=str).encode()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Local folder
 # ----------------------------------------------------------------------------------------------------
@@ -273,8 +303,25 @@ def _check_creatable(root: Path) -> None:
         raise PermissionError(errno.EACCES, f"cannot create {root} in a folder not writable", str(existing))
 
 
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on `folder` (flock on the folder itself: no lock file, and it holds across processes),
+    so a conditional write's compare and replace are one step with respect to every other write in the folder."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
+
+
+def _version(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()  # a content tag, as S3's ETag of one PUT
+
+
 class LocalStorage(Storage):
-    """Objects are files under `config.path`; writes are atomic (temporary file + rename)."""
+    """Objects are files under `config.path`; writes are atomic (temporary file + rename). A file's version is
+    the MD5 of its content; conditional writes compare it under a lock on the file's folder."""
 
     def __init__(self, config: StorageConfig) -> None:
         self.config = config
@@ -284,7 +331,9 @@ class LocalStorage(Storage):
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
 
-    def _atomic_write(self, key: str, write) -> None:
+    def _atomic_write(self, key: str, write, check: Callable[[Path], None] | None = None) -> None:
+        """Write through a temporary file, then rename it over the key's file under the folder's lock, after
+        `check(dest)` (a conditional write's compare) passes."""
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         # O_EXCL on a fresh name, as mkstemp, but mode 0o666 so the umask decides (mkstemp's 0600 made every
@@ -294,7 +343,10 @@ class LocalStorage(Storage):
         try:
             with os.fdopen(fd, "wb") as f:
                 write(f)
-            os.replace(tmp, dest)
+            with _folder_lock(dest.parent):
+                if check is not None:
+                    check(dest)
+                os.replace(tmp, dest)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -314,6 +366,23 @@ class LocalStorage(Storage):
             return self._path(key).read_bytes()
         except FileNotFoundError:
             raise NotFound(key) from None
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        data = self.get_bytes(key)  # the rename is atomic: these bytes are one version's, whole
+        return data, _version(data)
+
+    def put_if(self, key: str, data: bytes, version: str | None, content_type: str | None = None) -> str:
+        def unchanged(dest: Path) -> None:
+            try:
+                current: str | None = _version(dest.read_bytes())
+            except FileNotFoundError:
+                current = None
+            if current != version:
+                raise ObjectChanged(f"{key} is {'gone' if current is None else 'at another version'}, not at "
+                                    f"{version}" if version is not None else f"{key} exists already")
+
+        self._atomic_write(key, lambda f: f.write(data), check=unchanged)
+        return _version(data)
 
     def iter_bytes(self, key: str, chunk_size: int = _CHUNK) -> Iterator[bytes]:
         try:
@@ -338,7 +407,11 @@ class LocalStorage(Storage):
         return self._path(key).is_file()
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        if not path.parent.is_dir():
+            return
+        with _folder_lock(path.parent):  # not between a conditional write's compare and its rename
+            path.unlink(missing_ok=True)
 
     def list(self, prefix: str = "", start_after: str | None = None, limit: int | None = None) -> list[str]:
         # Walk only the folder that holds the prefix; names starting with "." are temporary files.
@@ -376,6 +449,7 @@ class S3Storage(Storage):
         self._lock = threading.Lock()
         self._client = None
         self._public_client = None
+        self._unconditional = False  # the store refused conditional writes (501): plain PUTs from then on
         if config.create_bucket:
             self.ensure_bucket()
 
@@ -433,6 +507,43 @@ class S3Storage(Storage):
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
         extra = {"ContentType": content_type} if content_type else {}
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        from botocore.exceptions import ClientError
+
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return obj["Body"].read(), obj["ETag"]
+        except ClientError as e:
+            if self._missing(e):
+                raise NotFound(key) from None
+            raise
+
+    def put_if(self, key: str, data: bytes, version: str | None, content_type: str | None = None) -> str:
+        """S3's conditional PUT (If-Match / If-None-Match: AWS since 2024, SeaweedFS, MinIO, R2). A store that
+        answers 501 to them gets a plain PUT, with a warning once: it works as before conditional writes."""
+        from botocore.exceptions import ClientError
+
+        extra = {"ContentType": content_type} if content_type else {}
+        if not self._unconditional:
+            cond = {"IfMatch": version} if version is not None else {"IfNoneMatch": "*"}
+            try:
+                return self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **cond,
+                                              **extra)["ETag"]  # fmt: skip
+            except ClientError as e:
+                err, status = e.response.get("Error", {}), e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                code = err.get("Code", "")
+                # 412: not at that version (or, for If-Match, gone: AWS may answer 404 instead); 409: a concurrent
+                # conditional write of the same key won.
+                if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict") or (
+                        version is not None and self._missing(e)):
+                    raise ObjectChanged(f"{key} changed since it was read ({code or status})") from None
+                if status != 501 and code != "NotImplemented":
+                    raise
+                self._unconditional = True
+                log.warning("the S3 store at %s does not take conditional writes (If-Match, If-None-Match): two "
+                            "processes taking over one job at once may both run it", self.config.endpoint_url or "AWS")
+        return self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)["ETag"]
 
     def put_file(self, key: str, path: str | Path, content_type: str | None = None) -> None:
         from boto3.s3.transfer import TransferConfig
