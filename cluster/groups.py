@@ -29,7 +29,7 @@ from actors.worker import VideoOutput
 from cluster.api import ErrorInfo
 from cluster.config import AppConfig, ModelConfig, PoolConfig
 from cluster.failures import NothingRendered
-from cluster.jobs import JobRecord, JobStore
+from cluster.jobs import JobRecord, JobStore, RecordChanged
 from pab.storage import StorageUnavailable, storage_from_config
 
 log = logging.getLogger("ray.serve")
@@ -126,7 +126,10 @@ class VideoGroup:
         rec.status, rec.started_at, rec.error = "in_progress", time.time(), None  # a retry's reason is history now
         rec.group = {"name": self.group.name, "replica": self.replica, "gpus": self.group.size,
                      "namespace": self.group.info.get("namespace")}
-        self.jobs.save(rec)
+        try:  # only the record read above: a replica that took the job over (a new dispatch) meanwhile wins
+            self.jobs.save(rec, if_unchanged=True)
+        except RecordChanged:
+            return {"skipped": f"the record of {job_id} changed as this group claimed dispatch {dispatch}"}
         self.jobs.touch(job_id, owner)
         return rec
 

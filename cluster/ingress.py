@@ -42,7 +42,7 @@ from starlette.datastructures import Headers
 from cluster import failures
 from cluster.api import ErrorInfo, ModelInfo, Video, VideoCreate, VideoList, error_body
 from cluster.config import AppConfig, pool_name, route
-from cluster.jobs import JobRecord, JobStore, new_job_id, valid_id
+from cluster.jobs import JobRecord, JobStore, RecordChanged, new_job_id, valid_id
 from cluster.metrics import IngressMetrics
 from pab.errors import RequestError
 from pab.seeds import draw_seed
@@ -539,17 +539,19 @@ class VideoAPI:
 
     # ------------------------------------------------------------------ driving jobs
 
-    def _start(self, job_id: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._drive(job_id))
+    def _start(self, job_id: str, judged: str | None = None) -> None:
+        """Drive the job from here. `judged`: the version of its record a takeover was decided on (`_reconcile`);
+        if the record has changed since, someone else acts on the job and it is left to them."""
+        task = asyncio.get_running_loop().create_task(self._drive(job_id, judged))
         self._active[job_id] = task
         task.add_done_callback(lambda _t, j=job_id: self._active.pop(j, None))
 
-    async def _drive(self, job_id: str) -> None:
+    async def _drive(self, job_id: str, judged: str | None = None) -> None:
         """Dispatch until the job is finished; retry on another group when a group dies, and after storage
         failed once it takes writes again."""
         try:
-            while not await self._attempt(job_id):
-                pass
+            while not await self._attempt(job_id, judged):
+                judged = None
             await self._count_finished(job_id)
         except Exception:  # noqa: BLE001 - a bug: leave the job to the reconciler
             log.exception("job %s: driver stopped; the reconciler will pick it up", job_id)
@@ -567,12 +569,20 @@ class VideoAPI:
         if rec.terminal:
             self.metrics.video_finished(rec)
 
-    async def _attempt(self, job_id: str) -> bool:
-        """One dispatch. True when nothing is left to do here (finished, or a group wrote the outcome);
-        False to go round again: a group died, or storage failed (the job shows why while it waits)."""
+    async def _attempt(self, job_id: str, judged: str | None = None) -> bool:
+        """One dispatch. True when nothing is left to do here (finished, a group wrote the outcome, or someone else
+        took the job on); False to go round again: a group died, or storage failed (the job shows why while it
+        waits).
+
+        Every write of the record here is conditional on the version just read: a group that claimed the job, or
+        another replica that took it over, in between wins, and this replica leaves the job to it. Two replicas
+        adopting one job (both saw its lease go stale) no longer both dispatch it, nor does a replica taking over
+        a released job that a group claimed meanwhile."""
         rec = self._seen.get(job_id)
         try:
             rec = await asyncio.to_thread(self.jobs.get, job_id)
+            if judged is not None and rec._version != judged:
+                raise RecordChanged(f"the record of {job_id} changed since this replica decided to take it over")
             held = self._held.get(job_id)
             if held is not None and held.terminal:
                 return True  # cancelled or failed here while storage was down; the background loop saves it
@@ -589,10 +599,12 @@ class VideoAPI:
             rec.status, rec.progress, rec.step = "queued", 0, 0
             if rec.error is None or rec.error.code != "retrying":  # why it waits again stays until a group starts it
                 rec.error = None
-            await asyncio.to_thread(self.jobs.save, rec)
+            # The lease first: a replica that reads this dispatch's record as it judges the job (`_reconcile`)
+            # then reads a fresh lease, and leaves it.
+            await asyncio.to_thread(self._touch, job_id)
+            await asyncio.to_thread(self.jobs.save, rec, if_unchanged=True)
             self._held.pop(job_id, None)  # storage has the job again: GET reads it there
             self._seen[job_id] = rec.model_copy(deep=True)
-            await asyncio.to_thread(self._touch, job_id)
             failure = await self._call_group(rec)
             if failure is None:
                 return True  # the group wrote the outcome (or skipped a stale dispatch)
@@ -621,9 +633,13 @@ class VideoAPI:
             # starts the render).
             rec.error = ErrorInfo(code="retrying", message=f"attempt {rec.attempts} of {rec.max_attempts} failed "
                                   f"({reason}); it renders again on another group")  # fmt: skip
-            await asyncio.to_thread(self.jobs.save, rec)
+            await asyncio.to_thread(self.jobs.save, rec, if_unchanged=True)
             await asyncio.sleep(self.cfg.retry_backoff_s)
             return False
+        except RecordChanged as e:
+            # Whoever changed it drives it now; should it die, its lease goes stale and a replica adopts the job.
+            log.info("job %s: %s; left to whoever changed it", job_id, e)
+            return True
         except StorageUnavailable as e:
             # One of this replica's own reads or writes failed. Nothing ran that is lost: wait for storage.
             if rec is not None:
@@ -790,32 +806,42 @@ class VideoAPI:
         return {name[len(prefix):].split("#", 1)[0]: why for name, why in sorted(found.items())}
 
     async def _reconcile(self) -> None:
+        """Take over the unfinished jobs nobody holds: a stale lease (its holder died), a released one (its replica
+        stopped), or none a while after creation (the creator died at once). Each is decided on the record as read
+        here and taken only if it is still that version (`_attempt`): another replica deciding the same at the same
+        time, or a group claiming the job, wins instead of dispatching it twice."""
         for job_id in await asyncio.to_thread(self.jobs.active_ids):
             if job_id in self._active or job_id in self._held or not valid_id(job_id):
                 continue
             lease = await asyncio.to_thread(self.jobs.lease, job_id)
-            if lease is None:
-                # Created but never leased (the creator died at once): judge by the record's age.
-                try:
-                    rec = await asyncio.to_thread(self.jobs.get, job_id)
-                except NotFound:
-                    continue
-                age = time.time() - rec.updated_at
-            else:
+            if lease is not None:
                 age = time.time() - float(lease.get("at", 0))
                 # Released by a stopping replica: a heartbeat on (time for it to be gone, and for a group that
                 # claimed the video as it stopped to take the lease back), if still queued, it is ours.
-                if lease.get("released") and age > self.cfg.heartbeat_s and lease.get("owner") != self.owner:
-                    try:
-                        if (await asyncio.to_thread(self.jobs.get, job_id)).status == "queued":
-                            log.info("taking over job %s, released by %s", job_id, lease.get("owner"))
-                            self._start(job_id)
-                            continue
-                    except NotFound:
-                        continue
-            if age > self.cfg.stale_after_s:
-                log.warning("adopting job %s (lease %.0fs old)", job_id, age)
-                self._start(job_id)
+                released = lease.get("released") and age > self.cfg.heartbeat_s and lease.get("owner") != self.owner
+                if not released and age <= self.cfg.stale_after_s:
+                    continue
+            try:
+                rec = await asyncio.to_thread(self.jobs.get, job_id)
+            except NotFound:
+                continue
+            if rec.terminal:  # the save that finished it stopped short of removing these
+                await asyncio.to_thread(self.jobs.retire, job_id)
+                continue
+            if lease != await asyncio.to_thread(self.jobs.lease, job_id):
+                continue  # taken (or claimed) as this was read: its new holder touched the lease first
+            if lease is None:  # created but never leased (the creator died at once): judge by the record's age
+                age = time.time() - rec.updated_at
+                if age <= self.cfg.stale_after_s:
+                    continue
+            elif released and age <= self.cfg.stale_after_s:
+                if rec.status != "queued":
+                    continue  # a group claimed it as its replica stopped: the group's lease says whether it lives
+                log.info("taking over job %s, released by %s", job_id, lease.get("owner"))
+                self._start(job_id, rec._version)
+                continue
+            log.warning("adopting job %s (lease %.0fs old)", job_id, age)
+            self._start(job_id, rec._version)
 
 
 def _app_name() -> str | None:

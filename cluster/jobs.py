@@ -1,7 +1,9 @@
 """Durable job records in the object store: nothing about a job lives only in a replica's memory.
 
-Layout under the storage root (each object has one writer at a time, so no read-modify-write races
-between the ingress and a group):
+Layout under the storage root. Each object has one writer at a time, except where a job changes hands: an
+ingress replica taking a job over (or dispatching it again) and a group claiming it write the record only if it is
+still the version they read (`JobStore.save(..., if_unchanged=True)`), so of two that act on one job at once
+exactly one goes on (`RecordChanged` tells the other to leave it).
 
     jobs/records/<id>.json   the job (`JobRecord`). The ingress writes it when it creates and
                              (re)dispatches the job; the group running it writes it while it runs.
@@ -33,9 +35,11 @@ import secrets
 import time
 from typing import Any, Callable, TypeVar
 
+from pydantic import PrivateAttr
+
 from cluster.api import TERMINAL, Video
 from pab.storage import (
-    IMAGE_VARIANTS, NotFound, Storage, StorageUnavailable, image_key, storage_errors, video_keys,
+    IMAGE_VARIANTS, NotFound, ObjectChanged, Storage, StorageUnavailable, image_key, storage_errors, video_keys,
 )  # fmt: skip
 
 RECORDS, ACTIVE, CANCEL, LEASES = "jobs/records/", "jobs/active/", "jobs/cancel/", "jobs/leases/"
@@ -43,6 +47,10 @@ PROBES, DELETED, IDEMPOTENCY = "jobs/probes/", "jobs/deleted/", "jobs/idempotenc
 ID_RE = re.compile(r"^video_[0-9a-f]{25}$")
 T = TypeVar("T")
 log = logging.getLogger("ray.serve")
+
+
+class RecordChanged(RuntimeError):
+    """The job's record changed since it was read: another replica or a group acts on the job; leave it to them."""
 
 
 def new_job_id() -> str:
@@ -67,6 +75,7 @@ class JobRecord(Video):
     created_at: float
     started_at: float | None = None
     completed_at: float | None = None
+    _version: str | None = PrivateAttr(None)  # the stored version this copy was read at (`JobStore.get`)
 
     @property
     def terminal(self) -> bool:
@@ -147,21 +156,45 @@ class JobStore:
         self._io(f"save the new record of {rec.id}", write, write=True)
 
     def get(self, job_id: str) -> JobRecord:
+        """The stored record, with the version it was read at (what `save(..., if_unchanged=True)` compares)."""
         if not valid_id(job_id):
             raise NotFound(job_id)
-        return JobRecord(**self._io(f"read the record of {job_id}", self.storage.get_json, f"{RECORDS}{job_id}.json"))
+        data, version = self._io(f"read the record of {job_id}", self.storage.get_json_versioned,
+                                 f"{RECORDS}{job_id}.json")  # fmt: skip
+        rec = JobRecord(**data)
+        rec._version = version
+        return rec
 
-    def save(self, rec: JobRecord) -> None:
-        """Write the record; a finished job leaves the active set and drops its lease."""
+    def save(self, rec: JobRecord, *, if_unchanged: bool = False) -> None:
+        """Write the record; a finished job leaves the active set and drops its lease. `if_unchanged`: only if the
+        stored record is still the version `rec` was read at (`get`), else RecordChanged and nothing written."""
         rec.updated_at = time.time()
+        key = f"{RECORDS}{rec.id}.json"
+        if if_unchanged and rec._version is None:
+            raise ValueError(f"save(if_unchanged=True) needs a record read by JobStore.get; {rec.id}'s was not")
 
         def write() -> None:
-            self.storage.put_json(f"{RECORDS}{rec.id}.json", rec.model_dump(mode="json"))
+            if if_unchanged:
+                try:
+                    rec._version = self.storage.put_json_if(key, rec.model_dump(mode="json"), rec._version)
+                except ObjectChanged:
+                    raise RecordChanged(f"the record of {rec.id} changed since it was read") from None
+            else:
+                self.storage.put_json(key, rec.model_dump(mode="json"))
             if rec.terminal:
                 self.storage.delete(f"{ACTIVE}{rec.id}")
                 self.storage.delete(f"{LEASES}{rec.id}.json")
 
         self._io(f"save the record of {rec.id}", write, write=True)
+
+    def retire(self, job_id: str) -> None:
+        """Drop a finished job's active marker and lease, which the save that finished it failed to remove."""
+
+        def write() -> None:
+            self.storage.delete(f"{ACTIVE}{job_id}")
+            self.storage.delete(f"{LEASES}{job_id}.json")
+
+        self._io(f"retire finished {job_id}", write, write=True)
 
     def list(self, limit: int = 20, after: str | None = None, order: str = "desc") -> tuple[list[JobRecord], bool]:
         """A page of jobs, newest first (desc) or oldest first (asc), strictly after the id `after`."""

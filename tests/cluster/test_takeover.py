@@ -1,0 +1,183 @@
+"""Jobs changing hands render once (in process, no Ray: the real service and the real group claim on a local
+folder or a real SeaweedFS). Several ingress replicas adopting a crashed replica's videos, a replica taking over a
+released video that a group claims at the same moment, a group claiming a video another replica dispatched again:
+of two that act on one job at once exactly one goes on, because each writes the record only if it is still the
+version it read."""
+
+import asyncio
+import uuid
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+from test_ingress_shutdown import POOL, BusyPool, config, until
+
+import cluster.ingress as ingress
+from cluster.api import VideoCreate
+from cluster.config import AppConfig
+from cluster.groups import VideoGroup
+from cluster.jobs import RecordChanged
+from pab.storage import storage_from_config
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path) -> dict:
+    if request.param == "local":
+        return {"backend": "local", "path": str(tmp_path / "store")}
+    return request.getfixturevalue("s3_server").storage_config("takeover-" + uuid.uuid4().hex[:8])
+
+
+def stop(*services) -> None:
+    for svc in services:
+        if svc._loop_task is not None:
+            svc._loop_task.cancel()
+        for task in list(svc._active.values()):
+            task.cancel()
+
+
+def test_replicas_adopting_a_crashed_replicas_videos_dispatch_each_once(storage, tmp_path):
+    """Three replicas see the same stale leases at the same time. Before, each of them bumped the dispatch and
+    called a group, often with the same number, so two groups rendered one video (most of 20 videos, in a probe)."""
+    # Leases stale after 2 s: a loaded machine's loop must not let a survivor's own refreshes lapse (a second,
+    # rightful adoption).
+    cfg = {**config(tmp_path, stale_after_s=2.0), "storage": storage}
+
+    async def crash_and_adopt() -> tuple[list, list[str]]:
+        crashed_pool = BusyPool()
+        crashed = ingress.VideoAPI(cfg, pools={POOL: crashed_pool})
+        ids = [(await crashed.create(VideoCreate(prompt=f"a fox {i}", size="32x32", num_frames=17))).id
+               for i in range(12)]  # fmt: skip
+        await until(lambda: len(crashed_pool.calls) == 12, 20, "first dispatches")
+        stop(crashed)  # no more lease refreshes: as a replica that died
+        pools = [BusyPool() for _ in range(3)]
+        survivors = [ingress.VideoAPI(cfg, pools={POOL: p}) for p in pools]
+        calls = lambda: [c for p in pools for c in p.calls]  # noqa: E731
+        await until(lambda: {c[0] for c in calls()} == set(ids), 30, "every video adopted")
+        await asyncio.sleep(1.0)  # more reconcile rounds of all three: none may adopt again
+        stop(*survivors)
+        return calls(), ids
+
+    calls, ids = asyncio.run(crash_and_adopt())
+    per_video = Counter(job_id for job_id, _ in calls)
+    assert per_video == Counter(ids), f"videos dispatched more than once: {per_video.most_common(3)}"
+    jobs = ingress.JobStore(storage_from_config(storage))
+    assert all(jobs.get(job_id).dispatch == 2 for job_id in ids)
+
+
+def test_a_takeover_decided_as_a_group_claims_the_video_leaves_it_to_the_group(tmp_path):
+    """A replica stopped with a video queued and released it; the new replica decides to take it over, and a group
+    claims the old dispatch before the new replica writes. Before, the new replica dispatched it again anyway: two
+    renders of one video."""
+    cfg = config(tmp_path, stale_after_s=60.0)
+    old_pool, new_pool = BusyPool(), BusyPool()
+
+    async def takeover() -> str:
+        old = ingress.VideoAPI(cfg, pools={POOL: old_pool})
+        job_id = (await old.create(VideoCreate(prompt="a heron", size="32x32", num_frames=17))).id
+        await until(lambda: old_pool.calls, 10, "first dispatch")
+        old.__del__()  # Serve stops it: the queued video's lease is released
+        stop(old)
+        await asyncio.sleep(0.1)  # a heartbeat: the release is old enough to take
+        new = ingress.VideoAPI(cfg, pools={POOL: new_pool})
+        stop(new)  # its own loop off: this test runs the reconcile round itself
+        await new._reconcile()
+        assert job_id in new._active  # decided, not yet run
+        # A group claims dispatch 1 now, the way VideoGroup._claim writes it.
+        rec = new.jobs.get(job_id)
+        rec.status = "in_progress"
+        new.jobs.save(rec, if_unchanged=True)
+        new.jobs.touch(job_id, "group:g0")
+        await until(lambda: job_id not in new._active or new_pool.calls, 10, "the takeover's outcome")
+        return job_id
+
+    job_id = asyncio.run(takeover())
+    jobs = ingress.JobStore(storage_from_config(cfg["storage"]))
+    assert new_pool.calls == []
+    rec = jobs.get(job_id)
+    assert (rec.status, rec.dispatch) == ("in_progress", 1) and jobs.lease(job_id)["owner"] == "group:g0"
+
+
+def test_a_group_claiming_a_video_dispatched_again_meanwhile_skips_it(tmp_path):
+    """The real `VideoGroup._claim`: between its read of the record and its write, another replica dispatches the
+    video again (dispatch 2). The claim of dispatch 1 must not overwrite that and render: it skips."""
+    cfg = config(tmp_path)
+    store = storage_from_config(cfg["storage"])
+    group = VideoGroup.__new__(VideoGroup)  # the replica class, without placing rank actors
+    group.cfg, group.replica = AppConfig(**cfg), "test-replica"
+    group.jobs = ingress.JobStore(store)
+    group.group = SimpleNamespace(broken=None, name="g0", size=1, info={})
+
+    async def queue() -> str:
+        svc = ingress.VideoAPI(cfg, pools={POOL: BusyPool()})
+        job_id = (await svc.create(VideoCreate(prompt="a crab", size="32x32", num_frames=17))).id
+        await until(lambda: svc.jobs.get(job_id).dispatch == 1, 10, "first dispatch")
+        stop(svc)
+        return job_id
+
+    job_id = asyncio.run(queue())
+    read_cancel = group.jobs.cancel_requested
+
+    def dispatched_again_meanwhile(jid: str) -> bool:  # _claim reads this between its read and its write
+        rec = group.jobs.get(jid)
+        rec.dispatch += 1
+        group.jobs.save(rec, if_unchanged=True)
+        return read_cancel(jid)
+
+    group.jobs.cancel_requested = dispatched_again_meanwhile
+    answer = group._claim(job_id, 1)
+    assert "changed" in answer["skipped"]
+    rec = group.jobs.get(job_id)
+    assert (rec.status, rec.dispatch, rec.group) == ("queued", 2, None)
+
+    group.jobs.cancel_requested = read_cancel  # undisturbed, the claim of the current dispatch takes it
+    claimed = group._claim(job_id, 2)
+    assert claimed.status == "in_progress" and group.jobs.lease(job_id)["owner"] == "group:g0"
+
+
+def test_of_two_copies_of_one_record_only_the_first_write_lands(tmp_path):
+    jobs = ingress.JobStore(storage_from_config({"backend": "local", "path": str(tmp_path)}))
+
+    async def one() -> str:
+        svc = ingress.VideoAPI(config(tmp_path), pools={POOL: BusyPool()})
+        stop(svc)
+        job_id = (await svc.create(VideoCreate(prompt="a owl", size="32x32", num_frames=17))).id
+        stop(svc)
+        return job_id
+
+    job_id = asyncio.run(one())
+    a, b = jobs.get(job_id), jobs.get(job_id)
+    a.last_error, b.last_error = "a", "b"
+    jobs.save(a, if_unchanged=True)
+    with pytest.raises(RecordChanged):
+        jobs.save(b, if_unchanged=True)
+    assert jobs.get(job_id).last_error == "a"
+    jobs.save(a, if_unchanged=True)  # the writer's copy follows its own write
+    with pytest.raises(ValueError, match="JobStore.get"):
+        jobs.save(a.model_validate(a.model_dump()), if_unchanged=True)  # a copy not read from storage
+
+
+def test_a_finished_video_left_active_is_retired_not_adopted(tmp_path):
+    """The save that finished a video wrote its record but not the removal of its active marker and lease: the
+    reconcile round retires them instead of adopting the video (before, each round adopted it again and counted it
+    finished again)."""
+    cfg = config(tmp_path, stale_after_s=0.1)
+    pool = BusyPool()
+
+    async def leftover() -> tuple[str, list]:
+        svc = ingress.VideoAPI(cfg, pools={POOL: pool})
+        job_id = (await svc.create(VideoCreate(prompt="a wren", size="32x32", num_frames=17))).id
+        await until(lambda: pool.calls, 10, "first dispatch")
+        stop(svc)
+        rec = svc.jobs.get(job_id)
+        rec.status, rec.progress = "completed", 100
+        svc.store.put_json(f"jobs/records/{job_id}.json", rec.model_dump(mode="json"))  # as a save cut short
+        await asyncio.sleep(0.2)  # its lease goes stale
+        other = ingress.VideoAPI(cfg, pools={POOL: pool})
+        stop(other)
+        await other._reconcile()
+        return job_id, list(other._active)
+
+    job_id, adopted = asyncio.run(leftover())
+    jobs = ingress.JobStore(storage_from_config(cfg["storage"]))
+    assert adopted == [] and pool.calls == [(job_id, 1)]
+    assert jobs.active_ids() == [] and jobs.lease(job_id) is None and jobs.get(job_id).status == "completed"
