@@ -57,6 +57,9 @@ from pab.storage import (
 log = logging.getLogger("ray.serve")
 _PROBE_EVERY_S = 1.0  # /healthz probes a failing storage at most this often (it needs no key)
 _STORAGE_WAIT_MAX_S = 30.0  # longest pause between probes of a job waiting for storage
+# An idempotency key bound this recently with no video yet is taken by a request still creating it (two writes);
+# older, its creator died in between and the key is free again.
+_KEY_CREATION_S = 15.0
 
 
 class _FileResponse(FileResponse):
@@ -236,10 +239,10 @@ class VideoAPI:
         if idempotency is None:
             return await self._create(body, None, remixed_from)
         digest, request_hash = idempotency
-        lock = self._idempotency.setdefault(digest, asyncio.Lock())
+        lock = self._idempotency.setdefault(digest, asyncio.Lock())  # one at a time here; across replicas, below
         try:
             async with lock:
-                found = await asyncio.to_thread(self.jobs.idempotent_job, digest)
+                found, version = await asyncio.to_thread(self.jobs.idempotent_job, digest)
                 if found is not None:
                     if found.get("request") != request_hash:
                         raise api_error(409, "idempotency_key_reused", "this Idempotency-Key was sent before with a "
@@ -248,11 +251,24 @@ class VideoAPI:
                         return await self.view(found["job_id"])
                     except HTTPException as e:
                         if e.status_code != 404:
-                            raise  # else the video was deleted: the key is free again
-                return await self._create(body, idempotency, remixed_from)
+                            raise
+                    # No video: deleted (the key is free again), or another replica is creating it right now.
+                    if not await self._key_freed(found):
+                        raise _key_in_use()
+                try:
+                    return await self._create(body, (digest, request_hash, version), remixed_from)
+                except RecordChanged:  # another replica took the key between our read and our write
+                    raise _key_in_use() from None
         finally:
             if not lock.locked():
                 self._idempotency.pop(digest, None)
+
+    async def _key_freed(self, found: dict[str, Any]) -> bool:
+        """Whether an idempotency key whose video is missing may be used again: its video was deleted, or it is
+        older than a creation takes (its creator died between binding the key and writing the video's record)."""
+        if time.time() - float(found.get("at", 0)) > _KEY_CREATION_S:
+            return True
+        return await asyncio.to_thread(self.jobs.deleted, found["job_id"])
 
     def _check_room(self) -> None:
         pending = len(self._active) + self._reserved
@@ -260,7 +276,7 @@ class VideoAPI:
             raise api_error(429, "queue_full", f"{pending} videos are queued or rendering; retry later",
                             {"Retry-After": str(self.cfg.retry_after_s)})
 
-    async def _create(self, body: VideoCreate, idempotency: tuple[str, str] | None,
+    async def _create(self, body: VideoCreate, idempotency: tuple[str, str, str | None] | None,
                       remixed_from: str | None = None) -> Video:  # fmt: skip
         self._ensure_background()
         # A full queue answers before the model's checks (a thread hop and the sampler's set-up): under a
@@ -291,14 +307,19 @@ class VideoAPI:
             pool = route(model_cfg, request["num_frames"] * request["height"] * request["width"])
             now, job_id = time.time(), new_job_id()
             if idempotency is not None:  # the key first: a crash before the record frees it again (no record)
-                await asyncio.to_thread(self.jobs.remember_idempotent, idempotency[0], job_id, idempotency[1])
+                await asyncio.to_thread(self.jobs.remember_idempotent, idempotency[0], job_id, *idempotency[1:])
             rec = JobRecord(
                 id=job_id, model=model, status="queued", created_at=now, prompt=request["prompt"],
                 seconds=f"{request['num_frames'] / request['fps']:g}", size=size, notices=notices, request=request,
                 seed=request["seed"], total_steps=request["steps"], pool=pool_name(model, pool.gpus),
                 max_attempts=self.cfg.max_attempts, remixed_from_video_id=remixed_from,
             )
-            await asyncio.to_thread(self.jobs.create, rec)
+            try:
+                await asyncio.to_thread(self.jobs.create, rec)
+            except Exception:  # not on a cancel: the write may still land in its thread
+                if idempotency is not None:  # free the key now, or its retry would wait `_KEY_CREATION_S`
+                    await asyncio.to_thread(self.jobs.forget_idempotent, idempotency[0])
+                raise
             self._start(rec.id)
         finally:
             self._reserved -= 1
@@ -852,6 +873,15 @@ def _app_name() -> str | None:
         return serve.get_replica_context().app_name
     except Exception:  # noqa: BLE001 - outside Serve (tests of the class itself)
         return None
+
+
+def _key_in_use() -> HTTPException:
+    """409 with Retry-After, the one 409 a retry a moment later changes: the openai SDK is told to retry it (its own
+    x-should-retry header; the routes send "false" with every other 409), and the retry answers the video the other
+    request made."""
+    return api_error(409, "idempotency_key_in_use", "another request with this Idempotency-Key is being handled right "
+                     "now; retry in a moment to get the video it creates",
+                     {"Retry-After": "1", "x-should-retry": "true"})  # fmt: skip
 
 
 def _unsaved_cancel(job_id: str, e: BaseException | None) -> str:

@@ -296,16 +296,30 @@ class JobStore:
 
         return self._io("sweep deleted videos", sweep, write=True)
 
-    def idempotent_job(self, digest: str) -> dict[str, Any] | None:
-        """What an idempotency key (its digest) created: {"job_id", "request"}, or None."""
+    def idempotent_job(self, digest: str) -> tuple[dict[str, Any] | None, str | None]:
+        """What an idempotency key (its digest) created, {"job_id", "request", "at"}, and the version of that entry;
+        (None, None) for a key never seen."""
         try:
-            return self._io("read an idempotency key", self.storage.get_json, f"{IDEMPOTENCY}{digest}.json")
+            return self._io("read an idempotency key", self.storage.get_json_versioned, f"{IDEMPOTENCY}{digest}.json")
         except NotFound:
-            return None
+            return None, None
 
-    def remember_idempotent(self, digest: str, job_id: str, request_hash: str) -> None:
-        self._io("save an idempotency key", self.storage.put_json, f"{IDEMPOTENCY}{digest}.json",
-                 {"job_id": job_id, "request": request_hash, "at": time.time()}, write=True)  # fmt: skip
+    def remember_idempotent(self, digest: str, job_id: str, request_hash: str, version: str | None) -> None:
+        """Bind the key to `job_id`, only if its entry is still `version` (None: only if there is none): of two
+        requests with one key on two replicas, one creates the video and the other gets RecordChanged."""
+        entry = {"job_id": job_id, "request": request_hash, "at": time.time()}
+        try:
+            self._io("save an idempotency key", self.storage.put_json_if, f"{IDEMPOTENCY}{digest}.json", entry,
+                     version, write=True)  # fmt: skip
+        except ObjectChanged:
+            raise RecordChanged("another request with this Idempotency-Key took it meanwhile") from None
+
+    def forget_idempotent(self, digest: str) -> None:
+        """Unbind a key whose video could not be created (best effort: storage is failing then)."""
+        try:
+            self._io("free an idempotency key", self.storage.delete, f"{IDEMPOTENCY}{digest}.json")
+        except StorageUnavailable:
+            pass  # the key frees itself once it is older than a creation takes
 
     def lease(self, job_id: str) -> dict[str, Any] | None:
         try:

@@ -547,6 +547,39 @@ def test_an_idempotency_key_answers_the_same_video_also_after_a_restart(server, 
     assert fresh.id != first.id
 
 
+def test_a_key_another_replica_is_creating_answers_409_the_sdk_retries_into_its_video(server, client):
+    """Another ingress replica has bound the Idempotency-Key and is still writing its video's record when the same
+    request reaches this one. This one answers 409 idempotency_key_in_use with Retry-After: 1, which the SDK
+    retries (its default 2 retries), and the retry gets the other replica's video: one video, not two."""
+    svc = server[1]
+    other = ingress.VideoAPI({"models": [{"name": MODEL}], "api_keys": [KEY], "storage": svc.cfg.storage}, pools={})
+    other._warm_up = lambda: None
+    body = ingress.VideoCreate(prompt="an ibis", steps=1)
+    http_request = type("R", (), {"headers": {"idempotency-key": "k-busy", "authorization": f"Bearer {KEY}"}})()
+    key = routes._idempotency(http_request, body, default_model=MODEL)
+    write_record = other.jobs.create
+    written = threading.Event()  # the record waits for it: the other replica is mid-creation until then
+    other.jobs.create = lambda rec: (written.wait(30), write_record(rec))
+    made: list = []
+    creating = threading.Thread(target=lambda: made.append(asyncio.run(other.create(body, key))))
+    creating.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not svc.store.exists(f"jobs/idempotency/{key[0]}.json") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(openai.ConflictError, match="being handled") as e:  # no retries: the 409 itself
+            client.videos.create(prompt="an ibis", extra_body={"steps": 1}, extra_headers={"Idempotency-Key": "k-busy"})
+        assert e.value.body["code"] == "idempotency_key_in_use" and e.value.response.headers["retry-after"] == "1"
+        assert e.value.response.headers["x-should-retry"] == "true"  # every other 409 says false
+        written.set()
+        video = client.with_options(max_retries=2).videos.create(prompt="an ibis", extra_body={"steps": 1},
+                                                                 extra_headers={"Idempotency-Key": "k-busy"})
+    finally:
+        written.set()
+        creating.join(30)
+    assert made and video.id == made[0].id
+
+
 # ---------------------------------------------------------------------------- metrics
 
 

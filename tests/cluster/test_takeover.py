@@ -181,3 +181,32 @@ def test_a_finished_video_left_active_is_retired_not_adopted(tmp_path):
     jobs = ingress.JobStore(storage_from_config(cfg["storage"]))
     assert adopted == [] and pool.calls == [(job_id, 1)]
     assert jobs.active_ids() == [] and jobs.lease(job_id) is None and jobs.get(job_id).status == "completed"
+
+
+def test_one_idempotency_key_on_two_replicas_at_once_creates_one_video(tmp_path):
+    """The same POST with one Idempotency-Key reaches two replicas at the same moment (a client retrying through a
+    load balancer). Before, each read the key unbound and each created a video. Now one binds it; the other answers
+    409 idempotency_key_in_use with Retry-After (the openai SDK retries that) or, if the video exists by then, it."""
+    cfg = config(tmp_path)
+    body = VideoCreate(prompt="a lynx", size="32x32", num_frames=17)
+    key = ("digest-of-key-and-sender", "hash-of-request")
+
+    async def both() -> list:
+        a, b = (ingress.VideoAPI(cfg, pools={POOL: BusyPool()}) for _ in range(2))
+        stop(a, b)
+        out = await asyncio.gather(a.create(body, key), b.create(body, key), return_exceptions=True)
+        again = await b.create(body, key)  # the client's retry
+        stop(a, b)
+        return [*out, again]
+
+    first, second, retry = asyncio.run(both())
+    jobs = ingress.JobStore(storage_from_config(cfg["storage"]))
+    created = jobs.active_ids()
+    assert len(created) == 1, f"{len(created)} videos for one key"
+    for answer in (first, second):
+        if isinstance(answer, Exception):
+            assert answer.status_code == 409 and answer.headers["Retry-After"] == "1"
+            assert "idempotency_key_in_use" in str(answer.detail)
+        else:
+            assert answer.id == created[0]
+    assert retry.id == created[0]
