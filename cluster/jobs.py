@@ -13,8 +13,9 @@ exactly one goes on (`RecordChanged` tells the other to leave it).
     jobs/deleted/<id>.json   a deleted job's tombstone {"at"}: a render that was finishing as the job was
                              deleted may write its record or video after; the ingress sweeps them away
                              while the tombstone lasts (`JobStore.sweep_deleted`).
-    jobs/idempotency/<h>.json  {"job_id", "request"}: the job a POST with an `Idempotency-Key` created; h is a
-                             hash of the key and the API key that sent it.
+    jobs/idempotency/<h>.json  {"job_id", "request", "at"}: the job a POST with an `Idempotency-Key` created; h
+                             is a hash of the key and the API key that sent it. Bound by a conditional write,
+                             so of two replicas given the same POST at once, one creates the job.
     jobs/leases/<id>.json    {"owner", "at"}: refreshed by whoever holds the job (the ingress while it
                              queues it, the group while it renders). A stale lease means nobody
                              holds it any more, so a restarted ingress takes it over. An ingress
