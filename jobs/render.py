@@ -28,10 +28,14 @@ What it does:
 * logs progress (done, failed, remaining, rate, ETA) and one ``rendered``/``failed`` line per row;
 * writes ``<output>/results.parquet`` (`jobs.results.SCHEMA`), one row per manifest row.
 
+One run at a time writes an output (`jobs.lock.RunLock`): a second one started while the first runs stops at
+once (exit code 2), naming it.
+
 Exit code: 0 when every row was handled (failed rows included: see the results table), 1 when rows
-were left unrendered because no GPU group could run, 2 for bad arguments, a bad manifest or an output that
-cannot be opened or read, 130 after Ctrl-C (no row starts after it; the results table is written, and the
-next run renders what was left, the rows then rendering included).
+were left unrendered because no GPU group could run (or another run took the output over), 2 for bad arguments,
+a bad manifest, an output that cannot be opened or read or that another run is writing, 130 after Ctrl-C (no
+row starts after it; the results table is written, and the next run renders what was left, the rows then
+rendering included).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from pab.storage import (
     NotFound, Storage, StorageConfig, StorageUnavailable, storage_errors, storage_from_config, video_keys,
 )
 from jobs.ledger import STATE_COMPLETED, Ledger
+from jobs.lock import OutputBusy, RunLock
 from jobs.manifest import ManifestError, RenderSettings, RowPlan, plan_rows, read_manifest
 from jobs.results import RESULTS_KEY, ResultRow, to_parquet_bytes
 
@@ -83,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="S3 endpoint URL (default: $PAB_S3_ENDPOINT, $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, AWS)")
     io.add_argument("--dry-run", action="store_true",
                     help="check the manifest, and each row against the model's rules, and report what would render")
+    io.add_argument("--take-over", action="store_true",
+                    help="start although the output's run lease names another run (only once you know it is dead; "
+                         "a dead run's lease frees itself 2 minutes after its last refresh)")
 
     g = p.add_argument_group("model and GPU groups")
     g.add_argument("--model", default="opensora-v1.2", help="model name (`pab models`), e.g. opensora-v1.2-tiny")
@@ -268,8 +276,10 @@ class BulkRender:
         self._results_lock = threading.Lock()
         self.progress: Progress | None = None
         self._all_done = threading.Event()
-        self._stop = threading.Event()  # Ctrl-C: no group takes another row
+        self._stop = threading.Event()  # Ctrl-C, or the output taken over: no group takes another row
         self.unrendered_reason: str | None = None
+        self.lock = RunLock(self.store, self.run_id, args.output)
+        self.lost_output: str | None = None  # why another run holds the output now
 
     # ------------------------------------------------------------------ planning
 
@@ -478,8 +488,10 @@ class BulkRender:
     def _row_failed(self, plan: RowPlan, attempts: int, error: str) -> None:
         mp4, side = video_keys(plan.key)
         try:
-            if not self.store.exists(mp4):
-                self.store.delete(side)  # drop the intent: nothing of this row is in storage
+            # Drop the intent (nothing of this row is in storage), unless the output is another run's now: the
+            # intent may be that run's.
+            if self.lost_output is None and not self.store.exists(mp4):
+                self.store.delete(side)
         except Exception as e:  # noqa: BLE001 - the next run re-renders it either way
             log.warning("could not clean up %s: %s", side, e)
         self._finish(ResultRow(plan.row, plan.id, "failed", seed=_seed(plan), error=error, attempts=attempts,
@@ -494,15 +506,34 @@ class BulkRender:
         return self.store.uri(RESULTS_KEY)
 
     def run(self) -> int:
-        t0 = time.monotonic()
         log.info("run %s: driver pid %d, manifest %s, output %s", self.run_id, os.getpid(), self.args.manifest,
                  self.args.output)
-        plans, todo = self.plan()
-        if self.args.dry_run:
+        if self.args.dry_run:  # reads only: no lease
+            _, todo = self.plan()
             log.info("dry run: would render %d row(s): %s", len(todo), [p.id for p in todo][:20])
             return 0
+        with storage_errors(self.out_config, "take the output's run lease"):
+            self.lock.acquire(force=self.args.take_over)  # OutputBusy: another run writes here
+        self.lock.start_refreshing(self._output_lost)
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _output_lost(self, reason: str) -> None:
+        """Another run took the output over (this one was taken for dead): start no more rows, write no results."""
+        self.lost_output = reason
+        self.unrendered_reason = reason
+        self._stop.set()
+        log.error("%s: no more rows start here, and the results table is that run's to write", reason)
+
+    def _run(self) -> int:
+        t0 = time.monotonic()
+        plans, todo = self.plan()
         if todo:
             self.render(todo)
+        if self.lost_output is not None:
+            return 1
         lost = ("interrupted (Ctrl-C) while it rendered; the next run renders it" if self._stop.is_set()
                 else "the job lost track of this row (see the log)")
         for plan in plans:  # every manifest row gets a results row, whatever happened above
@@ -540,8 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return BulkRender(args).run()
-    except (ManifestError, ResourceError, StorageUnavailable) as e:
-        what = {ManifestError: "bad manifest", ResourceError: "cannot render here"}.get(type(e), "bad output")
+    except (ManifestError, ResourceError, StorageUnavailable, OutputBusy) as e:
+        what = {ManifestError: "bad manifest", ResourceError: "cannot render here",
+                OutputBusy: "output busy"}.get(type(e), "bad output")  # fmt: skip
         log.error("%s: %s", what, e)
         print(f"error: {e}", file=sys.stderr)
         return 2
