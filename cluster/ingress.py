@@ -165,9 +165,9 @@ class VideoAPI:
         """Release the leases of the videos this replica queues, so another replica takes them over at its next
         reconcile (seconds) rather than once they go stale (`stale_after_s`, a minute by default): Serve stops
         replicas gracefully on a redeploy, a downscale and a RayService upgrade. A video a group renders is left
-        alone (its group keeps the lease fresh); so is one a group claims as this runs (the claim makes it in
-        progress, and the group's touch takes the lease back). Blocking: Serve runs this on the replica's loop as
-        its last user code."""
+        alone (its group keeps the lease fresh); so is one a group claims as this runs (the release lands only on the
+        lease as read, and a group's touch after it takes the lease back). Blocking: Serve runs this on the
+        replica's loop as its last user code."""
         with self._lease_lock:  # a refresh in flight lands first; none starts after
             self._stopping = True
         if self.jobs.failure is not None:
@@ -177,11 +177,11 @@ class VideoAPI:
             if job_id in self._held:
                 continue  # this replica's own word on it is not saved: nobody else could go on from storage
             try:
-                lease = self.jobs.lease(job_id)
+                lease, version = self.jobs.lease_versioned(job_id)
                 if lease is None or lease.get("owner") != self.owner or self.jobs.get(job_id).status != "queued":
                     continue
-                self.jobs.release(job_id, self.owner)
-                released.append(job_id)
+                if self.jobs.release(job_id, self.owner, version):  # not over a group's lease, touched meanwhile
+                    released.append(job_id)
             except Exception as e:  # noqa: BLE001 - the rest go stale as on a crash; stopping must not fail
                 log.warning("stopping: could not release the leases of the videos queued here: %s", e)
                 break
@@ -574,6 +574,10 @@ class VideoAPI:
             while not await self._attempt(job_id, judged):
                 judged = None
             await self._count_finished(job_id)
+        except RecordChanged as e:
+            # Whoever changed it drives it now, and counts it; should it die, its lease goes stale and a replica
+            # adopts the job.
+            log.info("job %s: %s; left to whoever changed it", job_id, e)
         except Exception:  # noqa: BLE001 - a bug: leave the job to the reconciler
             log.exception("job %s: driver stopped; the reconciler will pick it up", job_id)
         finally:
@@ -591,14 +595,13 @@ class VideoAPI:
             self.metrics.video_finished(rec)
 
     async def _attempt(self, job_id: str, judged: str | None = None) -> bool:
-        """One dispatch. True when nothing is left to do here (finished, a group wrote the outcome, or someone else
-        took the job on); False to go round again: a group died, or storage failed (the job shows why while it
-        waits).
+        """One dispatch. True when nothing is left to do here (finished, or a group wrote the outcome); False to go
+        round again: a group died, or storage failed (the job shows why while it waits).
 
         Every write of the record here is conditional on the version just read: a group that claimed the job, or
-        another replica that took it over, in between wins, and this replica leaves the job to it. Two replicas
-        adopting one job (both saw its lease go stale) no longer both dispatch it, nor does a replica taking over
-        a released job that a group claimed meanwhile."""
+        another replica that took it over, in between wins, and this replica leaves the job to it (RecordChanged).
+        Two replicas adopting one job (both saw its lease go stale) no longer both dispatch it, nor does a replica
+        taking over a released job that a group claimed meanwhile."""
         rec = self._seen.get(job_id)
         try:
             rec = await asyncio.to_thread(self.jobs.get, job_id)
@@ -657,10 +660,6 @@ class VideoAPI:
             await asyncio.to_thread(self.jobs.save, rec, if_unchanged=True)
             await asyncio.sleep(self.cfg.retry_backoff_s)
             return False
-        except RecordChanged as e:
-            # Whoever changed it drives it now; should it die, its lease goes stale and a replica adopts the job.
-            log.info("job %s: %s; left to whoever changed it", job_id, e)
-            return True
         except StorageUnavailable as e:
             # One of this replica's own reads or writes failed. Nothing ran that is lost: wait for storage.
             if rec is not None:
@@ -835,11 +834,13 @@ class VideoAPI:
             if job_id in self._active or job_id in self._held or not valid_id(job_id):
                 continue
             lease = await asyncio.to_thread(self.jobs.lease, job_id)
+            released = False
             if lease is not None:
                 age = time.time() - float(lease.get("at", 0))
                 # Released by a stopping replica: a heartbeat on (time for it to be gone, and for a group that
                 # claimed the video as it stopped to take the lease back), if still queued, it is ours.
-                released = lease.get("released") and age > self.cfg.heartbeat_s and lease.get("owner") != self.owner
+                released = (bool(lease.get("released")) and age > self.cfg.heartbeat_s
+                            and lease.get("owner") != self.owner)  # fmt: skip
                 if not released and age <= self.cfg.stale_after_s:
                     continue
             try:

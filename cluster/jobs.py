@@ -232,11 +232,17 @@ class JobStore:
         lease = {"owner": owner, "at": time.time()}
         self._io(f"refresh the lease of {job_id}", self.storage.put_json, f"{LEASES}{job_id}.json", lease, write=True)
 
-    def release(self, job_id: str, owner: str) -> None:
-        """Give the job up: whoever reconciles next may take it over (see `VideoAPI._reconcile`). A holder's next
-        `touch` takes the lease back, so a group that claims the job meanwhile keeps it."""
+    def release(self, job_id: str, owner: str, version: str) -> bool:
+        """Give the job up, if its lease is still the version read (`lease_versioned`): whoever reconciles next may
+        take it over (see `VideoAPI._reconcile`). False, and nothing written, if someone touched it since (a group
+        that claimed the job keeps it)."""
         lease = {"owner": owner, "at": time.time(), "released": True}
-        self._io(f"release the lease of {job_id}", self.storage.put_json, f"{LEASES}{job_id}.json", lease, write=True)
+        try:
+            self._io(f"release the lease of {job_id}", self.storage.put_json_if, f"{LEASES}{job_id}.json", lease,
+                     version, write=True)  # fmt: skip
+        except ObjectChanged:
+            return False
+        return True
 
     # ------------------------------------------------------------------ deletion and idempotency keys
 
@@ -323,7 +329,11 @@ class JobStore:
             pass  # the key frees itself once it is older than a creation takes
 
     def lease(self, job_id: str) -> dict[str, Any] | None:
+        return self.lease_versioned(job_id)[0]
+
+    def lease_versioned(self, job_id: str) -> tuple[dict[str, Any] | None, str | None]:
+        """The job's lease and its version; (None, None) if it has none."""
         try:
-            return self._io(f"read the lease of {job_id}", self.storage.get_json, f"{LEASES}{job_id}.json")
+            return self._io(f"read the lease of {job_id}", self.storage.get_json_versioned, f"{LEASES}{job_id}.json")
         except NotFound:
-            return None
+            return None, None

@@ -134,7 +134,7 @@ def test_a_group_claiming_a_video_dispatched_again_meanwhile_skips_it(tmp_path):
     assert claimed.status == "in_progress" and group.jobs.lease(job_id)["owner"] == "group:g0"
 
 
-def test_of_two_copies_of_one_record_only_the_first_write_lands(tmp_path):
+def test_of_two_writers_of_one_record_or_lease_only_the_first_lands(tmp_path):
     jobs = ingress.JobStore(storage_from_config({"backend": "local", "path": str(tmp_path)}))
 
     async def one() -> str:
@@ -152,6 +152,13 @@ def test_of_two_copies_of_one_record_only_the_first_write_lands(tmp_path):
         jobs.save(b, if_unchanged=True)
     assert jobs.get(job_id).last_error == "a"
     jobs.save(a, if_unchanged=True)  # the writer's copy follows its own write
+    # A stopping replica's release lands only on the lease it read: not over a group's touch since.
+    jobs.touch(job_id, "ingress:a")
+    _, version = jobs.lease_versioned(job_id)
+    jobs.touch(job_id, "group:g0")
+    assert not jobs.release(job_id, "ingress:a", version) and jobs.lease(job_id)["owner"] == "group:g0"
+    _, version = jobs.lease_versioned(job_id)
+    assert jobs.release(job_id, "group:g0", version) and jobs.lease(job_id)["released"]
     with pytest.raises(ValueError, match="JobStore.get"):
         jobs.save(a.model_validate(a.model_dump()), if_unchanged=True)  # a copy not read from storage
 
