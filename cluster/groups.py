@@ -30,7 +30,7 @@ from cluster.api import ErrorInfo
 from cluster.config import AppConfig, ModelConfig, PoolConfig
 from cluster.failures import NothingRendered
 from cluster.jobs import JobRecord, JobStore, RecordChanged
-from pab.storage import StorageUnavailable, storage_from_config
+from pab.storage import NotFound, StorageUnavailable, storage_from_config
 
 log = logging.getLogger("ray.serve")
 
@@ -112,8 +112,12 @@ class VideoGroup:
 
     def _claim(self, job_id: str, dispatch: int) -> JobRecord | dict[str, Any]:
         """The job's record, marked in progress and leased to this group; or what the call answers instead (a
-        skipped stale dispatch, a job cancelled before it started)."""
-        rec = self.jobs.get(job_id)
+        skipped stale dispatch, a job cancelled before it started, or deleted through another ingress replica
+        while it waited for this group)."""
+        try:
+            rec = self.jobs.get(job_id)
+        except NotFound:
+            return {"skipped": f"job {job_id} was deleted"}
         if rec.terminal:
             return {"skipped": f"job is {rec.status}"}
         if rec.dispatch != dispatch:

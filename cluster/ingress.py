@@ -578,6 +578,8 @@ class VideoAPI:
             # Whoever changed it drives it now, and counts it; should it die, its lease goes stale and a replica
             # adopts the job.
             log.info("job %s: %s; left to whoever changed it", job_id, e)
+        except NotFound:  # deleted through another replica: nothing left to drive
+            log.info("job %s was deleted; its driver here ends", job_id)
         except Exception:  # noqa: BLE001 - a bug: leave the job to the reconciler
             log.exception("job %s: driver stopped; the reconciler will pick it up", job_id)
         finally:

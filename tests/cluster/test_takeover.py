@@ -5,6 +5,7 @@ of two that act on one job at once exactly one goes on, because each writes the 
 version it read."""
 
 import asyncio
+import logging
 import uuid
 from collections import Counter
 from types import SimpleNamespace
@@ -217,3 +218,39 @@ def test_one_idempotency_key_on_two_replicas_at_once_creates_one_video(tmp_path)
         else:
             assert answer.id == created[0]
     assert retry.id == created[0]
+
+
+def test_a_video_deleted_through_another_replica_ends_its_driver_quietly(tmp_path, caplog):
+    """Replica A queues a video; it is deleted through replica B while A's call waits for a group. The group that
+    then takes the call skips it, and A's driver ends. Before, the group's claim raised NotFound back to A, whose
+    driver died logging an error and a traceback ("driver stopped; the reconciler will pick it up")."""
+    cfg = config(tmp_path)
+    group = VideoGroup.__new__(VideoGroup)
+    group.cfg, group.replica = AppConfig(**cfg), "test-replica"
+    group.jobs = ingress.JobStore(storage_from_config(cfg["storage"]))
+    group.group = SimpleNamespace(broken=None, name="g0", size=1, info={})
+    answers: list = []
+
+    class WaitingPool:  # the call waits in Serve's router, then a group runs it
+        run = property(lambda self: self)
+
+        def remote(self, job_id: str, dispatch: int):
+            async def call():
+                await asyncio.sleep(0.3)
+                answers.append(await asyncio.to_thread(group._run, job_id, dispatch))
+                return answers[-1]
+
+            return asyncio.ensure_future(call())
+
+    async def delete_elsewhere() -> bool:
+        a, b = ingress.VideoAPI(cfg, pools={POOL: WaitingPool()}), ingress.VideoAPI(cfg, pools={POOL: WaitingPool()})
+        job_id = (await a.create(VideoCreate(prompt="a newt", size="32x32", num_frames=17))).id
+        await asyncio.sleep(0.05)
+        await b.delete(job_id)
+        await until(lambda: job_id not in a._active, 10, "A's driver to end")
+        stop(a, b)
+        return job_id
+
+    job_id = asyncio.run(delete_elsewhere())
+    assert answers == [{"skipped": f"job {job_id} was deleted"}]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
