@@ -633,7 +633,7 @@ class VideoAPI:
             self._seen[job_id] = rec.model_copy(deep=True)
             failure = await self._call_group(rec)
             if failure is None:
-                return True  # the group wrote the outcome (or skipped a stale dispatch)
+                return True  # the group wrote the outcome
             lost = failures.storage_cause(failure)
             if lost is not None and failures.nothing_rendered(failure):
                 return await self._storage_before_render(rec, lost)
@@ -670,11 +670,13 @@ class VideoAPI:
             return False
 
     async def _call_group(self, rec: JobRecord) -> Exception | None:
-        """Run the job on its pool: None once a group wrote the outcome, else what the call raised."""
+        """Run the job on its pool: None once a group wrote the outcome, else what the call raised. A group that
+        skipped the dispatch (the record was cancelled, deleted, dispatched again or changed by someone else meanwhile)
+        raises RecordChanged here: this driver's part is over, and whoever changed the record counts the video."""
         call = self.pools[rec.pool].run.remote(rec.id, rec.dispatch)
         self._calls[rec.id] = call
         try:
-            await call
+            answer = await call
         except Exception as e:  # noqa: BLE001 - the caller classifies it
             if self._calls.get(rec.id) is not call:  # `_stop` cancelled it (Serve raises RequestCancelledError)
                 raise asyncio.CancelledError from e
@@ -682,6 +684,8 @@ class VideoAPI:
         finally:
             if self._calls.get(rec.id) is call:
                 del self._calls[rec.id]
+        if isinstance(answer, dict) and "skipped" in answer:
+            raise RecordChanged(f"the group skipped dispatch {rec.dispatch}: {answer['skipped']}")
         return None
 
     async def _storage_before_render(self, rec: JobRecord, err: StorageUnavailable) -> bool:

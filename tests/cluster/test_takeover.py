@@ -2,7 +2,8 @@
 folder or a real SeaweedFS). Several ingress replicas adopting a crashed replica's videos, a replica taking over a
 released video that a group claims at the same moment, a group claiming a video another replica dispatched again:
 of two that act on one job at once exactly one goes on, because each writes the record only if it is still the
-version it read."""
+version it read. And a video deleted or cancelled through another replica ends the first replica's driver quietly,
+counted once."""
 
 import asyncio
 import logging
@@ -34,6 +35,35 @@ def stop(*services) -> None:
             svc._loop_task.cancel()
         for task in list(svc._active.values()):
             task.cancel()
+
+
+def claiming_group(cfg: dict) -> VideoGroup:
+    """The group replica class itself, without placing rank actors: what its claim of a job does is real."""
+    group = VideoGroup.__new__(VideoGroup)
+    group.cfg, group.replica = AppConfig(**cfg), "test-replica"
+    group.jobs = ingress.JobStore(storage_from_config(cfg["storage"]))
+    group.group = SimpleNamespace(broken=None, name="g0", size=1, info={})
+    return group
+
+
+class WaitingPool:
+    """A pool whose call waits a moment in Serve's router, then a group runs it (to its claim: a render would
+    need ranks); `answers` keeps what the group answered."""
+
+    def __init__(self, group: VideoGroup, answers: list) -> None:
+        self.group, self.answers = group, answers
+
+    @property
+    def run(self) -> "WaitingPool":
+        return self
+
+    def remote(self, job_id: str, dispatch: int) -> asyncio.Future:
+        async def call():
+            await asyncio.sleep(0.3)
+            self.answers.append(await asyncio.to_thread(self.group._run, job_id, dispatch))
+            return self.answers[-1]
+
+        return asyncio.ensure_future(call())
 
 
 def test_replicas_adopting_a_crashed_replicas_videos_dispatch_each_once(storage, tmp_path):
@@ -102,11 +132,7 @@ def test_a_group_claiming_a_video_dispatched_again_meanwhile_skips_it(tmp_path):
     """The real `VideoGroup._claim`: between its read of the record and its write, another replica dispatches the
     video again (dispatch 2). The claim of dispatch 1 must not overwrite that and render: it skips."""
     cfg = config(tmp_path)
-    store = storage_from_config(cfg["storage"])
-    group = VideoGroup.__new__(VideoGroup)  # the replica class, without placing rank actors
-    group.cfg, group.replica = AppConfig(**cfg), "test-replica"
-    group.jobs = ingress.JobStore(store)
-    group.group = SimpleNamespace(broken=None, name="g0", size=1, info={})
+    group = claiming_group(cfg)
 
     async def queue() -> str:
         svc = ingress.VideoAPI(cfg, pools={POOL: BusyPool()})
@@ -225,25 +251,10 @@ def test_a_video_deleted_through_another_replica_ends_its_driver_quietly(tmp_pat
     then takes the call skips it, and A's driver ends. Before, the group's claim raised NotFound back to A, whose
     driver died logging an error and a traceback ("driver stopped; the reconciler will pick it up")."""
     cfg = config(tmp_path)
-    group = VideoGroup.__new__(VideoGroup)
-    group.cfg, group.replica = AppConfig(**cfg), "test-replica"
-    group.jobs = ingress.JobStore(storage_from_config(cfg["storage"]))
-    group.group = SimpleNamespace(broken=None, name="g0", size=1, info={})
-    answers: list = []
+    group, answers = claiming_group(cfg), []
 
-    class WaitingPool:  # the call waits in Serve's router, then a group runs it
-        run = property(lambda self: self)
-
-        def remote(self, job_id: str, dispatch: int):
-            async def call():
-                await asyncio.sleep(0.3)
-                answers.append(await asyncio.to_thread(group._run, job_id, dispatch))
-                return answers[-1]
-
-            return asyncio.ensure_future(call())
-
-    async def delete_elsewhere() -> bool:
-        a, b = ingress.VideoAPI(cfg, pools={POOL: WaitingPool()}), ingress.VideoAPI(cfg, pools={POOL: WaitingPool()})
+    async def delete_elsewhere() -> str:
+        a, b = (ingress.VideoAPI(cfg, pools={POOL: WaitingPool(group, answers)}) for _ in range(2))
         job_id = (await a.create(VideoCreate(prompt="a newt", size="32x32", num_frames=17))).id
         await asyncio.sleep(0.05)
         await b.delete(job_id)
@@ -254,3 +265,26 @@ def test_a_video_deleted_through_another_replica_ends_its_driver_quietly(tmp_pat
     job_id = asyncio.run(delete_elsewhere())
     assert answers == [{"skipped": f"job {job_id} was deleted"}]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+def test_a_video_cancelled_through_another_replica_is_counted_once(tmp_path):
+    """Cancelled through replica B while queued on A: B counts it cancelled (pab_videos_finished); A's call then
+    reaches a group that skips the cancelled job, and A leaves it uncounted. Before, A counted it too, so the sum
+    over replicas said two videos were cancelled."""
+    cfg = config(tmp_path)
+    group, answers = claiming_group(cfg), []
+
+    def cancelled(svc) -> float:
+        return svc.metrics.finished.labels(status="cancelled")._value.get()
+
+    async def cancel_elsewhere() -> tuple[float, float]:
+        a, b = (ingress.VideoAPI(cfg, pools={POOL: WaitingPool(group, answers)}) for _ in range(2))
+        job_id = (await a.create(VideoCreate(prompt="a vole", size="32x32", num_frames=17))).id
+        await asyncio.sleep(0.05)
+        await b.cancel(job_id)
+        await until(lambda: job_id not in a._active, 10, "A's driver to end")
+        stop(a, b)
+        return cancelled(a), cancelled(b)
+
+    assert asyncio.run(cancel_elsewhere()) == (0, 1)
+    assert answers == [{"skipped": "job is cancelled"}]
