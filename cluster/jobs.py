@@ -92,6 +92,16 @@ class JobRecord(Video):
 _TIMES = ("created_at", "started_at", "completed_at")
 
 
+def _landed(storage: Storage, key: str, data: Any) -> str | None:
+    """After a conditional write was refused: the stored version if the object holds exactly what was written (the
+    write landed, and a retry of it, botocore's after a timeout, was what the store refused), else None."""
+    try:
+        stored, version = storage.get_json_versioned(key)
+    except NotFound:
+        return None
+    return version if stored == data else None
+
+
 class JobStore:
     """Job records, cancel requests and leases on a `Storage` backend (blocking calls).
 
@@ -176,10 +186,13 @@ class JobStore:
 
         def write() -> None:
             if if_unchanged:
+                data = rec.model_dump(mode="json")
                 try:
-                    rec._version = self.storage.put_json_if(key, rec.model_dump(mode="json"), rec._version)
+                    rec._version = self.storage.put_json_if(key, data, rec._version)
                 except ObjectChanged:
-                    raise RecordChanged(f"the record of {rec.id} changed since it was read") from None
+                    rec._version = _landed(self.storage, key, data)
+                    if rec._version is None:
+                        raise RecordChanged(f"the record of {rec.id} changed since it was read") from None
             else:
                 self.storage.put_json(key, rec.model_dump(mode="json"))
             if rec.terminal:
@@ -314,12 +327,12 @@ class JobStore:
     def remember_idempotent(self, digest: str, job_id: str, request_hash: str, version: str | None) -> None:
         """Bind the key to `job_id`, only if its entry is still `version` (None: only if there is none): of two
         requests with one key on two replicas, one creates the video and the other gets RecordChanged."""
-        entry = {"job_id": job_id, "request": request_hash, "at": time.time()}
+        entry, key = {"job_id": job_id, "request": request_hash, "at": time.time()}, f"{IDEMPOTENCY}{digest}.json"
         try:
-            self._io("save an idempotency key", self.storage.put_json_if, f"{IDEMPOTENCY}{digest}.json", entry,
-                     version, write=True)  # fmt: skip
+            self._io("save an idempotency key", self.storage.put_json_if, key, entry, version, write=True)
         except ObjectChanged:
-            raise RecordChanged("another request with this Idempotency-Key took it meanwhile") from None
+            if self._io("read an idempotency key", _landed, self.storage, key, entry) is None:
+                raise RecordChanged("another request with this Idempotency-Key took it meanwhile") from None
 
     def forget_idempotent(self, digest: str) -> None:
         """Unbind a key whose video could not be created (best effort: storage is failing then)."""

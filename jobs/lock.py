@@ -76,10 +76,14 @@ class RunLock:
                     self._version = self.store.put_json_if(LOCK_KEY, self._mine(), self._version)
                 except ObjectChanged:
                     try:
-                        holder = self.store.get_json(LOCK_KEY).get("run_id")
+                        held, version = self.store.get_json_versioned(LOCK_KEY)
                     except Exception:  # noqa: BLE001 - gone, or unreadable: it is not ours either way
-                        holder = None
-                    lost(f"run {holder or 'another run'} took {self.where} over (this run was taken for dead)")
+                        held, version = {}, None
+                    if held.get("run_id") == self.run_id:  # our own refresh landed; its retry was refused
+                        self._version = version
+                        continue
+                    lost(f"run {held.get('run_id') or 'another run'} took {self.where} over (this run was taken "
+                         "for dead)")
                     return
                 except Exception as e:  # noqa: BLE001 - a storage hiccup: the lease has stale_after_s of slack
                     log.warning("could not refresh the run lease of %s: %s", self.where, e)

@@ -19,7 +19,7 @@ from cluster.api import VideoCreate
 from cluster.config import AppConfig
 from cluster.groups import VideoGroup
 from cluster.jobs import RecordChanged
-from pab.storage import storage_from_config
+from pab.storage import ObjectChanged, storage_from_config
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -188,6 +188,41 @@ def test_of_two_writers_of_one_record_or_lease_only_the_first_lands(tmp_path):
     assert jobs.release(job_id, "group:g0", version) and jobs.lease(job_id)["released"]
     with pytest.raises(ValueError, match="JobStore.get"):
         jobs.save(a.model_validate(a.model_dump()), if_unchanged=True)  # a copy not read from storage
+
+
+def test_a_conditional_write_that_landed_and_whose_retry_was_refused_counts_as_written(storage, tmp_path):
+    """botocore retries a PUT that timed out; if the first try landed, the store refuses the retry's If-Match (412).
+    That write is this writer's own, not another's: the record, or an idempotency key, counts as written."""
+    jobs = ingress.JobStore(storage_from_config(storage))
+
+    async def one() -> str:
+        svc = ingress.VideoAPI({**config(tmp_path), "storage": storage}, pools={POOL: BusyPool()})
+        stop(svc)
+        job_id = (await svc.create(VideoCreate(prompt="a mole", size="32x32", num_frames=17))).id
+        stop(svc)
+        return job_id
+
+    job_id = asyncio.run(one())
+    real = jobs.storage.put_if
+
+    def landed_then_refused(key, data, version, content_type=None):
+        real(key, data, version, content_type)
+        raise ObjectChanged(f"{key}: the retry's If-Match")
+
+    jobs.storage.put_if = landed_then_refused
+    rec = jobs.get(job_id)
+    rec.dispatch = 7
+    jobs.save(rec, if_unchanged=True)
+    assert jobs.get(job_id).dispatch == 7 and rec._version == jobs.get(job_id)._version
+    jobs.remember_idempotent("digest", job_id, "hash", None)
+    assert jobs.idempotent_job("digest")[0]["job_id"] == job_id
+    stale = jobs.get(job_id)
+    jobs.storage.put_if = real
+    rec.dispatch = 8
+    jobs.save(rec, if_unchanged=True)
+    stale.dispatch = 9  # someone else's write came between: that is still a conflict
+    with pytest.raises(RecordChanged):
+        jobs.save(stale, if_unchanged=True)
 
 
 def test_a_finished_video_left_active_is_retired_not_adopted(tmp_path):

@@ -17,7 +17,7 @@ from test_bulk_local import _Group, _manifest
 from jobs import render
 from jobs.lock import LOCK_KEY, OutputBusy, RunLock
 from jobs.results import RESULTS_KEY
-from pab.storage import storage_from_config
+from pab.storage import ObjectChanged, storage_from_config
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -51,6 +51,28 @@ def test_a_second_run_is_refused_naming_the_first_and_a_take_over_wins(store):
     second.release()
     assert not store.exists(LOCK_KEY)
     RunLock(store, "raysubmit_third", "s3://videos/batch1").acquire()  # free again
+
+
+def test_a_refresh_that_landed_and_whose_retry_was_refused_keeps_the_lease(store):
+    """botocore retries a PUT that timed out; the store refuses the retry's If-Match when the first try landed. The
+    lease is still this run's: it must not stop as if another run had taken the output."""
+    lock = RunLock(store, "run-mine", "out", heartbeat_s=0.05)
+    lock.acquire()
+    real, refused = store.put_if, []
+
+    def landed_then_refused(key, data, version, content_type=None):
+        landed = real(key, data, version, content_type)
+        if not refused:  # the first refresh: landed, its retry refused
+            refused.append(key)
+            raise ObjectChanged(f"{key}: the retry's If-Match")
+        return landed
+
+    store.put_if = landed_then_refused
+    lost: list[str] = []
+    lock.start_refreshing(lost.append)
+    time.sleep(0.5)
+    lock.release()
+    assert refused and lost == [] and not store.exists(LOCK_KEY)
 
 
 def test_a_dead_runs_lease_is_taken_over(store):
