@@ -66,6 +66,18 @@ class WaitingPool:
         return asyncio.ensure_future(call())
 
 
+async def queued_on_a_then(cfg: dict, group: VideoGroup, answers: list, act) -> tuple:
+    """Replica A queues a video (its call waits for `group`); `act(b, job_id)` runs through replica B meanwhile.
+    Returns (a, b, job_id) once A's driver has ended."""
+    a, b = (ingress.VideoAPI(cfg, pools={POOL: WaitingPool(group, answers)}) for _ in range(2))
+    job_id = (await a.create(VideoCreate(prompt="a newt", size="32x32", num_frames=17))).id
+    await asyncio.sleep(0.05)
+    await act(b, job_id)
+    await until(lambda: job_id not in a._active, 10, "A's driver to end")
+    stop(a, b)
+    return a, b, job_id
+
+
 def test_replicas_adopting_a_crashed_replicas_videos_dispatch_each_once(storage, tmp_path):
     """Three replicas see the same stale leases at the same time. Before, each of them bumped the dispatch and
     called a group, often with the same number, so two groups rendered one video (most of 20 videos, in a probe)."""
@@ -287,17 +299,7 @@ def test_a_video_deleted_through_another_replica_ends_its_driver_quietly(tmp_pat
     driver died logging an error and a traceback ("driver stopped; the reconciler will pick it up")."""
     cfg = config(tmp_path)
     group, answers = claiming_group(cfg), []
-
-    async def delete_elsewhere() -> str:
-        a, b = (ingress.VideoAPI(cfg, pools={POOL: WaitingPool(group, answers)}) for _ in range(2))
-        job_id = (await a.create(VideoCreate(prompt="a newt", size="32x32", num_frames=17))).id
-        await asyncio.sleep(0.05)
-        await b.delete(job_id)
-        await until(lambda: job_id not in a._active, 10, "A's driver to end")
-        stop(a, b)
-        return job_id
-
-    job_id = asyncio.run(delete_elsewhere())
+    _, _, job_id = asyncio.run(queued_on_a_then(cfg, group, answers, lambda b, job_id: b.delete(job_id)))
     assert answers == [{"skipped": f"job {job_id} was deleted"}]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
 
@@ -312,14 +314,6 @@ def test_a_video_cancelled_through_another_replica_is_counted_once(tmp_path):
     def cancelled(svc) -> float:
         return svc.metrics.finished.labels(status="cancelled")._value.get()
 
-    async def cancel_elsewhere() -> tuple[float, float]:
-        a, b = (ingress.VideoAPI(cfg, pools={POOL: WaitingPool(group, answers)}) for _ in range(2))
-        job_id = (await a.create(VideoCreate(prompt="a vole", size="32x32", num_frames=17))).id
-        await asyncio.sleep(0.05)
-        await b.cancel(job_id)
-        await until(lambda: job_id not in a._active, 10, "A's driver to end")
-        stop(a, b)
-        return cancelled(a), cancelled(b)
-
-    assert asyncio.run(cancel_elsewhere()) == (0, 1)
+    a, b, _ = asyncio.run(queued_on_a_then(cfg, group, answers, lambda b, job_id: b.cancel(job_id)))
+    assert (cancelled(a), cancelled(b)) == (0, 1)
     assert answers == [{"skipped": "job is cancelled"}]
