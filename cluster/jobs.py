@@ -94,7 +94,11 @@ _TIMES = ("created_at", "started_at", "completed_at")
 
 def _landed(storage: Storage, key: str, data: Any) -> str | None:
     """After a conditional write was refused: the stored version if the object holds exactly what was written (the
-    write landed, and a retry of it, botocore's after a timeout, was what the store refused), else None."""
+    write landed, and a retry of it, botocore's after a timeout, was what the store refused), else None.
+
+    Sound only because `data` is this writer's alone (a record's `updated_at`, a key's `at`). That is why it lives
+    here and not in `Storage.put_if`: two writers of the same bytes from one version, such as counters, would both
+    read back "their" bytes and both count as the winner (tests/cluster/test_storage.py's increments lose some)."""
     try:
         stored, version = storage.get_json_versioned(key)
     except NotFound:
