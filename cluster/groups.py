@@ -14,6 +14,12 @@ Errors the ingress sees from `run`:
     says so on the job and renders it again once storage takes writes.
 Everything else (cancelled, rejected request) is written to the record and `run` returns normally.
 A cancelled call (the ingress cancels it on a DELETE, and on a cancel it could not save) stops the render too.
+
+Once it claims a job the group is the record's only writer, so every write of it is conditional on the version the
+group itself wrote last. A write refused means the job left this group (an ingress replica took it for dead and
+dispatched it again, or it was deleted or cancelled through a replica that could not save the cancel earlier): the
+render stops at its next step and writes nothing more, so a group thought dead never writes over the render that
+replaced it.
 """
 
 from __future__ import annotations
@@ -139,12 +145,12 @@ class VideoGroup:
 
     def _render(self, rec: JobRecord, cancel: threading.Event | None) -> dict[str, Any]:
         job_id, owner = rec.id, f"group:{self.group.name}"
-        stop = threading.Event()
+        stop, lost = threading.Event(), threading.Event()  # lost: the job left this group (a write was refused)
         cancel = cancel if cancel is not None else threading.Event()
 
         def keep_alive() -> None:  # lease + cancel polling, off the generation thread
             last_touch = time.monotonic()
-            while not stop.wait(self.cfg.cancel_poll_s):
+            while not stop.wait(self.cfg.cancel_poll_s) and not lost.is_set():
                 try:
                     if not cancel.is_set() and self.jobs.cancel_requested(job_id):
                         cancel.set()
@@ -163,7 +169,11 @@ class VideoGroup:
             if now - last_write[0] >= self.cfg.progress_interval_s or step == total:
                 last_write[0] = now
                 try:
-                    self.jobs.save(rec)
+                    self.jobs.save(rec, if_unchanged=True)
+                except RecordChanged:
+                    log.warning("job %s left group %s (its record changed: dispatched again, deleted or cancelled "
+                                "elsewhere); stopping this render", job_id, self.group.name)
+                    lost.set()
                 except Exception as e:  # noqa: BLE001 - progress is best effort
                     log.warning("job %s progress write: %s", job_id, e)
 
@@ -174,16 +184,18 @@ class VideoGroup:
         watcher = threading.Thread(target=keep_alive, daemon=True, name=f"lease-{job_id}")
         watcher.start()
         try:
-            result = self.group.generate(rec.request, on_progress=on_progress, should_cancel=cancel.is_set,
-                                         output=output)
+            result = self.group.generate(rec.request, on_progress=on_progress,
+                                         should_cancel=lambda: cancel.is_set() or lost.is_set(), output=output)
         except GenerationCancelled:
-            return self._finish(rec, "cancelled")
+            return _left(job_id) if lost.is_set() else self._finish(rec, "cancelled")
         except GenerationError as e:
             return self._finish(rec, "failed", ErrorInfo(code="generation_error", message=str(e)))
         finally:
             stop.set()
             watcher.join(5)
         # GroupFailed and StorageUnavailable propagate: the ingress retries (elsewhere, or once storage is back).
+        if lost.is_set():  # after the last step: what rank 0 stored is the same key the new dispatch writes
+            return _left(job_id)
         if cancel.is_set() or self.jobs.cancel_requested(job_id):
             # Cancelled after the last step (e.g. a cancel saved late, once storage came back): it still wins,
             # and what rank 0 already stored goes, as it would had the render stopped a step earlier.
@@ -202,7 +214,12 @@ class VideoGroup:
             "queue_s": rec.started_at - rec.created_at, "run_s": rec.completed_at - rec.started_at,
             "total_s": rec.completed_at - rec.created_at,
         }
-        self.jobs.save(rec)
+        try:
+            self.jobs.save(rec, if_unchanged=True)
+        except RecordChanged:
+            if self._cancelled_meanwhile(job_id):  # a cancel saved late, by a replica storage failed: it wins
+                self.jobs.discard_outputs(job_id)
+            return _left(job_id)
         return {"status": "completed", "video": result["video"]}
 
     def _finish(self, rec, status: str, error: ErrorInfo | None = None) -> dict[str, Any]:
@@ -211,5 +228,20 @@ class VideoGroup:
         rec.status, rec.completed_at, rec.error = status, time.time(), error
         if rec.started_at:
             rec.timings = {**rec.timings, "run_s": rec.completed_at - rec.started_at}
-        self.jobs.save(rec)
+        try:
+            self.jobs.save(rec, if_unchanged=True)
+        except RecordChanged:
+            return _left(rec.id)
         return {"status": status}
+
+    def _cancelled_meanwhile(self, job_id: str) -> bool:
+        try:
+            return self.jobs.get(job_id).status == "cancelled"
+        except NotFound:
+            return False
+
+
+def _left(job_id: str) -> dict[str, Any]:
+    """What `run` answers for a job that left this group mid-render: the ingress that sent it leaves it too."""
+    return {"skipped": f"the record of {job_id} changed while this group rendered it: dispatched again, deleted or "
+                       "cancelled elsewhere"}
