@@ -3,7 +3,8 @@
 Layout under the storage root. Each object has one writer at a time, except where a job changes hands: an
 ingress replica taking a job over (or dispatching it again) and a group claiming it write the record only if it is
 still the version they read (`JobStore.save(..., if_unchanged=True)`), so of two that act on one job at once
-exactly one goes on (`RecordChanged` tells the other to leave it).
+exactly one goes on (`RecordChanged` tells the other to leave it). The group's later writes (progress, outcome) are
+conditional on the version it wrote last, so a group whose job left it stops instead of writing over its successor.
 
     jobs/records/<id>.json   the job (`JobRecord`). The ingress writes it when it creates and
                              (re)dispatches the job; the group running it writes it while it runs.
