@@ -16,10 +16,10 @@ Everything else (cancelled, rejected request) is written to the record and `run`
 A cancelled call (the ingress cancels it on a DELETE, and on a cancel it could not save) stops the render too.
 
 Once it claims a job the group is the record's only writer, so every write of it is conditional on the version the
-group itself wrote last. A write refused means the job left this group (an ingress replica took it for dead and
-dispatched it again, or it was deleted or cancelled through a replica that could not save the cancel earlier): the
-render stops at its next step and writes nothing more, so a group thought dead never writes over the render that
-replaced it.
+group itself wrote last. A write refused over a record that is gone, at another dispatch or finished means the job
+left this group (an ingress replica took it for dead and dispatched it again, or it was deleted or cancelled through
+a replica that could not save the cancel earlier): the render stops at its next step and writes nothing more, so a
+group thought dead never writes over the render that replaced it.
 """
 
 from __future__ import annotations
@@ -169,11 +169,10 @@ class VideoGroup:
             if now - last_write[0] >= self.cfg.progress_interval_s or step == total:
                 last_write[0] = now
                 try:
-                    self.jobs.save(rec, if_unchanged=True)
-                except RecordChanged:
-                    log.warning("job %s left group %s (its record changed: dispatched again, deleted or cancelled "
-                                "elsewhere); stopping this render", job_id, self.group.name)
-                    lost.set()
+                    if not self._save_own(rec):
+                        log.warning("job %s left group %s (dispatched again, deleted or cancelled elsewhere); "
+                                    "stopping this render", job_id, self.group.name)
+                        lost.set()
                 except Exception as e:  # noqa: BLE001 - progress is best effort
                     log.warning("job %s progress write: %s", job_id, e)
 
@@ -214,9 +213,7 @@ class VideoGroup:
             "queue_s": rec.started_at - rec.created_at, "run_s": rec.completed_at - rec.started_at,
             "total_s": rec.completed_at - rec.created_at,
         }
-        try:
-            self.jobs.save(rec, if_unchanged=True)
-        except RecordChanged:
+        if not self._save_own(rec):
             if self._cancelled_meanwhile(job_id):  # a cancel saved late, by a replica storage failed: it wins
                 self.jobs.discard_outputs(job_id)
             return _left(job_id)
@@ -228,11 +225,30 @@ class VideoGroup:
         rec.status, rec.completed_at, rec.error = status, time.time(), error
         if rec.started_at:
             rec.timings = {**rec.timings, "run_s": rec.completed_at - rec.started_at}
+        return {"status": status} if self._save_own(rec) else _left(rec.id)
+
+    def _save_own(self, rec: JobRecord) -> bool:
+        """Write the record of a job this group claimed; False, and nothing written, once the job is not its own any
+        more: gone, dispatched again, or finished by someone else. The job is judged by what the record says, not by
+        its version alone: a write of this group's own that landed although storage reported it failed leaves a
+        version the group never learnt, and the render must not stop for that."""
+        try:
+            self.jobs.save(rec, if_unchanged=True)
+            return True
+        except RecordChanged:
+            pass
+        try:
+            stored = self.jobs.get(rec.id)
+        except NotFound:
+            return False
+        if stored.dispatch != rec.dispatch or stored.terminal:
+            return False
+        rec._version = stored._version  # still this dispatch, in progress: only this group writes that
         try:
             self.jobs.save(rec, if_unchanged=True)
         except RecordChanged:
-            return _left(rec.id)
-        return {"status": status}
+            return False
+        return True
 
     def _cancelled_meanwhile(self, job_id: str) -> bool:
         try:

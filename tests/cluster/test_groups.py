@@ -142,3 +142,26 @@ def test_a_cancel_saved_late_over_the_running_record_wins_and_its_video_goes(sto
     assert "skipped" in group._run(job_id, 1)
     assert jobs.get(job_id).status == "cancelled"
     assert not jobs.storage.exists(video_keys(job_id)[0])
+
+
+def test_a_write_of_its_own_that_landed_though_storage_failed_does_not_stop_the_render(storage):
+    """A progress write that lands but whose answer is lost (a reset connection after the PUT) leaves a version the
+    group never learnt. The record is still its own (this dispatch, in progress): the render goes on to the end."""
+    jobs = JobStore(storage_from_config(storage))
+    job_id = queued_job(jobs)
+    render = Render(jobs.storage)
+    group = rendering_group(storage, render)
+    put_if, failed = group.jobs.storage.put_if, []
+
+    def lands_then_fails_once(key, data, version, content_type=None):
+        new = put_if(key, data, version, content_type)
+        if key.startswith("jobs/records/") and b'"in_progress"' in data and b'"step": 2' in data and not failed:
+            failed.append(key)
+            raise OSError("connection reset by peer")  # after the object was written
+        return new
+
+    group.jobs.storage.put_if = lands_then_fails_once
+    assert group._run(job_id, 1)["status"] == "completed"
+    assert failed and render.steps_run == STEPS
+    rec = jobs.get(job_id)
+    assert (rec.status, rec.step, rec.dispatch) == ("completed", STEPS, 1)
