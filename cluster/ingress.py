@@ -94,7 +94,7 @@ def api_error(status: int, code: str, message: str, headers: dict[str, str] | No
 
 
 def field_error(field: str, message: str, value: Any = None) -> RequestValidationError:
-    """A 422 shaped like FastAPI's own, naming the field ("pab.spatial.blocks" names a nested one)."""
+    """A 400 with FastAPI's error list, naming the field ("pab.spatial.blocks" names a nested one)."""
     loc = ("body", *field.split("."))
     return RequestValidationError([{"type": "value_error", "loc": loc, "msg": message, "input": value}])
 
@@ -340,7 +340,7 @@ class VideoAPI:
         return self._calibrations[model]
 
     def _resolve(self, request: dict[str, Any], seconds: float | None) -> tuple[dict[str, Any], str, list[str]]:
-        """Defaults filled in and the model's own checks run (a RequestError -> 422 naming its field), with the
+        """Defaults filled in and the model's own checks run (a RequestError -> 400 naming its field), with the
         size the video will have and the notices on it.
 
         If the engine's weight-free check itself breaks (an engine change), fall back to the model's

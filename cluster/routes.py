@@ -65,12 +65,12 @@ _NOT_TAKEN = {
 
 async def _video_create(request: Request) -> VideoCreate:
     """The body as a VideoCreate, from JSON or from a form (the openai SDK always sends multipart). One schema
-    judges both, so a bad field is the same 422 either way."""
+    judges both, so a bad field is the same 400 either way."""
     return _validated(await _body_data(request))
 
 
 async def _body_data(request: Request) -> Any:
-    """The body's fields as JSON values, from JSON or from a form; a 422 for JSON that does not parse or a file
+    """The body's fields as JSON values, from JSON or from a form; a 400 for JSON that does not parse or a file
     in a form (no field takes one), a 413 for a body over its limit."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type in _FORMS:
@@ -155,6 +155,9 @@ async def remix_video(video_id: str, request: Request, svc: VideoAPI = Depends(_
     every setting, its seed included (so the same starting noise), with the new prompt and any other field given
     changed. The video is text-conditioned only: a remix renders afresh, it does not edit the frames."""
     given = await _body_data(request)
+    if isinstance(given, dict) and "prompt" not in given:  # without a new prompt a remix renders the video again
+        why = "Field required: a remix renders the video's settings with a new prompt"
+        raise RequestValidationError([{"type": "missing", "loc": ("body", "prompt"), "msg": why, "input": given}])
     source = await svc.get(video_id)
     if source.status != "completed":
         raise api_error(409, "video_not_completed", f"video {video_id} is {source.status}: only a completed video can "
@@ -173,10 +176,11 @@ _UNSUPPORTED = {
 @router.post("/v1/videos/edits", tags=["videos"], include_in_schema=False)
 @router.post("/v1/videos/extensions", tags=["videos"], include_in_schema=False)
 @router.post("/v1/videos/characters", tags=["videos"], include_in_schema=False)
+@router.get("/v1/videos/characters/{character_id}", tags=["videos"], include_in_schema=False)
 async def unsupported(request: Request, svc: VideoAPI = Depends(_auth)) -> None:
-    """The SDK's `videos.edit`, `videos.extend` and `videos.create_character`: refused saying why (without these
-    routes they were a bare 405)."""
-    what = _UNSUPPORTED[request.url.path.rstrip("/").rsplit("/", 1)[-1]]
+    """The SDK's `videos.edit`, `videos.extend`, `videos.create_character` and `videos.get_character`: refused saying
+    why (without these routes they were a bare 405 or 404)."""
+    what = _UNSUPPORTED[request.url.path.split("/")[3]]  # /v1/videos/<what>[/<id>]
     raise api_error(400, "unsupported_operation", f"{what}; the models served here take text only. POST /v1/videos/"
                     "{id}/remix renders a completed video's settings and seed with a new prompt")
 
@@ -297,7 +301,7 @@ async def healthz(request: Request) -> dict[str, Any]:
     return await _svc(request).health()
 
 
-_ECHO_CHARS = 200  # of a long input, what a 422 echoes: enough to recognise it (a body may be 1 MiB)
+_ECHO_CHARS = 200  # of a long input, what a 400 echoes: enough to recognise it (a body may be 1 MiB)
 
 
 def _short(v: Any) -> Any:
@@ -315,7 +319,7 @@ def _short(v: Any) -> Any:
 
 
 def _json_safe(v: Any) -> Any:
-    """What a 422 echoes of the input, made encodable: NaN/Infinity as text, unpaired surrogates escaped."""
+    """What a 400 echoes of the input, made encodable: NaN/Infinity as text, unpaired surrogates escaped."""
     if isinstance(v, float) and not math.isfinite(v):
         return repr(v)
     if isinstance(v, str):
@@ -333,7 +337,7 @@ def _param(loc: Any) -> str | None:
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    # FastAPI's own handler echoes the input as it came; NaN or a lone surrogate there made the 422 a 500.
+    # FastAPI's own handler echoes the input as it came; NaN or a lone surrogate there made the error a 500.
     errors = _json_safe(jsonable_encoder([{**e, "input": _short(e["input"])} if "input" in e else e
                                           for e in exc.errors()]))
     ranked = deepest_first(errors, skip=1)
@@ -341,9 +345,11 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
             else f"{_param(e['loc']) or 'body'}: {e['msg']}" for e in ranked[:3]]
     message = "; ".join(said) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "")
     param = _param(ranked[0]["loc"]) if ranked and ranked[0]["type"] != "json_invalid" else None
-    # OpenAI's shape for its clients, plus FastAPI's `detail` list (every error, with its `loc`) for the others.
-    return JSONResponse({**error_body(422, "invalid_request", message or "invalid request", param),
-                         "detail": errors}, status_code=422)  # fmt: skip
+    # OpenAI's shape for its clients, plus FastAPI's `detail` list (every error, with its `loc`) for the others. 400,
+    # not FastAPI's 422: OpenAI (and vLLM) answer a bad parameter with 400, which the SDK raises as
+    # BadRequestError; code written against them catches that.
+    return JSONResponse({**error_body(400, "invalid_request", message or "invalid request", param),
+                         "detail": errors}, status_code=400)  # fmt: skip
 
 
 def _status_code(status: int) -> str:
@@ -409,11 +415,14 @@ def build_api(svc: VideoAPI | None) -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         """FastAPI's schema plus `VideoCreate`, which the create route reads itself (JSON or form) and so does
-        not declare as a parameter."""
+        not declare as a parameter; a bad request is documented as the 400 it is, not FastAPI's 422."""
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
             _, defs = models_json_schema([(VideoCreate, "validation")], ref_template="#/components/schemas/{model}")
             schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+            for op in (op for path in schema.get("paths", {}).values() for op in path.values()):
+                if "422" in op.get("responses", {}):  # what `_validation_error` answers instead
+                    op["responses"]["400"] = op["responses"].pop("422")
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -243,7 +243,7 @@ def test_blocks_outside_the_model_are_an_error_naming_the_field_and_the_range(tm
 )
 def test_a_bad_rule_names_its_path_in_the_rules(rules, field):
     """A RequestError's field, relative to the rules: the request's checks put it under "cache"
-    (`pab.pipeline.resolve_request`), so the HTTP 422 names the nested field."""
+    (`pab.pipeline.resolve_request`), so the HTTP 400 names the nested field."""
     with pytest.raises(RequestError) as e:
         PABConfig.resolve("opensora-v1.2-tiny", rules)
     assert e.value.field == field, e.value

@@ -178,7 +178,7 @@ RULE = {"range": 2, "window": [450, 930]}
 ])  # fmt: skip
 def test_a_request_the_model_cannot_take_names_its_field(model, fields, field, message):
     """The checks the HTTP ingress runs before queueing (no weights: a VAE on the meta device) say which field
-    is wrong, so the 422 names it; the message is the one the pipeline always gave."""
+    is wrong, so the 400 names it; the message is the one the pipeline always gave."""
     from actors.engine import meta_vae
 
     with pytest.raises(RequestError, match=re.escape(message)) as e:

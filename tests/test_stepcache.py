@@ -160,7 +160,7 @@ def test_bad_policies_name_what_is_wrong():
     ],
 )
 def test_a_bad_policy_names_its_field(policy, field):
-    """The field is relative to the policy; a request's checks put it under "cache" (the HTTP 422's param)."""
+    """The field is relative to the policy; a request's checks put it under "cache" (the HTTP 400's param)."""
     with pytest.raises(RequestError) as e:
         StepReuseConfig.from_dict(policy)
     assert e.value.field == field, e.value

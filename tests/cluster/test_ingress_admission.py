@@ -1,4 +1,4 @@
-"""What the ingress admits, in process (no Ray): what the model cannot take (PAB blocks it lacks) is a 422
+"""What the ingress admits, in process (no Ray): what the model cannot take (PAB blocks it lacks) is a 400
 with its range, a size off its patch grid is reported (#19 item 6), and the cache field takes presets,
 policies and its old name. Hostile bodies and the burst are in tests/faults/test_hostile_requests.py."""
 
@@ -28,10 +28,10 @@ def served(tmp_path):
 
 
 @pytest.mark.parametrize("block", [999999, -1, 2])
-def test_pab_blocks_the_model_lacks_are_a_422_with_its_range(served, block):
+def test_pab_blocks_the_model_lacks_are_a_400_with_its_range(served, block):
     rule = {"range": 2, "window": [450, 930], "blocks": [0, block]}
     r = served.post("/v1/videos", json={"prompt": "a fox", "pab": {"spatial": rule}})
-    assert r.status_code == 422, r.text
+    assert r.status_code == 400, r.text
     [error] = r.json()["detail"]
     assert error["loc"] == ["body", "pab", "spatial", "blocks"], error
     assert f"block {block} does not exist" in error["msg"] and "opensora-v1.2-tiny has blocks 0-1" in error["msg"]
@@ -80,20 +80,20 @@ def test_a_duration_the_model_cannot_render_says_what_it_renders_and_why(served,
         assert notice.endswith("the video has 17 frames, 2.125 s")
 
 
-def test_a_duration_past_the_frame_limit_is_a_422(served):
+def test_a_duration_past_the_frame_limit_is_a_400(served):
     """`seconds` may not ask for more frames than `num_frames` may (1,024): 120 s at 120 fps is 14,400."""
     r = served.post("/v1/videos", json={"prompt": "a fox", "seconds": 120, "fps": 120})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "seconds", r.text
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seconds", r.text
     assert "14400 frames" in r.text and "at most 1024" in r.text and "8.53333 s" in r.text
     r = served.post("/v1/videos", json={"prompt": "a fox", "seconds": 120, "fps": 8})  # 960 frames: taken
     assert r.status_code == 200 and r.json()["request"]["num_frames"] == 960, r.text
 
 
 def test_cache_presets_policies_and_the_old_name(served):
-    """A preset the model is not calibrated for is a 422 saying how to calibrate; a policy given in full and
+    """A preset the model is not calibrated for is a 400 saying how to calibrate; a policy given in full and
     PAB rules under `cache` are accepted as asked; `pab` and `cache` must not disagree."""
     r = served.post("/v1/videos", json={"prompt": "a fox", "cache": "teacache-slow"})
-    assert r.status_code == 422 and "pab calibrate --model opensora-v1.2-tiny" in r.text, r.text
+    assert r.status_code == 400 and "pab calibrate --model opensora-v1.2-tiny" in r.text, r.text
     policy = {"policy": "magcache", "threshold": 0.2, "ratios": [1.0, 0.95], "max_skips": 2}
     r = served.post("/v1/videos", json={"prompt": "a fox", "cache": policy})
     assert r.status_code == 200, r.text
@@ -102,7 +102,7 @@ def test_cache_presets_policies_and_the_old_name(served):
     assert r.status_code == 200 and r.json()["request"]["cache"]["spatial"]["range"] == 2, r.text
     r = served.post("/v1/videos", json={"prompt": "a fox", "cache": "paper", "pab": {"spatial": {"range": 3,
                                                                                                  "window": [1, 9]}}})
-    assert r.status_code == 422 and "disagree" in r.text, r.text
+    assert r.status_code == 400 and "disagree" in r.text, r.text
 
 
 def test_a_calibrated_model_takes_its_presets_by_name(tmp_path):
@@ -110,11 +110,11 @@ def test_a_calibrated_model_takes_its_presets_by_name(tmp_path):
         r = client.post("/v1/videos", json={"prompt": "a fox", "cache": "magcache-fast"})
         assert r.status_code == 200 and r.json()["request"]["cache"] == "magcache-fast", r.text
         r = client.post("/v1/videos", json={"prompt": "a fox", "cache": "magcache-fastest"})
-        assert r.status_code == 422 and "'magcache-fast', 'magcache-slow', 'teacache-fast'" in r.text, r.text
+        assert r.status_code == 400 and "'magcache-fast', 'magcache-slow', 'teacache-fast'" in r.text, r.text
         assert r.json()["error"]["param"] == "cache"
-        # the same unknown name under the older field: the 422 names the field the body used
+        # the same unknown name under the older field: the 400 names the field the body used
         r = client.post("/v1/videos", json={"prompt": "a fox", "pab": "magcache-fastest"})
-        assert r.status_code == 422 and r.json()["error"]["param"] == "pab", r.text
+        assert r.status_code == 400 and r.json()["error"]["param"] == "pab", r.text
         # GET /v1/models names them (the playground's cache menu lists them)
         [info] = client.get("/v1/models").json()["data"]
         assert info["cache_presets"] == ["off", "paper", "fixed-fast", "fixed-slow", "magcache-fast", "magcache-slow",
@@ -139,18 +139,18 @@ FIXED = {"policy": "fixed", "reuse": [5], "reuse_of": 3}  # a reused step outsid
     ("opensora-v1.2-tiny", {"pab": "fastest"}, "pab", "unknown cache 'fastest'"),
 ])  # fmt: skip
 def test_the_models_checks_name_the_field_they_refuse(tmp_path, model, body, param, said):
-    """The engine's errors carry their field (pab.errors.RequestError): the 422 names it, under the name the
+    """The engine's errors carry their field (pab.errors.RequestError): the 400 names it, under the name the
     body gave the cache, in OpenAI's `param` and in FastAPI's `loc`."""
     with serving(tmp_path, model) as client:
         r = client.post("/v1/videos", json={"prompt": "a fox", **body})
-    assert r.status_code == 422, r.text
+    assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param and said in r.json()["error"]["message"], r.text
     [error] = r.json()["detail"]
     assert error["loc"] == ["body", *param.split(".")] and said in error["msg"], error
 
 
 def test_a_damaged_calibration_beside_the_weights_is_the_servers_error_not_the_requests(tmp_path):
-    """A cache.json the server cannot read is a 500 naming the file and what to do, for any request (not a 422
+    """A cache.json the server cannot read is a 500 naming the file and what to do, for any request (not a 400
     blaming the body); once fixed, the next request is accepted without a restart."""
     import shutil
 
@@ -174,14 +174,14 @@ def test_a_damaged_calibration_beside_the_weights_is_the_servers_error_not_the_r
 
 
 def test_a_check_that_names_no_field_is_about_the_body(served, monkeypatch):
-    """A plain ValueError from the checks (none is raised for a valid body today) is still a 422, about the body."""
+    """A plain ValueError from the checks (none is raised for a valid body today) is still a 400, about the body."""
 
     def broken(request, seconds):
         raise ValueError("the steps field is mentioned here, but no field is named")
 
     monkeypatch.setattr(served.app.state.svc, "_resolve", broken)
     r = served.post("/v1/videos", json={"prompt": "a fox", "steps": 3})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "body", r.text  # never guessed from the text
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body", r.text  # never guessed from the text
 
 
 def test_a_full_queue_refuses_before_the_models_checks(tmp_path, monkeypatch):

@@ -216,8 +216,8 @@ def test_pab_rules_as_json_text_or_as_a_nested_extra_body(client):
     ({"pab": {"spatial": {"range": 0, "window": [450, 930]}}}, "pab.spatial.range"),
     ({"colour": "red"}, "colour"),
 ])  # fmt: skip
-def test_a_bad_field_is_a_422_naming_it(client, extra, field):
-    with pytest.raises(openai.UnprocessableEntityError) as e:
+def test_a_bad_field_is_a_400_naming_it(client, extra, field):
+    with pytest.raises(openai.BadRequestError) as e:
         client.videos.create(prompt="a fox", extra_body=extra)
     assert e.value.body["param"] == field and field in e.value.message, e.value.body
 
@@ -227,10 +227,10 @@ def test_the_sdk_exceptions_carry_the_message(server, client):
         client.videos.retrieve("video_0000000000000000000000000000")
     with pytest.raises(openai.AuthenticationError, match="missing or invalid API key"):
         openai.OpenAI(base_url=f"{server[0]}/v1", api_key="wrong", max_retries=0).videos.list()
-    with pytest.raises(openai.UnprocessableEntityError, match="model: unknown model 'sora-2'") as e:
+    with pytest.raises(openai.BadRequestError, match="model: unknown model 'sora-2'") as e:
         client.videos.create(prompt="a fox", model="sora-2")
     assert e.value.body["param"] == "model"
-    with pytest.raises(openai.UnprocessableEntityError, match="not both"):
+    with pytest.raises(openai.BadRequestError, match="not both"):
         client.videos.create(prompt="a fox", seconds="4", extra_body={"num_frames": 17})
 
 
@@ -292,7 +292,7 @@ def test_a_form_is_judged_like_json(http, fields, field, encoding):
                       headers={"content-type": "multipart/form-data; boundary=b"})
     else:
         r = http.post("/v1/videos", data={"prompt": "a fox", **fields})
-    assert r.status_code == 422, r.text
+    assert r.status_code == 400, r.text
     body = r.json()
     assert body["error"]["param"] == field and field in body["error"]["message"], body
     assert any(field in e["loc"] for e in body["detail"])  # FastAPI's list too, for the existing clients
@@ -305,14 +305,14 @@ def _multipart(fields: dict[str, str], boundary: str) -> bytes:
 
 def test_a_file_is_refused_by_name(http):
     r = http.post("/v1/videos", data={"prompt": "a fox"}, files={"input_reference": ("ref.png", b"\x89PNG", "image/png")})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "input_reference", r.text
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input_reference", r.text
     assert "image-to-video" in r.json()["error"]["message"]  # why, not only "not permitted"
     # a file where text goes is not text: its name did not become the prompt
     r = http.post("/v1/videos", files={"prompt": ("small.png", b"\x89PNG", "image/png")})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "prompt", r.text
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
     assert "a file was sent" in r.json()["error"]["message"]
     r = http.post("/v1/videos", json={"prompt": "a fox", "input_reference": "https://example.com/a.png"})
-    assert r.status_code == 422 and "image-to-video" in r.json()["error"]["message"], r.text
+    assert r.status_code == 400 and "image-to-video" in r.json()["error"]["message"], r.text
 
 
 def test_unknown_routes_and_bad_json_have_the_error_shape(http):
@@ -320,7 +320,7 @@ def test_unknown_routes_and_bad_json_have_the_error_shape(http):
     assert r.status_code == 404 and r.json()["error"] == {"message": "Not Found", "type": "invalid_request_error",
                                                           "param": None, "code": "not_found"}  # fmt: skip
     r = http.post("/v1/videos", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422 and r.json()["error"]["param"] is None and "JSON" in r.json()["error"]["message"]
+    assert r.status_code == 400 and r.json()["error"]["param"] is None and "JSON" in r.json()["error"]["message"]
 
 
 def test_the_schema_shows_both_bodies(http):
@@ -379,9 +379,9 @@ def test_a_video_without_stored_images_gets_them_from_its_mp4(server, client):
         client.videos.download_content(video.id, variant="thumbnail")
 
 
-def test_an_unknown_variant_is_a_422_naming_it(client):
+def test_an_unknown_variant_is_a_400_naming_it(client):
     video = completed(client, client.videos.create(prompt="a fox", extra_body={"num_frames": 17, "steps": 1}).id)
-    with pytest.raises(openai.UnprocessableEntityError) as e:
+    with pytest.raises(openai.BadRequestError) as e:
         client.videos.download_content(video.id, variant="poster")  # type: ignore[arg-type]
     assert e.value.body["param"] == "variant" and "variant" in e.value.message, e.value.body
 
@@ -471,16 +471,18 @@ def test_a_remix_renders_the_new_prompt_with_every_setting_and_the_seed_of_its_v
         client.videos.remix(source.id, prompt="a hawk", extra_headers=key)
 
 
-def test_a_remix_needs_a_completed_video_and_valid_changes(client):
+def test_a_remix_needs_a_completed_video_and_valid_changes(client, http):
     with pytest.raises(openai.NotFoundError):
         client.videos.remix("video_0000000000000000000000000000", prompt="a wolf")
     done = completed(client, client.videos.create(prompt="a fox", extra_body={"steps": 1}).id)
-    with pytest.raises(openai.UnprocessableEntityError) as e:
+    with pytest.raises(openai.BadRequestError) as e:
         client.videos.remix(done.id, prompt="a wolf", extra_body={"steps": 0})
     assert e.value.body["param"] == "steps"
-    with pytest.raises(openai.UnprocessableEntityError) as e:
+    with pytest.raises(openai.BadRequestError) as e:
         client.videos.remix(done.id, prompt="   ")
     assert e.value.body["param"] == "prompt"
+    r = http.post(f"/v1/videos/{done.id}/remix", json={"size": "32x32"})  # no prompt: it would render the same video
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "new prompt" in r.text, r.text
     SLOW_STOPPED.clear()
     running = client.videos.create(prompt="a slow fox", extra_body={"steps": 4})
     _in_progress(client, running.id)
@@ -496,7 +498,8 @@ def test_edit_extend_and_characters_are_refused_saying_why(client):
     mp4 = ("fox.mp4", client.videos.download_content(done.id).content, "video/mp4")
     calls = [(lambda: client.videos.edit(video=mp4, prompt="a wolf"), "editing a video"),
              (lambda: client.videos.extend(video=mp4, prompt="a wolf", seconds="4"), "extending a video"),
-             (lambda: client.videos.create_character(name="fox", video=mp4), "characters")]  # fmt: skip
+             (lambda: client.videos.create_character(name="fox", video=mp4), "characters"),
+             (lambda: client.videos.get_character("char_123"), "characters")]  # fmt: skip
     for call, what in calls:
         with pytest.raises(openai.BadRequestError, match=f"{what}.* needs? a video-conditioned model") as e:
             call()
@@ -644,10 +647,10 @@ def test_list_pages_through_every_video_once_both_ways(server, client):
     assert set(made) <= set(asc)
     page = client.videos.list(limit=2, after=made[1], order="asc")
     assert [v.id for v in page.data] == [made[2], made[3]] and page.has_more
-    # a deleted video's id still pages on from where it was; what is no video id at all is a 422 naming `after`
+    # a deleted video's id still pages on from where it was; what is no video id at all is a 400 naming `after`
     completed(client, made[1])
     client.videos.delete(made[1])
     assert [v.id for v in client.videos.list(limit=2, after=made[1], order="asc").data] == [made[2], made[3]]
-    with pytest.raises(openai.UnprocessableEntityError, match="after: must be a video id") as e:
+    with pytest.raises(openai.BadRequestError, match="after: must be a video id") as e:
         client.videos.list(after="zzz")
     assert e.value.body["param"] == "after"

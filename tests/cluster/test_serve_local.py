@@ -63,7 +63,7 @@ def test_auth_validation_and_docs(app):
     assert anon.get("/v1/videos", headers={"Authorization": "Bearer nope"}).status_code == 401
     assert anon.get("/v1/models", headers={"Authorization": "Bearer second-key"}).status_code == 200
     assert KEY not in r.text
-    # Malformed or out-of-range requests: 422 naming the field.
+    # Malformed or out-of-range requests: 400 naming the field.
     cases = {
         "steps": {**SMALL, "steps": 0},
         "size": {**SMALL, "size": "big"},
@@ -77,13 +77,13 @@ def test_auth_validation_and_docs(app):
     }
     for field, body in cases.items():
         r = client.post("/v1/videos", json=body)
-        assert r.status_code == 422, (field, r.text)
+        assert r.status_code == 400, (field, r.text)
         locs = [d["loc"] for d in r.json()["detail"]]
         assert any(field in loc for loc in locs), (field, r.json())
     r = client.post("/v1/videos", json={**SMALL, "seconds": 2})
-    assert r.status_code == 422 and "not both" in r.text
+    assert r.status_code == 400 and "not both" in r.text
     r = client.post("/v1/videos", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422
+    assert r.status_code == 400
     assert client.get("/v1/videos/video_nope").status_code == 404
     spec = client.get("/openapi.json").json()
     assert {"/v1/videos", "/v1/videos/{video_id}", "/v1/videos/{video_id}/content", "/v1/models", "/healthz"} <= set(

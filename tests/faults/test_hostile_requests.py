@@ -1,4 +1,4 @@
-"""Hostile requests to the ingress, in process (no Ray): malformed numbers and text get a 422 naming the
+"""Hostile requests to the ingress, in process (no Ray): malformed numbers and text get a 400 naming the
 field, never a 500 (#19 items 1 and 6), nesting past the parser's limit too, and the queue bound holds under
 a burst of concurrent POSTs (#19 item 2).
 
@@ -55,9 +55,9 @@ BAD = [
 
 
 @pytest.mark.parametrize("body,field", BAD)
-def test_bad_numbers_and_text_are_a_422_naming_the_field(client, body, field):
+def test_bad_numbers_and_text_are_a_400_naming_the_field(client, body, field):
     r = client.post("/v1/videos", content=body, headers={"content-type": "application/json"})
-    assert r.status_code == 422, r.text
+    assert r.status_code == 400, r.text
     errors = r.json()["detail"]  # valid JSON, whatever the input held
     assert any(field in [str(x) for x in e["loc"]] for e in errors), errors
     json.dumps(errors, allow_nan=False)  # strictly encodable: no NaN came back
@@ -66,12 +66,12 @@ def test_bad_numbers_and_text_are_a_422_naming_the_field(client, body, field):
 
 @pytest.mark.parametrize("depth", [100, 100_000])  # 100,000 is far past the parser's limit, and under 1 MiB
 @pytest.mark.parametrize("open_,close", [("[", "]"), ('{"a": ', "}")])
-def test_deeply_nested_bodies_are_a_422(client, depth, open_, close):
+def test_deeply_nested_bodies_are_a_400(client, depth, open_, close):
     """Nesting past the JSON parser's recursion limit is "not JSON", and nesting inside it fails the schema:
-    a 422 in OpenAI's error shape either way, never a 500."""
+    a 400 in OpenAI's error shape either way, never a 500."""
     body = '{"prompt": "a", "pab": ' + open_ * depth + ("1" if open_ != "[" else "") + close * depth + "}"
     r = client.post("/v1/videos", content=body, headers={"content-type": "application/json"})
-    assert r.status_code == 422, r.text[:500]
+    assert r.status_code == 400, r.text[:500]
     assert r.json()["error"]["type"] == "invalid_request_error" and not RECEIVED
 
 
@@ -86,10 +86,10 @@ def test_a_body_over_its_limit_is_a_413_before_it_is_parsed(client, chunked):
     assert not RECEIVED
 
 
-def test_a_422_echoes_a_long_input_cut(client):
+def test_a_400_echoes_a_long_input_cut(client):
     """A field over its limit is named, and its value comes back cut, not whole."""
     r = client.post("/v1/videos", json={"prompt": "a", "negative_prompt": "y" * 50_000})
-    assert r.status_code == 422 and len(r.content) < 2_000, len(r.content)
+    assert r.status_code == 400 and len(r.content) < 2_000, len(r.content)
     [error] = r.json()["detail"]
     assert error["loc"] == ["body", "negative_prompt"] and error["input"].endswith("(50000 characters)")
 
