@@ -34,7 +34,7 @@ def to_generation_request(request: dict[str, Any]):
 class PipelineEngine:
     """A loaded `Pipeline` behind the worker's engine interface."""
 
-    streams_frames = True  # generate() takes frame_sink: rank 0 encodes while the VAE decodes
+    streams_frames = True  # generate() takes frame_sink and cancel_decode: rank 0 encodes while the VAE decodes
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
@@ -46,10 +46,10 @@ class PipelineEngine:
 
     def generate(
         self, request: dict[str, Any], progress: ProgressCallback, should_cancel: CancelCallback,
-        frame_sink: Callable[[Any], None] | None = None,
+        frame_sink: Callable[[Any], None] | None = None, cancel_decode: Callable[[], bool] | None = None,
     ) -> EngineOutput:  # fmt: skip
         res = self.pipe.generate(to_generation_request(request), progress=progress, should_cancel=should_cancel,
-                                 frame_sink=frame_sink)  # fmt: skip
+                                 frame_sink=frame_sink, cancel_decode=cancel_decode)  # fmt: skip
         sidecar = res.sidecar()  # the one sidecar shape; the worker adds the file's and the group's fields
         return EngineOutput(frames=res.frames, request=sidecar.pop("request"), sidecar=sidecar,
                             timings=sidecar.pop("timings"))  # fmt: skip

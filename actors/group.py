@@ -511,6 +511,8 @@ class GpuGroup:
         """What a generation whose ranks all returned, some with `errors`, raises; a str: the group broke, why."""
         if all(isinstance(e, GenerationCancelled) for e in errors.values()) and len(errors) == size:
             return GenerationCancelled(str(errors[0]))  # unwrapped from Ray's RayTaskError
+        if list(errors) == [0] and isinstance(errors[0], GenerationCancelled):
+            return errors[0]  # every rank denoised in step; rank 0 alone decodes, and stopped there
         if list(errors) == [0] and isinstance(errors[0], StorageUnavailable):
             return errors[0]  # every rank rendered in step; only rank 0's upload failed
         if len(errors) == size:

@@ -93,8 +93,9 @@ class Engine(Protocol):
     ) -> EngineOutput: ...
 
 
-# An engine whose generate() also takes `frame_sink` (and has `resolve(request)`) says so with
-# `streams_frames = True`: rank 0 then encodes the mp4 on a thread while the engine decodes the frames.
+# An engine whose generate() also takes `frame_sink` and `cancel_decode` (and has `resolve(request)`) says so with
+# `streams_frames = True`: rank 0 then encodes the mp4 on a thread while the engine decodes the frames, and a cancel
+# stops the decode too.
 
 
 @dataclass
@@ -362,6 +363,11 @@ class GenerationWorker:
             cancelled = self._agreed_cancel(cancel_cb)
             return cancelled
 
+        def cancel_decode() -> bool:  # rank 0 decodes alone: a local check, no all-reduce
+            nonlocal cancelled
+            cancelled = cancelled or self._cancel.is_set() or bool(cancel_cb and cancel_cb())
+            return cancelled
+
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix=f"{_SCRATCH}{os.getpid()}-") as tmp:
             path = Path(tmp) / "video.mp4"
@@ -371,13 +377,13 @@ class GenerationWorker:
 
                 fps = int(self.engine.resolve(request).get("fps") or 8)
                 writer = Mp4Writer(path, fps, background=True)
-                streaming = {"frame_sink": writer.write}
+                streaming = {"frame_sink": writer.write, "cancel_decode": cancel_decode}
             try:
                 out = self.engine.generate(request, on_step, should_cancel, **streaming)
             except Exception as e:
                 if writer is not None:
                     writer.abort()
-                if cancelled:
+                if cancelled and not isinstance(e, GenerationCancelled):
                     raise GenerationCancelled(f"cancelled after {len(self._events)} step(s)") from e
                 raise
             self._generations += 1

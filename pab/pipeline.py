@@ -448,12 +448,15 @@ class Pipeline:
         decode: bool = True,
         step_state: StepCacheState | None = None,
         frame_sink: Callable[[np.ndarray], None] | None = None,
+        cancel_decode: Callable[[], bool] | None = None,
     ) -> GenerationResult:
         """Make one video. `progress(done, total)` follows the model calls; `should_cancel()` is checked
         before each; `decode=False` stops at the latents (benchmarks of the DiT alone). `step_state` replaces
         the request's own step-reuse state and config, for a caller that measures the steps (`pab calibrate`).
         `frame_sink(frames)` gets the uint8 frames (f, H, W, 3) in order as the VAE decodes them (an encoder
-        on another thread then works while the GPU decodes the rest); the result holds them all as well."""
+        on another thread then works while the GPU decodes the rest); the result holds them all as well.
+        `cancel_decode()` is checked before each piece of the decode: unlike `should_cancel` it must be a local
+        check (rank 0 decodes alone, so a collective would wait for ranks that are done)."""
         from pab.video import to_uint8_frames_async
 
         r = self.resolve(request)
@@ -530,6 +533,8 @@ class Pipeline:
                 for video in self.vae.decode_chunks(z.to(self.dtype), num_frames=r.num_frames):  # (1, 3, f, H', W')
                     if done >= r.num_frames:
                         break
+                    if cancel_decode is not None and cancel_decode():  # a CPU decode of a large video takes minutes
+                        raise GenerationCancelled(f"cancelled during the decode ({done} of {r.num_frames} frames)")
                     f = min(r.num_frames - done, video.shape[2])
                     if frames is None:
                         frames = np.empty((r.num_frames, *video.shape[3:], 3), np.uint8)  # (F, H', W', 3)

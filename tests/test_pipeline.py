@@ -143,6 +143,13 @@ def test_a_prompt_is_encoded_once_and_the_newest_prompts_are_kept(pipe, monkeypa
 def test_cancel_and_bad_requests(pipe):
     with pytest.raises(GenerationCancelled):
         pipe.generate(req(pipe), should_cancel=lambda: True)
+    steps = []
+    with pytest.raises(GenerationCancelled, match="during the decode"):  # after the last step: the decode stops
+        pipe.generate(req(pipe), progress=lambda i, n: steps.append(i), cancel_decode=lambda: True)
+    assert steps and steps[-1] == len(steps)  # every step ran
+    asked = []
+    video = pipe.generate(req(pipe), cancel_decode=lambda: asked.append(1) or False)
+    assert asked and video.frames.shape[0] == video.request.num_frames  # asked, not cancelled: the whole video
     with pytest.raises(ValueError, match="steps must be >= 1"):
         pipe.generate(req(pipe, steps=0))
     with pytest.raises(ValueError, match="height must be between"):

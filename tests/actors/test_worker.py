@@ -40,6 +40,18 @@ def test_single_rank_returns_decodable_mp4():
     assert w.health()["generations"] == 1 and not w.health()["busy"]
 
 
+def test_a_cancel_after_the_last_step_stops_the_decode():
+    """The worker's cancel reaches the pipeline's decode too (a local check: rank 0 decodes alone), so a cancel
+    during a long CPU decode is not left waiting for it."""
+    w = GenerationWorker(0, 1, "opensora-v1.2-tiny", device="cpu")
+    w.load()
+    steps = []
+    with pytest.raises(GenerationCancelled, match="during the decode"):
+        w.generate({"prompt": "a fox", "steps": 2, "num_frames": 17, "height": 32, "width": 32},
+                   lambda s, n: steps.append((s, n)), cancel_cb=lambda: len(steps) == 2)
+    assert steps == [(1, 2), (2, 2)] and not w.health()["busy"]
+
+
 def test_engine_options_reach_the_pipeline():
     """The pipeline engine gets a group's `engine_options` (serving's EngineOptions); without any, the defaults
     (and a factory is called exactly as before: the fake one above takes none)."""

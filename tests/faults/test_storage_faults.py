@@ -438,6 +438,9 @@ def test_the_group_survives_a_refused_upload_but_not_a_rank_failing_alone():
     assert "rank 1 failed alone" in GpuGroup._judge({1: ValueError("x")}, 2)
     cancelled = {0: GenerationCancelled("c"), 1: GenerationCancelled("c")}
     assert isinstance(GpuGroup._judge(cancelled, 2), GenerationCancelled)
+    in_decode = GenerationCancelled("cancelled during the decode")  # rank 0 alone decodes: the others finished
+    assert GpuGroup._judge({0: in_decode}, 2) is in_decode
+    assert "rank 1 failed alone" in GpuGroup._judge({1: in_decode}, 2)  # a rank that does not decode: diverged
 
 
 def test_the_ingress_recognises_storage_unavailable_through_rays_wrapping():
