@@ -258,6 +258,7 @@ class GpuGroup:
         dist_timeout_s: float = 600.0,
         hang_grace_s: float = 30.0,
         poll_s: float = 0.1,
+        busy_wait_s: float = 30.0,
     ) -> None:
         if size < 1:
             raise ValueError(f"a group needs at least one rank, got size={size}")
@@ -277,6 +278,7 @@ class GpuGroup:
         self._pg_arg, self.bundle_offset = placement_group, bundle_offset
         self.placement_strategy = placement_strategy
         self.start_timeout_s, self.hang_grace_s, self.poll_s = start_timeout_s, hang_grace_s, poll_s
+        self.busy_wait_s = busy_wait_s
         self.pg: PlacementGroup | None = None
         self._own_pg = False
         self.ranks: list[Any] = []
@@ -445,8 +447,11 @@ class GpuGroup:
         """
         if self.broken:
             raise GroupUnavailable(f"group {self.name} is broken: {self.broken}")
-        if not self._lock.acquire(blocking=False):
-            raise GroupUnavailable(f"group {self.name} is rendering another video: one at a time")
+        # A video whose call was dropped (cancelled, deleted) stops at its next step, not at once: the next one waits
+        # for that rather than being refused and sent round again.
+        if not self._lock.acquire(timeout=self.busy_wait_s):
+            raise GroupUnavailable(f"group {self.name} is still rendering another video after {self.busy_wait_s:g} s: "
+                                   "one at a time")
         try:
             return self._generate(dict(request), on_progress, should_cancel, output, timeout_s)
         finally:

@@ -32,6 +32,22 @@ def test_bundles():
                                                                     {"GPU": 1.0, "CPU": 1.0}]
 
 
+def test_a_video_waits_for_the_one_before_it_to_stop_then_runs():
+    """A dropped call's render stops at its next step: the next video waits for it (no Ray: only the lock is real)."""
+    g = GpuGroup(MODEL, busy_wait_s=5.0)
+    g.broken, ran = None, []
+    g._generate = lambda *args: ran.append(time.monotonic()) or {"ok": True}
+    g._lock.acquire()  # the render before it, stopping
+    threading.Timer(0.3, g._lock.release).start()
+    t0 = time.monotonic()
+    assert g.generate({"prompt": "x"}) == {"ok": True} and ran[0] - t0 >= 0.25
+    g.busy_wait_s = 0.2
+    g._lock.acquire()  # one that does not stop in time: refused, as a broken group's call is (costs no attempt)
+    with pytest.raises(GroupUnavailable, match="still rendering another video after 0.2 s"):
+        g.generate({"prompt": "x"})
+    g._lock.release()
+
+
 @pytest.fixture(scope="module")
 def group(ray_session):
     g = GpuGroup(MODEL, size=2, cpus_per_rank=0.5, device="auto", start_timeout_s=300)
