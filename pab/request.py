@@ -202,6 +202,26 @@ def deepest_first(errors: list[dict[str, Any]], skip: int = 0) -> list[dict[str,
     return sorted(errors, key=lambda e: -len(field_path(e["loc"][skip:]).split(".")))
 
 
+def _is_tag(part: Any) -> bool:
+    return isinstance(part, str) and not (part.isidentifier() and not part[:1].isupper())
+
+
+def on_its_branch(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`deepest_first`'s errors less those of the union branches the deepest one is not on: for `pab` given rules
+    with a bad range, the rules' error, not also "policy: Field required" from the step-cache branch nobody meant."""
+    if not errors:
+        return errors
+    loc = errors[0]["loc"]
+    forks = [(tuple(loc[:i]), part) for i, part in enumerate(loc) if _is_tag(part)]
+
+    def off_branch(err: dict[str, Any]) -> bool:
+        other = tuple(err["loc"])
+        return any(other[: len(pre)] == pre and len(other) > len(pre) and _is_tag(other[len(pre)])
+                   and other[len(pre)] != tag for pre, tag in forks)  # fmt: skip
+
+    return [e for e in errors if not off_branch(e)]
+
+
 def describe(error: ValidationError, prefix: str = "") -> str:
     """A validation error in one line, a problem per field (`--num-frames: ...` with prefix "--"); of a
     union's branches, the one that got furthest is reported."""

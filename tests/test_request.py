@@ -8,7 +8,9 @@ import pytest
 from pydantic import ValidationError
 
 from pab.errors import RequestError
-from pab.request import VideoSettings, add_options, describe, from_options
+from pab.request import (
+    VideoSettings, add_options, deepest_first, describe, field_path, from_options, on_its_branch,
+)  # fmt: skip
 
 
 def test_every_edge_takes_the_same_fields():
@@ -94,3 +96,16 @@ def test_describe_reports_the_branch_a_value_was_meant_for():
     assert describe(e.value).startswith("num_frames: ")  # a manifest's column name, as written
     assert describe(e.value, prefix="--").startswith("--num-frames: ")  # an option, as typed
     assert "steps: Input should be greater than or equal to 1 (got 0)" in text and "PABSettings" not in text
+
+
+def test_of_a_unions_branches_only_the_one_that_got_furthest_is_reported():
+    with pytest.raises(ValidationError) as e:
+        VideoSettings(pab={"spatial": {"range": 0, "window": [450, 930]}})
+    errors = on_its_branch(deepest_first(e.value.errors()))
+    assert len(e.value.errors()) > len(errors) >= 1  # the preset name and step-cache branches are gone
+    assert [err["loc"][-2:] for err in errors] == [("spatial", "range")], errors
+    with pytest.raises(ValidationError) as e:  # two errors on the branch meant: both stay
+        VideoSettings(pab={"spatial": {"range": 0, "window": [450]}})
+    paths = {field_path(err["loc"]).split(".")[2] for err in on_its_branch(deepest_first(e.value.errors()))}
+    assert paths == {"range", "window"}, paths
+    assert on_its_branch([]) == []
