@@ -193,17 +193,18 @@ def _json_option(name: str, value: str) -> Any:
 def field_path(loc: Any) -> str:
     """Where a validation error is, dotted ("cache.spatial.range"), without pydantic's union-member tags
     ("constrained-str", "PABSettings"; field names are lower-case identifiers)."""
-    return ".".join(str(p) for p in loc if isinstance(p, int) or (p.isidentifier() and not p[:1].isupper()))
+    return ".".join(str(p) for p in loc if not _is_tag(p))
+
+
+def _is_tag(part: Any) -> bool:
+    """A union member's tag in an error's `loc`, not a field name or an index."""
+    return isinstance(part, str) and not (part.isidentifier() and not part[:1].isupper())
 
 
 def deepest_first(errors: list[dict[str, Any]], skip: int = 0) -> list[dict[str, Any]]:
     """Pydantic's errors, the deepest first (their `loc` less its first `skip` parts, e.g. FastAPI's "body"): of
     a union's branches ("off"/"paper" or rules), the one that got furthest says most. Stable otherwise."""
     return sorted(errors, key=lambda e: -len(field_path(e["loc"][skip:]).split(".")))
-
-
-def _is_tag(part: Any) -> bool:
-    return isinstance(part, str) and not (part.isidentifier() and not part[:1].isupper())
 
 
 def on_its_branch(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
