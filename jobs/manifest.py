@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -90,7 +89,9 @@ def read_manifest(data: bytes, source: str = "manifest") -> pa.Table:
         hint = " (it looks like CSV/text)" if data[:1].isascii() and b"\n" in data[:4096] else ""
         raise ManifestError(f"{source} is not a Parquet file{hint}; write it with pyarrow.parquet.write_table")
     try:
-        table = pq.read_table(io.BytesIO(data))
+        # An Arrow buffer, not a Python file object: reading one leaves work on pyarrow's threads that can abort the
+        # interpreter at exit ("terminate called without an active exception", apache/arrow#33975, #34314).
+        table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as e:
         raise ManifestError(f"{source} is not a readable Parquet file: {e}") from None
     check_columns(table.column_names, source)

@@ -65,4 +65,4 @@ def to_parquet_bytes(rows: list[ResultRow]) -> bytes:
 
 
 def read_results(data: bytes) -> pa.Table:
-    return pq.read_table(io.BytesIO(data))
+    return pq.read_table(pa.BufferReader(data))  # not a Python file object: see jobs.manifest.read_manifest
