@@ -35,7 +35,7 @@ Exit code: 0 when every row was handled (failed rows included: see the results t
 were left unrendered because no GPU group could run (or another run took the output over), 2 for bad arguments,
 a bad manifest, an output that cannot be opened or read or that another run is writing, 130 after Ctrl-C (no
 row starts after it; the results table is written, and the next run renders what was left, the rows then
-rendering included).
+rendering included), 143 after SIGTERM (`pab bulk stop`, `ray job stop`, a pod being deleted), handled as Ctrl-C.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -276,7 +277,10 @@ class BulkRender:
         self._results_lock = threading.Lock()
         self.progress: Progress | None = None
         self._all_done = threading.Event()
-        self._stop = threading.Event()  # Ctrl-C, or the output taken over: no group takes another row
+        self._stop = threading.Event()  # Ctrl-C, SIGTERM, or the output taken over: no group takes another row
+        self._how: str | None = None  # "interrupted (Ctrl-C)" or "stopped (SIGTERM)"
+        self._rendering = False
+        self._sigterm_before: Any = None  # the handler `_stop_on_sigterm` replaced; `run` puts it back
         self.unrendered_reason: str | None = None
         self.lock = RunLock(self.store, self.run_id, args.output)
         self.lost_output: str | None = None  # why another run holds the output now
@@ -388,10 +392,12 @@ class BulkRender:
     def render(self, todo: list[RowPlan]) -> None:
         """Render `todo` on `--groups` groups, one thread per group pulling rows from a shared queue."""
         self._connect()
+        self._stop_on_sigterm()
         work: queue.Queue[tuple[RowPlan, int]] = queue.Queue()
         for plan in todo:
             work.put((plan, 1))
         threads: list[threading.Thread] = []
+        self._rendering = True
         try:  # from the first group's start: a Ctrl-C may come as soon as one renders
             for i in range(self.args.groups):
                 threads.append(threading.Thread(target=self._group_loop, args=(i, work), name=f"group-{i}",
@@ -404,16 +410,32 @@ class BulkRender:
                 if time.monotonic() >= next_line:
                     log.info(self.progress.line())
                     next_line += self.args.progress_every
-        except KeyboardInterrupt:
-            # Ctrl-C: no group takes another row; the rows rendering now keep their intent, so the next run
-            # renders them again. The results table is written for what finished.
+        except KeyboardInterrupt as e:
+            # Ctrl-C or SIGTERM: no group takes another row; the rows rendering now keep their intent, so the next
+            # run renders them again. The results table is written for what finished.
             self._stop.set()
-            self.unrendered_reason = "interrupted (Ctrl-C); run the job again to render it"
-            log.warning("interrupted: no more rows start; %s", self.progress.line())
+            self._how = "stopped (SIGTERM)" if isinstance(e, Stopped) else "interrupted (Ctrl-C)"
+            self.unrendered_reason = f"{self._how}; run the job again to render it"
+            log.warning("%s: no more rows start; %s", self._how, self.progress.line())
+        finally:
+            self._rendering = False
         # Every group gave up (or the run was interrupted): what is still queued cannot render in this run.
         while not work.empty():
             plan, attempt = work.get_nowait()
             self._row_failed(plan, attempt - 1, f"not rendered: {self.unrendered_reason or 'no GPU group left'}")
+
+    def _stop_on_sigterm(self) -> None:
+        """SIGTERM stops the run as Ctrl-C does, so the results table is written: Ray's own driver handler (set by
+        ray.init) only exits. Past the rendering, a SIGTERM lets the table be finished."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # a signal handler can only be set, and a signal only lands, in the main thread
+
+        def stop(signum: int, frame: Any) -> None:
+            if self._rendering:
+                raise Stopped()
+            log.warning("SIGTERM: writing the results table, then stopping")
+
+        self._sigterm_before = signal.signal(signal.SIGTERM, stop)
 
     def _group_loop(self, index: int, work: queue.Queue) -> None:
         group = self._new_group(index)
@@ -519,6 +541,8 @@ class BulkRender:
             return self._run()
         finally:
             self.lock.release()
+            if self._sigterm_before is not None:
+                signal.signal(signal.SIGTERM, self._sigterm_before)
 
     def _output_lost(self, reason: str) -> None:
         """Another run took the output over (this one was taken for dead): start no more rows, write no results."""
@@ -534,7 +558,7 @@ class BulkRender:
             self.render(todo)
         if self.lost_output is not None:
             return 1
-        lost = ("interrupted (Ctrl-C) while it rendered; the next run renders it" if self._stop.is_set()
+        lost = (f"{self._how or 'interrupted'} while it rendered; the next run renders it" if self._stop.is_set()
                 else "the job lost track of this row (see the log)")
         for plan in plans:  # every manifest row gets a results row, whatever happened above
             if plan.row not in self.results:
@@ -543,9 +567,13 @@ class BulkRender:
         log.info(self.progress.line())
         log.info("results: %s (%d rows) in %.1fs", uri, len(self.results), time.monotonic() - t0)
         if self._stop.is_set():
-            return 130  # a shell's code for Ctrl-C
+            return 143 if self._how == "stopped (SIGTERM)" else 130  # a shell's codes for SIGTERM and Ctrl-C
         unrendered = sum(1 for r in self.results.values() if r.error and r.error.startswith("not rendered:"))
         return 1 if unrendered else 0
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM while rows render: handled as Ctrl-C is (`BulkRender._stop_on_sigterm`)."""
 
 
 def submission_id() -> str | None:

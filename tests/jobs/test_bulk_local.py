@@ -4,6 +4,7 @@ fails at once saying what is missing, instead of waiting on Ray's resource reque
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 import subprocess
@@ -129,3 +130,36 @@ def test_ctrl_c_starts_no_more_rows_and_writes_the_results(tmp_path):
     errors = [r["error"] or "" for r in table]
     assert sum(e.startswith("not rendered: interrupted") for e in errors) >= 4, errors  # at most 2 were started
     assert all(r["status"] == "completed" or e.startswith("not rendered: interrupted") for r, e in zip(table, errors))
+
+
+def test_sigterm_is_handled_as_ctrl_c_and_the_results_are_written(tmp_path):
+    """`pab bulk stop`, `ray job stop` and a pod's deletion send SIGTERM: a real one, to this process, once a row
+    renders. The driver stops handing out rows, writes the results table and exits 143 (Ray's own handler, which
+    ray.init sets, only exited: no table). The handler it replaced is back afterwards."""
+    import jobs.render as render
+    from jobs.results import RESULTS_KEY
+
+    args = parse_args(["--manifest", _manifest(tmp_path / "m.parquet", 6), "--output", str(tmp_path / "out"),
+                       "--model", "opensora-v1.2-tiny", "--groups", "1"])  # fmt: skip
+    job = render.BulkRender(args)
+    job._connect = lambda: None
+    job._new_group = lambda index: _Group()
+    _Group.started.clear()
+
+    def term_once_a_row_renders() -> None:
+        if _Group.started.wait(30):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=term_once_a_row_renders, daemon=True).start()
+    try:
+        assert job.run() == 143
+    except KeyboardInterrupt:  # escaping, it would end the whole test session
+        pytest.fail("SIGTERM escaped BulkRender.run")
+    assert signal.getsignal(signal.SIGTERM) is before
+    table = pq.read_table(tmp_path / "out" / RESULTS_KEY).to_pylist()
+    assert len(table) == 6
+    errors = [r["error"] or "" for r in table]
+    assert sum(e.startswith("not rendered: stopped (SIGTERM)") for e in errors) >= 4, errors
+    assert all(r["status"] == "completed" or e.startswith("not rendered: stopped (SIGTERM)")
+               for r, e in zip(table, errors))  # fmt: skip
