@@ -145,8 +145,11 @@ def fingerprint(request: dict[str, Any]) -> str:
 
 
 def _clean_id(value: Any) -> str | None:
+    """The id (or model name) as text; a binary column's UTF-8 bytes are that text (UnicodeDecodeError if not)."""
     if value is None:
         return None
+    if isinstance(value, bytes):  # str(b"a/b") would be "b'a/b'": results that no longer join the manifest
+        value = value.decode("utf-8")
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     text = str(value).strip()
@@ -167,7 +170,11 @@ def plan_rows(
     first_row: dict[str, int] = {}
     key_owner: dict[str, str] = {}
     for i, row in enumerate(table.select(list(REQUIRED_COLUMNS) + settings_cols + model_col).to_pylist()):
-        row_id = _clean_id(row["id"])
+        try:
+            row_id = _clean_id(row["id"])
+        except UnicodeDecodeError:
+            plans.append(RowPlan(i, None, None, error=f"id {row['id']!r} is not UTF-8 text"))
+            continue
         if row_id is None:
             plans.append(RowPlan(i, None, None, error="missing id"))
             continue
@@ -181,7 +188,10 @@ def plan_rows(
         if key_owner.setdefault(key, row_id) != row_id:
             plan.error = f"id {row_id!r} maps to the same storage key {key!r} as id {key_owner[key]!r}"
             continue
-        asked = _clean_id(row.get("model"))
+        try:
+            asked = _clean_id(row.get("model"))
+        except UnicodeDecodeError:
+            asked = repr(row.get("model"))
         if asked is not None and asked != model:
             plan.error = (f"the row asks for model {asked!r} and this job renders {model!r} (--model): "
                           "one job per model")

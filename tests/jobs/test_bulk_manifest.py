@@ -141,6 +141,17 @@ def test_plan_rows_reports_bad_rows_and_applies_defaults_and_overrides():
     assert [p.fingerprint for p in again] == [p.fingerprint for p in plans]
 
 
+def test_a_binary_id_column_is_its_utf8_text():
+    """Ids in a pa.binary() column are the text they encode, so the results join back to the manifest; bytes that are
+    not UTF-8 fail their row saying so."""
+    table = pa.table({"id": pa.array([b"a/b", b"clip-2", b"x\xff"], pa.binary()), "prompt": ["a cat", "a dog", "a fox"],
+                      "model": pa.array([b"opensora-v1.2-tiny", None, None], pa.binary())})
+    plans = plan_rows(table, "opensora-v1.2-tiny", RenderSettings(num_frames=17, steps=6))
+    assert [p.id for p in plans] == ["a/b", "clip-2", None]
+    assert plans[0].ok and plans[0].key == key_for_id("a/b") and plans[1].ok, [p.error for p in plans]
+    assert plans[2].error == "id b'x\\xff' is not UTF-8 text"
+
+
 def test_keys_are_safe_stable_and_distinct():
     assert key_for_id("vid-001") == "vid-001"
     k1, k2 = key_for_id("a b"), key_for_id("a_b")
