@@ -165,6 +165,16 @@ def _main(argv: list[str] | None) -> int:
         return submit(args, rest + render_args)
     args = parser.parse_args(argv)
     client = _client(args.address)
+    try:
+        return _command(client, args)
+    except RuntimeError as e:  # the job API's answer for an unknown id: "Request failed with status code 404: ..."
+        said = " ".join(str(e).split())
+        hint = "; `pab bulk list` shows the jobs" if "does not exist" in said else ""
+        print(f"pab bulk {args.command}: {said[:300]}{hint}", file=sys.stderr)
+        return 2
+
+
+def _command(client, args: argparse.Namespace) -> int:
     if args.command == "status":
         info = client.get_job_info(args.submission_id)
         print(f"{info.status.value}" + (f": {info.message}" if info.message else ""))

@@ -56,12 +56,15 @@ class RunLock:
                 if age <= self.stale_after_s and _gone(held):
                     log.warning("run %s's driver (pid %s on this host) is gone", held.get("run_id"), held.get("pid"))
                 elif age <= self.stale_after_s:
+                    run, pid, host = held.get("run_id"), held.get("pid"), held.get("host")
+                    # A run started here (not as a Ray job) is named run-<hex> and has no job to stop.
+                    how = (f"Ctrl-C it, or `kill {pid}` on {host}" if str(run).startswith("run-")
+                           else f"`pab bulk stop {run}`")
                     raise OutputBusy(
-                        f"another run is writing to {self.where}: {held.get('run_id')} (pid {held.get('pid')} on "
-                        f"{held.get('host')}), last seen {age:.0f} s ago. Wait for it to finish or stop it (`pab bulk "
-                        f"stop {held.get('run_id')}`). A run that died frees the output {self.stale_after_s:.0f} s "
-                        "after it was last seen (in "
-                        f"{self.stale_after_s - age:.0f} s); --take-over starts now, once you know it is dead.")
+                        f"another run is writing to {self.where}: {run} (pid {pid} on {host}), last seen {age:.0f} s "
+                        f"ago. Wait for it to finish or stop it ({how}). A run that died frees the output "
+                        f"{self.stale_after_s:.0f} s after it was last seen (in {self.stale_after_s - age:.0f} s); "
+                        "--take-over starts now, once you know it is dead.")
                 log.warning("taking over %s from run %s, last seen %.0f s ago", self.where, held.get("run_id"), age)
             try:
                 self._version = self.store.put_json_if(LOCK_KEY, self._mine(), version)

@@ -137,6 +137,11 @@ def test_bulk_render_killed_halfway_resumes_without_rendering_twice(s3_server, r
                            (["list"], run1), (["stop", run2], "not running")):
         assert cli.main([*argv, "--address", ray_jobs.address]) == 0
         assert expected in capsys.readouterr().out, argv
+    for command in ("status", "stop", "logs"):  # an id the server does not know: one line, no traceback
+        assert cli.main([command, "no-such-job", "--address", ray_jobs.address]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"pab bulk {command}: ") and "no-such-job" in err and "pab bulk list" in err, err
+        assert "Traceback" not in err and err.count("\n") == 1, err
 
     # ---- 17 videos, each written exactly once; the ones from run 1 untouched.
     after = video_versions(s3)

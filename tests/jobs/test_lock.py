@@ -130,6 +130,7 @@ def test_the_driver_refuses_an_output_another_run_writes_and_takes_it_over_when_
     assert render.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: another run is writing to") and "raysubmit_other" in err and "Traceback" not in err
+    assert "`pab bulk stop raysubmit_other`" in err  # a Ray job: stopped through the job API
     assert not store.exists(RESULTS_KEY) and store.get_json(LOCK_KEY)["run_id"] == "raysubmit_other"
     assert render.main([*argv, "--dry-run"]) == 0  # reading needs no lease
 
@@ -162,3 +163,13 @@ def test_a_run_whose_output_another_run_took_starts_no_more_rows_and_writes_no_r
     assert not store.exists(RESULTS_KEY)  # the table is the new run's to write
     assert store.get_json("videos/r11.json") == theirs  # the rows left here are not cleaned up under it
     assert store.get_json(LOCK_KEY)["run_id"] == "raysubmit_new"  # and its lease stays
+
+
+def test_a_run_started_here_is_not_named_as_a_job_to_stop(tmp_path):
+    """A run started without Ray's job API (`python -m jobs.render`) has no job `pab bulk stop` could find: the
+    message says how to stop that process instead."""
+    store = storage_from_config({"backend": "local", "path": str(tmp_path)})
+    RunLock(store, "run-1a2b3c4d", "out").acquire()
+    with pytest.raises(OutputBusy) as e:
+        RunLock(store, "run-5e6f7a8b", "out").acquire()
+    assert f"Ctrl-C it, or `kill {os.getpid()}` on" in str(e.value) and "pab bulk stop" not in str(e.value)
