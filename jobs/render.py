@@ -32,7 +32,8 @@ One run at a time writes an output (`jobs.lock.RunLock`): a second one started w
 once (exit code 2), naming it.
 
 Exit code: 0 when every row was handled (failed rows included: see the results table), 1 when rows
-were left unrendered because no GPU group could run (or another run took the output over), 2 for bad arguments,
+were left unrendered because no GPU group could run, the groups could not write the output (the first rows all
+failed so: the run stops there, rather than fail every row) or another run took the output over, 2 for bad arguments,
 a bad manifest, an output that cannot be opened or read or that another run is writing, 130 after Ctrl-C (no
 row starts after it; the results table is written, and the next run renders what was left, the rows then
 rendering included), 143 after SIGTERM (`pab bulk stop`, `ray job stop`, a pod being deleted), handled as Ctrl-C.
@@ -281,6 +282,8 @@ class BulkRender:
         self._how: str | None = None  # "interrupted (Ctrl-C)" or "stopped (SIGTERM)"
         self._rendering = False
         self._sigterm_before: Any = None  # the handler `_stop_on_sigterm` replaced; `run` puts it back
+        self._storage_strikes = 0  # rows in a row the groups could not store, before any row of this run was stored
+        self._stored_any = False
         self.unrendered_reason: str | None = None
         self.lock = RunLock(self.store, self.run_id, args.output)
         self.lost_output: str | None = None  # why another run holds the output now
@@ -497,15 +500,33 @@ class BulkRender:
         except Exception as e:  # noqa: BLE001 - e.g. storage unreachable: report the row, keep the group
             log.exception("row=%d id=%r failed outside the group", plan.row, plan.id)
             self._row_failed(plan, attempt, f"{type(e).__name__}: {e}")
+            if isinstance(e, StorageUnavailable):
+                self._storage_failed(e)
             return True
         render_s = time.monotonic() - t0
         row = self._completed(plan, {}, resumed=False, attempts=attempt, render_s=render_s,
                               timings=result.get("timings"))
         row.output_uri = result["video"]["uri"]
+        self._stored_any = True
         self._finish(row, rendered=True)
         log.info("rendered row=%d id=%r key=%s -> %s in %.2fs on %s (attempt %d, run %s)",
                  plan.row, plan.id, plan.key, row.output_uri, render_s, group.name, attempt, self.run_id)
         return True
+
+    def _storage_failed(self, err: StorageUnavailable) -> None:
+        """A group could not store its video. Before any row of this run was stored, `_STORAGE_STRIKES` such rows
+        mean the groups cannot write the output at all (no credentials on the workers, say): stop, rather than
+        render every row of the manifest for nothing, and leave the rest for a run once that is fixed."""
+        with self._results_lock:
+            self._storage_strikes += 1
+            enough = max(_STORAGE_STRIKES, self.args.groups)  # each group's first row may fail at once
+            if self._stored_any or self._storage_strikes < enough or self._stop.is_set():
+                return
+            self.unrendered_reason = (
+                f"the GPU groups could not write the output ({self._storage_strikes} rows failed so, none stored; the "
+                f"last: {err}); let the cluster write {self.args.output}, then run the job again")
+            self._stop.set()
+        log.error("stopping: %s", self.unrendered_reason)
 
     def _row_failed(self, plan: RowPlan, attempts: int, error: str) -> None:
         mp4, side = video_keys(plan.key)
@@ -558,18 +579,21 @@ class BulkRender:
             self.render(todo)
         if self.lost_output is not None:
             return 1
-        lost = (f"{self._how or 'interrupted'} while it rendered; the next run renders it" if self._stop.is_set()
-                else "the job lost track of this row (see the log)")
+        lost = (f"{self._how} while it rendered; the next run renders it" if self._how
+                else self.unrendered_reason or "the job lost track of this row (see the log)")
         for plan in plans:  # every manifest row gets a results row, whatever happened above
             if plan.row not in self.results:
                 self._finish(ResultRow(plan.row, plan.id, "failed", seed=_seed(plan), error=f"not rendered: {lost}"))
         uri = self.write_results()
         log.info(self.progress.line())
         log.info("results: %s (%d rows) in %.1fs", uri, len(self.results), time.monotonic() - t0)
-        if self._stop.is_set():
+        if self._how is not None:
             return 143 if self._how == "stopped (SIGTERM)" else 130  # a shell's codes for SIGTERM and Ctrl-C
         unrendered = sum(1 for r in self.results.values() if r.error and r.error.startswith("not rendered:"))
         return 1 if unrendered else 0
+
+
+_STORAGE_STRIKES = 3  # rows the groups could not store, none stored, before a run stops (`_storage_failed`)
 
 
 class Stopped(KeyboardInterrupt):

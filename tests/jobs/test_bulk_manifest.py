@@ -417,6 +417,32 @@ def test_a_storage_error_fails_only_its_row(tmp_path):
     assert rows["blocked"]["error"].startswith("IsADirectoryError") and group.calls == ["p-a", "p-c"]
 
 
+class NoWriteGroup(FlakyGroup):
+    """Groups on workers that cannot write the output (no credentials there): rank 0's upload fails every time."""
+
+    def generate(self, request, output=None, timeout_s=None):
+        from pab.storage import StorageUnavailable
+
+        self.calls.append(request["prompt"])
+        raise StorageUnavailable("storage unavailable: could not store video: NoCredentialsError")
+
+
+def test_groups_that_cannot_write_the_output_stop_the_run_before_every_row_fails(tmp_path):
+    manifest = tmp_path / "m.parquet"
+    manifest.write_bytes(parquet(id=[f"r{i}" for i in range(20)], prompt=[f"p{i}" for i in range(20)]))
+    args = render.parse_args(["--manifest", str(manifest), "--output", str(tmp_path / "out")])
+    job = render.BulkRender(args)
+    group = NoWriteGroup("g0", set())
+    job._connect = lambda: None
+    job._new_group = lambda index: group
+    assert job.run() == 1  # rows left unrendered, and not as an interruption
+    rows = read_results((tmp_path / "out" / "results.parquet").read_bytes()).to_pylist()
+    assert len(rows) == 20 and len(group.calls) == render._STORAGE_STRIKES
+    assert all(r["error"].startswith("StorageUnavailable") for r in rows[:3]), rows[:3]
+    assert all(r["error"].startswith("not rendered: the GPU groups could not write the output (3 rows failed so")
+               and "run the job again" in r["error"] for r in rows[3:]), rows[3]  # fmt: skip
+
+
 def test_a_cache_column_names_a_preset_or_holds_a_policy():
     table = read_manifest(parquet(id=["a", "b", "c"], prompt=["a cat", "a dog", "a cow"],
                                   cache=["teacache-slow", '{"policy": "magcache", "threshold": 0.1}', "{oops"]))
