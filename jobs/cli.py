@@ -60,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "submit",
         help="submit a bulk render job",
-        description="Submit `python -m jobs.render ...`; options not listed here go to jobs.render.",
+        description="Submit `python -m jobs.render ...`; options not listed here go to jobs.render: --manifest and "
+        "--output are required, and `python -m jobs.render --help` lists the rest (the model, groups, settings).",
+        epilog="example: pab bulk submit --address http://HEAD:8265 --manifest s3://prompts/batch1.parquet "
+        "--output s3://videos/batch1 --model opensora-v1.2 --groups 2",
         allow_abbrev=False,  # never let a render option be read as an abbreviated submission option
     )
     s.add_argument("--address", help=f"Ray dashboard URL (default: $RAY_ADDRESS or {DEFAULT_ADDRESS})")
@@ -124,7 +127,9 @@ def _wait(client, submission_id: str) -> int:
     while not (status := client.get_job_status(submission_id)).is_terminal():
         time.sleep(1)
     info = client.get_job_info(submission_id)
-    print(f"job {submission_id}: {status.value}" + (f" ({info.message})" if info.message else ""), file=sys.stderr)
+    # A failed job's message carries its whole log again (Ray's "last available logs"): it was streamed above.
+    message = (info.message or "").split("\n")[0].split(", last available logs")[0]
+    print(f"job {submission_id}: {status.value}" + (f" ({message})" if message else ""), file=sys.stderr)
     return 0 if status == JobStatus.SUCCEEDED else 1
 
 
@@ -189,6 +194,8 @@ def _command(client, args: argparse.Namespace) -> int:
             sys.stdout.write(client.get_job_logs(args.submission_id))
         return 0
     for job in client.list_jobs():
+        if job.submission_id is None:  # a driver that ran on the cluster without the job API: nothing to stop
+            continue
         print(f"{job.submission_id}\t{job.status.value}\t{job.entrypoint}")
     return 0
 

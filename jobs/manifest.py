@@ -85,6 +85,8 @@ class RowPlan:
 
 def read_manifest(data: bytes, source: str = "manifest") -> pa.Table:
     """Parse manifest bytes; `ManifestError` if they are not a usable Parquet manifest."""
+    if not data:
+        raise ManifestError(f"{source} is empty; write the manifest with pyarrow.parquet.write_table")
     if len(data) < 12 or data[:4] != PARQUET_MAGIC or data[-4:] != PARQUET_MAGIC:
         hint = " (it looks like CSV/text)" if data[:1].isascii() and b"\n" in data[:4096] else ""
         raise ManifestError(f"{source} is not a Parquet file{hint}; write it with pyarrow.parquet.write_table")

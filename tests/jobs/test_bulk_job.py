@@ -200,7 +200,7 @@ def test_bulk_render_killed_halfway_resumes_without_rendering_twice(s3_server, r
 
 @pytest.mark.faults
 @pytest.mark.slow
-def test_a_group_no_node_can_hold_fails_every_row_with_the_reason(s3_server, ray_jobs):
+def test_a_group_no_node_can_hold_fails_every_row_with_the_reason(s3_server, ray_jobs, capsys):
     """On a running cluster (so no local check applies) a group of 4 GPUs, where no node has more than 2: the
     job ends once --start-timeout passes, non-zero, and results.parquet says why for every row (#19)."""
     s3 = s3_server.client()
@@ -214,6 +214,8 @@ def test_a_group_no_node_can_hold_fails_every_row_with_the_reason(s3_server, ray
     t0 = time.monotonic()
     assert cli.main(["submit", "--address", ray_jobs.address, "--submission-id", run, "--", *args]) != 0
     assert time.monotonic() - t0 < 120
+    said = capsys.readouterr().err  # the log was streamed; the end says how the job ended, not the whole log again
+    assert said.strip() == f"job {run}: FAILED (Job entrypoint command failed with exit code 1)", said[-2000:]
     client = ray_jobs.client()
     assert client.get_job_status(run).value == "FAILED"
     log = client.get_job_logs(run)

@@ -33,7 +33,7 @@ def parquet(**columns) -> bytes:
 def test_not_parquet_is_a_clear_manifest_error():
     with pytest.raises(ManifestError, match=r"prompts.csv is not a Parquet file \(it looks like CSV/text\)"):
         read_manifest(b"id,prompt\n1,a cat\n", "prompts.csv")
-    with pytest.raises(ManifestError, match="not a Parquet file"):
+    with pytest.raises(ManifestError, match="empty.parquet is empty"):
         read_manifest(b"", "empty.parquet")
     # Right magic bytes, broken body.
     with pytest.raises(ManifestError, match="not a readable Parquet file"):
