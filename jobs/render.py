@@ -511,6 +511,8 @@ class BulkRender:
         self._finish(row, rendered=True)
         log.info("rendered row=%d id=%r key=%s -> %s in %.2fs on %s (attempt %d, run %s)",
                  plan.row, plan.id, plan.key, row.output_uri, render_s, group.name, attempt, self.run_id)
+        for notice in result.get("notices") or []:  # where the video differs from the row (its sidecar keeps them)
+            log.info("notice row=%d id=%r: %s", plan.row, plan.id, notice)
         return True
 
     def _storage_failed(self, err: StorageUnavailable) -> None:

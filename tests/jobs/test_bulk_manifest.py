@@ -427,6 +427,21 @@ class NoWriteGroup(FlakyGroup):
         raise StorageUnavailable("storage unavailable: could not store video: NoCredentialsError")
 
 
+def test_where_a_video_differs_from_its_row_the_job_log_says(tmp_path, caplog):
+    class SnappingGroup(FlakyGroup):
+        def generate(self, request, output=None, timeout_s=None):
+            return {**super().generate(request, output, timeout_s), "notices": ["height 33 renders as 32"]}
+
+    manifest = tmp_path / "m.parquet"
+    manifest.write_bytes(parquet(id=["a"], prompt=["p-a"]))
+    job = render.BulkRender(render.parse_args(["--manifest", str(manifest), "--output", str(tmp_path / "out")]))
+    job._connect = lambda: None
+    job._new_group = lambda index: SnappingGroup("g0", set())
+    with caplog.at_level("INFO", logger="jobs.render"):
+        assert job.run() == 0
+    assert "notice row=0 id='a': height 33 renders as 32" in caplog.text
+
+
 def test_groups_that_cannot_write_the_output_stop_the_run_before_every_row_fails(tmp_path):
     manifest = tmp_path / "m.parquet"
     manifest.write_bytes(parquet(id=[f"r{i}" for i in range(20)], prompt=[f"p{i}" for i in range(20)]))
