@@ -282,7 +282,7 @@ class BulkRender:
         self._how: str | None = None  # "interrupted (Ctrl-C)" or "stopped (SIGTERM)"
         self._rendering = False
         self._sigterm_before: Any = None  # the handler `_stop_on_sigterm` replaced; `run` puts it back
-        self._storage_strikes = 0  # rows in a row the groups could not store, before any row of this run was stored
+        self._storage_strikes = 0  # rows the groups could not store while no row of this run was stored
         self._stored_any = False
         self.unrendered_reason: str | None = None
         self.lock = RunLock(self.store, self.run_id, args.output)
