@@ -217,9 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="a model from `pab models`")
     p.add_argument("--checkpoint", help="its weights (default: a -small model's shipped ones)")
     p.add_argument("--prompts", help="a text file, one prompt per line (default: --count synthetic captions)")
-    p.add_argument("--count", type=int, default=16, help="prompts when --prompts is not given")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--count", type=int, default=16, help="prompts when --prompts is not given (default: 16)")
+    p.add_argument("--steps", type=int, help="denoising steps, at least 2 (default: the model's)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--out", help="the calibration file (default: cache.json beside the weights)")
     p.add_argument("--plot", help="PNG of what was measured (default: next to --out)")
     args = p.parse_args(argv)
@@ -227,6 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     from pab.pipeline import Pipeline
 
     try:
+        # Checked before the weights load and the measurement runs, which take minutes.
+        if args.steps is not None and args.steps < 2:
+            raise ValueError(f"--steps must be at least 2 (a step's change is measured against the one before), "
+                             f"got {args.steps}")
+        if not args.prompts and args.count < 1:
+            raise ValueError(f"--count must be at least 1, got {args.count}")
+        if args.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("--device cuda: this machine has no CUDA device; use --device cpu, or leave it out")
         sources = resolve_sources(args.model, args.checkpoint)
         if args.prompts:
             prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
@@ -239,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else sources.root / CALIBRATION_FILE
         png = Path(args.plot) if args.plot else out.with_suffix(".png")
         for path in (out, png):  # before the measurement, which takes minutes: not after it
+            if path.is_dir():
+                raise ValueError(f"{path} is a folder: give a file path")
             if not path.parent.is_dir():
                 raise ValueError(f"{path.parent} is not a folder: create it, or write elsewhere")
             if not os.access(path.parent, os.W_OK):

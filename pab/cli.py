@@ -48,7 +48,15 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_writable(path: Path) -> None:
+    """Before any work: a path whose file can be written (a render takes minutes to find out otherwise)."""
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder: give a file path")
     parent = path.parent if str(path.parent) else Path(".")
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():  # a file where a folder of the path should be: say which (mkdir says "File exists")
+        raise UsageError(f"cannot write to {path}: {existing} is not a folder")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=parent, prefix=".pab-write-test-"):

@@ -49,6 +49,20 @@ def test_an_output_folder_that_is_missing_is_refused_before_the_measurement(tmp_
         assert f"{tmp_path / 'no'} is not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, says", [
+    (["--steps", "1"], "--steps must be at least 2"),
+    (["--steps", "-5"], "--steps must be at least 2"),
+    (["--count", "0"], "--count must be at least 1"),
+    (["--out", "{tmp}"], "is a folder: give a file path"),
+])  # fmt: skip
+def test_bad_options_are_refused_before_the_weights_load(extra, says, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("pab.pipeline.Pipeline.from_name", lambda *a, **k: pytest.fail("loaded before checking"))
+    extra = [x.format(tmp=tmp_path) for x in extra]
+    assert main(["--model", "opensora-v1.2-small", "--device", "cpu", *extra]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err
+
+
 def test_presets_short_of_their_target_are_named():
     """With few steps a policy's warm-up leaves too few to reuse: the preset ends at the search's cap, and
     `pab calibrate` says which ones instead of shipping them silently."""

@@ -130,7 +130,10 @@ def test_unwritable_output_and_missing_checkpoint(tmp_path: Path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert main(["generate", "--prompt", "p", "--output", str(blocker / "sub" / "x.mp4")]) == 2
-    assert "cannot write to" in capsys.readouterr().err
+    assert f"cannot write to {blocker / 'sub' / 'x.mp4'}: {blocker} is not a folder" in capsys.readouterr().err
+    (tmp_path / "dir.mp4").mkdir()  # refused before the render, not after it
+    assert main(["generate", "--prompt", "p", "--output", str(tmp_path / "dir.mp4")]) == 2
+    assert f"{tmp_path / 'dir.mp4'} is a folder: give a file path" in capsys.readouterr().err
     assert (
         main(
             ["generate", "--prompt", "p", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "y.mp4")]
