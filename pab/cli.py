@@ -182,7 +182,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise UsageError(f"--strip must end in .png, got {args.strip}")
         _check_writable(Path(args.strip))
     # Validate the request before loading weights or starting processes, so bad input fails fast.
-    _validate_request_early(args)
+    if not _validate_request_early(args):
+        from pab.models import split_name
+
+        if split_name(args.model)[1] == "full":  # said before minutes of building tens of GB of random weights
+            print(f"pab: warning: {args.model} has no --checkpoint: every part gets RANDOM weights (the video is "
+                  "noise), and a full-size model needs tens of GB of memory and, on the CPU, a long time; pass "
+                  "--checkpoint, or try a -small model (pab models lists them)", file=sys.stderr)  # fmt: skip
     t0 = time.perf_counter()
     if args.sp == 1:
         sidecar = _run_generate(0, 1, args)
@@ -229,8 +235,8 @@ def _check_device(device: str | None, processes: int) -> None:
         raise UsageError(f"--device {device} --sp {processes}: a process per GPU, and this machine has {count}")
 
 
-def _validate_request_early(args: argparse.Namespace) -> None:
-    """Cheap checks with the model's rules, without building the model."""
+def _validate_request_early(args: argparse.Namespace) -> bool:
+    """Cheap checks with the model's rules, without building the model. True if weights were found to load."""
     from pab.caching import load_calibration, resolve_cache
     from pab.checkpoint import resolve_sources
     from pab.errors import about
@@ -245,6 +251,7 @@ def _validate_request_early(args: argparse.Namespace) -> None:
             resolve_cache(args.model, spec, calibration)
     except ValueError as e:
         raise UsageError(_with_option(e, args)) from e
+    return sources is not None
 
 
 # ----------------------------------------------------------------------------------------------------

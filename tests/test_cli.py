@@ -201,3 +201,16 @@ def test_serve_and_bulk_come_from_their_packages_and_pab_imports_neither(capsys,
 
     monkeypatch.setattr(pab.cli, "plugin_commands", lambda: {})  # a tree used without installing it
     assert main(["serve"]) == 2 and "pip install -e ." in capsys.readouterr().err
+
+
+def test_a_full_size_model_without_a_checkpoint_is_warned_about_before_it_is_built(tmp_path, capsys, monkeypatch):
+    """Building a full-size model's random weights takes tens of GB and minutes: the warning comes first."""
+    def built(*args):
+        raise SystemExit(7)  # where the weights would be built
+
+    monkeypatch.setattr("pab.cli._run_generate", built)
+    for model, warned in (("opensora-v1.2", True), ("opensora-v1.2-tiny", False)):
+        with pytest.raises(SystemExit):
+            main(["generate", "--model", model, "--prompt", "p", "--output", str(tmp_path / "x.mp4")])
+        err = capsys.readouterr().err
+        assert ("has no --checkpoint: every part gets RANDOM weights" in err) is warned, (model, err)
