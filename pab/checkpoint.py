@@ -132,6 +132,8 @@ def source_folder(source: str | Path, cache_dir: str | Path | None = None, s3: d
     path = Path(text).expanduser()
     if path.is_dir():
         return path
+    if path.exists():  # a file: a checkpoint is the folder that holds the parts' files
+        raise CheckpointError(f"checkpoint {path} is a file; give the folder that holds it (transformer/, vae/, ...)")
     match = HUB_ID.match(text)
     if match is None or text.startswith((".", "~")):
         raise CheckpointError(f"checkpoint folder {path} does not exist")

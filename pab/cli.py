@@ -34,7 +34,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     # The per-video settings (pab.request); seed 0 unless given: the same command makes the same video.
     add_options(p, helps={"seed": "the noise's seed (default: 0)"}, seed=0)
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--dtype", choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
+                   help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--checkpoint", help="the published weights: a folder or a Hugging Face repo id read from the "
                                         "local cache (README 'Checkpoints')")
     p.add_argument("--vae", help="the VAE's own source, e.g. hpcai-tech/OpenSora-VAE-v1.2 (default: the checkpoint's)")

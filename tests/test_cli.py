@@ -214,3 +214,10 @@ def test_a_full_size_model_without_a_checkpoint_is_warned_about_before_it_is_bui
             main(["generate", "--model", model, "--prompt", "p", "--output", str(tmp_path / "x.mp4")])
         err = capsys.readouterr().err
         assert ("has no --checkpoint: every part gets RANDOM weights" in err) is warned, (model, err)
+
+
+def test_a_checkpoint_that_is_a_file_says_so(tmp_path, capsys):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    assert main(["generate", "--prompt", "p", "--checkpoint", str(weights), "--output", str(tmp_path / "x.mp4")]) == 2
+    assert f"checkpoint {weights} is a file; give the folder that holds it" in capsys.readouterr().err
