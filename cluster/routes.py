@@ -26,7 +26,7 @@ from cluster.api import Video, VideoCreate, VideoDeleted, VideoList, error_body,
 from cluster.ingress import VideoAPI, api_error
 from cluster.jobs import valid_id
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from pab.request import deepest_first, field_path, on_its_branch
+from pab.request import deepest_first, error_message, field_path, on_its_branch
 from pab.storage import StorageUnavailable
 
 # The routes, stateless: each reads the VideoAPI of the app serving it (`build_api`).
@@ -342,7 +342,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
                                           for e in exc.errors()]))
     ranked = on_its_branch(deepest_first(errors, skip=1))
     said = [f"body: not JSON ({e.get('ctx', {}).get('error', e['msg'])})" if e["type"] == "json_invalid"
-            else f"{_param(e['loc']) or 'body'}: {e['msg']}" for e in ranked[:3]]
+            else f"{_param(e['loc']) or 'body'}: {error_message(e)}" for e in ranked[:3]]
     message = "; ".join(said) + (f" (and {len(ranked) - 3} more)" if len(ranked) > 3 else "")
     param = _param(ranked[0]["loc"]) if ranked and ranked[0]["type"] != "json_invalid" else None
     # OpenAI's shape for its clients, plus FastAPI's `detail` list (every error, with its `loc`) for the others. 400,

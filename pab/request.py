@@ -207,6 +207,11 @@ def deepest_first(errors: list[dict[str, Any]], skip: int = 0) -> list[dict[str,
     return sorted(errors, key=lambda e: -len(field_path(e["loc"][skip:]).split(".")))
 
 
+def error_message(err: dict[str, Any]) -> str:
+    """An error's text without pydantic's "Value error, " before what our own checks say."""
+    return str(err["msg"]).removeprefix("Value error, ")
+
+
 def on_its_branch(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`deepest_first`'s errors less those of the union branches the deepest one is not on: for `pab` given rules
     with a bad range, the rules' error, not also "policy: Field required" from the step-cache branch nobody meant."""
@@ -234,7 +239,7 @@ def describe(error: ValidationError, prefix: str = "") -> str:
             name = prefix + top.replace("_", "-") + path[len(top):] if prefix else path  # --num-frames, num_frames
             got = err.get("input")
             shown = f" (got {got!r})" if isinstance(got, (int, float, str)) and len(repr(got)) < 40 else ""
-            said[top] = (f"{name}: {err['msg']}" if path else err["msg"]) + shown
+            said[top] = (f"{name}: {error_message(err)}" if path else error_message(err)) + shown
     return "; ".join(said.values())
 
 

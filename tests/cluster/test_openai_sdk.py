@@ -656,3 +656,8 @@ def test_list_pages_through_every_video_once_both_ways(server, client):
     with pytest.raises(openai.BadRequestError, match="after: must be a video id") as e:
         client.videos.list(after="zzz")
     assert e.value.body["param"] == "after"
+
+
+def test_a_bad_size_says_what_is_wrong_without_pydantics_prefix(http):
+    r = http.post("/v1/videos", json={"prompt": "a fox", "size": "big"})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("size: size must look like"), r.text
