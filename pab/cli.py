@@ -366,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # request validation inside the pipeline (sizes, frame counts, checkpoints)
         print(f"pab: error: {_with_option(e, args)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; the mp4 is written whole or not at all (`_atomic_write`)
+        print("pab: interrupted", file=sys.stderr)
+        return 130
 
 
 def _with_option(e: ValueError, args: argparse.Namespace) -> str:

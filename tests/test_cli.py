@@ -221,3 +221,12 @@ def test_a_checkpoint_that_is_a_file_says_so(tmp_path, capsys):
     weights.write_bytes(b"")
     assert main(["generate", "--prompt", "p", "--checkpoint", str(weights), "--output", str(tmp_path / "x.mp4")]) == 2
     assert f"checkpoint {weights} is a file; give the folder that holds it" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_leaves_no_video(tmp_path, capsys, monkeypatch):
+    def pressed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pab.cli._run_generate", pressed)
+    assert main(["generate", "--prompt", "p", "--output", str(tmp_path / "x.mp4")]) == 130
+    assert capsys.readouterr().err == "pab: interrupted\n" and not (tmp_path / "x.mp4").exists()
