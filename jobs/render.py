@@ -279,11 +279,10 @@ class BulkRender:
         self.progress: Progress | None = None
         self._all_done = threading.Event()
         self._stop = threading.Event()  # Ctrl-C, SIGTERM, or the output taken over: no group takes another row
-        self._how: str | None = None  # "interrupted (Ctrl-C)" or "stopped (SIGTERM)"
+        self._how: str | None = None  # what interrupted the run: `_INTERRUPTS`' keys
         self._rendering = False
         self._sigterm_before: Any = None  # the handler `_stop_on_sigterm` replaced; `run` puts it back
         self._storage_strikes = 0  # rows the groups could not store while no row of this run was stored
-        self._stored_any = False
         self.unrendered_reason: str | None = None
         self.lock = RunLock(self.store, self.run_id, args.output)
         self.lost_output: str | None = None  # why another run holds the output now
@@ -417,7 +416,7 @@ class BulkRender:
             # Ctrl-C or SIGTERM: no group takes another row; the rows rendering now keep their intent, so the next
             # run renders them again. The results table is written for what finished.
             self._stop.set()
-            self._how = "stopped (SIGTERM)" if isinstance(e, Stopped) else "interrupted (Ctrl-C)"
+            self._how = _SIGTERM if isinstance(e, Stopped) else _CTRL_C
             self.unrendered_reason = f"{self._how}; run the job again to render it"
             log.warning("%s: no more rows start; %s", self._how, self.progress.line())
         finally:
@@ -507,7 +506,6 @@ class BulkRender:
         row = self._completed(plan, {}, resumed=False, attempts=attempt, render_s=render_s,
                               timings=result.get("timings"))
         row.output_uri = result["video"]["uri"]
-        self._stored_any = True
         self._finish(row, rendered=True)
         log.info("rendered row=%d id=%r key=%s -> %s in %.2fs on %s (attempt %d, run %s)",
                  plan.row, plan.id, plan.key, row.output_uri, render_s, group.name, attempt, self.run_id)
@@ -522,7 +520,7 @@ class BulkRender:
         with self._results_lock:
             self._storage_strikes += 1
             enough = max(_STORAGE_STRIKES, self.args.groups)  # each group's first row may fail at once
-            if self._stored_any or self._storage_strikes < enough or self._stop.is_set():
+            if self.progress.rendered or self._storage_strikes < enough or self._stop.is_set():
                 return
             self.unrendered_reason = (
                 f"the GPU groups could not write the output ({self._storage_strikes} rows failed so, none stored; the "
@@ -590,12 +588,16 @@ class BulkRender:
         log.info(self.progress.line())
         log.info("results: %s (%d rows) in %.1fs", uri, len(self.results), time.monotonic() - t0)
         if self._how is not None:
-            return 143 if self._how == "stopped (SIGTERM)" else 130  # a shell's codes for SIGTERM and Ctrl-C
+            return _INTERRUPTS[self._how]
         unrendered = sum(1 for r in self.results.values() if r.error and r.error.startswith("not rendered:"))
         return 1 if unrendered else 0
 
 
 _STORAGE_STRIKES = 3  # rows the groups could not store, none stored, before a run stops (`_storage_failed`)
+
+
+_CTRL_C, _SIGTERM = "interrupted (Ctrl-C)", "stopped (SIGTERM)"
+_INTERRUPTS = {_CTRL_C: 130, _SIGTERM: 143}  # the exit codes a shell gives them
 
 
 class Stopped(KeyboardInterrupt):
