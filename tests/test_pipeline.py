@@ -240,6 +240,16 @@ def test_checkpoint_round_trip_and_missing_keys(tmp_path: Path, name: str):
         Pipeline.from_name(name, device="cpu", checkpoint=ckpt)
 
 
+@pytest.mark.parametrize("base", ["opensora-v1.2", "latte-1", "opensora-plan-v1.1"])
+def test_a_checkpoint_of_another_size_names_the_model_that_fits(base: str):
+    """The shipped `-small` weights under the full name are refused before any weights are built, naming the fit:
+    the name picks the text encoder and defaults, and Open-Sora failed mid-render with a tensor-size error."""
+    from pab.models import CheckpointError, shipped_checkpoint
+
+    with pytest.raises(CheckpointError, match=f"run with --model {re.escape(base)}-small$"):
+        Pipeline.from_name(base, device="meta", checkpoint=shipped_checkpoint(f"{base}-small"))
+
+
 @pytest.mark.parametrize("model, settings", [
     ("opensora-v1.2-tiny", dict(steps=2)),
     ("latte-1-tiny", dict(steps=2, num_frames=12)),  # past one micro-batch of 8 frames
