@@ -26,7 +26,7 @@ from cluster.api import Video, VideoCreate, VideoDeleted, VideoList, error_body,
 from cluster.ingress import VideoAPI, api_error
 from cluster.jobs import valid_id
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from pab.request import deepest_first, error_message, field_path, on_its_branch
+from pab.request import deepest_first, error_message, field_path
 from pab.storage import StorageUnavailable
 
 # The routes, stateless: each reads the VideoAPI of the app serving it (`build_api`).
@@ -340,7 +340,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     # FastAPI's own handler echoes the input as it came; NaN or a lone surrogate there made the error a 500.
     errors = _json_safe(jsonable_encoder([{**e, "input": _short(e["input"])} if "input" in e else e
                                           for e in exc.errors()]))
-    ranked = on_its_branch(deepest_first(errors, skip=1))
+    ranked = deepest_first(errors, skip=1)
     said = [f"body: not JSON ({e.get('ctx', {}).get('error', e['msg'])})" if e["type"] == "json_invalid"
             else f"{_param(e['loc']) or 'body'}: {error_message(e)}" for e in ranked[:3]]
     message = "; ".join(said) + (f" (and {len(ranked) - 3} more)" if len(ranked) > 3 else "")

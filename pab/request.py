@@ -14,7 +14,9 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+)  # fmt: skip
 
 from pab.errors import RequestError
 from pab.seeds import SEED_LIMIT
@@ -77,7 +79,33 @@ class StepPolicyIn(BaseModel):
 # A preset by name (off, paper, teacache-slow, ...): never a path, so a request cannot make a server read a file.
 # The command line reads a FILE.json of rules or a policy itself, at the edge (`from_options`).
 CacheName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
-Cache = Union[CacheName, StepPolicyIn, PABSettings, None]
+
+
+def _cache_branch(v: Any) -> str | None:
+    """Which of the cache's forms `v` is meant as: an object with a `policy` is a step-reuse policy, any other
+    object PAB rules. Chosen up front, so a misspelt rule name is reported as such, not as a missing `policy`."""
+    if v is None:
+        return "None"
+    if isinstance(v, str):
+        return "CacheName"
+    if isinstance(v, StepPolicyIn | PABSettings):
+        return type(v).__name__
+    if isinstance(v, dict):
+        return "StepPolicyIn" if "policy" in v else "PABSettings"
+    return None
+
+
+Cache = Annotated[
+    Union[
+        Annotated[CacheName, Tag("CacheName")],
+        Annotated[StepPolicyIn, Tag("StepPolicyIn")],
+        Annotated[PABSettings, Tag("PABSettings")],
+        Annotated[None, Tag("None")],
+    ],
+    Discriminator(_cache_branch, custom_error_type="cache_type", custom_error_message="must be a preset name, "
+                  "an object of PAB rules or a step-reuse policy, or null"),
+]
+
 S = TypeVar("S", bound="VideoSettings")
 
 
@@ -202,8 +230,8 @@ def _is_tag(part: Any) -> bool:
 
 
 def deepest_first(errors: list[dict[str, Any]], skip: int = 0) -> list[dict[str, Any]]:
-    """Pydantic's errors, the deepest first (their `loc` less its first `skip` parts, e.g. FastAPI's "body"): of
-    a union's branches ("off"/"paper" or rules), the one that got furthest says most. Stable otherwise."""
+    """Pydantic's errors, the deepest first (their `loc` less its first `skip` parts, e.g. FastAPI's "body"): the
+    field that is wrong before the object that holds it. Stable otherwise."""
     return sorted(errors, key=lambda e: -len(field_path(e["loc"][skip:]).split(".")))
 
 
@@ -212,25 +240,8 @@ def error_message(err: dict[str, Any]) -> str:
     return str(err["msg"]).removeprefix("Value error, ")
 
 
-def on_its_branch(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`deepest_first`'s errors less those of the union branches the deepest one is not on: for `pab` given rules
-    with a bad range, the rules' error, not also "policy: Field required" from the step-cache branch nobody meant."""
-    if not errors:
-        return errors
-    loc = errors[0]["loc"]
-    forks = [(tuple(loc[:i]), part) for i, part in enumerate(loc) if _is_tag(part)]
-
-    def off_branch(err: dict[str, Any]) -> bool:
-        other = tuple(err["loc"])
-        return any(other[: len(pre)] == pre and len(other) > len(pre) and _is_tag(other[len(pre)])
-                   and other[len(pre)] != tag for pre, tag in forks)  # fmt: skip
-
-    return [e for e in errors if not off_branch(e)]
-
-
 def describe(error: ValidationError, prefix: str = "") -> str:
-    """A validation error in one line, a problem per field (`--num-frames: ...` with prefix "--"); of a
-    union's branches, the one that got furthest is reported."""
+    """A validation error in one line, a problem per field (`--num-frames: ...` with prefix "--")."""
     said: dict[str, str] = {}
     for err in deepest_first(error.errors()):
         path = field_path(err["loc"])
