@@ -72,6 +72,10 @@ class ModelConfig(BaseModel):
     device: str = "auto"
     groups: list[PoolConfig] = Field(default_factory=lambda: [PoolConfig()])
     engine: EngineOptions = Field(default_factory=EngineOptions)
+    max_workload: int | None = Field(
+        None, ge=1, description="refuse a request with num_frames*height*width above this with a 400 naming the "
+        "limit (None: take any size the model can render; the largest pool gets what no pool's limit takes)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":

@@ -41,7 +41,7 @@ from starlette.datastructures import Headers
 
 from cluster import failures
 from cluster.api import ErrorInfo, ModelInfo, Video, VideoCreate, VideoList, error_body
-from cluster.config import AppConfig, pool_name, route
+from cluster.config import AppConfig, ModelConfig, pool_name, route
 from cluster.jobs import JobRecord, JobStore, RecordChanged, new_job_id, valid_id
 from cluster.metrics import IngressMetrics
 from pab.errors import RequestError
@@ -97,6 +97,18 @@ def field_error(field: str, message: str, value: Any = None) -> RequestValidatio
     """A 400 with FastAPI's error list, naming the field ("pab.spatial.blocks" names a nested one)."""
     loc = ("body", *field.split("."))
     return RequestValidationError([{"type": "value_error", "loc": loc, "msg": message, "input": value}])
+
+
+def too_big(model: ModelConfig, request: dict[str, Any], body: VideoCreate) -> None:
+    """A 400 for a request above the model's `max_workload`, naming the field the body set (size or the frames)."""
+    frames, height, width = request["num_frames"], request["height"], request["width"]
+    if model.max_workload is None or frames * height * width <= model.max_workload:
+        return
+    field = ("size" if body.size else "width" if body.width else "height" if body.height
+             else "seconds" if body.seconds else "num_frames")  # fmt: skip
+    raise field_error(field, f"{frames} frames of {width}x{height} is {frames * height * width:,} frame-pixels; this "
+                      f"server renders at most {model.max_workload:,} with {model.name} (num_frames*height*width). "
+                      "Ask for fewer frames or a smaller size")
 
 
 class VideoAPI:
@@ -299,6 +311,7 @@ class VideoAPI:
             if top in ("cache", "pab"):  # one setting under two names: name the one the body used
                 field = ("pab" if body.cache is None and body.pab is not None else "cache") + field[len(top):]
             raise field_error(field, str(e)) from None
+        too_big(model_cfg, request, body)
         # Check again and reserve with no await in between: concurrent requests all passed the check before any
         # of them was registered, so 32 simultaneous POSTs got past a bound of 8.
         self._check_room()

@@ -21,6 +21,11 @@ import time
 from typing import Any
 
 
+# On the CPU a video this many times the model's default is refused unless --max-workload says otherwise: the
+# small model's default renders in about 10 s there, and a 720p one sat for minutes in its decode alone.
+CPU_WORKLOAD_FACTOR = 16
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pab serve", description="Serve text-to-video over HTTP on this machine.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -40,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="", help="S3 key prefix")
     p.add_argument("--api-key", action="append", default=[], help="accepted bearer token (repeatable)")
     p.add_argument("--max-pending", type=int, default=None, help="queue bound; beyond it POST gets 429")
+    p.add_argument("--max-workload", type=int, default=None, metavar="N",
+                   help="refuse a video above N = num_frames*height*width with a 400, for every model (default: no "
+                   f"limit with GPUs; {CPU_WORKLOAD_FACTOR}x the model's default video on the CPU, where a big one "
+                   "takes hours; 0: no limit)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
     p.add_argument("--num-gpus", type=int, default=None, help="GPUs for a local Ray (default: detected)")
     p.add_argument("--app-name", default="pab")
@@ -92,7 +101,23 @@ def build_config(args: argparse.Namespace, gpus: int) -> dict[str, Any]:
         cfg["api_keys"] = list(cfg.get("api_keys", [])) + args.api_key
     if args.max_pending is not None:
         cfg["max_pending"] = args.max_pending
+    for each in cfg["models"]:
+        if args.max_workload is not None:
+            each["max_workload"] = args.max_workload or None
+        elif not gpus and "max_workload" not in each:
+            each["max_workload"] = CPU_WORKLOAD_FACTOR * _default_workload(each.get("name", ""))
     return cfg
+
+
+def _default_workload(model: str) -> int:
+    """num_frames*height*width of the model's default video; 1 for a name `load_config` will refuse."""
+    from pab.models import get_spec, split_name
+
+    try:
+        d = get_spec(model).defaults_for(split_name(model)[1])
+    except (KeyError, ValueError):
+        return 1
+    return d.num_frames * d.height * d.width
 
 
 def main(argv: list[str] | None = None) -> int:

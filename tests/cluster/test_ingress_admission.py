@@ -12,10 +12,11 @@ import cluster.routes as routes
 
 
 @contextlib.contextmanager
-def serving(tmp_path, model: str):
-    """The real VideoAPI on a local folder, serving `model`; accepted jobs are never started."""
-    svc = ingress.VideoAPI({"models": [{"name": model}], "storage": {"backend": "local", "path": str(tmp_path)}},
-                           pools={})  # fmt: skip
+def serving(tmp_path, model: str, **settings):
+    """The real VideoAPI on a local folder, serving `model` (with its config's `settings`); accepted jobs are
+    never started."""
+    svc = ingress.VideoAPI({"models": [{"name": model, **settings}],
+                            "storage": {"backend": "local", "path": str(tmp_path)}}, pools={})  # fmt: skip
     svc._ensure_background = lambda: None
     svc._start = lambda job_id: None
     yield TestClient(routes.build_api(svc), raise_server_exceptions=False)
@@ -212,3 +213,20 @@ def test_each_app_serves_its_own_service_and_none_yet_is_starting(tmp_path):
     r = starting.get("/v1/videos")
     assert r.status_code == 503 and r.json()["error"]["code"] == "starting", r.text
     assert starting.get("/").status_code == 200  # the playground page needs no service
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"size": "128x96"}, "size"),  # the default 17 frames: 208,896
+    ({"num_frames": 48}, "num_frames"),  # of the default 96x64
+    ({"seconds": "6"}, "seconds"),
+    ({"height": 256, "width": 256}, "width"),
+])
+def test_a_video_above_the_models_max_workload_is_a_400_naming_the_limit(tmp_path, body, field):
+    with serving(tmp_path, "opensora-v1.2-tiny", max_workload=17 * 96 * 96) as client:
+        assert client.post("/v1/videos", json={"prompt": "a fox", "size": "96x96"}).status_code == 200  # at it
+        r = client.post("/v1/videos", json={"prompt": "a fox", **body})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == field and "this server renders at most 156,672 with opensora-v1.2-tiny" in \
+            error["message"] and "Ask for fewer frames or a smaller size" in error["message"], error
+        assert len(client.get("/v1/videos").json()["data"]) == 1  # the refused one left no job

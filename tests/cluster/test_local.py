@@ -24,11 +24,16 @@ def test_flags_to_config(tmp_path):
     assert cfg.models[0].name == "opensora-v1.2-small" and cfg.gpus_per_rank == 0  # CPU: groups hold CPUs
     assert cfg.storage.backend == "local" and cfg.storage.path == str(tmp_path) and cfg.max_pending == 3
     assert [k.get_secret_value() for k in cfg.api_keys] == ["k"]
+    assert cfg.models[0].max_workload == 16 * 17 * 64 * 64  # on the CPU: 16x the model's default video
+    for flag, limit in (("0", None), ("500", 500)):
+        cfg = load_config(build_config(_parser().parse_args(["--max-workload", flag]), gpus=0))
+        assert cfg.models[0].max_workload == limit
     args = _parser().parse_args(["--s3-endpoint", "http://127.0.0.1:1", "--bucket", "vids", "--gpus-per-group", "2"])
     cfg = load_config(build_config(args, gpus=8))
     assert cfg.models[0].name == "opensora-v1.2-small" and cfg.models[0].groups[0].gpus == 2
     assert cfg.models[0].groups[0].max_groups == 4 and cfg.gpus_per_rank == 1
     assert cfg.storage.backend == "s3" and cfg.storage.bucket == "vids" and cfg.storage.create_bucket
+    assert cfg.models[0].max_workload is None  # with GPUs no limit unless one is asked for
     with pytest.raises(SystemExit):
         build_config(_parser().parse_args(["--s3-endpoint", "http://x"]), gpus=0)
     args = _parser().parse_args(["--model", "opensora-v1.2", "--checkpoint", "hpcai-tech/OpenSora-STDiT-v3",
