@@ -103,6 +103,11 @@ def storage_errors(config: StorageConfig | dict[str, Any], what: str) -> Iterato
         raise unavailable(config, what, e) from e
 
 
+def _env_region(env: Any) -> str:
+    """The region boto3 would take from the environment: a deployment sets AWS_REGION once for every part."""
+    return env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
 class StorageConfig(BaseModel):
     """Where objects live. `backend="local"` needs `path`; `backend="s3"` needs `bucket`."""
 
@@ -114,7 +119,8 @@ class StorageConfig(BaseModel):
     )
     bucket: str | None = Field(None, description="S3 bucket")
     prefix: str = Field("", description="S3 key prefix, e.g. 'pab/prod'")
-    region: str = Field("us-east-1", description="S3 region (SigV4 signs it)")
+    region: str = Field(default_factory=lambda: _env_region(os.environ), description="S3 region (SigV4 signs "
+                        "it); default: AWS_REGION or AWS_DEFAULT_REGION where the config is read, else us-east-1")
     access_key_id: SecretStr | None = Field(None, description="S3 key id; None = AWS environment / instance role")
     secret_access_key: SecretStr | None = Field(None, description="S3 secret; None = AWS environment")
     create_bucket: bool = Field(False, description="create the bucket if it does not exist")
@@ -140,7 +146,7 @@ class StorageConfig(BaseModel):
                 endpoint_url=env.get("PAB_S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL") or None,
                 public_endpoint_url=env.get("PAB_S3_PUBLIC_ENDPOINT") or None,
                 prefix=env.get("PAB_S3_PREFIX", ""),
-                region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+                region=_env_region(env),
             )
         elif env.get("PAB_OUTPUT_DIR"):
             values.update(backend="local", path=env["PAB_OUTPUT_DIR"])

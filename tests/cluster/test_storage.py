@@ -200,6 +200,21 @@ def test_config_validation_and_env(monkeypatch):
     assert "hunter2" not in repr(secret) and secret.to_args()["secret_access_key"] == "hunter2"
 
 
+def test_the_region_comes_from_the_environment_unless_the_config_names_one(monkeypatch):
+    """A Serve config's storage has no region in the manifests: AWS_REGION, which the pods set for boto3 and bulk
+    jobs, must sign its download URLs too (it was us-east-1 whatever the pods said)."""
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    args = {"backend": "s3", "bucket": "b", "endpoint_url": "http://127.0.0.1:1", "access_key_id": "k",
+            "secret_access_key": "s"}
+    assert StorageConfig(**args).region == "eu-west-1" and StorageConfig(**args, region="ap-south-1").region == \
+        "ap-south-1"
+    url = storage_from_config(args).presigned_url("videos/a.mp4")
+    assert "%2Feu-west-1%2Fs3%2F" in url, url  # the credential scope of the signature
+    monkeypatch.delenv("AWS_REGION")
+    assert StorageConfig(**args).region == "us-east-1"
+
+
 def test_local_files_take_the_umask_and_leave_no_temporary_file(tmp_path):
     """A video, its sidecar and any object are readable as the umask says (mkstemp made them 0600), and the
     atomic write leaves only the object behind."""
