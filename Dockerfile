@@ -16,6 +16,9 @@ FROM rayproject/ray:${RAY_VERSION}-py311-gpu
 ARG TORCH_VERSION=2.13.0
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}"
 
+# Made by `ray` itself: a WORKDIR that does not exist yet is created root-owned by the classic builder, kaniko and
+# buildah (BuildKit alone makes it the user's), and `pip install .` below writes its build files there.
+RUN mkdir -p /home/ray/pab-cluster
 WORKDIR /home/ray/pab-cluster
 # Dependencies first (from pyproject.toml alone), so a code change does not reinstall them.
 COPY --chown=ray:users pyproject.toml README.md ./
@@ -28,8 +31,9 @@ COPY --chown=ray:users cluster ./cluster
 COPY --chown=ray:users jobs ./jobs
 # A regular (not editable) install: `python -m jobs.render` and `cluster.app:build_app` import from
 # site-packages whatever the working directory of the Ray job or Serve replica is.
+# The check runs from / so it imports the installed package, not this folder's sources.
 RUN pip install --no-cache-dir --no-deps . \
-    && python -c "import torch, ray, av, jobs.render, cluster.app, actors.group"
+    && cd / && python -c "import torch, ray, av, jobs.render, cluster.app, actors.group"
 
 # Model checkpoints are not baked in: they are downloaded once per pod from S3 into $PAB_CACHE_DIR
 # (default ~/.cache/pab; k8s/*.yaml mount an emptyDir there).
