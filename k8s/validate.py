@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import functools
 import gzip
+import json
 import re
 import sys
 import typing
@@ -386,6 +387,15 @@ def _optional_secret_refs(node: Any, path: list) -> list[str]:
     return out
 
 
+def _kuberay_reads(text: str) -> bool:
+    """Whether KubeRay's getResourcesMap parses a rayStartParams.resources value: surrounding quotes, backticks
+    and spaces stripped, then JSON. Ray's documented escaped form ('"{\\"a\\": 1}"') keeps its backslashes."""
+    try:
+        return isinstance(json.loads(str(text).strip("'\"` ")), dict)
+    except ValueError:
+        return False
+
+
 def controller_errors(doc: dict) -> list[str]:
     """A subset of the operator's own validation (``validation.go``) that no schema expresses."""
     out = []
@@ -399,6 +409,10 @@ def controller_errors(doc: dict) -> list[str]:
             if not pod.get("containers"):
                 out.append(f"{where}.{name}: needs at least one container")
             params = group.get("rayStartParams") or {}
+            if "resources" in params and not _kuberay_reads(params["resources"]):
+                out.append(f"{where}.{name}.rayStartParams.resources: KubeRay v1.7 cannot parse "
+                           f"{params['resources']!r} (it strips quotes, then reads JSON), so it adds no num-gpus "
+                           "either; use the group's resources: {name: \"1\"} instead")
             for key in ("num-cpus", "num-gpus", "memory"):
                 if key in params and key.replace("num-", "").upper() in (group.get("resources") or {}):
                     out.append(f"{where}.{name}: {key} set in both rayStartParams and resources")
