@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue
 import traceback
 from typing import Any, Callable
@@ -77,7 +78,9 @@ def _worker(
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    results.put((rank, True, value))
+    # Pickled here, into bytes: a tensor put on the queue as it is travels as a handle to this process's shared
+    # memory, which is gone once the process exits ("connection reset" in the parent's get).
+    results.put((rank, True, pickle.dumps(value)))
 
 
 # Errors a rank sees when a *peer* died in the middle of a collective: symptoms, not causes.
@@ -119,7 +122,8 @@ def launch_local(
 
     Args:
         nprocs (`int`): number of processes (one per GPU under NCCL).
-        fn (`Callable`): a picklable (module-level) function; its return value must be picklable.
+        fn (`Callable`): a picklable (module-level) function; its return value must be picklable (tensors are
+            copied back; CUDA ones to the same device index).
         *args: extra picklable arguments for `fn`.
         backend (`str`, *optional*): `"nccl"` if CUDA is available and has `nprocs` devices, else `"gloo"`.
         threads (`int`, *optional*): `torch.set_num_threads` in each child (1 keeps N processes from
@@ -179,7 +183,7 @@ def launch_local(
                 continue
             if not ok:
                 raise _first_failure(rank, value, results)
-            values[rank] = value
+            values[rank] = pickle.loads(value)
     finally:
         for p in procs:
             if p.is_alive() and len(values) < nprocs:

@@ -175,6 +175,19 @@ def test_cfg_split_and_gather_restore_cond_uncond_order(world):
     launch_local(world, _cfg_worker, backend="gloo")
 
 
+def _tensor_worker(rank: int, world: int) -> dict:
+    return {"rank": rank, "t": torch.full((3,), float(rank)), "big": torch.arange(1 << 16) * rank}
+
+
+def test_launch_local_returns_tensors_after_the_ranks_exit():
+    """A tensor put on the queue as-is travelled as a handle to the rank's shared memory, gone once it exited:
+    the parent's get failed with "Connection reset by peer"."""
+    out = launch_local(2, _tensor_worker, backend="gloo")
+    for rank, o in enumerate(out):
+        assert o["rank"] == rank and torch.equal(o["t"], torch.full((3,), float(rank)))
+        assert torch.equal(o["big"], torch.arange(1 << 16) * rank)
+
+
 def _failing_worker(rank: int, world: int) -> None:
     if rank == 1:
         raise ValueError("boom on purpose")
