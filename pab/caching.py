@@ -92,5 +92,9 @@ def resolve_cache(
         policy = resolve_cache(model, doc, calibration)
         return CachePolicy(path.stem, policy.pab, policy.step)
     names = cache_names(model, calibration)
-    hint = "" if named else f" ({model} has no step-reuse calibration: `pab calibrate --model {model}` makes one)"
+    # The calibration lives beside the weights: the command must name the same ones, or it calibrates (and
+    # overwrites) another model's, e.g. the shipped weights instead of a checkpoint trained with pab.train.
+    hint = "" if named else (f" (these {model} weights have no step-reuse calibration: `pab calibrate --model {model} "
+                             "--checkpoint DIR`, DIR the weights' folder, writes one beside them; random weights "
+                             "cannot be calibrated)")
     raise ValueError(f"unknown cache {spec!r}; use one of {names}, or a .json file of PAB rules or a policy{hint}")

@@ -44,7 +44,7 @@ def test_full_size_models_have_teacaches_published_presets():
 
 
 def test_what_is_not_accepted_says_what_is(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown cache 'teacache-slow'.*`pab calibrate --model latte-1-tiny`"):
+    with pytest.raises(ValueError, match=r"unknown cache 'teacache-slow'.*`pab calibrate --model latte-1-tiny --checkpoint DIR`"):
         resolve_cache("latte-1-tiny", "teacache-slow")
     with pytest.raises(ValueError, match=r"use one of \['off', 'paper', 'teacache-slow'\]"):
         resolve_cache("latte-1-tiny", "fast", CALIBRATION)

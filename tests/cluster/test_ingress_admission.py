@@ -94,7 +94,7 @@ def test_cache_presets_policies_and_the_old_name(served):
     """A preset the model is not calibrated for is a 400 saying how to calibrate; a policy given in full and
     PAB rules under `cache` are accepted as asked; `pab` and `cache` must not disagree."""
     r = served.post("/v1/videos", json={"prompt": "a fox", "cache": "teacache-slow"})
-    assert r.status_code == 400 and "pab calibrate --model opensora-v1.2-tiny" in r.text, r.text
+    assert r.status_code == 400 and "pab calibrate --model opensora-v1.2-tiny --checkpoint DIR" in r.text, r.text
     policy = {"policy": "magcache", "threshold": 0.2, "ratios": [1.0, 0.95], "max_skips": 2}
     r = served.post("/v1/videos", json={"prompt": "a fox", "cache": policy})
     assert r.status_code == 200, r.text
