@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch.nn as nn
 
 from pab.errors import RequestError, about
-from pab.hooks.registry import ModelHook, active, register_hook, remove_hooks_named
+from pab.hooks.registry import ModelHook, active, get_hook, register_hook, remove_hooks_named
 
 PAB_HOOK = "pyramid_attention_broadcast"
 KINDS = ("spatial", "temporal", "cross", "mlp")
@@ -318,6 +318,11 @@ class PABHandle:
 
     def remove(self) -> None:
         remove_pab(self.model)
+
+    def attached(self) -> bool:
+        """Whether its hooks are still on the model (`remove_pab(model)` takes them off behind its back)."""
+        mine = {id(h) for hs in self.hooks.values() for h in hs}
+        return any(id(get_hook(m, PAB_HOOK)) in mine for m in self.model.modules())
 
 
 def apply_pab(model: nn.Module, config: PABConfig) -> PABHandle:

@@ -415,7 +415,9 @@ class Pipeline:
 
     def _pab_handle(self, config: PABConfig):
         key = json.dumps(config.to_dict(), sort_keys=True)
-        if key not in self._pab_handles:
+        # Attached again if a caller took the hooks off the transformer (remove_pab), or the request would run
+        # without PAB and still be reported as using it.
+        if key not in self._pab_handles or not self._pab_handles[key].attached():
             from pab.broadcast import remove_pab
 
             remove_pab(self.transformer)
@@ -491,7 +493,7 @@ class Pipeline:
             step_state.agree = self._agree()
         else:
             step_state = StepCacheState(config=policy.step, agree=self._agree())
-        if policy.step is not None and self._step_handle is None:
+        if policy.step is not None and (self._step_handle is None or not self._step_handle.attached()):
             self._step_handle = apply_step_cache(self.transformer)  # inert for requests without step reuse
         if self.parallel is not None:
             self.parallel.stats.reset()  # communication is counted per generation

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from pab.errors import RequestError
-from pab.hooks.registry import ModelHook, active, register_hook, remove_hooks_named
+from pab.hooks.registry import ModelHook, active, get_hook, register_hook, remove_hooks_named
 
 STEP_HOOK = "step_cache"
 POLICIES = ("teacache", "magcache", "fixed")
@@ -276,6 +276,10 @@ class StepCacheHandle:
 
     def remove(self) -> None:
         remove_step_cache(self.model)
+
+    def attached(self) -> bool:
+        """Whether the hooks are still on the model (`remove_step_cache(model)` takes them off too)."""
+        return any(get_hook(m, STEP_HOOK) is not None for m in self.model.modules())
 
 
 def apply_step_cache(model: nn.Module) -> StepCacheHandle:

@@ -71,3 +71,22 @@ def test_the_shipped_model_has_its_presets_and_pab_is_cache():
     a = pipe.generate(GenerationRequest(**base, pab="paper"))
     b = pipe.generate(GenerationRequest(**base, cache="paper"))
     assert torch.equal(a.latents, b.latents) and a.cache == b.cache and a.pab_stats == b.pab_stats
+
+
+def test_hooks_taken_off_the_transformer_by_hand_are_attached_again():
+    """`remove_pab` / `remove_step_cache` on `pipe.transformer` left the pipeline holding handles to hooks that were
+    gone: the next request ran without reuse and was still reported as `paper` or a step-reuse policy."""
+    from pab.broadcast import remove_pab
+    from pab.stepcache import remove_step_cache
+
+    name = "opensora-v1.2-tiny"
+    pipe = Pipeline.from_name(name, device="cpu")
+    fixed = {"policy": "fixed", "reuse": [2, 3], "reuse_of": 6}
+    for cache, removal in (("paper", remove_pab), (fixed, remove_step_cache)):
+        r = GenerationRequest(model=name, prompt="a fox", steps=6, seed=3, cache=cache)
+        first = pipe.generate(r)
+        assert removal(pipe.transformer) > 0
+        again = pipe.generate(r)
+        assert torch.equal(again.latents, first.latents)
+        assert again.pab_stats == first.pab_stats and again.cache_stats == first.cache_stats
+    assert first.cache_stats["reused_steps"] == [2, 3]
