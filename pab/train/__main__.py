@@ -5,7 +5,8 @@
     python -m pab.train --device cpu --vae-steps 3 --dit-steps 3 --batch 2 --out /tmp/ckpt  # a smoke run
 
 `--work` keeps the resumable states (weights, optimizer, EMA, step); `--resume` continues from them up to
-the step targets. `--out` receives the checkpoint layout that `pab generate --checkpoint` and the shipped
+the step targets (without it, a `--work` that holds a state of the stages asked for is refused, not
+overwritten). `--out` receives the checkpoint layout that `pab generate --checkpoint` and the shipped
 weights use. Each stage stops at its step target or its time budget (`--vae-minutes`, `--dit-minutes`),
 whichever comes first, and prints loss and throughput as it goes.
 """
@@ -61,6 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.work = args.work or Path("runs") / args.model
     out = args.out or args.work / "checkpoint"
+    # The states this run would write: an earlier run's are continued (--resume) or kept, never overwritten.
+    states = [args.work / f"{stage}.pt" for stage in ("vae", "dit") if args.stage in (stage, "all")]
+    found = [f for f in states if f.is_file()]
+    if found and not args.resume:
+        print(f"pab.train: error: {args.work} holds the state of an earlier run ({', '.join(f.name for f in found)}); "
+              "pass --resume to continue it, or another --work (or delete the files) to start over", file=sys.stderr)
+        return 2
+    if args.resume and not found:
+        print(f"pab.train: nothing to resume in {args.work} (no {' or '.join(f.name for f in states)}): starting "
+              "from step 0", file=sys.stderr)
     args.work.mkdir(parents=True, exist_ok=True)
     common = dict(seed=args.seed, log_every=args.log_every, save_every=args.save_every, resume=args.resume)
     print(f"pab.train: {args.model} stage {args.stage} on {device}, state in {args.work}, checkpoint to {out}",

@@ -86,12 +86,18 @@ def test_train_command_writes_a_loadable_checkpoint_and_resumes(tmp_path):
                           "--log-every", "1"], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert "[dit] step 3/3" in run.stdout and "[dit] step 1/" not in run.stdout, run.stdout
+    # the same command again without --resume would start over on top of that state: refused, state kept
+    state = (work / "dit.pt").read_bytes()
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 2 and "holds the state of an earlier run (vae.pt, dit.pt); pass --resume" in run.stderr
+    assert (work / "dit.pt").read_bytes() == state
     # continue from exported weights alone (another session, another machine): starts there, not from scratch
     before = load_file(str(out / "transformer" / "model.safetensors"))
     run = subprocess.run([*cmd[:5], "--work", str(tmp_path / "work2"), "--out", str(tmp_path / "ckpt2"),
                           "--stage", "dit", "--dit-init", str(out), "--dit-steps", "1", "--batch", "1", "--lr", "1e-9", "--ema", "0",
-                          "--seed", "1"], capture_output=True, text=True, timeout=600)  # fmt: skip
+                          "--seed", "1", "--resume"], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0 and "starting from the weights" in run.stdout, run.stderr[-3000:]
+    assert "nothing to resume in" in run.stderr  # --resume of a new --work says it starts at step 0
     after = load_file(str(tmp_path / "ckpt2" / "transformer" / "model.safetensors"))
     assert all(torch.allclose(before[k].float(), after[k].float(), atol=1e-2) for k in before)  # lr ~0: unchanged
     chain = json.loads((tmp_path / "ckpt2" / "training.json").read_text())["stages"]
