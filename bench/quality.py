@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in names if s not in SETTINGS]
     if unknown:
         p.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+    if not 1 <= args.prompts <= 64:
+        p.error(f"--prompts must be 1 to 64 (the held-out prompts), got {args.prompts}")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
     if "off" in names:  # the reference every other setting is compared with runs first
         names = ["off"] + [s for s in names if s != "off"]
     pipeline = Pipeline.from_name(args.model, device=args.device, checkpoint=args.checkpoint)

@@ -22,3 +22,14 @@ def test_a_misspelt_mode_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--model", "latte-1-tiny", "--precision", "fp8+grups", "--prompts", "1"])
     assert "fp8+groups" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--prompts", "0"], "--prompts must be 1 to 64"),  # was an UnboundLocalError after loading the model
+    (["--prompts", "65"], "--prompts must be 1 to 64"),
+    (["--steps", "0"], "--steps must be >= 1"),
+])
+def test_counts_out_of_range_are_refused_before_any_work(capsys, args, said):
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "latte-1-tiny", "--settings", "off", *args])
+    assert e.value.code == 2 and said in capsys.readouterr().err
