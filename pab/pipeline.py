@@ -35,7 +35,6 @@ from pab.stepcache import StepCacheState, apply_step_cache, use_step_state
 
 log = logging.getLogger(__name__)
 
-MIN_SIDE, MAX_SIDE = 16, 4096
 TEXT_CACHE_SIZE = 16  # encoded prompts a pipeline keeps (Pipeline.encode_text)
 PATCH = 2  # every transformer here cuts the latents into 2x2 patches
 ProgressFn = Callable[[int, int], None]
@@ -190,6 +189,28 @@ def load_text_encoder(
 # ----------------------------------------------------------------------------------------------------
 
 
+def checked_fields(request: GenerationRequest) -> GenerationRequest:
+    """The request with its fields checked against the one schema (`pab.request.VideoSettings`) and taken as it
+    reads them ("4" steps is 4): the command line and HTTP check at their edge, and a request built in Python
+    failed deep in the sampler ("'<' not supported", "argument 'size' failed to unpack"). Cache names and
+    .json paths are `resolve_cache`'s to judge; precision modes are `check_precision`'s."""
+    from pydantic import ValidationError
+
+    from pab.request import VideoSettings, request_error
+
+    if not isinstance(request.prompt, str) or not isinstance(request.negative_prompt, str):
+        field = "prompt" if not isinstance(request.prompt, str) else "negative_prompt"
+        raise RequestError(field, f"{field} must be a string, got {type(getattr(request, field)).__name__}")
+    skip = {"precision", "cache", "pab"}
+    fields = {k: getattr(request, k) for k in VideoSettings.model_fields if k not in skip}
+    caches = {k: v for k in ("cache", "pab") if not isinstance(v := getattr(request, k), str | PABConfig)}
+    try:
+        settings = VideoSettings.model_validate({**fields, **caches})
+    except ValidationError as e:
+        raise request_error(e) from None
+    return replace(request, **{k: getattr(settings, k) for k in fields})
+
+
 def resolve_request(
     request: GenerationRequest, vae: Any, calibration: dict[str, Any] | None = None
 ) -> GenerationRequest:
@@ -201,6 +222,7 @@ def resolve_request(
     sampler are conditioned on them, as in the official pipelines; the video itself is `rendered_size` (whole
     patches), and `size_notices` says so.
     """
+    request = checked_fields(request)
     name = request.model
     with about("model"):
         spec, family, size = get_spec(name), get_family(name), split_name(name)[1]
@@ -220,18 +242,7 @@ def resolve_request(
     )
     if not r.prompt or not r.prompt.strip():
         raise RequestError("prompt", "prompt must not be empty")
-    if r.steps < 1:
-        raise RequestError("steps", f"steps must be >= 1, got {r.steps}")
-    if r.fps < 1:
-        raise RequestError("fps", f"fps must be >= 1, got {r.fps}")
-    if r.guidance_scale < 0:
-        raise RequestError("guidance_scale", f"guidance_scale must be >= 0, got {r.guidance_scale}")
-    for side in ("height", "width"):
-        v = getattr(r, side)
-        if not MIN_SIDE <= v <= MAX_SIDE:
-            raise RequestError(side, f"{side} must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {v}")
-    if r.num_frames < 1:
-        raise RequestError("num_frames", f"num_frames must be >= 1, got {r.num_frames}")
+    # The fields' ranges are the schema's (checked_fields); the defaults filled in here keep them.
     with about("num_frames"):
         vae.latent_frames(r.num_frames)  # raises ValueError naming the frame counts it can take
     # Open-Sora's timestep shift is undefined for 2-16 frames, PNDM needs 4 steps: the sampler says so, and about

@@ -150,9 +150,9 @@ def test_cancel_and_bad_requests(pipe):
     asked = []
     video = pipe.generate(req(pipe), cancel_decode=lambda: asked.append(1) or False)
     assert asked and video.frames.shape[0] == video.request.num_frames  # asked, not cancelled: the whole video
-    with pytest.raises(ValueError, match="steps must be >= 1"):
+    with pytest.raises(ValueError, match="steps: Input should be greater than or equal to 1"):
         pipe.generate(req(pipe, steps=0))
-    with pytest.raises(ValueError, match="height must be between"):
+    with pytest.raises(ValueError, match="height: Input should be greater than or equal to 16"):
         pipe.generate(req(pipe, height=8))
     with pytest.raises(ValueError, match="prompt must not be empty"):
         pipe.generate(req(pipe, prompt="  "))
@@ -168,7 +168,7 @@ RULE = {"range": 2, "window": [450, 930]}
     ("opensora-plan-v1.1-tiny", {"steps": 2}, "steps", "PNDM needs at least 4 steps"),  # the sampler's
     ("opensora-v1.2-tiny", {"num_frames": 5}, "num_frames", "the official timestep transform"),
     ("opensora-v1.2-tiny", {"prompt": "  "}, "prompt", "prompt must not be empty"),
-    ("opensora-v1.2-tiny", {"width": 8}, "width", "width must be between 16 and 4096"),
+    ("opensora-v1.2-tiny", {"width": 8}, "width", "width: Input should be greater than or equal to 16"),
     ("opensora-v1.2-tiny", {"precision": "fp4"}, "precision", "precision='fp4'; choose one of"),
     ("opensora-v1.2-tiny", {"cache": "nope"}, "cache", "unknown cache 'nope'"),
     ("opensora-v1.2-tiny", {"pab": "nope"}, "cache", "unknown cache 'nope'"),  # one field, its canonical name
@@ -176,7 +176,7 @@ RULE = {"range": 2, "window": [450, 930]}
     ("opensora-v1.2-tiny", {"pab": {"spatial": {**RULE, "blocks": [2]}}}, "cache.spatial.blocks",
      "block 2 does not exist"),
     ("opensora-v1.2-tiny", {"cache": {"temporal": {"range": 0, "window": [1, 2]}}}, "cache.temporal.range",
-     "broadcast range must be an integer >= 1"),
+     "cache.temporal.range: Input should be greater than or equal to 1"),
     ("opensora-v1.2-tiny", {"cache": {"policy": "magcache", "threshold": 0.1}}, "cache.ratios",
      "needs the calibrated ratios"),
     ("opensora-v1.2-tiny", {"cache": {"policy": "fixed", "reuse": [5], "reuse_of": 3}}, "cache.reuse",
@@ -361,3 +361,27 @@ def test_a_threshold_preset_at_another_step_count_is_a_notice():
         "pab calibrate --steps 12" in said)
     assert notices("magcache-fast", 12) and notices("teacache-slow", steps) == []
     assert notices("fixed-fast", 12) == [] and notices("paper", 12) == []
+
+
+@pytest.mark.parametrize("fields, field, said", [
+    (dict(seed=-1), "seed", "greater than or equal to 0"),
+    (dict(seed=2**70), "seed", "less than"),
+    (dict(height=64.5), "height", "fractional part"),
+    (dict(steps=True), "steps", "not true/false"),
+    (dict(cache=["paper"]), "cache", "must be a preset name"),
+    (dict(cache={"spatial": {"range": 2, "window": [1, 2, 3]}}), "cache.spatial.window", "at most 2 items"),
+    (dict(prompt=5), "prompt", "must be a string"),
+])
+def test_a_request_built_in_python_is_checked_against_the_schema(fields, field, said):
+    """The command line and HTTP check the schema at their edge; a GenerationRequest from Python failed deep in
+    the sampler ("'<' not supported between 'str' and 'int'", "too many values to unpack")."""
+    with pytest.raises(RequestError, match=said) as e:
+        resolve_request(GenerationRequest(**{"model": "opensora-v1.2-tiny", "prompt": "a fox", **fields}), vae=None)
+    assert e.value.field == field
+
+
+def test_a_request_built_in_python_takes_numbers_as_the_schema_reads_them():
+    from pab.pipeline import checked_fields
+
+    r = checked_fields(GenerationRequest(model="opensora-v1.2-tiny", prompt="a fox", steps="4", height=64.0))
+    assert (r.steps, r.height) == (4, 64) and type(r.steps) is int and type(r.height) is int
