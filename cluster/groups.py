@@ -9,7 +9,8 @@ directly in the object store.
 Errors the ingress sees from `run`:
   * `GroupFailed`: a rank died mid-video. The group is broken; `check_health` now fails so Serve
     replaces this replica. The ingress retries the job elsewhere (it counts as an attempt).
-  * `GroupUnavailable`: this replica's group was already broken; nothing ran, retry costs nothing.
+  * `GroupUnavailable`: this replica's group was already broken, or a rank of it died while it was idle (every
+    rank is pinged before a job is claimed); nothing ran, retry costs nothing.
   * `StorageUnavailable`: the video or the record could not be stored. The group is fine; the ingress
     says so on the job and renders it again once storage takes writes.
 Everything else (cancelled, rejected request) is written to the record and `run` returns normally.
@@ -30,7 +31,7 @@ import threading
 import time
 from typing import Any
 
-from actors.group import GenerationCancelled, GenerationError, GpuGroup, GroupUnavailable
+from actors.group import GenerationCancelled, GenerationError, GpuGroup, GroupFailed, GroupUnavailable
 from actors.worker import VideoOutput
 from cluster.api import ErrorInfo
 from cluster.config import AppConfig, ModelConfig, PoolConfig
@@ -130,6 +131,10 @@ class VideoGroup:
             return {"skipped": f"stale dispatch {dispatch} (job is at {rec.dispatch})"}
         if self.group.broken:
             raise GroupUnavailable(f"{self.group.name} is broken: {self.group.broken}")
+        try:  # a rank that died while the group sat idle: refuse (no attempt spent); Serve replaces the group
+            self.group.health()
+        except GroupFailed as e:
+            raise GroupUnavailable(f"{self.group.name} lost a rank before this video: {e}") from None
         if self.jobs.cancel_requested(job_id):
             return self._finish(rec, "cancelled")
         owner = f"group:{self.group.name}"

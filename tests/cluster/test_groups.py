@@ -51,7 +51,7 @@ def rendering_group(storage: dict, render: Render | None = None) -> VideoGroup:
     group.cfg = AppConfig(models=[{"name": "opensora-v1.2-tiny"}], storage=storage, progress_interval_s=0,
                           cancel_poll_s=0.01)  # fmt: skip
     group.replica, group.jobs = "test-replica", JobStore(storage_from_config(storage))
-    group.group = SimpleNamespace(broken=None, name="g0", size=1, info={}, generate=render)
+    group.group = SimpleNamespace(broken=None, name="g0", size=1, info={}, generate=render, health=dict)
     return group
 
 
@@ -165,3 +165,24 @@ def test_a_write_of_its_own_that_landed_though_storage_failed_does_not_stop_the_
     assert failed and render.steps_run == STEPS
     rec = jobs.get(job_id)
     assert (rec.status, rec.step, rec.dispatch) == ("completed", STEPS, 1)
+
+
+def test_a_group_that_lost_a_rank_while_idle_refuses_the_job_before_claiming_it(storage):
+    """A rank killed while the group sat idle was found only by the render, which cost the next video an attempt
+    (three such deaths failed a video that never rendered). The claim pings every rank first: a dead one is a
+    refusal (GroupUnavailable: no attempt), and the job stays queued for another group."""
+    from actors.group import GroupFailed, GroupUnavailable
+
+    jobs = JobStore(storage_from_config(storage))
+    render = Render(jobs.storage)
+    group = rendering_group(storage, render)
+
+    def dead_rank() -> dict:
+        raise GroupFailed("a rank died: ActorDiedError: killed")
+
+    group.group.health = dead_rank
+    job_id = queued_job(jobs)
+    with pytest.raises(GroupUnavailable, match="lost a rank before this video: a rank died"):
+        group._run(job_id, 1)
+    rec = jobs.get(job_id)
+    assert (rec.status, rec.dispatch, render.steps_run) == ("queued", 1, 0)

@@ -42,7 +42,7 @@ def claiming_group(cfg: dict) -> VideoGroup:
     group = VideoGroup.__new__(VideoGroup)
     group.cfg, group.replica = AppConfig(**cfg), "test-replica"
     group.jobs = ingress.JobStore(storage_from_config(cfg["storage"]))
-    group.group = SimpleNamespace(broken=None, name="g0", size=1, info={})
+    group.group = SimpleNamespace(broken=None, name="g0", size=1, info={}, health=dict)
     return group
 
 
