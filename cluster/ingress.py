@@ -552,6 +552,12 @@ class VideoAPI:
     async def list(self, limit: int, after: str | None, order: str) -> VideoList:
         records, more = await asyncio.to_thread(self.jobs.list, limit, after, order)
         data = [self._held.get(r.id, r).public() for r in records if r.id not in self._deleted]
+        # The cancel marker, as GET reports it: only unfinished videos have one to read (a page of them at most).
+        unfinished = [v for v in data if v.status in ("queued", "in_progress") and not v.cancel_requested]
+        asked = await asyncio.gather(*(asyncio.to_thread(self.jobs.cancel_requested, v.id) for v in unfinished),
+                                     return_exceptions=True)  # fmt: skip
+        for v, cancel in zip(unfinished, asked):
+            v.cancel_requested = cancel is True  # unreadable now: as the record says
         return VideoList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
                          has_more=more)
 
@@ -631,7 +637,10 @@ class VideoAPI:
             if rec.terminal:
                 return True
             if await asyncio.to_thread(self.jobs.cancel_requested, job_id):
-                rec.status, rec.completed_at = "cancelled", time.time()
+                rec.status, rec.completed_at, rec.error = "cancelled", time.time(), None  # a retry's reason is over
+                await self._save_final(rec)
+                return True
+            if rec.pool not in self.pools and not self._reroute(rec):  # a server restarted with other pools or models
                 await self._save_final(rec)
                 return True
             rec.dispatch += 1
@@ -671,7 +680,8 @@ class VideoAPI:
             # Queued again, for the seconds a new group may take: the video says why (the group clears it as it
             # starts the render).
             rec.error = ErrorInfo(code="retrying", message=f"attempt {rec.attempts} of {rec.max_attempts} failed "
-                                  f"({reason}); it renders again on another group")  # fmt: skip
+                                  f"({reason}); it renders again once a group is free (a new group replaces a "
+                                  "failed one)")  # fmt: skip
             await asyncio.to_thread(self.jobs.save, rec, if_unchanged=True)
             await asyncio.sleep(self.cfg.retry_backoff_s)
             return False
@@ -681,6 +691,25 @@ class VideoAPI:
                 self._hold(rec, f"{e} The video goes on once storage takes writes again.")
             await self._wait_for_storage()
             return False
+
+    def _reroute(self, rec: JobRecord) -> bool:
+        """Send a job whose pool this app no longer has (a restart changed the pools) to the pool its size routes
+        to now; False, with the job failed and the reason, when its model is no longer served."""
+        try:
+            model = self.cfg.model(rec.model)
+        except KeyError:
+            rec.status, rec.completed_at = "failed", time.time()
+            served = [m.name for m in self.cfg.models]
+            rec.error = ErrorInfo(code="model_not_served", message=f"this server no longer serves {rec.model}, the "
+                                  f"model the video was accepted for; served now: {served}. Create the video again "
+                                  "with one of them.")  # fmt: skip
+            log.warning("job %s: model %s is no longer served; failed", rec.id, rec.model)
+            return False
+        r = rec.request
+        pool = pool_name(model.name, route(model, r["num_frames"] * r["height"] * r["width"]).gpus)
+        log.info("job %s: pool %s is gone; routed to %s", rec.id, rec.pool, pool)
+        rec.pool = pool
+        return True
 
     async def _call_group(self, rec: JobRecord) -> Exception | None:
         """Run the job on its pool: None once a group wrote the outcome, else what the call raised. A group that
