@@ -541,4 +541,12 @@ def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     lines = [ln for ln in text.splitlines() if ln.strip()]
     # Ray's wrapped errors put the original "Type: message" last.
-    return f"{type(e).__name__}: {lines[-1] if lines else text}"[:500]
+    return clip(f"{type(e).__name__}: {lines[-1] if lines else text}")
+
+
+def clip(text: str, limit: int = 500) -> str:
+    """`text` in at most `limit` characters, cut between words with an ellipsis (not "or another unex")."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    return (cut.rsplit(" ", 1)[0] if " " in cut[limit // 2:] else cut).rstrip(" ,;:") + "…"

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
-from actors.group import GroupFailed, GroupUnavailable
+from actors.group import GroupFailed, GroupUnavailable, clip
 from pab.storage import StorageUnavailable
 
 E = TypeVar("E", bound=BaseException)
@@ -67,8 +67,8 @@ def describe(e: BaseException) -> str:
     for kind in KNOWN:
         cause = cause_of(e, kind)
         if cause is not None:
-            return f"{kind.__name__ if _copy(cause) else type(cause).__name__}: {_line(cause)}"[:500]
-    return f"{type(e).__name__}: {_line(e)}"[:500]
+            return clip(f"{kind.__name__ if _copy(cause) else type(cause).__name__}: {_line(cause)}")
+    return clip(f"{type(e).__name__}: {_line(e)}")
 
 
 def _copy(e: BaseException) -> bool:

@@ -99,3 +99,12 @@ def test_a_message_that_merely_mentions_a_failure_is_not_one():
     e = RuntimeError("prompt: 'why GroupUnavailable: StorageUnavailable: x' is not a failure")
     assert failures.storage_cause(e) is None and not failures.refused(e)
     assert failures.describe(e).startswith("RuntimeError: ")
+
+
+def test_a_long_reason_is_cut_between_words():
+    """Ray's actor-death text runs past 500 characters; it was cut mid-word ("...SIGSEGV or another unex")."""
+    from actors.group import GroupFailed
+
+    said = failures.describe(GroupFailed("rank 0 died: " + "the worker process exited unexpectedly " * 20))
+    assert len(said) <= 500 and said.endswith("…"), said
+    assert said[:-1].split()[-1] in {"the", "worker", "process", "exited", "unexpectedly"}, said  # a whole word
