@@ -40,8 +40,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                                         "local cache (README 'Checkpoints')")
     p.add_argument("--vae", help="the VAE's own source, e.g. hpcai-tech/OpenSora-VAE-v1.2 (default: the checkpoint's)")
     p.add_argument("--text-encoder", help="the text encoder's own source, e.g. DeepFloyd/t5-v1_1-xxl")
-    p.add_argument("--sp", type=int, default=1, help="sequence-parallel processes for one video (one per GPU)")
-    p.add_argument("--cfg-parallel", action="store_true", help="split the CFG halves over two sub-groups")
+    p.add_argument("--sp", type=int, default=1, metavar="N", help="processes (one per GPU) for one video, its "
+                   "tokens split over them; with --cfg-parallel, two halves of N/2, each splitting the tokens over "
+                   "its N/2")
+    p.add_argument("--cfg-parallel", action="store_true", help="the conditional and unconditional halves of CFG "
+                   "on the two halves of the --sp processes (--sp 2: no token split, each process one half)")
     p.add_argument("--output", default="out.mp4", help="mp4 path; a JSON sidecar is written next to it")
     p.add_argument("--save-latents", help="also write the final latents (key 'latents') to this .safetensors")
     p.add_argument("--strip", help="also write a PNG of every 4th frame side by side (a look without a player)")

@@ -191,6 +191,13 @@ def init_parallel(
     if not dist.is_initialized():
         if config.world_size == 1 and init_method is None and (world_size in (None, 1)):
             return ParallelContext(config=config, device=device)
+        env = os.environ
+        if init_method is None and not ("MASTER_ADDR" in env and "MASTER_PORT" in env):
+            raise RuntimeError(
+                f"init_parallel({config}) needs its process group: run the function under pab.parallel.launch_local "
+                "(launch_local(n, fn) spawns n processes on this machine), under torchrun (it sets MASTER_ADDR, "
+                "MASTER_PORT, RANK and WORLD_SIZE), or pass init_method='tcp://HOST:PORT' with rank and world_size"
+            )
         backend = backend or _default_backend()
         dist.init_process_group(
             backend,

@@ -208,3 +208,12 @@ def _world_mismatch_worker(rank: int, world: int) -> None:
 def test_init_parallel_rejects_a_config_that_does_not_fill_the_world():
     with pytest.raises(LaunchError, match=r"sp\(3\) \* cfg\(1\) = 3 != world_size\(2\)"):
         launch_local(2, _world_mismatch_worker, backend="gloo", timeout_s=120)
+
+
+def test_init_parallel_outside_a_launched_group_says_how_to_launch_one(monkeypatch):
+    """Called in a plain process, torch's "MASTER_ADDR expected" said nothing of launch_local or torchrun."""
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(RuntimeError, match="needs its process group: run the function under pab.parallel.launch_local"):
+        init_parallel(ParallelConfig(sp=2))
+    assert not dist.is_initialized()
