@@ -27,7 +27,9 @@ from pab.engine import EngineOptions
 from pab.errors import GenerationCancelled, RequestError, about
 from pab.seeds import draw_seed
 from pab.families import get_family
-from pab.models import CheckpointError, ModelSpec, build, get_spec, randomize_weights, sized_name, split_name
+from pab.models import (
+    MODEL_SPECS, CheckpointError, ModelSpec, build, get_spec, randomize_weights, sized_name, split_name,
+)  # fmt: skip
 from pab.models.vae import VideoVAE
 from pab.models.packing import pack_joint_linears
 from pab.precision import Fp8Config, PrecisionState, apply_fp8, check_precision, fp8_capable, use_precision
@@ -147,27 +149,32 @@ def size_notices(model: str, vae: Any, r: GenerationRequest) -> list[str]:
 def load_transformer(spec: ModelSpec, size: str, folder: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The transformer from `folder` (config.json optional: the size's config).
 
-    A checkpoint whose config is exactly another registered size's is refused with the name that fits: the
-    text encoder and the defaults come from the name, and a mismatch failed mid-render with a shape error.
+    A checkpoint whose config is exactly another registered model's (another size, or another family) is refused
+    with the name that fits: the text encoder and the defaults come from the name, and a mismatch failed
+    mid-render with a shape error, or while parsing the config with advice meant for Python callers.
     """
-    other = _registered_size(spec, folder / "config.json")
-    if other is not None and other != size:
-        fits = sized_name(spec.name, other)
+    fits = _registered_model(folder / "config.json")
+    if fits is not None and fits != sized_name(spec.name, size):
         raise CheckpointError(f"{folder} holds the transformer of {fits}, not of {sized_name(spec.name, size)}: "
                               f"run with --model {fits}")
     model = spec.transformer.load(size, folder, device)
     return model.to(dtype=dtype).eval().requires_grad_(False)
 
 
-def _registered_size(spec: ModelSpec, config_file: Path) -> str | None:
-    """The registry size whose config equals `config_file`'s, or None (no file, or a config of its own)."""
+def _registered_model(config_file: Path) -> str | None:
+    """The registered model and size whose transformer config equals `config_file`'s, or None (no file, or a
+    config of its own: a fine-tune of another shape loads as the name says)."""
     if not config_file.is_file():
         return None
-    try:
-        found = spec.transformer.config("full", config_file)
-    except (TypeError, ValueError):
-        return None  # the loader says what is wrong with the file
-    return next((s for s in spec.sizes if spec.transformer.config(s) == found), None)
+    for spec in MODEL_SPECS.values():
+        try:
+            found = spec.transformer.config("full", config_file)
+        except (TypeError, ValueError, KeyError):
+            continue  # another family's config; the loader says what is wrong with a broken file
+        match = next((s for s in spec.sizes if spec.transformer.config(s) == found), None)
+        if match is not None:
+            return sized_name(spec.name, match)
+    return None
 
 
 def load_text_encoder(
