@@ -48,6 +48,9 @@ class BroadcastRuleIn(BaseModel):
     def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not v[0] < v[1]:
             raise ValueError("window must be [lo, hi] with lo < hi (timesteps on the 0-1000 scale)")
+        if v[1] <= 1:  # a fraction of the schedule, which reads as the last thousandth of it: no step is in there
+            raise ValueError(f"window {list(v)} is on the 0-1000 timestep scale, so it holds no step; for "
+                             f"{v[0]:g}-{v[1]:g} of the schedule write [{v[0] * 1000:g}, {v[1] * 1000:g}]")
         return v
 
 

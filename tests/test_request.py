@@ -114,3 +114,11 @@ def test_a_cache_value_is_judged_as_the_form_it_was_meant_as(cache, said):
     assert describe(e.value).startswith(said), describe(e.value)
     assert all(field_path(err["loc"]).startswith("cache") for err in e.value.errors())
     assert len(e.value.errors()) == 1, e.value.errors()
+
+
+def test_a_window_written_as_a_fraction_of_the_schedule_is_refused_with_the_scale():
+    """[0.45, 0.93] was taken and broadcast nothing: timesteps are on the 0-1000 scale."""
+    with pytest.raises(ValidationError) as e:
+        VideoSettings(cache={"spatial": {"range": 2, "window": [0.45, 0.93]}})
+    assert "cache.spatial.window: window [0.45, 0.93] is on the 0-1000 timestep scale" in describe(e.value)
+    assert "write [450, 930]" in describe(e.value)
