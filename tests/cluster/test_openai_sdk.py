@@ -89,6 +89,9 @@ class OneRankGroup:
     def generate(self, request, on_progress=None, should_cancel=None, output=None, timeout_s=None):
         return self.worker.generate(request, on_progress, should_cancel, output)  # a cancel: GenerationCancelled
 
+    def health(self) -> dict:
+        return {"group": self.name, "size": self.size, "ranks": [self.worker.health()]}
+
 
 class Pool:
     """A pool deployment handle (`handle.run.remote(...)`) whose one replica is a real VideoGroup."""

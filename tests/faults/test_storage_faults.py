@@ -135,6 +135,9 @@ class OneRankGroup:
             outcome = GpuGroup._judge({0: e}, 1)
             raise (GroupFailed(outcome) if isinstance(outcome, str) else outcome) from e
 
+    def health(self) -> dict:
+        return {"group": self.name, "size": self.size, "ranks": [self.worker.health()]}
+
     def shutdown(self) -> None:
         pass
 
