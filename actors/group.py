@@ -482,6 +482,8 @@ class GpuGroup:
                 try:
                     results[i] = ray.get(ref)
                 except RayActorError as e:
+                    if self.broken:  # the health check found a rank silent or dead and stopped the ranks: its why
+                        raise GroupFailed(f"group {self.name}: {self.broken}") from None
                     raise self._fail(f"rank {i} died during a generation: {_first_line(e)}") from None
                 except RayTaskError as e:
                     errors[i] = e.cause if getattr(e, "cause", None) is not None else e

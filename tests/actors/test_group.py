@@ -114,3 +114,39 @@ def test_dead_rank_fails_the_group_cleanly_and_it_rebuilds(group, ray_session):
     group.rebuild()
     group.health()
     assert decode(group.generate(SMALL)["mp4"]).shape == (17, 32, 32, 3)
+
+
+def test_a_hung_rank_is_reported_as_hung_not_as_killed(group):
+    """A rank stopped mid-video (SIGSTOP: a hung driver, a stalled node) fails the health check, which stops the
+    ranks; the render then saw an actor "killed by ray.kill" and said the rank died."""
+    import os
+    import signal
+
+    group.rebuild()
+    started = threading.Event()
+    errors = []
+
+    def run():
+        try:
+            group.generate(LONG, on_progress=lambda s, n: started.set())
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert started.wait(120)
+    pid = group.health()["ranks"][1]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(GroupFailed, match="did not answer the health check within 2"):
+            group.health(timeout_s=2)
+        t.join(120)
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)  # killed by the group already; should it not be, let it go
+        except ProcessLookupError:
+            pass
+    assert isinstance(errors[0], GroupFailed) and "did not answer the health check" in str(errors[0]), errors
+    assert "died during a generation" not in str(errors[0])
+    group.rebuild()
+    assert decode(group.generate(SMALL)["mp4"]).shape == (17, 32, 32, 3)
