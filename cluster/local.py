@@ -22,7 +22,7 @@ from typing import Any
 
 
 # On the CPU a video this many times the model's default is refused unless --max-workload says otherwise: the
-# small model's default renders in about 10 s there, and a 720p one sat for minutes in its decode alone.
+# small model's default renders in about 3 s there (2 cores), and a 720p one sat for minutes in its decode alone.
 CPU_WORKLOAD_FACTOR = 16
 
 
