@@ -88,10 +88,10 @@ def test_cancel_stops_every_rank_at_the_same_step(group):
 
 
 @pytest.mark.faults
-def test_dead_rank_fails_the_group_cleanly_and_it_rebuilds(group, ray_session):
-    ray = ray_session
+def long_render(group: GpuGroup) -> tuple[threading.Thread, list[Exception]]:
+    """LONG rendering on `group` in a thread, returned once its first step is done, with the list its error lands in."""
     started = threading.Event()
-    errors = []
+    errors: list[Exception] = []
 
     def run():
         try:
@@ -102,6 +102,12 @@ def test_dead_rank_fails_the_group_cleanly_and_it_rebuilds(group, ray_session):
     t = threading.Thread(target=run)
     t.start()
     assert started.wait(120)
+    return t, errors
+
+
+def test_dead_rank_fails_the_group_cleanly_and_it_rebuilds(group, ray_session):
+    ray = ray_session
+    t, errors = long_render(group)
     t_kill = time.monotonic()
     ray.kill(ray.get_actor(f"{group.name}-rank1"))
     t.join(120)
@@ -123,18 +129,7 @@ def test_a_hung_rank_is_reported_as_hung_not_as_killed(group):
     import signal
 
     group.rebuild()
-    started = threading.Event()
-    errors = []
-
-    def run():
-        try:
-            group.generate(LONG, on_progress=lambda s, n: started.set())
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-
-    t = threading.Thread(target=run)
-    t.start()
-    assert started.wait(120)
+    t, errors = long_render(group)
     pid = group.health()["ranks"][1]["pid"]
     os.kill(pid, signal.SIGSTOP)
     try:
