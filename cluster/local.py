@@ -5,7 +5,7 @@
     pab serve --s3-endpoint http://127.0.0.1:8333 --bucket videos   # credentials: AWS_* environment
     pab serve --config app.yaml                         # the full app config (see docs/serving.md)
 
-It starts (or joins, with --ray-address) a Ray cluster, starts Serve's HTTP proxy on --host/--port,
+It starts (or joins, with --ray-address or RAY_ADDRESS) a Ray cluster, starts Serve's HTTP proxy on --host/--port,
 deploys `cluster.app:build_app` and runs until Ctrl-C. API keys: PAB_API_KEYS (comma-separated) or
 --api-key; without any the API is open and a warning says so.
 """
@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="refuse a video above N = num_frames*height*width with a 400, for every model (default: no "
                    f"limit with GPUs; {CPU_WORKLOAD_FACTOR}x the model's default video on the CPU, where a big one "
                    "takes hours; 0: no limit)")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+    p.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster instead of starting one (default: $RAY_ADDRESS if set)")
     p.add_argument("--num-gpus", type=int, default=None, help="GPUs for a local Ray (default: detected)")
     p.add_argument("--app-name", default="pab")
     return p
@@ -153,15 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     install()
     try:
         if not ray.is_initialized():
-            if args.ray_address:
-                ray.init(address=args.ray_address)
+            if args.ray_address or os.environ.get("RAY_ADDRESS"):
+                ray.init(address=args.ray_address)  # None: RAY_ADDRESS
             else:
                 # A local Ray on a small machine: Serve kills an HTTP proxy that is not up within 5 s, which a
                 # loaded 2-core host can miss (the proxy's Python start alone takes seconds); allow 60 s.
                 # Set before ray.init so the Serve controller, started from this process's cluster, sees it.
                 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
                 # Logical CPUs: the ingress and group drivers mostly wait; the ranks do the work.
-                ray.init(num_gpus=gpus, num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False)
+                # "local": a new Ray even where /tmp/ray/ray_current_cluster names another (a `ray start` left
+                # running, or a stale one): ray.init() would join that and refuse num_cpus, with a traceback.
+                ray.init(address="local", num_gpus=gpus, num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False)
                 # This process owns that Ray: if it is SIGKILLed, the watchdog ends what it started.
                 from cluster.watchdog import start_watchdog
 

@@ -364,7 +364,9 @@ class BulkRender:
 
         if not ray.is_initialized():
             local = not self.args.ray_address and not os.environ.get("RAY_ADDRESS")
-            ray.init(address=self.args.ray_address, log_to_driver=True)
+            # "local": a new Ray, not the one /tmp/ray/ray_current_cluster names (a `ray start` left running or
+            # long gone), which ray.init() would join.
+            ray.init(address="local" if local else self.args.ray_address, log_to_driver=True)
             # Once this run shuts Ray down (at exit, after Ctrl-C), a group thread's next Ray call must fail,
             # not start a second local Ray (Ray connects anew on first use unless told not to).
             try:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import av
 import httpx
@@ -109,10 +110,14 @@ def _stop(tmp_path, tmpdir: str, proc: subprocess.Popen, pid: int, sig: signal.S
 @pytest.mark.faults
 @pytest.mark.slow
 def test_pab_serve_end_to_end_then_sigterm(tmp_path):
-    """`pab serve &` from a shell starts its own Ray + Serve; submit, poll, download; then SIGTERM (Kubernetes,
+    """`pab serve &` from a shell starts its own Ray + Serve (whatever address a stale Ray left); submit, poll, download; then SIGTERM (Kubernetes,
     `docker stop`) stops it as Ctrl-C does, although the shell left SIGINT ignored, and leaves no Ray behind.
     One start-up of Ray and the app serves both checks: each costs tens of seconds on CI's 2 cores."""
     port, tmpdir = free_ports(1)[0], "/tmp/raypabsv2"
+    # The address of a Ray long gone, as a killed `ray start` leaves it: ray.init() joined it and refused num_cpus.
+    stale = Path(tmpdir) / "ray" / "ray_current_cluster"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text("192.0.2.1:6379")
     proc, pid = _start(tmp_path, tmpdir, port, "background-shell", PAB_API_KEYS="envkey")
     log_path = tmp_path / "serve.log"
     try:
