@@ -161,6 +161,11 @@ def pool_name(model: str, gpus: int) -> str:
     return f"group-{re.sub(r'[^a-z0-9]+', '-', model.lower()).strip('-')}-{gpus}gpu"
 
 
+def workload(request: dict[str, Any]) -> int:
+    """What a resolved request asks of a group, num_frames*height*width: what pools and `max_workload` limit."""
+    return request["num_frames"] * request["height"] * request["width"]
+
+
 def route(model: ModelConfig, workload: int) -> PoolConfig:
     """The pool for a request of `workload` = num_frames*height*width: the smallest group that takes it.
 

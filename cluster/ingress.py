@@ -41,7 +41,7 @@ from starlette.datastructures import Headers
 
 from cluster import failures
 from cluster.api import ErrorInfo, ModelInfo, Video, VideoCreate, VideoList, error_body
-from cluster.config import AppConfig, ModelConfig, pool_name, route
+from cluster.config import AppConfig, ModelConfig, pool_name, route, workload
 from cluster.jobs import JobRecord, JobStore, RecordChanged, new_job_id, valid_id
 from cluster.metrics import IngressMetrics
 from pab.errors import RequestError
@@ -101,14 +101,14 @@ def field_error(field: str, message: str, value: Any = None) -> RequestValidatio
 
 def too_big(model: ModelConfig, request: dict[str, Any], body: VideoCreate) -> None:
     """A 400 for a request above the model's `max_workload`, naming the field the body set (size or the frames)."""
-    frames, height, width = request["num_frames"], request["height"], request["width"]
-    if model.max_workload is None or frames * height * width <= model.max_workload:
+    asked = workload(request)
+    if model.max_workload is None or asked <= model.max_workload:
         return
     field = ("size" if body.size else "width" if body.width else "height" if body.height
              else "seconds" if body.seconds else "num_frames")  # fmt: skip
-    raise field_error(field, f"{frames} frames of {width}x{height} is {frames * height * width:,} frame-pixels; this "
-                      f"server renders at most {model.max_workload:,} with {model.name} (num_frames*height*width). "
-                      "Ask for fewer frames or a smaller size")
+    raise field_error(field, f"{request['num_frames']} frames of {request['width']}x{request['height']} is "
+                      f"{asked:,} frame-pixels; this server renders at most {model.max_workload:,} with {model.name} "
+                      "(num_frames*height*width). Ask for fewer frames or a smaller size")
 
 
 class VideoAPI:
@@ -317,7 +317,7 @@ class VideoAPI:
         self._check_room()
         self._reserved += 1
         try:
-            pool = route(model_cfg, request["num_frames"] * request["height"] * request["width"])
+            pool = route(model_cfg, workload(request))
             now, job_id = time.time(), new_job_id()
             if idempotency is not None:  # the key first: a crash before the record frees it again (no record)
                 await asyncio.to_thread(self.jobs.remember_idempotent, idempotency[0], job_id, *idempotency[1:])
@@ -705,8 +705,7 @@ class VideoAPI:
                                   "with one of them.")  # fmt: skip
             log.warning("job %s: model %s is no longer served; failed", rec.id, rec.model)
             return False
-        r = rec.request
-        pool = pool_name(model.name, route(model, r["num_frames"] * r["height"] * r["width"]).gpus)
+        pool = pool_name(model.name, route(model, workload(rec.request)).gpus)
         log.info("job %s: pool %s is gone; routed to %s", rec.id, rec.pool, pool)
         rec.pool = pool
         return True
