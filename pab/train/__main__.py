@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work = args.work or Path("runs") / args.model
     out = args.out or args.work / "checkpoint"
     # The states this run would write: an earlier run's are continued (--resume) or kept, never overwritten.
-    states = [args.work / f"{stage}.pt" for stage in ("vae", "dit") if args.stage in (stage, "all")]
+    states = [stages.state_file(args.work, stage) for stage in ("vae", "dit") if args.stage in (stage, "all")]
     found = [f for f in states if f.is_file()]
     if found and not args.resume:
         print(f"pab.train: error: {args.work} holds the state of an earlier run ({', '.join(f.name for f in found)}); "

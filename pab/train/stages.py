@@ -97,6 +97,11 @@ class Recipe:
         return get_family(self.name).forward(dit, x, t, y, mask, request)
 
 
+def state_file(work: Path, stage: str) -> Path:
+    """Where a stage ("vae" or "dit") keeps its resumable state in the work folder."""
+    return work / f"{stage}.pt"
+
+
 def raw_latent_stats(latents: list[torch.Tensor]) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of (b, C, ...) latents."""
     z = torch.cat([x.float() for x in latents]).transpose(0, 1).flatten(1)  # (C, N)
@@ -119,8 +124,8 @@ def train_vae(recipe: Recipe, cfg: StageConfig, work: Path, out: Path, device: t
     vae.train().requires_grad_(True)
     params = list(vae.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    state_file = work / "vae.pt"
-    start = load_state(state_file, {"vae": vae, "opt": opt}, device) if cfg.resume and state_file.is_file() else 0
+    saved = state_file(work, "vae")
+    start = load_state(saved, {"vae": vae, "opt": opt}, device) if cfg.resume and saved.is_file() else 0
 
     def step(i: int) -> torch.Tensor:
         video, _ = clip_batch(recipe.name, cfg.batch, cfg.seed, i, device)
@@ -135,7 +140,7 @@ def train_vae(recipe: Recipe, cfg: StageConfig, work: Path, out: Path, device: t
 
     t0 = time.perf_counter()
     loop = LoopConfig(cfg.steps, cfg.minutes, cfg.log_every, cfg.save_every, cfg.batch)
-    last, history = run(step, start, loop, "vae", lambda i: save_state(state_file, i, {"vae": vae, "opt": opt}))
+    last, history = run(step, start, loop, "vae", lambda i: save_state(saved, i, {"vae": vae, "opt": opt}))
     vae.eval().requires_grad_(False)
     stats = recipe.calibrate(vae, device, clips=cfg.eval_clips)
     psnr = reconstruction_psnr(recipe.name, vae, device, clips=max(1, cfg.eval_clips // 4))
@@ -193,9 +198,9 @@ def train_dit(recipe: Recipe, cfg: StageConfig, work: Path, out: Path, device: t
     params = [p for m in (dit, t5) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     ema = {"dit": EMA(dit, cfg.ema), "t5": EMA(t5, cfg.ema)}
-    state_file = work / "dit.pt"
+    saved = state_file(work, "dit")
     objects = {"dit": dit, "t5": t5, "opt": opt, "ema_dit": ema["dit"], "ema_t5": ema["t5"]}
-    start = load_state(state_file, objects, device) if cfg.resume and state_file.is_file() else 0
+    start = load_state(saved, objects, device) if cfg.resume and saved.is_file() else 0
     suffix = spec.prompt_suffix
 
     def step(i: int) -> torch.Tensor:
@@ -225,7 +230,7 @@ def train_dit(recipe: Recipe, cfg: StageConfig, work: Path, out: Path, device: t
 
     t0 = time.perf_counter()
     loop = LoopConfig(cfg.steps, cfg.minutes, cfg.log_every, cfg.save_every, cfg.batch)
-    last, history = run(step, start, loop, "dit", lambda i: save_state(state_file, i, objects))
+    last, history = run(step, start, loop, "dit", lambda i: save_state(saved, i, objects))
     export_text_and_dit(name, ema, dit, t5, tokenizer, out)
     info = {"steps": last, "seconds": time.perf_counter() - t0, "loss": history[-1][1] if history else None,
             "loss_history": history, "batch": cfg.batch, "lr": cfg.lr, "cfg_dropout": cfg_dropout,
